@@ -1,0 +1,118 @@
+"""Attention over a cache: decode (one query token per row) and causal prompt attention.
+
+``decode_attention`` dispatches between the plain-JAX reference (dequantize, then dense
+attention) and the fused Pallas kernel (``pallas_kernels``). Both take q [B, Hq, 1, D]
+with Hq a multiple of Hkv (GQA), mask each row by its length, and do softmax in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "pallas", "reference")
+
+
+def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):
+    if q.ndim != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be [B, Hq, 1, D]; got shape {q.shape}")
+    b, hq, _, d = q.shape
+    if b != batch or d != head_dim:
+        raise ValueError(f"q shape {q.shape} does not match the cache (B={batch}, D={head_dim})")
+    if hq % num_kv_heads:
+        raise ValueError(f"query heads Hq={hq} must be a multiple of the cache's Hkv={num_kv_heads}")
+
+
+def _gqa_scores(q, k):
+    """q [B, Hq, Tq, D], k [B, Hkv, Tk, D] -> scores [B, Hq, Tq, Tk] in float32, no K repeat."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, tq, d)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    return s.reshape(b, hq, tq, k.shape[2])
+
+
+def _gqa_values(p, v):
+    """p [B, Hq, Tq, Tk] (float32), v [B, Hkv, Tk, D] -> [B, Hq, Tq, D] float32."""
+    b, hq, tq, tk = p.shape
+    hkv = v.shape[1]
+    pg = p.reshape(b, hkv, hq // hkv, tq, tk)
+    o = jnp.einsum("bhgqk,bhkd->bhgqd", pg, v.astype(jnp.float32))
+    return o.reshape(b, hq, tq, v.shape[3])
+
+
+def attend_dense(q, k, v, mask, scale=None):
+    """Softmax attention with a boolean mask [B, 1|Hq, Tq, Tk]; float32 softmax; q's dtype out."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = _gqa_scores(q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # a row with nothing to attend gives 0, not NaN
+    p = jnp.exp(s - mx)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = _gqa_values(p, v) / jnp.where(denom > 0, denom, 1.0)
+    return o.astype(q.dtype)
+
+
+def decode_mask(lengths, num_tokens: int, window: int | None = None):
+    """[B, 1, 1, T] True where token t < lengths[b] (and t >= lengths[b] - window)."""
+    t = jnp.arange(num_tokens)[None, :]
+    m = t < lengths[:, None]
+    if window is not None:
+        m &= t >= lengths[:, None] - window
+    return m[:, None, None, :]
+
+
+def reference_decode_attention(q, cache, *, window: int | None = None):
+    """Dequantize the whole cache, then dense attention. q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
+    k, v = cache.materialize()
+    return attend_dense(q, k, v, decode_mask(cache.lengths, k.shape[2], window))
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None):
+    """Attention of one new query token per row over everything in ``cache``.
+
+    q [B, Hq, 1, D]; cache a DenseCache or KIVICache holding [B, Hkv, ., D];
+    impl: "reference" (plain JAX), "pallas" (fused kernel; interpret mode off-GPU), or
+    "auto" (the kernel on GPU, the reference elsewhere). window: attend only to the newest
+    ``window`` tokens (Mistral's sliding window). Returns [B, Hq, 1, D] in q's dtype.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; allowed: {IMPLS}")
+    _check_q(q, cache.num_kv_heads, cache.head_dim, cache.batch_size)
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1 or None")
+    if impl == "auto":
+        impl = "pallas" if _on_gpu() else "reference"
+    if impl == "reference":
+        return reference_decode_attention(q, cache, window=window)
+    from kivi_jax import attention_pallas  # the kernel path is optional at import time
+
+    return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu())
+
+
+def prefill_attention(q, k, v, lengths=None, *, window: int | None = None):
+    """Causal full-precision prompt attention. q [B, Hq, T, D], k, v [B, Hkv, T, D].
+
+    lengths [B] (default T): keys at positions >= lengths[b] are masked. window: each query
+    sees at most the ``window`` newest keys (itself included). Returns [B, Hq, T, D].
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, Hq, T, D] and k, v [B, Hkv, T, D]; got {q.shape}, {k.shape}, {v.shape}")
+    b, hq, t, d = q.shape
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or hq % k.shape[1]:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree (B, T, D equal; Hq a multiple of Hkv)")
+    pos = jnp.arange(t)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    mask = mask[None, None]
+    if lengths is not None:
+        mask = mask & (pos[None, :] < jnp.asarray(lengths)[:, None])[:, None, None, :]
+    return attend_dense(q, k, v, mask)

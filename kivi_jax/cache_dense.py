@@ -1,0 +1,71 @@
+"""DenseCache: full-precision K/V with per-row lengths, the baseline KIVI is compared to."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kivi_jax import cache_common as cc
+
+
+@cc.pytree_dataclass
+class DenseCache:
+    """k, v: [B, Hkv, max_length, D]; lengths [B] int32 tokens held per row;
+    overflow [B] bool, set when a write was refused (row full) or an input was out of range."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    overflow: jax.Array
+    max_length: int = cc.static()
+
+    @classmethod
+    def init(cls, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int, dtype=jnp.bfloat16):
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length} must be >= 1")
+        shape = (batch, num_kv_heads, max_length, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            overflow=jnp.zeros((batch,), bool),
+            max_length=max_length,
+        )
+
+    batch_size = property(lambda self: self.k.shape[0])
+    num_kv_heads = property(lambda self: self.k.shape[1])
+    head_dim = property(lambda self: self.k.shape[3])
+    dtype = property(lambda self: self.k.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+    def _check(self, k, v, tokens=None):
+        return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,
+                           head_dim=self.head_dim, tokens=tokens)
+
+    def prefill(self, k, v, lengths=None) -> "DenseCache":
+        """Stores a (padded) prompt k, v [B, Hkv, T, D]; row b keeps its first lengths[b] tokens."""
+        t = self._check(k, v)
+        lengths, invalid = cc.prompt_lengths(lengths, self.batch_size, t, self.max_length)
+        keep = (jnp.arange(t)[None, :] < lengths[:, None])[:, None, :, None]
+        k_new = self.k.at[:, :, :t].set(jnp.where(keep, k, 0).astype(self.dtype))
+        v_new = self.v.at[:, :, :t].set(jnp.where(keep, v, 0).astype(self.dtype))
+        return DenseCache(k_new, v_new, lengths, invalid, self.max_length)
+
+    def append(self, k, v) -> "DenseCache":
+        """Appends one token k, v [B, Hkv, 1, D] per row; a full row is left as is and flagged."""
+        self._check(k, v, tokens=1)
+        full = self.lengths >= self.max_length
+        at = jnp.minimum(self.lengths, self.max_length - 1)
+        keep = ~full[:, None, None, None]
+        k_old = cc.take_row(self.k, at, 1, axis=1)
+        v_old = cc.take_row(self.v, at, 1, axis=1)
+        k_new = cc.put_row(self.k, jnp.where(keep, k.astype(self.dtype), k_old), at, axis=1)
+        v_new = cc.put_row(self.v, jnp.where(keep, v.astype(self.dtype), v_old), at, axis=1)
+        return DenseCache(k_new, v_new, self.lengths + (~full), self.overflow | full, self.max_length)
+
+    def materialize(self):
+        """(K, V) [B, Hkv, max_length, D] in the cache dtype; positions >= lengths are junk/zero."""
+        return self.k, self.v
