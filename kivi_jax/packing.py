@@ -31,7 +31,8 @@ def codes_per_word(bits: int) -> int:
 
 
 def check_bits(name: str, bits) -> None:
-    if bits not in VALID_BITS:
+    # 2.0 == 2 and True == 1 would pass a plain membership test and break shapes later
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in VALID_BITS:
         raise ValueError(f"{name}={bits!r} is not supported; allowed: {VALID_BITS}")
 
 
@@ -76,6 +77,8 @@ def pack(codes: jnp.ndarray, bits: int, axis: int) -> jnp.ndarray:
             shifts = (jnp.arange(slots, dtype=jnp.uint32) * bits).reshape(slots, 1, *([1] * len(rest)))
             part = jnp.sum(part << shifts, axis=0, dtype=jnp.uint32)
         parts.append(part)
+    if not parts:  # an empty axis packs to zero word rows
+        return jnp.moveaxis(jnp.zeros((0,) + rest, jnp.uint32), 0, axis)
     words = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     return jnp.moveaxis(words, 0, axis)
 
@@ -107,6 +110,8 @@ def unpack(words: jnp.ndarray, bits: int, axis: int, length: int) -> jnp.ndarray
         else:
             part = part & mask
         parts.append(part)
+    if not parts:
+        return jnp.moveaxis(jnp.zeros((0,) + rest, jnp.uint32), 0, axis)
     codes = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     return jnp.moveaxis(codes, 0, axis)
 

@@ -102,20 +102,36 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     mx = jnp.max(xg, axis=reduce_axis, keepdims=True)
     mn_s = _round_outward(jnp.maximum(mn, float(finfo.min)), dtype, -1)
     mn_f = mn_s.astype(jnp.float32)
-    # divide before subtracting so huge groups do not overflow float32
-    scale = jnp.minimum(mx / levels - mn_f / levels, float(finfo.max))
+    # (mx - mn) / levels: one subtraction, no cancellation (mx / levels - mn / levels loses
+    # everything when |mn| >> mx - mn, e.g. float32 groups with a large offset). Only when
+    # the difference overflows float32 (huge groups) divide first.
+    diff = mx - mn_f
+    scale = jnp.where(jnp.isfinite(diff), diff / levels, mx / levels - mn_f / levels)
+    scale = jnp.minimum(scale, float(finfo.max))
     scale_s = _round_outward(scale, dtype, +1)
     scale_s = jnp.minimum(scale_s.astype(jnp.float32), float(finfo.max)).astype(dtype)
     return scale_s, mn_s
 
 
+# Scales at or above this are handled in units of _HUGE_UNIT: on XLA CPU, x / s returns 0
+# once s >= 2**126 (the reciprocal is flushed to zero), and x - mn or code * scale can
+# overflow float32. Scaling by a power of two is exact, so results are unchanged otherwise.
+_HUGE = 2.0**64
+_HUGE_UNIT = 2.0**-64
+
+
 def quantize_codes(xg: jax.Array, scale_s, mn_s, bits: int) -> jax.Array:
-    """uint32 codes of float32 ``xg`` given stored, broadcastable scale and min."""
+    """uint32 codes of float32 ``xg`` given stored, broadcastable scale and min.
+
+    code = clip(round_half_even((x - mn) / scale), 0, 2**bits - 1), computed as one
+    subtraction and one (correctly rounded) division so exact ties round to even.
+    """
     levels = float(2**bits - 1)
     s = scale_s.astype(jnp.float32)
     m = mn_s.astype(jnp.float32)
-    safe = jnp.where(s > 0, s, 1.0)
-    q = jnp.round(xg / safe - m / safe)  # jnp.round is round-half-to-even
+    unit = jnp.where(s >= _HUGE, _HUGE_UNIT, 1.0)
+    safe = jnp.where(s > 0, s * unit, 1.0)
+    q = jnp.round((xg * unit - m * unit) / safe)  # jnp.round is round-half-to-even
     q = jnp.where(s > 0, q, 0.0)
     return jnp.clip(q, 0.0, levels).astype(jnp.uint32)
 
@@ -123,7 +139,13 @@ def quantize_codes(xg: jax.Array, scale_s, mn_s, bits: int) -> jax.Array:
 def dequantize_codes(codes, scale_s, mn_s, dtype) -> jax.Array:
     """code * scale + min in float32, cast to ``dtype`` (saturating, never inf)."""
     finfo = jnp.finfo(dtype)
-    y = codes.astype(jnp.float32) * scale_s.astype(jnp.float32) + mn_s.astype(jnp.float32)
+    c = codes.astype(jnp.float32)
+    s = scale_s.astype(jnp.float32)
+    m = mn_s.astype(jnp.float32)
+    y = c * s + m
+    # huge groups: code * scale alone may overflow although the sum does not
+    y_huge = (c * (s * _HUGE_UNIT) + m * _HUGE_UNIT) * _HUGE
+    y = jnp.where(s >= _HUGE, y_huge, y)
     return jnp.clip(y, float(finfo.min), float(finfo.max)).astype(dtype)
 
 
