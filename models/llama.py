@@ -1,0 +1,299 @@
+"""Flax NNX Llama and Mistral causal LMs over a KV cache that is an argument, never module state.
+
+Shapes: B batch, T tokens in this call, H hidden size, Hq / Hkv query / key-value heads,
+D head_dim, I intermediate size, V vocab, L layers.
+
+    logits, cache = model(input_ids, cache)      input_ids [B, T] int32 -> logits [B, T, V] float32
+
+* T > 1 (or any T when ``lengths`` is given) is a prompt (prefill): positions 0..T-1,
+  causal full-precision attention over the prompt itself, then ``cache.prefill(k, v,
+  lengths)`` *replaces* what the cache held. ``lengths`` [B] marks right-padded rows
+  (default: all T tokens are real).
+* T == 1 without ``lengths`` is a decode step: the token sits at position
+  ``cache.lengths[b]``; each layer does ``cache = cache.append(k, v)`` then
+  ``decode_attention(q, cache)``.
+* ``cache=None``: one full causal forward pass (training, scoring), returns ``(logits, None)``.
+
+The cache is a :class:`~models.cache.StackedCache` from :meth:`Llama.init_cache`: one
+``DenseCache`` or ``KIVICache`` with a leading layer axis. The model never looks at its
+format. The layers' weights are stacked too ([L, ...]) and run with one ``lax.scan``, so a
+32-layer model compiles one layer body.
+
+To jit: ``apply, params = functional(model)`` then ``jax.jit(apply, donate_argnames="cache")``
+(``nnx.split`` / ``nnx.merge`` underneath), or ``nnx.jit`` on the module.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+import kivi_jax
+from models.cache import StackedCache
+from models.config import ModelConfig
+
+ATTN_IMPLS = ("auto", "pallas", "reference")
+
+
+# ---- pure pieces -------------------------------------------------------------------------------
+def rms_norm(x, weight, eps: float):
+    """x [..., H] -> [..., H] in x's dtype; statistics in float32 (as transformers does)."""
+    xf = x.astype(jnp.float32)
+    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions, config: ModelConfig):
+    """positions [B, T] int -> cos, sin [B, T, 1, D] float32 (half-split layout: freqs repeated)."""
+    inv = jnp.asarray(config.rope_inv_freq())  # [D/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, D] rotated by position (rotate-half form); float32 math, x's dtype out."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def _layer(p, x, cos, sin, cache, *, config: ModelConfig, lengths, attn_impl: str, decode: bool):
+    """One decoder layer. p: this layer's weights; x [B, T, H]; cache: one layer's cache or None."""
+    b, t, _ = x.shape
+    hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    window = config.sliding_window
+
+    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+    q = apply_rope((h @ p["q_proj"]).reshape(b, t, hq, d), cos, sin)
+    k = apply_rope((h @ p["k_proj"]).reshape(b, t, hkv, d), cos, sin)
+    v = (h @ p["v_proj"]).reshape(b, t, hkv, d)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T, D]
+
+    if decode:
+        cache = cache.append(k, v)
+        o = kivi_jax.decode_attention(q, cache, impl=attn_impl, window=window)
+    else:
+        o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
+        if cache is not None:
+            cache = cache.prefill(k, v, lengths)
+    o = o.transpose(0, 2, 1, 3).reshape(b, t, hq * d).astype(x.dtype)
+    x = x + o @ p["o_proj"]
+
+    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    x = x + (jax.nn.silu(h @ p["gate_proj"]) * (h @ p["up_proj"])) @ p["down_proj"]
+    return x, cache
+
+
+def lm_loss(logits, input_ids, mask=None):
+    """Mean next-token cross-entropy. logits [B, T, V] predict input_ids[:, 1:] [B, T-1];
+    mask [B, T] (1 = real token) drops padded targets. Returns a float32 scalar."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    m = jnp.ones_like(nll) if mask is None else jnp.asarray(mask[:, 1:], jnp.float32)
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+# ---- modules ---------------------------------------------------------------------------------
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """The L decoder layers' weights, stacked: attn_norm, mlp_norm [L, H]; q_proj [L, H, Hq*D];
+    k_proj, v_proj [L, H, Hkv*D]; o_proj [L, Hq*D, H]; gate_proj, up_proj [L, H, I];
+    down_proj [L, I, H]. Matrices are [in, out] (x @ W)."""
+
+    NAMES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype, init_std: float):
+        for name, shape in self.shapes(config).items():
+            if name.endswith("norm"):
+                value = jnp.ones(shape, dtype)
+            else:
+                value = _normal(rngs, shape, init_std, dtype)
+            setattr(self, name, nnx.Param(value))
+
+    @staticmethod
+    def shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+        L, H, I = c.num_layers, c.hidden_size, c.intermediate_size
+        return dict(
+            attn_norm=(L, H), q_proj=(L, H, c.num_heads * c.head_dim), k_proj=(L, H, c.num_kv_heads * c.head_dim),
+            v_proj=(L, H, c.num_kv_heads * c.head_dim), o_proj=(L, c.num_heads * c.head_dim, H),
+            mlp_norm=(L, H), gate_proj=(L, H, I), up_proj=(L, H, I), down_proj=(L, I, H),
+        )
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.NAMES}
+
+
+class Llama(nnx.Module):
+    """Llama causal LM (also any config with ``sliding_window``, which it applies).
+
+    Params: embed [V, H]; layers (:class:`DecoderLayers`); final_norm [H]; lm_head [H, V]
+    (None when ``tie_word_embeddings``: logits use embed). ``dtype`` is the weights' and
+    activations' dtype; norms, RoPE and softmax run in float32; logits are float32.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, init_std: float = 0.02):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig; got {type(config).__name__}")
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(self.dtype, jnp.floating):
+            raise ValueError(f"dtype={self.dtype} must be a floating dtype (float32, bfloat16, float16)")
+        self.embed = nnx.Param(_normal(rngs, (config.vocab_size, config.hidden_size), init_std, dtype))
+        self.layers = DecoderLayers(config, rngs=rngs, dtype=dtype, init_std=init_std)
+        self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nnx.Param(_normal(rngs, (config.hidden_size, config.vocab_size), init_std, dtype)))
+
+    # ---- cache -------------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_length: int, kivi: kivi_jax.KIVIConfig | None = None,
+                   dtype=None) -> StackedCache:
+        """An empty cache for all layers: a DenseCache (kivi=None) or a KIVICache (kivi a
+        KIVIConfig), stacked along a leading layer axis; leaves are [L, B, Hkv, ...].
+        dtype: of the full-precision parts (default: the model's dtype)."""
+        c = self.config
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        dtype = self.dtype if dtype is None else dtype
+        kw = dict(batch=batch_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_length=max_length, dtype=dtype)
+        if kivi is None:
+            one = kivi_jax.DenseCache.init(**kw)
+        elif isinstance(kivi, kivi_jax.KIVIConfig):
+            one = kivi_jax.KIVICache.init(kivi, **kw)
+        else:
+            raise TypeError(f"kivi must be None or a KIVIConfig; got {type(kivi).__name__}")
+        return StackedCache.stack(one, c.num_layers)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def __call__(self, input_ids, cache: StackedCache | None = None, *, lengths=None, attn_impl: str = "auto"):
+        """input_ids [B, T] int -> (logits [B, T, V] float32, new cache).
+
+        Prompt (T > 1, or any T when ``lengths`` is given): positions 0..T-1, replaces the
+        cache content; lengths [B] = real tokens of right-padded rows (default T). Decode
+        (T == 1 with a cache and no lengths): one step at position cache.lengths.
+        attn_impl goes to ``kivi_jax.decode_attention``.
+        """
+        c = self.config
+        ids = jnp.asarray(input_ids)
+        if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer array [B, T]; got shape {ids.shape} dtype {ids.dtype}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={attn_impl!r}; allowed: {ATTN_IMPLS}")
+        b, t = ids.shape
+        if cache is not None:
+            if not isinstance(cache, StackedCache):
+                raise TypeError(f"cache must be the StackedCache of model.init_cache(); got {type(cache).__name__}")
+            if cache.num_layers != c.num_layers or cache.batch_size != b:
+                raise ValueError(f"cache holds L={cache.num_layers}, B={cache.batch_size}; "
+                                 f"the model has L={c.num_layers} and input_ids B={b}")
+        decode = cache is not None and t == 1 and lengths is None
+        if decode:
+            positions = cache.lengths[:, None]
+        else:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, c)
+
+        x = jnp.take(self.embed[...], ids, axis=0)
+
+        def body(x, xs):
+            p, layer_cache = xs
+            return _layer(p, x, cos, sin, layer_cache, config=c, lengths=lengths, attn_impl=attn_impl, decode=decode)
+
+        x, new_layers = lax.scan(body, x, (self.layers.arrays(), None if cache is None else cache.layers))
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        if self.lm_head is None:
+            logits = jnp.einsum("bth,vh->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        return logits, (None if cache is None else StackedCache(new_layers))
+
+
+class Mistral(Llama):
+    """Mistral causal LM: Llama with ``config.sliding_window`` (applied in prefill and decode)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, init_std: float = 0.02):
+        if isinstance(config, ModelConfig) and config.model_type != "mistral":
+            raise ValueError(f"Mistral needs model_type='mistral'; got model_type={config.model_type!r}")
+        super().__init__(config, rngs=rngs, dtype=dtype, init_std=init_std)
+
+
+def model_class(config: ModelConfig) -> type[Llama]:
+    """Llama or Mistral, by ``config.model_type``."""
+    return Mistral if config.model_type == "mistral" else Llama
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Llama:
+    """The model with ShapeDtypeStruct leaves (nothing allocated): a target to fill with weights."""
+    cls = model_class(config)
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def init_random(config: ModelConfig, key=None, dtype=jnp.float32, *, init_std: float = 0.02) -> Llama:
+    """A model with random weights (normal(0, init_std) matrices, unit norms), initialized in
+    one jitted call on the default device (a Llama-2-7B shape in bf16 for GPU benchmarks)."""
+    cls = model_class(config)
+    key = jax.random.key(0) if key is None else key
+    graphdef, _ = nnx.split(abstract_model(config, dtype))
+
+    @jax.jit
+    def make(k):
+        return nnx.split(cls(config, rngs=nnx.Rngs(params=k), dtype=dtype, init_std=init_std))[1]
+
+    return nnx.merge(graphdef, make(key))
+
+
+def from_params(config: ModelConfig, params: dict, dtype=jnp.float32) -> Llama:
+    """A model from a pure dict of arrays laid out as :func:`param_shapes` says (cast to dtype)."""
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    expected = param_shapes(config)
+    got = {k: tuple(v.shape) for k, v in _flatten(params).items()}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        raise ValueError(f"params do not fit the config: missing {missing}, unexpected {extra}, "
+                         f"wrong shape {[(k, got[k], expected[k]) for k in wrong]}")
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Flat 'a/b' names -> shapes of the pure parameter dict."""
+    out = {"embed": (config.vocab_size, config.hidden_size), "final_norm": (config.hidden_size,)}
+    out.update({f"layers/{k}": v for k, v in DecoderLayers.shapes(config).items()})
+    if not config.tie_word_embeddings:
+        out["lm_head"] = (config.hidden_size, config.vocab_size)
+    return out
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def params_of(model: Llama) -> dict:
+    """The model's parameters as a pure nested dict of arrays (see :func:`param_shapes`)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def functional(model: Llama):
+    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto")
+    -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
+    graphdef, params = nnx.split(model)
+
+    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto"):
+        return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl)
+
+    return apply, params
