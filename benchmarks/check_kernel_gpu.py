@@ -1,0 +1,133 @@
+"""Checks the compiled Pallas decode kernel against the plain-JAX reference on the GPU.
+
+Fresh random caches (keys with outlier channels, like real LLM keys), built through the
+cache's own prefill + append; ragged rows; GQA 1/4/8; 2 and 4 bits (mixed too); bf16,
+fp16, fp32; a sliding window; and one cache with B*H*T*D > 2**31 numbers.
+Prints a table; exits non-zero if any check fails. Run: python benchmarks/check_kernel_gpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kivi_jax as kj
+from kivi_jax import attention_pallas
+from benchmarks import common
+
+TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def random_kv(key, shape, dtype):
+    k1, k2, k3 = jax.random.split(key, 3)
+    k = jax.random.normal(k1, shape)
+    outlier = jax.random.bernoulli(k3, 0.05, (shape[-1],)) * 8.0 + 1.0  # a few large channels
+    return (k * outlier).astype(dtype), jax.random.normal(k2, shape).astype(dtype)
+
+
+def build_cache(cfg, b, hkv, d, lengths, dtype, key, appends=3, max_length=None):
+    t = int(max(lengths))
+    max_length = max_length or t + appends + 5
+    cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=d, max_length=max_length, dtype=dtype)
+    k, v = random_kv(key, (b, hkv, t, d), dtype)
+    cache = cache.prefill(k, v, lengths=jnp.asarray(lengths, jnp.int32))
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    for i in range(appends):
+        ka, va = random_kv(jax.random.fold_in(key, i), (b, hkv, 1, d), dtype)
+        cache = step(cache, ka, va)
+    return cache
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(name, q, cache, variant, window=None, dtype="bfloat16"):
+    ref = kj.decode_attention(q, cache, impl="reference", window=window)
+    out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, window=window, variant=variant))(q, cache)
+    err = rel_err(out, ref)
+    finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
+    ok = finite and err <= TOL[dtype]
+    return {"check": name, "variant": variant, "dtype": dtype, "rel_err": err, "tol": TOL[dtype], "ok": ok}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="fold,dequant")
+    ap.add_argument("--skip-large", action="store_true")
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    rows = []
+    key = jax.random.key(0)
+    cases = []
+    for dtype in ("bfloat16", "float16", "float32"):
+        for (kb, vb) in ((2, 2), (4, 4), (2, 4), (4, 2)):
+            for (hq, hkv) in ((8, 8), (16, 4), (16, 2)):
+                if dtype != "bfloat16" and (hq, hkv) != (16, 4):
+                    continue
+                cases.append((dtype, kb, vb, hq, hkv))
+    for i, (dtype, kb, vb, hq, hkv) in enumerate(cases):
+        cfg = kj.KIVIConfig(k_bits=kb, v_bits=vb)
+        lengths = [1500, 777, 129, 3]  # odd, ragged, tiny
+        cache = build_cache(cfg, 4, hkv, 128, lengths, jnp.dtype(dtype), jax.random.fold_in(key, i))
+        q = jax.random.normal(jax.random.fold_in(key, 1000 + i), (4, hq, 1, 128)).astype(dtype)
+        for variant in variants:
+            rows.append(check(f"k{kb}v{vb} gqa{hq // hkv} ragged", q, cache, variant, dtype=dtype))
+    # sliding window and group size 64, head_dim 64
+    cfg = kj.KIVIConfig(group_size=64, residual_length=128)
+    cache = build_cache(cfg, 2, 3, 64, [2100, 1000], jnp.bfloat16, jax.random.key(7))
+    q = jax.random.normal(jax.random.key(8), (2, 9, 1, 64)).astype(jnp.bfloat16)
+    for variant in variants:
+        rows.append(check("G64 D64 gqa3 window=700", q, cache, variant, window=700))
+        rows.append(check("G64 D64 gqa3", q, cache, variant))
+    if not args.skip_large:
+        # B*H*T*D = 64*32*8448*128 > 2**31: filled at random, compared on a few rows
+        b, h, t, d = 64, 32, 8448, 128
+        cfg = kj.KIVIConfig()
+        cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=h, head_dim=d, max_length=t, dtype=jnp.bfloat16)
+        cache = fill_random(cache, jax.random.key(9), lengths=jnp.full((b,), t - 5, jnp.int32))
+        q = jax.random.normal(jax.random.key(10), (b, h, 1, d)).astype(jnp.bfloat16)
+        for variant in variants:
+            out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, variant=variant))(q, cache)
+            pick = jnp.array([0, 31, 63])
+            sub = jax.tree_util.tree_map(lambda x: x[pick], cache)
+            ref = kj.decode_attention(q[pick], sub, impl="reference")
+            err = rel_err(out[pick], ref)
+            rows.append({"check": f"B*H*T*D={b * h * t * d} > 2^31", "variant": variant, "dtype": "bfloat16",
+                         "rel_err": err, "tol": 1e-2, "ok": err <= 1e-2})
+    table = common.markdown(rows, ["check", "variant", "dtype", "rel_err", "tol", "ok"])
+    print(table)
+    env = common.environment()
+    common.write_results("kernel-check", {**env, "rows": rows}, table)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+def fill_random(cache, key, lengths):
+    """A valid cache state with random codes/scales/mins/residuals (no prefill needed)."""
+    ks = jax.random.split(key, 8)
+    dt = cache.dtype
+
+    def words(k, x):
+        return jax.random.bits(k, x.shape, jnp.uint32)
+
+    return cache.__class__(
+        k_codes=words(ks[0], cache.k_codes),
+        k_scale=jax.random.uniform(ks[1], cache.k_scale.shape, minval=0.01, maxval=0.3).astype(dt),
+        k_min=(-1.5 + 0.3 * jax.random.normal(ks[2], cache.k_min.shape)).astype(dt),
+        k_res=jax.random.normal(ks[3], cache.k_res.shape).astype(dt),
+        v_codes=words(ks[4], cache.v_codes),
+        v_scale=jax.random.uniform(ks[5], cache.v_scale.shape, minval=0.01, maxval=0.3).astype(dt),
+        v_min=(-1.5 + 0.3 * jax.random.normal(ks[6], cache.v_min.shape)).astype(dt),
+        v_res=jax.random.normal(ks[7], cache.v_res.shape).astype(dt),
+        lengths=lengths, overflow=cache.overflow, config=cache.config, max_length=cache.max_length)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Shared helpers of the GPU benchmark scripts: environment facts, timing, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import time
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:  # the device copy may carry no .git
+        return os.environ.get("KIVI_COMMIT", "unknown")
+
+
+def environment() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "commit": commit(),
+        "date": datetime.date.today().isoformat(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": dev.platform,
+        "jax_version": jax.__version__,
+    }
+
+
+def time_fn(fn, *args, reps: int = 7, min_ms: float = 20.0) -> float:
+    """Median milliseconds per call of a jitted ``fn``: calls are queued back to back
+    (async dispatch) in batches of >= ``min_ms`` and synchronized once per batch."""
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = max(time.perf_counter() - t, 1e-6)
+    n = max(1, int(min_ms / 1e3 / one))
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = None
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) * 1e3 / n)
+    return statistics.median(samples)
+
+
+def hbm_copy_tbps(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), in TB/s."""
+    n = int(gib * 2**30) // 4
+    x = jax.random.uniform(jax.random.key(0), (n,), dtype=np.float32)
+    f = jax.jit(lambda a: a * 1.0000001)  # one read + one write, not elided
+    ms = time_fn(f, x)
+    return 2 * x.nbytes / (ms * 1e-3) / 1e12
+
+
+def write_results(name: str, payload: dict, table: str, outdir: str | None = None) -> pathlib.Path:
+    outdir = pathlib.Path(outdir or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{payload.get('date', datetime.date.today().isoformat())}"
+    (outdir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (outdir / f"{stem}.md").write_text(table)
+    return outdir / f"{stem}.json"
+
+
+def markdown(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,126 @@
+"""Decode-attention benchmark on one GPU: the fused KIVI kernel vs the plain-JAX reference
+vs dense bf16 XLA attention, all timed in the same run.
+
+Rows: B x T x (Hq, Hkv) x bits x impl with median ms, bytes moved, achieved TB/s and the
+ratio to dense bf16 at the same shape; the measured HBM copy bandwidth sits at the top.
+Run on the device: python -m benchmarks.decode_attention [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+
+import jax
+import jax.numpy as jnp
+
+import kivi_jax as kj
+from kivi_jax import attention_pallas
+from benchmarks import common
+from benchmarks.check_kernel_gpu import fill_random
+
+D = 128
+
+
+def dense_attention(q, k, v):
+    """XLA bf16 decode attention, GQA without repeating K/V; float32 softmax."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    s = jnp.einsum("bhgd,bhtd->bhgt", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgt,bhtd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, hq, 1, d).astype(q.dtype)
+
+
+def kivi_bytes(cfg, b, hkv, t, dtype=jnp.bfloat16):
+    per_tok = cfg.bytes_per_token(num_kv_heads=hkv, head_dim=D, dtype=dtype)
+    return int(b * (t * per_tok + cfg.residual_bytes(num_kv_heads=hkv, head_dim=D, dtype=dtype)))
+
+
+def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes):
+    rows = []
+    for hq, hkv in heads:
+        for t in lengths:
+            for b in batches:
+                dense_bytes = 2 * b * hkv * t * D * 2
+                q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+                dense_ms = None
+                if dense_bytes <= dense_max_bytes:
+                    try:
+                        k = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
+                        v = jax.random.normal(jax.random.key(3), (b, hkv, t, D), jnp.bfloat16)
+                        dense_ms = common.time_fn(jax.jit(dense_attention), q, k, v)
+                        del k, v
+                    except Exception as e:  # noqa: BLE001 - report OOM and carry on
+                        print("dense failed", b, t, hkv, type(e).__name__, str(e)[:200])
+                    gc.collect()
+                base = {"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D}
+                rows.append({**base, "bits": 16, "impl": "dense_bf16_xla", "median_ms": dense_ms,
+                             "bytes": dense_bytes, "tbps": dense_bytes / dense_ms / 1e9 if dense_ms else None,
+                             "ratio_to_dense": 1.0 if dense_ms else None})
+                for bits in bits_list:
+                    cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
+                    try:
+                        cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=D, max_length=t,
+                                                  dtype=jnp.bfloat16)
+                        cache = fill_random(cache, jax.random.key(4), jnp.full((b,), t, jnp.int32))
+                    except Exception as e:  # noqa: BLE001
+                        print("cache alloc failed", b, t, hkv, bits, type(e).__name__)
+                        continue
+                    nbytes = kivi_bytes(cfg, b, hkv, t)
+                    todo = []
+                    if "pallas" in impls:
+                        for name, opts in variants_opts:
+                            todo.append((name, jax.jit(lambda q, c, o=opts: attention_pallas.decode_attention(q, c, **o))))
+                    if "reference" in impls and dense_bytes <= ref_max_bytes:
+                        todo.append(("reference_xla", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))))
+                    for name, fn in todo:
+                        try:
+                            ms = common.time_fn(fn, q, cache)
+                        except Exception as e:  # noqa: BLE001
+                            print("failed", name, b, t, hkv, bits, type(e).__name__, str(e)[:300])
+                            continue
+                        row = {**base, "bits": bits, "impl": name, "median_ms": ms, "bytes": nbytes,
+                               "tbps": nbytes / ms / 1e9, "ratio_to_dense": ms / dense_ms if dense_ms else None}
+                        rows.append(row)
+                        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                    del cache
+                    gc.collect()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="the target shape plus tuning variants only")
+    ap.add_argument("--name", default="decode-attention")
+    args = ap.parse_args(argv)
+    env = common.environment()
+    hbm = common.hbm_copy_tbps()
+    print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
+    if args.quick:
+        variants = [
+            ("pallas_fold", dict(variant="fold")),
+            ("pallas_dequant", dict(variant="dequant")),
+            ("pallas_fold_c128", dict(variant="fold", chunk=128)),
+            ("pallas_fold_w8", dict(variant="fold", num_warps=8)),
+            ("pallas_fold_s3", dict(variant="fold", num_stages=3)),
+        ]
+        rows = run([64], [4096], [(32, 32), (32, 8)], [2, 4], ("pallas", "reference"), variants,
+                   ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
+    else:
+        variants = [("pallas", dict(variant="fold"))]
+        rows = run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [(32, 32), (32, 8)], [2, 4],
+                   ("pallas", "reference"), variants, ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
+    for r in rows:
+        r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
+    cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
+    table = (f"Decode attention, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "
+             f"HBM copy {hbm:.2f} TB/s (read+write)\n\n" + common.markdown(rows, cols))
+    print(table)
+    common.write_results(args.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Glue between KIVICache and the fused Pallas decode kernel (pallas_kernels.kivi_decode).
+
+The kernel covers each row's *bulk*: whole ``chunk``-token chunks below m = max(L - R, 0),
+where keys and values are both quantized. The rest — at most ``chunk + R`` newest tokens:
+the boundary chunk, the key residual and the value window — is attended here in plain JAX
+(it is the full-precision part KIVI keeps anyway), and the partial softmaxes are combined.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kivi_jax import packing
+from kivi_jax.attention import reference_decode_attention
+from kivi_jax.cache_dense import DenseCache
+from kivi_jax.cache_kivi import KIVICache
+from pallas_kernels import kivi_decode
+
+TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs)
+
+
+def default_splits(batch: int, heads: int, n_chunks: int, interpret: bool) -> int:
+    if interpret:
+        return min(2, n_chunks)
+    return max(1, min(n_chunks, -(-TARGET_PROGRAMS // (batch * heads)), 64))
+
+
+def _tail_partials(qg, cache: KIVICache, first, start, chunk: int):
+    """Softmax partials over tokens [max(first, start), L) in plain JAX.
+
+    qg [B, Hkv, g, D] float32 (pre-scaled); first [B] multiple of the chunk. The window is
+    W = chunk + R tokens from ``first``: it holds every token the kernel leaves out.
+    Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
+    """
+    c = cache.config
+    g, r, tc = c.group_size, c.residual_length, cache.capacity
+    width = min(r + chunk, tc)
+    t = first[:, None] + jnp.arange(width)[None, :]  # [B, W]
+    ti = jnp.clip(t, 0, tc - 1)
+
+    def gather(x, idx):  # x [B, H, N, E], idx [B, W] -> [B, H, W, E]
+        return jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
+
+    def codes(words, bits):
+        row, shift = packing.word_row_and_shift(ti, bits)
+        w = gather(words, row)
+        return (w >> shift.astype(jnp.uint32)[:, None, :, None]) & jnp.uint32((1 << bits) - 1)
+
+    dt = cache.dtype
+    k_hat = (codes(cache.k_codes, c.k_bits).astype(jnp.float32) * gather(cache.k_scale, ti // g).astype(jnp.float32)
+             + gather(cache.k_min, ti // g).astype(jnp.float32)).astype(dt)
+    vs = jnp.repeat(gather(cache.v_scale, ti), g, axis=3).astype(jnp.float32)
+    vm = jnp.repeat(gather(cache.v_min, ti), g, axis=3).astype(jnp.float32)
+    v_hat = (codes(cache.v_codes, c.v_bits).astype(jnp.float32) * vs + vm).astype(dt)
+    k_res = gather(cache.k_res, t % r)
+    v_res = gather(cache.v_res, t % r)
+    k = jnp.where((t < cache.num_quantized_keys[:, None])[:, None, :, None], k_hat, k_res).astype(jnp.float32)
+    v = jnp.where((t < cache.num_quantized_values[:, None])[:, None, :, None], v_hat, v_res).astype(jnp.float32)
+    s = jnp.einsum("bhgd,bhwd->bhgw", qg, k)
+    valid = (t >= jnp.maximum(first, start)[:, None]) & (t < cache.lengths[:, None])
+    s = jnp.where(valid[:, None, None, :], s, kivi_decode._NEG)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
+    return jnp.einsum("bhgw,bhwd->bhgd", p, v), m, jnp.sum(p, axis=-1)
+
+
+def _default_chunk(config) -> int:
+    return min(64, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
+
+
+def decode_attention(q, cache, *, window=None, interpret=False, variant="fold", chunk=None,
+                     num_splits=None, num_warps=4, num_stages=2):
+    """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
+
+    A DenseCache has nothing to unpack: it takes the XLA reference path.
+    """
+    if isinstance(cache, DenseCache):
+        return reference_decode_attention(q, cache, window=window)
+    if not isinstance(cache, KIVICache):
+        raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
+    c = cache.config
+    b, hq, _, d = q.shape
+    hkv = cache.num_kv_heads
+    gq = hq // hkv
+    chunk = _default_chunk(c) if chunk is None else chunk
+    rows = max(16, 1 << (gq - 1).bit_length())
+    qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
+    qp = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
+    lengths = cache.lengths
+    start = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    bulk_end = (cache.num_quantized_values // chunk) * chunk  # [B], tokens
+    n_chunks = cache.capacity // chunk
+    splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
+    o, m, l = kivi_decode.kivi_decode_partials(
+        qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
+        start // chunk, bulk_end // chunk, start, k_bits=c.k_bits, v_bits=c.v_bits,
+        group_size=c.group_size, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
+        num_warps=num_warps, num_stages=num_stages)
+    o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
+    o_t, m_t, l_t = _tail_partials(qg, cache, bulk_end, start, chunk)
+    m_all = jnp.maximum(jnp.max(m, axis=2), m_t)  # [B, Hkv, g]
+    w = jnp.exp(m - m_all[:, :, None])
+    w_t = jnp.exp(m_t - m_all)
+    num = jnp.sum(o * w[..., None], axis=2) + o_t * w_t[..., None]
+    den = jnp.sum(l * w, axis=2) + l_t * w_t
+    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    return out.reshape(b, hq, 1, d).astype(q.dtype)

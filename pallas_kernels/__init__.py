@@ -1,0 +1,5 @@
+"""Pallas GPU kernels (Triton lowering). They know arrays, not caches: see kivi_jax for the glue."""
+
+from pallas_kernels.kivi_decode import VARIANTS, kivi_decode_partials
+
+__all__ = ["VARIANTS", "kivi_decode_partials"]
