@@ -1,0 +1,381 @@
+"""Autoregressive generation over any model with the cache protocol, jitted end to end.
+
+Model protocol (``models/`` implements it; ``tests/toy_model.py`` is a small example)::
+
+    cache = model.init_cache(batch_size, max_length, kivi=None | KIVIConfig[, dtype=...])
+    logits, cache = model(input_ids, cache, lengths=lengths[, attn_impl=...])   # prefill
+    logits, cache = model(token[:, None], cache[, attn_impl=...])               # decode
+
+Prefill: input_ids [B, T] right-padded, row b's prompt is its first ``lengths[b]`` tokens,
+the cache is empty; ``generate`` always passes ``lengths=`` here (also when T == 1).
+Decode: one token per row at position ``cache.lengths``; no ``lengths`` argument. Logits
+are [B, T, vocab]. ``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
+The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one).
+
+How it runs:
+
+* ``generate``: one jitted prefill (it also creates the cache, so no empty cache is ever
+  copied in) that samples the first new token, then one jitted ``lax.while_loop`` over the
+  decode steps with the loop state -- cache included -- donated, so buffers are updated in
+  place and no token goes back to the host until the end.
+* ``generate_stream``: the same prefill and the same decode step, but the step is called
+  from Python once per token so tokens can be shown as they come. Same tokens as
+  ``generate`` (greedy and seeded sampling alike).
+* Flax NNX models are split once per call (``nnx.split``) and merged inside the jitted
+  functions; the graphdef is a static (hashable) argument. The jitted functions live at
+  module level, so repeated calls with the same shapes and static settings reuse the
+  compiled code (``TRACE_COUNTS`` counts traces; the tests check it does not grow).
+
+Stopping, per row: after its EOS token (which is kept and counted), after
+``max_new_tokens``, or when the cache is full (``max_length`` tokens held: the row keeps the
+token computed from a full cache but cannot append it). A row whose cache reports
+``overflow`` (a write was refused) stops without emitting the token computed from it.
+Rows that stopped keep being fed ``pad_id`` while others run: their slots in the final cache
+then hold padding past their real tokens, and the cache never writes past its capacity.
+
+Sampling: see :mod:`kivi_jax.sampling`. Row b's token at step s (s = 0 is the token after
+the prompt) is drawn with ``fold_in(row_key[b], s)``, with ``row_key[b] = fold_in(key, b)``
+for a single ``key`` (or ``key[b]`` when a batch of B keys is given). A row's draws do not
+depend on the rest of the batch, which is what makes ``jax.vmap`` over single requests give
+the batched tokens.
+
+``jax.vmap`` over single requests is the same computation as the batched path::
+
+    def one(ids, n):                     # ids [T], n: this request's prompt length
+        out = generate(model, ids[None], lengths=n[None], max_new_tokens=16)
+        return out.tokens[0], out.lengths[0]
+
+    tokens, num = jax.vmap(one)(input_ids, lengths)   # == generate(model, input_ids, lengths=lengths, ...)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import numbers
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from kivi_jax import sampling
+from kivi_jax.config import KIVIConfig
+
+#: How many times each jitted function was traced (incremented at trace time only).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+class GenerateOutput(NamedTuple):
+    """tokens [B, max_new_tokens] int32: the new tokens of row b are ``tokens[b, :lengths[b]]``;
+    the rest of the row is ``pad_id``. lengths [B] int32: new tokens per row, EOS included.
+    cache: the final cache pytree (e.g. for memory reporting)."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    cache: Any
+
+
+class StreamStep(NamedTuple):
+    """One step of :func:`generate_stream` (host NumPy arrays).
+
+    tokens [B] int32: the token each row emitted at this step, ``pad_id`` where none;
+    emitted [B] bool: which rows emitted one (a row stops emitting once it has stopped)."""
+
+    tokens: np.ndarray
+    emitted: np.ndarray
+
+
+# ---- static / traced settings ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything jit specializes on besides shapes and the model's graphdef."""
+
+    max_new_tokens: int
+    max_length: int
+    kivi: KIVIConfig | None
+    cache_dtype: Any  # a numpy dtype, or None for the model's default
+    attn_impl: str | None
+    sampler: sampling.SamplingConfig
+    pad_id: int
+
+
+class _Knobs(NamedTuple):
+    """Traced settings: changing their values does not recompile."""
+
+    temperature: jax.Array  # () float32
+    top_p: jax.Array  # () float32
+    eos_ids: jax.Array  # [E] int32, E = 0 when there is no EOS
+
+
+class _Carry(NamedTuple):
+    """Decode-loop state. All rows advance together; ``step`` is the next output column."""
+
+    cache: Any
+    token: jax.Array  # [B] int32: the last emitted token, fed to the next step (pad_id if stopped)
+    tokens: jax.Array  # [B, N] int32 output buffer
+    num_new: jax.Array  # [B] int32 tokens emitted so far
+    cache_len: jax.Array  # [B] int32 real tokens in the cache (our own count)
+    done: jax.Array  # [B] bool
+    step: jax.Array  # () int32
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticModel:
+    """A model that is not an NNX module: passed to jit as a static (hashable) callable."""
+
+    fn: Any
+
+
+def _split(model):
+    if isinstance(model, nnx.Module):
+        return nnx.split(model)
+    return _StaticModel(model), None
+
+
+def _merge(graphdef, state):
+    if isinstance(graphdef, _StaticModel):
+        return graphdef.fn
+    return nnx.merge(graphdef, state)
+
+
+def _call_model(model, ids, cache, cfg: _Config, lengths=None):
+    kw = {} if cfg.attn_impl is None else {"attn_impl": cfg.attn_impl}
+    if lengths is not None:
+        kw["lengths"] = lengths
+    logits, cache = model(ids, cache, **kw)
+    b, t = ids.shape
+    if logits.ndim != 3 or logits.shape[:2] != (b, t):
+        raise ValueError(f"model returned logits of shape {logits.shape}; expected [B={b}, T={t}, vocab]")
+    if cfg.pad_id >= logits.shape[2]:
+        raise ValueError(f"pad_id={cfg.pad_id} must be a token id < vocab={logits.shape[2]}")
+    return logits, cache
+
+
+def _cache_overflow(cache, batch: int):
+    """[B] bool: any cache object in the pytree (anything with ``.overflow`` and
+    ``.lengths``) flagged a refused write for the row; None if no such object is found.
+    ``overflow`` may carry leading axes (a stacked per-layer cache): batch is its last axis."""
+    objs = jax.tree_util.tree_leaves(cache, is_leaf=lambda x: hasattr(x, "overflow") and hasattr(x, "lengths"))
+    flags = [o.overflow for o in objs if hasattr(o, "overflow")]
+    flags = [f for f in flags if getattr(f, "ndim", 0) >= 1 and f.shape[-1] == batch]
+    if not flags:
+        return None
+    return functools.reduce(jnp.logical_or, [jnp.any(f.reshape(-1, batch), axis=0) for f in flags])
+
+
+def _step_keys(keys, step):
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+
+
+def _emit(c: _Carry, tok, ok, knobs: _Knobs, cfg: _Config) -> _Carry:
+    """Writes tok [B] at column c.step for rows with ok; updates counts and stop flags."""
+    n = cfg.max_new_tokens
+    tok = jnp.where(ok, tok, cfg.pad_id).astype(jnp.int32)
+    col = jnp.arange(n, dtype=jnp.int32)[None, :] == c.step  # no dynamic_update_slice: no clamping
+    tokens = jnp.where(col & ok[:, None], tok[:, None], c.tokens)
+    num_new = c.num_new + ok.astype(jnp.int32)
+    is_eos = jnp.any(tok[:, None] == knobs.eos_ids[None, :], axis=1)
+    done = c.done | ~ok | is_eos | (num_new >= n) | (c.cache_len >= cfg.max_length)
+    return c._replace(token=tok, tokens=tokens, num_new=num_new, done=done, step=c.step + 1)
+
+
+def _sample(logits, keys, step, knobs: _Knobs, cfg: _Config):
+    keys = keys if cfg.sampler.greedy else _step_keys(keys, step)
+    return sampling.sample(logits, keys, temperature=knobs.temperature, top_p=knobs.top_p, cfg=cfg.sampler)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",))
+def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _Config) -> _Carry:
+    """Creates the cache, runs the prompt, samples the first new token (column 0)."""
+    TRACE_COUNTS["prefill"] += 1
+    model = _merge(graphdef, state)
+    b, _ = input_ids.shape
+    kw = {} if cfg.cache_dtype is None else {"dtype": cfg.cache_dtype}
+    cache = model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw)
+    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
+    overflow = _cache_overflow(cache, b)
+    ok = jnp.ones((b,), bool) if overflow is None else ~overflow
+    c = _Carry(cache=cache, token=jnp.full((b,), cfg.pad_id, jnp.int32),
+               tokens=jnp.full((b, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
+               num_new=jnp.zeros((b,), jnp.int32), cache_len=lengths, done=jnp.zeros((b,), bool),
+               step=jnp.zeros((), jnp.int32))
+    return _emit(c, _sample(last, keys, c.step, knobs, cfg), ok, knobs, cfg)
+
+
+def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
+    """One decode step for every row (stopped rows are fed pad_id and emit nothing)."""
+    b = c.token.shape[0]
+    active = ~c.done
+    logits, cache = _call_model(model, c.token[:, None], c.cache, cfg)
+    overflow = _cache_overflow(cache, b)
+    ok = active if overflow is None else active & ~overflow
+    tok = _sample(logits[:, -1], keys, c.step, knobs, cfg)
+    c = c._replace(cache=cache, cache_len=c.cache_len + active.astype(jnp.int32))
+    return _emit(c, tok, ok, knobs, cfg)
+
+
+# The carry is donated except its scalar ``step``: under jax.vmap the loop's step comes out
+# batched, so a donated scalar step could not be reused (and jax warns about it).
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",), donate_argnames=("carry",))
+def _decode_loop(graphdef, state, carry: _Carry, step, keys, knobs: _Knobs, *, cfg: _Config) -> _Carry:
+    """All remaining decode steps in one lax.while_loop."""
+    TRACE_COUNTS["decode_loop"] += 1
+    model = _merge(graphdef, state)
+    return lax.while_loop(lambda c: (c.step < cfg.max_new_tokens) & ~jnp.all(c.done),
+                          lambda c: _decode_body(model, c, keys, knobs, cfg), carry._replace(step=step))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",), donate_argnames=("carry",))
+def _decode_step(graphdef, state, carry: _Carry, step, keys, knobs: _Knobs, *, cfg: _Config) -> _Carry:
+    """One decode step (streaming)."""
+    TRACE_COUNTS["decode_step"] += 1
+    return _decode_body(_merge(graphdef, state), carry._replace(step=step), keys, knobs, cfg)
+
+
+def _run(fn, graphdef, state, carry: _Carry, keys, knobs, cfg):
+    return fn(graphdef, state, carry._replace(step=None), carry.step, keys, knobs, cfg=cfg)
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
+             pad_id, max_length, cache_dtype, attn_impl):
+    """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    sampler = sampling.check_sampling(temperature, top_k, top_p)
+    if kivi is not None and not isinstance(kivi, KIVIConfig):
+        raise ValueError(f"kivi={kivi!r} must be None (dense cache) or a KIVIConfig")
+    if not _is_int(pad_id) or pad_id < 0:
+        raise ValueError(f"pad_id={pad_id!r} must be a token id (an integer >= 0)")
+    if attn_impl is not None and not isinstance(attn_impl, str):
+        raise ValueError(f"attn_impl={attn_impl!r} must be None (the model's default) or a string")
+    if cache_dtype is not None:
+        cache_dtype = jnp.dtype(cache_dtype)
+        if not jnp.issubdtype(cache_dtype, jnp.floating):
+            raise ValueError(f"cache_dtype={cache_dtype} must be a floating dtype (or None for the model's default)")
+
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer) or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be an integer array [B, T] with T >= 1; got {input_ids.dtype} "
+                         f"array of shape {input_ids.shape}")
+    input_ids = input_ids.astype(jnp.int32)
+    b, t = input_ids.shape
+    if max_length is None:
+        max_length = t + max_new_tokens
+    if not _is_int(max_length) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r} must be an integer >= 1")
+    if t > max_length:
+        raise ValueError(f"max_length={max_length} is shorter than the prompt: input_ids has T={t} tokens "
+                         f"(max_length must be >= T)")
+
+    if lengths is None:
+        lengths = jnp.full((b,), t, jnp.int32)
+    else:
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.dtype} "
+                             f"array of shape {lengths.shape}")
+        if not isinstance(lengths, jax.core.Tracer):
+            bad = [int(x) for x in np.asarray(lengths) if not 1 <= int(x) <= t]
+            if bad:
+                raise ValueError(f"lengths={bad} out of range: each prompt length must be in [1, T={t}]")
+        lengths = lengths.astype(jnp.int32)
+
+    if eos_id is None:
+        eos = []
+    elif _is_int(eos_id):
+        eos = [eos_id]
+    else:
+        try:
+            eos = list(eos_id)
+        except TypeError:
+            raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids") from None
+    if not all(_is_int(e) and e >= 0 for e in eos):
+        raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids (integers >= 0)")
+
+    keys = sampling.row_keys(key, b, required=not sampler.greedy)
+    knobs = _Knobs(temperature=jnp.asarray(max(float(temperature), 1e-30) if not sampler.greedy else 1.0, jnp.float32),
+                   top_p=jnp.asarray(1.0 if top_p is None else float(top_p), jnp.float32),
+                   eos_ids=jnp.asarray(eos, jnp.int32).reshape(len(eos)))
+    cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
+                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, pad_id=int(pad_id))
+    graphdef, state = _split(model)
+    return graphdef, state, input_ids, lengths, keys, knobs, cfg
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None = None, lengths=None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
+             cache_dtype=None, attn_impl: str | None = None) -> GenerateOutput:
+    """Generates up to ``max_new_tokens`` tokens per row after a (ragged) batch of prompts.
+
+    Args:
+      model: a model with the cache protocol (module docstring); Flax NNX or any callable.
+      input_ids: [B, T] integer prompts, right-padded; row b uses its first lengths[b] tokens.
+      max_new_tokens: N >= 1, the most tokens generated per row (and the width of ``tokens``).
+      kivi: None for a full-precision cache, or a KIVIConfig for a KIVI cache.
+      lengths: [B] prompt lengths, each in [1, T] (default: all T).
+      temperature: 0 = greedy argmax; > 0 samples from softmax(logits / temperature).
+      top_k: keep the k most likely tokens (None = all). top_p: nucleus mass in (0, 1].
+      eos_id: None, a token id, or several; a row stops after emitting one (EOS kept).
+      key: PRNG key (single, or one per row), required when temperature > 0.
+      pad_id: fills ``tokens`` after a row stops, and is what stopped rows are fed.
+      max_length: cache capacity in tokens (default T + max_new_tokens); T <= max_length.
+      cache_dtype: dtype of the cache's full-precision parts (default: the model's).
+      attn_impl: passed to the model as ``attn_impl=`` (e.g. "reference" | "pallas").
+
+    Returns:
+      GenerateOutput(tokens [B, N] int32, lengths [B] int32, cache). Deterministic: greedy
+      always, sampling for a given key.
+    """
+    graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
+        model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
+        cache_dtype=cache_dtype, attn_impl=attn_impl)
+    carry = _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
+    if cfg.max_new_tokens > 1:
+        carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
+    return GenerateOutput(tokens=carry.tokens, lengths=carry.num_new, cache=carry.cache)
+
+
+def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None = None, lengths=None,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
+                    cache_dtype=None, attn_impl: str | None = None) -> Iterator[StreamStep]:
+    """Like :func:`generate`, but yields a :class:`StreamStep` (host arrays [B]) per step.
+
+    Runs the same jitted prefill and decode step as ``generate`` (the step is called from
+    Python once per token), so the tokens are the same as ``generate``'s for the same
+    arguments. Stops when every row has stopped; the generator's return value
+    (``StopIteration.value``, or ``out = yield from ...``) is the :class:`GenerateOutput`.
+    """
+    graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
+        model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
+        cache_dtype=cache_dtype, attn_impl=attn_impl)
+    carry = _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
+    for s in range(cfg.max_new_tokens):
+        if s:
+            carry = _run(_decode_step, graphdef, state, carry, keys, knobs, cfg)
+        tok, num_new, done = jax.device_get((carry.tokens[:, s], carry.num_new, carry.done))
+        emitted = num_new > s
+        if not emitted.any():
+            break
+        yield StreamStep(tokens=np.asarray(tok, np.int32), emitted=np.asarray(emitted))
+        if done.all():
+            break
+    return GenerateOutput(tokens=carry.tokens, lengths=carry.num_new, cache=carry.cache)

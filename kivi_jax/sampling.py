@@ -1,0 +1,125 @@
+"""Next-token selection: greedy argmax, or temperature / top-k / top-p (nucleus) sampling.
+
+Everything runs on float32 logits. Ties are broken deterministically toward the lower
+token id: ``jnp.argmax`` returns the first maximum, ``lax.top_k`` puts the lower index
+first among equal values, and the top-p sort is stable. The order of the filters is the
+usual one (as in Hugging Face's warpers): divide by the temperature, keep the ``top_k``
+largest, then keep the smallest prefix of the rest (sorted by probability, descending)
+whose probability mass reaches ``top_p`` -- the token that crosses ``top_p`` is kept.
+
+Randomness is per row: row b samples with its own key, so a row's draw does not depend on
+which other rows share its batch (``jax.vmap`` of one row gives the same token).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class SamplingConfig(NamedTuple):
+    """Static (hashable) shape of the sampler: what jit compiles for.
+
+    greedy: argmax (temperature == 0). top_k: None or k >= 1 (clamped to the vocabulary).
+    use_top_p: whether the nucleus filter runs (top_p < 1). The temperature and top_p
+    *values* are traced arguments, so changing them does not recompile.
+    """
+
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+
+def check_sampling(temperature, top_k, top_p) -> SamplingConfig:
+    """Validates the sampling knobs eagerly; raises ValueError naming the bad one."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature={temperature!r} must be a real number >= 0 (0 = greedy)")
+    if not math.isfinite(float(temperature)) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+        top_k = int(top_k)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p={top_p!r} must be None or a number in (0, 1]")
+    greedy = float(temperature) == 0.0
+    return SamplingConfig(greedy=greedy, top_k=None if greedy else top_k,
+                          use_top_p=(not greedy) and top_p is not None and float(top_p) < 1.0)
+
+
+def _sample_row(logits, key, temperature, top_p, cfg: SamplingConfig):
+    """logits [V] float32, key a typed PRNG key -> token id (int32 scalar)."""
+    if cfg.greedy:
+        return jnp.argmax(logits).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    if cfg.top_k is None and not cfg.use_top_p:
+        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+    if cfg.top_k is not None:
+        vals, idx = lax.top_k(logits, min(cfg.top_k, vocab))  # descending; lower id first on ties
+    else:
+        idx = jnp.argsort(-logits, stable=True)  # descending; lower id first on ties
+        vals = logits[idx]
+    vals = vals / temperature
+    if cfg.use_top_p:
+        probs = jax.nn.softmax(vals)
+        mass_before = jnp.cumsum(probs) - probs  # probability of the strictly better tokens
+        vals = jnp.where(mass_before < top_p, vals, -jnp.inf)  # the first token always stays
+    return idx[jax.random.categorical(key, vals)].astype(jnp.int32)
+
+
+def sample(logits, keys, *, temperature, top_p, cfg: SamplingConfig):
+    """Picks one token per row. logits [B, V] (any float dtype; computed in float32);
+    keys [B] typed PRNG keys (unused when greedy); temperature, top_p scalars (traced ok).
+    Returns [B] int32."""
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(1.0 if top_p is None else top_p, jnp.float32)
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(lambda lg, k: _sample_row(lg, k, temperature, top_p, cfg))(logits, keys)
+
+
+def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None):
+    """Convenience form of :func:`sample` for one batch of logits [B, V].
+
+    ``key`` is a single PRNG key (row b draws with ``fold_in(key, b)``) or a batch of B
+    keys; ignored when ``temperature == 0``. Returns [B] int32.
+    """
+    cfg = check_sampling(temperature, top_k, top_p)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [B, V]; got shape {logits.shape}")
+    keys = row_keys(key, logits.shape[0], required=not cfg.greedy)
+    return sample(logits, keys, temperature=temperature, top_p=top_p, cfg=cfg)
+
+
+def _as_typed(key):
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype != jnp.uint32 or key.ndim < 1 or key.shape[-1] != 2:
+        raise ValueError(f"key must be a PRNG key (jax.random.key or PRNGKey) or a batch of them; "
+                         f"got {key.dtype} array of shape {key.shape}")
+    return jax.random.wrap_key_data(key)
+
+
+def row_keys(key, batch: int, *, required: bool):
+    """Per-row typed keys [B]: from a single key, row b gets ``fold_in(key, b)``; a batch of
+    B keys is used as is. ``key=None`` gives fixed dummy keys (only allowed when not
+    ``required``, i.e. for greedy decoding)."""
+    if key is None:
+        if required:
+            raise ValueError("key=None: sampling (temperature > 0) needs a PRNG key, e.g. jax.random.key(0)")
+        key = jax.random.key(0)
+    key = _as_typed(key)
+    if key.ndim == 0:
+        return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch, dtype=jnp.uint32))
+    if key.shape != (batch,):
+        raise ValueError(f"key must be one PRNG key or a batch of {batch} keys; got key shape {key.shape}")
+    return key
