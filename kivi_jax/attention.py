@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "pallas", "reference")
+# the reference must be exact float32 math: GPUs default float32 matmuls to TF32
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):
@@ -30,7 +32,7 @@ def _gqa_scores(q, k):
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, tq, d)
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32, precision=_HIGHEST)
     return s.reshape(b, hq, tq, k.shape[2])
 
 
@@ -39,7 +41,7 @@ def _gqa_values(p, v):
     b, hq, tq, tk = p.shape
     hkv = v.shape[1]
     pg = p.reshape(b, hkv, hq // hkv, tq, tk)
-    o = jnp.einsum("bhgqk,bhkd->bhgqd", pg, v.astype(jnp.float32))
+    o = jnp.einsum("bhgqk,bhkd->bhgqd", pg, v.astype(jnp.float32), precision=_HIGHEST)
     return o.reshape(b, hq, tq, v.shape[3])
 
 

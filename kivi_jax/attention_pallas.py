@@ -59,12 +59,13 @@ def _tail_partials(qg, cache: KIVICache, first, start, chunk: int):
     v_res = gather(cache.v_res, t % r)
     k = jnp.where((t < cache.num_quantized_keys[:, None])[:, None, :, None], k_hat, k_res).astype(jnp.float32)
     v = jnp.where((t < cache.num_quantized_values[:, None])[:, None, :, None], v_hat, v_res).astype(jnp.float32)
-    s = jnp.einsum("bhgd,bhwd->bhgw", qg, k)
+    s = jnp.einsum("bhgd,bhwd->bhgw", qg, k, precision=jax.lax.Precision.HIGHEST)
     valid = (t >= jnp.maximum(first, start)[:, None]) & (t < cache.lengths[:, None])
     s = jnp.where(valid[:, None, None, :], s, kivi_decode._NEG)
     m = jnp.max(s, axis=-1)
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
-    return jnp.einsum("bhgw,bhwd->bhgd", p, v), m, jnp.sum(p, axis=-1)
+    o = jnp.einsum("bhgw,bhwd->bhgd", p, v, precision=jax.lax.Precision.HIGHEST)
+    return o, m, jnp.sum(p, axis=-1)
 
 
 def _default_chunk(config) -> int:
