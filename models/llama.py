@@ -25,6 +25,8 @@ To jit: ``apply, params = functional(model)`` then ``jax.jit(apply, donate_argna
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -237,15 +239,15 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Llama:
 def init_random(config: ModelConfig, key=None, dtype=jnp.float32, *, init_std: float = 0.02) -> Llama:
     """A model with random weights (normal(0, init_std) matrices, unit norms), initialized in
     one jitted call on the default device (a Llama-2-7B shape in bf16 for GPU benchmarks)."""
-    cls = model_class(config)
     key = jax.random.key(0) if key is None else key
     graphdef, _ = nnx.split(abstract_model(config, dtype))
+    return nnx.merge(graphdef, _random_state(key, config, jnp.dtype(dtype), float(init_std)))
 
-    @jax.jit
-    def make(k):
-        return nnx.split(cls(config, rngs=nnx.Rngs(params=k), dtype=dtype, init_std=init_std))[1]
 
-    return nnx.merge(graphdef, make(key))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_state(key, config: ModelConfig, dtype, init_std: float):
+    cls = model_class(config)
+    return nnx.split(cls(config, rngs=nnx.Rngs(params=key), dtype=dtype, init_std=init_std))[1]
 
 
 def from_params(config: ModelConfig, params: dict, dtype=jnp.float32) -> Llama:
