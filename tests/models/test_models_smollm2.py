@@ -155,3 +155,38 @@ def test_kivi_cache_runs_and_stays_close_to_dense(smollm2, essay_ids):
     assert stats[2]["mean_kl"] < 0.5 and stats[2]["top1"] >= 0.6
     assert stats[4]["mean_kl"] < 0.05 and stats[4]["top1"] >= 0.9
     assert stats[2]["ppl"] < 2.0 * ppl_dense
+
+
+def test_load_and_generate_without_torch(smollm2, tmp_path):
+    """A fresh interpreter where importing torch fails: load_model('smollm2-135m') (weights and
+    tokenizer) and a prefill + decode step run, giving the logits of the in-session model."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    model, tok = smollm2
+    text = "The capital of France is"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        sys.path.insert(0, {str(pathlib.Path(models.__file__).parents[1])!r})
+        import numpy as np, jax.numpy as jnp, models
+        model, tok = models.load_model("smollm2-135m")
+        ids = np.asarray([tok({text!r})["input_ids"]], np.int32)
+        cache = model.init_cache(1, ids.shape[1] + 1)
+        lp, cache = model(ids, cache)
+        ld, cache = model(jnp.argmax(lp[:, -1:], -1).astype(jnp.int32), cache)
+        np.save({str(tmp_path / "out.npy")!r}, np.concatenate([np.asarray(lp), np.asarray(ld)], 1))
+        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(tmp_path / "out.npy")
+    ids = np.asarray([tok(text)["input_ids"]], np.int32)
+    (_, _, full), params = _fns(model)
+    nxt = np.argmax(np.asarray(full(params, jnp.asarray(ids)))[:, -1:], -1).astype(np.int32)
+    want = np.asarray(full(params, jnp.asarray(np.concatenate([ids, nxt], 1))))
+    assert rel_err(got, want) <= 1e-5
