@@ -58,7 +58,7 @@ def check(name, q, cache, variant, window=None, dtype="bfloat16"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="fold,dequant")
+    ap.add_argument("--variants", default="fma,mma")
     ap.add_argument("--skip-large", action="store_true")
     args = ap.parse_args(argv)
     variants = args.variants.split(",")

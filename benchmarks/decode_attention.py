@@ -101,13 +101,15 @@ def main(argv=None):
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:
         variants = [
-            ("pallas_fold", dict(variant="fold")),
+            ("pallas_fma", dict(variant="fma")),
+            ("pallas_fma_w2", dict(variant="fma", num_warps=2)),
+            ("pallas_fma_w8", dict(variant="fma", num_warps=8)),
+            ("pallas_fma_s1", dict(variant="fma", num_stages=1)),
+            ("pallas_mma", dict(variant="mma")),
+            ("pallas_mma_w8", dict(variant="mma", num_warps=8)),
             ("pallas_dequant", dict(variant="dequant")),
-            ("pallas_fold_c128", dict(variant="fold", chunk=128)),
-            ("pallas_fold_w8", dict(variant="fold", num_warps=8)),
-            ("pallas_fold_s3", dict(variant="fold", num_stages=3)),
         ]
-        rows = run([64], [4096], [(32, 32), (32, 8)], [2, 4], ("pallas", "reference"), variants,
+        rows = run([64], [4096], [(32, 32), (32, 8)], [2, 4], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
     else:
         variants = [("pallas", dict(variant="fold"))]

@@ -72,7 +72,12 @@ def _default_chunk(config) -> int:
     return min(64, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
 
 
-def decode_attention(q, cache, *, window=None, interpret=False, variant="fold", chunk=None,
+def pick_variant(gqa_ratio: int) -> str:
+    """Few query heads per KV head: FMAs on masked codes; more: tensor-core dots."""
+    return "fma" if gqa_ratio <= 2 else "mma"
+
+
+def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
                      num_splits=None, num_warps=4, num_stages=2):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
 
@@ -86,8 +91,13 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="fold", 
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     gq = hq // hkv
-    chunk = _default_chunk(c) if chunk is None else chunk
-    rows = max(16, 1 << (gq - 1).bit_length())
+    variant = pick_variant(gq) if variant == "auto" else variant
+    if chunk is None:
+        chunk = (packing.block_len(min(c.k_bits, c.v_bits)) if variant in kivi_decode.BLOCK_VARIANTS
+                 else _default_chunk(c))
+    rows = 1 << (gq - 1).bit_length()
+    if variant != "fma":
+        rows = max(16, rows)  # tensor-core dots need 16 rows
     qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
     qp = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
     lengths = cache.lengths
@@ -99,7 +109,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="fold", 
         qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
         start // chunk, bulk_end // chunk, start, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=c.group_size, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, num_queries=gq)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
     o_t, m_t, l_t = _tail_partials(qg, cache, bulk_end, start, chunk)
     m_all = jnp.maximum(jnp.max(m, axis=2), m_t)  # [B, Hkv, g]

@@ -36,12 +36,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import kivi_decode_fma
+
 try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0.10-0.12)
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
 
-VARIANTS = ("dequant", "fold")
+VARIANTS = ("fma", "mma", "dequant", "fold")
+BLOCK_VARIANTS = ("fma", "mma")  # walk whole packed blocks (chunk = the larger block)
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
 
@@ -149,27 +152,40 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages"))
+                     "interpret", "num_warps", "num_stages", "num_queries"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, *,
                          k_bits: int, v_bits: int, group_size: int, chunk: int = 64,
                          num_splits: int = 1, variant: str = "fold", interpret: bool = False,
-                         num_warps: int = 4, num_stages: int = 2):
+                         num_warps: int = 4, num_stages: int = 2, num_queries: int | None = None):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
     b, hkv, m_rows, d = q.shape
     tc = k_scale.shape[2] * group_size
-    if m_rows < 16 or m_rows & (m_rows - 1):
+    if variant != "fma" and (m_rows < 16 or m_rows & (m_rows - 1)):
         raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
-        if (16 * 32 // bits) % chunk or chunk % 16:
+        if variant not in BLOCK_VARIANTS and ((16 * 32 // bits) % chunk or chunk % 16):
             raise ValueError(f"chunk={chunk} must be a multiple of 16 dividing the {16 * 32 // bits}-token "
                              f"packed block of {name}={bits}")
+    if variant in BLOCK_VARIANTS:
+        unit = 16 * 32 // min(k_bits, v_bits)
+        if chunk != unit:
+            raise ValueError(f"variant='fma' walks whole packed blocks: chunk must be {unit}, got {chunk}")
     n_chunks = tc // chunk
     per_split = -(-n_chunks // num_splits)
     compute_dtype = jnp.float32  # tf32 tensor-core dots for 16-bit caches, IEEE for float32 ones
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
-    kernel = functools.partial(
+    if variant == "fma":
+        kernel = functools.partial(
+            kivi_decode_fma.kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
+            chunks_per_split=per_split, num_queries=num_queries or m_rows)
+    elif variant == "mma":
+        kernel = functools.partial(
+            kivi_decode_fma.kernel_mma, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
+            chunks_per_split=per_split, precision=precision)
+    else:
+      kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
         chunks_per_split=per_split, variant=variant, compute_dtype=compute_dtype, precision=precision)
 
