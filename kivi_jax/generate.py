@@ -30,8 +30,9 @@ Stopping, per row: after its EOS token (which is kept and counted), after
 ``max_new_tokens``, or when the cache is full (``max_length`` tokens held: the row keeps the
 token computed from a full cache but cannot append it). A row whose cache reports
 ``overflow`` (a write was refused) stops without emitting the token computed from it.
-Rows that stopped keep being fed ``pad_id`` while others run: their slots in the final cache
-then hold padding past their real tokens, and the cache never writes past its capacity.
+Rows that stopped keep being fed token 0 while others run: their slots in the final cache
+then hold filler past their real tokens, and the cache never writes past its capacity
+(a full row's append is refused by the cache itself).
 
 Sampling: see :mod:`kivi_jax.sampling`. Row b's token at step s (s = 0 is the token after
 the prompt) is drawn with ``fold_in(row_key[b], s)``, with ``row_key[b] = fold_in(key, b)``
@@ -101,7 +102,6 @@ class _Config:
     cache_dtype: Any  # a numpy dtype, or None for the model's default
     attn_impl: str | None
     sampler: sampling.SamplingConfig
-    pad_id: int
 
 
 class _Knobs(NamedTuple):
@@ -109,14 +109,15 @@ class _Knobs(NamedTuple):
 
     temperature: jax.Array  # () float32
     top_p: jax.Array  # () float32
-    eos_ids: jax.Array  # [E] int32, E = 0 when there is no EOS
+    eos_ids: jax.Array  # [E] int32, padded with -1 to a power of two >= 8 (one shape for all EOS lists)
+    pad_id: jax.Array  # () int32
 
 
 class _Carry(NamedTuple):
     """Decode-loop state. All rows advance together; ``step`` is the next output column."""
 
     cache: Any
-    token: jax.Array  # [B] int32: the last emitted token, fed to the next step (pad_id if stopped)
+    token: jax.Array  # [B] int32: the last emitted token, fed to the next step (0 once stopped)
     tokens: jax.Array  # [B, N] int32 output buffer
     num_new: jax.Array  # [B] int32 tokens emitted so far
     cache_len: jax.Array  # [B] int32 real tokens in the cache (our own count)
@@ -151,8 +152,6 @@ def _call_model(model, ids, cache, cfg: _Config, lengths=None):
     b, t = ids.shape
     if logits.ndim != 3 or logits.shape[:2] != (b, t):
         raise ValueError(f"model returned logits of shape {logits.shape}; expected [B={b}, T={t}, vocab]")
-    if cfg.pad_id >= logits.shape[2]:
-        raise ValueError(f"pad_id={cfg.pad_id} must be a token id < vocab={logits.shape[2]}")
     return logits, cache
 
 
@@ -175,13 +174,13 @@ def _step_keys(keys, step):
 def _emit(c: _Carry, tok, ok, knobs: _Knobs, cfg: _Config) -> _Carry:
     """Writes tok [B] at column c.step for rows with ok; updates counts and stop flags."""
     n = cfg.max_new_tokens
-    tok = jnp.where(ok, tok, cfg.pad_id).astype(jnp.int32)
+    tok = tok.astype(jnp.int32)
     col = jnp.arange(n, dtype=jnp.int32)[None, :] == c.step  # no dynamic_update_slice: no clamping
     tokens = jnp.where(col & ok[:, None], tok[:, None], c.tokens)
     num_new = c.num_new + ok.astype(jnp.int32)
     is_eos = jnp.any(tok[:, None] == knobs.eos_ids[None, :], axis=1)
-    done = c.done | ~ok | is_eos | (num_new >= n) | (c.cache_len >= cfg.max_length)
-    return c._replace(token=tok, tokens=tokens, num_new=num_new, done=done, step=c.step + 1)
+    done = c.done | ~ok | (ok & is_eos) | (num_new >= n) | (c.cache_len >= cfg.max_length)
+    return c._replace(token=jnp.where(done, 0, tok), tokens=tokens, num_new=num_new, done=done, step=c.step + 1)
 
 
 def _sample(logits, keys, step, knobs: _Knobs, cfg: _Config):
@@ -201,15 +200,15 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
-    c = _Carry(cache=cache, token=jnp.full((b,), cfg.pad_id, jnp.int32),
-               tokens=jnp.full((b, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
+    c = _Carry(cache=cache, token=jnp.zeros((b,), jnp.int32),
+               tokens=jnp.full((b, cfg.max_new_tokens), knobs.pad_id, jnp.int32),
                num_new=jnp.zeros((b,), jnp.int32), cache_len=lengths, done=jnp.zeros((b,), bool),
                step=jnp.zeros((), jnp.int32))
     return _emit(c, _sample(last, keys, c.step, knobs, cfg), ok, knobs, cfg)
 
 
 def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
-    """One decode step for every row (stopped rows are fed pad_id and emit nothing)."""
+    """One decode step for every row (stopped rows are fed token 0 and emit nothing)."""
     b = c.token.shape[0]
     active = ~c.done
     logits, cache = _call_model(model, c.token[:, None], c.cache, cfg)
@@ -249,6 +248,19 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _eos_slots(n: int) -> int:
+    """EOS ids are padded (with -1, never a token) to a power of two >= 8: one compiled shape."""
+    return max(8, 1 << max(n - 1, 0).bit_length())
+
+
+def _concrete(x):
+    """x as a NumPy array, or None when it is a tracer (inside jit / vmap)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
              pad_id, max_length, cache_dtype, attn_impl):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
@@ -257,8 +269,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     sampler = sampling.check_sampling(temperature, top_k, top_p)
     if kivi is not None and not isinstance(kivi, KIVIConfig):
         raise ValueError(f"kivi={kivi!r} must be None (dense cache) or a KIVIConfig")
-    if not _is_int(pad_id) or pad_id < 0:
-        raise ValueError(f"pad_id={pad_id!r} must be a token id (an integer >= 0)")
+    if not _is_int(pad_id) or not -2**31 <= pad_id < 2**31:
+        raise ValueError(f"pad_id={pad_id!r} must be an int32 integer (e.g. 0, or -1 to mark 'no token')")
     if attn_impl is not None and not isinstance(attn_impl, str):
         raise ValueError(f"attn_impl={attn_impl!r} must be None (the model's default) or a string")
     if cache_dtype is not None:
@@ -287,8 +299,9 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.dtype} "
                              f"array of shape {lengths.shape}")
-        if not isinstance(lengths, jax.core.Tracer):
-            bad = [int(x) for x in np.asarray(lengths) if not 1 <= int(x) <= t]
+        concrete = _concrete(lengths)
+        if concrete is not None:  # traced lengths (under jit / vmap) are the caller's business
+            bad = [int(x) for x in concrete if not 1 <= int(x) <= t]
             if bad:
                 raise ValueError(f"lengths={bad} out of range: each prompt length must be in [1, T={t}]")
         lengths = lengths.astype(jnp.int32)
@@ -306,11 +319,12 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids (integers >= 0)")
 
     keys = sampling.row_keys(key, b, required=not sampler.greedy)
-    knobs = _Knobs(temperature=jnp.asarray(max(float(temperature), 1e-30) if not sampler.greedy else 1.0, jnp.float32),
+    knobs = _Knobs(temperature=jnp.asarray(1.0 if sampler.greedy else float(temperature), jnp.float32),
                    top_p=jnp.asarray(1.0 if top_p is None else float(top_p), jnp.float32),
-                   eos_ids=jnp.asarray(eos, jnp.int32).reshape(len(eos)))
+                   eos_ids=jnp.asarray(eos + [-1] * (_eos_slots(len(eos)) - len(eos)), jnp.int32),
+                   pad_id=jnp.asarray(pad_id, jnp.int32))
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
-                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, pad_id=int(pad_id))
+                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler)
     graphdef, state = _split(model)
     return graphdef, state, input_ids, lengths, keys, knobs, cfg
 
@@ -333,7 +347,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       top_k: keep the k most likely tokens (None = all). top_p: nucleus mass in (0, 1].
       eos_id: None, a token id, or several; a row stops after emitting one (EOS kept).
       key: PRNG key (single, or one per row), required when temperature > 0.
-      pad_id: fills ``tokens`` after a row stops, and is what stopped rows are fed.
+      pad_id: fills ``tokens`` after a row stops (any int32, e.g. -1; never fed to the model).
       max_length: cache capacity in tokens (default T + max_new_tokens); T <= max_length.
       cache_dtype: dtype of the cache's full-precision parts (default: the model's).
       attn_impl: passed to the model as ``attn_impl=`` (e.g. "reference" | "pallas").
@@ -362,11 +376,16 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
     Python once per token), so the tokens are the same as ``generate``'s for the same
     arguments. Stops when every row has stopped; the generator's return value
     (``StopIteration.value``, or ``out = yield from ...``) is the :class:`GenerateOutput`.
+    Arguments are checked at the call, before the generator is returned.
     """
-    graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
+    prepared = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl)
+    return _stream(*prepared)
+
+
+def _stream(graphdef, state, ids, lens, keys, knobs, cfg: _Config) -> Iterator[StreamStep]:
     carry = _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
     for s in range(cfg.max_new_tokens):
         if s:

@@ -13,6 +13,7 @@ which other rows share its batch (``jax.vmap`` of one row gives the same token).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -96,6 +97,12 @@ def sample_logits(logits, key, *, temperature: float = 0.0, top_k: int | None = 
     if logits.ndim != 2:
         raise ValueError(f"logits must be [B, V]; got shape {logits.shape}")
     keys = row_keys(key, logits.shape[0], required=not cfg.greedy)
+    return _sample_jit(logits, keys, jnp.float32(temperature if not cfg.greedy else 1.0),
+                       jnp.float32(1.0 if top_p is None else top_p), cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _sample_jit(logits, keys, temperature, top_p, *, cfg):
     return sample(logits, keys, temperature=temperature, top_p=top_p, cfg=cfg)
 
 

@@ -1,0 +1,436 @@
+"""kivi_jax.generate / generate_stream / sampling on a real (tiny) attention LM.
+
+Expectations come from elsewhere than the code under test: the toy model's cache-free
+full-sequence forward re-run on the growing sequence, an eager Python step loop over the
+model's own cache calls, rows run alone, NumPy sampling distributions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import toy_model  # noqa: E402
+
+import kivi_jax  # noqa: E402
+from kivi_jax import generate as gen  # noqa: E402
+from kivi_jax.generate import GenerateOutput, generate, generate_stream  # noqa: E402
+from kivi_jax.sampling import sample_logits  # noqa: E402
+from flax import nnx  # noqa: E402
+
+V = 97
+N = 12
+F32 = dict(cache_dtype=jnp.float32)
+KIVI = kivi_jax.KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=16)
+# Few static configurations on purpose (each is a compile): temperature, top_p, EOS ids,
+# pad_id, key are traced values, so tests that vary only those share compiled code.
+SAMPLED = dict(temperature=1.0, top_k=8, top_p=0.8)
+KIVI_SAMPLED = dict(kivi=KIVI, temperature=0.9, top_k=20, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy_model.ToyLM(vocab=V, seed=0)
+
+
+@pytest.fixture(scope="module")
+def last(model):
+    return last_logits_fn(model)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Right-padded ragged prompts [3, 20] and lengths [20, 7, 1] (padding is a real token id,
+    so a leak of padding into attention would change the tokens)."""
+    ids = np.random.default_rng(0).integers(0, V, (3, 20)).astype(np.int32)
+    return ids, np.array([20, 7, 1], np.int32)
+
+
+WIDTH = 48  # the naive references run every sequence padded to this many tokens
+
+
+def jitted(fn, model):
+    """fn(model, *args) jitted, the model split into (graphdef, state) once (no retrace per call)."""
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
+    return lambda *a: f(state, *a)
+
+
+def last_logits_fn(model, forward=lambda m, ids: m.forward(ids)):
+    """seq (a list) -> float64 logits [V] after it, from the cache-free full-sequence forward.
+
+    The sequence is right-padded to WIDTH: the forward is causal, so position len-1 does not
+    see the padding, and one compiled program serves every length."""
+    f = jitted(lambda m, ids, n: forward(m, ids)[0, n - 1], model)
+
+    def last(seq):
+        ids = np.zeros((1, WIDTH), np.int32)
+        ids[0, : len(seq)] = seq
+        return np.asarray(f(jnp.asarray(ids), len(seq)), np.float64)
+
+    return last
+
+
+def naive_greedy(last_logits, prompt, n, eos=None):
+    """Re-runs the full forward on the growing sequence; argmax each time."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = int(np.argmax(last_logits(seq)))
+        out.append(t)
+        seq.append(t)
+        if eos is not None and t == eos:
+            break
+    return out
+
+
+def eager_cached_greedy(model, ids, lens, n, kivi):
+    """Plain Python loop over the model's own prefill / decode calls on the batch (each call
+    jitted alone; no while_loop, no generate machinery). Returns [B, n] tokens."""
+    prefill = jitted(lambda m, x, c, ln: m(x, c, lengths=ln), model)
+    decode = jitted(lambda m, x, c: m(x, c), model)
+    b = ids.shape[0]
+    cache = model.init_cache(b, ids.shape[1] + n, kivi=kivi, dtype=jnp.float32)
+    logits, cache = prefill(jnp.asarray(ids), cache, jnp.asarray(lens))
+    tok = np.asarray(jnp.argmax(logits[np.arange(b), np.asarray(lens) - 1], axis=-1))
+    out = [tok]
+    for _ in range(n - 1):
+        logits, cache = decode(jnp.asarray(tok[:, None], jnp.int32), cache)
+        tok = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+        out.append(tok)
+    return np.stack(out, 1).tolist()
+
+
+def rows(out: GenerateOutput):
+    toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [toks[b, : lens[b]].tolist() for b in range(toks.shape[0])]
+
+
+# ---- greedy correctness ------------------------------------------------------------------
+
+def test_toy_model_depends_on_context(last, prompts):
+    """Fixture sanity: the continuation depends on more than the last token, so the tests
+    below would see a cache that loses or corrupts context."""
+    ids, _ = prompts
+    a = naive_greedy(last, ids[0], 8)
+    changed = ids[0].copy()
+    changed[0] = (changed[0] + 1) % V
+    assert naive_greedy(last, changed, 8) != a
+
+
+def test_greedy_equals_naive_full_forward(model, last, prompts):
+    ids, lens = prompts
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, **F32)
+    assert out.tokens.shape == (3, N) and out.tokens.dtype == jnp.int32
+    np.testing.assert_array_equal(out.lengths, [N, N, N])
+    for b in range(3):
+        assert rows(out)[b] == naive_greedy(last, ids[b, : lens[b]], N), f"row {b}"
+
+
+def test_kivi_greedy_equals_eager_cached_loop(model, prompts):
+    """KIVI cache through prefill + while_loop (key flushes at 16 and 32 tokens, values
+    leaving the 16-token window) equals a Python step loop over the same cache calls."""
+    ids, lens = prompts
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, kivi=KIVI, **F32)
+    np.testing.assert_array_equal(out.lengths, [N, N, N])
+    assert rows(out) == eager_cached_greedy(model, ids, lens, N, KIVI)
+    dense = generate(model, ids, lengths=lens, max_new_tokens=N, **F32)
+    assert rows(out) != rows(dense)  # 2-bit keys/values really are in the loop
+
+
+@pytest.mark.parametrize("kivi", [None, KIVI], ids=["dense", "kivi"])
+def test_ragged_rows_equal_rows_alone(model, prompts, kivi):
+    ids, lens = prompts
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, kivi=kivi, **F32)
+    for b in range(3):
+        alone = generate(model, ids[b: b + 1, : lens[b]], max_new_tokens=N, kivi=kivi, max_length=20 + N, **F32)
+        assert rows(out)[b] == rows(alone)[0], f"row {b}"
+
+
+# ---- stopping ----------------------------------------------------------------------------
+
+def test_eos_stops_each_row(model, prompts):
+    ids, lens = prompts
+    free = rows(generate(model, ids, lengths=lens, max_new_tokens=N, **F32))
+    eos = free[0][3]  # row 0 stops at step <= 3; other rows wherever (or never) they meet it
+    pad = 5
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, eos_id=eos, pad_id=pad, **F32)
+    toks = np.asarray(out.tokens)
+    for b in range(3):
+        stop = free[b].index(eos) + 1 if eos in free[b] else N
+        assert int(out.lengths[b]) == stop, f"row {b}"
+        assert toks[b, :stop].tolist() == free[b][:stop]
+        assert (toks[b, stop:] == pad).all()
+    assert int(out.lengths[0]) <= 4
+    # several EOS ids: the first of either ends the row
+    eos2 = free[1][2]
+    out2 = generate(model, ids, lengths=lens, max_new_tokens=N, eos_id=[eos, eos2], **F32)
+    for b in range(3):
+        hits = [i for i, t in enumerate(free[b]) if t in (eos, eos2)]
+        assert int(out2.lengths[b]) == (hits[0] + 1 if hits else N)
+
+
+def test_eos_rows_match_naive_with_eos(model, last, prompts):
+    ids, lens = prompts
+    free = naive_greedy(last, ids[1, : lens[1]], N)
+    eos = free[5]
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, eos_id=eos, **F32)
+    assert rows(out)[1] == naive_greedy(last, ids[1, : lens[1]], N, eos=eos)
+
+
+def test_full_cache_stops_row_without_writing_past_capacity(model, prompts):
+    ids, lens = prompts
+    max_length = 23  # row 0 (20 prompt tokens) can append 3 more
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, max_length=max_length, **F32)
+    free = rows(generate(model, ids, lengths=lens, max_new_tokens=N, **F32))
+    expect_len = [min(N, max_length - int(n) + 1) for n in lens]  # + the token computed from a full cache
+    np.testing.assert_array_equal(out.lengths, expect_len)
+    assert expect_len[0] == 4
+    for b in range(3):
+        assert rows(out)[b] == free[b][: expect_len[b]]
+    for c in out.cache:
+        assert c.max_length == max_length
+        assert (np.asarray(c.lengths) <= max_length).all()
+
+
+class SmallCacheLM(toy_model.ToyLM):
+    """A model whose cache is 2 tokens smaller than asked: generate's own count can't see
+    it coming, so only the cache's overflow flag can stop the row."""
+
+    def init_cache(self, batch_size, max_length, kivi=None, dtype=jnp.float32):
+        return super().init_cache(batch_size, max_length - 2, kivi=kivi, dtype=dtype)
+
+
+def test_cache_overflow_stops_row_and_drops_its_token(prompts):
+    ids, lens = prompts
+    small = SmallCacheLM(vocab=V, seed=0)
+    out = generate(small, ids, lengths=lens, max_new_tokens=N, max_length=20 + N, **F32)
+    free = rows(generate(toy_model.ToyLM(vocab=V, seed=0), ids, lengths=lens, max_new_tokens=N, **F32))
+    # row 0: capacity 20 + N - 2 -> N - 2 appends succeed, the refused one's token is dropped
+    np.testing.assert_array_equal(out.lengths, [N - 1, N, N])
+    assert rows(out) == [free[0][: N - 1], free[1], free[2]]
+
+
+# ---- sampling ----------------------------------------------------------------------------
+
+def test_seeded_sampling_reproducible_and_seed_dependent(model, prompts):
+    ids, lens = prompts
+    kw = dict(lengths=lens, max_new_tokens=N, **SAMPLED, **F32)
+    a = generate(model, ids, key=jax.random.key(1), **kw)
+    b = generate(model, ids, key=jax.random.key(1), **kw)
+    c = generate(model, ids, key=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (np.asarray(a.tokens) != np.asarray(c.tokens)).mean() > 0.3
+    greedy = generate(model, ids, lengths=lens, max_new_tokens=N, **F32)
+    assert (np.asarray(a.tokens) != np.asarray(greedy.tokens)).any()
+    # raw uint32 keys work too and equal the typed key
+    d = generate(model, ids, key=jax.random.key_data(jax.random.key(1)), **kw)
+    np.testing.assert_array_equal(a.tokens, d.tokens)
+
+
+def test_top_k_1_equals_greedy(model, prompts):
+    ids, lens = prompts
+    greedy = generate(model, ids, lengths=lens, max_new_tokens=N, **F32)
+    k1 = generate(model, ids, lengths=lens, max_new_tokens=N, temperature=0.7, top_k=1, key=jax.random.key(3), **F32)
+    np.testing.assert_array_equal(k1.tokens, greedy.tokens)
+
+
+def test_sampled_tokens_lie_in_the_filtered_set(model, last, prompts):
+    """Each sampled token is in the top-k-then-nucleus set of the full forward's float64
+    softmax (the filters one by one are checked on exact frequencies below)."""
+    ids, lens = prompts
+    top_k, top_p = SAMPLED["top_k"], SAMPLED["top_p"]
+    out = generate(model, ids, lengths=lens, max_new_tokens=N, **{**SAMPLED, "temperature": 1.3},
+                   key=jax.random.key(7), **F32)
+    seen_rank = []
+    for b, toks in enumerate(rows(out)):
+        seq = ids[b, : lens[b]].tolist()
+        for t in toks:
+            lg = last(seq) / 1.3
+            order = np.argsort(-lg, kind="stable")
+            keep = len(order) if top_k is None else top_k
+            if top_p is not None:
+                p = np.exp(lg[order[:keep]] - lg[order[0]])
+                p /= p.sum()
+                before = np.cumsum(p) - p
+                keep = int((before < top_p + 1e-6).sum())
+            rank = int(np.where(order == t)[0][0])
+            assert rank < keep, (b, t, rank, keep)
+            seen_rank.append(rank)
+            seq.append(t)
+    assert max(seen_rank) > 0  # it sampled, not just argmax
+
+
+def _filtered_probs(logits, temperature, top_k, top_p):
+    lg = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-lg, kind="stable")
+    keep = np.zeros(lg.shape, bool)
+    k = len(lg) if top_k is None else top_k
+    p = np.exp(lg[order[:k]] - lg[order[0]])
+    p /= p.sum()
+    n = k if top_p is None else int(((np.cumsum(p) - p) < top_p).sum())
+    keep[order[:n]] = True
+    q = np.where(keep, np.exp(lg - lg.max()), 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, None), (0.5, None, None), (1.0, 3, None), (1.0, None, 0.6), (2.0, 4, 0.7)])
+def test_sampler_frequencies_match_filtered_softmax(temperature, top_k, top_p):
+    logits = jnp.asarray([2.0, 1.5, 1.5, 0.2, -1.0, 0.9])  # a tie at ranks 2-3
+    n = 20000
+    toks = sample_logits(jnp.broadcast_to(logits, (n, 6)), jax.random.key(0),
+                         temperature=temperature, top_k=top_k, top_p=top_p)
+    freq = np.bincount(np.asarray(toks), minlength=6) / n
+    want = _filtered_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_allclose(freq, want, atol=0.015)
+    assert (freq[want == 0] == 0).all()
+
+
+def test_sampler_ties_are_deterministic():
+    logits = jnp.asarray([[0.0, 3.0, 3.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
+    np.testing.assert_array_equal(sample_logits(logits, None), [1, 0])  # greedy: lower id
+    for seed in range(5):  # top_k=1 / a tiny nucleus keep only the lower id of a tie
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(sample_logits(logits, key, temperature=1.0, top_k=1), [1, 0])
+        np.testing.assert_array_equal(sample_logits(logits, key, temperature=1.0, top_p=0.01), [1, 0])
+    # top_k=2 keeps exactly the tied pair {1, 2} / {0, 1}
+    toks = np.asarray(sample_logits(jnp.tile(logits, (500, 1)), jax.random.key(0), temperature=1.0, top_k=2))
+    assert set(toks[0::2]) == {1, 2} and set(toks[1::2]) == {0, 1}
+
+
+def test_sampler_top_p_keeps_the_crossing_token():
+    logits = jnp.log(jnp.asarray([0.5, 0.3, 0.2]))
+    toks = np.asarray(sample_logits(jnp.broadcast_to(logits, (20000, 3)), jax.random.key(1),
+                                    temperature=1.0, top_p=0.6))
+    freq = np.bincount(toks, minlength=3) / len(toks)
+    np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0.0], atol=0.015)
+
+
+# ---- vmap, streaming -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", [{}, KIVI_SAMPLED], ids=["dense-greedy", "kivi-sampled"])
+def test_vmap_of_single_sequence_equals_batched(model, prompts, sampling):
+    """jax.vmap of a one-request generate (B=1 prefill, B=1 decode steps in the while_loop)
+    gives the batched tokens; per-row keys make sampled rows independent of the batch."""
+    ids, lens = prompts
+    keys = jax.random.split(jax.random.key(4), 3)
+    kw = dict(max_new_tokens=N, eos_id=7, max_length=20 + N, **sampling, **F32)
+
+    def one(ids_1, n_1, key_1):  # a single request: ids [T], its length, its key
+        o = generate(model, ids_1[None], lengths=n_1[None], key=key_1[None], **kw)
+        return o.tokens[0], o.lengths[0]
+
+    tv, lv = jax.jit(jax.vmap(one))(jnp.asarray(ids), jnp.asarray(lens), keys)
+    batched = generate(model, ids, lengths=lens, key=keys, **kw)
+    np.testing.assert_array_equal(tv, batched.tokens)
+    np.testing.assert_array_equal(lv, batched.lengths)
+    assert int(np.min(lv)) < N or 7 not in np.asarray(tv)  # EOS handled the same way inside vmap
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(KIVI_SAMPLED, key=jax.random.key(11))],
+                         ids=["dense-greedy", "kivi-sampled"])
+def test_stream_equals_generate(model, prompts, sampling):
+    ids, lens = prompts
+    kw = dict(lengths=lens, max_new_tokens=N, eos_id=None, pad_id=-1, **sampling, **F32)
+    free = rows(generate(model, ids, **kw))
+    kw["eos_id"] = free[1][4]  # make a row stop early
+    out = generate(model, ids, **kw)
+    stream = generate_stream(model, ids, **kw)
+    steps = []
+    while True:
+        try:
+            steps.append(next(stream))
+        except StopIteration as stop:
+            final = stop.value
+            break
+    toks = np.stack([s.tokens for s in steps], 1)
+    emitted = np.stack([s.emitted for s in steps], 1)
+    width = toks.shape[1]
+    assert width == int(np.max(out.lengths))  # stops as soon as every row has stopped
+    np.testing.assert_array_equal(toks, np.asarray(out.tokens)[:, :width])
+    np.testing.assert_array_equal(emitted.sum(1), out.lengths)
+    assert (toks[~emitted] == -1).all() and (~emitted).any()
+    np.testing.assert_array_equal(final.tokens, out.tokens)
+    np.testing.assert_array_equal(final.lengths, out.lengths)
+
+
+# ---- compile caching -------------------------------------------------------------------------
+
+def test_same_shapes_do_not_retrace(model, prompts):
+    ids, lens = prompts
+    kw = dict(max_new_tokens=N, top_k=SAMPLED["top_k"], **F32)
+    generate(model, ids, lengths=lens, temperature=0.8, top_p=0.9, eos_id=1, key=jax.random.key(0), **kw)
+    traces, calls = dict(gen.TRACE_COUNTS), dict(toy_model.CALLS)
+    assert traces["prefill"] >= 1 and traces["decode_loop"] >= 1 and calls["decode"] >= 1
+    # new values of everything traced: tokens, lengths, temperature, top_p, EOS ids, pad_id, key
+    out = generate(model, (ids + 1) % V, lengths=lens[::-1].copy(), temperature=1.1, top_p=0.5,
+                   eos_id=[2, 3], pad_id=-1, key=jax.random.key(5), **kw)
+    assert out.tokens.shape == (3, N)
+    assert dict(gen.TRACE_COUNTS) == traces
+    assert dict(toy_model.CALLS) == calls
+    # a new static setting (top_k) does compile again: the counter does see retraces
+    generate(model, ids, lengths=lens, temperature=0.8, top_p=0.9, key=jax.random.key(0), **{**kw, "top_k": 9})
+    assert gen.TRACE_COUNTS["prefill"] == traces["prefill"] + 1
+
+
+# ---- argument checks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(max_new_tokens=0), ["max_new_tokens=0", ">= 1"]),
+    (dict(temperature=-0.5), ["temperature=-0.5", ">= 0"]),
+    (dict(temperature=float("nan")), ["temperature=nan"]),
+    (dict(temperature=1.0, top_k=0, key=0), ["top_k=0", ">= 1"]),
+    (dict(temperature=1.0, top_p=0.0, key=0), ["top_p=0.0", "(0, 1]"]),
+    (dict(temperature=1.0, top_p=1.5, key=0), ["top_p=1.5", "(0, 1]"]),
+    (dict(max_length=4), ["max_length=4", "T=9"]),
+    (dict(lengths=[9, 0]), ["lengths=[0]", "[1, T=9]"]),
+    (dict(lengths=[9, 10]), ["lengths=[10]", "[1, T=9]"]),
+    (dict(lengths=[9]), ["lengths", "(2,)"]),
+    (dict(temperature=1.0), ["key=None", "temperature > 0"]),
+    (dict(eos_id=-1), ["eos_id=-1"]),
+    (dict(pad_id=2**40), ["pad_id=1099511627776", "int32"]),
+    (dict(pad_id=1.5), ["pad_id=1.5"]),
+    (dict(kivi="2bit"), ["kivi='2bit'", "KIVIConfig"]),
+    (dict(cache_dtype=jnp.int8), ["cache_dtype=int8", "floating"]),
+])
+def test_bad_arguments_raise(model, kw, words):
+    ids = np.zeros((2, 9), np.int32)
+    if kw.get("key") == 0:
+        kw["key"] = jax.random.key(0)
+    kw.setdefault("max_new_tokens", 4)
+    with pytest.raises(ValueError) as e:
+        generate(model, ids, **kw)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    with pytest.raises(ValueError):  # the stream checks at the call, not at the first next()
+        generate_stream(model, ids, **kw)
+
+
+def test_bad_input_ids_raise(model):
+    with pytest.raises(ValueError, match=r"input_ids must be an integer array \[B, T\]"):
+        generate(model, np.zeros((9,), np.int32), max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(model, np.zeros((2, 3), np.float32), max_new_tokens=2)
+
+
+# ---- the real model --------------------------------------------------------------------------
+
+def test_models_llama_greedy_equals_full_forward():
+    llama = pytest.importorskip("models.llama")
+    from models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    m = llama.init_random(cfg, jax.random.key(3), init_std=0.5)
+    ids = np.random.default_rng(1).integers(0, 101, (2, 9)).astype(np.int32)
+    lens = np.array([9, 4], np.int32)
+    out = generate(m, ids, lengths=lens, max_new_tokens=8, attn_impl="reference")
+    last = last_logits_fn(m, forward=lambda mm, x: mm(x)[0])  # cache-free forward of the model
+    for b in range(2):
+        assert rows(out)[b] == naive_greedy(last, ids[b, : lens[b]], 8)
