@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kivi_jax import packing
 
@@ -91,10 +92,56 @@ def _round_outward(value_f32, dtype, direction):
     return jnp.where(fix, stepped, cast)
 
 
+# ---- exact float32 helpers -----------------------------------------------------------------
+# XLA (CPU at least) computes x / s with s broadcast -- per group -- as x * (1 / s), which is
+# not correctly rounded, and it contracts a * b + c into a fused multiply-add under jit but
+# not eagerly. Left alone, a tie (x - mn) / scale = k + 1/2 can round the wrong way and
+# eager, jit and vmap can disagree in the last bit. So quotients are only *estimated* by
+# division and then settled by comparisons with exact products, and products are split
+# so that every multiplication is exact (then an FMA or not gives the same bits).
+
+_HI_MASK = 0xFFFFFC00  # keeps the top 14 significant bits of a float32
+
+
+def _split(s):
+    """s == hi + lo exactly, hi with at most 14 and lo with at most 10 significant bits."""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(s, jnp.uint32) & jnp.uint32(_HI_MASK), jnp.float32)
+    return hi, s - hi
+
+
+def _ge_product(c, s, d):
+    """c * s >= d decided exactly, for float32 c with at most 10 significant bits (codes and
+    half-codes below 512, levels), s >= 0 and d finite."""
+    hi, lo = _split(s)
+    # c * hi and c * lo are exact; a rounded difference never changes sign
+    return c * hi - d >= -(c * lo)
+
+
+def _le_product(c, s, d):
+    """c * s <= d decided exactly (same conditions as :func:`_ge_product`)."""
+    return _ge_product(-c, s, -d)
+
+
+def _exact_madd(c, s, m):
+    """c * s + m with c * s computed exactly in two parts (same bits with or without FMA)."""
+    hi, lo = _split(s)
+    return (c * hi + m) + c * lo
+
+
+def _round_outward(value_f32, dtype, direction):
+    """Casts float32 ``value_f32`` to ``dtype``, stepping one ulp toward ``direction`` if rounding went the other way."""
+    cast = value_f32.astype(dtype)
+    fix = (cast.astype(jnp.float32) > value_f32) if direction < 0 else (cast.astype(jnp.float32) < value_f32)
+    stepped = jnp.nextafter(cast, jnp.full_like(cast, -jnp.inf if direction < 0 else jnp.inf))
+    return jnp.where(fix, stepped, cast)
+
+
 def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     """Stored (scale, min) of groups laid out along ``reduce_axis`` of float32 ``xg``.
 
-    Returns scale and min in ``dtype``, with ``reduce_axis`` kept (size 1).
+    Returns scale and min in ``dtype``, with ``reduce_axis`` kept (size 1). min is the group
+    min rounded down into ``dtype``; scale is the smallest ``dtype`` number with
+    scale * (2**bits - 1) >= max - min (exactly, whenever max - min fits float32).
     """
     levels = float(2**bits - 1)
     finfo = jnp.finfo(dtype)
@@ -102,13 +149,24 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     mx = jnp.max(xg, axis=reduce_axis, keepdims=True)
     mn_s = _round_outward(jnp.maximum(mn, float(finfo.min)), dtype, -1)
     mn_f = mn_s.astype(jnp.float32)
-    # (mx - mn) / levels: one subtraction, no cancellation (mx / levels - mn / levels loses
-    # everything when |mn| >> mx - mn, e.g. float32 groups with a large offset). Only when
-    # the difference overflows float32 (huge groups) divide first.
+    # max - min as one subtraction (mx / levels - mn / levels loses everything when
+    # |mn| >> max - min), rounded up: TwoSum gives the exact error of the subtraction.
     diff = mx - mn_f
-    scale = jnp.where(jnp.isfinite(diff), diff / levels, mx / levels - mn_f / levels)
-    scale = jnp.minimum(scale, float(finfo.max))
-    scale_s = _round_outward(scale, dtype, +1)
+    back = diff - mx
+    err = (mx - (diff - back)) + (-mn_f - back)
+    diff = jnp.where(err > 0, jnp.nextafter(diff, jnp.full_like(diff, jnp.inf)), diff)
+    finite = jnp.isfinite(diff)
+    # estimate (huge groups whose difference overflows: divide first), then settle exactly
+    scale = jnp.where(finite, diff / levels, mx / levels - mn_f / levels)
+    scale_s = _round_outward(jnp.minimum(scale, float(finfo.max)), dtype, +1)
+    d_ok = jnp.where(finite, diff, 0.0)
+    lv = jnp.float32(levels)
+    for _ in range(2):  # the estimate is at most two ulps low
+        low = finite & ~_ge_product(lv, scale_s.astype(jnp.float32), d_ok)
+        scale_s = jnp.where(low, jnp.nextafter(scale_s, jnp.full_like(scale_s, jnp.inf)), scale_s)
+    prev = jnp.nextafter(scale_s, jnp.zeros_like(scale_s))
+    high = finite & (scale_s > 0) & _ge_product(lv, prev.astype(jnp.float32), d_ok)
+    scale_s = jnp.where(high, prev, scale_s)
     scale_s = jnp.minimum(scale_s.astype(jnp.float32), float(finfo.max)).astype(dtype)
     return scale_s, mn_s
 
@@ -123,15 +181,23 @@ _HUGE_UNIT = 2.0**-64
 def quantize_codes(xg: jax.Array, scale_s, mn_s, bits: int) -> jax.Array:
     """uint32 codes of float32 ``xg`` given stored, broadcastable scale and min.
 
-    code = clip(round_half_even((x - mn) / scale), 0, 2**bits - 1), computed as one
-    subtraction and one (correctly rounded) division so exact ties round to even.
+    code = clip(round_half_even((x - mn) / scale), 0, 2**bits - 1). The quotient is
+    estimated by division and settled by exact comparisons (see above), so ties go to the
+    even code and every compilation mode gives the same codes.
     """
     levels = float(2**bits - 1)
     s = scale_s.astype(jnp.float32)
     m = mn_s.astype(jnp.float32)
     unit = jnp.where(s >= _HUGE, _HUGE_UNIT, 1.0)
     safe = jnp.where(s > 0, s * unit, 1.0)
-    q = jnp.round((xg * unit - m * unit) / safe)  # jnp.round is round-half-to-even
+    d = xg * unit - m * unit  # >= 0; exact products, so no FMA question
+    f = jnp.clip(jnp.floor(d / safe), -1.0, levels + 1.0)
+    # settle f = floor(d / s), i.e. f * s <= d < (f + 1) * s (the estimate is off by at most one)
+    f = f + _le_product(f + 1.0, safe, d).astype(jnp.float32) - (~_le_product(f, safe, d)).astype(jnp.float32)
+    above = ~_ge_product(f + 0.5, safe, d)  # d > (f + 1/2) s
+    tie = _ge_product(f + 0.5, safe, d) & _le_product(f + 0.5, safe, d)
+    odd = jnp.fmod(f, 2.0) != 0
+    q = f + (above | (tie & odd)).astype(jnp.float32)
     q = jnp.where(s > 0, q, 0.0)
     return jnp.clip(q, 0.0, levels).astype(jnp.uint32)
 
@@ -142,9 +208,9 @@ def dequantize_codes(codes, scale_s, mn_s, dtype) -> jax.Array:
     c = codes.astype(jnp.float32)
     s = scale_s.astype(jnp.float32)
     m = mn_s.astype(jnp.float32)
-    y = c * s + m
+    y = _exact_madd(c, s, m)
     # huge groups: code * scale alone may overflow although the sum does not
-    y_huge = (c * (s * _HUGE_UNIT) + m * _HUGE_UNIT) * _HUGE
+    y_huge = _exact_madd(c, s * _HUGE_UNIT, m * _HUGE_UNIT) * _HUGE
     y = jnp.where(s >= _HUGE, y_huge, y)
     return jnp.clip(y, float(finfo.min), float(finfo.max)).astype(dtype)
 
@@ -162,7 +228,7 @@ def quantize(x: jax.Array, *, bits: int, group_size: int, axis: int, pack_axis: 
         raise ValueError("x must have at least one axis")
     axis = _norm_axis("axis", axis, x.ndim)
     pack_axis = default_pack_axis(x.ndim) if pack_axis is None else _norm_axis("pack_axis", pack_axis, x.ndim)
-    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
         raise ValueError(f"group_size={group_size!r} must be a positive integer")
     n = x.shape[axis]
     if n % group_size:
