@@ -190,3 +190,31 @@ def test_load_and_generate_without_torch(smollm2, tmp_path):
     nxt = np.argmax(np.asarray(full(params, jnp.asarray(ids)))[:, -1:], -1).astype(np.int32)
     want = np.asarray(full(params, jnp.asarray(np.concatenate([ids, nxt], 1))))
     assert rel_err(got, want) <= 1e-5
+
+
+def test_hf_directory_of_the_real_model(smollm2, hf_smollm2, tmp_path, essay_ids):
+    """SmolLM2 as a Hugging Face directory (transformers' state dict in model.safetensors, its
+    config.json, tokenizer files) loads back with the same tokenizer and the logits of the GGUF
+    path. (A GGUF-loaded transformers model refuses save_pretrained, so the files are written
+    with safetensors directly.)"""
+    import json
+
+    from safetensors.torch import save_file
+
+    model, tok = smollm2
+    sd = {k: v.contiguous() for k, v in hf_smollm2.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf_smollm2.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tok.save_pretrained(tmp_path)
+    from_dir, tok2 = models.load_model(tmp_path)
+    assert from_dir.config.num_layers == 30 and from_dir.config.tie_word_embeddings
+    text = "KIVI stores keys per-channel and values per-token: 2 bits, 32 numbers a group."
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"]
+    ids = essay_ids[:, :64]
+    (_, _, full), params = _fns(model)
+    a = np.asarray(full(params, jnp.asarray(ids)))
+    apply2, params2 = models.functional(from_dir)
+    b = np.asarray(jax.jit(lambda p, x: apply2(p, x)[0])(params2, jnp.asarray(ids)))
+    assert rel_err(b, a) <= 1e-5
