@@ -147,6 +147,8 @@ class KIVICache:
         g, r = c.group_size, c.residual_length
         t = self._check(k, v)
         lengths, invalid = cc.prompt_lengths(lengths, self.batch_size, t, self.max_length)
+        # the cache holds K, V in its dtype: quantize those numbers, exactly as append does
+        k, v = jnp.asarray(k).astype(self.dtype), jnp.asarray(v).astype(self.dtype)
         n = lengths - lengths % r
         m = jnp.maximum(lengths - r, 0)
         new = self.init(c, batch=self.batch_size, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
