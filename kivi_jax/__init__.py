@@ -4,10 +4,14 @@ from kivi_jax.attention import decode_attention, prefill_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.config import KIVIConfig, dense_bytes_per_token
+from kivi_jax.generate import GenerateOutput, StreamStep, generate, generate_stream
 from kivi_jax.quant import QuantizedArray, dequantize, fake_quantize, quantize
+from kivi_jax.sampling import sample_logits
 
 __all__ = [
     "DenseCache",
+    "GenerateOutput",
+    "StreamStep",
     "KIVICache",
     "KIVIConfig",
     "QuantizedArray",
@@ -15,7 +19,10 @@ __all__ = [
     "dense_bytes_per_token",
     "dequantize",
     "fake_quantize",
+    "generate",
+    "generate_stream",
     "prefill_attention",
     "quantize",
+    "sample_logits",
 ]
 __version__ = "0.1.0"
