@@ -116,5 +116,8 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None):
         mask &= pos[None, :] > pos[:, None] - window
     mask = mask[None, None]
     if lengths is not None:
-        mask = mask & (pos[None, :] < jnp.asarray(lengths)[:, None])[:, None, None, :]
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.shape} {lengths.dtype}")
+        mask = mask & (pos[None, :] < lengths[:, None])[:, None, None, :]
     return attend_dense(q, k, v, mask)

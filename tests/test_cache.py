@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reference_kivi as ref
 from kivi_jax import DenseCache, KIVICache, KIVIConfig, decode_attention, dense_bytes_per_token, packing
@@ -185,6 +187,34 @@ def test_row_alone_equals_row_in_batch():
         np.testing.assert_array_equal(va[0, :, :L], vb[r, :, :L])
 
 
+@settings(max_examples=12)
+@given(bits=st.sampled_from([(2, 2), (4, 1)]), lengths=st.lists(st.integers(0, 48), min_size=3, max_size=3),
+       seed=st.integers(0, 2**31 - 1))
+def test_ragged_lengths_property(bits, lengths, seed):
+    """Any per-row prompt lengths, then 40 appends: every row's K_hat, V_hat equal the model's."""
+    rng = np.random.default_rng(seed)
+    k_bits, v_bits = bits
+    cfg = KIVIConfig(k_bits=k_bits, v_bits=v_bits, group_size=G, residual_length=R)
+    b, t, steps = 3, 48, 40
+    k, v = keys_values(rng, b, HKV, t, D)
+    kn, vn = keys_values(rng, steps, b, HKV, 1, D)
+    init = KIVICache.init(cfg, batch=b, num_kv_heads=HKV, head_dim=D, max_length=t + steps, dtype=jnp.bfloat16)
+    cache = _run(init, jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32), kn, vn)
+    rf = ref.ReferenceKIVICache(k_bits=k_bits, v_bits=v_bits, group_size=G, residual_length=R, batch=b,
+                                num_kv_heads=HKV, head_dim=D, dtype=jnp.bfloat16)
+    rf.prefill(k, v, lengths)
+    for i in range(steps):
+        rf.append(kn[i], vn[i])
+    check_stores(cache, rf)
+    kh, vh = (np.asarray(a.astype(jnp.float32), np.float64) for a in jax.jit(lambda c: c.materialize())(cache))
+    for r in range(b):
+        L = lengths[r] + steps
+        assert int(cache.lengths[r]) == L == rf.length(r)
+        # equal up to the final rounding into bfloat16 (float32 x_hat, then the cast)
+        np.testing.assert_allclose(kh[r, :, :L], rf.keys(r), rtol=2.0**-7, atol=0)
+        np.testing.assert_allclose(vh[r, :, :L], rf.values(r), rtol=2.0**-7, atol=0)
+
+
 def test_prefill_equals_token_by_token_appends():
     """Prefill of T tokens == an empty prefill and T appends (same quantization, same layout)."""
     rng = np.random.default_rng(12)
@@ -236,10 +266,10 @@ def test_zero_length_rows():
     # softmax over one token is 1: the output is that token's value, per KV head group
     np.testing.assert_allclose(np.asarray(out), np.repeat(vt, HQ // HKV, axis=1), rtol=1e-6)
     # an empty prompt array (T = 0) works too
-    empty = cache.prefill(jnp.zeros((2, HKV, 0, D)), jnp.zeros((2, HKV, 0, D)))
-    assert list(np.asarray(empty.lengths)) == [0, 0]
+    z, n = jnp.zeros((2, HKV, 0, D)), jnp.zeros(2, jnp.int32)
+    assert list(np.asarray(_prefill(cache, z, z, n).lengths)) == [0, 0]
     dense = DenseCache.init(batch=2, num_kv_heads=HKV, head_dim=D, max_length=8, dtype=jnp.float32)
-    assert list(np.asarray(dense.prefill(jnp.zeros((2, HKV, 0, D)), jnp.zeros((2, HKV, 0, D))).lengths)) == [0, 0]
+    assert list(np.asarray(_prefill(dense, z, z, n).lengths)) == [0, 0]
 
 
 # ---- DenseCache ------------------------------------------------------------------------------

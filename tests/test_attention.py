@@ -1,0 +1,176 @@
+"""decode_attention (reference impl) and prefill_attention against float64 NumPy attention."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_kivi as ref
+from kivi_jax import DenseCache, KIVICache, KIVIConfig, decode_attention, prefill_attention
+
+D = 32
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "window"))
+def _decode(q, cache, impl="reference", window=None):
+    return decode_attention(q, cache, impl=impl, window=window)
+
+
+@functools.partial(jax.jit, static_argnames=("window",))
+def _prefill_attn(q, k, v, lengths, window=None):
+    return prefill_attention(q, k, v, lengths, window=window)
+
+
+def dense_cache(rng, b, hkv, t, lengths, dtype=jnp.float32, max_length=None):
+    k = rng.standard_normal((b, hkv, t, D)) * np.where(rng.random(D) < 0.2, 4.0, 1.0)
+    v = rng.standard_normal((b, hkv, t, D))
+    cache = DenseCache.init(batch=b, num_kv_heads=hkv, head_dim=D, max_length=max_length or t, dtype=dtype)
+    cache = cache.prefill(jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(lengths, jnp.int32))
+    return cache, np.asarray(cache.k.astype(jnp.float32), np.float64), np.asarray(cache.v.astype(jnp.float32), np.float64)
+
+
+def reference_decode(q, k, v, lengths, window=None):
+    out = np.zeros(q.shape)
+    for r, length in enumerate(lengths):
+        lo = 0 if window is None else max(0, length - window)
+        out[r, :, 0] = ref.attend(np.asarray(q[r, :, 0], np.float64), k[r, :, lo:length], v[r, :, lo:length])
+    return out
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 2), (3, 1)])
+def test_decode_dense_matches_reference_gqa_ragged(hq, hkv):
+    rng = np.random.default_rng(hq * 10 + hkv)
+    lengths = [24, 1, 0, 13]
+    cache, k, v = dense_cache(rng, 4, hkv, 24, lengths)
+    q = rng.standard_normal((4, hq, 1, D)).astype(np.float32)
+    out = _decode(jnp.asarray(q), cache)
+    assert out.shape == (4, hq, 1, D) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), reference_decode(q, k, v, lengths), rtol=1e-5, atol=1e-6)
+    # "auto" is the reference off-GPU
+    if jax.default_backend() != "gpu":
+        np.testing.assert_array_equal(np.asarray(_decode(jnp.asarray(q), cache, impl="auto")), np.asarray(out))
+
+
+def test_decode_masks_by_length_not_by_content():
+    """Whatever sits after a row's length (stale or huge values) does not change its output."""
+    rng = np.random.default_rng(1)
+    lengths = [10, 3]
+    cache, k, v = dense_cache(rng, 2, 2, 16, lengths)
+    junk_k = cache.k.at[0, :, 10:].set(1e4).at[1, :, 3:].set(-1e4)
+    junk_v = cache.v.at[0, :, 10:].set(1e6).at[1, :, 3:].set(-1e6)
+    junk = DenseCache(junk_k, junk_v, cache.lengths, cache.overflow, cache.max_length)
+    q = jnp.asarray(rng.standard_normal((2, 4, 1, D)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(_decode(q, junk)), np.asarray(_decode(q, cache)))
+    np.testing.assert_allclose(np.asarray(_decode(q, junk)), reference_decode(np.asarray(q), k, v, lengths),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_decode_softmax_in_float32_for_half_inputs():
+    """bf16 q and cache; logits far beyond bf16's comfortable range; output in q's dtype."""
+    rng = np.random.default_rng(2)
+    lengths = [20, 7]
+    cache, k, v = dense_cache(rng, 2, 2, 20, lengths, dtype=jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((2, 4, 1, D)) * 30.0, jnp.bfloat16)  # logits in the hundreds
+    out = _decode(q, cache)
+    assert out.dtype == jnp.bfloat16
+    want = reference_decode(np.asarray(q.astype(jnp.float32), np.float64), k, v, lengths)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    out32 = _decode(q.astype(jnp.float32), cache)  # float32 q: no output rounding
+    np.testing.assert_allclose(np.asarray(out32), want, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_window():
+    rng = np.random.default_rng(3)
+    lengths = [24, 5, 0]
+    cache, k, v = dense_cache(rng, 3, 2, 24, lengths)
+    q = rng.standard_normal((3, 4, 1, D)).astype(np.float32)
+    for window in (1, 6, 100):
+        out = _decode(jnp.asarray(q), cache, window=window)
+        np.testing.assert_allclose(np.asarray(out), reference_decode(q, k, v, lengths, window=window),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_decode_same_call_for_kivi_and_dense():
+    """One call for both caches; at 8 bits with nothing quantized yet (T < R) they agree exactly."""
+    rng = np.random.default_rng(4)
+    k = jnp.asarray(rng.standard_normal((2, 2, 24, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 2, 24, D)), jnp.float32)
+    lengths = jnp.asarray([24, 9], jnp.int32)
+    prefill = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))
+    kc = prefill(KIVICache.init(KIVIConfig(k_bits=8, v_bits=8, group_size=16, residual_length=32), batch=2,
+                                num_kv_heads=2, head_dim=D, max_length=64, dtype=jnp.float32), k, v, lengths)
+    dc = prefill(DenseCache.init(batch=2, num_kv_heads=2, head_dim=D, max_length=64, dtype=jnp.float32), k, v, lengths)
+    q = jnp.asarray(rng.standard_normal((2, 4, 1, D)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(_decode(q, kc)), np.asarray(_decode(q, dc)), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_bad_inputs():
+    cache = DenseCache.init(batch=2, num_kv_heads=2, head_dim=D, max_length=8, dtype=jnp.float32)
+    q = jnp.zeros((2, 4, 1, D))
+    with pytest.raises(ValueError, match=r"Hq=3 must be a multiple of the cache's Hkv=2"):
+        decode_attention(jnp.zeros((2, 3, 1, D)), cache, impl="reference")
+    with pytest.raises(ValueError, match=r"q must be \[B, Hq, 1, D\]"):
+        decode_attention(jnp.zeros((2, 4, 2, D)), cache, impl="reference")
+    with pytest.raises(ValueError, match=r"q must be \[B, Hq, 1, D\]"):
+        decode_attention(jnp.zeros((2, 4, D)), cache, impl="reference")
+    with pytest.raises(ValueError, match=r"does not match the cache \(B=2, D=32\)"):
+        decode_attention(jnp.zeros((3, 4, 1, D)), cache, impl="reference")
+    with pytest.raises(ValueError, match=r"does not match the cache \(B=2, D=32\)"):
+        decode_attention(jnp.zeros((2, 4, 1, 64)), cache, impl="reference")
+    with pytest.raises(ValueError, match=r"impl='fast'"):
+        decode_attention(q, cache, impl="fast")
+    with pytest.raises(ValueError, match=r"window=0"):
+        decode_attention(q, cache, impl="reference", window=0)
+
+
+# ---- prefill_attention -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (3, 1)])
+def test_prefill_attention_causal_matches_reference(hq, hkv):
+    rng = np.random.default_rng(5 + hq)
+    b, t = 3, 12
+    q = rng.standard_normal((b, hq, t, D)).astype(np.float32)
+    k = rng.standard_normal((b, hkv, t, D)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, t, D)).astype(np.float32)
+    out = prefill_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    assert out.shape == (b, hq, t, D) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), ref.causal_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    # ragged rows: keys at positions >= lengths[b] are masked (queries past the length are junk)
+    lengths = np.array([12, 5, 0])
+    out = np.asarray(_prefill_attn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32)))
+    want = ref.causal_attention(q, k, v, lengths)
+    for r, length in enumerate(lengths):
+        np.testing.assert_allclose(out[r, :, :length], want[r, :, :length], rtol=1e-5, atol=1e-6)
+    # the first query sees only itself: its output is v[0] of its KV head
+    np.testing.assert_allclose(out[0, :, 0], np.repeat(v[0, :, 0], hq // hkv, axis=0), rtol=1e-6)
+
+
+def test_prefill_attention_window():
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((1, 2, 10, D)).astype(np.float32) for _ in range(3))
+    out = np.asarray(_prefill_attn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None, window=3))
+    for i in range(10):
+        lo = max(0, i - 2)
+        want = ref.attend(q[0, :, i].astype(np.float64), k[0, :, lo:i + 1].astype(np.float64),
+                          v[0, :, lo:i + 1].astype(np.float64))
+        np.testing.assert_allclose(out[0, :, i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_attention_bad_inputs():
+    z = lambda *s: jnp.zeros(s)
+    with pytest.raises(ValueError, match=r"q must be \[B, Hq, T, D\]"):
+        prefill_attention(z(1, 2, 4), z(1, 2, 4, D), z(1, 2, 4, D))
+    with pytest.raises(ValueError, match=r"q must be \[B, Hq, T, D\]"):
+        prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 5, D))
+    with pytest.raises(ValueError, match=r"disagree"):
+        prefill_attention(z(1, 3, 4, D), z(1, 2, 4, D), z(1, 2, 4, D))
+    with pytest.raises(ValueError, match=r"disagree"):
+        prefill_attention(z(1, 2, 5, D), z(1, 2, 4, D), z(1, 2, 4, D))
+    with pytest.raises(ValueError, match=r"lengths must be an integer array of shape \(1,\)"):
+        prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=jnp.asarray([4, 4]))
+    with pytest.raises(ValueError, match=r"lengths must be an integer array"):
+        prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=jnp.asarray([4.0]))
