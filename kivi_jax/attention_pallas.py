@@ -72,8 +72,10 @@ def _default_chunk(config) -> int:
     return min(64, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
 
 
-def pick_variant(gqa_ratio: int) -> str:
+def pick_variant(gqa_ratio: int, k_bits: int, v_bits: int) -> str:
     """Few query heads per KV head: FMAs on masked codes; more: tensor-core dots."""
+    if k_bits != v_bits:
+        return "dequant"
     return "fma" if gqa_ratio <= 2 else "mma"
 
 
@@ -91,7 +93,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     gq = hq // hkv
-    variant = pick_variant(gq) if variant == "auto" else variant
+    variant = pick_variant(gq, c.k_bits, c.v_bits) if variant == "auto" else variant
     if chunk is None:
         chunk = (packing.block_len(min(c.k_bits, c.v_bits)) if variant in kivi_decode.BLOCK_VARIANTS
                  else _default_chunk(c))

@@ -177,12 +177,16 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     compute_dtype = jnp.float32  # tf32 tensor-core dots for 16-bit caches, IEEE for float32 ones
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     if variant == "fma":
+        if k_bits != v_bits:
+            raise ValueError(f"variant='fma' needs k_bits == v_bits; got {k_bits} and {v_bits}")
         kernel = functools.partial(
-            kivi_decode_fma.kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
+            kivi_decode_fma.kernel, bits=k_bits, group_size=group_size,
             chunks_per_split=per_split, num_queries=num_queries or m_rows)
     elif variant == "mma":
+        if k_bits != v_bits:
+            raise ValueError(f"variant='mma' needs k_bits == v_bits; got {k_bits} and {v_bits}")
         kernel = functools.partial(
-            kivi_decode_fma.kernel_mma, k_bits=k_bits, v_bits=v_bits, group_size=group_size,
+            kivi_decode_fma.kernel_mma, bits=k_bits, group_size=group_size,
             chunks_per_split=per_split, precision=precision)
     else:
       kernel = functools.partial(

@@ -34,56 +34,66 @@ def _as_float(x_u32):
     return lax.bitcast_convert_type(x_u32 | jnp.uint32(0x4B000000), jnp.float32) - 8388608.0
 
 
+def _pow2_neg(p):
+    """2.0 ** -p for a traced int32 p in [0, 32), exactly (built from the exponent bits)."""
+    return lax.bitcast_convert_type(((127 - p) << 23).astype(jnp.int32), jnp.float32)
+
+
 def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref, start_ref,
-           o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, chunks_per_split, num_queries):
-    """One (row, KV head, split) program. Chunk = one unit of U = max(key, value block) tokens."""
+           o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, num_queries):
+    """One (row, KV head, split) program; keys and values share ``bits``.
+
+    Outer loop: packed blocks of 16*c tokens (c = 32/bits): the word tiles are loaded once.
+    Inner loop: slot pairs (j, j + c/2) that share the bit offset p = bits*j, the second
+    read from ``w >> 16`` -- a small loop body keeps register pressure low.
+    """
     g = group_size
     d = q_ref.shape[1]
     n_groups = d // g
-    k_blk, v_blk = 16 * (32 // k_bits), 16 * (32 // v_bits)
-    unit = max(k_blk, v_blk)
+    c = 32 // bits
+    blk, half = 16 * c, c // 2
     split = pl.program_id(2)
     lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
     hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
     start = start_ref[()]
     qs = [q_ref[pl.ds(i, 1), :].astype(jnp.float32) for i in range(num_queries)]  # [1, D] each
+    u16 = jnp.uint32(16)
 
-    def slot_words(ref, bits, blk, t0, j, cols=None):
-        """(words, p): the word tile holding 16-token slot j of the unit, and the bit offset."""
-        b, jj = divmod(16 * j, blk)
-        jj //= 16
-        p = bits * jj
-        key = (id(ref), b, cols)
-        if key not in cache_w:
-            rows = pl.ds(16 * ((t0 // blk) + b), 16)
-            w = ref[rows, :] if cols is None else ref[rows, pl.ds(cols * g, g)]
-            cache_w[key] = (w, w >> jnp.uint32(16))
-        w, w_hi = cache_w[key]
-        return (w, p) if p < 16 else (w_hi, p - 16)
+    def block(cb, carry):
+        t0 = cb * blk
+        rows = pl.ds(16 * cb, 16)
+        kw = kc_ref[rows, :]
+        kws = (kw, kw >> u16)
+        vws = []
+        for gi in range(n_groups):
+            vw = vc_ref[rows, pl.ds(gi * g, g)]
+            vws.append((vw, vw >> u16))
 
-    def body(c, carry):
-        ms, ls, accs, accm = carry  # per query: m, l [1,1]; accs: [n_groups] of [16, G]; accm [n_groups] [16,1]
-        ms, ls = list(ms), list(ls)
-        accs = [list(a) for a in accs]
-        accm = [list(a) for a in accm]
-        t0 = c * unit
-        cache_w.clear()
-        for j in range(unit // 16):
-            w, p = slot_words(kc_ref, k_bits, k_blk, t0, j)
-            fk = _as_float(w & jnp.uint32(((1 << k_bits) - 1) << p))  # [16, D] = code * 2**p
-            grp = pl.ds((t0 + 16 * j) // g, 1)
-            ks = ks_ref[grp, :].astype(jnp.float32) * (2.0 ** -p)
-            km = km_ref[grp, :].astype(jnp.float32)
-            tok = t0 + 16 * j + lax.broadcasted_iota(jnp.int32, (16, 1), 0)
-            vws = [slot_words(vc_ref, v_bits, v_blk, t0, j, cols=gi) for gi in range(n_groups)]
-            fvs = [_as_float(w_v & jnp.uint32(((1 << v_bits) - 1) << p_v)) for w_v, p_v in vws]
-            rows = pl.ds(t0 + 16 * j, 16)
-            vss = [vs_ref[rows, pl.ds(gi, 1)].astype(jnp.float32) * (2.0 ** -vws[gi][1]) for gi in range(n_groups)]
-            vms = [vm_ref[rows, pl.ds(gi, 1)].astype(jnp.float32) for gi in range(n_groups)]
+        def pair(jp, carry):
+            ms, ls, accs, accm = carry
+            ms, ls = list(ms), list(ls)
+            accs = [list(a) for a in accs]
+            accm = [list(a) for a in accm]
+            p = bits * jp
+            mask = jnp.uint32((1 << bits) - 1) << p.astype(jnp.uint32)
+            inv = _pow2_neg(p)
+            slots = (jp, jp + half)
+            fks, kss, kms, toks, vss, vms = [], [], [], [], [], []
+            for h in range(2):
+                t = t0 + 16 * slots[h]
+                fks.append(_as_float(kws[h] & mask))  # [16, D] = code * 2**p
+                grp = pl.ds(t // g, 1)
+                kss.append(ks_ref[grp, :].astype(jnp.float32) * inv)
+                kms.append(km_ref[grp, :].astype(jnp.float32))
+                toks.append(t + lax.broadcasted_iota(jnp.int32, (16, 1), 0))
+                vss.append([vs_ref[pl.ds(t, 16), pl.ds(gi, 1)].astype(jnp.float32) * inv for gi in range(n_groups)])
+                vms.append([vm_ref[pl.ds(t, 16), pl.ds(gi, 1)].astype(jnp.float32) for gi in range(n_groups)])
             for i in range(num_queries):
-                s = jnp.sum(qs[i] * ks * fk, axis=1, keepdims=True) + jnp.sum(qs[i] * km, axis=1, keepdims=True)
-                s = jnp.where(tok >= start, s, NEG)  # [16, 1]
-                m_new = jnp.maximum(ms[i], jnp.max(s, axis=0, keepdims=True))
+                s = [jnp.where(toks[h] >= start,
+                               jnp.sum((qs[i] * kss[h]) * fks[h], axis=1, keepdims=True)
+                               + jnp.sum(qs[i] * kms[h], axis=1, keepdims=True), NEG) for h in range(2)]
+                m_new = jnp.maximum(ms[i], jnp.maximum(jnp.max(s[0], axis=0, keepdims=True),
+                                                       jnp.max(s[1], axis=0, keepdims=True)))
 
                 def rescale(args, m_old=ms[i], m_new=m_new):
                     l, a, am = args
@@ -94,19 +104,22 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
                                             (ls[i], tuple(accs[i]), tuple(accm[i])))
                 accs[i], accm[i] = list(a_i), list(am_i)
                 ms[i] = m_new
-                pr = jnp.exp(s - m_new)  # [16, 1]
-                ls[i] = ls[i] + jnp.sum(pr, axis=0, keepdims=True)
+                pr = [jnp.exp(s[h] - m_new) for h in range(2)]  # [16, 1]
+                ls[i] = ls[i] + jnp.sum(pr[0] + pr[1], axis=0, keepdims=True)
                 for gi in range(n_groups):
-                    accs[i][gi] = accs[i][gi] + (pr * vss[gi]) * fvs[gi]
-                    accm[i][gi] = accm[i][gi] + pr * vms[gi]
-        return tuple(ms), tuple(ls), tuple(tuple(a) for a in accs), tuple(tuple(a) for a in accm)
+                    fv0 = _as_float(vws[gi][0] & mask)
+                    fv1 = _as_float(vws[gi][1] & mask)
+                    accs[i][gi] = accs[i][gi] + (pr[0] * vss[0][gi]) * fv0 + (pr[1] * vss[1][gi]) * fv1
+                    accm[i][gi] = accm[i][gi] + pr[0] * vms[0][gi] + pr[1] * vms[1][gi]
+            return tuple(ms), tuple(ls), tuple(tuple(a) for a in accs), tuple(tuple(a) for a in accm)
 
-    cache_w: dict = {}
+        return lax.fori_loop(0, half, pair, carry)
+
     init = (tuple(jnp.full((1, 1), NEG, jnp.float32) for _ in range(num_queries)),
             tuple(jnp.zeros((1, 1), jnp.float32) for _ in range(num_queries)),
             tuple(tuple(jnp.zeros((16, g), jnp.float32) for _ in range(n_groups)) for _ in range(num_queries)),
             tuple(tuple(jnp.zeros((16, 1), jnp.float32) for _ in range(n_groups)) for _ in range(num_queries)))
-    ms, ls, accs, accm = lax.fori_loop(lo, hi, body, init)
+    ms, ls, accs, accm = lax.fori_loop(lo, hi, block, init)
     for i in range(num_queries):
         for gi in range(n_groups):
             o = jnp.sum(accs[i][gi], axis=0, keepdims=True) + jnp.sum(accm[i][gi], axis=0, keepdims=True)
@@ -116,44 +129,54 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
 
 
 def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref, start_ref,
-               o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, chunks_per_split, precision):
-    """Variant ``"mma"``: the same masked-code unpacking, but all M (>= 16, padded) query rows
-    of a KV head go through tensor-core dots per 16-token slot (GQA ratios 4-8)."""
+               o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, precision):
+    """Variant ``"mma"``: the same masked-code unpacking and loop structure as :func:`kernel`,
+    but all M (>= 16, padded) query rows of a KV head go through tensor-core dots per
+    16-token slot (GQA ratios 4-8)."""
     g = group_size
     m_rows, d = q_ref.shape
     n_groups = d // g
-    k_blk, v_blk = 16 * (32 // k_bits), 16 * (32 // v_bits)
-    unit = max(k_blk, v_blk)
+    c = 32 // bits
+    blk, half = 16 * c, c // 2
     split = pl.program_id(2)
     lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
     hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
     start = start_ref[()]
     q = q_ref[...].astype(jnp.float32)
+    u16 = jnp.uint32(16)
 
     def dot(a, b):
         return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
-    def words(ref, bits, blk, t0, j, cols=None):
-        b, jj = divmod(16 * j, blk)
-        p = bits * (jj // 16)
-        rows = pl.ds(16 * ((t0 // blk) + b), 16)
-        w = ref[rows, :] if cols is None else ref[rows, pl.ds(cols * g, g)]
-        return (w, p) if p < 16 else (w >> jnp.uint32(16), p - 16)
+    def block(cb, carry):
+        t0 = cb * blk
+        rows = pl.ds(16 * cb, 16)
+        kw = kc_ref[rows, :]
+        kws = (kw, kw >> u16)
+        vws = []
+        for gi in range(n_groups):
+            vw = vc_ref[rows, pl.ds(gi * g, g)]
+            vws.append((vw, vw >> u16))
 
-    def body(c, carry):
-        m, l, accs, accm = carry  # m, l [M, 1]; accs n_groups x [M, G]; accm n_groups x [M, 1]
-        accs, accm = list(accs), list(accm)
-        t0 = c * unit
-        for j in range(unit // 16):
-            w, p = words(kc_ref, k_bits, k_blk, t0, j)
-            fk = _as_float(w & jnp.uint32(((1 << k_bits) - 1) << p))  # [16, D]
-            grp = pl.ds((t0 + 16 * j) // g, 1)
-            ks = ks_ref[grp, :].astype(jnp.float32) * (2.0 ** -p)
-            km = km_ref[grp, :].astype(jnp.float32)
-            s = dot(q * ks, fk.T) + jnp.sum(q * km, axis=1, keepdims=True)  # [M, 16]
-            tok = t0 + 16 * j + lax.broadcasted_iota(jnp.int32, (1, 16), 1)
-            s = jnp.where(tok >= start, s, NEG)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        def pair(jp, carry):
+            m, l, accs, accm = carry  # m, l [M, 1]; accs n_groups x [M, G]; accm n_groups x [M, 1]
+            accs, accm = list(accs), list(accm)
+            p = bits * jp
+            mask = jnp.uint32((1 << bits) - 1) << p.astype(jnp.uint32)
+            inv = _pow2_neg(p)
+            ss, ts = [], []
+            for h, slot in enumerate((jp, jp + half)):
+                t = t0 + 16 * slot
+                fk = _as_float(kws[h] & mask)  # [16, D]
+                grp = pl.ds(t // g, 1)
+                ks = ks_ref[grp, :].astype(jnp.float32) * inv
+                km = km_ref[grp, :].astype(jnp.float32)
+                s = dot(q * ks, fk.T) + jnp.sum(q * km, axis=1, keepdims=True)  # [M, 16]
+                tok = t + lax.broadcasted_iota(jnp.int32, (1, 16), 1)
+                ss.append(jnp.where(tok >= start, s, NEG))
+                ts.append(t)
+            m_new = jnp.maximum(m, jnp.maximum(jnp.max(ss[0], axis=1, keepdims=True),
+                                               jnp.max(ss[1], axis=1, keepdims=True)))
 
             def rescale(args, m_old=m, m_new=m_new):
                 l_, a, am = args
@@ -163,22 +186,24 @@ def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi
             l, a_t, am_t = lax.cond(jnp.max(m_new - m) > 0, rescale, lambda args: args,
                                     (l, tuple(accs), tuple(accm)))
             accs, accm, m = list(a_t), list(am_t), m_new
-            pr = jnp.exp(s - m)  # [M, 16]
-            l = l + jnp.sum(pr, axis=1, keepdims=True)
-            rows = pl.ds(t0 + 16 * j, 16)
+            prs = [jnp.exp(s - m) for s in ss]  # [M, 16]
+            l = l + jnp.sum(prs[0] + prs[1], axis=1, keepdims=True)
             for gi in range(n_groups):
-                w_v, p_v = words(vc_ref, v_bits, v_blk, t0, j, cols=gi)
-                fv = _as_float(w_v & jnp.uint32(((1 << v_bits) - 1) << p_v))  # [16, G]
-                vs = vs_ref[rows, pl.ds(gi, 1)].astype(jnp.float32).reshape(1, 16) * (2.0 ** -p_v)
-                vm = vm_ref[rows, pl.ds(gi, 1)].astype(jnp.float32).reshape(1, 16)
-                accs[gi] = accs[gi] + dot(pr * vs, fv)
-                accm[gi] = accm[gi] + jnp.sum(pr * vm, axis=1, keepdims=True)
-        return m, l, tuple(accs), tuple(accm)
+                for h in range(2):
+                    fv = _as_float(vws[gi][h] & mask)  # [16, G]
+                    rws = pl.ds(ts[h], 16)
+                    vs = vs_ref[rws, pl.ds(gi, 1)].astype(jnp.float32).reshape(1, 16) * inv
+                    vm = vm_ref[rws, pl.ds(gi, 1)].astype(jnp.float32).reshape(1, 16)
+                    accs[gi] = accs[gi] + dot(prs[h] * vs, fv)
+                    accm[gi] = accm[gi] + jnp.sum(prs[h] * vm, axis=1, keepdims=True)
+            return m, l, tuple(accs), tuple(accm)
+
+        return lax.fori_loop(0, half, pair, carry)
 
     init = (jnp.full((m_rows, 1), NEG, jnp.float32), jnp.zeros((m_rows, 1), jnp.float32),
             tuple(jnp.zeros((m_rows, g), jnp.float32) for _ in range(n_groups)),
             tuple(jnp.zeros((m_rows, 1), jnp.float32) for _ in range(n_groups)))
-    m, l, accs, accm = lax.fori_loop(lo, hi, body, init)
+    m, l, accs, accm = lax.fori_loop(lo, hi, block, init)
     for gi in range(n_groups):
         o_ref[:, pl.ds(gi * g, g)] = accs[gi] + accm[gi]
     m_ref[...] = m.reshape(m_rows)
