@@ -78,11 +78,15 @@ def test_greedy_32_tokens_match_transformers(smollm2, hf_smollm2):
     model, tok = smollm2
     prompt = tok("Once upon a time, there was a little girl who")["input_ids"]
     # transformers' own cached greedy decoding (its DynamicCache), no EOS stopping
+    import inspect
+
+    # transformers renamed past_key_values to cache (5.2x); use whichever this version has
+    name = "cache" if "cache" in inspect.signature(hf_smollm2.forward).parameters else "past_key_values"
     ref, past, x = [], None, torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(32):
-            out = hf_smollm2(x, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = hf_smollm2(x, use_cache=True, **{name: past})
+            past = getattr(out, name)
             nxt = int(out.logits[0, -1].argmax())
             ref.append(nxt)
             x = torch.tensor([[nxt]])
