@@ -51,6 +51,18 @@ def _run(cache, k, v, lengths, k_new, v_new):
     return jax.lax.scan(body, cache, (k_new, v_new))[0]
 
 
+@jax.jit
+def _materialize(cache):
+    return cache.materialize()
+
+
+@jax.jit
+def _unpack_codes(cache):
+    c = cache.config
+    return (packing.unpack(cache.k_codes, c.k_bits, 2, cache.capacity),
+            packing.unpack(cache.v_codes, c.v_bits, 2, cache.capacity))
+
+
 def keys_values(rng, *shape):
     """Keys like a real LLM's: per-channel offsets and a few large-magnitude outlier channels."""
     d = shape[-1]
@@ -62,9 +74,7 @@ def keys_values(rng, *shape):
 
 def stored_codes(cache):
     """Unpacked key / value codes [B, H, Tc, D] of a KIVICache."""
-    c = cache.config
-    kc = packing.unpack(cache.k_codes, c.k_bits, 2, cache.capacity)
-    vc = packing.unpack(cache.v_codes, c.v_bits, 2, cache.capacity)
+    kc, vc = _unpack_codes(cache)
     return np.asarray(kc).astype(np.int64), np.asarray(vc).astype(np.int64)
 
 
@@ -76,20 +86,23 @@ def check_stores(cache, rf):
     np.testing.assert_array_equal(np.asarray(cache.k_codes), packing.pack_numpy_reference(kc, c.k_bits, 2))
     np.testing.assert_array_equal(np.asarray(cache.v_codes), packing.pack_numpy_reference(vc, c.v_bits, 2))
     exact = np.dtype(cache.dtype) != np.float32  # float32: the scale may be one ulp above (see test_quant)
+    nq_k, nq_v = np.asarray(cache.num_quantized_keys), np.asarray(cache.num_quantized_values)
+    k_scale, k_min, v_scale, v_min = (np.asarray(a.astype(jnp.float32), np.float64)
+                                      for a in (cache.k_scale, cache.k_min, cache.v_scale, cache.v_min))
     for r in range(cache.batch_size):
         n, m = len(rf.rows[r].kq), len(rf.rows[r].vq)
-        assert int(cache.num_quantized_keys[r]) == n and int(cache.num_quantized_values[r]) == m
+        assert nq_k[r] == n and nq_v[r] == m
         for got, want, scale, ref_scale, ref_min, mins in (
-            (kc[r][:, :n], rf.key_codes(r), cache.k_scale[r, :, : n // G], *rf.key_params(r), cache.k_min[r, :, : n // G]),
-            (vc[r][:, :m], rf.value_codes(r), cache.v_scale[r, :, :m], *rf.value_params(r), cache.v_min[r, :, :m]),
+            (kc[r][:, :n], rf.key_codes(r), k_scale[r, :, : n // G], *rf.key_params(r), k_min[r, :, : n // G]),
+            (vc[r][:, :m], rf.value_codes(r), v_scale[r, :, :m], *rf.value_params(r), v_min[r, :, :m]),
         ):
-            np.testing.assert_array_equal(np.asarray(mins, np.float64), ref_min)
+            np.testing.assert_array_equal(mins, ref_min)
             if exact:
                 np.testing.assert_array_equal(got, want)
-                np.testing.assert_array_equal(np.asarray(scale, np.float64), ref_scale)
+                np.testing.assert_array_equal(scale, ref_scale)
             else:
                 assert (got != want).sum() <= 1e-3 * got.size and np.abs(got - want).max(initial=0) <= 1
-                np.testing.assert_allclose(np.asarray(scale, np.float64), ref_scale, rtol=2.0**-23)
+                np.testing.assert_allclose(scale, ref_scale, rtol=2.0**-23)
         assert (kc[r][:, n:] == 0).all() and (vc[r][:, m:] == 0).all()  # nothing beyond what is quantized
 
 
@@ -148,7 +161,7 @@ def test_materialize_is_quantized_prefix_then_residual():
     k, v = keys_values(rng, 2, HKV, 70, D)
     cache = _prefill(KIVICache.init(cfg, batch=2, num_kv_heads=HKV, head_dim=D, max_length=128, dtype=jnp.float32),
                      jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32))
-    kh, vh = (np.asarray(a) for a in jax.jit(lambda c: c.materialize())(cache))
+    kh, vh = (np.asarray(a) for a in _materialize(cache))
     assert kh.shape == (2, HKV, cache.capacity, D)
     # row 0: n = 64 keys quantized, keys 64..69 exact; m = 38 values quantized, 38..69 exact
     np.testing.assert_array_equal(kh[0, :, 64:70], k[0, :, 64:70])
@@ -174,14 +187,14 @@ def test_row_alone_equals_row_in_batch():
     init = lambda n: KIVICache.init(cfg, batch=n, num_kv_heads=HKV, head_dim=D, max_length=t + steps,
                                     dtype=jnp.bfloat16)
     batch = _run(init(b), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths, jnp.int32), kn, vn)
-    kb, vb = (np.asarray(a.astype(jnp.float32)) for a in batch.materialize())
+    kb, vb = (np.asarray(a.astype(jnp.float32)) for a in _materialize(batch))
     for r in range(b):
         alone = _run(init(1), jnp.asarray(k[r:r + 1]), jnp.asarray(v[r:r + 1]),
                      jnp.asarray(lengths[r:r + 1], jnp.int32), kn[:, r:r + 1], vn[:, r:r + 1])
         assert int(alone.lengths[0]) == int(batch.lengths[r]) == lengths[r] + steps
         for leaf_a, leaf_b in zip(jax.tree_util.tree_leaves(alone), jax.tree_util.tree_leaves(batch)):
             np.testing.assert_array_equal(np.asarray(leaf_a)[0], np.asarray(leaf_b)[r])  # every buffer
-        ka, va = (np.asarray(a.astype(jnp.float32)) for a in alone.materialize())
+        ka, va = (np.asarray(a.astype(jnp.float32)) for a in _materialize(alone))
         L = lengths[r] + steps
         np.testing.assert_array_equal(ka[0, :, :L], kb[r, :, :L])
         np.testing.assert_array_equal(va[0, :, :L], vb[r, :, :L])
@@ -206,10 +219,10 @@ def test_ragged_lengths_property(bits, lengths, seed):
     for i in range(steps):
         rf.append(kn[i], vn[i])
     check_stores(cache, rf)
-    kh, vh = (np.asarray(a.astype(jnp.float32), np.float64) for a in jax.jit(lambda c: c.materialize())(cache))
+    kh, vh = (np.asarray(a.astype(jnp.float32), np.float64) for a in _materialize(cache))
     for r in range(b):
         L = lengths[r] + steps
-        assert int(cache.lengths[r]) == L == rf.length(r)
+        assert np.asarray(cache.lengths)[r] == L == rf.length(r)
         # equal up to the final rounding into bfloat16 (float32 x_hat, then the cast)
         np.testing.assert_allclose(kh[r, :, :L], rf.keys(r), rtol=2.0**-7, atol=0)
         np.testing.assert_allclose(vh[r, :, :L], rf.values(r), rtol=2.0**-7, atol=0)
