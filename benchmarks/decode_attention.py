@@ -114,9 +114,14 @@ def main(argv=None):
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
     else:
-        variants = [("pallas", dict(variant="fold"))]
-        rows = run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [(32, 32), (32, 8)], [2, 4],
-                   ("pallas", "reference"), variants, ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
+        rows = run([64], [4096], [(32, 32)], [2], ("pallas",),
+                   [("pallas_dequant_w2", dict(variant="dequant", num_warps=2)),
+                    ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
+                    ("pallas_fold", dict(variant="fold"))],
+                   ref_max_bytes=0, dense_max_bytes=80 << 30)
+        rows += run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [(32, 32), (32, 8)], [2, 4],
+                    ("pallas", "reference"), [("pallas", dict())], ref_max_bytes=2 << 30,
+                    dense_max_bytes=80 << 30)
     for r in rows:
         r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
     cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
