@@ -11,6 +11,17 @@ computed from the stored values, so |x - x_hat| <= scale / 2 holds for the numbe
 actually keep, and no code is clipped. A constant group has scale 0 and dequantizes to
 exactly its value. Arithmetic is float32 whatever the input dtype.
 
+Exactness: the stored scale is the smallest ``dtype`` number with
+scale * (2**bits - 1) >= max - min (float32 inputs: max - min rounded up to float32), and
+codes are exactly round_half_even((x - mn) / scale) of the stored values (float32 inputs:
+x - mn rounded to float32). Both are settled with exact comparisons, not taken from a
+division: XLA computes x / s for a broadcast s as x * (1 / s) (not correctly rounded, and
+0 once s >= 2**126 on CPU) and contracts a * b + c into an FMA under jit only. So eager,
+jit and vmap give the same bits, and bfloat16/float16 results equal a float64 model's.
+Limits: a group whose (max - min) / (2**bits - 1) exceeds the dtype's max gets the max as
+scale (codes and outputs stay finite; the scale / 2 bound cannot hold); XLA CPU flushes
+float32 subnormals, so a group whose scale would be below ~1e-38 is treated as constant.
+
 Codes are packed along ``pack_axis`` by :mod:`kivi_jax.packing` (for [B, H, T, D] the
 token axis, for keys and values alike: the layout the Pallas kernel reads).
 """

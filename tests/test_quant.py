@@ -255,10 +255,12 @@ def quant_cases(draw):
         x = rng.standard_normal(shape) * 10.0 ** draw(st.integers(-3, 3)) + draw(st.sampled_from([0.0, 1.0, -50.0]))
         if kind == "outliers":
             x = x * np.where(rng.random(shape) < 0.05, 100.0, 1.0)
-    x = np.asarray(jnp.asarray(x, dtype))
+    fmax = float(ref.finfo(dtype).max)
+    x = np.asarray(jnp.asarray(np.clip(x, -fmax, fmax), dtype))  # finite inputs (float16 overflows early)
     return x, bits, group_size, axis
 
 
+@settings(max_examples=20)
 @given(quant_cases())
 def test_quantize_properties(case):
     x, bits, group_size, axis = case
