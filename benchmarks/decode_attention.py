@@ -95,6 +95,43 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
     return rows
 
 
+def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
+    """Where the time of one KIVI decode_attention call goes: the Pallas kernel alone, the
+    plain-JAX tail (residual window + boundary chunk) alone, and the whole call."""
+    from kivi_jax.attention_pallas import _tail_partials, _default_chunk
+    from pallas_kernels import kivi_decode
+
+    cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
+    cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
+    cache = fill_random(cache, jax.random.key(4), jnp.full((b,), t, jnp.int32))
+    gq = hq // hkv
+    chunk = _default_chunk(cfg)
+    qg = jax.random.normal(jax.random.key(1), (b, hkv, gq, D))
+    qp = jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, gq) - gq), (0, 0)))
+    bulk_end = (cache.num_quantized_values // chunk) * chunk
+    zero = jnp.zeros_like(cache.lengths)
+    splits = attention_pallas.default_splits(b, hkv, cache.capacity // chunk, False)
+
+    def kernel_only(qp, cache):
+        return kivi_decode.kivi_decode_partials(
+            qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
+            zero, bulk_end // chunk, zero, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
+            chunk=chunk, num_splits=splits, variant="dequant")
+
+    def tail_only(qg, cache):
+        return _tail_partials(qg, cache, bulk_end, zero, chunk)
+
+    q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+    rows = []
+    for name, fn, args in (("kernel_only", kernel_only, (qp, cache)), ("tail_only", tail_only, (qg, cache)),
+                           ("whole_call", lambda q, c: attention_pallas.decode_attention(q, c), (q, cache))):
+        ms = common.time_fn(jax.jit(fn), *args)
+        rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": bits, "impl": f"breakdown_{name}",
+                     "median_ms": ms, "bytes": None, "tbps": None, "ratio_to_dense": None})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the target shape plus tuning variants only")
@@ -114,16 +151,21 @@ def main(argv=None):
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
     else:
-        rows = run([64], [4096], [(32, 32)], [2], ("pallas",),
-                   [("pallas_dequant_w2", dict(variant="dequant", num_warps=2)),
+        rows = breakdown()
+        rows += run([64], [4096], [(32, 32)], [2], ("pallas",),
+                   [("pallas_dequant_f32dots", dict(variant="dequant", dot_dtype="float32")),
+                    ("pallas_dequant_w2", dict(variant="dequant", num_warps=2)),
+                    ("pallas_dequant_w8", dict(variant="dequant", num_warps=8)),
                     ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
                     ("pallas_fold", dict(variant="fold"))],
                    ref_max_bytes=0, dense_max_bytes=80 << 30)
-        rows += run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [(32, 32), (32, 8)], [2, 4],
-                    ("pallas", "reference"), [("pallas", dict())], ref_max_bytes=2 << 30,
-                    dense_max_bytes=80 << 30)
+        for heads, bits in (((32, 32), [2, 4]), ((32, 8), [2])):
+            rows += run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [heads], bits,
+                        ("pallas", "reference"), [("pallas", dict())], ref_max_bytes=1 << 30,
+                        dense_max_bytes=80 << 30)
     for r in rows:
         r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
+        r["oom_or_error"] = r.get("median_ms") is None
     cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
     table = (f"Decode attention, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "
              f"HBM copy {hbm:.2f} TB/s (read+write)\n\n" + common.markdown(rows, cols))

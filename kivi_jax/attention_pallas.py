@@ -8,12 +8,15 @@ the boundary chunk, the key residual and the value window — is attended here i
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from kivi_jax import packing
+from kivi_jax import packing, sharding
 from kivi_jax.attention import reference_decode_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
@@ -81,15 +84,39 @@ def pick_variant(gqa_ratio: int, k_bits: int, v_bits: int) -> str:
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
-                     num_splits=None, num_warps=4, num_stages=2):
+                     num_splits=None, num_warps=4, num_stages=2, dot_dtype=None, mesh=None, rules=None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
 
     A DenseCache has nothing to unpack: it takes the XLA reference path.
+
+    Sharded: with a mesh (``mesh``, else :func:`kivi_jax.sharding.use_mesh`'s, else jax's
+    context mesh) the kernel and its tail run under ``shard_map`` over batch x kv_heads
+    (``rules``, default :data:`kivi_jax.sharding.DEFAULT_RULES`): every cache array is split
+    on batch and kv_heads, q on batch and heads, lengths on batch, so each device attends
+    over its own rows and KV heads and no cache array is gathered.
     """
     if isinstance(cache, DenseCache):
         return reference_decode_attention(q, cache, window=window)
     if not isinstance(cache, KIVICache):
         raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
+    local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
+                              chunk=chunk, num_splits=num_splits, num_warps=num_warps,
+                              num_stages=num_stages, dot_dtype=dot_dtype)
+    mesh, rules = sharding.active_mesh(mesh, rules)
+    if mesh is None:
+        return local(q, cache)
+    # shards are whole rows x whole KV heads: only batch and kv_heads are split
+    specs = sharding.cache_specs(cache, mesh, dataclasses.replace(rules, sequence=None, head_dim=None))
+    kv = tuple(specs.k_codes) + (None, None)
+    q_spec = P(kv[0], kv[1])  # query heads follow their KV heads (Hq = g * Hkv, contiguous)
+    if kv[0] is None and kv[1] is None:
+        return local(q, cache)
+    return sharding.shard_map(local, mesh=mesh, in_specs=(q_spec, specs), out_specs=q_spec)(q, cache)
+
+
+def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, num_warps,
+                            num_stages, dot_dtype):
+    """The body of :func:`decode_attention` on one shard's rows and KV heads."""
     c = cache.config
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
@@ -112,7 +139,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
         qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
         start // chunk, bulk_end // chunk, start, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=c.group_size, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, num_queries=gq)
+        num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
     o_t, m_t, l_t = _tail_partials(qg, cache, bulk_end, start, chunk)
     m_all = jnp.maximum(jnp.max(m, axis=2), m_t)  # [B, Hkv, g]

@@ -152,12 +152,16 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "num_queries"))
+                     "interpret", "num_warps", "num_stages", "num_queries", "dot_dtype"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, *,
                          k_bits: int, v_bits: int, group_size: int, chunk: int = 64,
                          num_splits: int = 1, variant: str = "fold", interpret: bool = False,
-                         num_warps: int = 4, num_stages: int = 2, num_queries: int | None = None):
-    """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc)."""
+                         num_warps: int = 4, num_stages: int = 2, num_queries: int | None = None,
+                         dot_dtype: str | None = None):
+    """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
+
+    dot_dtype: operand dtype of the dequant/fold variants' dots (default: the cache dtype).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
     b, hkv, m_rows, d = q.shape
@@ -174,7 +178,9 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
             raise ValueError(f"variant='fma' walks whole packed blocks: chunk must be {unit}, got {chunk}")
     n_chunks = tc // chunk
     per_split = -(-n_chunks // num_splits)
-    compute_dtype = jnp.float32  # tf32 tensor-core dots for 16-bit caches, IEEE for float32 ones
+    # dot operands: the cache's own 16-bit dtype (half the shared-memory traffic of float32
+    # tiles; the reference dequantizes to that dtype too), IEEE float32 for float32 caches
+    compute_dtype = jnp.dtype(dot_dtype) if dot_dtype else jnp.dtype(k_scale.dtype)
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     if variant == "fma":
         if k_bits != v_bits:
