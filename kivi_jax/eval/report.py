@@ -1,0 +1,80 @@
+"""Result files of the evaluations: run metadata, file names, JSON and markdown writing."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import subprocess
+
+
+def _git(*args) -> str | None:
+    root = pathlib.Path(__file__).resolve().parents[2]
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def metadata() -> dict:
+    """commit, device, versions, date: what a result needs to be reproduced."""
+    import flax
+    import jax
+    import jaxlib
+
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    if dev.platform == "cpu":
+        kind = f"{_cpu_name()} ({os.cpu_count()} cores)"
+    return {
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty_tracked_files": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{dev.platform}: {kind}",
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "flax_version": flax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def model_tag(source: str) -> str:
+    """Short name for file names: 'smollm2' for the packaged model, else the path's stem."""
+    s = str(source)
+    if s.lower().startswith("smollm2"):
+        return "smollm2"
+    stem = pathlib.Path(s.rstrip("/")).stem or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower() or "model"
+
+
+def result_paths(out_dir, bench: str, source: str, date: str | None = None) -> dict[str, pathlib.Path]:
+    """{json, md, png}: out_dir/<bench>-<model>-<YYYY-MM-DD>.<ext>."""
+    date = date or datetime.date.today().isoformat()
+    base = pathlib.Path(out_dir) / f"{bench}-{model_tag(source)}-{date}"
+    return {ext: base.with_suffix(f".{ext}") for ext in ("json", "md", "png")}
+
+
+def write_json(path, obj) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
