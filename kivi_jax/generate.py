@@ -21,6 +21,11 @@ How it runs:
 * ``generate_stream``: the same prefill and the same decode step, but the step is called
   from Python once per token so tokens can be shown as they come. Same tokens as
   ``generate`` (greedy and seeded sampling alike).
+* ``mesh=``: parameters, prompts and the cache are placed with NamedShardings
+  (:mod:`kivi_jax.sharding`); the cache is pinned with ``with_sharding_constraint`` after
+  the prefill and in every decode step, so the loop carry keeps its sharding; the jitted
+  functions are traced inside ``sharding.use_mesh`` so the Pallas kernel runs under
+  ``shard_map``. Without a mesh nothing changes.
 * Flax NNX models are split once per call (``nnx.split``) and merged inside the jitted
   functions; the graphdef is a static (hashable) argument. The jitted functions live at
   module level, so repeated calls with the same shapes and static settings reuse the
@@ -52,6 +57,7 @@ the batched tokens.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import numbers
@@ -63,7 +69,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from kivi_jax import sampling
+from kivi_jax import sampling, sharding
 from kivi_jax.config import KIVIConfig
 
 #: How many times each jitted function was traced (incremented at trace time only).
@@ -102,6 +108,8 @@ class _Config:
     cache_dtype: Any  # a numpy dtype, or None for the model's default
     attn_impl: str | None
     sampler: sampling.SamplingConfig
+    mesh: Any = None  # a jax.sharding.Mesh (Auto axes) or None: one device
+    rules: Any = None  # sharding.ShardingRules used with the mesh
 
 
 class _Knobs(NamedTuple):
@@ -195,8 +203,9 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     model = _merge(graphdef, state)
     b, _ = input_ids.shape
     kw = {} if cfg.cache_dtype is None else {"dtype": cfg.cache_dtype}
-    cache = model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw)
+    cache = sharding.constrain_cache(model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw), cfg.mesh, cfg.rules)
     logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths)
+    cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
@@ -211,7 +220,8 @@ def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
     """One decode step for every row (stopped rows are fed token 0 and emit nothing)."""
     b = c.token.shape[0]
     active = ~c.done
-    logits, cache = _call_model(model, c.token[:, None], c.cache, cfg)
+    logits, cache = _call_model(model, c.token[:, None], sharding.constrain_cache(c.cache, cfg.mesh, cfg.rules), cfg)
+    cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)  # the loop carry keeps its sharding
     overflow = _cache_overflow(cache, b)
     ok = active if overflow is None else active & ~overflow
     tok = _sample(logits[:, -1], keys, c.step, knobs, cfg)
@@ -239,7 +249,18 @@ def _decode_step(graphdef, state, carry: _Carry, step, keys, knobs: _Knobs, *, c
 
 
 def _run(fn, graphdef, state, carry: _Carry, keys, knobs, cfg):
-    return fn(graphdef, state, carry._replace(step=None), carry.step, keys, knobs, cfg=cfg)
+    with _on_mesh(cfg):
+        return fn(graphdef, state, carry._replace(step=None), carry.step, keys, knobs, cfg=cfg)
+
+
+def _on_mesh(cfg: _Config):
+    """The mesh context the jitted functions are traced and run in (kernels shard over it)."""
+    return contextlib.nullcontext() if cfg.mesh is None else sharding.use_mesh(cfg.mesh, cfg.rules)
+
+
+def _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg: _Config) -> _Carry:
+    with _on_mesh(cfg):
+        return _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
 
 
 # ---- argument checks ------------------------------------------------------------------------
@@ -262,7 +283,7 @@ def _concrete(x):
 
 
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
-             pad_id, max_length, cache_dtype, attn_impl):
+             pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -323,9 +344,23 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
                    top_p=jnp.asarray(1.0 if top_p is None else float(top_p), jnp.float32),
                    eos_ids=jnp.asarray(eos + [-1] * (_eos_slots(len(eos)) - len(eos)), jnp.int32),
                    pad_id=jnp.asarray(pad_id, jnp.int32))
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh={mesh!r} must be None (one device) or a jax.sharding.Mesh")
+    if rules is not None and not isinstance(rules, sharding.ShardingRules):
+        raise ValueError(f"rules={rules!r} must be None (the default rules) or a kivi_jax.sharding.ShardingRules")
+    if mesh is not None:
+        mesh = sharding.auto_mesh(mesh)
+        rules = sharding.DEFAULT_RULES if rules is None else rules
+    else:
+        rules = None
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
-                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler)
+                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, mesh=mesh, rules=rules)
     graphdef, state = _split(model)
+    if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)
+        if state is not None:
+            state = sharding.shard_params(state, mesh, rules, getattr(model, "config", None))
+        input_ids = jax.device_put(input_ids, rules.sharding(mesh, ("batch",), input_ids.shape))
+        lengths = jax.device_put(lengths, rules.sharding(mesh, ("batch",), lengths.shape))
     return graphdef, state, input_ids, lengths, keys, knobs, cfg
 
 
@@ -334,7 +369,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
 def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None = None, lengths=None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
-             cache_dtype=None, attn_impl: str | None = None) -> GenerateOutput:
+             cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per row after a (ragged) batch of prompts.
 
     Args:
@@ -351,6 +386,12 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       max_length: cache capacity in tokens (default T + max_new_tokens); T <= max_length.
       cache_dtype: dtype of the cache's full-precision parts (default: the model's).
       attn_impl: passed to the model as ``attn_impl=`` (e.g. "reference" | "pallas").
+      mesh: None (one device, unchanged) or a ``jax.sharding.Mesh`` (e.g.
+        ``kivi_jax.sharding.make_mesh(data=2, model=4)``): parameters and the cache carry
+        NamedShardings from ``rules`` (default ``kivi_jax.sharding.DEFAULT_RULES``: batch on
+        "data", heads on "model"), kept across decode steps; the Pallas kernel runs under
+        ``shard_map``. Same tokens as one device.
+      rules: a ``kivi_jax.sharding.ShardingRules`` (only with a mesh).
 
     Returns:
       GenerateOutput(tokens [B, N] int32, lengths [B] int32, cache). Deterministic: greedy
@@ -359,8 +400,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
     graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
-        cache_dtype=cache_dtype, attn_impl=attn_impl)
-    carry = _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
+        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules)
+    carry = _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg)
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
     return GenerateOutput(tokens=carry.tokens, lengths=carry.num_new, cache=carry.cache)
@@ -369,7 +410,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
 def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None = None, lengths=None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
-                    cache_dtype=None, attn_impl: str | None = None) -> Iterator[StreamStep]:
+                    cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None) -> Iterator[StreamStep]:
     """Like :func:`generate`, but yields a :class:`StreamStep` (host arrays [B]) per step.
 
     Runs the same jitted prefill and decode step as ``generate`` (the step is called from
@@ -381,12 +422,12 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
     prepared = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
-        cache_dtype=cache_dtype, attn_impl=attn_impl)
+        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules)
     return _stream(*prepared)
 
 
 def _stream(graphdef, state, ids, lens, keys, knobs, cfg: _Config) -> Iterator[StreamStep]:
-    carry = _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
+    carry = _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg)
     for s in range(cfg.max_new_tokens):
         if s:
             carry = _run(_decode_step, graphdef, state, carry, keys, knobs, cfg)
