@@ -34,6 +34,28 @@ def environment() -> dict:
     }
 
 
+def package_versions(*names: str) -> dict:
+    """Installed versions by distribution name (None when absent), read from package metadata
+    without importing anything (so no device is touched)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def out_dir(outdir: str | None = None) -> pathlib.Path:
+    """Where result files go: ``outdir``, else $OUT (the device tool collects it), else
+    benchmarks/results."""
+    path = pathlib.Path(outdir or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def time_fn(fn, *args, reps: int = 7, min_ms: float = 20.0) -> float:
     """Median milliseconds per call of a jitted ``fn``: calls are queued back to back
     (async dispatch) in batches of >= ``min_ms`` and synchronized once per batch."""
@@ -63,8 +85,7 @@ def hbm_copy_tbps(gib: float = 2.0) -> float:
 
 
 def write_results(name: str, payload: dict, table: str, outdir: str | None = None) -> pathlib.Path:
-    outdir = pathlib.Path(outdir or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = out_dir(outdir)
     stem = f"{name}-{payload.get('date', datetime.date.today().isoformat())}"
     (outdir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     (outdir / f"{stem}.md").write_text(table)
