@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kivi_jax.cache_dense import DenseCache
+
 IMPLS = ("auto", "pallas", "reference")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -27,34 +29,48 @@ def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):
         raise ValueError(f"query heads Hq={hq} must be a multiple of the cache's Hkv={num_kv_heads}")
 
 
-def _gqa_scores(q, k):
+def _gqa_scores(q, k, exact: bool):
     """q [B, Hq, Tq, D], k [B, Hkv, Tk, D] -> scores [B, Hq, Tq, Tk] in float32, no K repeat."""
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, tq, d)
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32, precision=_HIGHEST)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32,
+                   precision=_HIGHEST if exact else None)
     return s.reshape(b, hq, tq, k.shape[2])
 
 
-def _gqa_values(p, v):
-    """p [B, Hq, Tq, Tk] (float32), v [B, Hkv, Tk, D] -> [B, Hq, Tq, D] float32."""
+def _gqa_values(p, v, exact: bool):
+    """p [B, Hq, Tq, Tk] float32, v [B, Hkv, Tk, D] -> [B, Hq, Tq, D] float32."""
     b, hq, tq, tk = p.shape
     hkv = v.shape[1]
     pg = p.reshape(b, hkv, hq // hkv, tq, tk)
-    o = jnp.einsum("bhgqk,bhkd->bhgqd", pg, v.astype(jnp.float32), precision=_HIGHEST)
+    if exact:
+        o = jnp.einsum("bhgqk,bhkd->bhgqd", pg, v.astype(jnp.float32), precision=_HIGHEST)
+    else:
+        o = jnp.einsum("bhgqk,bhkd->bhgqd", pg.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(b, hq, tq, v.shape[3])
 
 
-def attend_dense(q, k, v, mask, scale=None):
-    """Softmax attention with a boolean mask [B, 1|Hq, Tq, Tk]; float32 softmax; q's dtype out."""
+def attend_dense(q, k, v, mask, scale=None, *, exact: bool = True):
+    """Softmax attention with a boolean mask [B, 1|Hq, Tq, Tk]; float32 softmax; q's dtype out.
+
+    exact=True: float32 operands at HIGHEST precision (the reference, an oracle for tests).
+    exact=False: operands in k/v's own dtype (bf16 tensor cores on a GPU) with float32
+    accumulation, p cast to v's dtype for p·V -- what a serving path does. Identical for
+    float32 caches.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = _gqa_scores(q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    exact = exact or k.dtype == jnp.float32
+    if exact:
+        s = _gqa_scores(q.astype(jnp.float32), k.astype(jnp.float32), True) * scale
+    else:
+        s = _gqa_scores(q.astype(k.dtype), k, False) * scale
     s = jnp.where(mask, s, -jnp.inf)
     mx = jnp.max(s, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # a row with nothing to attend gives 0, not NaN
     p = jnp.exp(s - mx)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = _gqa_values(p, v) / jnp.where(denom > 0, denom, 1.0)
+    o = _gqa_values(p, v, exact) / jnp.where(denom > 0, denom, 1.0)
     return o.astype(q.dtype)
 
 
@@ -67,10 +83,10 @@ def decode_mask(lengths, num_tokens: int, window: int | None = None):
     return m[:, None, None, :]
 
 
-def reference_decode_attention(q, cache, *, window: int | None = None):
+def reference_decode_attention(q, cache, *, window: int | None = None, exact: bool = True):
     """Dequantize the whole cache, then dense attention. q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
     k, v = cache.materialize()
-    return attend_dense(q, k, v, decode_mask(cache.lengths, k.shape[2], window))
+    return attend_dense(q, k, v, decode_mask(cache.lengths, k.shape[2], window), exact=exact)
 
 
 def _on_gpu() -> bool:
@@ -91,6 +107,8 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None)
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 or None")
     if impl == "auto":
+        if isinstance(cache, DenseCache):  # nothing to unpack: XLA's attention in the cache dtype
+            return reference_decode_attention(q, cache, window=window, exact=False)
         impl = "pallas" if _on_gpu() else "reference"
     if impl == "reference":
         return reference_decode_attention(q, cache, window=window)
@@ -99,25 +117,39 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None)
     return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu())
 
 
-def prefill_attention(q, k, v, lengths=None, *, window: int | None = None):
+PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer
+
+
+def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact: bool = False):
     """Causal full-precision prompt attention. q [B, Hq, T, D], k, v [B, Hkv, T, D].
 
     lengths [B] (default T): keys at positions >= lengths[b] are masked. window: each query
     sees at most the ``window`` newest keys (itself included). Returns [B, Hq, T, D].
+    Queries go in blocks of PREFILL_BLOCK, each against the keys it can see (causal), so
+    the float32 scores never exceed [B, Hq, PREFILL_BLOCK, T]. Operands stay in the
+    inputs' dtype with float32 accumulation (``exact=True``: float32 at HIGHEST precision;
+    float32 inputs always are).
     """
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"q must be [B, Hq, T, D] and k, v [B, Hkv, T, D]; got {q.shape}, {k.shape}, {v.shape}")
     b, hq, t, d = q.shape
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or hq % k.shape[1]:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree (B, T, D equal; Hq a multiple of Hkv)")
-    pos = jnp.arange(t)
-    mask = pos[None, :] <= pos[:, None]
-    if window is not None:
-        mask &= pos[None, :] > pos[:, None] - window
-    mask = mask[None, None]
     if lengths is not None:
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.shape} {lengths.dtype}")
-        mask = mask & (pos[None, :] < lengths[:, None])[:, None, None, :]
-    return attend_dense(q, k, v, mask)
+    outs = []
+    for q0 in range(0, t, PREFILL_BLOCK):
+        q1 = min(q0 + PREFILL_BLOCK, t)
+        k0 = 0 if window is None else max(0, q0 - window + 1)
+        qpos = jnp.arange(q0, q1)[:, None]
+        kpos = jnp.arange(k0, q1)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        mask = mask[None, None]
+        if lengths is not None:
+            mask = mask & (kpos[0][None, :] < lengths[:, None])[:, None, None, :]
+        outs.append(attend_dense(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], mask, exact=exact))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)

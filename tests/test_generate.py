@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import toy_model  # noqa: E402
 
 import kivi_jax  # noqa: E402
-from kivi_jax import generate as gen  # noqa: E402
+import importlib  # noqa: E402
+
+gen = importlib.import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
 from kivi_jax.generate import GenerateOutput, generate, generate_stream  # noqa: E402
 from kivi_jax.sampling import sample_logits  # noqa: E402
 from flax import nnx  # noqa: E402
