@@ -40,6 +40,20 @@ def kivi_bytes(cfg, b, hkv, t, dtype=jnp.bfloat16):
     return int(b * (t * per_tok + cfg.residual_bytes(num_kv_heads=hkv, head_dim=D, dtype=dtype)))
 
 
+_SEEN: list = []
+
+
+def _checkpoint(rows):
+    """Keep every measured row on disk as we go: a run cut short still leaves its numbers."""
+    import json
+    import os
+
+    if os.environ.get("OUT"):
+        seen = _SEEN + [r for r in rows if r not in _SEEN]
+        with open(os.path.join(os.environ["OUT"], "partial-rows.json"), "w") as f:
+            json.dump(seen, f)
+
+
 def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes):
     rows = []
     for hq, hkv in heads:
@@ -90,6 +104,7 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                                "tbps": nbytes / ms / 1e9, "ratio_to_dense": ms / dense_ms if dense_ms else None}
                         rows.append(row)
                         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                        _checkpoint(rows)
                     del cache
                     gc.collect()
     return rows
