@@ -56,7 +56,7 @@ def out_dir(outdir: str | None = None) -> pathlib.Path:
     return path
 
 
-def time_fn(fn, *args, reps: int = 7, min_ms: float = 20.0) -> float:
+def time_fn(fn, *args, reps: int = 5, min_ms: float = 10.0) -> float:
     """Median milliseconds per call of a jitted ``fn``: calls are queued back to back
     (async dispatch) in batches of >= ``min_ms`` and synchronized once per batch."""
     jax.block_until_ready(fn(*args))
