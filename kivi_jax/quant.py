@@ -221,7 +221,8 @@ def dequantize_codes(codes, scale_s, mn_s, dtype) -> jax.Array:
     m = mn_s.astype(jnp.float32)
     y = _exact_madd(c, s, m)
     # huge groups: code * scale alone may overflow although the sum does not
-    y_huge = _exact_madd(c, s * _HUGE_UNIT, m * _HUGE_UNIT) * _HUGE
+    # (code 0 is the min itself: m * _HUGE_UNIT could underflow)
+    y_huge = jnp.where(c == 0, m, _exact_madd(c, s * _HUGE_UNIT, m * _HUGE_UNIT) * _HUGE)
     y = jnp.where(s >= _HUGE, y_huge, y)
     return jnp.clip(y, float(finfo.min), float(finfo.max)).astype(dtype)
 
