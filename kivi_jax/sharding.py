@@ -170,7 +170,8 @@ def active_mesh(mesh=None, rules: ShardingRules | None = None):
         rules = rules or ctx_rules
     if mesh is None:
         am = jax.sharding.get_abstract_mesh()
-        mesh = None if am.empty else am
+        # inside a caller's shard_map (manual axes) the arrays are already per-shard
+        mesh = None if am.empty or getattr(am, "manual_axes", ()) else am
     rules = rules or DEFAULT_RULES
     if mesh is None or math.prod(mesh.shape.values()) == 1:
         return None, rules

@@ -8,7 +8,8 @@ over a data=2 x model=4 mesh:
 * generate with the mesh gives the same tokens as one device (KIVI and dense caches;
   reference attention, and the Pallas kernel in interpret mode under shard_map);
 * the returned cache and the parameters carry the expected NamedShardings;
-* the compiled decode step has no collective whose result has the shape (and dtype) of a
+* generate_stream with the mesh gives generate's tokens;
+* the compiled decode loop and prefill have no collective whose result has the shape (and dtype) of a
   cache array, global or per shard (the checker is shown to catch a forced gather);
 * the Pallas decode attention under shard_map equals the reference (plain window and
   sliding window).
@@ -110,6 +111,9 @@ def _child() -> dict:
     sharded["kivi_pallas"] = gen.generate(model, ids, kivi=kivi, attn_impl="pallas", mesh=mesh, **common)
     res["tokens_one"] = {k: np.asarray(v.tokens).tolist() for k, v in one.items()}
     res["tokens_sharded"] = {k: np.asarray(v.tokens).tolist() for k, v in sharded.items()}
+    stream = gen.generate_stream(model, ids, kivi=None, attn_impl="reference", mesh=mesh, **common)
+    steps = list(stream)
+    res["stream_tokens"] = np.stack([np.where(st.emitted, st.tokens, 0) for st in steps], axis=1).tolist()
     res["lengths_equal"] = {k: bool((np.asarray(v.lengths) == np.asarray(one[k.split("_")[0]].lengths)).all())
                             for k, v in sharded.items()}
 
@@ -146,11 +150,13 @@ def _child() -> dict:
             max_length=None, cache_dtype=None, attn_impl=impl, mesh=mesh, rules=None, **common)
         carry = gen._run_prefill(g, st, i, ln, keys, knobs, c)
         shapes = _cache_shapes(carry.cache, mesh.shape)
-        with gen._on_mesh(c):
-            hlo = gen._decode_step.lower(g, st, carry._replace(step=None), carry.step, keys, knobs,
-                                         cfg=c).compile().as_text()
-        res["hlo"][name] = {"gathered": [[op, list(s)] for op, s in _gathered_cache(hlo, shapes)],
-                            "collectives": len(_collectives(hlo))}
+        with gen._on_mesh(c):  # the programs generate runs: the decode loop and the prefill
+            hlos = {"loop": gen._decode_loop.lower(g, st, carry._replace(step=None), carry.step, keys, knobs,
+                                                   cfg=c).compile().as_text(),
+                    "prefill": gen._prefill.lower(g, st, i, ln, keys, knobs, cfg=c).compile().as_text()}
+        for part, hlo in hlos.items():
+            res["hlo"][f"{name}/{part}"] = {"gathered": [[op, list(s)] for op, s in _gathered_cache(hlo, shapes)],
+                                            "collectives": len(_collectives(hlo))}
         if name == "kivi_reference":  # negative control: a forced gather is caught
             forced = jax.jit(lambda cc: jax.lax.with_sharding_constraint(
                 cc.layers.k_codes, NamedSharding(mesh, P(None, "data"))))
@@ -205,6 +211,10 @@ def test_sharded_tokens_equal_one_device(child, name):
     assert child["lengths_equal"][name]
 
 
+def test_sharded_stream_equals_generate(child):
+    assert child["stream_tokens"] == child["tokens_one"]["dense"]
+
+
 def test_kivi_and_dense_differ(child):
     # the comparison above is not vacuous: 2-bit KIVI changes some greedy tokens here
     assert child["tokens_one"]["kivi"] != child["tokens_one"]["dense"]
@@ -240,8 +250,9 @@ def test_param_shardings(child):
 
 
 @pytest.mark.parametrize("name", ["kivi_reference", "kivi_pallas", "dense"])
-def test_decode_step_gathers_no_cache_array(child, name):
-    h = child["hlo"][name]
+@pytest.mark.parametrize("part", ["loop", "prefill"])
+def test_compiled_programs_gather_no_cache_array(child, name, part):
+    h = child["hlo"][f"{name}/{part}"]
     assert h["gathered"] == []
     assert h["collectives"] > 0  # tensor parallelism does communicate (activations)
 
