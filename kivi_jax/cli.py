@@ -101,7 +101,7 @@ def _add_kivi_flags(p, bits: bool = True):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kivi-jax", description="KIVI 2-bit KV-cache quantization in JAX: generate text, "
                                                   "evaluate the cache's quality.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{generate,eval}")
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams it)",
                        description="Generate text with a KIVI (default 2-bit) or dense KV cache, streamed; ends "
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template (plain completion)")
 
     e = sub.add_parser("eval", help="quality evaluations: perplexity, passkey retrieval")
-    esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="{ppl,passkey}")
 
     p = esub.add_parser("ppl", help="perplexity, teacher-forced token by token through the cache",
                         description="Perplexity of real English text (Paul Graham essays, Wikipedia leads), "
@@ -287,14 +287,13 @@ def cmd_generate(args) -> int:
     out = sys.stdout
     printer = _TextStream(tokenizer, out)
     t0 = time.perf_counter()
-    t_first = None
+    stamps = []  # time each token arrived: [0] after the prefill, [1] after the first decode step
     n = 0
     eos = set(_eos_ids(tokenizer, model))
     try:
         while True:
             step = next(stream)
-            if t_first is None:
-                t_first = time.perf_counter()
+            stamps.append(time.perf_counter())
             if step.emitted[0]:
                 n += 1
                 tok = int(step.tokens[0])
@@ -312,11 +311,12 @@ def cmd_generate(args) -> int:
     dtype = model.dtype
     dense_tok = kivi_jax.dense_bytes_per_token(num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype,
                                                num_layers=c.num_layers)
-    decode_rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
     err = sys.stderr
-    print(f"[{n} tokens in {t_end - t0:.2f} s: {n / (t_end - t0):.1f} tokens/s overall, {decode_rate:.1f} tokens/s "
-          f"decoding; prompt {len(ids)} tokens, first token after {t_first - t0:.2f} s (includes compilation)]",
-          file=err)
+    # steady decoding: from the second decode step on (the first one compiles, on a first call)
+    steady = f"{(len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s decoding" if len(stamps) > 2 else \
+        "too few tokens to time decoding"
+    print(f"[{n} tokens in {t_end - t0:.2f} s ({n / (t_end - t0):.1f} tokens/s overall), {steady}; prompt "
+          f"{len(ids)} tokens, first token after {stamps[0] - t0:.2f} s (prefill; includes compilation)]", file=err)
     cap = cache.max_length
     if kivi is None:
         print(f"[cache: dense {np.dtype(dtype).name}, {held} tokens held, buffers {_fmt_bytes(cache.nbytes)} "

@@ -61,7 +61,10 @@ def parse_method(spec: str, *, group_size: int = 32, residual_length: int = 128)
                          f"kivi-B-vchannel, kivi-B-sim (B in 1, 2, 4, 8)")
     kb = int(m.group(1))
     vb = int(m.group(2) or kb)
-    cfg = KIVIConfig(k_bits=kb, v_bits=vb, group_size=group_size, residual_length=residual_length)
+    try:
+        cfg = KIVIConfig(k_bits=kb, v_bits=vb, group_size=group_size, residual_length=residual_length)
+    except ValueError as e:
+        raise ValueError(f"method {spec!r}: {e}") from None
     suffix = m.group(3)
     if suffix == "-ktoken":
         return Method(s, cfg, key_axis="token", value_axis="token", simulated=True)

@@ -224,12 +224,15 @@ def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[fl
         for length in lengths:
             prompts = [build_prompt(tokenizer, length=length, depth=d, key=random_key(rng), filler=filler)
                        for d in depths for _ in range(trials)]
+            # equal batches (one compiled shape per length): the last is padded with a repeated prompt
             per = max(1, max_batch_tokens // length)
-            for s in range(0, len(prompts), per):
-                jobs.append((filler, length, prompts[s:s + per]))
+            nb = -(-len(prompts) // per)
+            size = -(-len(prompts) // nb)
+            for s in range(0, len(prompts), size):
+                jobs.append((filler, length, prompts[s:s + size], size))
     records = []
-    for filler, length, batch in jobs:
-        answers = answer_batch(model, batch, methods)
+    for filler, length, batch, size in jobs:
+        answers = answer_batch(model, batch + [batch[-1]] * (size - len(batch)), methods)
         for m in methods:
             for p, toks in zip(batch, answers[m.name]):
                 text = tokenizer.decode(toks.tolist(), skip_special_tokens=True)

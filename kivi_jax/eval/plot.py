@@ -41,7 +41,9 @@ def plot_ppl(result: dict, path) -> pathlib.Path:
         rows = [r for r in res if r["method"] == m]
         excess = [sum(r["nll_bins"][i] - dense[r["text"]][i] for r in rows) / len(rows)
                   for i in range(len(rows[0]["nll_bins"]))]
-        ax2.plot([(i + 0.5) * bin_size for i in range(len(excess))], excess, marker=".", label=labels[m])
+        ncols = result["settings"]["chunk_len"] - 1  # column j scores token j + 1
+        centers = [1 + (i * bin_size + min((i + 1) * bin_size, ncols) - 1) / 2 for i in range(len(excess))]
+        ax2.plot(centers, excess, marker=".", label=labels[m])
     ax2.axhline(0, color="gray", lw=0.8)
     r_len = result["settings"].get("residual_length")
     if r_len:
