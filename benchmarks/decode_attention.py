@@ -48,10 +48,12 @@ def _checkpoint(rows):
     import json
     import os
 
+    for r in rows:
+        if not any(r is s for s in _SEEN):
+            _SEEN.append(r)
     if os.environ.get("OUT"):
-        seen = _SEEN + [r for r in rows if r not in _SEEN]
         with open(os.path.join(os.environ["OUT"], "partial-rows.json"), "w") as f:
-            json.dump(seen, f)
+            json.dump(_SEEN, f)
 
 
 def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes):
