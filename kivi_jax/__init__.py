@@ -3,6 +3,7 @@
 from kivi_jax.attention import decode_attention, prefill_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
+from kivi_jax import sharding
 from kivi_jax.config import KIVIConfig, dense_bytes_per_token
 from kivi_jax.generate import GenerateOutput, StreamStep, generate, generate_stream
 from kivi_jax.quant import QuantizedArray, dequantize, fake_quantize, quantize
@@ -24,5 +25,6 @@ __all__ = [
     "prefill_attention",
     "quantize",
     "sample_logits",
+    "sharding",
 ]
 __version__ = "0.1.0"
