@@ -12,7 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kivi_jax import rotation
 from kivi_jax.cache_dense import DenseCache
+from kivi_jax.cache_kivi import KIVICache
 
 IMPLS = ("auto", "pallas", "reference")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
@@ -84,9 +86,23 @@ def decode_mask(lengths, num_tokens: int, window: int | None = None):
 
 
 def reference_decode_attention(q, cache, *, window: int | None = None, exact: bool = True):
-    """Dequantize the whole cache, then dense attention. q [B, Hq, 1, D] -> [B, Hq, 1, D]."""
-    k, v = cache.materialize()
-    return attend_dense(q, k, v, decode_mask(cache.lengths, k.shape[2], window), exact=exact)
+    """Dequantize the whole cache, then dense attention. q [B, Hq, 1, D] -> [B, Hq, 1, D].
+
+    A KIVICache with ``config.rotate`` is read in its stored basis: scores (q·H)·(K·H)^T, output
+    (p·(V·H))·H^T -- only q and the output are rotated, never the dequantized K or V.
+    """
+    rot_k = rot_v = False
+    if isinstance(cache, KIVICache):
+        rot_k, rot_v = cache.config.rotate_keys, cache.config.rotate_values
+    if not (rot_k or rot_v):
+        k, v = cache.materialize()
+        return attend_dense(q, k, v, decode_mask(cache.lengths, k.shape[2], window), exact=exact)
+    k, v = cache.materialize(rotated=True)
+    qr = rotation.rotate(q) if rot_k else q.astype(jnp.float32)
+    o = attend_dense(qr, k, v, decode_mask(cache.lengths, k.shape[2], window), exact=exact)
+    if rot_v:
+        o = rotation.rotate(o, transpose=True)
+    return o.astype(q.dtype)
 
 
 def _on_gpu() -> bool:

@@ -4,6 +4,16 @@ The kernel covers each row's *bulk*: whole ``chunk``-token chunks below m = max(
 where keys and values are both quantized. The rest — at most ``chunk + R`` newest tokens:
 the boundary chunk, the key residual and the value window — is attended here in plain JAX
 (it is the full-precision part KIVI keeps anyway), and the partial softmaxes are combined.
+
+Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
+the sinks (store position p = token S + p), so the kernel and the tail work on that body
+exactly as on a plain cache (body lengths, a sliding window's start shifted by S), and the S
+sink tokens are one more plain-JAX partial. With ``rotate``, q is rotated (q·H) before the
+kernel and the tail, and the combined output is rotated back (o·H^T) after: one D x D
+product per query, none per cached token. With ``key_group_size`` != ``group_size`` the
+kernel, which has one group size for key tokens and value channels, gets the finer of the
+two and the coarser scale rows repeated to match (a copy of those scales per call: a kernel
+parameter for the key group would avoid it).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kivi_jax import packing, sharding
+from kivi_jax import packing, rotation, sharding
 from kivi_jax.attention import reference_decode_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
@@ -32,14 +42,15 @@ def default_splits(batch: int, heads: int, n_chunks: int, interpret: bool) -> in
 
 
 def _tail_partials(qg, cache: KIVICache, first, start, chunk: int):
-    """Softmax partials over tokens [max(first, start), L) in plain JAX.
+    """Softmax partials over body tokens [max(first, start), Lb) in plain JAX.
 
-    qg [B, Hkv, g, D] float32 (pre-scaled); first [B] multiple of the chunk. The window is
-    W = chunk + R tokens from ``first``: it holds every token the kernel leaves out.
+    Body coordinates (store positions; token S + p). qg [B, Hkv, g, D] float32 (pre-scaled,
+    in the keys' stored basis); first [B] multiple of the chunk. The window is W = chunk + R
+    tokens from ``first``: it holds every token the kernel leaves out.
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
     c = cache.config
-    g, r, tc = c.group_size, c.residual_length, cache.capacity
+    g, kg, r, tc = c.group_size, c.key_group, c.residual_length, cache.capacity
     width = min(r + chunk, tc)
     t = first[:, None] + jnp.arange(width)[None, :]  # [B, W]
     ti = jnp.clip(t, 0, tc - 1)
@@ -53,22 +64,48 @@ def _tail_partials(qg, cache: KIVICache, first, start, chunk: int):
         return (w >> shift.astype(jnp.uint32)[:, None, :, None]) & jnp.uint32((1 << bits) - 1)
 
     dt = cache.dtype
-    k_hat = (codes(cache.k_codes, c.k_bits).astype(jnp.float32) * gather(cache.k_scale, ti // g).astype(jnp.float32)
-             + gather(cache.k_min, ti // g).astype(jnp.float32)).astype(dt)
+    k_hat = (codes(cache.k_codes, c.k_bits).astype(jnp.float32) * gather(cache.k_scale, ti // kg).astype(jnp.float32)
+             + gather(cache.k_min, ti // kg).astype(jnp.float32)).astype(dt)
     vs = jnp.repeat(gather(cache.v_scale, ti), g, axis=3).astype(jnp.float32)
     vm = jnp.repeat(gather(cache.v_min, ti), g, axis=3).astype(jnp.float32)
     v_hat = (codes(cache.v_codes, c.v_bits).astype(jnp.float32) * vs + vm).astype(dt)
     k_res = gather(cache.k_res, t % r)
     v_res = gather(cache.v_res, t % r)
-    k = jnp.where((t < cache.num_quantized_keys[:, None])[:, None, :, None], k_hat, k_res).astype(jnp.float32)
-    v = jnp.where((t < cache.num_quantized_values[:, None])[:, None, :, None], v_hat, v_res).astype(jnp.float32)
+    k = jnp.where((t < cache._body_quantized_keys()[:, None])[:, None, :, None], k_hat, k_res).astype(jnp.float32)
+    v = jnp.where((t < cache._body_quantized_values()[:, None])[:, None, :, None], v_hat, v_res).astype(jnp.float32)
+    valid = (t >= jnp.maximum(first, start)[:, None]) & (t < cache.body_lengths[:, None])
+    return _partials(qg, k, v, valid)
+
+
+def _partials(qg, k, v, valid):
+    """qg [B, Hkv, g, D], k, v [B, Hkv, W, D] float32, valid [B, W] -> o [B, Hkv, g, D], m, l [B, Hkv, g]."""
     s = jnp.einsum("bhgd,bhwd->bhgw", qg, k, precision=jax.lax.Precision.HIGHEST)
-    valid = (t >= jnp.maximum(first, start)[:, None]) & (t < cache.lengths[:, None])
     s = jnp.where(valid[:, None, None, :], s, kivi_decode._NEG)
     m = jnp.max(s, axis=-1)
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
     o = jnp.einsum("bhgw,bhwd->bhgd", p, v, precision=jax.lax.Precision.HIGHEST)
     return o, m, jnp.sum(p, axis=-1)
+
+
+def _sink_partials(qg, cache: KIVICache, start):
+    """Softmax partials over the S sink tokens [start, min(L, S)) (absolute positions)."""
+    k, v = cache.sinks()
+    t = jnp.arange(cache.config.sink_tokens)[None, :]
+    valid = (t < cache.lengths[:, None]) & (t >= start[:, None])
+    return _partials(qg, k.astype(jnp.float32), v.astype(jnp.float32), valid)
+
+
+def _kernel_scales(cache: KIVICache):
+    """(group, k_scale, k_min, v_scale, v_min) for the kernel's single group size: the finer of
+    the key group (tokens) and the value group (channels), the other's scale rows repeated."""
+    c = cache.config
+    g, kg = c.group_size, c.key_group
+    ks, km, vs, vm = cache.k_scale, cache.k_min, cache.v_scale, cache.v_min
+    if kg < g:
+        vs, vm = jnp.repeat(vs, g // kg, axis=3), jnp.repeat(vm, g // kg, axis=3)
+    elif kg > g:
+        ks, km = jnp.repeat(ks, kg // g, axis=2), jnp.repeat(km, kg // g, axis=2)
+    return min(g, kg), ks, km, vs, vm
 
 
 def _default_chunk(config) -> int:
@@ -129,23 +166,37 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     if variant != "fma":
         rows = max(16, rows)  # tensor-core dots need 16 rows
     qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
+    if c.rotate_keys:  # scores in the stored basis: (q·H)·(K·H)^T
+        qg = rotation.rotate(qg)
     qp = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
     lengths = cache.lengths
     start = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
-    bulk_end = (cache.num_quantized_values // chunk) * chunk  # [B], tokens
+    sk = c.sink_tokens
+    start_b = start if sk == 0 else jnp.maximum(start - sk, 0)  # the window's start in body positions
+    bulk_end = (cache._body_quantized_values() // chunk) * chunk  # [B], body tokens
     n_chunks = cache.capacity // chunk
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
+    group, ks, km, vs, vm = _kernel_scales(cache)
     o, m, l = kivi_decode.kivi_decode_partials(
-        qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
-        start // chunk, bulk_end // chunk, start, k_bits=c.k_bits, v_bits=c.v_bits,
-        group_size=c.group_size, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
+        qp, cache.k_codes, ks, km, cache.v_codes, vs, vm,
+        start_b // chunk, bulk_end // chunk, start_b, k_bits=c.k_bits, v_bits=c.v_bits,
+        group_size=group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
         num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
-    o_t, m_t, l_t = _tail_partials(qg, cache, bulk_end, start, chunk)
-    m_all = jnp.maximum(jnp.max(m, axis=2), m_t)  # [B, Hkv, g]
+    parts = [_tail_partials(qg, cache, bulk_end, start_b, chunk)]
+    if sk:
+        parts.append(_sink_partials(qg, cache, start))
+    m_all = jnp.max(m, axis=2)  # [B, Hkv, g]
+    for _, m_t, _ in parts:
+        m_all = jnp.maximum(m_all, m_t)
     w = jnp.exp(m - m_all[:, :, None])
-    w_t = jnp.exp(m_t - m_all)
-    num = jnp.sum(o * w[..., None], axis=2) + o_t * w_t[..., None]
-    den = jnp.sum(l * w, axis=2) + l_t * w_t
+    num = jnp.sum(o * w[..., None], axis=2)
+    den = jnp.sum(l * w, axis=2)
+    for o_t, m_t, l_t in parts:
+        w_t = jnp.exp(m_t - m_all)
+        num = num + o_t * w_t[..., None]
+        den = den + l_t * w_t
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    if c.rotate_values:  # (p·(V·H))·H^T
+        out = rotation.rotate(out, transpose=True)
     return out.reshape(b, hq, 1, d).astype(q.dtype)

@@ -11,6 +11,22 @@ Per row b with L = lengths[b] tokens held:
 
 Codes of keys and values are packed along the token axis (:mod:`kivi_jax.packing`) into
 stores of static capacity ``config.capacity(max_length)``.
+
+Extensions (``KIVIConfig``; all off by default, and then everything above holds bit for bit):
+
+* ``sink_tokens=S``: tokens [0, S) of a row are *sinks*, kept in full precision forever in
+  slots [R, R + S) of ``k_res`` / ``v_res`` (slot R + t holds token t). Everything above
+  then applies to the *body*, the tokens after the sinks, counted from S: body token
+  p = t - S, body length Lb = max(L - S, 0); the quantized stores index body tokens (store
+  position p holds token S + p), so groups, flushes and spills start after the sinks. A row
+  shorter than S holds only sinks. (The sinks live inside the residual buffers rather than
+  in new fields so the pytree, and the sharding rules written for it, stay as they were.)
+* ``rotate``: keys and/or values are rotated by the Hadamard matrix H once, when stored:
+  every buffer (quantized stores, residuals, sinks) holds K·H / V·H (rounded into the
+  cache dtype). ``materialize()`` returns the original basis; attention reads the stored
+  basis (``materialize(rotated=True)``) with a rotated query and rotates the output back.
+* ``key_group_size``: key scales/mins per ``config.key_group`` tokens (values still per
+  ``group_size`` channels).
 """
 
 from __future__ import annotations
@@ -22,16 +38,19 @@ from jax import lax
 from kivi_jax import cache_common as cc
 from kivi_jax import packing
 from kivi_jax import quant
+from kivi_jax import rotation
 from kivi_jax.config import KIVIConfig
 
 
 @cc.pytree_dataclass
 class KIVICache:
-    """Buffers (Tc = config.capacity(max_length), G = group_size, R = residual_length):
+    """Buffers (Tc = config.capacity(max_length), G = group_size, Gk = config.key_group,
+    R = residual_length, S = sink_tokens):
 
-    k_codes [B, Hkv, packed_len(Tc, k_bits), D] uint32; k_scale, k_min [B, Hkv, Tc/G, D]
-    k_res [B, Hkv, R, D]; v_codes [B, Hkv, packed_len(Tc, v_bits), D] uint32;
-    v_scale, v_min [B, Hkv, Tc, D/G]; v_res [B, Hkv, R, D] (ring); lengths [B] int32;
+    k_codes [B, Hkv, packed_len(Tc, k_bits), D] uint32; k_scale, k_min [B, Hkv, Tc/Gk, D]
+    k_res [B, Hkv, R + S, D] (residual, then sinks); v_codes [B, Hkv, packed_len(Tc, v_bits), D]
+    uint32; v_scale, v_min [B, Hkv, Tc, D/G]; v_res [B, Hkv, R + S, D] (ring, then sinks);
+    lengths [B] int32 (all tokens, sinks included);
     overflow [B] bool (a write was refused because the row was full, or an input was invalid).
     """
 
@@ -57,18 +76,21 @@ class KIVICache:
         config.check_head_dim(head_dim)
         if max_length < 1:
             raise ValueError(f"max_length={max_length} must be >= 1")
+        if config.sink_tokens >= max_length:
+            raise ValueError(f"sink_tokens={config.sink_tokens} must be < max_length={max_length}")
         quant._check_float("cache", dtype)
-        g, r, tc = config.group_size, config.residual_length, config.capacity(max_length)
+        g, kg, tc = config.group_size, config.key_group, config.capacity(max_length)
+        rs = config.residual_length + config.sink_tokens
         bh = (batch, num_kv_heads)
         return cls(
             k_codes=jnp.zeros(bh + (packing.packed_len(tc, config.k_bits), head_dim), jnp.uint32),
-            k_scale=jnp.zeros(bh + (tc // g, head_dim), dtype),
-            k_min=jnp.zeros(bh + (tc // g, head_dim), dtype),
-            k_res=jnp.zeros(bh + (r, head_dim), dtype),
+            k_scale=jnp.zeros(bh + (tc // kg, head_dim), dtype),
+            k_min=jnp.zeros(bh + (tc // kg, head_dim), dtype),
+            k_res=jnp.zeros(bh + (rs, head_dim), dtype),
             v_codes=jnp.zeros(bh + (packing.packed_len(tc, config.v_bits), head_dim), jnp.uint32),
             v_scale=jnp.zeros(bh + (tc, head_dim // g), dtype),
             v_min=jnp.zeros(bh + (tc, head_dim // g), dtype),
-            v_res=jnp.zeros(bh + (r, head_dim), dtype),
+            v_res=jnp.zeros(bh + (rs, head_dim), dtype),
             lengths=jnp.zeros((batch,), jnp.int32),
             overflow=jnp.zeros((batch,), bool),
             config=config,
@@ -79,7 +101,8 @@ class KIVICache:
     num_kv_heads = property(lambda self: self.k_res.shape[1])
     head_dim = property(lambda self: self.k_res.shape[3])
     dtype = property(lambda self: self.k_res.dtype)
-    capacity = property(lambda self: self.k_scale.shape[2] * self.config.group_size)
+    #: tokens the quantized stores can hold (the body, after the sinks), Tc
+    capacity = property(lambda self: self.k_scale.shape[2] * self.config.key_group)
 
     @property
     def nbytes(self) -> int:
@@ -87,15 +110,43 @@ class KIVICache:
         return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
     @property
+    def body_lengths(self):
+        """Lb [B] = max(L - S, 0): tokens after the sinks (what the quantized stores index)."""
+        s = self.config.sink_tokens
+        return self.lengths if s == 0 else jnp.maximum(self.lengths - s, 0)
+
+    @property
     def num_quantized_keys(self):
-        """n [B]: keys [0, n) are quantized."""
-        r = self.config.residual_length
-        return self.lengths - self.lengths % r
+        """n [B]: keys [0, n) are sinks or quantized, keys [n, L) in the residual.
+        n = S + Lb - Lb % R (plain KIVI: L - L % R); n = L for a row shorter than S."""
+        r, s = self.config.residual_length, self.config.sink_tokens
+        lb = self.body_lengths
+        return lb - lb % r + jnp.minimum(self.lengths, s)
 
     @property
     def num_quantized_values(self):
-        """m [B]: values [0, m) are quantized."""
-        return jnp.maximum(self.lengths - self.config.residual_length, 0)
+        """m [B]: values [0, m) are sinks or quantized, values [m, L) in the window.
+        m = S + max(Lb - R, 0) (plain KIVI: max(L - R, 0)); m = L for a row shorter than S."""
+        s = self.config.sink_tokens
+        return jnp.maximum(self.body_lengths - self.config.residual_length, 0) + jnp.minimum(self.lengths, s)
+
+    # body-relative counts: store positions [0, n_b) of the keys / [0, m_b) of the values are quantized
+    def _body_quantized_keys(self):
+        lb = self.body_lengths
+        return lb - lb % self.config.residual_length
+
+    def _body_quantized_values(self):
+        return jnp.maximum(self.body_lengths - self.config.residual_length, 0)
+
+    def sinks(self):
+        """(k_sink, v_sink) [B, Hkv, S, D] in the stored basis; slots >= lengths hold zeros."""
+        r = self.config.residual_length
+        return self.k_res[:, :, r:], self.v_res[:, :, r:]
+
+    def _store(self, x, rotate: bool):
+        """Inputs as the cache stores them: in its dtype, then (rotate) x·H rounded into it."""
+        x = jnp.asarray(x).astype(self.dtype)
+        return rotation.rotate(x).astype(self.dtype) if rotate else x
 
     def _check(self, k, v, tokens=None):
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,
@@ -103,10 +154,10 @@ class KIVICache:
 
     # ---- quantization helpers ---------------------------------------------------------
     def _quant_keys(self, k):
-        """Per-channel: k [B, H, T, D] (T multiple of G) -> codes [B,H,T,D], scale/min [B,H,T/G,D]."""
+        """Per-channel: k [B, H, T, D] (T multiple of Gk) -> codes [B,H,T,D], scale/min [B,H,T/Gk,D]."""
         c = self.config
         b, h, t, d = k.shape
-        xg = k.astype(jnp.float32).reshape(b, h, t // c.group_size, c.group_size, d)
+        xg = k.astype(jnp.float32).reshape(b, h, t // c.key_group, c.key_group, d)
         scale, mn = quant.group_params(xg, c.k_bits, self.dtype, reduce_axis=3)
         codes = quant.quantize_codes(xg, scale, mn, c.k_bits).reshape(b, h, t, d)
         return codes, scale[:, :, :, 0], mn[:, :, :, 0]
@@ -140,29 +191,55 @@ class KIVICache:
         """Stores a (padded) prompt k, v [B, Hkv, T, D] into an empty cache.
 
         Row b keeps its first lengths[b] tokens (default T): keys [0, n_b) quantized
-        per-channel, values [0, m_b) per-token, the rest in the residuals. Padding never
+        per-channel, values [0, m_b) per-token, the rest in the residuals (with sinks: tokens
+        [0, S) in the sink slots, and all of this for the tokens after them). Padding never
         enters a group. Replaces whatever the cache held.
         """
         c = self.config
-        g, r = c.group_size, c.residual_length
+        sk = c.sink_tokens
         t = self._check(k, v)
         lengths, invalid = cc.prompt_lengths(lengths, self.batch_size, t, self.max_length)
         # the cache holds K, V in its dtype: quantize those numbers, exactly as append does
-        k, v = jnp.asarray(k).astype(self.dtype), jnp.asarray(v).astype(self.dtype)
-        n = lengths - lengths % r
-        m = jnp.maximum(lengths - r, 0)
+        k, v = self._store(k, c.rotate_keys), self._store(v, c.rotate_values)
         new = self.init(c, batch=self.batch_size, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                         max_length=self.max_length, dtype=self.dtype)
+        if sk == 0:
+            body = self._prefill_body(new, k, v, lengths, t)
+            return KIVICache(*body, lengths, invalid, c, self.max_length)
+        r = c.residual_length
+        tb = max(t - sk, 0)
+        lb = jnp.maximum(lengths - sk, 0)
+        if tb:
+            k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res = self._prefill_body(
+                new, k[:, :, sk:], v[:, :, sk:], lb, tb)
+        else:
+            k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res = (
+                new.k_codes, new.k_scale, new.k_min, new.k_res[:, :, :r], new.v_codes, new.v_scale, new.v_min,
+                new.v_res[:, :, :r])
+        tok = jnp.broadcast_to(jnp.arange(sk)[None, :], (self.batch_size, sk))
+        ok = tok < lengths[:, None]
+        k_res = jnp.concatenate([k_res, self._gather_tokens(k, tok, ok)], axis=2)
+        v_res = jnp.concatenate([v_res, self._gather_tokens(v, tok, ok)], axis=2)
+        return KIVICache(k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res,
+                         lengths, invalid, c, self.max_length)
+
+    def _prefill_body(self, new, k, v, lengths, t):
+        """Algorithm 1's prefill of k, v [B, H, t, D] (stored basis) with per-row lengths into
+        the empty stores of ``new``; returns the 8 buffers (residuals of R slots)."""
+        c = self.config
+        g, kg, r = c.group_size, c.key_group, c.residual_length
+        n = lengths - lengths % r
+        m = jnp.maximum(lengths - r, 0)
         k_codes, k_scale, k_min = new.k_codes, new.k_scale, new.k_min
         tf = (t // r) * r
         if tf:
             codes, scale, mn = self._quant_keys(k[:, :, :tf])
-            grp_ok = (jnp.arange(tf // g)[None, :] * g < n[:, None])[:, None, :, None]
+            grp_ok = (jnp.arange(tf // kg)[None, :] * kg < n[:, None])[:, None, :, None]
             tok_ok = (jnp.arange(tf)[None, :] < n[:, None])[:, None, :, None]
             words = packing.pack(jnp.where(tok_ok, codes, 0), c.k_bits, axis=2)
             k_codes = k_codes.at[:, :, : words.shape[2]].set(words)
-            k_scale = k_scale.at[:, :, : tf // g].set(jnp.where(grp_ok, scale, 0))
-            k_min = k_min.at[:, :, : tf // g].set(jnp.where(grp_ok, mn, 0))
+            k_scale = k_scale.at[:, :, : tf // kg].set(jnp.where(grp_ok, scale, 0))
+            k_min = k_min.at[:, :, : tf // kg].set(jnp.where(grp_ok, mn, 0))
         codes, scale, mn = self._quant_values(v)
         tok_ok = (jnp.arange(t)[None, :] < m[:, None])[:, None, :, None]
         words = packing.pack(jnp.where(tok_ok, codes, 0), c.v_bits, axis=2)
@@ -175,8 +252,7 @@ class KIVICache:
         v_tok = m[:, None] + (slot - m[:, None]) % r  # value ring slot i holds the window token = i mod R
         k_res = self._gather_tokens(k, k_tok, k_tok < lengths[:, None])
         v_res = self._gather_tokens(v, v_tok, v_tok < lengths[:, None])
-        return KIVICache(k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res,
-                         lengths, invalid, c, self.max_length)
+        return k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res
 
     def _gather_tokens(self, x, tok, ok):
         """x [B, H, T, D], tok/ok [B, R] -> [B, H, R, D] with x[b, :, tok] where ok else 0."""
@@ -188,31 +264,40 @@ class KIVICache:
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, the paper's order).
 
         A row already holding max_length tokens is left unchanged and flagged in ``overflow``.
+        With sinks, a row holding L < S tokens writes the token into sink slot L instead.
         """
         self._check(k, v, tokens=1)
         c = self.config
-        r, g = c.residual_length, c.group_size
+        r, kg, sk = c.residual_length, c.key_group, c.sink_tokens
+        k, v = self._store(k, c.rotate_keys), self._store(v, c.rotate_values)
         L = self.lengths
         full = L >= self.max_length
         live = ~full
-        Lc = jnp.minimum(L, self.max_length - 1)  # in-range index for masked rows
+        if sk:
+            live_body = live & (L >= sk)
+            Lb = jnp.maximum(L - sk, 0)
+        else:
+            live_body, Lb = live, L
+        Lc = jnp.minimum(Lb, self.max_length - sk - 1)  # in-range index for masked rows
+        # residual slots are [0, R) of k_res / v_res (sink slots [R, R + S) follow)
+        k_res0, v_res0 = self.k_res, self.v_res
 
         # keys: Kr += k; a full residual (R keys) is quantized per-channel and emptied
-        k_res = cc.put_row(self.k_res, jnp.where(live[:, None, None, None], k.astype(self.dtype),
-                                                cc.take_row(self.k_res, Lc % r, 1, axis=1)), Lc % r, axis=1)
-        flush = live & ((L + 1) % r == 0)
-        n0 = jnp.where(flush, L + 1 - r, 0)
+        k_res = cc.put_row(k_res0, jnp.where(live_body[:, None, None, None], k,
+                                             cc.take_row(k_res0, Lc % r, 1, axis=1)), Lc % r, axis=1)
+        flush = live_body & ((Lb + 1) % r == 0)
+        n0 = jnp.where(flush, Lb + 1 - r, 0)
 
         def do_flush(state):
             k_codes, k_scale, k_min = state
-            codes, scale, mn = self._quant_keys(k_res)
+            codes, scale, mn = self._quant_keys(k_res if not sk else k_res[:, :, :r])
             f4 = flush[:, None, None, None]
             codes = jnp.where(f4, codes, 0)
             k_codes = self._or_tokens(k_codes, codes, n0, c.k_bits)
-            old_s = cc.take_row(k_scale, n0 // g, r // g, axis=1)
-            old_m = cc.take_row(k_min, n0 // g, r // g, axis=1)
-            k_scale = cc.put_row(k_scale, jnp.where(f4, scale, old_s), n0 // g, axis=1)
-            k_min = cc.put_row(k_min, jnp.where(f4, mn, old_m), n0 // g, axis=1)
+            old_s = cc.take_row(k_scale, n0 // kg, r // kg, axis=1)
+            old_m = cc.take_row(k_min, n0 // kg, r // kg, axis=1)
+            k_scale = cc.put_row(k_scale, jnp.where(f4, scale, old_s), n0 // kg, axis=1)
+            k_min = cc.put_row(k_min, jnp.where(f4, mn, old_m), n0 // kg, axis=1)
             return k_codes, k_scale, k_min
 
         k_codes, k_scale, k_min = lax.cond(jnp.any(flush), do_flush, lambda s: s,
@@ -220,9 +305,9 @@ class KIVICache:
 
         # values: the token leaving the R-window (token L - R, ring slot L % R) is quantized
         slot = Lc % r
-        leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]
-        spill = live & (L >= r)
-        t_out = jnp.where(spill, L - r, 0)
+        leaving = cc.take_row(v_res0, slot, 1, axis=1)  # [B, H, 1, D]
+        spill = live_body & (Lb >= r)
+        t_out = jnp.where(spill, Lb - r, 0)
         codes, scale, mn = self._quant_values(leaving)
         codes = jnp.where(spill[:, None, None, None], codes, 0)
         row, shift = packing.word_row_and_shift(t_out, c.v_bits)
@@ -231,27 +316,48 @@ class KIVICache:
         s4 = spill[:, None, None, None]
         v_scale = cc.put_row(self.v_scale, jnp.where(s4, scale, cc.take_row(self.v_scale, t_out, 1, axis=1)), t_out, axis=1)
         v_min = cc.put_row(self.v_min, jnp.where(s4, mn, cc.take_row(self.v_min, t_out, 1, axis=1)), t_out, axis=1)
-        v_res = cc.put_row(self.v_res, jnp.where(live[:, None, None, None], v.astype(self.dtype), leaving), slot, axis=1)
+        v_res = cc.put_row(v_res0, jnp.where(live_body[:, None, None, None], v, leaving), slot, axis=1)
+
+        if sk:  # a row still filling its sinks writes slot R + L of the full buffers
+            to_sink = (live & (L < sk))[:, None, None, None]
+            idx = r + jnp.clip(L, 0, sk - 1)
+            k_res = cc.put_row(k_res, jnp.where(to_sink, k, cc.take_row(k_res, idx, 1, axis=1)), idx, axis=1)
+            v_res = cc.put_row(v_res, jnp.where(to_sink, v, cc.take_row(v_res, idx, 1, axis=1)), idx, axis=1)
 
         return KIVICache(k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res,
                          L + live, self.overflow | full, c, self.max_length)
 
     # ---- reading ------------------------------------------------------------------------------
-    def materialize(self):
-        """(K_hat, V_hat) [B, Hkv, Tc, D] in the cache dtype: dequantized where quantized, the
-        residual where not. Positions >= lengths hold junk; attention masks them."""
+    def materialize(self, rotated: bool = False):
+        """(K_hat, V_hat) [B, Hkv, S + Tc, D] in the cache dtype: position t is token t (sinks,
+        then the body): dequantized where quantized, full precision where not. Positions >=
+        lengths hold junk; attention masks them.
+
+        rotated=False: in the original basis (a rotated store is rotated back, in full: for
+        inspection and tests). rotated=True: the stored basis, what attention reads.
+        """
         c = self.config
         tc = self.capacity
         t = jnp.arange(tc)
         kq = quant.dequantize_codes(packing.unpack(self.k_codes, c.k_bits, 2, tc),
-                                    jnp.repeat(self.k_scale, c.group_size, axis=2),
-                                    jnp.repeat(self.k_min, c.group_size, axis=2), self.dtype)
+                                    jnp.repeat(self.k_scale, c.key_group, axis=2),
+                                    jnp.repeat(self.k_min, c.key_group, axis=2), self.dtype)
         vq = quant.dequantize_codes(packing.unpack(self.v_codes, c.v_bits, 2, tc),
                                     jnp.repeat(self.v_scale, c.group_size, axis=3),
                                     jnp.repeat(self.v_min, c.group_size, axis=3), self.dtype)
         r = c.residual_length
         k_r = jnp.take(self.k_res, t % r, axis=2)
         v_r = jnp.take(self.v_res, t % r, axis=2)
-        kq_mask = (t[None, :] < self.num_quantized_keys[:, None])[:, None, :, None]
-        vq_mask = (t[None, :] < self.num_quantized_values[:, None])[:, None, :, None]
-        return jnp.where(kq_mask, kq, k_r), jnp.where(vq_mask, vq, v_r)
+        kq_mask = (t[None, :] < self._body_quantized_keys()[:, None])[:, None, :, None]
+        vq_mask = (t[None, :] < self._body_quantized_values()[:, None])[:, None, :, None]
+        k_hat, v_hat = jnp.where(kq_mask, kq, k_r), jnp.where(vq_mask, vq, v_r)
+        if c.sink_tokens:
+            k_sink, v_sink = self.sinks()
+            k_hat = jnp.concatenate([k_sink, k_hat], axis=2)
+            v_hat = jnp.concatenate([v_sink, v_hat], axis=2)
+        if not rotated:
+            if c.rotate_keys:
+                k_hat = rotation.rotate(k_hat, transpose=True).astype(self.dtype)
+            if c.rotate_values:
+                v_hat = rotation.rotate(v_hat, transpose=True).astype(self.dtype)
+        return k_hat, v_hat

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kivi_jax import packing
+from kivi_jax.rotation import ROTATE_CHOICES, check_head_dim as _check_rotation_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,12 +19,26 @@ class KIVIConfig:
       values: G channels of one token). A power of two >= 16: the packed layout hands the
       kernel 16 tokens at a time, and a key group must hold whole 16-token slots.
     residual_length: R, newest tokens kept in full precision; a multiple of group_size.
+
+    Extensions beyond the paper (all off by default: the defaults are plain KIVI, bit for bit):
+
+    sink_tokens: S >= 0, the first S tokens of every row stay in full precision forever
+      (attention sinks); quantization groups, the key residual and the value window count
+      from token S. Must be < max_length (checked by KIVICache.init).
+    rotate: "none" | "k" | "v" | "kv": store K·H and/or V·H (H the orthonormal Hadamard
+      matrix, :mod:`kivi_jax.rotation`; head_dim a power of two, checked when the cache is
+      built). Attention rotates q before the scores and the output back after p·V.
+    key_group_size: tokens per key group (per channel); a power of two >= 16 dividing
+      residual_length. None (default): group_size. Values keep groups of group_size channels.
     """
 
     k_bits: int = 2
     v_bits: int = 2
     group_size: int = 32
     residual_length: int = 128
+    sink_tokens: int = 0
+    rotate: str = "none"
+    key_group_size: int | None = None
 
     def __post_init__(self):
         packing.check_bits("k_bits", self.k_bits)
@@ -34,31 +49,58 @@ class KIVIConfig:
         r = self.residual_length
         if not isinstance(r, int) or r < g or r % g:
             raise ValueError(f"residual_length={r!r} must be a positive multiple of group_size={g}")
+        s = self.sink_tokens
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"sink_tokens={s!r} must be an integer >= 0")
+        if self.rotate not in ROTATE_CHOICES:
+            raise ValueError(f"rotate={self.rotate!r}; allowed: {ROTATE_CHOICES}")
+        kg = self.key_group_size
+        if kg is not None and (isinstance(kg, bool) or not isinstance(kg, int) or kg < 16 or kg & (kg - 1)
+                               or r % kg):
+            raise ValueError(f"key_group_size={kg!r} must be a power of two >= 16 dividing residual_length={r}")
+
+    @property
+    def key_group(self) -> int:
+        """Tokens per key group: key_group_size, or group_size when that is None."""
+        return self.group_size if self.key_group_size is None else self.key_group_size
+
+    @property
+    def rotate_keys(self) -> bool:
+        return self.rotate in ("k", "kv")
+
+    @property
+    def rotate_values(self) -> bool:
+        return self.rotate in ("v", "kv")
 
     def check_head_dim(self, head_dim: int) -> None:
         if head_dim % self.group_size:
             raise ValueError(f"group_size={self.group_size} must divide head_dim={head_dim}")
+        _check_rotation_dim(head_dim, self.rotate)
 
     def capacity(self, max_length: int) -> int:
-        """Token capacity of the quantized stores: max_length rounded up to whole packed blocks."""
-        unit = max(packing.block_len(self.k_bits), packing.block_len(self.v_bits), self.group_size)
-        return -(-max_length // unit) * unit
+        """Token capacity of the quantized stores: the max_length - sink_tokens tokens after the
+        sinks, rounded up to whole packed blocks and key groups."""
+        unit = max(packing.block_len(self.k_bits), packing.block_len(self.v_bits), self.group_size, self.key_group)
+        n = max(max_length - self.sink_tokens, 1)
+        return -(-n // unit) * unit
 
     def bytes_per_token(self, *, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16, num_layers: int = 1) -> float:
         """Analytic bytes one more token costs in the quantized stores (codes + scales + mins).
 
-        The fixed full-precision residual (2 R tokens of K and V per head) is
-        :meth:`residual_bytes`; a cache of n tokens holds about
+        The fixed full-precision part (R residual tokens and S sink tokens of K and V per
+        head) is :meth:`residual_bytes`; a cache of n tokens holds about
         ``n * bytes_per_token + residual_bytes``.
         """
         self.check_head_dim(head_dim)
         sb = jnp.dtype(dtype).itemsize
-        per_head = head_dim * (self.k_bits + self.v_bits) / 8 + 2 * 2 * sb * head_dim / self.group_size
+        per_head = (head_dim * (self.k_bits + self.v_bits) / 8
+                    + 2 * sb * head_dim / self.key_group + 2 * sb * head_dim / self.group_size)
         return per_head * num_kv_heads * num_layers
 
     def residual_bytes(self, *, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16, num_layers: int = 1) -> int:
+        """Bytes of the full-precision buffers: R residual + S sink tokens, of K and of V."""
         sb = jnp.dtype(dtype).itemsize
-        return 2 * self.residual_length * head_dim * sb * num_kv_heads * num_layers
+        return 2 * (self.residual_length + self.sink_tokens) * head_dim * sb * num_kv_heads * num_layers
 
 
 def dense_bytes_per_token(*, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16, num_layers: int = 1) -> int:
