@@ -76,11 +76,9 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
     n_vgroups = d // g
     slots = chunk // 16
     k_blk, v_blk = 16 * (32 // k_bits), 16 * (32 // v_bits)  # tokens per packed block
-    split = pl.program_id(2)
-    lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
-    hi = jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split)
+    # tokens before `start` are outside a sliding window
+    lo, hi, start = kivi_decode_fma.program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split)
     q = q_ref[...].astype(jnp.float32)
-    start = start_ref[()]  # tokens before it are outside a sliding window
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
     def key_scores(t0):
@@ -142,7 +140,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
     n_acc, acc_w = (1, d) if variant == "dequant" else (n_vgroups, g)
     init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             tuple(jnp.zeros((m_rows, acc_w), jnp.float32) for _ in range(n_acc)))
-    m_i, l_i, accs = lax.fori_loop(lo, jnp.maximum(lo, hi), body, init)
+    m_i, l_i, accs = lax.fori_loop(lo, hi, body, init)
     for i, a in enumerate(accs):
         o_ref[:, pl.ds(i * acc_w, acc_w)] = a
     m_ref[...] = m_i

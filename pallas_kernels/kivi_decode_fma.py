@@ -39,6 +39,27 @@ def _pow2_neg(p):
     return lax.bitcast_convert_type(((127 - p) << 23).astype(jnp.int32), jnp.float32)
 
 
+def program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split):
+    """This program's chunk range [lo, hi) (its split of the row's bulk) and the row's start token."""
+    split = pl.program_id(2)
+    lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
+    hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
+    return lo, hi, start_ref[()]
+
+
+def block_words(kc_ref, vc_ref, cb, n_groups, g):
+    """Key words [16, D] and value words per channel group [16, G] of packed block ``cb``,
+    each with its ``>> 16`` copy (the slots whose bit offset is >= 16)."""
+    u16 = jnp.uint32(16)
+    rows = pl.ds(16 * cb, 16)
+    kw = kc_ref[rows, :]
+    vws = []
+    for gi in range(n_groups):
+        vw = vc_ref[rows, pl.ds(gi * g, g)]
+        vws.append((vw, vw >> u16))
+    return (kw, kw >> u16), vws
+
+
 def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref, start_ref,
            o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, num_queries):
     """One (row, KV head, split) program; keys and values share ``bits``.
@@ -52,22 +73,12 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
     n_groups = d // g
     c = 32 // bits
     blk, half = 16 * c, c // 2
-    split = pl.program_id(2)
-    lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
-    hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
-    start = start_ref[()]
+    lo, hi, start = program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split)
     qs = [q_ref[pl.ds(i, 1), :].astype(jnp.float32) for i in range(num_queries)]  # [1, D] each
-    u16 = jnp.uint32(16)
 
     def block(cb, carry):
         t0 = cb * blk
-        rows = pl.ds(16 * cb, 16)
-        kw = kc_ref[rows, :]
-        kws = (kw, kw >> u16)
-        vws = []
-        for gi in range(n_groups):
-            vw = vc_ref[rows, pl.ds(gi * g, g)]
-            vws.append((vw, vw >> u16))
+        kws, vws = block_words(kc_ref, vc_ref, cb, n_groups, g)
 
         def pair(jp, carry):
             ms, ls, accs, accm = carry
@@ -138,25 +149,15 @@ def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi
     n_groups = d // g
     c = 32 // bits
     blk, half = 16 * c, c // 2
-    split = pl.program_id(2)
-    lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
-    hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
-    start = start_ref[()]
+    lo, hi, start = program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split)
     q = q_ref[...].astype(jnp.float32)
-    u16 = jnp.uint32(16)
 
     def dot(a, b):
         return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
     def block(cb, carry):
         t0 = cb * blk
-        rows = pl.ds(16 * cb, 16)
-        kw = kc_ref[rows, :]
-        kws = (kw, kw >> u16)
-        vws = []
-        for gi in range(n_groups):
-            vw = vc_ref[rows, pl.ds(gi * g, g)]
-            vws.append((vw, vw >> u16))
+        kws, vws = block_words(kc_ref, vc_ref, cb, n_groups, g)
 
         def pair(jp, carry):
             m, l, accs, accm = carry  # m, l [M, 1]; accs n_groups x [M, G]; accm n_groups x [M, 1]
