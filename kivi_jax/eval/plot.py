@@ -48,7 +48,8 @@ def plot_ppl(result: dict, path) -> pathlib.Path:
     r_len = result["settings"].get("residual_length")
     if r_len:
         ax2.axvline(r_len, color="gray", ls=":", lw=0.8)
-        ax2.text(r_len, ax2.get_ylim()[1], f" R={r_len}", va="top", fontsize=8, color="gray")
+        ax2.annotate(f" R={r_len}: first keys quantized", (r_len, 0), xytext=(2, -12), textcoords="offset points",
+                     fontsize=8, color="gray")
     ax2.set_xlabel("token position")
     ax2.set_ylabel(f"mean NLL - dense NLL (nats, bins of {bin_size})")
     ax2.set_title("where the quantized cache costs (mean over texts and windows)")
