@@ -289,3 +289,108 @@ class ReferenceDenseCache:
             vv = np.stack(self.v[r], 1) if self.v[r] else np.zeros((self.H, 0, self.D))
             out[r, :, 0] = attend(q[r, :, 0], kk, vv)
         return out
+
+
+# ---- extensions (issue 8): attention sinks, Hadamard rotation, a separate key group size ----------
+
+
+def hadamard_reference(d: int) -> np.ndarray:
+    """Orthonormal Hadamard matrix from its closed form H[i, j] = (-1)^popcount(i & j) / sqrt(d)
+    (the Sylvester matrix, written independently of kivi_jax.rotation)."""
+    i = np.arange(d)
+    bits = np.vectorize(lambda x: bin(int(x)).count("1"))(i[:, None] & i[None, :])
+    return np.where(bits % 2, -1.0, 1.0) / math.sqrt(d)
+
+
+class ReferenceKIVICacheExt(ReferenceKIVICache):
+    """Algorithm 1 with the opt-in extensions, row by row in float64:
+
+    * sink_tokens S: the first S tokens of a row go to a full-precision sink list forever; all
+      of Algorithm 1 (key flushes every R tokens, the R-token value window) then runs on the
+      tokens after them, as if the sequence started at token S.
+    * rotate: keys / values are stored as x·H (H orthonormal Hadamard), rounded into the cache
+      dtype; reads rotate back with H^T in float64 (``keys``/``values`` are in the original basis,
+      ``keys_stored``/``values_stored`` in the stored one).
+    * key_group_size: keys quantized per channel over groups of that many tokens.
+    """
+
+    def __init__(self, *, sink_tokens: int = 0, rotate: str = "none", key_group_size=None, **kw):
+        super().__init__(**kw)
+        self.S = sink_tokens
+        self.KG = key_group_size or self.G
+        assert self.R % self.KG == 0
+        self.rot_k, self.rot_v = rotate in ("k", "kv"), rotate in ("v", "kv")
+        self.Hm = hadamard_reference(self.D)
+        self.sinks = [([], []) for _ in self.rows]
+
+    def _store(self, x, rot: bool):
+        x = self._stored(x)
+        return self._stored(np.einsum("...d,de->...e", x, self.Hm)) if rot else x
+
+    def _quant_keys(self, row, keys):
+        h, n, d = keys.shape
+        g = keys.reshape(h, n // self.KG, self.KG, d).transpose(0, 1, 3, 2)  # [H, n/KG, D, KG]
+        codes, scale, mn, xhat = quant_groups(g, self.k_bits, self.dtype)
+        codes = codes.transpose(0, 1, 3, 2).reshape(h, n, d)
+        xhat = self._deq(xhat.transpose(0, 1, 3, 2).reshape(h, n, d))
+        for i in range(n):
+            row.kq.append((codes[:, i], xhat[:, i]))
+        for j in range(n // self.KG):
+            row.kq_params.append((scale[:, j, :, 0], mn[:, j, :, 0]))
+
+    def prefill(self, k, v, lengths=None):
+        k, v = self._store(k, self.rot_k), self._store(v, self.rot_v)
+        b, _, t, _ = k.shape
+        lengths = [t] * b if lengths is None else [int(x) for x in lengths]
+        self.rows = [_Row() for _ in range(b)]
+        self.sinks = [([], []) for _ in range(b)]
+        for r in range(b):
+            ns = min(lengths[r], self.S)
+            self.sinks[r] = ([k[r, :, i] for i in range(ns)], [v[r, :, i] for i in range(ns)])
+        body_k, body_v = k[:, :, self.S:], v[:, :, self.S:]  # the base prefill stores them as given
+        if body_k.shape[2]:
+            ReferenceKIVICache.prefill(self, body_k, body_v, [max(x - self.S, 0) for x in lengths])
+        return self
+
+    def append(self, k, v):
+        k, v = self._store(k, self.rot_k), self._store(v, self.rot_v)
+        for r, row in enumerate(self.rows):
+            sk, sv = self.sinks[r]
+            if len(sk) < self.S:
+                sk.append(k[r, :, 0])
+                sv.append(v[r, :, 0])
+                continue
+            row.kr.append(k[r, :, 0])
+            if len(row.kr) == self.R:
+                self._quant_keys(row, np.stack(row.kr, axis=1))
+                row.kr = []
+            row.vr.append(v[r, :, 0])
+            if len(row.vr) > self.R:
+                self._quant_value(row, row.vr.pop(0))
+        return self
+
+    def length(self, r: int) -> int:
+        return len(self.sinks[r][0]) + super().length(r)
+
+    def num_quantized(self, r: int):
+        """(n, m): keys [0, n) / values [0, m) are sinks or quantized (absolute positions)."""
+        ns = len(self.sinks[r][0])
+        return ns + len(self.rows[r].kq), ns + len(self.rows[r].vq)
+
+    def keys_stored(self, r: int) -> np.ndarray:
+        sk = self.sinks[r][0]
+        body = ReferenceKIVICache.keys(self, r)
+        return np.concatenate([np.stack(sk, 1), body], axis=1) if sk else body
+
+    def values_stored(self, r: int) -> np.ndarray:
+        sv = self.sinks[r][1]
+        body = ReferenceKIVICache.values(self, r)
+        return np.concatenate([np.stack(sv, 1), body], axis=1) if sv else body
+
+    def keys(self, r: int) -> np.ndarray:
+        k = self.keys_stored(r)
+        return k @ self.Hm.T if self.rot_k else k
+
+    def values(self, r: int) -> np.ndarray:
+        v = self.values_stored(r)
+        return v @ self.Hm.T if self.rot_v else v
