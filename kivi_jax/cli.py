@@ -96,6 +96,13 @@ def _add_kivi_flags(p, bits: bool = True):
                    help="G: numbers per scale/min group, a power of two >= 16 dividing head_dim (default 32)")
     p.add_argument("--residual-length", type=_int_at_least(1), default=128,
                    help="R: newest tokens kept in full precision, a multiple of G (default 128)")
+    # extensions beyond the paper (issue 8); the defaults are plain KIVI
+    p.add_argument("--sink-tokens", type=_int_at_least(0), default=0,
+                   help="S: first tokens of each sequence kept in full precision forever (default 0)")
+    p.add_argument("--rotate", choices=("none", "k", "v", "kv"), default="none",
+                   help="quantize K·H and/or V·H (Hadamard, head_dim a power of two; default none)")
+    p.add_argument("--key-group-size", type=_power_of_two, default=None,
+                   help="tokens per key group, a power of two >= 16 dividing R (default: --group-size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,9 +187,36 @@ def _kivi_config(args, k_bits: int = 2, v_bits: int = 2):
 
     try:
         return KIVIConfig(k_bits=k_bits, v_bits=v_bits, group_size=args.group_size,
-                          residual_length=args.residual_length)
+                          residual_length=args.residual_length, **_extension_kwargs(args))
     except ValueError as e:
         raise UsageError(f"--group-size/--residual-length: {_one_line(e)}") from None
+
+
+def _extension_kwargs(args) -> dict:
+    """KIVIConfig extension fields from --sink-tokens, --rotate, --key-group-size."""
+    return dict(sink_tokens=getattr(args, "sink_tokens", 0), rotate=getattr(args, "rotate", "none"),
+                key_group_size=getattr(args, "key_group_size", None))
+
+
+def _with_extensions(methods, args):
+    """The KIVICache methods with the extension flags applied (simulated ones refuse them)."""
+    import dataclasses
+
+    ext = _extension_kwargs(args)
+    if ext == dict(sink_tokens=0, rotate="none", key_group_size=None):
+        return methods
+    out = []
+    for m in methods:
+        if m.kivi is not None:
+            if m.simulated:
+                raise UsageError(f"--methods: {m.name} (a simulated cache) does not support "
+                                 f"--sink-tokens/--rotate/--key-group-size")
+            try:
+                m = dataclasses.replace(m, kivi=dataclasses.replace(m.kivi, **ext))
+            except ValueError as e:
+                raise UsageError(f"--sink-tokens/--rotate/--key-group-size: {_one_line(e)}") from None
+        out.append(m)
+    return out
 
 
 def _check_head_dim(cfg, model):
@@ -344,9 +378,10 @@ def _methods(args):
     from kivi_jax.eval.methods import parse_methods
 
     try:
-        return parse_methods(args.methods, group_size=args.group_size, residual_length=args.residual_length)
+        methods = parse_methods(args.methods, group_size=args.group_size, residual_length=args.residual_length)
     except ValueError as e:
         raise UsageError(f"--methods: {_one_line(e)}") from None
+    return _with_extensions(methods, args)
 
 
 def _check_out(path) -> None:
