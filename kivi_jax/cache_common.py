@@ -61,17 +61,71 @@ def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
     return jnp.clip(lengths, 0, tokens), invalid
 
 
-def put_row(buf, x, index, axis):
+def put_row(buf, x, index, axis, layer=None):
     """Per batch row b: buf[b] with x[b] written at index[b] along ``axis`` (of the row).
 
     buf [B, ...], x [B, ...] (same rank, smaller along axis), index [B] int32 in range.
+    layer: buf is [L, B, ...] (a stacked cache leaf) and only layer ``layer`` (a scalar,
+    traced or not) is written -- an in-place scatter of x's slabs, never a copy of buf.
     """
-    def one(buf_b, x_b, i):
-        return lax.dynamic_update_slice_in_dim(buf_b, x_b.astype(buf_b.dtype), i, axis)
-
-    return jax.vmap(one)(buf, x, index)
+    # one scatter (batch row b -> slab at index[b]), written directly rather than as a vmap of
+    # dynamic_update_slice so that the stacked case keeps the buffers' layout (no relayout copy)
+    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+    nb = buf.shape[len(lead)]
+    if x.ndim != buf.ndim - len(lead) or x.shape[0] != nb:
+        raise ValueError(f"put_row: x {x.shape} does not fit buf {buf.shape} (layer={layer is not None})")
+    cols = [jnp.broadcast_to(a, (nb,)) for a in lead]
+    cols += [jnp.arange(nb, dtype=jnp.int32), jnp.asarray(index, jnp.int32)]
+    idx = jnp.stack(cols, axis=1)  # [B, len(lead) + 2]
+    k = len(lead)
+    dnums = lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(1, x.ndim)),
+        inserted_window_dims=tuple(range(k + 1)),
+        scatter_dims_to_operand_dims=tuple(range(k + 1)) + (k + 1 + axis,),
+    )
+    return lax.scatter(buf, idx, x.astype(buf.dtype), dnums, indices_are_sorted=True, unique_indices=True,
+                       mode=lax.GatherScatterMode.CLIP)
 
 
 def take_row(buf, index, size, axis):
     """Per batch row b: buf[b][index[b] : index[b] + size] along ``axis`` of the row."""
     return jax.vmap(lambda buf_b, i: lax.dynamic_slice_in_dim(buf_b, i, size, axis))(buf, index)
+
+
+# ---- appends as row writes ---------------------------------------------------------------------
+# A cache's ``append_writes(k, v)`` says what one appended token changes: a few per-row slabs
+# (RowWrite) plus the new lengths and overflow. ``apply_writes`` applies them to the cache
+# itself (that is ``append``) or to one layer of a stacked cache (leaves [L, B, ...]): the
+# model's layer scan carries the stacked cache and writes only these slabs in place, so a
+# decode step never copies or rewrites a whole cache buffer.
+@pytree_dataclass
+class RowWrite:
+    """Row b of cache field ``field`` gets value[b] at index[b] along ``axis`` of the row.
+
+    value [B, ...] (a row's slab: same rank as a row of the field), index [B] int32 in range.
+    Writes are computed from the cache before the append and applied in order.
+    """
+
+    value: jax.Array
+    index: jax.Array
+    field: str = static()
+    axis: int = static()
+
+
+def apply_writes(cache, writes, lengths, overflow, layer=None):
+    """``cache`` with ``writes`` (RowWrite sequence) applied and lengths/overflow [B] replaced.
+
+    layer=None: cache is a per-layer cache (this is what ``append`` does). Otherwise every leaf
+    of cache has a leading layer axis and only layer ``layer`` changes: the slabs are
+    scattered into the stacked buffers and lengths/overflow into row ``layer``.
+    """
+    new = {}
+    for w in writes:
+        buf = new.get(w.field, getattr(cache, w.field))
+        new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer)
+    if layer is None:
+        new["lengths"], new["overflow"] = lengths, overflow
+    else:
+        new["lengths"] = lax.dynamic_update_index_in_dim(cache.lengths, lengths.astype(cache.lengths.dtype), layer, 0)
+        new["overflow"] = lax.dynamic_update_index_in_dim(cache.overflow, overflow, layer, 0)
+    return dataclasses.replace(cache, **new)

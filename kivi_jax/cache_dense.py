@@ -56,15 +56,20 @@ class DenseCache:
 
     def append(self, k, v) -> "DenseCache":
         """Appends one token k, v [B, Hkv, 1, D] per row; a full row is left as is and flagged."""
+        return cc.apply_writes(self, *self.append_writes(k, v))
+
+    def append_writes(self, k, v):
+        """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
+        the [B, Hkv, 1, D] token slab of k and of v (a full row rewrites its last slot as is)."""
         self._check(k, v, tokens=1)
         full = self.lengths >= self.max_length
         at = jnp.minimum(self.lengths, self.max_length - 1)
         keep = ~full[:, None, None, None]
         k_old = cc.take_row(self.k, at, 1, axis=1)
         v_old = cc.take_row(self.v, at, 1, axis=1)
-        k_new = cc.put_row(self.k, jnp.where(keep, k.astype(self.dtype), k_old), at, axis=1)
-        v_new = cc.put_row(self.v, jnp.where(keep, v.astype(self.dtype), v_old), at, axis=1)
-        return DenseCache(k_new, v_new, self.lengths + (~full), self.overflow | full, self.max_length)
+        writes = (cc.RowWrite(jnp.where(keep, k.astype(self.dtype), k_old), at, "k", 1),
+                  cc.RowWrite(jnp.where(keep, v.astype(self.dtype), v_old), at, "v", 1))
+        return writes, self.lengths + (~full), self.overflow | full
 
     def materialize(self):
         """(K, V) [B, Hkv, max_length, D] in the cache dtype; positions >= lengths are junk/zero."""

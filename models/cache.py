@@ -1,9 +1,10 @@
 """StackedCache: one KV cache per decoder layer, stored as a single cache with a leading layer axis.
 
-The model scans its layers with ``lax.scan``; a scan slices its inputs along axis 0, so a
-``DenseCache`` or ``KIVICache`` whose every leaf carries a leading ``[L]`` axis hands each
-layer an ordinary per-layer cache. The wrapper only adds what callers need at model level
-(``lengths``, ``overflow``) and never looks at the cache format.
+The model scans its layers with ``lax.scan`` and carries the stacked cache through the scan
+(not as scanned inputs/outputs: those would make XLA write every layer's whole buffer into a
+fresh output each step). Layer ``l`` reads ``layer(l)``, an ordinary per-layer
+``DenseCache`` / ``KIVICache`` view, and writes through ``append_layer`` (only the slabs the
+new token changes, in place) or ``prefill_layer``. The wrapper never looks at the format.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from kivi_jax import cache_common as cc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +59,27 @@ class StackedCache:
     def nbytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self.layers)))
 
-    def layer(self, i: int):
-        """The per-layer cache of layer ``i`` (a DenseCache / KIVICache without the layer axis)."""
+    def layer(self, i):
+        """The per-layer cache of layer ``i`` (int or traced scalar): a DenseCache / KIVICache
+        without the layer axis."""
         return jax.tree.map(lambda x: x[i], self.layers)
+
+    def set_layer(self, i, one_layer) -> "StackedCache":
+        """Layer ``i`` replaced by the per-layer cache ``one_layer`` (whole buffers written)."""
+        return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), i, 0),
+                                         self.layers, one_layer))
+
+    def append_layer(self, i, k, v) -> "StackedCache":
+        """``layer(i).append(k, v)`` stored back as layer ``i``, writing only the slabs the token
+        changes (the format's ``append_writes``) into the stacked buffers, in place."""
+        one = self.layer(i)
+        if not hasattr(one, "append_writes"):  # a format without row writes: whole-layer write
+            return self.set_layer(i, one.append(k, v))
+        return StackedCache(cc.apply_writes(self.layers, *one.append_writes(k, v), layer=i))
+
+    def prefill_layer(self, i, k, v, lengths=None) -> "StackedCache":
+        """``layer(i).prefill(k, v, lengths)`` stored back as layer ``i``."""
+        return self.set_layer(i, self.layer(i).prefill(k, v, lengths))
 
 
 jax.tree_util.register_dataclass(StackedCache, data_fields=["layers"], meta_fields=[])

@@ -10,8 +10,8 @@ D head_dim, I intermediate size, V vocab, L layers.
   lengths)`` *replaces* what the cache held. ``lengths`` [B] marks right-padded rows
   (default: all T tokens are real).
 * T == 1 without ``lengths`` is a decode step: the token sits at position
-  ``cache.lengths[b]``; each layer does ``cache = cache.append(k, v)`` then
-  ``decode_attention(q, cache)``.
+  ``cache.lengths[b]``; layer i does ``cache.append_layer(i, k, v)`` (= ``append`` on its
+  cache, writing only the changed slabs in place) then ``decode_attention(q, cache.layer(i))``.
 * ``cache=None``: one full causal forward pass (training, scoring), returns ``(logits, None)``.
 
 The cache is a :class:`~models.cache.StackedCache` from :meth:`Llama.init_cache`: one
@@ -63,8 +63,9 @@ def apply_rope(x, cos, sin):
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-def _layer(p, x, cos, sin, cache, *, config: ModelConfig, lengths, attn_impl: str, decode: bool):
-    """One decoder layer. p: this layer's weights; x [B, T, H]; cache: one layer's cache or None."""
+def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool):
+    """One decoder layer. p: this layer's weights; x [B, T, H]; cache: the StackedCache (or
+    None), of which this layer reads and writes layer ``i`` in place."""
     b, t, _ = x.shape
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     window = config.sliding_window
@@ -76,12 +77,12 @@ def _layer(p, x, cos, sin, cache, *, config: ModelConfig, lengths, attn_impl: st
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T, D]
 
     if decode:
-        cache = cache.append(k, v)
-        o = kivi_jax.decode_attention(q, cache, impl=attn_impl, window=window)
+        cache = cache.append_layer(i, k, v)  # only the new token's slabs are written
+        o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window)
     else:
         o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
         if cache is not None:
-            cache = cache.prefill(k, v, lengths)
+            cache = cache.prefill_layer(i, k, v, lengths)
     o = o.transpose(0, 2, 1, 3).reshape(b, t, hq * d).astype(x.dtype)
     x = x + o @ p["o_proj"]
 
@@ -203,17 +204,22 @@ class Llama(nnx.Module):
 
         x = jnp.take(self.embed[...], ids, axis=0)
 
-        def body(x, xs):
-            p, layer_cache = xs
-            return _layer(p, x, cos, sin, layer_cache, config=c, lengths=lengths, attn_impl=attn_impl, decode=decode)
+        # the stacked cache is part of the carry, not a scanned input/output: each layer
+        # updates its slice in place (scan outputs would be fresh buffers written in full)
+        def body(carry, xs):
+            x, cache = carry
+            p, i = xs
+            x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
+                              decode=decode)
+            return (x, cache), None
 
-        x, new_layers = lax.scan(body, x, (self.layers.arrays(), None if cache is None else cache.layers))
+        (x, cache), _ = lax.scan(body, (x, cache), (self.layers.arrays(), jnp.arange(c.num_layers, dtype=jnp.int32)))
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         if self.lm_head is None:
             logits = jnp.einsum("bth,vh->btv", x, self.embed[...], preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("bth,hv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, (None if cache is None else StackedCache(new_layers))
+        return logits, cache
 
 
 class Mistral(Llama):
