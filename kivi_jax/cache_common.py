@@ -68,9 +68,16 @@ def put_row(buf, x, index, axis, layer=None):
     layer: buf is [L, B, ...] (a stacked cache leaf) and only layer ``layer`` (a scalar,
     traced or not) is written -- an in-place scatter of x's slabs, never a copy of buf.
     """
-    # one scatter (batch row b -> slab at index[b]), written directly rather than as a vmap of
-    # dynamic_update_slice so that the stacked case keeps the buffers' layout (no relayout copy)
-    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+    if layer is None:
+        # a vmap of dynamic_update_slice: GSPMD partitions it over batch/head shards without
+        # gathering (the scatter below, on a single cache, made it all-gather the slabs)
+        def one(buf_b, x_b, i):
+            return lax.dynamic_update_slice_in_dim(buf_b, x_b.astype(buf_b.dtype), i, axis)
+
+        return jax.vmap(one)(buf, x, jnp.asarray(index, jnp.int32))
+    # stacked leaf: one scatter (batch row b -> slab at index[b]), written directly rather than
+    # as a vmap of dynamic_update_slice so that the buffers keep their layout (no relayout copy)
+    lead = (jnp.asarray(layer, jnp.int32),)
     nb = buf.shape[len(lead)]
     if x.ndim != buf.ndim - len(lead) or x.shape[0] != nb:
         raise ValueError(f"put_row: x {x.shape} does not fit buf {buf.shape} (layer={layer is not None})")
