@@ -71,8 +71,10 @@ def plot_passkey(result: dict, path) -> pathlib.Path:
     acc = {(a["filler"], a["length"], a["method"]): a["accuracy"] for a in result["accuracy"]}
     fig, axes = plt.subplots(1, len(fillers), figsize=(5.5 * len(fillers), 4.2), squeeze=False)
     for ax, filler in zip(axes[0], fillers):
-        for m in methods:
-            ax.plot(lengths, [100 * acc[(filler, n, m)] for n in lengths], marker="o", label=labels[m])
+        for i, m in enumerate(methods):  # nudged sideways and marked apart so equal curves stay visible
+            nudge = 2 ** (0.04 * (i - (len(methods) - 1) / 2))
+            ax.plot([n * nudge for n in lengths], [100 * acc[(filler, n, m)] for n in lengths],
+                    marker="os^vDP*X"[i % 8], ls=("-", "--", ":", "-.")[i % 4], label=labels[m])
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_ylim(-5, 105)
