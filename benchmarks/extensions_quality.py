@@ -42,8 +42,8 @@ CONFIGS = {
     "k4/v2": KIVIConfig(k_bits=4, v_bits=2),
     "k2/v4": KIVIConfig(k_bits=2, v_bits=4),
     "key groups 16": KIVIConfig(key_group_size=16),
-    "+4 sinks +hadamard kv, R=64": KIVIConfig(sink_tokens=4, rotate="kv", residual_length=64),
-    "+4 sinks, R=64": KIVIConfig(sink_tokens=4, residual_length=64),
+    "+4 sinks +hadamard kv (R=64)": KIVIConfig(sink_tokens=4, rotate="kv", residual_length=64),
+    "+4 sinks (R=64)": KIVIConfig(sink_tokens=4, residual_length=64),
 }
 
 
