@@ -170,8 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 @functools.lru_cache(maxsize=2)
 def _load(source: str):
     """(model, tokenizer); cached so repeated in-process calls (tests) load once."""
+    import os
+
     import models
 
+    looks_like_path = source.startswith((".", "/", "~")) or source.lower().endswith(".gguf") or source.count("/") > 1
+    if source.lower() != DEFAULT_MODEL and looks_like_path and not os.path.exists(os.path.expanduser(source)):
+        raise UsageError(f"cannot load model {source!r}: no such file or directory")
     try:
         return models.load_model(source)
     except (OSError, ValueError, TypeError, KeyError) as e:
