@@ -179,6 +179,9 @@ def test_sim_cache_overflow_and_validation():
     assert int(c.lengths[0]) == 2 and bool(c.overflow[0])
     with pytest.raises(ValueError, match="key_axis='rows'"):
         ablation.SimQuantCache.init(cfg, batch=1, num_kv_heads=1, head_dim=32, max_length=8, key_axis="rows")
+    with pytest.raises(ValueError, match="plain KIVI settings only"):
+        ablation.SimQuantCache.init(kivi_jax.KIVIConfig(group_size=16, residual_length=32, sink_tokens=4), batch=1,
+                                    num_kv_heads=1, head_dim=32, max_length=8)
 
 
 def test_methods_parse():

@@ -63,6 +63,10 @@ class SimQuantCache:
         for name, axis in (("key_axis", key_axis), ("value_axis", value_axis)):
             if axis not in AXES:
                 raise ValueError(f"{name}={axis!r}; allowed: {AXES}")
+        extras = {k: getattr(config, k) for k, off in (("sink_tokens", 0), ("rotate", "none"), ("key_group_size", None))
+                  if getattr(config, k, off) != off}
+        if extras:  # the simulation models plain KIVI only: refuse rather than ignore
+            raise ValueError(f"SimQuantCache supports plain KIVI settings only; got {extras}")
         config.check_head_dim(head_dim)
         if max_length < 1:
             raise ValueError(f"max_length={max_length} must be >= 1")
