@@ -18,6 +18,23 @@ def pytree_dataclass(cls):
     return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
+class CacheShape:
+    """Shape facts of a cache whose field ``shape_field`` is a [B, Hkv, T, D] buffer, and the
+    bytes of every buffer it holds. Mixed into the cache dataclasses."""
+
+    shape_field = "k"
+
+    batch_size = property(lambda self: getattr(self, self.shape_field).shape[0])
+    num_kv_heads = property(lambda self: getattr(self, self.shape_field).shape[1])
+    head_dim = property(lambda self: getattr(self, self.shape_field).shape[3])
+    dtype = property(lambda self: getattr(self, self.shape_field).dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the cache holds."""
+        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+
 def static(**kw):
     return dataclasses.field(metadata=dict(static=True), **kw)
 

@@ -9,7 +9,7 @@ from kivi_jax import cache_common as cc
 
 
 @cc.pytree_dataclass
-class DenseCache:
+class DenseCache(cc.CacheShape):
     """k, v: [B, Hkv, max_length, D]; lengths [B] int32 tokens held per row;
     overflow [B] bool, set when a write was refused (row full) or an input was out of range."""
 
@@ -32,14 +32,7 @@ class DenseCache:
             max_length=max_length,
         )
 
-    batch_size = property(lambda self: self.k.shape[0])
-    num_kv_heads = property(lambda self: self.k.shape[1])
-    head_dim = property(lambda self: self.k.shape[3])
-    dtype = property(lambda self: self.k.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
     def _check(self, k, v, tokens=None):
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,

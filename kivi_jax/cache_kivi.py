@@ -43,7 +43,7 @@ from kivi_jax.config import KIVIConfig
 
 
 @cc.pytree_dataclass
-class KIVICache:
+class KIVICache(cc.CacheShape):
     """Buffers (Tc = config.capacity(max_length), G = group_size, Gk = config.key_group,
     R = residual_length, S = sink_tokens):
 
@@ -53,6 +53,8 @@ class KIVICache:
     lengths [B] int32 (all tokens, sinks included);
     overflow [B] bool (a write was refused because the row was full, or an input was invalid).
     """
+
+    shape_field = "k_res"  # CacheShape reads B, Hkv, D, dtype from the residual buffer
 
     k_codes: jax.Array
     k_scale: jax.Array
@@ -97,17 +99,9 @@ class KIVICache:
             max_length=max_length,
         )
 
-    batch_size = property(lambda self: self.k_res.shape[0])
-    num_kv_heads = property(lambda self: self.k_res.shape[1])
-    head_dim = property(lambda self: self.k_res.shape[3])
-    dtype = property(lambda self: self.k_res.dtype)
     #: tokens the quantized stores can hold (the body, after the sinks), Tc
     capacity = property(lambda self: self.k_scale.shape[2] * self.config.key_group)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds."""
-        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
     @property
     def body_lengths(self):

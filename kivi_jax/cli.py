@@ -430,12 +430,7 @@ def cmd_eval_ppl(args) -> int:
             data.load_text(t)
     except data.DataError as e:
         raise UsageError(_one_line(e)) from None
-    model, tokenizer = _load(args.model)
-    if tokenizer is None:
-        raise UsageError(f"model {args.model!r} has no tokenizer")
-    for m in methods:
-        if m.kivi is not None:
-            _check_head_dim(m.kivi, model)
+    model, tokenizer = _load_for_eval(args.model, methods)
     if args.tokens > model.config.max_position_embeddings:
         raise UsageError(f"--tokens {args.tokens} exceeds the model's context of "
                          f"{model.config.max_position_embeddings} positions")
@@ -446,6 +441,17 @@ def cmd_eval_ppl(args) -> int:
     except data.DataError as e:
         raise UsageError(_one_line(e)) from None
     return _finish(result, ppl.markdown, plot.plot_ppl, "ppl", args)
+
+
+def _load_for_eval(name, methods):
+    """The model and its tokenizer, checked against every method's KIVI settings."""
+    model, tokenizer = _load(name)
+    if tokenizer is None:
+        raise UsageError(f"model {name!r} has no tokenizer")
+    for m in methods:
+        if m.kivi is not None:
+            _check_head_dim(m.kivi, model)
+    return model, tokenizer
 
 
 def cmd_eval_passkey(args) -> int:
@@ -461,12 +467,7 @@ def cmd_eval_passkey(args) -> int:
             data.essays_text()
         except data.DataError as e:
             raise UsageError(_one_line(e)) from None
-    model, tokenizer = _load(args.model)
-    if tokenizer is None:
-        raise UsageError(f"model {args.model!r} has no tokenizer")
-    for m in methods:
-        if m.kivi is not None:
-            _check_head_dim(m.kivi, model)
+    model, tokenizer = _load_for_eval(args.model, methods)
     limit = model.config.max_position_embeddings
     for n in args.lengths:
         if n + passkey.ANSWER_TOKENS > limit:

@@ -41,7 +41,7 @@ AXES = ("channel", "token")
 
 
 @cc.pytree_dataclass
-class SimQuantCache:
+class SimQuantCache(cc.CacheShape):
     """k, v [B, Hkv, Tc, D] in the cache dtype (Tc = max(max_length, R)): full-precision
     tokens as given, quantized tokens as their dequantized values. lengths [B] int32;
     overflow [B] bool (a write was refused because the row was full, or bad prompt lengths)."""
@@ -77,14 +77,7 @@ class SimQuantCache:
                    overflow=jnp.zeros((batch,), bool), config=config, key_axis=key_axis, value_axis=value_axis,
                    max_length=max_length)
 
-    batch_size = property(lambda self: self.k.shape[0])
-    num_kv_heads = property(lambda self: self.k.shape[1])
-    head_dim = property(lambda self: self.k.shape[3])
-    dtype = property(lambda self: self.k.dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
     # ---- quantization ------------------------------------------------------------------
     def _fake(self, x, axis: str, bits: int):
