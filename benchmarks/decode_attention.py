@@ -40,24 +40,19 @@ def kivi_bytes(cfg, b, hkv, t, dtype=jnp.bfloat16):
     return int(b * (t * per_tok + cfg.residual_bytes(num_kv_heads=hkv, head_dim=D, dtype=dtype)))
 
 
-_SEEN: list = []
-
-
 def _checkpoint(rows):
     """Keep every measured row on disk as we go: a run cut short still leaves its numbers."""
     import json
     import os
 
-    for r in rows:
-        if not any(r is s for s in _SEEN):
-            _SEEN.append(r)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "partial-rows.json"), "w") as f:
-            json.dump(_SEEN, f)
+            json.dump(rows, f)
 
 
-def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes):
-    rows = []
+def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes, rows=None):
+    """Times every configuration; appends to (and returns) ``rows``, saved after each one."""
+    rows = [] if rows is None else rows
     for hq, hkv in heads:
         for t in lengths:
             for b in batches:
@@ -169,17 +164,17 @@ def main(argv=None):
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
     else:
         rows = breakdown()
-        rows += run([64], [4096], [(32, 32)], [2], ("pallas",),
-                   [("pallas_dequant_f32dots", dict(variant="dequant", dot_dtype="float32")),
+        run([64], [4096], [(32, 32)], [2], ("pallas",),
+            [("pallas_dequant_f32dots", dict(variant="dequant", dot_dtype="float32")),
                     ("pallas_dequant_w2", dict(variant="dequant", num_warps=2)),
                     ("pallas_dequant_w8", dict(variant="dequant", num_warps=8)),
                     ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
                     ("pallas_fold", dict(variant="fold"))],
-                   ref_max_bytes=0, dense_max_bytes=80 << 30)
+                   ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
         for heads, bits in (((32, 32), [2, 4]), ((32, 8), [2])):
-            rows += run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [heads], bits,
+            run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [heads], bits,
                         ("pallas", "reference"), [("pallas", dict())], ref_max_bytes=1 << 30,
-                        dense_max_bytes=80 << 30)
+                        dense_max_bytes=80 << 30, rows=rows)
     for r in rows:
         r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
         r["oom_or_error"] = r.get("median_ms") is None

@@ -112,12 +112,10 @@ def _default_chunk(config) -> int:
     return min(64, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
 
 
-def pick_variant(gqa_ratio: int, k_bits: int, v_bits: int) -> str:
-    """The fastest variant measured on the H200 (benchmarks/results/decode-attention-quick*):
-    "dequant" for every shape so far; "fma"/"mma" are kept for the unpacking work ahead
-    (pallas_kernels/NOTES.md)."""
-    del gqa_ratio, k_bits, v_bits
-    return "dequant"
+# the fastest variant measured on the H200 for every shape so far
+# (benchmarks/results/decode-attention-quick*; "fma"/"mma" are kept for the unpacking work
+# ahead, pallas_kernels/NOTES.md)
+DEFAULT_VARIANT = "dequant"
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
@@ -158,7 +156,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     gq = hq // hkv
-    variant = pick_variant(gq, c.k_bits, c.v_bits) if variant == "auto" else variant
+    variant = DEFAULT_VARIANT if variant == "auto" else variant
     if chunk is None:
         chunk = (packing.block_len(min(c.k_bits, c.v_bits)) if variant in kivi_decode.BLOCK_VARIANTS
                  else _default_chunk(c))

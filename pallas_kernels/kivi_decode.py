@@ -49,11 +49,8 @@ _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
 
 def _codes_to_f32(codes_u32, magic: bool):
-    """uint32 codes (< 2**23) -> exact float32."""
-    if not magic:
-        return codes_u32.astype(jnp.float32)
-    f = lax.bitcast_convert_type(codes_u32 | jnp.uint32(0x4B000000), jnp.float32)
-    return f - 8388608.0
+    """uint32 codes (< 2**23) -> exact float32, by conversion or by the exponent trick."""
+    return kivi_decode_fma.as_float(codes_u32) if magic else codes_u32.astype(jnp.float32)
 
 
 def _unpack_chunk(words_ref, rows, slot0, bits, slots, cols=None):

@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 NEG = -1e30
 
 
-def _as_float(x_u32):
+def as_float(x_u32):
+    """uint32 x < 2**23 -> float32 x exactly: bitcast(x | 0x4B000000) is 2**23 + x."""
     return lax.bitcast_convert_type(x_u32 | jnp.uint32(0x4B000000), jnp.float32) - 8388608.0
 
 
@@ -92,7 +93,7 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
             fks, kss, kms, toks, vss, vms = [], [], [], [], [], []
             for h in range(2):
                 t = t0 + 16 * slots[h]
-                fks.append(_as_float(kws[h] & mask))  # [16, D] = code * 2**p
+                fks.append(as_float(kws[h] & mask))  # [16, D] = code * 2**p
                 grp = pl.ds(t // g, 1)
                 kss.append(ks_ref[grp, :].astype(jnp.float32) * inv)
                 kms.append(km_ref[grp, :].astype(jnp.float32))
@@ -118,8 +119,8 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
                 pr = [jnp.exp(s[h] - m_new) for h in range(2)]  # [16, 1]
                 ls[i] = ls[i] + jnp.sum(pr[0] + pr[1], axis=0, keepdims=True)
                 for gi in range(n_groups):
-                    fv0 = _as_float(vws[gi][0] & mask)
-                    fv1 = _as_float(vws[gi][1] & mask)
+                    fv0 = as_float(vws[gi][0] & mask)
+                    fv1 = as_float(vws[gi][1] & mask)
                     accs[i][gi] = accs[i][gi] + (pr[0] * vss[0][gi]) * fv0 + (pr[1] * vss[1][gi]) * fv1
                     accm[i][gi] = accm[i][gi] + pr[0] * vms[0][gi] + pr[1] * vms[1][gi]
             return tuple(ms), tuple(ls), tuple(tuple(a) for a in accs), tuple(tuple(a) for a in accm)
@@ -168,7 +169,7 @@ def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi
             ss, ts = [], []
             for h, slot in enumerate((jp, jp + half)):
                 t = t0 + 16 * slot
-                fk = _as_float(kws[h] & mask)  # [16, D]
+                fk = as_float(kws[h] & mask)  # [16, D]
                 grp = pl.ds(t // g, 1)
                 ks = ks_ref[grp, :].astype(jnp.float32) * inv
                 km = km_ref[grp, :].astype(jnp.float32)
@@ -191,7 +192,7 @@ def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi
             l = l + jnp.sum(prs[0] + prs[1], axis=1, keepdims=True)
             for gi in range(n_groups):
                 for h in range(2):
-                    fv = _as_float(vws[gi][h] & mask)  # [16, G]
+                    fv = as_float(vws[gi][h] & mask)  # [16, G]
                     rws = pl.ds(ts[h], 16)
                     vs = vs_ref[rws, pl.ds(gi, 1)].astype(jnp.float32).reshape(1, 16) * inv
                     vm = vm_ref[rws, pl.ds(gi, 1)].astype(jnp.float32).reshape(1, 16)

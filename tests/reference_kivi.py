@@ -195,14 +195,18 @@ class ReferenceKIVICache:
         """k, v [B, H, 1, D]: Kr += k (flush when R); Vr += v (quantize the oldest when > R)."""
         k, v = self._stored(k), self._stored(v)
         for r, row in enumerate(self.rows):
-            row.kr.append(k[r, :, 0])
-            if len(row.kr) == self.R:
-                self._quant_keys(row, np.stack(row.kr, axis=1))
-                row.kr = []
-            row.vr.append(v[r, :, 0])
-            if len(row.vr) > self.R:
-                self._quant_value(row, row.vr.pop(0))
+            self._append_row(row, k[r, :, 0], v[r, :, 0])
         return self
+
+    def _append_row(self, row, k, v):
+        """One token of one row, Algorithm 1: k, v [H, D]."""
+        row.kr.append(k)
+        if len(row.kr) == self.R:
+            self._quant_keys(row, np.stack(row.kr, axis=1))
+            row.kr = []
+        row.vr.append(v)
+        if len(row.vr) > self.R:
+            self._quant_value(row, row.vr.pop(0))
 
     # ---- reading ----------------------------------------------------------------------
     def length(self, r: int) -> int:
@@ -360,13 +364,7 @@ class ReferenceKIVICacheExt(ReferenceKIVICache):
                 sk.append(k[r, :, 0])
                 sv.append(v[r, :, 0])
                 continue
-            row.kr.append(k[r, :, 0])
-            if len(row.kr) == self.R:
-                self._quant_keys(row, np.stack(row.kr, axis=1))
-                row.kr = []
-            row.vr.append(v[r, :, 0])
-            if len(row.vr) > self.R:
-                self._quant_value(row, row.vr.pop(0))
+            self._append_row(row, k[r, :, 0], v[r, :, 0])
         return self
 
     def length(self, r: int) -> int:

@@ -5,7 +5,6 @@ Small configs keep CPU time low: G = 16, R = 32, head_dim 32; enough decode step
 several key flushes (every R tokens) and value spills (every token once a row holds R).
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cache_jit
 import reference_kivi as ref
-from kivi_jax import DenseCache, KIVICache, KIVIConfig, decode_attention, dense_bytes_per_token, packing
+from kivi_jax import DenseCache, KIVICache, KIVIConfig, dense_bytes_per_token, packing
 
 def examples(n):
     """n examples in CI; the profile's count when a longer profile is loaded (conftest.py)."""
@@ -25,24 +25,10 @@ def examples(n):
 G, R, D = 16, 32, 32
 HKV, HQ = 2, 4  # GQA: 2 query heads per KV head
 
-
-# ---- shared jitted pieces (one compile per cache structure) ------------------------------
-
-
-@jax.jit
-def _prefill(cache, k, v, lengths):
-    return cache.prefill(k, v, lengths)
-
-
-@jax.jit
-def _step(cache, k, v, q):
-    cache = cache.append(k, v)
-    return cache, decode_attention(q, cache, impl="reference")
-
-
-@jax.jit
-def _attend(cache, q):
-    return decode_attention(q, cache, impl="reference")
+_prefill = cache_jit.prefill
+_step = cache_jit.step
+_attend = cache_jit.attend
+_materialize = cache_jit.materialize
 
 
 @jax.jit
@@ -55,10 +41,6 @@ def _run(cache, k, v, lengths, k_new, v_new):
 
     return jax.lax.scan(body, cache, (k_new, v_new))[0]
 
-
-@jax.jit
-def _materialize(cache):
-    return cache.materialize()
 
 
 @jax.jit

@@ -13,27 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cache_jit
 import reference_kivi as ref
 from kivi_jax import KIVICache, KIVIConfig, decode_attention, rotation
 
 G, R, D = 16, 32, 32
 HKV, HQ = 2, 4
 
-
-@jax.jit
-def _prefill(cache, k, v, lengths):
-    return cache.prefill(k, v, lengths)
-
-
-@jax.jit
-def _step(cache, k, v, q):
-    cache = cache.append(k, v)
-    return cache, decode_attention(q, cache, impl="reference")
-
-
-@jax.jit
-def _materialize(cache):
-    return cache.materialize()
+_prefill = cache_jit.prefill
+_step = cache_jit.step
+_materialize = cache_jit.materialize
 
 
 def keys_values(rng, *shape):

@@ -54,6 +54,10 @@ def plot_ppl(result: dict, path) -> pathlib.Path:
     ax2.set_ylabel(f"mean NLL - dense NLL (nats, bins of {bin_size})")
     ax2.set_title("where the quantized cache costs (mean over texts and windows)")
     ax2.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> pathlib.Path:
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=120)
@@ -82,8 +86,4 @@ def plot_passkey(result: dict, path) -> pathlib.Path:
         ax.set_ylabel("passkey retrieved (%)")
         ax.set_title(f"{result['model']}, {filler} filler ({len(s['depths'])} depths x {s['trials']})")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
