@@ -60,6 +60,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="fma,mma")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one case per dtype/bits/GQA pattern (fewer compiles)")
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
     rows = []
@@ -70,6 +71,8 @@ def main(argv=None):
             for (hq, hkv) in ((8, 8), (16, 4), (16, 2)):
                 if dtype != "bfloat16" and (hq, hkv) != (16, 4):
                     continue
+                if args.quick and (kb, vb, hq // hkv) not in ((2, 2, 1), (4, 4, 4), (2, 4, 8), (4, 2, 4)):
+                    continue
                 cases.append((dtype, kb, vb, hq, hkv))
     for i, (dtype, kb, vb, hq, hkv) in enumerate(cases):
         cfg = kj.KIVIConfig(k_bits=kb, v_bits=vb)
@@ -78,6 +81,7 @@ def main(argv=None):
         q = jax.random.normal(jax.random.fold_in(key, 1000 + i), (4, hq, 1, 128)).astype(dtype)
         for variant in variants:
             rows.append(check(f"k{kb}v{vb} gqa{hq // hkv} ragged", q, cache, variant, dtype=dtype))
+            print(rows[-1], flush=True)
     # sliding window and group size 64, head_dim 64
     cfg = kj.KIVIConfig(group_size=64, residual_length=128)
     cache = build_cache(cfg, 2, 3, 64, [2100, 1000], jnp.bfloat16, jax.random.key(7))

@@ -154,11 +154,13 @@ def main(argv=None):
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:
         variants = [
-            ("pallas_fma", dict(variant="fma")),
-            ("pallas_fma_w8", dict(variant="fma", num_warps=8)),
-            ("pallas_mma", dict(variant="mma")),
-            ("pallas_mma_w8", dict(variant="mma", num_warps=8)),
             ("pallas_dequant", dict(variant="dequant")),
+            ("pallas_tv", dict(variant="tv")),
+            ("pallas_tv_c128_w8", dict(variant="tv", chunk=128, num_warps=8)),
+            ("pallas_tv_w8", dict(variant="tv", num_warps=8)),
+            ("pallas_tv_c32", dict(variant="tv", chunk=32)),
+            ("pallas_tv_s3", dict(variant="tv", num_stages=3)),
+            ("pallas_tv_c128_w4", dict(variant="tv", chunk=128)),
         ]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
