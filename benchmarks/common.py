@@ -17,11 +17,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
+    """KIVI_COMMIT if set (the device copy's .git, if any, is not the tree that ran), else git's HEAD."""
+    if os.environ.get("KIVI_COMMIT"):
+        return os.environ["KIVI_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip()
-    except Exception:  # the device copy may carry no .git
-        return os.environ.get("KIVI_COMMIT", "unknown")
+    except Exception:  # no git
+        return "unknown"
 
 
 def environment() -> dict:

@@ -128,7 +128,7 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
         return kivi_decode.kivi_decode_partials(
             qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
             zero, bulk_end // chunk, zero, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
-            chunk=chunk, num_splits=splits, variant="dequant")
+            chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT)
 
     def tail_only(qg, cache):
         return _tail_partials(qg, cache, bulk_end, zero, chunk)
@@ -144,6 +144,29 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     return rows
 
 
+def extensions(b=64, t=4096, hq=32, hkv=32):
+    """Cost of the KIVIConfig extensions on the default kernel path, next to plain KIVI-2 in the
+    same run (issue: sinks and rotation within 5% of plain KIVI-2)."""
+    configs = [("plain", {}), ("sinks4", dict(sink_tokens=4)), ("rotate_kv", dict(rotate="kv")),
+               ("sinks4_rotate_kv", dict(sink_tokens=4, rotate="kv")), ("k4v2", dict(k_bits=4)),
+               ("key_group16", dict(key_group_size=16))]
+    q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+    rows, base_ms = [], None
+    for name, extra in configs:
+        cfg = kj.KIVIConfig(**{"k_bits": 2, "v_bits": 2, **extra})
+        cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
+        cache = fill_random(cache, jax.random.key(4), jnp.full((b,), t, jnp.int32))
+        ms = common.time_fn(jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), q, cache)
+        base_ms = base_ms or ms
+        rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": cfg.k_bits, "impl": f"ext_{name}",
+                     "median_ms": ms, "bytes": None, "tbps": None, "ratio_to_dense": None,
+                     "ratio_to_plain_kivi": ms / base_ms})
+        print(rows[-1], flush=True)
+        del cache
+        gc.collect()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the target shape plus tuning variants only")
@@ -155,15 +178,15 @@ def main(argv=None):
     if args.quick:
         variants = [
             ("pallas_dequant", dict(variant="dequant")),
-            ("pallas_tv", dict(variant="tv")),
-            ("pallas_tv_c128_w8", dict(variant="tv", chunk=128, num_warps=8)),
-            ("pallas_tv_w8", dict(variant="tv", num_warps=8)),
+            ("pallas_dequant_f32math", dict(variant="dequant", dequant_dtype="float32")),
+            ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
+            ("pallas_dequant_splits2x", dict(variant="dequant", num_splits=2)),
             ("pallas_tv_c32", dict(variant="tv", chunk=32)),
-            ("pallas_tv_s3", dict(variant="tv", num_stages=3)),
-            ("pallas_tv_c128_w4", dict(variant="tv", chunk=128)),
         ]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
+        rows += breakdown()
+        rows += extensions()
     else:
         rows = breakdown()
         run([64], [4096], [(32, 32)], [2], ("pallas",),
@@ -181,6 +204,8 @@ def main(argv=None):
         r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
         r["oom_or_error"] = r.get("median_ms") is None
     cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
+    if any("ratio_to_plain_kivi" in r for r in rows):
+        cols.append("ratio_to_plain_kivi")
     table = (f"Decode attention, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "
              f"HBM copy {hbm:.2f} TB/s (read+write)\n\n" + common.markdown(rows, cols))
     print(table)

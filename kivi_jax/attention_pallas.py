@@ -64,26 +64,33 @@ def _tail_partials(qg, cache: KIVICache, first, start, chunk: int):
         return (w >> shift.astype(jnp.uint32)[:, None, :, None]) & jnp.uint32((1 << bits) - 1)
 
     dt = cache.dtype
+    # one fusion per operand, in the cache dtype (the kernel's own numerics): no float32 copies
     k_hat = (codes(cache.k_codes, c.k_bits).astype(jnp.float32) * gather(cache.k_scale, ti // kg).astype(jnp.float32)
              + gather(cache.k_min, ti // kg).astype(jnp.float32)).astype(dt)
     vs = jnp.repeat(gather(cache.v_scale, ti), g, axis=3).astype(jnp.float32)
     vm = jnp.repeat(gather(cache.v_min, ti), g, axis=3).astype(jnp.float32)
     v_hat = (codes(cache.v_codes, c.v_bits).astype(jnp.float32) * vs + vm).astype(dt)
-    k_res = gather(cache.k_res, t % r)
-    v_res = gather(cache.v_res, t % r)
-    k = jnp.where((t < cache._body_quantized_keys()[:, None])[:, None, :, None], k_hat, k_res).astype(jnp.float32)
-    v = jnp.where((t < cache._body_quantized_values()[:, None])[:, None, :, None], v_hat, v_res).astype(jnp.float32)
+    k = jnp.where((t < cache._body_quantized_keys()[:, None])[:, None, :, None], k_hat, gather(cache.k_res, t % r))
+    v = jnp.where((t < cache._body_quantized_values()[:, None])[:, None, :, None], v_hat, gather(cache.v_res, t % r))
     valid = (t >= jnp.maximum(first, start)[:, None]) & (t < cache.body_lengths[:, None])
     return _partials(qg, k, v, valid)
 
 
 def _partials(qg, k, v, valid):
-    """qg [B, Hkv, g, D], k, v [B, Hkv, W, D] float32, valid [B, W] -> o [B, Hkv, g, D], m, l [B, Hkv, g]."""
-    s = jnp.einsum("bhgd,bhwd->bhgw", qg, k, precision=jax.lax.Precision.HIGHEST)
+    """qg [B, Hkv, g, D] float32, k, v [B, Hkv, W, D] (cache dtype), valid [B, W]
+    -> o [B, Hkv, g, D], m, l [B, Hkv, g] float32.
+
+    Like the kernel: 16-bit caches multiply in their dtype with float32 accumulation,
+    float32 caches in full float32 (HIGHEST: no TF32)."""
+    if k.dtype == jnp.float32:
+        dt, prec = jnp.float32, jax.lax.Precision.HIGHEST
+    else:
+        dt, prec = k.dtype, jax.lax.Precision.DEFAULT
+    s = jnp.einsum("bhgd,bhwd->bhgw", qg.astype(dt), k, precision=prec, preferred_element_type=jnp.float32)
     s = jnp.where(valid[:, None, None, :], s, kivi_decode._NEG)
     m = jnp.max(s, axis=-1)
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
-    o = jnp.einsum("bhgw,bhwd->bhgd", p, v, precision=jax.lax.Precision.HIGHEST)
+    o = jnp.einsum("bhgw,bhwd->bhgd", p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)
     return o, m, jnp.sum(p, axis=-1)
 
 
@@ -92,7 +99,7 @@ def _sink_partials(qg, cache: KIVICache, start):
     k, v = cache.sinks()
     t = jnp.arange(cache.config.sink_tokens)[None, :]
     valid = (t < cache.lengths[:, None]) & (t >= start[:, None])
-    return _partials(qg, k.astype(jnp.float32), v.astype(jnp.float32), valid)
+    return _partials(qg, k, v, valid)
 
 
 def _kernel_scales(cache: KIVICache):
@@ -119,7 +126,8 @@ DEFAULT_VARIANT = "dequant"
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
-                     num_splits=None, num_warps=4, num_stages=2, dot_dtype=None, mesh=None, rules=None):
+                     num_splits=None, num_warps=4, num_stages=2, dot_dtype=None, dequant_dtype=None, mesh=None,
+                     rules=None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
 
     A DenseCache has nothing to unpack: it takes the XLA reference path.
@@ -136,7 +144,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
         raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
     local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
                               chunk=chunk, num_splits=num_splits, num_warps=num_warps,
-                              num_stages=num_stages, dot_dtype=dot_dtype)
+                              num_stages=num_stages, dot_dtype=dot_dtype, dequant_dtype=dequant_dtype)
     mesh, rules = sharding.active_mesh(mesh, rules)
     if mesh is None:
         return local(q, cache)
@@ -150,7 +158,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 
 
 def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, num_warps,
-                            num_stages, dot_dtype):
+                            num_stages, dot_dtype, dequant_dtype):
     """The body of :func:`decode_attention` on one shard's rows and KV heads."""
     c = cache.config
     b, hq, _, d = q.shape
@@ -179,7 +187,8 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
         qp, cache.k_codes, ks, km, cache.v_codes, vs, vm,
         start_b // chunk, bulk_end // chunk, start_b, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype)
+        num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype,
+        dequant_dtype=dequant_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
     parts = [_tail_partials(qg, cache, bulk_end, start_b, chunk)]
     if sk:
