@@ -178,10 +178,11 @@ def main(argv=None):
     if args.quick:
         variants = [
             ("pallas_dequant", dict(variant="dequant")),
-            ("pallas_dequant_f32math", dict(variant="dequant", dequant_dtype="float32")),
             ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
-            ("pallas_dequant_splits2x", dict(variant="dequant", num_splits=2)),
-            ("pallas_tv_c32", dict(variant="tv", chunk=32)),
+            ("pallas_gather", dict(variant="gather")),
+            ("pallas_gather_c32", dict(variant="gather", chunk=32)),
+            ("pallas_gather_s1", dict(variant="gather", num_stages=1)),
+            ("pallas_gather_c128_w8", dict(variant="gather", chunk=128, num_warps=8)),
         ]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)

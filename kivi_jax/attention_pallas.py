@@ -126,8 +126,7 @@ DEFAULT_VARIANT = "dequant"
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
-                     num_splits=None, num_warps=4, num_stages=2, dot_dtype=None, dequant_dtype=None, mesh=None,
-                     rules=None):
+                     num_splits=None, num_warps=4, num_stages=2, dot_dtype=None, mesh=None, rules=None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
 
     A DenseCache has nothing to unpack: it takes the XLA reference path.
@@ -144,7 +143,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
         raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
     local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
                               chunk=chunk, num_splits=num_splits, num_warps=num_warps,
-                              num_stages=num_stages, dot_dtype=dot_dtype, dequant_dtype=dequant_dtype)
+                              num_stages=num_stages, dot_dtype=dot_dtype)
     mesh, rules = sharding.active_mesh(mesh, rules)
     if mesh is None:
         return local(q, cache)
@@ -158,7 +157,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 
 
 def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, num_warps,
-                            num_stages, dot_dtype, dequant_dtype):
+                            num_stages, dot_dtype):
     """The body of :func:`decode_attention` on one shard's rows and KV heads."""
     c = cache.config
     b, hq, _, d = q.shape
@@ -187,8 +186,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
         qp, cache.k_codes, ks, km, cache.v_codes, vs, vm,
         start_b // chunk, bulk_end // chunk, start_b, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype,
-        dequant_dtype=dequant_dtype)
+        num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
     parts = [_tail_partials(qg, cache, bulk_end, start_b, chunk)]
     if sk:

@@ -36,14 +36,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import kivi_decode_fma, kivi_decode_tv
+from pallas_kernels import kivi_decode_fma, kivi_decode_gather, kivi_decode_tv
 
 try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0.10-0.12)
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
 
-VARIANTS = ("fma", "mma", "dequant", "fold", "tv")
+VARIANTS = ("fma", "mma", "dequant", "fold", "tv", "gather")
 BLOCK_VARIANTS = ("fma", "mma")  # walk whole packed blocks (chunk = the larger block)
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
@@ -67,7 +67,7 @@ def _unpack_chunk(words_ref, rows, slot0, bits, slots, cols=None):
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, chunk, chunks_per_split,
-            variant, compute_dtype, precision, dequant_dtype):
+            variant, compute_dtype, precision):
     g = group_size
     m_rows, d = q_ref.shape
     n_vgroups = d // g
@@ -91,10 +91,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
             if chunk >= g:
                 ks = jnp.broadcast_to(ks[:, None, :], (rows, g, d)).reshape(chunk, d)
                 km = jnp.broadcast_to(km[:, None, :], (rows, g, d)).reshape(chunk, d)
-            if dequant_dtype != jnp.float32:  # 16-bit math: half the registers of float32 tiles
-                k_hat = k_codes.astype(dequant_dtype) * ks.astype(dequant_dtype) + km.astype(dequant_dtype)
-            else:
-                k_hat = _codes_to_f32(k_codes, magic=False) * ks + km
+            k_hat = _codes_to_f32(k_codes, magic=False) * ks + km
             return dot(q.astype(compute_dtype), k_hat.astype(compute_dtype).T)
         # fold: per key group r of the chunk, (q * scale_r) . code + q . min_r
         cf = _codes_to_f32(k_codes, magic=True)
@@ -114,10 +111,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
             vm = vm_ref[pl.ds(t0, chunk), :].astype(jnp.float32)
             vs = jnp.broadcast_to(vs[:, :, None], (chunk, n_vgroups, g)).reshape(chunk, d)
             vm = jnp.broadcast_to(vm[:, :, None], (chunk, n_vgroups, g)).reshape(chunk, d)
-            if dequant_dtype != jnp.float32:
-                v_hat = v_codes.astype(dequant_dtype) * vs.astype(dequant_dtype) + vm.astype(dequant_dtype)
-            else:
-                v_hat = _codes_to_f32(v_codes, magic=False) * vs + vm
+            v_hat = _codes_to_f32(v_codes, magic=False) * vs + vm
             return (accs[0] + dot(p.astype(compute_dtype), v_hat.astype(compute_dtype)),)
         out = []
         for gi in range(n_vgroups):
@@ -153,18 +147,15 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "num_queries", "dot_dtype",
-                     "dequant_dtype"))
+                     "interpret", "num_warps", "num_stages", "num_queries", "dot_dtype"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, *,
                          k_bits: int, v_bits: int, group_size: int, chunk: int = 64,
                          num_splits: int = 1, variant: str = "fold", interpret: bool = False,
                          num_warps: int = 4, num_stages: int = 2, num_queries: int | None = None,
-                         dot_dtype: str | None = None, dequant_dtype: str | None = None):
+                         dot_dtype: str | None = None):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
 
     dot_dtype: operand dtype of the dequant/fold variants' dots (default: the cache dtype).
-    dequant_dtype: dtype of the ``dequant`` variant's code * scale + min (default: the dot dtype;
-    16-bit math is one rounding, like float32 math rounded to 16 bits but for rare ties).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
@@ -198,6 +189,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         kernel = functools.partial(
             kivi_decode_fma.kernel_mma, bits=k_bits, group_size=group_size,
             chunks_per_split=per_split, precision=precision)
+    elif variant == "gather":
+        kernel = functools.partial(
+            kivi_decode_gather.kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
+            chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision)
     elif variant == "tv":
         kernel = functools.partial(
             kivi_decode_tv.kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
@@ -206,8 +201,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     else:
       kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
-        chunks_per_split=per_split, variant=variant, compute_dtype=compute_dtype, precision=precision,
-        dequant_dtype=jnp.dtype(dequant_dtype) if dequant_dtype else compute_dtype)
+        chunks_per_split=per_split, variant=variant, compute_dtype=compute_dtype, precision=precision)
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
