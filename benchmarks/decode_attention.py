@@ -178,11 +178,8 @@ def main(argv=None):
     if args.quick:
         variants = [
             ("pallas_dequant", dict(variant="dequant")),
-            ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
-            ("pallas_gather", dict(variant="gather")),
-            ("pallas_gather_c32", dict(variant="gather", chunk=32)),
-            ("pallas_gather_s1", dict(variant="gather", num_stages=1)),
-            ("pallas_gather_c128_w8", dict(variant="gather", chunk=128, num_warps=8)),
+            ("pallas_dequant_c64", dict(variant="dequant", chunk=64)),
+            ("pallas_fold", dict(variant="fold")),
         ]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)

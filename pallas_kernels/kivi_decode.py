@@ -36,14 +36,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import kivi_decode_fma, kivi_decode_gather, kivi_decode_tv
+from pallas_kernels import kivi_decode_fma
 
 try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0.10-0.12)
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
 
-VARIANTS = ("fma", "mma", "dequant", "fold", "tv", "gather")
+VARIANTS = ("fma", "mma", "dequant", "fold")
 BLOCK_VARIANTS = ("fma", "mma")  # walk whole packed blocks (chunk = the larger block)
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
@@ -189,15 +189,6 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         kernel = functools.partial(
             kivi_decode_fma.kernel_mma, bits=k_bits, group_size=group_size,
             chunks_per_split=per_split, precision=precision)
-    elif variant == "gather":
-        kernel = functools.partial(
-            kivi_decode_gather.kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
-            chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision)
-    elif variant == "tv":
-        kernel = functools.partial(
-            kivi_decode_tv.kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
-            chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision,
-            num_queries=num_queries or m_rows)
     else:
       kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,

@@ -42,11 +42,8 @@ CASES = [
     (2, 2, 4, jnp.bfloat16, "fold"),
     (2, 2, 1, jnp.float32, "fma"),
     (4, 4, 8, jnp.float32, "mma"),
-    (2, 2, 1, jnp.float32, "tv"),
-    (2, 4, 4, jnp.bfloat16, "tv"),
-    (4, 2, 8, jnp.float16, "tv"),
-    (2, 2, 1, jnp.float32, "gather"),
-    (4, 2, 4, jnp.bfloat16, "gather"),
+    (2, 4, 4, jnp.bfloat16, "dequant"),
+    (4, 2, 8, jnp.float16, "dequant"),
 ]
 
 
