@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,37 +79,44 @@ def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
     return jnp.clip(lengths, 0, tokens), invalid
 
 
-def put_row(buf, x, index, axis, layer=None):
+def put_row(buf, x, index, axis, layer=None, add=False):
     """Per batch row b: buf[b] with x[b] written at index[b] along ``axis`` (of the row).
 
     buf [B, ...], x [B, ...] (same rank, smaller along axis), index [B] int32 in range.
     layer: buf is [L, B, ...] (a stacked cache leaf) and only layer ``layer`` (a scalar,
     traced or not) is written -- an in-place scatter of x's slabs, never a copy of buf.
+    add: x[b] is added to the slab instead of replacing it (code bits put into the still-zero
+    bits of packed words, without reading the words first).
     """
     if layer is None:
         # a vmap of dynamic_update_slice: GSPMD partitions it over batch/head shards without
         # gathering (the scatter below, on a single cache, made it all-gather the slabs)
         def one(buf_b, x_b, i):
-            return lax.dynamic_update_slice_in_dim(buf_b, x_b.astype(buf_b.dtype), i, axis)
+            x_b = x_b.astype(buf_b.dtype)
+            if add:
+                x_b = x_b + lax.dynamic_slice_in_dim(buf_b, i, x_b.shape[axis], axis)
+            return lax.dynamic_update_slice_in_dim(buf_b, x_b, i, axis)
 
         return jax.vmap(one)(buf, x, jnp.asarray(index, jnp.int32))
     # stacked leaf: one scatter (batch row b -> slab at index[b]), written directly rather than
-    # as a vmap of dynamic_update_slice so that the buffers keep their layout (no relayout copy)
-    lead = (jnp.asarray(layer, jnp.int32),)
-    nb = buf.shape[len(lead)]
-    if x.ndim != buf.ndim - len(lead) or x.shape[0] != nb:
+    # as a vmap of dynamic_update_slice so that the buffers keep their layout (no relayout copy).
+    # The batch axis is a scatter batching dim, so GSPMD sees the rows are independent (an
+    # iota index column was not recognised inside a lax.cond: it all-gathered the slabs)
+    nb = buf.shape[1]
+    if x.ndim != buf.ndim - 1 or x.shape[0] != nb:
         raise ValueError(f"put_row: x {x.shape} does not fit buf {buf.shape} (layer={layer is not None})")
-    cols = [jnp.broadcast_to(a, (nb,)) for a in lead]
-    cols += [jnp.arange(nb, dtype=jnp.int32), jnp.asarray(index, jnp.int32)]
-    idx = jnp.stack(cols, axis=1)  # [B, len(lead) + 2]
-    k = len(lead)
+    idx = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (nb,)), jnp.asarray(index, jnp.int32)],
+                    axis=1)  # [B, 2]: (layer, index)
     dnums = lax.ScatterDimensionNumbers(
         update_window_dims=tuple(range(1, x.ndim)),
-        inserted_window_dims=tuple(range(k + 1)),
-        scatter_dims_to_operand_dims=tuple(range(k + 1)) + (k + 1 + axis,),
+        inserted_window_dims=(0,),
+        scatter_dims_to_operand_dims=(0, 2 + axis),
+        operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,),
     )
-    return lax.scatter(buf, idx, x.astype(buf.dtype), dnums, indices_are_sorted=True, unique_indices=True,
-                       mode=lax.GatherScatterMode.CLIP)
+    scatter = lax.scatter_add if add else lax.scatter
+    return scatter(buf, idx, x.astype(buf.dtype), dnums, indices_are_sorted=True, unique_indices=True,
+                   mode=lax.GatherScatterMode.CLIP)
 
 
 def take_row(buf, index, size, axis):
@@ -118,13 +126,14 @@ def take_row(buf, index, size, axis):
 
 # ---- appends as row writes ---------------------------------------------------------------------
 # A cache's ``append_writes(k, v)`` says what one appended token changes: a few per-row slabs
-# (RowWrite) plus the new lengths and overflow. ``apply_writes`` applies them to the cache
-# itself (that is ``append``) or to one layer of a stacked cache (leaves [L, B, ...]): the
-# model's layer scan carries the stacked cache and writes only these slabs in place, so a
-# decode step never copies or rewrites a whole cache buffer.
+# (RowWrite, or WritesIf for rare ones) plus the new lengths and overflow. ``apply_writes``
+# applies them to the cache itself (that is ``append``) or to one layer of a stacked cache
+# (leaves [L, B, ...]): the model's layer scan carries the stacked cache and writes only
+# these slabs in place, so a decode step never copies or rewrites a whole cache buffer.
 @pytree_dataclass
 class RowWrite:
-    """Row b of cache field ``field`` gets value[b] at index[b] along ``axis`` of the row.
+    """Row b of cache field ``field`` gets value[b] at index[b] along ``axis`` of the row
+    (add=True: value[b] is added to what the slab holds, see :func:`put_row`).
 
     value [B, ...] (a row's slab: same rank as a row of the field), index [B] int32 in range.
     Writes are computed from the cache before the append and applied in order.
@@ -134,19 +143,49 @@ class RowWrite:
     index: jax.Array
     field: str = static()
     axis: int = static()
+    add: bool = static(default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class WritesIf:
+    """Writes needed only when ``pred`` (a scalar bool) holds, e.g. KIVI's key flush.
+
+    ``make(view)`` returns them (a RowWrite sequence) from ``view``, the per-layer cache as the
+    writes before this one left it. apply_writes reads the view, computes and applies them
+    inside one lax.cond, so a step without them neither computes nor writes anything.
+    """
+
+    pred: jax.Array
+    make: Callable
+
+
+def _put(cache, writes, layer):
+    new = {}
+    for w in writes:
+        buf = new.get(w.field, getattr(cache, w.field))
+        new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer, add=w.add)
+    return dataclasses.replace(cache, **new)
 
 
 def apply_writes(cache, writes, lengths, overflow, layer=None):
-    """``cache`` with ``writes`` (RowWrite sequence) applied and lengths/overflow [B] replaced.
+    """``cache`` with ``writes`` (RowWrite / WritesIf sequence) applied in order and
+    lengths/overflow [B] replaced.
 
     layer=None: cache is a per-layer cache (this is what ``append`` does). Otherwise every leaf
     of cache has a leading layer axis and only layer ``layer`` changes: the slabs are
     scattered into the stacked buffers and lengths/overflow into row ``layer``.
     """
-    new = {}
     for w in writes:
-        buf = new.get(w.field, getattr(cache, w.field))
-        new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer)
+        if isinstance(w, WritesIf):
+            def write(c, make=w.make):
+                # the view is sliced inside the branch: a step that skips it reads nothing
+                view = c if layer is None else jax.tree.map(lambda x: x[layer], c)
+                return _put(c, make(view), layer)
+
+            cache = lax.cond(w.pred, write, lambda c: c, cache)
+        else:
+            cache = _put(cache, (w,), layer)
+    new = {}
     if layer is None:
         new["lengths"], new["overflow"] = lengths, overflow
     else:

@@ -31,9 +31,10 @@ Extensions (``KIVIConfig``; all off by default, and then everything above holds 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from kivi_jax import cache_common as cc
 from kivi_jax import packing
@@ -165,20 +166,30 @@ class KIVICache(cc.CacheShape):
         codes = quant.quantize_codes(xg, scale, mn, c.v_bits).reshape(b, h, t, d)
         return codes, scale[..., 0], mn[..., 0]
 
-    @staticmethod
-    def _or_tokens(words, codes, start, bits):
-        """ORs codes [B, H, n, D] (n a multiple of 16) of tokens [start, start + n) into words.
+    def _key_code_writes(self, codes, start):
+        """codes [B, H, R, D] of tokens [start, start + R) (start [B] int32, a multiple of R)
+        as RowWrites that add their bits into k_codes (whose bits there are still zero).
 
-        start [B] int32, a multiple of 16 (so each 16-token chunk is one slot of 16 word rows).
+        A 16-token chunk is one slot of 16 word rows; the R tokens span at most ``nb`` packed
+        blocks, so there is one [B, H, 16, D] slab per block (usually one: R = 128 at 2 or 4 bits).
         """
-        blk = packing.block_len(bits)
-        for a in range(codes.shape[2] // packing.ROWS):
-            t = start + a * packing.ROWS
-            row, shift = packing.ROWS * (t // blk), bits * ((t % blk) // packing.ROWS)
-            chunk = codes[:, :, a * packing.ROWS:(a + 1) * packing.ROWS] << shift.astype(jnp.uint32)[:, None, None, None]
-            cur = cc.take_row(words, row, packing.ROWS, axis=1)
-            words = cc.put_row(words, cur | chunk, row, axis=1)
-        return words
+        c = self.config
+        b, h, r, d = codes.shape
+        rows, blk = packing.ROWS, packing.block_len(c.k_bits)
+        nb = (blk - math.gcd(r, blk) + r - 1) // blk + 1  # start % blk is at most blk - gcd(R, blk)
+        t = start[:, None] + rows * jnp.arange(r // rows)  # [B, R/16] first token of each chunk
+        shift = (c.k_bits * ((t % blk) // rows)).astype(jnp.uint32)
+        first = start // blk
+        block = t // blk - first[:, None]  # [B, R/16] in [0, nb)
+        chunks = codes.reshape(b, h, r // rows, rows, d) << shift[:, None, :, None, None]
+        last = self.k_codes.shape[2] // rows - 1
+        writes = []
+        for j in range(nb):
+            # chunks' bits are disjoint, so their sum is their OR
+            slab = jnp.sum(jnp.where((block == j)[:, None, :, None, None], chunks, 0), axis=2, dtype=jnp.uint32)
+            # a block past the store's end gets no chunk: its zero slab may be added anywhere
+            writes.append(cc.RowWrite(slab, rows * jnp.minimum(first + j, last), "k_codes", 1, add=True))
+        return writes
 
     # ---- Algorithm 1 ----------------------------------------------------------------------
     def prefill(self, k, v, lengths=None) -> "KIVICache":
@@ -260,6 +271,22 @@ class KIVICache(cc.CacheShape):
         A row already holding max_length tokens is left unchanged and flagged in ``overflow``.
         With sinks, a row holding L < S tokens writes the token into sink slot L instead.
         """
+        return cc.apply_writes(self, *self.append_writes(k, v))
+
+    def append_writes(self, k, v):
+        """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``.
+
+        Slabs per row b (a row that writes nothing there rewrites what it holds, or adds zero):
+
+        * k_res [B, H, 1, D]: the key at residual slot Lb % R (with sinks: at sink slot R + L
+          while L < S);
+        * a key flush, when some row's residual fills up (under lax.cond: once per R steps):
+          the R keys' code words (added) and R/Gk rows of k_scale and k_min;
+        * the value leaving the R-window, quantized per-token: one v_codes word row (added),
+          one v_scale and one v_min row; the new value at ring slot Lb % R of v_res (or the sink slot).
+
+        Code words are added, not read and OR-ed: their bits there are zero until written once.
+        """
         self._check(k, v, tokens=1)
         c = self.config
         r, kg, sk = c.residual_length, c.key_group, c.sink_tokens
@@ -274,52 +301,43 @@ class KIVICache(cc.CacheShape):
             live_body, Lb = live, L
         Lc = jnp.minimum(Lb, self.max_length - sk - 1)  # in-range index for masked rows
         # residual slots are [0, R) of k_res / v_res (sink slots [R, R + S) follow)
-        k_res0, v_res0 = self.k_res, self.v_res
+        slot = Lc % r
+        live4 = live[:, None, None, None]
+        # one k_res / v_res write per row: the residual slot, or the sink slot R + L of a row still
+        # filling its sinks (a second write would read the buffer after the first: XLA copies it)
+        at = jnp.where(live & (L < sk), r + jnp.clip(L, 0, sk - 1), slot) if sk else slot
 
         # keys: Kr += k; a full residual (R keys) is quantized per-channel and emptied
-        k_res = cc.put_row(k_res0, jnp.where(live_body[:, None, None, None], k,
-                                             cc.take_row(k_res0, Lc % r, 1, axis=1)), Lc % r, axis=1)
+        writes = [cc.RowWrite(jnp.where(live4, k, cc.take_row(self.k_res, slot, 1, axis=1)), at, "k_res", 1)]
         flush = live_body & ((Lb + 1) % r == 0)
         n0 = jnp.where(flush, Lb + 1 - r, 0)
 
-        def do_flush(state):
-            k_codes, k_scale, k_min = state
-            codes, scale, mn = self._quant_keys(k_res if not sk else k_res[:, :, :r])
+        def flush_writes(view):  # view: this cache with the new key in its residual
+            codes, scale, mn = view._quant_keys(view.k_res[:, :, :r])
             f4 = flush[:, None, None, None]
-            codes = jnp.where(f4, codes, 0)
-            k_codes = self._or_tokens(k_codes, codes, n0, c.k_bits)
-            old_s = cc.take_row(k_scale, n0 // kg, r // kg, axis=1)
-            old_m = cc.take_row(k_min, n0 // kg, r // kg, axis=1)
-            k_scale = cc.put_row(k_scale, jnp.where(f4, scale, old_s), n0 // kg, axis=1)
-            k_min = cc.put_row(k_min, jnp.where(f4, mn, old_m), n0 // kg, axis=1)
-            return k_codes, k_scale, k_min
+            old_s = cc.take_row(view.k_scale, n0 // kg, r // kg, axis=1)
+            old_m = cc.take_row(view.k_min, n0 // kg, r // kg, axis=1)
+            return (*view._key_code_writes(jnp.where(f4, codes, 0), n0),
+                    cc.RowWrite(jnp.where(f4, scale, old_s), n0 // kg, "k_scale", 1),
+                    cc.RowWrite(jnp.where(f4, mn, old_m), n0 // kg, "k_min", 1))
 
-        k_codes, k_scale, k_min = lax.cond(jnp.any(flush), do_flush, lambda s: s,
-                                           (self.k_codes, self.k_scale, self.k_min))
+        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
 
         # values: the token leaving the R-window (token L - R, ring slot L % R) is quantized
-        slot = Lc % r
-        leaving = cc.take_row(v_res0, slot, 1, axis=1)  # [B, H, 1, D]
+        leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]
         spill = live_body & (Lb >= r)
         t_out = jnp.where(spill, Lb - r, 0)
         codes, scale, mn = self._quant_values(leaving)
-        codes = jnp.where(spill[:, None, None, None], codes, 0)
-        row, shift = packing.word_row_and_shift(t_out, c.v_bits)
-        cur = cc.take_row(self.v_codes, row, 1, axis=1)
-        v_codes = cc.put_row(self.v_codes, cur | (codes << shift.astype(jnp.uint32)[:, None, None, None]), row, axis=1)
         s4 = spill[:, None, None, None]
-        v_scale = cc.put_row(self.v_scale, jnp.where(s4, scale, cc.take_row(self.v_scale, t_out, 1, axis=1)), t_out, axis=1)
-        v_min = cc.put_row(self.v_min, jnp.where(s4, mn, cc.take_row(self.v_min, t_out, 1, axis=1)), t_out, axis=1)
-        v_res = cc.put_row(v_res0, jnp.where(live_body[:, None, None, None], v, leaving), slot, axis=1)
-
-        if sk:  # a row still filling its sinks writes slot R + L of the full buffers
-            to_sink = (live & (L < sk))[:, None, None, None]
-            idx = r + jnp.clip(L, 0, sk - 1)
-            k_res = cc.put_row(k_res, jnp.where(to_sink, k, cc.take_row(k_res, idx, 1, axis=1)), idx, axis=1)
-            v_res = cc.put_row(v_res, jnp.where(to_sink, v, cc.take_row(v_res, idx, 1, axis=1)), idx, axis=1)
-
-        return KIVICache(k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res,
-                         L + live, self.overflow | full, c, self.max_length)
+        row, shift = packing.word_row_and_shift(t_out, c.v_bits)
+        writes += [
+            cc.RowWrite(jnp.where(s4, codes, 0) << shift.astype(jnp.uint32)[:, None, None, None], row, "v_codes", 1,
+                        add=True),
+            cc.RowWrite(jnp.where(s4, scale, cc.take_row(self.v_scale, t_out, 1, axis=1)), t_out, "v_scale", 1),
+            cc.RowWrite(jnp.where(s4, mn, cc.take_row(self.v_min, t_out, 1, axis=1)), t_out, "v_min", 1),
+            cc.RowWrite(jnp.where(live4, v, leaving), at, "v_res", 1),
+        ]
+        return tuple(writes), L + live, self.overflow | full
 
     # ---- reading ------------------------------------------------------------------------------
     def materialize(self, rotated: bool = False):

@@ -3,17 +3,23 @@
 The layer scan carries the StackedCache; each layer writes only the new token's slabs
 (``append_writes`` + ``cache_common.apply_writes(..., layer=i)``). Checked on the optimized
 HLO of a jitted, cache-donated step (what ``kivi_jax.generate`` runs), so a regression to
-scan-output caches (a fresh buffer per step, plus a copy back into the donated one) fails.
+scan-output caches (a fresh buffer per step, plus a copy back into the donated one) or to
+whole-layer writes (``set_layer``) fails. KIVI's slab writes equal ``append`` bit for bit and
+the float64 model of Algorithm 1 (tests/reference_kivi.py).
 """
 
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kivi_jax
 import models
+import reference_kivi as ref
+from kivi_jax import KIVICache, KIVIConfig, packing
 from kivi_jax import cache_common as cc
 from models.cache import StackedCache
 from models.config import ModelConfig
@@ -22,10 +28,10 @@ CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_laye
                   num_kv_heads=2, head_dim=32)
 
 
-def _compiled_step(batch=2, max_length=1024):
+def _compiled_step(batch=2, max_length=1024, kivi=None):
     model = models.init_random(CFG, dtype=jnp.float32)
     apply, params = models.functional(model)
-    cache = model.init_cache(batch, max_length)
+    cache = model.init_cache(batch, max_length, kivi=kivi)
 
     def step(params, ids, cache):
         return apply(params, ids, cache)
@@ -51,6 +57,62 @@ def test_dense_decode_step_writes_cache_in_place():
     mem = compiled.memory_analysis()
     if mem is not None:
         assert mem.temp_size_in_bytes < full.nbytes, (mem.temp_size_in_bytes, full.nbytes)
+
+
+def _buffer_ops(hlo: str):
+    """[(opcode, (dtype, dims))] of every instruction with an array result outside fused
+    computations (those own their result buffer); dims without the 1s, so a [1, B, ...] slice
+    is a [B, ...] one; a fusion is named ``fusion:<root opcode of its fused computation>``."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head:
+            cur = comps.setdefault(head.group(1), [])
+        elif line.strip() == "}":
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    instr = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+([\w\-]+)\(")
+    root = {name: m.group(4) for name, lines in comps.items() for m in map(instr.match, lines) if m and m.group(1)}
+    fused = {c for lines in comps.values() for ln in lines if " fusion(" in ln
+             for c in re.findall(r"calls=%?([\w.\-]+)", ln)}
+    ops = []
+    for name, lines in comps.items():
+        if name in fused:
+            continue
+        for ln in lines:
+            m = instr.match(ln)
+            if m:
+                op = m.group(4)
+                if op == "fusion":
+                    op += ":" + root.get(re.search(r"calls=%?([\w.\-]+)", ln).group(1), "?")
+                ops.append((op, (m.group(2), tuple(int(x) for x in m.group(3).split(",") if x and x != "1"))))
+    return ops
+
+
+def _hlo_key(x, shape):
+    names = {"float32": "f32", "bfloat16": "bf16", "uint32": "u32"}
+    return names[jnp.dtype(x.dtype).name], tuple(n for n in shape if n != 1)
+
+
+@pytest.mark.parametrize("kivi", [
+    KIVIConfig(2, 2, group_size=16, residual_length=32),
+    KIVIConfig(4, 2, group_size=16, residual_length=48, sink_tokens=5, key_group_size=16),
+])
+def test_kivi_decode_step_writes_only_slabs(kivi):
+    """No op of the KIVI decode step writes or copies a whole cache buffer, stacked or one
+    layer's: the stacked buffers are only scattered into (in place, key flush included).
+    A float32 cache: XLA:CPU has no bfloat16 scatter and converts the whole buffer around one."""
+    compiled, cache = _compiled_step(kivi=kivi)
+    big = [x for x in jax.tree_util.tree_leaves(cache.layers) if x.ndim == 5]  # [L, B, Hkv, ., .]
+    stacked = {_hlo_key(x, x.shape) for x in big}
+    layer = {_hlo_key(x, x.shape[1:]) for x in big}
+    ops = _buffer_ops(compiled.as_text())
+    assert any(op == "fusion:scatter" for op, key in ops if key in stacked)  # the checker sees the writes
+    assert {op for op, key in ops if key in stacked} <= {"parameter", "get-tuple-element", "bitcast", "scatter",
+                                                          "fusion:scatter"}
+    # no buffer of one layer's size: neither a per-layer append's result nor a materialized slice
+    assert [(op, key) for op, key in ops if key in layer] == []
 
 
 def test_put_row_layer_matches_per_layer():
@@ -84,7 +146,103 @@ def test_stacked_append_dense():
     _stacked_append_matches(one)  # includes full rows (max_length 4 < 5 steps): flagged, unchanged
 
 
-def test_stacked_append_kivi():
-    cfg = kivi_jax.KIVIConfig(2, 2, group_size=32, residual_length=32)
-    one = kivi_jax.KIVICache.init(cfg, batch=2, num_kv_heads=2, head_dim=32, max_length=256, dtype=jnp.float32)
-    _stacked_append_matches(one, steps=3)
+def _bits(x):
+    """x as integers of its width (bit-for-bit equality: -0.0 != 0.0, NaN == NaN)."""
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return x
+
+
+@jax.jit
+def _stacked_kivi_run(st, k, v, lengths, kn, vn):
+    """Prefill layer l with k[l], v[l] [B, H, T, D]; then per step (kn, vn [steps, L, B, H, 1, D])
+    a scan over the layers as the model runs it: append_layer(i) vs set_layer(i, layer(i).append).
+    Returns (prefilled, final) stacked caches and [steps, L, leaves] bool: every leaf bit-equal."""
+    for i in range(st.num_layers):
+        st = st.prefill_layer(i, k[i], v[i], lengths)
+
+    def layer_step(st, x):
+        i, k, v = x
+        got = st.append_layer(i, k, v)
+        want = st.set_layer(i, st.layer(i).append(k, v))
+        same = [jnp.array_equal(_bits(a), _bits(b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+        return got, jnp.stack(same)
+
+    def step(st, kv):
+        return jax.lax.scan(layer_step, st, (jnp.arange(st.num_layers), *kv))
+
+    final, same = jax.lax.scan(step, st, (kn, vn))
+    return st, final, same
+
+
+def _grid_kv(rng, *shape):
+    """Keys with per-channel offsets and outlier channels (like a real LLM's), plain values; on
+    a grid of 1/64, so rotated inputs K·H (head_dim 64, H = +-1/8) are exact in float32."""
+    d = shape[-1]
+    k = rng.standard_normal(shape) * np.where(rng.random(d) < 0.15, 8.0, 1.0) + rng.normal(0, 2, d)
+    v = rng.standard_normal(shape)
+    return tuple((np.round(x * 64) / 64).astype(np.float32) for x in (k, v))
+
+
+STACKED_KIVI = {
+    "k2v2": (KIVIConfig(2, 2, group_size=16, residual_length=32), jnp.float32),
+    # R = 48 keys span two packed blocks of 4-bit codes (two k_codes slabs per flush)
+    "k4v2-R48-sinks5-bf16": (KIVIConfig(4, 2, group_size=16, residual_length=48, sink_tokens=5), jnp.bfloat16),
+    "k2v4-kg16-sinks3-rotate": (KIVIConfig(2, 4, group_size=32, residual_length=64, key_group_size=16, sink_tokens=3,
+                                           rotate="kv"), jnp.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(STACKED_KIVI))
+def test_stacked_append_kivi(name):
+    """append_layer (KIVICache.append_writes scattered into the stacked buffers) equals append on
+    that layer, bit for bit, every leaf of every layer at every step: ragged prompts (empty,
+    shorter than the sinks, exactly the sinks, longer), many key flushes and value spills, rows
+    that fill up (refused appends). The prefill leaves zero code bits after each row's quantized
+    tokens (append adds bits there), and the final layers equal the float64 model's."""
+    cfg, dtype = STACKED_KIVI[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    nl, b, h, d, t, steps = 2, 5, 2, 64, 72, 100
+    lengths = np.array([0, 2, cfg.sink_tokens, 41, 72])
+    max_length = t + steps - 12  # row 4 fills up 12 steps before the end
+    one = KIVICache.init(cfg, batch=b, num_kv_heads=h, head_dim=d, max_length=max_length, dtype=dtype)
+    k, v = _grid_kv(rng, nl, b, h, t, d)
+    pad = np.arange(t)[None, None, None, :, None] >= lengths[None, :, None, None, None]
+    k, v = np.where(pad, 1e4, k), np.where(pad, -1e4, v)  # padding must never reach the stores
+    kn, vn = _grid_kv(rng, steps, nl, b, h, 1, d)
+    prefilled, final, same = _stacked_kivi_run(StackedCache.stack(one, nl), k, v, jnp.asarray(lengths, jnp.int32),
+                                               kn, vn)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(one)[0]]
+    bad = [(int(s), int(i), names[j]) for s, i, j in np.argwhere(~np.asarray(same))]
+    assert bad == [], f"(step, layer, leaf) where append_layer differs from append: {bad[:10]}"
+
+    tc = one.capacity
+    for i in range(nl):
+        layer = prefilled.layer(i)
+        for words, bits, n in ((layer.k_codes, cfg.k_bits, layer._body_quantized_keys()),
+                               (layer.v_codes, cfg.v_bits, layer._body_quantized_values())):
+            codes = np.asarray(packing.unpack(words, bits, 2, tc))
+            np.testing.assert_array_equal(np.asarray(words), packing.pack_numpy_reference(codes, bits, 2))
+            assert not (codes * (np.arange(tc)[None, None, :, None] >= np.asarray(n)[:, None, None, None])).any()
+
+    want_overflow = lengths + steps > max_length
+    assert list(np.asarray(final.overflow)) == list(want_overflow) and want_overflow.sum() == 1
+    tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
+    for i in range(nl):
+        rf = ref.ReferenceKIVICacheExt(k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
+                                       residual_length=cfg.residual_length, batch=b, num_kv_heads=h, head_dim=d,
+                                       dtype=dtype, sink_tokens=cfg.sink_tokens, rotate=cfg.rotate,
+                                       key_group_size=cfg.key_group_size)
+        rf.prefill(k[i], v[i], lengths)
+        for s in range(steps):
+            rf.append(kn[s, i], vn[s, i])
+        layer = final.layer(i)
+        kh, vh = (np.asarray(a.astype(jnp.float32), np.float64) for a in jax.jit(KIVICache.materialize)(layer))
+        for r in np.flatnonzero(~want_overflow):  # the model has no max_length: rows that never filled up
+            L = rf.length(r)
+            assert int(layer.lengths[r]) == L
+            assert (int(layer.num_quantized_keys[r]), int(layer.num_quantized_values[r])) == rf.num_quantized(r)
+            np.testing.assert_allclose(kh[r, :, :L], rf.keys(r), rtol=tol, atol=tol, err_msg=f"keys {i} {r}")
+            np.testing.assert_allclose(vh[r, :, :L], rf.values(r), rtol=tol, atol=tol, err_msg=f"values {i} {r}")
+        # the run crossed flushes and spills in every row
+        assert min(len(row.kq) for row in rf.rows) >= cfg.residual_length and min(len(row.vq) for row in rf.rows) > 0
