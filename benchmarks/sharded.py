@@ -260,11 +260,13 @@ def child(spec: dict) -> None:
 # =============================================================================================
 
 def _commit() -> str:
+    if os.environ.get("KIVI_COMMIT"):  # the device copy's .git, if any, is not the tree that ran
+        return os.environ["KIVI_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - the device copy may carry no .git
-        return os.environ.get("KIVI_COMMIT", "unknown")
+    except Exception:  # noqa: BLE001 - no git
+        return "unknown"
 
 
 def _fmt(v, digits=4):
