@@ -109,8 +109,8 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
 
 def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     """Where the time of one KIVI decode_attention call goes: the Pallas kernel alone, the
-    plain-JAX tail (residual window + boundary chunk) alone, and the whole call."""
-    from kivi_jax.attention_pallas import _tail_partials, _default_chunk
+    plain-JAX residual window alone, and the whole call."""
+    from kivi_jax.attention_pallas import _window_partials, _default_chunk
     from pallas_kernels import kivi_decode
 
     cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
@@ -120,22 +120,22 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     chunk = _default_chunk(cfg)
     qg = jax.random.normal(jax.random.key(1), (b, hkv, gq, D))
     qp = jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, gq) - gq), (0, 0)))
-    bulk_end = (cache.num_quantized_values // chunk) * chunk
+    end = cache.num_quantized_values
     zero = jnp.zeros_like(cache.lengths)
     splits = attention_pallas.default_splits(b, hkv, cache.capacity // chunk, False)
 
     def kernel_only(qp, cache):
         return kivi_decode.kivi_decode_partials(
             qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
-            zero, bulk_end // chunk, zero, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
+            zero, -(-end // chunk), zero, end, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
             chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT)
 
-    def tail_only(qg, cache):
-        return _tail_partials(qg, cache, bulk_end, zero, chunk)
+    def window_only(qg, cache):
+        return _window_partials(qg, cache, zero)
 
     q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
     rows = []
-    for name, fn, args in (("kernel_only", kernel_only, (qp, cache)), ("tail_only", tail_only, (qg, cache)),
+    for name, fn, args in (("kernel_only", kernel_only, (qp, cache)), ("window_only", window_only, (qg, cache)),
                            ("whole_call", lambda q, c: attention_pallas.decode_attention(q, c), (q, cache))):
         ms = common.time_fn(jax.jit(fn), *args)
         rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": bits, "impl": f"breakdown_{name}",

@@ -83,7 +83,7 @@ def shapes(b=2, h=2, t=4096, d=128, g=32, m=16, k_bits=2, v_bits=2, dtype=jnp.bf
     return (s((b, h, m, d), jnp.float32), s((b, h, t * k_bits // 32, d), jnp.uint32),
             s((b, h, t // g, d), dtype), s((b, h, t // g, d), dtype), s((b, h, t * v_bits // 32, d), jnp.uint32),
             s((b, h, t, d // g), dtype), s((b, h, t, d // g), dtype),
-            s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32))
+            s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32))
 
 
 def probe(opts: dict, triton_python: str, workdir: pathlib.Path) -> str:

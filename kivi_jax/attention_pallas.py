@@ -1,15 +1,16 @@
 """Glue between KIVICache and the fused Pallas decode kernel (pallas_kernels.kivi_decode).
 
-The kernel covers each row's *bulk*: whole ``chunk``-token chunks below m = max(L - R, 0),
-where keys and values are both quantized. The rest — at most ``chunk + R`` newest tokens:
-the boundary chunk, the key residual and the value window — is attended here in plain JAX
-(it is the full-precision part KIVI keeps anyway), and the partial softmaxes are combined.
+The kernel covers each row's *bulk*: the tokens below m = max(L - R, 0), where keys and values
+are both quantized (in ``chunk``-token chunks, the last one masked at m). The R newest tokens —
+the value window, whose keys are in the key residual or in the block flushed last — are
+attended here in plain JAX straight from the residual ring (it is the full-precision part KIVI
+keeps anyway), and the partial softmaxes are combined.
 
 Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
-the sinks (store position p = token S + p), so the kernel and the tail work on that body
+the sinks (store position p = token S + p), so the kernel and the window work on that body
 exactly as on a plain cache (body lengths, a sliding window's start shifted by S), and the S
 sink tokens are one more plain-JAX partial. With ``rotate``, q is rotated (q·H) before the
-kernel and the tail, and the combined output is rotated back (o·H^T) after: one D x D
+kernel and the window, and the combined output is rotated back (o·H^T) after: one D x D
 product per query, none per cached token. With ``key_group_size`` != ``group_size`` the
 kernel, which has one group size for key tokens and value channels, gets the finer of the
 two and the coarser scale rows repeated to match (a copy of those scales per call: a kernel
@@ -41,39 +42,36 @@ def default_splits(batch: int, heads: int, n_chunks: int, interpret: bool) -> in
     return max(1, min(n_chunks, -(-TARGET_PROGRAMS // (batch * heads)), 64))
 
 
-def _tail_partials(qg, cache: KIVICache, first, start, chunk: int):
-    """Softmax partials over body tokens [max(first, start), Lb) in plain JAX.
+def _window_partials(qg, cache: KIVICache, start):
+    """Softmax partials over the R slots of the residual ring, in plain JAX: the tokens
+    [max(Lb - R, 0), Lb) whose values are in full precision (everything the kernel leaves out).
 
-    Body coordinates (store positions; token S + p). qg [B, Hkv, g, D] float32 (pre-scaled,
-    in the keys' stored basis); first [B] multiple of the chunk. The window is W = chunk + R
-    tokens from ``first``: it holds every token the kernel leaves out.
+    Body coordinates (store positions; token S + p). Ring slot j holds token
+    t_j = Lb - R + (j - Lb) mod R (negative: an empty slot) in v_res, and in k_res too when
+    t_j >= n (the keys not quantized yet); a key below n is in the block flushed last,
+    tokens [n - R, n), where token n - R + j is the one in slot j. No reordering: softmax
+    does not care about the order of the slots.
+    qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B] (body).
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
     c = cache.config
-    g, kg, r, tc = c.group_size, c.key_group, c.residual_length, cache.capacity
-    width = min(r + chunk, tc)
-    t = first[:, None] + jnp.arange(width)[None, :]  # [B, W]
-    ti = jnp.clip(t, 0, tc - 1)
+    kg, r = c.key_group, c.residual_length
+    lb, n = cache.body_lengths[:, None], cache._body_quantized_keys()[:, None]
+    j = jnp.arange(r)[None, :]
+    t = lb - r + (j - lb) % r  # [B, R]
+    tq = jnp.clip(n - r + j, 0, cache.capacity - 1)  # the flushed key block's token in slot j
 
-    def gather(x, idx):  # x [B, H, N, E], idx [B, W] -> [B, H, W, E]
+    def gather(x, idx):  # x [B, H, N, E], idx [B, R] -> [B, H, R, E]
         return jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
 
-    def codes(words, bits):
-        row, shift = packing.word_row_and_shift(ti, bits)
-        w = gather(words, row)
-        return (w >> shift.astype(jnp.uint32)[:, None, :, None]) & jnp.uint32((1 << bits) - 1)
-
-    dt = cache.dtype
-    # one fusion per operand, in the cache dtype (the kernel's own numerics): no float32 copies
-    k_hat = (codes(cache.k_codes, c.k_bits).astype(jnp.float32) * gather(cache.k_scale, ti // kg).astype(jnp.float32)
-             + gather(cache.k_min, ti // kg).astype(jnp.float32)).astype(dt)
-    vs = jnp.repeat(gather(cache.v_scale, ti), g, axis=3).astype(jnp.float32)
-    vm = jnp.repeat(gather(cache.v_min, ti), g, axis=3).astype(jnp.float32)
-    v_hat = (codes(cache.v_codes, c.v_bits).astype(jnp.float32) * vs + vm).astype(dt)
-    k = jnp.where((t < cache._body_quantized_keys()[:, None])[:, None, :, None], k_hat, gather(cache.k_res, t % r))
-    v = jnp.where((t < cache._body_quantized_values()[:, None])[:, None, :, None], v_hat, gather(cache.v_res, t % r))
-    valid = (t >= jnp.maximum(first, start)[:, None]) & (t < cache.body_lengths[:, None])
-    return _partials(qg, k, v, valid)
+    row, shift = packing.word_row_and_shift(tq, c.k_bits)
+    codes = (gather(cache.k_codes, row) >> shift.astype(jnp.uint32)[:, None, :, None]) & jnp.uint32((1 << c.k_bits) - 1)
+    # one fusion, dequantized in float32 and rounded once to the cache dtype (like the kernel)
+    k_hat = (codes.astype(jnp.float32) * gather(cache.k_scale, tq // kg).astype(jnp.float32)
+             + gather(cache.k_min, tq // kg).astype(jnp.float32)).astype(cache.dtype)
+    k = jnp.where((t >= n)[:, None, :, None], cache.k_res[:, :, :r], k_hat)
+    valid = (t >= 0) & (t >= start[:, None])
+    return _partials(qg, k, cache.v_res[:, :, :r], valid)
 
 
 def _partials(qg, k, v, valid):
@@ -179,17 +177,17 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     start = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
     sk = c.sink_tokens
     start_b = start if sk == 0 else jnp.maximum(start - sk, 0)  # the window's start in body positions
-    bulk_end = (cache._body_quantized_values() // chunk) * chunk  # [B], body tokens
+    end = cache._body_quantized_values()  # [B] body tokens: the kernel covers [start, end)
     n_chunks = cache.capacity // chunk
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     group, ks, km, vs, vm = _kernel_scales(cache)
     o, m, l = kivi_decode.kivi_decode_partials(
         qp, cache.k_codes, ks, km, cache.v_codes, vs, vm,
-        start_b // chunk, bulk_end // chunk, start_b, k_bits=c.k_bits, v_bits=c.v_bits,
+        start_b // chunk, -(-end // chunk), start_b, end, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
         num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
-    parts = [_tail_partials(qg, cache, bulk_end, start_b, chunk)]
+    parts = [_window_partials(qg, cache, start_b)]
     if sk:
         parts.append(_sink_partials(qg, cache, start))
     m_all = jnp.max(m, axis=2)  # [B, Hkv, g]

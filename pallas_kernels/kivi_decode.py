@@ -1,12 +1,12 @@
 """Fused Pallas (Triton) decode attention over a KIVI-packed KV cache.
 
 One program per (batch row b, KV head h, sequence split s) walks its share of the row's
-*bulk* — the leading tokens whose keys and values are both quantized — in chunks of
-``chunk`` tokens: it unpacks key codes (packed along tokens, :mod:`kivi_jax.packing`),
-scores all query heads that share KV head h at once (GQA: no repeated K/V), runs an
-online softmax, unpacks value codes and accumulates p·V. It returns flash-decoding
-partials (o, m, l) per split; the caller adds the few hundred newest tokens (the
-full-precision residuals and the boundary chunk) and combines.
+*bulk* — the leading tokens whose keys and values are both quantized, the last chunk masked
+at the row's end — in chunks of ``chunk`` tokens: it unpacks key codes (packed along tokens,
+:mod:`kivi_jax.packing`), scores all query heads that share KV head h at once (GQA: no
+repeated K/V), runs an online softmax, unpacks value codes and accumulates p·V. It returns flash-decoding
+partials (o, m, l) per split; the caller adds the R newest tokens (the full-precision value
+window) and combines.
 
 Two variants of the inner loop (``variant``):
 
@@ -23,7 +23,8 @@ Inputs (one row b and head h are selected by the BlockSpecs):
   k_codes  [B, Hkv, Wk, D] uint32;  k_scale, k_min [B, Hkv, Tc/G, D]
   v_codes  [B, Hkv, Wv, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]
   lo, hi   [B] int32: the row's bulk is chunks [lo, hi)
-  start    [B] int32: tokens before it are masked (sliding window; 0 otherwise)
+  start, end [B] int32: only tokens [start, end) count (a sliding window's start, 0 otherwise;
+           end: where the row's quantized values stop, inside the last chunk)
 Outputs: o [B, Hkv, S, M, D] f32 (unnormalized), m, l [B, Hkv, S, M] f32.
 """
 
@@ -66,15 +67,14 @@ def _unpack_chunk(words_ref, rows, slot0, bits, slots, cols=None):
 
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
-            start_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, chunk, chunks_per_split,
+            start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, chunk, chunks_per_split,
             variant, compute_dtype, precision):
     g = group_size
     m_rows, d = q_ref.shape
     n_vgroups = d // g
     slots = chunk // 16
     k_blk, v_blk = 16 * (32 // k_bits), 16 * (32 // v_bits)  # tokens per packed block
-    # tokens before `start` are outside a sliding window
-    lo, hi, start = kivi_decode_fma.program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split)
+    lo, hi, start, end = kivi_decode_fma.program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
     q = q_ref[...].astype(jnp.float32)
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
@@ -126,7 +126,8 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
         m_prev, l_prev, accs = carry
         t0 = c * chunk
         s = key_scores(t0)  # [M, chunk] float32
-        s = jnp.where((t0 + jnp.arange(chunk))[None, :] >= start, s, _NEG)
+        tok = (t0 + jnp.arange(chunk))[None, :]
+        s = jnp.where((tok >= start) & (tok < end), s, _NEG)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         corr = jnp.exp(m_prev - m_next)
         p = jnp.exp(s - m_next[:, None])
@@ -148,7 +149,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "chunk", "num_splits", "variant",
                      "interpret", "num_warps", "num_stages", "num_queries", "dot_dtype"))
-def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, *,
+def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, chunk: int = 64,
                          num_splits: int = 1, variant: str = "fold", interpret: bool = False,
                          num_warps: int = 4, num_stages: int = 2, num_queries: int | None = None,
@@ -200,7 +201,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     in_specs = [
         row(m_rows, d), row(*k_codes.shape[2:]), row(*k_scale.shape[2:]), row(*k_min.shape[2:]),
         row(*v_codes.shape[2:]), row(*v_scale.shape[2:]), row(*v_min.shape[2:]),
-    ] + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 3
+    ] + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4
     out_specs = [
         pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
         pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
@@ -218,4 +219,4 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, name=f"kivi_decode_{variant}", **params,
     )(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo.astype(jnp.int32), hi.astype(jnp.int32),
-      start.astype(jnp.int32))
+      start.astype(jnp.int32), end.astype(jnp.int32))

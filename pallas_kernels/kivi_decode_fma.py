@@ -40,12 +40,14 @@ def _pow2_neg(p):
     return lax.bitcast_convert_type(((127 - p) << 23).astype(jnp.int32), jnp.float32)
 
 
-def program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split):
-    """This program's chunk range [lo, hi) (its split of the row's bulk) and the row's start token."""
+def program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
+    """This program's chunk range [lo, hi) (its split of the row's bulk) and the row's token
+    range [start, end): tokens outside it (a sliding window's start, the last partial chunk's
+    end) are masked."""
     split = pl.program_id(2)
     lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
     hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
-    return lo, hi, start_ref[()]
+    return lo, hi, start_ref[()], end_ref[()]
 
 
 def block_words(kc_ref, vc_ref, cb, n_groups, g):
@@ -62,7 +64,7 @@ def block_words(kc_ref, vc_ref, cb, n_groups, g):
 
 
 def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref, start_ref,
-           o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, num_queries):
+           end_ref, o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, num_queries):
     """One (row, KV head, split) program; keys and values share ``bits``.
 
     Outer loop: packed blocks of 16*c tokens (c = 32/bits): the word tiles are loaded once.
@@ -74,7 +76,7 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
     n_groups = d // g
     c = 32 // bits
     blk, half = 16 * c, c // 2
-    lo, hi, start = program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split)
+    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
     qs = [q_ref[pl.ds(i, 1), :].astype(jnp.float32) for i in range(num_queries)]  # [1, D] each
 
     def block(cb, carry):
@@ -101,7 +103,7 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
                 vss.append([vs_ref[pl.ds(t, 16), pl.ds(gi, 1)].astype(jnp.float32) * inv for gi in range(n_groups)])
                 vms.append([vm_ref[pl.ds(t, 16), pl.ds(gi, 1)].astype(jnp.float32) for gi in range(n_groups)])
             for i in range(num_queries):
-                s = [jnp.where(toks[h] >= start,
+                s = [jnp.where((toks[h] >= start) & (toks[h] < end),
                                jnp.sum((qs[i] * kss[h]) * fks[h], axis=1, keepdims=True)
                                + jnp.sum(qs[i] * kms[h], axis=1, keepdims=True), NEG) for h in range(2)]
                 m_new = jnp.maximum(ms[i], jnp.maximum(jnp.max(s[0], axis=0, keepdims=True),
@@ -141,7 +143,7 @@ def kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref
 
 
 def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref, start_ref,
-               o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, precision):
+               end_ref, o_ref, m_ref, l_ref, *, bits, group_size, chunks_per_split, precision):
     """Variant ``"mma"``: the same masked-code unpacking and loop structure as :func:`kernel`,
     but all M (>= 16, padded) query rows of a KV head go through tensor-core dots per
     16-token slot (GQA ratios 4-8)."""
@@ -150,7 +152,7 @@ def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi
     n_groups = d // g
     c = 32 // bits
     blk, half = 16 * c, c // 2
-    lo, hi, start = program_bounds(lo_ref, hi_ref, start_ref, chunks_per_split)
+    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
     q = q_ref[...].astype(jnp.float32)
 
     def dot(a, b):
@@ -175,7 +177,7 @@ def kernel_mma(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi
                 km = km_ref[grp, :].astype(jnp.float32)
                 s = dot(q * ks, fk.T) + jnp.sum(q * km, axis=1, keepdims=True)  # [M, 16]
                 tok = t + lax.broadcasted_iota(jnp.int32, (1, 16), 1)
-                ss.append(jnp.where(tok >= start, s, NEG))
+                ss.append(jnp.where((tok >= start) & (tok < end), s, NEG))
                 ts.append(t)
             m_new = jnp.maximum(m, jnp.maximum(jnp.max(ss[0], axis=1, keepdims=True),
                                                jnp.max(ss[1], axis=1, keepdims=True)))

@@ -64,6 +64,22 @@ def test_kernel_matches_reference(k_bits, v_bits, gqa, dtype, variant):
     np.testing.assert_allclose(np.asarray(out1, np.float32), np.asarray(out[1:2], np.float32), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_kernel_rows_around_residual_boundaries(sinks):
+    """Rows whose lengths sit just below, at and above multiples of R and of the chunk (the
+    kernel's masked last chunk, the ring's split between key residual and flushed keys), with
+    and without a sliding window: every row against the reference."""
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=4, group_size=16, residual_length=32, sink_tokens=sinks)
+    lengths = [l + sinks for l in (5, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 130)]
+    cache = _cache(cfg, lengths, 2, 32, jnp.float32, seed=7, appends=1)
+    q = jax.random.normal(jax.random.key(3), (len(lengths), 4, 1, 32))
+    for window in (None, 40, 70):
+        ref = kj.decode_attention(q, cache, impl="reference", window=window)
+        out = attention_pallas.decode_attention(q, cache, interpret=True, window=window)
+        for i in range(len(lengths)):
+            assert _rel(out[i], ref[i]) <= 1e-5, (lengths[i], window)
+
+
 def test_kernel_sliding_window_and_public_dispatch():
     cfg = kj.KIVIConfig(group_size=16, residual_length=32)
     cache = _cache(cfg, [400, 300], 1, 32, jnp.float32, seed=3)
