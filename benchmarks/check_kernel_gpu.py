@@ -89,6 +89,16 @@ def main(argv=None):
     for variant in variants:
         rows.append(check("G64 D64 gqa3 window=700", q, cache, variant, window=700))
         rows.append(check("G64 D64 gqa3", q, cache, variant))
+    # the KIVIConfig extensions on the kernel path (sinks and rotation live in the glue)
+    for name, extra in (("sinks4 rotate=kv", dict(sink_tokens=4, rotate="kv")), ("key groups 16", dict(key_group_size=16)),
+                        ("sinks4 window=300", dict(sink_tokens=4))):
+        cfg = kj.KIVIConfig(**extra)
+        cache = build_cache(cfg, 4, 4, 128, [1300, 517, 130, 2], jnp.bfloat16, jax.random.key(11))
+        q = jax.random.normal(jax.random.key(12), (4, 16, 1, 128)).astype(jnp.bfloat16)
+        window = 300 if "window" in name else None
+        for variant in variants:
+            rows.append(check(name, q, cache, variant, window=window))
+            print(rows[-1], flush=True)
     if not args.skip_large:
         # B*H*T*D = 64*32*8448*128 > 2**31: filled at random, compared on a few rows
         b, h, t, d = 64, 32, 8448, 128
