@@ -45,9 +45,9 @@ CONFIGS = {
     "+4 sinks +hadamard kv (R=64)": KIVIConfig(sink_tokens=4, rotate="kv", residual_length=64),
     "+4 sinks (R=64)": KIVIConfig(sink_tokens=4, residual_length=64),
     # the rotation spreads outliers, so coarser groups may cost little: their bits buy a longer window
-    "+4 sinks +hadamard kv, groups 64, R=192": KIVIConfig(sink_tokens=4, rotate="kv", group_size=64,
+    "+4 sinks +hadamard kv (G=64 R=192)": KIVIConfig(sink_tokens=4, rotate="kv", group_size=64,
                                                           residual_length=192),
-    "+4 sinks +hadamard kv, value groups 64": KIVIConfig(sink_tokens=4, rotate="kv", group_size=64,
+    "+4 sinks +hadamard kv (value G=64)": KIVIConfig(sink_tokens=4, rotate="kv", group_size=64,
                                                          key_group_size=32),
 }
 
