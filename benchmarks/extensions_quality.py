@@ -49,6 +49,10 @@ CONFIGS = {
                                                           residual_length=192),
     "+4 sinks +hadamard kv (value G=64)": KIVIConfig(sink_tokens=4, rotate="kv", group_size=64,
                                                          key_group_size=32),
+    "+16 sinks +hadamard kv (value G=64)": KIVIConfig(sink_tokens=16, rotate="kv", group_size=64,
+                                                          key_group_size=32),
+    "+64 sinks +hadamard kv (value G=64)": KIVIConfig(sink_tokens=64, rotate="kv", group_size=64,
+                                                          key_group_size=32),
 }
 
 
