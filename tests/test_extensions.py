@@ -209,6 +209,9 @@ def test_sinks_stay_exact_and_groups_start_after_them():
     (KIVIConfig(group_size=G, residual_length=R, sink_tokens=4, rotate="kv"), None),
     (KIVIConfig(k_bits=4, v_bits=2, group_size=32, residual_length=R, key_group_size=16, sink_tokens=3,
                 rotate="k"), 100),
+    # the shape of the README's recommended setting: 16 sinks, rotation, one value group per head,
+    # key groups half as long
+    (KIVIConfig(sink_tokens=16, rotate="kv", group_size=D, key_group_size=D // 2, residual_length=R), 120),
 ])
 def test_pallas_with_extensions_equals_reference(cfg, window):
     from kivi_jax import attention_pallas
