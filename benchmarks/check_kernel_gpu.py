@@ -3,7 +3,7 @@
 Fresh random caches (keys with outlier channels, like real LLM keys), built through the
 cache's own prefill + append; ragged rows; GQA 1/4/8; 2 and 4 bits (mixed too); bf16,
 fp16, fp32; a sliding window; and one cache with B*H*T*D > 2**31 numbers.
-Prints a table; exits non-zero if any check fails. Run: python benchmarks/check_kernel_gpu.py
+Prints a table; exits non-zero if any check fails. Run: python -m benchmarks.check_kernel_gpu [--quick]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def check(name, q, cache, variant, window=None, dtype="bfloat16"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="fma,mma")
+    ap.add_argument("--variants", default="dequant")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one case per dtype/bits/GQA pattern (fewer compiles)")
     args = ap.parse_args(argv)

@@ -118,9 +118,7 @@ def _default_chunk(config) -> int:
     return min(32, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
 
 
-# the fastest variant measured on the H200 for every shape so far
-# (benchmarks/results/decode-attention-quick*; "fma"/"mma" are kept for the unpacking work
-# ahead, pallas_kernels/NOTES.md)
+# the fastest variant measured on the H200 for every shape so far (pallas_kernels/NOTES.md)
 DEFAULT_VARIANT = "dequant"
 
 
@@ -163,12 +161,8 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     hkv = cache.num_kv_heads
     gq = hq // hkv
     variant = DEFAULT_VARIANT if variant == "auto" else variant
-    if chunk is None:
-        chunk = (packing.block_len(min(c.k_bits, c.v_bits)) if variant in kivi_decode.BLOCK_VARIANTS
-                 else _default_chunk(c))
-    rows = 1 << (gq - 1).bit_length()
-    if variant != "fma":
-        rows = max(16, rows)  # tensor-core dots need 16 rows
+    chunk = chunk or _default_chunk(c)
+    rows = max(16, 1 << (gq - 1).bit_length())  # tensor-core dots need 16 rows
     qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
     if c.rotate_keys:  # scores in the stored basis: (q·H)·(K·H)^T
         qg = rotation.rotate(qg)
@@ -185,7 +179,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
         qp, cache.k_codes, ks, km, cache.v_codes, vs, vm,
         start_b // chunk, -(-end // chunk), start_b, end, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, num_queries=gq, dot_dtype=dot_dtype)
+        num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
     parts = [_window_partials(qg, cache, start_b)]
     if sk:
