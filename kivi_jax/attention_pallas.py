@@ -11,10 +11,8 @@ the sinks (store position p = token S + p), so the kernel and the window work on
 exactly as on a plain cache (body lengths, a sliding window's start shifted by S), and the S
 sink tokens are one more plain-JAX partial. With ``rotate``, q is rotated (q·H) before the
 kernel and the window, and the combined output is rotated back (o·H^T) after: one D x D
-product per query, none per cached token. With ``key_group_size`` != ``group_size`` the
-kernel, which has one group size for key tokens and value channels, gets the finer of the
-two and the coarser scale rows repeated to match (a copy of those scales per call: a kernel
-parameter for the key group would avoid it).
+product per query, none per cached token. ``key_group_size`` != ``group_size`` is a kernel
+parameter: the scales are passed as stored.
 """
 
 from __future__ import annotations
@@ -100,19 +98,6 @@ def _sink_partials(qg, cache: KIVICache, start):
     return _partials(qg, k, v, valid)
 
 
-def _kernel_scales(cache: KIVICache):
-    """(group, k_scale, k_min, v_scale, v_min) for the kernel's single group size: the finer of
-    the key group (tokens) and the value group (channels), the other's scale rows repeated."""
-    c = cache.config
-    g, kg = c.group_size, c.key_group
-    ks, km, vs, vm = cache.k_scale, cache.k_min, cache.v_scale, cache.v_min
-    if kg < g:
-        vs, vm = jnp.repeat(vs, g // kg, axis=3), jnp.repeat(vm, g // kg, axis=3)
-    elif kg > g:
-        ks, km = jnp.repeat(ks, kg // g, axis=2), jnp.repeat(km, kg // g, axis=2)
-    return min(g, kg), ks, km, vs, vm
-
-
 def _default_chunk(config) -> int:
     # 32 measured 4-7% faster than 64 on the H200 (benchmarks/results/decode-attention-quick4/5)
     return min(32, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
@@ -174,11 +159,10 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     end = cache._body_quantized_values()  # [B] body tokens: the kernel covers [start, end)
     n_chunks = cache.capacity // chunk
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
-    group, ks, km, vs, vm = _kernel_scales(cache)
     o, m, l = kivi_decode.kivi_decode_partials(
-        qp, cache.k_codes, ks, km, cache.v_codes, vs, vm,
+        qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
         start_b // chunk, -(-end // chunk), start_b, end, k_bits=c.k_bits, v_bits=c.v_bits,
-        group_size=group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
+        group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
         num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
     parts = [_window_partials(qg, cache, start_b)]

@@ -15,8 +15,8 @@ history, with their numbers in ``pallas_kernels/NOTES.md``).
 
 Inputs (one row b and head h are selected by the BlockSpecs):
   q        [B, Hkv, M, D] float32, pre-scaled by 1/sqrt(D); M >= 16 (padded query heads)
-  k_codes  [B, Hkv, Wk, D] uint32;  k_scale, k_min [B, Hkv, Tc/G, D]
-  v_codes  [B, Hkv, Wv, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]
+  k_codes  [B, Hkv, Wk, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
+  v_codes  [B, Hkv, Wv, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size)
   lo, hi   [B] int32: the row's bulk is chunks [lo, hi)
   start, end [B] int32: only tokens [start, end) count (a sliding window's start, 0 otherwise;
            end: where the row's quantized values stop, inside the last chunk)
@@ -64,9 +64,9 @@ def _unpack_chunk(words_ref, rows, slot0, bits, slots):
 
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
-            start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, chunk, chunks_per_split,
-            compute_dtype, precision):
-    g = group_size
+            start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
+            chunks_per_split, compute_dtype, precision):
+    g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     m_rows, d = q_ref.shape
     n_vgroups = d // g
     slots = chunk // 16
@@ -77,12 +77,12 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
 
     def key_scores(t0):  # [M, chunk]
         k_codes = _unpack_chunk(kc_ref, 16 * (t0 // k_blk), (t0 % k_blk) // 16, k_bits, slots)
-        rows = max(chunk // g, 1)  # key groups in the chunk (a chunk shorter than a group: one)
-        ks = ks_ref[pl.ds(t0 // g, rows), :].astype(jnp.float32)
-        km = km_ref[pl.ds(t0 // g, rows), :].astype(jnp.float32)
-        if chunk > g:
-            ks = jnp.broadcast_to(ks[:, None, :], (rows, g, d)).reshape(chunk, d)
-            km = jnp.broadcast_to(km[:, None, :], (rows, g, d)).reshape(chunk, d)
+        rows = max(chunk // kg, 1)  # key groups in the chunk (a chunk shorter than a group: one)
+        ks = ks_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
+        km = km_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
+        if chunk > kg:
+            ks = jnp.broadcast_to(ks[:, None, :], (rows, kg, d)).reshape(chunk, d)
+            km = jnp.broadcast_to(km[:, None, :], (rows, kg, d)).reshape(chunk, d)
         k_hat = k_codes.astype(jnp.float32) * ks + km
         return dot(q, k_hat.astype(compute_dtype).T)
 
@@ -116,20 +116,23 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
 
 @functools.partial(
     jax.jit,
-    static_argnames=("k_bits", "v_bits", "group_size", "chunk", "num_splits", "variant",
+    static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
                      "interpret", "num_warps", "num_stages", "dot_dtype"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
-                         k_bits: int, v_bits: int, group_size: int, chunk: int = 32,
+                         k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
+                         chunk: int = 32,
                          num_splits: int = 1, variant: str = "dequant", interpret: bool = False,
                          num_warps: int = 4, num_stages: int = 2, dot_dtype: str | None = None):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
 
-    dot_dtype: operand dtype of the dots (default: the cache dtype).
+    group_size: value channels per scale/min; key_group_size: key tokens per scale/min
+    (default: group_size). dot_dtype: operand dtype of the dots (default: the cache dtype).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
     b, hkv, m_rows, d = q.shape
-    tc = k_scale.shape[2] * group_size
+    kg = key_group_size or group_size
+    tc = k_scale.shape[2] * kg
     if m_rows < 16 or m_rows & (m_rows - 1):
         raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
@@ -143,7 +146,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     compute_dtype = jnp.dtype(dot_dtype) if dot_dtype else jnp.dtype(k_scale.dtype)
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     kernel = functools.partial(
-        _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, chunk=chunk,
+        _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision)
 
     def row(*tail):

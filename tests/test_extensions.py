@@ -212,6 +212,8 @@ def test_sinks_stay_exact_and_groups_start_after_them():
     # the shape of the README's recommended setting: 16 sinks, rotation, one value group per head,
     # key groups half as long
     (KIVIConfig(sink_tokens=16, rotate="kv", group_size=D, key_group_size=D // 2, residual_length=R), 120),
+    # key groups longer than value groups (the kernel takes both sizes)
+    (KIVIConfig(group_size=G, key_group_size=2 * G, residual_length=R), 90),
 ])
 def test_pallas_with_extensions_equals_reference(cfg, window):
     from kivi_jax import attention_pallas
