@@ -125,6 +125,15 @@ def causal_attention(q, k, v, lengths=None):
     return out
 
 
+def keys_values(rng, *shape):
+    """Keys like a real LLM's: per-channel offsets and a few large-magnitude outlier channels."""
+    d = shape[-1]
+    chan = np.where(rng.random(d) < 0.15, 8.0, 1.0)
+    k = rng.standard_normal(shape) * chan + rng.normal(0, 2, d)
+    v = rng.standard_normal(shape)
+    return k.astype(np.float32), v.astype(np.float32)
+
+
 class _Row:
     def __init__(self):
         self.kq = []  # quantized keys, one [H, D] per token: (codes, x_hat)
@@ -142,6 +151,7 @@ class ReferenceKIVICache:
         assert residual_length % group_size == 0 and head_dim % group_size == 0
         self.k_bits, self.v_bits = k_bits, v_bits
         self.G, self.R = group_size, residual_length
+        self.KG = group_size  # key tokens per quantization group (the Ext cache may change it)
         self.H, self.D = num_kv_heads, head_dim
         self.dtype = np_dtype(dtype)
         self.rows = [_Row() for _ in range(batch)]
@@ -156,15 +166,15 @@ class ReferenceKIVICache:
         return self._stored(np.clip(xhat, -fmax, fmax))
 
     def _quant_keys(self, row: _Row, keys):
-        """Per-channel quantization of keys [H, n, D] (n a multiple of G), appended to row."""
+        """Per-channel quantization of keys [H, n, D] (n a multiple of KG), appended to row."""
         h, n, d = keys.shape
-        g = keys.reshape(h, n // self.G, self.G, d).transpose(0, 1, 3, 2)  # [H, n/G, D, G]
+        g = keys.reshape(h, n // self.KG, self.KG, d).transpose(0, 1, 3, 2)  # [H, n/KG, D, KG]
         codes, scale, mn, xhat = quant_groups(g, self.k_bits, self.dtype)
         codes = codes.transpose(0, 1, 3, 2).reshape(h, n, d)
         xhat = self._deq(xhat.transpose(0, 1, 3, 2).reshape(h, n, d))
         for i in range(n):
             row.kq.append((codes[:, i], xhat[:, i]))
-        for j in range(n // self.G):
+        for j in range(n // self.KG):
             row.kq_params.append((scale[:, j, :, 0], mn[:, j, :, 0]))
 
     def _quant_value(self, row: _Row, value):
@@ -330,17 +340,6 @@ class ReferenceKIVICacheExt(ReferenceKIVICache):
     def _store(self, x, rot: bool):
         x = self._stored(x)
         return self._stored(np.einsum("...d,de->...e", x, self.Hm)) if rot else x
-
-    def _quant_keys(self, row, keys):
-        h, n, d = keys.shape
-        g = keys.reshape(h, n // self.KG, self.KG, d).transpose(0, 1, 3, 2)  # [H, n/KG, D, KG]
-        codes, scale, mn, xhat = quant_groups(g, self.k_bits, self.dtype)
-        codes = codes.transpose(0, 1, 3, 2).reshape(h, n, d)
-        xhat = self._deq(xhat.transpose(0, 1, 3, 2).reshape(h, n, d))
-        for i in range(n):
-            row.kq.append((codes[:, i], xhat[:, i]))
-        for j in range(n // self.KG):
-            row.kq_params.append((scale[:, j, :, 0], mn[:, j, :, 0]))
 
     def prefill(self, k, v, lengths=None):
         k, v = self._store(k, self.rot_k), self._store(v, self.rot_v)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import cache_jit
 import reference_kivi as ref
+from reference_kivi import keys_values
 from kivi_jax import DenseCache, KIVICache, KIVIConfig, dense_bytes_per_token, packing
 
 def examples(n):
@@ -48,15 +49,6 @@ def _unpack_codes(cache):
     c = cache.config
     return (packing.unpack(cache.k_codes, c.k_bits, 2, cache.capacity),
             packing.unpack(cache.v_codes, c.v_bits, 2, cache.capacity))
-
-
-def keys_values(rng, *shape):
-    """Keys like a real LLM's: per-channel offsets and a few large-magnitude outlier channels."""
-    d = shape[-1]
-    chan = np.where(rng.random(d) < 0.15, 8.0, 1.0)
-    k = rng.standard_normal(shape) * chan + rng.normal(0, 2, d)
-    v = rng.standard_normal(shape)
-    return k.astype(np.float32), v.astype(np.float32)
 
 
 def stored_codes(cache):

@@ -15,6 +15,7 @@ import pytest
 
 import cache_jit
 import reference_kivi as ref
+from reference_kivi import keys_values
 from kivi_jax import KIVICache, KIVIConfig, decode_attention, rotation
 
 G, R, D = 16, 32, 32
@@ -23,15 +24,6 @@ HKV, HQ = 2, 4
 _prefill = cache_jit.prefill
 _step = cache_jit.step
 _materialize = cache_jit.materialize
-
-
-def keys_values(rng, *shape):
-    """Keys with per-channel offsets and outlier channels (like a real LLM's), plain values."""
-    d = shape[-1]
-    chan = np.where(rng.random(d) < 0.15, 8.0, 1.0)
-    k = rng.standard_normal(shape) * chan + rng.normal(0, 2, d)
-    v = rng.standard_normal(shape)
-    return k.astype(np.float32), v.astype(np.float32)
 
 
 def make(cfg, b, max_length, dtype=jnp.float32, head_dim=D):
