@@ -102,9 +102,7 @@ def main(argv=None):
     if not args.skip_large:
         # B*H*T*D = 64*32*8448*128 > 2**31: filled at random, compared on a few rows
         b, h, t, d = 64, 32, 8448, 128
-        cfg = kj.KIVIConfig()
-        cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=h, head_dim=d, max_length=t, dtype=jnp.bfloat16)
-        cache = fill_random(cache, jax.random.key(9), lengths=jnp.full((b,), t - 5, jnp.int32))
+        cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=h, tokens=t, head_dim=d, length=t - 5, key=9)
         q = jax.random.normal(jax.random.key(10), (b, h, 1, d)).astype(jnp.bfloat16)
         for variant in variants:
             out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, variant=variant))(q, cache)
@@ -121,6 +119,14 @@ def main(argv=None):
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
+
+
+def random_cache(cfg, *, batch, kv_heads, tokens, head_dim=128, length=None, key=4):
+    """A bf16 KIVICache of ``tokens`` capacity per row, every row holding ``length`` (default:
+    ``tokens``) random tokens (:func:`fill_random`): a benchmark's cache without a prefill."""
+    cache = kj.KIVICache.init(cfg, batch=batch, num_kv_heads=kv_heads, head_dim=head_dim, max_length=tokens,
+                              dtype=jnp.bfloat16)
+    return fill_random(cache, jax.random.key(key), jnp.full((batch,), tokens if length is None else length, jnp.int32))
 
 
 def fill_random(cache, key, lengths):

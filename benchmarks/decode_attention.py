@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import kivi_jax as kj
 from kivi_jax import attention_pallas
 from benchmarks import common
-from benchmarks.check_kernel_gpu import fill_random
+from benchmarks.check_kernel_gpu import random_cache
 
 D = 128
 
@@ -75,9 +75,7 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                 for bits in bits_list:
                     cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
                     try:
-                        cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=D, max_length=t,
-                                                  dtype=jnp.bfloat16)
-                        cache = fill_random(cache, jax.random.key(4), jnp.full((b,), t, jnp.int32))
+                        cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D)
                     except Exception as e:  # noqa: BLE001
                         print("cache alloc failed", b, t, hkv, bits, type(e).__name__)
                         continue
@@ -114,8 +112,7 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     from pallas_kernels import kivi_decode
 
     cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
-    cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
-    cache = fill_random(cache, jax.random.key(4), jnp.full((b,), t, jnp.int32))
+    cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D)
     gq = hq // hkv
     chunk = _default_chunk(cfg)
     qg = jax.random.normal(jax.random.key(1), (b, hkv, gq, D))
@@ -154,8 +151,7 @@ def extensions(b=64, t=4096, hq=32, hkv=32):
     rows, base_ms = [], None
     for name, extra in configs:
         cfg = kj.KIVIConfig(**{"k_bits": 2, "v_bits": 2, **extra})
-        cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
-        cache = fill_random(cache, jax.random.key(4), jnp.full((b,), t, jnp.int32))
+        cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D)
         ms = common.time_fn(jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), q, cache)
         base_ms = base_ms or ms
         rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": cfg.k_bits, "impl": f"ext_{name}",

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import kivi_jax as kj
 from kivi_jax import attention_pallas
-from benchmarks.check_kernel_gpu import fill_random
+from benchmarks.check_kernel_gpu import random_cache
 
 
 def main(argv=None):
@@ -26,10 +26,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--kv-heads", type=int, default=32)
     args = ap.parse_args(argv)
-    cfg = kj.KIVIConfig()
-    cache = kj.KIVICache.init(cfg, batch=args.batch, num_kv_heads=args.kv_heads, head_dim=128,
-                              max_length=args.tokens, dtype=jnp.bfloat16)
-    cache = fill_random(cache, jax.random.key(4), jnp.full((args.batch,), args.tokens, jnp.int32))
+    cache = random_cache(kj.KIVIConfig(), batch=args.batch, kv_heads=args.kv_heads, tokens=args.tokens)
     q = jax.random.normal(jax.random.key(1), (args.batch, 32, 1, 128)).astype(jnp.bfloat16)
     fn = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, variant=args.variant))
     for _ in range(4):  # the profiler skips the first launches (compile, warm-up)
