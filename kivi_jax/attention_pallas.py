@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from kivi_jax import packing, rotation, sharding
@@ -53,23 +54,48 @@ def _window_partials(qg, cache: KIVICache, start):
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
     c = cache.config
-    kg, r = c.key_group, c.residual_length
+    r = c.residual_length
     lb, n = cache.body_lengths[:, None], cache._body_quantized_keys()[:, None]
     j = jnp.arange(r)[None, :]
     t = lb - r + (j - lb) % r  # [B, R]
-    tq = jnp.clip(n - r + j, 0, cache.capacity - 1)  # the flushed key block's token in slot j
-
-    def gather(x, idx):  # x [B, H, N, E], idx [B, R] -> [B, H, R, E]
-        return jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
-
-    row, shift = packing.word_row_and_shift(tq, c.k_bits)
-    codes = (gather(cache.k_codes, row) >> shift.astype(jnp.uint32)[:, None, :, None]) & jnp.uint32((1 << c.k_bits) - 1)
-    # one fusion, dequantized in float32 and rounded once to the cache dtype (like the kernel)
-    k_hat = (codes.astype(jnp.float32) * gather(cache.k_scale, tq // kg).astype(jnp.float32)
-             + gather(cache.k_min, tq // kg).astype(jnp.float32)).astype(cache.dtype)
-    k = jnp.where((t >= n)[:, None, :, None], cache.k_res[:, :, :r], k_hat)
+    k = cache.k_res[:, :, :r]
+    if cache.capacity >= r:  # else no key is ever flushed: every slot's key is in k_res
+        k = jnp.where((t >= n)[:, None, :, None], k, _flushed_keys(cache))
     valid = (t >= 0) & (t >= start[:, None])
     return _partials(qg, k, cache.v_res[:, :, :r], valid)
+
+
+def _rows(x, start, size):
+    """x [B, H, N, E], start [B] -> x[b, :, start[b] : start[b] + size] as [B, H, size, E]:
+    one contiguous slice per batch row (XLA gathers whole slabs, not one index per element)."""
+    return jax.vmap(lambda xb, s: lax.dynamic_slice_in_dim(xb, s, size, axis=1))(x, start)
+
+
+def _flushed_keys(cache: KIVICache):
+    """k̂ [B, H, R, D] (cache dtype): the dequantized keys of the block flushed last, tokens
+    [n - R, n) (body positions), token n - R + j in slot j; zeros' dequantization when n = 0.
+
+    Reads whole 16-row slabs of words (one per packed block the R tokens touch, like the
+    flush that wrote them) and R/Gk scale rows, then unpacks 16-token chunks by shift."""
+    c = cache.config
+    r, kg, bits = c.residual_length, c.key_group, c.k_bits
+    rows, blk = packing.ROWS, packing.block_len(bits)
+    b, h, _, d = cache.k_res.shape
+    t0 = jnp.maximum(cache._body_quantized_keys() - r, 0)  # [B], a multiple of R
+    nb = (blk - math.gcd(r, blk) + r - 1) // blk + 1  # t0 % blk is at most blk - gcd(R, blk)
+    first, last = t0 // blk, cache.k_codes.shape[2] // rows - 1
+    t = t0[:, None] + rows * jnp.arange(r // rows)  # [B, R/16] first token of each chunk
+    block = t // blk - first[:, None]
+    shift = (bits * ((t % blk) // rows)).astype(jnp.uint32)[:, None, :, None, None]
+    codes = 0
+    for i in range(nb):
+        words = _rows(cache.k_codes, rows * jnp.minimum(first + i, last), rows)[:, :, None]
+        codes = codes + jnp.where((block == i)[:, None, :, None, None], words >> shift, 0)
+    codes = (codes & jnp.uint32((1 << bits) - 1)).reshape(b, h, r, d)
+    scale, mn = (jnp.repeat(_rows(x, t0 // kg, r // kg).astype(jnp.float32), kg, axis=2)
+                 for x in (cache.k_scale, cache.k_min))
+    # dequantized in float32 and rounded once to the cache dtype, like the kernel
+    return (codes.astype(jnp.float32) * scale + mn).astype(cache.dtype)
 
 
 def _partials(qg, k, v, valid):
@@ -77,7 +103,13 @@ def _partials(qg, k, v, valid):
     -> o [B, Hkv, g, D], m, l [B, Hkv, g] float32.
 
     Like the kernel: 16-bit caches multiply in their dtype with float32 accumulation,
-    float32 caches in full float32 (HIGHEST: no TF32)."""
+    float32 caches in full float32 (HIGHEST: no TF32), and the query rows padded to 16. The
+    padding is load-bearing: k and v are slices of the model's layer-stacked, loop-carried
+    cache, and with one row XLA turns p·v into a reduction over the slots, whose preferred
+    layout (slots minor) it then gives the whole stacked v_res, copying it every layer
+    (H200, Llama-2-7B shape, B=96: 166 of a 179 ms step). A real matmul reads it as stored."""
+    g = qg.shape[2]
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, g) - g), (0, 0)))
     if k.dtype == jnp.float32:
         dt, prec = jnp.float32, jax.lax.Precision.HIGHEST
     else:
@@ -87,7 +119,7 @@ def _partials(qg, k, v, valid):
     m = jnp.max(s, axis=-1)
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
     o = jnp.einsum("bhgw,bhwd->bhgd", p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)
-    return o, m, jnp.sum(p, axis=-1)
+    return o[:, :, :g], m[:, :, :g], jnp.sum(p, axis=-1)[:, :, :g]
 
 
 def _sink_partials(qg, cache: KIVICache, start):
