@@ -37,7 +37,7 @@ try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0
 except ImportError:  # pragma: no cover
     plgpu = None
 
-VARIANTS = ("dequant",)  # one wrapper: a Mosaic GPU kernel would be another variant here
+VARIANTS = ("dequant", "seq", "seq2", "seq3")  # one wrapper: a Mosaic GPU kernel would be another variant here
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
 
@@ -63,9 +63,30 @@ def _unpack_chunk(words_ref, rows, slot0, bits, slots):
     return codes.reshape(slots * 16, w.shape[-1])
 
 
+def _unpack_minor(w_t, bits):
+    """[D, n] uint32 words, each holding 32/bits consecutive codes -> uint32 codes [D, n*32/bits].
+
+    Each join (stack on a new last axis) + merge stays in the thread's registers."""
+    x, s = w_t, 16
+    while s >= bits:
+        x = jnp.stack([x, x >> jnp.uint32(s)], axis=-1)
+        x = x.reshape(x.shape[0], x.shape[1] * 2)
+        s //= 2
+    return x & jnp.uint32((1 << bits) - 1)
+
+
+def _repeat_minor(x, times):
+    """[D, n] -> [D, n*times]: each column repeated ``times`` (a power of two) times, in registers."""
+    while times > 1:
+        x = jnp.stack([x, x], axis=-1)
+        x = x.reshape(x.shape[0], x.shape[1] * 2)
+        times //= 2
+    return x
+
+
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
-            chunks_per_split, compute_dtype, precision):
+            chunks_per_split, compute_dtype, precision, seq=False):
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     m_rows, d = q_ref.shape
     n_vgroups = d // g
@@ -94,6 +115,43 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
         vm = jnp.broadcast_to(vm[:, :, None], (chunk, n_vgroups, g)).reshape(chunk, d)
         v_hat = v_codes.astype(jnp.float32) * vs + vm
         return dot(p.astype(compute_dtype), v_hat.astype(compute_dtype))
+
+    if seq:
+        def key_scores(t0):  # noqa: F811
+            ck = 32 // k_bits
+            if seq == 3:  # keys packed along channels: words [T, D/ck]
+                codes = _unpack_minor(kc_ref[pl.ds(t0, chunk), :], k_bits)  # [chunk, D]
+                rows = max(chunk // kg, 1)
+                ks = ks_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
+                km = km_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
+                if chunk > kg:
+                    ks = jnp.broadcast_to(ks[:, None, :], (rows, kg, d)).reshape(chunk, d)
+                    km = jnp.broadcast_to(km[:, None, :], (rows, kg, d)).reshape(chunk, d)
+                k_hat = codes.astype(jnp.float32) * ks + km
+                return lax.dot_general(q, k_hat.astype(compute_dtype), (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32, precision=precision)
+            w = kc_ref[pl.ds(t0 // ck, chunk // ck), :]
+            codes = _unpack_minor(w.T, k_bits)  # [D, chunk]
+            rows = max(chunk // kg, 1)
+            ks = ks_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T
+            km = km_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T
+            ks, km = _repeat_minor(ks, chunk // rows), _repeat_minor(km, chunk // rows)
+            k_hat = codes.astype(jnp.float32) * ks + km
+            if seq == 2:
+                return lax.dot_general(k_hat.astype(compute_dtype), q, (((0,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32, precision=precision).T
+            return dot(q, k_hat.astype(compute_dtype))
+
+        def value_sum(t0, p):  # noqa: F811
+            cv = 32 // v_bits
+            w = vc_ref[pl.ds(t0 // cv, chunk // cv), :]
+            codes = _unpack_minor(w.T, v_bits)  # [D, chunk]
+            vs = vs_ref[pl.ds(t0, chunk), :].astype(jnp.float32).T  # [D/G, chunk]
+            vm = vm_ref[pl.ds(t0, chunk), :].astype(jnp.float32).T
+            vs = jnp.broadcast_to(vs[:, None, :], (n_vgroups, g, chunk)).reshape(d, chunk)
+            vm = jnp.broadcast_to(vm[:, None, :], (n_vgroups, g, chunk)).reshape(d, chunk)
+            v_hat = codes.astype(jnp.float32) * vs + vm
+            return dot(p.astype(compute_dtype), v_hat.astype(compute_dtype).T)
 
     def body(c, carry):
         m_prev, l_prev, acc = carry
@@ -147,7 +205,8 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
-        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision)
+        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision,
+        seq={"seq": 1, "seq2": 2, "seq3": 3}.get(variant, 0))
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
