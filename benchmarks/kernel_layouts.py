@@ -1,9 +1,9 @@
-"""Kernel-only timing of packed-layout formulations of the decode kernel, on random words.
+"""Kernel-only timing of the decode kernel's tuning knobs (chunk, warps, stages), on random words.
 
-Times ``kivi_decode_partials`` alone (no cache, no residual window) at the record shape for
-each (variant, chunk, warps, stages), next to dense bf16 XLA attention in the same run. The
-words are random: this measures speed only (the variants read different layouts; the
-correctness of a layout is the tests' job once it is the cache's). Writes JSON + markdown.
+Times ``kivi_decode_partials`` alone (no cache, no residual window) at the record shapes for
+each configuration, next to dense bf16 XLA attention in the same run. The words are random:
+this measures speed only. Writes JSON + markdown. (At a13b1d0 the same script compared packed
+layouts: benchmarks/results/kernel-layouts-2026-11-30.*.)
 
     PYTHONPATH=. python -m benchmarks.kernel_layouts
 """
@@ -23,21 +23,17 @@ from pallas_kernels import kivi_decode
 D, G = 128, 32
 
 CONFIGS = [
+    {"variant": "dequant", "chunk": 64},
     {"variant": "dequant", "chunk": 32},
-    {"variant": "seq", "chunk": 32},
-    {"variant": "seq", "chunk": 64},
-    {"variant": "seq3", "chunk": 32},
-    {"variant": "seq3", "chunk": 64},
-    {"variant": "seq3", "chunk": 64, "num_warps": 8},
-    {"variant": "seq3", "chunk": 32, "num_stages": 3},
-    {"variant": "seq3", "chunk": 128, "num_warps": 8},
+    {"variant": "dequant", "chunk": 128, "num_warps": 8},
+    {"variant": "dequant", "chunk": 64, "num_stages": 3},
 ]
 
 
-def inputs(variant, b, hkv, t, bits=2, key=0):
+def inputs(b, hkv, t, bits=2, key=0):
     ks = jax.random.split(jax.random.key(key), 8)
     c = 32 // bits
-    kshape = (b, hkv, t, D // c) if variant == "seq3" else (b, hkv, t // c, D)
+    kshape = (b, hkv, t // c, D)
     words = lambda k, s: jax.random.bits(k, s, jnp.uint32)  # noqa: E731
     scale = lambda k, s: (jax.random.uniform(k, s) * 0.1).astype(jnp.bfloat16)  # noqa: E731
     q = jax.random.normal(ks[0], (b, hkv, 16, D))
@@ -63,7 +59,7 @@ def main():
             opts = dict(opts)
             chunk = opts["chunk"]
             splits = default_splits(b, hkv, t // chunk, False)
-            args = inputs(opts["variant"], b, hkv, t)
+            args = inputs(b, hkv, t)
             fn = jax.jit(lambda *a, o=tuple(opts.items()), s=splits: kivi_decode.kivi_decode_partials(
                 *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=2, v_bits=2, group_size=G,
                 num_splits=s, **dict(o)))

@@ -75,23 +75,18 @@ def _flushed_keys(cache: KIVICache):
     """k̂ [B, H, R, D] (cache dtype): the dequantized keys of the block flushed last, tokens
     [n - R, n) (body positions), token n - R + j in slot j; zeros' dequantization when n = 0.
 
-    Reads whole 16-row slabs of words (one per packed block the R tokens touch, like the
-    flush that wrote them) and R/Gk scale rows, then unpacks 16-token chunks by shift."""
+    Reads the R tokens' words as one contiguous slab per row (words hold 32/bits consecutive
+    tokens; one extra word when R is not a whole number of words) and their R/Gk scale rows."""
     c = cache.config
     r, kg, bits = c.residual_length, c.key_group, c.k_bits
-    rows, blk = packing.ROWS, packing.block_len(bits)
+    per = packing.codes_per_word(bits)
     b, h, _, d = cache.k_res.shape
     t0 = jnp.maximum(cache._body_quantized_keys() - r, 0)  # [B], a multiple of R
-    nb = (blk - math.gcd(r, blk) + r - 1) // blk + 1  # t0 % blk is at most blk - gcd(R, blk)
-    first, last = t0 // blk, cache.k_codes.shape[2] // rows - 1
-    t = t0[:, None] + rows * jnp.arange(r // rows)  # [B, R/16] first token of each chunk
-    block = t // blk - first[:, None]
-    shift = (bits * ((t % blk) // rows)).astype(jnp.uint32)[:, None, :, None, None]
-    codes = 0
-    for i in range(nb):
-        words = _rows(cache.k_codes, rows * jnp.minimum(first + i, last), rows)[:, :, None]
-        codes = codes + jnp.where((block == i)[:, None, :, None, None], words >> shift, 0)
-    codes = (codes & jnp.uint32((1 << bits) - 1)).reshape(b, h, r, d)
+    n_rows = -(-r // per) + (r % per > 0)  # words that can hold R tokens starting mid-word
+    row0 = jnp.clip(t0 // per, 0, cache.k_codes.shape[2] - n_rows)
+    words = _rows(cache.k_codes, row0, n_rows)
+    codes = packing.unpack(words, bits, 2, n_rows * per)  # tokens [row0 per, (row0 + n_rows) per)
+    codes = _rows(codes, t0 - row0 * per, r) if n_rows * per != r else codes
     scale, mn = (jnp.repeat(_rows(x, t0 // kg, r // kg).astype(jnp.float32), kg, axis=2)
                  for x in (cache.k_scale, cache.k_min))
     # dequantized in float32 and rounded once to the cache dtype, like the kernel
@@ -131,8 +126,8 @@ def _sink_partials(qg, cache: KIVICache, start):
 
 
 def _default_chunk(config) -> int:
-    # 32 measured 4-7% faster than 64 on the H200 (benchmarks/results/decode-attention-quick4/5)
-    return min(32, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
+    # 64: the fastest measured on the H200 (kernel-layouts-2026-11-30: 1.66 ms vs 1.97 at 32)
+    return min(64, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
 
 
 # the fastest variant measured on the H200 for every shape so far (pallas_kernels/NOTES.md)

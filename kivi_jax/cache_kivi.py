@@ -31,8 +31,6 @@ Extensions (``KIVIConfig``; all off by default, and then everything above holds 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -170,26 +168,20 @@ class KIVICache(cc.CacheShape):
         """codes [B, H, R, D] of tokens [start, start + R) (start [B] int32, a multiple of R)
         as RowWrites that add their bits into k_codes (whose bits there are still zero).
 
-        A 16-token chunk is one slot of 16 word rows; the R tokens span at most ``nb`` packed
-        blocks, so there is one [B, H, 16, D] slab per block (usually one: R = 128 at 2 or 4 bits).
+        Words hold c = 32 / bits consecutive tokens: R a multiple of c (every case but 1-bit
+        keys with R = 16 mod 32) is R / c whole words from row start / c, one slab. Otherwise
+        the 16-token halves of 1-bit words are written one by one at bit 0 or 16.
         """
         c = self.config
         b, h, r, d = codes.shape
-        rows, blk = packing.ROWS, packing.block_len(c.k_bits)
-        nb = (blk - math.gcd(r, blk) + r - 1) // blk + 1  # start % blk is at most blk - gcd(R, blk)
-        t = start[:, None] + rows * jnp.arange(r // rows)  # [B, R/16] first token of each chunk
-        shift = (c.k_bits * ((t % blk) // rows)).astype(jnp.uint32)
-        first = start // blk
-        block = t // blk - first[:, None]  # [B, R/16] in [0, nb)
-        chunks = codes.reshape(b, h, r // rows, rows, d) << shift[:, None, :, None, None]
-        last = self.k_codes.shape[2] // rows - 1
-        writes = []
-        for j in range(nb):
-            # chunks' bits are disjoint, so their sum is their OR
-            slab = jnp.sum(jnp.where((block == j)[:, None, :, None, None], chunks, 0), axis=2, dtype=jnp.uint32)
-            # a block past the store's end gets no chunk: its zero slab may be added anywhere
-            writes.append(cc.RowWrite(slab, rows * jnp.minimum(first + j, last), "k_codes", 1, add=True))
-        return writes
+        per = packing.codes_per_word(c.k_bits)
+        if r % per == 0:
+            return [cc.RowWrite(packing.pack(codes, c.k_bits, axis=2), start // per, "k_codes", 1, add=True)]
+        half = packing.pack(codes.reshape(b, h, r // 16, 16, d), c.k_bits, axis=3)[:, :, :, 0]  # 16 codes a word
+        t = start[:, None] + 16 * jnp.arange(r // 16)
+        row, shift = packing.word_row_and_shift(t, c.k_bits)
+        return [cc.RowWrite(half[:, :, j:j + 1] << shift[:, j].astype(jnp.uint32)[:, None, None, None],
+                            row[:, j], "k_codes", 1, add=True) for j in range(r // 16)]
 
     # ---- Algorithm 1 ----------------------------------------------------------------------
     def prefill(self, k, v, lengths=None) -> "KIVICache":

@@ -1,19 +1,21 @@
 """Bit-packing of quantization codes into uint32 words: the layout the GPU kernel reads.
 
-Layout ("16-row interleave"). Codes of ``bits`` bits are packed ``c = 32 // bits`` to a
-uint32 word along one *pack axis* (for a KV cache [B, H, T, D]: the token axis T, for
-keys and values alike; the last axis D stays contiguous so one load of a word row is a
-wide, coalesced read of D words). Along the pack axis, elements form blocks of ``16 c``;
-element ``e`` lives in
+Layout ("consecutive"). Codes of ``bits`` bits are packed ``c = 32 // bits`` to a uint32
+word along one *pack axis* (for a KV cache [B, H, T, D]: the token axis T, for keys and
+values alike; the last axis D stays contiguous so one load of a word row is a wide,
+coalesced read of D words). Element ``e`` lives in
 
-    word row  = 16 * (e // (16 c)) + e % 16
-    bit shift = bits * ((e % (16 c)) // 16)
+    word row  = e // c
+    bit shift = bits * (e % c)
 
-so a block of 16 word rows holds ``16 c`` consecutive elements and unpacking slot ``j``
-(one shift and one mask) yields 16 *consecutive* elements ``16 j .. 16 j + 15``. A kernel
-that loads one 16-row tile gets ``c`` contiguous 16-token chunks without any gather, and
-a cache that fills the axis in order only ever ORs new bits into zeroed words. A final,
-partial block of ``n`` elements uses ``min(16, n)`` word rows.
+so a chunk of ``n c`` consecutive elements is exactly ``n`` consecutive word rows: a kernel
+loads each word once, and unpacks it in one thread's registers (shift and mask per code, the
+``c`` codes of a word being consecutive tokens of one channel). A cache that fills the axis in
+order only ever ORs new bits into zeroed words. A final, partial word holds the tail.
+
+(Until 2026-11-30 the layout was a "16-row interleave" — element e in row 16 (e // 16c) +
+e % 16 at bit bits ((e % 16c) // 16) — whose kernel reloaded a whole 16-row block for every
+chunk; pallas_kernels/NOTES.md has the timings that retired it.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 VALID_BITS = (1, 2, 4, 8)
-ROWS = 16  # word rows per block: elements of one slot that come out of one unpack
+ROWS = 16  # word rows per allocation block (block_len): what capacities are rounded to
 
 
 def codes_per_word(bits: int) -> int:
@@ -37,20 +39,20 @@ def check_bits(name: str, bits) -> None:
 
 
 def block_len(bits: int) -> int:
-    """Elements per full block along the pack axis (16 word rows)."""
+    """Elements of 16 word rows: the unit cache capacities are rounded to, so that every
+    kernel chunk (a power of two <= the smallest block) divides a store."""
     return ROWS * codes_per_word(bits)
 
 
 def packed_len(length: int, bits: int) -> int:
     """Number of word rows that hold ``length`` elements along the pack axis."""
-    blk = block_len(bits)
-    return ROWS * (length // blk) + min(ROWS, length % blk)
+    return -(-length // codes_per_word(bits))
 
 
 def word_row_and_shift(e, bits: int):
     """Word row and bit shift of element index ``e`` (int or int array) along the pack axis."""
-    blk = block_len(bits)
-    return ROWS * (e // blk) + e % ROWS, bits * ((e % blk) // ROWS)
+    c = codes_per_word(bits)
+    return e // c, bits * (e % c)
 
 
 def pack(codes: jnp.ndarray, bits: int, axis: int) -> jnp.ndarray:
@@ -59,28 +61,13 @@ def pack(codes: jnp.ndarray, bits: int, axis: int) -> jnp.ndarray:
     codes [..., L, ...] -> words [..., packed_len(L, bits), ...] (uint32).
     """
     c = codes_per_word(bits)
-    x = jnp.moveaxis(codes.astype(jnp.uint32), axis, 0)
-    length, rest = x.shape[0], x.shape[1:]
-    blk = ROWS * c
-    n_full, tail = divmod(length, blk)
-    parts = []
-    if n_full:
-        full = x[: n_full * blk].reshape(n_full, c, ROWS, *rest)
-        shifts = (jnp.arange(c, dtype=jnp.uint32) * bits).reshape(1, c, 1, *([1] * len(rest)))
-        parts.append(jnp.sum(full << shifts, axis=1, dtype=jnp.uint32).reshape(n_full * ROWS, *rest))
-    if tail:
-        part = x[n_full * blk :]
-        if tail >= ROWS:
-            slots = -(-tail // ROWS)
-            part = jnp.pad(part, [(0, slots * ROWS - tail)] + [(0, 0)] * len(rest))
-            part = part.reshape(slots, ROWS, *rest)
-            shifts = (jnp.arange(slots, dtype=jnp.uint32) * bits).reshape(slots, 1, *([1] * len(rest)))
-            part = jnp.sum(part << shifts, axis=0, dtype=jnp.uint32)
-        parts.append(part)
-    if not parts:  # an empty axis packs to zero word rows
-        return jnp.moveaxis(jnp.zeros((0,) + rest, jnp.uint32), 0, axis)
-    words = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return jnp.moveaxis(words, 0, axis)
+    x = jnp.moveaxis(codes.astype(jnp.uint32), axis, -1)
+    length = x.shape[-1]
+    rows = packed_len(length, bits)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, rows * c - length)]).reshape(*x.shape[:-1], rows, c)
+    shifts = jnp.arange(c, dtype=jnp.uint32) * bits
+    # the codes' bits are disjoint, so their sum is their OR
+    return jnp.moveaxis(jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32), -1, axis)
 
 
 def unpack(words: jnp.ndarray, bits: int, axis: int, length: int) -> jnp.ndarray:
@@ -91,29 +78,11 @@ def unpack(words: jnp.ndarray, bits: int, axis: int, length: int) -> jnp.ndarray
             f"words have {words.shape[axis]} rows along axis {axis}; length={length} at "
             f"bits={bits} needs {packed_len(length, bits)}"
         )
-    w = jnp.moveaxis(words.astype(jnp.uint32), axis, 0)
-    rest = w.shape[1:]
+    w = jnp.moveaxis(words.astype(jnp.uint32), axis, -1)
     mask = jnp.uint32((1 << bits) - 1) if bits < 32 else jnp.uint32(0xFFFFFFFF)
-    blk = ROWS * c
-    n_full, tail = divmod(length, blk)
-    parts = []
-    if n_full:
-        full = w[: n_full * ROWS].reshape(n_full, 1, ROWS, *rest)
-        shifts = (jnp.arange(c, dtype=jnp.uint32) * bits).reshape(1, c, 1, *([1] * len(rest)))
-        parts.append(((full >> shifts) & mask).reshape(n_full * blk, *rest))
-    if tail:
-        part = w[n_full * ROWS :]
-        if tail >= ROWS:
-            slots = -(-tail // ROWS)
-            shifts = (jnp.arange(slots, dtype=jnp.uint32) * bits).reshape(slots, 1, *([1] * len(rest)))
-            part = ((part[None] >> shifts) & mask).reshape(slots * ROWS, *rest)[:tail]
-        else:
-            part = part & mask
-        parts.append(part)
-    if not parts:
-        return jnp.moveaxis(jnp.zeros((0,) + rest, jnp.uint32), 0, axis)
-    codes = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-    return jnp.moveaxis(codes, 0, axis)
+    codes = (w[..., None] >> (jnp.arange(c, dtype=jnp.uint32) * bits)) & mask
+    codes = codes.reshape(*w.shape[:-1], w.shape[-1] * c)[..., :length]
+    return jnp.moveaxis(codes, -1, axis)
 
 
 def pack_numpy_reference(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:

@@ -2,21 +2,24 @@
 
 One program per (batch row b, KV head h, sequence split s) walks its share of the row's
 *bulk* — the leading tokens whose keys and values are both quantized, the last chunk masked
-at the row's end — in chunks of ``chunk`` tokens: it unpacks key codes (packed along tokens,
-:mod:`kivi_jax.packing`), scores all query heads that share KV head h at once (GQA: no
-repeated K/V), runs an online softmax, unpacks value codes and accumulates p·V. It returns flash-decoding
-partials (o, m, l) per split; the caller adds the R newest tokens (the full-precision value
-window) and combines.
+at the row's end — in chunks of ``chunk`` tokens: it unpacks key codes, scores all query heads
+that share KV head h at once (GQA: no repeated K/V), runs an online softmax, unpacks value
+codes and accumulates p·V. It returns flash-decoding partials (o, m, l) per split; the caller
+adds the R newest tokens (the full-precision value window) and combines.
 
-The inner loop dequantizes each chunk to a tile (code * scale + min, float32, rounded once to
-the dot dtype) and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``, the only one;
-the fold / fma / mma / tv / gather formulations measured slower on the H200 and live in git
-history, with their numbers in ``pallas_kernels/NOTES.md``).
+Codes are packed 32/bits consecutive tokens to a word (:mod:`kivi_jax.packing`), so a chunk is
+``chunk * bits / 32`` whole word rows [n, D], each loaded once. The inner loop transposes them
+to [D, n] and unpacks every word in its thread's registers by joins (stack on a new last axis
++ merge: code i of a word lands next to code i - 1), giving K^T and V^T tiles [D, chunk] with
+tokens minor; it dequantizes them (code * scale + min, float32, rounded once to the dot dtype)
+and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``, the only one; the other
+formulations measured slower on the H200 and live in git history, with their numbers in
+``pallas_kernels/NOTES.md``).
 
 Inputs (one row b and head h are selected by the BlockSpecs):
   q        [B, Hkv, M, D] float32, pre-scaled by 1/sqrt(D); M >= 16 (padded query heads)
-  k_codes  [B, Hkv, Wk, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
-  v_codes  [B, Hkv, Wv, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size)
+  k_codes  [B, Hkv, Tc*k_bits/32, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
+  v_codes  [B, Hkv, Tc*v_bits/32, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size)
   lo, hi   [B] int32: the row's bulk is chunks [lo, hi)
   start, end [B] int32: only tokens [start, end) count (a sliding window's start, 0 otherwise;
            end: where the row's quantized values stop, inside the last chunk)
@@ -37,7 +40,7 @@ try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0
 except ImportError:  # pragma: no cover
     plgpu = None
 
-VARIANTS = ("dequant", "seq", "seq2", "seq3")  # one wrapper: a Mosaic GPU kernel would be another variant here
+VARIANTS = ("dequant",)  # one wrapper: a Mosaic GPU kernel would be another variant here
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
 
@@ -51,22 +54,12 @@ def _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
     return lo, hi, start_ref[()], end_ref[()]
 
 
-def _unpack_chunk(words_ref, rows, slot0, bits, slots):
-    """Codes of ``slots`` consecutive 16-token slots starting at slot ``slot0`` of one block.
-
-    words_ref [W, D]; rows: first word row of the block. Returns uint32 [16*slots, D].
-    """
-    w = words_ref[pl.ds(rows, 16), :]
-    shifts = (bits * (slot0 + jnp.arange(slots, dtype=jnp.int32))).astype(jnp.uint32)
-    mask = jnp.uint32((1 << bits) - 1)
-    codes = (w[None, :, :] >> shifts[:, None, None]) & mask
-    return codes.reshape(slots * 16, w.shape[-1])
-
-
 def _unpack_minor(w_t, bits):
-    """[D, n] uint32 words, each holding 32/bits consecutive codes -> uint32 codes [D, n*32/bits].
+    """[D, n] uint32 words, each holding 32/bits consecutive codes -> codes [D, n*32/bits].
 
-    Each join (stack on a new last axis) + merge stays in the thread's registers."""
+    Halving shifts: after the join with ``x >> s``, element 2i + 1 holds the code s/bits
+    places after element 2i's; each join (stack on a new last axis) + merge of the two minor
+    axes stays in the thread's registers under Triton."""
     x, s = w_t, 16
     while s >= bits:
         x = jnp.stack([x, x >> jnp.uint32(s)], axis=-1)
@@ -86,72 +79,31 @@ def _repeat_minor(x, times):
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
-            chunks_per_split, compute_dtype, precision, seq=False):
+            chunks_per_split, compute_dtype, precision):
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     m_rows, d = q_ref.shape
     n_vgroups = d // g
-    slots = chunk // 16
-    k_blk, v_blk = 16 * (32 // k_bits), 16 * (32 // v_bits)  # tokens per packed block
     lo, hi, start, end = _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
     q = q_ref[...].astype(compute_dtype)
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
     def key_scores(t0):  # [M, chunk]
-        k_codes = _unpack_chunk(kc_ref, 16 * (t0 // k_blk), (t0 % k_blk) // 16, k_bits, slots)
+        ck = 32 // k_bits
+        codes = _unpack_minor(kc_ref[pl.ds(t0 // ck, chunk // ck), :].T, k_bits)  # [D, chunk]
         rows = max(chunk // kg, 1)  # key groups in the chunk (a chunk shorter than a group: one)
-        ks = ks_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
-        km = km_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
-        if chunk > kg:
-            ks = jnp.broadcast_to(ks[:, None, :], (rows, kg, d)).reshape(chunk, d)
-            km = jnp.broadcast_to(km[:, None, :], (rows, kg, d)).reshape(chunk, d)
-        k_hat = k_codes.astype(jnp.float32) * ks + km
-        return dot(q, k_hat.astype(compute_dtype).T)
+        ks, km = (_repeat_minor(x[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T, chunk // rows)
+                  for x in (ks_ref, km_ref))  # [D, chunk]
+        k_hat_t = codes.astype(jnp.float32) * ks + km
+        return dot(q, k_hat_t.astype(compute_dtype))
 
     def value_sum(t0, p):  # p [M, chunk] -> p·V̂ [M, D]
-        v_codes = _unpack_chunk(vc_ref, 16 * (t0 // v_blk), (t0 % v_blk) // 16, v_bits, slots)
-        vs = vs_ref[pl.ds(t0, chunk), :].astype(jnp.float32)  # [chunk, D/G]
-        vm = vm_ref[pl.ds(t0, chunk), :].astype(jnp.float32)
-        vs = jnp.broadcast_to(vs[:, :, None], (chunk, n_vgroups, g)).reshape(chunk, d)
-        vm = jnp.broadcast_to(vm[:, :, None], (chunk, n_vgroups, g)).reshape(chunk, d)
-        v_hat = v_codes.astype(jnp.float32) * vs + vm
-        return dot(p.astype(compute_dtype), v_hat.astype(compute_dtype))
-
-    if seq:
-        def key_scores(t0):  # noqa: F811
-            ck = 32 // k_bits
-            if seq == 3:  # keys packed along channels: words [T, D/ck]
-                codes = _unpack_minor(kc_ref[pl.ds(t0, chunk), :], k_bits)  # [chunk, D]
-                rows = max(chunk // kg, 1)
-                ks = ks_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
-                km = km_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32)
-                if chunk > kg:
-                    ks = jnp.broadcast_to(ks[:, None, :], (rows, kg, d)).reshape(chunk, d)
-                    km = jnp.broadcast_to(km[:, None, :], (rows, kg, d)).reshape(chunk, d)
-                k_hat = codes.astype(jnp.float32) * ks + km
-                return lax.dot_general(q, k_hat.astype(compute_dtype), (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32, precision=precision)
-            w = kc_ref[pl.ds(t0 // ck, chunk // ck), :]
-            codes = _unpack_minor(w.T, k_bits)  # [D, chunk]
-            rows = max(chunk // kg, 1)
-            ks = ks_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T
-            km = km_ref[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T
-            ks, km = _repeat_minor(ks, chunk // rows), _repeat_minor(km, chunk // rows)
-            k_hat = codes.astype(jnp.float32) * ks + km
-            if seq == 2:
-                return lax.dot_general(k_hat.astype(compute_dtype), q, (((0,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32, precision=precision).T
-            return dot(q, k_hat.astype(compute_dtype))
-
-        def value_sum(t0, p):  # noqa: F811
-            cv = 32 // v_bits
-            w = vc_ref[pl.ds(t0 // cv, chunk // cv), :]
-            codes = _unpack_minor(w.T, v_bits)  # [D, chunk]
-            vs = vs_ref[pl.ds(t0, chunk), :].astype(jnp.float32).T  # [D/G, chunk]
-            vm = vm_ref[pl.ds(t0, chunk), :].astype(jnp.float32).T
-            vs = jnp.broadcast_to(vs[:, None, :], (n_vgroups, g, chunk)).reshape(d, chunk)
-            vm = jnp.broadcast_to(vm[:, None, :], (n_vgroups, g, chunk)).reshape(d, chunk)
-            v_hat = codes.astype(jnp.float32) * vs + vm
-            return dot(p.astype(compute_dtype), v_hat.astype(compute_dtype).T)
+        cv = 32 // v_bits
+        codes = _unpack_minor(vc_ref[pl.ds(t0 // cv, chunk // cv), :].T, v_bits)  # [D, chunk]
+        vs, vm = (jnp.broadcast_to(x[pl.ds(t0, chunk), :].astype(jnp.float32).T[:, None, :],
+                                   (n_vgroups, g, chunk)).reshape(d, chunk)
+                  for x in (vs_ref, vm_ref))  # [D, chunk]: row d has group d // G's scale
+        v_hat_t = codes.astype(jnp.float32) * vs + vm
+        return dot(p.astype(compute_dtype), v_hat_t.astype(compute_dtype).T)
 
     def body(c, carry):
         m_prev, l_prev, acc = carry
@@ -194,9 +146,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     if m_rows < 16 or m_rows & (m_rows - 1):
         raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
-        if (16 * 32 // bits) % chunk or chunk % 16:
-            raise ValueError(f"chunk={chunk} must be a multiple of 16 dividing the {16 * 32 // bits}-token "
-                             f"packed block of {name}={bits}")
+        # whole words per chunk, and a power of two dividing the 16-word block stores are rounded to
+        if chunk < max(16, 32 // bits) or chunk & (chunk - 1) or (16 * 32 // bits) % chunk:
+            raise ValueError(f"chunk={chunk} must be a power of two >= max(16, {32 // bits}) dividing the "
+                             f"{16 * 32 // bits}-token block of {name}={bits}")
     n_chunks = tc // chunk
     per_split = -(-n_chunks // num_splits)
     # dot operands: the cache's own 16-bit dtype (half the shared-memory traffic of float32
@@ -205,8 +158,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
-        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision,
-        seq={"seq": 1, "seq2": 2, "seq3": 3}.get(variant, 0))
+        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision)
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))

@@ -17,7 +17,7 @@ BITS = (1, 2, 4, 8)
 def formula(e: int, bits: int):
     """The layout as the module docstring writes it (c = 32 // bits codes a word)."""
     c = 32 // bits
-    return 16 * (e // (16 * c)) + e % 16, bits * ((e % (16 * c)) // 16)
+    return e // c, bits * (e % c)
 
 
 def test_codes_per_word_and_block_len():
@@ -39,27 +39,23 @@ def test_word_row_and_shift_matches_docstring(bits):
 
 @pytest.mark.parametrize("bits", BITS)
 def test_packed_len(bits):
-    blk = packing.block_len(bits)
-    for length, want in [(0, 0), (1, 1), (15, 15), (16, 16), (17, 16), (blk, 16), (blk + 1, 17),
-                         (blk + 16, 32), (2 * blk + 3, 35), (3 * blk, 48)]:
+    c = 32 // bits
+    for length, want in [(0, 0), (1, 1), (c - 1, 1), (c, 1), (c + 1, 2), (16 * c, 16), (16 * c + 1, 17),
+                         (3 * 16 * c, 48), (7 * c + 3, 8)]:
         assert packing.packed_len(length, bits) == want, (length, bits)
         rows, _ = packing.word_row_and_shift(np.arange(length), bits)
         assert (rows.max() + 1 if length else 0) == want  # exactly the rows the elements use
 
 
 def test_numpy_reference_by_hand():
-    # 2 bits, 40 elements: element e sits in row e % 16, slot e // 16 (one partial block)
+    # 2 bits, 40 elements: element e sits in word e // 16 at bit 2 (e % 16); the last word is partial
     codes = np.arange(40) % 4
     words = packing.pack_numpy_reference(codes, 2, axis=0)
-    assert words.shape == (16,) and words.dtype == np.uint32
-    for r in range(16):
-        want = sum(int(codes[e]) << (2 * (e // 16)) for e in range(40) if e % 16 == r)
+    assert words.shape == (3,) and words.dtype == np.uint32
+    for r in range(3):
+        want = sum(int(codes[e]) << (2 * (e % 16)) for e in range(40) if e // 16 == r)
         assert int(words[r]) == want
-    # a full block: 256 codes into 16 words, slot j = elements 16 j .. 16 j + 15
-    codes = np.random.default_rng(0).integers(0, 4, 256)
-    words = packing.pack_numpy_reference(codes, 2, axis=0)
-    for j in range(16):
-        np.testing.assert_array_equal((words >> (2 * j)) & 3, codes[16 * j: 16 * j + 16])
+    assert int(words[0]) == sum((e % 4) << (2 * e) for e in range(16))  # 0,1,2,3,0,... from bit 0 up
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -101,14 +97,15 @@ def test_pack_4d_token_axis_under_jit():
     np.testing.assert_array_equal(np.asarray(f(jnp.asarray(codes))), codes)
 
 
-def test_unpack_slot_gives_sixteen_consecutive_elements():
-    # the kernel's view: one 16-row tile, shift by bits * j, mask -> elements 16 j .. 16 j + 15
+def test_word_rows_give_consecutive_elements():
+    # the kernel's view: n word rows, shift by bits * i, mask -> elements n0 c .. (n0 + n) c - 1 in order
     for bits in BITS:
         c = 32 // bits
         codes = np.random.default_rng(bits).integers(0, 2**bits, 16 * c).astype(np.uint32)
-        tile = np.asarray(packing.pack(jnp.asarray(codes), bits, 0))
-        for j in range(c):
-            np.testing.assert_array_equal((tile >> (bits * j)) & (2**bits - 1), codes[16 * j: 16 * (j + 1)])
+        words = np.asarray(packing.pack(jnp.asarray(codes), bits, 0))
+        unpacked = (words[:, None] >> (bits * np.arange(c))) & (2**bits - 1)  # [16, c]
+        np.testing.assert_array_equal(unpacked.reshape(-1), codes)
+        np.testing.assert_array_equal(unpacked[3:5].reshape(-1), codes[3 * c: 5 * c])
 
 
 def test_unpack_rejects_wrong_word_count():
