@@ -186,8 +186,10 @@ def _grid_kv(rng, *shape):
 
 STACKED_KIVI = {
     "k2v2": (KIVIConfig(2, 2, group_size=16, residual_length=32), jnp.float32),
-    # R = 48 keys span two packed blocks of 4-bit codes (two k_codes slabs per flush)
+    # R = 48 keys: 6 whole words of 4-bit codes per flush
     "k4v2-R48-sinks5-bf16": (KIVIConfig(4, 2, group_size=16, residual_length=48, sink_tokens=5), jnp.bfloat16),
+    # 1-bit keys, R = 48: a flush writes 16-code half words at bit 0 or 16
+    "k1v8-R48": (KIVIConfig(1, 8, group_size=16, residual_length=48), jnp.float32),
     "k2v4-kg16-sinks3-rotate": (KIVIConfig(2, 4, group_size=32, residual_length=64, key_group_size=16, sink_tokens=3,
                                            rotate="kv"), jnp.float32),
 }

@@ -79,6 +79,19 @@ def test_kernel_rows_around_residual_boundaries(sinks):
             assert _rel(out[i], ref[i]) <= 1e-5, (lengths[i], window)
 
 
+def test_kernel_one_bit_keys_with_half_word_flushes():
+    """1-bit keys with R = 48: a flush covers 1.5 words of 32 codes (written as 16-code halves at
+    bit 0 or 16) and the window reads the flushed keys from mid-word; 8-bit values (4 a word)."""
+    cfg = kj.KIVIConfig(k_bits=1, v_bits=8, group_size=16, residual_length=48)
+    lengths = [47, 48, 49, 95, 96, 97, 143, 144, 150, 300]
+    cache = _cache(cfg, lengths, 2, 32, jnp.float32, seed=11, appends=1)
+    q = jax.random.normal(jax.random.key(4), (len(lengths), 2, 1, 32))
+    ref = kj.decode_attention(q, cache, impl="reference")
+    out = attention_pallas.decode_attention(q, cache, interpret=True)
+    for i in range(len(lengths)):
+        assert _rel(out[i], ref[i]) <= 1e-5, lengths[i]
+
+
 def test_kernel_sliding_window_and_public_dispatch():
     cfg = kj.KIVIConfig(group_size=16, residual_length=32)
     cache = _cache(cfg, [400, 300], 1, 32, jnp.float32, seed=3)
