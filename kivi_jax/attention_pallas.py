@@ -48,8 +48,13 @@ def _window_partials(qg, cache: KIVICache, start):
     Body coordinates (store positions; token S + p). Ring slot j holds token
     t_j = Lb - R + (j - Lb) mod R (negative: an empty slot) in v_res, and in k_res too when
     t_j >= n (the keys not quantized yet); a key below n is in the block flushed last,
-    tokens [n - R, n), where token n - R + j is the one in slot j. No reordering: softmax
-    does not care about the order of the slots.
+    tokens [n - R, n), where token n - R + j is the one in slot j. The slots are then gathered
+    oldest first: softmax does not care about the order, but XLA does about the buffer. The
+    gather hands the partials a fresh [B, H, R, D] operand instead of a slice of the model's
+    layer-stacked, loop-carried v_res: read directly (f2e0fb7 and before), XLA:GPU gave the whole
+    stacked v_res the slot-minor layout of the p·v reduction and copied it every layer (H200,
+    Llama-2-7B, B=96: 166 of a 179 ms step). The gather-then-dot shape is the one measured
+    without that copy (a256a3d: 39.5 ms steps).
     qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B] (body).
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
@@ -57,12 +62,18 @@ def _window_partials(qg, cache: KIVICache, start):
     r = c.residual_length
     lb, n = cache.body_lengths[:, None], cache._body_quantized_keys()[:, None]
     j = jnp.arange(r)[None, :]
-    t = lb - r + (j - lb) % r  # [B, R]
+    t_slot = lb - r + (j - lb) % r  # [B, R] token of ring slot j
     k = cache.k_res[:, :, :r]
     if cache.capacity >= r:  # else no key is ever flushed: every slot's key is in k_res
-        k = jnp.where((t >= n)[:, None, :, None], k, _flushed_keys(cache))
+        k = jnp.where((t_slot >= n)[:, None, :, None], k, _flushed_keys(cache))
+    order = (lb + j) % r  # the slot of token Lb - R + j: oldest first
+
+    def gather(x):  # [B, H, R, D] in slot order -> token order
+        return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
+
+    t = lb - r + j
     valid = (t >= 0) & (t >= start[:, None])
-    return _partials(qg, k, cache.v_res[:, :, :r], valid)
+    return _partials(qg, gather(k), gather(cache.v_res[:, :, :r]), valid)
 
 
 def _rows(x, start, size):
@@ -98,11 +109,8 @@ def _partials(qg, k, v, valid):
     -> o [B, Hkv, g, D], m, l [B, Hkv, g] float32.
 
     Like the kernel: 16-bit caches multiply in their dtype with float32 accumulation,
-    float32 caches in full float32 (HIGHEST: no TF32), and the query rows padded to 16. The
-    padding is load-bearing: k and v are slices of the model's layer-stacked, loop-carried
-    cache, and with one row XLA turns p·v into a reduction over the slots, whose preferred
-    layout (slots minor) it then gives the whole stacked v_res, copying it every layer
-    (H200, Llama-2-7B shape, B=96: 166 of a 179 ms step). A real matmul reads it as stored."""
+    float32 caches in full float32 (HIGHEST: no TF32), and the query rows padded to 16 (a
+    matmul, not a one-row reduction over the tokens; see _window_partials)."""
     g = qg.shape[2]
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, g) - g), (0, 0)))
     if k.dtype == jnp.float32:

@@ -250,19 +250,26 @@ def test_stacked_append_kivi(name):
         assert min(len(row.kq) for row in rf.rows) >= cfg.residual_length and min(len(row.vq) for row in rf.rows) > 0
 
 
-def test_window_partials_are_matmuls_with_16_query_rows():
-    """The kernel path's residual-window partials read slices of the loop-carried stacked
-    cache. With one query row XLA rewrites p·v into a reduction over the slots, gives the
-    whole stacked v_res that reduction's layout (slots minor) and copies it every layer: on
-    the H200 166 of a 179 ms Llama-2-7B step (benchmarks/results/decode-step-ab-2026-11-30*).
-    A dot with 16 (padded) query rows stays a matmul reading v_res as stored. This checks the
-    formulation (XLA:CPU lays the loop out differently, so the copy itself shows only on a GPU)."""
+def test_window_partials_are_matmuls_on_gathered_operands():
+    """The kernel path's residual-window partials: on the H200 at 1d6c7c7 they read slices of
+    the model's layer-stacked, loop-carried v_res with one query row; XLA rewrote p·v into a
+    reduction over the slots, gave the whole stacked v_res that layout and copied it every layer
+    (166 of a 179 ms Llama-2-7B step, benchmarks/results/decode-step-ab-2026-11-30*). The
+    formulation measured without that copy (a256a3d) gathers the tokens first: here both dots
+    take gathered K and V and 16 (padded) query rows. This checks the formulation only (XLA:CPU
+    lays the loop out differently; the copy itself shows on a GPU)."""
     from kivi_jax import attention_pallas
 
     cache = KIVICache.init(KIVIConfig(2, 2, group_size=16, residual_length=32), batch=2, num_kv_heads=2,
                            head_dim=32, max_length=256, dtype=jnp.bfloat16)
     qg = jnp.ones((2, 2, 1, 32), jnp.float32)
-    jaxpr = jax.make_jaxpr(attention_pallas._window_partials)(qg, cache, jnp.zeros((2,), jnp.int32))
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(dots) == 2, [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    jaxpr = jax.make_jaxpr(attention_pallas._window_partials)(qg, cache, jnp.zeros((2,), jnp.int32)).jaxpr
+    def name(e):  # a jnp function's nested jit names what it does
+        inner = e.params.get("jaxpr")
+        return "/".join(q.primitive.name for q in inner.jaxpr.eqns) if inner is not None else e.primitive.name
+
+    made_by = {v: name(e) for e in jaxpr.eqns for v in e.outvars}
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2, [e.primitive.name for e in jaxpr.eqns]
     assert all(e.invars[0].aval.shape[2] == 16 for e in dots), [e.invars[0].aval.shape for e in dots]
+    assert all("gather" in made_by.get(e.invars[1], "") for e in dots), [made_by.get(e.invars[1]) for e in dots]
