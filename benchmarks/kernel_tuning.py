@@ -2,10 +2,10 @@
 
 Times ``kivi_decode_partials`` alone (no cache, no residual window) at the record shapes for
 each configuration, next to dense bf16 XLA attention in the same run. The words are random:
-this measures speed only. Writes JSON + markdown. (At a13b1d0 the same script compared packed
+this measures speed only. Writes JSON + markdown. (At a13b1d0, as kernel_layouts.py, it compared packed
 layouts: benchmarks/results/kernel-layouts-2026-11-30.*.)
 
-    PYTHONPATH=. python -m benchmarks.kernel_layouts
+    PYTHONPATH=. python -m benchmarks.kernel_tuning
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ def main():
             print(rows[-1], flush=True)
             del args
     out = common.out_dir()
-    (out / "kernel-layouts.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
+    (out / "kernel-tuning.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
     lines = ["| B | T | Hkv | impl | ms | / dense |", "|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['median_ms']:.3f}" if r["median_ms"] else r.get("error", "")[:60]
         ratio = f"{r['ratio_to_dense']:.2f}" if r.get("ratio_to_dense") else ""
         lines.append(f"| {r['B']} | {r['T']} | {r['Hkv']} | `{r['impl']}` | {ms} | {ratio} |")
-    (out / "kernel-layouts.md").write_text(f"{env}\n\n" + "\n".join(lines) + "\n")
+    (out / "kernel-tuning.md").write_text(f"{env}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
