@@ -9,7 +9,7 @@ keeps anyway), and the partial softmaxes are combined.
 Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
 the sinks (store position p = token S + p), so the kernel and the window work on that body
 exactly as on a plain cache (body lengths, a sliding window's start shifted by S), and the S
-sink tokens are one more plain-JAX partial. With ``rotate``, q is rotated (q·H) before the
+sink tokens join the window's plain-JAX partial. With ``rotate``, q is rotated (q·H) before the
 kernel and the window, and the combined output is rotated back (o·H^T) after: one D x D
 product per query, none per cached token. ``key_group_size`` != ``group_size`` is a kernel
 parameter: the scales are passed as stored.
@@ -42,38 +42,44 @@ def default_splits(batch: int, heads: int, n_chunks: int, interpret: bool) -> in
 
 
 def _window_partials(qg, cache: KIVICache, start):
-    """Softmax partials over the R slots of the residual ring, in plain JAX: the tokens
-    [max(Lb - R, 0), Lb) whose values are in full precision (everything the kernel leaves out).
+    """Softmax partials over every full-precision token, in plain JAX: the R slots of the
+    residual ring — body tokens [max(Lb - R, 0), Lb), whose values are in full precision
+    (everything the kernel leaves out) — and the S sink tokens.
 
-    Body coordinates (store positions; token S + p). Ring slot j holds token
+    Body coordinates for the ring (store positions; token S + p). Ring slot j holds token
     t_j = Lb - R + (j - Lb) mod R (negative: an empty slot) in v_res, and in k_res too when
     t_j >= n (the keys not quantized yet); a key below n is in the block flushed last,
-    tokens [n - R, n), where token n - R + j is the one in slot j. The slots are then gathered
-    oldest first: softmax does not care about the order, but XLA does about the buffer. The
-    gather hands the partials a fresh [B, H, R, D] operand instead of a slice of the model's
-    layer-stacked, loop-carried v_res: read directly (f2e0fb7 and before), XLA:GPU gave the whole
-    stacked v_res the slot-minor layout of the p·v reduction and copied it every layer (H200,
-    Llama-2-7B, B=96: 166 of a 179 ms step). The gather-then-dot shape is the one measured
-    without that copy (a256a3d: 39.5 ms steps).
-    qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B] (body).
+    tokens [n - R, n), where token n - R + j is the one in slot j. Sink s sits in slot R + s.
+    The slots are gathered (ring oldest first, then the sinks) before the dots: softmax does not
+    care about the order, but XLA does about the buffer. Read directly (f2e0fb7 and before), the
+    model's layer-stacked, loop-carried v_res got the slot-minor layout of the p·v reduction on
+    XLA:GPU and was copied whole every layer (H200, Llama-2-7B, B=96: 166 of a 179 ms step);
+    the gather-then-dot shape is the one measured without that copy (a256a3d: 39.5 ms steps).
+    qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B]: a sliding
+    window's first token (absolute), 0 without one.
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
     c = cache.config
-    r = c.residual_length
+    r, sk = c.residual_length, c.sink_tokens
     lb, n = cache.body_lengths[:, None], cache._body_quantized_keys()[:, None]
     j = jnp.arange(r)[None, :]
-    t_slot = lb - r + (j - lb) % r  # [B, R] token of ring slot j
-    k = cache.k_res[:, :, :r]
-    if cache.capacity >= r:  # else no key is ever flushed: every slot's key is in k_res
-        k = jnp.where((t_slot >= n)[:, None, :, None], k, _flushed_keys(cache))
-    order = (lb + j) % r  # the slot of token Lb - R + j: oldest first
+    t_slot = lb - r + (j - lb) % r  # [B, R] body token of ring slot j
+    k = cache.k_res
+    if cache.capacity >= r:  # else no key is ever flushed: every ring slot's key is in k_res
+        k_ring = jnp.where((t_slot >= n)[:, None, :, None], k[:, :, :r], _flushed_keys(cache))
+        k = k_ring if sk == 0 else jnp.concatenate([k_ring, k[:, :, r:]], axis=2)
+    t = lb - r + j  # body token at position j of the gathered ring, oldest first
+    order = (lb + j) % r  # its slot
+    valid = (t >= 0) & (t >= jnp.maximum(start - sk, 0)[:, None])
+    if sk:
+        s = jnp.arange(sk)[None, :]
+        order = jnp.concatenate([order, r + jnp.broadcast_to(s, order.shape[:1] + s.shape[1:])], axis=1)
+        valid = jnp.concatenate([valid, (s < cache.lengths[:, None]) & (s >= start[:, None])], axis=1)
 
-    def gather(x):  # [B, H, R, D] in slot order -> token order
+    def gather(x):  # [B, H, R + S, D] in slot order -> [B, H, R + S, D] in gathered order
         return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
 
-    t = lb - r + j
-    valid = (t >= 0) & (t >= start[:, None])
-    return _partials(qg, gather(k), gather(cache.v_res[:, :, :r]), valid)
+    return _partials(qg, gather(k), gather(cache.v_res), valid)
 
 
 def _rows(x, start, size):
@@ -123,14 +129,6 @@ def _partials(qg, k, v, valid):
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
     o = jnp.einsum("bhgw,bhwd->bhgd", p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)
     return o[:, :, :g], m[:, :, :g], jnp.sum(p, axis=-1)[:, :, :g]
-
-
-def _sink_partials(qg, cache: KIVICache, start):
-    """Softmax partials over the S sink tokens [start, min(L, S)) (absolute positions)."""
-    k, v = cache.sinks()
-    t = jnp.arange(cache.config.sink_tokens)[None, :]
-    valid = (t < cache.lengths[:, None]) & (t >= start[:, None])
-    return _partials(qg, k, v, valid)
 
 
 def _default_chunk(config) -> int:
@@ -200,19 +198,11 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
         group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
         num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
-    parts = [_window_partials(qg, cache, start_b)]
-    if sk:
-        parts.append(_sink_partials(qg, cache, start))
-    m_all = jnp.max(m, axis=2)  # [B, Hkv, g]
-    for _, m_t, _ in parts:
-        m_all = jnp.maximum(m_all, m_t)
-    w = jnp.exp(m - m_all[:, :, None])
-    num = jnp.sum(o * w[..., None], axis=2)
-    den = jnp.sum(l * w, axis=2)
-    for o_t, m_t, l_t in parts:
-        w_t = jnp.exp(m_t - m_all)
-        num = num + o_t * w_t[..., None]
-        den = den + l_t * w_t
+    o_w, m_w, l_w = _window_partials(qg, cache, start)  # the full-precision tokens
+    m_all = jnp.maximum(jnp.max(m, axis=2), m_w)  # [B, Hkv, g]
+    w, w_w = jnp.exp(m - m_all[:, :, None]), jnp.exp(m_w - m_all)
+    num = jnp.sum(o * w[..., None], axis=2) + o_w * w_w[..., None]
+    den = jnp.sum(l * w, axis=2) + l_w * w_w
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)
