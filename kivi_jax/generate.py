@@ -3,13 +3,15 @@
 Model protocol (``models/`` implements it; ``tests/toy_model.py`` is a small example)::
 
     cache = model.init_cache(batch_size, max_length, kivi=None | KIVIConfig[, dtype=...])
-    logits, cache = model(input_ids, cache, lengths=lengths[, attn_impl=...])   # prefill
+    logits, cache = model(input_ids, cache, lengths=lengths[, attn_impl=...][, logits_at=...])  # prefill
     logits, cache = model(token[:, None], cache[, attn_impl=...])               # decode
 
 Prefill: input_ids [B, T] right-padded, row b's prompt is its first ``lengths[b]`` tokens,
 the cache is empty; ``generate`` always passes ``lengths=`` here (also when T == 1).
 Decode: one token per row at position ``cache.lengths``; no ``lengths`` argument. Logits
-are [B, T, vocab]. ``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
+are [B, T, vocab]. A model whose call takes ``logits_at`` ([B] positions -> logits
+[B, 1, vocab]) gets ``lengths - 1`` in the prefill: only each prompt's last position goes
+through the LM head (full-prompt logits are B x T x vocab float32, more than a 2-bit cache). ``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
 The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one).
 
 How it runs:
@@ -60,6 +62,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import inspect
 import numbers
 from typing import Any, Iterator, NamedTuple
 
@@ -110,6 +113,7 @@ class _Config:
     sampler: sampling.SamplingConfig
     mesh: Any = None  # a jax.sharding.Mesh (Auto axes) or None: one device
     rules: Any = None  # sharding.ShardingRules used with the mesh
+    logits_at: bool = False  # the model's call takes logits_at= (prefill: last positions only)
 
 
 class _Knobs(NamedTuple):
@@ -152,15 +156,27 @@ def _merge(graphdef, state):
     return nnx.merge(graphdef, state)
 
 
-def _call_model(model, ids, cache, cfg: _Config, lengths=None):
+def _call_model(model, ids, cache, cfg: _Config, lengths=None, logits_at=None):
     kw = {} if cfg.attn_impl is None else {"attn_impl": cfg.attn_impl}
     if lengths is not None:
         kw["lengths"] = lengths
+    if logits_at is not None:
+        kw["logits_at"] = logits_at
     logits, cache = model(ids, cache, **kw)
     b, t = ids.shape
+    t = 1 if logits_at is not None else t
     if logits.ndim != 3 or logits.shape[:2] != (b, t):
         raise ValueError(f"model returned logits of shape {logits.shape}; expected [B={b}, T={t}, vocab]")
     return logits, cache
+
+
+def _takes_logits_at(model) -> bool:
+    """Whether the model's call accepts ``logits_at=`` (the optional part of the protocol)."""
+    fn = model.__call__ if isinstance(model, nnx.Module) else model
+    try:
+        return "logits_at" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no introspectable signature: use the required protocol only
+        return False
 
 
 def _cache_overflow(cache, batch: int):
@@ -204,9 +220,13 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     b, _ = input_ids.shape
     kw = {} if cfg.cache_dtype is None else {"dtype": cfg.cache_dtype}
     cache = sharding.constrain_cache(model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw), cfg.mesh, cfg.rules)
-    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths)
+    if cfg.logits_at:
+        logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=lengths - 1)
+        last = logits[:, 0]  # [B, vocab]
+    else:
+        logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
     c = _Carry(cache=cache, token=jnp.zeros((b,), jnp.int32),
@@ -354,7 +374,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     else:
         rules = None
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
-                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, mesh=mesh, rules=rules)
+                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, mesh=mesh, rules=rules,
+                  logits_at=_takes_logits_at(model))
     graphdef, state = _split(model)
     if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)
         if state is not None:

@@ -174,13 +174,17 @@ class Llama(nnx.Module):
         return StackedCache.stack(one, c.num_layers)
 
     # ---- forward ---------------------------------------------------------------------------
-    def __call__(self, input_ids, cache: StackedCache | None = None, *, lengths=None, attn_impl: str = "auto"):
+    def __call__(self, input_ids, cache: StackedCache | None = None, *, lengths=None, attn_impl: str = "auto",
+                 logits_at=None):
         """input_ids [B, T] int -> (logits [B, T, V] float32, new cache).
 
         Prompt (T > 1, or any T when ``lengths`` is given): positions 0..T-1, replaces the
         cache content; lengths [B] = real tokens of right-padded rows (default T). Decode
         (T == 1 with a cache and no lengths): one step at position cache.lengths.
         attn_impl goes to ``kivi_jax.decode_attention``.
+        logits_at [B] int: only row b's position logits_at[b] goes through the LM head, and
+        logits are [B, 1, V] (a prefill that samples from its last token: full-prompt logits
+        are B x T x V float32, 0.5 GB per 4096-token row at a 32k vocabulary).
         """
         c = self.config
         ids = jnp.asarray(input_ids)
@@ -189,6 +193,13 @@ class Llama(nnx.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; allowed: {ATTN_IMPLS}")
         b, t = ids.shape
+        if logits_at is not None:
+            logits_at = jnp.asarray(logits_at)
+            if logits_at.shape != (b,) or not jnp.issubdtype(logits_at.dtype, jnp.integer):
+                raise ValueError(f"logits_at must be an integer array of shape ({b},) (a position per row); "
+                                 f"got {logits_at.dtype} array of shape {logits_at.shape}")
+            if not isinstance(logits_at, jax.core.Tracer) and not ((logits_at >= 0) & (logits_at < t)).all():
+                raise ValueError(f"logits_at={logits_at.tolist()} out of range: each position must be in [0, T={t})")
         if cache is not None:
             if not isinstance(cache, StackedCache):
                 raise TypeError(f"cache must be the StackedCache of model.init_cache(); got {type(cache).__name__}")
@@ -214,6 +225,8 @@ class Llama(nnx.Module):
             return (x, cache), None
 
         (x, cache), _ = lax.scan(body, (x, cache), (self.layers.arrays(), jnp.arange(c.num_layers, dtype=jnp.int32)))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, H]
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         if self.lm_head is None:
             logits = jnp.einsum("bth,vh->btv", x, self.embed[...], preferred_element_type=jnp.float32)

@@ -436,3 +436,52 @@ def test_models_llama_greedy_equals_full_forward():
     last = last_logits_fn(m, forward=lambda mm, x: mm(x)[0])  # cache-free forward of the model
     for b in range(2):
         assert rows(out)[b] == naive_greedy(last, ids[b, : lens[b]], 8)
+
+
+def _small_llama():
+    llama = pytest.importorskip("models.llama")
+    from models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    return llama.init_random(cfg, jax.random.key(5), init_std=0.5)
+
+
+def test_models_llama_logits_at_is_the_full_logits_row():
+    m = _small_llama()
+    ids = np.random.default_rng(2).integers(0, 8192, (3, 11)).astype(np.int32)
+    full, _ = m(ids)
+    at = np.array([10, 0, 6], np.int32)
+    one, _ = m(ids, logits_at=at)
+    assert one.shape == (3, 1, 8192)
+    np.testing.assert_allclose(np.asarray(one[:, 0]), np.asarray(full)[np.arange(3), at], rtol=1e-5, atol=1e-5)
+    for bad, words in (([1, 2], r"shape \(3,\)"), ([0, 11, 2], r"out of range.*\[0, T=11\)"),
+                       ([0.0, 1.0, 2.0], "integer")):
+        with pytest.raises(ValueError, match=words):
+            m(ids, logits_at=np.asarray(bad))
+
+
+def test_prefill_runs_the_lm_head_on_last_positions_only():
+    """generate's prefill asks a model that takes logits_at= for each prompt's last position:
+    the B x T x vocab float32 logits of the whole prompt (0.5 GB per 4096-token row at a 32k
+    vocabulary, more than a KIVI-2 cache row) are never materialized. Same tokens either way."""
+    import dataclasses
+
+    m = _small_llama()
+    b, t = 4, 64
+    ids = np.random.default_rng(3).integers(0, 8192, (b, t)).astype(np.int32)
+    lens = np.array([64, 10, 33, 1], np.int32)
+    args = gen._prepare(m, ids, max_new_tokens=4, kivi=kivi_jax.KIVIConfig(group_size=16, residual_length=32),
+                        lengths=lens, temperature=0.0, top_k=None, top_p=None, eos_id=None, key=None, pad_id=0,
+                        max_length=None, cache_dtype=None, attn_impl=None)
+    graphdef, state, ids_j, lens_j, keys, knobs, cfg = args
+    assert cfg.logits_at
+    temps = {}
+    for on in (True, False):
+        c = dataclasses.replace(cfg, logits_at=on)
+        compiled = gen._prefill.lower(graphdef, state, ids_j, lens_j, keys, knobs, cfg=c).compile()
+        temps[on] = compiled.memory_analysis().temp_size_in_bytes
+        carry = gen._prefill(graphdef, state, ids_j, lens_j, keys, knobs, cfg=c)
+        temps[on, "first"] = np.asarray(carry.tokens[:, 0]).tolist()
+    assert temps[True, "first"] == temps[False, "first"]
+    assert temps[False] - temps[True] >= b * t * 8192 * 4 * 0.9, temps
