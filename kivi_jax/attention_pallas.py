@@ -99,7 +99,8 @@ def _flushed_keys(cache: KIVICache):
     per = packing.codes_per_word(bits)
     b, h, _, d = cache.k_res.shape
     t0 = jnp.maximum(cache._body_quantized_keys() - r, 0)  # [B], a multiple of R
-    n_rows = -(-r // per) + (r % per > 0)  # words that can hold R tokens starting mid-word
+    # words that hold R tokens starting mid-word (never more than the store: then it is all of it)
+    n_rows = min(-(-r // per) + (r % per > 0), cache.k_codes.shape[2])
     row0 = jnp.clip(t0 // per, 0, cache.k_codes.shape[2] - n_rows)
     words = _rows(cache.k_codes, row0, n_rows)
     codes = packing.unpack(words, bits, 2, n_rows * per)  # tokens [row0 per, (row0 + n_rows) per)

@@ -90,6 +90,13 @@ def test_kernel_one_bit_keys_with_half_word_flushes():
     out = attention_pallas.decode_attention(q, cache, interpret=True)
     for i in range(len(lengths)):
         assert _rel(out[i], ref[i]) <= 1e-5, lengths[i]
+    # R = 496 in a 512-token store (16 words of 32 codes): the flushed block is the whole store
+    cfg = kj.KIVIConfig(k_bits=1, v_bits=2, group_size=16, residual_length=496)
+    cache = _cache(cfg, [499, 300], 1, 32, jnp.float32, seed=12, appends=1)
+    assert cache.k_codes.shape[2] == 16
+    q = jax.random.normal(jax.random.key(6), (2, 1, 1, 32))
+    assert _rel(attention_pallas.decode_attention(q, cache, interpret=True),
+                kj.decode_attention(q, cache, impl="reference")) <= 1e-5
 
 
 def test_kernel_sliding_window_and_public_dispatch():
