@@ -15,12 +15,15 @@ import json
 import jax
 import jax.numpy as jnp
 
+import kivi_jax as kj
 from benchmarks import common
+from benchmarks.check_kernel_gpu import random_cache
 from benchmarks.decode_attention import dense_attention
 from kivi_jax.attention_pallas import default_splits
 from pallas_kernels import kivi_decode
 
-D, G = 128, 32
+D = 128
+CFG = kj.KIVIConfig()  # KIVI-2, G = 32
 
 CONFIGS = [
     {"variant": "dequant", "chunk": 64},
@@ -28,17 +31,6 @@ CONFIGS = [
     {"variant": "dequant", "chunk": 128, "num_warps": 8},
     {"variant": "dequant", "chunk": 64, "num_stages": 3},
 ]
-
-
-def inputs(b, hkv, t, bits=2, key=0):
-    ks = jax.random.split(jax.random.key(key), 8)
-    c = 32 // bits
-    kshape = (b, hkv, t // c, D)
-    words = lambda k, s: jax.random.bits(k, s, jnp.uint32)  # noqa: E731
-    scale = lambda k, s: (jax.random.uniform(k, s) * 0.1).astype(jnp.bfloat16)  # noqa: E731
-    q = jax.random.normal(ks[0], (b, hkv, 16, D))
-    return (q, words(ks[1], kshape), scale(ks[2], (b, hkv, t // G, D)), scale(ks[3], (b, hkv, t // G, D)),
-            words(ks[4], (b, hkv, t // c, D)), scale(ks[5], (b, hkv, t, D // G)), scale(ks[6], (b, hkv, t, D // G)))
 
 
 def main():
@@ -55,14 +47,16 @@ def main():
         rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "dense_bf16", "median_ms": dense_ms})
         print(rows[-1], flush=True)
         zeros = jnp.zeros((b,), jnp.int32)
+        cache = random_cache(CFG, batch=b, kv_heads=hkv, tokens=t, head_dim=D)  # random words: speed only
+        args = (jax.random.normal(kq[0], (b, hkv, 16, D)), cache.k_codes, cache.k_scale, cache.k_min,
+                cache.v_codes, cache.v_scale, cache.v_min)
         for opts in CONFIGS:
             opts = dict(opts)
             chunk = opts["chunk"]
             splits = default_splits(b, hkv, t // chunk, False)
-            args = inputs(b, hkv, t)
             fn = jax.jit(lambda *a, o=tuple(opts.items()), s=splits: kivi_decode.kivi_decode_partials(
-                *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=2, v_bits=2, group_size=G,
-                num_splits=s, **dict(o)))
+                *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=CFG.k_bits, v_bits=CFG.v_bits,
+                group_size=CFG.group_size, num_splits=s, **dict(o)))
             try:
                 ms = common.time_fn(fn, *args)
                 err = None
@@ -71,7 +65,7 @@ def main():
             rows.append({"B": b, "T": t, "Hkv": hkv, "impl": json.dumps(opts), "median_ms": ms,
                          "ratio_to_dense": ms / dense_ms if ms else None, "error": err})
             print(rows[-1], flush=True)
-            del args
+        del cache, args
     out = common.out_dir()
     (out / "kernel-tuning.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
     lines = ["| B | T | Hkv | impl | ms | / dense |", "|---|---|---|---|---|---|"]

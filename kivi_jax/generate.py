@@ -11,7 +11,8 @@ the cache is empty; ``generate`` always passes ``lengths=`` here (also when T ==
 Decode: one token per row at position ``cache.lengths``; no ``lengths`` argument. Logits
 are [B, T, vocab]. A model whose call takes ``logits_at`` ([B] positions -> logits
 [B, 1, vocab]) gets ``lengths - 1`` in the prefill: only each prompt's last position goes
-through the LM head (full-prompt logits are B x T x vocab float32, more than a 2-bit cache). ``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
+through the LM head (full-prompt logits are B x T x vocab float32, more than a 2-bit cache).
+``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
 The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one).
 
 How it runs:
@@ -220,12 +221,9 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     b, _ = input_ids.shape
     kw = {} if cfg.cache_dtype is None else {"dtype": cfg.cache_dtype}
     cache = sharding.constrain_cache(model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw), cfg.mesh, cfg.rules)
-    if cfg.logits_at:
-        logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=lengths - 1)
-        last = logits[:, 0]  # [B, vocab]
-    else:
-        logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    at = lengths - 1 if cfg.logits_at else None  # the model's LM head runs on these positions only
+    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=at)
+    last = logits[:, 0] if cfg.logits_at else jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow

@@ -54,16 +54,21 @@ def _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
     return lo, hi, start_ref[()], end_ref[()]
 
 
+def _join_minor(a, b):
+    """[D, n] x 2 -> [D, 2n] with a's and b's columns interleaved (a first): a join on a new
+    last axis plus a merge of the two minor axes, which stays in each thread's registers."""
+    x = jnp.stack([a, b], axis=-1)
+    return x.reshape(x.shape[0], x.shape[1] * 2)
+
+
 def _unpack_minor(w_t, bits):
     """[D, n] uint32 words, each holding 32/bits consecutive codes -> codes [D, n*32/bits].
 
     Halving shifts: after the join with ``x >> s``, element 2i + 1 holds the code s/bits
-    places after element 2i's; each join (stack on a new last axis) + merge of the two minor
-    axes stays in the thread's registers under Triton."""
+    places after element 2i's."""
     x, s = w_t, 16
     while s >= bits:
-        x = jnp.stack([x, x >> jnp.uint32(s)], axis=-1)
-        x = x.reshape(x.shape[0], x.shape[1] * 2)
+        x = _join_minor(x, x >> jnp.uint32(s))
         s //= 2
     return x & jnp.uint32((1 << bits) - 1)
 
@@ -71,10 +76,15 @@ def _unpack_minor(w_t, bits):
 def _repeat_minor(x, times):
     """[D, n] -> [D, n*times]: each column repeated ``times`` (a power of two) times, in registers."""
     while times > 1:
-        x = jnp.stack([x, x], axis=-1)
-        x = x.reshape(x.shape[0], x.shape[1] * 2)
+        x = _join_minor(x, x)
         times //= 2
     return x
+
+
+def _codes_t(words_ref, t0, chunk, bits):
+    """Codes of tokens [t0, t0 + chunk) as a [D, chunk] tile (tokens minor) from words [W, D]."""
+    per = 32 // bits
+    return _unpack_minor(words_ref[pl.ds(t0 // per, chunk // per), :].T, bits)
 
 
 def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
@@ -88,8 +98,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
     def key_scores(t0):  # [M, chunk]
-        ck = 32 // k_bits
-        codes = _unpack_minor(kc_ref[pl.ds(t0 // ck, chunk // ck), :].T, k_bits)  # [D, chunk]
+        codes = _codes_t(kc_ref, t0, chunk, k_bits)  # [D, chunk]
         rows = max(chunk // kg, 1)  # key groups in the chunk (a chunk shorter than a group: one)
         ks, km = (_repeat_minor(x[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T, chunk // rows)
                   for x in (ks_ref, km_ref))  # [D, chunk]
@@ -97,8 +106,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
         return dot(q, k_hat_t.astype(compute_dtype))
 
     def value_sum(t0, p):  # p [M, chunk] -> p·V̂ [M, D]
-        cv = 32 // v_bits
-        codes = _unpack_minor(vc_ref[pl.ds(t0 // cv, chunk // cv), :].T, v_bits)  # [D, chunk]
+        codes = _codes_t(vc_ref, t0, chunk, v_bits)  # [D, chunk]
         vs, vm = (jnp.broadcast_to(x[pl.ds(t0, chunk), :].astype(jnp.float32).T[:, None, :],
                                    (n_vgroups, g, chunk)).reshape(d, chunk)
                   for x in (vs_ref, vm_ref))  # [D, chunk]: row d has group d // G's scale
