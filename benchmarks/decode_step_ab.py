@@ -1,18 +1,26 @@
-"""One decode step of a few Llama-2-7B-shaped layers with a KIVI-2 cache: its time, and the
-optimized HLO's copies of stacked cache buffers (written next to the JSON).
+"""One decode step of N Llama-2-7B-shaped layers: its time, and what the optimized HLO copies
+(stacked cache buffers, per-layer weights), for a few ways of running the layers.
 
-At 1d6c7c7 the e2e profile put 165 of a 179 ms step outside attention and cache writes; this
-script (then with a second arm, the one-row einsum window, in git at f2e0fb7) found the cause:
-the stacked v_res copied every layer (results/decode-step-ab-2026-11-30*). Run it on a GPU to
-check a step has no stacked copy: ``stacked_copies`` should be 0.
+Arms (``--arms``):
+- ``scan``: the library's step (``models.functional``: one ``lax.scan`` over stacked weights).
+- ``static``: the same layers unrolled in Python, weights sliced statically from the stack.
+- ``list``: unrolled, each layer's weights passed as their own buffers (no slicing at all).
 
-    PYTHONPATH=. python -m benchmarks.decode_step_ab [--layers 4 --batch 96]
+History: at 1d6c7c7 the e2e profile put 165 of a 179 ms step outside attention and cache
+writes; this script found the cause, the stacked v_res copied every layer
+(results/decode-step-ab-2026-11-30*): ``stacked_copies`` should be 0. ``weight_copies``
+counts HLO ops that write one layer's weight matrix (a copy out of the stack, 2 extra passes
+over the weights per step when nonzero). Run twice, with and without
+``XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true``, to see what that flag changes.
+
+    PYTHONPATH=. python -m benchmarks.decode_step_ab [--layers 32 --batch 96 --caches dense,kivi2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 
@@ -22,6 +30,66 @@ import jax.numpy as jnp
 import kivi_jax as kj
 import models
 from benchmarks import common
+from benchmarks.e2e import KIVI
+from models import llama
+
+
+def _unrolled_step(model, per_layer: bool):
+    """A decode step with the layers unrolled in Python. per_layer: weights arrive as a list of
+    per-layer dicts (own buffers); else stacked and sliced with static indices."""
+    c = model.config
+
+    def step(layers, rest, tok, cache):
+        positions = cache.lengths[:, None]
+        cos, sin = llama.rope_cos_sin(positions, c)
+        x = jnp.take(rest["embed"], tok, axis=0)
+        for i in range(c.num_layers):
+            p = layers[i] if per_layer else {k: v[i] for k, v in layers.items()}
+            x, cache = llama._layer(p, x, cos, sin, cache, i, config=c, lengths=None, attn_impl="auto", decode=True)
+        x = llama.rms_norm(x, rest["final_norm"], c.rms_norm_eps)
+        return jnp.einsum("bth,hv->btv", x, rest["lm_head"], preferred_element_type=jnp.float32), cache
+
+    return step
+
+
+def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
+    return [ln.strip()[:200] for ln in hlo.splitlines()
+            if re.search(rf"\b({ops})[.\d]*\(", ln) and any(s in ln.split("=")[1][:80] for s in shapes)]
+
+
+def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
+    if arm == "scan":
+        apply, params = models.functional(model)
+        step = jax.jit(lambda p, t, c: apply(p, t, c), donate_argnums=(2,))
+        args = (params, tok)
+    else:
+        fn = _unrolled_step(model, per_layer=arm == "list")
+        step = jax.jit(lambda w, t, c: fn(w, rest, t, c), donate_argnums=(2,))
+        args = (layers_list if arm == "list" else layers_stacked, tok)
+    t0 = time.perf_counter()
+    compiled = step.lower(*args, cache).compile()
+    compile_s = time.perf_counter() - t0
+    hlo = compiled.as_text()
+    cache_shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in jax.tree_util.tree_leaves(cache.layers) if x.ndim == 5}
+    w_shapes = set()
+    for v in layers_stacked.values():
+        if v.ndim == 3:
+            w_shapes |= {"[" + ",".join(map(str, v.shape[1:])) + "]", "[1," + ",".join(map(str, v.shape[1:])) + "]"}
+    stacked = _count(hlo, cache_shapes)
+    weights = _count(hlo, w_shapes, ops=r"copy|fusion|fusion-start|dynamic-slice|slice")
+    # timed by hand, not common.time_fn: the step donates its cache, so each call takes the last one's
+    for _ in range(3):
+        _, cache = step(*args, cache)
+    jax.block_until_ready(cache)
+    n, t = 10, time.perf_counter()
+    for _ in range(n):
+        _, cache = step(*args, cache)
+    jax.block_until_ready(cache)
+    mem = compiled.memory_analysis()
+    row = {"arm": arm, "step_ms": (time.perf_counter() - t) * 1e3 / n, "compile_s": compile_s,
+           "temp_bytes": getattr(mem, "temp_size_in_bytes", None), "stacked_copies": len(stacked),
+           "weight_copies": len(weights), "examples": (stacked + weights)[:4]}
+    return row, cache, hlo
 
 
 def main(argv=None):
@@ -30,6 +98,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--max-length", type=int, default=498)
+    ap.add_argument("--caches", default="kivi2", help="comma list of dense, kivi2, kivi4")
+    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     a = ap.parse_args(argv)
     cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
                              num_heads=32, num_kv_heads=32, head_dim=128)
@@ -37,29 +108,27 @@ def main(argv=None):
     apply, params = models.functional(model)
     ids = jax.random.randint(jax.random.key(0), (a.batch, a.prompt), 0, cfg.vocab_size)
     tok = ids[:, :1]
-    cache = model.init_cache(a.batch, a.max_length, kivi=kj.KIVIConfig())
-    _, cache = jax.jit(apply)(params, ids, cache)
-    step = jax.jit(lambda p, t, c: apply(p, t, c), donate_argnums=(2,))
-    compiled = step.lower(params, tok, cache).compile()
-    hlo = compiled.as_text()
-    shapes = {",".join(map(str, x.shape)) for x in jax.tree_util.tree_leaves(cache.layers) if x.ndim == 5}
-    copies = [ln.strip()[:160] for ln in hlo.splitlines()
-              if re.search(r"\b(copy|transpose)\(", ln) and any(f"[{s}]" in ln for s in shapes)]
-    # timed by hand, not common.time_fn: the step donates its cache, so each call takes the last one's
-    for _ in range(3):
-        _, cache = step(params, tok, cache)
-    jax.block_until_ready(cache)
-    n, t = 10, time.perf_counter()
-    for _ in range(n):
-        _, cache = step(params, tok, cache)
-    jax.block_until_ready(cache)
-    mem = compiled.memory_analysis()
-    rows = [{"layers": a.layers, "batch": a.batch, "step_ms": (time.perf_counter() - t) * 1e3 / n,
-             "temp_bytes": getattr(mem, "temp_size_in_bytes", None), "stacked_copies": len(copies),
-             "examples": copies[:4], "cache_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))}]
-    print(json.dumps(rows[0]), flush=True)
-    (common.out_dir() / "decode-step.hlo.txt").write_text(hlo)
-    (common.out_dir() / "decode-step-ab.json").write_text(json.dumps({**common.environment(), "rows": rows}, indent=1))
+    layers_stacked = model.layers.arrays()
+    arms = a.arms.split(",")
+    layers_list = ([{k: v[i].copy() for k, v in layers_stacked.items()} for i in range(a.layers)]
+                   if "list" in arms else None)
+    rest = {"embed": model.embed[...], "final_norm": model.final_norm[...],
+            "lm_head": model.lm_head[...] if model.lm_head is not None else model.embed[...].T}
+    rows = []
+    for name in a.caches.split(","):
+        kivi = None if KIVI[name] is None else kj.KIVIConfig(**KIVI[name])
+        for arm in arms:
+            cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
+            _, cache = jax.jit(apply)(params, ids, cache)
+            row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest)
+            row.update(cache=name, layers=a.layers, batch=a.batch, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                       cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            (common.out_dir() / f"decode-step-{name}-{arm}{a.tag}.hlo.txt").write_text(hlo)
+            del cache
+    (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(
+        json.dumps({**common.environment(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
