@@ -61,7 +61,11 @@ def main(argv=None):
     ap.add_argument("--variants", default="dequant")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one case per dtype/bits/GQA pattern (fewer compiles)")
+    ap.add_argument("--only", default=None, help="comma list of check-name substrings to run (e.g. 'G64,2^31')")
     args = ap.parse_args(argv)
+
+    def wanted(name):
+        return args.only is None or any(w in name for w in args.only.split(","))
     variants = args.variants.split(",")
     rows = []
     key = jax.random.key(0)
@@ -74,6 +78,7 @@ def main(argv=None):
                 if args.quick and (kb, vb, hq // hkv) not in ((2, 2, 1), (4, 4, 4), (2, 4, 8), (4, 2, 4)):
                     continue
                 cases.append((dtype, kb, vb, hq, hkv))
+    cases = [c for c in cases if wanted(f"k{c[1]}v{c[2]} gqa{c[3] // c[4]} ragged")]
     for i, (dtype, kb, vb, hq, hkv) in enumerate(cases):
         cfg = kj.KIVIConfig(k_bits=kb, v_bits=vb)
         lengths = [1500, 777, 129, 3]  # odd, ragged, tiny
@@ -86,12 +91,16 @@ def main(argv=None):
     cfg = kj.KIVIConfig(group_size=64, residual_length=128)
     cache = build_cache(cfg, 2, 3, 64, [2100, 1000], jnp.bfloat16, jax.random.key(7))
     q = jax.random.normal(jax.random.key(8), (2, 9, 1, 64)).astype(jnp.bfloat16)
-    for variant in variants:
+    for variant in variants if wanted("G64 D64 gqa3") else ():
         rows.append(check("G64 D64 gqa3 window=700", q, cache, variant, window=700))
+        print(rows[-1], flush=True)
         rows.append(check("G64 D64 gqa3", q, cache, variant))
+        print(rows[-1], flush=True)
     # the KIVIConfig extensions on the kernel path (sinks and rotation live in the glue)
     for name, extra in (("sinks4 rotate=kv", dict(sink_tokens=4, rotate="kv")), ("key groups 16", dict(key_group_size=16)),
                         ("sinks4 window=300", dict(sink_tokens=4))):
+        if not wanted(name):
+            continue
         cfg = kj.KIVIConfig(**extra)
         cache = build_cache(cfg, 4, 4, 128, [1300, 517, 130, 2], jnp.bfloat16, jax.random.key(11))
         q = jax.random.normal(jax.random.key(12), (4, 16, 1, 128)).astype(jnp.bfloat16)
@@ -99,7 +108,7 @@ def main(argv=None):
         for variant in variants:
             rows.append(check(name, q, cache, variant, window=window))
             print(rows[-1], flush=True)
-    if not args.skip_large:
+    if not args.skip_large and wanted("2^31"):
         # B*H*T*D = 64*32*8448*128 > 2**31: filled at random, compared on a few rows
         b, h, t, d = 64, 32, 8448, 128
         cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=h, tokens=t, head_dim=d, length=t - 5, key=9)
@@ -112,6 +121,7 @@ def main(argv=None):
             err = rel_err(out[pick], ref)
             rows.append({"check": f"B*H*T*D={b * h * t * d} > 2^31", "variant": variant, "dtype": "bfloat16",
                          "rel_err": err, "tol": 1e-2, "ok": err <= 1e-2})
+            print(rows[-1], flush=True)
     table = common.markdown(rows, ["check", "variant", "dtype", "rel_err", "tol", "ok"])
     print(table)
     env = common.environment()
