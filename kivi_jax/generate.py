@@ -13,7 +13,9 @@ are [B, T, vocab]. A model whose call takes ``logits_at`` ([B] positions -> logi
 [B, 1, vocab]) gets ``lengths - 1`` in the prefill: only each prompt's last position goes
 through the LM head (full-prompt logits are B x T x vocab float32, more than a 2-bit cache).
 ``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
-The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one).
+The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one). A cache with
+``write_rows(start, sub) -> cache`` (rows start.. replaced by the smaller cache ``sub``, as
+``models.StackedCache`` has) gets its prefill in slices of ``prefill_rows`` rows.
 
 How it runs:
 
@@ -21,6 +23,11 @@ How it runs:
   copied in) that samples the first new token, then one jitted ``lax.while_loop`` over the
   decode steps with the loop state -- cache included -- donated, so buffers are updated in
   place and no token goes back to the host until the end.
+* The prefill's activations grow with B x T (about 0.25 MB per prompt token for a
+  Llama-2-7B shape on an H200: 1 GB per 4096-token row, twice a 2-bit cache row), so
+  long prompts are prefilled ``prefill_rows`` rows at a time (default: as many as fit in
+  ``PREFILL_TOKENS`` tokens), each slice written into the full cache in place. Rows do
+  not interact, so the tokens are those of one whole-batch call.
 * ``generate_stream``: the same prefill and the same decode step, but the step is called
   from Python once per token so tokens can be shown as they come. Same tokens as
   ``generate`` (greedy and seeded sampling alike).
@@ -76,6 +83,10 @@ from jax import lax
 from kivi_jax import sampling, sharding
 from kivi_jax.config import KIVIConfig
 
+#: Default prefill slice: as many rows as fit in this many prompt tokens (activations of a
+#: Llama-2-7B-shaped prefill are ~0.25 MB per token: ~2 GB at 8192 tokens).
+PREFILL_TOKENS = 8192
+
 #: How many times each jitted function was traced (incremented at trace time only).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
@@ -115,6 +126,7 @@ class _Config:
     mesh: Any = None  # a jax.sharding.Mesh (Auto axes) or None: one device
     rules: Any = None  # sharding.ShardingRules used with the mesh
     logits_at: bool = False  # the model's call takes logits_at= (prefill: last positions only)
+    prefill_rows: int | None = None  # rows per prefill call (None: the whole batch at once)
 
 
 class _Knobs(NamedTuple):
@@ -219,11 +231,11 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     TRACE_COUNTS["prefill"] += 1
     model = _merge(graphdef, state)
     b, _ = input_ids.shape
-    kw = {} if cfg.cache_dtype is None else {"dtype": cfg.cache_dtype}
-    cache = sharding.constrain_cache(model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw), cfg.mesh, cfg.rules)
-    at = lengths - 1 if cfg.logits_at else None  # the model's LM head runs on these positions only
-    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=at)
-    last = logits[:, 0] if cfg.logits_at else jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    rows = cfg.prefill_rows
+    if rows is None or rows >= b:
+        last, cache = _prefill_batch(model, input_ids, lengths, cfg)
+    else:
+        last, cache = _prefill_in_slices(model, input_ids, lengths, rows, cfg)
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
@@ -232,6 +244,40 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
                num_new=jnp.zeros((b,), jnp.int32), cache_len=lengths, done=jnp.zeros((b,), bool),
                step=jnp.zeros((), jnp.int32))
     return _emit(c, _sample(last, keys, c.step, knobs, cfg), ok, knobs, cfg)
+
+
+def _new_cache(model, b: int, cfg: _Config):
+    kw = {} if cfg.cache_dtype is None else {"dtype": cfg.cache_dtype}
+    return model.init_cache(b, cfg.max_length, kivi=cfg.kivi, **kw)
+
+
+def _prefill_batch(model, input_ids, lengths, cfg: _Config):
+    """input_ids [b, T] -> (logits of each row's last prompt token [b, V], a new b-row cache)."""
+    cache = sharding.constrain_cache(_new_cache(model, input_ids.shape[0], cfg), cfg.mesh, cfg.rules)
+    at = lengths - 1 if cfg.logits_at else None  # the model's LM head runs on these positions only
+    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=at)
+    last = logits[:, 0] if cfg.logits_at else jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache
+
+
+def _prefill_in_slices(model, input_ids, lengths, rows: int, cfg: _Config):
+    """_prefill_batch over slices of ``rows`` rows (a lax.fori_loop), each written into the
+    full cache in place: peak activations are those of ``rows`` rows. The last slice starts
+    at B - rows, so it may redo rows of the one before; they come out the same."""
+    b = input_ids.shape[0]
+    starts = [min(i * rows, b - rows) for i in range(-(-b // rows))]
+    take = functools.partial(lax.dynamic_slice_in_dim, slice_size=rows, axis=0)
+    last0, sub = _prefill_batch(model, input_ids[:rows], lengths[:rows], cfg)
+    cache = _new_cache(model, b, cfg).write_rows(0, sub)
+    last = jnp.zeros((b,) + last0.shape[1:], last0.dtype).at[:rows].set(last0)
+
+    def body(i, state):
+        last, cache = state
+        start = jnp.asarray(starts, jnp.int32)[i]
+        l_i, sub = _prefill_batch(model, take(input_ids, start), take(lengths, start), cfg)
+        return lax.dynamic_update_slice_in_dim(last, l_i, start, axis=0), cache.write_rows(start, sub)
+
+    return lax.fori_loop(1, len(starts), body, (last, cache))
 
 
 def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
@@ -301,7 +347,7 @@ def _concrete(x):
 
 
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
-             pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None):
+             pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -374,6 +420,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
                   cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, mesh=mesh, rules=rules,
                   logits_at=_takes_logits_at(model))
+    cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
     if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)
         if state is not None:
@@ -383,12 +430,34 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     return graphdef, state, input_ids, lengths, keys, knobs, cfg
 
 
+def _resolve_prefill_rows(model, prefill_rows, b: int, t: int, cfg: _Config) -> int | None:
+    """Rows per prefill call, or None for the whole batch in one call."""
+    if prefill_rows is not None and (not _is_int(prefill_rows) or prefill_rows < 1):
+        raise ValueError(f"prefill_rows={prefill_rows!r} must be None (automatic) or an integer >= 1")
+    rows = max(1, PREFILL_TOKENS // t) if prefill_rows is None else int(prefill_rows)
+    if rows >= b:
+        return None
+    if cfg.mesh is not None:  # slices of rows would leave the batch's "data" sharding
+        if prefill_rows is None:
+            return None
+        raise ValueError(f"prefill_rows={prefill_rows} < B={b} is not supported with mesh= (the batch is sharded "
+                         f"over the mesh); leave prefill_rows=None")
+    cache = jax.eval_shape(lambda: _new_cache(model, 1, cfg))
+    if not hasattr(cache, "write_rows"):
+        if prefill_rows is None:
+            return None
+        raise ValueError(f"prefill_rows={prefill_rows} < B={b} needs a cache with write_rows(start, sub) "
+                         f"(models.StackedCache has it); this model's cache is a {type(cache).__name__}")
+    return rows
+
+
 # ---- public API -----------------------------------------------------------------------------
 
 def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None = None, lengths=None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
-             cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None) -> GenerateOutput:
+             cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
+             prefill_rows: int | None = None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per row after a (ragged) batch of prompts.
 
     Args:
@@ -411,6 +480,10 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         "data", heads on "model"), kept across decode steps; the Pallas kernel runs under
         ``shard_map``. Same tokens as one device.
       rules: a ``kivi_jax.sharding.ShardingRules`` (only with a mesh).
+      prefill_rows: rows per prefill call (the prompt's activations are those of this many
+        rows; the cache is written slice by slice). None: as many as fit in
+        ``PREFILL_TOKENS`` prompt tokens, the whole batch under a mesh or for a cache
+        without ``write_rows``. Same tokens for any value.
 
     Returns:
       GenerateOutput(tokens [B, N] int32, lengths [B] int32, cache). Deterministic: greedy
@@ -419,7 +492,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
     graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
-        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules)
+        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows)
     carry = _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg)
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
@@ -429,7 +502,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
 def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None = None, lengths=None,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
-                    cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None) -> Iterator[StreamStep]:
+                    cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
+                    prefill_rows: int | None = None) -> Iterator[StreamStep]:
     """Like :func:`generate`, but yields a :class:`StreamStep` (host arrays [B]) per step.
 
     Runs the same jitted prefill and decode step as ``generate`` (the step is called from
@@ -441,7 +515,7 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
     prepared = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
-        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules)
+        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows)
     return _stream(*prepared)
 
 

@@ -77,6 +77,20 @@ class StackedCache:
             return self.set_layer(i, one.append(k, v))
         return StackedCache(cc.apply_writes(self.layers, *one.append_writes(k, v), layer=i))
 
+    def write_rows(self, start, rows: "StackedCache") -> "StackedCache":
+        """Batch rows start .. start + rows.batch_size replaced by ``rows`` (a StackedCache of
+        the same format, layers and capacity), in place: how a prefill done a few rows at a
+        time fills the whole batch's cache. start: int or traced scalar."""
+        if jax.tree_util.tree_structure(rows.layers) != jax.tree_util.tree_structure(self.layers):
+            raise ValueError("rows must be a StackedCache of the same format and settings (cache type, KIVIConfig, "
+                             "max_length) as this one")
+        for s, x in zip(jax.tree_util.tree_leaves(self.layers), jax.tree_util.tree_leaves(rows.layers)):
+            if s.shape[:1] + s.shape[2:] != x.shape[:1] + x.shape[2:] or x.shape[1] > s.shape[1]:
+                raise ValueError(f"rows holds a buffer of shape {x.shape}; this cache's is {s.shape} "
+                                 f"(same layers and per-row shape, at most {s.shape[1]} rows)")
+        return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_slice_in_dim(s, x.astype(s.dtype), start, 1),
+                                         self.layers, rows.layers))
+
     def prefill_layer(self, i, k, v, lengths=None) -> "StackedCache":
         """``layer(i).prefill(k, v, lengths)`` stored back as layer ``i``."""
         return self.set_layer(i, self.layer(i).prefill(k, v, lengths))

@@ -485,3 +485,85 @@ def test_prefill_runs_the_lm_head_on_last_positions_only():
         temps[on, "first"] = np.asarray(carry.tokens[:, 0]).tolist()
     assert temps[True, "first"] == temps[False, "first"]
     assert temps[False] - temps[True] >= b * t * 8192 * 4 * 0.9, temps
+
+
+# ---- prefill in row slices -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kivi", [None, kivi_jax.KIVIConfig(group_size=16, residual_length=32)], ids=["dense", "kivi"])
+def test_prefill_in_row_slices_equals_whole_batch(kivi):
+    """prefill_rows=2 over 5 rows runs slices 0-1, 2-3 and 3-4 (the last redoes row 3) and
+    writes each into the whole cache: same tokens and the same final cache as one call."""
+    m = _small_llama()
+    ids = np.random.default_rng(4).integers(0, 8192, (5, 40)).astype(np.int32)
+    lens = np.array([40, 7, 33, 1, 21], np.int32)
+    outs = {r: generate(m, ids, lengths=lens, max_new_tokens=6, kivi=kivi, attn_impl="reference", prefill_rows=r)
+            for r in (None, 2, 1)}
+    for r in (2, 1):
+        assert rows(outs[r]) == rows(outs[None]), r
+        for a, b in zip(jax.tree_util.tree_leaves(outs[r].cache), jax.tree_util.tree_leaves(outs[None].cache)):
+            a, b = np.asarray(a), np.asarray(b)
+            if np.issubdtype(a.dtype, np.floating):  # float32 matmuls of another batch size round differently
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+            else:  # code words, lengths, flags: a code on a rounding boundary may flip, nothing more
+                assert np.mean(a != b) <= 1e-3, (r, a.dtype, a.shape, np.mean(a != b))
+
+
+def test_prefill_rows_default_follows_prompt_tokens(monkeypatch):
+    m = _small_llama()
+
+    def rows_for(b, t, **kw):
+        ids = np.zeros((b, t), np.int32)
+        return gen._prepare(m, ids, max_new_tokens=2, kivi=None, lengths=None, temperature=0.0, top_k=None,
+                            top_p=None, eos_id=None, key=None, pad_id=0, max_length=None, cache_dtype=None,
+                            attn_impl=None, **kw)[-1].prefill_rows
+
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", 100)
+    assert rows_for(8, 30) == 3          # 100 // 30 rows per call
+    assert rows_for(3, 30) is None       # the whole batch fits: one call, as before
+    assert rows_for(4, 500) == 1         # a prompt longer than the budget: one row per call
+    assert rows_for(8, 30, prefill_rows=8) is None
+    assert rows_for(8, 30, prefill_rows=5) == 5
+
+
+def test_prefill_slices_bound_the_prefill_temporaries():
+    """The compiled prefill's temporaries (activations) follow the rows per call, not B."""
+    m = _small_llama()
+    b, t = 8, 256
+    ids = np.random.default_rng(5).integers(0, 8192, (b, t)).astype(np.int32)
+    temps = {}
+    for r in (None, 1):
+        graphdef, state, ids_j, lens_j, keys, knobs, cfg = gen._prepare(
+            m, ids, max_new_tokens=2, kivi=None, lengths=None, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+            key=None, pad_id=0, max_length=None, cache_dtype=None, attn_impl="reference", prefill_rows=r)
+        compiled = gen._prefill.lower(graphdef, state, ids_j, lens_j, keys, knobs, cfg=cfg).compile()
+        temps[r] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[1] <= temps[None] / 3, temps
+
+
+def test_bad_prefill_rows_raise(model):
+    ids = np.zeros((4, 9), np.int32)
+    for bad in (0, -2, 1.5, "2"):
+        with pytest.raises(ValueError, match=rf"prefill_rows={bad!r}.*integer >= 1"):
+            generate(model, ids, max_new_tokens=2, prefill_rows=bad)
+    # the toy model's cache is a tuple of per-layer caches: no write_rows to fill slices into
+    with pytest.raises(ValueError, match="prefill_rows=2 < B=4 needs a cache with write_rows"):
+        generate(model, ids, max_new_tokens=2, prefill_rows=2)
+    assert rows(generate(model, ids, max_new_tokens=2, prefill_rows=4)) == rows(generate(model, ids, max_new_tokens=2))
+
+
+def test_stacked_cache_write_rows_checks_its_rows():
+    m = _small_llama()
+    kivi = kivi_jax.KIVIConfig(group_size=16, residual_length=32)
+    full, sub = m.init_cache(4, 64, kivi=kivi), m.init_cache(2, 64, kivi=kivi)
+    _, sub = m(np.ones((2, 20), np.int32), sub)
+    got = full.write_rows(1, sub)
+    for g, f, s in zip(*(jax.tree_util.tree_leaves(c.layers) for c in (got, full, sub))):
+        g, f, s = np.asarray(g), np.asarray(f), np.asarray(s)
+        np.testing.assert_array_equal(g[:, 1:3], s)
+        np.testing.assert_array_equal(g[:, [0, 3]], f[:, [0, 3]])
+    with pytest.raises(ValueError, match="same format"):
+        full.write_rows(0, m.init_cache(2, 64))
+    with pytest.raises(ValueError, match="same format"):  # another capacity
+        full.write_rows(0, m.init_cache(2, 128, kivi=kivi))
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        full.write_rows(0, m.init_cache(5, 64, kivi=kivi))
