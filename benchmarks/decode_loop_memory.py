@@ -1,10 +1,13 @@
 """What generate's jitted decode loop allocates besides its (donated) inputs, compiled only:
 no weights or cache are materialized, so any shape compiles on any machine.
 
-The e2e sweep at 1 x prompt 4096 found the decode loop asking for a temporary buffer about
-the size of the whole cache (results/e2e-2026-11-30-run7): a copy of loop-carried cache
-buffers. This script prints, per (cache, prompt, batch), the loop's temp bytes next to the
-cache's bytes and the HLO ops that write a whole stacked cache buffer.
+Written when the 4096-token sweep (results/e2e-2026-11-30-run7) ran out of memory at KIVI-2
+batch 128 with an error naming the decode loop. On the H200 the loop's temporaries are
+0.41-0.43 GB for dense and KIVI-2, prompt 160 or 4096 (results/decode-loop-memory-2026-11-30):
+no cache copy; about one layer's weights (0.42 GB), consistent with the per-layer copy out
+of the stacked parameters. The memory went to the prefill's activations (now bounded by prefill_rows).
+Prints, per (cache, prompt, batch), the loop's temp bytes next to the cache's bytes and the
+HLO ops that write a whole stacked cache buffer (the in-place row writes are among them).
 
     PYTHONPATH=. python -m benchmarks.decode_loop_memory [--layers 32 --batch 8 --prompts 160,4096]
 """
