@@ -5,6 +5,8 @@ Arms (``--arms``):
 - ``scan``: the library's step (``models.functional``: one ``lax.scan`` over stacked weights).
 - ``static``: the same layers unrolled in Python, weights sliced statically from the stack.
 - ``list``: unrolled, each layer's weights passed as their own buffers (no slicing at all).
+- ``pallas``: the library's step with ``matmul_impl="pallas"`` (matrices read in place from
+  the stack by ``pallas_kernels.stacked_matmul``).
 
 History: at 1d6c7c7 the e2e profile put 165 of a 179 ms step outside attention and cache
 writes; this script found the cause, the stacked v_res copied every layer
@@ -58,9 +60,10 @@ def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
 
 
 def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
-    if arm == "scan":
+    if arm in ("scan", "pallas"):
         apply, params = models.functional(model)
-        step = jax.jit(lambda p, t, c: apply(p, t, c), donate_argnums=(2,))
+        impl = "pallas" if arm == "pallas" else "xla"
+        step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl), donate_argnums=(2,))
         args = (params, tok)
     else:
         fn = _unrolled_step(model, per_layer=arm == "list")
@@ -99,7 +102,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--max-length", type=int, default=498)
     ap.add_argument("--caches", default="kivi2", help="comma list of dense, kivi2, kivi4")
-    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list")
+    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     a = ap.parse_args(argv)
     cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,

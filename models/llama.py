@@ -33,6 +33,7 @@ from flax import nnx
 from jax import lax
 
 import kivi_jax
+from kivi_jax import matmul as kj_matmul
 from models.cache import StackedCache
 from models.config import ModelConfig
 
@@ -175,7 +176,7 @@ class Llama(nnx.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, input_ids, cache: StackedCache | None = None, *, lengths=None, attn_impl: str = "auto",
-                 logits_at=None):
+                 logits_at=None, matmul_impl: str = "xla"):
         """input_ids [B, T] int -> (logits [B, T, V] float32, new cache).
 
         Prompt (T > 1, or any T when ``lengths`` is given): positions 0..T-1, replaces the
@@ -185,6 +186,9 @@ class Llama(nnx.Module):
         logits_at [B] int: only row b's position logits_at[b] goes through the LM head, and
         logits are [B, 1, V] (a prefill that samples from its last token: full-prompt logits
         are B x T x V float32, 0.5 GB per 4096-token row at a 32k vocabulary).
+        matmul_impl: "xla" or "pallas": in a decode step, the layers' matrices are read in
+        place from the stacked weights by the Pallas kernel (``kivi_jax.matmul``) instead of
+        being sliced out of the stack; prefill always uses XLA.
         """
         c = self.config
         ids = jnp.asarray(input_ids)
@@ -192,6 +196,8 @@ class Llama(nnx.Module):
             raise ValueError(f"input_ids must be an integer array [B, T]; got shape {ids.shape} dtype {ids.dtype}")
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; allowed: {ATTN_IMPLS}")
+        if matmul_impl not in kj_matmul.MATMUL_IMPLS:
+            raise ValueError(f"matmul_impl={matmul_impl!r}; allowed: {kj_matmul.MATMUL_IMPLS}")
         b, t = ids.shape
         if logits_at is not None:
             logits_at = jnp.asarray(logits_at)
@@ -217,14 +223,22 @@ class Llama(nnx.Module):
 
         # the stacked cache is part of the carry, not a scanned input/output: each layer
         # updates its slice in place (scan outputs would be fresh buffers written in full)
+        # in place: the scan slices only the norms; the matrices stay stacked and are read
+        # as w[i] by the kernel (XLA copies every scanned slice before its GEMM)
+        weights = self.layers.arrays()
+        in_place = decode and matmul_impl == "pallas"
+        scanned = {k: v for k, v in weights.items() if not in_place or k.endswith("norm")}
+
         def body(carry, xs):
             x, cache = carry
             p, i = xs
+            if in_place:
+                p = {**p, **{k: kj_matmul.StackedMatrix(w, i, "pallas") for k, w in weights.items() if k not in p}}
             x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
                               decode=decode)
             return (x, cache), None
 
-        (x, cache), _ = lax.scan(body, (x, cache), (self.layers.arrays(), jnp.arange(c.num_layers, dtype=jnp.int32)))
+        (x, cache), _ = lax.scan(body, (x, cache), (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, H]
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
@@ -310,11 +324,12 @@ def params_of(model: Llama) -> dict:
 
 
 def functional(model: Llama):
-    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto")
+    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", matmul_impl="xla")
     -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
     graphdef, params = nnx.split(model)
 
-    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto"):
-        return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl)
+    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", matmul_impl: str = "xla"):
+        return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl,
+                                           matmul_impl=matmul_impl)
 
     return apply, params

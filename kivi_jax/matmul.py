@@ -1,0 +1,55 @@
+"""layer_matmul: x @ w[layer] for layer-stacked weights, with the Pallas kernel as an option.
+
+The models keep their layers' weights stacked [L, K, N] and scan over layers. In a decode
+step (M = batch rows, bound by reading the weights) XLA:GPU copies each layer's matrices
+out of the stack before its GEMM; ``impl="pallas"`` reads the slice in place
+(:mod:`pallas_kernels.stacked_matmul`). Not the default until timed on a GPU against XLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.stacked_matmul import stacked_matmul
+
+MATMUL_IMPLS = ("xla", "pallas")
+
+
+def kernel_blocks(k: int, n: int) -> tuple[int, int] | None:
+    """(block_k, block_n) for a [K, N] matrix: powers of two dividing K and N (at most 128
+    and 64, the tiles that compile without spills for sm_90), or None when one is below 16."""
+    bk, bn = math.gcd(k, 128), math.gcd(n, 64)
+    return (bk, bn) if min(bk, bn) >= 16 else None
+
+
+def layer_matmul(x, w, layer, *, impl: str = "xla"):
+    """x [..., K] @ w[layer] with w [L, K, N] -> [..., N] in x's dtype.
+
+    impl: "xla" (slice, then jnp.matmul) or "pallas" (the kernel reads the slice in place;
+    interpret mode off-GPU; shapes with no power-of-two tile of at least 16 dividing K and N
+    fall back to "xla").
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"impl={impl!r}; allowed: {MATMUL_IMPLS}")
+    blocks = kernel_blocks(*w.shape[1:])
+    if impl == "xla" or blocks is None or w.shape[0] * w.shape[1] * w.shape[2] >= 2**31:
+        return (x @ lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)).astype(x.dtype)
+    lead = x.shape[:-1]
+    y = stacked_matmul(x.reshape(-1, x.shape[-1]), w, layer, block_k=blocks[0], block_n=blocks[1],
+                       interpret=jax.default_backend() != "gpu")
+    return y.reshape(*lead, w.shape[2])
+
+
+class StackedMatrix:
+    """w[layer] of a stacked [L, K, N] weight, read only through ``x @ StackedMatrix(...)``:
+    lets a layer written as ``h @ p["q_proj"]`` run on the stack without slicing it."""
+
+    def __init__(self, w, layer, impl: str):
+        self.w, self.layer, self.impl = w, layer, impl
+
+    def __rmatmul__(self, x):
+        return layer_matmul(x, self.w, self.layer, impl=self.impl)

@@ -1,0 +1,100 @@
+"""y = x @ w[layer]: one layer's matrix read in place from layer-stacked weights.
+
+Why: the models run their decoder layers with one ``lax.scan`` over weights stacked [L, K, N].
+Inside that loop XLA:GPU (jax 0.11.2) copies each layer's matrices out of the stack before
+cuBLAS reads them (async dynamic-slice fusions; a one-layer temporary of 0.42 GB for a
+Llama-2-7B shape; results/decode-step-ab-2026-11-30*, decode-loop-memory-2026-11-30), and
+``--xla_gpu_enable_dynamic_slice_fusion`` does not remove the copy. A decode step's matmuls
+have M = batch rows, so they are bound by reading the weights, and the copy adds two passes
+over them. This kernel takes the whole stack and the layer index (a traced scalar) and
+streams the slice itself.
+
+Split-K: program (n, s) multiplies x [M, K-range s] by w[layer, K-range s, N-block n] with
+float32 accumulation and writes a partial [M, block_n]; the wrapper sums the splits. Enough
+programs (N / block_n x splits) keep every SM streaming for the M <= 128 rows of decode.
+
+Shapes: x [M, K]; w [L, K, N]; layer () int32; out [M, N] in x's dtype. K and N must be
+multiples of block_k and block_n (powers of two); M is padded to a power of two >= 16. Element
+offsets into w are int32: L * K * N must stay below 2**31 (a 7B model's largest stack is
+1.4e9).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0.10-0.12)
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, blocks: int, per_split: int,
+            precision):
+    n, s = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+    lo = s * per_split
+    hi = jnp.minimum(lo + per_split, blocks)
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+
+    def body(i, acc):
+        k0 = pl.multiple_of(i * block_k, block_k)
+        xb = x_ref[:, pl.ds(k0, block_k)]
+        wb = w_ref[layer, pl.ds(k0, block_k), cols]
+        return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32, precision=precision)
+
+    o_ref[...] = lax.fori_loop(lo, hi, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages", "interpret"))
+def stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 128, splits: int | None = None,
+                   num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+    """x [M, K] @ w[layer] ([L, K, N]) -> [M, N] (x's dtype; float32 accumulation).
+
+    splits: K-ranges per output block (default: enough programs, N / block_n x splits, for
+    about 256 in flight, at most K / block_k).
+    """
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be [M, K] and w [L, K, N] with the same K; got x {x.shape}, w {w.shape}")
+    m, k = x.shape
+    n_layers, _, n = w.shape
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if not _pow2(v) or v < 16:
+            raise ValueError(f"{name}={v} must be a power of two >= 16")
+    if n % block_n or k % block_k:
+        raise ValueError(f"N={n} must be a multiple of block_n={block_n} and K={k} of block_k={block_k}")
+    if n_layers * k * n >= 2**31:
+        raise ValueError(f"w holds {n_layers * k * n} elements: int32 offsets need fewer than 2**31")
+    blocks = k // block_k
+    if splits is None:
+        splits = max(1, min(blocks, 256 // (n // block_n)))
+    if not 1 <= splits <= blocks:
+        raise ValueError(f"splits={splits} must be in [1, K / block_k = {blocks}]")
+    per_split = -(-blocks // splits)
+    splits = -(-blocks // per_split)  # no empty split
+    mp = max(16, 1 << (m - 1).bit_length())
+    xp = jnp.pad(x.astype(w.dtype), ((0, mp - m), (0, 0)))
+    precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else lax.Precision.DEFAULT
+    kernel = functools.partial(_kernel, block_k=block_k, block_n=block_n, blocks=blocks, per_split=per_split,
+                               precision=precision)
+    params = {}
+    if not interpret and plgpu is not None:
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    partials = pl.pallas_call(
+        kernel, grid=(n // block_n, splits),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), pl.BlockSpec((mp, k), lambda i, j: (0, 0)),
+                  pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=pl.BlockSpec((None, mp, block_n), lambda i, j: (j, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
+        interpret=interpret, name="stacked_matmul", **params,
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, w)
+    return jnp.sum(partials, axis=0)[:m].astype(x.dtype)
