@@ -86,7 +86,7 @@ def _is_oom(text: str) -> bool:
 def _base_row(spec: dict, cache: str) -> dict:
     return {"section": spec["section"], "model": spec["model"], "cache": cache, "prompt_len": spec["prompt_len"],
             "new_tokens": spec["new_tokens"], "batch": spec["batch"], "tokens_per_s": None, "peak_bytes": None,
-            "oom": False}
+            "oom": False, "matmul_impl": spec.get("matmul_impl")}
 
 
 # =============================================================================================
@@ -150,7 +150,8 @@ def child_generate(spec: dict) -> None:
         row["cache_bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
         def gen(x, eos=None):
-            out = kivi_jax.generate(model, x, max_new_tokens=n, kivi=kivi, eos_id=eos)
+            out = kivi_jax.generate(model, x, max_new_tokens=n, kivi=kivi, eos_id=eos,
+                                    matmul_impl=spec.get("matmul_impl"))
             jax.block_until_ready(out.tokens)
             return out
 
@@ -633,7 +634,7 @@ class Runner:
     def spec(self, kind, section, model, prompt_len, new_tokens, batch, **kw) -> dict:
         return dict(kind=kind, section=section, model=model, config=MODELS[model], prompt_len=prompt_len,
                     new_tokens=new_tokens, batch=batch, reps=self.args.reps, seed=0,
-                    prefill_reps=1 if section == "sweep" else 2, **kw)
+                    prefill_reps=1 if section == "sweep" else 2, matmul_impl=self.args.matmul_impl, **kw)
 
     def generate_one(self, section, model, cache, prompt_len, new_tokens, batch) -> dict:
         simulate = self.args.simulate_oom_batch and cache == "dense" and section == "sweep" and \
@@ -969,6 +970,8 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-start", type=int, default=8)
     ap.add_argument("--sweep-cap", type=int, default=512)
     ap.add_argument("--sweep-caches", type=_caches, default=["dense", "kivi2"])
+    ap.add_argument("--matmul-impl", choices=["xla", "pallas"], default=None,
+                    help="kivi-jax decode steps' matmuls (default: the model's, xla); pallas reads the stacked weights in place")
     ap.add_argument("--mistral", action="store_true", help="also the Mistral-7B shape (8 KV heads), after the rest")
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")

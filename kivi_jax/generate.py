@@ -4,7 +4,7 @@ Model protocol (``models/`` implements it; ``tests/toy_model.py`` is a small exa
 
     cache = model.init_cache(batch_size, max_length, kivi=None | KIVIConfig[, dtype=...])
     logits, cache = model(input_ids, cache, lengths=lengths[, attn_impl=...][, logits_at=...])  # prefill
-    logits, cache = model(token[:, None], cache[, attn_impl=...])               # decode
+    logits, cache = model(token[:, None], cache[, attn_impl=...][, matmul_impl=...])  # decode
 
 Prefill: input_ids [B, T] right-padded, row b's prompt is its first ``lengths[b]`` tokens,
 the cache is empty; ``generate`` always passes ``lengths=`` here (also when T == 1).
@@ -12,7 +12,8 @@ Decode: one token per row at position ``cache.lengths``; no ``lengths`` argument
 are [B, T, vocab]. A model whose call takes ``logits_at`` ([B] positions -> logits
 [B, 1, vocab]) gets ``lengths - 1`` in the prefill: only each prompt's last position goes
 through the LM head (full-prompt logits are B x T x vocab float32, more than a 2-bit cache).
-``dtype=`` and ``attn_impl=`` are passed only when the caller sets them.
+``dtype=``, ``attn_impl=`` and ``matmul_impl=`` are passed only when the caller sets them
+(``matmul_impl`` in decode steps only).
 The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one). A cache with
 ``write_rows(start, sub) -> cache`` (rows start.. replaced by the smaller cache ``sub``, as
 ``models.StackedCache`` has) gets its prefill in slices of ``prefill_rows`` rows.
@@ -122,6 +123,7 @@ class _Config:
     kivi: KIVIConfig | None
     cache_dtype: Any  # a numpy dtype, or None for the model's default
     attn_impl: str | None
+    matmul_impl: str | None
     sampler: sampling.SamplingConfig
     mesh: Any = None  # a jax.sharding.Mesh (Auto axes) or None: one device
     rules: Any = None  # sharding.ShardingRules used with the mesh
@@ -171,6 +173,8 @@ def _merge(graphdef, state):
 
 def _call_model(model, ids, cache, cfg: _Config, lengths=None, logits_at=None):
     kw = {} if cfg.attn_impl is None else {"attn_impl": cfg.attn_impl}
+    if cfg.matmul_impl is not None and lengths is None:  # a decode step
+        kw["matmul_impl"] = cfg.matmul_impl
     if lengths is not None:
         kw["lengths"] = lengths
     if logits_at is not None:
@@ -347,7 +351,8 @@ def _concrete(x):
 
 
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
-             pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None):
+             pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None,
+             matmul_impl=None):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -358,6 +363,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         raise ValueError(f"pad_id={pad_id!r} must be an int32 integer (e.g. 0, or -1 to mark 'no token')")
     if attn_impl is not None and not isinstance(attn_impl, str):
         raise ValueError(f"attn_impl={attn_impl!r} must be None (the model's default) or a string")
+    if matmul_impl is not None and not isinstance(matmul_impl, str):
+        raise ValueError(f"matmul_impl={matmul_impl!r} must be None (the model's default) or a string")
     if cache_dtype is not None:
         cache_dtype = jnp.dtype(cache_dtype)
         if not jnp.issubdtype(cache_dtype, jnp.floating):
@@ -418,7 +425,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     else:
         rules = None
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
-                  cache_dtype=cache_dtype, attn_impl=attn_impl, sampler=sampler, mesh=mesh, rules=rules,
+                  cache_dtype=cache_dtype, attn_impl=attn_impl, matmul_impl=matmul_impl, sampler=sampler,
+                  mesh=mesh, rules=rules,
                   logits_at=_takes_logits_at(model))
     cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
@@ -457,7 +465,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
              cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
-             prefill_rows: int | None = None) -> GenerateOutput:
+             prefill_rows: int | None = None, matmul_impl: str | None = None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per row after a (ragged) batch of prompts.
 
     Args:
@@ -474,6 +482,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       max_length: cache capacity in tokens (default T + max_new_tokens); T <= max_length.
       cache_dtype: dtype of the cache's full-precision parts (default: the model's).
       attn_impl: passed to the model as ``attn_impl=`` (e.g. "reference" | "pallas").
+      matmul_impl: passed to the model's decode steps as ``matmul_impl=`` (the models here:
+        "xla" | "pallas", the layers' matrices read in place from the stacked weights).
       mesh: None (one device, unchanged) or a ``jax.sharding.Mesh`` (e.g.
         ``kivi_jax.sharding.make_mesh(data=2, model=4)``): parameters and the cache carry
         NamedShardings from ``rules`` (default ``kivi_jax.sharding.DEFAULT_RULES``: batch on
@@ -492,7 +502,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
     graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
-        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows)
+        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
+        matmul_impl=matmul_impl)
     carry = _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg)
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
@@ -503,7 +514,7 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
                     cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
-                    prefill_rows: int | None = None) -> Iterator[StreamStep]:
+                    prefill_rows: int | None = None, matmul_impl: str | None = None) -> Iterator[StreamStep]:
     """Like :func:`generate`, but yields a :class:`StreamStep` (host arrays [B]) per step.
 
     Runs the same jitted prefill and decode step as ``generate`` (the step is called from
@@ -515,7 +526,8 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
     prepared = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
-        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows)
+        cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
+        matmul_impl=matmul_impl)
     return _stream(*prepared)
 
 

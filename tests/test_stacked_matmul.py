@@ -103,3 +103,20 @@ def test_in_place_step_scans_no_matrix():
         n_consts, n_carry = scan.params["num_consts"], scan.params["num_carry"]
         xs = scan.invars[n_consts + n_carry:]
         assert sum(len(v.aval.shape) == 3 for v in xs) == want_matrices, impl
+
+
+def test_generate_with_in_place_matrices_gives_the_xla_tokens(monkeypatch):
+    from kivi_jax.generate import generate
+
+    calls = []
+    kernel = kj_matmul.stacked_matmul
+    monkeypatch.setattr(kj_matmul, "stacked_matmul", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **k))
+    m = _model()
+    ids = np.random.default_rng(6).integers(0, 257, (2, 13)).astype(np.int32)
+    want = generate(m, ids, max_new_tokens=5, attn_impl="reference")
+    assert not calls
+    got = generate(m, ids, max_new_tokens=5, attn_impl="reference", matmul_impl="pallas")
+    assert len(calls) == 7 and (3, 64, 128) in calls  # the decode step's 7 matrices, traced once
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    with pytest.raises(ValueError, match="matmul_impl=3"):
+        generate(m, ids, max_new_tokens=5, matmul_impl=3)
