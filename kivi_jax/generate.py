@@ -419,6 +419,9 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         raise ValueError(f"mesh={mesh!r} must be None (one device) or a jax.sharding.Mesh")
     if rules is not None and not isinstance(rules, sharding.ShardingRules):
         raise ValueError(f"rules={rules!r} must be None (the default rules) or a kivi_jax.sharding.ShardingRules")
+    if mesh is not None and matmul_impl not in (None, "xla"):
+        raise ValueError(f"matmul_impl={matmul_impl!r} runs on one device (the kernel has no shard_map); "
+                         f"with mesh= leave matmul_impl=None")
     if mesh is not None:
         mesh = sharding.auto_mesh(mesh)
         rules = sharding.DEFAULT_RULES if rules is None else rules

@@ -120,3 +120,7 @@ def test_generate_with_in_place_matrices_gives_the_xla_tokens(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     with pytest.raises(ValueError, match="matmul_impl=3"):
         generate(m, ids, max_new_tokens=5, matmul_impl=3)
+    from kivi_jax import sharding
+
+    with pytest.raises(ValueError, match="matmul_impl='pallas' runs on one device"):
+        generate(m, ids, max_new_tokens=5, matmul_impl="pallas", mesh=sharding.make_mesh(1, 1))
