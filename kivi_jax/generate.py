@@ -269,19 +269,17 @@ def _prefill_in_slices(model, input_ids, lengths, rows: int, cfg: _Config):
     full cache in place: peak activations are those of ``rows`` rows. The last slice starts
     at B - rows, so it may redo rows of the one before; they come out the same."""
     b = input_ids.shape[0]
-    starts = [min(i * rows, b - rows) for i in range(-(-b // rows))]
+    starts = jnp.asarray([min(i * rows, b - rows) for i in range(-(-b // rows))], jnp.int32)
     take = functools.partial(lax.dynamic_slice_in_dim, slice_size=rows, axis=0)
-    last0, sub = _prefill_batch(model, input_ids[:rows], lengths[:rows], cfg)
-    cache = _new_cache(model, b, cfg).write_rows(0, sub)
-    last = jnp.zeros((b,) + last0.shape[1:], last0.dtype).at[:rows].set(last0)
+    last = jax.eval_shape(lambda ids, lens: _prefill_batch(model, ids, lens, cfg)[0], input_ids[:rows], lengths[:rows])
 
     def body(i, state):
         last, cache = state
-        start = jnp.asarray(starts, jnp.int32)[i]
-        l_i, sub = _prefill_batch(model, take(input_ids, start), take(lengths, start), cfg)
-        return lax.dynamic_update_slice_in_dim(last, l_i, start, axis=0), cache.write_rows(start, sub)
+        l_i, sub = _prefill_batch(model, take(input_ids, starts[i]), take(lengths, starts[i]), cfg)
+        return lax.dynamic_update_slice_in_dim(last, l_i, starts[i], axis=0), cache.write_rows(starts[i], sub)
 
-    return lax.fori_loop(1, len(starts), body, (last, cache))
+    init = (jnp.zeros((b,) + last.shape[1:], last.dtype), _new_cache(model, b, cfg))
+    return lax.fori_loop(0, len(starts), body, init)
 
 
 def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
