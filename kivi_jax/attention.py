@@ -109,13 +109,16 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None):
+def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None, stack=None):
     """Attention of one new query token per row over everything in ``cache``.
 
     q [B, Hq, 1, D]; cache a DenseCache or KIVICache holding [B, Hkv, ., D];
     impl: "reference" (plain JAX), "pallas" (fused kernel; interpret mode off-GPU), or
     "auto" (the kernel on GPU, the reference elsewhere). window: attend only to the newest
     ``window`` tokens (Mistral's sliding window). Returns [B, Hq, 1, D] in q's dtype.
+    stack: optional (stacked, i) when ``cache`` is layer i of a layer-stacked cache
+    (``models.StackedCache.layers``): the Pallas kernel then reads the quantized arrays in
+    place from the stack rather than from copies of the slices. Same result.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {IMPLS}")
@@ -130,7 +133,7 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None)
         return reference_decode_attention(q, cache, window=window)
     from kivi_jax import attention_pallas  # the kernel path is optional at import time
 
-    return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu())
+    return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)
 
 
 PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer

@@ -79,7 +79,8 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
 
     if decode:
         cache = cache.append_layer(i, k, v)  # only the new token's slabs are written
-        o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window)
+        # stack=: the kernel reads the quantized arrays in place (a sliced operand is a copy)
+        o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window, stack=(cache.layers, i))
     else:
         o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
         if cache is not None:

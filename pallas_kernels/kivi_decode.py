@@ -16,7 +16,9 @@ and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``, the on
 formulations measured slower on the H200 and live in git history, with their numbers in
 ``pallas_kernels/NOTES.md``).
 
-Inputs (one row b and head h are selected by the BlockSpecs):
+Inputs (one row b and head h are selected by the BlockSpecs; with ``layer`` given, the six
+cache arrays carry a leading [L] axis and the kernel reads layer ``layer``'s row b, head h in
+place: a per-layer slice of a layer-stacked cache would be copied by XLA before the call):
   q        [B, Hkv, M, D] float32, pre-scaled by 1/sqrt(D); M >= 16 (padded query heads)
   k_codes  [B, Hkv, Tc*k_bits/32, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
   v_codes  [B, Hkv, Tc*v_bits/32, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size)
@@ -81,16 +83,19 @@ def _repeat_minor(x, times):
     return x
 
 
-def _codes_t(words_ref, t0, chunk, bits):
-    """Codes of tokens [t0, t0 + chunk) as a [D, chunk] tile (tokens minor) from words [W, D]."""
+def _codes_t(words_ref, t0, chunk, bits, at=()):
+    """Codes of tokens [t0, t0 + chunk) as a [D, chunk] tile (tokens minor) from words [W, D]
+    (``words_ref[at]``: ``at`` = (layer, b, h) for a layer-stacked ref, () for a row block)."""
     per = 32 // bits
-    return _unpack_minor(words_ref[pl.ds(t0 // per, chunk // per), :].T, bits)
+    return _unpack_minor(words_ref[at + (pl.ds(t0 // per, chunk // per), slice(None))].T, bits)
 
 
-def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
+def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
-            chunks_per_split, compute_dtype, precision):
+            chunks_per_split, compute_dtype, precision, stacked):
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
+    # one indexer per load (the Triton lowering takes no ref views of views)
+    at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
     m_rows, d = q_ref.shape
     n_vgroups = d // g
     lo, hi, start, end = _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
@@ -98,16 +103,16 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
     def key_scores(t0):  # [M, chunk]
-        codes = _codes_t(kc_ref, t0, chunk, k_bits)  # [D, chunk]
+        codes = _codes_t(kc_ref, t0, chunk, k_bits, at)  # [D, chunk]
         rows = max(chunk // kg, 1)  # key groups in the chunk (a chunk shorter than a group: one)
-        ks, km = (_repeat_minor(x[pl.ds(t0 // kg, rows), :].astype(jnp.float32).T, chunk // rows)
+        ks, km = (_repeat_minor(x[at + (pl.ds(t0 // kg, rows), slice(None))].astype(jnp.float32).T, chunk // rows)
                   for x in (ks_ref, km_ref))  # [D, chunk]
         k_hat_t = codes.astype(jnp.float32) * ks + km
         return dot(q, k_hat_t.astype(compute_dtype))
 
     def value_sum(t0, p):  # p [M, chunk] -> p·V̂ [M, D]
-        codes = _codes_t(vc_ref, t0, chunk, v_bits)  # [D, chunk]
-        vs, vm = (jnp.broadcast_to(x[pl.ds(t0, chunk), :].astype(jnp.float32).T[:, None, :],
+        codes = _codes_t(vc_ref, t0, chunk, v_bits, at)  # [D, chunk]
+        vs, vm = (jnp.broadcast_to(x[at + (pl.ds(t0, chunk), slice(None))].astype(jnp.float32).T[:, None, :],
                                    (n_vgroups, g, chunk)).reshape(d, chunk)
                   for x in (vs_ref, vm_ref))  # [D, chunk]: row d has group d // G's scale
         v_hat_t = codes.astype(jnp.float32) * vs + vm
@@ -138,6 +143,7 @@ def _kernel(q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_re
                      "interpret", "num_warps", "num_stages", "dot_dtype"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
+                         layer=None,
                          chunk: int = 32,
                          num_splits: int = 1, variant: str = "dequant", interpret: bool = False,
                          num_warps: int = 4, num_stages: int = 2, dot_dtype: str | None = None):
@@ -145,12 +151,22 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
 
     group_size: value channels per scale/min; key_group_size: key tokens per scale/min
     (default: group_size). dot_dtype: operand dtype of the dots (default: the cache dtype).
+    layer: None, or a traced int32 scalar when the six cache arrays are layer-stacked
+    ([L, B, Hkv, ...]): they are then read in place at that layer (int32 element offsets:
+    each stacked array must hold fewer than 2**31 elements).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
     b, hkv, m_rows, d = q.shape
     kg = key_group_size or group_size
-    tc = k_scale.shape[2] * kg
+    stacked = layer is not None
+    cache_arrays = (k_codes, k_scale, k_min, v_codes, v_scale, v_min)
+    if stacked:
+        big = [x.shape for x in cache_arrays if x.size >= 2**31]
+        if big or any(x.ndim != 5 or x.shape[1:3] != (b, hkv) for x in cache_arrays):
+            raise ValueError(f"with layer=, the cache arrays must be [L, B={b}, Hkv={hkv}, ., .] with fewer than "
+                             f"2**31 elements each; got {[x.shape for x in cache_arrays]}")
+    tc = k_scale.shape[-2] * kg
     if m_rows < 16 or m_rows & (m_rows - 1):
         raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
@@ -166,15 +182,17 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
-        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision)
+        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked)
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
 
-    in_specs = [
-        row(m_rows, d), row(*k_codes.shape[2:]), row(*k_scale.shape[2:]), row(*k_min.shape[2:]),
-        row(*v_codes.shape[2:]), row(*v_scale.shape[2:]), row(*v_min.shape[2:]),
-    ] + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4
+    if stacked:  # whole stacked arrays: the kernel indexes (layer, b, h) itself
+        cache_specs = [pl.BlockSpec(memory_space=pl.ANY)] * 6
+    else:
+        cache_specs = [row(*x.shape[2:]) for x in cache_arrays]
+    in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + cache_specs
+                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4)
     out_specs = [
         pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
         pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
@@ -191,5 +209,5 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     return pl.pallas_call(
         kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, name=f"kivi_decode_{variant}", **params,
-    )(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo.astype(jnp.int32), hi.astype(jnp.int32),
-      start.astype(jnp.int32), end.astype(jnp.int32))
+    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *cache_arrays,
+      lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpr_walk
 import kivi_jax
 import models
 import reference_kivi as ref
@@ -273,3 +274,22 @@ def test_window_partials_are_matmuls_on_gathered_operands():
     assert len(dots) == 2, [e.primitive.name for e in jaxpr.eqns]
     assert all(e.invars[0].aval.shape[2] == 16 for e in dots), [e.invars[0].aval.shape for e in dots]
     assert all("gather" in made_by.get(e.invars[1], "") for e in dots), [made_by.get(e.invars[1]) for e in dots]
+
+
+def test_model_step_kernel_reads_the_stacked_cache_in_place():
+    """The model's decode step hands the kernel the layer-stacked quantized arrays and the
+    layer index (XLA copies a per-layer slice passed to a custom call), same logits as the
+    reference attention."""
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    m = models.init_random(cfg, jax.random.key(9), init_std=0.3)
+    ids = np.random.default_rng(3).integers(0, 101, (2, 70)).astype(np.int32)
+    cache = m.init_cache(2, 100, kivi=KIVIConfig(group_size=16, residual_length=32))
+    _, cache = m(ids, cache, lengths=jnp.asarray([70, 41]))
+    tok = ids[:, :1]
+    want, _ = m(tok, cache, attn_impl="reference")
+    got, _ = m(tok, cache, attn_impl="pallas")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    jaxpr = jax.make_jaxpr(lambda c: m(tok, c, attn_impl="pallas"))(cache).jaxpr
+    call = next(e for e in jaxpr_walk.eqns(jaxpr) if e.primitive.name == "pallas_call")
+    assert cache.layers.k_codes.shape in [v.aval.shape for v in call.invars]

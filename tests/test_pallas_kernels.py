@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
+import jaxpr_walk
 import kivi_jax as kj
 from kivi_jax import attention_pallas
 
@@ -123,3 +125,27 @@ def test_kernel_bad_arguments():
     with pytest.raises(ValueError, match="chunk=48"):
         attention_pallas.decode_attention(q, cache, interpret=True, variant="dequant", chunk=48)
     assert "dequant" in kivi_decode.VARIANTS
+
+
+def test_kernel_reads_a_layer_stacked_cache_in_place():
+    """stack=(stacked, i): the kernel takes the whole [L, ...] arrays and layer i (no slice of
+    the stack reaches the pallas_call) and gives layer i's attention."""
+    cfg = kj.KIVIConfig(group_size=32, residual_length=32)
+    layers = [_cache(cfg, [300, 77, 190], 2, 64, jnp.float32, seed) for seed in (21, 22, 23)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    q = jax.random.normal(jax.random.key(24), (3, 8, 1, 64), jnp.float32)
+
+    def run(stacked, i):
+        view = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), stacked)
+        return attention_pallas.decode_attention(q, view, interpret=True, stack=(stacked, i))
+
+    for i in (0, 2):
+        want = kj.decode_attention(q, layers[i], impl="reference")
+        got = jax.jit(run)(stacked, jnp.int32(i))
+        assert _rel(got, want) <= 1e-5, i
+        assert _rel(got, kj.decode_attention(q, layers[1], impl="reference")) > 1e-2  # not another layer's
+    jaxpr = jax.make_jaxpr(run)(stacked, jnp.int32(1))
+    calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    shapes = [v.aval.shape for v in calls[0].invars]
+    assert stacked.k_codes.shape in shapes and stacked.v_scale.shape in shapes, shapes
+
