@@ -7,6 +7,8 @@ Arms (``--arms``):
 - ``list``: unrolled, each layer's weights passed as their own buffers (no slicing at all).
 - ``pallas``: the library's step with ``matmul_impl="pallas"`` (matrices read in place from
   the stack by ``pallas_kernels.stacked_matmul``).
+- ``sliced``: the library's step, but the KIVI kernel is fed per-layer slices of the stacked
+  cache (what it did before it read the stack in place; XLA copies those slices).
 
 History: at 1d6c7c7 the e2e profile put 165 of a 179 ms step outside attention and cache
 writes; this script found the cause, the stacked v_res copied every layer
@@ -33,7 +35,10 @@ import kivi_jax as kj
 import models
 from benchmarks import common
 from benchmarks.e2e import KIVI
+from kivi_jax import attention_pallas
 from models import llama
+
+_IN_PLACE = attention_pallas._in_place
 
 
 def _unrolled_step(model, per_layer: bool):
@@ -60,9 +65,11 @@ def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
 
 
 def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
-    if arm in ("scan", "pallas"):
+    if arm in ("scan", "pallas", "sliced"):
         apply, params = models.functional(model)
         impl = "pallas" if arm == "pallas" else "xla"
+        if arm == "sliced":  # traced below, inside this arm only
+            attention_pallas._in_place = lambda stack, cache: _IN_PLACE(None, cache)
         step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl), donate_argnums=(2,))
         args = (params, tok)
     else:
@@ -70,7 +77,10 @@ def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
         step = jax.jit(lambda w, t, c: fn(w, rest, t, c), donate_argnums=(2,))
         args = (layers_list if arm == "list" else layers_stacked, tok)
     t0 = time.perf_counter()
-    compiled = step.lower(*args, cache).compile()
+    try:
+        compiled = step.lower(*args, cache).compile()
+    finally:
+        attention_pallas._in_place = _IN_PLACE
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     cache_shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in jax.tree_util.tree_leaves(cache.layers) if x.ndim == 5}
@@ -102,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--max-length", type=int, default=498)
     ap.add_argument("--caches", default="kivi2", help="comma list of dense, kivi2, kivi4")
-    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas")
+    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas, sliced")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     a = ap.parse_args(argv)
     cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
