@@ -489,7 +489,9 @@ def test_prefill_runs_the_lm_head_on_last_positions_only():
 
 # ---- prefill in row slices -------------------------------------------------------------------
 
-@pytest.mark.parametrize("kivi", [None, kivi_jax.KIVIConfig(group_size=16, residual_length=32)], ids=["dense", "kivi"])
+@pytest.mark.parametrize("kivi", [None, kivi_jax.KIVIConfig(group_size=16, residual_length=32),
+                                  kivi_jax.KIVIConfig(group_size=16, residual_length=32, sink_tokens=4, rotate="kv")],
+                         ids=["dense", "kivi", "kivi-sinks-rotated"])
 def test_prefill_in_row_slices_equals_whole_batch(kivi):
     """prefill_rows=2 over 5 rows runs slices 0-1, 2-3 and 3-4 (the last redoes row 3) and
     writes each into the whole cache: same tokens and the same final cache as one call."""
