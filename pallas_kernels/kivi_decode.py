@@ -42,7 +42,10 @@ try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0
 except ImportError:  # pragma: no cover
     plgpu = None
 
-VARIANTS = ("dequant",)  # one wrapper: a Mosaic GPU kernel would be another variant here
+# "dequant": the timed default; "swap": the same math with the dots' operands swapped (the
+# dequantized tiles first), an experiment awaiting its GPU timing (NOTES.md). A Mosaic GPU
+# kernel would be another variant here.
+VARIANTS = ("dequant", "swap")
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
 
@@ -92,7 +95,7 @@ def _codes_t(words_ref, t0, chunk, bits, at=()):
 
 def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
-            chunks_per_split, compute_dtype, precision, stacked):
+            chunks_per_split, compute_dtype, precision, stacked, variant="dequant"):
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     # one indexer per load (the Triton lowering takes no ref views of views)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
@@ -102,37 +105,51 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
     q = q_ref[...].astype(compute_dtype)
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
-    def key_scores(t0):  # [M, chunk]
+    def key_hat_t(t0):  # K̂ᵀ [D, chunk] float32
         codes = _codes_t(kc_ref, t0, chunk, k_bits, at)  # [D, chunk]
         rows = max(chunk // kg, 1)  # key groups in the chunk (a chunk shorter than a group: one)
         ks, km = (_repeat_minor(x[at + (pl.ds(t0 // kg, rows), slice(None))].astype(jnp.float32).T, chunk // rows)
                   for x in (ks_ref, km_ref))  # [D, chunk]
-        k_hat_t = codes.astype(jnp.float32) * ks + km
-        return dot(q, k_hat_t.astype(compute_dtype))
+        return codes.astype(jnp.float32) * ks + km
 
-    def value_sum(t0, p):  # p [M, chunk] -> p·V̂ [M, D]
+    def value_hat_t(t0):  # V̂ᵀ [D, chunk] float32
         codes = _codes_t(vc_ref, t0, chunk, v_bits, at)  # [D, chunk]
         vs, vm = (jnp.broadcast_to(x[at + (pl.ds(t0, chunk), slice(None))].astype(jnp.float32).T[:, None, :],
                                    (n_vgroups, g, chunk)).reshape(d, chunk)
                   for x in (vs_ref, vm_ref))  # [D, chunk]: row d has group d // G's scale
-        v_hat_t = codes.astype(jnp.float32) * vs + vm
-        return dot(p.astype(compute_dtype), v_hat_t.astype(compute_dtype).T)
+        return codes.astype(jnp.float32) * vs + vm
+
+    # swap: the dequantized tiles are the dots' *first* operands (scoresᵀ = K̂·qᵀ, (p·V̂)ᵀ = V̂ᵀ·pᵀ),
+    # which a Hopper wgmma may take from registers; only qᵀ and pᵀ (M = 16 columns) are second
+    # operands, staged through shared memory. dequant: q·K̂ᵀ and p·V̂ (the tiles are second operands).
+    swap = variant == "swap"
+    q_t = q.T  # [D, M]
 
     def body(c, carry):
-        m_prev, l_prev, acc = carry
+        m_prev, l_prev, acc = carry  # acc: [M, D] (dequant) or [D, M] (swap)
         t0 = c * chunk
+        if swap:
+            keep = ((t0 + jnp.arange(chunk)) >= start) & ((t0 + jnp.arange(chunk)) < end)
+            s_t = jnp.where(keep[:, None], dot(key_hat_t(t0).astype(compute_dtype).T, q_t), _NEG)  # [chunk, M]
+            m_next = jnp.maximum(m_prev, jnp.max(s_t, axis=0))
+            corr = jnp.exp(m_prev - m_next)
+            p_t = jnp.exp(s_t - m_next[None, :])
+            l_next = l_prev * corr + jnp.sum(p_t, axis=0)
+            pv = dot(value_hat_t(t0).astype(compute_dtype), p_t.astype(compute_dtype))  # [D, M]
+            return m_next, l_next, acc * corr[None, :] + pv
         tok = (t0 + jnp.arange(chunk))[None, :]
-        s = jnp.where((tok >= start) & (tok < end), key_scores(t0), _NEG)
+        s = jnp.where((tok >= start) & (tok < end), dot(q, key_hat_t(t0).astype(compute_dtype)), _NEG)  # [M, chunk]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         corr = jnp.exp(m_prev - m_next)
         p = jnp.exp(s - m_next[:, None])
         l_next = l_prev * corr + jnp.sum(p, axis=1)
-        return m_next, l_next, acc * corr[:, None] + value_sum(t0, p)
+        return m_next, l_next, acc * corr[:, None] + dot(p.astype(compute_dtype),
+                                                         value_hat_t(t0).astype(compute_dtype).T)  # [M, D]
 
     init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
-            jnp.zeros((m_rows, d), jnp.float32))
+            jnp.zeros((d, m_rows) if swap else (m_rows, d), jnp.float32))
     m_i, l_i, acc = lax.fori_loop(lo, hi, body, init)
-    o_ref[...] = acc
+    o_ref[...] = acc.T if swap else acc
     m_ref[...] = m_i
     l_ref[...] = l_i
 
@@ -182,7 +199,8 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
-        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked)
+        chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
+        variant=variant)
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))

@@ -45,6 +45,8 @@ CASES = [
     (4, 4, 1, jnp.float16, "dequant"),
     (2, 4, 4, jnp.bfloat16, "dequant"),
     (4, 2, 8, jnp.float16, "dequant"),
+    (2, 2, 1, jnp.float32, "swap"),
+    (2, 4, 4, jnp.bfloat16, "swap"),
 ]
 
 
