@@ -293,3 +293,16 @@ def test_model_step_kernel_reads_the_stacked_cache_in_place():
     jaxpr = jax.make_jaxpr(lambda c: m(tok, c, attn_impl="pallas"))(cache).jaxpr
     call = next(e for e in jaxpr_walk.eqns(jaxpr) if e.primitive.name == "pallas_call")
     assert cache.layers.k_codes.shape in [v.aval.shape for v in call.invars]
+
+
+def test_vmap_over_requests_with_the_in_place_kernel():
+    """jax.vmap of single-request generate over the model whose decode step hands the kernel the
+    stacked cache (pallas_call's batching rule adds a grid axis): the batched call's tokens."""
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    m = models.init_random(cfg, jax.random.key(9), init_std=0.3)
+    ids = np.random.default_rng(3).integers(0, 101, (3, 90)).astype(np.int32)  # 90 > R: a quantized bulk
+    kv = KIVIConfig(group_size=16, residual_length=32)
+    got = jax.vmap(lambda x: kivi_jax.generate(m, x[None], max_new_tokens=4, kivi=kv, attn_impl="pallas").tokens[0])(ids)
+    want = kivi_jax.generate(m, ids, max_new_tokens=4, kivi=kv, attn_impl="pallas").tokens
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
