@@ -78,14 +78,17 @@ def main(argv=None):
                 if args.quick and (kb, vb, hq // hkv) not in ((2, 2, 1), (4, 4, 4), (2, 4, 8), (4, 2, 4)):
                     continue
                 cases.append((dtype, kb, vb, hq, hkv))
-    cases = [c for c in cases if wanted(f"k{c[1]}v{c[2]} gqa{c[3] // c[4]} ragged")]
+    def case_name(kb, vb, hq, hkv):
+        return f"k{kb}v{vb} gqa{hq // hkv} ragged"
+
+    cases = [c for c in cases if wanted(case_name(*c[1:]))]
     for i, (dtype, kb, vb, hq, hkv) in enumerate(cases):
         cfg = kj.KIVIConfig(k_bits=kb, v_bits=vb)
         lengths = [1500, 777, 129, 3]  # odd, ragged, tiny
         cache = build_cache(cfg, 4, hkv, 128, lengths, jnp.dtype(dtype), jax.random.fold_in(key, i))
         q = jax.random.normal(jax.random.fold_in(key, 1000 + i), (4, hq, 1, 128)).astype(dtype)
         for variant in variants:
-            rows.append(check(f"k{kb}v{vb} gqa{hq // hkv} ragged", q, cache, variant, dtype=dtype))
+            rows.append(check(case_name(kb, vb, hq, hkv), q, cache, variant, dtype=dtype))
             print(rows[-1], flush=True)
     # sliding window and group size 64, head_dim 64
     cfg = kj.KIVIConfig(group_size=64, residual_length=128)

@@ -12,9 +12,10 @@ Codes are packed 32/bits consecutive tokens to a word (:mod:`kivi_jax.packing`),
 to [D, n] and unpacks every word in its thread's registers by joins (stack on a new last axis
 + merge: code i of a word lands next to code i - 1), giving K^T and V^T tiles [D, chunk] with
 tokens minor; it dequantizes them (code * scale + min, float32, rounded once to the dot dtype)
-and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``, the only one; the other
-formulations measured slower on the H200 and live in git history, with their numbers in
-``pallas_kernels/NOTES.md``).
+and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``, the default;
+``variant="swap"`` computes the same dots with their operands swapped and is not yet timed;
+the other formulations measured slower on the H200 and live in git history, with their
+numbers in ``pallas_kernels/NOTES.md``).
 
 Inputs (one row b and head h are selected by the BlockSpecs; with ``layer`` given, the six
 cache arrays carry a leading [L] axis and the kernel reads layer ``layer``'s row b, head h in

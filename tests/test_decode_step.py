@@ -276,13 +276,17 @@ def test_window_partials_are_matmuls_on_gathered_operands():
     assert all("gather" in made_by.get(e.invars[1], "") for e in dots), [made_by.get(e.invars[1]) for e in dots]
 
 
+def _tiny_llama():
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    return models.init_random(cfg, jax.random.key(9), init_std=0.3)
+
+
 def test_model_step_kernel_reads_the_stacked_cache_in_place():
     """The model's decode step hands the kernel the layer-stacked quantized arrays and the
     layer index (XLA copies a per-layer slice passed to a custom call), same logits as the
     reference attention."""
-    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16)
-    m = models.init_random(cfg, jax.random.key(9), init_std=0.3)
+    m = _tiny_llama()
     ids = np.random.default_rng(3).integers(0, 101, (2, 70)).astype(np.int32)
     cache = m.init_cache(2, 100, kivi=KIVIConfig(group_size=16, residual_length=32))
     _, cache = m(ids, cache, lengths=jnp.asarray([70, 41]))
@@ -298,9 +302,7 @@ def test_model_step_kernel_reads_the_stacked_cache_in_place():
 def test_vmap_over_requests_with_the_in_place_kernel():
     """jax.vmap of single-request generate over the model whose decode step hands the kernel the
     stacked cache (pallas_call's batching rule adds a grid axis): the batched call's tokens."""
-    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16)
-    m = models.init_random(cfg, jax.random.key(9), init_std=0.3)
+    m = _tiny_llama()
     ids = np.random.default_rng(3).integers(0, 101, (3, 90)).astype(np.int32)  # 90 > R: a quantized bulk
     kv = KIVIConfig(group_size=16, residual_length=32)
     got = jax.vmap(lambda x: kivi_jax.generate(m, x[None], max_new_tokens=4, kivi=kv, attn_impl="pallas").tokens[0])(ids)
