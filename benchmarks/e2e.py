@@ -132,7 +132,7 @@ def child_generate(spec: dict) -> None:
 
     import kivi_jax
     import models
-    from kivi_jax.generate import TRACE_COUNTS
+    from kivi_jax.generate import TRACE_COUNTS, _default_matmul_impl
 
     _emit("ENV", _jax_env())
     row = _base_row(spec, spec["cache"])
@@ -148,6 +148,8 @@ def child_generate(spec: dict) -> None:
         ids_same = jnp.tile(ids[:1], (b, 1))  # every row the same prompt: one first token
         shapes = jax.eval_shape(lambda: model.init_cache(b, t + n, kivi=kivi))  # nothing allocated
         row["cache_bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+        # what generate runs its decode matmuls with (None: the model's default, xla)
+        row["matmul_impl"] = spec.get("matmul_impl") or _default_matmul_impl(model, kivi, None) or "xla"
 
         def gen(x, eos=None):
             out = kivi_jax.generate(model, x, max_new_tokens=n, kivi=kivi, eos_id=eos,
@@ -971,7 +973,8 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-cap", type=int, default=512)
     ap.add_argument("--sweep-caches", type=_caches, default=["dense", "kivi2"])
     ap.add_argument("--matmul-impl", choices=["xla", "pallas"], default=None,
-                    help="kivi-jax decode steps' matmuls (default: the model's, xla); pallas reads the stacked weights in place")
+                    help="kivi-jax decode steps' matmuls (default: generate's: pallas for KIVI caches on a GPU, "
+                         "else xla); pallas reads the stacked weights in place")
     ap.add_argument("--mistral", action="store_true", help="also the Mistral-7B shape (8 KV heads), after the rest")
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")

@@ -3,7 +3,9 @@
 The models keep their layers' weights stacked [L, K, N] and scan over layers. In a decode
 step (M = batch rows, bound by reading the weights) XLA:GPU copies each layer's matrices
 out of the stack before its GEMM; ``impl="pallas"`` reads the slice in place
-(:mod:`pallas_kernels.stacked_matmul`). Not the default until timed on a GPU against XLA.
+(:mod:`pallas_kernels.stacked_matmul`): on the H200, 0.63 / 1.32 / 1.22 ms for 32 layers of
+q_proj / gate_proj / down_proj at M=96 vs XLA's 1.26 / 2.97 / 3.28 ms
+(stacked-matmul-2026-11-30-run1). ``kivi_jax.generate`` uses it for KIVI caches on one GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ MATMUL_IMPLS = ("xla", "pallas")
 
 
 def kernel_blocks(k: int, n: int) -> tuple[int, int] | None:
-    """(block_k, block_n) for a [K, N] matrix: powers of two dividing K and N (at most 128
-    and 64, the tiles that compile without spills for sm_90), or None when one is below 16."""
-    bk, bn = math.gcd(k, 128), math.gcd(n, 64)
+    """(block_k, block_n) for a [K, N] matrix: powers of two dividing K and N (at most 64
+    and 64: the fastest tiling measured on the H200, 4 stages; 128-wide blocks spill or
+    measured slower), or None when one is below 16."""
+    bk, bn = math.gcd(k, 64), math.gcd(n, 64)
     return (bk, bn) if min(bk, bn) >= 16 else None
 
 

@@ -12,9 +12,10 @@ Codes are packed 32/bits consecutive tokens to a word (:mod:`kivi_jax.packing`),
 to [D, n] and unpacks every word in its thread's registers by joins (stack on a new last axis
 + merge: code i of a word lands next to code i - 1), giving K^T and V^T tiles [D, chunk] with
 tokens minor; it dequantizes them (code * scale + min, float32, rounded once to the dot dtype)
-and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``, the default;
-``variant="swap"`` computes the same dots with their operands swapped and is not yet timed;
-the other formulations measured slower on the H200 and live in git history, with their
+and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``), or the same dots with
+their operands swapped, the dequantized tiles first (``variant="swap"``: 1.33 vs 1.65 ms at
+B=64, T=4096, Hq=Hkv=32 on the H200, kernel-tuning-2026-11-30-run5; what the glue uses); the
+other formulations measured slower on the H200 and live in git history, with their
 numbers in ``pallas_kernels/NOTES.md``).
 
 Inputs (one row b and head h are selected by the BlockSpecs; with ``layer`` given, the six
@@ -43,9 +44,9 @@ try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0
 except ImportError:  # pragma: no cover
     plgpu = None
 
-# "dequant": the timed default; "swap": the same math with the dots' operands swapped (the
-# dequantized tiles first), an experiment awaiting its GPU timing (NOTES.md). A Mosaic GPU
-# kernel would be another variant here.
+# "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
+# from registers), 19-24% faster than "dequant" on the H200 (NOTES.md). A Mosaic GPU kernel
+# would be another variant here.
 VARIANTS = ("dequant", "swap")
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
 
@@ -163,7 +164,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
                          chunk: int = 32,
-                         num_splits: int = 1, variant: str = "dequant", interpret: bool = False,
+                         num_splits: int = 1, variant: str = "swap", interpret: bool = False,
                          num_warps: int = 4, num_stages: int = 2, dot_dtype: str | None = None):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
 

@@ -56,8 +56,8 @@ def _pow2(n: int) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages", "interpret"))
-def stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 128, splits: int | None = None,
-                   num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+def stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 64, splits: int | None = None,
+                   num_warps: int = 4, num_stages: int = 4, interpret: bool = False):
     """x [M, K] @ w[layer] ([L, K, N]) -> [M, N] (x's dtype; float32 accumulation).
 
     splits: K-ranges per output block (default: enough programs, N / block_n x splits, for
