@@ -28,7 +28,8 @@ How it runs:
   Llama-2-7B shape on an H200: 1 GB per 4096-token row, twice a 2-bit cache row), so
   long prompts are prefilled ``prefill_rows`` rows at a time (default: as many as fit in
   ``PREFILL_TOKENS`` tokens), each slice written into the full cache in place. Rows do
-  not interact, so the tokens are those of one whole-batch call.
+  not interact, so the tokens are those of one whole-batch call. Only for prompts of at least
+  half the cache: each slice also holds its own cache rows.
 * ``generate_stream``: the same prefill and the same decode step, but the step is called
   from Python once per token so tokens can be shown as they come. Same tokens as
   ``generate`` (greedy and seeded sampling alike).
@@ -461,6 +462,11 @@ def _resolve_prefill_rows(model, prefill_rows, b: int, t: int, cfg: _Config) -> 
     """Rows per prefill call, or None for the whole batch in one call."""
     if prefill_rows is not None and (not _is_int(prefill_rows) or prefill_rows < 1):
         raise ValueError(f"prefill_rows={prefill_rows!r} must be None (automatic) or an integer >= 1")
+    if prefill_rows is None and 2 * t < cfg.max_length:
+        # a short prompt's activations are small next to the slice's own cache (max_length
+        # slots per row): slicing raised the H200 peak at prompt 160 / 498 slots, B=96, from
+        # 37.4 to 49.2 GiB dense (e2e-2026-11-30-run6 vs run9)
+        return None
     rows = max(1, PREFILL_TOKENS // t) if prefill_rows is None else int(prefill_rows)
     if rows >= b:
         return None
@@ -513,8 +519,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       rules: a ``kivi_jax.sharding.ShardingRules`` (only with a mesh).
       prefill_rows: rows per prefill call (the prompt's activations are those of this many
         rows; the cache is written slice by slice). None: as many as fit in
-        ``PREFILL_TOKENS`` prompt tokens, the whole batch under a mesh or for a cache
-        without ``write_rows``. Same tokens for any value.
+        ``PREFILL_TOKENS`` prompt tokens when T >= max_length / 2, else (and under a mesh, or for a cache
+        without ``write_rows``) the whole batch. Same tokens for any value.
 
     Returns:
       GenerateOutput(tokens [B, N] int32, lengths [B] int32, cache). Deterministic: greedy

@@ -513,9 +513,9 @@ def test_prefill_in_row_slices_equals_whole_batch(kivi):
 def test_prefill_rows_default_follows_prompt_tokens(monkeypatch):
     m = _small_llama()
 
-    def rows_for(b, t, **kw):
+    def rows_for(b, t, max_new_tokens_extra=2, **kw):
         ids = np.zeros((b, t), np.int32)
-        return gen._prepare(m, ids, max_new_tokens=2, kivi=None, lengths=None, temperature=0.0, top_k=None,
+        return gen._prepare(m, ids, max_new_tokens=max_new_tokens_extra, kivi=None, lengths=None, temperature=0.0, top_k=None,
                             top_p=None, eos_id=None, key=None, pad_id=0, max_length=None, cache_dtype=None,
                             attn_impl=None, **kw)[-1].prefill_rows
 
@@ -525,6 +525,22 @@ def test_prefill_rows_default_follows_prompt_tokens(monkeypatch):
     assert rows_for(4, 500) == 1         # a prompt longer than the budget: one row per call
     assert rows_for(8, 30, prefill_rows=8) is None
     assert rows_for(8, 30, prefill_rows=5) == 5
+    # a prompt under half the cache: the slice's own cache rows would outweigh its activations
+    assert rows_for(8, 30, max_new_tokens_extra=31) is None
+    assert rows_for(8, 30, max_new_tokens_extra=30) == 3
+    assert rows_for(8, 30, max_new_tokens_extra=31, prefill_rows=5) == 5  # explicit: as asked
+
+
+def test_default_matmul_impl_policy(monkeypatch):
+    """generate's matmul_impl=None: the in-place stacked matmul for KIVI caches on one GPU only."""
+    m = _small_llama()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    assert gen._default_matmul_impl(m, KIVI, None) is None  # this machine has no GPU
+    monkeypatch.setattr(gen.jax, "default_backend", lambda: "gpu")
+    assert gen._default_matmul_impl(m, KIVI, None) == "pallas"
+    assert gen._default_matmul_impl(m, None, None) is None  # dense: XLA's
+    assert gen._default_matmul_impl(m, KIVI, mesh) is None  # the kernel has no shard_map
+    assert gen._default_matmul_impl(lambda ids, cache=None: None, KIVI, None) is None  # no keyword
 
 
 def test_prefill_slices_bound_the_prefill_temporaries():
