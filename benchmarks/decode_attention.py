@@ -173,9 +173,9 @@ def main(argv=None):
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:
         variants = [
+            ("pallas_swap", dict(variant="swap")),  # the default
             ("pallas_dequant", dict(variant="dequant")),
             ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
-            ("pallas_dequant_w8", dict(variant="dequant", num_warps=8)),
         ]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
@@ -184,10 +184,9 @@ def main(argv=None):
     else:
         rows = breakdown()
         run([64], [4096], [(32, 32)], [2], ("pallas",),
-            [("pallas_dequant_f32dots", dict(variant="dequant", dot_dtype="float32")),
-                    ("pallas_dequant_w2", dict(variant="dequant", num_warps=2)),
-                    ("pallas_dequant_w8", dict(variant="dequant", num_warps=8)),
-                    ("pallas_dequant_c32", dict(variant="dequant", chunk=32))],
+            [("pallas_dequant", dict(variant="dequant")),
+                    ("pallas_swap_f32dots", dict(variant="swap", dot_dtype="float32")),
+                    ("pallas_swap_c32", dict(variant="swap", chunk=32))],
                    ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
         for heads, bits in (((32, 32), [2, 4]), ((32, 8), [2])):
             run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [heads], bits,

@@ -137,8 +137,11 @@ def _default_chunk(config) -> int:
     return min(64, packing.block_len(config.k_bits), packing.block_len(config.v_bits))
 
 
-# the fastest variant measured on the H200 for every shape so far (pallas_kernels/NOTES.md)
-DEFAULT_VARIANT = "dequant"
+# the fastest variant measured on the H200 for every shape so far (pallas_kernels/NOTES.md):
+# swap, chunk 64, 4 warps -- kernel-only 1.33 / 0.34 / 0.70 ms vs dequant's 1.65 / 0.43 / 0.89
+# ms (kernel-tuning-2026-11-30); compiled check 26/26 (kernel-check-2026-11-30-run5).
+# At 8 warps swap degrades, so num_warps stays 4.
+DEFAULT_VARIANT = "swap"
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,

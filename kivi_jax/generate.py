@@ -203,11 +203,12 @@ def _takes_logits_at(model) -> bool:
 
 def _default_matmul_impl(model, kivi, mesh) -> str | None:
     """matmul_impl=None: "pallas" for a KIVI cache on one GPU when the model takes the keyword,
-    else the model's default. Measured on the H200 (decode-step-ab-2026-11-30-run3, 32
-    Llama-2-7B layers, B=96): KIVI-2 steps 19.1 ms with the in-place stacked matmul vs 23.4 ms
-    with XLA's, which copies each layer's matrices out of the stack. Dense keeps XLA's (22.7
-    ms): with the kernel's matmuls XLA rewrites dense attention into reductions and copies the
-    whole stacked dense cache every layer (1.2 s steps, same file)."""
+    else the model's default. Measured on the H200 (decode-step-ab-2026-11-30-smoke, 32
+    Llama-2-7B layers, B=96, 498 slots): KIVI-2 steps 19.0 ms with the in-place stacked matmul
+    vs 23.8 ms with XLA's, which copies each layer's matrices out of the stack. Dense keeps
+    XLA's (22.8 ms): with the kernel's matmuls XLA turns dense attention into reductions and
+    copies the whole stacked dense cache every layer (1.2 s steps, same file;
+    decode-step-ab-2026-11-30-dense-pallas-hlo-excerpt.txt)."""
     if kivi is None or mesh is not None or jax.default_backend() != "gpu" or not _takes(model, "matmul_impl"):
         return None
     return "pallas"

@@ -14,7 +14,7 @@ to [D, n] and unpacks every word in its thread's registers by joins (stack on a 
 tokens minor; it dequantizes them (code * scale + min, float32, rounded once to the dot dtype)
 and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``), or the same dots with
 their operands swapped, the dequantized tiles first (``variant="swap"``: 1.33 vs 1.65 ms at
-B=64, T=4096, Hq=Hkv=32 on the H200, kernel-tuning-2026-11-30-run5; what the glue uses); the
+B=64, T=4096, Hq=Hkv=32 on the H200, kernel-tuning-2026-11-30; what the glue uses); the
 other formulations measured slower on the H200 and live in git history, with their
 numbers in ``pallas_kernels/NOTES.md``).
 
