@@ -29,6 +29,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.triton_ir import lower_to_ttir
+
 _COMPILE = r"""
 import os, subprocess, sys, triton
 from triton.backends.compiler import GPUTarget
@@ -44,27 +46,6 @@ print(r.stderr)
 open(base + ".sass", "w").write(subprocess.run([bindir + "/cuobjdump", "-sass", base + ".cubin"],
                                                capture_output=True, text=True).stdout)
 """
-
-
-def lower_to_ttir(fn, *args) -> str:
-    """The Triton IR (text) of the last Pallas kernel in ``fn``, lowered for CUDA on this machine."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-
-    seen = []
-    original = reg.lowering.lower_jaxpr_to_triton_module
-
-    def spy(*a, **k):
-        result = original(*a, **k)
-        seen.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    reg.lowering.lower_jaxpr_to_triton_module = spy
-    try:
-        jax.clear_caches()
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    finally:
-        reg.lowering.lower_jaxpr_to_triton_module = original
-    return seen[-1]
 
 
 def loop_stats(sass: str) -> collections.Counter:

@@ -152,7 +152,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     stack: None, or (stacked, i) when ``cache`` is layer i of ``stacked`` (a KIVICache whose
     leaves carry a leading layer axis): the kernel reads the quantized arrays in place from
     the stack (a slice passed to a custom call is a copy: 1.5 x the layer's quantized bytes of
-    extra traffic) when every stacked array has fewer than 2**31 elements (int32 offsets).
+    extra traffic), at any size (64-bit offsets past 2**32 bytes; see kivi_decode_partials).
 
     A DenseCache has nothing to unpack: it takes the XLA reference path.
 
@@ -187,7 +187,7 @@ def _in_place(stack, cache):
     if stack is not None:
         stacked, i = stack
         arrays = tuple(getattr(stacked, n) for n in names)
-        if all(x.size < 2**31 and x.shape[1:] == getattr(cache, n).shape for x, n in zip(arrays, names)):
+        if all(x.shape[1:] == getattr(cache, n).shape for x, n in zip(arrays, names)):
             return arrays, i
     return tuple(getattr(cache, n) for n in names), None
 

@@ -39,7 +39,7 @@ def layer_matmul(x, w, layer, *, impl: str = "xla"):
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {MATMUL_IMPLS}")
     blocks = kernel_blocks(*w.shape[1:])
-    if impl == "xla" or blocks is None or w.shape[0] * w.shape[1] * w.shape[2] >= 2**31:
+    if impl == "xla" or blocks is None:
         return (x @ lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)).astype(x.dtype)
     lead = x.shape[:-1]
     y = stacked_matmul(x.reshape(-1, x.shape[-1]), w, layer, block_k=blocks[0], block_n=blocks[1],

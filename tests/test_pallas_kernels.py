@@ -151,3 +151,30 @@ def test_kernel_reads_a_layer_stacked_cache_in_place():
     shapes = [v.aval.shape for v in calls[0].invars]
     assert stacked.k_codes.shape in shapes and stacked.v_scale.shape in shapes, shapes
 
+
+
+def _stacked_shapes(layers, batch, heads=32, tokens=4096, d=128, g=32):
+    """ShapeDtypeStructs of the kernel's inputs over a layer-stacked 2-bit bf16 cache."""
+    s = jax.ShapeDtypeStruct
+    b, h, t = batch, heads, tokens
+    arrays = ((t * 2 // 32, d, jnp.uint32), (t // g, d, jnp.bfloat16), (t // g, d, jnp.bfloat16),
+              (t * 2 // 32, d, jnp.uint32), (t, d // g, jnp.bfloat16), (t, d // g, jnp.bfloat16))
+    return ((s((b, h, 16, d), jnp.float32),) + tuple(s((layers, b, h, n, m), dt) for n, m, dt in arrays)
+            + tuple(s((b,), jnp.int32) for _ in range(4)))
+
+
+@pytest.mark.parametrize("layers, batch, code_bits", [(2, 2, 32), (32, 64, 64)])
+def test_stacked_cache_of_any_size_lowers_with_wide_enough_offsets(layers, batch, code_bits):
+    """Reading a stack of more than 2**31 codes in place (Llama-2-7B, 4096 tokens, B=64: 8 GiB
+    of key codes) needs 64-bit element offsets; the Triton lowering switches to them past
+    2**32 bytes. Lowered for CUDA on this machine, nothing allocated."""
+    from pallas_kernels import kivi_decode
+    from pallas_kernels.triton_ir import load_offset_widths, lower_to_ttir
+
+    args = _stacked_shapes(layers, batch)
+    assert (args[1].size >= 2**31) == (code_bits == 64)
+    ttir = lower_to_ttir(lambda layer, *a: kivi_decode.kivi_decode_partials(
+        *a, layer=layer, k_bits=2, v_bits=2, group_size=32, chunk=64), jax.ShapeDtypeStruct((), jnp.int32), *args)
+    widths = load_offset_widths(ttir)
+    assert widths["i32"] == {code_bits}, widths  # the uint32 codes' loads
+    assert widths["bf16"] == {32}, widths  # scales/mins: < 2**31 elements even at B=64

@@ -124,3 +124,15 @@ def test_generate_with_in_place_matrices_gives_the_xla_tokens(monkeypatch):
 
     with pytest.raises(ValueError, match="matmul_impl='pallas' runs on one device"):
         generate(m, ids, max_new_tokens=5, matmul_impl="pallas", mesh=sharding.make_mesh(1, 1))
+
+
+@pytest.mark.parametrize("shape, wide", [((32, 4096, 11008), False), ((40, 5120, 13824), True)])
+def test_any_stack_size_lowers_with_wide_enough_offsets(shape, wide):
+    """A 13B model's [40, 5120, 13824] bf16 stack (2.8e9 elements) is read with 64-bit offsets;
+    a 7B model's with 32-bit ones. Lowered for CUDA on this machine, nothing allocated."""
+    from pallas_kernels.triton_ir import load_offset_widths, lower_to_ttir
+
+    s = jax.ShapeDtypeStruct
+    ttir = lower_to_ttir(lambda x, w, i: stacked_matmul(x, w, i), s((96, shape[1]), jnp.bfloat16),
+                         s(shape, jnp.bfloat16), s((), jnp.int32))
+    assert load_offset_widths(ttir)["bf16"] == ({32, 64} if wide else {32})  # x: 32-bit; w: 64 when big
