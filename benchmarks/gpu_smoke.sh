@@ -8,8 +8,9 @@
 #  2. the paper setting end to end with swap (dense, KIVI-2, KIVI-4; no HF: see e2e.py).
 # Then, as separate calls (each <= 10 min): the full decode-attention sweep of issue #7
 #   (python -m benchmarks.decode_attention), the 4096- and 16384-token e2e sweeps
-#   (python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check --sweep-start 64
-#    --sweep-prompts 16384 --budget-s 540), and HF again (carry .whl).
+#   (python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check --sweep-start 32
+#    --budget-s 540; then --sweep-prompts 16384 --sweep-start 4), HF again (carry .whl) and
+#   --profile-step (where the KIVI-2 step goes now).
 #   KIVI_COMMIT=<sha> PYTHONPATH=. bash benchmarks/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

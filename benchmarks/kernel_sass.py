@@ -91,7 +91,7 @@ def main(argv=None):
     if not triton_python:
         sys.exit("set TRITON_PYTHON to a python with the triton wheel installed (see this module's doc)")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="kernel_sass_"))
-    for spec in argv or ['{"variant": "dequant"}']:
+    for spec in argv or ['{"variant": "swap"}']:
         print(spec, probe(json.loads(spec), triton_python, workdir), flush=True)
 
 
