@@ -59,11 +59,12 @@ def loop_stats(sass: str) -> collections.Counter:
     return collections.Counter(op for a, op in ops if lo <= a <= hi)
 
 
-def shapes(b=2, h=2, t=4096, d=128, g=32, m=16, k_bits=2, v_bits=2, dtype=jnp.bfloat16):
+def shapes(b=2, h=2, t=4096, d=128, g=32, m=16, k_bits=2, v_bits=2, dtype=jnp.bfloat16, v_scales_t=False):
     s = jax.ShapeDtypeStruct
+    vs = (d // g, t) if v_scales_t else (t, d // g)
     return (s((b, h, m, d), jnp.float32), s((b, h, t * k_bits // 32, d), jnp.uint32),
             s((b, h, t // g, d), dtype), s((b, h, t // g, d), dtype), s((b, h, t * v_bits // 32, d), jnp.uint32),
-            s((b, h, t, d // g), dtype), s((b, h, t, d // g), dtype),
+            s((b, h) + vs, dtype), s((b, h) + vs, dtype),
             s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32))
 
 
@@ -74,7 +75,7 @@ def probe(opts: dict, triton_python: str, workdir: pathlib.Path) -> str:
     k_bits, v_bits = opts.pop("k_bits", 2), opts.pop("v_bits", 2)
     fn = functools.partial(kivi_decode.kivi_decode_partials, k_bits=k_bits, v_bits=v_bits, group_size=32, **opts)
     ttir = workdir / (re.sub(r"\W+", "_", json.dumps(opts))[:80] + ".ttir")
-    ttir.write_text(lower_to_ttir(fn, *shapes(k_bits=k_bits, v_bits=v_bits)))
+    ttir.write_text(lower_to_ttir(fn, *shapes(k_bits=k_bits, v_bits=v_bits, v_scales_t=opts.get("v_scales_t", False))))
     out = subprocess.run([triton_python, "-c", _COMPILE, str(ttir), str(opts.get("num_warps", 4)),
                           str(opts.get("num_stages", 2))], capture_output=True, text=True)
     if out.returncode:

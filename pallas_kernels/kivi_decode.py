@@ -23,7 +23,8 @@ cache arrays carry a leading [L] axis and the kernel reads layer ``layer``'s row
 place: a per-layer slice of a layer-stacked cache would be copied by XLA before the call):
   q        [B, Hkv, M, D] float32, pre-scaled by 1/sqrt(D); M >= 16 (padded query heads)
   k_codes  [B, Hkv, Tc*k_bits/32, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
-  v_codes  [B, Hkv, Tc*v_bits/32, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size)
+  v_codes  [B, Hkv, Tc*v_bits/32, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size;
+           [B, Hkv, D/G, Tc] with v_scales_t=True)
   lo, hi   [B] int32: the row's bulk is chunks [lo, hi)
   start, end [B] int32: only tokens [start, end) count (a sliding window's start, 0 otherwise;
            end: where the row's quantized values stop, inside the last chunk)
@@ -97,7 +98,7 @@ def _codes_t(words_ref, t0, chunk, bits, at=()):
 
 def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
-            chunks_per_split, compute_dtype, precision, stacked, variant="dequant"):
+            chunks_per_split, compute_dtype, precision, stacked, variant="dequant", v_scales_t=False):
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     # one indexer per load (the Triton lowering takes no ref views of views)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
@@ -114,10 +115,14 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
                   for x in (ks_ref, km_ref))  # [D, chunk]
         return codes.astype(jnp.float32) * ks + km
 
+    def value_scales_t(x_ref, t0):  # [D/G, chunk] float32
+        if v_scales_t:  # stored tokens-minor: no transpose
+            return x_ref[at + (slice(None), pl.ds(pl.multiple_of(t0, chunk), chunk))].astype(jnp.float32)
+        return x_ref[at + (pl.ds(t0, chunk), slice(None))].astype(jnp.float32).T
+
     def value_hat_t(t0):  # V̂ᵀ [D, chunk] float32
         codes = _codes_t(vc_ref, t0, chunk, v_bits, at)  # [D, chunk]
-        vs, vm = (jnp.broadcast_to(x[at + (pl.ds(t0, chunk), slice(None))].astype(jnp.float32).T[:, None, :],
-                                   (n_vgroups, g, chunk)).reshape(d, chunk)
+        vs, vm = (jnp.broadcast_to(value_scales_t(x, t0)[:, None, :], (n_vgroups, g, chunk)).reshape(d, chunk)
                   for x in (vs_ref, vm_ref))  # [D, chunk]: row d has group d // G's scale
         return codes.astype(jnp.float32) * vs + vm
 
@@ -159,13 +164,14 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "dot_dtype"))
+                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
                          chunk: int = 32,
                          num_splits: int = 1, variant: str = "swap", interpret: bool = False,
-                         num_warps: int = 4, num_stages: int = 2, dot_dtype: str | None = None):
+                         num_warps: int = 4, num_stages: int = 2, dot_dtype: str | None = None,
+                         v_scales_t: bool = False):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
 
     group_size: value channels per scale/min; key_group_size: key tokens per scale/min
@@ -174,6 +180,9 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     ([L, B, Hkv, ...]): they are then read in place at that layer. Any size: the Triton
     lowering computes a ref's element offsets in 64 bits once the array exceeds 2**32 bytes
     (tests/test_pallas_kernels.py checks the lowered IR).
+    v_scales_t: v_scale and v_min come tokens-minor, [B, Hkv, D/G, Tc] (a candidate cache
+    layout, untimed): a thread's 16 consecutive tokens of one group are then one 32-byte run,
+    which offline SASS loads with 4 LDS.128 per chunk instead of 32 LDS.U16 (NOTES.md).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
@@ -185,6 +194,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         raise ValueError(f"with layer=, the cache arrays must be [L, B={b}, Hkv={hkv}, ., .]; "
                          f"got {[x.shape for x in cache_arrays]}")
     tc = k_scale.shape[-2] * kg
+    want = (d // group_size, tc) if v_scales_t else (tc, d // group_size)
+    if v_scale.shape[-2:] != want or v_min.shape[-2:] != want:
+        raise ValueError(f"v_scale and v_min must end in {want} (v_scales_t={v_scales_t}); "
+                         f"got {v_scale.shape} and {v_min.shape}")
     if m_rows < 16 or m_rows & (m_rows - 1):
         raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
@@ -201,7 +214,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
-        variant=variant)
+        variant=variant, v_scales_t=v_scales_t)
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))

@@ -178,3 +178,30 @@ def test_stacked_cache_of_any_size_lowers_with_wide_enough_offsets(layers, batch
     widths = load_offset_widths(ttir)
     assert widths["i32"] == {code_bits}, widths  # the uint32 codes' loads
     assert widths["bf16"] == {32}, widths  # scales/mins: < 2**31 elements even at B=64
+
+
+@pytest.mark.parametrize("variant", ["swap", "dequant"])
+def test_kernel_takes_value_scales_tokens_minor(variant):
+    """v_scales_t=True (v_scale, v_min as [B, Hkv, D/G, Tc], a candidate layout): the same
+    partials as the cache's own [B, Hkv, Tc, D/G] layout, and the layout is checked."""
+    from pallas_kernels import kivi_decode
+
+    cfg = kj.KIVIConfig(group_size=32, residual_length=32)
+    cache = _cache(cfg, [300, 77, 190], 2, 64, jnp.float32, 31)
+    q = jax.random.normal(jax.random.key(32), (3, 2, 16, 64), jnp.float32)
+    end, zero, chunk = cache.num_quantized_values, jnp.zeros((3,), jnp.int32), 32
+    kw = dict(k_bits=2, v_bits=2, group_size=32, chunk=chunk, num_splits=2, variant=variant, interpret=True)
+    args = (q, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes)
+
+    def run(v_scale, v_min, **extra):
+        return kivi_decode.kivi_decode_partials(*args, v_scale, v_min, zero, -(-end // chunk), zero, end, **kw, **extra)
+
+    want = run(cache.v_scale, cache.v_min)
+    t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
+    got = run(t(cache.v_scale), t(cache.v_min), v_scales_t=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    o_flipped = run(t(cache.v_scale)[:, :, ::-1], t(cache.v_min)[:, :, ::-1], v_scales_t=True)[0]
+    assert _rel(o_flipped, want[0]) > 1e-2  # the groups' scales are really read per group
+    with pytest.raises(ValueError, match=r"v_scale and v_min must end in \(2, "):
+        run(cache.v_scale, cache.v_min, v_scales_t=True)
