@@ -403,6 +403,7 @@ def child_profile(spec: dict) -> None:
 
     import kivi_jax
     import models
+    from kivi_jax.generate import _default_matmul_impl
 
     _emit("ENV", _jax_env())
     row = {"model": spec["model"], "cache": spec["cache"], "batch": spec["batch"]}
@@ -418,7 +419,9 @@ def child_profile(spec: dict) -> None:
         cache = model.init_cache(b, ctx + 4 * steps, kivi=kivi)
         prefill = jax.jit(lambda p, x, c, n: apply(p, x, c, lengths=n), donate_argnums=2)
         _, cache = prefill(params, ids, cache, jnp.full((b,), ctx, jnp.int32))
-        step = jax.jit(lambda p, x, c: apply(p, x, c), donate_argnums=2)
+        # the decode matmuls generate would use (the stacked-matmul kernel for KIVI on a GPU)
+        row["matmul_impl"] = impl = spec.get("matmul_impl") or _default_matmul_impl(model, kivi, None) or "xla"
+        step = jax.jit(lambda p, x, c: apply(p, x, c, matmul_impl=impl), donate_argnums=2)
         tok = ids[:, -1:]
         logits, cache = step(params, tok, cache)
         jax.block_until_ready(logits)
@@ -865,8 +868,8 @@ def render_markdown(p: dict) -> str:
         parts += ["## Summary vs the issue's targets\n\n", "\n".join(lines), "\n\n"]
     if p.get("profile"):
         parts += ["## One decode step (attention and append timed alone on one layer, x layers)\n\n",
-                  common.markdown(p["profile"], ["model", "cache", "batch", "context", "step_ms", "attention_ms",
-                                                 "append_ms", "other_ms", "error"]), "\n"]
+                  common.markdown(p["profile"], ["model", "cache", "matmul_impl", "batch", "context", "step_ms",
+                                                 "attention_ms", "append_ms", "other_ms", "error"]), "\n"]
     if p.get("compile_check"):
         parts += ["## Compile check: one decode step, cold lower + compile\n\n",
                   common.markdown(p["compile_check"], ["model", "cache", "num_layers", "batch", "max_length",
