@@ -9,6 +9,8 @@ Arms (``--arms``):
   the stack by ``pallas_kernels.stacked_matmul``).
 - ``sliced``: the library's step, but the KIVI kernel is fed per-layer slices of the stacked
   cache (what it did before it read the stack in place; XLA copies those slices).
+- ``allpallas``: ``pallas`` plus ``attn_impl="pallas"``: for a dense cache, the dense Pallas
+  attention reading the stacked cache in place (same as ``pallas`` for KIVI caches).
 
 History: at 1d6c7c7 the e2e profile put 165 of a 179 ms step outside attention and cache
 writes; this script found the cause, the stacked v_res copied every layer
@@ -65,12 +67,13 @@ def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
 
 
 def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
-    if arm in ("scan", "pallas", "sliced"):
+    if arm in ("scan", "pallas", "sliced", "allpallas"):
         apply, params = models.functional(model)
-        impl = "pallas" if arm == "pallas" else "xla"
+        impl = "pallas" if arm in ("pallas", "allpallas") else "xla"
+        attn = "pallas" if arm == "allpallas" else "auto"
         if arm == "sliced":  # traced below, inside this arm only
             attention_pallas._in_place = lambda stack, cache: _IN_PLACE(None, cache)
-        step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl), donate_argnums=(2,))
+        step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl, attn_impl=attn), donate_argnums=(2,))
         args = (params, tok)
     else:
         fn = _unrolled_step(model, per_layer=arm == "list")
@@ -112,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--max-length", type=int, default=498)
     ap.add_argument("--caches", default="kivi2", help="comma list of dense, kivi2, kivi4")
-    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas, sliced")
+    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas, sliced, allpallas")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     a = ap.parse_args(argv)
     cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,

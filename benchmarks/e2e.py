@@ -65,7 +65,10 @@ MODELS = {
     "tiny-mistral": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, sliding_window=200, model_type="mistral"),
 }
-KIVI = {"dense": None, "kivi2": dict(k_bits=2, v_bits=2), "kivi4": dict(k_bits=4, v_bits=4)}
+KIVI = {"dense": None, "kivi2": dict(k_bits=2, v_bits=2), "kivi4": dict(k_bits=4, v_bits=4), "dense_pallas": None}
+# caches run with non-default implementations: dense_pallas is a dense cache whose decode steps
+# read the stacked cache and weights in place (dense Pallas attention + the stacked matmul)
+IMPLS = {"dense_pallas": dict(attn_impl="pallas", matmul_impl="pallas")}
 HF_CACHES = ("hf_dense", "hf_quanto2", "hf_quanto4")
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OutOfMemory", "CUDA_ERROR_OUT_OF_MEMORY")
 # targets of the issue ("End-to-end decode throughput and memory on one GPU")
@@ -149,11 +152,14 @@ def child_generate(spec: dict) -> None:
         shapes = jax.eval_shape(lambda: model.init_cache(b, t + n, kivi=kivi))  # nothing allocated
         row["cache_bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
         # what generate runs its decode matmuls with (None: the model's default, xla)
-        row["matmul_impl"] = spec.get("matmul_impl") or _default_matmul_impl(model, kivi, None) or "xla"
+        impls = IMPLS.get(spec["cache"], {})
+        row["matmul_impl"] = (spec.get("matmul_impl") or impls.get("matmul_impl")
+                              or _default_matmul_impl(model, kivi, None) or "xla")
 
         def gen(x, eos=None):
             out = kivi_jax.generate(model, x, max_new_tokens=n, kivi=kivi, eos_id=eos,
-                                    matmul_impl=spec.get("matmul_impl"))
+                                    attn_impl=impls.get("attn_impl"),
+                                    matmul_impl=spec.get("matmul_impl") or impls.get("matmul_impl"))
             jax.block_until_ready(out.tokens)
             return out
 

@@ -114,11 +114,12 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
 
     q [B, Hq, 1, D]; cache a DenseCache or KIVICache holding [B, Hkv, ., D];
     impl: "reference" (plain JAX), "pallas" (fused kernel; interpret mode off-GPU), or
-    "auto" (the kernel on GPU, the reference elsewhere). window: attend only to the newest
-    ``window`` tokens (Mistral's sliding window). Returns [B, Hq, 1, D] in q's dtype.
-    stack: optional (stacked, i) when ``cache`` is layer i of a layer-stacked cache
-    (``models.StackedCache.layers``): the Pallas kernel then reads the quantized arrays in
-    place from the stack rather than from copies of the slices. Same result.
+    "auto" (the kernel on GPU, the reference elsewhere; for a DenseCache always XLA's
+    attention in the cache dtype, and "pallas" its flash-decoding kernel). window: attend
+    only to the newest ``window`` tokens (Mistral's sliding window). Returns [B, Hq, 1, D] in
+    q's dtype. stack: optional (stacked, i) when ``cache`` is layer i of a layer-stacked cache
+    (``models.StackedCache.layers``): the Pallas kernels then read the cache arrays in place
+    from the stack rather than from copies of the slices. Same result.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {IMPLS}")

@@ -27,10 +27,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from kivi_jax import packing, rotation, sharding
-from kivi_jax.attention import reference_decode_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
-from pallas_kernels import kivi_decode
+from pallas_kernels import dense_decode, kivi_decode
 
 TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs)
 
@@ -154,7 +153,9 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     the stack (a slice passed to a custom call is a copy: 1.5 x the layer's quantized bytes of
     extra traffic), at any size (64-bit offsets past 2**32 bytes; see kivi_decode_partials).
 
-    A DenseCache has nothing to unpack: it takes the XLA reference path.
+    A DenseCache goes to the dense flash-decoding kernel (:mod:`pallas_kernels.dense_decode`),
+    which reads a layer-stacked cache in place too (``stack``); ``kivi_jax.decode_attention``'s
+    "auto" keeps XLA's attention for dense caches.
 
     Sharded: with a mesh (``mesh``, else :func:`kivi_jax.sharding.use_mesh`'s, else jax's
     context mesh) the kernel and its tail run under ``shard_map`` over batch x kv_heads
@@ -163,18 +164,20 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     over its own rows and KV heads and no cache array is gathered.
     """
     if isinstance(cache, DenseCache):
-        return reference_decode_attention(q, cache, window=window)
-    if not isinstance(cache, KIVICache):
+        local = functools.partial(_dense_local, window=window, interpret=interpret, chunk=chunk,
+                                  num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    elif isinstance(cache, KIVICache):
+        local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
+                                  chunk=chunk, num_splits=num_splits, num_warps=num_warps,
+                                  num_stages=num_stages, dot_dtype=dot_dtype)
+    else:
         raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
-    local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
-                              chunk=chunk, num_splits=num_splits, num_warps=num_warps,
-                              num_stages=num_stages, dot_dtype=dot_dtype)
     mesh, rules = sharding.active_mesh(mesh, rules)
     if mesh is None:
         return local(q, cache, stack=stack)
     # shards are whole rows x whole KV heads: only batch and kv_heads are split
     specs = sharding.cache_specs(cache, mesh, dataclasses.replace(rules, sequence=None, head_dim=None))
-    kv = tuple(specs.k_codes) + (None, None)
+    kv = tuple(specs.k if isinstance(cache, DenseCache) else specs.k_codes) + (None, None)
     q_spec = P(kv[0], kv[1])  # query heads follow their KV heads (Hq = g * Hkv, contiguous)
     if kv[0] is None and kv[1] is None:
         return local(q, cache)
@@ -182,14 +185,42 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 
 
 def _in_place(stack, cache):
-    """(the six quantized arrays the kernel reads, layer or None): the stack's when it fits."""
-    names = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
+    """(the arrays the kernel reads -- a KIVICache's six quantized ones, a DenseCache's k and
+    v --, layer or None): the stack's when its layers match ``cache``."""
+    names = ("k", "v") if isinstance(cache, DenseCache) else ("k_codes", "k_scale", "k_min", "v_codes", "v_scale",
+                                                              "v_min")
     if stack is not None:
         stacked, i = stack
         arrays = tuple(getattr(stacked, n) for n in names)
         if all(x.shape[1:] == getattr(cache, n).shape for x, n in zip(arrays, names)):
             return arrays, i
     return tuple(getattr(cache, n) for n in names), None
+
+
+DENSE_CHUNK = 64  # tokens per step of the dense kernel's loop (untimed; KIVI's measured best)
+
+
+def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, num_warps, num_stages, stack=None):
+    """:func:`decode_attention` over a DenseCache (one shard's rows and KV heads)."""
+    b, hq, _, d = q.shape
+    hkv = cache.num_kv_heads
+    gq = hq // hkv
+    chunk = chunk or DENSE_CHUNK
+    rows = max(16, 1 << (gq - 1).bit_length())  # tensor-core dots need 16 rows
+    qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
+    qp = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
+    end = cache.lengths
+    start = jnp.zeros_like(end) if window is None else jnp.maximum(end - window, 0)
+    splits = num_splits or default_splits(b, hkv, -(-cache.max_length // chunk), interpret)
+    (k, v), layer = _in_place(stack, cache)
+    o, m, l = dense_decode.dense_decode_partials(
+        qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+    o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
+    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # combine the splits
+    den = jnp.sum(l * w, axis=2)
+    out = jnp.sum(o * w[..., None], axis=2) / jnp.where(den > 0, den, 1.0)[..., None]  # no token: 0
+    return out.reshape(b, hq, 1, d).astype(q.dtype)
 
 
 def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, num_warps,

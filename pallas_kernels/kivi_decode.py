@@ -62,6 +62,57 @@ def _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
     return lo, hi, start_ref[()], end_ref[()]
 
 
+def online_softmax_step(carry, s, t0, start, end, p_dot_v):
+    """One chunk of flash-decoding: carry (m [M], l [M], acc [M, D]) float32, scores s
+    [M, chunk] of tokens t0.. (those outside [start, end) masked), p_dot_v(p) -> [M, D]."""
+    m_prev, l_prev, acc = carry
+    tok = (t0 + jnp.arange(s.shape[1]))[None, :]
+    s = jnp.where((tok >= start) & (tok < end), s, _NEG)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    corr = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next[:, None])
+    l_next = l_prev * corr + jnp.sum(p, axis=1)
+    return m_next, l_next, acc * corr[:, None] + p_dot_v(p)
+
+
+def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, interpret, num_warps, num_stages,
+                  name):
+    """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, M, D];
+    ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
+    when ``layer`` is given; lo, hi, start, end [B] int32. The kernel takes (layer_ref, q_ref,
+    *array_refs, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref) and the outputs are
+    o [B, Hkv, S, M, D], m, l [B, Hkv, S, M] float32."""
+    b, hkv, m_rows, d = q.shape
+
+    def row(*tail):
+        return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
+
+    if layer is not None:  # whole stacked arrays: the kernel indexes (layer, b, h) itself
+        array_specs = [pl.BlockSpec(memory_space=pl.ANY)] * len(arrays)
+    else:
+        array_specs = [row(*x.shape[2:]) for x in arrays]
+    in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + array_specs
+                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4)
+    out_specs = [
+        pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
+        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
+        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
+    ]
+    params = {}
+    if not interpret and plgpu is not None:
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(
+        kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, name=name, **params,
+    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays,
+      lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))
+
+
 def _join_minor(a, b):
     """[D, n] x 2 -> [D, 2n] with a's and b's columns interleaved (a first): a join on a new
     last axis plus a merge of the two minor axes, which stays in each thread's registers."""
@@ -144,14 +195,9 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
             l_next = l_prev * corr + jnp.sum(p_t, axis=0)
             pv = dot(value_hat_t(t0).astype(compute_dtype), p_t.astype(compute_dtype))  # [D, M]
             return m_next, l_next, acc * corr[None, :] + pv
-        tok = (t0 + jnp.arange(chunk))[None, :]
-        s = jnp.where((tok >= start) & (tok < end), dot(q, key_hat_t(t0).astype(compute_dtype)), _NEG)  # [M, chunk]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        corr = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - m_next[:, None])
-        l_next = l_prev * corr + jnp.sum(p, axis=1)
-        return m_next, l_next, acc * corr[:, None] + dot(p.astype(compute_dtype),
-                                                         value_hat_t(t0).astype(compute_dtype).T)  # [M, D]
+        s = dot(q, key_hat_t(t0).astype(compute_dtype))  # [M, chunk]
+        return online_softmax_step(carry, s, t0, start, end,
+                                   lambda p: dot(p.astype(compute_dtype), value_hat_t(t0).astype(compute_dtype).T))
 
     init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((d, m_rows) if swap else (m_rows, d), jnp.float32))
@@ -215,31 +261,5 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
         variant=variant, v_scales_t=v_scales_t)
-
-    def row(*tail):
-        return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
-
-    if stacked:  # whole stacked arrays: the kernel indexes (layer, b, h) itself
-        cache_specs = [pl.BlockSpec(memory_space=pl.ANY)] * 6
-    else:
-        cache_specs = [row(*x.shape[2:]) for x in cache_arrays]
-    in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + cache_specs
-                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4)
-    out_specs = [
-        pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
-        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows, d), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
-    ]
-    params = {}
-    if not interpret and plgpu is not None:
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    return pl.pallas_call(
-        kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=interpret, name=f"kivi_decode_{variant}", **params,
-    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *cache_arrays,
-      lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))
+    return partials_call(kernel, q, cache_arrays, lo, hi, start, end, layer=layer, num_splits=num_splits,
+                         interpret=interpret, num_warps=num_warps, num_stages=num_stages, name=f"kivi_decode_{variant}")

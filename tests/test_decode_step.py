@@ -282,13 +282,14 @@ def _tiny_llama():
     return models.init_random(cfg, jax.random.key(9), init_std=0.3)
 
 
-def test_model_step_kernel_reads_the_stacked_cache_in_place():
-    """The model's decode step hands the kernel the layer-stacked quantized arrays and the
-    layer index (XLA copies a per-layer slice passed to a custom call), same logits as the
-    reference attention."""
+@pytest.mark.parametrize("kivi", [KIVIConfig(group_size=16, residual_length=32), None], ids=["kivi", "dense"])
+def test_model_step_kernel_reads_the_stacked_cache_in_place(kivi):
+    """The model's decode step hands the kernel (KIVI's, or the dense one) the layer-stacked
+    cache arrays and the layer index (XLA copies a per-layer slice passed to a custom call),
+    same logits as the reference attention."""
     m = _tiny_llama()
     ids = np.random.default_rng(3).integers(0, 101, (2, 70)).astype(np.int32)
-    cache = m.init_cache(2, 100, kivi=KIVIConfig(group_size=16, residual_length=32))
+    cache = m.init_cache(2, 100, kivi=kivi)
     _, cache = m(ids, cache, lengths=jnp.asarray([70, 41]))
     tok = ids[:, :1]
     want, _ = m(tok, cache, attn_impl="reference")
@@ -296,7 +297,7 @@ def test_model_step_kernel_reads_the_stacked_cache_in_place():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     jaxpr = jax.make_jaxpr(lambda c: m(tok, c, attn_impl="pallas"))(cache).jaxpr
     call = next(e for e in jaxpr_walk.eqns(jaxpr) if e.primitive.name == "pallas_call")
-    assert cache.layers.k_codes.shape in [v.aval.shape for v in call.invars]
+    assert (cache.layers.k if kivi is None else cache.layers.k_codes).shape in [v.aval.shape for v in call.invars]
 
 
 def test_vmap_over_requests_with_the_in_place_kernel():

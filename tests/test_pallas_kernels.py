@@ -205,3 +205,60 @@ def test_kernel_takes_value_scales_tokens_minor(variant):
     assert _rel(o_flipped, want[0]) > 1e-2  # the groups' scales are really read per group
     with pytest.raises(ValueError, match=r"v_scale and v_min must end in \(2, "):
         run(cache.v_scale, cache.v_min, v_scales_t=True)
+
+
+def _dense(lengths, hq, hkv, t, d, dtype, seed):
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    cache = kj.DenseCache.init(batch=b, num_kv_heads=hkv, head_dim=d, max_length=t, dtype=dtype)
+    k, v = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), dtype) for _ in range(2))
+    cache = cache.prefill(k, v, lengths=jnp.asarray(lengths, jnp.int32))
+    return cache, jnp.asarray(rng.standard_normal((b, hq, 1, d)), dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_dense_kernel_matches_reference(dtype, tol, gqa):
+    """The dense flash-decoding kernel (interpret mode): ragged rows, a capacity that is no
+    multiple of the chunk (masked last chunk), a sliding window, an empty row (zeros)."""
+    cache, q = _dense([203, 77, 5, 0], 2 * gqa, 2, 203, 32, dtype, 41)  # Hkv = 2, Hq = 2 * gqa
+    for window in (None, 50):
+        want = kj.decode_attention(q, cache, impl="reference", window=window)
+        got = attention_pallas.decode_attention(q, cache, window=window, interpret=True, num_splits=2)
+        assert got.shape == want.shape and got.dtype == q.dtype
+        assert _rel(got[:3], want[:3]) <= tol, window
+        assert float(jnp.abs(got[3].astype(jnp.float32)).max()) == 0.0  # nothing to attend: 0, not NaN
+    # the window really changes the answer (a kernel ignoring start would pass the above only by luck)
+    assert _rel(kj.decode_attention(q, cache, impl="reference", window=50)[:2],
+                kj.decode_attention(q, cache, impl="reference")[:2]) > 1e-2
+
+
+def test_dense_kernel_reads_a_layer_stacked_cache_in_place():
+    layers = [_dense([130, 64, 7], 4, 2, 130, 32, jnp.float32, seed)[0] for seed in (51, 52, 53)]
+    q = _dense([1, 1, 1], 4, 2, 130, 32, jnp.float32, 54)[1]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+    def run(stacked, i):
+        view = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), stacked)
+        return attention_pallas.decode_attention(q, view, interpret=True, stack=(stacked, i))
+
+    for i in (0, 2):
+        got = jax.jit(run)(stacked, jnp.int32(i))
+        assert _rel(got, kj.decode_attention(q, layers[i], impl="reference")) <= 1e-5, i
+        assert _rel(got, kj.decode_attention(q, layers[1], impl="reference")) > 1e-2  # not another layer's
+    call = next(e for e in jaxpr_walk.eqns(jax.make_jaxpr(run)(stacked, jnp.int32(1)).jaxpr)
+                if e.primitive.name == "pallas_call")
+    assert stacked.k.shape in [v.aval.shape for v in call.invars]
+
+
+def test_dense_kernel_bad_arguments():
+    from pallas_kernels.dense_decode import dense_decode_partials
+
+    z = jnp.zeros((2,), jnp.int32)
+    q, k = jnp.zeros((2, 2, 16, 32)), jnp.zeros((2, 2, 64, 32))
+    with pytest.raises(ValueError, match=r"k and v must both be \[B=2, Hkv=2, T, D=32\]"):
+        dense_decode_partials(q, k, jnp.zeros((2, 2, 64, 16)), z, z, z, z, interpret=True)
+    with pytest.raises(ValueError, match="q rows M=8 must be a power of two >= 16"):
+        dense_decode_partials(q[:, :, :8], k, k, z, z, z, z, interpret=True)
+    with pytest.raises(ValueError, match="chunk=48 must be a power of two >= 16"):
+        dense_decode_partials(q, k, k, z, z, z, z, chunk=48, interpret=True)

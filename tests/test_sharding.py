@@ -177,6 +177,12 @@ def _child() -> dict:
         hlo = f.lower(q, layer0).compile().as_text()
         shapes = _cache_shapes(jax.tree.map(lambda x: x[None], layer0), mesh.shape)
         res["pallas_kernel_gathered"] = len(_gathered_cache(hlo, shapes))
+    # the dense flash-decoding kernel under the same shard_map
+    dense0 = sharded["dense"].cache.layer(0)
+    out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, window=40, interpret=True, mesh=mesh))(q, dense0)
+    res["dense_pallas_err"] = float(jnp.max(jnp.abs(out - reference_decode_attention(q, jax.device_get(dense0),
+                                                                                     window=40))))
+    res["dense_pallas_out_spec"] = list(out.sharding.spec)
     return res
 
 
@@ -266,6 +272,8 @@ def test_pallas_under_shard_map_matches_reference(child):
     assert child["pallas_err"]["40"] < 1e-5
     assert child["pallas_out_spec"][:2] == ["data", "model"]
     assert child["pallas_kernel_gathered"] == 0
+    assert child["dense_pallas_err"] < 1e-5
+    assert child["dense_pallas_out_spec"][:2] == ["data", "model"]
 
 
 # ---- rules (no devices needed) --------------------------------------------------------------------
