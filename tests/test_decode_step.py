@@ -300,12 +300,15 @@ def test_model_step_kernel_reads_the_stacked_cache_in_place(kivi):
     assert (cache.layers.k if kivi is None else cache.layers.k_codes).shape in [v.aval.shape for v in call.invars]
 
 
-def test_vmap_over_requests_with_the_in_place_kernel():
+@pytest.mark.parametrize("matmul_impl", [None, "pallas"])
+def test_vmap_over_requests_with_the_in_place_kernel(matmul_impl):
     """jax.vmap of single-request generate over the model whose decode step hands the kernel the
-    stacked cache (pallas_call's batching rule adds a grid axis): the batched call's tokens."""
+    stacked cache (pallas_call's batching rule adds a grid axis), with XLA's matmuls or the
+    stacked-matmul kernel (what generate picks for KIVI on a GPU): the batched call's tokens."""
     m = _tiny_llama()
     ids = np.random.default_rng(3).integers(0, 101, (3, 90)).astype(np.int32)  # 90 > R: a quantized bulk
     kv = KIVIConfig(group_size=16, residual_length=32)
-    got = jax.vmap(lambda x: kivi_jax.generate(m, x[None], max_new_tokens=4, kivi=kv, attn_impl="pallas").tokens[0])(ids)
+    got = jax.vmap(lambda x: kivi_jax.generate(m, x[None], max_new_tokens=4, kivi=kv, attn_impl="pallas",
+                                               matmul_impl=matmul_impl).tokens[0])(ids)
     want = kivi_jax.generate(m, ids, max_new_tokens=4, kivi=kv, attn_impl="pallas").tokens
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
