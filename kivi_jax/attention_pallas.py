@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from kivi_jax import packing, rotation, sharding
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
-from pallas_kernels import dense_decode, kivi_decode
+from pallas_kernels import dense_decode, flash, kivi_decode
 
 TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs)
 
@@ -124,7 +124,7 @@ def _partials(qg, k, v, valid):
     else:
         dt, prec = k.dtype, jax.lax.Precision.DEFAULT
     s = jnp.einsum("bhgd,bhwd->bhgw", qg.astype(dt), k, precision=prec, preferred_element_type=jnp.float32)
-    s = jnp.where(valid[:, None, None, :], s, kivi_decode._NEG)
+    s = jnp.where(valid[:, None, None, :], s, flash.NEG)
     m = jnp.max(s, axis=-1)
     p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
     o = jnp.einsum("bhgw,bhwd->bhgd", p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.kivi_decode import _NEG, _program_bounds, online_softmax_step, partials_call, plgpu
+from pallas_kernels.flash import NEG, online_softmax_step, partials_call, plgpu, program_bounds
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *,
             chunk, tokens, chunks_per_split, compute_dtype, precision, stacked):
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
     m_rows, d = q_ref.shape
-    lo, hi, start, end = _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
+    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
     q = q_ref[...].astype(compute_dtype)
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
@@ -49,7 +49,7 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, 
         s = dot(q, tile(k_ref, t0).T)  # [M, chunk]
         return online_softmax_step(carry, s, t0, start, end, lambda p: dot(p.astype(compute_dtype), tile(v_ref, t0)))
 
-    init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+    init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((m_rows, d), jnp.float32))
     m_i, l_i, acc = lax.fori_loop(lo, hi, body, init)
     o_ref[...] = acc

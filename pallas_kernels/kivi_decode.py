@@ -40,77 +40,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0.10-0.12)
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
+from pallas_kernels.flash import NEG, online_softmax_step, partials_call, program_bounds
 
 # "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
 # from registers), 19-24% faster than "dequant" on the H200 (NOTES.md). A Mosaic GPU kernel
 # would be another variant here.
 VARIANTS = ("dequant", "swap")
-_NEG = -1e30  # finite "minus infinity": exp(_NEG - x) == 0 and no inf - inf
-
-
-def _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
-    """This program's chunk range [lo, hi) (its split of the row's bulk) and the row's token
-    range [start, end): tokens outside it (a sliding window's start, the last partial chunk's
-    end) are masked."""
-    split = pl.program_id(2)
-    lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
-    hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
-    return lo, hi, start_ref[()], end_ref[()]
-
-
-def online_softmax_step(carry, s, t0, start, end, p_dot_v):
-    """One chunk of flash-decoding: carry (m [M], l [M], acc [M, D]) float32, scores s
-    [M, chunk] of tokens t0.. (those outside [start, end) masked), p_dot_v(p) -> [M, D]."""
-    m_prev, l_prev, acc = carry
-    tok = (t0 + jnp.arange(s.shape[1]))[None, :]
-    s = jnp.where((tok >= start) & (tok < end), s, _NEG)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    corr = jnp.exp(m_prev - m_next)
-    p = jnp.exp(s - m_next[:, None])
-    l_next = l_prev * corr + jnp.sum(p, axis=1)
-    return m_next, l_next, acc * corr[:, None] + p_dot_v(p)
-
-
-def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, interpret, num_warps, num_stages,
-                  name):
-    """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, M, D];
-    ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
-    when ``layer`` is given; lo, hi, start, end [B] int32. The kernel takes (layer_ref, q_ref,
-    *array_refs, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref) and the outputs are
-    o [B, Hkv, S, M, D], m, l [B, Hkv, S, M] float32."""
-    b, hkv, m_rows, d = q.shape
-
-    def row(*tail):
-        return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
-
-    if layer is not None:  # whole stacked arrays: the kernel indexes (layer, b, h) itself
-        array_specs = [pl.BlockSpec(memory_space=pl.ANY)] * len(arrays)
-    else:
-        array_specs = [row(*x.shape[2:]) for x in arrays]
-    in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + array_specs
-                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4)
-    out_specs = [
-        pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
-        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows, d), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
-    ]
-    params = {}
-    if not interpret and plgpu is not None:
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    return pl.pallas_call(
-        kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=interpret, name=name, **params,
-    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays,
-      lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))
 
 
 def _join_minor(a, b):
@@ -155,7 +90,7 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
     m_rows, d = q_ref.shape
     n_vgroups = d // g
-    lo, hi, start, end = _program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
+    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
     q = q_ref[...].astype(compute_dtype)
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
@@ -188,7 +123,7 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
         t0 = c * chunk
         if swap:
             keep = ((t0 + jnp.arange(chunk)) >= start) & ((t0 + jnp.arange(chunk)) < end)
-            s_t = jnp.where(keep[:, None], dot(key_hat_t(t0).astype(compute_dtype).T, q_t), _NEG)  # [chunk, M]
+            s_t = jnp.where(keep[:, None], dot(key_hat_t(t0).astype(compute_dtype).T, q_t), NEG)  # [chunk, M]
             m_next = jnp.maximum(m_prev, jnp.max(s_t, axis=0))
             corr = jnp.exp(m_prev - m_next)
             p_t = jnp.exp(s_t - m_next[None, :])
@@ -199,7 +134,7 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
         return online_softmax_step(carry, s, t0, start, end,
                                    lambda p: dot(p.astype(compute_dtype), value_hat_t(t0).astype(compute_dtype).T))
 
-    init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+    init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((d, m_rows) if swap else (m_rows, d), jnp.float32))
     m_i, l_i, acc = lax.fori_loop(lo, hi, body, init)
     o_ref[...] = acc.T if swap else acc

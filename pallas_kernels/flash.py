@@ -1,0 +1,78 @@
+"""Flash-decoding plumbing shared by the Pallas decode kernels (:mod:`pallas_kernels.kivi_decode`,
+:mod:`pallas_kernels.dense_decode`): the grid (row b, KV head h, split s) with per-row chunk
+bounds, the online-softmax step, and the pallas_call that returns unnormalized partials.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:  # the Triton lowering's compiler params and masked loads (the GPU lowering in jax 0.10-0.12)
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+NEG = -1e30  # finite "minus infinity": exp(NEG - x) == 0 and no inf - inf
+
+
+def program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
+    """This program's chunk range [lo, hi) (its split of the row's bulk) and the row's token
+    range [start, end): tokens outside it (a sliding window's start, the last partial chunk's
+    end) are masked."""
+    split = pl.program_id(2)
+    lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
+    hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
+    return lo, hi, start_ref[()], end_ref[()]
+
+
+def online_softmax_step(carry, s, t0, start, end, p_dot_v):
+    """One chunk of flash-decoding: carry (m [M], l [M], acc [M, D]) float32, scores s
+    [M, chunk] of tokens t0.. (those outside [start, end) masked), p_dot_v(p) -> [M, D]."""
+    m_prev, l_prev, acc = carry
+    tok = (t0 + jnp.arange(s.shape[1]))[None, :]
+    s = jnp.where((tok >= start) & (tok < end), s, NEG)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    corr = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next[:, None])
+    l_next = l_prev * corr + jnp.sum(p, axis=1)
+    return m_next, l_next, acc * corr[:, None] + p_dot_v(p)
+
+
+def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, interpret, num_warps, num_stages,
+                  name):
+    """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, M, D];
+    ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
+    when ``layer`` is given; lo, hi, start, end [B] int32. The kernel takes (layer_ref, q_ref,
+    *array_refs, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref) and the outputs are
+    o [B, Hkv, S, M, D], m, l [B, Hkv, S, M] float32."""
+    b, hkv, m_rows, d = q.shape
+
+    def row(*tail):
+        return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))
+
+    if layer is not None:  # whole stacked arrays: the kernel indexes (layer, b, h) itself
+        array_specs = [pl.BlockSpec(memory_space=pl.ANY)] * len(arrays)
+    else:
+        array_specs = [row(*x.shape[2:]) for x in arrays]
+    in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + array_specs
+                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4)
+    out_specs = [
+        pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
+        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
+        pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
+    ]
+    params = {}
+    if not interpret and plgpu is not None:
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(
+        kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, name=name, **params,
+    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays,
+      lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))
