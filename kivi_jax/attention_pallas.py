@@ -177,18 +177,20 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
         return local(q, cache, stack=stack)
     # shards are whole rows x whole KV heads: only batch and kv_heads are split
     specs = sharding.cache_specs(cache, mesh, dataclasses.replace(rules, sequence=None, head_dim=None))
-    kv = tuple(specs.k if isinstance(cache, DenseCache) else specs.k_codes) + (None, None)
+    kv = tuple(getattr(specs, _KERNEL_ARRAYS[type(cache)][0])) + (None, None)
     q_spec = P(kv[0], kv[1])  # query heads follow their KV heads (Hq = g * Hkv, contiguous)
     if kv[0] is None and kv[1] is None:
         return local(q, cache)
     return sharding.shard_map(local, mesh=mesh, in_specs=(q_spec, specs), out_specs=q_spec)(q, cache)
 
 
+# the cache arrays each kernel reads (the first one's sharding is the kernel's shard_map spec)
+_KERNEL_ARRAYS = {KIVICache: ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"), DenseCache: ("k", "v")}
+
+
 def _in_place(stack, cache):
-    """(the arrays the kernel reads -- a KIVICache's six quantized ones, a DenseCache's k and
-    v --, layer or None): the stack's when its layers match ``cache``."""
-    names = ("k", "v") if isinstance(cache, DenseCache) else ("k_codes", "k_scale", "k_min", "v_codes", "v_scale",
-                                                              "v_min")
+    """(the arrays the kernel reads, layer or None): the stack's when its layers match ``cache``."""
+    names = _KERNEL_ARRAYS[type(cache)]
     if stack is not None:
         stacked, i = stack
         arrays = tuple(getattr(stacked, n) for n in names)
@@ -200,17 +202,33 @@ def _in_place(stack, cache):
 DENSE_CHUNK = 64  # tokens per step of the dense kernel's loop (untimed; KIVI's measured best)
 
 
+def _grouped_queries(q, hkv: int):
+    """q [B, Hq, 1, D] -> [B, Hkv, g, D] float32, scaled by 1/sqrt(D) (the kernels' q)."""
+    b, hq, _, d = q.shape
+    return q[:, :, 0].astype(jnp.float32).reshape(b, hkv, hq // hkv, d) / math.sqrt(d)
+
+
+def _pad_rows(qg):
+    """[B, Hkv, g, D] -> [B, Hkv, M, D] with M = g rounded up to a power of two >= 16 (the
+    kernels' dots run on tensor cores, which need 16 rows)."""
+    g = qg.shape[2]
+    return jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, 1 << (g - 1).bit_length()) - g), (0, 0)))
+
+
+def _window_start(lengths, window):
+    """[B] first token a row attends to: 0, or a sliding window's start."""
+    return jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+
+
 def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, num_warps, num_stages, stack=None):
     """:func:`decode_attention` over a DenseCache (one shard's rows and KV heads)."""
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     gq = hq // hkv
     chunk = chunk or DENSE_CHUNK
-    rows = max(16, 1 << (gq - 1).bit_length())  # tensor-core dots need 16 rows
-    qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
-    qp = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
+    qp = _pad_rows(_grouped_queries(q, hkv))
     end = cache.lengths
-    start = jnp.zeros_like(end) if window is None else jnp.maximum(end - window, 0)
+    start = _window_start(end, window)
     splits = num_splits or default_splits(b, hkv, -(-cache.max_length // chunk), interpret)
     (k, v), layer = _in_place(stack, cache)
     o, m, l = dense_decode.dense_decode_partials(
@@ -232,13 +250,11 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     gq = hq // hkv
     variant = DEFAULT_VARIANT if variant == "auto" else variant
     chunk = chunk or _default_chunk(c)
-    rows = max(16, 1 << (gq - 1).bit_length())  # tensor-core dots need 16 rows
-    qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, gq, d) / math.sqrt(d)
+    qg = _grouped_queries(q, hkv)
     if c.rotate_keys:  # scores in the stored basis: (q·H)·(K·H)^T
         qg = rotation.rotate(qg)
-    qp = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
-    lengths = cache.lengths
-    start = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    qp = _pad_rows(qg)
+    start = _window_start(cache.lengths, window)
     sk = c.sink_tokens
     start_b = start if sk == 0 else jnp.maximum(start - sk, 0)  # the window's start in body positions
     end = cache._body_quantized_values()  # [B] body tokens: the kernel covers [start, end)

@@ -197,10 +197,6 @@ def _takes(model, name: str) -> bool:
         return False
 
 
-def _takes_logits_at(model) -> bool:
-    return _takes(model, "logits_at")
-
-
 def _default_matmul_impl(model, kivi, mesh) -> str | None:
     """matmul_impl=None: "pallas" for a KIVI cache on one GPU when the model takes the keyword,
     else the model's default. Measured on the H200 (decode-step-ab-2026-11-30-smoke, 32
@@ -253,11 +249,10 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     TRACE_COUNTS["prefill"] += 1
     model = _merge(graphdef, state)
     b, _ = input_ids.shape
-    rows = cfg.prefill_rows
-    if rows is None or rows >= b:
+    if cfg.prefill_rows is None:  # _resolve_prefill_rows: None unless fewer rows than B
         last, cache = _prefill_batch(model, input_ids, lengths, cfg)
     else:
-        last, cache = _prefill_in_slices(model, input_ids, lengths, rows, cfg)
+        last, cache = _prefill_in_slices(model, input_ids, lengths, cfg.prefill_rows, cfg)
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
@@ -448,7 +443,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
                   cache_dtype=cache_dtype, attn_impl=attn_impl, matmul_impl=matmul_impl, sampler=sampler,
                   mesh=mesh, rules=rules,
-                  logits_at=_takes_logits_at(model))
+                  logits_at=_takes(model, "logits_at"))
     cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
     if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)

@@ -1,6 +1,7 @@
 """Flash-decoding plumbing shared by the Pallas decode kernels (:mod:`pallas_kernels.kivi_decode`,
 :mod:`pallas_kernels.dense_decode`): the grid (row b, KV head h, split s) with per-row chunk
-bounds, the online-softmax step, and the pallas_call that returns unnormalized partials.
+bounds, the online-softmax step, and the pallas_call that returns unnormalized partials; and
+the Triton compiler parameters every kernel here passes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ try:  # the Triton lowering's compiler params and masked loads (the GPU lowering
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
+
+def triton_params(interpret: bool, num_warps: int, num_stages: int) -> dict:
+    """pallas_call keywords for the Triton lowering (none in interpret mode)."""
+    if interpret or plgpu is None:
+        return {}
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
 
 NEG = -1e30  # finite "minus infinity": exp(NEG - x) == 0 and no inf - inf
 
@@ -68,11 +76,8 @@ def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, i
         jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
         jax.ShapeDtypeStruct((b, hkv, num_splits, m_rows), jnp.float32),
     ]
-    params = {}
-    if not interpret and plgpu is not None:
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(
         kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=interpret, name=name, **params,
+        out_shape=out_shape, interpret=interpret, name=name, **triton_params(interpret, num_warps, num_stages),
     )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays,
       lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))

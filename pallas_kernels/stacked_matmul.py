@@ -28,10 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton lowering's compiler params (the default GPU lowering in jax 0.10-0.12)
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
+from pallas_kernels.flash import triton_params
 
 
 def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, blocks: int, per_split: int,
@@ -84,15 +81,12 @@ def stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 64, splits:
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, block_k=block_k, block_n=block_n, blocks=blocks, per_split=per_split,
                                precision=precision)
-    params = {}
-    if not interpret and plgpu is not None:
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     partials = pl.pallas_call(
         kernel, grid=(n // block_n, splits),
         in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), pl.BlockSpec((mp, k), lambda i, j: (0, 0)),
                   pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((None, mp, block_n), lambda i, j: (j, 0, i)),
         out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
-        interpret=interpret, name="stacked_matmul", **params,
+        interpret=interpret, name="stacked_matmul", **triton_params(interpret, num_warps, num_stages),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, w)
     return jnp.sum(partials, axis=0)[:m].astype(x.dtype)
