@@ -43,6 +43,17 @@ def build_cache(cfg, b, hkv, d, lengths, dtype, key, appends=3, max_length=None)
     return cache
 
 
+def build_dense(b, hkv, d, lengths, dtype, key, appends=3):
+    """A DenseCache holding random prompts of ``lengths`` plus ``appends`` decoded tokens."""
+    t = int(max(lengths))
+    cache = kj.DenseCache.init(batch=b, num_kv_heads=hkv, head_dim=d, max_length=t + appends + 5, dtype=dtype)
+    k, v = random_kv(key, (b, hkv, t, d), dtype)
+    cache = cache.prefill(k, v, lengths=jnp.asarray(lengths, jnp.int32))
+    for i in range(appends):
+        cache = cache.append(*random_kv(jax.random.fold_in(key, i), (b, hkv, 1, d), dtype))
+    return cache
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -50,7 +61,8 @@ def rel_err(a, b):
 
 def check(name, q, cache, variant, window=None, dtype="bfloat16"):
     ref = kj.decode_attention(q, cache, impl="reference", window=window)
-    out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, window=window, variant=variant))(q, cache)
+    kw = {} if variant == "dense" else {"variant": variant}  # "dense": a DenseCache's kernel
+    out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, window=window, **kw))(q, cache)
     err = rel_err(out, ref)
     finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
     ok = finite and err <= TOL[dtype]
@@ -112,6 +124,30 @@ def main(argv=None):
         for variant in variants:
             rows.append(check(name, q, cache, variant, window=window))
             print(rows[-1], flush=True)
+    # the dense flash-decoding kernel (decode_attention(impl="pallas") on a DenseCache)
+    for i, dtype in enumerate(("bfloat16", "float16", "float32")):
+        for hq, hkv in ((8, 8), (16, 4), (16, 2)):
+            name = f"dense gqa{hq // hkv} ragged"
+            if not wanted(name) or (dtype != "bfloat16" and hkv != 4):
+                continue
+            lengths = [1500, 777, 129, 3]
+            cache = build_dense(4, hkv, 128, lengths, jnp.dtype(dtype), jax.random.key(20 + i))
+            q = jax.random.normal(jax.random.key(30 + i), (4, hq, 1, 128)).astype(dtype)
+            rows.append(check(name, q, cache, "dense", dtype=dtype))
+            print(rows[-1], flush=True)
+            if hkv == 4 and dtype == "bfloat16":
+                rows.append(check(name.replace("ragged", "window=700"), q, cache, "dense", window=700))
+                print(rows[-1], flush=True)
+    if wanted("dense stack"):  # layer 2 of a 3-layer stack, read in place (the model's path)
+        stack = [build_dense(4, 4, 128, [1500, 777, 129, 3], jnp.bfloat16, jax.random.key(40 + s)) for s in range(3)]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stack)
+        q = jax.random.normal(jax.random.key(44), (4, 16, 1, 128)).astype(jnp.bfloat16)
+        out = jax.jit(lambda q, st: attention_pallas.decode_attention(
+            q, jax.tree.map(lambda x: x[2], st), stack=(st, jnp.int32(2))))(q, stacked)
+        err = rel_err(out, kj.decode_attention(q, stack[2], impl="reference"))
+        rows.append({"check": "dense stack, layer 2 in place", "variant": "dense", "dtype": "bfloat16",
+                     "rel_err": err, "tol": TOL["bfloat16"], "ok": err <= TOL["bfloat16"]})
+        print(rows[-1], flush=True)
     if not args.skip_large and wanted("2^31"):
         # B*H*T*D = 64*32*8448*128 > 2**31: filled at random, compared on a few rows
         b, h, t, d = 64, 32, 8448, 128

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import time
@@ -103,3 +104,57 @@ def markdown(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _hlo_sources(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> where it came from: its metadata's op_name (the jit / scan /
+    ``jax.named_scope`` path; the library names its decode-step parts with named scopes),
+    prefixed by "file.py:line" when the metadata has a source file (older XLA)."""
+    out = {}
+    for ln in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}", ln)
+        if not m:
+            continue
+        meta = m.group(2)
+        f = re.search(r'source_file="([^"]*)"', meta)
+        line = re.search(r"source_line=(\d+)", meta)
+        op = re.search(r'op_name="([^"]*)"', meta)
+        src = f"{os.path.basename(f.group(1))}:{line.group(1) if line else '?'} " if f else ""
+        out[m.group(1)] = src + (op.group(1) if op else "")
+    return out
+
+
+def trace_kernels(run, hlo: str, steps: int, plane_prefix="/device:GPU", line_prefix="Stream") -> list[dict]:
+    """GPU time per kernel over ``run()`` (which runs ``steps`` steps and blocks), from a
+    jax.profiler trace read back with jax.profiler.ProfileData: one row per kernel name with
+    ms per step, launches per step, and the HLO source it came from (``hlo``: the compiled
+    module's text). Sorted by time, largest first. The prefixes pick the trace's planes and
+    lines: a GPU's streams by default."""
+    import collections
+    import glob
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
+    paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    data = jax.profiler.ProfileData.from_file(paths[0])
+    src = _hlo_sources(hlo)
+    tot = collections.defaultdict(lambda: [0, 0])
+    for plane in data.planes:
+        if not plane.name.startswith(plane_prefix):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith(line_prefix):
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                name = str(stats.get("hlo_op") or ev.name)
+                tot[name][0] += ev.duration_ns
+                tot[name][1] += 1
+    rows = [{"kernel": k[:80], "ms_per_step": ns / 1e6 / steps, "launches_per_step": n / steps,
+             "source": src.get(k, src.get(k.split(".")[0], ""))[-120:]} for k, (ns, n) in tot.items()]
+    return sorted(rows, key=lambda r: -r["ms_per_step"])

@@ -11,6 +11,7 @@ Arms (``--arms``):
   cache (what it did before it read the stack in place; XLA copies those slices).
 - ``allpallas``: ``pallas`` plus ``attn_impl="pallas"``: for a dense cache, the dense Pallas
   attention reading the stacked cache in place (same as ``pallas`` for KIVI caches).
+- ``pallasattn``: ``scan`` (XLA's matmuls) with ``attn_impl="pallas"``.
 
 History: at 1d6c7c7 the e2e profile put 165 of a 179 ms step outside attention and cache
 writes; this script found the cause, the stacked v_res copied every layer
@@ -66,11 +67,11 @@ def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
             if re.search(rf"\b({ops})[.\d]*\(", ln) and any(s in ln.split("=")[1][:80] for s in shapes)]
 
 
-def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
-    if arm in ("scan", "pallas", "sliced", "allpallas"):
+def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=False):
+    if arm in ("scan", "pallas", "sliced", "allpallas", "pallasattn"):
         apply, params = models.functional(model)
         impl = "pallas" if arm in ("pallas", "allpallas") else "xla"
-        attn = "pallas" if arm == "allpallas" else "auto"
+        attn = "pallas" if arm in ("allpallas", "pallasattn") else "auto"
         if arm == "sliced":  # traced below, inside this arm only
             attention_pallas._in_place = lambda stack, cache: _IN_PLACE(None, cache)
         step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl, attn_impl=attn), donate_argnums=(2,))
@@ -101,11 +102,27 @@ def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest):
     for _ in range(n):
         _, cache = step(*args, cache)
     jax.block_until_ready(cache)
+    kernels = None
+    if trace:  # GPU time per kernel over 5 more steps, with the source line each came from
+        def run():
+            nonlocal cache
+            for _ in range(5):
+                _, cache = step(*args, cache)
+            jax.block_until_ready(cache)
+        kernels = common.trace_kernels(run, hlo, steps=5)
     mem = compiled.memory_analysis()
     row = {"arm": arm, "step_ms": (time.perf_counter() - t) * 1e3 / n, "compile_s": compile_s,
            "temp_bytes": getattr(mem, "temp_size_in_bytes", None), "stacked_copies": len(stacked),
            "weight_copies": len(weights), "examples": (stacked + weights)[:4]}
+    if kernels is not None:
+        row["kernels"] = kernels
     return row, cache, hlo
+
+
+def _kernel_table(kernels, step_ms, top=25) -> str:
+    total = sum(r["ms_per_step"] for r in kernels)
+    head = f"GPU kernel time {total:.2f} ms per step (step {step_ms:.2f} ms wall), {len(kernels)} kernels; top {top}:"
+    return head + "\n" + common.markdown(kernels[:top], ["kernel", "ms_per_step", "launches_per_step", "source"])
 
 
 def main(argv=None):
@@ -115,8 +132,9 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--max-length", type=int, default=498)
     ap.add_argument("--caches", default="kivi2", help="comma list of dense, kivi2, kivi4")
-    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas, sliced, allpallas")
+    ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas, sliced, allpallas, pallasattn")
     ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--trace", action="store_true", help="also the GPU time per kernel of each arm's step")
     a = ap.parse_args(argv)
     cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
                              num_heads=32, num_kv_heads=32, head_dim=128)
@@ -136,10 +154,12 @@ def main(argv=None):
         for arm in arms:
             cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
             _, cache = jax.jit(apply)(params, ids, cache)
-            row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest)
+            row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
             row.update(cache=name, layers=a.layers, batch=a.batch, xla_flags=os.environ.get("XLA_FLAGS", ""),
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)))
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+            if "kernels" in row:
+                print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
             (common.out_dir() / f"decode-step-{name}-{arm}{a.tag}.hlo.txt").write_text(hlo)
             del cache

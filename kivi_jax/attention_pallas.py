@@ -261,12 +261,14 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     n_chunks = cache.capacity // chunk
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
-    o, m, l = kivi_decode.kivi_decode_partials(
-        qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits, v_bits=c.v_bits,
-        group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits, variant=variant, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
+    with jax.named_scope("kivi_kernel"):
+        o, m, l = kivi_decode.kivi_decode_partials(
+            qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
+            v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
+            variant=variant, interpret=interpret, num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
     o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
-    o_w, m_w, l_w = _window_partials(qg, cache, start)  # the full-precision tokens
+    with jax.named_scope("kivi_window"):
+        o_w, m_w, l_w = _window_partials(qg, cache, start)  # the full-precision tokens
     m_all = jnp.maximum(jnp.max(m, axis=2), m_w)  # [B, Hkv, g]
     w, w_w = jnp.exp(m - m_all[:, :, None]), jnp.exp(m_w - m_all)
     num = jnp.sum(o * w[..., None], axis=2) + o_w * w_w[..., None]

@@ -71,25 +71,33 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     window = config.sliding_window
 
-    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    q = apply_rope((h @ p["q_proj"]).reshape(b, t, hq, d), cos, sin)
-    k = apply_rope((h @ p["k_proj"]).reshape(b, t, hkv, d), cos, sin)
-    v = (h @ p["v_proj"]).reshape(b, t, hkv, d)
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T, D]
+    # named scopes: the parts of a step a profile attributes time to (benchmarks.common.trace_kernels)
+    with jax.named_scope("qkv"):
+        h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        q = apply_rope((h @ p["q_proj"]).reshape(b, t, hq, d), cos, sin)
+        k = apply_rope((h @ p["k_proj"]).reshape(b, t, hkv, d), cos, sin)
+        v = (h @ p["v_proj"]).reshape(b, t, hkv, d)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, heads, T, D]
 
     if decode:
-        cache = cache.append_layer(i, k, v)  # only the new token's slabs are written
-        # stack=: the kernel reads the quantized arrays in place (a sliced operand is a copy)
-        o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window, stack=(cache.layers, i))
+        with jax.named_scope("cache_append"):
+            cache = cache.append_layer(i, k, v)  # only the new token's slabs are written
+        with jax.named_scope("attention"):
+            # stack=: the kernel reads the quantized arrays in place (a sliced operand is a copy)
+            o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window, stack=(cache.layers, i))
     else:
-        o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
+        with jax.named_scope("attention"):
+            o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
         if cache is not None:
-            cache = cache.prefill_layer(i, k, v, lengths)
-    o = o.transpose(0, 2, 1, 3).reshape(b, t, hq * d).astype(x.dtype)
-    x = x + o @ p["o_proj"]
+            with jax.named_scope("cache_prefill"):
+                cache = cache.prefill_layer(i, k, v, lengths)
+    with jax.named_scope("o_proj"):
+        o = o.transpose(0, 2, 1, 3).reshape(b, t, hq * d).astype(x.dtype)
+        x = x + o @ p["o_proj"]
 
-    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    x = x + (jax.nn.silu(h @ p["gate_proj"]) * (h @ p["up_proj"])) @ p["down_proj"]
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ p["gate_proj"]) * (h @ p["up_proj"])) @ p["down_proj"]
     return x, cache
 
 

@@ -1,0 +1,43 @@
+"""The benchmark scripts' measuring helpers, on CPU (the GPU runs use the same code)."""
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+
+
+def test_trace_kernels_attributes_time_to_hlo_ops_and_sources():
+    """trace_kernels reads a jax.profiler trace back: the op that runs appears once per step,
+    with a positive time and the named scope the HLO metadata gives."""
+    def g(x):
+        with jax.named_scope("my_part"):
+            return jnp.sin(x) * 3.0
+
+    f = jax.jit(g)
+    x = jax.random.normal(jax.random.key(0), (512, 512))
+    compiled = f.lower(x).compile()
+    hlo = compiled.as_text()
+    f(x).block_until_ready()
+
+    def run():
+        for _ in range(3):
+            out = compiled(x)
+        out.block_until_ready()
+
+    rows = common.trace_kernels(run, hlo, steps=3, plane_prefix="/host:CPU", line_prefix="tf_XLA")
+    ops = [r for r in rows if "sin" in r["kernel"] or "fusion" in r["kernel"]]
+    assert ops, rows
+    assert ops[0]["ms_per_step"] > 0
+    assert abs(ops[0]["launches_per_step"] - 1.0) < 1e-9
+    assert "my_part" in ops[0]["source"]
+
+
+def test_hlo_sources_parses_metadata():
+    hlo = ('  %fusion.3 = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fc, '
+           'metadata={op_name="jit(f)/mul" source_file="/x/y/attention_pallas.py" source_line=42}\n'
+           '  ROOT %copy.1 = f32[4]{0} copy(%fusion.3)\n')
+    src = common._hlo_sources(hlo)
+    assert src["fusion.3"] == "attention_pallas.py:42 jit(f)/mul"
+    hlo = '  %sin.0 = f32[4]{0} sine(%p), metadata={op_name="jit(f)/kivi_window/sin" stack_frame_id=2}'
+    assert common._hlo_sources(hlo) == {"sin.0": "jit(f)/kivi_window/sin"}
+    assert "copy.1" not in src
