@@ -102,8 +102,11 @@ def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=Fal
     for _ in range(n):
         _, cache = step(*args, cache)
     jax.block_until_ready(cache)
+    step_ms = (time.perf_counter() - t) * 1e3 / n
     kernels = None
-    if trace:  # GPU time per kernel over 5 more steps, with the source line each came from
+    if trace:  # GPU time per kernel over 5 more steps, with the named scope each came from
+        # (run with XLA_FLAGS=--xla_gpu_enable_command_buffer= : in a command buffer the
+        # kernels are traced under the buffer's name)
         def run():
             nonlocal cache
             for _ in range(5):
@@ -111,7 +114,7 @@ def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=Fal
             jax.block_until_ready(cache)
         kernels = common.trace_kernels(run, hlo, steps=5)
     mem = compiled.memory_analysis()
-    row = {"arm": arm, "step_ms": (time.perf_counter() - t) * 1e3 / n, "compile_s": compile_s,
+    row = {"arm": arm, "step_ms": step_ms, "compile_s": compile_s,
            "temp_bytes": getattr(mem, "temp_size_in_bytes", None), "stacked_copies": len(stacked),
            "weight_copies": len(weights), "examples": (stacked + weights)[:4]}
     if kernels is not None:
@@ -119,9 +122,19 @@ def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=Fal
     return row, cache, hlo
 
 
+SCOPES = ("kivi_kernel", "kivi_window", "cache_append", "attention", "qkv", "o_proj", "mlp")  # models/llama.py
+
+
 def _kernel_table(kernels, step_ms, top=25) -> str:
+    """The top kernels and the GPU time per named scope (the innermost of SCOPES that a
+    kernel's op_name holds; "other" for none)."""
     total = sum(r["ms_per_step"] for r in kernels)
-    head = f"GPU kernel time {total:.2f} ms per step (step {step_ms:.2f} ms wall), {len(kernels)} kernels; top {top}:"
+    scopes = {}
+    for r in kernels:
+        scope = next((s for s in SCOPES if f"/{s}/" in r["source"] or r["source"].endswith(f"/{s}")), "other")
+        scopes[scope] = scopes.get(scope, 0.0) + r["ms_per_step"]
+    head = (f"GPU kernel time {total:.2f} ms per step (step {step_ms:.2f} ms wall), {len(kernels)} kernels; "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(scopes.items(), key=lambda kv: -kv[1])) + f"; top {top}:")
     return head + "\n" + common.markdown(kernels[:top], ["kernel", "ms_per_step", "launches_per_step", "source"])
 
 
