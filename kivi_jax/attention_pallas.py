@@ -1,15 +1,16 @@
-"""Glue between KIVICache and the fused Pallas decode kernel (pallas_kernels.kivi_decode).
+"""Glue between KIVICache and the fused Pallas decode kernels (pallas_kernels.kivi_decode,
+pallas_kernels.kivi_window).
 
-The kernel covers each row's *bulk*: the tokens below m = max(L - R, 0), where keys and values
-are both quantized (in ``chunk``-token chunks, the last one masked at m). The R newest tokens —
+The bulk kernel covers each row's tokens below m = max(L - R, 0), where keys and values are
+both quantized (in ``chunk``-token chunks, the last one masked at m). The R newest tokens —
 the value window, whose keys are in the key residual or in the block flushed last — are
-attended here in plain JAX straight from the residual ring (it is the full-precision part KIVI
-keeps anyway), and the partial softmaxes are combined.
+attended by the window kernel straight from the residual ring (plain JAX for configs it does
+not take: see kivi_window.supported), and the partial softmaxes are combined.
 
 Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
-the sinks (store position p = token S + p), so the kernel and the window work on that body
+the sinks (store position p = token S + p), so the kernels and the window work on that body
 exactly as on a plain cache (body lengths, a sliding window's start shifted by S), and the S
-sink tokens join the window's plain-JAX partial. With ``rotate``, q is rotated (q·H) before the
+sink tokens get a plain-JAX partial of their own. With ``rotate``, q is rotated (q·H) before the
 kernel and the window, and the combined output is rotated back (o·H^T) after: one D x D
 product per query, none per cached token. ``key_group_size`` != ``group_size`` is a kernel
 parameter: the scales are passed as stored.
@@ -29,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from kivi_jax import packing, rotation, sharding
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
-from pallas_kernels import dense_decode, flash, kivi_decode
+from pallas_kernels import dense_decode, flash, kivi_decode, kivi_window
 
 TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs)
 
@@ -38,6 +39,34 @@ def default_splits(batch: int, heads: int, n_chunks: int, interpret: bool) -> in
     if interpret:
         return min(2, n_chunks)
     return max(1, min(n_chunks, -(-TARGET_PROGRAMS // (batch * heads)), 64))
+
+
+def _split_axis(o, m, l):
+    """Partials [B, Hkv, g, ...] -> [B, Hkv, 1, g, ...] (one split)."""
+    return o[:, :, None], m[:, :, None], l[:, :, None]
+
+
+def _window_parts(qg, qp, cache: KIVICache, start, start_b, stack, interpret):
+    """Partials over every full-precision token (see _window_partials), as a list for
+    _combine: the ring from the kivi_window kernel (reading a layer-stacked cache in place)
+    when it supports the config, plus the sink tokens in plain JAX; else all in plain JAX.
+    qg [B, Hkv, g, D], qp: qg with rows padded (the kernel's q); start, start_b [B]: the
+    window's first token, absolute and in body positions."""
+    c = cache.config
+    r, sk = c.residual_length, c.sink_tokens
+    if not kivi_window.supported(r, c.k_bits, c.key_group, cache.capacity):
+        return [_split_axis(*_window_partials(qg, cache, start))]
+    arrays, layer = _in_place(stack, cache, _WINDOW_ARRAYS)
+    if layer is None and sk:  # the ring alone (a block of R' = R + S rows is not a power of two)
+        arrays = (arrays[0][:, :, :r], arrays[1][:, :, :r]) + arrays[2:]
+    parts = [kivi_window.kivi_window_partials(
+        qp, *arrays, cache.body_lengths, cache._body_quantized_keys(), start_b, r=r, k_bits=c.k_bits,
+        key_group_size=c.key_group, layer=layer, interpret=interpret)]
+    if sk:
+        s = jnp.arange(sk)[None, :]
+        valid = (s < cache.lengths[:, None]) & (s >= start[:, None])
+        parts.append(_split_axis(*_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid)))
+    return parts
 
 
 def _window_partials(qg, cache: KIVICache, start):
@@ -188,9 +217,13 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 _KERNEL_ARRAYS = {KIVICache: ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"), DenseCache: ("k", "v")}
 
 
-def _in_place(stack, cache):
-    """(the arrays the kernel reads, layer or None): the stack's when its layers match ``cache``."""
-    names = _KERNEL_ARRAYS[type(cache)]
+_WINDOW_ARRAYS = ("k_res", "v_res", "k_codes", "k_scale", "k_min")  # what kivi_window reads
+
+
+def _in_place(stack, cache, names=None):
+    """(the arrays a kernel reads, layer or None): the stack's when its layers match ``cache``.
+    names: the cache fields (default: those of the cache type's bulk kernel)."""
+    names = names or _KERNEL_ARRAYS[type(cache)]
     if stack is not None:
         stacked, i = stack
         arrays = tuple(getattr(stacked, n) for n in names)
@@ -234,11 +267,18 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages)
-    o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
-    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # combine the splits
-    den = jnp.sum(l * w, axis=2)
-    out = jnp.sum(o * w[..., None], axis=2) / jnp.where(den > 0, den, 1.0)[..., None]  # no token: 0
+    out = _combine([(o, m, l)], gq)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
+
+
+def _combine(parts, g):
+    """Normalized attention from flash-decoding partials: parts [(o [B, Hkv, S, M, D], m, l
+    [B, Hkv, S, M])] (splits S of any number, rows M >= g: the first g are the query heads)
+    -> [B, Hkv, g, D] float32; a row with no token gets 0."""
+    o, m, l = (jnp.concatenate([p[i][:, :, :, :g] for p in parts], axis=2) for i in range(3))
+    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
+    den = jnp.sum(l * w, axis=2)
+    return jnp.sum(o * w[..., None], axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
 
 
 def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, num_warps,
@@ -261,19 +301,14 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     n_chunks = cache.capacity // chunk
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
-    with jax.named_scope("kivi_kernel"):
+    with jax.named_scope("kivi_kernel"):  # the bulk: keys and values quantized
         o, m, l = kivi_decode.kivi_decode_partials(
             qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
             v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
             variant=variant, interpret=interpret, num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
-    o, m, l = o[:, :, :, :gq], m[:, :, :, :gq], l[:, :, :, :gq]
-    with jax.named_scope("kivi_window"):
-        o_w, m_w, l_w = _window_partials(qg, cache, start)  # the full-precision tokens
-    m_all = jnp.maximum(jnp.max(m, axis=2), m_w)  # [B, Hkv, g]
-    w, w_w = jnp.exp(m - m_all[:, :, None]), jnp.exp(m_w - m_all)
-    num = jnp.sum(o * w[..., None], axis=2) + o_w * w_w[..., None]
-    den = jnp.sum(l * w, axis=2) + l_w * w_w
-    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    with jax.named_scope("kivi_window"):  # the full-precision tokens
+        window_parts = _window_parts(qg, qp, cache, start, start_b, stack, interpret)
+    out = _combine([(o, m, l)] + window_parts, gq)
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)
     return out.reshape(b, hq, 1, d).astype(q.dtype)

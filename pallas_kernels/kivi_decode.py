@@ -82,6 +82,16 @@ def _codes_t(words_ref, t0, chunk, bits, at=()):
     return _unpack_minor(words_ref[at + (pl.ds(t0 // per, chunk // per), slice(None))].T, bits)
 
 
+def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=()):
+    """K̂ᵀ [D, chunk] float32: keys [t0, t0 + chunk) dequantized (code * scale + min) from the
+    packed codes and the per-channel scale/min rows (``at`` as in :func:`_codes_t`)."""
+    codes = _codes_t(kc_ref, t0, chunk, k_bits, at)  # [D, chunk]
+    rows = max(chunk // key_group_size, 1)  # key groups in the chunk (a chunk shorter than a group: one)
+    ks, km = (_repeat_minor(x[at + (pl.ds(t0 // key_group_size, rows), slice(None))].astype(jnp.float32).T,
+                            chunk // rows) for x in (ks_ref, km_ref))  # [D, chunk]
+    return codes.astype(jnp.float32) * ks + km
+
+
 def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
             start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
             chunks_per_split, compute_dtype, precision, stacked, variant="dequant", v_scales_t=False):
@@ -94,12 +104,8 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
     q = q_ref[...].astype(compute_dtype)
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
-    def key_hat_t(t0):  # K̂ᵀ [D, chunk] float32
-        codes = _codes_t(kc_ref, t0, chunk, k_bits, at)  # [D, chunk]
-        rows = max(chunk // kg, 1)  # key groups in the chunk (a chunk shorter than a group: one)
-        ks, km = (_repeat_minor(x[at + (pl.ds(t0 // kg, rows), slice(None))].astype(jnp.float32).T, chunk // rows)
-                  for x in (ks_ref, km_ref))  # [D, chunk]
-        return codes.astype(jnp.float32) * ks + km
+    def k_hat_t(t0):  # K̂ᵀ [D, chunk] float32
+        return key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, kg, at)
 
     def value_scales_t(x_ref, t0):  # [D/G, chunk] float32
         if v_scales_t:  # stored tokens-minor: no transpose
@@ -123,14 +129,14 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
         t0 = c * chunk
         if swap:
             keep = ((t0 + jnp.arange(chunk)) >= start) & ((t0 + jnp.arange(chunk)) < end)
-            s_t = jnp.where(keep[:, None], dot(key_hat_t(t0).astype(compute_dtype).T, q_t), NEG)  # [chunk, M]
+            s_t = jnp.where(keep[:, None], dot(k_hat_t(t0).astype(compute_dtype).T, q_t), NEG)  # [chunk, M]
             m_next = jnp.maximum(m_prev, jnp.max(s_t, axis=0))
             corr = jnp.exp(m_prev - m_next)
             p_t = jnp.exp(s_t - m_next[None, :])
             l_next = l_prev * corr + jnp.sum(p_t, axis=0)
             pv = dot(value_hat_t(t0).astype(compute_dtype), p_t.astype(compute_dtype))  # [D, M]
             return m_next, l_next, acc * corr[None, :] + pv
-        s = dot(q, key_hat_t(t0).astype(compute_dtype))  # [M, chunk]
+        s = dot(q, k_hat_t(t0).astype(compute_dtype))  # [M, chunk]
         return online_softmax_step(carry, s, t0, start, end,
                                    lambda p: dot(p.astype(compute_dtype), value_hat_t(t0).astype(compute_dtype).T))
 

@@ -150,6 +150,31 @@ def test_kernel_reads_a_layer_stacked_cache_in_place():
     calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
     shapes = [v.aval.shape for v in calls[0].invars]
     assert stacked.k_codes.shape in shapes and stacked.v_scale.shape in shapes, shapes
+    # the window kernel (the residual ring and the flushed block's codes) reads the stack too
+    assert len(calls) == 2 and calls[1].params["name"] == "kivi_window", [c.params.get("name") for c in calls]
+    shapes = [v.aval.shape for v in calls[1].invars]
+    assert stacked.k_res.shape in shapes and stacked.k_codes.shape in shapes, shapes
+
+
+def test_window_kernel_only_where_supported():
+    """The ring goes to the window kernel when R is a power of two of whole words and key
+    groups (else plain JAX: R = 48 with 1-bit keys, as in the half-word test above)."""
+    from pallas_kernels import kivi_window
+
+    def n_calls(cfg):
+        cache = _cache(cfg, [150, 60], 1, 32, jnp.float32, seed=0, appends=1)
+        q = jnp.ones((2, 1, 1, 32))
+        jaxpr = jax.make_jaxpr(lambda q, c: attention_pallas.decode_attention(q, c, interpret=True))(q, cache)
+        return [e.params["name"] for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+
+    assert "kivi_window" in n_calls(kj.KIVIConfig(group_size=16, residual_length=32))
+    assert "kivi_window" not in n_calls(kj.KIVIConfig(k_bits=1, group_size=16, residual_length=48))
+    assert kivi_window.supported(128, 2, 32, 4096) and not kivi_window.supported(128, 2, 32, 64)
+    with pytest.raises(ValueError, match="residual_length=48"):
+        z = jnp.zeros((1, 1, 16, 32))
+        kivi_window.kivi_window_partials(z, z, z, jnp.zeros((1, 1, 2, 32), jnp.uint32), z, z,
+                                         *[jnp.zeros((1,), jnp.int32)] * 3, r=48, k_bits=1, key_group_size=16,
+                                         interpret=True)
 
 
 
