@@ -29,11 +29,11 @@ CFG = kj.KIVIConfig()  # KIVI-2, G = 32
 CONFIGS = [
     {"variant": "swap", "chunk": 64},  # the default
     {"variant": "dequant", "chunk": 64},
-    # value scales tokens-minor ([B, Hkv, D/G, Tc], a candidate cache layout): offline SASS
-    # 4 LDS.128 per chunk instead of 32 LDS.U16, loop 1003 vs 1016 instructions
-    {"variant": "swap", "chunk": 64, "v_scales_t": True},
-    {"variant": "swap", "chunk": 64, "num_stages": 3},
-    {"variant": "swap", "chunk": 128, "num_warps": 8},
+    # v_scales_t (value scales tokens-minor) measured slower: 1.42 / 0.38 / 0.73 ms vs swap's
+    # (kernel-tuning-2026-11-30-run2); chunk 128 at 8 warps too (1.37 / 0.52 / 1.02)
+    {"variant": "swap", "chunk": 64, "num_stages": 3},  # 1.23 / 0.32 / 0.65 ms in run2
+    {"variant": "swap", "chunk": 64, "num_stages": 4},
+    {"variant": "swap", "chunk": 32, "num_stages": 3},
 ]
 
 

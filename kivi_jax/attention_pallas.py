@@ -46,6 +46,9 @@ def _split_axis(o, m, l):
     return o[:, :, None], m[:, :, None], l[:, :, None]
 
 
+WINDOW_CHUNK, WINDOW_SPLITS = 32, 2  # the window kernel's ring slots per step, programs per (row, head)
+
+
 def _window_parts(qg, qp, cache: KIVICache, start, start_b, stack, interpret):
     """Partials over every full-precision token (see _window_partials), as a list for
     _combine: the ring from the kivi_window kernel (reading a layer-stacked cache in place)
@@ -59,9 +62,11 @@ def _window_parts(qg, qp, cache: KIVICache, start, start_b, stack, interpret):
     arrays, layer = _in_place(stack, cache, _WINDOW_ARRAYS)
     if layer is None and sk:  # the ring alone (a block of R' = R + S rows is not a power of two)
         arrays = (arrays[0][:, :, :r], arrays[1][:, :, :r]) + arrays[2:]
+    chunk = max(min(WINDOW_CHUNK, r), 32 // c.k_bits)
     parts = [kivi_window.kivi_window_partials(
         qp, *arrays, cache.body_lengths, cache._body_quantized_keys(), start_b, r=r, k_bits=c.k_bits,
-        key_group_size=c.key_group, layer=layer, interpret=interpret)]
+        key_group_size=c.key_group, layer=layer, chunk=chunk, num_splits=min(WINDOW_SPLITS, r // chunk),
+        interpret=interpret)]
     if sk:
         s = jnp.arange(sk)[None, :]
         valid = (s < cache.lengths[:, None]) & (s >= start[:, None])
