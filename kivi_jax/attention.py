@@ -16,7 +16,7 @@ from kivi_jax import rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 
-IMPLS = ("auto", "pallas", "reference")
+IMPLS = ("auto", "pallas", "reference", "xla")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -113,9 +113,11 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     """Attention of one new query token per row over everything in ``cache``.
 
     q [B, Hq, 1, D]; cache a DenseCache or KIVICache holding [B, Hkv, ., D];
-    impl: "reference" (plain JAX), "pallas" (fused kernel; interpret mode off-GPU), or
-    "auto" (the kernel on GPU, the reference elsewhere; for a DenseCache always XLA's
-    attention in the cache dtype, and "pallas" its flash-decoding kernel). window: attend
+    impl: "reference" (plain JAX, float32), "xla" (the same math with the dots in the cache
+    dtype: XLA's own attention, the dense baseline before the kernels), "pallas" (fused
+    kernel; interpret mode off-GPU), or
+    "auto" (the kernel on GPU, for a DenseCache too: its flash-decoding kernel; elsewhere the
+    reference, which for a DenseCache is XLA's attention in the cache dtype). window: attend
     only to the newest ``window`` tokens (Mistral's sliding window). Returns [B, Hq, 1, D] in
     q's dtype. stack: optional (stacked, i) when ``cache`` is layer i of a layer-stacked cache
     (``models.StackedCache.layers``): the Pallas kernels then read the cache arrays in place
@@ -127,11 +129,16 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 or None")
     if impl == "auto":
-        if isinstance(cache, DenseCache):  # nothing to unpack: XLA's attention in the cache dtype
-            return reference_decode_attention(q, cache, window=window, exact=False)
-        impl = "pallas" if _on_gpu() else "reference"
-    if impl == "reference":
-        return reference_decode_attention(q, cache, window=window)
+        if not _on_gpu():
+            if isinstance(cache, DenseCache):  # XLA's attention in the cache dtype
+                return reference_decode_attention(q, cache, window=window, exact=False)
+            impl = "reference"
+        else:  # the kernels, dense too: they read a layer-stacked cache in place (XLA's attention
+            # in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at B=96 on the H200,
+            # decode-step-ab-2026-11-30-cb, arms pallasattn vs scan)
+            impl = "pallas"
+    if impl in ("reference", "xla"):
+        return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
     from kivi_jax import attention_pallas  # the kernel path is optional at import time
 
     return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)

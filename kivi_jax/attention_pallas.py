@@ -46,32 +46,33 @@ def _split_axis(o, m, l):
     return o[:, :, None], m[:, :, None], l[:, :, None]
 
 
-WINDOW_CHUNK, WINDOW_SPLITS = 32, 2  # the window kernel's ring slots per step, programs per (row, head)
+def _ring(cache: KIVICache, stack, layer, chunk):
+    """(ring, ring_len) for kivi_decode_partials: the residual ring (k_res, v_res, body lengths,
+    quantized keys), read in place from the stack when the bulk arrays are (``layer``), or
+    (None, 0) when the kernel does not take this config (kivi_window.supported)."""
+    c = cache.config
+    r = c.residual_length
+    if not kivi_window.supported(r, c.k_bits, c.key_group, cache.capacity, chunk):
+        return None, 0
+    if layer is not None:
+        k_res, v_res = stack[0].k_res, stack[0].v_res
+    else:  # the ring alone (a row block of R + S slots is not a power of two)
+        k_res, v_res = cache.k_res[:, :, :r], cache.v_res[:, :, :r]
+    return (k_res, v_res, cache.body_lengths, cache._body_quantized_keys()), r
 
 
-def _window_parts(qg, qp, cache: KIVICache, start, start_b, stack, interpret):
-    """Partials over every full-precision token (see _window_partials), as a list for
-    _combine: the ring from the kivi_window kernel (reading a layer-stacked cache in place)
-    when it supports the config, plus the sink tokens in plain JAX; else all in plain JAX.
-    qg [B, Hkv, g, D], qp: qg with rows padded (the kernel's q); start, start_b [B]: the
-    window's first token, absolute and in body positions."""
+def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool):
+    """Partials (as a list for _combine) over the full-precision tokens the kernel left out:
+    the S sink tokens when it took the ring, else the ring and the sinks (_window_partials)."""
+    if not ring_in_kernel:
+        return [_split_axis(*_window_partials(qg, cache, start))]
     c = cache.config
     r, sk = c.residual_length, c.sink_tokens
-    if not kivi_window.supported(r, c.k_bits, c.key_group, cache.capacity):
-        return [_split_axis(*_window_partials(qg, cache, start))]
-    arrays, layer = _in_place(stack, cache, _WINDOW_ARRAYS)
-    if layer is None and sk:  # the ring alone (a block of R' = R + S rows is not a power of two)
-        arrays = (arrays[0][:, :, :r], arrays[1][:, :, :r]) + arrays[2:]
-    chunk = max(min(WINDOW_CHUNK, r), 32 // c.k_bits)
-    parts = [kivi_window.kivi_window_partials(
-        qp, *arrays, cache.body_lengths, cache._body_quantized_keys(), start_b, r=r, k_bits=c.k_bits,
-        key_group_size=c.key_group, layer=layer, chunk=chunk, num_splits=min(WINDOW_SPLITS, r // chunk),
-        interpret=interpret)]
-    if sk:
-        s = jnp.arange(sk)[None, :]
-        valid = (s < cache.lengths[:, None]) & (s >= start[:, None])
-        parts.append(_split_axis(*_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid)))
-    return parts
+    if not sk:
+        return []
+    s = jnp.arange(sk)[None, :]
+    valid = (s < cache.lengths[:, None]) & (s >= start[:, None])
+    return [_split_axis(*_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid))]
 
 
 def _window_partials(qg, cache: KIVICache, start):
@@ -178,7 +179,7 @@ DEFAULT_VARIANT = "swap"
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
-                     num_splits=None, num_warps=4, num_stages=2, dot_dtype=None, mesh=None, rules=None,
+                     num_splits=None, num_warps=4, num_stages=None, dot_dtype=None, mesh=None, rules=None,
                      stack=None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
 
@@ -189,7 +190,8 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 
     A DenseCache goes to the dense flash-decoding kernel (:mod:`pallas_kernels.dense_decode`),
     which reads a layer-stacked cache in place too (``stack``); ``kivi_jax.decode_attention``'s
-    "auto" keeps XLA's attention for dense caches.
+    "auto" keeps XLA's attention for dense caches. num_stages: None for each kernel's measured
+    default (KIVI 3, dense 2).
 
     Sharded: with a mesh (``mesh``, else :func:`kivi_jax.sharding.use_mesh`'s, else jax's
     context mesh) the kernel and its tail run under ``shard_map`` over batch x kv_heads
@@ -222,13 +224,9 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 _KERNEL_ARRAYS = {KIVICache: ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"), DenseCache: ("k", "v")}
 
 
-_WINDOW_ARRAYS = ("k_res", "v_res", "k_codes", "k_scale", "k_min")  # what kivi_window reads
-
-
-def _in_place(stack, cache, names=None):
-    """(the arrays a kernel reads, layer or None): the stack's when its layers match ``cache``.
-    names: the cache fields (default: those of the cache type's bulk kernel)."""
-    names = names or _KERNEL_ARRAYS[type(cache)]
+def _in_place(stack, cache):
+    """(the arrays the kernel reads, layer or None): the stack's when its layers match ``cache``."""
+    names = _KERNEL_ARRAYS[type(cache)]
     if stack is not None:
         stacked, i = stack
         arrays = tuple(getattr(stacked, n) for n in names)
@@ -271,7 +269,7 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     (k, v), layer = _in_place(stack, cache)
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages or 2)
     out = _combine([(o, m, l)], gq)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
 
@@ -306,14 +304,16 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     n_chunks = cache.capacity // chunk
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
-    with jax.named_scope("kivi_kernel"):  # the bulk: keys and values quantized
+    ring, ring_len = _ring(cache, stack, layer, chunk)
+    with jax.named_scope("kivi_kernel"):  # the quantized bulk, and the residual ring when the kernel takes it
         o, m, l = kivi_decode.kivi_decode_partials(
             qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
             v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
-            variant=variant, interpret=interpret, num_warps=num_warps, num_stages=num_stages, dot_dtype=dot_dtype)
-    with jax.named_scope("kivi_window"):  # the full-precision tokens
-        window_parts = _window_parts(qg, qp, cache, start, start_b, stack, interpret)
-    out = _combine([(o, m, l)] + window_parts, gq)
+            variant=variant, interpret=interpret, num_warps=num_warps, num_stages=num_stages or 3,
+            dot_dtype=dot_dtype, ring=ring, ring_len=ring_len)
+    with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
+        parts = _full_precision_parts(qg, cache, start, ring is not None)
+    out = _combine([(o, m, l)] + parts, gq)
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)
     return out.reshape(b, hq, 1, d).astype(q.dtype)

@@ -81,5 +81,5 @@ def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, chunk=chunk, tokens=tokens, chunks_per_split=-(-n_chunks // num_splits),
                                compute_dtype=k.dtype, precision=precision, stacked=layer is not None)
-    return partials_call(kernel, q, (k, v), lo, hi, start, end, layer=layer, num_splits=num_splits,
+    return partials_call(kernel, q, (k, v), (lo, hi, start, end), layer=layer, num_splits=num_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name="dense_decode")

@@ -48,13 +48,12 @@ def online_softmax_step(carry, s, t0, start, end, p_dot_v):
     return m_next, l_next, acc * corr[:, None] + p_dot_v(p)
 
 
-def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, interpret, num_warps, num_stages,
-                  name):
+def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, num_warps, num_stages, name):
     """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, M, D];
     ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
-    when ``layer`` is given; lo, hi, start, end [B] int32. The kernel takes (layer_ref, q_ref,
-    *array_refs, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref) and the outputs are
-    o [B, Hkv, S, M, D], m, l [B, Hkv, S, M] float32."""
+    when ``layer`` is given; ``scalars``: per-row [B] int32 arrays (lo, hi, start, end, ...).
+    The kernel takes (layer_ref, q_ref, *array_refs, *scalar_refs, o_ref, m_ref, l_ref) and the
+    outputs are o [B, Hkv, S, M, D], m, l [B, Hkv, S, M] float32."""
     b, hkv, m_rows, d = q.shape
 
     def row(*tail):
@@ -65,7 +64,7 @@ def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, i
     else:
         array_specs = [row(*x.shape[2:]) for x in arrays]
     in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + array_specs
-                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * 4)
+                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * len(scalars))
     out_specs = [
         pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
         pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
@@ -80,4 +79,4 @@ def partials_call(kernel, q, arrays, lo, hi, start, end, *, layer, num_splits, i
         kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, name=name, **triton_params(interpret, num_warps, num_stages),
     )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays,
-      lo.astype(jnp.int32), hi.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32))
+      *(x.astype(jnp.int32) for x in scalars))

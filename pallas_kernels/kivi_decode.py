@@ -4,8 +4,10 @@ One program per (batch row b, KV head h, sequence split s) walks its share of th
 *bulk* — the leading tokens whose keys and values are both quantized, the last chunk masked
 at the row's end — in chunks of ``chunk`` tokens: it unpacks key codes, scores all query heads
 that share KV head h at once (GQA: no repeated K/V), runs an online softmax, unpacks value
-codes and accumulates p·V. It returns flash-decoding partials (o, m, l) per split; the caller
-adds the R newest tokens (the full-precision value window) and combines.
+codes and accumulates p·V. With ``ring`` the first split of each (row, head) then walks the
+residual ring, the R newest tokens whose values are in full precision
+(:mod:`pallas_kernels.kivi_window`). It returns flash-decoding partials (o, m, l) per split;
+the caller combines them.
 
 Codes are packed 32/bits consecutive tokens to a word (:mod:`kivi_jax.packing`), so a chunk is
 ``chunk * bits / 32`` whole word rows [n, D], each loaded once. The inner loop transposes them
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import kivi_window
 from pallas_kernels.flash import NEG, online_softmax_step, partials_call, program_bounds
 
 # "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
@@ -92,9 +95,14 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=()):
     return codes.astype(jnp.float32) * ks + km
 
 
-def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo_ref, hi_ref,
-            start_ref, end_ref, o_ref, m_ref, l_ref, *, k_bits, v_bits, group_size, key_group_size, chunk,
-            chunks_per_split, compute_dtype, precision, stacked, variant="dequant", v_scales_t=False):
+def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
+            compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0):
+    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized], o, m, l
+    kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
+    n_arrays = 8 if ring_len else 6
+    ring_refs = refs[6:8]
+    lo_ref, hi_ref, start_ref, end_ref = refs[n_arrays:n_arrays + 4]
+    o_ref, m_ref, l_ref = refs[-3:]
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     # one indexer per load (the Triton lowering takes no ref views of views)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
@@ -142,7 +150,17 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
 
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((d, m_rows) if swap else (m_rows, d), jnp.float32))
-    m_i, l_i, acc = lax.fori_loop(lo, hi, body, init)
+    carry = lax.fori_loop(lo, hi, body, init)
+    if ring_len:  # the full-precision window: the first split of each (row, head) walks the ring
+        len_ref, n_ref = refs[n_arrays + 4:n_arrays + 6]
+        rc = kivi_window.ring_chunk(ring_len, chunk)
+        step = functools.partial(
+            kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
+            quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
+            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at))
+        n_ring = jnp.where(pl.program_id(2) == 0, ring_len // rc, 0)
+        carry = lax.fori_loop(0, n_ring, lambda c, carry: step(pl.multiple_of(c * rc, rc), carry), carry)
+    m_i, l_i, acc = carry
     o_ref[...] = acc.T if swap else acc
     m_ref[...] = m_i
     l_ref[...] = l_i
@@ -151,15 +169,22 @@ def _kernel(layer_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, lo
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t"))
+                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
                          chunk: int = 64,  # the fastest measured on the H200 (what the glue passes)
                          num_splits: int = 1, variant: str = "swap", interpret: bool = False,
-                         num_warps: int = 4, num_stages: int = 2, dot_dtype: str | None = None,
-                         v_scales_t: bool = False):
-    """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
+                         num_warps: int = 4,
+                         num_stages: int = 3,  # 1.24 / 0.33 / 0.64 ms vs 1.27 / 0.36 / 0.67 at 2 (kernel-tuning-2026-11-30-run3)
+                         dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0):
+    """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
+    with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
+
+    ring: None, or (k_res, v_res, lengths, quantized): the residual ring [B, Hkv, R', D] (or
+    [L, ...] with ``layer``; slots past R, e.g. sinks, are not read), the row's body tokens
+    Lb and quantized keys n [B] int32; then ``ring_len`` = R > 0 and the first split of each
+    (row, head) also attends the ring's R slots (``start`` masks them too).
 
     group_size: value channels per scale/min; key_group_size: key tokens per scale/min
     (default: group_size). dot_dtype: operand dtype of the dots (default: the cache dtype).
@@ -192,6 +217,16 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         if chunk < max(16, 32 // bits) or chunk & (chunk - 1) or (16 * 32 // bits) % chunk:
             raise ValueError(f"chunk={chunk} must be a power of two >= max(16, {32 // bits}) dividing the "
                              f"{16 * 32 // bits}-token block of {name}={bits}")
+    if (ring is None) != (ring_len == 0):
+        raise ValueError(f"ring and ring_len={ring_len} go together (ring_len = residual_length > 0 with a ring)")
+    if ring is not None:
+        if not kivi_window.supported(ring_len, k_bits, kg, tc, chunk):
+            raise ValueError(f"ring_len={ring_len} with chunk={chunk}, k_bits={k_bits}, key_group_size={kg} and "
+                             f"capacity={tc}: the ring must be a power of two of whole chunks and capacity >= it "
+                             f"(see kivi_window.supported)")
+        k_res, v_res = ring[:2]
+        if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len or k_res.shape[-1] != d:
+            raise ValueError(f"k_res and v_res must be [..., R' >= {ring_len}, D={d}]; got {k_res.shape}, {v_res.shape}")
     n_chunks = tc // chunk
     per_split = -(-n_chunks // num_splits)
     # dot operands: the cache's own 16-bit dtype (half the shared-memory traffic of float32
@@ -201,6 +236,9 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
-        variant=variant, v_scales_t=v_scales_t)
-    return partials_call(kernel, q, cache_arrays, lo, hi, start, end, layer=layer, num_splits=num_splits,
+        variant=variant, v_scales_t=v_scales_t, ring_len=ring_len)
+    arrays, scalars = cache_arrays, (lo, hi, start, end)
+    if ring is not None:
+        arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])
+    return partials_call(kernel, q, arrays, scalars, layer=layer, num_splits=num_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name=f"kivi_decode_{variant}")

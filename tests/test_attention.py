@@ -53,6 +53,22 @@ def test_decode_dense_matches_reference_gqa_ragged(hq, hkv):
         np.testing.assert_array_equal(np.asarray(_decode(jnp.asarray(q), cache, impl="auto")), np.asarray(out))
 
 
+def test_decode_xla_impl_is_the_reference_in_the_cache_dtype():
+    """impl="xla" (the dense baseline e2e times) is the reference's math with the dots in the
+    cache dtype: bf16-close to float64 attention, and further from it than the float32
+    reference (a wrong path would be far off; an exact one would not differ at all)."""
+    rng = np.random.default_rng(9)
+    lengths = [24, 7]
+    cache, k, v = dense_cache(rng, 2, 2, 24, lengths, dtype=jnp.bfloat16)
+    q = rng.standard_normal((2, 4, 1, D)).astype(np.float32)
+    want = reference_decode(np.asarray(jnp.asarray(q, jnp.bfloat16).astype(jnp.float32)), k, v, lengths)
+    xla = np.asarray(_decode(jnp.asarray(q, jnp.bfloat16), cache, impl="xla"), np.float64)
+    exact = np.asarray(_decode(jnp.asarray(q, jnp.bfloat16), cache, impl="reference"), np.float64)
+    err = np.linalg.norm(xla - want) / np.linalg.norm(want)
+    assert err < 2e-2
+    assert np.linalg.norm(exact - want) / np.linalg.norm(want) <= err
+
+
 def test_decode_masks_by_length_not_by_content():
     """Whatever sits after a row's length (stale or huge values) does not change its output."""
     rng = np.random.default_rng(1)

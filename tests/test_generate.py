@@ -532,15 +532,14 @@ def test_prefill_rows_default_follows_prompt_tokens(monkeypatch):
 
 
 def test_default_matmul_impl_policy(monkeypatch):
-    """generate's matmul_impl=None: the in-place stacked matmul for KIVI caches on one GPU only."""
+    """generate's matmul_impl=None: the in-place stacked matmul on one GPU only (both caches)."""
     m = _small_llama()
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    assert gen._default_matmul_impl(m, KIVI, None) is None  # this machine has no GPU
+    assert gen._default_matmul_impl(m, None) is None  # this machine has no GPU
     monkeypatch.setattr(gen.jax, "default_backend", lambda: "gpu")
-    assert gen._default_matmul_impl(m, KIVI, None) == "pallas"
-    assert gen._default_matmul_impl(m, None, None) is None  # dense: XLA's
-    assert gen._default_matmul_impl(m, KIVI, mesh) is None  # the kernel has no shard_map
-    assert gen._default_matmul_impl(lambda ids, cache=None: None, KIVI, None) is None  # no keyword
+    assert gen._default_matmul_impl(m, None) == "pallas"
+    assert gen._default_matmul_impl(m, mesh) is None  # the kernel has no shard_map
+    assert gen._default_matmul_impl(lambda ids, cache=None: None, None) is None  # no keyword
 
 
 def test_prefill_slices_bound_the_prefill_temporaries():

@@ -150,32 +150,42 @@ def test_kernel_reads_a_layer_stacked_cache_in_place():
     calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
     shapes = [v.aval.shape for v in calls[0].invars]
     assert stacked.k_codes.shape in shapes and stacked.v_scale.shape in shapes, shapes
-    # the window kernel (the residual ring and the flushed block's codes) reads the stack too
-    assert len(calls) == 2 and calls[1].params["name"] == "kivi_window", [c.params.get("name") for c in calls]
-    shapes = [v.aval.shape for v in calls[1].invars]
-    assert stacked.k_res.shape in shapes and stacked.k_codes.shape in shapes, shapes
+    # the residual ring is attended in the same kernel, read in place from the stack too
+    assert len(calls) == 1 and stacked.k_res.shape in shapes, shapes
 
 
-def test_window_kernel_only_where_supported():
-    """The ring goes to the window kernel when R is a power of two of whole words and key
-    groups (else plain JAX: R = 48 with 1-bit keys, as in the half-word test above)."""
-    from pallas_kernels import kivi_window
+def test_ring_in_the_kernel_only_where_supported():
+    """The residual ring goes into the kernel when R is a power of two of whole chunks (else
+    plain JAX: R = 48 with 1-bit keys, as in the half-word test above)."""
+    from pallas_kernels import kivi_decode, kivi_window
 
-    def n_calls(cfg):
+    def kernel_inputs(cfg):
         cache = _cache(cfg, [150, 60], 1, 32, jnp.float32, seed=0, appends=1)
         q = jnp.ones((2, 1, 1, 32))
         jaxpr = jax.make_jaxpr(lambda q, c: attention_pallas.decode_attention(q, c, interpret=True))(q, cache)
-        return [e.params["name"] for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+        calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+        assert len(calls) == 1
+        return cache, [v.aval.shape for v in calls[0].invars]
 
-    assert "kivi_window" in n_calls(kj.KIVIConfig(group_size=16, residual_length=32))
-    assert "kivi_window" not in n_calls(kj.KIVIConfig(k_bits=1, group_size=16, residual_length=48))
-    assert kivi_window.supported(128, 2, 32, 4096) and not kivi_window.supported(128, 2, 32, 64)
-    with pytest.raises(ValueError, match="residual_length=48"):
-        z = jnp.zeros((1, 1, 16, 32))
-        kivi_window.kivi_window_partials(z, z, z, jnp.zeros((1, 1, 2, 32), jnp.uint32), z, z,
-                                         *[jnp.zeros((1,), jnp.int32)] * 3, r=48, k_bits=1, key_group_size=16,
+    cache, shapes = kernel_inputs(kj.KIVIConfig(group_size=16, residual_length=32))
+    assert cache.k_res.shape in shapes
+    cache, shapes = kernel_inputs(kj.KIVIConfig(k_bits=1, group_size=16, residual_length=48))
+    assert cache.k_res.shape not in shapes and cache.k_res[:, :, :48].shape not in shapes
+    assert kivi_window.supported(128, 2, 32, 4096, 64) and not kivi_window.supported(128, 2, 32, 64, 64)
+    assert not kivi_window.supported(48, 1, 16, 4096, 16)
+    z = jnp.zeros((1, 1, 16, 32))
+    codes = jnp.zeros((1, 1, 8, 32), jnp.uint32)
+    sc = jnp.zeros((1, 1, 16, 32))
+    i = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="ring_len=48"):
+        kivi_decode.kivi_decode_partials(z, codes, sc, sc, codes, jnp.zeros((1, 1, 256, 2)), jnp.zeros((1, 1, 256, 2)),
+                                         i, i, i, i, k_bits=1, v_bits=1, group_size=16, chunk=32,
+                                         ring=(z[:, :, :1].repeat(48, 2), z[:, :, :1].repeat(48, 2), i, i), ring_len=48,
                                          interpret=True)
-
+    with pytest.raises(ValueError, match="ring and ring_len"):
+        kivi_decode.kivi_decode_partials(z, codes, sc, sc, codes, jnp.zeros((1, 1, 256, 2)), jnp.zeros((1, 1, 256, 2)),
+                                         i, i, i, i, k_bits=1, v_bits=1, group_size=16, chunk=32, ring_len=32,
+                                         interpret=True)
 
 
 def _stacked_shapes(layers, batch, heads=32, tokens=4096, d=128, g=32):
