@@ -37,7 +37,7 @@ from kivi_jax import matmul as kj_matmul
 from models.cache import StackedCache
 from models.config import ModelConfig
 
-ATTN_IMPLS = ("auto", "pallas", "reference")
+ATTN_IMPLS = kivi_jax.attention.IMPLS
 
 
 # ---- pure pieces -------------------------------------------------------------------------------
