@@ -158,7 +158,9 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
             kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
             quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
             key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at))
-        n_ring = jnp.where(pl.program_id(2) == 0, ring_len // rc, 0)
+        # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
+        # literal operands i1 (scf.for then rejects bounds of mixed types)
+        n_ring = (pl.program_id(2) == 0).astype(jnp.int32) * (ring_len // rc)
         carry = lax.fori_loop(0, n_ring, lambda c, carry: step(pl.multiple_of(c * rc, rc), carry), carry)
     m_i, l_i, acc = carry
     o_ref[...] = acc.T if swap else acc
