@@ -1,30 +1,29 @@
 #!/usr/bin/env bash
-# First device call of a session (about 8 min on an H200; the timeouts sum to 580 s) for what awaits a GPU:
-#  0. the compiled check of the kernel reading a stack of more than 2**32 bytes in place
-#     (64-bit offsets; the guard that fell back to copied slices is gone): if it fails,
-#     restore the size check in attention_pallas._in_place;
-#  1. the decode-attention target shape with the default "swap" kernel (whole call: kernel +
-#     residual window) next to "dequant" and dense bf16;
-#  2. the paper setting end to end with swap (dense, KIVI-2; no HF: see e2e.py);
-#  3. kernel knobs, incl. value scales stored tokens-minor (v_scales_t, a candidate cache layout);
-#  4. dense decode with everything read in place (dense Pallas attention + stacked matmul, arm
-#     allpallas) vs XLA's dense step: if faster, make it generate's dense default.
-# Then, as separate calls (each <= 10 min): the full decode-attention sweep of issue #7
-#   (python -m benchmarks.decode_attention), the 4096- and 16384-token e2e sweeps
-#   (python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check --sweep-start 32
-#    --budget-s 540; then --sweep-prompts 16384 --sweep-start 4), HF again (carry .whl) and
-#   --profile-step (where the KIVI-2 step goes now).
+# First device call of a session (about 9 min on an H200; the timeouts sum to 560 s) for what awaits a GPU:
+#  0. the compiled check of the KIVI kernel with the residual ring inside it (781aff9: only the
+#     interpret-mode tests and the e2e runs have exercised it), the dense kernel, and the
+#     >2^31-element / stacked-in-place cases: if a ring case fails, set kivi_window.supported
+#     to return False (the plain-JAX window) until it is fixed;
+#  1. the decode-attention target shape, whole call (kernel + ring) next to dense;
+#  2. one decode step, traced per kernel (where the KIVI-2 step goes with the fused ring);
+#  3. the paper setting end to end (dense, KIVI-2).
+# Then, as separate calls (each <= 10 min): the 4096-token sweep from batch 64 (batch 128 was cut
+# by the time budget in run14: python -m benchmarks.e2e --skip-paper --skip-hf
+# --skip-compile-check --sweep-start 64 --budget-s 540), 16384 (--sweep-prompts 16384
+# --sweep-start 4), the full decode-attention sweep (python -m benchmarks.decode_attention),
+# HF again (carry .whl).
 #   KIVI_COMMIT=<sha> PYTHONPATH=. bash benchmarks/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 120 python -m benchmarks.check_kernel_gpu --variants swap --only "2^31" 2>&1 | grep -v "^WARNING" | tail -4
-timeout 100 python -m benchmarks.decode_attention --quick --name decode-attention-quick-swap 2>&1 \
-    | grep -v "^WARNING" | grep "|" | tail -20
-timeout 150 python -m benchmarks.e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2 --budget-s 140 2>&1 \
-    | grep -v "^WARNING\|bfc_allocator" | grep "^|\|^- " | tail -12
-timeout 110 python -m benchmarks.kernel_tuning 2>&1 | grep -v "^WARNING" | tail -15
-timeout 100 python -m benchmarks.decode_step_ab --layers 32 --caches dense --arms scan,allpallas --tag=-dense-allpallas \
-    2>&1 | grep -v "^WARNING" | cut -c1-160
+# rows print as dicts as they pass (kept: a timeout still shows how far it got)
+timeout 240 python -m benchmarks.check_kernel_gpu --variants swap --quick 2>&1 | grep -v "^WARNING" \
+    | grep "'ok'\|passed\|Error" | cut -c1-160 | tail -32
+timeout 90 python -m benchmarks.decode_attention --quick --name decode-attention-quick-ring 2>&1 \
+    | grep -v "^WARNING" | grep "|" | head -12
+XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python -m benchmarks.decode_step_ab --layers 32 \
+    --caches kivi2 --arms allpallas --trace --tag=-ring-trace 2>&1 | grep -v "^WARNING" | cut -c1-200 | head -20
+timeout 140 python -m benchmarks.e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2 --budget-s 130 2>&1 \
+    | grep -v "^WARNING\|bfc_allocator" | grep "^|\|^- " | tail -8
 rm -f "${OUT:-benchmarks/results}"/decode-step-*.hlo.txt

@@ -1,11 +1,11 @@
 """Glue between KIVICache and the fused Pallas decode kernels (pallas_kernels.kivi_decode,
 pallas_kernels.kivi_window).
 
-The bulk kernel covers each row's tokens below m = max(L - R, 0), where keys and values are
-both quantized (in ``chunk``-token chunks, the last one masked at m). The R newest tokens —
-the value window, whose keys are in the key residual or in the block flushed last — are
-attended by the window kernel straight from the residual ring (plain JAX for configs it does
-not take: see kivi_window.supported), and the partial softmaxes are combined.
+The kernel covers each row's tokens below m = max(L - R, 0), where keys and values are both
+quantized (in ``chunk``-token chunks, the last one masked at m), and then the R newest tokens —
+the value window, whose keys are in the key residual or in the block flushed last — straight
+from the residual ring (pallas_kernels.kivi_window; plain JAX here for configs it does not
+take: see kivi_window.supported); the partial softmaxes are combined.
 
 Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
 the sinks (store position p = token S + p), so the kernels and the window work on that body
@@ -172,8 +172,8 @@ def _default_chunk(config) -> int:
 
 
 # the fastest variant measured on the H200 for every shape so far (pallas_kernels/NOTES.md):
-# swap, chunk 64, 4 warps -- kernel-only 1.33 / 0.34 / 0.70 ms vs dequant's 1.65 / 0.43 / 0.89
-# ms (kernel-tuning-2026-11-30); compiled check 26/26 (kernel-check-2026-11-30-run5).
+# swap, chunk 64, 4 warps, 3 stages -- kernel-only 1.24 / 0.33 / 0.64 ms vs dequant's 1.62 /
+# 0.43 / 0.86 ms (kernel-tuning-2026-11-30-run3); compiled check 26/26 (kernel-check-2026-11-30-run5).
 # At 8 warps swap degrades, so num_warps stays 4.
 DEFAULT_VARIANT = "swap"
 
@@ -189,9 +189,9 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     extra traffic), at any size (64-bit offsets past 2**32 bytes; see kivi_decode_partials).
 
     A DenseCache goes to the dense flash-decoding kernel (:mod:`pallas_kernels.dense_decode`),
-    which reads a layer-stacked cache in place too (``stack``); ``kivi_jax.decode_attention``'s
-    "auto" keeps XLA's attention for dense caches. num_stages: None for each kernel's measured
-    default (KIVI 3, dense 2).
+    which reads a layer-stacked cache in place too (``stack``; ``kivi_jax.decode_attention``'s
+    "auto" uses it on GPU). num_stages: None for each kernel's measured default (KIVI 3,
+    dense 2).
 
     Sharded: with a mesh (``mesh``, else :func:`kivi_jax.sharding.use_mesh`'s, else jax's
     context mesh) the kernel and its tail run under ``shard_map`` over batch x kv_heads
