@@ -282,11 +282,14 @@ def _tiny_llama():
     return models.init_random(cfg, jax.random.key(9), init_std=0.3)
 
 
-@pytest.mark.parametrize("kivi", [KIVIConfig(group_size=16, residual_length=32), None], ids=["kivi", "dense"])
+@pytest.mark.parametrize("kivi", [KIVIConfig(group_size=16, residual_length=32),
+                                  KIVIConfig(group_size=16, residual_length=32, sink_tokens=3, rotate="kv"), None],
+                         ids=["kivi", "kivi-sinks-rotate", "dense"])
 def test_model_step_kernel_reads_the_stacked_cache_in_place(kivi):
     """The model's decode step hands the kernel (KIVI's, or the dense one) the layer-stacked
     cache arrays and the layer index (XLA copies a per-layer slice passed to a custom call),
-    same logits as the reference attention."""
+    the KIVI residual ring included (with sinks its stacked rows hold R + S slots, of which
+    the kernel reads R), same logits as the reference attention."""
     m = _tiny_llama()
     ids = np.random.default_rng(3).integers(0, 101, (2, 70)).astype(np.int32)
     cache = m.init_cache(2, 100, kivi=kivi)
@@ -297,7 +300,10 @@ def test_model_step_kernel_reads_the_stacked_cache_in_place(kivi):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     jaxpr = jax.make_jaxpr(lambda c: m(tok, c, attn_impl="pallas"))(cache).jaxpr
     call = next(e for e in jaxpr_walk.eqns(jaxpr) if e.primitive.name == "pallas_call")
-    assert (cache.layers.k if kivi is None else cache.layers.k_codes).shape in [v.aval.shape for v in call.invars]
+    shapes = [v.aval.shape for v in call.invars]
+    assert (cache.layers.k if kivi is None else cache.layers.k_codes).shape in shapes
+    if kivi is not None:
+        assert cache.layers.k_res.shape in shapes
 
 
 @pytest.mark.parametrize("matmul_impl", [None, "pallas"])
