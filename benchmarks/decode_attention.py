@@ -106,9 +106,10 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
 
 
 def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
-    """Where the time of one KIVI decode_attention call goes: the Pallas kernel alone, the
-    plain-JAX residual window alone, and the whole call."""
-    from kivi_jax.attention_pallas import _window_partials, _default_chunk
+    """Where the time of one KIVI decode_attention call goes: the kernel over the quantized
+    bulk alone, the same kernel with the residual ring (what the call runs; before 781aff9 the
+    ring was a plain-JAX "window_only" row), and the whole call."""
+    from kivi_jax.attention_pallas import _default_chunk, _ring
     from pallas_kernels import kivi_decode
 
     cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
@@ -121,18 +122,17 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     zero = jnp.zeros_like(cache.lengths)
     splits = attention_pallas.default_splits(b, hkv, cache.capacity // chunk, False)
 
-    def kernel_only(qp, cache):
+    def kernel(qp, cache, with_ring):
+        ring, ring_len = _ring(cache, None, None, chunk) if with_ring else (None, 0)
         return kivi_decode.kivi_decode_partials(
             qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
             zero, -(-end // chunk), zero, end, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
-            chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT)
-
-    def window_only(qg, cache):
-        return _window_partials(qg, cache, zero)
+            chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT, ring=ring, ring_len=ring_len)
 
     q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
     rows = []
-    for name, fn, args in (("kernel_only", kernel_only, (qp, cache)), ("window_only", window_only, (qg, cache)),
+    for name, fn, args in (("kernel_only", lambda qp, c: kernel(qp, c, False), (qp, cache)),
+                           ("kernel_with_ring", lambda qp, c: kernel(qp, c, True), (qp, cache)),
                            ("whole_call", lambda q, c: attention_pallas.decode_attention(q, c), (q, cache))):
         ms = common.time_fn(jax.jit(fn), *args)
         rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": bits, "impl": f"breakdown_{name}",

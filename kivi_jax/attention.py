@@ -129,14 +129,12 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 or None")
     if impl == "auto":
-        if not _on_gpu():
-            if isinstance(cache, DenseCache):  # XLA's attention in the cache dtype
-                return reference_decode_attention(q, cache, window=window, exact=False)
-            impl = "reference"
-        else:  # the kernels, dense too: they read a layer-stacked cache in place (XLA's attention
-            # in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at B=96 on the H200,
-            # decode-step-ab-2026-11-30-cb, arms pallasattn vs scan)
+        if _on_gpu():  # the kernels, dense too: they read a layer-stacked cache in place (XLA's
+            # attention in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at B=96 on
+            # the H200, decode-step-ab-2026-11-30-cb, arms pallasattn vs scan)
             impl = "pallas"
+        else:  # a dense cache has nothing to dequantize: XLA's attention in the cache dtype
+            impl = "xla" if isinstance(cache, DenseCache) else "reference"
     if impl in ("reference", "xla"):
         return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
     from kivi_jax import attention_pallas  # the kernel path is optional at import time

@@ -199,13 +199,14 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     on batch and kv_heads, q on batch and heads, lengths on batch, so each device attends
     over its own rows and KV heads and no cache array is gathered.
     """
+    # the kernel's own num_stages default unless one is given
+    knobs = dict(num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if isinstance(cache, DenseCache):
         local = functools.partial(_dense_local, window=window, interpret=interpret, chunk=chunk,
-                                  num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+                                  num_splits=num_splits, knobs=knobs)
     elif isinstance(cache, KIVICache):
         local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
-                                  chunk=chunk, num_splits=num_splits, num_warps=num_warps,
-                                  num_stages=num_stages, dot_dtype=dot_dtype)
+                                  chunk=chunk, num_splits=num_splits, dot_dtype=dot_dtype, knobs=knobs)
     else:
         raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
     mesh, rules = sharding.active_mesh(mesh, rules)
@@ -256,7 +257,7 @@ def _window_start(lengths, window):
     return jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
 
 
-def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, num_warps, num_stages, stack=None):
+def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, knobs, stack=None):
     """:func:`decode_attention` over a DenseCache (one shard's rows and KV heads)."""
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
@@ -269,7 +270,7 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     (k, v), layer = _in_place(stack, cache)
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages or 2)
+        interpret=interpret, **knobs)
     out = _combine([(o, m, l)], gq)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
 
@@ -284,8 +285,8 @@ def _combine(parts, g):
     return jnp.sum(o * w[..., None], axis=2) / jnp.where(den > 0, den, 1.0)[..., None]
 
 
-def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, num_warps,
-                            num_stages, dot_dtype, stack=None):
+def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, dot_dtype, knobs,
+                            stack=None):
     """The body of :func:`decode_attention` on one shard's rows and KV heads."""
     c = cache.config
     b, hq, _, d = q.shape
@@ -309,8 +310,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
         o, m, l = kivi_decode.kivi_decode_partials(
             qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
             v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
-            variant=variant, interpret=interpret, num_warps=num_warps, num_stages=num_stages or 3,
-            dot_dtype=dot_dtype, ring=ring, ring_len=ring_len)
+            variant=variant, interpret=interpret, dot_dtype=dot_dtype, ring=ring, ring_len=ring_len, **knobs)
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
         parts = _full_precision_parts(qg, cache, start, ring is not None)
     out = _combine([(o, m, l)] + parts, gq)

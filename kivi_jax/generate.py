@@ -503,8 +503,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       attn_impl: passed to the model as ``attn_impl=`` (e.g. "reference" | "pallas").
       matmul_impl: passed to the model's decode steps as ``matmul_impl=`` (the models here:
         "xla" | "pallas", the layers' matrices read in place from the stacked weights).
-        None: "pallas" for a KIVI cache on one GPU (measured faster there), else the model's
-        default ("xla" for the models here).
+        None: "pallas" on one GPU (measured faster there, dense and KIVI caches alike), else the
+        model's default ("xla" for the models here).
       mesh: None (one device, unchanged) or a ``jax.sharding.Mesh`` (e.g.
         ``kivi_jax.sharding.make_mesh(data=2, model=4)``): parameters and the cache carry
         NamedShardings from ``rules`` (default ``kivi_jax.sharding.DEFAULT_RULES``: batch on

@@ -5,7 +5,7 @@ step (M = batch rows, bound by reading the weights) XLA:GPU copies each layer's 
 out of the stack before its GEMM; ``impl="pallas"`` reads the slice in place
 (:mod:`pallas_kernels.stacked_matmul`): on the H200, 0.63 / 1.32 / 1.22 ms for 32 layers of
 q_proj / gate_proj / down_proj at M=96 vs XLA's 1.26 / 2.97 / 3.28 ms
-(stacked-matmul-2026-11-30). ``kivi_jax.generate`` uses it for KIVI caches on one GPU.
+(stacked-matmul-2026-11-30). ``kivi_jax.generate`` uses it on one GPU.
 """
 
 from __future__ import annotations

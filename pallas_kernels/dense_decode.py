@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import NEG, online_softmax_step, partials_call, plgpu, program_bounds
+from pallas_kernels.flash import NEG, in_range, online_softmax_step, partials_call, plgpu, program_bounds
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *,
@@ -47,7 +47,8 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, 
     def body(c, carry):
         t0 = c * chunk
         s = dot(q, tile(k_ref, t0).T)  # [M, chunk]
-        return online_softmax_step(carry, s, t0, start, end, lambda p: dot(p.astype(compute_dtype), tile(v_ref, t0)))
+        return online_softmax_step(carry, s, in_range(t0, chunk, start, end),
+                                   lambda p: dot(p.astype(compute_dtype), tile(v_ref, t0)))
 
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((m_rows, d), jnp.float32))

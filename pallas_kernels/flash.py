@@ -35,17 +35,30 @@ def program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
     return lo, hi, start_ref[()], end_ref[()]
 
 
-def online_softmax_step(carry, s, t0, start, end, p_dot_v):
-    """One chunk of flash-decoding: carry (m [M], l [M], acc [M, D]) float32, scores s
-    [M, chunk] of tokens t0.. (those outside [start, end) masked), p_dot_v(p) -> [M, D]."""
+def in_range(t0, n: int, start, end):
+    """[n] bool: which of tokens t0.. lie in [start, end)."""
+    tok = t0 + jnp.arange(n)
+    return (tok >= start) & (tok < end)
+
+
+def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p: bool = False):
+    """One chunk of flash-decoding. carry (m [M], l [M], acc) float32; s: the chunk's scores,
+    [M, chunk] with acc [M, D] (``slots_axis=1``) or transposed, [chunk, M] with acc [D, M]
+    (``slots_axis=0``); keep [chunk] bool: masked slots score NEG; p_dot_v(p) -> acc's shape.
+    mask_p: also zero the masked slots' p, for a program that may see no valid slot at all
+    (else exp(NEG - NEG) = 1 would count them; the bulk loops only visit chunks in range)."""
     m_prev, l_prev, acc = carry
-    tok = (t0 + jnp.arange(s.shape[1]))[None, :]
-    s = jnp.where((tok >= start) & (tok < end), s, NEG)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    lift = (lambda x: x[None, :]) if slots_axis == 1 else (lambda x: x[:, None])  # a [chunk] vector
+    per_row = (lambda x: x[:, None]) if slots_axis == 1 else (lambda x: x[None, :])  # an [M] vector
+    s = jnp.where(lift(keep), s, NEG)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=slots_axis))
     corr = jnp.exp(m_prev - m_next)
-    p = jnp.exp(s - m_next[:, None])
-    l_next = l_prev * corr + jnp.sum(p, axis=1)
-    return m_next, l_next, acc * corr[:, None] + p_dot_v(p)
+    p = jnp.exp(s - per_row(m_next))
+    if mask_p:
+        p = jnp.where(lift(keep), p, 0.0)
+    l_next = l_prev * corr + jnp.sum(p, axis=slots_axis)
+    pv = p_dot_v(p)
+    return m_next, l_next, acc * per_row(corr) + pv
 
 
 def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, num_warps, num_stages, name):

@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import kivi_window
-from pallas_kernels.flash import NEG, online_softmax_step, partials_call, program_bounds
+from pallas_kernels.flash import NEG, in_range, online_softmax_step, partials_call, program_bounds
 
 # "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
 # from registers), 19-24% faster than "dequant" on the H200 (NOTES.md). A Mosaic GPU kernel
@@ -132,20 +132,15 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     swap = variant == "swap"
     q_t = q.T  # [D, M]
 
-    def body(c, carry):
-        m_prev, l_prev, acc = carry  # acc: [M, D] (dequant) or [D, M] (swap)
+    def body(c, carry):  # acc: [M, D] (dequant) or [D, M] (swap)
         t0 = c * chunk
-        if swap:
-            keep = ((t0 + jnp.arange(chunk)) >= start) & ((t0 + jnp.arange(chunk)) < end)
-            s_t = jnp.where(keep[:, None], dot(k_hat_t(t0).astype(compute_dtype).T, q_t), NEG)  # [chunk, M]
-            m_next = jnp.maximum(m_prev, jnp.max(s_t, axis=0))
-            corr = jnp.exp(m_prev - m_next)
-            p_t = jnp.exp(s_t - m_next[None, :])
-            l_next = l_prev * corr + jnp.sum(p_t, axis=0)
-            pv = dot(value_hat_t(t0).astype(compute_dtype), p_t.astype(compute_dtype))  # [D, M]
-            return m_next, l_next, acc * corr[None, :] + pv
+        keep = in_range(t0, chunk, start, end)
+        if swap:  # scoresᵀ [chunk, M]; (p·V̂)ᵀ [D, M]
+            s_t = dot(k_hat_t(t0).astype(compute_dtype).T, q_t)
+            return online_softmax_step(carry, s_t, keep, lambda p_t: dot(value_hat_t(t0).astype(compute_dtype),
+                                                                         p_t.astype(compute_dtype)), slots_axis=0)
         s = dot(q, k_hat_t(t0).astype(compute_dtype))  # [M, chunk]
-        return online_softmax_step(carry, s, t0, start, end,
+        return online_softmax_step(carry, s, keep,
                                    lambda p: dot(p.astype(compute_dtype), value_hat_t(t0).astype(compute_dtype).T))
 
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),

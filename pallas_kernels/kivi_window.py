@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import NEG
+from pallas_kernels.flash import online_softmax_step
 
 
 def ring_chunk(r: int, chunk: int) -> int:
@@ -49,7 +49,6 @@ def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, ke
     tokens t0..; carry (m [M], l [M], acc [M, D] or [D, M] with swap) float32. chunk: the
     ring's step (:func:`ring_chunk`)."""
     kr_ref, vr_ref = refs
-    m_prev, l_prev, acc = carry
     t = lengths - r + lax.rem(j0 + jnp.arange(chunk) - lax.rem(lengths, r) + r, r)  # token per slot (no floor-mod)
     k_ring = kr_ref[at + (pl.ds(j0, chunk), slice(None))]  # [chunk, D]
     # the flushed block is slot-aligned: its first token is a multiple of R, so slot j holds token t0 + j
@@ -57,17 +56,8 @@ def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, ke
     k = jnp.where((t >= quantized)[:, None], k_ring, k_flushed).astype(compute_dtype)  # [chunk, D]
     v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
     valid = (t >= 0) & (t >= start)
-    axis = 0 if swap else 1  # the slot axis of the scores
+    # mask_p: a short row's program may see only empty slots (its bulk loop visits no chunk)
     if swap:  # scoresᵀ [chunk, M]; (p·V)ᵀ = Vᵀ·pᵀ [D, M]
-        s = jnp.where(valid[:, None], dot(k, q), NEG)
-    else:  # scores [M, chunk]; p·V [M, D]
-        s = jnp.where(valid[None, :], dot(q, k.T), NEG)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=axis))
-    corr = jnp.exp(m_prev - m_next)
-    m_b = m_next[None, :] if swap else m_next[:, None]
-    mask = valid[:, None] if swap else valid[None, :]
-    p = jnp.where(mask, jnp.exp(s - m_b), 0.0)  # no valid slot yet: l and acc stay 0
-    l_next = l_prev * corr + jnp.sum(p, axis=axis)
-    if swap:
-        return m_next, l_next, acc * corr[None, :] + dot(v.T, p.astype(compute_dtype))
-    return m_next, l_next, acc * corr[:, None] + dot(p.astype(compute_dtype), v)
+        return online_softmax_step(carry, dot(k, q), valid, lambda p: dot(v.T, p.astype(compute_dtype)),
+                                   slots_axis=0, mask_p=True)
+    return online_softmax_step(carry, dot(q, k.T), valid, lambda p: dot(p.astype(compute_dtype), v), mask_p=True)
