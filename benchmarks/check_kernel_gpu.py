@@ -59,9 +59,18 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def kernel_kw(variant: str) -> dict:
+    """decode_attention keywords of a check's variant: "dense" (a DenseCache's kernel), a KIVI
+    kernel variant ("swap"), or one with its ring program ("swap+separate")."""
+    if variant == "dense":
+        return {}
+    v, _, ring_program = variant.partition("+")
+    return {"variant": v, **({"ring_program": ring_program} if ring_program else {})}
+
+
 def check(name, q, cache, variant, window=None, dtype="bfloat16"):
     ref = kj.decode_attention(q, cache, impl="reference", window=window)
-    kw = {} if variant == "dense" else {"variant": variant}  # "dense": a DenseCache's kernel
+    kw = kernel_kw(variant)
     out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, window=window, **kw))(q, cache)
     err = rel_err(out, ref)
     finite = bool(np.isfinite(np.asarray(out, np.float32)).all())
@@ -71,7 +80,8 @@ def check(name, q, cache, variant, window=None, dtype="bfloat16"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="dequant")
+    ap.add_argument("--variants", default="swap",
+                    help="comma list of KIVI kernel variants, each optionally +ring program (swap+separate)")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one case per dtype/bits/GQA pattern (fewer compiles)")
     ap.add_argument("--only", default=None, help="comma list of check-name substrings to run (e.g. 'G64,2^31')")
@@ -154,7 +164,7 @@ def main(argv=None):
         cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=h, tokens=t, head_dim=d, length=t - 5, key=9)
         q = jax.random.normal(jax.random.key(10), (b, h, 1, d)).astype(jnp.bfloat16)
         for variant in variants:
-            out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, variant=variant))(q, cache)
+            out = jax.jit(lambda q, c: attention_pallas.decode_attention(q, c, **kernel_kw(variant)))(q, cache)
             pick = jnp.array([0, 31, 63])
             sub = jax.tree_util.tree_map(lambda x: x[pick], cache)
             ref = kj.decode_attention(q[pick], sub, impl="reference")
@@ -169,7 +179,7 @@ def main(argv=None):
         del other
         for variant in variants:
             out = jax.jit(lambda q, st: attention_pallas.decode_attention(
-                q, jax.tree.map(lambda x: x[7], st), variant=variant, stack=(st, jnp.int32(7))))(q, stacked)
+                q, jax.tree.map(lambda x: x[7], st), stack=(st, jnp.int32(7)), **kernel_kw(variant)))(q, stacked)
             err = rel_err(out[pick], ref)
             rows.append({"check": f"layer 7 of a stack, {stacked.k_codes.nbytes / 2**30:.1f} GiB of key codes",
                          "variant": variant, "dtype": "bfloat16", "rel_err": err, "tol": 1e-2, "ok": err <= 1e-2})
@@ -208,7 +218,8 @@ def fill_random(cache, key, lengths):
         v_scale=jax.random.uniform(ks[5], cache.v_scale.shape, minval=0.01, maxval=0.3).astype(dt),
         v_min=(-1.5 + 0.3 * jax.random.normal(ks[6], cache.v_min.shape)).astype(dt),
         v_res=jax.random.normal(ks[7], cache.v_res.shape).astype(dt),
-        lengths=lengths, overflow=cache.overflow, config=cache.config, max_length=cache.max_length)
+        lengths=lengths, overflow=cache.overflow, config=cache.config,
+        max_length=cache.max_length).with_flushed_keys_in_ring()  # the invariant append and prefill keep
 
 
 if __name__ == "__main__":

@@ -172,13 +172,14 @@ def main(argv=None):
     hbm = common.hbm_copy_tbps()
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:
-        variants = [
-            ("pallas_swap", dict(variant="swap")),  # the default
-            ("pallas_dequant", dict(variant="dequant")),
-            ("pallas_dequant_c32", dict(variant="dequant", chunk=32)),
-        ]
+        # who walks the residual ring (attention_pallas.RING_PROGRAMS), at the target shape and
+        # at a short context (the paper's setting: most of a row in the ring)
+        variants = [(f"pallas_swap_ring_{p}", dict(variant="swap", ring_program=p))
+                    for p in attention_pallas.RING_PROGRAMS]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
+        rows = run([96], [256], [(32, 32)], [2], ("pallas",), variants, ref_max_bytes=0,
+                   dense_max_bytes=80 << 30, rows=rows)
         rows += breakdown()
         rows += extensions()
     else:

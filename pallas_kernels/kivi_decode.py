@@ -4,10 +4,10 @@ One program per (batch row b, KV head h, sequence split s) walks its share of th
 *bulk* — the leading tokens whose keys and values are both quantized, the last chunk masked
 at the row's end — in chunks of ``chunk`` tokens: it unpacks key codes, scores all query heads
 that share KV head h at once (GQA: no repeated K/V), runs an online softmax, unpacks value
-codes and accumulates p·V. With ``ring`` the first split of each (row, head) then walks the
-residual ring, the R newest tokens whose values are in full precision
-(:mod:`pallas_kernels.kivi_window`). It returns flash-decoding partials (o, m, l) per split;
-the caller combines them.
+codes and accumulates p·V. With ``ring`` one split of each (row, head) also walks the
+residual ring, the R newest tokens, in full precision (:mod:`pallas_kernels.kivi_window`):
+the first one, or one of its own after the bulk's (``ring_split``). It returns
+flash-decoding partials (o, m, l) per split; the caller combines them.
 
 Codes are packed 32/bits consecutive tokens to a word (:mod:`kivi_jax.packing`), so a chunk is
 ``chunk * bits / 32`` whole word rows [n, D], each loaded once. The inner loop transposes them
@@ -49,6 +49,7 @@ from pallas_kernels.flash import NEG, in_range, online_softmax_step, partials_ca
 # from registers), 19-24% faster than "dequant" on the H200 (NOTES.md). A Mosaic GPU kernel
 # would be another variant here.
 VARIANTS = ("dequant", "swap")
+RING_SPLITS = ("first", "own")
 
 
 def _join_minor(a, b):
@@ -96,8 +97,8 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=()):
 
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
-            compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0):
-    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized], o, m, l
+            compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0):
+    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
     n_arrays = 8 if ring_len else 6
     ring_refs = refs[6:8]
@@ -146,16 +147,14 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((d, m_rows) if swap else (m_rows, d), jnp.float32))
     carry = lax.fori_loop(lo, hi, body, init)
-    if ring_len:  # the full-precision window: the first split of each (row, head) walks the ring
-        len_ref, n_ref = refs[n_arrays + 4:n_arrays + 6]
+    if ring_len:  # the full-precision window: split ``ring_program`` of each (row, head) walks the ring
         rc = kivi_window.ring_chunk(ring_len, chunk)
         step = functools.partial(
-            kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
-            quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
-            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at))
+            kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=refs[n_arrays + 4][()],
+            start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap)
         # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
         # literal operands i1 (scf.for then rejects bounds of mixed types)
-        n_ring = (pl.program_id(2) == 0).astype(jnp.int32) * (ring_len // rc)
+        n_ring = (pl.program_id(2) == ring_program).astype(jnp.int32) * (ring_len // rc)
         carry = lax.fori_loop(0, n_ring, lambda c, carry: step(pl.multiple_of(c * rc, rc), carry), carry)
     m_i, l_i, acc = carry
     o_ref[...] = acc.T if swap else acc
@@ -166,7 +165,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len"))
+                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
@@ -174,14 +173,16 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                          num_splits: int = 1, variant: str = "swap", interpret: bool = False,
                          num_warps: int = 4,
                          num_stages: int = 3,  # 1.24 / 0.33 / 0.64 ms vs 1.27 / 0.36 / 0.67 at 2 (kernel-tuning-2026-11-30-run3)
-                         dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0):
+                         dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0,
+                         ring_split: str = "first"):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
     with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
 
-    ring: None, or (k_res, v_res, lengths, quantized): the residual ring [B, Hkv, R', D] (or
-    [L, ...] with ``layer``; slots past R, e.g. sinks, are not read), the row's body tokens
-    Lb and quantized keys n [B] int32; then ``ring_len`` = R > 0 and the first split of each
-    (row, head) also attends the ring's R slots (``start`` masks them too).
+    ring: None, or (k_res, v_res, lengths): the residual ring [B, Hkv, R', D] (or [L, ...]
+    with ``layer``; slots past R, e.g. sinks, are not read; slot j holds one token's key and
+    value) and the row's body tokens Lb [B] int32; then ``ring_len`` = R > 0 and one split of
+    each (row, head) also attends the ring's R slots (``start`` masks them too): the first
+    (``ring_split="first"``), or one more after the bulk's (``"own"``: S + 1 splits out).
 
     group_size: value channels per scale/min; key_group_size: key tokens per scale/min
     (default: group_size). dot_dtype: operand dtype of the dots (default: the cache dtype).
@@ -216,11 +217,12 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                              f"{16 * 32 // bits}-token block of {name}={bits}")
     if (ring is None) != (ring_len == 0):
         raise ValueError(f"ring and ring_len={ring_len} go together (ring_len = residual_length > 0 with a ring)")
+    if ring_split not in RING_SPLITS:
+        raise ValueError(f"ring_split={ring_split!r}; allowed: {RING_SPLITS}")
     if ring is not None:
-        if not kivi_window.supported(ring_len, k_bits, kg, tc, chunk):
-            raise ValueError(f"ring_len={ring_len} with chunk={chunk}, k_bits={k_bits}, key_group_size={kg} and "
-                             f"capacity={tc}: the ring must be a power of two of whole chunks and capacity >= it "
-                             f"(see kivi_window.supported)")
+        if not kivi_window.supported(ring_len, chunk):
+            raise ValueError(f"ring_len={ring_len} with chunk={chunk}: the ring must be a power of two of "
+                             f"steps of >= 16 slots (see kivi_window.supported)")
         k_res, v_res = ring[:2]
         if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len or k_res.shape[-1] != d:
             raise ValueError(f"k_res and v_res must be [..., R' >= {ring_len}, D={d}]; got {k_res.shape}, {v_res.shape}")
@@ -233,9 +235,11 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
-        variant=variant, v_scales_t=v_scales_t, ring_len=ring_len)
+        variant=variant, v_scales_t=v_scales_t, ring_len=ring_len,
+        ring_program=num_splits if ring_split == "own" else 0)
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:
-        arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])
-    return partials_call(kernel, q, arrays, scalars, layer=layer, num_splits=num_splits,
+        arrays, scalars = arrays + tuple(ring[:2]), scalars + (ring[2],)
+    grid_splits = num_splits + (ring is not None and ring_split == "own")  # the bulk gives the last one no chunk
+    return partials_call(kernel, q, arrays, scalars, layer=layer, num_splits=grid_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name=f"kivi_decode_{variant}")
