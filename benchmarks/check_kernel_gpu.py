@@ -61,7 +61,7 @@ def rel_err(a, b):
 
 def kernel_kw(variant: str) -> dict:
     """decode_attention keywords of a check's variant: "dense" (a DenseCache's kernel), a KIVI
-    kernel variant ("swap"), or one with its ring program ("swap+separate")."""
+    kernel variant ("swap"), or one with its ring program ("swap+own")."""
     if variant == "dense":
         return {}
     v, _, ring_program = variant.partition("+")
@@ -81,7 +81,7 @@ def check(name, q, cache, variant, window=None, dtype="bfloat16"):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="swap",
-                    help="comma list of KIVI kernel variants, each optionally +ring program (swap+separate)")
+                    help="comma list of KIVI kernel variants, each optionally +ring program (swap+own)")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one case per dtype/bits/GQA pattern (fewer compiles)")
     ap.add_argument("--only", default=None, help="comma list of check-name substrings to run (e.g. 'G64,2^31')")
@@ -219,7 +219,7 @@ def fill_random(cache, key, lengths):
         v_min=(-1.5 + 0.3 * jax.random.normal(ks[6], cache.v_min.shape)).astype(dt),
         v_res=jax.random.normal(ks[7], cache.v_res.shape).astype(dt),
         lengths=lengths, overflow=cache.overflow, config=cache.config,
-        max_length=cache.max_length).with_flushed_keys_in_ring()  # the invariant append and prefill keep
+        max_length=cache.max_length)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     gq = hq // hkv
     chunk = _default_chunk(cfg)
     qg = jax.random.normal(jax.random.key(1), (b, hkv, gq, D))
-    qp = jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, gq) - gq), (0, 0)))
+    qp = attention_pallas._pad_rows(qg)
     end = cache.num_quantized_values
     zero = jnp.zeros_like(cache.lengths)
     splits = attention_pallas.default_splits(b, hkv, cache.capacity // chunk, False)

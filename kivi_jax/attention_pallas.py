@@ -3,8 +3,8 @@ pallas_kernels.kivi_window).
 
 The kernel covers each row's tokens below m = max(L - R, 0), where keys and values are both
 quantized (in ``chunk``-token chunks, the last one masked at m), and then the R newest tokens —
-the value window, whose values are in the ring v_res and whose keys (dequantized where flushed)
-in the same slots of k_res — straight from the residual ring (pallas_kernels.kivi_window; plain JAX here for configs it does not
+the value window, whose keys are in the key residual or in the block flushed last — straight
+from the residual ring (pallas_kernels.kivi_window; plain JAX here for configs it does not
 take: see kivi_window.supported); the partial softmaxes are combined.
 
 Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from kivi_jax import packing, rotation, sharding
@@ -46,17 +47,18 @@ def _split_axis(o, m, l):
 
 
 def _ring(cache: KIVICache, stack, layer, chunk):
-    """(ring, ring_len) for kivi_decode_partials: the residual ring (k_res, v_res, body
-    lengths), read in place from the stack when the bulk arrays are (``layer``), or (None, 0)
-    when the kernel does not take this config (kivi_window.supported)."""
-    r = cache.config.residual_length
-    if not kivi_window.supported(r, chunk):
+    """(ring, ring_len) for kivi_decode_partials: the residual ring (k_res, v_res, body lengths,
+    quantized keys), read in place from the stack when the bulk arrays are (``layer``), or
+    (None, 0) when the kernel does not take this config (kivi_window.supported)."""
+    c = cache.config
+    r = c.residual_length
+    if not kivi_window.supported(r, c.k_bits, c.key_group, cache.capacity, chunk):
         return None, 0
     if layer is not None:
         k_res, v_res = stack[0].k_res, stack[0].v_res
     else:  # the ring alone (a row block of R + S slots is not a power of two)
         k_res, v_res = cache.k_res[:, :, :r], cache.v_res[:, :, :r]
-    return (k_res, v_res, cache.body_lengths), r
+    return (k_res, v_res, cache.body_lengths, cache._body_quantized_keys()), r
 
 
 def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool):
@@ -79,22 +81,27 @@ def _window_partials(qg, cache: KIVICache, start):
     (everything the kernel leaves out) — and the S sink tokens.
 
     Body coordinates for the ring (store positions; token S + p). Ring slot j holds token
-    t_j = Lb - R + (j - Lb) mod R (negative: an empty slot) in v_res, and its key as attention
-    sees it in k_res (dequantized once flushed: KIVICache keeps it so). Sink s sits in slot
-    R + s. The slots are gathered (ring oldest first, then the sinks) before the dots: softmax
-    does not care about the order, but XLA does about the buffer. Read directly (f2e0fb7 and
-    before), the model's layer-stacked, loop-carried v_res got the slot-minor layout of the p·v
-    reduction on XLA:GPU and was copied whole every layer (H200, Llama-2-7B, B=96: 166 of a
-    179 ms step); the gather-then-dot shape is the one measured without that copy (a256a3d:
-    39.5 ms steps).
+    t_j = Lb - R + (j - Lb) mod R (negative: an empty slot) in v_res, and in k_res too when
+    t_j >= n (the keys not quantized yet); a key below n is in the block flushed last,
+    tokens [n - R, n), where token n - R + j is the one in slot j. Sink s sits in slot R + s.
+    The slots are gathered (ring oldest first, then the sinks) before the dots: softmax does not
+    care about the order, but XLA does about the buffer. Read directly (f2e0fb7 and before), the
+    model's layer-stacked, loop-carried v_res got the slot-minor layout of the p·v reduction on
+    XLA:GPU and was copied whole every layer (H200, Llama-2-7B, B=96: 166 of a 179 ms step);
+    the gather-then-dot shape is the one measured without that copy (a256a3d: 39.5 ms steps).
     qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B]: a sliding
     window's first token (absolute), 0 without one.
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
     c = cache.config
     r, sk = c.residual_length, c.sink_tokens
-    lb = cache.body_lengths[:, None]
+    lb, n = cache.body_lengths[:, None], cache._body_quantized_keys()[:, None]
     j = jnp.arange(r)[None, :]
+    t_slot = lb - r + (j - lb) % r  # [B, R] body token of ring slot j
+    k = cache.k_res
+    if cache.capacity >= r:  # else no key is ever flushed: every ring slot's key is in k_res
+        k_ring = jnp.where((t_slot >= n)[:, None, :, None], k[:, :, :r], _flushed_keys(cache))
+        k = k_ring if sk == 0 else jnp.concatenate([k_ring, k[:, :, r:]], axis=2)
     t = lb - r + j  # body token at position j of the gathered ring, oldest first
     order = (lb + j) % r  # its slot
     valid = (t >= 0) & (t >= jnp.maximum(start - sk, 0)[:, None])
@@ -106,7 +113,36 @@ def _window_partials(qg, cache: KIVICache, start):
     def gather(x):  # [B, H, R + S, D] in slot order -> [B, H, R + S, D] in gathered order
         return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
 
-    return _partials(qg, gather(cache.k_res), gather(cache.v_res), valid)
+    return _partials(qg, gather(k), gather(cache.v_res), valid)
+
+
+def _rows(x, start, size):
+    """x [B, H, N, E], start [B] -> x[b, :, start[b] : start[b] + size] as [B, H, size, E]:
+    one contiguous slice per batch row (XLA gathers whole slabs, not one index per element)."""
+    return jax.vmap(lambda xb, s: lax.dynamic_slice_in_dim(xb, s, size, axis=1))(x, start)
+
+
+def _flushed_keys(cache: KIVICache):
+    """k̂ [B, H, R, D] (cache dtype): the dequantized keys of the block flushed last, tokens
+    [n - R, n) (body positions), token n - R + j in slot j; zeros' dequantization when n = 0.
+
+    Reads the R tokens' words as one contiguous slab per row (words hold 32/bits consecutive
+    tokens; one extra word when R is not a whole number of words) and their R/Gk scale rows."""
+    c = cache.config
+    r, kg, bits = c.residual_length, c.key_group, c.k_bits
+    per = packing.codes_per_word(bits)
+    b, h, _, d = cache.k_res.shape
+    t0 = jnp.maximum(cache._body_quantized_keys() - r, 0)  # [B], a multiple of R
+    # words that hold R tokens starting mid-word (never more than the store: then it is all of it)
+    n_rows = min(-(-r // per) + (r % per > 0), cache.k_codes.shape[2])
+    row0 = jnp.clip(t0 // per, 0, cache.k_codes.shape[2] - n_rows)
+    words = _rows(cache.k_codes, row0, n_rows)
+    codes = packing.unpack(words, bits, 2, n_rows * per)  # tokens [row0 per, (row0 + n_rows) per)
+    codes = _rows(codes, t0 - row0 * per, r) if n_rows * per != r else codes
+    scale, mn = (jnp.repeat(_rows(x, t0 // kg, r // kg).astype(jnp.float32), kg, axis=2)
+                 for x in (cache.k_scale, cache.k_min))
+    # dequantized in float32 and rounded once to the cache dtype, like the kernel
+    return (codes.astype(jnp.float32) * scale + mn).astype(cache.dtype)
 
 
 def _partials(qg, k, v, valid):
@@ -140,10 +176,9 @@ def _default_chunk(config) -> int:
 # 0.43 / 0.86 ms (kernel-tuning-2026-11-30-run3); compiled check 26/26 (kernel-check-2026-11-30-run5).
 # At 8 warps swap degrades, so num_warps stays 4.
 DEFAULT_VARIANT = "swap"
-# who walks the residual ring: the bulk kernel's split 0 of each (row, KV head) after its share
-# of the bulk ("first"), a split of its own in the same launch ("own"), or the dense kernel in a
-# launch of its own ("separate": the bulk kernel then compiles without the ring's registers)
-RING_PROGRAMS = ("first", "own", "separate")
+# which of the bulk kernel's programs walks the residual ring: split 0 of each (row, KV head),
+# after its share of the bulk ("first"), or a split of its own ("own")
+RING_PROGRAMS = kivi_decode.RING_SPLITS
 DEFAULT_RING_PROGRAM = "first"
 
 
@@ -220,10 +255,13 @@ def _grouped_queries(q, hkv: int):
 
 
 def _pad_rows(qg):
-    """[B, Hkv, g, D] -> [B, Hkv, M, D] with M = g rounded up to a power of two >= 16 (the
-    kernels' dots run on tensor cores, which need 16 rows)."""
+    """[B, Hkv, g, D] -> [B, Hkv, G, D] with G = g rounded up to a power of two (the kernels
+    repeat the rows to the 16 a tensor-core dot needs themselves, in registers: padded here,
+    q and the partials were 16 float32 rows a (row, KV head), 0.28 ms of a 32-layer MHA step
+    at B=96 for the pad alone on the H200, decode-step-ab-ring-trace)."""
     g = qg.shape[2]
-    return jnp.pad(qg, ((0, 0), (0, 0), (0, max(16, 1 << (g - 1).bit_length()) - g), (0, 0)))
+    pad = (1 << (g - 1).bit_length()) - g
+    return jnp.pad(qg, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else qg
 
 
 def _window_start(lengths, window):
@@ -280,23 +318,15 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
     ring, ring_len = _ring(cache, stack, layer, chunk)
-    fused = ring is not None and ring_program != "separate"
     with jax.named_scope("kivi_kernel"):  # the quantized bulk, and the residual ring when the kernel takes it
-        parts = [kivi_decode.kivi_decode_partials(
+        o, m, l = kivi_decode.kivi_decode_partials(
             qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
             v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
-            variant=variant, interpret=interpret, dot_dtype=dot_dtype, **knobs,
-            **(dict(ring=ring, ring_len=ring_len, ring_split=ring_program) if fused else {}))]
-    if ring is not None and not fused:
-        with jax.named_scope("kivi_ring"):  # the ring as a dense window of R slots
-            rc = kivi_window.ring_chunk(ring_len, chunk)
-            zero = jnp.zeros_like(end)
-            parts.append(dense_decode.dense_decode_partials(
-                qp, ring[0], ring[1], zero, zero + ring_len // rc, start_b, ring[2], layer=layer, chunk=rc,
-                interpret=interpret, ring_len=ring_len))
-    with jax.named_scope("kivi_window"):  # the full-precision tokens the kernels left out
-        parts += _full_precision_parts(qg, cache, start, ring is not None)
-    out = _combine(parts, gq)
+            variant=variant, interpret=interpret, dot_dtype=dot_dtype, ring=ring, ring_len=ring_len,
+            ring_split=ring_program, **knobs)
+    with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
+        parts = _full_precision_parts(qg, cache, start, ring is not None)
+    out = _combine([(o, m, l)] + parts, gq)
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)
     return out.reshape(b, hq, 1, d).astype(q.dtype)

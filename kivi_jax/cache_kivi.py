@@ -4,11 +4,7 @@ Per row b with L = lengths[b] tokens held:
 
 * keys: tokens [0, n) with n = L - L % R are quantized per-channel (groups of G tokens);
   tokens [n, L) sit in ``k_res`` at slot t - n (= t % R). When the residual fills up, all R
-  keys are quantized together and the residual empties: its slots then hold those keys
-  *dequantized* (rounded into the cache dtype) until new keys overwrite them, so slot t % R
-  holds the key attention sees for every token t of the value window below.
-  (k_res and v_res are one full-precision ring: the decode kernel reads it like a dense
-  window, with no quantized keys to unpack there.)
+  keys are quantized together and the residual empties.
 * values: tokens [0, m) with m = max(L - R, 0) are quantized per-token (groups of G
   channels); the newest min(L, R) tokens sit in the ring ``v_res`` at slot t % R. The token
   leaving the window is quantized as it leaves.
@@ -34,8 +30,6 @@ Extensions (``KIVIConfig``; all off by default, and then everything above holds 
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -161,43 +155,6 @@ class KIVICache(cc.CacheShape):
         codes = quant.quantize_codes(xg, scale, mn, c.k_bits).reshape(b, h, t, d)
         return codes, scale[:, :, :, 0], mn[:, :, :, 0]
 
-    def _dequant_keys(self, codes, scale, mn):
-        """codes [B, H, T, D], scale/min [B, H, T/Gk, D] -> k̂ [B, H, T, D] in the cache dtype."""
-        kg = self.config.key_group
-        return quant.dequantize_codes(codes, jnp.repeat(scale, kg, axis=2), jnp.repeat(mn, kg, axis=2), self.dtype)
-
-    def flushed_keys(self):
-        """k̂ [B, H, R, D] (cache dtype): the keys of the block each row flushed last, body
-        tokens [n - R, n), token n - R + j at slot j (its ring slot); zeros' dequantization
-        (junk) for a row that flushed none. Read from the packed store: R/c whole words from
-        one contiguous slab per row (words hold c = 32/bits consecutive tokens; one extra word
-        when R is not a whole number of words) and R/Gk scale rows."""
-        c = self.config
-        r, kg, bits = c.residual_length, c.key_group, c.k_bits
-        per = packing.codes_per_word(bits)
-        t0 = jnp.maximum(self._body_quantized_keys() - r, 0)  # [B], a multiple of R
-        # words that hold R tokens starting mid-word (never more than the store: then it is all of it)
-        n_rows = min(-(-r // per) + (r % per > 0), self.k_codes.shape[2])
-        row0 = jnp.clip(t0 // per, 0, self.k_codes.shape[2] - n_rows)
-        codes = packing.unpack(cc.take_row(self.k_codes, row0, n_rows, axis=1), bits, 2, n_rows * per)
-        if n_rows * per != r:  # tokens [row0 per, (row0 + n_rows) per) -> the R from t0
-            codes = cc.take_row(codes, t0 - row0 * per, r, axis=1)
-        scale, mn = (cc.take_row(x, t0 // kg, r // kg, axis=1) for x in (self.k_scale, self.k_min))
-        return self._dequant_keys(codes, scale, mn)
-
-    def with_flushed_keys_in_ring(self) -> "KIVICache":
-        """This cache with the residual slots of its flushed window tokens (body tokens
-        [max(Lb - R, 0), n): slots j >= Lb - n of k_res) holding their dequantized keys, the
-        state append and prefill keep. For a cache whose arrays were set by other means (a
-        benchmark's random fill); the stores, v_res and the other slots are untouched."""
-        r = self.config.residual_length
-        if self.capacity < r:  # no key is ever flushed
-            return self
-        lb, n = self.body_lengths, self._body_quantized_keys()
-        flushed = ((jnp.arange(r)[None, :] >= (lb - n)[:, None]) & (n >= r)[:, None])[:, None, :, None]
-        k_r = jnp.where(flushed, self.flushed_keys(), self.k_res[:, :, :r])
-        return dataclasses.replace(self, k_res=jnp.concatenate([k_r, self.k_res[:, :, r:]], axis=2))
-
     def _quant_values(self, v):
         """Per-token: v [B, H, T, D] -> codes [B,H,T,D], scale/min [B,H,T,D/G]."""
         c = self.config
@@ -232,9 +189,8 @@ class KIVICache(cc.CacheShape):
 
         Row b keeps its first lengths[b] tokens (default T): keys [0, n_b) quantized
         per-channel, values [0, m_b) per-token, the rest in the residuals (with sinks: tokens
-        [0, S) in the sink slots, and all of this for the tokens after them), and the key
-        residual's free slots hold the last flushed block dequantized, as after appends.
-        Padding never enters a group. Replaces whatever the cache held.
+        [0, S) in the sink slots, and all of this for the tokens after them). Padding never
+        enters a group. Replaces whatever the cache held.
         """
         c = self.config
         sk = c.sink_tokens
@@ -246,7 +202,7 @@ class KIVICache(cc.CacheShape):
                         max_length=self.max_length, dtype=self.dtype)
         if sk == 0:
             body = self._prefill_body(new, k, v, lengths, t)
-            return KIVICache(*body, lengths, invalid, c, self.max_length).with_flushed_keys_in_ring()
+            return KIVICache(*body, lengths, invalid, c, self.max_length)
         r = c.residual_length
         tb = max(t - sk, 0)
         lb = jnp.maximum(lengths - sk, 0)
@@ -262,7 +218,7 @@ class KIVICache(cc.CacheShape):
         k_res = jnp.concatenate([k_res, self._gather_tokens(k, tok, ok)], axis=2)
         v_res = jnp.concatenate([v_res, self._gather_tokens(v, tok, ok)], axis=2)
         return KIVICache(k_codes, k_scale, k_min, k_res, v_codes, v_scale, v_min, v_res,
-                         lengths, invalid, c, self.max_length).with_flushed_keys_in_ring()
+                         lengths, invalid, c, self.max_length)
 
     def _prefill_body(self, new, k, v, lengths, t):
         """Algorithm 1's prefill of k, v [B, H, t, D] (stored basis) with per-row lengths into
@@ -317,8 +273,7 @@ class KIVICache(cc.CacheShape):
         * k_res [B, H, 1, D]: the key at residual slot Lb % R (with sinks: at sink slot R + L
           while L < S);
         * a key flush, when some row's residual fills up (under lax.cond: once per R steps):
-          the R keys' code words (added), R/Gk rows of k_scale and k_min, and the R keys
-          dequantized back into the residual's slots;
+          the R keys' code words (added) and R/Gk rows of k_scale and k_min;
         * the value leaving the R-window, quantized per-token: one v_codes word row (added),
           one v_scale and one v_min row; the new value at ring slot Lb % R of v_res (or the sink slot).
 
@@ -350,16 +305,13 @@ class KIVICache(cc.CacheShape):
         n0 = jnp.where(flush, Lb + 1 - r, 0)
 
         def flush_writes(view):  # view: this cache with the new key in its residual
-            k_r = view.k_res[:, :, :r]
-            codes, scale, mn = view._quant_keys(k_r)
+            codes, scale, mn = view._quant_keys(view.k_res[:, :, :r])
             f4 = flush[:, None, None, None]
             old_s = cc.take_row(view.k_scale, n0 // kg, r // kg, axis=1)
             old_m = cc.take_row(view.k_min, n0 // kg, r // kg, axis=1)
-            k_hat = view._dequant_keys(codes, scale, mn)  # what attention sees of them from now on
             return (*view._key_code_writes(jnp.where(f4, codes, 0), n0),
                     cc.RowWrite(jnp.where(f4, scale, old_s), n0 // kg, "k_scale", 1),
-                    cc.RowWrite(jnp.where(f4, mn, old_m), n0 // kg, "k_min", 1),
-                    cc.RowWrite(jnp.where(f4, k_hat, k_r), jnp.zeros_like(n0), "k_res", 1))
+                    cc.RowWrite(jnp.where(f4, mn, old_m), n0 // kg, "k_min", 1))
 
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
 

@@ -8,17 +8,13 @@ stack every layer (1.2 s steps on an H200, pallas_kernels/NOTES.md); a pallas_ca
 default layout, so nothing is copied.
 
 One program per (row b, KV head h, split s) walks chunks [lo, hi) of ``chunk`` tokens:
-scores of all query heads of KV head h (GQA, M >= 16 padded rows) against K [chunk, D], an
+scores of all query heads of KV head h (GQA; repeated to 16 rows in registers) against K [chunk, D], an
 online softmax, and p·V. Tokens outside [start, end) are masked; the chunk past the cache's
 last token is loaded with a mask (no out-of-bounds read).
 
-With ``ring_len=R`` the first R slots of k, v are a KIVI cache's residual ring instead
-(:mod:`pallas_kernels.kivi_window`): ``end`` is the row's body length Lb, slot j holds token
-Lb - R + (j - Lb) mod R (negative: empty), and tokens below ``start`` are masked.
-
-Inputs: q [B, Hkv, M, D] float32, pre-scaled by 1/sqrt(D); k, v [B, Hkv, T, D] (or
+Inputs: q [B, Hkv, G, D] float32, pre-scaled by 1/sqrt(D), G a power of two; k, v [B, Hkv, T, D] (or
 [L, B, Hkv, T, D] with ``layer``); lo, hi, start, end [B] int32.
-Outputs: o [B, Hkv, S, M, D] f32 (unnormalized), m, l [B, Hkv, S, M] f32.
+Outputs: o [B, Hkv, S, G, D] f32 (unnormalized), m, l [B, Hkv, S, G] f32.
 """
 
 from __future__ import annotations
@@ -30,16 +26,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import kivi_window
-from pallas_kernels.flash import NEG, in_range, online_softmax_step, partials_call, plgpu, program_bounds
+from pallas_kernels.flash import (NEG, check_query_rows, in_range, online_softmax_step, partials_call, plgpu,
+                                  program_bounds, query_rows, store_partials)
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *,
-            chunk, tokens, chunks_per_split, compute_dtype, precision, stacked, ring_len=0):
+            chunk, tokens, chunks_per_split, compute_dtype, precision, stacked):
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
-    m_rows, d = q_ref.shape
     lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
-    q = q_ref[...].astype(compute_dtype)
+    q = query_rows(q_ref, compute_dtype)  # [M, D]
+    m_rows, d = q.shape
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
     def tile(ref, t0):  # [chunk, D] in the compute dtype
@@ -52,49 +48,37 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, 
     def body(c, carry):
         t0 = c * chunk
         s = dot(q, tile(k_ref, t0).T)  # [M, chunk]
-        if ring_len:  # a row may have no valid slot at all: mask p too
-            keep = kivi_window.ring_valid(t0, chunk, ring_len, start, end)
-            return online_softmax_step(carry, s, keep, lambda p: dot(p.astype(compute_dtype), tile(v_ref, t0)),
-                                       mask_p=True)
         return online_softmax_step(carry, s, in_range(t0, chunk, start, end),
                                    lambda p: dot(p.astype(compute_dtype), tile(v_ref, t0)))
 
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((m_rows, d), jnp.float32))
     m_i, l_i, acc = lax.fori_loop(lo, hi, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m_i
-    l_ref[...] = l_i
+    store_partials(o_ref, m_ref, l_ref, acc, m_i, l_i)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages",
-                                             "ring_len"))
+@functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages"))
 def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int = 64, num_splits: int = 1,
-                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2, ring_len: int = 0):
-    """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc); with
-    ``ring_len`` over a KIVI residual ring's first R slots (chunks [lo, hi) of it; ``end``: Lb).
+                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+    """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
 
     layer: None, or a traced int32 scalar when k and v are layer-stacked ([L, B, Hkv, T, D]):
     that layer is read in place. 16-bit caches feed the dots in their dtype (float32
     accumulation), float32 caches at full float32 precision."""
-    b, hkv, m_rows, d = q.shape
+    b, hkv, _, d = q.shape
     lead = (b, hkv) if layer is None else (k.shape[0], b, hkv)
     if k.shape != v.shape or k.shape[:len(lead)] != lead or k.ndim != len(lead) + 2 or k.shape[-1] != d:
         raise ValueError(f"k and v must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, T, D={d}]; "
                          f"got {k.shape} and {v.shape}")
-    if m_rows < 16 or m_rows & (m_rows - 1):
-        raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
+    check_query_rows(q)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two >= 16")
     tokens = k.shape[-2]
-    if ring_len and (tokens < ring_len or ring_len % chunk):
-        raise ValueError(f"ring_len={ring_len} must be a multiple of chunk={chunk} and <= the {tokens} slots")
     if tokens % chunk and plgpu is None:  # pragma: no cover
         raise ValueError(f"T={tokens} must be a multiple of chunk={chunk} without the Triton masked load")
     n_chunks = -(-tokens // chunk)
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, chunk=chunk, tokens=tokens, chunks_per_split=-(-n_chunks // num_splits),
-                               compute_dtype=k.dtype, precision=precision, stacked=layer is not None,
-                               ring_len=ring_len)
+                               compute_dtype=k.dtype, precision=precision, stacked=layer is not None)
     return partials_call(kernel, q, (k, v), (lo, hi, start, end), layer=layer, num_splits=num_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name="dense_decode")

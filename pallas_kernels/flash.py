@@ -23,6 +23,31 @@ def triton_params(interpret: bool, num_warps: int, num_stages: int) -> dict:
 
 
 NEG = -1e30  # finite "minus infinity": exp(NEG - x) == 0 and no inf - inf
+DOT_ROWS = 16  # a tensor-core dot's fewest rows
+
+
+def query_rows(q_ref, dtype):
+    """q [G, D] (this (row, KV head)'s G query heads, a power of two) -> [M, D] in ``dtype``,
+    M = max(G, 16): the rows repeated up to the 16 a tensor-core dot needs, in registers (the
+    caller's q and the partials stay G rows: for MHA 1/16 of the padded traffic)."""
+    q = q_ref[...].astype(dtype)
+    g, d = q.shape
+    if g >= DOT_ROWS:
+        return q
+    return jnp.broadcast_to(q[None], (DOT_ROWS // g, g, d)).reshape(DOT_ROWS, d)
+
+
+def store_partials(o_ref, m_ref, l_ref, o, m, l):
+    """Writes o [M, D], m, l [M] (rows of :func:`query_rows`) as the refs' G rows: row r·G + j
+    repeats query head j, and the repeats are equal (same inputs, same dots), so any one will
+    do; the max over them picks one without a strided slice."""
+    g, m_rows = m_ref.shape[0], m.shape[0]
+    if m_rows > g:
+        o = jnp.max(o.reshape(m_rows // g, g, o.shape[-1]), axis=0)
+        m, l = (jnp.max(x.reshape(m_rows // g, g), axis=0) for x in (m, l))
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
 
 
 def program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
@@ -61,12 +86,20 @@ def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p:
     return m_next, l_next, acc * per_row(corr) + pv
 
 
+def check_query_rows(q):
+    """q [B, Hkv, G, D]: G (query heads per KV head, padded) must be a power of two."""
+    g = q.shape[2]
+    if g < 1 or g & (g - 1):
+        raise ValueError(f"q rows G={g} must be a power of two (pad the query heads of a KV head)")
+
+
 def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, num_warps, num_stages, name):
-    """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, M, D];
+    """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, G, D];
     ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
     when ``layer`` is given; ``scalars``: per-row [B] int32 arrays (lo, hi, start, end, ...).
     The kernel takes (layer_ref, q_ref, *array_refs, *scalar_refs, o_ref, m_ref, l_ref) and the
-    outputs are o [B, Hkv, S, M, D], m, l [B, Hkv, S, M] float32."""
+    outputs are o [B, Hkv, S, G, D], m, l [B, Hkv, S, G] float32 (:func:`query_rows` and
+    :func:`store_partials` inside)."""
     b, hkv, m_rows, d = q.shape
 
     def row(*tail):

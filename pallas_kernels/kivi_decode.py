@@ -5,7 +5,8 @@ One program per (batch row b, KV head h, sequence split s) walks its share of th
 at the row's end — in chunks of ``chunk`` tokens: it unpacks key codes, scores all query heads
 that share KV head h at once (GQA: no repeated K/V), runs an online softmax, unpacks value
 codes and accumulates p·V. With ``ring`` one split of each (row, head) also walks the
-residual ring, the R newest tokens, in full precision (:mod:`pallas_kernels.kivi_window`):
+residual ring, the R newest tokens, whose values are in full precision
+(:mod:`pallas_kernels.kivi_window`):
 the first one, or one of its own after the bulk's (``ring_split``). It returns
 flash-decoding partials (o, m, l) per split; the caller combines them.
 
@@ -23,14 +24,15 @@ numbers in ``pallas_kernels/NOTES.md``).
 Inputs (one row b and head h are selected by the BlockSpecs; with ``layer`` given, the six
 cache arrays carry a leading [L] axis and the kernel reads layer ``layer``'s row b, head h in
 place: a per-layer slice of a layer-stacked cache would be copied by XLA before the call):
-  q        [B, Hkv, M, D] float32, pre-scaled by 1/sqrt(D); M >= 16 (padded query heads)
+  q        [B, Hkv, G, D] float32, pre-scaled by 1/sqrt(D); G a power of two (the query heads of
+           KV head h, padded; repeated in registers to the 16 rows a dot needs)
   k_codes  [B, Hkv, Tc*k_bits/32, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
   v_codes  [B, Hkv, Tc*v_bits/32, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size;
            [B, Hkv, D/G, Tc] with v_scales_t=True)
   lo, hi   [B] int32: the row's bulk is chunks [lo, hi)
   start, end [B] int32: only tokens [start, end) count (a sliding window's start, 0 otherwise;
            end: where the row's quantized values stop, inside the last chunk)
-Outputs: o [B, Hkv, S, M, D] f32 (unnormalized), m, l [B, Hkv, S, M] f32.
+Outputs: o [B, Hkv, S, G, D] f32 (unnormalized), m, l [B, Hkv, S, G] f32.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import kivi_window
-from pallas_kernels.flash import NEG, in_range, online_softmax_step, partials_call, program_bounds
+from pallas_kernels.flash import (NEG, check_query_rows, in_range, online_softmax_step, partials_call, program_bounds,
+                                  query_rows, store_partials)
 
 # "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
 # from registers), 19-24% faster than "dequant" on the H200 (NOTES.md). A Mosaic GPU kernel
@@ -98,7 +101,7 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=()):
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
             compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0):
-    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths], o, m, l
+    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
     n_arrays = 8 if ring_len else 6
     ring_refs = refs[6:8]
@@ -107,10 +110,10 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     # one indexer per load (the Triton lowering takes no ref views of views)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
-    m_rows, d = q_ref.shape
-    n_vgroups = d // g
     lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
-    q = q_ref[...].astype(compute_dtype)
+    q = query_rows(q_ref, compute_dtype)  # [M, D]
+    m_rows, d = q.shape
+    n_vgroups = d // g
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
     def k_hat_t(t0):  # K̂ᵀ [D, chunk] float32
@@ -149,17 +152,17 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     carry = lax.fori_loop(lo, hi, body, init)
     if ring_len:  # the full-precision window: split ``ring_program`` of each (row, head) walks the ring
         rc = kivi_window.ring_chunk(ring_len, chunk)
+        len_ref, n_ref = refs[n_arrays + 4:n_arrays + 6]
         step = functools.partial(
-            kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=refs[n_arrays + 4][()],
-            start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap)
+            kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
+            quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
+            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at))
         # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
         # literal operands i1 (scf.for then rejects bounds of mixed types)
         n_ring = (pl.program_id(2) == ring_program).astype(jnp.int32) * (ring_len // rc)
         carry = lax.fori_loop(0, n_ring, lambda c, carry: step(pl.multiple_of(c * rc, rc), carry), carry)
     m_i, l_i, acc = carry
-    o_ref[...] = acc.T if swap else acc
-    m_ref[...] = m_i
-    l_ref[...] = l_i
+    store_partials(o_ref, m_ref, l_ref, acc.T if swap else acc, m_i, l_i)
 
 
 @functools.partial(
@@ -178,10 +181,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
     with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
 
-    ring: None, or (k_res, v_res, lengths): the residual ring [B, Hkv, R', D] (or [L, ...]
-    with ``layer``; slots past R, e.g. sinks, are not read; slot j holds one token's key and
-    value) and the row's body tokens Lb [B] int32; then ``ring_len`` = R > 0 and one split of
-    each (row, head) also attends the ring's R slots (``start`` masks them too): the first
+    ring: None, or (k_res, v_res, lengths, quantized): the residual ring [B, Hkv, R', D] (or
+    [L, ...] with ``layer``; slots past R, e.g. sinks, are not read), the row's body tokens
+    Lb and quantized keys n [B] int32; then ``ring_len`` = R > 0 and one split of each
+    (row, head) also attends the ring's R slots (``start`` masks them too): the first
     (``ring_split="first"``), or one more after the bulk's (``"own"``: S + 1 splits out).
 
     group_size: value channels per scale/min; key_group_size: key tokens per scale/min
@@ -196,7 +199,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {VARIANTS}")
-    b, hkv, m_rows, d = q.shape
+    b, hkv, _, d = q.shape
     kg = key_group_size or group_size
     stacked = layer is not None
     cache_arrays = (k_codes, k_scale, k_min, v_codes, v_scale, v_min)
@@ -208,8 +211,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     if v_scale.shape[-2:] != want or v_min.shape[-2:] != want:
         raise ValueError(f"v_scale and v_min must end in {want} (v_scales_t={v_scales_t}); "
                          f"got {v_scale.shape} and {v_min.shape}")
-    if m_rows < 16 or m_rows & (m_rows - 1):
-        raise ValueError(f"q rows M={m_rows} must be a power of two >= 16 (pad the query heads)")
+    check_query_rows(q)
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
         # whole words per chunk, and a power of two dividing the 16-word block stores are rounded to
         if chunk < max(16, 32 // bits) or chunk & (chunk - 1) or (16 * 32 // bits) % chunk:
@@ -220,9 +222,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     if ring_split not in RING_SPLITS:
         raise ValueError(f"ring_split={ring_split!r}; allowed: {RING_SPLITS}")
     if ring is not None:
-        if not kivi_window.supported(ring_len, chunk):
-            raise ValueError(f"ring_len={ring_len} with chunk={chunk}: the ring must be a power of two of "
-                             f"steps of >= 16 slots (see kivi_window.supported)")
+        if not kivi_window.supported(ring_len, k_bits, kg, tc, chunk):
+            raise ValueError(f"ring_len={ring_len} with chunk={chunk}, k_bits={k_bits}, key_group_size={kg} and "
+                             f"capacity={tc}: the ring must be a power of two of whole chunks and capacity >= it "
+                             f"(see kivi_window.supported)")
         k_res, v_res = ring[:2]
         if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len or k_res.shape[-1] != d:
             raise ValueError(f"k_res and v_res must be [..., R' >= {ring_len}, D={d}]; got {k_res.shape}, {v_res.shape}")
@@ -239,7 +242,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         ring_program=num_splits if ring_split == "own" else 0)
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:
-        arrays, scalars = arrays + tuple(ring[:2]), scalars + (ring[2],)
+        arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])
     grid_splits = num_splits + (ring is not None and ring_split == "own")  # the bulk gives the last one no chunk
     return partials_call(kernel, q, arrays, scalars, layer=layer, num_splits=grid_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name=f"kivi_decode_{variant}")

@@ -67,11 +67,11 @@ def test_kernel_matches_reference(k_bits, v_bits, gqa, dtype, variant):
     np.testing.assert_allclose(np.asarray(out1, np.float32), np.asarray(out[1:2], np.float32), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("sinks,ring_program", [(0, "first"), (3, "first"), (0, "own"), (3, "separate")])
+@pytest.mark.parametrize("sinks,ring_program", [(0, "first"), (3, "first"), (0, "own"), (3, "own")])
 def test_kernel_rows_around_residual_boundaries(sinks, ring_program):
     """Rows whose lengths sit just below, at and above multiples of R and of the chunk (the
-    kernel's masked last chunk, the ring's slots of unflushed and flushed keys), with and
-    without a sliding window, the ring walked by the first split or a split of its own:
+    kernel's masked last chunk, the ring's split between key residual and flushed keys), with
+    and without a sliding window, the ring walked by the first split or a split of its own:
     every row against the reference."""
     cfg = kj.KIVIConfig(k_bits=2, v_bits=4, group_size=16, residual_length=32, sink_tokens=sinks)
     lengths = [l + sinks for l in (5, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 130)]
@@ -132,11 +132,10 @@ def test_kernel_bad_arguments():
     assert "dequant" in kivi_decode.VARIANTS
 
 
-@pytest.mark.parametrize("ring_program", ["first", "separate"])
+@pytest.mark.parametrize("ring_program", ["first", "own"])
 def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program):
     """stack=(stacked, i): the kernel takes the whole [L, ...] arrays and layer i (no slice of
-    the stack reaches the pallas_call) and gives layer i's attention; the ring too, in the
-    same kernel or in the dense kernel's launch."""
+    the stack reaches the pallas_call) and gives layer i's attention, the ring's too."""
     cfg = kj.KIVIConfig(group_size=32, residual_length=32)
     layers = [_cache(cfg, [300, 77, 190], 2, 64, jnp.float32, seed) for seed in (21, 22, 23)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
@@ -156,9 +155,8 @@ def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program):
     calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
     shapes = [v.aval.shape for v in calls[0].invars]
     assert stacked.k_codes.shape in shapes and stacked.v_scale.shape in shapes, shapes
-    # the residual ring is read in place from the stack too, by the same kernel or the next
-    assert len(calls) == (1 if ring_program == "first" else 2), calls
-    assert stacked.k_res.shape in [v.aval.shape for v in calls[-1].invars], shapes
+    # the residual ring is attended in the same kernel, read in place from the stack too
+    assert len(calls) == 1 and stacked.k_res.shape in shapes, shapes
 
 
 def test_ring_in_the_kernel_only_where_supported():
@@ -178,8 +176,8 @@ def test_ring_in_the_kernel_only_where_supported():
     assert cache.k_res.shape in shapes
     cache, shapes = kernel_inputs(kj.KIVIConfig(k_bits=1, group_size=16, residual_length=48))
     assert cache.k_res.shape not in shapes and cache.k_res[:, :, :48].shape not in shapes
-    assert kivi_window.supported(128, 64) and kivi_window.supported(16, 64)
-    assert not kivi_window.supported(48, 16) and not kivi_window.supported(8, 64)
+    assert kivi_window.supported(128, 2, 32, 4096, 64) and not kivi_window.supported(128, 2, 32, 64, 64)
+    assert not kivi_window.supported(48, 1, 16, 4096, 16)
     z = jnp.zeros((1, 1, 16, 32))
     codes = jnp.zeros((1, 1, 8, 32), jnp.uint32)
     sc = jnp.zeros((1, 1, 16, 32))
@@ -187,7 +185,7 @@ def test_ring_in_the_kernel_only_where_supported():
     with pytest.raises(ValueError, match="ring_len=48"):
         kivi_decode.kivi_decode_partials(z, codes, sc, sc, codes, jnp.zeros((1, 1, 256, 2)), jnp.zeros((1, 1, 256, 2)),
                                          i, i, i, i, k_bits=1, v_bits=1, group_size=16, chunk=32,
-                                         ring=(z[:, :, :1].repeat(48, 2), z[:, :, :1].repeat(48, 2), i), ring_len=48,
+                                         ring=(z[:, :, :1].repeat(48, 2), z[:, :, :1].repeat(48, 2), i, i), ring_len=48,
                                          interpret=True)
     with pytest.raises(ValueError, match="ring and ring_len"):
         kivi_decode.kivi_decode_partials(z, codes, sc, sc, codes, jnp.zeros((1, 1, 256, 2)), jnp.zeros((1, 1, 256, 2)),
@@ -199,7 +197,8 @@ def test_ring_in_the_kernel_only_where_supported():
 def test_ring_walked_by_the_split_asked(ring_split):
     """The ring alone (every row's bulk empty): its partial comes from split 0, or from the
     extra last split with ring_split="own" (the other splits hold no token), and it is the
-    softmax over the window's R slots computed in float64 from k_res/v_res."""
+    softmax over the window's tokens in float64 from the materialized cache (keys of the
+    flushed block dequantized, the newer ones as given)."""
     from pallas_kernels import kivi_decode
 
     cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=32)
@@ -212,17 +211,17 @@ def test_ring_walked_by_the_split_asked(ring_split):
     o, m, l = kivi_decode.kivi_decode_partials(
         qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min, z, z, z, z,
         k_bits=2, v_bits=2, group_size=16, chunk=16, num_splits=2, interpret=True,
-        ring=(cache.k_res, cache.v_res, cache.lengths), ring_len=r, ring_split=ring_split)
+        ring=(cache.k_res, cache.v_res, cache.lengths, cache.num_quantized_keys), ring_len=r, ring_split=ring_split)
     at = 2 if ring_split == "own" else 0
     assert l.shape[2] == (3 if ring_split == "own" else 2)
     l = np.asarray(l)
     assert np.all(l[:, :, at, 0] > 0) and np.all(np.delete(l, at, axis=2) == 0)
-    kr, vr = (np.asarray(x, np.float64) for x in (cache.k_res, cache.v_res))
+    k_hat, v_hat = (np.asarray(x, np.float64) for x in cache.materialize(rotated=True))
     for row, n in enumerate(np.asarray(cache.lengths)):
-        valid = np.arange(r) < n  # slots holding a window token (every slot once the ring is full)
-        s = np.einsum("hd,hjd->hj", np.asarray(q[row, :, 0], np.float64), kr[row])
-        p = np.where(valid, np.exp(s - s[:, valid].max(axis=1, keepdims=True)), 0.0)
-        want = np.einsum("hj,hjd->hd", p, vr[row]) / p.sum(axis=1, keepdims=True)
+        w = slice(max(n - r, 0), n)  # the window's tokens
+        s = np.einsum("hd,htd->ht", np.asarray(q[row, :, 0], np.float64), k_hat[row, :, w])
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        want = np.einsum("ht,htd->hd", p, v_hat[row, :, w]) / p.sum(axis=1, keepdims=True)
         got = np.asarray(o[row, :, at, 0], np.float64) / l[row, :, at, 0][:, None]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -332,7 +331,7 @@ def test_dense_kernel_bad_arguments():
     q, k = jnp.zeros((2, 2, 16, 32)), jnp.zeros((2, 2, 64, 32))
     with pytest.raises(ValueError, match=r"k and v must both be \[B=2, Hkv=2, T, D=32\]"):
         dense_decode_partials(q, k, jnp.zeros((2, 2, 64, 16)), z, z, z, z, interpret=True)
-    with pytest.raises(ValueError, match="q rows M=8 must be a power of two >= 16"):
-        dense_decode_partials(q[:, :, :8], k, k, z, z, z, z, interpret=True)
+    with pytest.raises(ValueError, match="q rows G=12 must be a power of two"):
+        dense_decode_partials(q[:, :, :12], k, k, z, z, z, z, interpret=True)
     with pytest.raises(ValueError, match="chunk=48 must be a power of two >= 16"):
         dense_decode_partials(q, k, k, z, z, z, z, chunk=48, interpret=True)
