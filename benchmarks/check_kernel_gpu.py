@@ -85,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one case per dtype/bits/GQA pattern (fewer compiles)")
     ap.add_argument("--only", default=None, help="comma list of check-name substrings to run (e.g. 'G64,2^31')")
+    ap.add_argument("--name", default="kernel-check", help="results file name (without the date)")
     args = ap.parse_args(argv)
 
     def wanted(name):
@@ -187,7 +188,7 @@ def main(argv=None):
     table = common.markdown(rows, ["check", "variant", "dtype", "rel_err", "tol", "ok"])
     print(table)
     env = common.environment()
-    common.write_results("kernel-check", {**env, "rows": rows}, table)
+    common.write_results(args.name, {**env, "rows": rows}, table)
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
