@@ -219,8 +219,7 @@ def fill_random(cache, key, lengths):
         v_scale=jax.random.uniform(ks[5], cache.v_scale.shape, minval=0.01, maxval=0.3).astype(dt),
         v_min=(-1.5 + 0.3 * jax.random.normal(ks[6], cache.v_min.shape)).astype(dt),
         v_res=jax.random.normal(ks[7], cache.v_res.shape).astype(dt),
-        lengths=lengths, overflow=cache.overflow, config=cache.config,
-        max_length=cache.max_length)
+        lengths=lengths, overflow=cache.overflow, config=cache.config, max_length=cache.max_length)
 
 
 if __name__ == "__main__":

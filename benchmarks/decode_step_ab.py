@@ -122,7 +122,7 @@ def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=Fal
     return row, cache, hlo
 
 
-SCOPES = ("kivi_kernel", "kivi_ring", "kivi_window", "cache_append", "attention", "qkv", "o_proj", "mlp")  # models/llama.py
+SCOPES = ("kivi_kernel", "kivi_window", "cache_append", "attention", "qkv", "o_proj", "mlp")  # models/llama.py
 
 
 def _kernel_table(kernels, step_ms, top=25) -> str:

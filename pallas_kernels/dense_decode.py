@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import (NEG, check_query_rows, in_range, online_softmax_step, partials_call, plgpu,
+from pallas_kernels.flash import (NEG, in_range, online_softmax_step, partials_call, plgpu,
                                   program_bounds, query_rows, store_partials)
 
 
@@ -70,7 +70,6 @@ def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int
     if k.shape != v.shape or k.shape[:len(lead)] != lead or k.ndim != len(lead) + 2 or k.shape[-1] != d:
         raise ValueError(f"k and v must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, T, D={d}]; "
                          f"got {k.shape} and {v.shape}")
-    check_query_rows(q)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two >= 16")
     tokens = k.shape[-2]

@@ -86,13 +86,6 @@ def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p:
     return m_next, l_next, acc * per_row(corr) + pv
 
 
-def check_query_rows(q):
-    """q [B, Hkv, G, D]: G (query heads per KV head, padded) must be a power of two."""
-    g = q.shape[2]
-    if g < 1 or g & (g - 1):
-        raise ValueError(f"q rows G={g} must be a power of two (pad the query heads of a KV head)")
-
-
 def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, num_warps, num_stages, name):
     """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, G, D];
     ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
@@ -101,6 +94,8 @@ def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, n
     outputs are o [B, Hkv, S, G, D], m, l [B, Hkv, S, G] float32 (:func:`query_rows` and
     :func:`store_partials` inside)."""
     b, hkv, m_rows, d = q.shape
+    if m_rows & (m_rows - 1):
+        raise ValueError(f"q rows G={m_rows} must be a power of two (pad the query heads of a KV head)")
 
     def row(*tail):
         return pl.BlockSpec((None, None) + tail, lambda i, j, s: (i, j) + (0,) * len(tail))

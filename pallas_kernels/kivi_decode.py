@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import kivi_window
-from pallas_kernels.flash import (NEG, check_query_rows, in_range, online_softmax_step, partials_call, program_bounds,
+from pallas_kernels.flash import (NEG, in_range, online_softmax_step, partials_call, program_bounds,
                                   query_rows, store_partials)
 
 # "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
@@ -211,7 +211,6 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     if v_scale.shape[-2:] != want or v_min.shape[-2:] != want:
         raise ValueError(f"v_scale and v_min must end in {want} (v_scales_t={v_scales_t}); "
                          f"got {v_scale.shape} and {v_min.shape}")
-    check_query_rows(q)
     for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
         # whole words per chunk, and a power of two dividing the 16-word block stores are rounded to
         if chunk < max(16, 32 // bits) or chunk & (chunk - 1) or (16 * 32 // bits) % chunk:
