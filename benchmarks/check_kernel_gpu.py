@@ -61,11 +61,14 @@ def rel_err(a, b):
 
 def kernel_kw(variant: str) -> dict:
     """decode_attention keywords of a check's variant: "dense" (a DenseCache's kernel), a KIVI
-    kernel variant ("swap"), or one with its ring program ("swap+own")."""
+    kernel variant ("swap"), with its ring program ("swap+own") and/or its dequantization
+    ("swap/convert", "swap+own/magic")."""
     if variant == "dense":
         return {}
+    variant, _, dequant = variant.partition("/")
     v, _, ring_program = variant.partition("+")
-    return {"variant": v, **({"ring_program": ring_program} if ring_program else {})}
+    return {"variant": v, **({"ring_program": ring_program} if ring_program else {}),
+            **({"dequant": dequant} if dequant else {})}
 
 
 def check(name, q, cache, variant, window=None, dtype="bfloat16"):

@@ -122,16 +122,18 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     zero = jnp.zeros_like(cache.lengths)
     splits = attention_pallas.default_splits(b, hkv, cache.capacity // chunk, False)
 
-    def kernel(qp, cache, with_ring):
+    def kernel(qp, cache, with_ring, dequant="auto"):
         ring, ring_len = _ring(cache, None, None, chunk) if with_ring else (None, 0)
         return kivi_decode.kivi_decode_partials(
             qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
             zero, -(-end // chunk), zero, end, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
-            chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT, ring=ring, ring_len=ring_len)
+            chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT, ring=ring, ring_len=ring_len,
+            dequant=dequant)
 
     q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
     rows = []
     for name, fn, args in (("kernel_only", lambda qp, c: kernel(qp, c, False), (qp, cache)),
+                           ("kernel_only_convert", lambda qp, c: kernel(qp, c, False, "convert"), (qp, cache)),
                            ("kernel_with_ring", lambda qp, c: kernel(qp, c, True), (qp, cache)),
                            ("whole_call", lambda q, c: attention_pallas.decode_attention(q, c), (q, cache))):
         ms = common.time_fn(jax.jit(fn), *args)
@@ -172,16 +174,18 @@ def main(argv=None):
     hbm = common.hbm_copy_tbps()
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:
-        # who walks the residual ring (attention_pallas.RING_PROGRAMS), at the target shape and
-        # at a short context (the paper's setting: most of a row in the ring)
-        variants = [(f"pallas_swap_ring_{p}", dict(variant="swap", ring_program=p))
-                    for p in attention_pallas.RING_PROGRAMS]
+        # how codes become numbers (kivi_decode.DEQUANTS: magic-number PTX vs integer->float
+        # conversions), and with magic's fewer registers, wider chunks and more warps; at the
+        # target shape and at a short context (the paper's setting: most of a row in the ring)
+        variants = [("pallas_magic", dict(dequant="magic")), ("pallas_convert", dict(dequant="convert")),
+                    ("pallas_magic_w8", dict(dequant="magic", num_warps=8)),
+                    ("pallas_magic_c128_w8", dict(dequant="magic", chunk=128, num_warps=8)),
+                    ("pallas_magic_c128", dict(dequant="magic", chunk=128))]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
-        rows = run([96], [256], [(32, 32)], [2], ("pallas",), variants, ref_max_bytes=0,
+        rows = run([96], [256], [(32, 32)], [2], ("pallas",), variants[:2], ref_max_bytes=0,
                    dense_max_bytes=80 << 30, rows=rows)
         rows += breakdown()
-        rows += extensions()
     else:
         rows = breakdown()
         run([64], [4096], [(32, 32)], [2], ("pallas",),

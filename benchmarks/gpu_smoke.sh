@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A device call (about 9 min on an H200; the timeouts sum to 560 s) for what awaits a GPU:
-#  0. the compiled check of the KIVI kernel (ring walked by the first split, and by a split of
-#     its own) and the dense kernel, q and partials of G rows (716a8f7), the >2^31-element /
+#  0. the compiled check of the KIVI kernel with the magic-number dequantization (the default
+#     on GPU) and with integer->float conversions, the dense kernel, the >2^31-element /
 #     stacked-in-place cases;
-#  1. the decode-attention target shape and a short context, ring_program first vs own, whole
-#     call next to dense;
-#  2. one decode step, dense and KIVI-2 (first, own), traced per kernel;
+#  1. the decode-attention target shape and a short context: magic vs convert, with 8 warps and
+#     chunk 128, whole call next to dense; the breakdown (kernel only, magic and convert);
+#  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min): the 4096-token sweep from batch 64 (python -m
 # benchmarks.e2e --skip-paper --skip-hf --skip-compile-check --sweep-start 64 --budget-s 540),
@@ -19,14 +19,14 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # rows print as dicts as they pass (kept: a timeout still shows how far it got)
 timeout 200 python -m benchmarks.check_kernel_gpu --variants swap --quick 2>&1 | grep -v "^WARNING" \
     | grep "'ok'\|passed\|Error" | cut -c1-150 | tail -24
-timeout 60 python -m benchmarks.check_kernel_gpu --variants swap+own --quick --only "k2v2,k4v2,sinks4" --skip-large \
-    --name kernel-check-own 2>&1 \
+timeout 60 python -m benchmarks.check_kernel_gpu --variants swap/convert --quick --only "k2v2,k4v2,sinks4" --skip-large \
+    --name kernel-check-convert 2>&1 \
     | grep -v "^WARNING" | grep "'ok'\|passed\|Error" | cut -c1-150 | tail -6
-timeout 100 python -m benchmarks.decode_attention --quick --name decode-attention-quick-g 2>&1 \
-    | grep -v "^WARNING" | grep "^|" | head -16
-XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python -m benchmarks.decode_step_ab --layers 32 \
-    --caches dense,kivi2 --arms allpallas --ring-programs first,own --trace --tag=-g-trace 2>&1 | grep -v "^WARNING" \
+timeout 130 python -m benchmarks.decode_attention --quick --name decode-attention-quick-magic 2>&1 \
+    | grep -v "^WARNING" | grep "^|" | head -24
+XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python -m benchmarks.decode_step_ab --layers 32 \
+    --caches dense,kivi2 --arms allpallas --trace --tag=-magic-trace 2>&1 | grep -v "^WARNING" \
     | grep "step_ms\|^GPU kernel" | cut -c1-260
-timeout 100 python -m benchmarks.e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2 --budget-s 95 2>&1 \
+timeout 80 python -m benchmarks.e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2 --budget-s 75 2>&1 \
     | grep -v "^WARNING\|bfc_allocator" | grep "^|\|^- " | tail -8
 rm -f "${OUT:-benchmarks/results}"/decode-step-*.hlo.txt "${OUT:-benchmarks/results}"/partial-rows.json

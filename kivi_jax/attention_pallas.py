@@ -184,7 +184,7 @@ DEFAULT_RING_PROGRAM = "first"
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
                      num_splits=None, num_warps=4, num_stages=None, dot_dtype=None, mesh=None, rules=None,
-                     stack=None, ring_program=None):
+                     stack=None, ring_program=None, dequant="auto"):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D]; see kivi_jax.decode_attention.
 
     stack: None, or (stacked, i) when ``cache`` is layer i of ``stacked`` (a KIVICache whose
@@ -196,7 +196,8 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     which reads a layer-stacked cache in place too (``stack``; ``kivi_jax.decode_attention``'s
     "auto" uses it on GPU). num_stages: None for each kernel's measured default (KIVI 3,
     dense 2). ring_program: who attends a KIVI cache's residual ring (:data:`RING_PROGRAMS`;
-    None: :data:`DEFAULT_RING_PROGRAM`).
+    None: :data:`DEFAULT_RING_PROGRAM`). dequant: how the KIVI kernel turns codes into numbers
+    (:data:`pallas_kernels.kivi_decode.DEQUANTS`; "auto": magic-number PTX where it applies).
 
     Sharded: with a mesh (``mesh``, else :func:`kivi_jax.sharding.use_mesh`'s, else jax's
     context mesh) the kernel and its tail run under ``shard_map`` over batch x kv_heads
@@ -215,7 +216,7 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     elif isinstance(cache, KIVICache):
         local = functools.partial(_decode_attention_local, window=window, interpret=interpret, variant=variant,
                                   chunk=chunk, num_splits=num_splits, dot_dtype=dot_dtype, knobs=knobs,
-                                  ring_program=ring_program or DEFAULT_RING_PROGRAM)
+                                  ring_program=ring_program or DEFAULT_RING_PROGRAM, dequant=dequant)
     else:
         raise TypeError(f"cache must be a KIVICache or DenseCache; got {type(cache).__name__}")
     mesh, rules = sharding.active_mesh(mesh, rules)
@@ -298,7 +299,7 @@ def _combine(parts, g):
 
 
 def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_splits, dot_dtype, knobs,
-                            ring_program=DEFAULT_RING_PROGRAM, stack=None):
+                            ring_program=DEFAULT_RING_PROGRAM, stack=None, dequant="auto"):
     """The body of :func:`decode_attention` on one shard's rows and KV heads."""
     c = cache.config
     b, hq, _, d = q.shape
@@ -323,7 +324,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
             qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
             v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
             variant=variant, interpret=interpret, dot_dtype=dot_dtype, ring=ring, ring_len=ring_len,
-            ring_split=ring_program, **knobs)
+            ring_split=ring_program, dequant=dequant, **knobs)
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
         parts = _full_precision_parts(qg, cache, start, ring is not None)
     out = _combine([(o, m, l)] + parts, gq)

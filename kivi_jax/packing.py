@@ -1,19 +1,24 @@
 """Bit-packing of quantization codes into uint32 words: the layout the GPU kernel reads.
 
-Layout ("consecutive"). Codes of ``bits`` bits are packed ``c = 32 // bits`` to a uint32
-word along one *pack axis* (for a KV cache [B, H, T, D]: the token axis T, for keys and
-values alike; the last axis D stays contiguous so one load of a word row is a wide,
-coalesced read of D words). Element ``e`` lives in
+Layout ("consecutive, pair-split"). Codes of ``bits`` bits are packed ``c = 32 // bits`` to a
+uint32 word along one *pack axis* (for a KV cache [B, H, T, D]: the token axis T, for keys and
+values alike; the last axis D stays contiguous so one load of a word row is a wide, coalesced
+read of D words). A word's low 16 bits hold its even elements and its high 16 bits its odd
+ones, each half in order: element ``e`` lives in
 
     word row  = e // c
-    bit shift = bits * (e % c)
+    bit shift = bits * ((e % c) // 2) + 16 * (e % 2)
 
 so a chunk of ``n c`` consecutive elements is exactly ``n`` consecutive word rows: a kernel
-loads each word once, and unpacks it in one thread's registers (shift and mask per code, the
-``c`` codes of a word being consecutive tokens of one channel). A cache that fills the axis in
-order only ever ORs new bits into zeroed words. A final, partial word holds the tail.
+loads each word once and unpacks it in one thread's registers (the ``c`` codes of a word being
+consecutive tokens of one channel). The split halves are for the GPU kernel's magic-number
+dequantization: ``(word >> bits * j) & (mask | mask << 16)`` puts elements 2j and 2j + 1 at
+bits 0 and 16, the mantissas of two 16-bit floats, so one AND/OR makes both
+(:mod:`pallas_kernels.kivi_decode`). A cache that fills the axis in order only ever ORs new bits
+into zeroed words. A final, partial word holds the tail.
 
-(Until 2026-11-30 the layout was a "16-row interleave" — element e in row 16 (e // 16c) +
+(Until 2026-12-01 the halves were not split: element e sat at bit ``bits * (e % c)``. Until
+2026-11-30 the layout was a "16-row interleave" — element e in row 16 (e // 16c) +
 e % 16 at bit bits ((e % 16c) // 16) — whose kernel reloaded a whole 16-row block for every
 chunk; pallas_kernels/NOTES.md has the timings that retired it.)
 """
@@ -52,7 +57,13 @@ def packed_len(length: int, bits: int) -> int:
 def word_row_and_shift(e, bits: int):
     """Word row and bit shift of element index ``e`` (int or int array) along the pack axis."""
     c = codes_per_word(bits)
-    return e // c, bits * (e % c)
+    i = e % c
+    return e // c, bits * (i // 2) + 16 * (i % 2)
+
+
+def _shifts(bits: int) -> jnp.ndarray:
+    """Bit shift of each of a word's ``c`` elements, in order: [c] uint32."""
+    return jnp.asarray(word_row_and_shift(np.arange(codes_per_word(bits)), bits)[1], jnp.uint32)
 
 
 def pack(codes: jnp.ndarray, bits: int, axis: int) -> jnp.ndarray:
@@ -65,9 +76,8 @@ def pack(codes: jnp.ndarray, bits: int, axis: int) -> jnp.ndarray:
     length = x.shape[-1]
     rows = packed_len(length, bits)
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, rows * c - length)]).reshape(*x.shape[:-1], rows, c)
-    shifts = jnp.arange(c, dtype=jnp.uint32) * bits
     # the codes' bits are disjoint, so their sum is their OR
-    return jnp.moveaxis(jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32), -1, axis)
+    return jnp.moveaxis(jnp.sum(x << _shifts(bits), axis=-1, dtype=jnp.uint32), -1, axis)
 
 
 def unpack(words: jnp.ndarray, bits: int, axis: int, length: int) -> jnp.ndarray:
@@ -80,7 +90,7 @@ def unpack(words: jnp.ndarray, bits: int, axis: int, length: int) -> jnp.ndarray
         )
     w = jnp.moveaxis(words.astype(jnp.uint32), axis, -1)
     mask = jnp.uint32((1 << bits) - 1) if bits < 32 else jnp.uint32(0xFFFFFFFF)
-    codes = (w[..., None] >> (jnp.arange(c, dtype=jnp.uint32) * bits)) & mask
+    codes = (w[..., None] >> _shifts(bits)) & mask
     codes = codes.reshape(*w.shape[:-1], w.shape[-1] * c)[..., :length]
     return jnp.moveaxis(codes, -1, axis)
 

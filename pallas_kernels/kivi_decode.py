@@ -53,6 +53,7 @@ from pallas_kernels.flash import (NEG, in_range, online_softmax_step, partials_c
 # would be another variant here.
 VARIANTS = ("dequant", "swap")
 RING_SPLITS = ("first", "own")
+DEQUANTS = ("auto", "magic", "convert")
 
 
 def _join_minor(a, b):
@@ -62,16 +63,24 @@ def _join_minor(a, b):
     return x.reshape(x.shape[0], x.shape[1] * 2)
 
 
-def _unpack_minor(w_t, bits):
-    """[D, n] uint32 words, each holding 32/bits consecutive codes -> codes [D, n*32/bits].
+def _unpack_pairs(w_t, bits):
+    """[D, n] uint32 words (:mod:`kivi_jax.packing`: even codes in the low half, odd codes in
+    the high half) -> [D, n*16/bits] words, element j holding codes 2j and 2j + 1 of its word's
+    run at bits 0 and 16 (not masked).
 
-    Halving shifts: after the join with ``x >> s``, element 2i + 1 holds the code s/bits
+    Halving shifts: after the join with ``x >> s``, element 2i + 1 holds the pair s/bits
     places after element 2i's."""
-    x, s = w_t, 16
+    x, s = w_t, 8
     while s >= bits:
         x = _join_minor(x, x >> jnp.uint32(s))
         s //= 2
-    return x & jnp.uint32((1 << bits) - 1)
+    return x
+
+
+def _unpack_minor(w_t, bits):
+    """[D, n] uint32 words, each holding 32/bits consecutive codes -> codes [D, n*32/bits]."""
+    x = _unpack_pairs(w_t, bits)
+    return _join_minor(x, x >> jnp.uint32(16)) & jnp.uint32((1 << bits) - 1)
 
 
 def _repeat_minor(x, times):
@@ -82,25 +91,69 @@ def _repeat_minor(x, times):
     return x
 
 
-def _codes_t(words_ref, t0, chunk, bits, at=()):
-    """Codes of tokens [t0, t0 + chunk) as a [D, chunk] tile (tokens minor) from words [W, D]
+# Magic-number dequantization of a pair of codes at bits 0 and 16 of a word (its two halves
+# are two 16-bit floats): OR-ing them under the exponent of M (128 in bfloat16, 1024 in float16,
+# whose mantissa step is 1) gives the floats M + code exactly; subtracting M and one fused
+# multiply-add with the (scale, min) pair round code*scale + min once, as the reference does.
+# Per two codes: one LOP3, one packed sub and one packed FMA in place of two shift/extracts,
+# two integer->float conversions, two FMAs and a float32->16-bit pack (pallas_kernels/NOTES.md).
+_MAGIC = {"bfloat16": ("bf16x2", 0x4300), "float16": ("f16x2", 0x6400)}
+MAGIC_BITS = (1, 2, 4)  # codes < 2**bits must be exact above M: 8-bit codes are not in bfloat16
+
+
+def magic_supported(bits: int, dtype) -> bool:
+    return bits in MAGIC_BITS and jnp.dtype(dtype).name in _MAGIC
+
+
+def _magic_fma(pairs, scale, mn, bits):
+    """pairs [D, n] uint32 (codes 2j, 2j + 1 at bits 0 and 16: :func:`_unpack_pairs`), scale and
+    min [D, 2n] in a 16-bit float dtype -> code * scale + min [D, 2n] in that dtype."""
+    from jax.experimental.pallas import triton as plgpu  # GPU lowering only: never interpreted
+
+    kind, magic = _MAGIC[scale.dtype.name]
+    asm = (f"{{ .reg .b32 c, m; mov.b32 m, {magic * 0x10001:#x}; "
+           f"lop3.b32 c, $1, {((1 << bits) - 1) * 0x10001:#x}, m, 0xea; "  # (word & mask) | M
+           f"sub.{kind} c, c, m; fma.rn.{kind} $0, c, $3, $4; }}")
+    # pack=2: one asm per element pair; the word is repeated so both elements see it
+    [out] = plgpu.elementwise_inline_asm(asm, args=[_repeat_minor(pairs, 2), scale, mn], constraints="=r,r,r,r,r",
+                                         pack=2, result_shape_dtypes=[jax.ShapeDtypeStruct(scale.shape, scale.dtype)])
+    return out
+
+
+def _dequant_t(words_t, scale, mn, bits, magic):
+    """words [D, n] uint32 -> code * scale + min [D, n*32/bits]: float32, or with ``magic`` the
+    scale's 16-bit dtype (rounded once)."""
+    if magic:
+        return _magic_fma(_unpack_pairs(words_t, bits), scale, mn, bits)
+    return _unpack_minor(words_t, bits).astype(jnp.float32) * scale.astype(jnp.float32) + mn.astype(jnp.float32)
+
+
+def _scales_t(x, magic):
+    """A [n, m] tile of scales or mins -> [m, n]: float32, or with ``magic`` its 16-bit dtype."""
+    return x.astype(jnp.float32).T.astype(x.dtype if magic else jnp.float32)
+
+
+def _words_t(words_ref, t0, chunk, bits, at=()):
+    """Word rows of tokens [t0, t0 + chunk) as a [D, chunk*bits/32] tile from words [W, D]
     (``words_ref[at]``: ``at`` = (layer, b, h) for a layer-stacked ref, () for a row block)."""
     per = 32 // bits
-    return _unpack_minor(words_ref[at + (pl.ds(t0 // per, chunk // per), slice(None))].T, bits)
+    return words_ref[at + (pl.ds(t0 // per, chunk // per), slice(None))].T
 
 
-def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=()):
-    """K̂ᵀ [D, chunk] float32: keys [t0, t0 + chunk) dequantized (code * scale + min) from the
-    packed codes and the per-channel scale/min rows (``at`` as in :func:`_codes_t`)."""
-    codes = _codes_t(kc_ref, t0, chunk, k_bits, at)  # [D, chunk]
+def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=(), magic=False):
+    """K̂ᵀ [D, chunk]: keys [t0, t0 + chunk) dequantized (code * scale + min) from the packed
+    codes and the per-channel scale/min rows (``at`` as in :func:`_words_t`); float32, or the
+    scales' dtype with ``magic``."""
+    words = _words_t(kc_ref, t0, chunk, k_bits, at)  # loaded before the scales (the order Triton pipelines them in)
     rows = max(chunk // key_group_size, 1)  # key groups in the chunk (a chunk shorter than a group: one)
-    ks, km = (_repeat_minor(x[at + (pl.ds(t0 // key_group_size, rows), slice(None))].astype(jnp.float32).T,
-                            chunk // rows) for x in (ks_ref, km_ref))  # [D, chunk]
-    return codes.astype(jnp.float32) * ks + km
+    ks, km = (_repeat_minor(_scales_t(x[at + (pl.ds(t0 // key_group_size, rows), slice(None))], magic), chunk // rows)
+              for x in (ks_ref, km_ref))  # [D, chunk]
+    return _dequant_t(words, ks, km, k_bits, magic)
 
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
-            compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0):
+            compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0,
+            magic=False):
     # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
     n_arrays = 8 if ring_len else 6
@@ -116,19 +169,20 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     n_vgroups = d // g
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
 
-    def k_hat_t(t0):  # K̂ᵀ [D, chunk] float32
-        return key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, kg, at)
+    def k_hat_t(t0):  # K̂ᵀ [D, chunk] float32 (magic: the cache dtype)
+        return key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, kg, at, magic)
 
-    def value_scales_t(x_ref, t0):  # [D/G, chunk] float32
+    def value_scales_t(x_ref, t0):  # [D/G, chunk]
         if v_scales_t:  # stored tokens-minor: no transpose
-            return x_ref[at + (slice(None), pl.ds(pl.multiple_of(t0, chunk), chunk))].astype(jnp.float32)
-        return x_ref[at + (pl.ds(t0, chunk), slice(None))].astype(jnp.float32).T
+            return x_ref[at + (slice(None), pl.ds(pl.multiple_of(t0, chunk), chunk))].astype(
+                x_ref.dtype if magic else jnp.float32)
+        return _scales_t(x_ref[at + (pl.ds(t0, chunk), slice(None))], magic)
 
-    def value_hat_t(t0):  # V̂ᵀ [D, chunk] float32
-        codes = _codes_t(vc_ref, t0, chunk, v_bits, at)  # [D, chunk]
+    def value_hat_t(t0):  # V̂ᵀ [D, chunk] float32 (magic: the cache dtype)
+        words = _words_t(vc_ref, t0, chunk, v_bits, at)
         vs, vm = (jnp.broadcast_to(value_scales_t(x, t0)[:, None, :], (n_vgroups, g, chunk)).reshape(d, chunk)
                   for x in (vs_ref, vm_ref))  # [D, chunk]: row d has group d // G's scale
-        return codes.astype(jnp.float32) * vs + vm
+        return _dequant_t(words, vs, vm, v_bits, magic)
 
     # swap: the dequantized tiles are the dots' *first* operands (scoresᵀ = K̂·qᵀ, (p·V̂)ᵀ = V̂ᵀ·pᵀ),
     # which a Hopper wgmma may take from registers; only qᵀ and pᵀ (M = 16 columns) are second
@@ -156,7 +210,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
         step = functools.partial(
             kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
             quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
-            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at))
+            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at, magic))
         # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
         # literal operands i1 (scf.for then rejects bounds of mixed types)
         n_ring = (pl.program_id(2) == ring_program).astype(jnp.int32) * (ring_len // rc)
@@ -168,7 +222,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split"))
+                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split", "dequant"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
@@ -177,7 +231,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                          num_warps: int = 4,
                          num_stages: int = 3,  # 1.24 / 0.33 / 0.64 ms vs 1.27 / 0.36 / 0.67 at 2 (kernel-tuning-2026-11-30-run3)
                          dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0,
-                         ring_split: str = "first"):
+                         ring_split: str = "first", dequant: str = "auto"):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
     with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
 
@@ -193,6 +247,9 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     ([L, B, Hkv, ...]): they are then read in place at that layer. Any size: the Triton
     lowering computes a ref's element offsets in 64 bits once the array exceeds 2**32 bytes
     (tests/test_pallas_kernels.py checks the lowered IR).
+    dequant: "convert" (codes to float32, code * scale + min in float32, rounded to the dot
+    dtype), "magic" (16-bit caches with 1, 2 or 4 bits, compiled only: :func:`_magic_fma`,
+    inline PTX), or "auto": magic where it applies, else convert.
     v_scales_t: v_scale and v_min come tokens-minor, [B, Hkv, D/G, Tc] (a candidate cache
     layout, untimed): a thread's 16 consecutive tokens of one group are then one 32-byte run,
     which offline SASS loads with 4 LDS.128 per chunk instead of 32 LDS.U16 (NOTES.md).
@@ -228,17 +285,25 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         k_res, v_res = ring[:2]
         if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len or k_res.shape[-1] != d:
             raise ValueError(f"k_res and v_res must be [..., R' >= {ring_len}, D={d}]; got {k_res.shape}, {v_res.shape}")
+    if dequant not in DEQUANTS:
+        raise ValueError(f"dequant={dequant!r}; allowed: {DEQUANTS}")
     n_chunks = tc // chunk
     per_split = -(-n_chunks // num_splits)
     # dot operands: the cache's own 16-bit dtype (half the shared-memory traffic of float32
     # tiles; the reference dequantizes to that dtype too), IEEE float32 for float32 caches
     compute_dtype = jnp.dtype(dot_dtype) if dot_dtype else jnp.dtype(k_scale.dtype)
     precision = (lax.Precision.HIGHEST if k_scale.dtype == jnp.float32 else lax.Precision.DEFAULT)
+    magic_ok = (all(magic_supported(bits, x.dtype) for bits, x in ((k_bits, k_scale), (v_bits, v_scale)))
+                and k_scale.dtype == v_scale.dtype == compute_dtype and not interpret)
+    if dequant == "magic" and not magic_ok:
+        raise ValueError(f"dequant='magic' needs bits in {MAGIC_BITS} (k_bits={k_bits}, v_bits={v_bits}), "
+                         f"16-bit scales of the dot dtype (scales {k_scale.dtype}/{v_scale.dtype}, dots "
+                         f"{compute_dtype}) and a compiled kernel (interpret={interpret}): inline PTX")
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
         variant=variant, v_scales_t=v_scales_t, ring_len=ring_len,
-        ring_program=num_splits if ring_split == "own" else 0)
+        ring_program=num_splits if ring_split == "own" else 0, magic=dequant != "convert" and magic_ok)
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:
         arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])

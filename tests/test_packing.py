@@ -15,9 +15,10 @@ BITS = (1, 2, 4, 8)
 
 
 def formula(e: int, bits: int):
-    """The layout as the module docstring writes it (c = 32 // bits codes a word)."""
+    """The layout as the module docstring writes it (c = 32 // bits codes a word): even
+    elements in the low half, odd ones in the high half, each half in order."""
     c = 32 // bits
-    return e // c, bits * (e % c)
+    return e // c, bits * ((e % c) // 2) + 16 * (e % 2)
 
 
 def test_codes_per_word_and_block_len():
@@ -48,14 +49,18 @@ def test_packed_len(bits):
 
 
 def test_numpy_reference_by_hand():
-    # 2 bits, 40 elements: element e sits in word e // 16 at bit 2 (e % 16); the last word is partial
+    # 2 bits, 40 elements: word e // 16; even elements from bit 0 up, odd ones from bit 16 up;
+    # the last word is partial
     codes = np.arange(40) % 4
     words = packing.pack_numpy_reference(codes, 2, axis=0)
     assert words.shape == (3,) and words.dtype == np.uint32
     for r in range(3):
-        want = sum(int(codes[e]) << (2 * (e % 16)) for e in range(40) if e // 16 == r)
+        mine = [e for e in range(40) if e // 16 == r]
+        want = (sum(int(codes[e]) << (2 * k) for k, e in enumerate(mine[0::2]))
+                + sum(int(codes[e]) << (16 + 2 * k) for k, e in enumerate(mine[1::2])))
         assert int(words[r]) == want
-    assert int(words[0]) == sum((e % 4) << (2 * e) for e in range(16))  # 0,1,2,3,0,... from bit 0 up
+    # codes 0,1,2,3,0,...: the even ones 0,2,0,2,.. in the low half, the odd ones 1,3,1,3,.. above
+    assert int(words[0]) == 0x8888 | 0xDDDD << 16
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -98,12 +103,14 @@ def test_pack_4d_token_axis_under_jit():
 
 
 def test_word_rows_give_consecutive_elements():
-    # the kernel's view: n word rows, shift by bits * i, mask -> elements n0 c .. (n0 + n) c - 1 in order
+    # the kernel's view: n word rows; shift by bits * j, mask both halves -> elements 2j (bits
+    # 0..) and 2j + 1 (bits 16..): elements n0 c .. (n0 + n) c - 1 in order
     for bits in BITS:
         c = 32 // bits
         codes = np.random.default_rng(bits).integers(0, 2**bits, 16 * c).astype(np.uint32)
         words = np.asarray(packing.pack(jnp.asarray(codes), bits, 0))
-        unpacked = (words[:, None] >> (bits * np.arange(c))) & (2**bits - 1)  # [16, c]
+        pairs = (words[:, None] >> (bits * np.arange(c // 2))) & ((2**bits - 1) * 0x10001)  # [16, c/2]
+        unpacked = np.stack([pairs & 0xFFFF, pairs >> 16], -1).reshape(16, c)
         np.testing.assert_array_equal(unpacked.reshape(-1), codes)
         np.testing.assert_array_equal(unpacked[3:5].reshape(-1), codes[3 * c: 5 * c])
 

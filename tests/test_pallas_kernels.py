@@ -130,6 +130,53 @@ def test_kernel_bad_arguments():
     with pytest.raises(ValueError, match="ring_program='last'"):
         attention_pallas.decode_attention(q, cache, interpret=True, ring_program="last")
     assert "dequant" in kivi_decode.VARIANTS
+    with pytest.raises(ValueError, match="dequant='fast'"):
+        attention_pallas.decode_attention(q, cache, interpret=True, dequant="fast")
+    # the magic-number path is inline PTX: no interpreter runs it, and float32 scales have no magic
+    with pytest.raises(ValueError, match="dequant='magic'.*interpret=True"):
+        attention_pallas.decode_attention(q, cache, interpret=True, dequant="magic")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_magic_number_pairs_give_exact_codes(bits, dtype):
+    """What the kernel's inline PTX computes, stated in NumPy: the pairs the kernel unpacks from
+    packed words (codes 2j and 2j + 1 of a word at bits 0 and 16), masked and ORed under the
+    magic exponent, are two 16-bit floats M + code; minus M, exactly the codes, in order."""
+    from kivi_jax import packing
+    from pallas_kernels import kivi_decode
+
+    kind, magic = kivi_decode._MAGIC[dtype]
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, (4 * 32 // bits, 8)).astype(np.uint32)  # [T, D], 4 word rows
+    words_t = packing.pack(jnp.asarray(codes), bits, axis=0).T  # [D, 4]
+    pairs = np.asarray(kivi_decode._unpack_pairs(words_t, bits))  # [D, T/2]
+    mask = ((1 << bits) - 1) * 0x10001
+    halves = ((pairs & mask) | magic * 0x10001).astype("<u4").view("<u2").reshape(*pairs.shape, 2)  # lo, hi
+    floats = halves.view(jnp.dtype(dtype)).astype(np.float64) - float(np.array(magic, "<u2").view(jnp.dtype(dtype)))
+    np.testing.assert_array_equal(floats.reshape(pairs.shape[0], -1), codes.T.astype(np.float64))
+
+
+def test_cuda_lowering_uses_magic_dequantization_where_it_applies():
+    """Compiled for a GPU, 16-bit caches take the magic-number PTX (kivi_decode._magic_fma) for
+    keys and values; dequant="convert" and float32 scales keep integer->float conversions."""
+    from pallas_kernels import kivi_decode
+    from pallas_kernels.triton_ir import lower_to_ttir
+
+    s = jax.ShapeDtypeStruct
+    b, h, t, d = 2, 2, 256, 128
+
+    def ttir(dtype, **kw):
+        args = (s((b, h, 1, d), jnp.float32), s((b, h, t // 16, d), jnp.uint32), s((b, h, t // 32, d), dtype),
+                s((b, h, t // 32, d), dtype), s((b, h, t // 16, d), jnp.uint32), s((b, h, t, d // 32), dtype),
+                s((b, h, t, d // 32), dtype)) + (s((b,), jnp.int32),) * 4
+        return lower_to_ttir(lambda *a: kivi_decode.kivi_decode_partials(
+            *a, k_bits=2, v_bits=2, group_size=32, **kw), *args)
+
+    assert ttir(jnp.bfloat16).count("lop3.b32") == 2  # one asm for keys, one for values
+    assert "fma.rn.f16x2" in ttir(jnp.float16, dequant="magic")
+    assert "lop3.b32" not in ttir(jnp.bfloat16, dequant="convert")
+    assert "lop3.b32" not in ttir(jnp.float32)
 
 
 @pytest.mark.parametrize("ring_program", ["first", "own"])
