@@ -173,8 +173,9 @@ def _default_chunk(config) -> int:
 
 # the fastest variant measured on the H200 for every shape so far (pallas_kernels/NOTES.md):
 # swap, chunk 64, 4 warps, 3 stages -- kernel-only 1.24 / 0.33 / 0.64 ms vs dequant's 1.62 /
-# 0.43 / 0.86 ms (kernel-tuning-2026-11-30-run3); compiled check 26/26 (kernel-check-2026-11-30-run5).
-# At 8 warps swap degrades, so num_warps stays 4.
+# 0.43 / 0.86 ms (kernel-tuning-2026-11-30-run3); with magic-number dequantization (the kernel's
+# dequant="auto") 1.11 ms kernel-only (decode-attention-quick-magic-2026-12-01); compiled check
+# 22/22 (kernel-check-2026-12-01-run1). At 8 warps swap degrades, so num_warps stays 4.
 DEFAULT_VARIANT = "swap"
 # which of the bulk kernel's programs walks the residual ring: split 0 of each (row, KV head),
 # after its share of the bulk ("first"), or a split of its own ("own")
