@@ -25,16 +25,20 @@ from pallas_kernels import kivi_decode
 D = 128
 CFG = kj.KIVIConfig()  # KIVI-2, G = 32
 
-# kernel-tuning-2026-11-30: swap at chunk 64 fastest (1.33 vs dequant 1.65 ms at B=64 T=4k Hkv=32)
+# kernel-tuning-2026-11-30: swap at chunk 64 fastest (1.33 vs dequant 1.65 ms at B=64 T=4k Hkv=32);
+# v_scales_t (value scales tokens-minor) measured slower: 1.42 / 0.38 / 0.73 ms vs swap's
+# (kernel-tuning-2026-11-30-run2); chunk 128 at 8 warps too (1.37 / 0.52 / 1.02); 3 stages beat 2
+# and 4 (run2, run3). Now: with magic-number dequantization the loop needs fewer registers
+# (offline: 168 at 1 warp / chunk 16, 184 at 2 warps / chunk 64), so fewer warps per program
+# (mma.sync instead of a warpgroup's wgmma, no cross-warp barriers) and more programs per SM.
 CONFIGS = [
-    {"variant": "swap", "chunk": 64},  # the default
-    {"variant": "dequant", "chunk": 64},
-    # v_scales_t (value scales tokens-minor) measured slower: 1.42 / 0.38 / 0.73 ms vs swap's
-    # (kernel-tuning-2026-11-30-run2); chunk 128 at 8 warps too (1.37 / 0.52 / 1.02)
-    {"variant": "swap", "chunk": 64, "num_stages": 3},  # 1.23 / 0.32 / 0.65 ms in run2
-    {"variant": "swap", "chunk": 64, "num_stages": 4},
-    {"variant": "swap", "chunk": 32, "num_stages": 3},
+    {"variant": "swap", "chunk": 64},  # the default (4 warps, 3 stages)
+    {"variant": "swap", "chunk": 16, "num_warps": 1},
+    {"variant": "swap", "chunk": 32, "num_warps": 1},
+    {"variant": "swap", "chunk": 32, "num_warps": 2},
+    {"variant": "swap", "chunk": 64, "num_warps": 2},
 ]
+SHAPES = ((64, 4096, 32), (64, 4096, 8), (8, 16384, 32))
 
 
 def combined(o, m, l):
@@ -44,10 +48,15 @@ def combined(o, m, l):
     return jnp.sum(o * w[..., None], axis=2) / jnp.sum(l * w, axis=2)[..., None]
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N of SHAPES only")
+    cli = ap.parse_args(argv)
     env = common.environment()
     rows = []
-    for b, t, hkv in ((64, 4096, 32), (64, 4096, 8), (8, 16384, 32)):
+    for b, t, hkv in SHAPES[:cli.shapes]:
         hq = 32
         kq = jax.random.split(jax.random.key(9), 3)
         q = jax.random.normal(kq[0], (b, hq, 1, D), jnp.bfloat16)
@@ -59,7 +68,8 @@ def main():
         print(rows[-1], flush=True)
         zeros = jnp.zeros((b,), jnp.int32)
         cache = random_cache(CFG, batch=b, kv_heads=hkv, tokens=t, head_dim=D)  # random words: speed only
-        args = (jax.random.normal(kq[0], (b, hkv, 16, D)), cache.k_codes, cache.k_scale, cache.k_min,
+        g = 1 << (hq // hkv - 1).bit_length()  # the kernel's q rows: the query heads of a KV head
+        args = (jax.random.normal(kq[0], (b, hkv, g, D)), cache.k_codes, cache.k_scale, cache.k_min,
                 cache.v_codes, cache.v_scale, cache.v_min)
         first = None
         for opts in CONFIGS:
