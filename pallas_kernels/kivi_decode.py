@@ -12,15 +12,15 @@ flash-decoding partials (o, m, l) per split; the caller combines them.
 
 Codes are packed 32/bits consecutive tokens to a word (:mod:`kivi_jax.packing`), so a chunk is
 ``chunk * bits / 32`` whole word rows [n, D], each loaded once. The inner loop transposes them
-to [D, n] and unpacks every word in its thread's registers by joins (stack on a new last axis
-+ merge: code i of a word lands next to code i - 1), giving K^T and V^T tiles [D, chunk] with
+to [D, n] and unpacks every word in its thread's registers by joins (stack on a new last axis +
+merge: code i of a word lands next to code i - 1), giving K^T and V^T tiles [D, chunk] with
 tokens minor; it dequantizes them (code * scale + min, rounded once to the dot dtype: on a GPU
 with 16-bit caches by magic numbers in inline PTX, two codes per instruction, see
-:func:`_magic_fma`; else in float32 after integer->float conversions) and uses one dot for q·K̂ᵀ and one for p·V̂ (``variant="dequant"``), or the same dots with
-their operands swapped, the dequantized tiles first (``variant="swap"``: 1.33 vs 1.65 ms at
-B=64, T=4096, Hq=Hkv=32 on the H200, kernel-tuning-2026-11-30; what the glue uses); the
-other formulations measured slower on the H200 and live in git history, with their
-numbers in ``pallas_kernels/NOTES.md``).
+:func:`_magic_fma`; else in float32 after integer->float conversions) and uses one dot for
+q·K̂ᵀ and one for p·V̂ (``variant="dequant"``), or the same dots with their operands swapped,
+the dequantized tiles first (``variant="swap"``: 1.33 vs 1.65 ms at B=64, T=4096, Hq=Hkv=32 on
+the H200, kernel-tuning-2026-11-30; what the glue uses); the other formulations measured slower
+on the H200 and live in git history, with their numbers in ``pallas_kernels/NOTES.md``).
 
 Inputs (one row b and head h are selected by the BlockSpecs; with ``layer`` given, the six
 cache arrays carry a leading [L] axis and the kernel reads layer ``layer``'s row b, head h in
@@ -103,6 +103,7 @@ MAGIC_BITS = (1, 2, 4)  # codes < 2**bits must be exact above M: 8-bit codes are
 
 
 def magic_supported(bits: int, dtype) -> bool:
+    """Whether codes of ``bits`` bits with scales of ``dtype`` can take :func:`_magic_fma`."""
     return bits in MAGIC_BITS and jnp.dtype(dtype).name in _MAGIC
 
 
@@ -131,7 +132,7 @@ def _dequant_t(words_t, scale, mn, bits, magic):
 
 def _scales_t(x, magic):
     """A [n, m] tile of scales or mins -> [m, n]: float32, or with ``magic`` its 16-bit dtype."""
-    return x.astype(jnp.float32).T.astype(x.dtype if magic else jnp.float32)
+    return x.astype(x.dtype if magic else jnp.float32).T
 
 
 def _words_t(words_ref, t0, chunk, bits, at=()):
