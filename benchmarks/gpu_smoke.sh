@@ -7,10 +7,15 @@
 #     chunk 128, whole call next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min): the 4096-token sweep from batch 64 (python -m
-# benchmarks.e2e --skip-paper --skip-hf --skip-compile-check --sweep-start 64 --budget-s 540),
-# 16384 (--sweep-prompts 16384 --sweep-start 4), the full decode-attention sweep
-# (python -m benchmarks.decode_attention), HF again (carry .whl).
+# Then, as separate calls (each <= 10 min):
+#  - python -m benchmarks.kernel_tuning --shapes 2 (~2.5 min): 1-2 warps per program (mma.sync,
+#    no cross-warp barriers) now that magic numbers freed registers; not yet timed;
+#  - the batches the time budget cut: python -m benchmarks.e2e --skip-paper --skip-hf
+#    --skip-compile-check --sweep-caches kivi2 --sweep-start 256 --child-timeout 500 --budget-s 540
+#    (4096 tokens: does batch 256 fit?), and --sweep-prompts 16384 --sweep-start 32 (likewise);
+#  - the Mistral-7B shape with the current kernels: --skip-hf --skip-sweep --mistral;
+#  - HF needs `python -m pip install --no-deps $PWD/.whl/optimum_quanto-0.2.7-py3-none-any.whl`
+#    first (carry .whl; plain `pip` installed it where `python` did not see it).
 #   KIVI_COMMIT=<sha> PYTHONPATH=. bash benchmarks/gpu_smoke.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
