@@ -1,11 +1,14 @@
-"""Kernel-only timing of the decode kernel's tuning knobs (chunk, warps, stages), on random words.
+"""Timing of the decode kernel's tuning knobs (chunk, warps, stages), on random words.
 
 Times ``kivi_decode_partials`` alone (no cache, no residual window) at the record shapes for
-each configuration, next to dense bf16 XLA attention in the same run. The words are random:
-this measures speed only. Writes JSON + markdown. (At a13b1d0, as kernel_layouts.py, it compared packed
-layouts: benchmarks/results/kernel-layouts-2026-11-30.*.)
+each configuration, and the whole ``decode_attention`` call (ring included) with the same
+knobs, next to dense bf16 XLA attention in the same run. The words are random: this measures
+speed only (each configuration's output is compared with the first's). Writes JSON +
+markdown. (At a13b1d0, as kernel_layouts.py, it compared packed layouts:
+benchmarks/results/kernel-layouts-2026-11-30.*.)
 
-    PYTHONPATH=. python -m benchmarks.kernel_tuning
+    PYTHONPATH=. python -m benchmarks.kernel_tuning [--shapes N]
+    python -m benchmarks.kernel_tuning --dry-run   # tiny, interpret mode: checks the script on CPU
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import kivi_jax as kj
 from benchmarks import common
 from benchmarks.check_kernel_gpu import random_cache
 from benchmarks.decode_attention import dense_attention
+from kivi_jax import attention_pallas
 from kivi_jax.attention_pallas import default_splits
 from pallas_kernels import kivi_decode
 
@@ -39,6 +43,7 @@ CONFIGS = [
     {"variant": "swap", "chunk": 64, "num_warps": 2},
 ]
 SHAPES = ((64, 4096, 32), (64, 4096, 8), (8, 16384, 32))
+DRY_SHAPES = ((2, 512, 4), (2, 512, 1))  # --dry-run: interpret mode on CPU, Hq = 4 (checks the script)
 
 
 def combined(o, m, l):
@@ -53,38 +58,46 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N of SHAPES only")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode: checks the script on CPU")
     cli = ap.parse_args(argv)
     env = common.environment()
+    interpret = cli.dry_run
+    hq, d = (4, 32) if interpret else (32, D)
     rows = []
-    for b, t, hkv in SHAPES[:cli.shapes]:
-        hq = 32
+    for b, t, hkv in (DRY_SHAPES if interpret else SHAPES)[:cli.shapes]:
         kq = jax.random.split(jax.random.key(9), 3)
-        q = jax.random.normal(kq[0], (b, hq, 1, D), jnp.bfloat16)
-        k = jax.random.normal(kq[1], (b, hkv, t, D), jnp.bfloat16)
-        v = jax.random.normal(kq[2], (b, hkv, t, D), jnp.bfloat16)
+        q = jax.random.normal(kq[0], (b, hq, 1, d), jnp.bfloat16)
+        k = jax.random.normal(kq[1], (b, hkv, t, d), jnp.bfloat16)
+        v = jax.random.normal(kq[2], (b, hkv, t, d), jnp.bfloat16)
         dense_ms = common.time_fn(jax.jit(dense_attention), q, k, v)
         del k, v
         rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "dense_bf16", "median_ms": dense_ms})
         print(rows[-1], flush=True)
         zeros = jnp.zeros((b,), jnp.int32)
-        cache = random_cache(CFG, batch=b, kv_heads=hkv, tokens=t, head_dim=D)  # random words: speed only
+        cache = random_cache(CFG, batch=b, kv_heads=hkv, tokens=t, head_dim=d)  # random words: speed only
         g = 1 << (hq // hkv - 1).bit_length()  # the kernel's q rows: the query heads of a KV head
-        args = (jax.random.normal(kq[0], (b, hkv, g, D)), cache.k_codes, cache.k_scale, cache.k_min,
+        args = (jax.random.normal(kq[0], (b, hkv, g, d)), cache.k_codes, cache.k_scale, cache.k_min,
                 cache.v_codes, cache.v_scale, cache.v_min)
         first = None
         for opts in CONFIGS:
             opts = dict(opts)
             chunk = opts["chunk"]
-            splits = default_splits(b, hkv, t // chunk, False)
+            splits = default_splits(b, hkv, t // chunk, interpret)
             fn = jax.jit(lambda *a, o=tuple(opts.items()), s=splits: kivi_decode.kivi_decode_partials(
                 *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=CFG.k_bits, v_bits=CFG.v_bits,
-                group_size=CFG.group_size, num_splits=s, **dict(o)))
-            rel = None
+                group_size=CFG.group_size, num_splits=s, interpret=interpret, **dict(o)))
+            # the whole call with the same knobs: the residual ring walked in the kernel too
+            call_kw = {"chunk": chunk, "num_warps": opts.get("num_warps", 4), **(
+                {"num_stages": opts["num_stages"]} if "num_stages" in opts else {})}
+            whole = jax.jit(lambda q, c, kw=tuple(call_kw.items()): attention_pallas.decode_attention(
+                q, c, interpret=interpret, **dict(kw)))
+            rel, whole_ms = None, None
             try:
                 a = args
                 if opts.get("v_scales_t"):  # the candidate layout, built outside the timed call
                     a = args[:5] + tuple(jnp.swapaxes(x, -1, -2).copy() for x in args[5:])
                 ms = common.time_fn(fn, *a)
+                whole_ms = common.time_fn(whole, q, cache)
                 err = None
                 out = combined(*fn(*a))  # the first configuration is the yardstick of the others
                 first = out if first is None else first
@@ -92,17 +105,20 @@ def main(argv=None):
             except Exception as e:  # a configuration that does not compile is a result too
                 ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
             rows.append({"B": b, "T": t, "Hkv": hkv, "impl": json.dumps(opts), "median_ms": ms,
-                         "ratio_to_dense": ms / dense_ms if ms else None, "rel_err_vs_first": rel, "error": err})
+                         "ratio_to_dense": ms / dense_ms if ms else None, "whole_call_ms": whole_ms,
+                         "rel_err_vs_first": rel, "error": err})
             print(rows[-1], flush=True)
         del cache, args
     out = common.out_dir()
     (out / "kernel-tuning.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
-    lines = ["| B | T | Hkv | impl | ms | / dense | rel. diff vs first |", "|---|---|---|---|---|---|---|"]
+    lines = ["| B | T | Hkv | impl | kernel ms | / dense | whole call ms | rel. diff vs first |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['median_ms']:.3f}" if r["median_ms"] else r.get("error", "")[:60]
         ratio = f"{r['ratio_to_dense']:.2f}" if r.get("ratio_to_dense") else ""
         rel = "" if r.get("rel_err_vs_first") is None else f"{r['rel_err_vs_first']:.1e}"
-        lines.append(f"| {r['B']} | {r['T']} | {r['Hkv']} | `{r['impl']}` | {ms} | {ratio} | {rel} |")
+        whole = f"{r['whole_call_ms']:.3f}" if r.get("whole_call_ms") else ""
+        lines.append(f"| {r['B']} | {r['T']} | {r['Hkv']} | `{r['impl']}` | {ms} | {ratio} | {whole} | {rel} |")
     (out / "kernel-tuning.md").write_text(f"{env}\n\n" + "\n".join(lines) + "\n")
 
 

@@ -41,3 +41,22 @@ def test_hlo_sources_parses_metadata():
     hlo = '  %sin.0 = f32[4]{0} sine(%p), metadata={op_name="jit(f)/kivi_window/sin" stack_frame_id=2}'
     assert common._hlo_sources(hlo) == {"sin.0": "jit(f)/kivi_window/sin"}
     assert "copy.1" not in src
+
+
+def test_kernel_tuning_dry_run_configurations_agree(tmp_path, monkeypatch):
+    """The device script, run small in interpret mode before it costs device time: every
+    tuning configuration (chunk, warps) computes the same bulk attention as the default, and
+    the whole-call column is filled."""
+    import json
+
+    from benchmarks import kernel_tuning
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    kernel_tuning.main(["--dry-run", "--shapes", "1"])
+    rows = json.loads((tmp_path / "kernel-tuning.json").read_text())["rows"]
+    tuned = [r for r in rows if r["impl"] != "dense_bf16"]
+    assert len(tuned) == len(kernel_tuning.CONFIGS)
+    for r in tuned:
+        assert r["error"] is None, r
+        assert r["rel_err_vs_first"] < 1e-3, r  # bf16 tiles of other chunkings: rounding only
+        assert r["whole_call_ms"] > 0
