@@ -8,7 +8,7 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min):
-#  - python -m benchmarks.kernel_tuning --shapes 2 (~2.5 min): 1-2 warps per program (mma.sync,
+#  - python -m benchmarks.kernel_tuning --shapes 2 (~4 min; kernel only and whole calls): 1-2 warps (mma.sync,
 #    no cross-warp barriers) now that magic numbers freed registers; not yet timed;
 #  - the batches the time budget cut: python -m benchmarks.e2e --skip-paper --skip-hf
 #    --skip-compile-check --sweep-caches kivi2 --sweep-start 256 --child-timeout 500 --budget-s 540
