@@ -87,8 +87,7 @@ def main(argv=None):
                 *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=CFG.k_bits, v_bits=CFG.v_bits,
                 group_size=CFG.group_size, num_splits=s, interpret=interpret, **dict(o)))
             # the whole call with the same knobs: the residual ring walked in the kernel too
-            call_kw = {"chunk": chunk, "num_warps": opts.get("num_warps", 4), **(
-                {"num_stages": opts["num_stages"]} if "num_stages" in opts else {})}
+            call_kw = {k: opts[k] for k in ("variant", "chunk", "num_warps", "num_stages") if k in opts}
             whole = jax.jit(lambda q, c, kw=tuple(call_kw.items()): attention_pallas.decode_attention(
                 q, c, interpret=interpret, **dict(kw)))
             rel, whole_ms = None, None

@@ -130,9 +130,9 @@ def _dequant_t(words_t, scale, mn, bits, magic):
     return _unpack_minor(words_t, bits).astype(jnp.float32) * scale.astype(jnp.float32) + mn.astype(jnp.float32)
 
 
-def _scales_t(x, magic):
-    """A [n, m] tile of scales or mins -> [m, n]: float32, or with ``magic`` its 16-bit dtype."""
-    return x.astype(x.dtype if magic else jnp.float32).T
+def _scales(x, magic):
+    """A tile of scales or mins in the dequantization's dtype: float32, or with ``magic`` its own."""
+    return x.astype(x.dtype if magic else jnp.float32)
 
 
 def _words_t(words_ref, t0, chunk, bits, at=()):
@@ -148,7 +148,7 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=(), 
     scales' dtype with ``magic``."""
     words = _words_t(kc_ref, t0, chunk, k_bits, at)  # loaded before the scales (the order Triton pipelines them in)
     rows = max(chunk // key_group_size, 1)  # key groups in the chunk (a chunk shorter than a group: one)
-    ks, km = (_repeat_minor(_scales_t(x[at + (pl.ds(t0 // key_group_size, rows), slice(None))], magic), chunk // rows)
+    ks, km = (_repeat_minor(_scales(x[at + (pl.ds(t0 // key_group_size, rows), slice(None))], magic).T, chunk // rows)
               for x in (ks_ref, km_ref))  # [D, chunk]
     return _dequant_t(words, ks, km, k_bits, magic)
 
@@ -176,9 +176,8 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
 
     def value_scales_t(x_ref, t0):  # [D/G, chunk]
         if v_scales_t:  # stored tokens-minor: no transpose
-            return x_ref[at + (slice(None), pl.ds(pl.multiple_of(t0, chunk), chunk))].astype(
-                x_ref.dtype if magic else jnp.float32)
-        return _scales_t(x_ref[at + (pl.ds(t0, chunk), slice(None))], magic)
+            return _scales(x_ref[at + (slice(None), pl.ds(pl.multiple_of(t0, chunk), chunk))], magic)
+        return _scales(x_ref[at + (pl.ds(t0, chunk), slice(None))], magic).T
 
     def value_hat_t(t0):  # V̂ᵀ [D, chunk] float32 (magic: the cache dtype)
         words = _words_t(vc_ref, t0, chunk, v_bits, at)
