@@ -79,7 +79,7 @@ def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
     return jnp.clip(lengths, 0, tokens), invalid
 
 
-def put_row(buf, x, index, axis, layer=None, add=False):
+def put_row(buf, x, index, axis, layer=None, add=False, keep=None):
     """Per batch row b: buf[b] with x[b] written at index[b] along ``axis`` (of the row).
 
     buf [B, ...], x [B, ...] (same rank, smaller along axis), index [B] int32 in range.
@@ -87,8 +87,12 @@ def put_row(buf, x, index, axis, layer=None, add=False):
     traced or not) is written -- an in-place scatter of x's slabs, never a copy of buf.
     add: x[b] is added to the slab instead of replacing it (code bits put into the still-zero
     bits of packed words, without reading the words first).
+    keep: None, or [B] bool: rows where it is False leave their slab as it is.
     """
     if layer is None:
+        if keep is not None:  # dynamic_update_slice writes every row: the others write back what they hold
+            kb = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
+            x = jnp.where(kb, x, 0 if add else take_row(buf, index, x.shape[1 + axis], axis))
         # a vmap of dynamic_update_slice: GSPMD partitions it over batch/head shards without
         # gathering (the scatter below, on a single cache, made it all-gather the slabs)
         def one(buf_b, x_b, i):
@@ -105,8 +109,10 @@ def put_row(buf, x, index, axis, layer=None, add=False):
     nb = buf.shape[1]
     if x.ndim != buf.ndim - 1 or x.shape[0] != nb:
         raise ValueError(f"put_row: x {x.shape} does not fit buf {buf.shape} (layer={layer is not None})")
-    idx = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (nb,)), jnp.asarray(index, jnp.int32)],
-                    axis=1)  # [B, 2]: (layer, index)
+    index = jnp.asarray(index, jnp.int32)
+    if keep is not None:  # a row that keeps its slab points its write past the end: dropped, nothing read
+        index = jnp.where(keep, index, buf.shape[2 + axis])
+    idx = jnp.stack([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (nb,)), index], axis=1)  # [B, 2]: (layer, index)
     dnums = lax.ScatterDimensionNumbers(
         update_window_dims=tuple(range(1, x.ndim)),
         inserted_window_dims=(0,),
@@ -115,8 +121,8 @@ def put_row(buf, x, index, axis, layer=None, add=False):
         scatter_indices_batching_dims=(0,),
     )
     scatter = lax.scatter_add if add else lax.scatter
-    return scatter(buf, idx, x.astype(buf.dtype), dnums, indices_are_sorted=True, unique_indices=True,
-                   mode=lax.GatherScatterMode.CLIP)
+    mode = lax.GatherScatterMode.CLIP if keep is None else lax.GatherScatterMode.FILL_OR_DROP
+    return scatter(buf, idx, x.astype(buf.dtype), dnums, indices_are_sorted=True, unique_indices=True, mode=mode)
 
 
 def take_row(buf, index, size, axis):
@@ -133,7 +139,8 @@ def take_row(buf, index, size, axis):
 @pytree_dataclass
 class RowWrite:
     """Row b of cache field ``field`` gets value[b] at index[b] along ``axis`` of the row
-    (add=True: value[b] is added to what the slab holds, see :func:`put_row`).
+    (add=True: value[b] is added to what the slab holds, see :func:`put_row`); with ``keep``
+    [B] bool, only the rows where it holds write (the others keep their slab as it is).
 
     value [B, ...] (a row's slab: same rank as a row of the field), index [B] int32 in range.
     Writes are computed from the cache before the append and applied in order.
@@ -144,6 +151,7 @@ class RowWrite:
     field: str = static()
     axis: int = static()
     add: bool = static(default=False)
+    keep: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,19 +171,73 @@ def _put(cache, writes, layer):
     new = {}
     for w in writes:
         buf = new.get(w.field, getattr(cache, w.field))
-        new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer, add=w.add)
+        new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer, add=w.add, keep=w.keep)
     return dataclasses.replace(cache, **new)
 
 
-def apply_writes(cache, writes, lengths, overflow, layer=None):
+# How a stacked cache's row writes are applied (:func:`apply_writes` with ``layer``): "xla"
+# (a scatter per write), "pallas" (one kernel for each run of plain writes,
+# pallas_kernels.row_writes; interpreted off a GPU) or "auto" (pallas on a single GPU with no
+# mesh, else xla).
+WRITES_IMPLS = ("auto", "xla", "pallas")
+DEFAULT_WRITES_IMPL = "auto"
+
+
+def _kernel_writes(cache, writes, layer, impl):
+    """Whether ``writes`` (plain RowWrites into a stacked cache) go to the row-writes kernel."""
+    from pallas_kernels import row_writes  # models -> kivi_jax -> pallas_kernels
+
+    if impl not in WRITES_IMPLS:
+        raise ValueError(f"writes impl={impl!r}; allowed: {WRITES_IMPLS}")
+    if impl == "xla" or layer is None:
+        return False
+    buffers = [getattr(cache, w.field) for w in writes]
+    fits = (len({w.field for w in writes}) == len(writes) and row_writes.supported(buffers)
+            and all(w.axis == 1 and b.ndim == 5 and w.value.shape == b.shape[1:3] + (1, b.shape[-1])
+                    for w, b in zip(writes, buffers)))
+    if impl == "pallas":
+        if not fits:
+            raise ValueError("writes impl='pallas' takes [L, B, Hkv, N, X] buffers (X a power of two) written one "
+                             "[B, Hkv, 1, X] slab per row, each field once a run")
+        return True
+    if not fits or jax.default_backend() != "gpu" or jax.device_count() != 1:
+        return False
+    from kivi_jax import sharding  # a lazy import: sharding imports the cache modules
+
+    return sharding.active_mesh()[0] is None  # a sharded cache stays with XLA (GSPMD partitions its scatters)
+
+
+def _put_run(cache, writes, layer, impl):
+    """A run of plain RowWrites: one kernel launch (:func:`_kernel_writes`), else a scatter each."""
+    if not _kernel_writes(cache, writes, layer, impl):
+        return _put(cache, writes, layer)
+    from pallas_kernels import row_writes
+
+    keeps = [jnp.ones(w.index.shape, bool) if w.keep is None else w.keep for w in writes]
+    out = row_writes.row_writes(tuple(getattr(cache, w.field) for w in writes), tuple(w.value for w in writes),
+                                tuple(w.index for w in writes), tuple(keeps), adds=tuple(w.add for w in writes),
+                                layer=layer, interpret=jax.default_backend() != "gpu")
+    return dataclasses.replace(cache, **{w.field: x for w, x in zip(writes, out)})
+
+
+def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None):
     """``cache`` with ``writes`` (RowWrite / WritesIf sequence) applied in order and
     lengths/overflow [B] replaced.
 
     layer=None: cache is a per-layer cache (this is what ``append`` does). Otherwise every leaf
     of cache has a leading layer axis and only layer ``layer`` changes: the slabs are
-    scattered into the stacked buffers and lengths/overflow into row ``layer``.
+    written into the stacked buffers in place and lengths/overflow into row ``layer``; each run
+    of consecutive plain RowWrites is one launch of the row-writes kernel where ``impl``
+    (:data:`WRITES_IMPLS`; None: :data:`DEFAULT_WRITES_IMPL`) picks it.
     """
-    for w in writes:
+    impl = DEFAULT_WRITES_IMPL if impl is None else impl
+    run = []
+    for w in tuple(writes) + (None,):
+        if isinstance(w, RowWrite):
+            run.append(w)
+            continue
+        if run:
+            cache, run = _put_run(cache, run, layer, impl), []
         if isinstance(w, WritesIf):
             def write(c, make=w.make):
                 # the view is sliced inside the branch: a step that skips it reads nothing
@@ -183,8 +245,6 @@ def apply_writes(cache, writes, lengths, overflow, layer=None):
                 return _put(c, make(view), layer)
 
             cache = lax.cond(w.pred, write, lambda c: c, cache)
-        else:
-            cache = _put(cache, (w,), layer)
     new = {}
     if layer is None:
         new["lengths"], new["overflow"] = lengths, overflow

@@ -57,11 +57,8 @@ class DenseCache(cc.CacheShape):
         self._check(k, v, tokens=1)
         full = self.lengths >= self.max_length
         at = jnp.minimum(self.lengths, self.max_length - 1)
-        keep = ~full[:, None, None, None]
-        k_old = cc.take_row(self.k, at, 1, axis=1)
-        v_old = cc.take_row(self.v, at, 1, axis=1)
-        writes = (cc.RowWrite(jnp.where(keep, k.astype(self.dtype), k_old), at, "k", 1),
-                  cc.RowWrite(jnp.where(keep, v.astype(self.dtype), v_old), at, "v", 1))
+        writes = (cc.RowWrite(k.astype(self.dtype), at, "k", 1, keep=~full),
+                  cc.RowWrite(v.astype(self.dtype), at, "v", 1, keep=~full))
         return writes, self.lengths + (~full), self.overflow | full
 
     def materialize(self):

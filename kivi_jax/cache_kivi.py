@@ -268,14 +268,14 @@ class KIVICache(cc.CacheShape):
     def append_writes(self, k, v):
         """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``.
 
-        Slabs per row b (a row that writes nothing there rewrites what it holds, or adds zero):
+        Slabs per row b (a row that writes nothing there is left out by the write's ``keep``):
 
         * k_res [B, H, 1, D]: the key at residual slot Lb % R (with sinks: at sink slot R + L
           while L < S);
-        * a key flush, when some row's residual fills up (under lax.cond: once per R steps):
-          the R keys' code words (added) and R/Gk rows of k_scale and k_min;
         * the value leaving the R-window, quantized per-token: one v_codes word row (added),
-          one v_scale and one v_min row; the new value at ring slot Lb % R of v_res (or the sink slot).
+          one v_scale and one v_min row; the new value at ring slot Lb % R of v_res (or the sink slot);
+        * a key flush, when some row's residual fills up (under lax.cond: once per R steps):
+          the R keys' code words (added) and R/Gk rows of k_scale and k_min.
 
         Code words are added, not read and OR-ed: their bits there are zero until written once.
         """
@@ -294,41 +294,41 @@ class KIVICache(cc.CacheShape):
         Lc = jnp.minimum(Lb, self.max_length - sk - 1)  # in-range index for masked rows
         # residual slots are [0, R) of k_res / v_res (sink slots [R, R + S) follow)
         slot = Lc % r
-        live4 = live[:, None, None, None]
         # one k_res / v_res write per row: the residual slot, or the sink slot R + L of a row still
         # filling its sinks (a second write would read the buffer after the first: XLA copies it)
         at = jnp.where(live & (L < sk), r + jnp.clip(L, 0, sk - 1), slot) if sk else slot
 
-        # keys: Kr += k; a full residual (R keys) is quantized per-channel and emptied
-        writes = [cc.RowWrite(jnp.where(live4, k, cc.take_row(self.k_res, slot, 1, axis=1)), at, "k_res", 1)]
-        flush = live_body & ((Lb + 1) % r == 0)
-        n0 = jnp.where(flush, Lb + 1 - r, 0)
-
-        def flush_writes(view):  # view: this cache with the new key in its residual
-            codes, scale, mn = view._quant_keys(view.k_res[:, :, :r])
-            f4 = flush[:, None, None, None]
-            old_s = cc.take_row(view.k_scale, n0 // kg, r // kg, axis=1)
-            old_m = cc.take_row(view.k_min, n0 // kg, r // kg, axis=1)
-            return (*view._key_code_writes(jnp.where(f4, codes, 0), n0),
-                    cc.RowWrite(jnp.where(f4, scale, old_s), n0 // kg, "k_scale", 1),
-                    cc.RowWrite(jnp.where(f4, mn, old_m), n0 // kg, "k_min", 1))
-
-        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
-
+        # keys: Kr += k (a full residual is quantized and emptied by the flush, last below)
+        writes = [cc.RowWrite(k, at, "k_res", 1, keep=live)]
         # values: the token leaving the R-window (token L - R, ring slot L % R) is quantized
         leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]
         spill = live_body & (Lb >= r)
         t_out = jnp.where(spill, Lb - r, 0)
         codes, scale, mn = self._quant_values(leaving)
-        s4 = spill[:, None, None, None]
         row, shift = packing.word_row_and_shift(t_out, c.v_bits)
         writes += [
-            cc.RowWrite(jnp.where(s4, codes, 0) << shift.astype(jnp.uint32)[:, None, None, None], row, "v_codes", 1,
-                        add=True),
-            cc.RowWrite(jnp.where(s4, scale, cc.take_row(self.v_scale, t_out, 1, axis=1)), t_out, "v_scale", 1),
-            cc.RowWrite(jnp.where(s4, mn, cc.take_row(self.v_min, t_out, 1, axis=1)), t_out, "v_min", 1),
-            cc.RowWrite(jnp.where(live4, v, leaving), at, "v_res", 1),
+            cc.RowWrite(codes << shift.astype(jnp.uint32)[:, None, None, None], row, "v_codes", 1, add=True,
+                        keep=spill),
+            cc.RowWrite(scale, t_out, "v_scale", 1, keep=spill),
+            cc.RowWrite(mn, t_out, "v_min", 1, keep=spill),
+            # a dead row's value is the leaving one it holds: the write then depends on the read of
+            # ``leaving`` (without that, XLA copies the whole stacked v_res to keep the read before it)
+            cc.RowWrite(jnp.where(live[:, None, None, None], v, leaving), at, "v_res", 1, keep=live),
         ]
+
+        # the key flush, when some row's residual fills up (R keys quantized per-channel). Last:
+        # it reads k_res (with the new key) and writes k_codes, k_scale and k_min, which no value
+        # write touches, so the writes above are one run (one kernel launch on a GPU)
+        flush = live_body & ((Lb + 1) % r == 0)
+        n0 = jnp.where(flush, Lb + 1 - r, 0)
+
+        def flush_writes(view):  # view: this cache with the new key in its residual
+            codes, scale, mn = view._quant_keys(view.k_res[:, :, :r])
+            return (*view._key_code_writes(jnp.where(flush[:, None, None, None], codes, 0), n0),
+                    cc.RowWrite(scale, n0 // kg, "k_scale", 1, keep=flush),
+                    cc.RowWrite(mn, n0 // kg, "k_min", 1, keep=flush))
+
+        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return tuple(writes), L + live, self.overflow | full
 
     # ---- reading ------------------------------------------------------------------------------
