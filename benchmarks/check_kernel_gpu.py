@@ -199,10 +199,12 @@ def main(argv=None):
 
 def random_cache(cfg, *, batch, kv_heads, tokens, head_dim=128, length=None, key=4):
     """A bf16 KIVICache of ``tokens`` capacity per row, every row holding ``length`` (default:
-    ``tokens``) random tokens (:func:`fill_random`): a benchmark's cache without a prefill."""
+    ``tokens``; or [B] per row) random tokens (:func:`fill_random`): a benchmark's cache without
+    a prefill."""
     cache = kj.KIVICache.init(cfg, batch=batch, num_kv_heads=kv_heads, head_dim=head_dim, max_length=tokens,
                               dtype=jnp.bfloat16)
-    return fill_random(cache, jax.random.key(key), jnp.full((batch,), tokens if length is None else length, jnp.int32))
+    lengths = jnp.broadcast_to(jnp.asarray(tokens if length is None else length, jnp.int32), (batch,))
+    return fill_random(cache, jax.random.key(key), lengths)
 
 
 def fill_random(cache, key, lengths):

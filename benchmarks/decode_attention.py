@@ -50,8 +50,12 @@ def _checkpoint(rows):
             json.dump(rows, f)
 
 
-def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes, rows=None):
-    """Times every configuration; appends to (and returns) ``rows``, saved after each one."""
+def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes, rows=None,
+        residues=False):
+    """Times every configuration; appends to (and returns) ``rows``, saved after each one.
+    residues: the KIVI rows hold T - (37 b mod R) tokens rather than T, so that the ring's
+    split between fresh and flushed keys (Lb mod R) takes every value across the batch, as in
+    a real decode (T itself, a multiple of R, is the ring's easiest case)."""
     rows = [] if rows is None else rows
     for hq, hkv in heads:
         for t in lengths:
@@ -75,7 +79,9 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                 for bits in bits_list:
                     cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
                     try:
-                        cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D)
+                        r = cfg.residual_length
+                        length = t - (37 * jnp.arange(b)) % r if residues else None
+                        cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
                     except Exception as e:  # noqa: BLE001
                         print("cache alloc failed", b, t, hkv, bits, type(e).__name__)
                         continue
@@ -174,17 +180,19 @@ def main(argv=None):
     hbm = common.hbm_copy_tbps()
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:
-        # how codes become numbers (kivi_decode.DEQUANTS: magic-number PTX vs integer->float
-        # conversions), and with magic's fewer registers, wider chunks and more warps; at the
-        # target shape and at a short context (the paper's setting: most of a row in the ring)
-        variants = [("pallas_magic", dict(dequant="magic")), ("pallas_convert", dict(dequant="convert")),
-                    ("pallas_magic_w8", dict(dequant="magic", num_warps=8)),
-                    ("pallas_magic_c128_w8", dict(dequant="magic", chunk=128, num_warps=8)),
-                    ("pallas_magic_c128", dict(dequant="magic", chunk=128))]
+        # the target shape, then rows of mixed lengths (every split of the ring between fresh
+        # and flushed keys) at the target shape and at short contexts (the paper's setting:
+        # most of a row in the ring). Magic vs conversions, 8 warps and chunk 128:
+        # decode-attention-quick-magic-2026-12-01; the ring's keys read by one loop per key
+        # source: decode-attention-quick-ringkeys-2026-12-01 (slower, not kept)
+        variants = [("pallas", {})]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
-        rows = run([96], [256], [(32, 32)], [2], ("pallas",), variants[:2], ref_max_bytes=0,
-                   dense_max_bytes=80 << 30, rows=rows)
+        mixed = [("pallas_mixed_lengths", {})]
+        rows = run([64], [4096], [(32, 32)], [2], ("pallas",), mixed, ref_max_bytes=0, dense_max_bytes=0, rows=rows,
+                   residues=True)
+        rows = run([96], [256, 512], [(32, 32)], [2], ("pallas",), mixed, ref_max_bytes=0,
+                   dense_max_bytes=80 << 30, rows=rows, residues=True)
         rows += breakdown()
     else:
         rows = breakdown()
