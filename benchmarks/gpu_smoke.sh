@@ -3,17 +3,17 @@
 #  0. the compiled check of the KIVI kernel with the magic-number dequantization (the default
 #     on GPU) and with integer->float conversions, the dense kernel, the >2^31-element /
 #     stacked-in-place cases;
-#  1. the decode-attention target shape and a short context: magic vs convert, with 8 warps and
-#     chunk 128, whole call next to dense; the breakdown (kernel only, magic and convert);
+#  1. the decode-attention target shape and rows of mixed lengths (the paper's batch at 256 and
+#     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min):
-#  - python -m benchmarks.kernel_tuning --shapes 2 (~4 min; kernel only and whole calls): 1-2 warps (mma.sync,
-#    no cross-warp barriers) now that magic numbers freed registers; not yet timed;
-#  - the batches the time budget cut: python -m benchmarks.e2e --skip-paper --skip-hf
-#    --skip-compile-check --sweep-caches kivi2 --sweep-start 256 --child-timeout 500 --budget-s 540
-#    (4096 tokens: does batch 256 fit?), and --sweep-prompts 16384 --sweep-start 32 (likewise);
-#  - the Mistral-7B shape with the current kernels: --skip-hf --skip-sweep --mistral;
+#  - the batches the time budget cut, each alone (a 200 s child timeout was not enough for either,
+#    e2e-2026-12-01-run7/-run8): python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check
+#    --sweep-caches kivi2 --sweep-start 256 --child-timeout 540 --budget-s 560 (4096 tokens: does
+#    batch 256 fit?), and --sweep-prompts 16384 --sweep-start 64 (likewise, batch 64);
+#  - decode_step_ab --writes xla,pallas / decode_attention --quick (mixed-length rows) after any
+#    change to the cache writes or the ring;
 #  - HF needs `python -m pip install --no-deps $PWD/.whl/optimum_quanto-0.2.7-py3-none-any.whl`
 #    first (carry .whl; plain `pip` installed it where `python` did not see it).
 #   KIVI_COMMIT=<sha> PYTHONPATH=. bash benchmarks/gpu_smoke.sh
@@ -27,7 +27,7 @@ timeout 200 python -m benchmarks.check_kernel_gpu --variants swap --quick 2>&1 |
 timeout 60 python -m benchmarks.check_kernel_gpu --variants swap/convert --quick --only "k2v2,k4v2,sinks4" --skip-large \
     --name kernel-check-convert 2>&1 \
     | grep -v "^WARNING" | grep "'ok'\|passed\|Error" | cut -c1-150 | tail -6
-timeout 130 python -m benchmarks.decode_attention --quick --name decode-attention-quick-magic 2>&1 \
+timeout 130 python -m benchmarks.decode_attention --quick --name decode-attention-quick 2>&1 \
     | grep -v "^WARNING" | grep "^|" | head -24
 XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python -m benchmarks.decode_step_ab --layers 32 \
     --caches dense,kivi2 --arms allpallas --trace --tag=-magic-trace 2>&1 | grep -v "^WARNING" \

@@ -124,3 +124,20 @@ def test_a_decode_step_writes_with_one_launch():
     assert len(calls("pallas")) == 1
     assert calls("xla") == []
     assert len(calls("auto")) == (jax.default_backend() == "gpu" and jax.device_count() == 1)
+
+
+def test_row_writes_under_vmap():
+    """Batched experiments vmap the decode step: the kernel's batching gives each member its own writes."""
+    rng = np.random.default_rng(5)
+    n, b, h = 3, 2, 2
+    buf = jnp.asarray(rng.standard_normal((n, 4, b, h, 8, 16)), jnp.float32)  # [vmap, L, B, H, N, X]
+    val = jnp.asarray(rng.standard_normal((n, b, h, 1, 16)), jnp.float32)
+    idx = jnp.asarray(rng.integers(0, 8, (n, b)), jnp.int32)
+    keep = jnp.asarray([[1, 0], [1, 1], [0, 1]], bool)
+
+    def one(buf, val, idx, keep):
+        return row_writes((buf,), (val,), (idx,), (keep,), adds=(False,), layer=jnp.int32(1), interpret=True)[0]
+
+    out = jax.vmap(one)(buf, val, idx, keep)
+    for i in range(n):
+        np.testing.assert_array_equal(np.asarray(out[i]), _expected(buf[i], val[i], idx[i], keep[i], False, 1))
