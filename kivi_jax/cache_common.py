@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import row_writes
+
 
 def pytree_dataclass(cls):
     """Frozen dataclass registered as a pytree; fields with metadata static=True are aux data."""
@@ -184,9 +186,8 @@ DEFAULT_WRITES_IMPL = "auto"
 
 
 def _kernel_writes(cache, writes, layer, impl):
-    """Whether ``writes`` (plain RowWrites into a stacked cache) go to the row-writes kernel."""
-    from pallas_kernels import row_writes  # models -> kivi_jax -> pallas_kernels
-
+    """Whether ``writes`` (plain RowWrites into a stacked cache) go to the row-writes kernel
+    (a per-layer cache's, ``layer=None``, never do: they are ``append``'s)."""
     if impl not in WRITES_IMPLS:
         raise ValueError(f"writes impl={impl!r}; allowed: {WRITES_IMPLS}")
     if impl == "xla" or layer is None:
@@ -211,8 +212,6 @@ def _put_run(cache, writes, layer, impl):
     """A run of plain RowWrites: one kernel launch (:func:`_kernel_writes`), else a scatter each."""
     if not _kernel_writes(cache, writes, layer, impl):
         return _put(cache, writes, layer)
-    from pallas_kernels import row_writes
-
     keeps = [jnp.ones(w.index.shape, bool) if w.keep is None else w.keep for w in writes]
     out = row_writes.row_writes(tuple(getattr(cache, w.field) for w in writes), tuple(w.value for w in writes),
                                 tuple(w.index for w in writes), tuple(keeps), adds=tuple(w.add for w in writes),
