@@ -170,6 +170,9 @@ def child_generate(spec: dict) -> None:
         t0 = time.perf_counter()
         out = gen(ids_same)
         row["warmup_s"] = time.perf_counter() - t0
+        # a whole generate ran at this batch: it fits, whatever happens to the timing after
+        row.update(fits=True, peak_bytes=_memory_stats().get("peak_bytes_in_use"))
+        _emit("PARTIAL", row)
         traces = dict(TRACE_COUNTS)
         first = sorted({int(x) for x in np.asarray(out.tokens[:, 0])})
         del out
@@ -190,6 +193,7 @@ def child_generate(spec: dict) -> None:
         stats = _memory_stats()
         row["peak_bytes"] = stats.get("peak_bytes_in_use")
         row["bytes_limit"] = stats.get("bytes_limit")
+        _emit("PARTIAL", row)
 
         phase = "prefill"  # the same compiled program; every row stops after its first token
         row["prefill_s"], prefill_times = None, []
@@ -480,6 +484,7 @@ class Child:
     rc: int | None
     timed_out: bool
     tail: list
+    partial: dict | None = None  # the last PARTIAL row: what a child killed later had measured
 
 
 class Runner:
@@ -606,6 +611,8 @@ class Runner:
             if tag == "ROW":
                 res.rows.append(obj)
                 self.add_row(obj)
+            elif tag == "PARTIAL":
+                res.partial = obj
             elif tag == "ENV":
                 if self.payload["device"] is None:
                     self.payload.update({k: obj[k] for k in ("device", "platform", "jax_version")})
@@ -623,7 +630,9 @@ class Runner:
             print("    | " + line, end="", flush=True)
 
     def missing_rows(self, spec: dict, caches: list, res: Child) -> None:
-        """Rows the child never reported (killed, crashed): an error row each."""
+        """Rows the child never reported (killed, crashed): what its last PARTIAL row had
+        measured when there is one (after the warm-up the batch is known to fit; after the
+        timed call its throughput is known), else an error row."""
         got = {r["cache"] for r in res.rows}
         text = "".join(res.tail)
         for c in caches:
@@ -633,7 +642,13 @@ class Runner:
                 err = "timeout: child killed at the time budget / --child-timeout"
             else:
                 err = f"child exited rc={res.rc} without a result; output tail: {text[-400:]}"
-            self.add_row({**_base_row(spec, c), "oom": _is_oom(text), "error": err})
+            part = res.partial if res.partial and res.partial.get("cache") == c else None
+            if part is None:
+                self.add_row({**_base_row(spec, c), "oom": _is_oom(text), "error": err})
+            elif part.get("tokens_per_s"):  # only the prefill/decode split is missing
+                self.add_row({**part, "note": f"prefill not timed: {err}"})
+            else:
+                self.add_row({**part, "error": f"{err} (after the warm-up: the batch fits, not timed)"})
 
     def budget_for(self, est: float) -> float | None:
         """Timeout for the next child, or None when fewer than ``est`` seconds are left."""
@@ -726,7 +741,8 @@ class Runner:
                 for cache in list(nxt):  # interleaved: every series advances one batch per round
                     b = nxt[cache]
                     row = self.generate_one("sweep", model, cache, prompt, a.sweep_new_tokens, b)
-                    if row.get("oom") or row.get("error") or row.get("skipped") or 2 * b > a.sweep_cap:
+                    fits = row.get("fits") and not row.get("oom")  # a larger batch may still fit (or OOM fast)
+                    if (row.get("oom") or row.get("error") or row.get("skipped")) and not fits or 2 * b > a.sweep_cap:
                         if not (row.get("oom") or row.get("error") or row.get("skipped")):
                             self.payload["notes"].append(f"sweep {model} T={prompt} {cache}: reached the cap "
                                                          f"B={b} without OOM")
@@ -792,9 +808,10 @@ def summarize(p: dict) -> dict:
             per = {}
             for cache in sorted({r["cache"] for r in sw}):
                 ok = [r for r in sw if r["cache"] == cache and _ok(r)]
+                fit = [r["batch"] for r in sw if r["cache"] == cache and (_ok(r) or r.get("fits")) and not r.get("oom")]
                 ooms = sorted(r["batch"] for r in sw if r["cache"] == cache and r.get("oom"))
                 per[cache] = {
-                    "max_batch": max((r["batch"] for r in ok), default=None),
+                    "max_batch": max(fit, default=None),  # a batch whose warm-up generate ran fits
                     "first_oom_batch": ooms[0] if ooms else None,
                     "best_tokens_per_s": max((r["tokens_per_s"] for r in ok), default=None),
                     "best_at_batch": max(ok, key=lambda r: r["tokens_per_s"])["batch"] if ok else None,
@@ -833,6 +850,7 @@ def _fmt_rows(rows: list[dict]) -> list[dict]:
                 r2[k.replace("_bytes", "_GiB")] = r[k] / GiB
         status = "skipped: " + r.get("reason", "") if r.get("skipped") else (
             "OOM" + (f" ({r['failed_in']})" if r.get("failed_in") else "") if r.get("oom") else
+            "fits (its warm-up generate ran); killed before the timed call" if r.get("error") and r.get("fits") else
             ("error: " + r["error"][:100] if r.get("error") else "ok"))
         r2["status"] = status.replace("|", "/").replace("\n", " ")
         out.append(r2)

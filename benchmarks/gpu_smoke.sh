@@ -9,7 +9,7 @@
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min):
 #  - the batches the time budget cut, each alone (a 200 s child timeout was not enough for either,
-#    e2e-2026-12-01-run7/-run8): python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check
+#    e2e-2026-12-01-run7/-run8; a child killed after its warm-up generate now still counts as fitting): python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check
 #    --sweep-caches kivi2 --sweep-start 256 --child-timeout 540 --budget-s 560 (4096 tokens: does
 #    batch 256 fit?), and --sweep-prompts 16384 --sweep-start 64 (likewise, batch 64);
 #  - decode_step_ab --writes xla,pallas / decode_attention --quick (mixed-length rows) after any

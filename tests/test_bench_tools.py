@@ -60,3 +60,32 @@ def test_kernel_tuning_dry_run_configurations_agree(tmp_path, monkeypatch):
         assert r["error"] is None, r
         assert r["rel_err_vs_first"] < 1e-3, r  # bf16 tiles of other chunkings: rounding only
         assert r["whole_call_ms"] > 0
+
+
+def test_e2e_keeps_what_a_killed_child_measured(tmp_path):
+    """A sweep configuration killed by its timeout after its warm-up generate still counts as
+    fitting (the sweep's max batch, and it doubles on); one killed after its timed call keeps
+    its tokens/s; one killed before either is an error row."""
+    from benchmarks import e2e
+
+    runner = e2e.Runner(e2e.parse_args(["--dry-run", "--out", str(tmp_path)]))
+    spec = runner.spec("generate", "sweep", "tiny-llama", 256, 8, 2, cache="kivi2")
+    base = e2e._base_row(spec, "kivi2")
+
+    def killed(batch, partial):
+        s = {**spec, "batch": batch}
+        res = e2e.Child(rows=[], rc=-9, timed_out=True, tail=[], partial=partial)
+        runner.missing_rows(s, ["kivi2"], res)
+        return runner.payload["rows"][-1]
+
+    timed = killed(2, {**base, "batch": 2, "fits": True, "tokens_per_s": 123.0, "peak_bytes": 10})
+    assert timed["tokens_per_s"] == 123.0 and "error" not in timed and "prefill not timed" in timed["note"]
+    warm = killed(4, {**base, "batch": 4, "fits": True, "peak_bytes": 20})
+    assert warm["fits"] and "not timed" in warm["error"]
+    lost = killed(8, None)
+    assert lost["error"].startswith("timeout") and not lost.get("fits")
+    summary = e2e.summarize(runner.payload)["tiny-llama"]["sweep_T256"]["kivi2"]
+    assert summary["max_batch"] == 4 and summary["best_tokens_per_s"] == 123.0 and summary["best_at_batch"] == 2
+    status = {r["batch"]: r["status"] for r in e2e._fmt_rows(runner.payload["rows"])}
+    assert status[2] == "ok" and status[4].startswith("fits") and status[8].startswith("error: timeout")
+    runner.log.close()
