@@ -12,6 +12,8 @@
 #    e2e-2026-12-01-run7/-run8; a child killed after its warm-up generate now still counts as fitting): python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check
 #    --sweep-caches kivi2 --sweep-start 256 --child-timeout 540 --budget-s 560 (4096 tokens: does
 #    batch 256 fit?), and --sweep-prompts 16384 --sweep-start 64 (likewise, batch 64);
+#  - python -m benchmarks.kernel_tuning --shapes 2 (~3 min): sequence splits 1/2/4/8 (with the ring
+#    the kernel fits 3 programs an SM: 2048 programs are 5.2 waves at B=64 T=4k);
 #  - decode_step_ab --writes xla,pallas / decode_attention --quick (mixed-length rows) after any
 #    change to the cache writes or the ring;
 #  - HF needs `python -m pip install --no-deps $PWD/.whl/optimum_quanto-0.2.7-py3-none-any.whl`

@@ -1,4 +1,4 @@
-"""Timing of the decode kernel's tuning knobs (chunk, warps, stages), on random words.
+"""Timing of the decode kernel's tuning knobs (chunk, warps, stages, splits), on random words.
 
 Times ``kivi_decode_partials`` alone (no cache, no residual window) at the record shapes for
 each configuration, and the whole ``decode_attention`` call (ring included) with the same
@@ -32,15 +32,15 @@ CFG = kj.KIVIConfig()  # KIVI-2, G = 32
 # kernel-tuning-2026-11-30: swap at chunk 64 fastest (1.33 vs dequant 1.65 ms at B=64 T=4k Hkv=32);
 # v_scales_t (value scales tokens-minor) measured slower: 1.42 / 0.38 / 0.73 ms vs swap's
 # (kernel-tuning-2026-11-30-run2); chunk 128 at 8 warps too (1.37 / 0.52 / 1.02); 3 stages beat 2
-# and 4 (run2, run3). Now: with magic-number dequantization the loop needs fewer registers
-# (offline: 168 at 1 warp / chunk 16, 184 at 2 warps / chunk 64), so fewer warps per program
-# (mma.sync instead of a warpgroup's wgmma, no cross-warp barriers) and more programs per SM.
+# and 4 (run2, run3). kernel-tuning-2026-12-01: 1-2 warps (mma.sync) 1.4-1.9x slower.
+# Now: sequence splits. With the ring in the kernel it holds 167 registers, 3 programs an SM
+# (396 on an H200), and B=64 x 32 heads x 1 split is 2048 programs, 5.2 waves: the last one a
+# fifth full. More splits make more, shorter programs (the tail shrinks; more partials to combine).
 CONFIGS = [
-    {"variant": "swap", "chunk": 64},  # the default (4 warps, 3 stages)
-    {"variant": "swap", "chunk": 16, "num_warps": 1},
-    {"variant": "swap", "chunk": 32, "num_warps": 1},
-    {"variant": "swap", "chunk": 32, "num_warps": 2},
-    {"variant": "swap", "chunk": 64, "num_warps": 2},
+    {"variant": "swap", "chunk": 64},  # the default (4 warps, 3 stages, splits by default_splits)
+    {"variant": "swap", "chunk": 64, "num_splits": 2},
+    {"variant": "swap", "chunk": 64, "num_splits": 4},
+    {"variant": "swap", "chunk": 64, "num_splits": 8},
 ]
 SHAPES = ((64, 4096, 32), (64, 4096, 8), (8, 16384, 32))
 DRY_SHAPES = ((2, 512, 4), (2, 512, 1))  # --dry-run: interpret mode on CPU, Hq = 4 (checks the script)
@@ -82,12 +82,13 @@ def main(argv=None):
         for opts in CONFIGS:
             opts = dict(opts)
             chunk = opts["chunk"]
-            splits = default_splits(b, hkv, t // chunk, interpret)
+            splits = opts.pop("num_splits", None) or default_splits(b, hkv, t // chunk, interpret)
             fn = jax.jit(lambda *a, o=tuple(opts.items()), s=splits: kivi_decode.kivi_decode_partials(
                 *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=CFG.k_bits, v_bits=CFG.v_bits,
                 group_size=CFG.group_size, num_splits=s, interpret=interpret, **dict(o)))
             # the whole call with the same knobs: the residual ring walked in the kernel too
             call_kw = {k: opts[k] for k in ("variant", "chunk", "num_warps", "num_stages") if k in opts}
+            call_kw["num_splits"] = splits
             whole = jax.jit(lambda q, c, kw=tuple(call_kw.items()): attention_pallas.decode_attention(
                 q, c, interpret=interpret, **dict(kw)))
             rel, whole_ms = None, None
@@ -103,7 +104,7 @@ def main(argv=None):
                 rel = float(jnp.linalg.norm(out - first) / jnp.linalg.norm(first))
             except Exception as e:  # a configuration that does not compile is a result too
                 ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append({"B": b, "T": t, "Hkv": hkv, "impl": json.dumps(opts), "median_ms": ms,
+            rows.append({"B": b, "T": t, "Hkv": hkv, "impl": json.dumps({**opts, "num_splits": splits}), "median_ms": ms,
                          "ratio_to_dense": ms / dense_ms if ms else None, "whole_call_ms": whole_ms,
                          "rel_err_vs_first": rel, "error": err})
             print(rows[-1], flush=True)
