@@ -185,10 +185,12 @@ def main(argv=None):
         # most of a row in the ring). Magic vs conversions, 8 warps and chunk 128:
         # decode-attention-quick-magic-2026-12-01; the ring's keys read by one loop per key
         # source: decode-attention-quick-ringkeys-2026-12-01 (slower, not kept)
-        variants = [("pallas", {})]
+        # The ring in a launch of its own ("launch": the bulk's launch without the ring's
+        # registers) next to the default.
+        variants = [("pallas", {}), ("pallas_ring_launch", dict(ring_program="launch"))]
         rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
-        mixed = [("pallas_mixed_lengths", {})]
+        mixed = [(name + "_mixed_lengths", opts) for name, opts in variants]
         rows = run([64], [4096], [(32, 32)], [2], ("pallas",), mixed, ref_max_bytes=0, dense_max_bytes=0, rows=rows,
                    residues=True)
         rows = run([96], [256, 512], [(32, 32)], [2], ("pallas",), mixed, ref_max_bytes=0,

@@ -14,6 +14,8 @@
 #    batch 256 fit?), and --sweep-prompts 16384 --sweep-start 64 (likewise, batch 64);
 #  - python -m benchmarks.kernel_tuning --shapes 2 (~3 min): sequence splits 1/2/4/8 (with the ring
 #    the kernel fits 3 programs an SM: 2048 programs are 5.2 waves at B=64 T=4k);
+#  - the ring in a launch of its own (ring_program="launch": the bulk kernel then without the ring's
+#    registers): decode_attention --quick has it; decode_step_ab --ring-programs first,launch;
 #  - decode_step_ab --writes xla,pallas / decode_attention --quick (mixed-length rows) after any
 #    change to the cache writes or the ring;
 #  - HF needs `python -m pip install --no-deps $PWD/.whl/optimum_quanto-0.2.7-py3-none-any.whl`

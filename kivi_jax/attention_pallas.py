@@ -177,9 +177,11 @@ def _default_chunk(config) -> int:
 # dequant="auto") 1.11 ms kernel-only (decode-attention-quick-magic-2026-12-01); compiled check
 # 22/22 (kernel-check-2026-12-01-run1). At 8 warps swap degrades, so num_warps stays 4.
 DEFAULT_VARIANT = "swap"
-# which of the bulk kernel's programs walks the residual ring: split 0 of each (row, KV head),
-# after its share of the bulk ("first"), or a split of its own ("own")
-RING_PROGRAMS = kivi_decode.RING_SPLITS
+# which programs walk the residual ring: split 0 of each (row, KV head), after its share of the
+# bulk ("first"), a split of its own ("own"), or a launch of its own ("launch": the bulk's launch
+# then has no ring code, 128 registers instead of 167 offline, 4 programs an SM instead of 3;
+# the ring's launch walks only the ring)
+RING_PROGRAMS = kivi_decode.RING_SPLITS + ("launch",)
 DEFAULT_RING_PROGRAM = "first"
 
 
@@ -320,15 +322,21 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
     ring, ring_len = _ring(cache, stack, layer, chunk)
+    kernel = functools.partial(
+        kivi_decode.kivi_decode_partials, qp, *arrays, layer=layer, k_bits=c.k_bits, v_bits=c.v_bits,
+        group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, variant=variant, interpret=interpret,
+        dot_dtype=dot_dtype, dequant=dequant, **knobs)
     with jax.named_scope("kivi_kernel"):  # the quantized bulk, and the residual ring when the kernel takes it
-        o, m, l = kivi_decode.kivi_decode_partials(
-            qp, *arrays, start_b // chunk, -(-end // chunk), start_b, end, layer=layer, k_bits=c.k_bits,
-            v_bits=c.v_bits, group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, num_splits=splits,
-            variant=variant, interpret=interpret, dot_dtype=dot_dtype, ring=ring, ring_len=ring_len,
-            ring_split=ring_program, dequant=dequant, **knobs)
+        if ring is not None and ring_program == "launch":
+            bulk = kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits)
+            none = jnp.zeros_like(end)  # the ring's launch: no bulk chunk
+            kernel_parts = [bulk, kernel(none, none, start_b, end, num_splits=1, ring=ring, ring_len=ring_len)]
+        else:
+            kernel_parts = [kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits, ring=ring,
+                                   ring_len=ring_len, ring_split=ring_program)]
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
         parts = _full_precision_parts(qg, cache, start, ring is not None)
-    out = _combine([(o, m, l)] + parts, gq)
+    out = _combine(kernel_parts + parts, gq)
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
