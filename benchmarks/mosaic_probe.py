@@ -45,18 +45,21 @@ def codes_times_q(n: int):
         return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
     def kernel(c_ref, q_ref, o_ref, p_out):
-        def body(acc_ref, p_ref):
+        def scores(acc_ref):
             plgpu.wgmma(acc_ref, a_operand(c_ref, 3, False), q_ref)
             plgpu.wgmma(acc_ref, a_operand(c_ref, -4, True), q_ref)
             plgpu.wgmma_wait(0)
-            s = acc_ref[...]
+            return acc_ref[...]
+
+        def softmax(p_ref):  # (interpret mode takes no mixed register / smem scoped allocations)
+            s = pl.run_scoped(scores, plgpu.ACC((64, n), jnp.float32))
             m = jnp.max(s, axis=0)
             p_ref[...] = jnp.exp(s - lax.broadcast_in_dim(m, s.shape, (1,))).astype(jnp.bfloat16)
             plgpu.commit_smem()
             o_ref[...] = s
             p_out[...] = p_ref[...]
 
-        pl.run_scoped(body, plgpu.ACC((64, n), jnp.float32), plgpu.SMEM((64, n), jnp.bfloat16, transforms=b_operand))
+        pl.run_scoped(softmax, plgpu.SMEM((64, n), jnp.bfloat16, transforms=b_operand))
 
     def fn(c, q):
         return pl.pallas_call(
