@@ -6,6 +6,8 @@ The plan (pallas_kernels/NOTES.md, session 9): 2-bit codes staged in shared memo
 viewed as int4 (two codes a nibble), split by masks (``x & 3``; ``(x & 0b1100) ^ 0b1000`` =
 4c - 8), upcast in registers into wgmma's A-operand layout, scores over a chunk's rows reduced
 for the online softmax, and p stored back to shared memory as the next wgmma's B operand.
+:func:`planned_bulk_attention` states the plan's arithmetic (nibble packing, the masks, the
+scale and min folds) in float64 NumPy; a test checks it against the cache's own dequantization.
 
     python -m benchmarks.mosaic_probe
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -69,6 +72,73 @@ def codes_times_q(n: int):
             out_specs=[plgpu.BlockSpec(memory_space=plgpu.SMEM)] * 2, compiler_params=plgpu.CompilerParams())(c, q)
 
     return fn, (S((64, 64), jnp.int4), S((64, n), jnp.bfloat16))
+
+
+# ---- the planned kernel's arithmetic, stated in NumPy (float64) ----------------------------------
+# What each chunk's two wgmma pairs compute once the scales are folded out of the codes. The
+# kernel is a translation of this; tests/test_bench_tools.py checks it against the cache's own
+# dequantization, so the packing and the folds are right before any GPU code exists.
+
+def int4(x):
+    """Nibbles 0..15 -> their signed int4 values (what the upcast reads)."""
+    x = np.asarray(x, np.int64) & 15
+    return np.where(x >= 8, x - 16, x)
+
+
+def split_nibbles(nib):
+    """The two masks: codes in the low bit pair (0..3), and 4c - 8 for the high pair."""
+    return int4(nib & 3), int4((nib & 12) ^ 8)
+
+
+def keys_as_nibbles(codes):
+    """codes [T, D] (keys: token rows) -> nibbles [T, D/2]: nibble j = channel j | channel D/2 + j << 2."""
+    h = codes.shape[1] // 2
+    return codes[:, :h] | (codes[:, h:] << 2)
+
+
+def values_as_nibbles(codes, chunk=64):
+    """codes [T, D] (values) -> nibbles [T/chunk, D, chunk/2]: per chunk and channel, nibble j =
+    token j | token chunk/2 + j << 2 (Vᵀ rows, two K = chunk/2 operands)."""
+    t, d = codes.shape
+    c = codes.reshape(t // chunk, chunk, d).transpose(0, 2, 1)  # [chunks, D, chunk]
+    h = chunk // 2
+    return c[..., :h] | (c[..., h:] << 2)
+
+
+def planned_bulk_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, n, key_group=32, value_group=32,
+                           chunk=64):
+    """Softmax attention of q [G, D] over tokens [0, n) of one (row, KV head), from codes [T, D]
+    and scales/mins (keys [T/Gk, D], values [T, D/G]) the way the planned kernel combines them:
+    nibbles split by masks, key scales folded into q's columns (one per key group), value scales
+    into p's (one per channel group), mins as per-group constants. float64; -> o [G, D]."""
+    q = np.asarray(q, np.float64)
+    g_rows, d = q.shape
+    h = d // 2
+    lo, hi = split_nibbles(keys_as_nibbles(np.asarray(k_codes, np.int64)))  # [T, D/2] each
+    ks, km = np.asarray(k_scale, np.float64), np.asarray(k_min, np.float64)
+    t_all = np.arange(lo.shape[0])
+    gk = t_all // key_group
+    # scoresᵀ[t] = lo·(q∘s)[:h] + hi·(q∘s/4)[h:] + 2 Σ (q∘s)[h:] + q·m, with s, m of t's key group
+    qs = q[:, None, :] * ks[None]  # [G, groups, D]
+    b_lo, b_hi = qs[..., :h], qs[..., h:] / 4
+    const = 2 * qs[..., h:].sum(-1) + np.einsum("gd,kd->gk", q, km)  # [G, groups]
+    scores = (np.einsum("tj,gtj->gt", lo, b_lo[:, gk]) + np.einsum("tj,gtj->gt", hi, b_hi[:, gk]) + const[:, gk])
+    scores = np.where(t_all[None] < n, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)  # [G, T]
+    vlo, vhi = split_nibbles(values_as_nibbles(np.asarray(v_codes, np.int64), chunk))  # [chunks, D, chunk/2]
+    vs, vm = np.asarray(v_scale, np.float64), np.asarray(v_min, np.float64)  # [T, D/Gv]
+    gv = np.arange(d) // value_group
+    o = np.zeros((g_rows, d))
+    for c in range(vlo.shape[0]):
+        tok = slice(c * chunk, (c + 1) * chunk)
+        pc = p[:, tok]  # [G, chunk]
+        ps = pc[:, :, None] * vs[tok][None]  # [G, chunk, groups]: p's columns, one per channel group
+        acc_lo = np.einsum("dj,gjk->gdk", vlo[c], ps[:, :chunk // 2])
+        acc_hi = np.einsum("dj,gjk->gdk", vhi[c], ps[:, chunk // 2:] / 4)
+        const_v = 2 * ps[:, chunk // 2:].sum(1) + np.einsum("gt,tk->gk", pc, vm[tok])  # [G, groups]
+        o += (acc_lo + acc_hi)[:, np.arange(d), gv] + const_v[:, gv]
+    return o
 
 
 def main():

@@ -89,3 +89,47 @@ def test_e2e_keeps_what_a_killed_child_measured(tmp_path):
     status = {r["batch"]: r["status"] for r in e2e._fmt_rows(runner.payload["rows"])}
     assert status[2] == "ok" and status[4].startswith("fits") and status[8].startswith("error: timeout")
     runner.log.close()
+
+
+def test_planned_mosaic_kernel_arithmetic_matches_the_cache():
+    """The planned Mosaic GPU kernel's arithmetic (benchmarks/mosaic_probe.py, float64): codes as
+    nibbles split by two masks, key scales folded into q per key group, value scales into p per
+    channel group, mins as constants. Against softmax attention over the cache's own dequantized
+    keys and values (float64), on a prefilled KIVI-2 cache with a ragged quantized bulk."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import kivi_jax as kj
+    from benchmarks import mosaic_probe as mp
+    from kivi_jax import packing
+
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=128)
+    b, h, d, t = 2, 2, 128, 400
+    k = jax.random.normal(jax.random.key(0), (b, h, t, d)) * (1 + 4 * jax.random.bernoulli(jax.random.key(2), 0.1, (d,)))
+    v = jax.random.normal(jax.random.key(1), (b, h, t, d))
+    cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=h, head_dim=d, max_length=512, dtype=jnp.float32)
+    cache = cache.prefill(k, v, lengths=jnp.array([400, 333]))
+    tc = cache.capacity
+    q = np.asarray(jax.random.normal(jax.random.key(3), (b, h, 4, d)), np.float64)
+    k_hat, v_hat = (np.asarray(x, np.float64) for x in cache.materialize())
+    m = np.asarray(cache.num_quantized_values)  # tokens [0, m) have quantized keys and values
+    for row in range(b):
+        for head in range(h):
+            kc = np.asarray(packing.unpack(cache.k_codes[row, head], 2, 0, tc))
+            vc = np.asarray(packing.unpack(cache.v_codes[row, head], 2, 0, tc))
+            ks, km, vs, vm = (np.asarray(x[row, head], np.float64) for x in
+                              (cache.k_scale, cache.k_min, cache.v_scale, cache.v_min))
+            got = mp.planned_bulk_attention(q[row, head], kc, ks, km, vc, vs, vm, int(m[row]))
+
+            def attend(keys, values):
+                s = q[row, head] @ keys[:m[row]].T
+                p = np.exp(s - s.max(-1, keepdims=True))
+                return (p / p.sum(-1, keepdims=True)) @ values[:m[row]]
+
+            # dequantize first (code * scale + min, float64), then attend: the same numbers, unfolded
+            want = attend(kc * np.repeat(ks, 32, 0) + np.repeat(km, 32, 0), vc * np.repeat(vs, 32, 1) + np.repeat(vm, 32, 1))
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+            # and those are the cache's keys and values (materialize rounds each to float32)
+            np.testing.assert_allclose(want, attend(k_hat[row, head], v_hat[row, head]), rtol=1e-5, atol=1e-5)
+    assert m.tolist() == [272, 205]
