@@ -141,6 +141,28 @@ def planned_bulk_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, 
     return o
 
 
+def repack(cache, chunk=64):
+    """A KIVI-2 cache's codes in the planned kernel's layout (jax, for a benchmark that times the
+    kernel on a copy): k [B, H, Tc, D/2] and v [B, H, Tc/chunk, D, chunk/2] signed int4, the
+    nibbles of :func:`keys_as_nibbles` / :func:`values_as_nibbles`."""
+    from kivi_jax import packing
+
+    c = cache.config
+    if (c.k_bits, c.v_bits) != (2, 2):
+        raise ValueError(f"the planned kernel takes 2-bit keys and values; got k_bits={c.k_bits}, v_bits={c.v_bits}")
+    tc, d = cache.capacity, cache.head_dim
+
+    def signed(x):
+        return jnp.where(x >= 8, x.astype(jnp.int32) - 16, x.astype(jnp.int32)).astype(jnp.int4)
+
+    kc = packing.unpack(cache.k_codes, 2, 2, tc)  # [B, H, Tc, D]
+    vc = packing.unpack(cache.v_codes, 2, 2, tc)
+    k = kc[..., :d // 2] | (kc[..., d // 2:] << 2)
+    v = jnp.swapaxes(vc.reshape(vc.shape[:2] + (tc // chunk, chunk, d)), -1, -2)  # [B, H, chunks, D, chunk]
+    v = v[..., :chunk // 2] | (v[..., chunk // 2:] << 2)
+    return signed(k), signed(v)
+
+
 def main():
     print(f"jax {jax.__version__}")
     for n in (16, 32, 64):  # wgmma's N: the query rows (N = 8 needs a swizzle of 16 bytes: not accepted)

@@ -133,3 +133,10 @@ def test_planned_mosaic_kernel_arithmetic_matches_the_cache():
             # and those are the cache's keys and values (materialize rounds each to float32)
             np.testing.assert_allclose(want, attend(k_hat[row, head], v_hat[row, head]), rtol=1e-5, atol=1e-5)
     assert m.tolist() == [272, 205]
+    # the jax repacking a benchmark would hand the kernel: the same nibbles, as signed int4
+    k4, v4 = mp.repack(cache)
+    assert k4.dtype == jnp.int4 and k4.shape == (b, h, tc, d // 2) and v4.shape == (b, h, tc // 64, d, 32)
+    kc = np.asarray(packing.unpack(cache.k_codes[1, 0], 2, 0, tc))
+    vc = np.asarray(packing.unpack(cache.v_codes[1, 0], 2, 0, tc))
+    np.testing.assert_array_equal(np.asarray(k4[1, 0], np.int64), mp.int4(mp.keys_as_nibbles(kc.astype(np.int64))))
+    np.testing.assert_array_equal(np.asarray(v4[1, 0], np.int64), mp.int4(mp.values_as_nibbles(vc.astype(np.int64))))
