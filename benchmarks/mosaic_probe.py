@@ -31,31 +31,44 @@ def lowers(fn, *args) -> str:
         return f"FAIL {type(e).__name__}: {str(e)[:200]}"
 
 
+def _a_operand(c_ref, mask, flip):
+    """An int4 [64, K] tile of nibbles -> one code of each nibble as bf16 in wgmma's A-operand
+    layout: ``x & 3``, or the high pair as ``(x & 0b1100) ^ 0b1000`` = 4c - 8 (``flip``)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = plgpu.load(c_ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X) & jnp.int4(mask)
+    if flip:
+        c = c ^ jnp.int4(-8)
+    x = plgpu.layout_cast(c, plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16)
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def _scores(c_ref, q_ref, n):
+    """scoresᵀ [64, n] of a chunk: the two code halves (nibble masks) x qᵀ, two register-A wgmmas."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, _a_operand(c_ref, 3, False), q_ref)
+        plgpu.wgmma(acc_ref, _a_operand(c_ref, -4, True), q_ref)
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((64, n), jnp.float32))
+
+
 def codes_times_q(n: int):
-    """scoresᵀ [64, n] = the chunk's 64x128 codes (as int4 [64, 64], two codes a nibble) x qᵀ,
-    two register-A wgmmas; max over the 64 rows; p = exp(s - max) stored to shared memory."""
+    """One chunk in shared memory: scoresᵀ [64, n] from the chunk's 64x128 codes (as int4
+    [64, 64], two codes a nibble) and qᵀ; max over the 64 rows; p = exp(s - max) stored to
+    shared memory (the next wgmma's B operand)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
     nibbles = (tiles((8, 64)), swizzle(32))
     b_operand = (tiles((8, n)), swizzle(2 * n))
 
-    def a_operand(c_ref, mask, flip):
-        c = plgpu.load(c_ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X) & jnp.int4(mask)
-        if flip:  # the high code of a nibble: (x & 0b1100) ^ 0b1000 = 4c - 8 as a signed int4
-            c = c ^ jnp.int4(-8)
-        x = plgpu.layout_cast(c, plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16)
-        return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
-
     def kernel(c_ref, q_ref, o_ref, p_out):
-        def scores(acc_ref):
-            plgpu.wgmma(acc_ref, a_operand(c_ref, 3, False), q_ref)
-            plgpu.wgmma(acc_ref, a_operand(c_ref, -4, True), q_ref)
-            plgpu.wgmma_wait(0)
-            return acc_ref[...]
-
         def softmax(p_ref):  # (interpret mode takes no mixed register / smem scoped allocations)
-            s = pl.run_scoped(scores, plgpu.ACC((64, n), jnp.float32))
+            s = _scores(c_ref, q_ref, n)
             m = jnp.max(s, axis=0)
             p_ref[...] = jnp.exp(s - lax.broadcast_in_dim(m, s.shape, (1,))).astype(jnp.bfloat16)
             plgpu.commit_smem()
@@ -72,6 +85,34 @@ def codes_times_q(n: int):
             out_specs=[plgpu.BlockSpec(memory_space=plgpu.SMEM)] * 2, compiler_params=plgpu.CompilerParams())(c, q)
 
     return fn, (S((64, 64), jnp.int4), S((64, n), jnp.bfloat16))
+
+
+def pipelined_scores(n: int, rows: int = 8, tokens: int = 4096):
+    """The program structure: one program per (row, KV head) walks its codes [T, 64] (int4) in
+    64-token chunks with ``plgpu.emit_pipeline`` (TMA into shared memory, 3 in flight), scores of
+    each chunk written out. The whole arrays stay in GMEM (Mosaic takes no GMEM blocks)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
+
+    def kernel(c_gmem, q_ref, o_gmem):
+        def step(_, c_ref, o_ref):
+            o_ref[...] = _scores(c_ref, q_ref, n)
+
+        b = pl.program_id(0)
+        plgpu.emit_pipeline(
+            step, grid=(tokens // 64,), max_concurrent_steps=3,
+            in_specs=[plgpu.BlockSpec((64, 64), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32)))],
+            out_specs=[plgpu.BlockSpec((64, n), lambda j: (j, 0))])(c_gmem.at[b], o_gmem.at[b])
+
+    def fn(c, q):
+        return pl.pallas_call(
+            kernel, grid=(rows,), out_shape=S((rows, tokens, n), jnp.float32),
+            in_specs=[plgpu.BlockSpec(memory_space=plgpu.GMEM),
+                      plgpu.BlockSpec((None, 64, n), lambda i: (i, 0, 0), transforms=(tiles((8, n)), swizzle(2 * n)))],
+            out_specs=plgpu.BlockSpec(memory_space=plgpu.GMEM), compiler_params=plgpu.CompilerParams())(c, q)
+
+    return fn, (S((rows, tokens, 64), jnp.int4), S((rows, 64, n), jnp.bfloat16))
 
 
 # ---- the planned kernel's arithmetic, stated in NumPy (float64) ----------------------------------
@@ -168,6 +209,8 @@ def main():
     for n in (16, 32, 64):  # wgmma's N: the query rows (N = 8 needs a swizzle of 16 bytes: not accepted)
         fn, args = codes_times_q(n)
         print(f"2-bit codes as int4 -> register-A wgmma x2 -> softmax rows -> p to smem, N={n}: {lowers(fn, *args)}")
+    fn, args = pipelined_scores(16)
+    print(f"one program per (row, head), emit_pipeline over 64-token int4 chunks, N=16: {lowers(fn, *args)}")
 
 
 if __name__ == "__main__":
