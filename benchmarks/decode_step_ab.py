@@ -26,6 +26,7 @@ over the weights per step when nonzero). Run twice, with and without
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -172,7 +173,7 @@ def main(argv=None):
     for name in a.caches.split(","):
         kivi = None if KIVI[name] is None else kj.KIVIConfig(**KIVI[name])
         rings = a.ring_programs.split(",") if kivi is not None and a.ring_programs else [default_ring]
-        for arm, ring, writes in ((arm, ring, w) for arm in arms for ring in rings for w in write_impls):
+        for arm, ring, writes in itertools.product(arms, rings, write_impls):
             attention_pallas.DEFAULT_RING_PROGRAM = ring  # read when the step is traced
             cc.DEFAULT_WRITES_IMPL = writes
             cache = model.init_cache(a.batch, a.max_length, kivi=kivi)

@@ -185,14 +185,13 @@ WRITES_IMPLS = ("auto", "xla", "pallas")
 DEFAULT_WRITES_IMPL = "auto"
 
 
-def _kernel_writes(cache, writes, layer, impl):
-    """Whether ``writes`` (plain RowWrites into a stacked cache) go to the row-writes kernel
-    (a per-layer cache's, ``layer=None``, never do: they are ``append``'s)."""
+def _kernel_writes(buffers, writes, layer, impl):
+    """Whether ``writes`` (plain RowWrites into a stacked cache's ``buffers``, one each) go to
+    the row-writes kernel (a per-layer cache's, ``layer=None``, never do: they are ``append``'s)."""
     if impl not in WRITES_IMPLS:
         raise ValueError(f"writes impl={impl!r}; allowed: {WRITES_IMPLS}")
     if impl == "xla" or layer is None:
         return False
-    buffers = [getattr(cache, w.field) for w in writes]
     fits = (len({w.field for w in writes}) == len(writes) and row_writes.supported(buffers)
             and all(w.axis == 1 and b.ndim == 5 and w.value.shape == b.shape[1:3] + (1, b.shape[-1])
                     for w, b in zip(writes, buffers)))
@@ -210,10 +209,11 @@ def _kernel_writes(cache, writes, layer, impl):
 
 def _put_run(cache, writes, layer, impl):
     """A run of plain RowWrites: one kernel launch (:func:`_kernel_writes`), else a scatter each."""
-    if not _kernel_writes(cache, writes, layer, impl):
+    buffers = tuple(getattr(cache, w.field) for w in writes)
+    if not _kernel_writes(buffers, writes, layer, impl):
         return _put(cache, writes, layer)
     keeps = [jnp.ones(w.index.shape, bool) if w.keep is None else w.keep for w in writes]
-    out = row_writes.row_writes(tuple(getattr(cache, w.field) for w in writes), tuple(w.value for w in writes),
+    out = row_writes.row_writes(buffers, tuple(w.value for w in writes),
                                 tuple(w.index for w in writes), tuple(keeps), adds=tuple(w.add for w in writes),
                                 layer=layer, interpret=jax.default_backend() != "gpu")
     return dataclasses.replace(cache, **{w.field: x for w, x in zip(writes, out)})
