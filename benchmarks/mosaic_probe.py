@@ -204,13 +204,98 @@ def repack(cache, chunk=64):
     return signed(k), signed(v)
 
 
+def streamed_scores(n: int, rows: int, tokens: int, stages: int = 3):
+    """The key side's read rate: one program per (row, head) streams its int4 codes [T, 64] in
+    64-token chunks (TMA, ``stages`` in flight) through the two register-A wgmmas into one
+    accumulator [64, n] (no softmax): what the codes cost to read and multiply, nothing else."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
+
+    def kernel(c_gmem, q_ref, o_ref):
+        def scoped(acc_ref):
+            def step(_, c_ref):
+                plgpu.wgmma(acc_ref, _a_operand(c_ref, 3, False), q_ref)
+                plgpu.wgmma(acc_ref, _a_operand(c_ref, -4, True), q_ref)
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(
+                step, grid=(tokens // 64,), max_concurrent_steps=stages,
+                in_specs=[plgpu.BlockSpec((64, 64), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32)))],
+            )(c_gmem.at[pl.program_id(0)])
+            o_ref[...] = acc_ref[...]
+
+        pl.run_scoped(scoped, plgpu.ACC((64, n), jnp.float32))
+
+    def fn(c, q):
+        return pl.pallas_call(
+            kernel, grid=(rows,), out_shape=S((rows, 64, n), jnp.float32),
+            in_specs=[plgpu.BlockSpec(memory_space=plgpu.GMEM),
+                      plgpu.BlockSpec((None, 64, n), lambda i: (i, 0, 0), transforms=(tiles((8, n)), swizzle(2 * n)))],
+            out_specs=plgpu.BlockSpec((None, 64, n), lambda i: (i, 0, 0)), compiler_params=plgpu.CompilerParams())(c, q)
+
+    return fn, (S((rows, tokens, 64), jnp.int4), S((rows, 64, n), jnp.bfloat16))
+
+
+def run_on_gpu():
+    """Compiled on the GPU: the inner step's numbers against NumPy, and the streamed key side's
+    time and read rate next to the HBM copy rate and dense bf16 keys read the same way by XLA."""
+    from benchmarks import common
+
+    rng = np.random.default_rng(0)
+    out = {"env": common.environment()}
+    n = 16
+    fn, _ = codes_times_q(n)
+    nib = rng.integers(-8, 8, (64, 64))
+    q = rng.standard_normal((64, n)).astype(np.float32)
+    s, p = jax.jit(fn)(jnp.asarray(nib, jnp.int4), jnp.asarray(q, jnp.bfloat16))
+    lo, hi = split_nibbles(nib & 15)
+    want = (lo + hi) @ np.asarray(jnp.asarray(q, jnp.bfloat16), np.float64)
+    out["inner_step_max_abs_err"] = float(np.abs(np.asarray(s, np.float64) - want).max())
+    want_p = np.exp(want - want.max(0, keepdims=True))
+    out["inner_p_max_abs_err"] = float(np.abs(np.asarray(p, np.float64) - want_p).max())
+    print(out, flush=True)
+    hbm = common.hbm_copy_tbps()
+    out["hbm_copy_tbps"] = hbm
+    for rows, tokens in ((2048, 4096), (256, 4096)):
+        for stages in (2, 3, 4):
+            fn, _ = streamed_scores(n, rows, tokens, stages)
+            c = jax.random.randint(jax.random.key(1), (rows, tokens, 64), -8, 8, jnp.int32).astype(jnp.int4)
+            qq = jax.random.normal(jax.random.key(2), (rows, 64, n), jnp.bfloat16)
+            f = jax.jit(fn)
+            if stages == 2:  # the sum over chunks of each chunk's scores, first two programs
+                got = np.asarray(f(c, qq)[:2], np.float64)
+                lo, hi = split_nibbles(np.asarray(c[:2].astype(jnp.int32)) & 15)
+                ref = np.einsum("rctk,rkn->rtn", (lo + hi).reshape(2, tokens // 64, 64, 64),
+                                np.asarray(qq[:2], np.float64))
+                out[f"stream_{rows}x{tokens}_max_rel_err"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+            ms = common.time_fn(f, c, qq)
+            nbytes = rows * tokens * 64 // 2
+            out[f"stream_{rows}x{tokens}_stages{stages}_ms"] = ms
+            out[f"stream_{rows}x{tokens}_stages{stages}_tbps"] = nbytes / ms / 1e9
+            print({k: v for k, v in out.items() if k.startswith(f"stream_{rows}")}, flush=True)
+        kd = jax.random.normal(jax.random.key(3), (rows, tokens, 128), jnp.bfloat16)
+        qd = jax.random.normal(jax.random.key(4), (rows, 128), jnp.bfloat16)
+        ms = common.time_fn(jax.jit(lambda k, q: jnp.einsum("rtd,rd->rt", k, q, preferred_element_type=jnp.float32)), kd, qd)
+        out[f"dense_keys_{rows}x{tokens}_ms"] = ms
+        del kd
+    print(out, flush=True)
+    (common.out_dir() / "mosaic-probe-gpu.json").write_text(__import__("json").dumps(out, indent=1))
+
+
 def main():
+    import sys
+
+    if "--run" in sys.argv:
+        return run_on_gpu()
     print(f"jax {jax.__version__}")
     for n in (16, 32, 64):  # wgmma's N: the query rows (N = 8 needs a swizzle of 16 bytes: not accepted)
         fn, args = codes_times_q(n)
         print(f"2-bit codes as int4 -> register-A wgmma x2 -> softmax rows -> p to smem, N={n}: {lowers(fn, *args)}")
     fn, args = pipelined_scores(16)
     print(f"one program per (row, head), emit_pipeline over 64-token int4 chunks, N=16: {lowers(fn, *args)}")
+    fn, args = streamed_scores(16, 8, 4096)
+    print(f"streamed key side (accumulated, no softmax), N=16: {lowers(fn, *args)}")
 
 
 if __name__ == "__main__":
