@@ -22,6 +22,11 @@ from jax.experimental import pallas as pl
 
 S = jax.ShapeDtypeStruct
 
+try:  # jax 0.11 registers the Mosaic GPU lowering rule only once this module is imported
+    import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
+except ImportError:  # a jax without Mosaic GPU: lowers() reports the failure
+    pass
+
 
 def lowers(fn, *args) -> str:
     try:
