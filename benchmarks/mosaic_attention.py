@@ -1,0 +1,118 @@
+"""The Mosaic GPU bulk kernel (pallas_kernels/kivi_mosaic.py) on the GPU: checked, then timed.
+
+1. Compiled check against float64 NumPy (:func:`kivi_mosaic.reference`) on fresh random codes,
+   scales and mins, rows of mixed lengths (1, odd, chunk and block edges, full).
+2. The target shape (B=64, T=4096, 32 KV heads, 2-bit) from one random KIVICache: the Mosaic
+   kernel on a repacked copy of its quantized tokens next to, in the same run, the Triton
+   kernel over the same tokens (kernel only, with the ring, the whole call:
+   ``decode_attention.breakdown``) and dense bf16 XLA attention; rows of the cache compared with
+   NumPy too. Writes JSON + markdown (``--name``).
+
+    PYTHONPATH=. python -m benchmarks.mosaic_attention [--name mosaic-attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kivi_jax as kj
+from benchmarks import common
+from benchmarks.check_kernel_gpu import random_cache
+from benchmarks.decode_attention import breakdown, dense_attention
+from kivi_jax import packing
+from pallas_kernels import kivi_mosaic as km
+
+D = km.D
+
+
+def random_inputs(rows, tokens, key=0):
+    """Codes 0..3, bf16 scales in [0.01, 0.3] and mins around -1.5 (as random_cache draws them)."""
+    ks = jax.random.split(jax.random.key(key), 7)
+    g = tokens // km.GROUP
+    bf = jnp.bfloat16
+    return (jax.random.randint(ks[0], (rows, tokens, D), 0, 4),
+            jax.random.uniform(ks[1], (rows, g, D), minval=0.01, maxval=0.3).astype(bf),
+            (-1.5 + 0.3 * jax.random.normal(ks[2], (rows, g, D))).astype(bf),
+            jax.random.randint(ks[3], (rows, tokens, D), 0, 4),
+            jax.random.uniform(ks[4], (rows, tokens, D // km.GROUP), minval=0.01, maxval=0.3).astype(bf),
+            (-1.5 + 0.3 * jax.random.normal(ks[5], (rows, tokens, D // km.GROUP))).astype(bf))
+
+
+def errors(got, want):
+    """Normalized outputs o / l and m against the reference; l compared at the reference's m."""
+    (o, m, l), (ro, rm, rl) = [tuple(np.asarray(x, np.float64) for x in t) for t in (got, want)]
+    out, ref = o / l[:, None], ro / rl[:, None]
+    return {"out_rel_err": float(np.abs(out - ref).max() / np.abs(ref).max()),
+            "m_abs_err": float(np.abs(m - rm).max()),
+            "l_rel_err": float(np.abs(l * np.exp(m - rm) - rl).max() / np.abs(rl).max())}
+
+
+def check(rows=64, tokens=1024, stages=3):
+    plain = random_inputs(rows, tokens)
+    lengths = jnp.asarray(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1, tokens],
+                                    rows), jnp.int32)
+    q = (jax.random.normal(jax.random.key(9), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages))(q, lengths, *plain)
+    return errors(got, km.reference(q, lengths, *plain))
+
+
+def from_cache(cache):
+    """A KIVI-2 cache's quantized tokens as [R, T, ...] codes and scales (R = B x Hkv)."""
+    b, h = cache.k_scale.shape[:2]
+    tc = cache.capacity
+
+    def flat(x):
+        return x.reshape((b * h,) + x.shape[2:])
+
+    return (flat(packing.unpack(cache.k_codes, 2, 2, tc)), flat(cache.k_scale), flat(cache.k_min),
+            flat(packing.unpack(cache.v_codes, 2, 2, tc)), flat(cache.v_scale), flat(cache.v_min))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="mosaic-attention")
+    ap.add_argument("--stages", default="2,3,4")
+    a = ap.parse_args(argv)
+    env = common.environment()
+    hbm = common.hbm_copy_tbps()
+    rows = []
+    for stages in map(int, a.stages.split(",")):
+        rows.append({"impl": f"mosaic_check_stages{stages}", **check(stages=stages)})
+        print(rows[-1], flush=True)
+    b, t, hq, hkv = 64, 4096, 32, 32
+    q4 = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+    kd = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
+    dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
+    del kd
+    rows.append({"B": b, "T": t, "impl": "dense_bf16_xla", "median_ms": dense_ms, "bytes": 2 * b * hkv * t * D * 2})
+    rows += [{k: r[k] for k in ("B", "T", "impl", "median_ms")} for r in breakdown(b, t, hq, hkv)]
+    cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)
+    plain = from_cache(cache)
+    packed = jax.jit(km.repack)(*plain)
+    nbytes = sum(x.nbytes for x in packed)
+    lengths = jnp.repeat(cache.num_quantized_values, hkv)
+    q = (jax.random.normal(jax.random.key(3), (b * hkv, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    for stages in map(int, a.stages.split(",")):
+        fn = jax.jit(lambda q, n, *x, s=stages: km.bulk_partials(q, n, *x, stages=s))
+        ms = common.time_fn(fn, q, lengths, *packed)
+        sub = slice(0, 4)
+        err = errors([x[sub] for x in fn(q, lengths, *packed)],
+                     km.reference(q[sub], lengths[sub], *[x[sub] for x in plain]))
+        rows.append({"B": b, "T": t, "impl": f"mosaic_bulk_stages{stages}", "median_ms": ms, "bytes": nbytes,
+                     "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
+                     "ratio_to_dense": ms / dense_ms, **err})
+        print(rows[-1], flush=True)
+    cols = ["B", "T", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense", "out_rel_err",
+            "m_abs_err", "l_rel_err"]
+    table = (f"Mosaic GPU bulk kernel vs Triton, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "
+             f"HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
+    print(table)
+    common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Decode attention over a 2-bit KIVI cache's quantized tokens in Mosaic GPU (Hopper wgmma).
+
+The Triton kernel (:mod:`pallas_kernels.kivi_decode`) dequantizes each chunk into shared memory
+before its dots; here the codes go to the tensor cores as they are and the scales and mins fold
+into the small operands (pallas_kernels/NOTES.md, session 9-10):
+
+- keys, per 64-token chunk: scoresᵀ [64 tokens, 16] = K̂ [64, 128] · Bk [128, 16], K̂'s codes
+  loaded as int4 nibbles (channel j | channel 64 + j << 2), split by two masks into two
+  register-A wgmmas (``x & 3``; ``(x & 0b1100) ^ 0b1000`` = 4c - 8). Bk's columns are
+  q ∘ s' for the 8 key groups of a 256-token block and q ∘ m' for their mins; a token's score
+  is column g(t) of the product plus the column sum of q ∘ m'_g(t).
+- values: (p·V̂)ᵀ [128 channels, 16] = V̂ᵀ [128, 64 tokens] · Bv [64, 16], V̂ᵀ's nibbles token
+  j | token 32 + j, Bv's columns p ∘ s'_g (4 channel groups); Σ_t p_t m'_tg from Bv's column sums.
+- the folds: s' = s and m' = m for the low codes; s' = s / 4, m' = m + 2 s for the high ones.
+- online softmax across chunks in registers; one program (one warpgroup) per (row, KV head),
+  chunks streamed by TMA (``plgpu.emit_pipeline``).
+
+MHA only (one query row a KV head), D = 128, groups of 32, 2-bit keys and values. Inputs in
+the layout :func:`repack` makes; outputs flash-decoding partials (o unnormalized, m, l).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # jax 0.11 registers Mosaic GPU's lowering only once this is imported
+    import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+D = 128
+CHUNK = 64  # tokens a pipeline step (keys: wgmma M)
+GROUP = 32  # key tokens / value channels per scale and min
+KEY_BLOCK = 256  # tokens a key scale/min tile covers (8 key groups; its 16 columns: 8 s', 8 m')
+VALUE_BLOCK = 128  # tokens a value scale/min tile covers ([64, 16]: two chunks' 8 numbers a token)
+N = 16  # wgmma N of both small operands
+
+
+# ---- layout --------------------------------------------------------------------------------------
+
+def _signed_int4(x):
+    x = x.astype(jnp.int32)
+    return jnp.where(x >= 8, x - 16, x).astype(jnp.int4)
+
+
+def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
+    """Codes and scales of R (row, KV head) pairs -> the kernel's layout.
+
+    k_codes, v_codes: [R, T, D] integers 0..3; k_scale, k_min: [R, T/32, D]; v_scale, v_min:
+    [R, T, D/32]; T a multiple of 256. Returns (kn [R, T, 64] int4, kt [R, T/256, 128, 16],
+    vn [R, T/64, 128, 32] int4, vt [R, T/128, 64, 16]) with the scale dtype:
+    kn[r, t, j] = k[t, j] | k[t, 64 + j] << 2; kt[r, b, c, g] = s'[8b + g, c] (g < 8),
+    m'[8b + g - 8, c] (g >= 8); vn[r, i, c, j] = v[64i + j, c] | v[64i + 32 + j, c] << 2;
+    vt[r, i, u, 8e + g] = s'[128i + 64e + u, g], vt[r, i, u, 8e + 4 + g] = m'[...]."""
+    r, t, d = k_codes.shape
+    if d != D or t % KEY_BLOCK:
+        raise ValueError(f"codes [R, T, D] need D={D} and T a multiple of {KEY_BLOCK}; got {k_codes.shape}")
+    k_codes, v_codes = k_codes.astype(jnp.int32), v_codes.astype(jnp.int32)
+    h = d // 2
+    kn = _signed_int4(k_codes[..., :h] | (k_codes[..., h:] << 2))
+    hi = (jnp.arange(d) >= h)
+    ks = jnp.where(hi, k_scale / 4, k_scale)
+    km = jnp.where(hi, k_min + 2 * k_scale, k_min)
+    blocks = t // KEY_BLOCK
+
+    def key_tile(x):  # [R, T/32, D] -> [R, T/256, D, 8]
+        return jnp.swapaxes(x.reshape(r, blocks, KEY_BLOCK // GROUP, d), -1, -2)
+
+    kt = jnp.concatenate([key_tile(ks), key_tile(km)], axis=-1)
+    vc = jnp.swapaxes(v_codes.reshape(r, t // CHUNK, CHUNK, d), -1, -2)  # [R, chunks, D, 64]
+    vn = _signed_int4(vc[..., :CHUNK // 2] | (vc[..., CHUNK // 2:] << 2))
+    upper = ((jnp.arange(t) % CHUNK) >= CHUNK // 2)[None, :, None]
+    vs = jnp.where(upper, v_scale / 4, v_scale)
+    vm = jnp.where(upper, v_min + 2 * v_scale, v_min)
+    per_token = jnp.concatenate([vs, vm], axis=-1)  # [R, T, 8]
+    vt = per_token.reshape(r, t // VALUE_BLOCK, 2, CHUNK, 8).swapaxes(2, 3).reshape(r, t // VALUE_BLOCK, CHUNK, N)
+    return kn, kt, vn, vt
+
+
+def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
+    """float64 NumPy: the partials the kernel returns, from the plain codes and scales (as
+    :func:`repack` takes them) by dequantize-then-attend. q [R, D] (already scaled);
+    -> (o [R, D] unnormalized, m [R], l [R])."""
+    q = np.asarray(q, np.float64)
+    kc, vc = np.asarray(k_codes, np.float64), np.asarray(v_codes, np.float64)
+    k = kc * np.repeat(np.asarray(k_scale, np.float64), GROUP, 1) + np.repeat(np.asarray(k_min, np.float64), GROUP, 1)
+    v = vc * np.repeat(np.asarray(v_scale, np.float64), GROUP, 2) + np.repeat(np.asarray(v_min, np.float64), GROUP, 2)
+    s = np.einsum("rd,rtd->rt", q, k)
+    s = np.where(np.arange(s.shape[1])[None] < np.asarray(lengths)[:, None], s, -np.inf)
+    m = s.max(1)
+    p = np.exp(s - m[:, None])
+    return np.einsum("rt,rtd->rd", p, v), m, p.sum(1)
+
+
+# ---- kernel --------------------------------------------------------------------------------------
+
+def _codes_operand(ref, high: bool):
+    """int4 nibbles in shared memory -> one code of each nibble, bf16, in wgmma's A layout:
+    ``x & 3``, or the high pair as ``(x & 0b1100) ^ 0b1000`` = 4c - 8."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    c = (c & jnp.int4(-4)) ^ jnp.int4(-8) if high else c & jnp.int4(3)
+    x = plgpu.layout_cast(c, plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16)
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def _product(a_ref, b_ref, m: int, k: int):
+    """[m, 16] = lo(a) · b[:k] + hi(a) · b[k:], two register-A wgmmas, waited for."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(acc):
+        plgpu.wgmma(acc, _codes_operand(a_ref, False), b_ref.at[pl.ds(0, k)])
+        plgpu.wgmma(acc, _codes_operand(a_ref, True), b_ref.at[pl.ds(k, k)])
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(body, plgpu.ACC((m, N), jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(rows: int, tokens: int, stages: int):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
+    b_op = (tiles((8, N)), swizzle(2 * N))  # a [K, 16] bf16 operand / tile: 32-byte rows
+    wg = plgpu.Layout.WGMMA
+    f32 = jnp.float32
+
+    def iota(shape, dim):
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
+
+    def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
+             q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar):
+        r = lax.axis_index("r")
+        plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
+        plgpu.barrier_wait(q_bar)
+        plgpu.barrier_wait(n_bar)
+        qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column
+        n = n_smem[0]
+        row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
+        vrow, vcol = iota((D, N), 0), iota((D, N), 1)
+
+        def step(idx, kn_ref, kt_ref, vn_ref, vt_ref, carry):
+            j = idx[0]
+            m, l, o1, mc = carry
+            x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
+            bk_smem[...] = x.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g, every row
+            acc = _product(kn_ref, bk_smem, CHUNK, D // 2)  # [64, 16]
+            g = 2 * (j % (KEY_BLOCK // CHUNK)) + row // GROUP  # the row's key group in the block
+            sel = (jnp.where(col == g, acc, 0.0) + jnp.where(col == g + 8, c, 0.0)
+                   + jnp.where((col == 0) & (j * CHUNK + row >= n), -jnp.inf, 0.0))
+            s = jnp.sum(sel, axis=1)  # [64] scores
+            m_new = jnp.maximum(m, jnp.max(s))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new)
+            l = l * alpha + jnp.sum(p)
+            pb = lax.broadcast_in_dim(p, (CHUNK, N), (0,))
+            y = jnp.where(col // 8 == j % 2, pb * plgpu.load(vt_ref, (), layout=wg).astype(f32), 0.0)
+            bv_smem[...] = y.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            mc = mc * alpha + lax.broadcast_in_dim(jnp.sum(y, axis=0), (D, N), (1,))
+            o1 = o1 * alpha + _product(vn_ref, bv_smem, D, CHUNK // 2)
+            return m_new, l, o1, mc
+
+        zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
+        m, l, o1, mc = plgpu.emit_pipeline(
+            step, grid=(tokens // CHUNK,), max_concurrent_steps=stages,
+            in_specs=[
+                plgpu.BlockSpec((CHUNK, D // 2), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32))),
+                plgpu.BlockSpec((None, D, N), lambda j: (j // (KEY_BLOCK // CHUNK), 0, 0), transforms=b_op),
+                plgpu.BlockSpec((None, D, CHUNK // 2), lambda j: (j, 0, 0)),
+                plgpu.BlockSpec((None, CHUNK, N), lambda j: (j // (VALUE_BLOCK // CHUNK), 0, 0), transforms=b_op),
+            ],
+            init_carry=(jnp.float32(-1e30), jnp.float32(0.0), zeros, zeros),
+        )(kn_gmem.at[r], kt_gmem.at[r], vn_gmem.at[r], vt_gmem.at[r])
+        g = vrow // GROUP
+        o = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1, 0.0)
+                    + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
+        o_smem[...] = o
+        ml_smem[...] = jnp.where(vcol == 0, m, l)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r])
+        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r])
+        plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((rows, D), jnp.float32), jax.ShapeDtypeStruct((rows, D, N), jnp.float32)),
+        scratch_types=[plgpu.SMEM((D, N), jnp.bfloat16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
+                       plgpu.SMEM((D, N), jnp.bfloat16, transforms=b_op),
+                       plgpu.SMEM((CHUNK, N), jnp.bfloat16, transforms=b_op),
+                       plgpu.SMEM((D,), jnp.float32), plgpu.SMEM((D, N), jnp.float32),
+                       plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1)],
+        grid=(rows,), grid_names=("r",))
+
+
+def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 3):
+    """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
+
+    q [R, D] (softmax scale applied); lengths [R] int32; kn, kt, vn, vt from :func:`repack`.
+    -> (o [R, D] float32 unnormalized, m [R], l [R])."""
+    rows, tokens = kn.shape[:2]
+    if q.shape != (rows, D):
+        raise ValueError(f"q must be [R={rows}, D={D}]; got {q.shape}")
+    if tokens % KEY_BLOCK:
+        raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
+    qb = jnp.broadcast_to(q.astype(jnp.bfloat16)[:, :, None], (rows, D, N))
+    n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
+    o, ml = _build(rows, tokens, stages)(qb, n32, kn, kt, vn, vt)
+    return o, ml[:, 0, 0], ml[:, 0, 1]
+
+
+def kernel_model(q, lengths, kn, kt, vn, vt):
+    """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
+    step (chunk products, the column selection, the online softmax): tests check it against
+    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's."""
+    q = np.asarray(q, np.float64)
+    kn, vn = (np.asarray(x.astype(jnp.int32)) for x in (kn, vn))
+    kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
+    rows, tokens = kn.shape[:2]
+    lo_hi = lambda x: (x & 3, ((x & 12) ^ 8) - 16 * (((x & 12) ^ 8) >= 8))  # noqa: E731 - the two masks
+    outs = []
+    for r in range(rows):
+        m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
+        for j in range(tokens // CHUNK):
+            x = q[r][:, None] * kt[r, j // (KEY_BLOCK // CHUNK)]  # [128, 16]
+            lo, hi = lo_hi(kn[r, j * CHUNK:(j + 1) * CHUNK] & 15)  # [64, 64]
+            acc = lo @ x[:D // 2] + hi @ x[D // 2:]
+            g = 2 * (j % (KEY_BLOCK // CHUNK)) + np.arange(CHUNK) // GROUP
+            s = acc[np.arange(CHUNK), g] + x.sum(0)[g + 8]
+            s = np.where(j * CHUNK + np.arange(CHUNK) < lengths[r], s, -np.inf)
+            m_new = max(m, s.max())
+            alpha, p = np.exp(m - m_new), np.exp(s - m_new)
+            l = l * alpha + p.sum()
+            y = np.where(np.arange(N)[None] // 8 == j % 2, p[:, None] * vt[r, j // (VALUE_BLOCK // CHUNK)], 0)
+            vlo, vhi = lo_hi(vn[r, j] & 15)  # [128, 32]
+            o1 = o1 * alpha + vlo @ y[:CHUNK // 2] + vhi @ y[CHUNK // 2:]
+            mc = mc * alpha + y.sum(0)[None]
+            m = m_new
+        g = np.arange(D) // GROUP
+        o = o1[np.arange(D), g] + o1[np.arange(D), g + 8] + mc[np.arange(D), g + 4] + mc[np.arange(D), g + 12]
+        outs.append((o, m, l))
+    return tuple(np.stack(x) for x in zip(*outs))
