@@ -111,21 +111,30 @@ def _codes_operand(ref, high: bool):
     return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
 
-def _product(a_ref, b_ref, m: int, k: int):
-    """[m, 16] = lo(a) · b[:k] + hi(a) · b[k:], two register-A wgmmas, waited for."""
+def _product(a_ref, b_ref, m: int, k: int, ones=None):
+    """[m, 16] = lo(a) · b[:k] + hi(a) · b[k:], two register-A wgmmas, waited for; with
+    ``ones`` (an all-ones [m, 2k] A operand) also ones · b: b's column sums down every row."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    def body(acc):
+    def body(acc, acc_ones=None):
         plgpu.wgmma(acc, _codes_operand(a_ref, False), b_ref.at[pl.ds(0, k)])
         plgpu.wgmma(acc, _codes_operand(a_ref, True), b_ref.at[pl.ds(k, k)])
+        if ones is not None:
+            plgpu.wgmma(acc_ones, ones, b_ref)
         plgpu.wgmma_wait(0)
-        return acc[...]
+        return acc[...] if ones is None else (acc[...], acc_ones[...])
 
-    return pl.run_scoped(body, plgpu.ACC((m, N), jnp.float32))
+    shapes = [plgpu.ACC((m, N), jnp.float32)] * (1 if ones is None else 2)
+    return pl.run_scoped(body, *shapes)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int):
+def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_max: bool = True,
+           compute: bool = True):
+    """key_const: how q · m' reaches each score: "wgmma" (an all-ones operand times Bk in the
+    same wgmma group), "sum" (a column sum of q ∘ m' across the warpgroup every chunk), or
+    "zero" (left out: timing ablations only). exact_max=False (ablation) skips the chunk's
+    max across the warpgroup (m stays 0); compute=False (ablation) only streams the tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
@@ -147,33 +156,38 @@ def _build(rows: int, tokens: int, stages: int):
         n = n_smem[0]
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
+        ones = (iota((CHUNK, D), 0) * 0 + 1).astype(jnp.bfloat16) if key_const == "wgmma" else None
 
         def step(idx, kn_ref, kt_ref, vn_ref, vt_ref, carry):
+            if not compute:
+                return carry
             j = idx[0]
-            m, l, o1, mc = carry
+            m, l2, o1, mc2 = carry  # l2, mc2 [64, 16]: per-row sums, reduced once at the end
             x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
             bk_smem[...] = x.astype(jnp.bfloat16)
             plgpu.commit_smem()
-            c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g, every row
-            acc = _product(kn_ref, bk_smem, CHUNK, D // 2)  # [64, 16]
+            if key_const == "wgmma":
+                acc, c = _product(kn_ref, bk_smem, CHUNK, D // 2, ones)  # c: Bk's column sums, every row
+            else:
+                acc = _product(kn_ref, bk_smem, CHUNK, D // 2)  # [64, 16]
+                c = (lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)) if key_const == "sum"
+                     else jnp.zeros_like(acc))
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + row // GROUP  # the row's key group in the block
             sel = (jnp.where(col == g, acc, 0.0) + jnp.where(col == g + 8, c, 0.0)
                    + jnp.where((col == 0) & (j * CHUNK + row >= n), -jnp.inf, 0.0))
             s = jnp.sum(sel, axis=1)  # [64] scores
-            m_new = jnp.maximum(m, jnp.max(s))
+            m_new = jnp.maximum(m, jnp.max(s)) if exact_max else m
             alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new)
-            l = l * alpha + jnp.sum(p)
-            pb = lax.broadcast_in_dim(p, (CHUNK, N), (0,))
+            pb = lax.broadcast_in_dim(jnp.exp(s - m_new), (CHUNK, N), (0,))
             y = jnp.where(col // 8 == j % 2, pb * plgpu.load(vt_ref, (), layout=wg).astype(f32), 0.0)
             bv_smem[...] = y.astype(jnp.bfloat16)
             plgpu.commit_smem()
-            mc = mc * alpha + lax.broadcast_in_dim(jnp.sum(y, axis=0), (D, N), (1,))
             o1 = o1 * alpha + _product(vn_ref, bv_smem, D, CHUNK // 2)
-            return m_new, l, o1, mc
+            return m_new, l2 * alpha + pb, o1, mc2 * alpha + y
 
         zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
-        m, l, o1, mc = plgpu.emit_pipeline(
+        zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
+        m, l2, o1, mc2 = plgpu.emit_pipeline(
             step, grid=(tokens // CHUNK,), max_concurrent_steps=stages,
             in_specs=[
                 plgpu.BlockSpec((CHUNK, D // 2), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32))),
@@ -181,8 +195,10 @@ def _build(rows: int, tokens: int, stages: int):
                 plgpu.BlockSpec((None, D, CHUNK // 2), lambda j: (j, 0, 0)),
                 plgpu.BlockSpec((None, CHUNK, N), lambda j: (j // (VALUE_BLOCK // CHUNK), 0, 0), transforms=b_op),
             ],
-            init_carry=(jnp.float32(-1e30), jnp.float32(0.0), zeros, zeros),
+            init_carry=(jnp.float32(0.0 if not exact_max else -1e30), zeros_c, zeros, zeros_c),
         )(kn_gmem.at[r], kt_gmem.at[r], vn_gmem.at[r], vt_gmem.at[r])
+        l = jnp.sum(jnp.sum(jnp.where(col == 0, l2, 0.0), axis=1))
+        mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
         g = vrow // GROUP
         o = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1, 0.0)
                     + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
@@ -204,7 +220,7 @@ def _build(rows: int, tokens: int, stages: int):
         grid=(rows,), grid_names=("r",))
 
 
-def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 3):
+def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 4, **options):
     """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
 
     q [R, D] (softmax scale applied); lengths [R] int32; kn, kt, vn, vt from :func:`repack`.
@@ -216,7 +232,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 3):
         raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
     qb = jnp.broadcast_to(q.astype(jnp.bfloat16)[:, :, None], (rows, D, N))
     n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
-    o, ml = _build(rows, tokens, stages)(qb, n32, kn, kt, vn, vt)
+    o, ml = _build(rows, tokens, stages, **options)(qb, n32, kn, kt, vn, vt)
     return o, ml[:, 0, 0], ml[:, 0, 1]
 
 
