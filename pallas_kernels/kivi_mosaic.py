@@ -171,7 +171,7 @@ def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_
             else:
                 acc = _product(kn_ref, bk_smem, CHUNK, D // 2)  # [64, 16]
                 c = (lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)) if key_const == "sum"
-                     else jnp.zeros_like(acc))
+                     else acc * 0.0)
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + row // GROUP  # the row's key group in the block
             sel = (jnp.where(col == g, acc, 0.0) + jnp.where(col == g + 8, c, 0.0)
                    + jnp.where((col == 0) & (j * CHUNK + row >= n), -jnp.inf, 0.0))
