@@ -195,7 +195,8 @@ def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_
                 plgpu.BlockSpec((None, D, CHUNK // 2), lambda j: (j, 0, 0)),
                 plgpu.BlockSpec((None, CHUNK, N), lambda j: (j // (VALUE_BLOCK // CHUNK), 0, 0), transforms=b_op),
             ],
-            init_carry=(jnp.float32(0.0 if not exact_max else -1e30), zeros_c, zeros, zeros_c),
+            # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
+            init_carry=((n * 0).astype(f32) + (-1e30 if exact_max else 0.0), zeros_c, zeros, zeros_c),
         )(kn_gmem.at[r], kt_gmem.at[r], vn_gmem.at[r], vt_gmem.at[r])
         l = jnp.sum(jnp.sum(jnp.where(col == 0, l2, 0.0), axis=1))
         mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
