@@ -111,36 +111,21 @@ def _codes_operand(ref, high: bool):
     return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
 
-def _product(a_ref, b_ref, m: int, k: int, ones=None):
-    """[m, 16] = lo(a) · b[:k] + hi(a) · b[k:], two register-A wgmmas, waited for; with
-    ``ones`` (an all-ones [m, 2k] A operand) also ones · b: b's column sums down every row."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    def body(acc, acc_ones=None):
-        plgpu.wgmma(acc, _codes_operand(a_ref, False), b_ref.at[pl.ds(0, k)])
-        plgpu.wgmma(acc, _codes_operand(a_ref, True), b_ref.at[pl.ds(k, k)])
-        if ones is not None:
-            plgpu.wgmma(acc_ones, ones, b_ref)
-        plgpu.wgmma_wait(0)
-        return acc[...] if ones is None else (acc[...], acc_ones[...])
-
-    shapes = [plgpu.ACC((m, N), jnp.float32)] * (1 if ones is None else 2)
-    return pl.run_scoped(body, *shapes)
-
-
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_max: bool = True,
-           compute: bool = True):
-    """key_const: how q · m' reaches each score: "wgmma" (an all-ones operand times Bk in the
-    same wgmma group), "sum" (a column sum of q ∘ m' across the warpgroup every chunk), or
-    "zero" (left out: timing ablations only). exact_max=False (ablation) skips the chunk's
-    max across the warpgroup (m stays 0); compute=False (ablation) only streams the tiles."""
+def _build(rows: int, tokens: int, stages: int, compute: bool = True):
+    """The kernel for R rows of T tokens. A pipeline step is one key block (256 tokens, four
+    64-token chunks): Bk = q ∘ [s' | m'] is built once a step, the four chunks' key products
+    and the all-ones product (Bk's column sums: q · m' down every row) issue as one wgmma group,
+    one max across the warpgroup a step, then the four chunks' value products as another group.
+    compute=False (an ablation) only streams the tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
     b_op = (tiles((8, N)), swizzle(2 * N))  # a [K, 16] bf16 operand / tile: 32-byte rows
     wg = plgpu.Layout.WGMMA
-    f32 = jnp.float32
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    chunks = KEY_BLOCK // CHUNK  # 4 a step
+    half = CHUNK // 2
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
@@ -156,7 +141,7 @@ def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_
         n = n_smem[0]
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
-        ones = (iota((CHUNK, D), 0) * 0 + 1).astype(jnp.bfloat16) if key_const == "wgmma" else None
+        ones = (iota((CHUNK, D), 0) * 0 + 1).astype(bf16)
 
         def step(idx, kn_ref, kt_ref, vn_ref, vt_ref, carry):
             if not compute:
@@ -164,47 +149,69 @@ def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_
             j = idx[0]
             m, l2, o1, mc2 = carry  # l2, mc2 [64, 16]: per-row sums, reduced once at the end
             x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
-            bk_smem[...] = x.astype(jnp.bfloat16)
+            bk_smem[...] = x.astype(bf16)
             plgpu.commit_smem()
-            if key_const == "wgmma":
-                acc, c = _product(kn_ref, bk_smem, CHUNK, D // 2, ones)  # c: Bk's column sums, every row
-            else:
-                acc = _product(kn_ref, bk_smem, CHUNK, D // 2)  # [64, 16]
-                c = (lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)) if key_const == "sum"
-                     else acc * 0.0)
-            g = 2 * (j % (KEY_BLOCK // CHUNK)) + row // GROUP  # the row's key group in the block
-            sel = (jnp.where(col == g, acc, 0.0) + jnp.where(col == g + 8, c, 0.0)
-                   + jnp.where((col == 0) & (j * CHUNK + row >= n), -jnp.inf, 0.0))
-            s = jnp.sum(sel, axis=1)  # [64] scores
-            m_new = jnp.maximum(m, jnp.max(s)) if exact_max else m
+
+            def keys(*accs):  # scoresᵀ of the four chunks [64, 16] each, and ones · Bk
+                for u in range(chunks):
+                    codes = kn_ref.at[pl.ds(u * CHUNK, CHUNK)]
+                    plgpu.wgmma(accs[u], _codes_operand(codes, False), bk_smem.at[pl.ds(0, D // 2)])
+                    plgpu.wgmma(accs[u], _codes_operand(codes, True), bk_smem.at[pl.ds(D // 2, D // 2)])
+                plgpu.wgmma(accs[chunks], ones, bk_smem)
+                plgpu.wgmma_wait(0)
+                return [a[...] for a in accs]
+
+            *acc, c = pl.run_scoped(keys, *[plgpu.ACC((CHUNK, N), f32)] * (chunks + 1))
+            s = []
+            for u in range(chunks):
+                g = 2 * u + row // GROUP  # the row's key group in the block
+                s.append(jnp.sum(jnp.where(col == g, acc[u], 0.0) + jnp.where(col == g + 8, c, 0.0)
+                                 + jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0),
+                                 axis=1))  # [64] scores
+            top = s[0]
+            for su in s[1:]:
+                top = jnp.maximum(top, su)
+            m_new = jnp.maximum(m, jnp.max(top))  # the one reduction across the warpgroup a step
             alpha = jnp.exp(m - m_new)
-            pb = lax.broadcast_in_dim(jnp.exp(s - m_new), (CHUNK, N), (0,))
-            y = jnp.where(col // 8 == j % 2, pb * plgpu.load(vt_ref, (), layout=wg).astype(f32), 0.0)
-            bv_smem[...] = y.astype(jnp.bfloat16)
+            l2, mc2 = l2 * alpha, mc2 * alpha
+            for u in range(chunks):
+                pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
+                vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
+                y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
+                bv_smem.at[pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
+                l2, mc2 = l2 + pb, mc2 + y
             plgpu.commit_smem()
-            o1 = o1 * alpha + _product(vn_ref, bv_smem, D, CHUNK // 2)
-            return m_new, l2 * alpha + pb, o1, mc2 * alpha + y
+
+            def values(acc):
+                for u in range(chunks):
+                    plgpu.wgmma(acc, _codes_operand(vn_ref.at[u], False), bv_smem.at[pl.ds(u * CHUNK, half)])
+                    plgpu.wgmma(acc, _codes_operand(vn_ref.at[u], True), bv_smem.at[pl.ds(u * CHUNK + half, half)])
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            o1 = o1 * alpha + pl.run_scoped(values, plgpu.ACC((D, N), f32))
+            return m_new, l2, o1, mc2
 
         zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         m, l2, o1, mc2 = plgpu.emit_pipeline(
-            step, grid=(tokens // CHUNK,), max_concurrent_steps=stages,
+            step, grid=(tokens // KEY_BLOCK,), max_concurrent_steps=stages,
             in_specs=[
-                plgpu.BlockSpec((CHUNK, D // 2), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32))),
-                plgpu.BlockSpec((None, D, N), lambda j: (j // (KEY_BLOCK // CHUNK), 0, 0), transforms=b_op),
-                plgpu.BlockSpec((None, D, CHUNK // 2), lambda j: (j, 0, 0)),
-                plgpu.BlockSpec((None, CHUNK, N), lambda j: (j // (VALUE_BLOCK // CHUNK), 0, 0), transforms=b_op),
+                plgpu.BlockSpec((KEY_BLOCK, D // 2), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32))),
+                plgpu.BlockSpec((None, D, N), lambda j: (j, 0, 0), transforms=b_op),
+                plgpu.BlockSpec((chunks, D, half), lambda j: (j, 0, 0)),
+                plgpu.BlockSpec((KEY_BLOCK // VALUE_BLOCK, CHUNK, N), lambda j: (j, 0, 0), transforms=b_op),
             ],
             # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
-            init_carry=((n * 0).astype(f32) + (-1e30 if exact_max else 0.0), zeros_c, zeros, zeros_c),
+            init_carry=((n * 0).astype(f32) - 1e30, zeros_c, zeros, zeros_c),
         )(kn_gmem.at[r], kt_gmem.at[r], vn_gmem.at[r], vt_gmem.at[r])
-        l = jnp.sum(jnp.sum(jnp.where(col == 0, l2, 0.0), axis=1))
         mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
+        l = jnp.sum(jnp.sum(jnp.where(col == 0, l2, 0.0), axis=1))
         g = vrow // GROUP
-        o = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1, 0.0)
-                    + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
-        o_smem[...] = o
-        ml_smem[...] = jnp.where(vcol == 0, m, l)
+        o_smem[...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1, 0.0)
+                              + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
+        ml_smem.at[0][...] = jnp.sum(jnp.where(vcol == 0, m, 0.0), axis=1)  # m down the row
+        ml_smem.at[1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r])
         plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r])
@@ -212,16 +219,16 @@ def _build(rows: int, tokens: int, stages: int, key_const: str = "wgmma", exact_
 
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((rows, D), jnp.float32), jax.ShapeDtypeStruct((rows, D, N), jnp.float32)),
-        scratch_types=[plgpu.SMEM((D, N), jnp.bfloat16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
-                       plgpu.SMEM((D, N), jnp.bfloat16, transforms=b_op),
-                       plgpu.SMEM((CHUNK, N), jnp.bfloat16, transforms=b_op),
-                       plgpu.SMEM((D,), jnp.float32), plgpu.SMEM((D, N), jnp.float32),
+        out_type=(jax.ShapeDtypeStruct((rows, D), f32), jax.ShapeDtypeStruct((rows, 2, D), f32)),
+        scratch_types=[plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
+                       plgpu.SMEM((D, N), bf16, transforms=b_op),
+                       plgpu.SMEM((KEY_BLOCK, N), bf16, transforms=b_op),
+                       plgpu.SMEM((D,), f32), plgpu.SMEM((2, D), f32),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1)],
         grid=(rows,), grid_names=("r",))
 
 
-def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 4, **options):
+def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, **options):
     """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
 
     q [R, D] (softmax scale applied); lengths [R] int32; kn, kt, vn, vt from :func:`repack`.
@@ -234,7 +241,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 4, **options):
     qb = jnp.broadcast_to(q.astype(jnp.bfloat16)[:, :, None], (rows, D, N))
     n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
     o, ml = _build(rows, tokens, stages, **options)(qb, n32, kn, kt, vn, vt)
-    return o, ml[:, 0, 0], ml[:, 0, 1]
+    return o, ml[:, 0, 0], ml[:, 1, 0]
 
 
 def kernel_model(q, lengths, kn, kt, vn, vt):
