@@ -27,9 +27,10 @@ from kivi_jax import packing
 from pallas_kernels import kivi_mosaic as km
 
 D = km.D
-# the kernel at each --stages, then the tile stream alone (an ablation: wrong numbers). Per-chunk
+# the kernel at each --stages, chunks a wgmma group (default 2) 1 and 4, then the tile stream alone
+# (an ablation: wrong numbers). Per-chunk
 # steps with the key constant as a column sum / left out / no max: mosaic-attention-run2-2026-12-01
-VARIANTS = [("default", {}), ("stream_only", dict(compute=False))]
+VARIANTS = [("default", {}), ("group1", dict(group=1)), ("group4", dict(group=4)), ("stream_only", dict(compute=False))]
 
 
 def random_inputs(rows, tokens, key=0):

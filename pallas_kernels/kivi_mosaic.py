@@ -112,12 +112,13 @@ def _codes_operand(ref, high: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, compute: bool = True):
+def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int = 2):
     """The kernel for R rows of T tokens. A pipeline step is one key block (256 tokens, four
     64-token chunks): Bk = q ∘ [s' | m'] is built once a step, the four chunks' key products
-    and the all-ones product (Bk's column sums: q · m' down every row) issue as one wgmma group,
-    one max across the warpgroup a step, then the four chunks' value products as another group.
-    compute=False (an ablation) only streams the tiles."""
+    issue ``group`` chunks to a wgmma group (their register A operands live until its wait: 4
+    spilled at 255 registers), q · m' is a column sum of Bk across the warpgroup, one max across
+    the warpgroup a step, then the value products likewise. compute=False (an ablation) only
+    streams the tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
@@ -137,31 +138,33 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True):
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(n_bar)
-        qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column
         n = n_smem[0]
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
-        ones = (iota((CHUNK, D), 0) * 0 + 1).astype(bf16)
 
         def step(idx, kn_ref, kt_ref, vn_ref, vt_ref, carry):
             if not compute:
                 return carry
             j = idx[0]
-            m, l2, o1, mc2 = carry  # l2, mc2 [64, 16]: per-row sums, reduced once at the end
+            m, o1, mc2 = carry  # mc2 [64, 16]: per-row sums (p m' and p), reduced once at the end
+            qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column (not kept: registers)
             x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
             bk_smem[...] = x.astype(bf16)
             plgpu.commit_smem()
 
-            def keys(*accs):  # scoresᵀ of the four chunks [64, 16] each, and ones · Bk
-                for u in range(chunks):
+            c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g down every row
+
+            def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group
+                for u, acc in enumerate(accs, first):
                     codes = kn_ref.at[pl.ds(u * CHUNK, CHUNK)]
-                    plgpu.wgmma(accs[u], _codes_operand(codes, False), bk_smem.at[pl.ds(0, D // 2)])
-                    plgpu.wgmma(accs[u], _codes_operand(codes, True), bk_smem.at[pl.ds(D // 2, D // 2)])
-                plgpu.wgmma(accs[chunks], ones, bk_smem)
+                    plgpu.wgmma(acc, _codes_operand(codes, False), bk_smem.at[pl.ds(0, D // 2)])
+                    plgpu.wgmma(acc, _codes_operand(codes, True), bk_smem.at[pl.ds(D // 2, D // 2)])
                 plgpu.wgmma_wait(0)
                 return [a[...] for a in accs]
 
-            *acc, c = pl.run_scoped(keys, *[plgpu.ACC((CHUNK, N), f32)] * (chunks + 1))
+            acc = []
+            for first in range(0, chunks, group):
+                acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * group)
             s = []
             for u in range(chunks):
                 g = 2 * u + row // GROUP  # the row's key group in the block
@@ -173,28 +176,30 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True):
                 top = jnp.maximum(top, su)
             m_new = jnp.maximum(m, jnp.max(top))  # the one reduction across the warpgroup a step
             alpha = jnp.exp(m - m_new)
-            l2, mc2 = l2 * alpha, mc2 * alpha
+            mc2 = mc2 * alpha
             for u in range(chunks):
                 pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
                 vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
                 y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
                 bv_smem.at[pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
-                l2, mc2 = l2 + pb, mc2 + y
+                mc2 = mc2 + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
             plgpu.commit_smem()
 
-            def values(acc):
-                for u in range(chunks):
+            def values(first, acc):
+                for u in range(first, first + group):
                     plgpu.wgmma(acc, _codes_operand(vn_ref.at[u], False), bv_smem.at[pl.ds(u * CHUNK, half)])
                     plgpu.wgmma(acc, _codes_operand(vn_ref.at[u], True), bv_smem.at[pl.ds(u * CHUNK + half, half)])
                 plgpu.wgmma_wait(0)
                 return acc[...]
 
-            o1 = o1 * alpha + pl.run_scoped(values, plgpu.ACC((D, N), f32))
-            return m_new, l2, o1, mc2
+            o1 = o1 * alpha
+            for first in range(0, chunks, group):
+                o1 = o1 + pl.run_scoped(functools.partial(values, first), plgpu.ACC((D, N), f32))
+            return m_new, o1, mc2
 
         zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
-        m, l2, o1, mc2 = plgpu.emit_pipeline(
+        m, o1, mc2 = plgpu.emit_pipeline(
             step, grid=(tokens // KEY_BLOCK,), max_concurrent_steps=stages,
             in_specs=[
                 plgpu.BlockSpec((KEY_BLOCK, D // 2), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32))),
@@ -203,10 +208,10 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True):
                 plgpu.BlockSpec((KEY_BLOCK // VALUE_BLOCK, CHUNK, N), lambda j: (j, 0, 0), transforms=b_op),
             ],
             # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
-            init_carry=((n * 0).astype(f32) - 1e30, zeros_c, zeros, zeros_c),
+            init_carry=((n * 0).astype(f32) - 1e30, zeros, zeros_c),
         )(kn_gmem.at[r], kt_gmem.at[r], vn_gmem.at[r], vt_gmem.at[r])
         mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
-        l = jnp.sum(jnp.sum(jnp.where(col == 0, l2, 0.0), axis=1))
+        l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2, 0.0), axis=1))
         g = vrow // GROUP
         o_smem[...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1, 0.0)
                               + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
