@@ -112,13 +112,15 @@ def _codes_operand(ref, high: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int = 2):
+def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int = 2, wgs: int = 1,
+           approx_math: bool = False):
     """The kernel for R rows of T tokens. A pipeline step is one key block (256 tokens, four
     64-token chunks): Bk = q ∘ [s' | m'] is built once a step, the four chunks' key products
     issue ``group`` chunks to a wgmma group (their register A operands live until its wait: 4
     spilled at 255 registers), q · m' is a column sum of Bk across the warpgroup, one max across
     the warpgroup a step, then the value products likewise. compute=False (an ablation) only
-    streams the tiles."""
+    streams the tiles. wgs: rows (warpgroups) a CTA, each on its own (ptxas caps registers at
+    65536 / threads: one warpgroup took 254); the last CTA's spare warpgroups do nothing."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
@@ -131,9 +133,18 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
 
-    def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
-             q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar):
-        r = lax.axis_index("r")
+    def body(*refs):
+        w = lax.axis_index("wg") if wgs > 1 else 0
+        r = lax.axis_index("r") * wgs + w
+        if rows % wgs:
+            pl.when(r < rows)(lambda: row_body(w, r, *refs))
+        else:
+            row_body(w, r, *refs)
+
+    def row_body(w, r, q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem, *scratch):
+        q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem = (x.at[w] for x in scratch[:6])
+        q_bar, n_bar = (b.at[w] for b in scratch[6:8])
+        buffers, tile_bar = scratch[8:12], scratch[12]
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
@@ -199,17 +210,30 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int
 
         zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
-        m, o1, mc2 = plgpu.emit_pipeline(
-            step, grid=(tokens // KEY_BLOCK,), max_concurrent_steps=stages,
-            in_specs=[
-                plgpu.BlockSpec((KEY_BLOCK, D // 2), lambda j: (j, 0), transforms=(tiles((8, 64)), swizzle(32))),
-                plgpu.BlockSpec((None, D, N), lambda j: (j, 0, 0), transforms=b_op),
-                plgpu.BlockSpec((chunks, D, half), lambda j: (j, 0, 0)),
-                plgpu.BlockSpec((KEY_BLOCK // VALUE_BLOCK, CHUNK, N), lambda j: (j, 0, 0), transforms=b_op),
-            ],
-            # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
-            init_carry=((n * 0).astype(f32) - 1e30, zeros, zeros_c),
-        )(kn_gmem.at[r], kt_gmem.at[r], vn_gmem.at[r], vt_gmem.at[r])
+        # the pipeline by hand (emit_pipeline allocates per warpgroup, which a CTA of several
+        # warpgroups does not allow): slot i of this warpgroup's buffers holds step i mod stages
+        kn_buf, kt_buf, vn_buf, vt_buf = (x.at[w] for x in buffers)
+        steps = tokens // KEY_BLOCK
+
+        def fetch(i, slot):
+            bar = tile_bar.at[w * stages + slot]
+            plgpu.copy_gmem_to_smem(kn_gmem.at[r, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(kt_gmem.at[r, i], kt_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(vn_gmem.at[r, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(vt_gmem.at[r, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
+
+        for i in range(min(stages, steps)):
+            fetch(i, i)
+
+        def loop(i, carry):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(tile_bar.at[w * stages + slot])
+            carry = step((i,), kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
+            lax.cond(i + stages < steps, lambda: fetch(i + stages, slot), lambda: None)
+            return carry
+
+        # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
+        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((n * 0).astype(f32) - 1e30, zeros, zeros_c))
         mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
         l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2, 0.0), axis=1))
         g = vrow // GROUP
@@ -225,12 +249,18 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((rows, D), f32), jax.ShapeDtypeStruct((rows, 2, D), f32)),
-        scratch_types=[plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
-                       plgpu.SMEM((D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((KEY_BLOCK, N), bf16, transforms=b_op),
-                       plgpu.SMEM((D,), f32), plgpu.SMEM((2, D), f32),
-                       plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1)],
-        grid=(rows,), grid_names=("r",))
+        scratch_types=[plgpu.SMEM((wgs, D, N), bf16, transforms=b_op), plgpu.SMEM((wgs, 32), jnp.int32),
+                       plgpu.SMEM((wgs, D, N), bf16, transforms=b_op),
+                       plgpu.SMEM((wgs, KEY_BLOCK, N), bf16, transforms=b_op),
+                       plgpu.SMEM((wgs, D), f32), plgpu.SMEM((wgs, 2, D), f32),
+                       plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=wgs),
+                       plgpu.SMEM((wgs, stages, KEY_BLOCK, D // 2), jnp.int4, transforms=(tiles((8, 64)), swizzle(32))),
+                       plgpu.SMEM((wgs, stages, D, N), bf16, transforms=b_op),
+                       plgpu.SMEM((wgs, stages, chunks, D, half), jnp.int4),
+                       plgpu.SMEM((wgs, stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
+                       plgpu.Barrier(num_arrivals=4, num_barriers=wgs * stages)],
+        grid=(-(-rows // wgs),), grid_names=("r",), compiler_params=plgpu.CompilerParams(approx_math=approx_math),
+        **({"num_threads": wgs, "thread_name": "wg"} if wgs > 1 else {}))
 
 
 def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, **options):
