@@ -27,12 +27,12 @@ from kivi_jax import packing
 from pallas_kernels import kivi_mosaic as km
 
 D = km.D
-# the kernel at each --stages, rows (warpgroups) a CTA, then the tile stream alone (an ablation:
-# wrong numbers). Chunks a wgmma group 1 / 2 / 4: mosaic-attention-run4-2026-12-01. Per-chunk
-# steps with the key constant as a column sum / left out / no max: mosaic-attention-run2-2026-12-01
-VARIANTS = [("default", {}), ("wgs2", dict(wgs=2)), ("wgs3", dict(wgs=3)), ("wgs3_approx", dict(wgs=3, approx_math=True)),
-            ("wgs2_stages3", dict(wgs=2, stages=3)), ("stream_only", dict(compute=False)),
-            ("wgs3_stream_only", dict(wgs=3, compute=False))]
+# the kernel at each --stages, the key constant from an all-ones wgmma (and with one chunk a
+# wgmma group), then the tile stream alone (an ablation: wrong numbers). Chunks a wgmma group
+# 1 / 2 / 4: mosaic-attention-run4-2026-12-01; several rows' warpgroups a CTA (slower, and
+# wrong numbers: a race not chased): -run5; per-chunk steps: -run2.
+VARIANTS = [("default", {}), ("key_const_ones", dict(key_const="ones")),
+            ("key_const_ones_group1", dict(key_const="ones", group=1)), ("stream_only", dict(compute=False))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -86,7 +86,7 @@ def main(argv=None):
     env = common.environment()
     hbm = common.hbm_copy_tbps()
     rows = []
-    for name, opts in [("default", {}), ("wgs3", dict(wgs=3))]:
+    for name, opts in VARIANTS[:2]:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
     b, t, hq, hkv = 64, 4096, 32, 32
@@ -114,6 +114,11 @@ def main(argv=None):
                      "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
                      "ratio_to_dense": ms / dense_ms, **err})
         print(rows[-1], flush=True)
+    # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)
+    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)
+    ms = common.time_fn(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x)), q, mixed, *packed)
+    rows.append({"B": b, "T": t, "impl": "mosaic_bulk_default_mixed_lengths", "median_ms": ms, "ratio_to_dense": ms / dense_ms})
+    print(rows[-1], flush=True)
     cols = ["B", "T", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense", "out_rel_err",
             "m_abs_err", "l_rel_err"]
     table = (f"Mosaic GPU bulk kernel vs Triton, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "

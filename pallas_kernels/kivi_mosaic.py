@@ -112,19 +112,19 @@ def _codes_operand(ref, high: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int = 2, wgs: int = 1,
-           approx_math: bool = False):
-    """The kernel for R rows of T tokens. A pipeline step is one key block (256 tokens, four
-    64-token chunks): Bk = q ∘ [s' | m'] is built once a step, the four chunks' key products
-    issue ``group`` chunks to a wgmma group (their register A operands live until its wait: 4
-    spilled at 255 registers), q · m' is a column sum of Bk across the warpgroup, one max across
-    the warpgroup a step, then the value products likewise. compute=False (an ablation) only
-    streams the tiles. wgs: rows (warpgroups) a CTA, each on its own (ptxas caps registers at
-    65536 / threads: one warpgroup took 254); the last CTA's spare warpgroups do nothing."""
+def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str = "sum", compute: bool = True):
+    """The kernel for R rows of T tokens: one CTA (one warpgroup) a row. A pipeline step is one
+    key block (256 tokens, four 64-token chunks): Bk = q ∘ [s' | m'] is built once a step; the
+    chunks' key products issue ``group`` chunks to a wgmma group (their register A operands
+    live until its wait; 4 spilled at 255 registers); q · m' (the key constant) is Bk's column
+    sum across the warpgroup (``key_const="sum"``) or an all-ones wgmma (``"ones"``); one max
+    across the warpgroup a step; then the value products likewise. A row runs ceil(n / 256)
+    steps. compute=False (an ablation) only streams the tiles."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
     b_op = (tiles((8, N)), swizzle(2 * N))  # a [K, 16] bf16 operand / tile: 32-byte rows
+    codes_op = (tiles((8, 64)), swizzle(32))  # a [64, 64] int4 A tile
     wg = plgpu.Layout.WGMMA
     f32, bf16 = jnp.float32, jnp.bfloat16
     chunks = KEY_BLOCK // CHUNK  # 4 a step
@@ -133,49 +133,46 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
 
-    def body(*refs):
-        w = lax.axis_index("wg") if wgs > 1 else 0
-        r = lax.axis_index("r") * wgs + w
-        if rows % wgs:
-            pl.when(r < rows)(lambda: row_body(w, r, *refs))
-        else:
-            row_body(w, r, *refs)
-
-    def row_body(w, r, q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem, *scratch):
-        q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem = (x.at[w] for x in scratch[:6])
-        q_bar, n_bar = (b.at[w] for b in scratch[6:8])
-        buffers, tile_bar = scratch[8:12], scratch[12]
+    def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
+             q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
+             tile_bar):
+        r = lax.axis_index("r")
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(n_bar)
         n = n_smem[0]
+        steps = jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
 
-        def step(idx, kn_ref, kt_ref, vn_ref, vt_ref, carry):
+        def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry):
             if not compute:
                 return carry
-            j = idx[0]
             m, o1, mc2 = carry  # mc2 [64, 16]: per-row sums (p m' and p), reduced once at the end
             qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column (not kept: registers)
             x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
             bk_smem[...] = x.astype(bf16)
             plgpu.commit_smem()
 
-            c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g down every row
-
-            def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group
-                for u, acc in enumerate(accs, first):
+            def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group (and ones · Bk)
+                for u, acc in enumerate(accs[:group], first):
                     codes = kn_ref.at[pl.ds(u * CHUNK, CHUNK)]
                     plgpu.wgmma(acc, _codes_operand(codes, False), bk_smem.at[pl.ds(0, D // 2)])
                     plgpu.wgmma(acc, _codes_operand(codes, True), bk_smem.at[pl.ds(D // 2, D // 2)])
+                if len(accs) > group:
+                    plgpu.wgmma(accs[group], (iota((CHUNK, D), 0) * 0 + 1).astype(bf16), bk_smem)
                 plgpu.wgmma_wait(0)
                 return [a[...] for a in accs]
 
             acc = []
             for first in range(0, chunks, group):
-                acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * group)
+                ones = key_const == "ones" and first == 0
+                acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group + ones))
+                if ones:
+                    c = acc.pop()  # Bk's column sums, every row
+            if key_const == "sum":
+                c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g down every row
             s = []
             for u in range(chunks):
                 g = 2 * u + row // GROUP  # the row's key group in the block
@@ -208,30 +205,26 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int
                 o1 = o1 + pl.run_scoped(functools.partial(values, first), plgpu.ACC((D, N), f32))
             return m_new, o1, mc2
 
-        zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
-        zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
-        # the pipeline by hand (emit_pipeline allocates per warpgroup, which a CTA of several
-        # warpgroups does not allow): slot i of this warpgroup's buffers holds step i mod stages
-        kn_buf, kt_buf, vn_buf, vt_buf = (x.at[w] for x in buffers)
-        steps = tokens // KEY_BLOCK
-
+        # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
-            bar = tile_bar.at[w * stages + slot]
+            bar = tile_bar.at[slot]
             plgpu.copy_gmem_to_smem(kn_gmem.at[r, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(kt_gmem.at[r, i], kt_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vn_gmem.at[r, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vt_gmem.at[r, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
 
-        for i in range(min(stages, steps)):
-            fetch(i, i)
+        for i in range(min(stages, tokens // KEY_BLOCK)):
+            pl.when(i < steps)(functools.partial(fetch, i, i))
 
         def loop(i, carry):
             slot = lax.rem(i, stages)
-            plgpu.barrier_wait(tile_bar.at[w * stages + slot])
-            carry = step((i,), kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
-            lax.cond(i + stages < steps, lambda: fetch(i + stages, slot), lambda: None)
+            plgpu.barrier_wait(tile_bar.at[slot])
+            carry = step(i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
+            pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
             return carry
 
+        zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
+        zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
         m, o1, mc2 = lax.fori_loop(0, steps, loop, ((n * 0).astype(f32) - 1e30, zeros, zeros_c))
         mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
@@ -249,18 +242,15 @@ def _build(rows: int, tokens: int, stages: int, compute: bool = True, group: int
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((rows, D), f32), jax.ShapeDtypeStruct((rows, 2, D), f32)),
-        scratch_types=[plgpu.SMEM((wgs, D, N), bf16, transforms=b_op), plgpu.SMEM((wgs, 32), jnp.int32),
-                       plgpu.SMEM((wgs, D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((wgs, KEY_BLOCK, N), bf16, transforms=b_op),
-                       plgpu.SMEM((wgs, D), f32), plgpu.SMEM((wgs, 2, D), f32),
-                       plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=wgs),
-                       plgpu.SMEM((wgs, stages, KEY_BLOCK, D // 2), jnp.int4, transforms=(tiles((8, 64)), swizzle(32))),
-                       plgpu.SMEM((wgs, stages, D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((wgs, stages, chunks, D, half), jnp.int4),
-                       plgpu.SMEM((wgs, stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
-                       plgpu.Barrier(num_arrivals=4, num_barriers=wgs * stages)],
-        grid=(-(-rows // wgs),), grid_names=("r",), compiler_params=plgpu.CompilerParams(approx_math=approx_math),
-        **({"num_threads": wgs, "thread_name": "wg"} if wgs > 1 else {}))
+        scratch_types=[plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
+                       plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((KEY_BLOCK, N), bf16, transforms=b_op),
+                       plgpu.SMEM((D,), f32), plgpu.SMEM((2, D), f32), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
+                       plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op),
+                       plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
+                       plgpu.SMEM((stages, chunks, D, half), jnp.int4),
+                       plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
+                       plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
+        grid=(rows,), grid_names=("r",))
 
 
 def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, **options):
