@@ -78,12 +78,55 @@ def from_cache(cache):
             flat(packing.unpack(cache.v_codes, 2, 2, tc)), flat(cache.v_scale), flat(cache.v_min))
 
 
+def profile(rows=264, tokens=4096):
+    """Mosaic's profiler on ``rows`` rows (two a streaming multiprocessor): the time each named
+    phase of a step takes, summed over the warpgroups' events -> {phase: fraction, ...}."""
+    import glob
+    import json
+    import os
+    import tempfile
+
+    plain = random_inputs(rows, tokens)
+    packed = jax.jit(km.repack)(*plain)
+    q = (jax.random.normal(jax.random.key(3), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    n = jnp.full((rows,), tokens, jnp.int32)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.block_until_ready(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x, profile_dir=tmp))(q, n, *packed))
+        files = glob.glob(os.path.join(tmp, "**", "*"), recursive=True)
+        events = []
+        for f in files:
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    data = json.load(fh)
+                events += data["traceEvents"] if isinstance(data, dict) else data
+    print("trace files:", [os.path.basename(f) for f in files], "events:", len(events), events[:3], flush=True)
+    total, stacks = {}, {}
+    for e in events:
+        name = e.get("name", "?")
+        if "dur" in e:
+            total[name] = total.get(name, 0.0) + float(e["dur"])
+        elif e.get("ph") in ("B", "E"):
+            key = (e.get("pid"), e.get("tid"), name)
+            if e["ph"] == "B":
+                stacks[key] = float(e["ts"])
+            elif key in stacks:
+                total[name] = total.get(name, 0.0) + float(e["ts"]) - stacks.pop(key)
+    whole = max(total.values()) if total else 1.0
+    return {k: {"sum": v, "fraction_of_largest": v / whole} for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", action="store_true", help="only Mosaic's profile of the default kernel's phases")
     ap.add_argument("--name", default="mosaic-attention")
     ap.add_argument("--stages", default="2,3")
     a = ap.parse_args(argv)
     env = common.environment()
+    if a.profile:
+        phases = profile()
+        print(phases, flush=True)
+        (common.out_dir() / f"{a.name}-profile.json").write_text(__import__("json").dumps({**env, "phases": phases}, indent=1))
+        return
     hbm = common.hbm_copy_tbps()
     rows = []
     for name, opts in VARIANTS[:2]:

@@ -112,14 +112,16 @@ def _codes_operand(ref, high: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str = "sum", compute: bool = True):
+def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str = "sum", compute: bool = True,
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens: one CTA (one warpgroup) a row. A pipeline step is one
     key block (256 tokens, four 64-token chunks): Bk = q ∘ [s' | m'] is built once a step; the
     chunks' key products issue ``group`` chunks to a wgmma group (their register A operands
     live until its wait; 4 spilled at 255 registers); q · m' (the key constant) is Bk's column
     sum across the warpgroup (``key_const="sum"``) or an all-ones wgmma (``"ones"``); one max
     across the warpgroup a step; then the value products likewise. A row runs ceil(n / 256)
-    steps. compute=False (an ablation) only streams the tiles."""
+    steps. compute=False (an ablation) only streams the tiles. profile_dir: Mosaic's profiler
+    writes a trace of the step's named phases there (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
@@ -150,10 +152,11 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
             if not compute:
                 return carry
             m, o1, mc2 = carry  # mc2 [64, 16]: per-row sums (p m' and p), reduced once at the end
-            qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column (not kept: registers)
-            x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
-            bk_smem[...] = x.astype(bf16)
-            plgpu.commit_smem()
+            with jax.named_scope("bk"):
+                qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column (not kept: registers)
+                x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
+                bk_smem[...] = x.astype(bf16)
+                plgpu.commit_smem()
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group (and ones · Bk)
                 for u, acc in enumerate(accs[:group], first):
@@ -166,13 +169,19 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
                 return [a[...] for a in accs]
 
             acc = []
-            for first in range(0, chunks, group):
-                ones = key_const == "ones" and first == 0
-                acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group + ones))
-                if ones:
-                    c = acc.pop()  # Bk's column sums, every row
+            with jax.named_scope("keys"):
+                for first in range(0, chunks, group):
+                    ones = key_const == "ones" and first == 0
+                    acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group + ones))
+                    if ones:
+                        c = acc.pop()  # Bk's column sums, every row
             if key_const == "sum":
-                c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g down every row
+                with jax.named_scope("key_const"):
+                    c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g down every row
+            return softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2)
+
+        @jax.named_scope("softmax")
+        def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
             s = []
             for u in range(chunks):
                 g = 2 * u + row // GROUP  # the row's key group in the block
@@ -182,16 +191,18 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
             top = s[0]
             for su in s[1:]:
                 top = jnp.maximum(top, su)
-            m_new = jnp.maximum(m, jnp.max(top))  # the one reduction across the warpgroup a step
+            with jax.named_scope("max"):
+                m_new = jnp.maximum(m, jnp.max(top))  # the one reduction across the warpgroup a step
             alpha = jnp.exp(m - m_new)
             mc2 = mc2 * alpha
-            for u in range(chunks):
-                pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
-                vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
-                y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
-                bv_smem.at[pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
-                mc2 = mc2 + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
-            plgpu.commit_smem()
+            with jax.named_scope("bv"):
+                for u in range(chunks):
+                    pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
+                    vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
+                    y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
+                    bv_smem.at[pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
+                    mc2 = mc2 + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
+                plgpu.commit_smem()
 
             def values(first, acc):
                 for u in range(first, first + group):
@@ -201,8 +212,9 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
                 return acc[...]
 
             o1 = o1 * alpha
-            for first in range(0, chunks, group):
-                o1 = o1 + pl.run_scoped(functools.partial(values, first), plgpu.ACC((D, N), f32))
+            with jax.named_scope("values"):
+                for first in range(0, chunks, group):
+                    o1 = o1 + pl.run_scoped(functools.partial(values, first), plgpu.ACC((D, N), f32))
             return m_new, o1, mc2
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
@@ -218,7 +230,8 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
 
         def loop(i, carry):
             slot = lax.rem(i, stages)
-            plgpu.barrier_wait(tile_bar.at[slot])
+            with jax.named_scope("tma_wait"):
+                plgpu.barrier_wait(tile_bar.at[slot])
             carry = step(i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
             pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
             return carry
@@ -250,7 +263,8 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
                        plgpu.SMEM((stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
-        grid=(rows,), grid_names=("r",))
+        grid=(rows,), grid_names=("r",),
+        compiler_params=plgpu.CompilerParams(**({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
 
 
 def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, **options):
