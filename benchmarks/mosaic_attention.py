@@ -115,13 +115,63 @@ def profile(rows=264, tokens=4096):
     return {k: {"sum": v, "fraction_of_largest": v / whole} for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
+def random_packed(rows, tokens, key=5):
+    """Random words in the kernel's layout (speed only): int4 codes, bf16 scale tiles."""
+    ks = jax.random.split(jax.random.key(key), 4)
+    codes = lambda k, shape: jax.random.randint(k, shape, -8, 8, jnp.int32).astype(jnp.int4)  # noqa: E731
+    return (codes(ks[0], (rows, tokens, D // 2)),
+            jax.random.uniform(ks[1], (rows, tokens // km.KEY_BLOCK, D, km.N), jnp.bfloat16, 0.01, 0.3),
+            codes(ks[2], (rows, tokens // km.CHUNK, D, km.CHUNK // 2)),
+            jax.random.uniform(ks[3], (rows, tokens // km.VALUE_BLOCK, km.CHUNK, km.N), jnp.bfloat16, 0.01, 0.3))
+
+
+def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), heads=32, dense_max_bytes=48 << 30):
+    """The issue's grid (MHA, 2-bit): the Mosaic bulk kernel (default splits) next to dense bf16
+    XLA attention over the same T, on random words."""
+    rows = []
+    for b in batches:
+        for t in lengths:
+            r = b * heads
+            dense_bytes = 2 * r * t * D * 2
+            dense_ms = None
+            if dense_bytes <= dense_max_bytes:
+                kd = jax.random.normal(jax.random.key(2), (b, heads, t, D), jnp.bfloat16)
+                q4 = jax.random.normal(jax.random.key(1), (b, heads, 1, D)).astype(jnp.bfloat16)
+                dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
+                del kd
+                rows.append({"B": b, "T": t, "Hq": heads, "Hkv": heads, "D": D, "bits": 16, "impl": "dense_bf16_xla",
+                             "median_ms": dense_ms, "bytes": dense_bytes, "tbps": dense_bytes / dense_ms / 1e9,
+                             "frac_of_hbm_copy": dense_bytes / dense_ms / 1e9 / hbm, "ratio_to_dense": 1.0})
+            packed = random_packed(r, t)
+            nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+            q = (jax.random.normal(jax.random.key(3), (r, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+            ms = common.time_fn(jax.jit(km.bulk_partials), q, jnp.full((r,), t, jnp.int32), *packed)
+            del packed
+            rows.append({"B": b, "T": t, "Hq": heads, "Hkv": heads, "D": D, "bits": 2, "impl": "mosaic_bulk",
+                         "splits": km.default_splits(r, t), "median_ms": ms, "bytes": nbytes, "tbps": nbytes / ms / 1e9,
+                         "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
+                         "ratio_to_dense": ms / dense_ms if dense_ms else None})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="only the issue's B x T grid, Mosaic kernel next to dense")
     ap.add_argument("--profile", action="store_true", help="only Mosaic's profile of the default kernel's phases")
     ap.add_argument("--name", default="mosaic-attention")
     ap.add_argument("--stages", default="2,3")
     a = ap.parse_args(argv)
     env = common.environment()
+    if a.sweep:
+        hbm = common.hbm_copy_tbps()
+        rows = sweep(hbm)
+        cols = ["B", "T", "impl", "splits", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
+        table = (f"Mosaic GPU bulk kernel (2-bit, MHA, quantized tokens only) vs dense bf16, {env['device']}, "
+                 f"jax {env['jax_version']}, commit {env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
+        print(table)
+        common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
+        return
     if a.profile:
         phases = profile()
         print(phases, flush=True)
@@ -129,7 +179,7 @@ def main(argv=None):
         return
     hbm = common.hbm_copy_tbps()
     rows = []
-    for name, opts in VARIANTS[:2]:
+    for name, opts in VARIANTS[:2] + [("splits1", dict(splits=1))]:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
     b, t, hq, hkv = 64, 4096, 32, 32

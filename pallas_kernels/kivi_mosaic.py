@@ -112,15 +112,15 @@ def _codes_operand(ref, high: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str = "sum", compute: bool = True,
-           profile_dir: str = ""):
+def _build(rows: int, tokens: int, stages: int, splits: int = 1, group: int = 2, key_const: str = "sum",
+           compute: bool = True, profile_dir: str = ""):
     """The kernel for R rows of T tokens: one CTA (one warpgroup) a row. A pipeline step is one
     key block (256 tokens, four 64-token chunks): Bk = q ∘ [s' | m'] is built once a step; the
     chunks' key products issue ``group`` chunks to a wgmma group (their register A operands
     live until its wait; 4 spilled at 255 registers); q · m' (the key constant) is Bk's column
     sum across the warpgroup (``key_const="sum"``) or an all-ones wgmma (``"ones"``); one max
     across the warpgroup a step; then the value products likewise. A row runs ceil(n / 256)
-    steps. compute=False (an ablation) only streams the tiles. profile_dir: Mosaic's profiler
+    steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps. compute=False (an ablation) only streams the tiles. profile_dir: Mosaic's profiler
     writes a trace of the step's named phases there (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -130,6 +130,7 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
     wg = plgpu.Layout.WGMMA
     f32, bf16 = jnp.float32, jnp.bfloat16
     chunks = KEY_BLOCK // CHUNK  # 4 a step
+    per_split = -(-tokens // KEY_BLOCK // splits)
     half = CHUNK // 2
 
     def iota(shape, dim):
@@ -138,13 +139,15 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
     def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
              q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
              tile_bar):
-        r = lax.axis_index("r")
+        r, sp = lax.axis_index("r"), lax.axis_index("s")
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(n_bar)
         n = n_smem[0]
-        steps = jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK)
+        lo = sp * per_split  # this program's steps [lo, hi)
+        hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
+        steps = jnp.maximum(hi - lo, 0)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
 
@@ -225,15 +228,15 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
             plgpu.copy_gmem_to_smem(vn_gmem.at[r, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vt_gmem.at[r, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
 
-        for i in range(min(stages, tokens // KEY_BLOCK)):
-            pl.when(i < steps)(functools.partial(fetch, i, i))
+        for i in range(min(stages, per_split)):
+            pl.when(i < steps)(functools.partial(fetch, lo + i, i))
 
-        def loop(i, carry):
+        def loop(i, carry):  # i: the step within this split
             slot = lax.rem(i, stages)
             with jax.named_scope("tma_wait"):
                 plgpu.barrier_wait(tile_bar.at[slot])
-            carry = step(i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
-            pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
+            carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
+            pl.when(i + stages < steps)(lambda: fetch(lo + i + stages, slot))
             return carry
 
         zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
@@ -248,13 +251,13 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
         ml_smem.at[0][...] = jnp.sum(jnp.where(vcol == 0, m, 0.0), axis=1)  # m down the row
         ml_smem.at[1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r])
-        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r])
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r, sp])
+        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r, sp])
         plgpu.wait_smem_to_gmem(0)
 
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((rows, D), f32), jax.ShapeDtypeStruct((rows, 2, D), f32)),
+        out_type=(jax.ShapeDtypeStruct((rows, splits, D), f32), jax.ShapeDtypeStruct((rows, splits, 2, D), f32)),
         scratch_types=[plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
                        plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((KEY_BLOCK, N), bf16, transforms=b_op),
                        plgpu.SMEM((D,), f32), plgpu.SMEM((2, D), f32), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
@@ -263,24 +266,39 @@ def _build(rows: int, tokens: int, stages: int, group: int = 2, key_const: str =
                        plgpu.SMEM((stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
-        grid=(rows,), grid_names=("r",),
+        grid=(rows, splits), grid_names=("r", "s"),
         compiler_params=plgpu.CompilerParams(**({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
 
 
-def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, **options):
+def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
+    """Sequence splits so that rows x splits fills the GPU (two programs on each of an H200's
+    132 streaming multiprocessors, twice over), at least one 256-token step a split."""
+    return max(1, min(tokens // KEY_BLOCK, -(-programs // rows)))
+
+
+def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, splits: int | None = None, **options):
     """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
 
     q [R, D] (softmax scale applied); lengths [R] int32; kn, kt, vn, vt from :func:`repack`.
-    -> (o [R, D] float32 unnormalized, m [R], l [R])."""
+    splits: sequence splits (programs a row; default :func:`default_splits`), combined here.
+    -> (o [R, D] float32 unnormalized, m [R], l [R]); a row with n = 0 gives l = 0."""
     rows, tokens = kn.shape[:2]
     if q.shape != (rows, D):
         raise ValueError(f"q must be [R={rows}, D={D}]; got {q.shape}")
     if tokens % KEY_BLOCK:
         raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
+    if lengths.shape != (rows,):
+        raise ValueError(f"lengths must be [R={rows}]; got {lengths.shape}")
+    splits = default_splits(rows, tokens) if splits is None else splits
+    if not 1 <= splits <= tokens // KEY_BLOCK:
+        raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
     qb = jnp.broadcast_to(q.astype(jnp.bfloat16)[:, :, None], (rows, D, N))
     n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
-    o, ml = _build(rows, tokens, stages, **options)(qb, n32, kn, kt, vn, vt)
-    return o, ml[:, 0, 0], ml[:, 1, 0]
+    o, ml = _build(rows, tokens, stages, splits, **options)(qb, n32, kn, kt, vn, vt)
+    m, l = ml[:, :, 0, 0], ml[:, :, 1, 0]  # [R, S]
+    top = jnp.max(m, axis=1)
+    w = jnp.exp(m - top[:, None])
+    return jnp.einsum("rs,rsd->rd", w, o), top, jnp.sum(w * l, axis=1)
 
 
 def kernel_model(q, lengths, kn, kt, vn, vt):
