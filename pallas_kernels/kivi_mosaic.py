@@ -295,7 +295,12 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, splits: int | 
     qb = jnp.broadcast_to(q.astype(jnp.bfloat16)[:, :, None], (rows, D, N))
     n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
     o, ml = _build(rows, tokens, stages, splits, **options)(qb, n32, kn, kt, vn, vt)
-    m, l = ml[:, :, 0, 0], ml[:, :, 1, 0]  # [R, S]
+    return combine_splits(o, ml[:, :, 0, 0], ml[:, :, 1, 0])
+
+
+def combine_splits(o, m, l):
+    """Partials of S sequence splits (o [R, S, D], m, l [R, S]; an empty split has m = -1e30,
+    l = 0) -> one partial (o [R, D], m [R], l [R])."""
     top = jnp.max(m, axis=1)
     w = jnp.exp(m - top[:, None])
     return jnp.einsum("rs,rsd->rd", w, o), top, jnp.sum(w * l, axis=1)

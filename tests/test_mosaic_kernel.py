@@ -1,0 +1,129 @@
+"""The Mosaic GPU bulk kernel (pallas_kernels/kivi_mosaic.py) on a machine without a GPU.
+
+Mosaic GPU's interpret mode does not run the kernel (its loads from tiled, swizzled shared
+memory fail there), so CI checks what can be checked off the GPU: the layout against its
+definition, the kernel's arithmetic step by step (``kernel_model``, float64) against
+dequantize-then-attend on fresh random data and on a prefilled cache, the split combine, bad
+arguments, and that the kernel lowers for CUDA (Mosaic's layout inference runs at lowering).
+The compiled numbers: benchmarks/mosaic_attention.py on the GPU (results/mosaic-attention-*).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax as kj
+from benchmarks.mosaic_attention import errors, from_cache, random_inputs
+from pallas_kernels import kivi_mosaic as km
+
+D = km.D
+
+
+def _float32(xs):
+    return [x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in xs]
+
+
+def test_repack_layout_matches_its_definition():
+    rows, t = 2, 512
+    kc, ks, kmin, vc, vs, vm = (np.asarray(x, np.float64) if x.dtype != jnp.int32 else np.asarray(x)
+                                for x in _float32(random_inputs(rows, t, key=1)))
+    kn, kt, vn, vt = (np.asarray(x.astype(jnp.int32) if x.dtype == jnp.int4 else x, np.float64 if x.dtype != jnp.int4
+                                 else np.int64) for x in km.repack(*_float32(random_inputs(rows, t, key=1))))
+    nib = lambda lo, hi: (lo | (hi << 2)) - 16 * ((lo | (hi << 2)) >= 8)  # noqa: E731 - as signed int4
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        r, tok, j, c = rng.integers(rows), rng.integers(t), rng.integers(D // 2), rng.integers(D)
+        assert kn[r, tok, j] == nib(kc[r, tok, j], kc[r, tok, D // 2 + j])
+        i, u = divmod(tok, 64)
+        if u < 32:
+            assert vn[r, i, c, u] == nib(vc[r, tok, c], vc[r, tok + 32, c])
+        g = tok // 32
+        s_fold, m_fold = (ks[r, g, c] / 4, kmin[r, g, c] + 2 * ks[r, g, c]) if c >= 64 else (ks[r, g, c], kmin[r, g, c])
+        assert kt[r, g // 8, c, g % 8] == pytest.approx(s_fold, rel=1e-6)
+        assert kt[r, g // 8, c, 8 + g % 8] == pytest.approx(m_fold, rel=1e-6)
+        cg = c // 32
+        high = tok % 64 >= 32
+        e, u2 = divmod(tok % 128, 64)
+        want_s = vs[r, tok, cg] / 4 if high else vs[r, tok, cg]
+        want_m = vm[r, tok, cg] + 2 * vs[r, tok, cg] if high else vm[r, tok, cg]
+        assert vt[r, tok // 128, u2, 8 * e + cg] == pytest.approx(want_s, rel=1e-6)
+        assert vt[r, tok // 128, u2, 8 * e + 4 + cg] == pytest.approx(want_m, rel=1e-6)
+
+
+def test_kernel_arithmetic_matches_dequantize_then_attend():
+    """Every row length class: one token, inside a chunk, chunk and block edges, full."""
+    rows, t = 8, 512
+    plain = _float32(random_inputs(rows, t, key=2))
+    lengths = jnp.asarray([1, 33, 64, 255, 256, 300, 511, 512], jnp.int32)
+    q = (jax.random.normal(jax.random.key(3), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    err = errors(km.kernel_model(q, lengths, *km.repack(*plain)), km.reference(q, lengths, *plain))
+    assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
+
+
+def test_kernel_arithmetic_on_a_prefilled_cache():
+    """The kernel's arithmetic over a real KIVI-2 cache's quantized tokens equals attention over
+    the cache's own dequantized keys and values (materialize), on a ragged batch."""
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=128)
+    b, h, t = 2, 2, 400
+    k = jax.random.normal(jax.random.key(0), (b, h, t, D)) * (1 + 4 * jax.random.bernoulli(jax.random.key(2), 0.1, (D,)))
+    v = jax.random.normal(jax.random.key(1), (b, h, t, D))
+    cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=h, head_dim=D, max_length=512, dtype=jnp.float32)
+    cache = cache.prefill(k, v, lengths=jnp.array([400, 333]))
+    n = jnp.repeat(cache.num_quantized_values, h)
+    q = (jax.random.normal(jax.random.key(3), (b * h, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    o, m, l = km.kernel_model(q, n, *km.repack(*from_cache(cache)))
+    k_hat, v_hat = (np.asarray(x, np.float64).reshape(b * h, -1, D) for x in cache.materialize())
+    qf = np.asarray(q, np.float64)
+    for r in range(b * h):
+        s = k_hat[r, :n[r]] @ qf[r]
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(o[r] / l[r], p @ v_hat[r, :n[r]] / p.sum(), rtol=1e-5, atol=1e-5)
+    assert np.asarray(n).tolist() == [272, 272, 205, 205]
+
+
+def test_combine_splits_equals_one_pass():
+    rows, t, d = 3, 96, 8
+    rng = np.random.default_rng(4)
+    s, v = rng.normal(size=(rows, t)) * 3, rng.normal(size=(rows, t, d))
+    parts = []
+    for lo, hi in ((0, 40), (40, 41), (41, 96)):
+        m = s[:, lo:hi].max(1)
+        p = np.exp(s[:, lo:hi] - m[:, None])
+        parts.append((np.einsum("rt,rtd->rd", p, v[:, lo:hi]), m, p.sum(1)))
+    parts.append((np.zeros((rows, d)), np.full(rows, -1e30), np.zeros(rows)))  # an empty split
+    o, m, l = km.combine_splits(*(jnp.asarray(np.stack(x, 1)) for x in zip(*parts)))
+    p = np.exp(s - s.max(1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(o) / np.asarray(l)[:, None],
+                               np.einsum("rt,rtd->rd", p, v) / p.sum(1)[:, None], rtol=1e-5)
+
+
+def _abstract(rows, t):
+    S = jax.ShapeDtypeStruct
+    return (S((rows, D), jnp.bfloat16), S((rows,), jnp.int32), S((rows, t, D // 2), jnp.int4),
+            S((rows, t // 256, D, 16), jnp.bfloat16), S((rows, t // 64, D, 32), jnp.int4),
+            S((rows, t // 128, 64, 16), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("options", [{}, {"splits": 3}, {"key_const": "ones", "group": 1}, {"stages": 3}])
+def test_kernel_lowers_for_cuda(options):
+    """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
+    operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(6, 1024)).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_bad_arguments_are_named():
+    q, n, kn, kt, vn, vt = (jnp.zeros(x.shape, x.dtype) for x in _abstract(2, 512))
+    with pytest.raises(ValueError, match=r"q must be \[R=2, D=128\]"):
+        km.bulk_partials(q[:1], n, kn, kt, vn, vt)
+    with pytest.raises(ValueError, match=r"lengths must be \[R=2\]"):
+        km.bulk_partials(q, n[:1], kn, kt, vn, vt)
+    with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, splits=3)
+    with pytest.raises(ValueError, match="tokens=320 must be a multiple of 256"):
+        km.bulk_partials(q, n, kn[:, :320], kt, vn, vt)
+    codes = jnp.zeros((1, 300, D), jnp.int32)
+    with pytest.raises(ValueError, match="T a multiple of 256"):
+        km.repack(codes, None, None, codes, None, None)
