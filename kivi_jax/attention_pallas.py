@@ -181,8 +181,14 @@ DEFAULT_VARIANT = "swap"
 # bulk ("first"), a split of its own ("own"), or a launch of its own ("launch": the bulk's launch
 # then has no ring code, 128 registers instead of 167 offline, 4 programs an SM instead of 3;
 # the ring's launch walks only the ring)
-RING_PROGRAMS = kivi_decode.RING_SPLITS + ("launch",)
-DEFAULT_RING_PROGRAM = "first"
+# "auto": "launch" from LAUNCH_RING_FROM tokens of capacity, else "first". Measured on the H200
+# (decode-attention-quick-launch-2026-12-01, decode-step-ab-launch): at B=64, T=4096 "launch" took
+# 1.138 / 0.303 ms vs 1.279 / 0.340 (32 / 8 KV heads), mixed lengths 1.125 vs 1.247; at the
+# paper's setting (capacity 512) the 32-layer step 10.40 vs 10.20 ms and B=96 T=256 0.150 vs
+# 0.142 (its extra launch costs more than the registers save). Between 512 and 4096: untimed.
+RING_PROGRAMS = kivi_decode.RING_SPLITS + ("launch", "auto")
+DEFAULT_RING_PROGRAM = "auto"
+LAUNCH_RING_FROM = 4096
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
@@ -322,6 +328,8 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
     ring, ring_len = _ring(cache, stack, layer, chunk)
+    if ring_program == "auto":
+        ring_program = "launch" if cache.capacity >= LAUNCH_RING_FROM else "first"
     kernel = functools.partial(
         kivi_decode.kivi_decode_partials, qp, *arrays, layer=layer, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, variant=variant, interpret=interpret,

@@ -6,6 +6,8 @@ real), keys with outlier channels, odd and ragged lengths, GQA 1/4/8, 2 and 4 bi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -210,6 +212,22 @@ def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program):
 
     assert len(calls) == (2 if ring_program == "launch" else 1) and has_k_res(calls[-1])
     assert has_k_res(calls[0]) == (ring_program != "launch")
+
+
+@pytest.mark.parametrize("launch_from,launches", [(512, 2), (513, 1)])
+def test_auto_ring_program_by_capacity(monkeypatch, launch_from, launches):
+    """ring_program="auto" (the default): the ring in a launch of its own from LAUNCH_RING_FROM
+    tokens of capacity (measured faster at 4096), in the bulk's launch below; same numbers."""
+    monkeypatch.setattr(attention_pallas, "LAUNCH_RING_FROM", launch_from)
+    cfg = kj.KIVIConfig(group_size=32, residual_length=32)
+    cache = _cache(cfg, [300, 77, 190], 2, 64, jnp.float32, 25)
+    assert cache.capacity == 512
+    q = jax.random.normal(jax.random.key(26), (3, 8, 1, 64), jnp.float32)
+    run = functools.partial(attention_pallas.decode_attention, interpret=True)
+    assert attention_pallas.DEFAULT_RING_PROGRAM == "auto"
+    assert _rel(run(q, cache), kj.decode_attention(q, cache, impl="reference")) <= 1e-5
+    calls = [e for e in jaxpr_walk.eqns(jax.make_jaxpr(run)(q, cache).jaxpr) if e.primitive.name == "pallas_call"]
+    assert len(calls) == launches
 
 
 def test_ring_in_the_kernel_only_where_supported():
