@@ -27,12 +27,13 @@ from kivi_jax import packing
 from pallas_kernels import kivi_mosaic as km
 
 D = km.D
-# the kernel at each --stages, the key constant from an all-ones wgmma (and with one chunk a
-# wgmma group), then the tile stream alone (an ablation: wrong numbers). Chunks a wgmma group
-# 1 / 2 / 4: mosaic-attention-run4-2026-12-01; several rows' warpgroups a CTA (slower, and
-# wrong numbers: a race not chased): -run5; per-chunk steps: -run2.
-VARIANTS = [("default", {}), ("key_const_ones", dict(key_const="ones")),
-            ("key_const_ones_group1", dict(key_const="ones", group=1)), ("stream_only", dict(compute=False))]
+# the kernel at each --stages, then the tile stream alone (an ablation: wrong numbers). Earlier:
+# chunks a wgmma group 1 / 2 / 4 (mosaic-attention-run4-2026-12-01), several rows' warpgroups a
+# CTA (slower, and a race: -run5), per-chunk steps (-run2), the key constant from an all-ones
+# wgmma (-run6, -run8: within noise of the column sum, less exact; removed).
+VARIANTS = [("default", {}), ("stream_only", dict(compute=False))]
+# GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two
+GQA_VARIANTS = [("default", {}), ("group2", dict(group=2))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -51,17 +52,17 @@ def random_inputs(rows, tokens, key=0):
 def errors(got, want):
     """Normalized outputs o / l and m against the reference; l compared at the reference's m."""
     (o, m, l), (ro, rm, rl) = [tuple(np.asarray(x, np.float64) for x in t) for t in (got, want)]
-    out, ref = o / l[:, None], ro / rl[:, None]
+    out, ref = o / l[..., None], ro / rl[..., None]
     return {"out_rel_err": float(np.abs(out - ref).max() / np.abs(ref).max()),
             "m_abs_err": float(np.abs(m - rm).max()),
             "l_rel_err": float(np.abs(l * np.exp(m - rm) - rl).max() / np.abs(rl).max())}
 
 
-def check(rows=64, tokens=1024, stages=2, **options):
+def check(rows=64, tokens=1024, stages=2, heads=1, **options):
     plain = random_inputs(rows, tokens)
     lengths = jnp.asarray(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1, tokens],
                                     rows), jnp.int32)
-    q = (jax.random.normal(jax.random.key(9), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = (jax.random.normal(jax.random.key(9), (rows,) + (heads,) * (heads > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
     got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, **options))(q, lengths, *plain)
     return errors(got, km.reference(q, lengths, *plain))
 
@@ -125,33 +126,74 @@ def random_packed(rows, tokens, key=5):
             jax.random.uniform(ks[3], (rows, tokens // km.VALUE_BLOCK, km.CHUNK, km.N), jnp.bfloat16, 0.01, 0.3))
 
 
-def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), heads=32, dense_max_bytes=48 << 30):
-    """The issue's grid (MHA, 2-bit): the Mosaic bulk kernel (default splits) next to dense bf16
-    XLA attention over the same T, on random words."""
+def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), heads=((32, 32), (32, 8)),
+          dense_max_bytes=48 << 30):
+    """The issue's grid (2-bit; Hq = 32 with 32 and 8 KV heads): the Mosaic bulk kernel (default
+    splits) next to dense bf16 XLA attention over the same T, on random words."""
     rows = []
-    for b in batches:
-        for t in lengths:
-            r = b * heads
-            dense_bytes = 2 * r * t * D * 2
-            dense_ms = None
-            if dense_bytes <= dense_max_bytes:
-                kd = jax.random.normal(jax.random.key(2), (b, heads, t, D), jnp.bfloat16)
-                q4 = jax.random.normal(jax.random.key(1), (b, heads, 1, D)).astype(jnp.bfloat16)
-                dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
-                del kd
-                rows.append({"B": b, "T": t, "Hq": heads, "Hkv": heads, "D": D, "bits": 16, "impl": "dense_bf16_xla",
-                             "median_ms": dense_ms, "bytes": dense_bytes, "tbps": dense_bytes / dense_ms / 1e9,
-                             "frac_of_hbm_copy": dense_bytes / dense_ms / 1e9 / hbm, "ratio_to_dense": 1.0})
-            packed = random_packed(r, t)
-            nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
-            q = (jax.random.normal(jax.random.key(3), (r, D)) / np.sqrt(D)).astype(jnp.bfloat16)
-            ms = common.time_fn(jax.jit(km.bulk_partials), q, jnp.full((r,), t, jnp.int32), *packed)
-            del packed
-            rows.append({"B": b, "T": t, "Hq": heads, "Hkv": heads, "D": D, "bits": 2, "impl": "mosaic_bulk",
-                         "splits": km.default_splits(r, t), "median_ms": ms, "bytes": nbytes, "tbps": nbytes / ms / 1e9,
-                         "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
-                         "ratio_to_dense": ms / dense_ms if dense_ms else None})
-            print(rows[-1], flush=True)
+    for hq, hkv in heads:
+        g = hq // hkv
+        for b in batches:
+            for t in lengths:
+                r = b * hkv
+                dense_bytes = 2 * r * t * D * 2
+                dense_ms = None
+                if dense_bytes <= dense_max_bytes:
+                    kd = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
+                    q4 = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+                    dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
+                    del kd
+                    rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": 16, "impl": "dense_bf16_xla",
+                                 "median_ms": dense_ms, "bytes": dense_bytes, "tbps": dense_bytes / dense_ms / 1e9,
+                                 "frac_of_hbm_copy": dense_bytes / dense_ms / 1e9 / hbm, "ratio_to_dense": 1.0})
+                packed = random_packed(r, t)
+                nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+                q = (jax.random.normal(jax.random.key(3), (r,) + (g,) * (g > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
+                ms = common.time_fn(jax.jit(km.bulk_partials), q, jnp.full((r,), t, jnp.int32), *packed)
+                del packed
+                rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": 2, "impl": "mosaic_bulk",
+                             "splits": km.default_splits(r, t), "median_ms": ms, "bytes": nbytes,
+                             "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
+                             "ratio_to_dense": ms / dense_ms if dense_ms else None})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def target(b, t, hq, hkv, variants, stages, hbm):
+    """One shape from one random KIVICache: dense bf16, the Triton kernel (breakdown), the
+    Mosaic kernel's variants on a repacked copy (first rows checked against NumPy), rows of
+    mixed lengths."""
+    g = hq // hkv
+    q4 = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+    kd = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
+    dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
+    del kd
+    rows = [{"B": b, "T": t, "Hkv": hkv, "impl": "dense_bf16_xla", "median_ms": dense_ms, "bytes": 2 * b * hkv * t * D * 2}]
+    rows += [{"Hkv": hkv, **{k: r[k] for k in ("B", "T", "impl", "median_ms")}} for r in breakdown(b, t, hq, hkv)]
+    cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)
+    plain = from_cache(cache)
+    packed = jax.jit(km.repack)(*plain)
+    nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+    lengths = jnp.repeat(cache.num_quantized_values, hkv)
+    q = (jax.random.normal(jax.random.key(3), (b * hkv,) + (g,) * (g > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
+    named = [(f"{name}_stages{s}", {**opts, "stages": s}) for name, opts in variants[:1]
+             for s in map(int, stages.split(","))] + variants[1:]
+    for name, opts in named:
+        fn = jax.jit(lambda q, n, *x, o=opts: km.bulk_partials(q, n, *x, **o))
+        ms = common.time_fn(fn, q, lengths, *packed)
+        sub = slice(0, 4)
+        err = errors([x[sub] for x in fn(q, lengths, *packed)],
+                     km.reference(q[sub], lengths[sub], *[x[sub] for x in plain]))
+        rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}", "median_ms": ms, "bytes": nbytes,
+                     "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
+                     "ratio_to_dense": ms / dense_ms, **err})
+        print(rows[-1], flush=True)
+    # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)
+    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)
+    ms = common.time_fn(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x)), q, mixed, *packed)
+    rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_bulk_default_mixed_lengths", "median_ms": ms,
+                 "ratio_to_dense": ms / dense_ms})
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -166,8 +208,8 @@ def main(argv=None):
     if a.sweep:
         hbm = common.hbm_copy_tbps()
         rows = sweep(hbm)
-        cols = ["B", "T", "impl", "splits", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
-        table = (f"Mosaic GPU bulk kernel (2-bit, MHA, quantized tokens only) vs dense bf16, {env['device']}, "
+        cols = ["B", "T", "Hkv", "impl", "splits", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
+        table = (f"Mosaic GPU bulk kernel (2-bit, Hq=32, quantized tokens only) vs dense bf16, {env['device']}, "
                  f"jax {env['jax_version']}, commit {env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
         print(table)
         common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
@@ -179,40 +221,13 @@ def main(argv=None):
         return
     hbm = common.hbm_copy_tbps()
     rows = []
-    for name, opts in VARIANTS[:2] + [("splits1", dict(splits=1))]:
+    for name, opts in [("default", {}), ("splits1", dict(splits=1)), ("gqa2", dict(heads=2)), ("gqa4", dict(heads=4)),
+                       ("gqa4_group2", dict(heads=4, group=2))]:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
-    b, t, hq, hkv = 64, 4096, 32, 32
-    q4 = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
-    kd = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
-    dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
-    del kd
-    rows.append({"B": b, "T": t, "impl": "dense_bf16_xla", "median_ms": dense_ms, "bytes": 2 * b * hkv * t * D * 2})
-    rows += [{k: r[k] for k in ("B", "T", "impl", "median_ms")} for r in breakdown(b, t, hq, hkv)]
-    cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)
-    plain = from_cache(cache)
-    packed = jax.jit(km.repack)(*plain)
-    nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
-    lengths = jnp.repeat(cache.num_quantized_values, hkv)
-    q = (jax.random.normal(jax.random.key(3), (b * hkv, D)) / np.sqrt(D)).astype(jnp.bfloat16)
-    variants = [(f"{name}_stages{s}", {**opts, "stages": s}) for name, opts in VARIANTS[:1]
-                for s in map(int, a.stages.split(","))] + VARIANTS[1:]
-    for name, opts in variants:
-        fn = jax.jit(lambda q, n, *x, o=opts: km.bulk_partials(q, n, *x, **o))
-        ms = common.time_fn(fn, q, lengths, *packed)
-        sub = slice(0, 4)
-        err = errors([x[sub] for x in fn(q, lengths, *packed)],
-                     km.reference(q[sub], lengths[sub], *[x[sub] for x in plain]))
-        rows.append({"B": b, "T": t, "impl": f"mosaic_bulk_{name}", "median_ms": ms, "bytes": nbytes,
-                     "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
-                     "ratio_to_dense": ms / dense_ms, **err})
-        print(rows[-1], flush=True)
-    # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)
-    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)
-    ms = common.time_fn(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x)), q, mixed, *packed)
-    rows.append({"B": b, "T": t, "impl": "mosaic_bulk_default_mixed_lengths", "median_ms": ms, "ratio_to_dense": ms / dense_ms})
-    print(rows[-1], flush=True)
-    cols = ["B", "T", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense", "out_rel_err",
+    for hkv, variants in ((32, VARIANTS), (8, GQA_VARIANTS)):
+        rows += target(64, 4096, 32, hkv, variants, a.stages, hbm)
+    cols = ["B", "T", "Hkv", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense", "out_rel_err",
             "m_abs_err", "l_rel_err"]
     table = (f"Mosaic GPU bulk kernel vs Triton, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "
              f"HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))

@@ -85,8 +85,10 @@ def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
 
 def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
     """float64 NumPy: the partials the kernel returns, from the plain codes and scales (as
-    :func:`repack` takes them) by dequantize-then-attend. q [R, D] (already scaled);
-    -> (o [R, D] unnormalized, m [R], l [R])."""
+    :func:`repack` takes them) by dequantize-then-attend. q [R, (G,) D] (already scaled);
+    -> (o [R, (G,) D] unnormalized, m [R, (G)], l [R, (G)])."""
+    if np.ndim(q) == 3:
+        return _per_query_row(reference, q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min)
     q = np.asarray(q, np.float64)
     kc, vc = np.asarray(k_codes, np.float64), np.asarray(v_codes, np.float64)
     k = kc * np.repeat(np.asarray(k_scale, np.float64), GROUP, 1) + np.repeat(np.asarray(k_min, np.float64), GROUP, 1)
@@ -112,16 +114,19 @@ def _codes_operand(ref, high: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _build(rows: int, tokens: int, stages: int, splits: int = 1, group: int = 2, key_const: str = "sum",
+def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            compute: bool = True, profile_dir: str = ""):
-    """The kernel for R rows of T tokens: one CTA (one warpgroup) a row. A pipeline step is one
-    key block (256 tokens, four 64-token chunks): Bk = q ∘ [s' | m'] is built once a step; the
-    chunks' key products issue ``group`` chunks to a wgmma group (their register A operands
-    live until its wait; 4 spilled at 255 registers); q · m' (the key constant) is Bk's column
-    sum across the warpgroup (``key_const="sum"``) or an all-ones wgmma (``"ones"``); one max
-    across the warpgroup a step; then the value products likewise. A row runs ceil(n / 256)
-    steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps. compute=False (an ablation) only streams the tiles. profile_dir: Mosaic's profiler
-    writes a trace of the step's named phases there (benchmarks/mosaic_attention.py --profile)."""
+    """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
+    warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
+    query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
+    online softmax; the codes' register operands are built once and shared by the G rows' wgmmas.
+    The key products issue ``group`` chunks to a wgmma group (default 2 for one row, 1 for more:
+    their register A operands live until its wait); q_h · m' (the key constant) is Bk_h's column
+    sum across the warpgroup; one max across the warpgroup a step and row; then the value
+    products likewise. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
+    ceil(T / 256 / splits) steps. compute=False (an ablation) only streams the tiles.
+    profile_dir: Mosaic's profiler writes a trace of the step's named phases there
+    (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tiles, swizzle = plgpu.TilingTransform, plgpu.SwizzleTransform
@@ -132,6 +137,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, group: int = 2,
     chunks = KEY_BLOCK // CHUNK  # 4 a step
     per_split = -(-tokens // KEY_BLOCK // splits)
     half = CHUNK // 2
+    group = group or (2 if heads == 1 else 1)
+    hs = range(heads)
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
@@ -154,71 +161,74 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, group: int = 2,
         def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry):
             if not compute:
                 return carry
-            m, o1, mc2 = carry  # mc2 [64, 16]: per-row sums (p m' and p), reduced once at the end
             with jax.named_scope("bk"):
-                qb = plgpu.load(q_smem, (), layout=wg).astype(f32)  # [128, 16]: q down every column (not kept: registers)
-                x = qb * plgpu.load(kt_ref, (), layout=wg).astype(f32)  # q ∘ s' | q ∘ m'  [128, 16]
-                bk_smem[...] = x.astype(bf16)
+                kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s' | m'  [128, 16]
+                x = []  # q_h ∘ s' | q_h ∘ m' [128, 16]; q_h down every column (reloaded: registers)
+                for h in hs:
+                    x.append(plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt)
+                    bk_smem.at[h][...] = x[h].astype(bf16)
                 plgpu.commit_smem()
 
-            def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group (and ones · Bk)
-                for u, acc in enumerate(accs[:group], first):
+            def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
+                for i, u in enumerate(range(first, first + group)):
                     codes = kn_ref.at[pl.ds(u * CHUNK, CHUNK)]
-                    plgpu.wgmma(acc, _codes_operand(codes, False), bk_smem.at[pl.ds(0, D // 2)])
-                    plgpu.wgmma(acc, _codes_operand(codes, True), bk_smem.at[pl.ds(D // 2, D // 2)])
-                if len(accs) > group:
-                    plgpu.wgmma(accs[group], (iota((CHUNK, D), 0) * 0 + 1).astype(bf16), bk_smem)
+                    a_lo, a_hi = _codes_operand(codes, False), _codes_operand(codes, True)
+                    for h in hs:
+                        plgpu.wgmma(accs[i * heads + h], a_lo, bk_smem.at[h, pl.ds(0, D // 2)])
+                        plgpu.wgmma(accs[i * heads + h], a_hi, bk_smem.at[h, pl.ds(D // 2, D // 2)])
                 plgpu.wgmma_wait(0)
                 return [a[...] for a in accs]
 
-            acc = []
+            acc = []  # [chunk * heads + h]
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
-                    ones = key_const == "ones" and first == 0
-                    acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group + ones))
-                    if ones:
-                        c = acc.pop()  # Bk's column sums, every row
-            if key_const == "sum":
-                with jax.named_scope("key_const"):
-                    c = lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,))  # q · m'_g down every row
-            return softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2)
+                    acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group * heads))
+            with jax.named_scope("key_const"):
+                c = [lax.broadcast_in_dim(jnp.sum(x[h], axis=0), (CHUNK, N), (1,)) for h in hs]  # q_h · m'_g, every row
+            return softmax_and_values(j, acc, c, vn_ref, vt_ref, *carry)
 
         @jax.named_scope("softmax")
         def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
-            s = []
-            for u in range(chunks):
-                g = 2 * u + row // GROUP  # the row's key group in the block
-                s.append(jnp.sum(jnp.where(col == g, acc[u], 0.0) + jnp.where(col == g + 8, c, 0.0)
-                                 + jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0),
-                                 axis=1))  # [64] scores
-            top = s[0]
-            for su in s[1:]:
-                top = jnp.maximum(top, su)
-            with jax.named_scope("max"):
-                m_new = jnp.maximum(m, jnp.max(top))  # the one reduction across the warpgroup a step
-            alpha = jnp.exp(m - m_new)
-            mc2 = mc2 * alpha
+            m, o1, mc2 = list(m), list(o1), list(mc2)  # each a tuple over the query rows
+            alpha = []
             with jax.named_scope("bv"):
-                for u in range(chunks):
-                    pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
-                    vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
-                    y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
-                    bv_smem.at[pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
-                    mc2 = mc2 + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
+                for h in hs:
+                    s = []
+                    for u in range(chunks):
+                        g = 2 * u + row // GROUP  # the row's key group in the block
+                        s.append(jnp.sum(jnp.where(col == g, acc[u * heads + h], 0.0) + jnp.where(col == g + 8, c[h], 0.0)
+                                         + jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0),
+                                         axis=1))  # [64] scores
+                    top = s[0]
+                    for su in s[1:]:
+                        top = jnp.maximum(top, su)
+                    m_new = jnp.maximum(m[h], jnp.max(top))  # the one reduction across the warpgroup a step
+                    alpha.append(jnp.exp(m[h] - m_new))
+                    m[h] = m_new
+                    mc2[h] = mc2[h] * alpha[h]
+                    for u in range(chunks):
+                        pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
+                        vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
+                        y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
+                        bv_smem.at[h, pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
+                        mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
                 plgpu.commit_smem()
 
-            def values(first, acc):
+            def values(first, *accs):
                 for u in range(first, first + group):
-                    plgpu.wgmma(acc, _codes_operand(vn_ref.at[u], False), bv_smem.at[pl.ds(u * CHUNK, half)])
-                    plgpu.wgmma(acc, _codes_operand(vn_ref.at[u], True), bv_smem.at[pl.ds(u * CHUNK + half, half)])
+                    a_lo, a_hi = _codes_operand(vn_ref.at[u], False), _codes_operand(vn_ref.at[u], True)
+                    for h in hs:
+                        plgpu.wgmma(accs[h], a_lo, bv_smem.at[h, pl.ds(u * CHUNK, half)])
+                        plgpu.wgmma(accs[h], a_hi, bv_smem.at[h, pl.ds(u * CHUNK + half, half)])
                 plgpu.wgmma_wait(0)
-                return acc[...]
+                return [a[...] for a in accs]
 
-            o1 = o1 * alpha
+            o1 = [o1[h] * alpha[h] for h in hs]
             with jax.named_scope("values"):
                 for first in range(0, chunks, group):
-                    o1 = o1 + pl.run_scoped(functools.partial(values, first), plgpu.ACC((D, N), f32))
-            return m_new, o1, mc2
+                    part = pl.run_scoped(functools.partial(values, first), *[plgpu.ACC((D, N), f32)] * heads)
+                    o1 = [o1[h] + part[h] for h in hs]
+            return tuple(m), tuple(o1), tuple(mc2)
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
@@ -242,14 +252,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, group: int = 2,
         zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
-        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((n * 0).astype(f32) - 1e30, zeros, zeros_c))
-        mc = lax.broadcast_in_dim(jnp.sum(mc2, axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
-        l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2, 0.0), axis=1))
+        m0 = (n * 0).astype(f32) - 1e30
+        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * heads, (zeros_c,) * heads))
         g = vrow // GROUP
-        o_smem[...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1, 0.0)
-                              + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
-        ml_smem.at[0][...] = jnp.sum(jnp.where(vcol == 0, m, 0.0), axis=1)  # m down the row
-        ml_smem.at[1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
+        for h in hs:
+            mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
+            l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
+            o_smem.at[h][...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1[h], 0.0)
+                                        + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
+            ml_smem.at[h, 0][...] = jnp.sum(jnp.where(vcol == 0, m[h], 0.0), axis=1)  # m down the row
+            ml_smem.at[h, 1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r, sp])
         plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r, sp])
@@ -257,10 +269,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, group: int = 2,
 
     return plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((rows, splits, D), f32), jax.ShapeDtypeStruct((rows, splits, 2, D), f32)),
-        scratch_types=[plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
-                       plgpu.SMEM((D, N), bf16, transforms=b_op), plgpu.SMEM((KEY_BLOCK, N), bf16, transforms=b_op),
-                       plgpu.SMEM((D,), f32), plgpu.SMEM((2, D), f32), plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
+        out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
+                  jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
+        scratch_types=[plgpu.SMEM((heads, D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
+                       plgpu.SMEM((heads, D, N), bf16, transforms=b_op),
+                       plgpu.SMEM((heads, KEY_BLOCK, N), bf16, transforms=b_op),
+                       plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
+                       plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                        plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op),
                        plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
                        plgpu.SMEM((stages, chunks, D, half), jnp.int4),
@@ -276,15 +291,20 @@ def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
     return max(1, min(tokens // KEY_BLOCK, -(-programs // rows)))
 
 
+HEADS = (1, 2, 4)  # query rows a KV head the kernel takes (more: registers; use the Triton kernel)
+
+
 def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, splits: int | None = None, **options):
     """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
 
-    q [R, D] (softmax scale applied); lengths [R] int32; kn, kt, vn, vt from :func:`repack`.
-    splits: sequence splits (programs a row; default :func:`default_splits`), combined here.
-    -> (o [R, D] float32 unnormalized, m [R], l [R]); a row with n = 0 gives l = 0."""
+    q [R, D] or [R, G, D] (G query rows a KV head, G in :data:`HEADS`; softmax scale applied);
+    lengths [R] int32; kn, kt, vn, vt from :func:`repack`. splits: sequence splits (programs a
+    row; default :func:`default_splits`), combined here.
+    -> (o [R, (G,) D] float32 unnormalized, m [R, (G)], l [R, (G)]); a row with n = 0 gives l = 0."""
     rows, tokens = kn.shape[:2]
-    if q.shape != (rows, D):
-        raise ValueError(f"q must be [R={rows}, D={D}]; got {q.shape}")
+    heads = 1 if q.ndim == 2 else q.shape[1]
+    if q.ndim not in (2, 3) or q.shape[0] != rows or q.shape[-1] != D or heads not in HEADS:
+        raise ValueError(f"q must be [R={rows}, D={D}] or [R={rows}, G, D={D}] with G in {HEADS}; got {q.shape}")
     if tokens % KEY_BLOCK:
         raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
     if lengths.shape != (rows,):
@@ -292,24 +312,28 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, splits: int | 
     splits = default_splits(rows, tokens) if splits is None else splits
     if not 1 <= splits <= tokens // KEY_BLOCK:
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
-    qb = jnp.broadcast_to(q.astype(jnp.bfloat16)[:, :, None], (rows, D, N))
+    qg = q.reshape(rows, heads, D).astype(jnp.bfloat16)
+    qb = jnp.broadcast_to(qg[..., None], (rows, heads, D, N))
     n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
-    o, ml = _build(rows, tokens, stages, splits, **options)(qb, n32, kn, kt, vn, vt)
-    return combine_splits(o, ml[:, :, 0, 0], ml[:, :, 1, 0])
+    o, ml = _build(rows, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
+    o, m, l = combine_splits(o, ml[..., 0, 0], ml[..., 1, 0])
+    return (o, m, l) if q.ndim == 3 else (o[:, 0], m[:, 0], l[:, 0])
 
 
 def combine_splits(o, m, l):
-    """Partials of S sequence splits (o [R, S, D], m, l [R, S]; an empty split has m = -1e30,
-    l = 0) -> one partial (o [R, D], m [R], l [R])."""
+    """Partials of S sequence splits (o [R, S, ..., D], m, l [R, S, ...]; an empty split has
+    m = -1e30, l = 0) -> one partial (o [R, ..., D], m [R, ...], l [R, ...])."""
     top = jnp.max(m, axis=1)
     w = jnp.exp(m - top[:, None])
-    return jnp.einsum("rs,rsd->rd", w, o), top, jnp.sum(w * l, axis=1)
+    return jnp.sum(w[..., None] * o, axis=1), top, jnp.sum(w * l, axis=1)
 
 
 def kernel_model(q, lengths, kn, kt, vn, vt):
     """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
     step (chunk products, the column selection, the online softmax): tests check it against
-    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's."""
+    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D]."""
+    if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
+        return _per_query_row(kernel_model, q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
     kn, vn = (np.asarray(x.astype(jnp.int32)) for x in (kn, vn))
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
@@ -337,3 +361,9 @@ def kernel_model(q, lengths, kn, kt, vn, vt):
         o = o1[np.arange(D), g] + o1[np.arange(D), g + 8] + mc[np.arange(D), g + 4] + mc[np.arange(D), g + 12]
         outs.append((o, m, l))
     return tuple(np.stack(x) for x in zip(*outs))
+
+
+def _per_query_row(fn, q, *args):
+    """fn over each query row q[:, h] -> its outputs stacked on axis 1."""
+    outs = [fn(np.asarray(q)[:, h], *args) for h in range(np.shape(q)[1])]
+    return tuple(np.stack(x, axis=1) for x in zip(*outs))

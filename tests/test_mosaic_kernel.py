@@ -51,12 +51,14 @@ def test_repack_layout_matches_its_definition():
         assert vt[r, tok // 128, u2, 8 * e + 4 + cg] == pytest.approx(want_m, rel=1e-6)
 
 
-def test_kernel_arithmetic_matches_dequantize_then_attend():
-    """Every row length class: one token, inside a chunk, chunk and block edges, full."""
+@pytest.mark.parametrize("heads", [1, 4])
+def test_kernel_arithmetic_matches_dequantize_then_attend(heads):
+    """Every row length class: one token, inside a chunk, chunk and block edges, full; one
+    query row a KV head and four (GQA)."""
     rows, t = 8, 512
     plain = _float32(random_inputs(rows, t, key=2))
     lengths = jnp.asarray([1, 33, 64, 255, 256, 300, 511, 512], jnp.int32)
-    q = (jax.random.normal(jax.random.key(3), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = (jax.random.normal(jax.random.key(3), (rows,) + (heads,) * (heads > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
     err = errors(km.kernel_model(q, lengths, *km.repack(*plain)), km.reference(q, lengths, *plain))
     assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
 
@@ -98,26 +100,29 @@ def test_combine_splits_equals_one_pass():
                                np.einsum("rt,rtd->rd", p, v) / p.sum(1)[:, None], rtol=1e-5)
 
 
-def _abstract(rows, t):
+def _abstract(rows, t, heads=1):
     S = jax.ShapeDtypeStruct
-    return (S((rows, D), jnp.bfloat16), S((rows,), jnp.int32), S((rows, t, D // 2), jnp.int4),
+    return (S((rows,) + (heads,) * (heads > 1) + (D,), jnp.bfloat16), S((rows,), jnp.int32), S((rows, t, D // 2), jnp.int4),
             S((rows, t // 256, D, 16), jnp.bfloat16), S((rows, t // 64, D, 32), jnp.int4),
             S((rows, t // 128, 64, 16), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("options", [{}, {"splits": 3}, {"key_const": "ones", "group": 1}, {"stages": 3}])
-def test_kernel_lowers_for_cuda(options):
+@pytest.mark.parametrize("heads,options", [(1, {}), (1, {"splits": 3}), (1, {"group": 1, "stages": 3}),
+                                           (2, {}), (4, {"splits": 2}), (4, {"group": 2})])
+def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
-    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(6, 1024)).lower(
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(6, 1024, heads)).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
 def test_bad_arguments_are_named():
     q, n, kn, kt, vn, vt = (jnp.zeros(x.shape, x.dtype) for x in _abstract(2, 512))
-    with pytest.raises(ValueError, match=r"q must be \[R=2, D=128\]"):
+    with pytest.raises(ValueError, match=r"q must be \[R=2, D=128\] or \[R=2, G, D=128\] with G in \(1, 2, 4\)"):
         km.bulk_partials(q[:1], n, kn, kt, vn, vt)
+    with pytest.raises(ValueError, match=r"got \(2, 8, 128\)"):
+        km.bulk_partials(jnp.zeros((2, 8, D), jnp.bfloat16), n, kn, kt, vn, vt)
     with pytest.raises(ValueError, match=r"lengths must be \[R=2\]"):
         km.bulk_partials(q, n[:1], kn, kt, vn, vt)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
