@@ -3,6 +3,7 @@
 from kivi_jax.attention import decode_attention, prefill_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.cache_mosaic import MosaicKIVICache
 from kivi_jax import sharding
 from kivi_jax.config import KIVIConfig, dense_bytes_per_token
 from kivi_jax.generate import GenerateOutput, StreamStep, generate, generate_stream
@@ -15,6 +16,7 @@ __all__ = [
     "StreamStep",
     "KIVICache",
     "KIVIConfig",
+    "MosaicKIVICache",
     "QuantizedArray",
     "decode_attention",
     "dense_bytes_per_token",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from kivi_jax import rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.cache_mosaic import MosaicKIVICache
 
 IMPLS = ("auto", "pallas", "reference", "xla")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
@@ -128,6 +129,8 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     _check_q(q, cache.num_kv_heads, cache.head_dim, cache.batch_size)
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 or None")
+    if isinstance(cache, MosaicKIVICache):
+        return _mosaic(q, cache, impl, window)
     if impl == "auto":
         if _on_gpu():  # the kernels, dense too: they read a layer-stacked cache in place (XLA's
             # attention in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at B=96 on
@@ -140,6 +143,23 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     from kivi_jax import attention_pallas  # the kernel path is optional at import time
 
     return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)
+
+
+def _mosaic(q, cache, impl, window):
+    """A MosaicKIVICache: the Mosaic GPU kernel (impl "pallas", or "auto" on a GPU), else the reference."""
+    if impl == "auto":
+        impl = "pallas" if _on_gpu() else "reference"
+    if impl in ("reference", "xla"):
+        return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
+    if not _on_gpu():
+        raise ValueError("impl='pallas' on a MosaicKIVICache runs the Mosaic GPU kernel, which needs a GPU (its "
+                         "interpret mode does not run it); use impl='reference' or 'auto' here")
+    if window is not None:
+        raise ValueError(f"window={window}: the Mosaic kernel path has no sliding window yet; use KIVIConfig(layout="
+                         "'tokens') or impl='reference'")
+    from kivi_jax import attention_mosaic
+
+    return attention_mosaic.decode_attention(q, cache)
 
 
 PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer

@@ -75,6 +75,9 @@ class KIVICache(cc.CacheShape):
         if not isinstance(config, KIVIConfig):
             raise TypeError(f"config must be a KIVIConfig; got {type(config).__name__}")
         config.check_head_dim(head_dim)
+        if config.layout != "tokens":
+            raise ValueError(f"KIVICache stores layout='tokens'; got layout={config.layout!r} "
+                             "(kivi_jax.MosaicKIVICache stores 'mosaic')")
         if max_length < 1:
             raise ValueError(f"max_length={max_length} must be >= 1")
         if config.sink_tokens >= max_length:

@@ -10,6 +10,9 @@ from kivi_jax import packing
 from kivi_jax.rotation import ROTATE_CHOICES, check_head_dim as _check_rotation_dim
 
 
+LAYOUTS = ("tokens", "mosaic")
+
+
 @dataclasses.dataclass(frozen=True)
 class KIVIConfig:
     """Settings of a KIVI cache. Defaults are the paper's KIVI-2: 2 bits, G=32, R=128.
@@ -30,6 +33,10 @@ class KIVIConfig:
       built). Attention rotates q before the scores and the output back after p·V.
     key_group_size: tokens per key group (per channel); a power of two >= 16 dividing
       residual_length. None (default): group_size. Values keep groups of group_size channels.
+    layout: how the quantized tokens are stored: "tokens" (KIVICache: codes packed along
+      tokens; every option above) or "mosaic" (MosaicKIVICache: the Mosaic GPU kernel's layout,
+      kivi_jax.cache_mosaic; plain KIVI-2 only: 2 bits, groups of 32, R dividing 256, no sinks,
+      no rotation, head_dim 128).
     """
 
     k_bits: int = 2
@@ -39,6 +46,7 @@ class KIVIConfig:
     sink_tokens: int = 0
     rotate: str = "none"
     key_group_size: int | None = None
+    layout: str = "tokens"
 
     def __post_init__(self):
         packing.check_bits("k_bits", self.k_bits)
@@ -58,6 +66,17 @@ class KIVIConfig:
         if kg is not None and (isinstance(kg, bool) or not isinstance(kg, int) or kg < 16 or kg & (kg - 1)
                                or r % kg):
             raise ValueError(f"key_group_size={kg!r} must be a power of two >= 16 dividing residual_length={r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r}; allowed: {LAYOUTS}")
+        if self.layout == "mosaic":
+            bad = [f"{name}={got!r} (allowed: {want!r})" for name, got, want in (
+                ("k_bits", self.k_bits, 2), ("v_bits", self.v_bits, 2), ("group_size", g, 32),
+                ("key_group_size", self.key_group, 32), ("sink_tokens", s, 0), ("rotate", self.rotate, "none"))
+                if got != want]
+            if 256 % r:
+                bad.append(f"residual_length={r} (allowed: 32, 64, 128, 256)")
+            if bad:
+                raise ValueError("layout='mosaic' takes plain KIVI-2 only; got " + "; ".join(bad))
 
     @property
     def key_group(self) -> int:

@@ -1,0 +1,285 @@
+"""MosaicKIVICache: KIVI-2 with the quantized tokens stored the way the Mosaic GPU kernel reads them.
+
+The same algorithm and the same quantized numbers as :class:`~kivi_jax.cache_kivi.KIVICache`
+with 2-bit keys and values, groups of 32 and D = 128 (Algorithm 1: keys per channel, flushed R
+at a time; values per token, quantized as they leave the R-window), but the quantized stores
+are :func:`pallas_kernels.kivi_mosaic.repack`'s layout, kept as uint32 words and scale tiles:
+
+* ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, nibble j (bits 4j..4j+3 of the 64
+  nibbles) = channel j | channel 64 + j << 2;
+* ``kt`` [B, Hkv, Tc/256 * D, 16]: key block i's tile in rows i*D .. i*D + D - 1 (channel c):
+  columns 0-7 the scales s' of its 8 groups, 8-15 the mins m' (folded: s' = s / 4 and
+  m' = m + 2 s on channels >= 64, so the high codes read as 4c - 8);
+* ``vn`` [B, Hkv, Tc/64, D * 4] uint32: chunk i (64 tokens), channel c's 4 words at 4c ..
+  4c + 3, nibble j (0..31) = token 64i + j | token 64i + 32 + j << 2;
+* ``vt`` [B, Hkv, Tc/128 * 64, 16]: token t's 4 scales and 4 mins in row (t // 128) * 64 +
+  t % 64, columns 8e .. 8e + 7 with e = (t % 128) // 64 (folded on tokens t % 64 >= 32).
+
+The folded mins are rounded into the cache dtype once (m + 2 s): the dequantized numbers
+differ from KIVICache's by at most that rounding. ``materialize`` and the reference attention
+read it like any cache; ``kivi_jax.decode_attention`` on a GPU runs the Mosaic kernel over the
+quantized tokens (kivi_jax.attention_mosaic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kivi_jax import cache_common as cc
+from kivi_jax import packing
+from kivi_jax import quant
+from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.config import KIVIConfig
+
+D = 128
+GROUP = 32
+KEY_BLOCK = 256
+CHUNK = 64
+VALUE_BLOCK = 128
+
+
+def check_config(config: KIVIConfig, head_dim: int):
+    """The cases the layout holds (KIVIConfig(layout="mosaic") checks the rest): head_dim 128."""
+    if config.layout != "mosaic":
+        raise ValueError(f"MosaicKIVICache needs KIVIConfig(layout='mosaic'); got layout={config.layout!r}")
+    if head_dim != D:
+        raise ValueError(f"MosaicKIVICache takes head_dim={D}; got head_dim={head_dim}")
+
+
+# ---- the layout, both ways ---------------------------------------------------------------------
+def key_words(codes):
+    """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble j = channel j | channel 64 + j << 2)."""
+    c = codes.astype(jnp.uint32)
+    nib = c[..., : D // 2] | (c[..., D // 2:] << 2)  # [..., T, 64]
+    nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
+    return _or_reduce(nib)
+
+
+def _or_reduce(x):
+    """Bitwise OR over the last axis (disjoint bit fields: the words' nibbles)."""
+    out = x[..., 0]
+    for i in range(1, x.shape[-1]):
+        out = out | x[..., i]
+    return out
+
+
+def key_codes(words):
+    """[..., T, 8] uint32 -> codes [..., T, D] int32 (inverse of :func:`key_words`)."""
+    nib = (words[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
+    nib = nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32)
+    return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
+
+
+def value_words(codes):
+    """codes [..., T, D] (T a multiple of 64) -> [..., T/64, D * 4] uint32: chunk i, channel c's
+    words 4c..4c+3, nibble j = token 64i + j | token 64i + 32 + j << 2."""
+    c = codes.astype(jnp.uint32)
+    lead, t = c.shape[:-2], c.shape[-2]
+    c = jnp.swapaxes(c.reshape(lead + (t // CHUNK, CHUNK, D)), -1, -2)  # [..., chunks, D, 64]
+    nib = c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2)  # [..., chunks, D, 32]
+    nib = nib.reshape(nib.shape[:-1] + (4, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
+    return _or_reduce(nib).reshape(lead + (t // CHUNK, D * 4))
+
+
+def value_codes(words):
+    """[..., T/64, D * 4] uint32 -> codes [..., T, D] int32 (inverse of :func:`value_words`)."""
+    lead, chunks = words.shape[:-2], words.shape[-2]
+    nib = (words.reshape(lead + (chunks, D, 4))[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
+    nib = nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32)
+    c = jnp.concatenate([nib & 3, nib >> 2], axis=-1)  # [..., chunks, D, 64]
+    return jnp.swapaxes(c, -1, -2).reshape(lead + (chunks * CHUNK, D))
+
+
+def fold_keys(scale, mn):
+    """Per-channel key scale/min [..., G, D] -> (s', m') (channels >= 64: s / 4, m + 2 s)."""
+    hi = jnp.arange(D) >= D // 2
+    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
+
+
+def fold_values(scale, mn, tokens):
+    """Per-token value scale/min [..., n, D/32] of tokens [n] -> (s', m') (t % 64 >= 32: s / 4, m + 2 s)."""
+    hi = ((tokens % CHUNK) >= CHUNK // 2)[..., None]
+    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
+
+
+def key_tiles(scale, mn):
+    """Folded key scale/min [..., T/32, D] -> [..., T/256 * D, 16]."""
+    lead, g = scale.shape[:-2], scale.shape[-2]
+
+    def cols(x):  # [..., T/256, D, 8]
+        return jnp.swapaxes(x.reshape(lead + (g // 8, 8, D)), -1, -2)
+
+    return jnp.concatenate([cols(scale), cols(mn)], axis=-1).reshape(lead + (g // 8 * D, 16))
+
+
+def value_tiles(scale, mn):
+    """Folded value scale/min [..., T, D/32] -> [..., T/128 * 64, 16]."""
+    lead, t = scale.shape[:-2], scale.shape[-2]
+    per = jnp.concatenate([scale, mn], axis=-1)  # [..., T, 8]
+    per = jnp.swapaxes(per.reshape(lead + (t // VALUE_BLOCK, 2, CHUNK, 8)), -2, -3)
+    return per.reshape(lead + (t // VALUE_BLOCK * CHUNK, 16))
+
+
+def unfold(kt, vt, tc):
+    """Tiles -> plain (k_scale, k_min [..., Tc/32, D], v_scale, v_min [..., Tc, D/32]) in float32."""
+    lead = kt.shape[:-2]
+    tile = kt.reshape(lead + (tc // KEY_BLOCK, D, 16)).astype(jnp.float32)
+    ks = jnp.swapaxes(tile[..., :8], -1, -2).reshape(lead + (tc // GROUP, D))
+    km = jnp.swapaxes(tile[..., 8:], -1, -2).reshape(lead + (tc // GROUP, D))
+    hi = jnp.arange(D) >= D // 2
+    ks, km = jnp.where(hi, 4 * ks, ks), jnp.where(hi, km - 8 * ks, km)  # m = m' - 2 s = m' - 8 s'
+    per = jnp.swapaxes(vt.reshape(lead + (tc // VALUE_BLOCK, CHUNK, 2, 8)), -2, -3).reshape(lead + (tc, 8))
+    per = per.astype(jnp.float32)
+    vhi = ((jnp.arange(tc) % CHUNK) >= CHUNK // 2)[:, None]
+    vs = jnp.where(vhi, 4 * per[..., :4], per[..., :4])
+    vm = jnp.where(vhi, per[..., 4:] - 2 * vs, per[..., 4:])
+    return ks, km, vs, vm
+
+
+@cc.pytree_dataclass
+class MosaicKIVICache(cc.CacheShape):
+    """Buffers (Tc = config.capacity(max_length), a multiple of 256; R = residual_length):
+    kn [B, Hkv, Tc, 8] uint32; kt [B, Hkv, Tc/256 * 128, 16]; k_res [B, Hkv, R, D];
+    vn [B, Hkv, Tc/64, 512] uint32; vt [B, Hkv, Tc/2, 16]; v_res [B, Hkv, R, D] (the ring);
+    lengths [B] int32; overflow [B] bool. See the module doc for the layout."""
+
+    shape_field = "k_res"
+
+    kn: jax.Array
+    kt: jax.Array
+    k_res: jax.Array
+    vn: jax.Array
+    vt: jax.Array
+    v_res: jax.Array
+    lengths: jax.Array
+    overflow: jax.Array
+    config: KIVIConfig = cc.static()
+    max_length: int = cc.static()
+
+    @classmethod
+    def init(cls, config: KIVIConfig, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
+             dtype=jnp.bfloat16) -> "MosaicKIVICache":
+        if not isinstance(config, KIVIConfig):
+            raise TypeError(f"config must be a KIVIConfig; got {type(config).__name__}")
+        check_config(config, head_dim)
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length} must be >= 1")
+        quant._check_float("cache", dtype)
+        tc = -(-max_length // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
+        bh, r = (batch, num_kv_heads), config.residual_length
+        return cls(kn=jnp.zeros(bh + (tc, 8), jnp.uint32), kt=jnp.zeros(bh + (tc // KEY_BLOCK * D, 16), dtype),
+                   k_res=jnp.zeros(bh + (r, head_dim), dtype), vn=jnp.zeros(bh + (tc // CHUNK, D * 4), jnp.uint32),
+                   vt=jnp.zeros(bh + (tc // 2, 16), dtype), v_res=jnp.zeros(bh + (r, head_dim), dtype),
+                   lengths=jnp.zeros((batch,), jnp.int32), overflow=jnp.zeros((batch,), bool),
+                   config=config, max_length=max_length)
+
+    capacity = property(lambda self: self.kn.shape[2])
+    body_lengths = property(lambda self: self.lengths)
+    num_quantized_keys = property(lambda self: self.lengths - self.lengths % self.config.residual_length)
+    num_quantized_values = property(lambda self: jnp.maximum(self.lengths - self.config.residual_length, 0))
+
+    def _kivi(self) -> KIVICache:
+        """An empty KIVICache of the same shape: its quantization helpers (the same numbers)."""
+        return KIVICache.init(dataclasses.replace(self.config, layout="tokens"), batch=self.batch_size, num_kv_heads=self.num_kv_heads,
+                              head_dim=self.head_dim, max_length=self.max_length, dtype=self.dtype)
+
+    def prefill(self, k, v, lengths=None) -> "MosaicKIVICache":
+        """As KIVICache.prefill (same quantized numbers), stored in this layout."""
+        c = self._kivi().prefill(k, v, lengths)
+        tc, tk = self.capacity, c.capacity  # KIVICache rounds to 32 tokens, this layout to 256
+
+        def pad(x, axis=2, per=1):
+            return jnp.pad(x, [(0, 0)] * axis + [(0, (tc - tk) // per)] + [(0, 0)] * (x.ndim - axis - 1))
+
+        ks, km = fold_keys(pad(c.k_scale, per=GROUP), pad(c.k_min, per=GROUP))
+        vs, vm = fold_values(pad(c.v_scale), pad(c.v_min), jnp.arange(tc))
+        return MosaicKIVICache(
+            kn=key_words(pad(packing.unpack(c.k_codes, 2, 2, tk))), kt=key_tiles(ks, km), k_res=c.k_res,
+            vn=value_words(pad(packing.unpack(c.v_codes, 2, 2, tk))), vt=value_tiles(vs, vm), v_res=c.v_res,
+            lengths=c.lengths, overflow=c.overflow, config=self.config, max_length=self.max_length)
+
+    def append(self, k, v) -> "MosaicKIVICache":
+        """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append)."""
+        return cc.apply_writes(self, *self.append_writes(k, v))
+
+    def append_writes(self, k, v):
+        """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
+        the key at residual slot L % R; the value leaving the window quantized into its words
+        (bits added) and its tile row (added: its columns are still zero); the new value in the
+        ring; a key flush (R keys: their rows of ``kn`` and their columns of one ``kt`` tile)."""
+        cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads, head_dim=self.head_dim,
+                    tokens=1)
+        c = self.config
+        r = c.residual_length
+        helper = self._kivi()
+        k, v = jnp.asarray(k).astype(self.dtype), jnp.asarray(v).astype(self.dtype)
+        L = self.lengths
+        full = L >= self.max_length
+        live = ~full
+        slot = jnp.minimum(L, self.max_length - 1) % r
+        writes = [cc.RowWrite(k, slot, "k_res", 1, keep=live)]
+        leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]: token L - R
+        spill = live & (L >= r)
+        p = jnp.where(spill, L - r, 0)
+        codes, scale, mn = helper._quant_values(leaving)  # [B, H, 1, D], [B, H, 1, 4]
+        shift = (4 * (p % 8) + 2 * ((p % CHUNK) >= CHUNK // 2)).astype(jnp.uint32)
+        word = (p % (CHUNK // 2)) // 8
+        onehot = (jnp.arange(4)[None, :] == word[:, None]).astype(jnp.uint32)  # [B, 4]
+        bits = (codes[:, :, 0].astype(jnp.uint32) << shift[:, None, None])[..., None] * onehot[:, None, None, :]
+        s, m = fold_values(scale[:, :, 0], mn[:, :, 0], p[:, None])  # [B, H, 4]
+        e = ((p % VALUE_BLOCK) // CHUNK)[:, None, None]
+        tile_row = jnp.concatenate([jnp.where(e == 0, jnp.concatenate([s, m], -1), 0),
+                                    jnp.where(e == 1, jnp.concatenate([s, m], -1), 0)], axis=-1)  # [B, H, 16]
+        writes += [
+            cc.RowWrite(bits.reshape(bits.shape[:2] + (1, D * 4)), p // CHUNK, "vn", 1, add=True, keep=spill),
+            cc.RowWrite(tile_row[:, :, None].astype(self.dtype), (p // VALUE_BLOCK) * CHUNK + p % CHUNK, "vt", 1,
+                        add=True, keep=spill),
+            cc.RowWrite(jnp.where(live[:, None, None, None], v, leaving), slot, "v_res", 1, keep=live),
+        ]
+        flush = live & ((L + 1) % r == 0)
+        n0 = jnp.where(flush, L + 1 - r, 0)
+
+        def flush_writes(view):  # view: this cache with the new key in its residual
+            codes, scale, mn = helper._quant_keys(view.k_res)  # [B, H, R, D], [B, H, R/32, D]
+            s, m = fold_keys(scale, mn)
+            g0 = (n0 % KEY_BLOCK) // GROUP  # the flush's first group within its tile
+            col = g0[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]
+            onehot = (jnp.arange(8)[None, None, :] == col[:, :, None]).astype(jnp.float32)  # [B, R/32, 8]
+            tile = jnp.concatenate([jnp.einsum("bgn,bhgd->bhdn", onehot, s.astype(jnp.float32)),
+                                    jnp.einsum("bgn,bhgd->bhdn", onehot, m.astype(jnp.float32))], axis=-1)
+            return (cc.RowWrite(key_words(codes), n0, "kn", 1, keep=flush),
+                    cc.RowWrite(tile.astype(self.dtype), (n0 // KEY_BLOCK) * D, "kt", 1, add=True, keep=flush))
+
+        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
+        return tuple(writes), L + live, self.overflow | full
+
+    def materialize(self, rotated: bool = False):
+        """(K_hat, V_hat) [B, Hkv, Tc, D] in the cache dtype: position t is token t, dequantized
+        where quantized, full precision where not; positions >= lengths hold junk."""
+        del rotated  # nothing is rotated in this layout
+        tc, r = self.capacity, self.config.residual_length
+        ks, km, vs, vm = unfold(self.kt, self.vt, tc)
+        kq = quant.dequantize_codes(key_codes(self.kn), jnp.repeat(ks, GROUP, axis=2), jnp.repeat(km, GROUP, axis=2),
+                                    self.dtype)
+        vq = quant.dequantize_codes(value_codes(self.vn), jnp.repeat(vs, GROUP, axis=3),
+                                    jnp.repeat(vm, GROUP, axis=3), self.dtype)
+        t = jnp.arange(tc)
+        k_r, v_r = jnp.take(self.k_res, t % r, axis=2), jnp.take(self.v_res, t % r, axis=2)
+        kq_mask = (t[None, :] < self.num_quantized_keys[:, None])[:, None, :, None]
+        vq_mask = (t[None, :] < self.num_quantized_values[:, None])[:, None, :, None]
+        return jnp.where(kq_mask, kq, k_r), jnp.where(vq_mask, vq, v_r)
+
+    def kernel_arrays(self):
+        """The stores as the Mosaic kernel takes them, R = B x Hkv rows: kn [R, Tc, 64] int4,
+        kt [R, Tc/256, D, 16], vn [R, Tc/64, D, 32] int4, vt [R, Tc/128, 64, 16] (bitcasts and
+        reshapes of the stored arrays)."""
+        rows, tc = self.batch_size * self.num_kv_heads, self.capacity
+
+        def int4(words, shape):
+            return jax.lax.bitcast_convert_type(words, jnp.int4).reshape(shape)
+
+        return (int4(self.kn, (rows, tc, D // 2)), self.kt.reshape(rows, tc // KEY_BLOCK, D, 16),
+                int4(self.vn, (rows, tc // CHUNK, D, CHUNK // 2)), self.vt.reshape(rows, tc // VALUE_BLOCK, CHUNK, 16))

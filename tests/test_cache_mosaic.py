@@ -1,0 +1,168 @@
+"""MosaicKIVICache (kivi_jax/cache_mosaic.py): KIVI-2 stored in the Mosaic GPU kernel's layout.
+
+Against KIVICache, the reference implementation of the same algorithm: the same dequantized
+numbers after prefill and appends (flushes, spills, ragged and full rows), the kernel's views
+equal to the layout the compiled kernel was checked on (kivi_mosaic.repack of the KIVICache),
+the attention glue (window + combine) against the reference, a model's logits, the stacked
+row writes through the Pallas kernel (interpreted), and the bad configurations.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax as kj
+import models
+from benchmarks.mosaic_attention import from_cache
+from kivi_jax import attention_mosaic
+from kivi_jax import cache_common as cc
+from kivi_jax.cache_mosaic import MosaicKIVICache
+from models.cache import StackedCache
+from models.config import ModelConfig
+from pallas_kernels import kivi_mosaic as km
+
+D = 128
+MOSAIC = kj.KIVIConfig(layout="mosaic")
+TOKENS = kj.KIVIConfig()
+
+
+def _pair(lengths, extra, max_length=700, heads=2, seed=0):
+    """A KIVICache and a MosaicKIVICache prefilled with the same prompt, and ``extra`` more tokens."""
+    b, t = len(lengths), max(lengths)
+    k = jax.random.normal(jax.random.key(seed), (b, heads, t + extra, D)) * (
+        1 + 4 * jax.random.bernoulli(jax.random.key(seed + 1), 0.1, (D,)))
+    v = jax.random.normal(jax.random.key(seed + 2), (b, heads, t + extra, D))
+    lens = jnp.asarray(lengths, jnp.int32)
+    kw = dict(batch=b, num_kv_heads=heads, head_dim=D, max_length=max_length, dtype=jnp.float32)
+    a = kj.KIVICache.init(TOKENS, **kw).prefill(k[:, :, :t], v[:, :, :t], lens)
+    m = MosaicKIVICache.init(MOSAIC, **kw).prefill(k[:, :, :t], v[:, :, :t], lens)
+    return a, m, k[:, :, t:], v[:, :, t:]
+
+
+def _same_tokens(a, m):
+    np.testing.assert_array_equal(np.asarray(a.lengths), np.asarray(m.lengths))
+    np.testing.assert_array_equal(np.asarray(a.overflow), np.asarray(m.overflow))
+    (ka, va), (kb, vb) = a.materialize(), m.materialize()
+    for row, n in enumerate(np.asarray(a.lengths)):
+        # the folded mins are one float32 rounding away (m + 2s stored, m' - 2s read back)
+        np.testing.assert_allclose(np.asarray(kb[row, :, :n]), np.asarray(ka[row, :, :n]), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(vb[row, :, :n]), np.asarray(va[row, :, :n]), rtol=0, atol=2e-6)
+
+
+def _kernel_views_match(a, m):
+    pad = m.capacity - a.capacity
+    plain = from_cache(a)
+    plain = [jnp.pad(x, [(0, 0), (0, pad // (32 if i == 1 or i == 2 else 1)), (0, 0)]) for i, x in enumerate(plain)]
+    for got, want in zip(m.kernel_arrays(), km.repack(*plain)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_prefill_and_appends_hold_kivis_numbers():
+    """Ragged rows (one shorter than R, one at a flush boundary), 300 appends: every flush and
+    spill, and a row reaching max_length (then refused and flagged, like KIVICache)."""
+    a, m, k, v = _pair([400, 255, 5, 127], 300, max_length=560)
+    _same_tokens(a, m)
+    _kernel_views_match(a, m)
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    for i in range(k.shape[2]):
+        a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
+        if i in (0, 127, 299):
+            _same_tokens(a, m)
+    assert np.asarray(m.lengths).tolist() == [560, 555, 305, 427] and np.asarray(m.overflow).tolist()[0]
+    _kernel_views_match(a, m)
+
+
+def test_attention_glue_matches_the_reference():
+    """The Mosaic path's window (tokens [m, L): flushed keys dequantized from the last block,
+    the residual, the ring) and combine, with a plain-JAX stand-in for the kernel's bulk
+    partials, against the reference over the KIVICache (MHA and 4 query heads a KV head)."""
+    a, m, k, v = _pair([400, 333, 5], 140)
+    kh, vh = (x.reshape(6, -1, D) for x in m.materialize())
+
+    def bulk(rows, lengths, *arrays):  # partials over tokens [0, lengths) of each (row, KV head)
+        q = rows if rows.ndim == 3 else rows[:, None]
+        s = jnp.einsum("rgd,rtd->rgt", q, kh)
+        s = jnp.where(jnp.arange(kh.shape[1])[None, None] < lengths[:, None, None], s, -jnp.inf)
+        top = s.max(-1)
+        safe = jnp.where(jnp.isfinite(top), top, 0.0)
+        p = jnp.exp(s - safe[..., None])
+        out = jnp.einsum("rgt,rtd->rgd", p, vh), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
+        return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
+
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    for i in range(k.shape[2] + 1):
+        if i in (0, 1, 139, 140):
+            kh, vh = (x.reshape(6, -1, D) for x in m.materialize())
+            for hq in (2, 8):
+                q = jax.random.normal(jax.random.key(5), (3, hq, 1, D))
+                want = kj.decode_attention(q, a, impl="reference")
+                got = attention_mosaic.decode_attention(q, m, bulk=bulk)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(np.asarray(kj.decode_attention(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+        if i < k.shape[2]:
+            a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
+
+
+def test_model_logits_match_the_tokens_layout():
+    """A Llama with head_dim 128: prompt and 6 decode steps, the two layouts' logits agree."""
+    cfg = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2,
+                      num_kv_heads=2, head_dim=128)
+    model = models.init_random(cfg, dtype=jnp.float32)
+    ids = jax.random.randint(jax.random.key(1), (2, 150), 0, cfg.vocab_size)
+    lengths = jnp.array([150, 131])
+    outs = []
+    for kivi in (TOKENS, MOSAIC):
+        cache = model.init_cache(2, 300, kivi=kivi)
+        assert isinstance(cache.layers, MosaicKIVICache if kivi.layout == "mosaic" else kj.KIVICache)
+        logits, cache = model(ids, cache, lengths=lengths)
+        steps = [logits[jnp.arange(2), lengths - 1]]
+        tok = jnp.argmax(steps[0], -1)[:, None]
+        for _ in range(6):
+            logits, cache = model(tok, cache)
+            steps.append(logits[:, 0])
+            tok = jnp.argmax(logits[:, 0], -1)[:, None]
+        outs.append(np.stack([np.asarray(x) for x in steps]))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_writes_through_the_row_writes_kernel():
+    """A layer-stacked MosaicKIVICache's append as one Pallas launch (interpreted) equals XLA's."""
+    _, m, k, v = _pair([300, 127], 3, heads=2)
+    stacked = StackedCache.stack(m, 2).layers
+    for i in range(3):
+        one = jax.tree.map(lambda x: x[1], stacked)
+        writes = one.append_writes(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        xla = cc.apply_writes(stacked, *writes, layer=1, impl="xla")
+        pallas = cc.apply_writes(stacked, *writes, layer=1, impl="pallas")
+        for x, y in zip(jax.tree_util.tree_leaves(xla), jax.tree_util.tree_leaves(pallas)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        stacked = xla
+    np.testing.assert_array_equal(np.asarray(stacked.kn[0]), np.asarray(m.kn))  # layer 0 untouched
+
+
+def test_bad_configurations_are_named():
+    with pytest.raises(ValueError, match=r"layout='mosaic' takes plain KIVI-2 only; got k_bits=4 \(allowed: 2\)"):
+        kj.KIVIConfig(layout="mosaic", k_bits=4)
+    with pytest.raises(ValueError, match=r"residual_length=96 \(allowed: 32, 64, 128, 256\)"):
+        kj.KIVIConfig(layout="mosaic", residual_length=96)
+    with pytest.raises(ValueError, match=r"layout='rows'; allowed: \('tokens', 'mosaic'\)"):
+        kj.KIVIConfig(layout="rows")
+    kw = dict(batch=1, num_kv_heads=1, max_length=256)
+    with pytest.raises(ValueError, match="MosaicKIVICache takes head_dim=128; got head_dim=64"):
+        MosaicKIVICache.init(MOSAIC, head_dim=64, **kw)
+    with pytest.raises(ValueError, match="MosaicKIVICache needs KIVIConfig\\(layout='mosaic'\\)"):
+        MosaicKIVICache.init(TOKENS, head_dim=128, **kw)
+    with pytest.raises(ValueError, match="KIVICache stores layout='tokens'; got layout='mosaic'"):
+        kj.KIVICache.init(MOSAIC, head_dim=128, **kw)
+    cache = MosaicKIVICache.init(MOSAIC, head_dim=128, **kw)
+    q = jnp.zeros((1, 1, 1, D))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            kj.decode_attention(q, cache, impl="pallas")
+    with pytest.raises(ValueError, match=r"takes \(1, 2, 4\) query heads a KV head; got Hq=8, Hkv=1"):
+        attention_mosaic.decode_attention(jnp.zeros((1, 8, 1, D)), cache)
+    assert dataclasses.replace(MOSAIC, layout="tokens") == TOKENS
