@@ -130,7 +130,7 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 or None")
     if isinstance(cache, MosaicKIVICache):
-        return _mosaic(q, cache, impl, window)
+        return _mosaic(q, cache, impl, window, stack)
     if impl == "auto":
         if _on_gpu():  # the kernels, dense too: they read a layer-stacked cache in place (XLA's
             # attention in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at B=96 on
@@ -145,7 +145,7 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)
 
 
-def _mosaic(q, cache, impl, window):
+def _mosaic(q, cache, impl, window, stack):
     """A MosaicKIVICache: the Mosaic GPU kernel (impl "pallas", or "auto" on a GPU), else the reference."""
     if impl == "auto":
         impl = "pallas" if _on_gpu() else "reference"
@@ -159,7 +159,7 @@ def _mosaic(q, cache, impl, window):
                          "'tokens') or impl='reference'")
     from kivi_jax import attention_mosaic
 
-    return attention_mosaic.decode_attention(q, cache)
+    return attention_mosaic.decode_attention(q, cache, stack=stack)
 
 
 PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
 from kivi_jax import quant
-from kivi_jax.cache_mosaic import D, GROUP, KEY_BLOCK, MosaicKIVICache, key_codes
+from kivi_jax.cache_mosaic import D, GROUP, KEY_BLOCK, MosaicKIVICache, kernel_arrays, key_codes
 from pallas_kernels import kivi_mosaic
 
 
@@ -58,10 +58,12 @@ def window_partials(qg, cache: MosaicKIVICache):
     return jnp.einsum("bhgt,bhtd->bhgd", p, v.astype(jnp.float32)), jnp.where(jnp.isfinite(m), m, -1e30), p.sum(-1)
 
 
-def decode_attention(q, cache: MosaicKIVICache, *, bulk=None):
-    """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. bulk: the partials over the quantized
-    tokens, ``bulk(qrows [R, (G,) D], lengths [R], *cache.kernel_arrays())`` (default: the Mosaic
-    kernel, which needs a GPU; tests pass a plain-JAX one)."""
+def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None):
+    """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
+    ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
+    stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
+    quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
+    the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one)."""
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
@@ -70,8 +72,13 @@ def decode_attention(q, cache: MosaicKIVICache, *, bulk=None):
     qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, d) / math.sqrt(d)
     rows = qg.reshape(b * hkv, g, d) if g > 1 else qg.reshape(b * hkv, d)
     bulk = bulk or kivi_mosaic.bulk_partials
+    if stack is None:
+        arrays, offset = cache.kernel_arrays(), 0
+    else:
+        stacked, layer = stack
+        arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
-                  for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *cache.kernel_arrays()))
+                  for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset))
     ow, mw, lw = window_partials(qg, cache)
     top = jnp.maximum(mb, mw)
     wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)

@@ -188,8 +188,14 @@ class MosaicKIVICache(cc.CacheShape):
 
     def prefill(self, k, v, lengths=None) -> "MosaicKIVICache":
         """As KIVICache.prefill (same quantized numbers), stored in this layout."""
-        c = self._kivi().prefill(k, v, lengths)
-        tc, tk = self.capacity, c.capacity  # KIVICache rounds to 32 tokens, this layout to 256
+        return self.from_kivi(self._kivi().prefill(k, v, lengths), self.config)
+
+    @classmethod
+    def from_kivi(cls, c: KIVICache, config: KIVIConfig | None = None) -> "MosaicKIVICache":
+        """The same cache state (a plain KIVI-2 KIVICache's) in this layout."""
+        config = config or dataclasses.replace(c.config, layout="mosaic")
+        check_config(config, c.head_dim)
+        tc, tk = -(-c.max_length // KEY_BLOCK) * KEY_BLOCK, c.capacity  # KIVICache rounds to 32 tokens, this to 256
 
         def pad(x, axis=2, per=1):
             return jnp.pad(x, [(0, 0)] * axis + [(0, (tc - tk) // per)] + [(0, 0)] * (x.ndim - axis - 1))
@@ -199,7 +205,7 @@ class MosaicKIVICache(cc.CacheShape):
         return MosaicKIVICache(
             kn=key_words(pad(packing.unpack(c.k_codes, 2, 2, tk))), kt=key_tiles(ks, km), k_res=c.k_res,
             vn=value_words(pad(packing.unpack(c.v_codes, 2, 2, tk))), vt=value_tiles(vs, vm), v_res=c.v_res,
-            lengths=c.lengths, overflow=c.overflow, config=self.config, max_length=self.max_length)
+            lengths=c.lengths, overflow=c.overflow, config=config, max_length=c.max_length)
 
     def append(self, k, v) -> "MosaicKIVICache":
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append)."""
@@ -273,13 +279,18 @@ class MosaicKIVICache(cc.CacheShape):
         return jnp.where(kq_mask, kq, k_r), jnp.where(vq_mask, vq, v_r)
 
     def kernel_arrays(self):
-        """The stores as the Mosaic kernel takes them, R = B x Hkv rows: kn [R, Tc, 64] int4,
-        kt [R, Tc/256, D, 16], vn [R, Tc/64, D, 32] int4, vt [R, Tc/128, 64, 16] (bitcasts and
-        reshapes of the stored arrays)."""
-        rows, tc = self.batch_size * self.num_kv_heads, self.capacity
+        """The stores as the Mosaic kernel takes them, R = B x Hkv rows (see :func:`kernel_arrays`)."""
+        return kernel_arrays(self.kn, self.kt, self.vn, self.vt)
 
-        def int4(words, shape):
-            return jax.lax.bitcast_convert_type(words, jnp.int4).reshape(shape)
 
-        return (int4(self.kn, (rows, tc, D // 2)), self.kt.reshape(rows, tc // KEY_BLOCK, D, 16),
-                int4(self.vn, (rows, tc // CHUNK, D, CHUNK // 2)), self.vt.reshape(rows, tc // VALUE_BLOCK, CHUNK, 16))
+def kernel_arrays(kn, kt, vn, vt):
+    """Stores with any leading axes ([B, Hkv] or a stack's [L, B, Hkv]) as the Mosaic kernel
+    takes them, the leading axes flattened into R rows: kn [R, Tc, 64] int4, kt [R, Tc/256, D, 16],
+    vn [R, Tc/64, D, 32] int4, vt [R, Tc/128, 64, 16] (bitcasts and reshapes, no copies)."""
+    tc = kn.shape[-2]
+
+    def int4(words, shape):
+        return jax.lax.bitcast_convert_type(words, jnp.int4).reshape(shape)
+
+    return (int4(kn, (-1, tc, D // 2)), kt.reshape(-1, tc // KEY_BLOCK, D, 16),
+            int4(vn, (-1, tc // CHUNK, D, CHUNK // 2)), vt.reshape(-1, tc // VALUE_BLOCK, CHUNK, 16))

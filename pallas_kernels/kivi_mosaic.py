@@ -152,6 +152,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(n_bar)
         n = n_smem[0]
+        r_in = r + n_smem[1]  # this row's position in the (possibly layer-stacked) cache arrays
         lo = sp * per_split  # this program's steps [lo, hi)
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
@@ -233,10 +234,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
             bar = tile_bar.at[slot]
-            plgpu.copy_gmem_to_smem(kn_gmem.at[r, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
-            plgpu.copy_gmem_to_smem(kt_gmem.at[r, i], kt_buf.at[slot], bar)
-            plgpu.copy_gmem_to_smem(vn_gmem.at[r, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
-            plgpu.copy_gmem_to_smem(vt_gmem.at[r, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(kt_gmem.at[r_in, i], kt_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
+            plgpu.copy_gmem_to_smem(vt_gmem.at[r_in, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
 
         for i in range(min(stages, per_split)):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
@@ -294,17 +295,22 @@ def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
 HEADS = (1, 2, 4)  # query rows a KV head the kernel takes (more: registers; use the Triton kernel)
 
 
-def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, splits: int | None = None, **options):
+def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, splits: int | None = None,
+                  **options):
     """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
 
     q [R, D] or [R, G, D] (G query rows a KV head, G in :data:`HEADS`; softmax scale applied);
-    lengths [R] int32; kn, kt, vn, vt from :func:`repack`. splits: sequence splits (programs a
-    row; default :func:`default_splits`), combined here.
+    lengths [R] int32; kn, kt, vn, vt from :func:`repack`, with R rows or more: row r reads
+    their row r + ``row_offset`` (an int or traced scalar: a layer of a stacked cache read in
+    place). splits: sequence splits (programs a row; default :func:`default_splits`), combined here.
     -> (o [R, (G,) D] float32 unnormalized, m [R, (G)], l [R, (G)]); a row with n = 0 gives l = 0."""
-    rows, tokens = kn.shape[:2]
+    rows, tokens = q.shape[0], kn.shape[1]
+    if kn.shape[0] < rows:
+        raise ValueError(f"the cache arrays hold {kn.shape[0]} rows; q has R={rows}")
     heads = 1 if q.ndim == 2 else q.shape[1]
     if q.ndim not in (2, 3) or q.shape[0] != rows or q.shape[-1] != D or heads not in HEADS:
-        raise ValueError(f"q must be [R={rows}, D={D}] or [R={rows}, G, D={D}] with G in {HEADS}; got {q.shape}")
+        raise ValueError(f"q must be [R, D={D}] or [R, G, D={D}] with G in {HEADS} (R <= the cache's {kn.shape[0]} "
+                         f"rows); got {q.shape}")
     if tokens % KEY_BLOCK:
         raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
     if lengths.shape != (rows,):
@@ -314,7 +320,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, stages: int = 2, splits: int | 
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
     qg = q.reshape(rows, heads, D).astype(jnp.bfloat16)
     qb = jnp.broadcast_to(qg[..., None], (rows, heads, D, N))
-    n32 = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (rows, 32))
+    n32 = jnp.zeros((rows, 32), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32)).at[:, 1].set(row_offset)
     o, ml = _build(rows, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
     o, m, l = combine_splits(o, ml[..., 0, 0], ml[..., 1, 0])
     return (o, m, l) if q.ndim == 3 else (o[:, 0], m[:, 0], l[:, 0])

@@ -83,7 +83,7 @@ def test_attention_glue_matches_the_reference():
     a, m, k, v = _pair([400, 333, 5], 140)
     kh, vh = (x.reshape(6, -1, D) for x in m.materialize())
 
-    def bulk(rows, lengths, *arrays):  # partials over tokens [0, lengths) of each (row, KV head)
+    def bulk(rows, lengths, *arrays, row_offset=0):  # partials over tokens [0, lengths) of each (row, KV head)
         q = rows if rows.ndim == 3 else rows[:, None]
         s = jnp.einsum("rgd,rtd->rgt", q, kh)
         s = jnp.where(jnp.arange(kh.shape[1])[None, None] < lengths[:, None, None], s, -jnp.inf)
@@ -166,3 +166,27 @@ def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match=r"takes \(1, 2, 4\) query heads a KV head; got Hq=8, Hkv=1"):
         attention_mosaic.decode_attention(jnp.zeros((1, 8, 1, D)), cache)
     assert dataclasses.replace(MOSAIC, layout="tokens") == TOKENS
+
+
+def test_layer_of_a_stack_is_read_in_place():
+    """stack=(stacked, i): the kernel gets the whole stacked stores and row offset i x B x Hkv
+    (here its float64 model, kivi_mosaic.kernel_model, reads exactly those rows) and gives layer
+    i's attention, not another layer's."""
+    layers = [_pair([300, 70], 0, max_length=512, seed=s)[1] for s in (0, 10, 20)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    seen = []
+
+    def bulk(rows, lengths, *arrays, row_offset=0):
+        seen.append((arrays[0].shape[0], int(row_offset)))
+        sl = [np.asarray(a)[int(row_offset): int(row_offset) + rows.shape[0]] for a in arrays]
+        return tuple(jnp.asarray(x) for x in km.kernel_model(rows, lengths, *(jnp.asarray(x) for x in sl)))
+
+    q = jax.random.normal(jax.random.key(7), (2, 2, 1, D))
+    for i in (0, 2):
+        view = jax.tree.map(lambda x: x[i], stacked)
+        got = attention_mosaic.decode_attention(q, view, stack=(stacked, i), bulk=bulk)
+        want = kj.decode_attention(q, layers[i], impl="reference")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        other = kj.decode_attention(q, layers[1], impl="reference")
+        assert float(jnp.abs(got - other).max()) > 1e-2
+    assert seen == [(12, 0), (12, 8)]

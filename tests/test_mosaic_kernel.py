@@ -119,10 +119,12 @@ def test_kernel_lowers_for_cuda(heads, options):
 
 def test_bad_arguments_are_named():
     q, n, kn, kt, vn, vt = (jnp.zeros(x.shape, x.dtype) for x in _abstract(2, 512))
-    with pytest.raises(ValueError, match=r"q must be \[R=2, D=128\] or \[R=2, G, D=128\] with G in \(1, 2, 4\)"):
-        km.bulk_partials(q[:1], n, kn, kt, vn, vt)
+    with pytest.raises(ValueError, match=r"q must be \[R, D=128\] or \[R, G, D=128\] with G in \(1, 2, 4\)"):
+        km.bulk_partials(q[:, :64], n, kn, kt, vn, vt)
     with pytest.raises(ValueError, match=r"got \(2, 8, 128\)"):
         km.bulk_partials(jnp.zeros((2, 8, D), jnp.bfloat16), n, kn, kt, vn, vt)
+    with pytest.raises(ValueError, match="the cache arrays hold 2 rows; q has R=3"):
+        km.bulk_partials(jnp.zeros((3, D), jnp.bfloat16), jnp.zeros((3,), jnp.int32), kn, kt, vn, vt)
     with pytest.raises(ValueError, match=r"lengths must be \[R=2\]"):
         km.bulk_partials(q, n[:1], kn, kt, vn, vt)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
