@@ -65,7 +65,9 @@ MODELS = {
     "tiny-mistral": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, sliding_window=200, model_type="mistral"),
 }
-KIVI = {"dense": None, "kivi2": dict(k_bits=2, v_bits=2), "kivi4": dict(k_bits=4, v_bits=4), "dense_xla": None}
+KIVI = {"dense": None, "kivi2": dict(k_bits=2, v_bits=2), "kivi4": dict(k_bits=4, v_bits=4), "dense_xla": None,
+        # KIVI-2 stored in the Mosaic GPU kernel's layout (MosaicKIVICache; Llama MHA / GQA 2 or 4)
+        "kivi2m": dict(k_bits=2, v_bits=2, layout="mosaic")}
 # caches run with non-default implementations: dense_xla is a dense cache with XLA's attention
 # and matmuls (generate's dense default before 2026-11-30's in-place kernels: 22 ms steps at
 # the paper setting vs 9.2)

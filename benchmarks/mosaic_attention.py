@@ -67,6 +67,31 @@ def check(rows=64, tokens=1024, stages=2, heads=1, **options):
     return errors(got, km.reference(q, lengths, *plain))
 
 
+def check_cache(heads=(2, 8), kv_heads=2, key=11):
+    """The integrated path compiled: a MosaicKIVICache prefilled with ragged rows and appended
+    to (flushes, spills), ``kivi_jax.decode_attention`` (the kernel on the quantized tokens, the
+    window in JAX) against the reference over the same cache, bf16, MHA and GQA 4."""
+    cfg = kj.KIVIConfig(layout="mosaic")
+    b, t, extra = 4, 700, 140
+    ks = jax.random.split(jax.random.key(key), 3)
+    k = jax.random.normal(ks[0], (b, kv_heads, t + extra, D), jnp.bfloat16)
+    v = jax.random.normal(ks[1], (b, kv_heads, t + extra, D), jnp.bfloat16)
+    cache = kj.MosaicKIVICache.init(cfg, batch=b, num_kv_heads=kv_heads, head_dim=D, max_length=t + extra)
+    cache = cache.prefill(k[:, :, :t], v[:, :, :t], jnp.asarray([700, 513, 129, 3], jnp.int32))
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    out = {}
+    for i in range(extra + 1):
+        if i in (0, 70, extra):
+            for hq in heads:
+                q = jax.random.normal(ks[2], (b, hq, 1, D), jnp.bfloat16)
+                got = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas"))(q, cache).astype(jnp.float32)
+                want = kj.decode_attention(q, cache, impl="reference").astype(jnp.float32)
+                out[f"after{i}_hq{hq}_rel_err"] = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        if i < extra:
+            cache = step(cache, k[:, :, t + i:t + i + 1], v[:, :, t + i:t + i + 1])
+    return out
+
+
 def from_cache(cache):
     """A KIVI-2 cache's quantized tokens as [R, T, ...] codes and scales (R = B x Hkv)."""
     b, h = cache.k_scale.shape[:2]
@@ -188,6 +213,17 @@ def target(b, t, hq, hkv, variants, stages, hbm):
                      "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
                      "ratio_to_dense": ms / dense_ms, **err})
         print(rows[-1], flush=True)
+    # the whole call on the same tokens as a MosaicKIVICache (kernel + window in JAX + combine)
+    mcache = kj.MosaicKIVICache.from_kivi(cache)
+    call = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas"))
+    ms = common.time_fn(call, q4, mcache)
+    want = kj.decode_attention(q4[:2], jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == b else x, cache),
+                               impl="reference").astype(jnp.float32)
+    got = call(q4, mcache)[:2].astype(jnp.float32)
+    rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_cache_whole_call", "median_ms": ms, "ratio_to_dense": ms / dense_ms,
+                 "out_rel_err": float(jnp.abs(got - want).max() / jnp.abs(want).max())})
+    print(rows[-1], flush=True)
+    del mcache
     # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)
     mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)
     ms = common.time_fn(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x)), q, mixed, *packed)
@@ -225,6 +261,8 @@ def main(argv=None):
                        ("gqa4_group2", dict(heads=4, group=2))]:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
+    rows.append({"impl": "mosaic_cache_check", **check_cache()})
+    print(rows[-1], flush=True)
     for hkv, variants in ((32, VARIANTS), (8, GQA_VARIANTS)):
         rows += target(64, 4096, 32, hkv, variants, a.stages, hbm)
     cols = ["B", "T", "Hkv", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense", "out_rel_err",
