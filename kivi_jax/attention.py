@@ -157,6 +157,11 @@ def _mosaic(q, cache, impl, window, stack):
     if window is not None:
         raise ValueError(f"window={window}: the Mosaic kernel path has no sliding window yet; use KIVIConfig(layout="
                          "'tokens') or impl='reference'")
+    from kivi_jax import sharding
+
+    if sharding.active_mesh()[0] is not None:  # (None for one device)
+        raise ValueError("the Mosaic kernel path does not run under a mesh of several devices yet; use "
+                         "KIVIConfig(layout='tokens') there (its kernels run per shard)")
     from kivi_jax import attention_mosaic
 
     return attention_mosaic.decode_attention(q, cache, stack=stack)

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.cache_mosaic import MosaicKIVICache
 
 LOGICAL_AXES = ("batch", "kv_heads", "heads", "sequence", "head_dim", "embed", "mlp", "vocab", "layers")
 
@@ -199,6 +200,9 @@ CACHE_AXES = {
                     v_codes=(B, H, S, D), v_scale=(B, H, S, None), v_min=(B, H, S, None), v_res=(B, H, None, D),
                     lengths=(B,), overflow=(B,)),
     DenseCache: dict(k=(B, H, S, D), v=(B, H, S, D), lengths=(B,), overflow=(B,)),
+    # the kernel's layout: words and tiles stay whole (their minor axes mix channels and tokens)
+    MosaicKIVICache: dict(kn=(B, H, S, None), kt=(B, H, None, None), k_res=(B, H, None, D), vn=(B, H, S, None),
+                          vt=(B, H, None, None), v_res=(B, H, None, D), lengths=(B,), overflow=(B,)),
 }
 
 
