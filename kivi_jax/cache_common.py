@@ -42,6 +42,17 @@ def static(**kw):
     return dataclasses.field(metadata=dict(static=True), **kw)
 
 
+def check_init(config, config_cls, max_length: int, dtype):
+    """A quantized cache's ``init`` arguments: the config's type, max_length >= 1, a float dtype."""
+    from kivi_jax import quant  # quant needs nothing from here; imported late to keep this module light
+
+    if not isinstance(config, config_cls):
+        raise TypeError(f"config must be a {config_cls.__name__}; got {type(config).__name__}")
+    if max_length < 1:
+        raise ValueError(f"max_length={max_length} must be >= 1")
+    quant._check_float("cache", dtype)
+
+
 def check_kv(name_k: str, k, name_v: str, v, *, batch: int, heads: int, head_dim: int, tokens: int | None = None):
     """Shape checks at trace time for k, v [B, Hkv, T, D]; returns T."""
     for name, a in ((name_k, k), (name_v, v)):

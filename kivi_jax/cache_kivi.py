@@ -72,17 +72,13 @@ class KIVICache(cc.CacheShape):
     @classmethod
     def init(cls, config: KIVIConfig, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
              dtype=jnp.bfloat16) -> "KIVICache":
-        if not isinstance(config, KIVIConfig):
-            raise TypeError(f"config must be a KIVIConfig; got {type(config).__name__}")
+        cc.check_init(config, KIVIConfig, max_length, dtype)
         config.check_head_dim(head_dim)
         if config.layout != "tokens":
             raise ValueError(f"KIVICache stores layout='tokens'; got layout={config.layout!r} "
                              "(kivi_jax.MosaicKIVICache stores 'mosaic')")
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
         if config.sink_tokens >= max_length:
             raise ValueError(f"sink_tokens={config.sink_tokens} must be < max_length={max_length}")
-        quant._check_float("cache", dtype)
         g, kg, tc = config.group_size, config.key_group, config.capacity(max_length)
         rs = config.residual_length + config.sink_tokens
         bh = (batch, num_kv_heads)

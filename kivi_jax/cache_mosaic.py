@@ -162,12 +162,8 @@ class MosaicKIVICache(cc.CacheShape):
     @classmethod
     def init(cls, config: KIVIConfig, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
              dtype=jnp.bfloat16) -> "MosaicKIVICache":
-        if not isinstance(config, KIVIConfig):
-            raise TypeError(f"config must be a KIVIConfig; got {type(config).__name__}")
+        cc.check_init(config, KIVIConfig, max_length, dtype)
         check_config(config, head_dim)
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
-        quant._check_float("cache", dtype)
         tc = -(-max_length // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
         bh, r = (batch, num_kv_heads), config.residual_length
         return cls(kn=jnp.zeros(bh + (tc, 8), jnp.uint32), kt=jnp.zeros(bh + (tc // KEY_BLOCK * D, 16), dtype),
