@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
 from kivi_jax import quant
-from kivi_jax.cache_mosaic import D, GROUP, KEY_BLOCK, MosaicKIVICache, kernel_arrays, key_codes
+from kivi_jax.cache_mosaic import MosaicKIVICache
+from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes
 from pallas_kernels import kivi_mosaic
 
 

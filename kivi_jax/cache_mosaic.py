@@ -34,11 +34,8 @@ from kivi_jax import quant
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.config import KIVIConfig
 
-D = 128
-GROUP = 32
-KEY_BLOCK = 256
-CHUNK = 64
-VALUE_BLOCK = 128
+from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, fold_keys, fold_values, kernel_arrays,
+                                        key_codes, key_tiles, key_words, value_codes, value_tiles, value_words)
 
 
 def check_config(config: KIVIConfig, head_dim: int):
@@ -47,80 +44,6 @@ def check_config(config: KIVIConfig, head_dim: int):
         raise ValueError(f"MosaicKIVICache needs KIVIConfig(layout='mosaic'); got layout={config.layout!r}")
     if head_dim != D:
         raise ValueError(f"MosaicKIVICache takes head_dim={D}; got head_dim={head_dim}")
-
-
-# ---- the layout, both ways ---------------------------------------------------------------------
-def key_words(codes):
-    """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble j = channel j | channel 64 + j << 2)."""
-    c = codes.astype(jnp.uint32)
-    nib = c[..., : D // 2] | (c[..., D // 2:] << 2)  # [..., T, 64]
-    nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
-    return _or_reduce(nib)
-
-
-def _or_reduce(x):
-    """Bitwise OR over the last axis (disjoint bit fields: the words' nibbles)."""
-    out = x[..., 0]
-    for i in range(1, x.shape[-1]):
-        out = out | x[..., i]
-    return out
-
-
-def key_codes(words):
-    """[..., T, 8] uint32 -> codes [..., T, D] int32 (inverse of :func:`key_words`)."""
-    nib = (words[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32)
-    return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
-
-
-def value_words(codes):
-    """codes [..., T, D] (T a multiple of 64) -> [..., T/64, D * 4] uint32: chunk i, channel c's
-    words 4c..4c+3, nibble j = token 64i + j | token 64i + 32 + j << 2."""
-    c = codes.astype(jnp.uint32)
-    lead, t = c.shape[:-2], c.shape[-2]
-    c = jnp.swapaxes(c.reshape(lead + (t // CHUNK, CHUNK, D)), -1, -2)  # [..., chunks, D, 64]
-    nib = c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2)  # [..., chunks, D, 32]
-    nib = nib.reshape(nib.shape[:-1] + (4, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
-    return _or_reduce(nib).reshape(lead + (t // CHUNK, D * 4))
-
-
-def value_codes(words):
-    """[..., T/64, D * 4] uint32 -> codes [..., T, D] int32 (inverse of :func:`value_words`)."""
-    lead, chunks = words.shape[:-2], words.shape[-2]
-    nib = (words.reshape(lead + (chunks, D, 4))[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32)
-    c = jnp.concatenate([nib & 3, nib >> 2], axis=-1)  # [..., chunks, D, 64]
-    return jnp.swapaxes(c, -1, -2).reshape(lead + (chunks * CHUNK, D))
-
-
-def fold_keys(scale, mn):
-    """Per-channel key scale/min [..., G, D] -> (s', m') (channels >= 64: s / 4, m + 2 s)."""
-    hi = jnp.arange(D) >= D // 2
-    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
-
-
-def fold_values(scale, mn, tokens):
-    """Per-token value scale/min [..., n, D/32] of tokens [n] -> (s', m') (t % 64 >= 32: s / 4, m + 2 s)."""
-    hi = ((tokens % CHUNK) >= CHUNK // 2)[..., None]
-    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
-
-
-def key_tiles(scale, mn):
-    """Folded key scale/min [..., T/32, D] -> [..., T/256 * D, 16]."""
-    lead, g = scale.shape[:-2], scale.shape[-2]
-
-    def cols(x):  # [..., T/256, D, 8]
-        return jnp.swapaxes(x.reshape(lead + (g // 8, 8, D)), -1, -2)
-
-    return jnp.concatenate([cols(scale), cols(mn)], axis=-1).reshape(lead + (g // 8 * D, 16))
-
-
-def value_tiles(scale, mn):
-    """Folded value scale/min [..., T, D/32] -> [..., T/128 * 64, 16]."""
-    lead, t = scale.shape[:-2], scale.shape[-2]
-    per = jnp.concatenate([scale, mn], axis=-1)  # [..., T, 8]
-    per = jnp.swapaxes(per.reshape(lead + (t // VALUE_BLOCK, 2, CHUNK, 8)), -2, -3)
-    return per.reshape(lead + (t // VALUE_BLOCK * CHUNK, 16))
 
 
 def unfold(kt, vt, tc):
@@ -277,16 +200,3 @@ class MosaicKIVICache(cc.CacheShape):
     def kernel_arrays(self):
         """The stores as the Mosaic kernel takes them, R = B x Hkv rows (see :func:`kernel_arrays`)."""
         return kernel_arrays(self.kn, self.kt, self.vn, self.vt)
-
-
-def kernel_arrays(kn, kt, vn, vt):
-    """Stores with any leading axes ([B, Hkv] or a stack's [L, B, Hkv]) as the Mosaic kernel
-    takes them, the leading axes flattened into R rows: kn [R, Tc, 64] int4, kt [R, Tc/256, D, 16],
-    vn [R, Tc/64, D, 32] int4, vt [R, Tc/128, 64, 16] (bitcasts and reshapes, no copies)."""
-    tc = kn.shape[-2]
-
-    def int4(words, shape):
-        return jax.lax.bitcast_convert_type(words, jnp.int4).reshape(shape)
-
-    return (int4(kn, (-1, tc, D // 2)), kt.reshape(-1, tc // KEY_BLOCK, D, 16),
-            int4(vn, (-1, tc // CHUNK, D, CHUNK // 2)), vt.reshape(-1, tc // VALUE_BLOCK, CHUNK, 16))

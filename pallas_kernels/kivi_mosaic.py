@@ -12,11 +12,12 @@ into the small operands (pallas_kernels/NOTES.md, session 9-10):
 - values: (p·V̂)ᵀ [128 channels, 16] = V̂ᵀ [128, 64 tokens] · Bv [64, 16], V̂ᵀ's nibbles token
   j | token 32 + j, Bv's columns p ∘ s'_g (4 channel groups); Σ_t p_t m'_tg from Bv's column sums.
 - the folds: s' = s and m' = m for the low codes; s' = s / 4, m' = m + 2 s for the high ones.
-- online softmax across chunks in registers; one program (one warpgroup) per (row, KV head),
-  chunks streamed by TMA (``plgpu.emit_pipeline``).
+- online softmax across chunks in registers; one program (one warpgroup) per (row, KV head)
+  and sequence split, 256-token blocks streamed by TMA (a pipeline by hand).
 
-MHA only (one query row a KV head), D = 128, groups of 32, 2-bit keys and values. Inputs in
-the layout :func:`repack` makes; outputs flash-decoding partials (o unnormalized, m, l).
+One, two or four query rows a KV head, D = 128, groups of 32, 2-bit keys and values. Inputs in
+the layout :func:`repack` makes (or a MosaicKIVICache stores); outputs flash-decoding partials
+(o unnormalized, m, l).
 """
 
 from __future__ import annotations
@@ -44,9 +45,91 @@ N = 16  # wgmma N of both small operands
 
 # ---- layout --------------------------------------------------------------------------------------
 
-def _signed_int4(x):
-    x = x.astype(jnp.int32)
-    return jnp.where(x >= 8, x - 16, x).astype(jnp.int4)
+# ---- the layout, both ways (the cache, kivi_jax.cache_mosaic, stores the words and tiles) --------
+def key_words(codes):
+    """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble j = channel j | channel 64 + j << 2)."""
+    c = codes.astype(jnp.uint32)
+    nib = c[..., : D // 2] | (c[..., D // 2:] << 2)  # [..., T, 64]
+    nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
+    return _or_reduce(nib)
+
+
+def _or_reduce(x):
+    """Bitwise OR over the last axis (disjoint bit fields: the words' nibbles)."""
+    out = x[..., 0]
+    for i in range(1, x.shape[-1]):
+        out = out | x[..., i]
+    return out
+
+
+def key_codes(words):
+    """[..., T, 8] uint32 -> codes [..., T, D] int32 (inverse of :func:`key_words`)."""
+    nib = (words[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
+    nib = nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32)
+    return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
+
+
+def value_words(codes):
+    """codes [..., T, D] (T a multiple of 64) -> [..., T/64, D * 4] uint32: chunk i, channel c's
+    words 4c..4c+3, nibble j = token 64i + j | token 64i + 32 + j << 2."""
+    c = codes.astype(jnp.uint32)
+    lead, t = c.shape[:-2], c.shape[-2]
+    c = jnp.swapaxes(c.reshape(lead + (t // CHUNK, CHUNK, D)), -1, -2)  # [..., chunks, D, 64]
+    nib = c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2)  # [..., chunks, D, 32]
+    nib = nib.reshape(nib.shape[:-1] + (4, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
+    return _or_reduce(nib).reshape(lead + (t // CHUNK, D * 4))
+
+
+def value_codes(words):
+    """[..., T/64, D * 4] uint32 -> codes [..., T, D] int32 (inverse of :func:`value_words`)."""
+    lead, chunks = words.shape[:-2], words.shape[-2]
+    nib = (words.reshape(lead + (chunks, D, 4))[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
+    nib = nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32)
+    c = jnp.concatenate([nib & 3, nib >> 2], axis=-1)  # [..., chunks, D, 64]
+    return jnp.swapaxes(c, -1, -2).reshape(lead + (chunks * CHUNK, D))
+
+
+def fold_keys(scale, mn):
+    """Per-channel key scale/min [..., G, D] -> (s', m') (channels >= 64: s / 4, m + 2 s)."""
+    hi = jnp.arange(D) >= D // 2
+    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
+
+
+def fold_values(scale, mn, tokens):
+    """Per-token value scale/min [..., n, D/32] of tokens [n] -> (s', m') (t % 64 >= 32: s / 4, m + 2 s)."""
+    hi = ((tokens % CHUNK) >= CHUNK // 2)[..., None]
+    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
+
+
+def key_tiles(scale, mn):
+    """Folded key scale/min [..., T/32, D] -> [..., T/256 * D, 16]."""
+    lead, g = scale.shape[:-2], scale.shape[-2]
+
+    def cols(x):  # [..., T/256, D, 8]
+        return jnp.swapaxes(x.reshape(lead + (g // 8, 8, D)), -1, -2)
+
+    return jnp.concatenate([cols(scale), cols(mn)], axis=-1).reshape(lead + (g // 8 * D, 16))
+
+
+def value_tiles(scale, mn):
+    """Folded value scale/min [..., T, D/32] -> [..., T/128 * 64, 16]."""
+    lead, t = scale.shape[:-2], scale.shape[-2]
+    per = jnp.concatenate([scale, mn], axis=-1)  # [..., T, 8]
+    per = jnp.swapaxes(per.reshape(lead + (t // VALUE_BLOCK, 2, CHUNK, 8)), -2, -3)
+    return per.reshape(lead + (t // VALUE_BLOCK * CHUNK, 16))
+
+
+def kernel_arrays(kn, kt, vn, vt):
+    """Stores with any leading axes ([B, Hkv] or a stack's [L, B, Hkv]) as the Mosaic kernel
+    takes them, the leading axes flattened into R rows: kn [R, Tc, 64] int4, kt [R, Tc/256, D, 16],
+    vn [R, Tc/64, D, 32] int4, vt [R, Tc/128, 64, 16] (bitcasts and reshapes, no copies)."""
+    tc = kn.shape[-2]
+
+    def int4(words, shape):
+        return jax.lax.bitcast_convert_type(words, jnp.int4).reshape(shape)
+
+    return (int4(kn, (-1, tc, D // 2)), kt.reshape(-1, tc // KEY_BLOCK, D, 16),
+            int4(vn, (-1, tc // CHUNK, D, CHUNK // 2)), vt.reshape(-1, tc // VALUE_BLOCK, CHUNK, 16))
 
 
 def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
@@ -61,26 +144,9 @@ def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
     r, t, d = k_codes.shape
     if d != D or t % KEY_BLOCK:
         raise ValueError(f"codes [R, T, D] need D={D} and T a multiple of {KEY_BLOCK}; got {k_codes.shape}")
-    k_codes, v_codes = k_codes.astype(jnp.int32), v_codes.astype(jnp.int32)
-    h = d // 2
-    kn = _signed_int4(k_codes[..., :h] | (k_codes[..., h:] << 2))
-    hi = (jnp.arange(d) >= h)
-    ks = jnp.where(hi, k_scale / 4, k_scale)
-    km = jnp.where(hi, k_min + 2 * k_scale, k_min)
-    blocks = t // KEY_BLOCK
-
-    def key_tile(x):  # [R, T/32, D] -> [R, T/256, D, 8]
-        return jnp.swapaxes(x.reshape(r, blocks, KEY_BLOCK // GROUP, d), -1, -2)
-
-    kt = jnp.concatenate([key_tile(ks), key_tile(km)], axis=-1)
-    vc = jnp.swapaxes(v_codes.reshape(r, t // CHUNK, CHUNK, d), -1, -2)  # [R, chunks, D, 64]
-    vn = _signed_int4(vc[..., :CHUNK // 2] | (vc[..., CHUNK // 2:] << 2))
-    upper = ((jnp.arange(t) % CHUNK) >= CHUNK // 2)[None, :, None]
-    vs = jnp.where(upper, v_scale / 4, v_scale)
-    vm = jnp.where(upper, v_min + 2 * v_scale, v_min)
-    per_token = jnp.concatenate([vs, vm], axis=-1)  # [R, T, 8]
-    vt = per_token.reshape(r, t // VALUE_BLOCK, 2, CHUNK, 8).swapaxes(2, 3).reshape(r, t // VALUE_BLOCK, CHUNK, N)
-    return kn, kt, vn, vt
+    ks, km = fold_keys(k_scale, k_min)
+    vs, vm = fold_values(v_scale, v_min, jnp.arange(t))
+    return kernel_arrays(key_words(k_codes), key_tiles(ks, km), value_words(v_codes), value_tiles(vs, vm))
 
 
 def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
