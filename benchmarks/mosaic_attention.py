@@ -23,7 +23,7 @@ import kivi_jax as kj
 from benchmarks import common
 from benchmarks.check_kernel_gpu import random_cache
 from benchmarks.decode_attention import breakdown, dense_attention
-from kivi_jax import packing
+from kivi_jax import attention_mosaic, packing
 from pallas_kernels import kivi_mosaic as km
 
 D = km.D
@@ -31,9 +31,10 @@ D = km.D
 # chunks a wgmma group 1 / 2 / 4 (mosaic-attention-run4-2026-12-01), several rows' warpgroups a
 # CTA (slower, and a race: -run5), per-chunk steps (-run2), the key constant from an all-ones
 # wgmma (-run6, -run8: within noise of the column sum, less exact; removed).
-VARIANTS = [("default", {}), ("stream_only", dict(compute=False))]
-# GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two
-GQA_VARIANTS = [("default", {}), ("group2", dict(group=2))]
+VARIANTS = [("default", {}), ("early_pick", dict(early_pick=True)), ("stream_only", dict(compute=False))]
+# GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
+# columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
+GQA_VARIANTS = [("default", {}), ("group2", dict(group=2)), ("late_pick", dict(early_pick=False))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -222,6 +223,10 @@ def target(b, t, hq, hkv, variants, stages, hbm):
     got = call(q4, mcache)[:2].astype(jnp.float32)
     rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_cache_whole_call", "median_ms": ms, "ratio_to_dense": ms / dense_ms,
                  "out_rel_err": float(jnp.abs(got - want).max() / jnp.abs(want).max())})
+    print(rows[-1], flush=True)
+    qg = q4[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, D) / np.sqrt(D)
+    ms = common.time_fn(jax.jit(attention_mosaic.window_partials), qg, mcache)
+    rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_cache_window_only", "median_ms": ms})
     print(rows[-1], flush=True)
     del mcache
     # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)

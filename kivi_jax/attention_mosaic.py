@@ -17,46 +17,37 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
-from kivi_jax import quant
+from kivi_jax.attention_pallas import ring_partials
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes
 from pallas_kernels import kivi_mosaic
 
 
 def _flushed_keys(cache: MosaicKIVICache):
-    """The last flushed block's R keys, dequantized: [B, H, R, D] (token n - R + j at j)."""
+    """k̂ [B, H, R, D] (cache dtype): the last flushed block's R keys, token n - R + j at j,
+    dequantized in float32 and rounded once (as the KIVICache path). Reads R rows of codes
+    and R/32 columns of one key block's tile per row; elementwise from there (no [R, D] scale
+    or min array is built)."""
     r = cache.config.residual_length
+    b, h = cache.batch_size, cache.num_kv_heads
     n0 = jnp.maximum(cache.num_quantized_keys - r, 0)  # the block's first token (a multiple of R)
-    codes = key_codes(cc.take_row(cache.kn, n0, r, 1))  # [B, H, R, D]
-    tile = cc.take_row(cache.kt, (n0 // KEY_BLOCK) * D, D, 1).astype(jnp.float32)  # [B, H, D, 16]
-    col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r)[None, :] // GROUP  # [B, R]: the token's group column
-    onehot = (jnp.arange(8)[None, None, :] == col[:, :, None]).astype(jnp.float32)  # [B, R, 8]
-    s = jnp.einsum("bjn,bhcn->bhjc", onehot, tile[..., :8])
-    m = jnp.einsum("bjn,bhcn->bhjc", onehot, tile[..., 8:])
+    codes = key_codes(cc.take_row(cache.kn, n0, r, 1)).reshape(b, h, r // GROUP, GROUP, D)
+    tile = cc.take_row(cache.kt, (n0 // KEY_BLOCK) * D, D, 1)  # [B, H, D, 16]: s' | m' of 8 groups
+    col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]: the groups' columns
+    s, m = (jnp.swapaxes(jnp.take_along_axis(tile, (col + off)[:, None, None, :], axis=3), 2, 3).astype(jnp.float32)
+            for off in (0, 8))  # [B, H, R/32, D]
     hi = jnp.arange(D) >= D // 2
     s, m = jnp.where(hi, 4 * s, s), jnp.where(hi, m - 8 * s, m)  # unfold: s = 4 s', m = m' - 2 s
-    return quant.dequantize_codes(codes, s, m, cache.dtype)
+    k = codes.astype(jnp.float32) * s[:, :, :, None] + m[:, :, :, None]
+    return k.reshape(b, h, r, D).astype(cache.dtype)
 
 
 def window_partials(qg, cache: MosaicKIVICache):
     """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
-    tokens [m, L) of each row."""
-    r = cache.config.residual_length
-    L, n, mq = cache.lengths, cache.num_quantized_keys, cache.num_quantized_values
-    pos = mq[:, None] + jnp.arange(r)[None, :]  # [B, R]
-    valid = pos < L[:, None]
-    flushed = _flushed_keys(cache)
-    in_block = jnp.clip(pos - (n[:, None] - r), 0, r - 1)
-    in_res = jnp.clip(pos - n[:, None], 0, r - 1)
-    pick = lambda x, idx: jnp.take_along_axis(x, idx[:, None, :, None], axis=2)  # noqa: E731 - per-row gather
-    k = jnp.where((pos < n[:, None])[:, None, :, None], pick(flushed, in_block), pick(cache.k_res, in_res))
-    v = pick(cache.v_res, pos % r)
-    s = jnp.einsum("bhgd,bhtd->bhgt", qg, k.astype(jnp.float32))
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m_safe[..., None])
-    return jnp.einsum("bhgt,bhtd->bhgd", p, v.astype(jnp.float32)), jnp.where(jnp.isfinite(m), m, -1e30), p.sum(-1)
+    tokens [m, L) of each row: the KIVICache path's ring (attention_pallas.ring_partials)."""
+    L = cache.lengths
+    return ring_partials(qg, cache.k_res, cache.v_res, L, cache.num_quantized_keys, _flushed_keys(cache),
+                         jnp.zeros_like(L), L)
 
 
 def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None):

@@ -181,14 +181,17 @@ def _codes_operand(ref, high: bool):
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           compute: bool = True, profile_dir: str = ""):
+           early_pick: bool | None = None, compute: bool = True, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
     online softmax; the codes' register operands are built once and shared by the G rows' wgmmas.
     The key products issue ``group`` chunks to a wgmma group (default 2 for one row, 1 for more:
     their register A operands live until its wait); q_h · m' (the key constant) is Bk_h's column
-    sum across the warpgroup; one max across the warpgroup a step and row; then the value
+    sum across the warpgroup. early_pick (default: for G > 1) picks each token's score column
+    right after its wgmma group, so the [64, 16] accumulators of the G rows do not all live
+    until the softmax (registers: at G = 4 they are 128 a thread). One max across the
+    warpgroup a step and row; then the value
     products likewise. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
     ceil(T / 256 / splits) steps. compute=False (an ablation) only streams the tiles.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
@@ -204,6 +207,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     per_split = -(-tokens // KEY_BLOCK // splits)
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
+    early_pick = heads > 1 if early_pick is None else early_pick
     hs = range(heads)
 
     def iota(shape, dim):
@@ -230,10 +234,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return carry
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s' | m'  [128, 16]
-                x = []  # q_h ∘ s' | q_h ∘ m' [128, 16]; q_h down every column (reloaded: registers)
+                c = []  # q_h · m'_g down every row of column g + 8
                 for h in hs:
-                    x.append(plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt)
-                    bk_smem.at[h][...] = x[h].astype(bf16)
+                    x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s' | q_h ∘ m' [128, 16]
+                    bk_smem.at[h][...] = x.astype(bf16)
+                    c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
@@ -246,13 +251,19 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 plgpu.wgmma_wait(0)
                 return [a[...] for a in accs]
 
-            acc = []  # [chunk * heads + h]
+            acc = []  # [chunk * heads + h]: accumulators, or (early_pick) picked scores
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
-                    acc += pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group * heads))
-            with jax.named_scope("key_const"):
-                c = [lax.broadcast_in_dim(jnp.sum(x[h], axis=0), (CHUNK, N), (1,)) for h in hs]  # q_h · m'_g, every row
+                    part = pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group * heads))
+                    if early_pick:
+                        part = [pick(j, first + i // heads, a, c[i % heads]) for i, a in enumerate(part)]
+                    acc += part
             return softmax_and_values(j, acc, c, vn_ref, vt_ref, *carry)
+
+        def pick(j, u, acc, c):  # chunk u's [64] scores: each token's group column + the key constant c
+            g = 2 * u + row // GROUP  # the token's key group in the block
+            return jnp.sum(jnp.where(col == g, acc, 0.0) + jnp.where(col == g + 8, c, 0.0)
+                           + jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0), axis=1)
 
         @jax.named_scope("softmax")
         def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
@@ -260,12 +271,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             alpha = []
             with jax.named_scope("bv"):
                 for h in hs:
-                    s = []
-                    for u in range(chunks):
-                        g = 2 * u + row // GROUP  # the row's key group in the block
-                        s.append(jnp.sum(jnp.where(col == g, acc[u * heads + h], 0.0) + jnp.where(col == g + 8, c[h], 0.0)
-                                         + jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0),
-                                         axis=1))  # [64] scores
+                    s = [acc[u * heads + h] if early_pick else pick(j, u, acc[u * heads + h], c[h]) for u in range(chunks)]
                     top = s[0]
                     for su in s[1:]:
                         top = jnp.maximum(top, su)
