@@ -17,37 +17,49 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
-from kivi_jax.attention_pallas import ring_partials
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes
 from pallas_kernels import kivi_mosaic
 
 
-def _flushed_keys(cache: MosaicKIVICache):
-    """k̂ [B, H, R, D] (cache dtype): the last flushed block's R keys, token n - R + j at j,
-    dequantized in float32 and rounded once (as the KIVICache path). Reads R rows of codes
-    and R/32 columns of one key block's tile per row; elementwise from there (no [R, D] scale
-    or min array is built)."""
+def _flushed_scores(qg, cache: MosaicKIVICache):
+    """qg [B, H, G, D] float32 -> [B, H, G, R]: scores of the last flushed block's R keys, token
+    n - R + j at j, from their codes without dequantizing them: q · k = Σ_c code (q ∘ s) + q · m
+    per 32-token group. Reads R rows of codes and R/32 columns of one key block's tile a row."""
     r = cache.config.residual_length
-    b, h = cache.batch_size, cache.num_kv_heads
+    b, h, g = qg.shape[:3]
     n0 = jnp.maximum(cache.num_quantized_keys - r, 0)  # the block's first token (a multiple of R)
-    codes = key_codes(cc.take_row(cache.kn, n0, r, 1)).reshape(b, h, r // GROUP, GROUP, D)
+    codes = key_codes(cc.take_row(cache.kn, n0, r, 1)).reshape(b, h, 1, r // GROUP, GROUP, D)
     tile = cc.take_row(cache.kt, (n0 // KEY_BLOCK) * D, D, 1)  # [B, H, D, 16]: s' | m' of 8 groups
     col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]: the groups' columns
     s, m = (jnp.swapaxes(jnp.take_along_axis(tile, (col + off)[:, None, None, :], axis=3), 2, 3).astype(jnp.float32)
             for off in (0, 8))  # [B, H, R/32, D]
     hi = jnp.arange(D) >= D // 2
     s, m = jnp.where(hi, 4 * s, s), jnp.where(hi, m - 8 * s, m)  # unfold: s = 4 s', m = m' - 2 s
-    k = codes.astype(jnp.float32) * s[:, :, :, None] + m[:, :, :, None]
-    return k.reshape(b, h, r, D).astype(cache.dtype)
+    qs = qg[:, :, :, None, :] * s[:, :, None]  # [B, H, G, R/32, D]
+    const = jnp.sum(qg[:, :, :, None, :] * m[:, :, None], axis=-1)  # [B, H, G, R/32]
+    scores = jnp.sum(codes.astype(jnp.float32) * qs[..., None, :], axis=-1) + const[..., None]
+    return scores.reshape(b, h, g, r)
 
 
 def window_partials(qg, cache: MosaicKIVICache):
     """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
-    tokens [m, L) of each row: the KIVICache path's ring (attention_pallas.ring_partials)."""
-    L = cache.lengths
-    return ring_partials(qg, cache.k_res, cache.v_res, L, cache.num_quantized_keys, _flushed_keys(cache),
-                         jnp.zeros_like(L), L)
+    tokens [m, L) of each row, slot by slot: slot j holds token t_j = m + (j - m) mod R, its
+    value in v_res and its key in k_res (t_j >= n) or in the block flushed last (token n - R + j:
+    n is a multiple of R). Products and sums over the R slots are elementwise reductions, not
+    dots: a dot over the model's loop-carried v_res made XLA:GPU pick a slot-minor layout for it
+    and copy it whole every layer (see attention_pallas.ring_partials)."""
+    r = cache.config.residual_length
+    L, n, mq = cache.lengths[:, None], cache.num_quantized_keys[:, None], cache.num_quantized_values[:, None]
+    t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]
+    valid, in_res = (t < L)[:, None, None, :], (t >= n)[:, None, None, :]
+    s_res = jnp.sum(qg[:, :, :, None, :] * cache.k_res[:, :, None].astype(jnp.float32), axis=-1)  # [B, H, G, R]
+    s = jnp.where(valid, jnp.where(in_res, s_res, _flushed_scores(qg, cache)), -jnp.inf)
+    m = jnp.max(s, axis=-1)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe[..., None])  # 0 on invalid slots
+    o = jnp.sum(p[..., None] * cache.v_res[:, :, None].astype(jnp.float32), axis=3)
+    return o, jnp.where(jnp.isfinite(m), m, -1e30), jnp.sum(p, axis=-1)
 
 
 def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None):

@@ -76,56 +76,44 @@ def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool):
 
 
 def _window_partials(qg, cache: KIVICache, start):
-    """Softmax partials over every full-precision token of a KIVICache, in plain JAX: the R
-    slots of the residual ring (:func:`ring_partials`) and the S sink tokens. qg [B, Hkv, g, D]
-    float32 (pre-scaled, in the keys' stored basis); start [B]: a sliding window's first token
-    (absolute), 0 without one. Returns o [B, Hkv, g, D], m, l [B, Hkv, g]."""
-    r = cache.config.residual_length
-    # else no key is ever flushed: every ring slot's key is in k_res
-    flushed = _flushed_keys(cache) if cache.capacity >= r else None
-    return ring_partials(qg, cache.k_res, cache.v_res, cache.body_lengths, cache._body_quantized_keys(), flushed,
-                         start, cache.lengths, cache.config.sink_tokens)
+    """Softmax partials over every full-precision token, in plain JAX: the R slots of the
+    residual ring — body tokens [max(Lb - R, 0), Lb), whose values are in full precision
+    (everything the kernel leaves out) — and the S sink tokens.
 
-
-def ring_partials(qg, k_res, v_res, lb, n, flushed, start, lengths, sinks=0):
-    """Softmax partials over a KIVI ring of R slots — body tokens [max(Lb - R, 0), Lb), whose
-    values are in full precision (everything a bulk kernel leaves out) — and S sink tokens in
-    slots R .. R + S.
-
-    Body coordinates (store positions; token S + p). Ring slot j holds token
+    Body coordinates for the ring (store positions; token S + p). Ring slot j holds token
     t_j = Lb - R + (j - Lb) mod R (negative: an empty slot) in v_res, and in k_res too when
     t_j >= n (the keys not quantized yet); a key below n is in the block flushed last,
-    tokens [n - R, n), where token n - R + j is the one in slot j of ``flushed``.
+    tokens [n - R, n), where token n - R + j is the one in slot j. Sink s sits in slot R + s.
     The slots are gathered (ring oldest first, then the sinks) before the dots: softmax does not
     care about the order, but XLA does about the buffer. Read directly (f2e0fb7 and before), the
     model's layer-stacked, loop-carried v_res got the slot-minor layout of the p·v reduction on
     XLA:GPU and was copied whole every layer (H200, Llama-2-7B, B=96: 166 of a 179 ms step);
     the gather-then-dot shape is the one measured without that copy (a256a3d: 39.5 ms steps).
-
-    qg [B, Hkv, g, D] float32; k_res, v_res [B, Hkv, R + S, D]; lb, n, start, lengths [B];
-    flushed [B, Hkv, R, D] (cache dtype) or None (no key flushed yet: all in k_res).
+    qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B]: a sliding
+    window's first token (absolute), 0 without one.
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
-    r = k_res.shape[2] - sinks
-    lb, n = lb[:, None], n[:, None]
+    c = cache.config
+    r, sk = c.residual_length, c.sink_tokens
+    lb, n = cache.body_lengths[:, None], cache._body_quantized_keys()[:, None]
     j = jnp.arange(r)[None, :]
     t_slot = lb - r + (j - lb) % r  # [B, R] body token of ring slot j
-    k = k_res
-    if flushed is not None:
-        k_ring = jnp.where((t_slot >= n)[:, None, :, None], k[:, :, :r], flushed)
-        k = k_ring if sinks == 0 else jnp.concatenate([k_ring, k[:, :, r:]], axis=2)
+    k = cache.k_res
+    if cache.capacity >= r:  # else no key is ever flushed: every ring slot's key is in k_res
+        k_ring = jnp.where((t_slot >= n)[:, None, :, None], k[:, :, :r], _flushed_keys(cache))
+        k = k_ring if sk == 0 else jnp.concatenate([k_ring, k[:, :, r:]], axis=2)
     t = lb - r + j  # body token at position j of the gathered ring, oldest first
     order = (lb + j) % r  # its slot
-    valid = (t >= 0) & (t >= jnp.maximum(start - sinks, 0)[:, None])
-    if sinks:
-        s = jnp.arange(sinks)[None, :]
+    valid = (t >= 0) & (t >= jnp.maximum(start - sk, 0)[:, None])
+    if sk:
+        s = jnp.arange(sk)[None, :]
         order = jnp.concatenate([order, r + jnp.broadcast_to(s, order.shape[:1] + s.shape[1:])], axis=1)
-        valid = jnp.concatenate([valid, (s < lengths[:, None]) & (s >= start[:, None])], axis=1)
+        valid = jnp.concatenate([valid, (s < cache.lengths[:, None]) & (s >= start[:, None])], axis=1)
 
     def gather(x):  # [B, H, R + S, D] in slot order -> [B, H, R + S, D] in gathered order
         return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
 
-    return _partials(qg, gather(k), gather(v_res), valid)
+    return _partials(qg, gather(k), gather(cache.v_res), valid)
 
 
 def _rows(x, start, size):
