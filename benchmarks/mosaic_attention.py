@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +111,6 @@ def profile(rows=264, tokens=4096):
     """Mosaic's profiler on ``rows`` rows (two a streaming multiprocessor): the time each named
     phase of a step takes, summed over the warpgroups' events -> {phase: fraction, ...}."""
     import glob
-    import json
     import os
     import tempfile
 
@@ -261,7 +261,7 @@ def main(argv=None):
     if a.profile:
         phases = profile()
         print(phases, flush=True)
-        (common.out_dir() / f"{a.name}-profile.json").write_text(__import__("json").dumps({**env, "phases": phases}, indent=1))
+        (common.out_dir() / f"{a.name}-profile.json").write_text(json.dumps({**env, "phases": phases}, indent=1))
         return
     hbm = common.hbm_copy_tbps()
     rows = []

@@ -146,22 +146,10 @@ class KIVICache(cc.CacheShape):
 
     # ---- quantization helpers ---------------------------------------------------------
     def _quant_keys(self, k):
-        """Per-channel: k [B, H, T, D] (T multiple of Gk) -> codes [B,H,T,D], scale/min [B,H,T/Gk,D]."""
-        c = self.config
-        b, h, t, d = k.shape
-        xg = k.astype(jnp.float32).reshape(b, h, t // c.key_group, c.key_group, d)
-        scale, mn = quant.group_params(xg, c.k_bits, self.dtype, reduce_axis=3)
-        codes = quant.quantize_codes(xg, scale, mn, c.k_bits).reshape(b, h, t, d)
-        return codes, scale[:, :, :, 0], mn[:, :, :, 0]
+        return quant_keys(self.config, self.dtype, k)
 
     def _quant_values(self, v):
-        """Per-token: v [B, H, T, D] -> codes [B,H,T,D], scale/min [B,H,T,D/G]."""
-        c = self.config
-        b, h, t, d = v.shape
-        xg = v.astype(jnp.float32).reshape(b, h, t, d // c.group_size, c.group_size)
-        scale, mn = quant.group_params(xg, c.v_bits, self.dtype, reduce_axis=4)
-        codes = quant.quantize_codes(xg, scale, mn, c.v_bits).reshape(b, h, t, d)
-        return codes, scale[..., 0], mn[..., 0]
+        return quant_values(self.config, self.dtype, v)
 
     def _key_code_writes(self, codes, start):
         """codes [B, H, R, D] of tokens [start, start + R) (start [B] int32, a multiple of R)
@@ -364,3 +352,23 @@ class KIVICache(cc.CacheShape):
             if c.rotate_values:
                 v_hat = rotation.rotate(v_hat, transpose=True).astype(self.dtype)
         return k_hat, v_hat
+
+
+def quant_keys(config: KIVIConfig, dtype, k):
+    """Per-channel (KIVI's keys): k [B, H, T, D] (T a multiple of Gk) -> codes [B, H, T, D],
+    scale / min [B, H, T/Gk, D] in ``dtype``."""
+    b, h, t, d = k.shape
+    xg = k.astype(jnp.float32).reshape(b, h, t // config.key_group, config.key_group, d)
+    scale, mn = quant.group_params(xg, config.k_bits, dtype, reduce_axis=3)
+    codes = quant.quantize_codes(xg, scale, mn, config.k_bits).reshape(b, h, t, d)
+    return codes, scale[:, :, :, 0], mn[:, :, :, 0]
+
+
+def quant_values(config: KIVIConfig, dtype, v):
+    """Per-token (KIVI's values): v [B, H, T, D] -> codes [B, H, T, D], scale / min
+    [B, H, T, D/G] in ``dtype``."""
+    b, h, t, d = v.shape
+    xg = v.astype(jnp.float32).reshape(b, h, t, d // config.group_size, config.group_size)
+    scale, mn = quant.group_params(xg, config.v_bits, dtype, reduce_axis=4)
+    codes = quant.quantize_codes(xg, scale, mn, config.v_bits).reshape(b, h, t, d)
+    return codes, scale[..., 0], mn[..., 0]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from kivi_jax import cache_common as cc
 from kivi_jax import packing
 from kivi_jax import quant
-from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
 from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, fold_keys, fold_values, kernel_arrays,
@@ -139,7 +139,6 @@ class MosaicKIVICache(cc.CacheShape):
                     tokens=1)
         c = self.config
         r = c.residual_length
-        helper = self._kivi()
         k, v = jnp.asarray(k).astype(self.dtype), jnp.asarray(v).astype(self.dtype)
         L = self.lengths
         full = L >= self.max_length
@@ -149,7 +148,7 @@ class MosaicKIVICache(cc.CacheShape):
         leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]: token L - R
         spill = live & (L >= r)
         p = jnp.where(spill, L - r, 0)
-        codes, scale, mn = helper._quant_values(leaving)  # [B, H, 1, D], [B, H, 1, 4]
+        codes, scale, mn = quant_values(self.config, self.dtype, leaving)  # [B, H, 1, D], [B, H, 1, 4]
         shift = (4 * (p % 8) + 2 * ((p % CHUNK) >= CHUNK // 2)).astype(jnp.uint32)
         word = (p % (CHUNK // 2)) // 8
         onehot = (jnp.arange(4)[None, :] == word[:, None]).astype(jnp.uint32)  # [B, 4]
@@ -168,7 +167,7 @@ class MosaicKIVICache(cc.CacheShape):
         n0 = jnp.where(flush, L + 1 - r, 0)
 
         def flush_writes(view):  # view: this cache with the new key in its residual
-            codes, scale, mn = helper._quant_keys(view.k_res)  # [B, H, R, D], [B, H, R/32, D]
+            codes, scale, mn = quant_keys(self.config, self.dtype, view.k_res)  # [B, H, R, D], [B, H, R/32, D]
             s, m = fold_keys(scale, mn)
             g0 = (n0 % KEY_BLOCK) // GROUP  # the flush's first group within its tile
             col = g0[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]
