@@ -74,6 +74,12 @@ def test_prompt_longer_than_the_context(capsys):
                     "lower --max-new-tokens to")
 
 
+@needs_model
+def test_mosaic_layout_needs_head_dim_128(capsys):
+    _one_line_error(*_run(capsys, "generate", "hi", "--layout", "mosaic"),
+                    "--layout mosaic: MosaicKIVICache takes head_dim=128; got head_dim=64 (use --layout tokens)")
+
+
 # ---- user errors: one line, exit code 2 ---------------------------------------------------------
 @pytest.mark.parametrize("argv, fragment", [
     (["generate", "hi", "--k-bits", "3"], "--k-bits: '3' is not one of 1, 2, 4, 8"),
@@ -85,6 +91,9 @@ def test_prompt_longer_than_the_context(capsys):
     (["generate", "hi", "--temperature", "nan"], "--temperature"),
     (["generate", "hi", "--top-p", "0"], "--top-p: 0 must be in (0.0, 1.0]"),
     (["generate", "hi", "--top-k", "0"], "--top-k"),
+    (["generate", "hi", "--layout", "mosaic", "--k-bits", "4"],
+     "--layout: layout='mosaic' takes plain KIVI-2 only; got k_bits=4 (allowed: 2)"),
+    (["generate", "hi", "--layout", "rows"], "--layout: invalid choice: 'rows'"),
     (["generate", "hi", "--bogus"], "unrecognized arguments: --bogus"),
     (["generate"], "the following arguments are required: prompt"),
     (["generate", "  "], "the prompt is empty"),
