@@ -8,15 +8,21 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min):
-#  - the Mosaic GPU kernel (pallas_kernels/kivi_mosaic.py), ~1 min: python -m benchmarks.mosaic_attention
-#    --stages 2 --name mosaic-attention (checks incl. GQA 2/4 rows, never compiled yet; the target
-#    shape with 32 and 8 KV heads next to the Triton kernel and dense); --sweep (~3 min, now with
-#    8 KV heads too); --profile (Mosaic's profiler, phases of a step). Registers and spills:
-#    MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d, then grep Used /tmp/d/*.ptxas;
+#  - the Mosaic GPU kernel (pallas_kernels/kivi_mosaic.py): python -m benchmarks.mosaic_attention
+#    --stages 2 --name mosaic-attention (~4 min: checks incl. GQA 2/4 and the MosaicKIVICache path,
+#    the target shape with 32 and 8 KV heads next to the Triton kernel and dense, the whole call
+#    and its plain-JAX window; --kv-heads 32 --skip-checks: ~2.5 min); --sweep (~3 min); --profile
+#    (Mosaic's profiler, phases of a step). Registers and spills: MOSAIC_GPU_DUMP_PTXAS=1
+#    MOSAIC_GPU_DUMP_TO=/tmp/d, then grep Used /tmp/d/*.ptxas;
+#  - a decode step per kernel with the Mosaic cache: decode_step_ab --layers 32 --caches kivi2,kivi2m
+#    --arms allpallas --trace (~1 min); long context end to end: e2e --skip-paper --skip-hf
+#    --skip-compile-check --sweep-prompts 4096 --sweep-caches kivi2,kivi2m --sweep-start 128
+#    --sweep-cap 128 (~5 min); at 16384 tokens a child needs more than 115 s (-run12-16k);
 #  - the batches the time budget cut, each alone (a 200 s child timeout was not enough for either,
 #    e2e-2026-12-01-run7/-run8; a child killed after its warm-up generate now still counts as fitting): python -m benchmarks.e2e --skip-paper --skip-hf --skip-compile-check
-#    --sweep-caches kivi2 --sweep-start 256 --child-timeout 540 --budget-s 560 (4096 tokens: does
-#    batch 256 fit?), and --sweep-prompts 16384 --sweep-start 64 (likewise, batch 64);
+#    --sweep-caches kivi2 --sweep-start 256 --child-timeout 540 --budget-s 560 (4096 tokens: batch
+#    256 fits, 132.6 GiB, e2e-2026-12-01-run11-mosaic, but its timed call was never reached), and
+#    --sweep-prompts 16384 --sweep-start 64 (likewise, batch 64);
 #  - decode_step_ab --writes xla,pallas / decode_attention --quick (mixed-length rows) after any
 #    change to the cache writes or the ring;
 #  - HF needs `python -m pip install --no-deps $PWD/.whl/optimum_quanto-0.2.7-py3-none-any.whl`
