@@ -1,5 +1,6 @@
 """Decode-attention benchmark on one GPU: the fused KIVI kernel vs the plain-JAX reference
-vs dense bf16 XLA attention, all timed in the same run.
+vs dense bf16 XLA attention, all timed in the same run; for 2-bit caches also the same tokens
+as a MosaicKIVICache (impl ``mosaic_cache``: the Mosaic GPU kernel, Hopper).
 
 Rows: B x T x (Hq, Hkv) x bits x impl with median ms, bytes moved, achieved TB/s and the
 ratio to dense bf16 at the same shape; the measured HBM copy bandwidth sits at the top.
@@ -20,6 +21,7 @@ import kivi_jax as kj
 from kivi_jax import attention_pallas
 from benchmarks import common
 from benchmarks.check_kernel_gpu import random_cache
+from pallas_kernels import kivi_mosaic
 
 D = 128
 
@@ -86,18 +88,27 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                         print("cache alloc failed", b, t, hkv, bits, type(e).__name__)
                         continue
                     nbytes = kivi_bytes(cfg, b, hkv, t)
-                    todo = []
+                    todo = []  # (name, fn, the cache as fn takes it)
                     if "pallas" in impls:
                         for name, opts in variants_opts:
-                            todo.append((name, jax.jit(lambda q, c, o=opts: attention_pallas.decode_attention(q, c, **o))))
+                            todo.append((name, jax.jit(lambda q, c, o=opts: attention_pallas.decode_attention(q, c, **o)),
+                                         lambda: cache))
                     if "reference" in impls and dense_bytes <= ref_max_bytes:
-                        todo.append(("reference_xla", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))))
-                    for name, fn in todo:
+                        todo.append(("reference_xla", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference")),
+                                     lambda: cache))
+                    if "mosaic" in impls and bits == 2 and hq // hkv in kivi_mosaic.HEADS:
+                        # the same tokens as a MosaicKIVICache (KIVIConfig(layout="mosaic")), converted
+                        # before the timing: the Mosaic kernel + its window in JAX, the whole call
+                        todo.append(("mosaic_cache", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas")),
+                                     lambda: kj.MosaicKIVICache.from_kivi(cache)))
+                    for name, fn, make in todo:
                         try:
+                            arg = jax.block_until_ready(make())
                             t_c = time.perf_counter()
-                            jax.block_until_ready(fn(q, cache))
+                            jax.block_until_ready(fn(q, arg))
                             print(f"  {name}: first call (compile) {time.perf_counter() - t_c:.1f} s", flush=True)
-                            ms = common.time_fn(fn, q, cache)
+                            ms = common.time_fn(fn, q, arg)
+                            del arg
                         except Exception as e:  # noqa: BLE001
                             print("failed", name, b, t, hkv, bits, type(e).__name__, str(e)[:300])
                             continue
@@ -188,7 +199,7 @@ def main(argv=None):
         # The ring in a launch of its own ("launch": the bulk's launch without the ring's
         # registers) next to the default.
         variants = [("pallas", {}), ("pallas_ring_launch", dict(ring_program="launch"))]
-        rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas",), variants,
+        rows = run([64], [4096], [(32, 32), (32, 8)], [2], ("pallas", "mosaic"), variants,
                    ref_max_bytes=8 << 30, dense_max_bytes=80 << 30)
         mixed = [(name + "_mixed_lengths", opts) for name, opts in variants]
         rows = run([64], [4096], [(32, 32)], [2], ("pallas",), mixed, ref_max_bytes=0, dense_max_bytes=0, rows=rows,
@@ -205,7 +216,7 @@ def main(argv=None):
                    ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
         for heads, bits in (((32, 32), [2, 4]), ((32, 8), [2])):
             run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [heads], bits,
-                        ("pallas", "reference"), [("pallas", dict())], ref_max_bytes=1 << 30,
+                        ("pallas", "reference", "mosaic"), [("pallas", dict())], ref_max_bytes=1 << 30,
                         dense_max_bytes=80 << 30, rows=rows)
     for r in rows:
         r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
