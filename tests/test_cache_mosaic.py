@@ -8,6 +8,7 @@ row writes through the Pallas kernel (interpreted), and the bad configurations.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -82,9 +83,8 @@ def test_attention_glue_matches_the_reference():
     the residual, the ring) and combine, with a plain-JAX stand-in for the kernel's bulk
     partials, against the reference over the KIVICache (MHA and 4 query heads a KV head)."""
     a, m, k, v = _pair([400, 333, 5], 140)
-    kh, vh = (x.reshape(6, -1, D) for x in m.materialize())
 
-    def bulk(rows, lengths, *arrays, row_offset=0):  # partials over tokens [0, lengths) of each (row, KV head)
+    def bulk(rows, lengths, *arrays, row_offset=0, kh, vh):  # partials over tokens [0, lengths) of each (row, KV head)
         q = rows if rows.ndim == 3 else rows[:, None]
         s = jnp.einsum("rgd,rtd->rgt", q, kh)
         s = jnp.where(jnp.arange(kh.shape[1])[None, None] < lengths[:, None, None], s, -jnp.inf)
@@ -94,18 +94,21 @@ def test_attention_glue_matches_the_reference():
         out = jnp.einsum("rgt,rtd->rgd", p, vh), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
         return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
 
+    # jitted (eager compiles op by op); the stand-in reads the materialized cache's tokens
+    glue = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, bulk=functools.partial(
+        bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))))
+    ref = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))
+    auto = jax.jit(lambda q, c: kj.decode_attention(q, c))
     step = jax.jit(lambda c, k, v: c.append(k, v))
     # rows at L % R == 0 (every window key flushed: n = L) and 1 after: i = 112, 113 (row 0) and
     # 123, 124 (row 2); the first and last appends
     for i in range(k.shape[2] + 1):
         if i in (0, 1, 112, 113, 123, 124, 140):
-            kh, vh = (x.reshape(6, -1, D) for x in m.materialize())
             for hq in (2, 8):
                 q = jax.random.normal(jax.random.key(5), (3, hq, 1, D))
-                want = kj.decode_attention(q, a, impl="reference")
-                got = attention_mosaic.decode_attention(q, m, bulk=bulk)
-                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-                np.testing.assert_allclose(np.asarray(kj.decode_attention(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                want = ref(q, a)
+                np.testing.assert_allclose(np.asarray(glue(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(np.asarray(auto(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
         if i < k.shape[2]:
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
