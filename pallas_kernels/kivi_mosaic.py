@@ -181,7 +181,7 @@ def _codes_operand(ref, high: bool):
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, compute: bool = True, profile_dir: str = ""):
+           early_pick: bool | None = None, fused: bool = False, compute: bool = True, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -191,8 +191,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     sum across the warpgroup. early_pick (default: for G > 1) picks each token's score column
     right after its wgmma group, so the [64, 16] accumulators of the G rows do not all live
     until the softmax (registers: at G = 4 they are 128 a thread). One max across the
-    warpgroup a step and row; then the value
-    products likewise. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
+    warpgroup a step and row; then the value products likewise. fused (G > 1; not yet run on a
+    GPU): the G rows' Bk (and Bv) side by side in one operand, row h in columns 16h .. 16h + 15,
+    so a chunk is one wgmma with N = 16 G instead of G with N = 16, and one value accumulator
+    [128, 16 G]. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
     ceil(T / 256 / splits) steps. compute=False (an ablation) only streams the tiles.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
@@ -209,6 +211,14 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     group = group or (2 if heads == 1 else 1)
     early_pick = heads > 1 if early_pick is None else early_pick
     hs = range(heads)
+    nb, nbc = (1, N * heads) if fused else (heads, N)  # B operands / value accumulators, and their columns
+
+    def blk(h):  # (operand, column block) of query row h
+        return (0, h) if fused else (h, 0)
+
+    def cols(ref, h):  # query row h's [.., 16] columns of operand ref [nb, K, nbc]
+        b, k = blk(h)
+        return ref.at[b, :, pl.ds(N * k, N)] if fused else ref.at[b]
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
@@ -228,6 +238,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         steps = jnp.maximum(hi - lo, 0)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
+        # the same over the fused operands' columns
+        rowb, colb, vrowb, vcolb = ((iota((CHUNK, nbc), 0), iota((CHUNK, nbc), 1), iota((D, nbc), 0), iota((D, nbc), 1))
+                                    if fused else (row, col, vrow, vcol))
 
         def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry):
             if not compute:
@@ -237,7 +250,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 c = []  # q_h · m'_g down every row of column g + 8
                 for h in hs:
                     x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s' | q_h ∘ m' [128, 16]
-                    bk_smem.at[h][...] = x.astype(bf16)
+                    cols(bk_smem, h)[...] = x.astype(bf16)
                     c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
 
@@ -245,25 +258,35 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 for i, u in enumerate(range(first, first + group)):
                     codes = kn_ref.at[pl.ds(u * CHUNK, CHUNK)]
                     a_lo, a_hi = _codes_operand(codes, False), _codes_operand(codes, True)
-                    for h in hs:
-                        plgpu.wgmma(accs[i * heads + h], a_lo, bk_smem.at[h, pl.ds(0, D // 2)])
-                        plgpu.wgmma(accs[i * heads + h], a_hi, bk_smem.at[h, pl.ds(D // 2, D // 2)])
+                    for b in range(nb):
+                        plgpu.wgmma(accs[i * nb + b], a_lo, bk_smem.at[b, pl.ds(0, D // 2)])
+                        plgpu.wgmma(accs[i * nb + b], a_hi, bk_smem.at[b, pl.ds(D // 2, D // 2)])
                 plgpu.wgmma_wait(0)
                 return [a[...] for a in accs]
 
-            acc = []  # [chunk * heads + h]: accumulators, or (early_pick) picked scores
+            acc = []  # accumulators [chunk * nb + b], or (early_pick) picked scores [chunk * heads + h]
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
-                    part = pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, N), f32)] * (group * heads))
+                    part = pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, nbc), f32)] * (group * nb))
                     if early_pick:
-                        part = [pick(j, first + i // heads, a, c[i % heads]) for i, a in enumerate(part)]
+                        part = [pick(j, first + i, part[i * nb + blk(h)[0]], c[h], blk(h)[1])
+                                for i in range(group) for h in hs]
                     acc += part
             return softmax_and_values(j, acc, c, vn_ref, vt_ref, *carry)
 
-        def pick(j, u, acc, c):  # chunk u's [64] scores: each token's group column + the key constant c
+        def pick(j, u, acc, c, k=0):  # chunk u's [64] scores (column block k of acc) + the key constant c
             g = 2 * u + row // GROUP  # the token's key group in the block
-            return jnp.sum(jnp.where(col == g, acc, 0.0) + jnp.where(col == g + 8, c, 0.0)
-                           + jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0), axis=1)
+
+            def const():
+                return jnp.where(col == g + 8, c, 0.0)
+
+            def mask():
+                return jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0)
+
+            if fused:
+                picked = jnp.sum(jnp.where(colb == N * k + 2 * u + rowb // GROUP, acc, 0.0), axis=1)
+                return picked + jnp.sum(const() + mask(), axis=1)
+            return jnp.sum(jnp.where(col == g, acc, 0.0) + const() + mask(), axis=1)
 
         @jax.named_scope("softmax")
         def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
@@ -271,7 +294,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             alpha = []
             with jax.named_scope("bv"):
                 for h in hs:
-                    s = [acc[u * heads + h] if early_pick else pick(j, u, acc[u * heads + h], c[h]) for u in range(chunks)]
+                    s = [acc[u * heads + h] if early_pick else pick(j, u, acc[u * nb + blk(h)[0]], c[h], blk(h)[1])
+                         for u in range(chunks)]
                     top = s[0]
                     for su in s[1:]:
                         top = jnp.maximum(top, su)
@@ -283,24 +307,32 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
                         vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
                         y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
-                        bv_smem.at[h, pl.ds(u * CHUNK, CHUNK)][...] = y.astype(bf16)
+                        rows_u = pl.ds(u * CHUNK, CHUNK)
+                        dst = bv_smem.at[0, rows_u, pl.ds(N * h, N)] if fused else bv_smem.at[h, rows_u]
+                        dst[...] = y.astype(bf16)
                         mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
                 plgpu.commit_smem()
 
             def values(first, *accs):
                 for u in range(first, first + group):
                     a_lo, a_hi = _codes_operand(vn_ref.at[u], False), _codes_operand(vn_ref.at[u], True)
-                    for h in hs:
-                        plgpu.wgmma(accs[h], a_lo, bv_smem.at[h, pl.ds(u * CHUNK, half)])
-                        plgpu.wgmma(accs[h], a_hi, bv_smem.at[h, pl.ds(u * CHUNK + half, half)])
+                    for b in range(nb):
+                        plgpu.wgmma(accs[b], a_lo, bv_smem.at[b, pl.ds(u * CHUNK, half)])
+                        plgpu.wgmma(accs[b], a_hi, bv_smem.at[b, pl.ds(u * CHUNK + half, half)])
                 plgpu.wgmma_wait(0)
                 return [a[...] for a in accs]
 
-            o1 = [o1[h] * alpha[h] for h in hs]
+            if fused:  # column block h rescaled by alpha_h
+                scale = alpha[0]
+                for h in hs[1:]:
+                    scale = jnp.where(vcolb >= N * h, alpha[h], scale)
+                o1 = [o1[0] * scale]
+            else:
+                o1 = [o1[h] * alpha[h] for h in hs]
             with jax.named_scope("values"):
                 for first in range(0, chunks, group):
-                    part = pl.run_scoped(functools.partial(values, first), *[plgpu.ACC((D, N), f32)] * heads)
-                    o1 = [o1[h] + part[h] for h in hs]
+                    part = pl.run_scoped(functools.partial(values, first), *[plgpu.ACC((D, nbc), f32)] * nb)
+                    o1 = [o1[b] + part[b] for b in range(nb)]
             return tuple(m), tuple(o1), tuple(mc2)
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
@@ -322,17 +354,22 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             pl.when(i + stages < steps)(lambda: fetch(lo + i + stages, slot))
             return carry
 
-        zeros = plgpu.layout_cast(jnp.zeros((D, N), f32), wg)
+        zeros = plgpu.layout_cast(jnp.zeros((D, nbc), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
         m0 = (n * 0).astype(f32) - 1e30
-        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * heads, (zeros_c,) * heads))
+        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads))
         g = vrow // GROUP
         for h in hs:
             mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
             l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
-            o_smem.at[h][...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1[h], 0.0)
-                                        + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
+            if fused:
+                gb = N * h + vrowb // GROUP  # row h's column block
+                o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
+                                     + jnp.sum(jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1))
+            else:
+                o_smem.at[h][...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1[h], 0.0)
+                                            + jnp.where((vcol == g + 4) | (vcol == g + 12), mc, 0.0), axis=1)  # [128]
             ml_smem.at[h, 0][...] = jnp.sum(jnp.where(vcol == 0, m[h], 0.0), axis=1)  # m down the row
             ml_smem.at[h, 1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
         plgpu.commit_smem()
@@ -345,8 +382,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
         scratch_types=[plgpu.SMEM((heads, D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
-                       plgpu.SMEM((heads, D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((heads, KEY_BLOCK, N), bf16, transforms=b_op),
+                       plgpu.SMEM((nb, D, nbc), bf16, transforms=b_op),
+                       plgpu.SMEM((nb, KEY_BLOCK, nbc), bf16, transforms=b_op),
                        plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
                        plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op),
