@@ -4,9 +4,9 @@ JAX on the newest ones.
 Row b holds L tokens; values [0, m) are quantized (m = max(L - R, 0)), and so are their keys
 (keys [0, n) with n = L - L % R >= m). The kernel (:func:`pallas_kernels.kivi_mosaic.bulk_partials`)
 attends tokens [0, m) from the stores as they are. The window, tokens [m, L) (at most R), is
-attended here: values from the ring (slot t % R), keys from the residual (t >= n) or, for
-t in [m, n), dequantized from the last flushed block (one key block's tile and R rows of codes
-gathered per row). The two partials are combined.
+attended here, slot by slot: values from the ring (slot t % R), keys from the residual (t >= n)
+or, for t in [m, n), scored from the last flushed block's codes (one key block's tile columns
+and R rows of codes per row). The two partials are combined.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def window_partials(qg, cache: MosaicKIVICache):
     value in v_res and its key in k_res (t_j >= n) or in the block flushed last (token n - R + j:
     n is a multiple of R). Products and sums over the R slots are elementwise reductions, not
     dots: a dot over the model's loop-carried v_res made XLA:GPU pick a slot-minor layout for it
-    and copy it whole every layer (see attention_pallas.ring_partials)."""
+    and copy it whole every layer (see attention_pallas._window_partials)."""
     r = cache.config.residual_length
     L, n, mq = cache.lengths[:, None], cache.num_quantized_keys[:, None], cache.num_quantized_values[:, None]
     t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]
