@@ -65,8 +65,20 @@ def _unrolled_step(model, per_layer: bool):
 
 
 def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
-    return [ln.strip()[:200] for ln in hlo.splitlines()
-            if re.search(rf"\b({ops})[.\d]*\(", ln) and any(s in ln.split("=")[1][:80] for s in shapes)]
+    """The instructions (``ops``) of the optimized HLO that produce an array of one of
+    ``shapes``. Inside a fused computation whose root is smaller (a slice of it, say) the
+    instruction is computed element by element for the root alone: no copy, not counted."""
+    def big(line):
+        return "=" in line and any(s in line.split("=")[1][:80] for s in shapes)
+
+    found = []
+    for comp in re.split(r"\n(?=[%A-Z])", hlo):  # computations start at column 0
+        lines = comp.splitlines()
+        fused = lines[0].startswith("%fused") if lines else False
+        if fused and not any(big(ln) for ln in lines if ln.strip().startswith("ROOT")):
+            continue
+        found += [ln.strip()[:200] for ln in lines if re.search(rf"\b({ops})[.\d]*\(", ln) and big(ln)]
+    return found
 
 
 def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=False):

@@ -89,3 +89,32 @@ def test_e2e_keeps_what_a_killed_child_measured(tmp_path):
     status = {r["batch"]: r["status"] for r in e2e._fmt_rows(runner.payload["rows"])}
     assert status[2] == "ok" and status[4].startswith("fits") and status[8].startswith("error: timeout")
     runner.log.close()
+
+
+def test_stacked_copy_count_skips_fusions_that_only_slice():
+    """decode_step_ab's copy detector: a transpose inside a fusion whose root is a slice of it is
+    computed for the slice alone (the flush branch's k_res read), while a fusion or a top-level
+    copy that produces the whole stacked array is a copy."""
+    from benchmarks.decode_step_ab import _count
+
+    big = "bf16[32,96,32,128,128]"
+    hlo = f"""HloModule m
+
+%fused_dynamic_slice (p: {big}, i: s32[]) -> bf16[1,96,32,128,128] {{
+  %p = {big}{{4,3,2,1,0}} parameter(0)
+  %transpose.1 = {big}{{4,3,2,1,0}} transpose(%p), dimensions={{0,1,2,4,3}}
+  ROOT %ds = bf16[1,96,32,128,128]{{4,3,2,1,0}} dynamic-slice(%transpose.1, %i), dynamic_slice_sizes={{1,96,32,128,128}}
+}}
+
+%fused_transpose (p: {big}) -> {big} {{
+  %p = {big}{{4,3,2,1,0}} parameter(0)
+  ROOT %transpose.2 = {big}{{4,3,2,1,0}} transpose(%p), dimensions={{0,1,2,4,3}}
+}}
+
+ENTRY %main (a: {big}) -> {big} {{
+  %a = {big}{{4,3,2,1,0}} parameter(0)
+  ROOT %copy.3 = {big}{{3,4,2,1,0}} copy(%a)
+}}
+"""
+    found = _count(hlo, {"[32,96,32,128,128]"})
+    assert [x.split(" =")[0].removeprefix("ROOT ") for x in found] == ["%transpose.2", "%copy.3"]
