@@ -88,22 +88,22 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                         print("cache alloc failed", b, t, hkv, bits, type(e).__name__)
                         continue
                     nbytes = kivi_bytes(cfg, b, hkv, t)
-                    todo = []  # (name, fn, the cache as fn takes it)
+                    todo = []  # (name, fn, the KIVICache -> what fn takes)
                     if "pallas" in impls:
                         for name, opts in variants_opts:
                             todo.append((name, jax.jit(lambda q, c, o=opts: attention_pallas.decode_attention(q, c, **o)),
-                                         lambda: cache))
+                                         None))
                     if "reference" in impls and dense_bytes <= ref_max_bytes:
                         todo.append(("reference_xla", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference")),
-                                     lambda: cache))
+                                     None))
                     if "mosaic" in impls and bits == 2 and hq // hkv in kivi_mosaic.HEADS:
                         # the same tokens as a MosaicKIVICache (KIVIConfig(layout="mosaic")), converted
                         # before the timing: the Mosaic kernel + its window in JAX, the whole call
                         todo.append(("mosaic_cache", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas")),
-                                     lambda: kj.MosaicKIVICache.from_kivi(cache)))
+                                     kj.MosaicKIVICache.from_kivi))
                     for name, fn, make in todo:
                         try:
-                            arg = jax.block_until_ready(make())
+                            arg = cache if make is None else jax.block_until_ready(make(cache))
                             t_c = time.perf_counter()
                             jax.block_until_ready(fn(q, arg))
                             print(f"  {name}: first call (compile) {time.perf_counter() - t_c:.1f} s", flush=True)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes
+from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes, unfold_keys
 from pallas_kernels import kivi_mosaic
 
 
@@ -34,8 +33,7 @@ def _flushed_scores(qg, cache: MosaicKIVICache):
     col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]: the groups' columns
     s, m = (jnp.swapaxes(jnp.take_along_axis(tile, (col + off)[:, None, None, :], axis=3), 2, 3).astype(jnp.float32)
             for off in (0, 8))  # [B, H, R/32, D]
-    hi = jnp.arange(D) >= D // 2
-    s, m = jnp.where(hi, 4 * s, s), jnp.where(hi, m - 8 * s, m)  # unfold: s = 4 s', m = m' - 2 s
+    s, m = unfold_keys(s, m)
     qs = qg[:, :, :, None, :] * s[:, :, None]  # [B, H, G, R/32, D]
     const = jnp.sum(qg[:, :, :, None, :] * m[:, :, None], axis=-1)  # [B, H, G, R/32]
     scores = jnp.sum(codes.astype(jnp.float32) * qs[..., None, :], axis=-1) + const[..., None]

@@ -35,7 +35,7 @@ from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
 from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, fold_keys, fold_values, kernel_arrays,
-                                        key_codes, key_tiles, key_words, value_codes, value_tiles, value_words)
+                                        key_codes, key_tiles, key_words, unfold_keys, value_codes, value_tiles, value_words)
 
 
 def check_config(config: KIVIConfig, head_dim: int):
@@ -52,8 +52,7 @@ def unfold(kt, vt, tc):
     tile = kt.reshape(lead + (tc // KEY_BLOCK, D, 16)).astype(jnp.float32)
     ks = jnp.swapaxes(tile[..., :8], -1, -2).reshape(lead + (tc // GROUP, D))
     km = jnp.swapaxes(tile[..., 8:], -1, -2).reshape(lead + (tc // GROUP, D))
-    hi = jnp.arange(D) >= D // 2
-    ks, km = jnp.where(hi, 4 * ks, ks), jnp.where(hi, km - 8 * ks, km)  # m = m' - 2 s = m' - 8 s'
+    ks, km = unfold_keys(ks, km)
     per = jnp.swapaxes(vt.reshape(lead + (tc // VALUE_BLOCK, CHUNK, 2, 8)), -2, -3).reshape(lead + (tc, 8))
     per = per.astype(jnp.float32)
     vhi = ((jnp.arange(tc) % CHUNK) >= CHUNK // 2)[:, None]

@@ -95,6 +95,13 @@ def fold_keys(scale, mn):
     return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
 
 
+def unfold_keys(s, m):
+    """Inverse of :func:`fold_keys` (float32): (s', m') [..., D] -> (scale, min); channels >= 64:
+    s = 4 s', m = m' - 2 s = m' - 8 s'."""
+    hi = jnp.arange(D) >= D // 2
+    return jnp.where(hi, 4 * s, s), jnp.where(hi, m - 8 * s, m)
+
+
 def fold_values(scale, mn, tokens):
     """Per-token value scale/min [..., n, D/32] of tokens [n] -> (s', m') (t % 64 >= 32: s / 4, m + 2 s)."""
     hi = ((tokens % CHUNK) >= CHUNK // 2)[..., None]
@@ -216,9 +223,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     def blk(h):  # (operand, column block) of query row h
         return (0, h) if fused else (h, 0)
 
-    def cols(ref, h):  # query row h's [.., 16] columns of operand ref [nb, K, nbc]
+    def cols(ref, h, rows=None):  # query row h's [rows (all), 16] of operand ref [nb, K, nbc]
         b, k = blk(h)
-        return ref.at[b, :, pl.ds(N * k, N)] if fused else ref.at[b]
+        if fused:
+            return ref.at[b, slice(None) if rows is None else rows, pl.ds(N * k, N)]
+        return ref.at[b] if rows is None else ref.at[b, rows]
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
@@ -307,9 +316,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
                         vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
                         y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
-                        rows_u = pl.ds(u * CHUNK, CHUNK)
-                        dst = bv_smem.at[0, rows_u, pl.ds(N * h, N)] if fused else bv_smem.at[h, rows_u]
-                        dst[...] = y.astype(bf16)
+                        cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y.astype(bf16)
                         mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
                 plgpu.commit_smem()
 
