@@ -33,7 +33,10 @@ D = km.D
 # CTA (slower, and a race: -run5), per-chunk steps (-run2), the key constant from an all-ones
 # wgmma (-run6, -run8: within noise of the column sum, less exact; removed).
 # early_pick at one query row: 0.728 vs 0.723 ms (-run11, within noise; not the default there).
-VARIANTS = [("default", {}), ("stream_only", dict(compute=False))]
+# relayout="mosaic": the codes moved into wgmma's layout by Mosaic's shuffles (the kernel before
+# the sigma order; timing only, its K order is wrong on this layout).
+VARIANTS = [("default", {}), ("group1", dict(group=1)), ("group4", dict(group=4)),
+            ("mosaic_relayout", dict(relayout="mosaic")), ("stream_only", dict(compute=False))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused: the G rows in one wgmma operand (N = 16 G; first compiled in the run after 0dbd8c6)

@@ -35,7 +35,8 @@ from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
 from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, fold_keys, fold_values, kernel_arrays,
-                                        key_codes, key_tiles, key_words, unfold_keys, value_codes, value_tiles, value_words)
+                                        key_codes, key_tiles, key_words, sigma, unfold_keys, value_codes, value_tiles,
+                                        value_words)
 
 
 def check_config(config: KIVIConfig, head_dim: int):
@@ -148,8 +149,9 @@ class MosaicKIVICache(cc.CacheShape):
         spill = live & (L >= r)
         p = jnp.where(spill, L - r, 0)
         codes, scale, mn = quant_values(self.config, self.dtype, leaving)  # [B, H, 1, D], [B, H, 1, 4]
-        shift = (4 * (p % 8) + 2 * ((p % CHUNK) >= CHUNK // 2)).astype(jnp.uint32)
-        word = (p % (CHUNK // 2)) // 8
+        nib = sigma(p % (CHUNK // 2))  # its nibble in the channel's 4 words (sigma: the kernel's order)
+        shift = (4 * (nib % 8) + 2 * ((p % CHUNK) >= CHUNK // 2)).astype(jnp.uint32)
+        word = nib // 8
         onehot = (jnp.arange(4)[None, :] == word[:, None]).astype(jnp.uint32)  # [B, 4]
         bits = (codes[:, :, 0].astype(jnp.uint32) << shift[:, None, None])[..., None] * onehot[:, None, None, :]
         s, m = fold_values(scale[:, :, 0], mn[:, :, 0], p[:, None])  # [B, H, 4]

@@ -46,10 +46,29 @@ N = 16  # wgmma N of both small operands
 # ---- layout --------------------------------------------------------------------------------------
 
 # ---- the layout, both ways (the cache, kivi_jax.cache_mosaic, stores the words and tiles) --------
+def sigma(c):
+    """The order of the codes' nibbles within each 32-nibble span: memory nibble c holds channel
+    (keys) or token (values) sigma(c), c = 32a + 8j + 2k + e -> 32a + 8k + 2j + e (an involution).
+    The kernel takes a [rows, 32] int4 tile's registers as loaded (thread j of a row holds
+    nibbles 8j .. 8j + 7) as the wgmma A operand's (which wants columns 2j, 2j + 1, 8 + 2j, ...
+    of each 8-column tile), without Mosaic's two shuffles; this order makes that the identity."""
+    return (c & ~0b11110) | (((c >> 3) & 3) << 1) | (((c >> 1) & 3) << 3)
+
+
+SIGMA = sigma(np.arange(32))  # within one span
+
+
+def _in_memory_order(nib):
+    """Nibbles [..., 32 s] in channel/token order <-> memory order (sigma within each span)."""
+    n = nib.shape[-1]
+    return nib[..., (np.arange(n) // 32) * 32 + SIGMA[np.arange(n) % 32]]
+
+
 def key_words(codes):
-    """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble j = channel j | channel 64 + j << 2)."""
+    """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble p = channel j | channel 64 + j << 2,
+    j = sigma(p))."""
     c = codes.astype(jnp.uint32)
-    nib = c[..., : D // 2] | (c[..., D // 2:] << 2)  # [..., T, 64]
+    nib = _in_memory_order(c[..., : D // 2] | (c[..., D // 2:] << 2))  # [..., T, 64]
     nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
     return _or_reduce(nib)
 
@@ -65,17 +84,17 @@ def _or_reduce(x):
 def key_codes(words):
     """[..., T, 8] uint32 -> codes [..., T, D] int32 (inverse of :func:`key_words`)."""
     nib = (words[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32)
+    nib = _in_memory_order(nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32))
     return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
 
 
 def value_words(codes):
     """codes [..., T, D] (T a multiple of 64) -> [..., T/64, D * 4] uint32: chunk i, channel c's
-    words 4c..4c+3, nibble j = token 64i + j | token 64i + 32 + j << 2."""
+    words 4c..4c+3, nibble p = token 64i + j | token 64i + 32 + j << 2, j = sigma(p)."""
     c = codes.astype(jnp.uint32)
     lead, t = c.shape[:-2], c.shape[-2]
     c = jnp.swapaxes(c.reshape(lead + (t // CHUNK, CHUNK, D)), -1, -2)  # [..., chunks, D, 64]
-    nib = c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2)  # [..., chunks, D, 32]
+    nib = _in_memory_order(c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2))  # [..., chunks, D, 32]
     nib = nib.reshape(nib.shape[:-1] + (4, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
     return _or_reduce(nib).reshape(lead + (t // CHUNK, D * 4))
 
@@ -84,7 +103,7 @@ def value_codes(words):
     """[..., T/64, D * 4] uint32 -> codes [..., T, D] int32 (inverse of :func:`value_words`)."""
     lead, chunks = words.shape[:-2], words.shape[-2]
     nib = (words.reshape(lead + (chunks, D, 4))[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32)
+    nib = _in_memory_order(nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32))
     c = jnp.concatenate([nib & 3, nib >> 2], axis=-1)  # [..., chunks, D, 64]
     return jnp.swapaxes(c, -1, -2).reshape(lead + (chunks * CHUNK, D))
 
@@ -145,8 +164,9 @@ def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
     k_codes, v_codes: [R, T, D] integers 0..3; k_scale, k_min: [R, T/32, D]; v_scale, v_min:
     [R, T, D/32]; T a multiple of 256. Returns (kn [R, T, 64] int4, kt [R, T/256, 128, 16],
     vn [R, T/64, 128, 32] int4, vt [R, T/128, 64, 16]) with the scale dtype:
-    kn[r, t, j] = k[t, j] | k[t, 64 + j] << 2; kt[r, b, c, g] = s'[8b + g, c] (g < 8),
-    m'[8b + g - 8, c] (g >= 8); vn[r, i, c, j] = v[64i + j, c] | v[64i + 32 + j, c] << 2;
+    kn[r, t, p] = k[t, j] | k[t, 64 + j] << 2 with j = :func:`sigma` (p); kt[r, b, c, g] =
+    s'[8b + g, c] (g < 8), m'[8b + g - 8, c] (g >= 8); vn[r, i, c, p] = v[64i + j, c] |
+    v[64i + 32 + j, c] << 2 with j = sigma(p);
     vt[r, i, u, 8e + g] = s'[128i + 64e + u, g], vt[r, i, u, 8e + 4 + g] = m'[...]."""
     r, t, d = k_codes.shape
     if d != D or t % KEY_BLOCK:
@@ -175,20 +195,53 @@ def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
 
 # ---- kernel --------------------------------------------------------------------------------------
 
-def _codes_operand(ref, high: bool):
-    """int4 nibbles in shared memory -> one code of each nibble, bf16, in wgmma's A layout:
-    ``x & 3``, or the high pair as ``(x & 0b1100) ^ 0b1000`` = 4c - 8."""
+def _codes_operands(ref, relayout: str = "free"):
+    """int4 nibbles [rows, 32 s] in shared memory -> the two codes of each nibble, bf16, as wgmma
+    A operands: ``x & 3`` and the high pair as ``(x & 0b1100) ^ 0b1000`` = 4c - 8.
+
+    Loaded once in WGMMA_UPCAST_4X (a thread holds 8 consecutive nibbles: one 32-bit word) and
+    converted there. relayout="free": the registers are then taken as the A operand as they are
+    (:func:`_as_wgmma`), which puts memory column c at K index :func:`sigma` (c) (the layout
+    stores the codes in that order). "mosaic" (an ablation, for timing only: with this layout
+    its K order is wrong) lets Mosaic move them into place: a shuffle and a permute a word
+    before the conversion, a shuffle and two selects a register pair after it."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    c = (c & jnp.int4(-4)) ^ jnp.int4(-8) if high else c & jnp.int4(3)
-    x = plgpu.layout_cast(c, plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16)
-    return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+    codes = (c & jnp.int4(3), (c & jnp.int4(-4)) ^ jnp.int4(-8))
+    if relayout == "free":
+        return tuple(_as_wgmma(x.astype(jnp.bfloat16)) for x in codes)
+    return tuple(plgpu.layout_cast(plgpu.layout_cast(x, plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16),
+                                   plgpu.Layout.WGMMA) for x in codes)
+
+
+def _as_wgmma(x):
+    """A bf16 [rows, 32 s] array in WGMMA_UPCAST_4X -> the same registers as a WGMMA-layout array
+    (no data moves). Both layouts give a thread the same rows; in a 32-column span thread j
+    (of a row's four) holds columns 8j .. 8j + 7 in UPCAST_4X, and 8k + 2j + (0, 1) for
+    k = 0..3 in WGMMA. So element 2k + e of its vector becomes column 8k + 2j + e: memory
+    column c = 8j + 2k + e lands on K index sigma(c)."""
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+                       return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=plgpu.Layout.WGMMA))
+    def cast(ctx, a):
+        del ctx
+        regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(a.shape), dtype=object)
+        for idx, reg in np.ndenumerate(a.registers):  # idx: (row tile, 32-column span, ...)
+            for k in range(4):
+                regs[(idx[0], 4 * idx[1] + k) + idx[2:]] = mgpu_utils.vector_slice(reg, slice(2 * k, 2 * k + 2))
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return cast(x)
 
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, fused: bool = False, compute: bool = True, profile_dir: str = ""):
+           early_pick: bool | None = None, fused: bool = False, relayout: str = "free", compute: bool = True,
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -202,7 +255,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     GPU): the G rows' Bk (and Bv) side by side in one operand, row h in columns 16h .. 16h + 15,
     so a chunk is one wgmma with N = 16 G instead of G with N = 16, and one value accumulator
     [128, 16 G]. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
-    ceil(T / 256 / splits) steps. compute=False (an ablation) only streams the tiles.
+    ceil(T / 256 / splits) steps. relayout: how the codes reach wgmma (:func:`_codes_operands`;
+    "mosaic" is an ablation, timing only). compute=False (an ablation) only streams the tiles.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -265,8 +319,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
-                    codes = kn_ref.at[pl.ds(u * CHUNK, CHUNK)]
-                    a_lo, a_hi = _codes_operand(codes, False), _codes_operand(codes, True)
+                    a_lo, a_hi = _codes_operands(kn_ref.at[pl.ds(u * CHUNK, CHUNK)], relayout)
                     for b in range(nb):
                         plgpu.wgmma(accs[i * nb + b], a_lo, bk_smem.at[b, pl.ds(0, D // 2)])
                         plgpu.wgmma(accs[i * nb + b], a_hi, bk_smem.at[b, pl.ds(D // 2, D // 2)])
@@ -322,7 +375,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
             def values(first, *accs):
                 for u in range(first, first + group):
-                    a_lo, a_hi = _codes_operand(vn_ref.at[u], False), _codes_operand(vn_ref.at[u], True)
+                    a_lo, a_hi = _codes_operands(vn_ref.at[u], relayout)
                     for b in range(nb):
                         plgpu.wgmma(accs[b], a_lo, bv_smem.at[b, pl.ds(u * CHUNK, half)])
                         plgpu.wgmma(accs[b], a_hi, bv_smem.at[b, pl.ds(u * CHUNK + half, half)])
@@ -457,7 +510,8 @@ def kernel_model(q, lengths, kn, kt, vn, vt):
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
         return _per_query_row(kernel_model, q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
-    kn, vn = (np.asarray(x.astype(jnp.int32)) for x in (kn, vn))
+    # the A operands as the kernel takes them: memory column c at K index sigma(c)
+    kn, vn = (_in_memory_order(np.asarray(x.astype(jnp.int32))) for x in (kn, vn))
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
     rows, tokens = kn.shape[:2]
     lo_hi = lambda x: (x & 3, ((x & 12) ^ 8) - 16 * (((x & 12) ^ 8) >= 8))  # noqa: E731 - the two masks

@@ -31,13 +31,19 @@ def test_repack_layout_matches_its_definition():
     kn, kt, vn, vt = (np.asarray(x.astype(jnp.int32) if x.dtype == jnp.int4 else x, np.float64 if x.dtype != jnp.int4
                                  else np.int64) for x in km.repack(*_float32(random_inputs(rows, t, key=1))))
     nib = lambda lo, hi: (lo | (hi << 2)) - 16 * ((lo | (hi << 2)) >= 8)  # noqa: E731 - as signed int4
+
+    def order(p):  # memory nibble p = 32a + 8j + 2k + e holds channel / token 32a + 8k + 2j + e
+        a, j, k, e = p // 32, p % 32 // 8, p % 8 // 2, p % 2
+        return 32 * a + 8 * k + 2 * j + e
     rng = np.random.default_rng(0)
     for _ in range(200):
-        r, tok, j, c = rng.integers(rows), rng.integers(t), rng.integers(D // 2), rng.integers(D)
-        assert kn[r, tok, j] == nib(kc[r, tok, j], kc[r, tok, D // 2 + j])
+        r, tok, p, c = rng.integers(rows), rng.integers(t), rng.integers(D // 2), rng.integers(D)
+        j = order(p)
+        assert kn[r, tok, p] == nib(kc[r, tok, j], kc[r, tok, D // 2 + j])
         i, u = divmod(tok, 64)
-        if u < 32:
-            assert vn[r, i, c, u] == nib(vc[r, tok, c], vc[r, tok + 32, c])
+        if u < 32:  # nibble p2 of channel c holds tokens u and u + 32
+            p2 = [q for q in range(32) if order(q) == u][0]
+            assert vn[r, i, c, p2] == nib(vc[r, tok, c], vc[r, tok + 32, c])
         g = tok // 32
         s_fold, m_fold = (ks[r, g, c] / 4, kmin[r, g, c] + 2 * ks[r, g, c]) if c >= 64 else (ks[r, g, c], kmin[r, g, c])
         assert kt[r, g // 8, c, g % 8] == pytest.approx(s_fold, rel=1e-6)
