@@ -240,7 +240,7 @@ def _as_wgmma(x):
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, fused: bool = False, relayout: str = "free", compute: bool = True,
+           early_pick: bool | None = None, fused: bool | None = None, relayout: str = "free", compute: bool = True,
            profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
@@ -251,10 +251,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     sum across the warpgroup. early_pick (default: for G > 1) picks each token's score column
     right after its wgmma group, so the [64, 16] accumulators of the G rows do not all live
     until the softmax (registers: at G = 4 they are 128 a thread). One max across the
-    warpgroup a step and row; then the value products likewise. fused (G > 1; not yet run on a
-    GPU): the G rows' Bk (and Bv) side by side in one operand, row h in columns 16h .. 16h + 15,
-    so a chunk is one wgmma with N = 16 G instead of G with N = 16, and one value accumulator
-    [128, 16 G]. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
+    warpgroup a step and row; then the value products likewise. fused (default: for G > 1; at
+    GQA 4 0.85 vs 0.97 ms, results/mosaic-attention-run13): the G rows' Bk (and Bv) side by side
+    in one operand, row h in columns 16h .. 16h + 15, so a chunk is one wgmma with N = 16 G
+    instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
     ceil(T / 256 / splits) steps. relayout: how the codes reach wgmma (:func:`_codes_operands`;
     "mosaic" is an ablation, timing only). compute=False (an ablation) only streams the tiles.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
@@ -271,6 +271,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
     early_pick = heads > 1 if early_pick is None else early_pick
+    fused = heads > 1 if fused is None else fused and heads > 1
     hs = range(heads)
     nb, nbc = (1, N * heads) if fused else (heads, N)  # B operands / value accumulators, and their columns
 

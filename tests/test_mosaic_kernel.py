@@ -115,8 +115,8 @@ def _abstract(rows, t, heads=1):
 
 @pytest.mark.parametrize("heads,options", [(1, {}), (1, {"splits": 3}), (1, {"group": 1, "stages": 3}),
                                            (1, {"early_pick": True}), (2, {}), (4, {"splits": 2}),
-                                           (4, {"group": 2, "early_pick": False}), (4, {"fused": True}),
-                                           (2, {"fused": True, "early_pick": False})])
+                                           (4, {"group": 2, "early_pick": False}), (4, {"fused": False}),
+                                           (2, {"early_pick": False}), (1, {"relayout": "mosaic"})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
