@@ -170,16 +170,52 @@ def _mosaic(q, cache, impl, window, stack):
 PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer
 
 
-def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact: bool = False):
+PREFILL_IMPLS = ("auto", "xla", "cudnn")
+
+
+def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact: bool = False,
+                      impl: str = "auto"):
     """Causal full-precision prompt attention. q [B, Hq, T, D], k, v [B, Hkv, T, D].
 
     lengths [B] (default T): keys at positions >= lengths[b] are masked. window: each query
     sees at most the ``window`` newest keys (itself included). Returns [B, Hq, T, D].
-    Queries go in blocks of PREFILL_BLOCK, each against the keys it can see (causal), so
-    the float32 scores never exceed [B, Hq, PREFILL_BLOCK, T]. Operands stay in the
-    inputs' dtype with float32 accumulation (``exact=True``: float32 at HIGHEST precision;
-    float32 inputs always are).
+
+    impl="xla": queries go in blocks of PREFILL_BLOCK, each against the keys it can see
+    (causal), so the float32 scores never exceed [B, Hq, PREFILL_BLOCK, T]. Operands stay in
+    the inputs' dtype with float32 accumulation (``exact=True``: float32 at HIGHEST precision;
+    float32 inputs always are). impl="cudnn": cuDNN's fused flash attention
+    (``jax.nn.dot_product_attention``; GPU, bf16/fp16, D <= 128, no scores in memory: at a
+    4096-token prompt the blocked path writes and reads [B, Hq, 512, T] float32 scores a block).
+    "auto": cudnn on a GPU where it applies (not exact), else xla.
     """
+    if impl not in PREFILL_IMPLS:
+        raise ValueError(f"impl={impl!r}; allowed: {PREFILL_IMPLS}")
+    _check_prefill_args(q, k, v, lengths)
+    if window is not None and window >= q.shape[2]:
+        window = None  # no query sees more than the window: plain causal
+    cudnn_ok = (not exact and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype == v.dtype
+                and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+    if impl == "cudnn" and not (_on_gpu() and cudnn_ok):
+        raise ValueError(f"impl='cudnn' needs a GPU and bf16/fp16 q, k, v with D <= 128 (a multiple of 8), not "
+                         f"exact; got backend {jax.default_backend()}, {q.dtype} q {q.shape}, exact={exact}")
+    # auto keeps a sliding window (shorter than the prompt) in XLA: cuDNN's is not checked here
+    if impl == "cudnn" or (impl == "auto" and _on_gpu() and cudnn_ok and window is None):
+        return _prefill_cudnn(q, k, v, lengths, window)
+    return _prefill_blocked(q, k, v, lengths, window, exact)
+
+
+def _prefill_cudnn(q, k, v, lengths, window):
+    """prefill_attention through cuDNN's flash attention ([B, T, heads, D] operands)."""
+    t = q.shape[2]
+    o = jax.nn.dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), is_causal=True,
+        key_value_seq_lengths=None if lengths is None else jnp.asarray(lengths, jnp.int32),
+        query_seq_lengths=None if lengths is None else jnp.full((q.shape[0],), t, jnp.int32),
+        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+    return o.transpose(0, 2, 1, 3)
+
+
+def _check_prefill_args(q, k, v, lengths):
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(f"q must be [B, Hq, T, D] and k, v [B, Hkv, T, D]; got {q.shape}, {k.shape}, {v.shape}")
     b, hq, t, d = q.shape
@@ -189,6 +225,12 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.shape} {lengths.dtype}")
+
+
+def _prefill_blocked(q, k, v, lengths, window, exact):
+    """prefill_attention in XLA, PREFILL_BLOCK queries at a time."""
+    t = q.shape[2]
+    lengths = None if lengths is None else jnp.asarray(lengths)
     outs = []
     for q0 in range(0, t, PREFILL_BLOCK):
         q1 = min(q0 + PREFILL_BLOCK, t)
