@@ -7,7 +7,11 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min):
+# Then, as separate calls (each <= 10 min). Next session, first: the Mosaic kernel's registers since
+# the sigma order (MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
+# --skip-checks --kv-heads 32 --stages 2 > /dev/null; grep -h Used /tmp/d/*.ptxas | sort | uniq -c: the
+# dump floods stdout), the sweep again (--sweep; the committed one predates run13), and the paper
+# setting end to end after the cuDNN prefill (dense's peak rose 31.5 GiB at 4096 tokens: explain it);
 #  - the Mosaic GPU kernel (pallas_kernels/kivi_mosaic.py): python -m benchmarks.mosaic_attention
 #    --stages 2 --name mosaic-attention (~4 min: checks incl. GQA 2/4 and the MosaicKIVICache path,
 #    the target shape with 32 and 8 KV heads next to the Triton kernel and dense, the whole call

@@ -186,7 +186,7 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     float32 inputs always are). impl="cudnn": cuDNN's fused flash attention
     (``jax.nn.dot_product_attention``; GPU, bf16/fp16, D <= 128, no scores in memory: at a
     4096-token prompt the blocked path writes and reads [B, Hq, 512, T] float32 scores a block).
-    "auto": cudnn on a GPU where it applies (not exact), else xla.
+    "auto": cudnn on one GPU where it applies (not exact, no mesh of several devices), else xla.
     """
     if impl not in PREFILL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {PREFILL_IMPLS}")
@@ -198,10 +198,17 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     if impl == "cudnn" and not (_on_gpu() and cudnn_ok):
         raise ValueError(f"impl='cudnn' needs a GPU and bf16/fp16 q, k, v with D <= 128 (a multiple of 8), not "
                          f"exact; got backend {jax.default_backend()}, {q.dtype} q {q.shape}, exact={exact}")
-    # auto keeps a sliding window (shorter than the prompt) in XLA: cuDNN's is not checked here
-    if impl == "cudnn" or (impl == "auto" and _on_gpu() and cudnn_ok and window is None):
+    if impl == "cudnn" or (impl == "auto" and _on_gpu() and cudnn_ok and not _under_mesh()):
         return _prefill_cudnn(q, k, v, lengths, window)
     return _prefill_blocked(q, k, v, lengths, window, exact)
+
+
+def _under_mesh() -> bool:
+    """A mesh of several devices is active. auto keeps prefill in XLA there: cuDNN's path was
+    checked on one GPU (results/prefill-attention-run13), not partitioned across several."""
+    from kivi_jax import sharding
+
+    return sharding.active_mesh()[0] is not None
 
 
 def _prefill_cudnn(q, k, v, lengths, window):

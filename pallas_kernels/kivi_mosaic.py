@@ -6,7 +6,9 @@ into the small operands (pallas_kernels/NOTES.md, session 9-10):
 
 - keys, per 64-token chunk: scoresᵀ [64 tokens, 16] = K̂ [64, 128] · Bk [128, 16], K̂'s codes
   loaded as int4 nibbles (channel j | channel 64 + j << 2), split by two masks into two
-  register-A wgmmas (``x & 3``; ``(x & 0b1100) ^ 0b1000`` = 4c - 8). Bk's columns are
+  register-A wgmmas (``x & 3``; ``(x & 0b1100) ^ 0b1000`` = 4c - 8); the nibbles are stored in
+  the order :func:`sigma` so that each thread's loaded words are its operand fragments as they
+  are (no shuffles). Bk's columns are
   q ∘ s' for the 8 key groups of a 256-token block and q ∘ m' for their mins; a token's score
   is column g(t) of the product plus the column sum of q ∘ m'_g(t).
 - values: (p·V̂)ᵀ [128 channels, 16] = V̂ᵀ [128, 64 tokens] · Bv [64, 16], V̂ᵀ's nibbles token
