@@ -5,13 +5,14 @@ with 2-bit keys and values, groups of 32 and D = 128 (Algorithm 1: keys per chan
 at a time; values per token, quantized as they leave the R-window), but the quantized stores
 are :func:`pallas_kernels.kivi_mosaic.repack`'s layout, kept as uint32 words and scale tiles:
 
-* ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, nibble j (bits 4j..4j+3 of the 64
-  nibbles) = channel j | channel 64 + j << 2;
+* ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, nibble p (bits 4p..4p+3 of the 64
+  nibbles) = channel j | channel 64 + j << 2 with j = sigma(p) (the kernel's order within each
+  32 nibbles, :func:`pallas_kernels.kivi_mosaic.sigma`);
 * ``kt`` [B, Hkv, Tc/256 * D, 16]: key block i's tile in rows i*D .. i*D + D - 1 (channel c):
   columns 0-7 the scales s' of its 8 groups, 8-15 the mins m' (folded: s' = s / 4 and
   m' = m + 2 s on channels >= 64, so the high codes read as 4c - 8);
 * ``vn`` [B, Hkv, Tc/64, D * 4] uint32: chunk i (64 tokens), channel c's 4 words at 4c ..
-  4c + 3, nibble j (0..31) = token 64i + j | token 64i + 32 + j << 2;
+  4c + 3, nibble p (0..31) = token 64i + j | token 64i + 32 + j << 2 with j = sigma(p);
 * ``vt`` [B, Hkv, Tc/128 * 64, 16]: token t's 4 scales and 4 mins in row (t // 128) * 64 +
   t % 64, columns 8e .. 8e + 7 with e = (t % 128) // 64 (folded on tokens t % 64 >= 32).
 
