@@ -26,6 +26,7 @@ from benchmarks.check_kernel_gpu import random_cache
 from benchmarks.decode_attention import breakdown, dense_attention
 from kivi_jax import attention_mosaic, packing
 from pallas_kernels import kivi_mosaic as km
+from pallas_kernels import mosaic_window
 
 D = km.D
 # the kernel at each --stages, then the tile stream alone (an ablation: wrong numbers). Earlier:
@@ -221,20 +222,29 @@ def target(b, t, hq, hkv, variants, stages, hbm):
                      "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
                      "ratio_to_dense": ms / dense_ms, **err})
         print(rows[-1], flush=True)
-    # the whole call on the same tokens as a MosaicKIVICache (kernel + window in JAX + combine)
+    # the whole call on the same tokens as a MosaicKIVICache (kernel + window + combine), the
+    # window in plain JAX (the default) and in its Triton kernel (pallas_kernels/mosaic_window.py)
     mcache = kj.MosaicKIVICache.from_kivi(cache)
-    call = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas"))
-    ms = common.time_fn(call, q4, mcache)
     want = kj.decode_attention(q4[:2], jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == b else x, cache),
                                impl="reference").astype(jnp.float32)
-    got = call(q4, mcache)[:2].astype(jnp.float32)
-    rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_cache_whole_call", "median_ms": ms, "ratio_to_dense": ms / dense_ms,
-                 "out_rel_err": float(jnp.abs(got - want).max() / jnp.abs(want).max())})
-    print(rows[-1], flush=True)
+    for window in attention_mosaic.WINDOW_IMPLS:
+        call = jax.jit(lambda q, c, w=window: attention_mosaic.decode_attention(q, c, window=w))
+        ms = common.time_fn(call, q4, mcache)
+        got = call(q4, mcache)[:2].astype(jnp.float32)
+        rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_cache_whole_call_window_{window}", "median_ms": ms,
+                     "ratio_to_dense": ms / dense_ms, "out_rel_err": float(jnp.abs(got - want).max() / jnp.abs(want).max())})
+        print(rows[-1], flush=True)
     qg = q4[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, D) / np.sqrt(D)
-    ms = common.time_fn(jax.jit(attention_mosaic.window_partials), qg, mcache)
-    rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_cache_window_only", "median_ms": ms})
-    print(rows[-1], flush=True)
+    windows = {"jax": attention_mosaic.window_partials,
+               "pallas": lambda qg, c: mosaic_window.window_partials(
+                   qg, c.k_res, c.v_res, attention_mosaic.flushed_scores(qg, c), c.lengths, c.num_quantized_keys,
+                   c.num_quantized_values)}
+    for window, fn in windows.items():
+        ms = common.time_fn(jax.jit(fn), qg, mcache)
+        ring = 2 * mcache.k_res.size * mcache.k_res.dtype.itemsize
+        rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_cache_window_only_{window}", "median_ms": ms,
+                     "bytes": ring, "tbps": ring / ms / 1e9})
+        print(rows[-1], flush=True)
     del mcache
     # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)
     mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)

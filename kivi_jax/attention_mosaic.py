@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes, unfold_keys
-from pallas_kernels import kivi_mosaic
+from pallas_kernels import kivi_mosaic, mosaic_window
 
 
-def _flushed_scores(qg, cache: MosaicKIVICache):
+def flushed_scores(qg, cache: MosaicKIVICache):
     """qg [B, H, G, D] float32 -> [B, H, G, R]: scores of the last flushed block's R keys, token
     n - R + j at j, from their codes without dequantizing them: q · k = Σ_c code (q ∘ s) + q · m
     per 32-token group. Reads R rows of codes and R/32 columns of one key block's tile a row."""
@@ -52,7 +53,7 @@ def window_partials(qg, cache: MosaicKIVICache):
     t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]
     valid, in_res = (t < L)[:, None, None, :], (t >= n)[:, None, None, :]
     s_res = jnp.sum(qg[:, :, :, None, :] * cache.k_res[:, :, None].astype(jnp.float32), axis=-1)  # [B, H, G, R]
-    s = jnp.where(valid, jnp.where(in_res, s_res, _flushed_scores(qg, cache)), -jnp.inf)
+    s = jnp.where(valid, jnp.where(in_res, s_res, flushed_scores(qg, cache)), -jnp.inf)
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m_safe[..., None])  # 0 on invalid slots
@@ -60,12 +61,20 @@ def window_partials(qg, cache: MosaicKIVICache):
     return o, jnp.where(jnp.isfinite(m), m, -1e30), jnp.sum(p, axis=-1)
 
 
-def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None):
+WINDOW_IMPLS = ("jax", "pallas")
+
+
+def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window: str = "jax"):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
     ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
-    the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one)."""
+    the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window: the newest
+    tokens in plain JAX (:func:`window_partials`) or "pallas", one Triton launch reading the
+    ring in place (:mod:`pallas_kernels.mosaic_window`; interpreted off the GPU; not yet the
+    default: not yet timed on a GPU)."""
+    if window not in WINDOW_IMPLS:
+        raise ValueError(f"window={window!r}; allowed: {WINDOW_IMPLS}")
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
@@ -81,7 +90,13 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None):
         arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
                   for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset))
-    ow, mw, lw = window_partials(qg, cache)
+    if window == "jax":
+        ow, mw, lw = window_partials(qg, cache)
+    else:
+        ring, layer = (cache, None) if stack is None else stack
+        ow, mw, lw = mosaic_window.window_partials(
+            qg, ring.k_res, ring.v_res, flushed_scores(qg, cache), cache.lengths, cache.num_quantized_keys,
+            cache.num_quantized_values, layer=layer, interpret=jax.default_backend() != "gpu")
     top = jnp.maximum(mb, mw)
     wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)
     den = lb * wb + lw * ww

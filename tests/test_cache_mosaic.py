@@ -113,6 +113,29 @@ def test_attention_glue_matches_the_reference():
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
 
+def test_window_kernel_matches_the_jax_window():
+    """pallas_kernels.mosaic_window (interpreted) gives window_partials' partials, float32 and
+    bf16 rings, MHA and 4 query heads a KV head, rows: every window key flushed (L % R == 0),
+    one token after a flush, shorter than R, in mid-block, and empty."""
+    from pallas_kernels import mosaic_window
+
+    _, m, k, v = _pair([384, 385, 5, 300, 200], 0, heads=2)
+    m = dataclasses.replace(m, lengths=m.lengths.at[4].set(0))  # (its quantized counts follow the length)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        c = dataclasses.replace(m, k_res=m.k_res.astype(dtype), v_res=m.v_res.astype(dtype))
+        for g in (1, 4):
+            qg = jax.random.normal(jax.random.key(g), (5, 2, g, D)) / np.sqrt(D)
+            want = attention_mosaic.window_partials(qg, c)
+            got = mosaic_window.window_partials(qg, c.k_res, c.v_res, attention_mosaic.flushed_scores(qg, c), c.lengths,
+                                                c.num_quantized_keys, c.num_quantized_values, interpret=True)
+            tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: q rounded for the dot, p for p·V
+            np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=tol, atol=tol)
+            o_got, o_want = (np.asarray(o) / np.maximum(np.asarray(l), 1e-30)[..., None] for o, _, l in (got, want))
+            np.testing.assert_allclose(o_got, o_want, rtol=tol, atol=tol)
+            np.testing.assert_allclose(np.asarray(got[2])[:4] / np.asarray(want[2])[:4], 1.0, rtol=tol)
+            assert np.all(np.asarray(got[2])[4] == 0) and np.all(np.asarray(got[1])[4] <= -1e29)  # the empty row
+
+
 def test_model_logits_match_the_tokens_layout():
     """A Llama with head_dim 128: prompt and 6 decode steps, the two layouts' logits agree."""
     cfg = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2,
@@ -189,11 +212,11 @@ def test_layer_of_a_stack_is_read_in_place():
         return tuple(jnp.asarray(x) for x in km.kernel_model(rows, lengths, *(jnp.asarray(x) for x in sl)))
 
     q = jax.random.normal(jax.random.key(7), (2, 2, 1, D))
-    for i in (0, 2):
+    for i, window in ((0, "jax"), (2, "jax"), (2, "pallas")):  # pallas: the ring kernel reads layer i in place too
         view = jax.tree.map(lambda x: x[i], stacked)
-        got = attention_mosaic.decode_attention(q, view, stack=(stacked, i), bulk=bulk)
+        got = attention_mosaic.decode_attention(q, view, stack=(stacked, jnp.int32(i)), bulk=bulk, window=window)
         want = kj.decode_attention(q, layers[i], impl="reference")
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         other = kj.decode_attention(q, layers[1], impl="reference")
         assert float(jnp.abs(got - other).max()) > 1e-2
-    assert seen == [(12, 0), (12, 8)]
+    assert seen == [(12, 0), (12, 8), (12, 8)]

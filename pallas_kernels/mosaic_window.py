@@ -1,0 +1,93 @@
+"""The newest R tokens of a MosaicKIVICache in one Pallas (Triton) launch: the residual ring read
+once, in place in a layer-stacked cache.
+
+The Mosaic kernel (:mod:`pallas_kernels.kivi_mosaic`) attends the quantized tokens [0, m); this
+attends the window [m, L) of each (row, KV head), at most R tokens: ring slot j holds token
+t_j = m + (j - m) mod R (m = max(L - R, 0)), its value in ``v_res[j]`` and its key in
+``k_res[j]`` when t_j >= n (n: the quantized keys), else already quantized (the block flushed
+last). Those keys' scores come in precomputed (``flushed`` [G, R], from their codes; a few KB
+a row: :func:`kivi_jax.attention_mosaic.flushed_scores`), so the kernel reads k_res and v_res
+once, ``chunk`` slots a step with an online softmax. In plain JAX the same took 0.104 ms at
+B=64 (0.13 GB of ring: 1.3 TB/s) and 4.6 of a 16.2 ms step at the paper's batch
+(results/mosaic-attention-run13, decode-step-ab-2026-12-01-mosaic-trace2).
+
+Inputs: q [B, Hkv, G, D] float32 (scaled), k_res, v_res [B, Hkv, R, D] (or [L, B, Hkv, R, D]
+with ``layer``), flushed [B, Hkv, G, R] float32, lengths, num_quantized_keys,
+num_quantized_values [B] int32. Outputs: o [B, Hkv, G, D] (unnormalized), m, l [B, Hkv, G].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash import NEG, online_softmax_step, query_rows, store_partials, triton_params
+
+
+def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o_ref, m_ref, l_ref, *,
+            r, chunk, compute_dtype, precision, stacked):
+    at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
+    q = query_rows(q_ref, compute_dtype)  # [M, D]: G rows repeated to 16
+    m_rows, d = q.shape
+    g = fs_ref.shape[0]
+    length, n, mq = len_ref[()], nk_ref[()], nv_ref[()]
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+    carry = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+             jnp.zeros((m_rows, d), jnp.float32))
+    for j0 in range(0, r, chunk):  # static: R / chunk steps
+        slots = j0 + jnp.arange(chunk)
+        t = mq + lax.rem(slots - lax.rem(mq, r) + r, r)  # the token in each slot (no floor-mod)
+        k = kr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
+        fs = fs_ref[:, pl.ds(j0, chunk)]  # [G, chunk]
+        if m_rows > g:  # the rows as query_rows repeats them
+            fs = jnp.broadcast_to(fs[None], (m_rows // g, g, chunk)).reshape(m_rows, chunk)
+        s = jnp.where((t >= n)[None, :], dot(q, k.T), fs)
+        v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)
+        # mask_p: a row shorter than R has empty slots (and a row with L = 0 only those)
+        carry = online_softmax_step(carry, s, t < length, lambda p, v=v: dot(p.astype(compute_dtype), v), mask_p=True)
+    m_i, l_i, acc = carry
+    store_partials(o_ref, m_ref, l_ref, acc, m_i, l_i)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
+def window_partials(q, k_res, v_res, flushed, lengths, num_quantized_keys, num_quantized_values, *, layer=None,
+                    chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+    """Flash-decoding partials of each (row, KV head) over its window (module doc). layer: None,
+    or a traced int32 scalar when k_res and v_res are layer-stacked: that layer is read in place.
+    16-bit rings feed the dots in their dtype (float32 accumulation), float32 at HIGHEST."""
+    b, hkv, g, d = q.shape
+    r = k_res.shape[-2]
+    lead = (b, hkv) if layer is None else (k_res.shape[0], b, hkv)
+    if k_res.shape != v_res.shape or k_res.shape != lead + (r, d):
+        raise ValueError(f"k_res and v_res must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, R, "
+                         f"D={d}]; got {k_res.shape} and {v_res.shape}")
+    if flushed.shape != (b, hkv, g, r):
+        raise ValueError(f"flushed must be [B={b}, Hkv={hkv}, G={g}, R={r}]; got {flushed.shape}")
+    if g & (g - 1):
+        raise ValueError(f"q rows G={g} must be a power of two")
+    chunk = min(chunk, r)
+    if chunk < 16 or chunk & (chunk - 1) or r % chunk:
+        raise ValueError(f"chunk={chunk} must be a power of two >= 16 dividing R={r}")
+    precision = lax.Precision.HIGHEST if k_res.dtype == jnp.float32 else lax.Precision.DEFAULT
+    kernel = functools.partial(_kernel, r=r, chunk=chunk, compute_dtype=k_res.dtype, precision=precision,
+                               stacked=layer is not None)
+
+    def row(*tail):
+        return pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
+
+    ring = [pl.BlockSpec(memory_space=pl.ANY)] * 2 if layer is not None else [row(r, d)] * 2
+    o, m, l = pl.pallas_call(
+        kernel, grid=(b, hkv),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), row(g, d), *ring, row(g, r)]
+        + [pl.BlockSpec((None,), lambda i, j: (i,))] * 3,
+        out_specs=[row(g, d), row(g), row(g)],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, g, d), jnp.float32), jax.ShapeDtypeStruct((b, hkv, g), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)],
+        interpret=interpret, name="mosaic_window", **triton_params(interpret, num_warps, num_stages),
+    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q.astype(jnp.float32), k_res, v_res,
+      flushed.astype(jnp.float32), *(x.astype(jnp.int32) for x in (lengths, num_quantized_keys, num_quantized_values)))
+    return o, m, l
