@@ -8,8 +8,9 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min). Next session, first: python -m benchmarks.mosaic_attention
-# --stages 2 --kv-heads 32,8 --name mosaic-attention-run15 (~6 min: the window kernel's first compiled
-# check and timing, rows *_window_pallas; make it the default if it wins); the Mosaic kernel's registers since
+# --stages 2 --kv-heads 32,8 --name mosaic-attention-run15 (~6-7 min: the first compiled checks and
+# timings of the window kernel, rows *_window_pallas, and of offset=True, rows *_offset; make each the
+# default if it is right and wins); the Mosaic kernel's registers since
 # the sigma order (MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
 # --skip-checks --kv-heads 32 --stages 2 > /dev/null; grep -h Used /tmp/d/*.ptxas | sort | uniq -c: the
 # dump floods stdout), the sweep again (--sweep; the committed one predates run13), and the paper
