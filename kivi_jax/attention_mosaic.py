@@ -1,5 +1,5 @@
 """Decode attention over a MosaicKIVICache: the Mosaic GPU kernel on the quantized tokens, plain
-JAX on the newest ones.
+JAX (or, with window="pallas", a Triton kernel: pallas_kernels/mosaic_window.py) on the newest ones.
 
 Row b holds L tokens; values [0, m) are quantized (m = max(L - R, 0)), and so are their keys
 (keys [0, n) with n = L - L % R >= m). The kernel (:func:`pallas_kernels.kivi_mosaic.bulk_partials`)

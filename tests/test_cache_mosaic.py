@@ -195,6 +195,8 @@ def test_bad_configurations_are_named():
             kj.decode_attention(q, cache, impl="pallas")
     with pytest.raises(ValueError, match=r"takes \(1, 2, 4\) query heads a KV head; got Hq=8, Hkv=1"):
         attention_mosaic.decode_attention(jnp.zeros((1, 8, 1, D)), cache)
+    with pytest.raises(ValueError, match=r"window='triton'; allowed: \('jax', 'pallas'\)"):
+        attention_mosaic.decode_attention(q, cache, window="triton")
     assert dataclasses.replace(MOSAIC, layout="tokens") == TOKENS
 
 
