@@ -294,11 +294,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     warpgroup a step and row; then the value products likewise. fused (default: for G > 1; at
     GQA 4 0.85 vs 0.97 ms, results/mosaic-attention-run13): the G rows' Bk (and Bv) side by side
     in one operand, row h in columns 16h .. 16h + 15, so a chunk is one wgmma with N = 16 G
-    instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256) steps, cut into ``splits`` ranges (programs) of
-    ceil(T / 256 / splits) steps. relayout: how the codes reach wgmma (:func:`_codes_operands`;
-    "mosaic" is an ablation, timing only). offset (not yet run on a GPU): the codes as 128 + c
-    and 128 + 4c (:func:`_offset_operands`: a third of the conversion's instructions), the
-    offsets subtracted through the key constant and a third accumulator a query row.
+    instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
+    steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps. relayout: how
+    the codes reach wgmma (:func:`_codes_operands`; "mosaic" is an ablation, timing only).
+    offset (not yet run on a GPU): the codes as 128 + c and 128 + 4c (:func:`_offset_operands`:
+    about half the integer instructions of the masks and conversion), the offsets subtracted
+    through the key constant and a third accumulator a query row.
     compute=False (an ablation) only streams the tiles.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
