@@ -26,7 +26,6 @@ from benchmarks.check_kernel_gpu import random_cache
 from benchmarks.decode_attention import breakdown, dense_attention
 from kivi_jax import attention_mosaic, packing
 from pallas_kernels import kivi_mosaic as km
-from pallas_kernels import mosaic_window
 
 D = km.D
 # the kernel at each --stages, then the tile stream alone (an ablation: wrong numbers). Earlier:
@@ -229,19 +228,15 @@ def target(b, t, hq, hkv, variants, stages, hbm):
     want = kj.decode_attention(q4[:2], jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == b else x, cache),
                                impl="reference").astype(jnp.float32)
     for window in attention_mosaic.WINDOW_IMPLS:
-        call = jax.jit(lambda q, c, w=window: attention_mosaic.decode_attention(q, c, window=w))
+        call = jax.jit(lambda q, c, w=window: attention_mosaic.decode_attention(q, c, window_impl=w))
         ms = common.time_fn(call, q4, mcache)
         got = call(q4, mcache)[:2].astype(jnp.float32)
         rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_cache_whole_call_window_{window}", "median_ms": ms,
                      "ratio_to_dense": ms / dense_ms, "out_rel_err": float(jnp.abs(got - want).max() / jnp.abs(want).max())})
         print(rows[-1], flush=True)
     qg = q4[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, D) / np.sqrt(D)
-    windows = {"jax": attention_mosaic.window_partials,
-               "pallas": lambda qg, c: mosaic_window.window_partials(
-                   qg, c.k_res, c.v_res, attention_mosaic.flushed_scores(qg, c), c.lengths, c.num_quantized_keys,
-                   c.num_quantized_values)}
-    for window, fn in windows.items():
-        ms = common.time_fn(jax.jit(fn), qg, mcache)
+    for window, fn in attention_mosaic.WINDOW_IMPLS.items():
+        ms = common.time_fn(jax.jit(lambda qg, c, fn=fn: fn(qg, c, None)), qg, mcache)
         ring = 2 * mcache.k_res.size * mcache.k_res.dtype.itemsize
         rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_cache_window_only_{window}", "median_ms": ms,
                      "bytes": ring, "tbps": ring / ms / 1e9})

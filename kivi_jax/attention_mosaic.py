@@ -1,5 +1,5 @@
 """Decode attention over a MosaicKIVICache: the Mosaic GPU kernel on the quantized tokens, plain
-JAX (or, with window="pallas", a Triton kernel: pallas_kernels/mosaic_window.py) on the newest ones.
+JAX (or, with window_impl="pallas", a Triton kernel: pallas_kernels/mosaic_window.py) on the newest ones.
 
 Row b holds L tokens; values [0, m) are quantized (m = max(L - R, 0)), and so are their keys
 (keys [0, n) with n = L - L % R >= m). The kernel (:func:`pallas_kernels.kivi_mosaic.bulk_partials`)
@@ -61,20 +61,29 @@ def window_partials(qg, cache: MosaicKIVICache):
     return o, jnp.where(jnp.isfinite(m), m, -1e30), jnp.sum(p, axis=-1)
 
 
-WINDOW_IMPLS = ("jax", "pallas")
+def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None):
+    """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`; the
+    flushed keys' scores from :func:`flushed_scores`). stack: as :func:`decode_attention`'s,
+    the ring then read in place. Interpreted off the GPU."""
+    ring, layer = (cache, None) if stack is None else stack
+    return mosaic_window.window_partials(
+        qg, ring.k_res, ring.v_res, flushed_scores(qg, cache), cache.lengths, cache.num_quantized_keys,
+        cache.num_quantized_values, layer=layer, interpret=jax.default_backend() != "gpu")
 
 
-def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window: str = "jax"):
+WINDOW_IMPLS = {"jax": lambda qg, cache, stack: window_partials(qg, cache), "pallas": window_kernel_partials}
+
+
+def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str = "jax"):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
     ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
-    the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window: the newest
-    tokens in plain JAX (:func:`window_partials`) or "pallas", one Triton launch reading the
-    ring in place (:mod:`pallas_kernels.mosaic_window`; interpreted off the GPU; not yet the
-    default: not yet timed on a GPU)."""
-    if window not in WINDOW_IMPLS:
-        raise ValueError(f"window={window!r}; allowed: {WINDOW_IMPLS}")
+    the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
+    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`;
+    not yet the default: not yet timed on a GPU)."""
+    if window_impl not in WINDOW_IMPLS:
+        raise ValueError(f"window_impl={window_impl!r}; allowed: {tuple(WINDOW_IMPLS)}")
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
@@ -90,13 +99,7 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
         arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
                   for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset))
-    if window == "jax":
-        ow, mw, lw = window_partials(qg, cache)
-    else:
-        ring, layer = (cache, None) if stack is None else stack
-        ow, mw, lw = mosaic_window.window_partials(
-            qg, ring.k_res, ring.v_res, flushed_scores(qg, cache), cache.lengths, cache.num_quantized_keys,
-            cache.num_quantized_values, layer=layer, interpret=jax.default_backend() != "gpu")
+    ow, mw, lw = WINDOW_IMPLS[window_impl](qg, cache, stack)
     top = jnp.maximum(mb, mw)
     wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)
     den = lb * wb + lw * ww

@@ -145,12 +145,6 @@ class KIVICache(cc.CacheShape):
                            head_dim=self.head_dim, tokens=tokens)
 
     # ---- quantization helpers ---------------------------------------------------------
-    def _quant_keys(self, k):
-        return quant_keys(self.config, self.dtype, k)
-
-    def _quant_values(self, v):
-        return quant_values(self.config, self.dtype, v)
-
     def _key_code_writes(self, codes, start):
         """codes [B, H, R, D] of tokens [start, start + R) (start [B] int32, a multiple of R)
         as RowWrites that add their bits into k_codes (whose bits there are still zero).
@@ -217,14 +211,14 @@ class KIVICache(cc.CacheShape):
         k_codes, k_scale, k_min = new.k_codes, new.k_scale, new.k_min
         tf = (t // r) * r
         if tf:
-            codes, scale, mn = self._quant_keys(k[:, :, :tf])
+            codes, scale, mn = quant_keys(self.config, self.dtype, k[:, :, :tf])
             grp_ok = (jnp.arange(tf // kg)[None, :] * kg < n[:, None])[:, None, :, None]
             tok_ok = (jnp.arange(tf)[None, :] < n[:, None])[:, None, :, None]
             words = packing.pack(jnp.where(tok_ok, codes, 0), c.k_bits, axis=2)
             k_codes = k_codes.at[:, :, : words.shape[2]].set(words)
             k_scale = k_scale.at[:, :, : tf // kg].set(jnp.where(grp_ok, scale, 0))
             k_min = k_min.at[:, :, : tf // kg].set(jnp.where(grp_ok, mn, 0))
-        codes, scale, mn = self._quant_values(v)
+        codes, scale, mn = quant_values(self.config, self.dtype, v)
         tok_ok = (jnp.arange(t)[None, :] < m[:, None])[:, None, :, None]
         words = packing.pack(jnp.where(tok_ok, codes, 0), c.v_bits, axis=2)
         v_codes = new.v_codes.at[:, :, : words.shape[2]].set(words)
@@ -291,7 +285,7 @@ class KIVICache(cc.CacheShape):
         leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]
         spill = live_body & (Lb >= r)
         t_out = jnp.where(spill, Lb - r, 0)
-        codes, scale, mn = self._quant_values(leaving)
+        codes, scale, mn = quant_values(self.config, self.dtype, leaving)
         row, shift = packing.word_row_and_shift(t_out, c.v_bits)
         writes += [
             cc.RowWrite(codes << shift.astype(jnp.uint32)[:, None, None, None], row, "v_codes", 1, add=True,
@@ -310,7 +304,7 @@ class KIVICache(cc.CacheShape):
         n0 = jnp.where(flush, Lb + 1 - r, 0)
 
         def flush_writes(view):  # view: this cache with the new key in its residual
-            codes, scale, mn = view._quant_keys(view.k_res[:, :, :r])
+            codes, scale, mn = quant_keys(self.config, self.dtype, view.k_res[:, :, :r])
             return (*view._key_code_writes(jnp.where(flush[:, None, None, None], codes, 0), n0),
                     cc.RowWrite(scale, n0 // kg, "k_scale", 1, keep=flush),
                     cc.RowWrite(mn, n0 // kg, "k_min", 1, keep=flush))

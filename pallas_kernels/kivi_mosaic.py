@@ -235,12 +235,18 @@ def _as_wgmma(x):
     def cast(ctx, a):
         del ctx
         regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(a.shape), dtype=object)
-        for idx, reg in np.ndenumerate(a.registers):  # idx: (row tile, 32-column span, ...)
+        for idx, reg in np.ndenumerate(a.registers):
             for k in range(4):
-                regs[(idx[0], 4 * idx[1] + k) + idx[2:]] = mgpu_utils.vector_slice(reg, slice(2 * k, 2 * k + 2))
+                regs[_wgmma_index(idx, k)] = mgpu_utils.vector_slice(reg, slice(2 * k, 2 * k + 2))
         return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
     return cast(x)
+
+
+def _wgmma_index(idx, k):
+    """UPCAST_4X register ``idx`` (row tile, 32-column span, ...) -> the WGMMA register (8-column
+    tile 4 x span + k, ...) that takes its elements 2k, 2k + 1 (:func:`_as_wgmma`)."""
+    return (idx[0], 4 * idx[1] + k) + idx[2:]
 
 
 def _offset_operands(x):
@@ -270,7 +276,7 @@ def _offset_operands(x):
             shifted = arith.shrui(word, c(4))
             for k in range(4):  # nibbles 2k, 2k + 1 into the low bits of the two halves
                 pair = mgpu_utils.prmt(word, shifted, c(0xF000 | ((k + 4) << 8) | 0xF0 | k))
-                at = (idx[0], 4 * idx[1] + k) + idx[2:]
+                at = _wgmma_index(idx, k)
                 lo[at] = mgpu_utils.bitcast(arith.ori(arith.andi(pair, c(0x00030003)), c(0x43004300)), bf16x2)
                 hi[at] = mgpu_utils.bitcast(arith.ori(arith.andi(pair, c(0x000C000C)), c(0x43004300)), bf16x2)
         return tuple(mgpu.FragmentedArray(_registers=r, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None) for r in (lo, hi))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import NEG, online_softmax_step, query_rows, store_partials, triton_params
+from pallas_kernels.flash import NEG, online_softmax_step, partials_call, query_rows, repeat_rows, store_partials
 
 
 def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o_ref, m_ref, l_ref, *,
@@ -33,7 +33,6 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
     q = query_rows(q_ref, compute_dtype)  # [M, D]: G rows repeated to 16
     m_rows, d = q.shape
-    g = fs_ref.shape[0]
     length, n, mq = len_ref[()], nk_ref[()], nv_ref[()]
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
     carry = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
@@ -42,9 +41,7 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o
         slots = j0 + jnp.arange(chunk)
         t = mq + lax.rem(slots - lax.rem(mq, r) + r, r)  # the token in each slot (no floor-mod)
         k = kr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
-        fs = fs_ref[:, pl.ds(j0, chunk)]  # [G, chunk]
-        if m_rows > g:  # the rows as query_rows repeats them
-            fs = jnp.broadcast_to(fs[None], (m_rows // g, g, chunk)).reshape(m_rows, chunk)
+        fs = repeat_rows(fs_ref[:, pl.ds(j0, chunk)], m_rows)  # [M, chunk]: the rows as query_rows has them
         s = jnp.where((t >= n)[None, :], dot(q, k.T), fs)
         v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)
         # mask_p: a row shorter than R has empty slots (and a row with L = 0 only those)
@@ -67,27 +64,14 @@ def window_partials(q, k_res, v_res, flushed, lengths, num_quantized_keys, num_q
                          f"D={d}]; got {k_res.shape} and {v_res.shape}")
     if flushed.shape != (b, hkv, g, r):
         raise ValueError(f"flushed must be [B={b}, Hkv={hkv}, G={g}, R={r}]; got {flushed.shape}")
-    if g & (g - 1):
-        raise ValueError(f"q rows G={g} must be a power of two")
     chunk = min(chunk, r)
     if chunk < 16 or chunk & (chunk - 1) or r % chunk:
         raise ValueError(f"chunk={chunk} must be a power of two >= 16 dividing R={r}")
     precision = lax.Precision.HIGHEST if k_res.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, r=r, chunk=chunk, compute_dtype=k_res.dtype, precision=precision,
                                stacked=layer is not None)
-
-    def row(*tail):
-        return pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
-
-    ring = [pl.BlockSpec(memory_space=pl.ANY)] * 2 if layer is not None else [row(r, d)] * 2
-    o, m, l = pl.pallas_call(
-        kernel, grid=(b, hkv),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), row(g, d), *ring, row(g, r)]
-        + [pl.BlockSpec((None,), lambda i, j: (i,))] * 3,
-        out_specs=[row(g, d), row(g), row(g)],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, g, d), jnp.float32), jax.ShapeDtypeStruct((b, hkv, g), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, g), jnp.float32)],
-        interpret=interpret, name="mosaic_window", **triton_params(interpret, num_warps, num_stages),
-    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q.astype(jnp.float32), k_res, v_res,
-      flushed.astype(jnp.float32), *(x.astype(jnp.int32) for x in (lengths, num_quantized_keys, num_quantized_values)))
-    return o, m, l
+    o, m, l = partials_call(kernel, q.astype(jnp.float32), (k_res, v_res),
+                            (lengths, num_quantized_keys, num_quantized_values), blocked=(flushed.astype(jnp.float32),),
+                            layer=layer, num_splits=1, interpret=interpret, num_warps=num_warps,
+                            num_stages=num_stages, name="mosaic_window")
+    return o[:, :, 0], m[:, :, 0], l[:, :, 0]

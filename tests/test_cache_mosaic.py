@@ -114,11 +114,9 @@ def test_attention_glue_matches_the_reference():
 
 
 def test_window_kernel_matches_the_jax_window():
-    """pallas_kernels.mosaic_window (interpreted) gives window_partials' partials, float32 and
+    """attention_mosaic.window_kernel_partials (pallas_kernels.mosaic_window, interpreted) gives window_partials' partials, float32 and
     bf16 rings, MHA and 4 query heads a KV head, rows: every window key flushed (L % R == 0),
     one token after a flush, shorter than R, in mid-block, and empty."""
-    from pallas_kernels import mosaic_window
-
     _, m, k, v = _pair([384, 385, 5, 300, 200], 0, heads=2)
     m = dataclasses.replace(m, lengths=m.lengths.at[4].set(0))  # (its quantized counts follow the length)
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -126,8 +124,7 @@ def test_window_kernel_matches_the_jax_window():
         for g in (1, 4):
             qg = jax.random.normal(jax.random.key(g), (5, 2, g, D)) / np.sqrt(D)
             want = attention_mosaic.window_partials(qg, c)
-            got = mosaic_window.window_partials(qg, c.k_res, c.v_res, attention_mosaic.flushed_scores(qg, c), c.lengths,
-                                                c.num_quantized_keys, c.num_quantized_values, interpret=True)
+            got = attention_mosaic.window_kernel_partials(qg, c)  # interpreted here
             tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: q rounded for the dot, p for p·V
             np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=tol, atol=tol)
             o_got, o_want = (np.asarray(o) / np.maximum(np.asarray(l), 1e-30)[..., None] for o, _, l in (got, want))
@@ -195,8 +192,8 @@ def test_bad_configurations_are_named():
             kj.decode_attention(q, cache, impl="pallas")
     with pytest.raises(ValueError, match=r"takes \(1, 2, 4\) query heads a KV head; got Hq=8, Hkv=1"):
         attention_mosaic.decode_attention(jnp.zeros((1, 8, 1, D)), cache)
-    with pytest.raises(ValueError, match=r"window='triton'; allowed: \('jax', 'pallas'\)"):
-        attention_mosaic.decode_attention(q, cache, window="triton")
+    with pytest.raises(ValueError, match=r"window_impl='triton'; allowed: \('jax', 'pallas'\)"):
+        attention_mosaic.decode_attention(q, cache, window_impl="triton")
     assert dataclasses.replace(MOSAIC, layout="tokens") == TOKENS
 
 
@@ -216,7 +213,7 @@ def test_layer_of_a_stack_is_read_in_place():
     q = jax.random.normal(jax.random.key(7), (2, 2, 1, D))
     for i, window in ((0, "jax"), (2, "jax"), (2, "pallas")):  # pallas: the ring kernel reads layer i in place too
         view = jax.tree.map(lambda x: x[i], stacked)
-        got = attention_mosaic.decode_attention(q, view, stack=(stacked, jnp.int32(i)), bulk=bulk, window=window)
+        got = attention_mosaic.decode_attention(q, view, stack=(stacked, jnp.int32(i)), bulk=bulk, window_impl=window)
         want = kj.decode_attention(q, layers[i], impl="reference")
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         other = kj.decode_attention(q, layers[1], impl="reference")
