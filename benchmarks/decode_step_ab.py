@@ -39,7 +39,7 @@ import kivi_jax as kj
 import models
 from benchmarks import common
 from benchmarks.e2e import KIVI
-from kivi_jax import attention_pallas
+from kivi_jax import attention_mosaic, attention_pallas
 from kivi_jax import cache_common as cc
 from models import llama
 
@@ -158,7 +158,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--max-length", type=int, default=498)
-    ap.add_argument("--caches", default="kivi2", help="comma list of dense, kivi2, kivi4")
+    ap.add_argument("--caches", default="kivi2", help="comma list of benchmarks.e2e.KIVI names: dense, kivi2, kivi4, kivi2m, ...")
     ap.add_argument("--arms", default="scan", help="comma list of scan, static, list, pallas, sliced, allpallas, pallasattn")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--trace", action="store_true", help="also the GPU time per kernel of each arm's step")
@@ -166,6 +166,8 @@ def main(argv=None):
                     help="comma list of attention_pallas.RING_PROGRAMS to run each KIVI arm with (default: the default)")
     ap.add_argument("--writes", default=None,
                     help="comma list of cache_common.WRITES_IMPLS to run each arm with (default: the default)")
+    ap.add_argument("--mosaic-windows", default=None,
+                    help="comma list of attention_mosaic.WINDOW_IMPLS to run each kivi2m arm with (default: the default)")
     a = ap.parse_args(argv)
     cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
                              num_heads=32, num_kv_heads=32, head_dim=128)
@@ -181,25 +183,32 @@ def main(argv=None):
             "lm_head": model.lm_head[...] if model.lm_head is not None else model.embed[...].T}
     rows = []
     default_ring, default_writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
+    default_window = attention_mosaic.DEFAULT_WINDOW_IMPL
     write_impls = a.writes.split(",") if a.writes else [default_writes]
     for name in a.caches.split(","):
         kivi = None if KIVI[name] is None else kj.KIVIConfig(**KIVI[name])
         rings = a.ring_programs.split(",") if kivi is not None and a.ring_programs else [default_ring]
-        for arm, ring, writes in itertools.product(arms, rings, write_impls):
+        mosaic = kivi is not None and kivi.layout == "mosaic"
+        windows = a.mosaic_windows.split(",") if mosaic and a.mosaic_windows else [default_window]
+        for arm, ring, writes, window in itertools.product(arms, rings, write_impls, windows):
             attention_pallas.DEFAULT_RING_PROGRAM = ring  # read when the step is traced
             cc.DEFAULT_WRITES_IMPL = writes
+            attention_mosaic.DEFAULT_WINDOW_IMPL = window
             cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
             _, cache = jax.jit(apply)(params, ids, cache)
             row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
             attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL = default_ring, default_writes
+            attention_mosaic.DEFAULT_WINDOW_IMPL = default_window
             row.update(cache=name, layers=a.layers, batch=a.batch, xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),
-                       **({"ring_program": ring} if kivi is not None else {}))
+                       **({"ring_program": ring} if kivi is not None else {}),
+                       **({"mosaic_window": window} if mosaic else {}))
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
             if "kernels" in row:
                 print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
-            (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{a.tag}.hlo.txt").write_text(hlo)
+            suffix = f"-{window}" if mosaic else ""
+            (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
     (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(
         json.dumps({**common.environment(), "rows": rows}, indent=1))

@@ -171,10 +171,12 @@ PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score b
 
 
 PREFILL_IMPLS = ("auto", "xla", "cudnn")
+#: prefill_attention's impl when none is passed (the models pass none); read at trace time
+DEFAULT_PREFILL_IMPL = "auto"
 
 
 def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact: bool = False,
-                      impl: str = "auto"):
+                      impl: str | None = None):
     """Causal full-precision prompt attention. q [B, Hq, T, D], k, v [B, Hkv, T, D].
 
     lengths [B] (default T): keys at positions >= lengths[b] are masked. window: each query
@@ -187,7 +189,9 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     (``jax.nn.dot_product_attention``; GPU, bf16/fp16, D <= 128, no scores in memory: at a
     4096-token prompt the blocked path writes and reads [B, Hq, 512, T] float32 scores a block).
     "auto": cudnn on one GPU where it applies (not exact, no mesh of several devices), else xla.
+    None: DEFAULT_PREFILL_IMPL.
     """
+    impl = DEFAULT_PREFILL_IMPL if impl is None else impl
     if impl not in PREFILL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {PREFILL_IMPLS}")
     _check_prefill_args(q, k, v, lengths)

@@ -72,16 +72,19 @@ def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None):
 
 
 WINDOW_IMPLS = {"jax": lambda qg, cache, stack: window_partials(qg, cache), "pallas": window_kernel_partials}
+#: decode_attention's window when none is passed; read at trace time (benchmarks A/B it)
+DEFAULT_WINDOW_IMPL = "jax"
 
 
-def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str = "jax"):
+def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str | None = None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
     ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
-    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`;
-    not yet the default: not yet timed on a GPU)."""
+    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`);
+    None: DEFAULT_WINDOW_IMPL."""
+    window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
     if window_impl not in WINDOW_IMPLS:
         raise ValueError(f"window_impl={window_impl!r}; allowed: {tuple(WINDOW_IMPLS)}")
     b, hq, _, d = q.shape
