@@ -43,8 +43,8 @@ class DenseCache(cc.CacheShape):
         t = self._check(k, v)
         lengths, invalid = cc.prompt_lengths(lengths, self.batch_size, t, self.max_length)
         keep = (jnp.arange(t)[None, :] < lengths[:, None])[:, None, :, None]
-        k_new = self.k.at[:, :, :t].set(jnp.where(keep, k, 0).astype(self.dtype))
-        v_new = self.v.at[:, :, :t].set(jnp.where(keep, v, 0).astype(self.dtype))
+        k_new = self.k.at[:, :, :t].set(cc.row_major(jnp.where(keep, k, 0).astype(self.dtype)))
+        v_new = self.v.at[:, :, :t].set(cc.row_major(jnp.where(keep, v, 0).astype(self.dtype)))
         return DenseCache(k_new, v_new, lengths, invalid, self.max_length)
 
     def append(self, k, v) -> "DenseCache":

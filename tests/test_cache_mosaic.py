@@ -133,6 +133,24 @@ def test_window_kernel_matches_the_jax_window():
             assert np.all(np.asarray(got[2])[4] == 0) and np.all(np.asarray(got[1])[4] <= -1e29)  # the empty row
 
 
+def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
+    """Lowered for a GPU (Triton IR, no GPU needed): the stacked ring and key codes are whole
+    kernel operands (read in place, not sliced out per layer), and the flushed keys' scores are
+    dots in the kernel: per 64-slot chunk q·k, p·v and two per 32-token group (low and high
+    code bits), 12 for R = 128."""
+    from pallas_kernels import mosaic_window
+    from pallas_kernels.triton_ir import lower_to_ttir
+
+    s = jax.ShapeDtypeStruct
+    layers, b, h, r, tc = 3, 4, 2, 128, 512
+    for g in (1, 4):
+        args = (s((b, h, g, D), jnp.float32), s((layers, b, h, r, D), jnp.bfloat16), s((layers, b, h, r, D), jnp.bfloat16),
+                s((layers, b, h, tc, 8), jnp.uint32), s((b, h, g, r // 32, 2, D // 2), jnp.float32),
+                s((b, h, g, r // 32), jnp.float32)) + (s((b,), jnp.int32),) * 3
+        ir = lower_to_ttir(lambda *a: mosaic_window.window_partials(*a, layer=jnp.int32(1)), *args)
+        assert ir.count("tt.dot") == 12
+
+
 def test_model_logits_match_the_tokens_layout():
     """A Llama with head_dim 128: prompt and 6 decode steps, the two layouts' logits agree."""
     cfg = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2,
