@@ -18,43 +18,27 @@ import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, in_memory_order, kernel_arrays, key_codes, unfold_keys
+from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes, unfold_keys
 from pallas_kernels import kivi_mosaic, mosaic_window
 
 
-def _flushed_block(qg, cache: MosaicKIVICache):
-    """What scores the last flushed key block's R keys (tokens n0 .. n0 + R - 1, n0 a multiple of
-    R) from their codes: q · k = Σ_c code (q ∘ s) + q · m per 32-token group. qg [B, H, G, D]
-    float32 -> n0 [B], q ∘ s [B, H, G, R/32, D] and q · m [B, H, G, R/32]; reads R/32 columns of
-    one key block's tile a row."""
+def flushed_scores(qg, cache: MosaicKIVICache):
+    """qg [B, H, G, D] float32 -> [B, H, G, R]: scores of the last flushed block's R keys, token
+    n - R + j at j, from their codes without dequantizing them: q · k = Σ_c code (q ∘ s) + q · m
+    per 32-token group. Reads R rows of codes and R/32 columns of one key block's tile a row."""
     r = cache.config.residual_length
-    n0 = jnp.maximum(cache.num_quantized_keys - r, 0)
+    b, h, g = qg.shape[:3]
+    n0 = jnp.maximum(cache.num_quantized_keys - r, 0)  # the block's first token (a multiple of R)
+    codes = key_codes(cc.take_row(cache.kn, n0, r, 1)).reshape(b, h, 1, r // GROUP, GROUP, D)
     tile = cc.take_row(cache.kt, (n0 // KEY_BLOCK) * D, D, 1)  # [B, H, D, 16]: s' | m' of 8 groups
     col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]: the groups' columns
     s, m = (jnp.swapaxes(jnp.take_along_axis(tile, (col + off)[:, None, None, :], axis=3), 2, 3).astype(jnp.float32)
             for off in (0, 8))  # [B, H, R/32, D]
     s, m = unfold_keys(s, m)
-    return n0, qg[:, :, :, None, :] * s[:, :, None], jnp.sum(qg[:, :, :, None, :] * m[:, :, None], axis=-1)
-
-
-def flushed_scores(qg, cache: MosaicKIVICache):
-    """qg [B, H, G, D] float32 -> [B, H, G, R]: scores of the last flushed block's R keys, token
-    n0 + j at j, from their codes without dequantizing them (R rows of codes a row)."""
-    r = cache.config.residual_length
-    b, h, g = qg.shape[:3]
-    n0, qs, const = _flushed_block(qg, cache)
-    codes = key_codes(cc.take_row(cache.kn, n0, r, 1)).reshape(b, h, 1, r // GROUP, GROUP, D)
+    qs = qg[:, :, :, None, :] * s[:, :, None]  # [B, H, G, R/32, D]
+    const = jnp.sum(qg[:, :, :, None, :] * m[:, :, None], axis=-1)  # [B, H, G, R/32]
     scores = jnp.sum(codes.astype(jnp.float32) * qs[..., None, :], axis=-1) + const[..., None]
     return scores.reshape(b, h, g, r)
-
-
-def flushed_query(qg, cache: MosaicKIVICache):
-    """:func:`flushed_scores`' operands for a kernel that reads the codes as stored: q ∘ s as
-    [B, H, G, R/32, 2, 64], row 0 for the low 2 bits of memory nibble p (channel
-    ``in_memory_order`` p) and row 1 for its high 2 bits (channel 64 + that), and q · m
-    [B, H, G, R/32]. Permuting q costs G x D numbers a group; the codes stay in place."""
-    _, qs, const = _flushed_block(qg, cache)
-    return in_memory_order(qs.reshape(qs.shape[:-1] + (2, D // 2))), const
 
 
 def window_partials(qg, cache: MosaicKIVICache):
@@ -78,13 +62,12 @@ def window_partials(qg, cache: MosaicKIVICache):
 
 
 def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None):
-    """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`: the
-    ring and the flushed keys' codes read in place, scored with :func:`flushed_query`). stack: as
-    :func:`decode_attention`'s, the stores then read in place from it. Interpreted off the GPU."""
-    store, layer = (cache, None) if stack is None else stack
-    fq, fc = flushed_query(qg, cache)
+    """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`; the
+    flushed keys' scores from :func:`flushed_scores`). stack: as :func:`decode_attention`'s,
+    the ring then read in place. Interpreted off the GPU."""
+    ring, layer = (cache, None) if stack is None else stack
     return mosaic_window.window_partials(
-        qg, store.k_res, store.v_res, store.kn, fq, fc, cache.lengths, cache.num_quantized_keys,
+        qg, ring.k_res, ring.v_res, flushed_scores(qg, cache), cache.lengths, cache.num_quantized_keys,
         cache.num_quantized_values, layer=layer, interpret=jax.default_backend() != "gpu")
 
 
@@ -99,8 +82,9 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
-    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`);
-    None: DEFAULT_WINDOW_IMPL."""
+    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`;
+    not the default: within noise of it, results/mosaic-attention-run15 and
+    decode-step-ab-2026-12-01-mosaic-window); None: DEFAULT_WINDOW_IMPL."""
     window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
     if window_impl not in WINDOW_IMPLS:
         raise ValueError(f"window_impl={window_impl!r}; allowed: {tuple(WINDOW_IMPLS)}")

@@ -60,7 +60,7 @@ def sigma(c):
 SIGMA = sigma(np.arange(32))  # within one span
 
 
-def in_memory_order(nib):
+def _in_memory_order(nib):
     """Nibbles [..., 32 s] in channel/token order <-> memory order (sigma within each span)."""
     n = nib.shape[-1]
     return nib[..., (np.arange(n) // 32) * 32 + SIGMA[np.arange(n) % 32]]
@@ -70,7 +70,7 @@ def key_words(codes):
     """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble p = channel j | channel 64 + j << 2,
     j = sigma(p))."""
     c = codes.astype(jnp.uint32)
-    nib = in_memory_order(c[..., : D // 2] | (c[..., D // 2:] << 2))  # [..., T, 64]
+    nib = _in_memory_order(c[..., : D // 2] | (c[..., D // 2:] << 2))  # [..., T, 64]
     nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
     return _or_reduce(nib)
 
@@ -86,7 +86,7 @@ def _or_reduce(x):
 def key_codes(words):
     """[..., T, 8] uint32 -> codes [..., T, D] int32 (inverse of :func:`key_words`)."""
     nib = (words[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = in_memory_order(nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32))
+    nib = _in_memory_order(nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32))
     return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
 
 
@@ -96,7 +96,7 @@ def value_words(codes):
     c = codes.astype(jnp.uint32)
     lead, t = c.shape[:-2], c.shape[-2]
     c = jnp.swapaxes(c.reshape(lead + (t // CHUNK, CHUNK, D)), -1, -2)  # [..., chunks, D, 64]
-    nib = in_memory_order(c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2))  # [..., chunks, D, 32]
+    nib = _in_memory_order(c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2))  # [..., chunks, D, 32]
     nib = nib.reshape(nib.shape[:-1] + (4, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
     return _or_reduce(nib).reshape(lead + (t // CHUNK, D * 4))
 
@@ -105,7 +105,7 @@ def value_codes(words):
     """[..., T/64, D * 4] uint32 -> codes [..., T, D] int32 (inverse of :func:`value_words`)."""
     lead, chunks = words.shape[:-2], words.shape[-2]
     nib = (words.reshape(lead + (chunks, D, 4))[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = in_memory_order(nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32))
+    nib = _in_memory_order(nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32))
     c = jnp.concatenate([nib & 3, nib >> 2], axis=-1)  # [..., chunks, D, 64]
     return jnp.swapaxes(c, -1, -2).reshape(lead + (chunks * CHUNK, D))
 
@@ -579,7 +579,7 @@ def kernel_model(q, lengths, kn, kt, vn, vt, offset: bool = False):
         return _per_query_row(functools.partial(kernel_model, offset=offset), q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel takes them: memory column c at K index sigma(c)
-    kn, vn = (in_memory_order(np.asarray(x.astype(jnp.int32))) for x in (kn, vn))
+    kn, vn = (_in_memory_order(np.asarray(x.astype(jnp.int32))) for x in (kn, vn))
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
     rows, tokens = kn.shape[:2]
     masks = lambda x: (x & 3, ((x & 12) ^ 8) - 16 * (((x & 12) ^ 8) >= 8))  # noqa: E731 - 0..3, 4c - 8
