@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
 
 import jax
 import jax.numpy as jnp

@@ -33,16 +33,16 @@ D = km.D
 # CTA (slower, and a race: -run5), per-chunk steps (-run2), the key constant from an all-ones
 # wgmma (-run6, -run8: within noise of the column sum, less exact; removed).
 # early_pick at one query row: 0.728 vs 0.723 ms (-run11, within noise; not the default there).
-# relayout="mosaic": the codes moved into wgmma's layout by Mosaic's shuffles (the kernel before
-# the sigma order; timing only, its K order is wrong on this layout).
-# offset: the codes as 128 + c / 128 + 4c, no masks or subtraction in the conversion (not yet run).
-VARIANTS = [("default", {}), ("offset", dict(offset=True)), ("group1", dict(group=1)), ("group4", dict(group=4)),
-            ("mosaic_relayout", dict(relayout="mosaic")), ("stream_only", dict(compute=False))]
+# Removed after they lost (both in git at ad8b080): relayout="mosaic", the codes moved into
+# wgmma's layout by Mosaic's shuffles (0.725 vs 0.564 ms, -run15; 0.731 vs 0.559, -run13), and
+# offset, the codes as 128 + c / 128 + 4c with the offsets cancelled through the key constant and
+# a third accumulator (0.585 vs 0.564 ms; GQA 4: 1.275 vs 0.840, -run15).
+VARIANTS = [("default", {}), ("group1", dict(group=1)), ("group4", dict(group=4)), ("stream_only", dict(compute=False))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
-GQA_VARIANTS = [("default", {}), ("offset", dict(offset=True)), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
+GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
                 ("late_pick", dict(early_pick=False))]
 
 
@@ -279,8 +279,7 @@ def main(argv=None):
     rows = []
     checks = [("default", {}), ("splits1", dict(splits=1)), ("gqa2", dict(heads=2)), ("gqa4", dict(heads=4)),
               ("gqa4_group2", dict(heads=4, group=2)), ("gqa2_unfused", dict(heads=2, fused=False)),
-              ("gqa4_unfused", dict(heads=4, fused=False)), ("offset", dict(offset=True)),
-              ("gqa4_offset", dict(heads=4, offset=True))]
+              ("gqa4_unfused", dict(heads=4, fused=False))]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

@@ -205,7 +205,7 @@ class KIVICache(cc.CacheShape):
         """Algorithm 1's prefill of k, v [B, H, t, D] (stored basis) with per-row lengths into
         the empty stores of ``new``; returns the 8 buffers (residuals of R slots)."""
         c = self.config
-        g, kg, r = c.group_size, c.key_group, c.residual_length
+        kg, r = c.key_group, c.residual_length
         n = lengths - lengths % r
         m = jnp.maximum(lengths - r, 0)
         k_codes, k_scale, k_min = new.k_codes, new.k_scale, new.k_min

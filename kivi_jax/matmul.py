@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.stacked_matmul import stacked_matmul

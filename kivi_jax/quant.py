@@ -95,14 +95,6 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _round_outward(value_f32, dtype, direction):
-    """Casts float32 ``value_f32`` to ``dtype``, stepping one ulp toward ``direction`` if rounding went the other way."""
-    cast = value_f32.astype(dtype)
-    fix = (cast.astype(jnp.float32) > value_f32) if direction < 0 else (cast.astype(jnp.float32) < value_f32)
-    stepped = jnp.nextafter(cast, jnp.full_like(cast, -jnp.inf if direction < 0 else jnp.inf))
-    return jnp.where(fix, stepped, cast)
-
-
 # ---- exact float32 helpers -----------------------------------------------------------------
 # XLA (CPU at least) computes x / s with s broadcast -- per group -- as x * (1 / s), which is
 # not correctly rounded, and it contracts a * b + c into a fused multiply-add under jit but

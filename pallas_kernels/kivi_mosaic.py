@@ -197,27 +197,21 @@ def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
 
 # ---- kernel --------------------------------------------------------------------------------------
 
-def _codes_operands(ref, relayout: str = "free", offset: bool = False):
+def _codes_operands(ref):
     """int4 nibbles [rows, 32 s] in shared memory -> the two codes of each nibble, bf16, as wgmma
     A operands: ``x & 3`` and the high pair as ``(x & 0b1100) ^ 0b1000`` = 4c - 8.
 
-    Loaded once in WGMMA_UPCAST_4X (a thread holds 8 consecutive nibbles: one 32-bit word) and
-    converted there. relayout="free": the registers are then taken as the A operand as they are
-    (:func:`_as_wgmma`), which puts memory column c at K index :func:`sigma` (c) (the layout
-    stores the codes in that order). "mosaic" (an ablation, for timing only: with this layout
-    its K order is wrong) lets Mosaic move them into place: a shuffle and a permute a word
-    before the conversion, a shuffle and two selects a register pair after it. offset: the
-    codes as 128 + c and 128 + 4c instead (:func:`_offset_operands`)."""
+    Loaded once in WGMMA_UPCAST_4X (a thread holds 8 consecutive nibbles: one 32-bit word),
+    converted there, and taken as the A operand as they are (:func:`_as_wgmma`), which puts
+    memory column c at K index :func:`sigma` (c): the layout stores the codes in that order.
+    Letting Mosaic move them into place instead (a shuffle and a permute a word before the
+    conversion, a shuffle and two selects a register pair after it) took 0.73 vs 0.56 ms at
+    B=64, T=4k (results/mosaic-attention-run13, -run15; that ablation is in git at ad8b080)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    if offset:
-        return _offset_operands(c)
     codes = (c & jnp.int4(3), (c & jnp.int4(-4)) ^ jnp.int4(-8))
-    if relayout == "free":
-        return tuple(_as_wgmma(x.astype(jnp.bfloat16)) for x in codes)
-    return tuple(plgpu.layout_cast(plgpu.layout_cast(x, plgpu.Layout.WGMMA_UPCAST_2X).astype(jnp.bfloat16),
-                                   plgpu.Layout.WGMMA) for x in codes)
+    return tuple(_as_wgmma(x.astype(jnp.bfloat16)) for x in codes)
 
 
 def _as_wgmma(x):
@@ -249,45 +243,9 @@ def _wgmma_index(idx, k):
     return (idx[0], 4 * idx[1] + k) + idx[2:]
 
 
-def _offset_operands(x):
-    """int4 nibbles [rows, 32 s] in WGMMA_UPCAST_4X -> (128 + c_lo, 128 + 4 c_hi) as bf16 WGMMA
-    operands (the registers' order as :func:`_as_wgmma`'s), with neither masks nor a subtraction:
-    a pair of nibbles goes to the two 16-bit halves of a word with one ``prmt`` (Mosaic's own
-    int4 -> bf16 step), and each code pair is one and-or (a ``lop3``) under the exponent of 128
-    (0x4300: bf16 128 + i for i < 128). Mosaic's conversion of the masked codes is prmt + lop3
-    + sub a pair, twice. The offsets, 128 Σ B for the low codes and 136 Σ B for the high
-    (4c - 8 is what the folded scales expect), are subtracted by the caller."""
-    from jax.experimental.mosaic import gpu as mgpu
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
-
-    out = plgpu.ShapeDtypeStruct(x.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=(out, out))
-    def convert(ctx, a):
-        del ctx
-        i32, bf16x2 = ir.IntegerType.get_signless(32), ir.VectorType.get((2,), ir.BF16Type.get())
-        c = lambda v: arith.constant(i32, v)  # noqa: E731
-        lo, hi = (np.empty(mgpu.WGMMA_LAYOUT.registers_shape(a.shape), dtype=object) for _ in range(2))
-        for idx, reg in np.ndenumerate(a.registers):  # 8 nibbles a register
-            word = mgpu_utils.bitcast(reg, i32)
-            shifted = arith.shrui(word, c(4))
-            for k in range(4):  # nibbles 2k, 2k + 1 into the low bits of the two halves
-                pair = mgpu_utils.prmt(word, shifted, c(0xF000 | ((k + 4) << 8) | 0xF0 | k))
-                at = _wgmma_index(idx, k)
-                lo[at] = mgpu_utils.bitcast(arith.ori(arith.andi(pair, c(0x00030003)), c(0x43004300)), bf16x2)
-                hi[at] = mgpu_utils.bitcast(arith.ori(arith.andi(pair, c(0x000C000C)), c(0x43004300)), bf16x2)
-        return tuple(mgpu.FragmentedArray(_registers=r, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None) for r in (lo, hi))
-
-    return convert(x)
-
-
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, fused: bool | None = None, relayout: str = "free", offset: bool = False,
-           compute: bool = True, profile_dir: str = ""):
+           early_pick: bool | None = None, fused: bool | None = None, compute: bool = True, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -301,11 +259,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     GQA 4 0.85 vs 0.97 ms, results/mosaic-attention-run13): the G rows' Bk (and Bv) side by side
     in one operand, row h in columns 16h .. 16h + 15, so a chunk is one wgmma with N = 16 G
     instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
-    steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps. relayout: how
-    the codes reach wgmma (:func:`_codes_operands`; "mosaic" is an ablation, timing only).
-    offset (not yet run on a GPU): the codes as 128 + c and 128 + 4c (:func:`_offset_operands`:
-    about half the integer instructions of the masks and conversion), the offsets subtracted
-    through the key constant and a third accumulator a query row.
+    steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps.
     compute=False (an ablation) only streams the tiles.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
@@ -321,8 +275,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
     early_pick = heads > 1 if early_pick is None else early_pick
-    if offset and relayout != "free":
-        raise ValueError("offset=True takes relayout='free'")
     fused = heads > 1 if fused is None else fused and heads > 1
     hs = range(heads)
     nb, nbc = (1, N * heads) if fused else (heads, N)  # B operands / value accumulators, and their columns
@@ -363,19 +315,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return carry
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s' | m'  [128, 16]
-                c = []  # q_h · m'_g down every row of column g + 8 (offset: minus the codes' offsets in column g)
+                c = []  # q_h · m'_g down every row of column g + 8
                 for h in hs:
                     x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s' | q_h ∘ m' [128, 16]
-                    xb = x.astype(bf16)
-                    cols(bk_smem, h)[...] = xb
-                    if offset:  # the products' offsets, from the operand as rounded (they cancel exactly)
-                        x = jnp.where(vcol < 8, -jnp.where(vrow < D // 2, 128.0, 136.0) * xb.astype(f32), x)
+                    cols(bk_smem, h)[...] = x.astype(bf16)
                     c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
-                    a_lo, a_hi = _codes_operands(kn_ref.at[pl.ds(u * CHUNK, CHUNK)], relayout, offset)
+                    a_lo, a_hi = _codes_operands(kn_ref.at[pl.ds(u * CHUNK, CHUNK)])
                     for b in range(nb):
                         plgpu.wgmma(accs[i * nb + b], a_lo, bk_smem.at[b, pl.ds(0, D // 2)])
                         plgpu.wgmma(accs[i * nb + b], a_hi, bk_smem.at[b, pl.ds(D // 2, D // 2)])
@@ -395,8 +344,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         def pick(j, u, acc, c, k=0):  # chunk u's [64] scores (column block k of acc) + the key constant c
             g = 2 * u + row // GROUP  # the token's key group in the block
 
-            def const():  # offset: c also holds minus the codes' offsets in column g
-                return jnp.where((col == g + 8) | (col == g) if offset else col == g + 8, c, 0.0)
+            def const():
+                return jnp.where(col == g + 8, c, 0.0)
 
             def mask():
                 return jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0)
@@ -407,8 +356,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             return jnp.sum(jnp.where(col == g, acc, 0.0) + const() + mask(), axis=1)
 
         @jax.named_scope("softmax")
-        def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2, ov):
-            m, o1, mc2, ov = list(m), list(o1), list(mc2), list(ov)  # each a tuple over the query rows
+        def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
+            m, o1, mc2 = list(m), list(o1), list(mc2)  # each a tuple over the query rows
             alpha = []
             with jax.named_scope("bv"):
                 for h in hs:
@@ -421,22 +370,17 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     alpha.append(jnp.exp(m[h] - m_new))
                     m[h] = m_new
                     mc2[h] = mc2[h] * alpha[h]
-                    if offset:
-                        ov[h] = ov[h] * alpha[h]
                     for u in range(chunks):
                         pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
                         vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
                         y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
-                        yb = y.astype(bf16)
-                        cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = yb
+                        cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y.astype(bf16)
                         mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
-                        if offset:  # the products' offsets (tokens < 32: 128, else 136), from Bv as rounded
-                            ov[h] = ov[h] + jnp.where(row < half, 128.0, 136.0) * yb.astype(f32)
                 plgpu.commit_smem()
 
             def values(first, *accs):
                 for u in range(first, first + group):
-                    a_lo, a_hi = _codes_operands(vn_ref.at[u], relayout, offset)
+                    a_lo, a_hi = _codes_operands(vn_ref.at[u])
                     for b in range(nb):
                         plgpu.wgmma(accs[b], a_lo, bv_smem.at[b, pl.ds(u * CHUNK, half)])
                         plgpu.wgmma(accs[b], a_hi, bv_smem.at[b, pl.ds(u * CHUNK + half, half)])
@@ -454,7 +398,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 for first in range(0, chunks, group):
                     part = pl.run_scoped(functools.partial(values, first), *[plgpu.ACC((D, nbc), f32)] * nb)
                     o1 = [o1[b] + part[b] for b in range(nb)]
-            return tuple(m), tuple(o1), tuple(mc2), tuple(ov)
+            return tuple(m), tuple(o1), tuple(mc2)
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
@@ -479,17 +423,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
         m0 = (n * 0).astype(f32) - 1e30
-        m, o1, mc2, ov = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads,
-                                                        (zeros_c,) * heads if offset else ()))
+        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads))
         g = vrow // GROUP
         for h in hs:
             mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
             l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
             pick_mc = lambda: (vcol == g + 4) | (vcol == g + 12)  # noqa: E731 - Σ p m' of g's two halves
-            if offset:  # minus the value products' offsets, by column: read in the s' columns g, g + 8
-                ovc = lax.broadcast_in_dim(jnp.sum(ov[h], axis=0), (D, N), (1,))
-                mc = jnp.where(vcol % 8 < 4, -ovc, mc)
-                pick_mc = lambda: vcol % 4 == g  # noqa: E731 - g, g + 4, g + 8, g + 12
             if fused:
                 gb = N * h + vrowb // GROUP  # row h's column block
                 o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
@@ -570,43 +509,38 @@ def combine_splits(o, m, l):
     return jnp.sum(w[..., None] * o, axis=1), top, jnp.sum(w * l, axis=1)
 
 
-def kernel_model(q, lengths, kn, kt, vn, vt, offset: bool = False):
+def kernel_model(q, lengths, kn, kt, vn, vt):
     """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
     step (chunk products, the column selection, the online softmax): tests check it against
-    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D].
-    offset: the kernel's ``offset=True`` (codes 128 + c, 128 + 4c; the offsets subtracted)."""
+    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D]."""
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
-        return _per_query_row(functools.partial(kernel_model, offset=offset), q, lengths, kn, kt, vn, vt)
+        return _per_query_row(kernel_model, q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel takes them: memory column c at K index sigma(c)
     kn, vn = (_in_memory_order(np.asarray(x.astype(jnp.int32))) for x in (kn, vn))
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
     rows, tokens = kn.shape[:2]
     masks = lambda x: (x & 3, ((x & 12) ^ 8) - 16 * (((x & 12) ^ 8) >= 8))  # noqa: E731 - 0..3, 4c - 8
-    lo_hi = (lambda x: (masks(x)[0] + 128, masks(x)[1] + 136)) if offset else masks  # noqa: E731
-    w = lambda k: np.where(np.arange(k) < k // 2, 128.0, 136.0)[:, None] if offset else 0.0  # noqa: E731 - the offsets
     outs = []
     for r in range(rows):
-        m, l, o1, mc, ov = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N)), np.zeros(N)
+        m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
         for j in range(tokens // CHUNK):
             x = q[r][:, None] * kt[r, j // (KEY_BLOCK // CHUNK)]  # [128, 16]
-            lo, hi = lo_hi(kn[r, j * CHUNK:(j + 1) * CHUNK] & 15)  # [64, 64]
+            lo, hi = masks(kn[r, j * CHUNK:(j + 1) * CHUNK] & 15)  # [64, 64]
             acc = lo @ x[:D // 2] + hi @ x[D // 2:]
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + np.arange(CHUNK) // GROUP
-            s = acc[np.arange(CHUNK), g] - (w(D) * x).sum(0)[g] + x.sum(0)[g + 8]
+            s = acc[np.arange(CHUNK), g] + x.sum(0)[g + 8]
             s = np.where(j * CHUNK + np.arange(CHUNK) < lengths[r], s, -np.inf)
             m_new = max(m, s.max())
             alpha, p = np.exp(m - m_new), np.exp(s - m_new)
             l = l * alpha + p.sum()
             y = np.where(np.arange(N)[None] // 8 == j % 2, p[:, None] * vt[r, j // (VALUE_BLOCK // CHUNK)], 0)
-            vlo, vhi = lo_hi(vn[r, j] & 15)  # [128, 32]
+            vlo, vhi = masks(vn[r, j] & 15)  # [128, 32]
             o1 = o1 * alpha + vlo @ y[:CHUNK // 2] + vhi @ y[CHUNK // 2:]
             mc = mc * alpha + y.sum(0)[None]
-            ov = ov * alpha + (w(CHUNK) * y).sum(0)
             m = m_new
         g = np.arange(D) // GROUP
-        o = (o1[np.arange(D), g] + o1[np.arange(D), g + 8] + mc[np.arange(D), g + 4] + mc[np.arange(D), g + 12]
-             - ov[g] - ov[g + 8])
+        o = o1[np.arange(D), g] + o1[np.arange(D), g + 8] + mc[np.arange(D), g + 4] + mc[np.arange(D), g + 12]
         outs.append((o, m, l))
     return tuple(np.stack(x) for x in zip(*outs))
 

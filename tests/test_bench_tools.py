@@ -118,3 +118,25 @@ ENTRY %main (a: {big}) -> {big} {{
 """
     found = _count(hlo, {"[32,96,32,128,128]"})
     assert [x.split(" =")[0].removeprefix("ROOT ") for x in found] == ["%transpose.2", "%copy.3"]
+
+
+def test_prefill_memory_finds_the_largest_buffers_of_a_compiled_program():
+    """benchmarks.prefill_memory.largest_buffers reads an optimized HLO module: a program that
+    makes a [64, 256, 128] float32 product (8 MiB) and a transposed bf16 copy of it lists those
+    first and lists the copy with its bytes and layout (instructions inside fusions count too:
+    they say where a big buffer is made), parameters left out, largest first."""
+    import numpy as np
+
+    from benchmarks.prefill_memory import largest_buffers
+
+    def f(a, b):
+        x = jnp.einsum("bij,bjk->bik", a, b)  # [64, 256, 128] float32
+        return x, jnp.swapaxes(x, 1, 2).astype(jnp.bfloat16) * 2
+
+    s = jax.ShapeDtypeStruct
+    hlo = jax.jit(f).lower(s((64, 256, 32), jnp.float32), s((64, 32, 128), jnp.float32)).compile().as_text()
+    top = largest_buffers(hlo, top=50)
+    assert top[0]["bytes"] == 64 * 256 * 128 * 4 and top[0]["shape"] == "f32[64, 256, 128]", top
+    copies = [r for r in top if r["shape"] == "bf16[64, 128, 256]"]
+    assert copies and copies[0]["bytes"] == 64 * 256 * 128 * 2 and copies[0]["layout"].startswith("{"), top
+    assert all(r["op"] != "parameter" for r in top) and np.all(np.diff([r["bytes"] for r in top]) <= 0)

@@ -286,6 +286,20 @@ def test_dense_cache_matches_reference(dtype, tol):
     assert cache.k.dtype == dtype and cache.v.dtype == dtype
 
 
+def test_dense_prefill_pins_the_layout_of_what_it_writes():
+    """DenseCache.prefill's two writes carry a row-major layout constraint (cc.row_major): with
+    cuDNN's prompt attention next to them on a GPU, XLA otherwise gave the whole stacked cache
+    its [.., T, H, D] order and a 34 GiB transposed copy (results/prefill-memory-2026-12-01-run1
+    vs -run2). The stored numbers are the prompt's."""
+    cache = DenseCache.init(batch=2, num_kv_heads=HKV, head_dim=D, max_length=16, dtype=jnp.bfloat16)
+    k, v = (jax.random.normal(jax.random.key(i), (2, HKV, 5, D)) for i in (0, 1))
+    fn = jax.jit(lambda c, k, v: c.prefill(k, v))
+    assert fn.lower(cache, k, v).as_text().count("LayoutConstraint") == 2
+    out = fn(cache, k, v)
+    np.testing.assert_array_equal(np.asarray(out.k[:, :, :5]), np.asarray(k.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(out.v[:, :, :5]), np.asarray(v.astype(jnp.bfloat16)))
+
+
 def test_kivi_close_to_dense_at_8_bits():
     """Sanity of the whole path: 8-bit KIVI attention is close to full-precision attention."""
     rng = np.random.default_rng(22)

@@ -2,7 +2,6 @@
 PyTorch autograd on the same weights, and one optax step lowering the loss."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
