@@ -7,14 +7,12 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: python -m benchmarks.mosaic_attention
-# --stages 2 --kv-heads 32,8 --name mosaic-attention-run15 (~6-7 min: the first compiled checks and
-# timings of the window kernel, rows *_window_pallas, and of offset=True, rows *_offset; make each the
-# default if it is right and wins); the Mosaic kernel's registers since
-# the sigma order (MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
-# --skip-checks --kv-heads 32 --stages 2 > /dev/null; grep -h Used /tmp/d/*.ptxas | sort | uniq -c: the
-# dump floods stdout), the sweep again (--sweep; the committed one predates run13), and the paper
-# setting end to end after the cuDNN prefill (dense's peak rose 31.5 GiB at 4096 tokens: explain it);
+# Then, as separate calls (each <= 10 min). Next session, first: the sweep alone (python -m
+# benchmarks.mosaic_attention --sweep --stages 2 --name mosaic-attention-sweep | grep "^|"; the committed
+# one predates run13; ~3-4.5 min, give it 540 s), then the Mosaic kernel's registers in a call of their own
+# (mkdir -p /tmp/d; MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
+# --skip-checks --kv-heads 32 --stages 2 > /dev/null 2>&1; ls /tmp/d | head; grep -h Used /tmp/d/* | sort | uniq -c);
+# the prefill's memory of any cache: python -m benchmarks.prefill_memory (compile only, ~1 min);
 #  - the Mosaic GPU kernel (pallas_kernels/kivi_mosaic.py): python -m benchmarks.mosaic_attention
 #    --stages 2 --name mosaic-attention (~4 min: checks incl. GQA 2/4 and the MosaicKIVICache path,
 #    the target shape with 32 and 8 KV heads next to the Triton kernel and dense, the whole call
