@@ -140,3 +140,21 @@ def test_prefill_memory_finds_the_largest_buffers_of_a_compiled_program():
     copies = [r for r in top if r["shape"] == "bf16[64, 128, 256]"]
     assert copies and copies[0]["bytes"] == 64 * 256 * 128 * 2 and copies[0]["layout"].startswith("{"), top
     assert all(r["op"] != "parameter" for r in top) and np.all(np.diff([r["bytes"] for r in top]) <= 0)
+
+
+def test_decode_loop_gap_dry_run_drives_one_computation_two_ways(tmp_path, monkeypatch):
+    """benchmarks.decode_loop_gap on a tiny CPU model: generate's while_loop and its step called
+    from Python emit the same greedy tokens (KIVI-2), every timing is positive, and the results
+    are written."""
+    import json
+
+    from benchmarks import decode_loop_gap
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    decode_loop_gap.main(["--dry-run", "--caches", "kivi2", "--no-trace", "--name", "gap"])
+    (path,) = tmp_path.glob("gap-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["cache"] for r in rows] == ["kivi2"]
+    for r in rows:
+        assert r["same_tokens"] and r["steps"] == r["new_tokens"] - 1, r
+        assert min(r["loop_ms"], r["python_steps_ms"], r["model_steps_ms"]) > 0, r
