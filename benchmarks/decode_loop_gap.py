@@ -1,10 +1,10 @@
-"""Where ``generate``'s decode loop loses time against the same step called from Python.
+"""Where ``generate``'s decode loop spends a step, against the same step driven from Python.
 
-At the paper's setting e2e's step (``generate``'s jitted ``lax.while_loop``; 12.5 ms KIVI-2, 10.4
-dense in e2e-2026-12-01-run15-paper) is about 2 ms longer than decode_step_ab's (the model's
-step jitted alone and called from Python with its cache donated: 10.2 / 8.5 ms with command
-buffers, decode-step-ab-2026-11-30-fused-cb / -2026-12-01-writes). This times, in one process,
-on the same prompt and cache:
+e2e's paper-setting step (``generate``'s jitted ``lax.while_loop``: 12.5 ms KIVI-2, 10.4 dense in
+e2e-2026-12-01-run15-paper) and decode_step_ab's (the model's step jitted alone and called from
+Python, cache donated: 10.2 / 8.5 ms with command buffers) are not comparable: e2e averages
+contexts of 160 to 498 tokens, decode_step_ab's steps run at about 170. This runs the same
+steps from the same prefilled cache, in one process, three ways:
 
 - ``loop``: generate's decode loop (``_decode_loop``: every step in one while_loop), prefill
   excluded;
