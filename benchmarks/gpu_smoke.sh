@@ -13,6 +13,9 @@
 # (mkdir -p /tmp/d; MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
 # --skip-checks --kv-heads 32 --stages 2 > /dev/null 2>&1; ls /tmp/d | head; grep -h Used /tmp/d/* | sort | uniq -c);
 # the prefill's memory of any cache: python -m benchmarks.prefill_memory (compile only, ~1 min);
+# where generate's decode loop spends a step vs the same steps driven from Python (the loop's idle GPU
+# time): python -m benchmarks.decode_loop_gap, then again with XLA_FLAGS=--xla_gpu_enable_command_buffer=
+# --name decode-loop-gap-nocb (~2 min each);
 #  - the Mosaic GPU kernel (pallas_kernels/kivi_mosaic.py): python -m benchmarks.mosaic_attention
 #    --stages 2 --name mosaic-attention (~4 min: checks incl. GQA 2/4 and the MosaicKIVICache path,
 #    the target shape with 32 and 8 KV heads next to the Triton kernel and dense, the whole call
