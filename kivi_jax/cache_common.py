@@ -144,7 +144,8 @@ def row_major(x):
     both cuDNN's attention, which wants them [B, T, H, D] in memory, and a cache buffer. Left
     free, XLA's layout assignment gave the whole stacked dense cache that [.., T, H, D] order
     and transposed it at the prefill's end: 34 GiB more memory at batch 32 x 4352 tokens
-    (results/prefill-memory-2026-12-01). Pinning the write's operand keeps the buffer as it is."""
+    (results/prefill-memory-2026-12-01-run1 vs -run2). Pinning the written operand keeps the
+    buffer as it is."""
     return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
