@@ -8,8 +8,8 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min). Next session, first: the sweep alone (python -m
-# benchmarks.mosaic_attention --sweep --stages 2 --name mosaic-attention-sweep | grep "^|"; the committed
-# one predates run13; ~3-4.5 min, give it 540 s), then the Mosaic kernel's registers in a call of their own
+# benchmarks.mosaic_attention --sweep --kv-heads 32 --name mosaic-attention-sweep | grep "^|"; the committed
+# one predates run13; with both head counts it ran past 270 s in session 13: one --kv-heads a call), then the Mosaic kernel's registers in a call of their own
 # (mkdir -p /tmp/d; MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
 # --skip-checks --kv-heads 32 --stages 2 > /dev/null 2>&1; ls /tmp/d | head; grep -h Used /tmp/d/* | sort | uniq -c);
 # the prefill's memory of any cache: python -m benchmarks.prefill_memory (compile only, ~1 min);

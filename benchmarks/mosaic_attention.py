@@ -257,13 +257,14 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="only Mosaic's profile of the default kernel's phases")
     ap.add_argument("--name", default="mosaic-attention")
     ap.add_argument("--stages", default="2,3")
-    ap.add_argument("--kv-heads", default="32,8", help="the target shape's KV heads (comma list of 32, 8)")
+    ap.add_argument("--kv-heads", default="32,8",
+                    help="KV heads (comma list of 32, 8): the target shape's, or with --sweep the grid's (each takes ~3-4 min)")
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
     a = ap.parse_args(argv)
     env = common.environment()
     if a.sweep:
         hbm = common.hbm_copy_tbps()
-        rows = sweep(hbm)
+        rows = sweep(hbm, heads=tuple((32, int(h)) for h in a.kv_heads.split(",")))
         cols = ["B", "T", "Hkv", "impl", "splits", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
         table = (f"Mosaic GPU bulk kernel (2-bit, Hq=32, quantized tokens only) vs dense bf16, {env['device']}, "
                  f"jax {env['jax_version']}, commit {env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
