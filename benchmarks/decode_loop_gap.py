@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import kivi_jax
 import models
 from benchmarks import common
-from benchmarks.e2e import KIVI
+from benchmarks.e2e import KIVI, model_config
 from kivi_jax.generate import _decode_loop, _decode_step, _prepare, _run, _run_prefill
 
 
@@ -110,12 +110,10 @@ def main(argv=None) -> None:
     ap.add_argument("--name", default="decode-loop-gap")
     a = ap.parse_args(argv)
     if a.dry_run:
-        cfg = models.ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
-                                 num_kv_heads=2, head_dim=64)
+        cfg = model_config("tiny-llama")
         a.batch, a.prompt, a.new_tokens, a.reps = 2, 40, 6, 1
     else:
-        cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
-                                 num_heads=32, num_kv_heads=32, head_dim=128)
+        cfg = model_config("llama2-7b", num_layers=a.layers)
     model = models.init_random(cfg, dtype=jnp.bfloat16)
     ids = jax.random.randint(jax.random.key(0), (a.batch, a.prompt), 0, cfg.vocab_size)
     rows = []

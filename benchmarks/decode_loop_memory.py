@@ -25,7 +25,7 @@ import numpy as np
 import kivi_jax as kj
 import models
 from benchmarks import common
-from benchmarks.e2e import KIVI
+from benchmarks.e2e import KIVI, model_config
 
 gen = importlib.import_module("kivi_jax.generate")  # the module (kivi_jax.generate is also the function)
 
@@ -79,8 +79,7 @@ def main(argv=None):
     ap.add_argument("--keep-hlo", action="store_true")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
-    cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
-                             num_heads=32, num_kv_heads=32, head_dim=128)
+    cfg = model_config("llama2-7b", num_layers=a.layers)
     model = models.abstract_model(cfg, dtype=jnp.bfloat16)
     rows = []
     for prompt in map(int, a.prompts.split(",")):

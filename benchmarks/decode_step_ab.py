@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import kivi_jax as kj
 import models
 from benchmarks import common
-from benchmarks.e2e import KIVI
+from benchmarks.e2e import KIVI, model_config
 from kivi_jax import attention_mosaic, attention_pallas
 from kivi_jax import cache_common as cc
 from models import llama
@@ -169,8 +169,7 @@ def main(argv=None):
     ap.add_argument("--mosaic-windows", default=None,
                     help="comma list of attention_mosaic.WINDOW_IMPLS to run each kivi2m arm with (default: the default)")
     a = ap.parse_args(argv)
-    cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
-                             num_heads=32, num_kv_heads=32, head_dim=128)
+    cfg = model_config("llama2-7b", num_layers=a.layers)
     model = models.init_random(cfg, dtype=jnp.bfloat16)
     apply, params = models.functional(model)
     ids = jax.random.randint(jax.random.key(0), (a.batch, a.prompt), 0, cfg.vocab_size)

@@ -117,6 +117,13 @@ def _memory_stats() -> dict:
         return {}
 
 
+def model_config(name: str, **overrides):
+    """A ``models.ModelConfig`` of one of MODELS' shapes (e.g. num_layers=4 for a shorter stack)."""
+    import models
+
+    return models.ModelConfig(**{**MODELS[name], **overrides})
+
+
 def _model(spec: dict):
     import jax
     import jax.numpy as jnp

@@ -25,7 +25,7 @@ import numpy as np
 import kivi_jax
 import models
 from benchmarks import common
-from benchmarks.e2e import KIVI
+from benchmarks.e2e import KIVI, model_config
 from kivi_jax import attention
 from kivi_jax.generate import _on_mesh, _prefill, _prepare
 
@@ -87,8 +87,7 @@ def main(argv=None) -> None:
                                  num_kv_heads=2, head_dim=128)
         a.batch, a.prompt, a.new_tokens = 4, 96, 8
     else:
-        cfg = models.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=a.layers,
-                                 num_heads=32, num_kv_heads=32, head_dim=128)
+        cfg = model_config("llama2-7b", num_layers=a.layers)
     model = models.abstract_model(cfg, jnp.bfloat16)
     rows, texts = [], {}
     for name in a.caches.split(","):
