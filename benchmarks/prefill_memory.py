@@ -61,13 +61,13 @@ def compile_prefill(model, batch: int, prompt: int, new_tokens: int, kivi, impl:
     graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
         model, ids, max_new_tokens=new_tokens, kivi=kivi, lengths=None, temperature=0.0, top_k=None, top_p=None,
         eos_id=None, key=None, pad_id=0, max_length=None, cache_dtype=None, attn_impl=None)
-    attention.DEFAULT_PREFILL_IMPL = impl  # read while the prefill is traced: no cached trace may be reused
-    _prefill.clear_cache()
+    before, attention.DEFAULT_PREFILL_IMPL = attention.DEFAULT_PREFILL_IMPL, impl  # read while traced:
+    _prefill.clear_cache()  # no cached trace may be reused
     try:
         with _on_mesh(cfg):
             compiled = _prefill.lower(graphdef, state, ids, lens, keys, knobs, cfg=cfg).compile()
     finally:
-        attention.DEFAULT_PREFILL_IMPL = "auto"
+        attention.DEFAULT_PREFILL_IMPL = before
     return compiled, cfg
 
 
@@ -111,9 +111,9 @@ def main(argv=None) -> None:
             # what the program needs at once besides its (donated or not) inputs
             row["peak_estimate_bytes"] = row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
             text = compiled.as_text()
-            row["largest"] = largest_buffers(text)
-            row["big_copies"] = [r for r in largest_buffers(text, top=200)
-                                 if r["op"].startswith("copy") and r["bytes"] >= row["cache_bytes"] // 16]
+            buffers = largest_buffers(text, top=200)  # one pass over the HLO for both lists
+            row["largest"] = buffers[:12]
+            row["big_copies"] = [r for r in buffers if r["op"].startswith("copy") and r["bytes"] >= row["cache_bytes"] // 16]
             texts[f"{name}-{impl}"] = text
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("largest",)}), flush=True)

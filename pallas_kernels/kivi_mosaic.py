@@ -45,8 +45,6 @@ VALUE_BLOCK = 128  # tokens a value scale/min tile covers ([64, 16]: two chunks'
 N = 16  # wgmma N of both small operands
 
 
-# ---- layout --------------------------------------------------------------------------------------
-
 # ---- the layout, both ways (the cache, kivi_jax.cache_mosaic, stores the words and tiles) --------
 def sigma(c):
     """The order of the codes' nibbles within each 32-nibble span: memory nibble c holds channel
