@@ -37,7 +37,10 @@ D = km.D
 # wgmma's layout by Mosaic's shuffles (0.725 vs 0.564 ms, -run15; 0.731 vs 0.559, -run13), and
 # offset, the codes as 128 + c / 128 + 4c with the offsets cancelled through the key constant and
 # a third accumulator (0.585 vs 0.564 ms; GQA 4: 1.275 vs 0.840, -run15).
-VARIANTS = [("default", {}), ("group1", dict(group=1)), ("group4", dict(group=4)), ("stream_only", dict(compute=False))]
+# wide: the codes copied as 128-byte rows into untransformed buffers (session 14).
+VARIANTS = [("default", {}), ("group1", dict(group=1)), ("group4", dict(group=4)), ("stream_only", dict(compute=False)),
+            ("wide", dict(wide=True)), ("wide_stages3", dict(wide=True, stages=3)),
+            ("wide_stream_only", dict(wide=True, compute=False)), ("stream_only_stages3", dict(compute=False, stages=3))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);

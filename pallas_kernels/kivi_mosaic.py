@@ -43,6 +43,8 @@ GROUP = 32  # key tokens / value channels per scale and min
 KEY_BLOCK = 256  # tokens a key scale/min tile covers (8 key groups; its 16 columns: 8 s', 8 m')
 VALUE_BLOCK = 128  # tokens a value scale/min tile covers ([64, 16]: two chunks' 8 numbers a token)
 N = 16  # wgmma N of both small operands
+WIDE = 256  # nibbles a row of the codes' copies with wide=True (128 bytes)
+WIDE_ROWS = KEY_BLOCK * D // 2 // WIDE  # such rows a step, keys and values alike (64)
 
 
 # ---- the layout, both ways (the cache, kivi_jax.cache_mosaic, stores the words and tiles) --------
@@ -243,7 +245,8 @@ def _wgmma_index(idx, k):
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, fused: bool | None = None, compute: bool = True, profile_dir: str = ""):
+           early_pick: bool | None = None, fused: bool | None = None, compute: bool = True, wide: bool = False,
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -259,6 +262,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
     steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps.
     compute=False (an ablation) only streams the tiles.
+    wide: the codes' copies as [64, 256] int4 boxes (128-byte rows, as they lie in memory) into
+    untransformed buffers, instead of 32-byte (keys, tiled and swizzled) and 16-byte (values)
+    rows; the loads then see the keys unswizzled.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -401,9 +407,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
             bar = tile_bar.at[slot]
-            plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
+            if wide:  # both stores as [Tc / 4, 256] nibbles: a step is 64 rows of each
+                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)], kn_buf.at[slot], bar)
+                plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)], vn_buf.at[slot], bar)
+            else:
+                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
+                plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(kt_gmem.at[r_in, i], kt_buf.at[slot], bar)
-            plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vt_gmem.at[r_in, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
 
         for i in range(min(stages, per_split)):
@@ -413,7 +423,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             slot = lax.rem(i, stages)
             with jax.named_scope("tma_wait"):
                 plgpu.barrier_wait(tile_bar.at[slot])
-            carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
+            kn_ref, vn_ref = kn_buf.at[slot], vn_buf.at[slot]
+            if wide:
+                kn_ref, vn_ref = kn_ref.reshape(KEY_BLOCK, D // 2), vn_ref.reshape(chunks, D, half)
+            carry = step(lo + i, kn_ref, kt_buf.at[slot], vn_ref, vt_buf.at[slot], carry)
             pl.when(i + stages < steps)(lambda: fetch(lo + i + stages, slot))
             return carry
 
@@ -450,9 +463,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.SMEM((nb, KEY_BLOCK, nbc), bf16, transforms=b_op),
                        plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
-                       plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op),
+                       (plgpu.SMEM((stages, WIDE_ROWS, WIDE), jnp.int4) if wide else
+                        plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op)),
                        plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((stages, chunks, D, half), jnp.int4),
+                       plgpu.SMEM((stages, WIDE_ROWS, WIDE) if wide else (stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
         grid=(rows, splits), grid_names=("r", "s"),
@@ -494,6 +508,8 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     qg = q.reshape(rows, heads, D).astype(jnp.bfloat16)
     qb = jnp.broadcast_to(qg[..., None], (rows, heads, D, N))
     n32 = jnp.zeros((rows, 32), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32)).at[:, 1].set(row_offset)
+    if options.get("wide"):  # the same bytes as 128-byte rows (bitcast reshapes)
+        kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)
     o, ml = _build(rows, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
     o, m, l = combine_splits(o, ml[..., 0, 0], ml[..., 1, 0])
     return (o, m, l) if q.ndim == 3 else (o[:, 0], m[:, 0], l[:, 0])
