@@ -408,8 +408,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         def fetch(i, slot):
             bar = tile_bar.at[slot]
             if wide:  # both stores as [Tc / 4, 256] nibbles: a step is 64 rows of each
-                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)], kn_buf.at[slot], bar)
-                plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)], vn_buf.at[slot], bar)
+                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
+                                        kn_buf.at[slot].reshape(WIDE_ROWS, WIDE), bar)
+                plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
+                                        vn_buf.at[slot].reshape(WIDE_ROWS, WIDE), bar)
             else:
                 plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
                 plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
@@ -423,10 +425,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             slot = lax.rem(i, stages)
             with jax.named_scope("tma_wait"):
                 plgpu.barrier_wait(tile_bar.at[slot])
-            kn_ref, vn_ref = kn_buf.at[slot], vn_buf.at[slot]
-            if wide:
-                kn_ref, vn_ref = kn_ref.reshape(KEY_BLOCK, D // 2), vn_ref.reshape(chunks, D, half)
-            carry = step(lo + i, kn_ref, kt_buf.at[slot], vn_ref, vt_buf.at[slot], carry)
+            carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
             pl.when(i + stages < steps)(lambda: fetch(lo + i + stages, slot))
             return carry
 
@@ -463,10 +462,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.SMEM((nb, KEY_BLOCK, nbc), bf16, transforms=b_op),
                        plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
-                       (plgpu.SMEM((stages, WIDE_ROWS, WIDE), jnp.int4) if wide else
-                        plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op)),
+                       plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=() if wide else codes_op),
                        plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((stages, WIDE_ROWS, WIDE) if wide else (stages, chunks, D, half), jnp.int4),
+                       plgpu.SMEM((stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
         grid=(rows, splits), grid_names=("r", "s"),
