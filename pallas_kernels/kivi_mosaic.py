@@ -245,8 +245,8 @@ def _wgmma_index(idx, k):
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, fused: bool | None = None, compute: bool = True, wide: bool = False,
-           profile_dir: str = ""):
+           early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
+           wide_values: bool = False, wide_keys: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -262,9 +262,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
     steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps.
     compute=False (an ablation) only streams the tiles.
-    wide: the codes' copies as [64, 256] int4 boxes (128-byte rows, as they lie in memory) into
-    untransformed buffers, instead of 32-byte (keys, tiled and swizzled) and 16-byte (values)
-    rows; the loads then see the keys unswizzled.
+    wide_values / wide_keys: a step's value / key codes copied as one [64, 256] int4 box (128-byte
+    rows, as they lie in memory) instead of 16-byte (values) / 32-byte (keys) rows. The same
+    bytes land in shared memory; for the keys the copy writes an untransformed alias of the
+    tiled, swizzled buffer the loads read, so kn must hold the swizzled image
+    (:func:`swizzle_key_rows`).
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -299,6 +301,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
              q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
              tile_bar):
         r, sp = lax.axis_index("r"), lax.axis_index("s")
+        kn_buf, kn_raw = kn_buf if wide_keys else (kn_buf, None)  # a union: tiled + swizzled, and raw
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
@@ -407,13 +410,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
             bar = tile_bar.at[slot]
-            if wide:  # both stores as [Tc / 4, 256] nibbles: a step is 64 rows of each
+            # wide: the stores as [Tc / 4, 256] nibbles, a step 64 rows of each
+            if wide_keys:
                 plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
-                                        kn_buf.at[slot].reshape(WIDE_ROWS, WIDE), bar)
+                                        kn_raw.at[slot].reshape(WIDE_ROWS, WIDE), bar)
+            else:
+                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
+            if wide_values:
                 plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
                                         vn_buf.at[slot].reshape(WIDE_ROWS, WIDE), bar)
             else:
-                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
                 plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(kt_gmem.at[r_in, i], kt_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vt_gmem.at[r_in, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
@@ -453,6 +459,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r, sp])
         plgpu.wait_smem_to_gmem(0)
 
+    kn_smem = plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op)
+
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
@@ -462,7 +470,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.SMEM((nb, KEY_BLOCK, nbc), bf16, transforms=b_op),
                        plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
-                       plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=() if wide else codes_op),
+                       (plgpu.RefUnion(kn_smem, plgpu.SMEM(kn_smem.shape, jnp.int4)) if wide_keys else kn_smem),
                        plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
                        plgpu.SMEM((stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
@@ -506,8 +514,10 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     qg = q.reshape(rows, heads, D).astype(jnp.bfloat16)
     qb = jnp.broadcast_to(qg[..., None], (rows, heads, D, N))
     n32 = jnp.zeros((rows, 32), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32)).at[:, 1].set(row_offset)
-    if options.get("wide"):  # the same bytes as 128-byte rows (bitcast reshapes)
-        kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)
+    if options.get("wide_keys"):  # the same bytes as 128-byte rows (bitcast reshapes)
+        kn = kn.reshape(kn.shape[0], -1, WIDE)
+    if options.get("wide_values"):
+        vn = vn.reshape(vn.shape[0], -1, WIDE)
     o, ml = _build(rows, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
     o, m, l = combine_splits(o, ml[..., 0, 0], ml[..., 1, 0])
     return (o, m, l) if q.ndim == 3 else (o[:, 0], m[:, 0], l[:, 0])
@@ -561,3 +571,13 @@ def _per_query_row(fn, q, *args):
     """fn over each query row q[:, h] -> its outputs stacked on axis 1."""
     outs = [fn(np.asarray(q)[:, h], *args) for h in range(np.shape(q)[1])]
     return tuple(np.stack(x, axis=1) for x in zip(*outs))
+
+
+def swizzle_key_rows(kn):
+    """Key words or nibbles [..., T, 8 | 64] -> the image a 32-byte swizzle makes of them in shared
+    memory: rows t with bit 2 set have their two 16-byte halves swapped (an involution). With
+    ``wide_keys`` the kernel copies this image as it is and reads it through the swizzled view."""
+    t, w = kn.shape[-2:]
+    flip = (jnp.arange(t) >> 2) & 1
+    halves = kn.reshape(kn.shape[:-1] + (2, w // 2))
+    return jnp.where(flip[:, None, None] == 1, halves[..., ::-1, :], halves).reshape(kn.shape)
