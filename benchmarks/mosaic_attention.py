@@ -50,7 +50,7 @@ VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("wide_values
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("late_pick", dict(early_pick=False))]
+                ("late_pick", dict(early_pick=False)), ("wide", WIDE)]
 
 
 def random_inputs(rows, tokens, key=0):
