@@ -42,15 +42,16 @@ D = km.D
 # unswizzled instead (2-way bank conflicts): 0.686 vs 0.556 ms, stream only 0.227 vs 0.322
 # (mosaic-attention-run17).
 WIDE = dict(wide_keys=True, wide_values=True)
-VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("wide_values", dict(wide_values=True)),
-            ("wide", WIDE), ("wide_stages3", dict(WIDE, stages=3)), ("wide_stream_only", dict(WIDE, compute=False)),
-            ("group1", dict(group=1))]
+VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("wide", WIDE),
+            ("wide_stream_only", dict(WIDE, compute=False)), ("nab", dict(no_auto_barriers=True)),
+            ("wide_nab", dict(WIDE, no_auto_barriers=True)), ("wide_nab_stages3", dict(WIDE, no_auto_barriers=True, stages=3)),
+            ("wide_nab_group1", dict(WIDE, no_auto_barriers=True, group=1))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("late_pick", dict(early_pick=False)), ("wide", WIDE)]
+                ("late_pick", dict(early_pick=False)), ("wide", WIDE), ("wide_nab", dict(WIDE, no_auto_barriers=True))]
 
 
 def random_inputs(rows, tokens, key=0):

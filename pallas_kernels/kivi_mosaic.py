@@ -246,7 +246,7 @@ def _wgmma_index(idx, k):
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           wide_values: bool = False, wide_keys: bool = False, profile_dir: str = ""):
+           wide_values: bool = False, wide_keys: bool = False, no_auto_barriers: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -267,6 +267,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     bytes land in shared memory; for the keys the copy writes an untransformed alias of the
     tiled, swizzled buffer the loads read, so kn must hold the swizzled image
     (:func:`swizzle_key_rows`).
+    no_auto_barriers: Pallas's barriers around each shared-memory store and before each copy
+    left out (14 of a step's 20 warpgroup barriers). Safe here: what a store overwrites (Bk, Bv)
+    and what a copy refills (a slot) was last read by wgmmas that completed (wgmma_wait) after
+    every warp had issued them, and each store is read only after commit_smem's barrier.
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -476,7 +480,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
         grid=(rows, splits), grid_names=("r", "s"),
-        compiler_params=plgpu.CompilerParams(**({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
+        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=no_auto_barriers,
+                                             **({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
 
 
 def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
