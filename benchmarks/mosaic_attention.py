@@ -37,21 +37,16 @@ D = km.D
 # wgmma's layout by Mosaic's shuffles (0.725 vs 0.564 ms, -run15; 0.731 vs 0.559, -run13), and
 # offset, the codes as 128 + c / 128 + 4c with the offsets cancelled through the key constant and
 # a third accumulator (0.585 vs 0.564 ms; GQA 4: 1.275 vs 0.840, -run15).
-# wide_values / wide_keys: a step's codes copied as one box of 128-byte rows (session 14; the
-# keys then as their swizzled image, kivi_mosaic.swizzle_key_rows). Both wide, the keys read
-# unswizzled instead (2-way bank conflicts): 0.686 vs 0.556 ms, stream only 0.227 vs 0.322
-# (mosaic-attention-run17).
-WIDE = dict(wide_keys=True, wide_values=True)
-VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("wide", WIDE),
-            ("wide_stream_only", dict(WIDE, compute=False)), ("nab", dict(no_auto_barriers=True)),
-            ("wide_nab", dict(WIDE, no_auto_barriers=True)), ("wide_nab_stages3", dict(WIDE, no_auto_barriers=True, stages=3)),
-            ("wide_nab_group1", dict(WIDE, no_auto_barriers=True, group=1))]
+# Since session 14 every variant copies a step's codes as 128-byte rows and leaves Pallas's
+# automatic barriers out; before (git 313a961): 0.584 ms, the wide copies 0.551, both 0.540, the
+# stream alone 0.317 -> 0.223 (mosaic-attention-run19).
+VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("late_pick", dict(early_pick=False)), ("wide", WIDE), ("wide_nab", dict(WIDE, no_auto_barriers=True))]
+                ("late_pick", dict(early_pick=False))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -76,19 +71,12 @@ def errors(got, want):
             "l_rel_err": float(np.abs(l * np.exp(m - rm) - rl).max() / np.abs(rl).max())}
 
 
-def layout(packed, options):
-    """The repacked arrays as the kernel's options want them (wide_keys: the keys' swizzled image)."""
-    kn, kt, vn, vt = packed
-    return (km.swizzle_key_rows(kn) if options.get("wide_keys") else kn), kt, vn, vt
-
-
 def check(rows=64, tokens=1024, stages=2, heads=1, **options):
     plain = random_inputs(rows, tokens)
     lengths = jnp.asarray(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1, tokens],
                                     rows), jnp.int32)
     q = (jax.random.normal(jax.random.key(9), (rows,) + (heads,) * (heads > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
-    got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *layout(km.repack(*x), options), stages=stages, **options))(
-        q, lengths, *plain)
+    got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, **options))(q, lengths, *plain)
     return errors(got, km.reference(q, lengths, *plain))
 
 
@@ -229,10 +217,9 @@ def target(b, t, hq, hkv, variants, stages, hbm):
              for s in map(int, stages.split(","))] + variants[1:]
     for name, opts in named:
         fn = jax.jit(lambda q, n, *x, o=opts: km.bulk_partials(q, n, *x, **o))
-        args = layout(packed, opts)
-        ms = common.time_fn(fn, q, lengths, *args)
+        ms = common.time_fn(fn, q, lengths, *packed)
         sub = slice(0, 4)
-        err = errors([x[sub] for x in fn(q, lengths, *args)],
+        err = errors([x[sub] for x in fn(q, lengths, *packed)],
                      km.reference(q[sub], lengths[sub], *[x[sub] for x in plain]))
         rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}", "median_ms": ms, "bytes": nbytes,
                      "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,

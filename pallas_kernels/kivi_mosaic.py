@@ -43,7 +43,7 @@ GROUP = 32  # key tokens / value channels per scale and min
 KEY_BLOCK = 256  # tokens a key scale/min tile covers (8 key groups; its 16 columns: 8 s', 8 m')
 VALUE_BLOCK = 128  # tokens a value scale/min tile covers ([64, 16]: two chunks' 8 numbers a token)
 N = 16  # wgmma N of both small operands
-WIDE = 256  # nibbles a row of the codes' copies with wide=True (128 bytes)
+WIDE = 256  # nibbles a row of the codes' copies (128 bytes)
 WIDE_ROWS = KEY_BLOCK * D // 2 // WIDE  # such rows a step, keys and values alike (64)
 
 
@@ -67,12 +67,13 @@ def _in_memory_order(nib):
 
 
 def key_words(codes):
-    """codes [..., T, D] (0..3) -> [..., T, 8] uint32 (nibble p = channel j | channel 64 + j << 2,
-    j = sigma(p))."""
+    """codes [..., T, D] (0..3; T rows from a multiple of 8) -> [..., T, 8] uint32 (nibble p =
+    channel j | channel 64 + j << 2, j = sigma(p)), each row as a 32-byte swizzle lays it out in
+    shared memory (:func:`swizzle_key_rows`): the kernel copies a step's rows as they are."""
     c = codes.astype(jnp.uint32)
     nib = _in_memory_order(c[..., : D // 2] | (c[..., D // 2:] << 2))  # [..., T, 64]
     nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
-    return _or_reduce(nib)
+    return swizzle_key_rows(_or_reduce(nib))
 
 
 def _or_reduce(x):
@@ -83,9 +84,20 @@ def _or_reduce(x):
     return out
 
 
+def swizzle_key_rows(kn):
+    """Key words or nibbles [..., T, 8 | 64] (T rows from a multiple of 8) <-> the image a 32-byte
+    swizzle (Mosaic's, on the kernel's [256, 64] int4 key tiles) makes of them: rows t with
+    t & 4 have their two 16-byte halves swapped (an involution)."""
+    t, w = kn.shape[-2:]
+    flip = (jnp.arange(t) & 4) > 0
+    halves = kn.reshape(kn.shape[:-1] + (2, w // 2))
+    return jnp.where(flip[:, None, None], halves[..., ::-1, :], halves).reshape(kn.shape)
+
+
 def key_codes(words):
-    """[..., T, 8] uint32 -> codes [..., T, D] int32 (inverse of :func:`key_words`)."""
-    nib = (words[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
+    """[..., T, 8] uint32 (T rows from a multiple of 8) -> codes [..., T, D] int32 (inverse of
+    :func:`key_words`)."""
+    nib = (swizzle_key_rows(words)[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
     nib = _in_memory_order(nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32))
     return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
 
@@ -166,7 +178,8 @@ def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
     k_codes, v_codes: [R, T, D] integers 0..3; k_scale, k_min: [R, T/32, D]; v_scale, v_min:
     [R, T, D/32]; T a multiple of 256. Returns (kn [R, T, 64] int4, kt [R, T/256, 128, 16],
     vn [R, T/64, 128, 32] int4, vt [R, T/128, 64, 16]) with the scale dtype:
-    kn[r, t, p] = k[t, j] | k[t, 64 + j] << 2 with j = :func:`sigma` (p); kt[r, b, c, g] =
+    kn[r, t, p ^ 32 (t & 4)] = k[t, j] | k[t, 64 + j] << 2 with j = :func:`sigma` (p) (the
+    swizzled image, :func:`swizzle_key_rows`); kt[r, b, c, g] =
     s'[8b + g, c] (g < 8), m'[8b + g - 8, c] (g >= 8); vn[r, i, c, p] = v[64i + j, c] |
     v[64i + 32 + j, c] << 2 with j = sigma(p);
     vt[r, i, u, 8e + g] = s'[128i + 64e + u, g], vt[r, i, u, 8e + 4 + g] = m'[...]."""
@@ -246,7 +259,7 @@ def _wgmma_index(idx, k):
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           wide_values: bool = False, wide_keys: bool = False, no_auto_barriers: bool = False, profile_dir: str = ""):
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -262,15 +275,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
     steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps.
     compute=False (an ablation) only streams the tiles.
-    wide_values / wide_keys: a step's value / key codes copied as one [64, 256] int4 box (128-byte
-    rows, as they lie in memory) instead of 16-byte (values) / 32-byte (keys) rows. The same
-    bytes land in shared memory; for the keys the copy writes an untransformed alias of the
-    tiled, swizzled buffer the loads read, so kn must hold the swizzled image
-    (:func:`swizzle_key_rows`).
-    no_auto_barriers: Pallas's barriers around each shared-memory store and before each copy
-    left out (14 of a step's 20 warpgroup barriers). Safe here: what a store overwrites (Bk, Bv)
-    and what a copy refills (a slot) was last read by wgmmas that completed (wgmma_wait) after
-    every warp had issued them, and each store is read only after commit_smem's barrier.
+    A step's key and value codes are each copied as one [64, 256] int4 box (128-byte rows, as
+    they lie in memory): the keys into a raw alias (a RefUnion) of the tiled, swizzled buffer
+    the loads read, which is why the stores hold the keys' swizzled image (:func:`key_words`).
+    The tile stream alone runs at 0.22-0.23 ms this way against 0.32 with the 32- and 16-byte
+    rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
+    reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
+    Pallas's automatic barriers (around each shared-memory store, before each copy: 14 of a
+    step's 20 warpgroup barriers) are left out: what a store overwrites (Bk, Bv) and what a copy
+    refills (a slot) was last read by wgmmas that completed (wgmma_wait) after every warp had
+    issued them, and each store is read only after commit_smem's barrier (0.540 vs 0.551 ms).
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -305,7 +319,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
              q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
              tile_bar):
         r, sp = lax.axis_index("r"), lax.axis_index("s")
-        kn_buf, kn_raw = kn_buf if wide_keys else (kn_buf, None)  # a union: tiled + swizzled, and raw
+        kn_buf, kn_raw = kn_buf  # a union: the keys' buffer tiled + swizzled (loads), and raw (copies)
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
@@ -414,17 +428,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
             bar = tile_bar.at[slot]
-            # wide: the stores as [Tc / 4, 256] nibbles, a step 64 rows of each
-            if wide_keys:
-                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
-                                        kn_raw.at[slot].reshape(WIDE_ROWS, WIDE), bar)
-            else:
-                plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * KEY_BLOCK, KEY_BLOCK)], kn_buf.at[slot], bar)
-            if wide_values:
-                plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
-                                        vn_buf.at[slot].reshape(WIDE_ROWS, WIDE), bar)
-            else:
-                plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * chunks, chunks)], vn_buf.at[slot], bar)
+            # the stores as [Tc / 4, 256] nibbles, a step 64 rows of each
+            plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
+                                    kn_raw.at[slot].reshape(WIDE_ROWS, WIDE), bar)
+            plgpu.copy_gmem_to_smem(vn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
+                                    vn_buf.at[slot].reshape(WIDE_ROWS, WIDE), bar)
             plgpu.copy_gmem_to_smem(kt_gmem.at[r_in, i], kt_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vt_gmem.at[r_in, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
 
@@ -474,13 +482,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.SMEM((nb, KEY_BLOCK, nbc), bf16, transforms=b_op),
                        plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
-                       (plgpu.RefUnion(kn_smem, plgpu.SMEM(kn_smem.shape, jnp.int4)) if wide_keys else kn_smem),
+                       plgpu.RefUnion(kn_smem, plgpu.SMEM(kn_smem.shape, jnp.int4)),
                        plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
                        plgpu.SMEM((stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
         grid=(rows, splits), grid_names=("r", "s"),
-        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=no_auto_barriers,
+        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True,
                                              **({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
 
 
@@ -519,10 +527,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     qg = q.reshape(rows, heads, D).astype(jnp.bfloat16)
     qb = jnp.broadcast_to(qg[..., None], (rows, heads, D, N))
     n32 = jnp.zeros((rows, 32), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32)).at[:, 1].set(row_offset)
-    if options.get("wide_keys"):  # the same bytes as 128-byte rows (bitcast reshapes)
-        kn = kn.reshape(kn.shape[0], -1, WIDE)
-    if options.get("wide_values"):
-        vn = vn.reshape(vn.shape[0], -1, WIDE)
+    kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)  # 128-byte rows (bitcasts)
     o, ml = _build(rows, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
     o, m, l = combine_splits(o, ml[..., 0, 0], ml[..., 1, 0])
     return (o, m, l) if q.ndim == 3 else (o[:, 0], m[:, 0], l[:, 0])
@@ -544,6 +549,7 @@ def kernel_model(q, lengths, kn, kt, vn, vt):
         return _per_query_row(kernel_model, q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel takes them: memory column c at K index sigma(c)
+    kn = swizzle_key_rows(kn)  # the keys' rows as in the tiled view the kernel loads
     kn, vn = (_in_memory_order(np.asarray(x.astype(jnp.int32))) for x in (kn, vn))
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
     rows, tokens = kn.shape[:2]
@@ -576,13 +582,3 @@ def _per_query_row(fn, q, *args):
     """fn over each query row q[:, h] -> its outputs stacked on axis 1."""
     outs = [fn(np.asarray(q)[:, h], *args) for h in range(np.shape(q)[1])]
     return tuple(np.stack(x, axis=1) for x in zip(*outs))
-
-
-def swizzle_key_rows(kn):
-    """Key words or nibbles [..., T, 8 | 64] -> the image a 32-byte swizzle makes of them in shared
-    memory: rows t with bit 2 set have their two 16-byte halves swapped (an involution). With
-    ``wide_keys`` the kernel copies this image as it is and reads it through the swizzled view."""
-    t, w = kn.shape[-2:]
-    flip = (jnp.arange(t) >> 2) & 1
-    halves = kn.reshape(kn.shape[:-1] + (2, w // 2))
-    return jnp.where(flip[:, None, None] == 1, halves[..., ::-1, :], halves).reshape(kn.shape)
