@@ -282,9 +282,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
     reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
     Pallas's automatic barriers (around each shared-memory store, before each copy: 14 of a
-    step's 20 warpgroup barriers) are left out: what a store overwrites (Bk, Bv) and what a copy
-    refills (a slot) was last read by wgmmas that completed (wgmma_wait) after every warp had
-    issued them, and each store is read only after commit_smem's barrier (0.540 vs 0.551 ms).
+    step's 20 warpgroup barriers) are left out (0.540 vs 0.551 ms): what a store overwrites (Bk,
+    Bv) was last read by wgmmas every warp waited on before the barrier of the commit_smem that
+    comes between, and each store is read only after its own commit_smem; a slot is refilled
+    after one barrier (``refill``; added after that timing, not yet timed on its own).
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -444,8 +445,15 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             with jax.named_scope("tma_wait"):
                 plgpu.barrier_wait(tile_bar.at[slot])
             carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
-            pl.when(i + stages < steps)(lambda: fetch(lo + i + stages, slot))
+            pl.when(i + stages < steps)(lambda: refill(lo + i + stages, slot))
             return carry
+
+        def refill(i, slot):
+            # Every warp has read the slot (its wgmmas waited on took the codes from registers
+            # loaded from it) before one thread's copies overwrite it: one barrier, where Pallas's
+            # automatic ones put one before each of the four copies.
+            plgpu.commit_smem()
+            fetch(i, slot)
 
         zeros = plgpu.layout_cast(jnp.zeros((D, nbc), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
