@@ -7,11 +7,16 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the sweep alone (python -m
-# benchmarks.mosaic_attention --sweep --kv-heads 32 --name mosaic-attention-sweep | grep "^|"; the committed
-# one predates run13; with both head counts it ran past 270 s in session 13: one --kv-heads a call), then the Mosaic kernel's registers in a call of their own
-# (mkdir -p /tmp/d; MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d python -m benchmarks.mosaic_attention
-# --skip-checks --kv-heads 32 --stages 2 > /dev/null 2>&1; ls /tmp/d | head; grep -h Used /tmp/d/* | sort | uniq -c);
+# Then, as separate calls (each <= 10 min). Next session, first: the kernel at B = 1 at this commit
+# and at e304bd3 side by side (session 14's sweep found B = 1 slower than session 10's; in a copy
+# of each: mosaic_attention --sweep --kv-heads 32 --batches 1 --lengths 1024,4096), and Nsight
+# Compute on the kernel (it works: /opt/nvidia/nsight-compute/*/ncu --clock-control none
+# --kernel-name regex:body_mosaic --launch-count 1 --section WarpStateStats --metrics
+# regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio python -m
+# benchmarks.mosaic_attention --once; results/mosaic-attention-ncu-2026-12-01.md). The PTX comes
+# with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir first; tar it
+# to $OUT): its ptxas report (body_0.ptxas) has the registers, and the triton wheel's ptxas and
+# cuobjdump give the SASS offline.
 # the prefill's memory of any cache: python -m benchmarks.prefill_memory (compile only, ~1 min);
 # where generate's decode loop spends a step vs the same steps driven from Python (the loop's idle GPU
 # time): python -m benchmarks.decode_loop_gap, then again with XLA_FLAGS=--xla_gpu_enable_command_buffer=

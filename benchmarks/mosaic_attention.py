@@ -263,11 +263,22 @@ def main(argv=None):
     ap.add_argument("--kv-heads", default="32,8",
                     help="KV heads (comma list of 32, 8): the target shape's, or with --sweep the grid's (each takes ~3-4 min)")
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
+    ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
+    ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
+    ap.add_argument("--once", action="store_true",
+                    help="only one kernel call on random words of the target shape (B=64, T=4096, 32 heads), "
+                         "for Nsight Compute: ncu --kernel-name regex:body_mosaic --launch-count 1 ...")
     a = ap.parse_args(argv)
+    if a.once:
+        rows, t = 64 * 32, 4096
+        q = (jax.random.normal(jax.random.key(3), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+        jax.block_until_ready(jax.jit(km.bulk_partials)(q, jnp.full((rows,), t, jnp.int32), *random_packed(rows, t)))
+        return
     env = common.environment()
     if a.sweep:
         hbm = common.hbm_copy_tbps()
-        rows = sweep(hbm, heads=tuple((32, int(h)) for h in a.kv_heads.split(",")))
+        rows = sweep(hbm, batches=tuple(map(int, a.batches.split(","))), lengths=tuple(map(int, a.lengths.split(","))),
+                     heads=tuple((32, int(h)) for h in a.kv_heads.split(",")))
         cols = ["B", "T", "Hkv", "impl", "splits", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
         table = (f"Mosaic GPU bulk kernel (2-bit, Hq=32, quantized tokens only) vs dense bf16, {env['device']}, "
                  f"jax {env['jax_version']}, commit {env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
