@@ -40,7 +40,9 @@ D = km.D
 # Since session 14 every variant copies a step's codes as 128-byte rows and leaves Pallas's
 # automatic barriers out; before (git 313a961): 0.584 ms, the wide copies 0.551, both 0.540, the
 # stream alone 0.317 -> 0.223 (mosaic-attention-run19).
-VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1))]
+# one_cta_an_sm: 60 KiB of unused shared memory, so one CTA (4 warps) a multiprocessor instead of two
+VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
+            ("one_cta_an_sm", dict(smem_pad=60 << 10))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);

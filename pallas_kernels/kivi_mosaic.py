@@ -259,7 +259,7 @@ def _wgmma_index(idx, k):
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           profile_dir: str = ""):
+           smem_pad: int = 0, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -286,6 +286,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     Bv) was last read by wgmmas every warp waited on before the barrier of the commit_smem that
     comes between, and each store is read only after its own commit_smem; a slot is refilled
     after one barrier (``refill``; added after that timing, not yet timed on its own).
+    smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
+    more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
+    scales with the warps an SM has (registers allow two).
     profile_dir: Mosaic's profiler writes a trace of the step's named phases there
     (benchmarks/mosaic_attention.py --profile)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -318,7 +321,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
     def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
              q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
-             tile_bar):
+             tile_bar, *pad):
         r, sp = lax.axis_index("r"), lax.axis_index("s")
         kn_buf, kn_raw = kn_buf  # a union: the keys' buffer tiled + swizzled (loads), and raw (copies)
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
@@ -494,7 +497,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
                        plgpu.SMEM((stages, chunks, D, half), jnp.int4),
                        plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
-                       plgpu.Barrier(num_arrivals=4, num_barriers=stages)],
+                       plgpu.Barrier(num_arrivals=4, num_barriers=stages)]
+                      + ([plgpu.SMEM((smem_pad,), jnp.int8)] if smem_pad else []),
         grid=(rows, splits), grid_names=("r", "s"),
         compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True,
                                              **({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
