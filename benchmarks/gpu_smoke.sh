@@ -7,7 +7,9 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the kernel at B = 1 at this commit
+# Then, as separate calls (each <= 10 min). Next session, first: python -m benchmarks.mosaic_attention
+# --kv-heads 32 --stages 2 (~4 min: its checks include the new warpgroups=2/3 kernels, never run on a
+# GPU; its timings one_cta_an_sm, warpgroups2, warpgroups3 next to the default); then the kernel at B = 1 at this commit
 # and at e304bd3 side by side (session 14's sweep found B = 1 slower than session 10's; in a copy
 # of each: mosaic_attention --sweep --kv-heads 32 --batches 1 --lengths 1024,4096), and Nsight
 # Compute on the kernel (it works: /opt/nvidia/nsight-compute/*/ncu --clock-control none

@@ -40,9 +40,11 @@ D = km.D
 # Since session 14 every variant copies a step's codes as 128-byte rows and leaves Pallas's
 # automatic barriers out; before (git 313a961): 0.584 ms, the wide copies 0.551, both 0.540, the
 # stream alone 0.317 -> 0.223 (mosaic-attention-run19).
-# one_cta_an_sm: 60 KiB of unused shared memory, so one CTA (4 warps) a multiprocessor instead of two
+# one_cta_an_sm: 60 KiB of unused shared memory, so one CTA (4 warps) a multiprocessor instead of two;
+# warpgroups2/3: 2 or 3 rows' warpgroups a CTA (registers capped at 255 / 168: 8 or 12 warps an SM)
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
-            ("one_cta_an_sm", dict(smem_pad=60 << 10))]
+            ("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
+            ("warpgroups3", dict(warpgroups=3))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
@@ -296,7 +298,8 @@ def main(argv=None):
     rows = []
     checks = [("default", {}), ("splits1", dict(splits=1)), ("gqa2", dict(heads=2)), ("gqa4", dict(heads=4)),
               ("gqa4_group2", dict(heads=4, group=2)), ("gqa2_unfused", dict(heads=2, fused=False)),
-              ("gqa4_unfused", dict(heads=4, fused=False))]
+              ("gqa4_unfused", dict(heads=4, fused=False)), ("warpgroups2", dict(warpgroups=2)),
+              ("warpgroups3", dict(warpgroups=3)), ("warpgroups3_splits1", dict(warpgroups=3, splits=1))]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

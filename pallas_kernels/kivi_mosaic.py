@@ -259,7 +259,7 @@ def _wgmma_index(idx, k):
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           smem_pad: int = 0, profile_dir: str = ""):
+           smem_pad: int = 0, warpgroups: int = 1, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
@@ -286,6 +286,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     Bv) was last read by wgmmas every warp waited on before the barrier of the commit_smem that
     comes between, and each store is read only after its own commit_smem; a slot is refilled
     after one barrier (``refill``; added after that timing, not yet timed on its own).
+    warpgroups (W, MHA only): W warpgroups a CTA, each its own row with its own scratch, so that
+    ptxas caps the registers at 65536 / (128 W) (168 at W = 3: 12 warps an SM instead of 8). Mosaic's
+    reductions across a warpgroup's warps use one scratch buffer for the whole CTA, so at W > 1
+    the kernel makes none: the key constant comes from a wgmma of ones over Bk, the step's max
+    from a per-warpgroup buffer read back in a layout every warp holds whole, and the epilogue's
+    column sums row by row from another.
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -297,6 +303,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     b_op = (tiles((8, N)), swizzle(2 * N))  # a [K, 16] bf16 operand / tile: 32-byte rows
     codes_op = (tiles((8, 64)), swizzle(32))  # a [64, 64] int4 A tile
     wg = plgpu.Layout.WGMMA
+    every = wg.reduce(0)  # a vector each warp holds whole (WGMMA's column vector): no reduction across warps
     f32, bf16 = jnp.float32, jnp.bfloat16
     chunks = KEY_BLOCK // CHUNK  # 4 a step
     per_split = -(-tokens // KEY_BLOCK // splits)
@@ -321,9 +328,18 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
     def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
              q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
-             tile_bar, *pad):
+             tile_bar, *extra):
         r, sp = lax.axis_index("r"), lax.axis_index("s")
         kn_buf, kn_raw = kn_buf  # a union: the keys' buffer tiled + swizzled (loads), and raw (copies)
+        if multi:  # this warpgroup's row and its share of every scratch buffer
+            w = lax.axis_index("wg")
+            r = r * warpgroups + w
+            (q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kn_raw, kt_buf, vn_buf, vt_buf,
+             red_smem, mc_smem) = (x.at[w] for x in (q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar,
+                                                    kn_buf, kn_raw, kt_buf, vn_buf, vt_buf) + tuple(extra[:2]))
+            tile = lambda slot: tile_bar.at[w * stages + slot]  # noqa: E731
+        else:
+            tile = lambda slot: tile_bar.at[slot]  # noqa: E731
         plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
@@ -339,6 +355,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         rowb, colb, vrowb, vcolb = ((iota((CHUNK, nbc), 0), iota((CHUNK, nbc), 1), iota((D, nbc), 0), iota((D, nbc), 1))
                                     if fused else (row, col, vrow, vcol))
 
+        def key_constant(acc):  # warpgroups > 1: ones [64, 128] · Bk, every row Bk's column sums
+            ones = plgpu.layout_cast(jnp.full((CHUNK, D // 2), 1.0, bf16), wg)
+            plgpu.wgmma(acc, ones, bk_smem.at[0, pl.ds(0, D // 2)])
+            plgpu.wgmma(acc, ones, bk_smem.at[0, pl.ds(D // 2, D // 2)])
+            plgpu.wgmma_wait(0)
+            return acc[...]
+
         def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry):
             if not compute:
                 return carry
@@ -348,8 +371,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 for h in hs:
                     x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s' | q_h ∘ m' [128, 16]
                     cols(bk_smem, h)[...] = x.astype(bf16)
-                    c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
+                    if not multi:
+                        c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
+                if multi:  # every row of ones · Bk holds Bk's column sums (no reduction across warps)
+                    c.append(pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32)))
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
@@ -384,6 +410,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return picked + jnp.sum(const() + mask(), axis=1)
             return jnp.sum(jnp.where(col == g, acc, 0.0) + const() + mask(), axis=1)
 
+        def step_max(top):  # the max of a step's [64] scores
+            if not multi:
+                return jnp.max(top)
+            red_smem[...] = top
+            plgpu.commit_smem()  # (red_smem's last reads were before the previous step's Bv commit)
+            return jnp.max(plgpu.load(red_smem, (), layout=every))
+
         @jax.named_scope("softmax")
         def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
             m, o1, mc2 = list(m), list(o1), list(mc2)  # each a tuple over the query rows
@@ -395,7 +428,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     top = s[0]
                     for su in s[1:]:
                         top = jnp.maximum(top, su)
-                    m_new = jnp.maximum(m[h], jnp.max(top))  # the one reduction across the warpgroup a step
+                    m_new = jnp.maximum(m[h], step_max(top))  # the one reduction across the warpgroup a step
                     alpha.append(jnp.exp(m[h] - m_new))
                     m[h] = m_new
                     mc2[h] = mc2[h] * alpha[h]
@@ -431,7 +464,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
-            bar = tile_bar.at[slot]
+            bar = tile(slot)
             # the stores as [Tc / 4, 256] nibbles, a step 64 rows of each
             plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
                                     kn_raw.at[slot].reshape(WIDE_ROWS, WIDE), bar)
@@ -446,7 +479,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         def loop(i, carry):  # i: the step within this split
             slot = lax.rem(i, stages)
             with jax.named_scope("tma_wait"):
-                plgpu.barrier_wait(tile_bar.at[slot])
+                plgpu.barrier_wait(tile(slot))
             carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
             pl.when(i + stages < steps)(lambda: refill(lo + i + stages, slot))
             return carry
@@ -465,8 +498,17 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         m, o1, mc2 = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads))
         g = vrow // GROUP
         for h in hs:
-            mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
-            l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
+            if multi:  # column sums row by row from shared memory (no reduction across warps)
+                mc_smem[...] = mc2[h]
+                plgpu.commit_smem()
+                sums = lax.fori_loop(0, CHUNK, lambda i, a: a + plgpu.load(mc_smem.at[i], (), layout=every),
+                                     plgpu.layout_cast(jnp.zeros((N,), f32), every))
+                mc = lax.broadcast_in_dim(sums, (D, N), (1,))
+                l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) == 0,
+                                      sums, 0.0))
+            else:
+                mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
+                l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
             pick_mc = lambda: (vcol == g + 4) | (vcol == g + 12)  # noqa: E731 - Σ p m' of g's two halves
             if fused:
                 gb = N * h + vrowb // GROUP  # row h's column block
@@ -482,24 +524,37 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r, sp])
         plgpu.wait_smem_to_gmem(0)
 
-    kn_smem = plgpu.SMEM((stages, KEY_BLOCK, D // 2), jnp.int4, transforms=codes_op)
+    multi = warpgroups > 1
+    if warpgroups not in (1, 2, 3) or (multi and heads > 1):
+        raise ValueError(f"warpgroups={warpgroups} (with G={heads} query rows a KV head); allowed: 1, 2 or 3, "
+                         "and more than 1 only with G = 1 (their scratch fills an SM's shared memory at 3)")
+    assert rows % warpgroups == 0, "bulk_partials pads the rows"
+
+    def own(shape, dtype, transforms=()):  # a scratch buffer, one a warpgroup
+        return plgpu.SMEM(((warpgroups,) if multi else ()) + tuple(shape), dtype, transforms=transforms)
+
+    kn_shape = (stages, KEY_BLOCK, D // 2)
+    kn_smem = own(kn_shape, jnp.int4, codes_op)
 
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
-        scratch_types=[plgpu.SMEM((heads, D, N), bf16, transforms=b_op), plgpu.SMEM((32,), jnp.int32),
-                       plgpu.SMEM((nb, D, nbc), bf16, transforms=b_op),
-                       plgpu.SMEM((nb, KEY_BLOCK, nbc), bf16, transforms=b_op),
-                       plgpu.SMEM((heads, D), f32), plgpu.SMEM((heads, 2, D), f32),
-                       plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1),
-                       plgpu.RefUnion(kn_smem, plgpu.SMEM(kn_smem.shape, jnp.int4)),
-                       plgpu.SMEM((stages, D, N), bf16, transforms=b_op),
-                       plgpu.SMEM((stages, chunks, D, half), jnp.int4),
-                       plgpu.SMEM((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, transforms=b_op),
-                       plgpu.Barrier(num_arrivals=4, num_barriers=stages)]
+        scratch_types=[own((heads, D, N), bf16, b_op), own((32,), jnp.int32),
+                       own((nb, D, nbc), bf16, b_op),
+                       own((nb, KEY_BLOCK, nbc), bf16, b_op),
+                       own((heads, D), f32), own((heads, 2, D), f32),
+                       plgpu.Barrier(num_arrivals=1, num_barriers=warpgroups),
+                       plgpu.Barrier(num_arrivals=1, num_barriers=warpgroups),
+                       plgpu.RefUnion(kn_smem, own(kn_shape, jnp.int4)),
+                       own((stages, D, N), bf16, b_op),
+                       own((stages, chunks, D, half), jnp.int4),
+                       own((stages, KEY_BLOCK // VALUE_BLOCK, CHUNK, N), bf16, b_op),
+                       plgpu.Barrier(num_arrivals=4, num_barriers=stages * warpgroups)]
+                      + ([own((CHUNK,), f32), own((CHUNK, N), f32)] if multi else [])
                       + ([plgpu.SMEM((smem_pad,), jnp.int8)] if smem_pad else []),
-        grid=(rows, splits), grid_names=("r", "s"),
+        grid=(rows // warpgroups, splits), grid_names=("r", "s"),
+        **({"num_threads": warpgroups, "thread_name": "wg"} if multi else {}),
         compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True,
                                              **({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
 
@@ -536,12 +591,15 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     splits = default_splits(rows, tokens) if splits is None else splits
     if not 1 <= splits <= tokens // KEY_BLOCK:
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
-    qg = q.reshape(rows, heads, D).astype(jnp.bfloat16)
-    qb = jnp.broadcast_to(qg[..., None], (rows, heads, D, N))
-    n32 = jnp.zeros((rows, 32), jnp.int32).at[:, 0].set(lengths.astype(jnp.int32)).at[:, 1].set(row_offset)
+    wgs = options.get("warpgroups", 1)
+    padded = -(-rows // wgs) * wgs  # rows a multiple of the warpgroups a CTA (padding rows: n = 0)
+    qg = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
+    qb = jnp.broadcast_to(qg[..., None], (padded, heads, D, N))
+    n32 = (jnp.zeros((padded, 32), jnp.int32).at[:rows, 0].set(lengths.astype(jnp.int32))
+           .at[:, 1].set(row_offset))
     kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)  # 128-byte rows (bitcasts)
-    o, ml = _build(rows, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
-    o, m, l = combine_splits(o, ml[..., 0, 0], ml[..., 1, 0])
+    o, ml = _build(padded, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
+    o, m, l = combine_splits(o[:rows], ml[:rows, ..., 0, 0], ml[:rows, ..., 1, 0])
     return (o, m, l) if q.ndim == 3 else (o[:, 0], m[:, 0], l[:, 0])
 
 

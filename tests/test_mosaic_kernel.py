@@ -117,13 +117,23 @@ def _abstract(rows, t, heads=1):
 @pytest.mark.parametrize("heads,options", [(1, {}), (1, {"splits": 3}), (1, {"group": 1, "stages": 3}),
                                            (1, {"early_pick": True}), (2, {}), (4, {"splits": 2}),
                                            (4, {"group": 2, "early_pick": False}), (4, {"fused": False}),
-                                           (2, {"early_pick": False}), (1, {"compute": False})])
+                                           (2, {"early_pick": False}), (1, {"compute": False}),
+                                           (1, {"warpgroups": 3}), (1, {"warpgroups": 2, "smem_pad": 4096})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
     lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(6, 1024, heads)).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_warpgroups_pad_the_rows():
+    """Rows not a multiple of the warpgroups a CTA are padded with empty rows (n = 0) and cut off."""
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a, warpgroups=3)).trace(*_abstract(7, 512)).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a, warpgroups=3), *_abstract(7, 512))
+    assert [x.shape for x in outs] == [(7, D), (7,), (7,)]
 
 
 def test_bad_arguments_are_named():
@@ -136,6 +146,10 @@ def test_bad_arguments_are_named():
         km.bulk_partials(jnp.zeros((3, D), jnp.bfloat16), jnp.zeros((3,), jnp.int32), kn, kt, vn, vt)
     with pytest.raises(ValueError, match=r"lengths must be \[R=2\]"):
         km.bulk_partials(q, n[:1], kn, kt, vn, vt)
+    with pytest.raises(ValueError, match=r"warpgroups=3 \(with G=2 query rows a KV head\); allowed: 1, 2 or 3"):
+        km.bulk_partials(jnp.zeros((2, 2, D), jnp.bfloat16), n, kn, kt, vn, vt, warpgroups=3)
+    with pytest.raises(ValueError, match="warpgroups=4"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
         km.bulk_partials(q, n, kn, kt, vn, vt, splits=3)
     with pytest.raises(ValueError, match="tokens=320 must be a multiple of 256"):
