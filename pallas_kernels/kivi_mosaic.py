@@ -533,6 +533,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     def own(shape, dtype, transforms=()):  # a scratch buffer, one a warpgroup
         return plgpu.SMEM(((warpgroups,) if multi else ()) + tuple(shape), dtype, transforms=transforms)
 
+    params = {"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {}
+    if multi:  # no scratch for Mosaic's reductions across warps: one would now fail to lower
+        params["reduction_scratch_bytes"] = 0
     kn_shape = (stages, KEY_BLOCK, D // 2)
     kn_smem = own(kn_shape, jnp.int4, codes_op)
 
@@ -555,8 +558,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                       + ([plgpu.SMEM((smem_pad,), jnp.int8)] if smem_pad else []),
         grid=(rows // warpgroups, splits), grid_names=("r", "s"),
         **({"num_threads": warpgroups, "thread_name": "wg"} if multi else {}),
-        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True,
-                                             **({"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {})))
+        compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, **params))
 
 
 def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
