@@ -66,6 +66,12 @@ def random_inputs(rows, tokens, key=0):
             (-1.5 + 0.3 * jax.random.normal(ks[5], (rows, tokens, D // km.GROUP))).astype(bf))
 
 
+def random_q(rows, heads=1, key=3):
+    """Query rows [R, D] (or [R, G, D] for G > 1 query rows a KV head), softmax scale applied, bf16."""
+    shape = (rows,) + (heads,) * (heads > 1) + (D,)
+    return (jax.random.normal(jax.random.key(key), shape) / np.sqrt(D)).astype(jnp.bfloat16)
+
+
 def errors(got, want):
     """Normalized outputs o / l and m against the reference; l compared at the reference's m."""
     (o, m, l), (ro, rm, rl) = [tuple(np.asarray(x, np.float64) for x in t) for t in (got, want)]
@@ -79,7 +85,7 @@ def check(rows=64, tokens=1024, stages=2, heads=1, **options):
     plain = random_inputs(rows, tokens)
     lengths = jnp.asarray(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1, tokens],
                                     rows), jnp.int32)
-    q = (jax.random.normal(jax.random.key(9), (rows,) + (heads,) * (heads > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = random_q(rows, heads, key=9)
     got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, **options))(q, lengths, *plain)
     return errors(got, km.reference(q, lengths, *plain))
 
@@ -130,7 +136,7 @@ def profile(rows=264, tokens=4096):
 
     plain = random_inputs(rows, tokens)
     packed = jax.jit(km.repack)(*plain)
-    q = (jax.random.normal(jax.random.key(3), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = random_q(rows)
     n = jnp.full((rows,), tokens, jnp.int32)
     with tempfile.TemporaryDirectory() as tmp:
         jax.block_until_ready(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x, profile_dir=tmp))(q, n, *packed))
@@ -189,7 +195,7 @@ def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), 
                                  "frac_of_hbm_copy": dense_bytes / dense_ms / 1e9 / hbm, "ratio_to_dense": 1.0})
                 packed = random_packed(r, t)
                 nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
-                q = (jax.random.normal(jax.random.key(3), (r,) + (g,) * (g > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
+                q = random_q(r, g)
                 ms = common.time_fn(jax.jit(km.bulk_partials), q, jnp.full((r,), t, jnp.int32), *packed)
                 del packed
                 rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": 2, "impl": "mosaic_bulk",
@@ -216,7 +222,7 @@ def target(b, t, hq, hkv, variants, stages, hbm):
     packed = jax.jit(km.repack)(*plain)
     nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
     lengths = jnp.repeat(cache.num_quantized_values, hkv)
-    q = (jax.random.normal(jax.random.key(3), (b * hkv,) + (g,) * (g > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = random_q(b * hkv, g)
     named = [(f"{name}_stages{s}", {**opts, "stages": s}) for name, opts in variants[:1]
              for s in map(int, stages.split(","))] + variants[1:]
     for name, opts in named:
@@ -275,7 +281,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.once:
         rows, t = 64 * 32, 4096
-        q = (jax.random.normal(jax.random.key(3), (rows, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+        q = random_q(rows)
         jax.block_until_ready(jax.jit(km.bulk_partials)(q, jnp.full((rows,), t, jnp.int32), *random_packed(rows, t)))
         return
     env = common.environment()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kivi_jax as kj
-from benchmarks.mosaic_attention import errors, from_cache, random_inputs
+from benchmarks.mosaic_attention import errors, from_cache, random_inputs, random_q
 from pallas_kernels import kivi_mosaic as km
 
 D = km.D
@@ -65,7 +65,7 @@ def test_kernel_arithmetic_matches_dequantize_then_attend(heads):
     rows, t = 8, 512
     plain = _float32(random_inputs(rows, t, key=2))
     lengths = jnp.asarray([1, 33, 64, 255, 256, 300, 511, 512], jnp.int32)
-    q = (jax.random.normal(jax.random.key(3), (rows,) + (heads,) * (heads > 1) + (D,)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = random_q(rows, heads)
     err = errors(km.kernel_model(q, lengths, *km.repack(*plain)), km.reference(q, lengths, *plain))
     assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
 
@@ -80,7 +80,7 @@ def test_kernel_arithmetic_on_a_prefilled_cache():
     cache = kj.KIVICache.init(cfg, batch=b, num_kv_heads=h, head_dim=D, max_length=512, dtype=jnp.float32)
     cache = cache.prefill(k, v, lengths=jnp.array([400, 333]))
     n = jnp.repeat(cache.num_quantized_values, h)
-    q = (jax.random.normal(jax.random.key(3), (b * h, D)) / np.sqrt(D)).astype(jnp.bfloat16)
+    q = random_q(b * h)
     o, m, l = km.kernel_model(q, n, *km.repack(*from_cache(cache)))
     k_hat, v_hat = (np.asarray(x, np.float64).reshape(b * h, -1, D) for x in cache.materialize())
     qf = np.asarray(q, np.float64)
