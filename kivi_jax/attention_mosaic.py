@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes, unfold_keys
+from pallas_kernels.kivi_mosaic import D, GROUP, KEY_BLOCK, kernel_arrays, key_codes
 from pallas_kernels import kivi_mosaic, mosaic_window
 
 
@@ -30,11 +30,10 @@ def flushed_scores(qg, cache: MosaicKIVICache):
     b, h, g = qg.shape[:3]
     n0 = jnp.maximum(cache.num_quantized_keys - r, 0)  # the block's first token (a multiple of R)
     codes = key_codes(cc.take_row(cache.kn, n0, r, 1)).reshape(b, h, 1, r // GROUP, GROUP, D)
-    tile = cc.take_row(cache.kt, (n0 // KEY_BLOCK) * D, D, 1)  # [B, H, D, 16]: s' | m' of 8 groups
+    tile = cc.take_row(cache.kt, (n0 // KEY_BLOCK) * D, D, 1)  # [B, H, D, 16]: s | m of 8 groups
     col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]: the groups' columns
     s, m = (jnp.swapaxes(jnp.take_along_axis(tile, (col + off)[:, None, None, :], axis=3), 2, 3).astype(jnp.float32)
             for off in (0, 8))  # [B, H, R/32, D]
-    s, m = unfold_keys(s, m)
     qs = qg[:, :, :, None, :] * s[:, :, None]  # [B, H, G, R/32, D]
     const = jnp.sum(qg[:, :, :, None, :] * m[:, :, None], axis=-1)  # [B, H, G, R/32]
     scores = jnp.sum(codes.astype(jnp.float32) * qs[..., None, :], axis=-1) + const[..., None]

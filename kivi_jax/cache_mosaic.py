@@ -5,21 +5,19 @@ with 2-bit keys and values, groups of 32 and D = 128 (Algorithm 1: keys per chan
 at a time; values per token, quantized as they leave the R-window), but the quantized stores
 are :func:`pallas_kernels.kivi_mosaic.repack`'s layout, kept as uint32 words and scale tiles:
 
-* ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, nibble p (bits 4p..4p+3 of the 64
-  nibbles) = channel j | channel 64 + j << 2 with j = sigma(p) (the kernel's order within each
-  32 nibbles, :func:`pallas_kernels.kivi_mosaic.sigma`);
+* ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, 16 a word
+  (:func:`pallas_kernels.kivi_mosaic.key_words`: channel 64 o + 32 s + 8 k + 2 j + e at bits
+  16 e + 8 o + 2 k of word 4 s + j, each row's 16-byte halves swapped where t & 4);
 * ``kt`` [B, Hkv, Tc/256 * D, 16]: key block i's tile in rows i*D .. i*D + D - 1 (channel c):
-  columns 0-7 the scales s' of its 8 groups, 8-15 the mins m' (folded: s' = s / 4 and
-  m' = m + 2 s on channels >= 64, so the high codes read as 4c - 8);
+  columns 0-7 the scales of its 8 groups, 8-15 the mins;
 * ``vn`` [B, Hkv, Tc/64, D * 4] uint32: chunk i (64 tokens), channel c's 4 words at 4c ..
-  4c + 3, nibble p (0..31) = token 64i + j | token 64i + 32 + j << 2 with j = sigma(p);
+  4c + 3: token 64 i + 32 o + 8 k + 2 j + e at bits 16 e + 8 o + 2 k of word j;
 * ``vt`` [B, Hkv, Tc/128 * 64, 16]: token t's 4 scales and 4 mins in row (t // 128) * 64 +
-  t % 64, columns 8e .. 8e + 7 with e = (t % 128) // 64 (folded on tokens t % 64 >= 32).
+  t % 64, columns 8e .. 8e + 7 with e = (t % 128) // 64.
 
-The folded mins are rounded into the cache dtype once (m + 2 s): the dequantized numbers
-differ from KIVICache's by at most that rounding. ``materialize`` and the reference attention
-read it like any cache; ``kivi_jax.decode_attention`` on a GPU runs the Mosaic kernel over the
-quantized tokens (kivi_jax.attention_mosaic).
+The scales and mins are KIVICache's own, in the cache dtype. ``materialize`` and the reference
+attention read it like any cache; ``kivi_jax.decode_attention`` on a GPU runs the Mosaic kernel
+over the quantized tokens (kivi_jax.attention_mosaic).
 """
 
 from __future__ import annotations
@@ -35,9 +33,8 @@ from kivi_jax import quant
 from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
-from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, fold_keys, fold_values, kernel_arrays,
-                                        key_codes, key_tiles, key_words, sigma, unfold_keys, value_codes, value_tiles,
-                                        value_words)
+from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, kernel_arrays, key_codes, key_tiles,
+                                        key_words, value_codes, value_tiles, value_words)
 
 
 def check_config(config: KIVIConfig, head_dim: int):
@@ -54,13 +51,9 @@ def unfold(kt, vt, tc):
     tile = kt.reshape(lead + (tc // KEY_BLOCK, D, 16)).astype(jnp.float32)
     ks = jnp.swapaxes(tile[..., :8], -1, -2).reshape(lead + (tc // GROUP, D))
     km = jnp.swapaxes(tile[..., 8:], -1, -2).reshape(lead + (tc // GROUP, D))
-    ks, km = unfold_keys(ks, km)
     per = jnp.swapaxes(vt.reshape(lead + (tc // VALUE_BLOCK, CHUNK, 2, 8)), -2, -3).reshape(lead + (tc, 8))
     per = per.astype(jnp.float32)
-    vhi = ((jnp.arange(tc) % CHUNK) >= CHUNK // 2)[:, None]
-    vs = jnp.where(vhi, 4 * per[..., :4], per[..., :4])
-    vm = jnp.where(vhi, per[..., 4:] - 2 * vs, per[..., 4:])
-    return ks, km, vs, vm
+    return ks, km, per[..., :4], per[..., 4:]
 
 
 @cc.pytree_dataclass
@@ -120,11 +113,11 @@ class MosaicKIVICache(cc.CacheShape):
         def pad(x, axis=2, per=1):
             return jnp.pad(x, [(0, 0)] * axis + [(0, (tc - tk) // per)] + [(0, 0)] * (x.ndim - axis - 1))
 
-        ks, km = fold_keys(pad(c.k_scale, per=GROUP), pad(c.k_min, per=GROUP))
-        vs, vm = fold_values(pad(c.v_scale), pad(c.v_min), jnp.arange(tc))
         return MosaicKIVICache(
-            kn=key_words(pad(packing.unpack(c.k_codes, 2, 2, tk))), kt=key_tiles(ks, km), k_res=c.k_res,
-            vn=value_words(pad(packing.unpack(c.v_codes, 2, 2, tk))), vt=value_tiles(vs, vm), v_res=c.v_res,
+            kn=key_words(pad(packing.unpack(c.k_codes, 2, 2, tk))),
+            kt=key_tiles(pad(c.k_scale, per=GROUP), pad(c.k_min, per=GROUP)), k_res=c.k_res,
+            vn=value_words(pad(packing.unpack(c.v_codes, 2, 2, tk))), vt=value_tiles(pad(c.v_scale), pad(c.v_min)),
+            v_res=c.v_res,
             lengths=c.lengths, overflow=c.overflow, config=config, max_length=c.max_length)
 
     def append(self, k, v) -> "MosaicKIVICache":
@@ -150,15 +143,14 @@ class MosaicKIVICache(cc.CacheShape):
         spill = live & (L >= r)
         p = jnp.where(spill, L - r, 0)
         codes, scale, mn = quant_values(self.config, self.dtype, leaving)  # [B, H, 1, D], [B, H, 1, 4]
-        nib = sigma(p % (CHUNK // 2))  # its nibble in the channel's 4 words (sigma: the kernel's order)
-        shift = (4 * (nib % 8) + 2 * ((p % CHUNK) >= CHUNK // 2)).astype(jnp.uint32)
-        word = nib // 8
+        u = p % CHUNK  # = 32 o + 8 k + 2 j + e: bits 16 e + 8 o + 2 k of the channel's word j
+        shift = (16 * (u % 2) + 8 * (u // 32) + 2 * ((u % 32) // 8)).astype(jnp.uint32)
+        word = (u % 8) // 2
         onehot = (jnp.arange(4)[None, :] == word[:, None]).astype(jnp.uint32)  # [B, 4]
         bits = (codes[:, :, 0].astype(jnp.uint32) << shift[:, None, None])[..., None] * onehot[:, None, None, :]
-        s, m = fold_values(scale[:, :, 0], mn[:, :, 0], p[:, None])  # [B, H, 4]
+        sm = jnp.concatenate([scale[:, :, 0], mn[:, :, 0]], -1)  # [B, H, 8]
         e = ((p % VALUE_BLOCK) // CHUNK)[:, None, None]
-        tile_row = jnp.concatenate([jnp.where(e == 0, jnp.concatenate([s, m], -1), 0),
-                                    jnp.where(e == 1, jnp.concatenate([s, m], -1), 0)], axis=-1)  # [B, H, 16]
+        tile_row = jnp.concatenate([jnp.where(e == 0, sm, 0), jnp.where(e == 1, sm, 0)], axis=-1)  # [B, H, 16]
         writes += [
             cc.RowWrite(bits.reshape(bits.shape[:2] + (1, D * 4)), p // CHUNK, "vn", 1, add=True, keep=spill),
             cc.RowWrite(tile_row[:, :, None].astype(self.dtype), (p // VALUE_BLOCK) * CHUNK + p % CHUNK, "vt", 1,
@@ -169,8 +161,7 @@ class MosaicKIVICache(cc.CacheShape):
         n0 = jnp.where(flush, L + 1 - r, 0)
 
         def flush_writes(view):  # view: this cache with the new key in its residual
-            codes, scale, mn = quant_keys(self.config, self.dtype, view.k_res)  # [B, H, R, D], [B, H, R/32, D]
-            s, m = fold_keys(scale, mn)
+            codes, s, m = quant_keys(self.config, self.dtype, view.k_res)  # [B, H, R, D], [B, H, R/32, D]
             g0 = (n0 % KEY_BLOCK) // GROUP  # the flush's first group within its tile
             col = g0[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]
             onehot = (jnp.arange(8)[None, None, :] == col[:, :, None]).astype(jnp.float32)  # [B, R/32, 8]

@@ -5,15 +5,14 @@ before its dots; here the codes go to the tensor cores as they are and the scale
 into the small operands (pallas_kernels/NOTES.md, session 9-10):
 
 - keys, per 64-token chunk: scoresᵀ [64 tokens, 16] = K̂ [64, 128] · Bk [128, 16], K̂'s codes
-  loaded as int4 nibbles (channel j | channel 64 + j << 2), split by two masks into two
-  register-A wgmmas (``x & 3``; ``(x & 0b1100) ^ 0b1000`` = 4c - 8); the nibbles are stored in
-  the order :func:`sigma` so that each thread's loaded words are its operand fragments as they
-  are (no shuffles). Bk's columns are
-  q ∘ s' for the 8 key groups of a 256-token block and q ∘ m' for their mins; a token's score
-  is column g(t) of the product plus the column sum of q ∘ m'_g(t).
-- values: (p·V̂)ᵀ [128 channels, 16] = V̂ᵀ [128, 64 tokens] · Bv [64, 16], V̂ᵀ's nibbles token
-  j | token 32 + j, Bv's columns p ∘ s'_g (4 channel groups); Σ_t p_t m'_tg from Bv's column sums.
-- the folds: s' = s and m' = m for the low codes; s' = s / 4, m' = m + 2 s for the high ones.
+  packed 16 to a 32-bit word (:func:`_pack`) so that each thread's loaded words hold exactly
+  its wgmma A fragments, unpacked in registers (:func:`_codes_operands`: two instructions a pair
+  of codes, no shuffles). Bk's columns are q ∘ s for the 8 key groups of a 256-token block and
+  q ∘ m for their mins; a token's score is column g(t) of the product plus the column sum of
+  q ∘ m_g(t).
+- values: (p·V̂)ᵀ [128 channels, 16] = V̂ᵀ [128, 64 tokens] · Bv [64, 16], V̂ᵀ's codes packed
+  likewise over the chunk's tokens, Bv's columns p ∘ s_g (4 channel groups); Σ_t p_t m_tg from
+  Bv's column sums.
 - online softmax across chunks in registers; one program (one warpgroup) per (row, KV head)
   and sequence split, 256-token blocks streamed by TMA (a pipeline by hand).
 
@@ -40,7 +39,7 @@ except ImportError:  # pragma: no cover
 D = 128
 CHUNK = 64  # tokens a pipeline step (keys: wgmma M)
 GROUP = 32  # key tokens / value channels per scale and min
-KEY_BLOCK = 256  # tokens a key scale/min tile covers (8 key groups; its 16 columns: 8 s', 8 m')
+KEY_BLOCK = 256  # tokens a key scale/min tile covers (8 key groups; its 16 columns: 8 s, 8 m)
 VALUE_BLOCK = 128  # tokens a value scale/min tile covers ([64, 16]: two chunks' 8 numbers a token)
 N = 16  # wgmma N of both small operands
 WIDE = 256  # nibbles a row of the codes' copies (128 bytes)
@@ -48,40 +47,43 @@ WIDE_ROWS = KEY_BLOCK * D // 2 // WIDE  # such rows a step, keys and values alik
 
 
 # ---- the layout, both ways (the cache, kivi_jax.cache_mosaic, stores the words and tiles) --------
-def sigma(c):
-    """The order of the codes' nibbles within each 32-nibble span: memory nibble c holds channel
-    (keys) or token (values) sigma(c), c = 32a + 8j + 2k + e -> 32a + 8k + 2j + e (an involution).
-    The kernel takes a [rows, 32] int4 tile's registers as loaded (thread j of a row holds
-    nibbles 8j .. 8j + 7) as the wgmma A operand's (which wants columns 2j, 2j + 1, 8 + 2j, ...
-    of each 8-column tile), without Mosaic's two shuffles; this order makes that the identity."""
-    return (c & ~0b11110) | (((c >> 3) & 3) << 1) | (((c >> 1) & 3) << 3)
+MAGIC = 0x43004300  # a bf16 pair (128, 128): mantissa bits 0-5 then add 1, 4, 16 a unit
 
 
-SIGMA = sigma(np.arange(32))  # within one span
+def _field(o, k, e):
+    """The bit of a word where the code of (operand o, 8-column tile k, element e) starts."""
+    return 16 * e + 8 * o + 2 * k
 
 
-def _in_memory_order(nib):
-    """Nibbles [..., 32 s] in channel/token order <-> memory order (sigma within each span)."""
-    n = nib.shape[-1]
-    return nib[..., (np.arange(n) // 32) * 32 + SIGMA[np.arange(n) % 32]]
+def _pack(codes):
+    """codes [..., K] (0..3, K = 64 S) -> [..., 4 S] uint32: code K' = K/2 o + 32 s + 8 k + 2 j + e
+    at bits :func:`_field` (o, k, e) of word 4 s + j. Thread j of a row's four loads word 4 s + j
+    of each 32-nibble span s (Mosaic's WGMMA_UPCAST_4X) and needs exactly those codes: the A
+    operands' K columns 8 (4 s + k) + 2 j + e of the low (o = 0) and high (o = 1) K halves."""
+    k_all = codes.shape[-1]
+    s = k_all // 64
+    c = codes.astype(jnp.uint32).reshape(codes.shape[:-1] + (2, s, 4, 4, 2))  # o, s, k, j, e
+    o, k, e = np.ix_(range(2), range(4), range(2))
+    shift = _field(o, k, e).astype(np.uint32)[:, None, :, None, :]  # [o, 1, k, 1, e]
+    words = jnp.sum(c << shift, axis=(-5, -3, -1), dtype=jnp.uint32)  # disjoint bit fields: the sum is an OR
+    return words.reshape(codes.shape[:-1] + (4 * s,))
+
+
+def _unpack(words):
+    """Inverse of :func:`_pack`: [..., 4 S] uint32 -> codes [..., 64 S] int32."""
+    s = words.shape[-1] // 4
+    w = words.astype(jnp.uint32).reshape(words.shape[:-1] + (1, s, 1, 4, 1))
+    o, k, e = np.ix_(range(2), range(4), range(2))
+    shift = _field(o, k, e).astype(np.uint32)[:, None, :, None, :]
+    return ((w >> shift) & 3).astype(jnp.int32).reshape(words.shape[:-1] + (64 * s,))
 
 
 def key_words(codes):
-    """codes [..., T, D] (0..3; T rows from a multiple of 8) -> [..., T, 8] uint32 (nibble p =
-    channel j | channel 64 + j << 2, j = sigma(p)), each row as a 32-byte swizzle lays it out in
-    shared memory (:func:`swizzle_key_rows`): the kernel copies a step's rows as they are."""
-    c = codes.astype(jnp.uint32)
-    nib = _in_memory_order(c[..., : D // 2] | (c[..., D // 2:] << 2))  # [..., T, 64]
-    nib = nib.reshape(nib.shape[:-1] + (8, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
-    return swizzle_key_rows(_or_reduce(nib))
-
-
-def _or_reduce(x):
-    """Bitwise OR over the last axis (disjoint bit fields: the words' nibbles)."""
-    out = x[..., 0]
-    for i in range(1, x.shape[-1]):
-        out = out | x[..., i]
-    return out
+    """codes [..., T, D] (0..3; T rows from a multiple of 8) -> [..., T, 8] uint32 (:func:`_pack`
+    over the channels: channel 64 o + 32 s + 8 k + 2 j + e in word 4 s + j), each row as a
+    32-byte swizzle lays it out in shared memory (:func:`swizzle_key_rows`): the kernel copies a
+    step's rows as they are."""
+    return swizzle_key_rows(_pack(codes))
 
 
 def swizzle_key_rows(kn):
@@ -97,52 +99,32 @@ def swizzle_key_rows(kn):
 def key_codes(words):
     """[..., T, 8] uint32 (T rows from a multiple of 8) -> codes [..., T, D] int32 (inverse of
     :func:`key_words`)."""
-    nib = (swizzle_key_rows(words)[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = _in_memory_order(nib.reshape(nib.shape[:-2] + (D // 2,)).astype(jnp.int32))
-    return jnp.concatenate([nib & 3, nib >> 2], axis=-1)
+    return _unpack(swizzle_key_rows(words))
 
 
 def value_words(codes):
     """codes [..., T, D] (T a multiple of 64) -> [..., T/64, D * 4] uint32: chunk i, channel c's
-    words 4c..4c+3, nibble p = token 64i + j | token 64i + 32 + j << 2, j = sigma(p)."""
+    words 4c..4c+3, :func:`_pack` over its 64 tokens (token 64 i + 32 o + 8 k + 2 j + e in word j)."""
     c = codes.astype(jnp.uint32)
     lead, t = c.shape[:-2], c.shape[-2]
     c = jnp.swapaxes(c.reshape(lead + (t // CHUNK, CHUNK, D)), -1, -2)  # [..., chunks, D, 64]
-    nib = _in_memory_order(c[..., : CHUNK // 2] | (c[..., CHUNK // 2:] << 2))  # [..., chunks, D, 32]
-    nib = nib.reshape(nib.shape[:-1] + (4, 8)) << (4 * jnp.arange(8, dtype=jnp.uint32))
-    return _or_reduce(nib).reshape(lead + (t // CHUNK, D * 4))
+    return _pack(c).reshape(lead + (t // CHUNK, D * 4))
 
 
 def value_codes(words):
     """[..., T/64, D * 4] uint32 -> codes [..., T, D] int32 (inverse of :func:`value_words`)."""
     lead, chunks = words.shape[:-2], words.shape[-2]
-    nib = (words.reshape(lead + (chunks, D, 4))[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15
-    nib = _in_memory_order(nib.reshape(lead + (chunks, D, CHUNK // 2)).astype(jnp.int32))
-    c = jnp.concatenate([nib & 3, nib >> 2], axis=-1)  # [..., chunks, D, 64]
+    c = _unpack(words.reshape(lead + (chunks, D, 4)))  # [..., chunks, D, 64]
     return jnp.swapaxes(c, -1, -2).reshape(lead + (chunks * CHUNK, D))
 
 
-def fold_keys(scale, mn):
-    """Per-channel key scale/min [..., G, D] -> (s', m') (channels >= 64: s / 4, m + 2 s)."""
-    hi = jnp.arange(D) >= D // 2
-    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
-
-
-def unfold_keys(s, m):
-    """Inverse of :func:`fold_keys` (float32): (s', m') [..., D] -> (scale, min); channels >= 64:
-    s = 4 s', m = m' - 2 s = m' - 8 s'."""
-    hi = jnp.arange(D) >= D // 2
-    return jnp.where(hi, 4 * s, s), jnp.where(hi, m - 8 * s, m)
-
-
-def fold_values(scale, mn, tokens):
-    """Per-token value scale/min [..., n, D/32] of tokens [n] -> (s', m') (t % 64 >= 32: s / 4, m + 2 s)."""
-    hi = ((tokens % CHUNK) >= CHUNK // 2)[..., None]
-    return jnp.where(hi, scale / 4, scale).astype(scale.dtype), jnp.where(hi, mn + 2 * scale, mn).astype(mn.dtype)
+def words_of(nibbles):
+    """int4 [..., 8 W] (as :func:`kernel_arrays` views the words) -> [..., W] uint32."""
+    return jax.lax.bitcast_convert_type(nibbles.reshape(nibbles.shape[:-1] + (-1, 8)), jnp.uint32)
 
 
 def key_tiles(scale, mn):
-    """Folded key scale/min [..., T/32, D] -> [..., T/256 * D, 16]."""
+    """Key scale/min [..., T/32, D] -> [..., T/256 * D, 16]."""
     lead, g = scale.shape[:-2], scale.shape[-2]
 
     def cols(x):  # [..., T/256, D, 8]
@@ -152,7 +134,7 @@ def key_tiles(scale, mn):
 
 
 def value_tiles(scale, mn):
-    """Folded value scale/min [..., T, D/32] -> [..., T/128 * 64, 16]."""
+    """Value scale/min [..., T, D/32] -> [..., T/128 * 64, 16]."""
     lead, t = scale.shape[:-2], scale.shape[-2]
     per = jnp.concatenate([scale, mn], axis=-1)  # [..., T, 8]
     per = jnp.swapaxes(per.reshape(lead + (t // VALUE_BLOCK, 2, CHUNK, 8)), -2, -3)
@@ -178,17 +160,15 @@ def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
     k_codes, v_codes: [R, T, D] integers 0..3; k_scale, k_min: [R, T/32, D]; v_scale, v_min:
     [R, T, D/32]; T a multiple of 256. Returns (kn [R, T, 64] int4, kt [R, T/256, 128, 16],
     vn [R, T/64, 128, 32] int4, vt [R, T/128, 64, 16]) with the scale dtype:
-    kn[r, t, p ^ 32 (t & 4)] = k[t, j] | k[t, 64 + j] << 2 with j = :func:`sigma` (p) (the
-    swizzled image, :func:`swizzle_key_rows`); kt[r, b, c, g] =
-    s'[8b + g, c] (g < 8), m'[8b + g - 8, c] (g >= 8); vn[r, i, c, p] = v[64i + j, c] |
-    v[64i + 32 + j, c] << 2 with j = sigma(p);
-    vt[r, i, u, 8e + g] = s'[128i + 64e + u, g], vt[r, i, u, 8e + 4 + g] = m'[...]."""
+    kn[r, t] holds :func:`key_words` (k[r, t]) and vn[r, i, c] :func:`value_words`'s channel c
+    of chunk i (their words as int4 nibbles, 8 a word, low bits first); kt[r, b, c, g] =
+    s[8b + g, c] (g < 8), m[8b + g - 8, c] (g >= 8); vt[r, i, u, 8e + g] = s[128i + 64e + u, g],
+    vt[r, i, u, 8e + 4 + g] = m[...]."""
     r, t, d = k_codes.shape
     if d != D or t % KEY_BLOCK:
         raise ValueError(f"codes [R, T, D] need D={D} and T a multiple of {KEY_BLOCK}; got {k_codes.shape}")
-    ks, km = fold_keys(k_scale, k_min)
-    vs, vm = fold_values(v_scale, v_min, jnp.arange(t))
-    return kernel_arrays(key_words(k_codes), key_tiles(ks, km), value_words(v_codes), value_tiles(vs, vm))
+    return kernel_arrays(key_words(k_codes), key_tiles(k_scale, k_min), value_words(v_codes),
+                         value_tiles(v_scale, v_min))
 
 
 def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
@@ -211,48 +191,59 @@ def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
 # ---- kernel --------------------------------------------------------------------------------------
 
 def _codes_operands(ref):
-    """int4 nibbles [rows, 32 s] in shared memory -> the two codes of each nibble, bf16, as wgmma
-    A operands: ``x & 3`` and the high pair as ``(x & 0b1100) ^ 0b1000`` = 4c - 8.
+    """[rows, 32 S] int4 nibbles in shared memory (:func:`_pack`'s words) -> the A operands of
+    the K halves (bf16 codes 0..3, WGMMA layout [rows, 32 S] each).
 
-    Loaded once in WGMMA_UPCAST_4X (a thread holds 8 consecutive nibbles: one 32-bit word),
-    converted there, and taken as the A operand as they are (:func:`_as_wgmma`), which puts
-    memory column c at K index :func:`sigma` (c): the layout stores the codes in that order.
-    Letting Mosaic move them into place instead (a shuffle and a permute a word before the
-    conversion, a shuffle and two selects a register pair after it) took 0.73 vs 0.56 ms at
-    B=64, T=4k (results/mosaic-attention-run13, -run15; that ablation is in git at ad8b080)."""
+    Loaded in WGMMA_UPCAST_4X (a thread holds one 32-bit word of each span) and unpacked in
+    registers, two instructions a pair of codes: a LOP3 puts a code pair's bits under the
+    exponent of 128 (``(w >> 6i) & mask | MAGIC``: 128 + 4^f c in each half, f the field's
+    offset within its 6 bits) and a bf16x2 FMA takes it to c exactly (x 4^-f - 128 4^-f).
+    Mosaic's own int4 -> bf16 cast (a PRMT, a LOP3 and a subtraction a pair, after our two masks
+    for the two codes of a nibble) was 46% of a step's instructions (results/mosaic-attention-ncu-2026-12-01.md)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-    codes = (c & jnp.int4(3), (c & jnp.int4(-4)) ^ jnp.int4(-8))
-    return tuple(_as_wgmma(x.astype(jnp.bfloat16)) for x in codes)
+    out = plgpu.ShapeDtypeStruct(c.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+    return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=(out, out))(_unpack_in_registers)(c)
 
 
-def _as_wgmma(x):
-    """A bf16 [rows, 32 s] array in WGMMA_UPCAST_4X -> the same registers as a WGMMA-layout array
-    (no data moves). Both layouts give a thread the same rows; in a 32-column span thread j
-    (of a row's four) holds columns 8j .. 8j + 7 in UPCAST_4X, and 8k + 2j + (0, 1) for
-    k = 0..3 in WGMMA. So element 2k + e of its vector becomes column 8k + 2j + e: memory
-    column c = 8j + 2k + e lands on K index sigma(c)."""
+def _unpack_in_registers(ctx, a):
+    """(inline Mosaic GPU) the UPCAST_4X int4 array's words -> two WGMMA-layout bf16 arrays."""
+    del ctx
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-                       return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=plgpu.Layout.WGMMA))
-    def cast(ctx, a):
-        del ctx
-        regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape(a.shape), dtype=object)
-        for idx, reg in np.ndenumerate(a.registers):
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    regs = [np.empty(mgpu.WGMMA_LAYOUT.registers_shape(a.shape), dtype=object) for _ in range(2)]
+    for idx, reg in np.ndenumerate(a.registers):
+        word = mgpu_utils.bitcast(reg, i32)
+        shifted = {0: word}
+        for o in range(2):
             for k in range(4):
-                regs[_wgmma_index(idx, k)] = mgpu_utils.vector_slice(reg, slice(2 * k, 2 * k + 2))
-        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+                bit = _field(o, k, 0)  # 8 o + 2 k; its pair's high code at bit + 16
+                base, f = 6 * (bit // 6), (bit % 6) // 2
+                if base not in shifted:
+                    shifted[base] = arith.shrui(word, arith.constant(i32, base))
+                scale, bias = _BF16_POW4[f]
+                x = llvm.inline_asm(
+                    i32, [shifted[base]],
+                    f"{{ .reg .b32 t, sc, bi; lop3.b32 t, $1, {0x30003 << 2 * f:#x}, {MAGIC:#x}, 0xea; "
+                    f"mov.b32 sc, {scale:#x}; mov.b32 bi, {bias:#x}; fma.rn.bf16x2 $0, t, sc, bi; }}",
+                    "=r,r")
+                regs[o][_wgmma_index(idx, k)] = mgpu_utils.bitcast(x, pair)
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None) for r in regs)
 
-    return cast(x)
+
+# (4^-f, -128 4^-f) as bf16 pairs, f = 0, 1, 2: (128 + 4^f c) 4^-f - 128 4^-f = c
+_BF16_POW4 = ((0x3F803F80, 0xC300C300), (0x3E803E80, 0xC200C200), (0x3D803D80, 0xC100C100))
 
 
 def _wgmma_index(idx, k):
     """UPCAST_4X register ``idx`` (row tile, 32-column span, ...) -> the WGMMA register (8-column
-    tile 4 x span + k, ...) that takes its elements 2k, 2k + 1 (:func:`_as_wgmma`)."""
+    tile 4 x span + k, ...) of the same thread: its columns 8 (4 span + k) + 2 j + (0, 1)."""
     return (idx[0], 4 * idx[1] + k) + idx[2:]
 
 
@@ -262,10 +253,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
            smem_pad: int = 0, warpgroups: int = 1, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
-    query row h gets its own Bk_h = q_h ∘ [s' | m'] a step and its own Bv_h, accumulators and
+    query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
     online softmax; the codes' register operands are built once and shared by the G rows' wgmmas.
     The key products issue ``group`` chunks to a wgmma group (default 2 for one row, 1 for more:
-    their register A operands live until its wait); q_h · m' (the key constant) is Bk_h's column
+    their register A operands live until its wait); q_h · m (the key constant) is Bk_h's column
     sum across the warpgroup. early_pick (default: for G > 1) picks each token's score column
     right after its wgmma group, so the [64, 16] accumulators of the G rows do not all live
     until the softmax (registers: at G = 4 they are 128 a thread). One max across the
@@ -366,10 +357,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             if not compute:
                 return carry
             with jax.named_scope("bk"):
-                kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s' | m'  [128, 16]
-                c = []  # q_h · m'_g down every row of column g + 8
+                kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
+                c = []  # q_h · m_g down every row of column g + 8
                 for h in hs:
-                    x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s' | q_h ∘ m' [128, 16]
+                    x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s | q_h ∘ m [128, 16]
                     cols(bk_smem, h)[...] = x.astype(bf16)
                     if not multi:
                         c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
@@ -434,10 +425,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     mc2[h] = mc2[h] * alpha[h]
                     for u in range(chunks):
                         pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
-                        vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s' | m'
+                        vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s | m
                         y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
                         cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y.astype(bf16)
-                        mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s' columns: free here) | Σ p m'
+                        mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s columns: free here) | Σ p m
                 plgpu.commit_smem()
 
             def values(first, *accs):
@@ -507,9 +498,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) == 0,
                                       sums, 0.0))
             else:
-                mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m'_t, by column
+                mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m_t, by column
                 l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
-            pick_mc = lambda: (vcol == g + 4) | (vcol == g + 12)  # noqa: E731 - Σ p m' of g's two halves
+            pick_mc = lambda: (vcol == g + 4) | (vcol == g + 12)  # noqa: E731 - Σ p m of g's two halves
             if fused:
                 gb = N * h + vrowb // GROUP  # row h's column block
                 o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
@@ -620,19 +611,17 @@ def kernel_model(q, lengths, kn, kt, vn, vt):
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
         return _per_query_row(kernel_model, q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
-    # the A operands as the kernel takes them: memory column c at K index sigma(c)
-    kn = swizzle_key_rows(kn)  # the keys' rows as in the tiled view the kernel loads
-    kn, vn = (_in_memory_order(np.asarray(x.astype(jnp.int32))) for x in (kn, vn))
+    # the A operands as the kernel unpacks them: the codes, K columns in channel / token order
+    kc = np.asarray(key_codes(words_of(kn)), np.float64)  # [R, T, D]
+    vc = np.asarray(value_codes(words_of(vn).reshape(vn.shape[:2] + (D * 4,))), np.float64)
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
-    rows, tokens = kn.shape[:2]
-    masks = lambda x: (x & 3, ((x & 12) ^ 8) - 16 * (((x & 12) ^ 8) >= 8))  # noqa: E731 - 0..3, 4c - 8
+    rows, tokens = kc.shape[:2]
     outs = []
     for r in range(rows):
         m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
         for j in range(tokens // CHUNK):
             x = q[r][:, None] * kt[r, j // (KEY_BLOCK // CHUNK)]  # [128, 16]
-            lo, hi = masks(kn[r, j * CHUNK:(j + 1) * CHUNK] & 15)  # [64, 64]
-            acc = lo @ x[:D // 2] + hi @ x[D // 2:]
+            acc = kc[r, j * CHUNK:(j + 1) * CHUNK] @ x  # [64, 16]
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + np.arange(CHUNK) // GROUP
             s = acc[np.arange(CHUNK), g] + x.sum(0)[g + 8]
             s = np.where(j * CHUNK + np.arange(CHUNK) < lengths[r], s, -np.inf)
@@ -640,8 +629,7 @@ def kernel_model(q, lengths, kn, kt, vn, vt):
             alpha, p = np.exp(m - m_new), np.exp(s - m_new)
             l = l * alpha + p.sum()
             y = np.where(np.arange(N)[None] // 8 == j % 2, p[:, None] * vt[r, j // (VALUE_BLOCK // CHUNK)], 0)
-            vlo, vhi = masks(vn[r, j] & 15)  # [128, 32]
-            o1 = o1 * alpha + vlo @ y[:CHUNK // 2] + vhi @ y[CHUNK // 2:]
+            o1 = o1 * alpha + vc[r, j * CHUNK:(j + 1) * CHUNK].T @ y  # V̂ᵀ [128, 64] · Bv
             mc = mc * alpha + y.sum(0)[None]
             m = m_new
         g = np.arange(D) // GROUP

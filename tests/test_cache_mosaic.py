@@ -49,9 +49,9 @@ def _same_tokens(a, m):
     np.testing.assert_array_equal(np.asarray(a.overflow), np.asarray(m.overflow))
     (ka, va), (kb, vb) = a.materialize(), m.materialize()
     for row, n in enumerate(np.asarray(a.lengths)):
-        # the folded mins are one float32 rounding away (m + 2s stored, m' - 2s read back)
-        np.testing.assert_allclose(np.asarray(kb[row, :, :n]), np.asarray(ka[row, :, :n]), rtol=0, atol=2e-6)
-        np.testing.assert_allclose(np.asarray(vb[row, :, :n]), np.asarray(va[row, :, :n]), rtol=0, atol=2e-6)
+        # the same codes, scales and mins: the same numbers, bit for bit
+        np.testing.assert_array_equal(np.asarray(kb[row, :, :n]), np.asarray(ka[row, :, :n]))
+        np.testing.assert_array_equal(np.asarray(vb[row, :, :n]), np.asarray(va[row, :, :n]))
 
 
 def _kernel_views_match(a, m):

@@ -28,34 +28,39 @@ def test_repack_layout_matches_its_definition():
     rows, t = 2, 512
     kc, ks, kmin, vc, vs, vm = (np.asarray(x, np.float64) if x.dtype != jnp.int32 else np.asarray(x)
                                 for x in _float32(random_inputs(rows, t, key=1)))
-    kn, kt, vn, vt = (np.asarray(x.astype(jnp.int32) if x.dtype == jnp.int4 else x, np.float64 if x.dtype != jnp.int4
-                                 else np.int64) for x in km.repack(*_float32(random_inputs(rows, t, key=1))))
-    nib = lambda lo, hi: (lo | (hi << 2)) - 16 * ((lo | (hi << 2)) >= 8)  # noqa: E731 - as signed int4
+    kn, kt, vn, vt = km.repack(*_float32(random_inputs(rows, t, key=1)))
+    # the int4 views' nibbles, low first, back into 32-bit words by hand
+    nibbles = lambda x: np.asarray(x.astype(jnp.int32)).astype(np.int64) & 15  # noqa: E731
+    kw = (nibbles(kn).reshape(rows, t, 8, 8) << (4 * np.arange(8))).sum(-1)
+    vw = (nibbles(vn).reshape(rows, t // 64, D, 4, 8) << (4 * np.arange(8))).sum(-1)
+    kt, vt = np.asarray(kt, np.float64), np.asarray(vt, np.float64)
 
-    def order(p):  # memory nibble p = 32a + 8j + 2k + e holds channel / token 32a + 8k + 2j + e
-        a, j, k, e = p // 32, p % 32 // 8, p % 8 // 2, p % 2
-        return 32 * a + 8 * k + 2 * j + e
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        r, tok, p, c = rng.integers(rows), rng.integers(t), rng.integers(D // 2), rng.integers(D)
-        j = order(p)
-        # rows t with t & 4 hold their two 16-byte halves swapped (the 32-byte swizzle's image)
-        assert kn[r, tok, p ^ (32 if tok & 4 else 0)] == nib(kc[r, tok, j], kc[r, tok, D // 2 + j])
+    for _ in range(300):
+        r, tok, c = rng.integers(rows), rng.integers(t), rng.integers(D)
+        # keys: channel c = 64 o + 32 s + 8 k + 2 j + e, rows t with t & 4 with their two
+        # 16-byte halves (words 0-3, 4-7) swapped (the 32-byte swizzle's image)
+        o, s, k, j, e = c // 64, c % 64 // 32, c % 32 // 8, c % 8 // 2, c % 2
+        word = (4 * s + j) ^ (4 if tok & 4 else 0)
+        assert (kw[r, tok, word] >> (16 * e + 8 * o + 2 * k)) & 3 == kc[r, tok, c]
+        # values: token 64 i + u, u = 32 o + 8 k + 2 j + e, in channel c's word j
         i, u = divmod(tok, 64)
-        if u < 32:  # nibble p2 of channel c holds tokens u and u + 32
-            p2 = [q for q in range(32) if order(q) == u][0]
-            assert vn[r, i, c, p2] == nib(vc[r, tok, c], vc[r, tok + 32, c])
+        o, k, j, e = u // 32, u % 32 // 8, u % 8 // 2, u % 2
+        assert (vw[r, i, c, j] >> (16 * e + 8 * o + 2 * k)) & 3 == vc[r, tok, c]
         g = tok // 32
-        s_fold, m_fold = (ks[r, g, c] / 4, kmin[r, g, c] + 2 * ks[r, g, c]) if c >= 64 else (ks[r, g, c], kmin[r, g, c])
-        assert kt[r, g // 8, c, g % 8] == pytest.approx(s_fold, rel=1e-6)
-        assert kt[r, g // 8, c, 8 + g % 8] == pytest.approx(m_fold, rel=1e-6)
-        cg = c // 32
-        high = tok % 64 >= 32
+        assert kt[r, g // 8, c, g % 8] == pytest.approx(ks[r, g, c], rel=1e-6)
+        assert kt[r, g // 8, c, 8 + g % 8] == pytest.approx(kmin[r, g, c], rel=1e-6)
         e, u2 = divmod(tok % 128, 64)
-        want_s = vs[r, tok, cg] / 4 if high else vs[r, tok, cg]
-        want_m = vm[r, tok, cg] + 2 * vs[r, tok, cg] if high else vm[r, tok, cg]
-        assert vt[r, tok // 128, u2, 8 * e + cg] == pytest.approx(want_s, rel=1e-6)
-        assert vt[r, tok // 128, u2, 8 * e + 4 + cg] == pytest.approx(want_m, rel=1e-6)
+        assert vt[r, tok // 128, u2, 8 * e + c // 32] == pytest.approx(vs[r, tok, c // 32], rel=1e-6)
+        assert vt[r, tok // 128, u2, 8 * e + 4 + c // 32] == pytest.approx(vm[r, tok, c // 32], rel=1e-6)
+
+
+def test_layout_round_trips():
+    codes = jax.random.randint(jax.random.key(5), (3, 256, D), 0, 4)
+    np.testing.assert_array_equal(np.asarray(km.key_codes(km.key_words(codes))), np.asarray(codes))
+    np.testing.assert_array_equal(np.asarray(km.value_codes(km.value_words(codes))), np.asarray(codes))
+    kn = km.kernel_arrays(km.key_words(codes), jnp.zeros((3, D, 16)), km.value_words(codes), jnp.zeros((3, 128, 16)))[0]
+    np.testing.assert_array_equal(np.asarray(km.words_of(kn)), np.asarray(km.key_words(codes)))
 
 
 @pytest.mark.parametrize("heads", [1, 4])
