@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
@@ -41,16 +42,21 @@ D = km.D
 # automatic barriers out; before (git 313a961): 0.584 ms, the wide copies 0.551, both 0.540, the
 # stream alone 0.317 -> 0.223 (mosaic-attention-run19).
 # one_cta_an_sm: 60 KiB of unused shared memory, so one CTA (4 warps) a multiprocessor instead of two;
-# warpgroups2/3: 2 or 3 rows' warpgroups a CTA (registers capped at 255 / 168: 8 or 12 warps an SM)
+# warpgroups2/3: 2 or 3 rows' warpgroups a CTA (registers capped at 255 / 168: 8 or 12 warps an SM).
+# Both slower or no faster (run21, run22: one_cta_an_sm 0.62, warpgroups2 0.45, warpgroups3 0.54 vs
+# 0.43 ms), so they are no longer timed by default.
+# key_offset: the key codes unpacked without their FMA (128 + 4^f c), the offset folded into Bk and
+# the key constant
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
-            ("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
-            ("warpgroups3", dict(warpgroups=3))]
+            ("key_offset", dict(key_offset=True)), ("key_offset_warpgroups2", dict(key_offset=True, warpgroups=2))]
+MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
+                 ("warpgroups3", dict(warpgroups=3))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("late_pick", dict(early_pick=False))]
+                ("late_pick", dict(early_pick=False)), ("key_offset", dict(key_offset=True))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -278,11 +284,14 @@ def main(argv=None):
     ap.add_argument("--once", action="store_true",
                     help="only one kernel call on random words of the target shape (B=64, T=4096, 32 heads), "
                          "for Nsight Compute: ncu --kernel-name regex:body_mosaic --launch-count 1 ...")
+    ap.add_argument("--variant", default="default", help="--once's kernel: a name from VARIANTS or MORE_VARIANTS")
     a = ap.parse_args(argv)
     if a.once:
         rows, t = 64 * 32, 4096
         q = random_q(rows)
-        jax.block_until_ready(jax.jit(km.bulk_partials)(q, jnp.full((rows,), t, jnp.int32), *random_packed(rows, t)))
+        options = dict(VARIANTS + MORE_VARIANTS)[a.variant]
+        jax.block_until_ready(jax.jit(functools.partial(km.bulk_partials, **options))(
+            q, jnp.full((rows,), t, jnp.int32), *random_packed(rows, t)))
         return
     env = common.environment()
     if a.sweep:
@@ -305,7 +314,9 @@ def main(argv=None):
     checks = [("default", {}), ("splits1", dict(splits=1)), ("gqa2", dict(heads=2)), ("gqa4", dict(heads=4)),
               ("gqa4_group2", dict(heads=4, group=2)), ("gqa2_unfused", dict(heads=2, fused=False)),
               ("gqa4_unfused", dict(heads=4, fused=False)), ("warpgroups2", dict(warpgroups=2)),
-              ("warpgroups3", dict(warpgroups=3)), ("warpgroups3_splits1", dict(warpgroups=3, splits=1))]
+              ("warpgroups3", dict(warpgroups=3)), ("warpgroups3_splits1", dict(warpgroups=3, splits=1)),
+              ("key_offset", dict(key_offset=True)), ("gqa4_key_offset", dict(heads=4, key_offset=True)),
+              ("warpgroups2_key_offset", dict(warpgroups=2, key_offset=True))]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

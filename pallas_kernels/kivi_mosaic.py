@@ -190,7 +190,7 @@ def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
 
 # ---- kernel --------------------------------------------------------------------------------------
 
-def _codes_operands(ref):
+def _codes_operands(ref, offset=False):
     """[rows, 32 S] int4 nibbles in shared memory (:func:`_pack`'s words) -> the A operands of
     the K halves (bf16 codes 0..3, WGMMA layout [rows, 32 S] each).
 
@@ -199,15 +199,18 @@ def _codes_operands(ref):
     exponent of 128 (``(w >> 6i) & mask | MAGIC``: 128 + 4^f c in each half, f the field's
     offset within its 6 bits) and a bf16x2 FMA takes it to c exactly (x 4^-f - 128 4^-f).
     Mosaic's own int4 -> bf16 cast (a PRMT, a LOP3 and a subtraction a pair, after our two masks
-    for the two codes of a nibble) was 46% of a step's instructions (results/mosaic-attention-ncu-2026-12-01.md)."""
+    for the two codes of a nibble) was 46% of a step's instructions (results/mosaic-attention-ncu-2026-12-01.md).
+    offset: leave out the FMA; the operands hold 128 + 4^f c (:func:`field_scale` gives 4^-f),
+    which the caller folds into its other operand and constant."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
     out = plgpu.ShapeDtypeStruct(c.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
-    return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=(out, out))(_unpack_in_registers)(c)
+    unpack = functools.partial(_unpack_in_registers, offset=offset)
+    return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=(out, out))(unpack)(c)
 
 
-def _unpack_in_registers(ctx, a):
+def _unpack_in_registers(ctx, a, offset=False):
     """(inline Mosaic GPU) the UPCAST_4X int4 array's words -> two WGMMA-layout bf16 arrays."""
     del ctx
     from jax._src.lib.mlir import ir
@@ -228,17 +231,23 @@ def _unpack_in_registers(ctx, a):
                 if base not in shifted:
                     shifted[base] = arith.shrui(word, arith.constant(i32, base))
                 scale, bias = _BF16_POW4[f]
-                x = llvm.inline_asm(
-                    i32, [shifted[base]],
-                    f"{{ .reg .b32 t, sc, bi; lop3.b32 t, $1, {0x30003 << 2 * f:#x}, {MAGIC:#x}, 0xea; "
-                    f"mov.b32 sc, {scale:#x}; mov.b32 bi, {bias:#x}; fma.rn.bf16x2 $0, t, sc, bi; }}",
-                    "=r,r")
+                lop3 = f"lop3.b32 t, $1, {0x30003 << 2 * f:#x}, {MAGIC:#x}, 0xea;"  # (w & mask) | MAGIC
+                fma = f"mov.b32 sc, {scale:#x}; mov.b32 bi, {bias:#x}; fma.rn.bf16x2 $0, t, sc, bi;"
+                x = llvm.inline_asm(i32, [shifted[base]], "{ .reg .b32 t, sc, bi; " + lop3 + (
+                    " mov.b32 $0, t;" if offset else " " + fma) + " }", "=r,r")
                 regs[o][_wgmma_index(idx, k)] = mgpu_utils.bitcast(x, pair)
     return tuple(mgpu.FragmentedArray(_registers=r, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None) for r in regs)
 
 
 # (4^-f, -128 4^-f) as bf16 pairs, f = 0, 1, 2: (128 + 4^f c) 4^-f - 128 4^-f = c
 _BF16_POW4 = ((0x3F803F80, 0xC300C300), (0x3E803E80, 0xC200C200), (0x3D803D80, 0xC100C100))
+
+
+def key_field_scale(d):
+    """4^-f of channel d (an int32 array): an offset key operand (:func:`_codes_operands`) holds
+    128 + 4^f c there, f = (8 o + 2 k) mod 6 / 2 (:func:`_pack`: d = 64 o + 32 s + 8 k + 2 j + e)."""
+    f = (8 * (d // 64) + 2 * (d % 32 // 8)) % 6 // 2
+    return jnp.where(f == 0, 1.0, jnp.where(f == 1, 0.25, 0.0625))
 
 
 def _wgmma_index(idx, k):
@@ -250,7 +259,7 @@ def _wgmma_index(idx, k):
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           smem_pad: int = 0, warpgroups: int = 1, profile_dir: str = ""):
+           smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -269,6 +278,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     A step's key and value codes are each copied as one [64, 256] int4 box (128-byte rows, as
     they lie in memory): the keys into a raw alias (a RefUnion) of the tiled, swizzled buffer
     the loads read, which is why the stores hold the keys' swizzled image (:func:`key_words`).
+    key_offset: the key operands hold 128 + 4^f c (:func:`_codes_operands` without its FMA); Bk's
+    s columns carry 4^-f (:func:`key_field_scale`) and the key constant -128 times their sums.
     The tile stream alone runs at 0.22-0.23 ms this way against 0.32 with the 32- and 16-byte
     rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
     reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
@@ -358,19 +369,25 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return carry
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
-                c = []  # q_h · m_g down every row of column g + 8
+                if key_offset:  # the codes read 128 + 4^f c: s 4^-f, and -128 Σ_d Bk[d, g] in the constant
+                    kt = kt * jnp.where(vcol < 8, key_field_scale(vrow), 1.0)
+                c = []  # column sums of Bk's m columns (q_h · m_g; and of its s columns: offset)
                 for h in hs:
                     x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s | q_h ∘ m [128, 16]
-                    cols(bk_smem, h)[...] = x.astype(bf16)
+                    xb = x.astype(bf16)
+                    cols(bk_smem, h)[...] = xb
+                    if key_offset:  # the s columns' sums from the operand as the tensor cores take it
+                        x = jnp.where(vcol < 8, -128.0 * xb.astype(f32), x)
                     if not multi:
                         c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
                 if multi:  # every row of ones · Bk holds Bk's column sums (no reduction across warps)
-                    c.append(pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32)))
+                    sums = pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32))
+                    c.append(jnp.where(col < 8, -128.0 * sums, sums) if key_offset else sums)
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
-                    a_lo, a_hi = _codes_operands(kn_ref.at[pl.ds(u * CHUNK, CHUNK)])
+                    a_lo, a_hi = _codes_operands(kn_ref.at[pl.ds(u * CHUNK, CHUNK)], offset=key_offset)
                     for b in range(nb):
                         plgpu.wgmma(accs[i * nb + b], a_lo, bk_smem.at[b, pl.ds(0, D // 2)])
                         plgpu.wgmma(accs[i * nb + b], a_hi, bk_smem.at[b, pl.ds(D // 2, D // 2)])
@@ -391,7 +408,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             g = 2 * u + row // GROUP  # the token's key group in the block
 
             def const():
-                return jnp.where(col == g + 8, c, 0.0)
+                return jnp.where((col == g + 8) | (col == g), c, 0.0) if key_offset else jnp.where(col == g + 8, c, 0.0)
 
             def mask():
                 return jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0)
@@ -604,18 +621,21 @@ def combine_splits(o, m, l):
     return jnp.sum(w[..., None] * o, axis=1), top, jnp.sum(w * l, axis=1)
 
 
-def kernel_model(q, lengths, kn, kt, vn, vt):
+def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False):
     """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
     step (chunk products, the column selection, the online softmax): tests check it against
     :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D]."""
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
-        return _per_query_row(kernel_model, q, lengths, kn, kt, vn, vt)
+        return _per_query_row(functools.partial(kernel_model, key_offset=key_offset), q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel unpacks them: the codes, K columns in channel / token order
     kc = np.asarray(key_codes(words_of(kn)), np.float64)  # [R, T, D]
     vc = np.asarray(value_codes(words_of(vn).reshape(vn.shape[:2] + (D * 4,))), np.float64)
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
     rows, tokens = kc.shape[:2]
+    f = np.where(np.arange(N) < 8, np.asarray(key_field_scale(np.arange(D)))[:, None], 1.0)  # [128, 16]
+    if key_offset:  # the operand 128 + 4^f c, Bk's s columns times 4^-f
+        kc, kt = 128 + kc / f[None, None, :, 0], kt * f
     outs = []
     for r in range(rows):
         m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
@@ -623,7 +643,8 @@ def kernel_model(q, lengths, kn, kt, vn, vt):
             x = q[r][:, None] * kt[r, j // (KEY_BLOCK // CHUNK)]  # [128, 16]
             acc = kc[r, j * CHUNK:(j + 1) * CHUNK] @ x  # [64, 16]
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + np.arange(CHUNK) // GROUP
-            s = acc[np.arange(CHUNK), g] + x.sum(0)[g + 8]
+            const = x.sum(0)[g + 8] - (128 * x.sum(0)[g] if key_offset else 0)
+            s = acc[np.arange(CHUNK), g] + const
             s = np.where(j * CHUNK + np.arange(CHUNK) < lengths[r], s, -np.inf)
             m_new = max(m, s.max())
             alpha, p = np.exp(m - m_new), np.exp(s - m_new)

@@ -55,6 +55,15 @@ def test_repack_layout_matches_its_definition():
         assert vt[r, tok // 128, u2, 8 * e + 4 + c // 32] == pytest.approx(vm[r, tok, c // 32], rel=1e-6)
 
 
+def test_key_field_scale_is_where_the_unpacking_leaves_each_code():
+    """The LOP3 of field (o, k) keeps bits 2f, 2f + 1 of the word shifted by 6 (bit // 6)."""
+    for d in range(D):
+        o, k = d // 64, d % 32 // 8
+        bit = 8 * o + 2 * k  # km._field(o, k, 0)
+        assert bit == km._field(o, k, 0)
+        assert float(km.key_field_scale(jnp.int32(d))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
+
+
 def test_layout_round_trips():
     codes = jax.random.randint(jax.random.key(5), (3, 256, D), 0, 4)
     np.testing.assert_array_equal(np.asarray(km.key_codes(km.key_words(codes))), np.asarray(codes))
@@ -63,15 +72,16 @@ def test_layout_round_trips():
     np.testing.assert_array_equal(np.asarray(km.words_of(kn)), np.asarray(km.key_words(codes)))
 
 
-@pytest.mark.parametrize("heads", [1, 4])
-def test_kernel_arithmetic_matches_dequantize_then_attend(heads):
+@pytest.mark.parametrize("heads,key_offset", [(1, False), (4, False), (1, True), (2, True)])
+def test_kernel_arithmetic_matches_dequantize_then_attend(heads, key_offset):
     """Every row length class: one token, inside a chunk, chunk and block edges, full; one
-    query row a KV head and four (GQA)."""
+    query row a KV head and four (GQA); the key codes as they are and offset (128 + 4^f c)."""
     rows, t = 8, 512
     plain = _float32(random_inputs(rows, t, key=2))
     lengths = jnp.asarray([1, 33, 64, 255, 256, 300, 511, 512], jnp.int32)
     q = random_q(rows, heads)
-    err = errors(km.kernel_model(q, lengths, *km.repack(*plain)), km.reference(q, lengths, *plain))
+    err = errors(km.kernel_model(q, lengths, *km.repack(*plain), key_offset=key_offset),
+                 km.reference(q, lengths, *plain))
     assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
 
 
@@ -123,7 +133,9 @@ def _abstract(rows, t, heads=1):
                                            (1, {"early_pick": True}), (2, {}), (4, {"splits": 2}),
                                            (4, {"group": 2, "early_pick": False}), (4, {"fused": False}),
                                            (2, {"early_pick": False}), (1, {"compute": False}),
-                                           (1, {"warpgroups": 3}), (1, {"warpgroups": 2, "smem_pad": 4096})])
+                                           (1, {"warpgroups": 3}), (1, {"warpgroups": 2, "smem_pad": 4096}),
+                                           (1, {"key_offset": True}), (4, {"key_offset": True}),
+                                           (1, {"warpgroups": 3, "key_offset": True})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
