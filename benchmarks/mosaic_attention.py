@@ -46,17 +46,20 @@ D = km.D
 # Both slower or no faster (run21, run22: one_cta_an_sm 0.62, warpgroups2 0.45, warpgroups3 0.54 vs
 # 0.43 ms), so they are no longer timed by default.
 # key_offset: the key codes unpacked without their FMA (128 + 4^f c), the offset folded into Bk and
-# the key constant
+# the key constant (run23: 0.459 vs 0.463, spills); lean_pick: the score column and key constant in
+# one select chain, the length mask on the picked [64] scores (not yet timed)
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
-            ("key_offset", dict(key_offset=True)), ("key_offset_warpgroups2", dict(key_offset=True, warpgroups=2))]
+            ("key_offset", dict(key_offset=True)), ("lean_pick", dict(lean_pick=True)),
+            ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True))]
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
-                 ("warpgroups3", dict(warpgroups=3))]
+                 ("warpgroups3", dict(warpgroups=3)), ("key_offset_warpgroups2", dict(key_offset=True, warpgroups=2))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
 # columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("late_pick", dict(early_pick=False)), ("key_offset", dict(key_offset=True))]
+                ("late_pick", dict(early_pick=False)), ("key_offset", dict(key_offset=True)),
+                ("lean_pick", dict(lean_pick=True))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -180,9 +183,10 @@ def random_packed(rows, tokens, key=5):
 
 
 def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), heads=((32, 32), (32, 8)),
-          dense_max_bytes=48 << 30):
+          dense_max_bytes=48 << 30, splits=()):
     """The issue's grid (2-bit; Hq = 32 with 32 and 8 KV heads): the Mosaic bulk kernel (default
-    splits) next to dense bf16 XLA attention over the same T, on random words."""
+    splits) next to dense bf16 XLA attention over the same T, on random words; and with each
+    of ``splits`` sequence splits too (impl mosaic_bulk_splits<S>)."""
     rows = []
     for hq, hkv in heads:
         g = hq // hkv
@@ -202,13 +206,17 @@ def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), 
                 packed = random_packed(r, t)
                 nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
                 q = random_q(r, g)
-                ms = common.time_fn(jax.jit(km.bulk_partials), q, jnp.full((r,), t, jnp.int32), *packed)
+                default = km.default_splits(r, t)
+                for s in [default] + [s for s in splits if s != default and s <= t // km.KEY_BLOCK]:
+                    ms = common.time_fn(jax.jit(functools.partial(km.bulk_partials, splits=s)), q,
+                                        jnp.full((r,), t, jnp.int32), *packed)
+                    rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": 2,
+                                 "impl": "mosaic_bulk" if s == default else f"mosaic_bulk_splits{s}",
+                                 "splits": s, "median_ms": ms, "bytes": nbytes,
+                                 "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
+                                 "ratio_to_dense": ms / dense_ms if dense_ms else None})
+                    print(rows[-1], flush=True)
                 del packed
-                rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": 2, "impl": "mosaic_bulk",
-                             "splits": km.default_splits(r, t), "median_ms": ms, "bytes": nbytes,
-                             "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
-                             "ratio_to_dense": ms / dense_ms if dense_ms else None})
-                print(rows[-1], flush=True)
     return rows
 
 
@@ -281,6 +289,7 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
+    ap.add_argument("--splits", default="", help="--sweep: also these sequence splits a row (comma list), e.g. 2,4,8")
     ap.add_argument("--once", action="store_true",
                     help="only one kernel call on random words of the target shape (B=64, T=4096, 32 heads), "
                          "for Nsight Compute: ncu --kernel-name regex:body_mosaic --launch-count 1 ...")
@@ -297,7 +306,8 @@ def main(argv=None):
     if a.sweep:
         hbm = common.hbm_copy_tbps()
         rows = sweep(hbm, batches=tuple(map(int, a.batches.split(","))), lengths=tuple(map(int, a.lengths.split(","))),
-                     heads=tuple((32, int(h)) for h in a.kv_heads.split(",")))
+                     heads=tuple((32, int(h)) for h in a.kv_heads.split(",")),
+                     splits=tuple(int(s) for s in a.splits.split(",") if s))
         cols = ["B", "T", "Hkv", "impl", "splits", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
         table = (f"Mosaic GPU bulk kernel (2-bit, Hq=32, quantized tokens only) vs dense bf16, {env['device']}, "
                  f"jax {env['jax_version']}, commit {env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
@@ -316,7 +326,10 @@ def main(argv=None):
               ("gqa4_unfused", dict(heads=4, fused=False)), ("warpgroups2", dict(warpgroups=2)),
               ("warpgroups3", dict(warpgroups=3)), ("warpgroups3_splits1", dict(warpgroups=3, splits=1)),
               ("key_offset", dict(key_offset=True)), ("gqa4_key_offset", dict(heads=4, key_offset=True)),
-              ("warpgroups2_key_offset", dict(warpgroups=2, key_offset=True))]
+              ("warpgroups2_key_offset", dict(warpgroups=2, key_offset=True)), ("lean_pick", dict(lean_pick=True)),
+              ("gqa4_lean_pick", dict(heads=4, lean_pick=True)),
+              ("gqa2_unfused_lean_pick", dict(heads=2, fused=False, lean_pick=True)),
+              ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True))]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

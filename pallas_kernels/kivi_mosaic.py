@@ -259,7 +259,8 @@ def _wgmma_index(idx, k):
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, profile_dir: str = ""):
+           smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, lean_pick: bool = False,
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -280,6 +281,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     the loads read, which is why the stores hold the keys' swizzled image (:func:`key_words`).
     key_offset: the key operands hold 128 + 4^f c (:func:`_codes_operands` without its FMA); Bk's
     s columns carry 4^-f (:func:`key_field_scale`) and the key constant -128 times their sums.
+    lean_pick: a token's score column and key constant in one select chain over [64, 16], and the
+    length mask on the picked [64] scores (2 numbers a thread) instead of on [64, 16] (8).
     The tile stream alone runs at 0.22-0.23 ms this way against 0.32 with the 32- and 16-byte
     rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
     reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
@@ -352,6 +355,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
+        if lean_pick:  # a chunk's rows, as picked
+            tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1))
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
         # the same over the fused operands' columns
         rowb, colb, vrowb, vcolb = ((iota((CHUNK, nbc), 0), iota((CHUNK, nbc), 1), iota((D, nbc), 0), iota((D, nbc), 1))
@@ -406,6 +411,15 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         def pick(j, u, acc, c, k=0):  # chunk u's [64] scores (column block k of acc) + the key constant c
             g = 2 * u + row // GROUP  # the token's key group in the block
+            if lean_pick:
+                m_col = jnp.where(col == g + 8, c, 0.0)  # q · m of the token's group (and -128 Σ Bk: at g)
+                if fused:
+                    const = jnp.where(col == g, c, m_col) if key_offset else m_col
+                    both = (jnp.sum(jnp.where(colb == N * k + 2 * u + rowb // GROUP, acc, 0.0), axis=1)
+                            + jnp.sum(const, axis=1))
+                else:
+                    both = jnp.sum(jnp.where(col == g, acc + c if key_offset else acc, m_col), axis=1)
+                return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, both)
 
             def const():
                 return jnp.where((col == g + 8) | (col == g), c, 0.0) if key_offset else jnp.where(col == g + 8, c, 0.0)

@@ -135,7 +135,9 @@ def _abstract(rows, t, heads=1):
                                            (2, {"early_pick": False}), (1, {"compute": False}),
                                            (1, {"warpgroups": 3}), (1, {"warpgroups": 2, "smem_pad": 4096}),
                                            (1, {"key_offset": True}), (4, {"key_offset": True}),
-                                           (1, {"warpgroups": 3, "key_offset": True})])
+                                           (1, {"warpgroups": 3, "key_offset": True}), (1, {"lean_pick": True}),
+                                           (4, {"lean_pick": True}), (2, {"lean_pick": True, "fused": False}),
+                                           (1, {"lean_pick": True, "key_offset": True})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
