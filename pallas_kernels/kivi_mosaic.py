@@ -260,7 +260,7 @@ def _wgmma_index(idx, k):
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, lean_pick: bool = False,
-           profile_dir: str = ""):
+           ones_constant: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -283,6 +283,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     s columns carry 4^-f (:func:`key_field_scale`) and the key constant -128 times their sums.
     lean_pick: a token's score column and key constant in one select chain over [64, 16], and the
     length mask on the picked [64] scores (2 numbers a thread) instead of on [64, 16] (8).
+    ones_constant (G = 1): the key constant from ones · Bk on the tensor cores (as at W > 1)
+    instead of a reduction across the warpgroup's warps (shared memory and a barrier a step);
+    its mins then enter as bf16 products, like the scales.
     The tile stream alone runs at 0.22-0.23 ms this way against 0.32 with the 32- and 16-byte
     rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
     reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
@@ -362,7 +365,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         rowb, colb, vrowb, vcolb = ((iota((CHUNK, nbc), 0), iota((CHUNK, nbc), 1), iota((D, nbc), 0), iota((D, nbc), 1))
                                     if fused else (row, col, vrow, vcol))
 
-        def key_constant(acc):  # warpgroups > 1: ones [64, 128] · Bk, every row Bk's column sums
+        def key_constant(acc):  # warpgroups > 1 or ones_constant: ones [64, 128] · Bk, every row Bk's column sums
             ones = plgpu.layout_cast(jnp.full((CHUNK, D // 2), 1.0, bf16), wg)
             plgpu.wgmma(acc, ones, bk_smem.at[0, pl.ds(0, D // 2)])
             plgpu.wgmma(acc, ones, bk_smem.at[0, pl.ds(D // 2, D // 2)])
@@ -383,10 +386,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     cols(bk_smem, h)[...] = xb
                     if key_offset:  # the s columns' sums from the operand as the tensor cores take it
                         x = jnp.where(vcol < 8, -128.0 * xb.astype(f32), x)
-                    if not multi:
+                    if not ones_c:
                         c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
-                if multi:  # every row of ones · Bk holds Bk's column sums (no reduction across warps)
+                if ones_c:  # every row of ones · Bk holds Bk's column sums (no reduction across warps)
                     sums = pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32))
                     c.append(jnp.where(col < 8, -128.0 * sums, sums) if key_offset else sums)
 
@@ -547,6 +550,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         plgpu.wait_smem_to_gmem(0)
 
     multi = warpgroups > 1
+    ones_c = multi or ones_constant
+    if ones_constant and heads > 1:
+        raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
         raise ValueError(f"warpgroups={warpgroups} (with G={heads} query rows a KV head); allowed: 1, 2 or 3, "
                          "and more than 1 only with G = 1 (their scratch fills an SM's shared memory at 3)")

@@ -137,7 +137,8 @@ def _abstract(rows, t, heads=1):
                                            (1, {"key_offset": True}), (4, {"key_offset": True}),
                                            (1, {"warpgroups": 3, "key_offset": True}), (1, {"lean_pick": True}),
                                            (4, {"lean_pick": True}), (2, {"lean_pick": True, "fused": False}),
-                                           (1, {"lean_pick": True, "key_offset": True})])
+                                           (1, {"lean_pick": True, "key_offset": True}), (1, {"ones_constant": True}),
+                                           (1, {"ones_constant": True, "lean_pick": True, "key_offset": True})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
