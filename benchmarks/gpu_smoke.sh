@@ -8,17 +8,18 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min). Next session, first: python -m benchmarks.mosaic_attention
-# --kv-heads 32 --stages 2 (~4 min: its checks include the new warpgroups=2/3 kernels, never run on a
-# GPU; its timings one_cta_an_sm, warpgroups2, warpgroups3 next to the default); then the kernel at B = 1 at this commit
-# and at e304bd3 side by side (session 14's sweep found B = 1 slower than session 10's; in a copy
-# of each: mosaic_attention --sweep --kv-heads 32 --batches 1 --lengths 1024,4096), and Nsight
-# Compute on the kernel (it works: /opt/nvidia/nsight-compute/*/ncu --clock-control none
+# --kv-heads 32,8 --stages 2 (~5 min: its checks include lean_pick / ones_constant / their GQA and
+# key_offset combinations, never run on a GPU; its timings default, key_offset, lean_pick,
+# lean_pick_key_offset, ones_constant, lean_pick_ones_constant; GQA lean_pick); then the faster as
+# the default, and Nsight Compute on it (/opt/nvidia/nsight-compute/*/ncu --clock-control none
 # --kernel-name regex:body_mosaic --launch-count 1 --section WarpStateStats --metrics
 # regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio python -m
-# benchmarks.mosaic_attention --once; results/mosaic-attention-ncu-2026-12-01.md). The PTX comes
-# with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir first; tar it
-# to $OUT): its ptxas report (body_0.ptxas) has the registers, and the triton wheel's ptxas and
-# cuobjdump give the SASS offline.
+# benchmarks.mosaic_attention --once --variant NAME; results/mosaic-attention-ncu-2026-12-01-run23.md).
+# Small batches: mosaic_attention --sweep --kv-heads 32 --batches 1,8 --lengths 1024,4096,16384
+# --splits 2,4,8 (split counts next to the default; at B = 1 the kernel is 1.1-1.4x dense: run24).
+# The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
+# first; tar it to $OUT): its ptxas report (body_0.ptxas) has the registers, and the triton wheel's
+# ptxas (after `sed s/^.version 9.0/.version 8.7/`) and cuobjdump give the SASS offline.
 # the prefill's memory of any cache: python -m benchmarks.prefill_memory (compile only, ~1 min);
 # where generate's decode loop spends a step vs the same steps driven from Python (the loop's idle GPU
 # time): python -m benchmarks.decode_loop_gap, then again with XLA_FLAGS=--xla_gpu_enable_command_buffer=
