@@ -226,12 +226,10 @@ def _unpack_in_registers(ctx, a, offset=False):
         shifted = {0: word}
         for o in range(2):
             for k in range(4):
-                bit = _field(o, k, 0)  # 8 o + 2 k; its pair's high code at bit + 16
-                base, f = 6 * (bit // 6), (bit % 6) // 2
+                base, mask, scale, bias = unpack_constants(o, k)
                 if base not in shifted:
                     shifted[base] = arith.shrui(word, arith.constant(i32, base))
-                scale, bias = _BF16_POW4[f]
-                lop3 = f"lop3.b32 t, $1, {0x30003 << 2 * f:#x}, {MAGIC:#x}, 0xea;"  # (w & mask) | MAGIC
+                lop3 = f"lop3.b32 t, $1, {mask:#x}, {MAGIC:#x}, 0xea;"  # (w & mask) | MAGIC
                 fma = f"mov.b32 sc, {scale:#x}; mov.b32 bi, {bias:#x}; fma.rn.bf16x2 $0, t, sc, bi;"
                 x = llvm.inline_asm(i32, [shifted[base]], "{ .reg .b32 t, sc, bi; " + lop3 + (
                     " mov.b32 $0, t;" if offset else " " + fma) + " }", "=r,r")
@@ -241,6 +239,14 @@ def _unpack_in_registers(ctx, a, offset=False):
 
 # (4^-f, -128 4^-f) as bf16 pairs, f = 0, 1, 2: (128 + 4^f c) 4^-f - 128 4^-f = c
 _BF16_POW4 = ((0x3F803F80, 0xC300C300), (0x3E803E80, 0xC200C200), (0x3D803D80, 0xC100C100))
+
+
+def unpack_constants(o, k):
+    """The register unpacking of field (o, k) (its pair of codes at bits 8 o + 2 k and 16 more):
+    (right shift of the word, LOP3 mask, FMA scale, FMA bias); the last two as bf16 pairs."""
+    bit = _field(o, k, 0)
+    f = bit % 6 // 2  # the pair's offset within its 6 bits, after the shift
+    return 6 * (bit // 6), 0x30003 << 2 * f, *_BF16_POW4[f]
 
 
 def key_field_scale(d):

@@ -64,6 +64,30 @@ def test_key_field_scale_is_where_the_unpacking_leaves_each_code():
         assert float(km.key_field_scale(jnp.int32(d))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
 
 
+def test_register_unpacking_gives_the_codes():
+    """The kernel's LOP3 + FMA on each word (:func:`km.unpack_constants`), emulated bit for bit in
+    NumPy on words packed from random codes: the A operands' K columns hold the codes, and the
+    LOP3 alone (key_offset) holds 128 + 4^f c."""
+    import ml_dtypes
+
+    codes = np.asarray(jax.random.randint(jax.random.key(6), (16, 128), 0, 4))
+    words = np.asarray(km._pack(jnp.asarray(codes))).astype(np.uint32)  # [16, 8]: row r's words 4 s + j
+    as_bf16 = lambda x: x.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)  # noqa: E731
+    for o in range(2):
+        for k in range(4):
+            base, mask, scale, bias = km.unpack_constants(o, k)
+            t = ((words >> np.uint32(base)) & np.uint32(mask)) | np.uint32(km.MAGIC)
+            lo, hi = as_bf16(t & 0xFFFF), as_bf16(t >> 16)  # elements e = 0, 1 of the register
+            s, b = as_bf16(np.uint32(scale & 0xFFFF)), as_bf16(np.uint32(bias & 0xFFFF))
+            assert scale >> 16 == scale & 0xFFFF and bias >> 16 == bias & 0xFFFF
+            for s_, j in np.ndindex(2, 4):  # word 4 s + j holds K columns 8 (4 s + k) + 2 j + e of half o
+                col = 64 * o + 8 * (4 * s_ + k) + 2 * j
+                for e, x in enumerate((lo, hi)):
+                    np.testing.assert_array_equal(x[:, 4 * s_ + j] * s + b, codes[:, col + e])
+                    f = float(km.key_field_scale(jnp.int32(col + e)))
+                    np.testing.assert_array_equal(x[:, 4 * s_ + j], 128 + codes[:, col + e] / f)
+
+
 def test_layout_round_trips():
     codes = jax.random.randint(jax.random.key(5), (3, 256, D), 0, 4)
     np.testing.assert_array_equal(np.asarray(km.key_codes(km.key_words(codes))), np.asarray(codes))
