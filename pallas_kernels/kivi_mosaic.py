@@ -47,7 +47,7 @@ WIDE_ROWS = KEY_BLOCK * D // 2 // WIDE  # such rows a step, keys and values alik
 
 
 # ---- the layout, both ways (the cache, kivi_jax.cache_mosaic, stores the words and tiles) --------
-MAGIC = 0x43004300  # a bf16 pair (128, 128): mantissa bits 0-5 then add 1, 4, 16 a unit
+MAGIC = 0x43004300  # a bf16 pair (128, 128): its mantissa bits 0-1, 2-3, 4-5 then count 1, 4, 16
 
 
 def _field(o, k, e):
@@ -198,10 +198,11 @@ def _codes_operands(ref, offset=False):
     registers, two instructions a pair of codes: a LOP3 puts a code pair's bits under the
     exponent of 128 (``(w >> 6i) & mask | MAGIC``: 128 + 4^f c in each half, f the field's
     offset within its 6 bits) and a bf16x2 FMA takes it to c exactly (x 4^-f - 128 4^-f).
-    Mosaic's own int4 -> bf16 cast (a PRMT, a LOP3 and a subtraction a pair, after our two masks
-    for the two codes of a nibble) was 46% of a step's instructions (results/mosaic-attention-ncu-2026-12-01.md).
-    offset: leave out the FMA; the operands hold 128 + 4^f c (:func:`field_scale` gives 4^-f),
-    which the caller folds into its other operand and constant."""
+    Mosaic's own int4 -> bf16 cast (a PRMT, a LOP3 and a subtraction a pair, after our two
+    masks for the two codes of a nibble) was 46% of a step's instructions
+    (results/mosaic-attention-ncu-2026-12-01.md); this took the kernel from 0.539 to 0.430 ms
+    (-run22). offset: leave out the FMA; the operands hold 128 + 4^f c (:func:`key_field_scale`
+    gives the keys' 4^-f), which the caller folds into its other operand and constant."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
