@@ -48,12 +48,14 @@ D = km.D
 # key_offset: the key codes unpacked without their FMA (128 + 4^f c), the offset folded into Bk and
 # the key constant (run23: 0.459 vs 0.463, spills); lean_pick: the score column and key constant in
 # one select chain, the length mask on the picked [64] scores; ones_constant: the key constant from
-# ones · Bk on the tensor cores, not a reduction across warps (both not yet timed)
+# ones · Bk on the tensor cores, not a reduction across warps (both not yet timed); with warpgroups3:
+# whether the leaner pick lets 168 registers hold without the spills that made warpgroups3 slower
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
             ("key_offset", dict(key_offset=True)), ("lean_pick", dict(lean_pick=True)),
             ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True)),
             ("ones_constant", dict(ones_constant=True)),
-            ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True))]
+            ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True)),
+            ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3))]
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("key_offset_warpgroups2", dict(key_offset=True, warpgroups=2))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
@@ -334,7 +336,8 @@ def main(argv=None):
               ("gqa2_unfused_lean_pick", dict(heads=2, fused=False, lean_pick=True)),
               ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True)),
               ("ones_constant", dict(ones_constant=True)),
-              ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True))]
+              ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True)),
+              ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3))]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
