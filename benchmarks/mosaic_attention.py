@@ -298,7 +298,8 @@ def main(argv=None):
     ap.add_argument("--once", action="store_true",
                     help="only one kernel call on random words of the target shape (B=64, T=4096, 32 heads), "
                          "for Nsight Compute: ncu --kernel-name regex:body_mosaic --launch-count 1 ...")
-    ap.add_argument("--variant", default="default", help="--once's kernel: a name from VARIANTS or MORE_VARIANTS")
+    ap.add_argument("--variant", default="default", choices=[name for name, _ in VARIANTS + MORE_VARIANTS],
+                    help="--once's kernel (VARIANTS, MORE_VARIANTS)")
     a = ap.parse_args(argv)
     if a.once:
         rows, t = 64 * 32, 4096

@@ -33,8 +33,8 @@ from kivi_jax import quant
 from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
-from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, kernel_arrays, key_codes, key_tiles,
-                                        key_words, value_codes, value_tiles, value_words)
+from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays, key_codes,
+                                        key_tiles, key_words, value_codes, value_tiles, value_words)
 
 
 def check_config(config: KIVIConfig, head_dim: int):
@@ -143,9 +143,9 @@ class MosaicKIVICache(cc.CacheShape):
         spill = live & (L >= r)
         p = jnp.where(spill, L - r, 0)
         codes, scale, mn = quant_values(self.config, self.dtype, leaving)  # [B, H, 1, D], [B, H, 1, 4]
-        u = p % CHUNK  # = 32 o + 8 k + 2 j + e: bits 16 e + 8 o + 2 k of the channel's word j
-        shift = (16 * (u % 2) + 8 * (u // 32) + 2 * ((u % 32) // 8)).astype(jnp.uint32)
-        word = (u % 8) // 2
+        u = p % CHUNK  # = 32 o + 8 k + 2 j + e: in the channel's word j
+        shift = code_bit(u // 32, u % 32 // 8, u % 2).astype(jnp.uint32)
+        word = u % 8 // 2
         onehot = (jnp.arange(4)[None, :] == word[:, None]).astype(jnp.uint32)  # [B, 4]
         bits = (codes[:, :, 0].astype(jnp.uint32) << shift[:, None, None])[..., None] * onehot[:, None, None, :]
         sm = jnp.concatenate([scale[:, :, 0], mn[:, :, 0]], -1)  # [B, H, 8]

@@ -50,22 +50,29 @@ WIDE_ROWS = KEY_BLOCK * D // 2 // WIDE  # such rows a step, keys and values alik
 MAGIC = 0x43004300  # a bf16 pair (128, 128): its mantissa bits 0-1, 2-3, 4-5 then count 1, 4, 16
 
 
-def _field(o, k, e):
+def code_bit(o, k, e):
     """The bit of a word where the code of (operand o, 8-column tile k, element e) starts."""
     return 16 * e + 8 * o + 2 * k
 
 
+def _field_offset(o, k):
+    """f: where field (o, k)'s pair lies within its 6 bits once the word is shifted by 6 (bit // 6)."""
+    return code_bit(o, k, 0) % 6 // 2
+
+
+# every field's bit, broadcast over a packed row's axes (o, s, k, j, e)
+_SHIFTS = code_bit(*np.ix_(range(2), range(4), range(2))).astype(np.uint32)[:, None, :, None, :]
+
+
 def _pack(codes):
     """codes [..., K] (0..3, K = 64 S) -> [..., 4 S] uint32: code K' = K/2 o + 32 s + 8 k + 2 j + e
-    at bits :func:`_field` (o, k, e) of word 4 s + j. Thread j of a row's four loads word 4 s + j
+    at bits :func:`code_bit` (o, k, e) of word 4 s + j. Thread j of a row's four loads word 4 s + j
     of each 32-nibble span s (Mosaic's WGMMA_UPCAST_4X) and needs exactly those codes: the A
     operands' K columns 8 (4 s + k) + 2 j + e of the low (o = 0) and high (o = 1) K halves."""
     k_all = codes.shape[-1]
     s = k_all // 64
     c = codes.astype(jnp.uint32).reshape(codes.shape[:-1] + (2, s, 4, 4, 2))  # o, s, k, j, e
-    o, k, e = np.ix_(range(2), range(4), range(2))
-    shift = _field(o, k, e).astype(np.uint32)[:, None, :, None, :]  # [o, 1, k, 1, e]
-    words = jnp.sum(c << shift, axis=(-5, -3, -1), dtype=jnp.uint32)  # disjoint bit fields: the sum is an OR
+    words = jnp.sum(c << _SHIFTS, axis=(-5, -3, -1), dtype=jnp.uint32)  # disjoint bit fields: the sum is an OR
     return words.reshape(codes.shape[:-1] + (4 * s,))
 
 
@@ -73,9 +80,7 @@ def _unpack(words):
     """Inverse of :func:`_pack`: [..., 4 S] uint32 -> codes [..., 64 S] int32."""
     s = words.shape[-1] // 4
     w = words.astype(jnp.uint32).reshape(words.shape[:-1] + (1, s, 1, 4, 1))
-    o, k, e = np.ix_(range(2), range(4), range(2))
-    shift = _field(o, k, e).astype(np.uint32)[:, None, :, None, :]
-    return ((w >> shift) & 3).astype(jnp.int32).reshape(words.shape[:-1] + (64 * s,))
+    return ((w >> _SHIFTS) & 3).astype(jnp.int32).reshape(words.shape[:-1] + (64 * s,))
 
 
 def key_words(codes):
@@ -245,15 +250,14 @@ _BF16_POW4 = ((0x3F803F80, 0xC300C300), (0x3E803E80, 0xC200C200), (0x3D803D80, 0
 def unpack_constants(o, k):
     """The register unpacking of field (o, k) (its pair of codes at bits 8 o + 2 k and 16 more):
     (right shift of the word, LOP3 mask, FMA scale, FMA bias); the last two as bf16 pairs."""
-    bit = _field(o, k, 0)
-    f = bit % 6 // 2  # the pair's offset within its 6 bits, after the shift
-    return 6 * (bit // 6), 0x30003 << 2 * f, *_BF16_POW4[f]
+    f = _field_offset(o, k)
+    return 6 * (code_bit(o, k, 0) // 6), 0x30003 << 2 * f, *_BF16_POW4[f]
 
 
 def key_field_scale(d):
     """4^-f of channel d (an int32 array): an offset key operand (:func:`_codes_operands`) holds
     128 + 4^f c there, f = (8 o + 2 k) mod 6 / 2 (:func:`_pack`: d = 64 o + 32 s + 8 k + 2 j + e)."""
-    f = (8 * (d // 64) + 2 * (d % 32 // 8)) % 6 // 2
+    f = _field_offset(d // 64, d % 32 // 8)
     return jnp.where(f == 0, 1.0, jnp.where(f == 1, 0.25, 0.0625))
 
 

@@ -59,8 +59,8 @@ def test_key_field_scale_is_where_the_unpacking_leaves_each_code():
     """The LOP3 of field (o, k) keeps bits 2f, 2f + 1 of the word shifted by 6 (bit // 6)."""
     for d in range(D):
         o, k = d // 64, d % 32 // 8
-        bit = 8 * o + 2 * k  # km._field(o, k, 0)
-        assert bit == km._field(o, k, 0)
+        bit = 8 * o + 2 * k  # km.code_bit(o, k, 0)
+        assert bit == km.code_bit(o, k, 0)
         assert float(km.key_field_scale(jnp.int32(d))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
 
 
