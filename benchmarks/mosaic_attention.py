@@ -55,7 +55,11 @@ VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", di
             ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True)),
             ("ones_constant", dict(ones_constant=True)),
             ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True)),
-            ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3))]
+            ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3)),
+            ("lanes", dict(lanes=True)), ("lanes_ones_constant", dict(lanes=True, ones_constant=True)),
+            ("lanes_ones_constant_group1", dict(lanes=True, ones_constant=True, group=1))]
+# timed in the next call (the rest of VARIANTS ran in -run25)
+QUICK = ("default", "stream_only", "lean_pick_ones_constant", "lanes", "lanes_ones_constant", "lanes_ones_constant_group1")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("key_offset_warpgroups2", dict(key_offset=True, warpgroups=2))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
@@ -64,7 +68,8 @@ MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dic
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
                 ("late_pick", dict(early_pick=False)), ("key_offset", dict(key_offset=True)),
-                ("lean_pick", dict(lean_pick=True))]
+                ("lean_pick", dict(lean_pick=True)), ("lanes", dict(lanes=True))]
+GQA_QUICK = ("default", "lean_pick", "lanes")
 
 
 def random_inputs(rows, tokens, key=0):
@@ -225,17 +230,18 @@ def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), 
     return rows
 
 
-def target(b, t, hq, hkv, variants, stages, hbm):
+def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
     """One shape from one random KIVICache: dense bf16, the Triton kernel (breakdown), the
     Mosaic kernel's variants on a repacked copy (first rows checked against NumPy), rows of
-    mixed lengths."""
+    mixed lengths. quick: only dense and the variants, then mixed lengths with each."""
     g = hq // hkv
     q4 = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
     kd = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
     dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
     del kd
     rows = [{"B": b, "T": t, "Hkv": hkv, "impl": "dense_bf16_xla", "median_ms": dense_ms, "bytes": 2 * b * hkv * t * D * 2}]
-    rows += [{"Hkv": hkv, **{k: r[k] for k in ("B", "T", "impl", "median_ms")}} for r in breakdown(b, t, hq, hkv)]
+    if not quick:
+        rows += [{"Hkv": hkv, **{k: r[k] for k in ("B", "T", "impl", "median_ms")}} for r in breakdown(b, t, hq, hkv)]
     cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)
     plain = from_cache(cache)
     packed = jax.jit(km.repack)(*plain)
@@ -254,8 +260,17 @@ def target(b, t, hq, hkv, variants, stages, hbm):
                      "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
                      "ratio_to_dense": ms / dense_ms, **err})
         print(rows[-1], flush=True)
+    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)  # T/2 .. T: each row its own steps
+    if quick:
+        for name, opts in [(name, opts) for name, opts in variants if name != "stream_only"]:
+            ms = common.time_fn(jax.jit(lambda q, n, *x, o=opts: km.bulk_partials(q, n, *x, **o)), q, mixed, *packed)
+            rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}_mixed_lengths", "median_ms": ms,
+                         "ratio_to_dense": ms / dense_ms})
+            print(rows[-1], flush=True)
     # the whole call on the same tokens as a MosaicKIVICache (kernel + window + combine), the
     # window in plain JAX (the default) and in its Triton kernel (pallas_kernels/mosaic_window.py)
+    if quick:
+        return rows
     mcache = kj.MosaicKIVICache.from_kivi(cache)
     want = kj.decode_attention(q4[:2], jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == b else x, cache),
                                impl="reference").astype(jnp.float32)
@@ -274,8 +289,6 @@ def target(b, t, hq, hkv, variants, stages, hbm):
                      "bytes": ring, "tbps": ring / ms / 1e9})
         print(rows[-1], flush=True)
     del mcache
-    # rows of mixed lengths (T/2 .. T: each row runs its own number of steps)
-    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)
     ms = common.time_fn(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x)), q, mixed, *packed)
     rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_bulk_default_mixed_lengths", "median_ms": ms,
                  "ratio_to_dense": ms / dense_ms})
@@ -292,6 +305,7 @@ def main(argv=None):
     ap.add_argument("--kv-heads", default="32,8",
                     help="KV heads (comma list of 32, 8): the target shape's, or with --sweep the grid's (each takes ~3-4 min)")
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
+    ap.add_argument("--quick", action="store_true", help="only the QUICK variants' checks and timings")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
     ap.add_argument("--splits", default="", help="--sweep: also these sequence splits a row (comma list), e.g. 2,4,8")
@@ -338,7 +352,14 @@ def main(argv=None):
               ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True)),
               ("ones_constant", dict(ones_constant=True)),
               ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True)),
-              ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3))]
+              ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3)),
+              ("lanes", dict(lanes=True)), ("lanes_ones_constant", dict(lanes=True, ones_constant=True)),
+              ("lanes_ones_constant_group1", dict(lanes=True, ones_constant=True, group=1)),
+              ("gqa2_lanes", dict(heads=2, lanes=True)), ("gqa4_lanes", dict(heads=4, lanes=True)),
+              ("gqa2_unfused_lanes", dict(heads=2, fused=False, lanes=True)),
+              ("warpgroups2_lanes", dict(warpgroups=2, lanes=True)), ("splits1_lanes", dict(splits=1, lanes=True))]
+    if a.quick:
+        checks = [(name, opts) for name, opts in checks if "lanes" in name or name in ("default", "gqa4")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
@@ -346,7 +367,10 @@ def main(argv=None):
         rows.append({"impl": "mosaic_cache_check", **check_cache()})
         print(rows[-1], flush=True)
     for hkv in map(int, a.kv_heads.split(",")):
-        rows += target(64, 4096, 32, hkv, {32: VARIANTS, 8: GQA_VARIANTS}[hkv], a.stages, hbm)
+        variants = {32: VARIANTS, 8: GQA_VARIANTS}[hkv]
+        if a.quick:
+            variants = [(name, opts) for name, opts in variants if name in {32: QUICK, 8: GQA_QUICK}[hkv]]
+        rows += target(64, 4096, 32, hkv, variants, a.stages, hbm, quick=a.quick)
     cols = ["B", "T", "Hkv", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense", "out_rel_err",
             "m_abs_err", "l_rel_err"]
     table = (f"Mosaic GPU bulk kernel vs Triton, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "

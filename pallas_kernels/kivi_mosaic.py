@@ -267,11 +267,107 @@ def _wgmma_index(idx, k):
     return (idx[0], 4 * idx[1] + k) + idx[2:]
 
 
+# ---- work by lane (inline Mosaic GPU): what a [64, 16] WGMMA array's column structure makes static
+# A thread of warp w, lane l holds rows 16 w + l // 4 (+ 8: row half h) and columns 8 t + 2 (l % 4)
+# + e of a [64, 16 n] array: register (0, t, 0, 0, h, ...) element e. A chunk's rows r of one
+# warp all lie in key group r // 32 = w // 2, so a row's score column 2u + w // 2 sits in lane
+# u % 4 of each quad, element w // 2 % 2: no select over columns, no sum across lanes.
+
+def _mlir():
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    return ir, arith, gpu, llvm, vector, mgpu
+
+
+def _thread_bit(bit):
+    """(inline) bit ``bit`` of this thread's index as an i1 (64: the row's key group in a chunk; 2:
+    lane % 4 >= 2)."""
+    ir, arith, gpu, _, _, _ = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+    return arith.cmpi(arith.CmpIPredicate.ne, arith.andi(tid, arith.constant(i32, bit)), arith.constant(i32, 0))
+
+
+def _wgmma_reg(t, h):
+    """A [64, 8 n] WGMMA array's register of column tile t, row half h."""
+    return (0, t, 0, 0, h, 0, 0, 0, 0)
+
+
+def _row_array(values):
+    """Two f32 scalars (row halves) -> a [64] array in the WGMMA row layout."""
+    ir, _, _, _, vector, mgpu = _mlir()
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    regs = np.empty(fa.WGMMA_ROW_LAYOUT.registers_shape((CHUNK,)), dtype=object)
+    for h, v in enumerate(values):
+        regs[0, 0, h, 0, 0] = vector.broadcast(ir.VectorType.get((1,), ir.F32Type.get()), v)
+    return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_ROW_LAYOUT, _is_signed=None)
+
+
+def _lane_pick(ctx, acc, *, u, tile):
+    """(inline) chunk u's [64] scores (WGMMA row layout) from its accumulator [64, 16 n]: row r's
+    column 8 tile + 2 u + r // 32, taken from lane u of its quad (a select and a shuffle a row half)."""
+    del ctx
+    ir, arith, _, llvm, vector, _ = _mlir()
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    i32 = ir.IntegerType.get_signless(32)
+    upper = _thread_bit(64)  # rows 32-63 of the chunk: the block's key group 2u + 1
+    picked = []
+    for h in range(2):
+        reg = acc.registers[_wgmma_reg(tile, h)]
+        v = arith.select(upper, vector.extract(reg, [], [1]), vector.extract(reg, [], [0]))
+        x = llvm.inline_asm(i32, [mgpu_utils.bitcast(v, i32)],
+                            f"shfl.sync.idx.b32 $0, $1, {u % 4}, 0x1c1f, 0xffffffff;", "=r,r",
+                            has_side_effects=False)
+        picked.append(mgpu_utils.bitcast(x, ir.F32Type.get()))
+    return _row_array(picked)
+
+
+def _swap_halves(ctx, *cs):
+    """(inline) [64, 16] arrays c_i -> [64, 16 n]: column block i is c_i with its two 8-column
+    halves swapped (register moves). The key constant's accumulator start: column g then holds
+    q · m_g (Bk's column g + 8 sum), so the product adds the constant to the score column."""
+    del ctx
+    _, _, _, _, _, mgpu = _mlir()
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N * len(cs))), dtype=object)
+    for i, c in enumerate(cs):
+        for t in range(2):
+            for h in range(2):
+                regs[_wgmma_reg(2 * i + t, h)] = c.registers[_wgmma_reg(1 - t, h)]
+    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _value_operand(ctx, p, vt, mc2, *, u):
+    """(inline) chunk u's Bv [64, 16] bf16 and the running column sums mc2 + (p in columns 0-3,
+    y in 4-7 of chunk u's half; so Σ p is columns 0 and 8 together) from p [64] (row layout) and the value tile vt [64, 16] f32 (two
+    chunks' s | m, bf16): y = p vt in the 8 columns of chunk u % 2 (a static half: no selects over
+    columns), zeros in the other's."""
+    del ctx
+    ir, arith, _, _, vector, mgpu = _mlir()
+    f32 = ir.F32Type.get()
+    pair = ir.VectorType.get((2,), f32)
+    right = _thread_bit(2)  # lanes 2, 3 of a quad hold columns 4-7 (m) of a half
+    y_regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
+    mc_regs = mc2.registers.copy()
+    zero = arith.constant(ir.VectorType.get((2,), ir.BF16Type.get()),
+                          ir.DenseElementsAttr.get_splat(ir.VectorType.get((2,), ir.BF16Type.get()),
+                                                         ir.FloatAttr.get(ir.BF16Type.get(), 0.0)))
+    t = u % 2
+    for h in range(2):
+        pv = vector.broadcast(pair, vector.extract(p.registers[0, 0, h, 0, 0], [], [0]))
+        y = arith.mulf(pv, arith.extf(pair, vt.registers[_wgmma_reg(t, h)]))
+        y_regs[_wgmma_reg(t, h)] = arith.truncf(ir.VectorType.get((2,), ir.BF16Type.get()), y)
+        y_regs[_wgmma_reg(1 - t, h)] = zero
+        mc_regs[_wgmma_reg(t, h)] = arith.addf(mc_regs[_wgmma_reg(t, h)], arith.select(right, y, pv))
+    return (mgpu.FragmentedArray(_registers=y_regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None),
+            mgpu.FragmentedArray(_registers=mc_regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None))
+
+
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, lean_pick: bool = False,
-           ones_constant: bool = False, profile_dir: str = ""):
+           ones_constant: bool = False, lanes: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -297,6 +393,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     ones_constant (G = 1): the key constant from ones · Bk on the tensor cores (as at W > 1)
     instead of a reduction across the warpgroup's warps (shared memory and a barrier a step);
     its mins then enter as bf16 products, like the scales.
+    lanes: work by lane where the WGMMA layout makes the column static (:func:`_lane_pick`): the
+    key constant starts the key accumulator (its column halves swapped, :func:`_swap_halves`), a
+    token's score is one select and one shuffle from the lane holding it (no [64, 16] selects
+    and sums across lanes), Bv and the running sums are built on the chunk's own half only
+    (:func:`_value_operand`), and the value products accumulate into o itself (``ACC.init``).
     The tile stream alone runs at 0.22-0.23 ms this way against 0.32 with the 32- and 16-byte
     rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
     reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
@@ -328,7 +429,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     per_split = -(-tokens // KEY_BLOCK // splits)
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
-    early_pick = heads > 1 if early_pick is None else early_pick
+    early_pick = (heads > 1 or lanes) if early_pick is None else early_pick
     fused = heads > 1 if fused is None else fused and heads > 1
     hs = range(heads)
     nb, nbc = (1, N * heads) if fused else (heads, N)  # B operands / value accumulators, and their columns
@@ -344,6 +445,19 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
+
+    def inline(fn, args, out, layouts=None, **kw):  # a helper of the lanes option through inline_mgpu
+        layouts = layouts or tuple(wg for _ in args)
+        return plgpu.inline_mgpu(arg_types=layouts, return_type=out)(functools.partial(fn, **kw))(*args)
+
+    def from_start(fn, starts):  # fn(*accumulators) run with accumulators that start at `starts` -> their ends
+        def run(refs):
+            fn(*refs)  # (its reads of the accumulators are dropped: run_state returns their ends)
+
+        return list(pl.run_state(run)(tuple(plgpu.ACC.init(x) for x in starts)))
+
+    def mgpu_out(shape, dtype, layout=wg):
+        return plgpu.ShapeDtypeStruct(shape, dtype, layout=layout)
 
     def body(q_gmem, n_gmem, kn_gmem, kt_gmem, vn_gmem, vt_gmem, o_gmem, ml_gmem,
              q_smem, n_smem, bk_smem, bv_smem, o_smem, ml_smem, q_bar, n_bar, kn_buf, kt_buf, vn_buf, vt_buf,
@@ -369,7 +483,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
-        if lean_pick:  # a chunk's rows, as picked
+        if lean_pick or lanes:  # a chunk's rows, as picked
             tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1))
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
         # the same over the fused operands' columns
@@ -414,9 +528,15 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return [a[...] for a in accs]
 
             acc = []  # accumulators [chunk * nb + b], or (early_pick) picked scores [chunk * heads + h]
+            if lanes:  # each operand's accumulators start at its rows' key constants (halves swapped)
+                starts = ([inline(_swap_halves, c, mgpu_out((CHUNK, nbc), f32))] if fused else
+                          [inline(_swap_halves, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
-                    part = pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, nbc), f32)] * (group * nb))
+                    if lanes:
+                        part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
+                    else:
+                        part = pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, nbc), f32)] * (group * nb))
                     if early_pick:
                         part = [pick(j, first + i, part[i * nb + blk(h)[0]], c[h], blk(h)[1])
                                 for i in range(group) for h in hs]
@@ -425,6 +545,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         def pick(j, u, acc, c, k=0):  # chunk u's [64] scores (column block k of acc) + the key constant c
             g = 2 * u + row // GROUP  # the token's key group in the block
+            if lanes:  # the constant is in acc already
+                s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
+                return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, s)
             if lean_pick:
                 m_col = jnp.where(col == g + 8, c, 0.0)  # q · m of the token's group (and -128 Σ Bk: at g)
                 if fused:
@@ -469,6 +592,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     m[h] = m_new
                     mc2[h] = mc2[h] * alpha[h]
                     for u in range(chunks):
+                        if lanes:
+                            vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg)
+                            y, mc2[h] = inline(_value_operand, [jnp.exp(s[u] - m_new), vt, mc2[h]],
+                                               (mgpu_out((CHUNK, N), bf16), mgpu_out((CHUNK, N), f32)),
+                                               layouts=(wg.reduce(1), wg, wg), u=u)
+                            cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y
+                            continue
                         pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
                         vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s | m
                         y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
@@ -494,6 +624,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 o1 = [o1[h] * alpha[h] for h in hs]
             with jax.named_scope("values"):
                 for first in range(0, chunks, group):
+                    if lanes:  # accumulate into o itself
+                        o1 = from_start(functools.partial(values, first), o1)
+                        continue
                     part = pl.run_scoped(functools.partial(values, first), *[plgpu.ACC((D, nbc), f32)] * nb)
                     o1 = [o1[b] + part[b] for b in range(nb)]
             return tuple(m), tuple(o1), tuple(mc2)
@@ -540,11 +673,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 sums = lax.fori_loop(0, CHUNK, lambda i, a: a + plgpu.load(mc_smem.at[i], (), layout=every),
                                      plgpu.layout_cast(jnp.zeros((N,), f32), every))
                 mc = lax.broadcast_in_dim(sums, (D, N), (1,))
-                l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) == 0,
+                l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) % (8 if lanes else N) == 0,
                                       sums, 0.0))
             else:
                 mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m_t, by column
-                l = jnp.sum(jnp.sum(jnp.where(col == 0, mc2[h], 0.0), axis=1))
+                # Σ p: column 0 (lanes: and column 8, each holding its half's chunks)
+                l = jnp.sum(jnp.sum(jnp.where((col % 8 == 0) if lanes else (col == 0), mc2[h], 0.0), axis=1))
             pick_mc = lambda: (vcol == g + 4) | (vcol == g + 12)  # noqa: E731 - Σ p m of g's two halves
             if fused:
                 gb = N * h + vrowb // GROUP  # row h's column block
