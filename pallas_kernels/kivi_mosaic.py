@@ -367,7 +367,7 @@ def _value_operand(ctx, p, vt, mc2, *, u):
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, lean_pick: bool = False,
-           ones_constant: bool = False, lanes: bool = False, profile_dir: str = ""):
+           ones_constant: bool = False, lanes: bool = True, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
