@@ -45,31 +45,24 @@ D = km.D
 # warpgroups2/3: 2 or 3 rows' warpgroups a CTA (registers capped at 255 / 168: 8 or 12 warps an SM).
 # Both slower or no faster (run21, run22: one_cta_an_sm 0.62, warpgroups2 0.45, warpgroups3 0.54 vs
 # 0.43 ms), so they are no longer timed by default.
-# key_offset: the key codes unpacked without their FMA (128 + 4^f c), the offset folded into Bk and
-# the key constant (run23: 0.459 vs 0.463, spills); lean_pick: the score column and key constant in
-# one select chain, the length mask on the picked [64] scores; ones_constant: the key constant from
-# ones · Bk on the tensor cores, not a reduction across warps (both not yet timed); with warpgroups3:
-# whether the leaner pick lets 168 registers hold without the spills that made warpgroups3 slower
+# Since -run26 the kernel works by lane (kivi_mosaic._lane_pick): 0.413 vs 0.467 ms, GQA 4 0.406
+# vs 0.708 (lean_pick, a leaner select chain, and the other pick variants of -run25 are gone:
+# 0.43-0.45 ms; ones_constant with lanes 0.468; warpgroups 2/3 with lanes 0.61/0.53 vs 0.418).
+# key_offset / value_offset: the key / value codes unpacked without their FMA (128 + 4^f c), the
+# offset folded into q's s columns and the key constant / Bv's s columns and o's epilogue
+# (before the lanes: key_offset 0.459 vs 0.463 with spills at 255 registers, -run23; now 193).
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
-            ("key_offset", dict(key_offset=True)), ("lean_pick", dict(lean_pick=True)),
-            ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True)),
-            ("ones_constant", dict(ones_constant=True)),
-            ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True)),
-            ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3)),
-            ("lanes", dict(lanes=True)), ("lanes_ones_constant", dict(lanes=True, ones_constant=True)),
-            ("lanes_ones_constant_group1", dict(lanes=True, ones_constant=True, group=1))]
-# timed in the next call (the rest of VARIANTS ran in -run25)
-QUICK = ("default", "stream_only", "lean_pick_ones_constant", "lanes", "lanes_ones_constant", "lanes_ones_constant_group1")
+            ("key_offset", dict(key_offset=True)), ("value_offset", dict(value_offset=True)),
+            ("key_value_offset", dict(key_offset=True, value_offset=True))]
+QUICK = ("default", "stream_only", "key_offset", "value_offset", "key_value_offset")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
-                 ("warpgroups3", dict(warpgroups=3)), ("key_offset_warpgroups2", dict(key_offset=True, warpgroups=2))]
-# GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two; the score
-# columns picked after all key products (the default before 2026-12-01 run11: 1.75 ms, run10)
+                 ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
+# GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two;
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("late_pick", dict(early_pick=False)), ("key_offset", dict(key_offset=True)),
-                ("lean_pick", dict(lean_pick=True)), ("lanes", dict(lanes=True))]
-GQA_QUICK = ("default", "lean_pick", "lanes")
+                ("key_value_offset", dict(key_offset=True, value_offset=True))]
+GQA_QUICK = ("default", "key_value_offset")
 
 
 def random_inputs(rows, tokens, key=0):
@@ -344,22 +337,15 @@ def main(argv=None):
     checks = [("default", {}), ("splits1", dict(splits=1)), ("gqa2", dict(heads=2)), ("gqa4", dict(heads=4)),
               ("gqa4_group2", dict(heads=4, group=2)), ("gqa2_unfused", dict(heads=2, fused=False)),
               ("gqa4_unfused", dict(heads=4, fused=False)), ("warpgroups2", dict(warpgroups=2)),
-              ("warpgroups3", dict(warpgroups=3)), ("warpgroups3_splits1", dict(warpgroups=3, splits=1)),
-              ("key_offset", dict(key_offset=True)), ("gqa4_key_offset", dict(heads=4, key_offset=True)),
-              ("warpgroups2_key_offset", dict(warpgroups=2, key_offset=True)), ("lean_pick", dict(lean_pick=True)),
-              ("gqa4_lean_pick", dict(heads=4, lean_pick=True)),
-              ("gqa2_unfused_lean_pick", dict(heads=2, fused=False, lean_pick=True)),
-              ("lean_pick_key_offset", dict(lean_pick=True, key_offset=True)),
-              ("ones_constant", dict(ones_constant=True)),
-              ("lean_pick_ones_constant", dict(lean_pick=True, ones_constant=True)),
-              ("lean_pick_warpgroups3", dict(lean_pick=True, warpgroups=3)),
-              ("lanes", dict(lanes=True)), ("lanes_ones_constant", dict(lanes=True, ones_constant=True)),
-              ("lanes_ones_constant_group1", dict(lanes=True, ones_constant=True, group=1)),
-              ("gqa2_lanes", dict(heads=2, lanes=True)), ("gqa4_lanes", dict(heads=4, lanes=True)),
-              ("gqa2_unfused_lanes", dict(heads=2, fused=False, lanes=True)),
-              ("warpgroups2_lanes", dict(warpgroups=2, lanes=True)), ("splits1_lanes", dict(splits=1, lanes=True))]
+              ("warpgroups3_splits1", dict(warpgroups=3, splits=1)), ("ones_constant", dict(ones_constant=True)),
+              ("key_offset", dict(key_offset=True)), ("value_offset", dict(value_offset=True)),
+              ("key_value_offset", dict(key_offset=True, value_offset=True)),
+              ("gqa4_key_value_offset", dict(heads=4, key_offset=True, value_offset=True)),
+              ("gqa2_unfused_key_value_offset", dict(heads=2, fused=False, key_offset=True, value_offset=True)),
+              ("warpgroups2_key_offset", dict(warpgroups=2, key_offset=True)),
+              ("splits1_key_value_offset", dict(splits=1, key_offset=True, value_offset=True))]
     if a.quick:
-        checks = [(name, opts) for name, opts in checks if "lanes" in name or name in ("default", "gqa4")]
+        checks = [(name, opts) for name, opts in checks if "offset" in name or name in ("default", "gqa4")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

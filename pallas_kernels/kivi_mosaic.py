@@ -254,11 +254,21 @@ def unpack_constants(o, k):
     return 6 * (code_bit(o, k, 0) // 6), 0x30003 << 2 * f, *_BF16_POW4[f]
 
 
-def key_field_scale(d):
-    """4^-f of channel d (an int32 array): an offset key operand (:func:`_codes_operands`) holds
-    128 + 4^f c there, f = (8 o + 2 k) mod 6 / 2 (:func:`_pack`: d = 64 o + 32 s + 8 k + 2 j + e)."""
-    f = _field_offset(d // 64, d % 32 // 8)
+def field_scale(o, k):
+    """4^-f of field (o, k) (int32 arrays): an offset operand (:func:`_codes_operands`) holds
+    128 + 4^f c there, f = (8 o + 2 k) mod 6 / 2."""
+    f = _field_offset(o, k)
     return jnp.where(f == 0, 1.0, jnp.where(f == 1, 0.25, 0.0625))
+
+
+def key_field_scale(d):
+    """4^-f of key channel d (:func:`_pack`: d = 64 o + 32 s + 8 k + 2 j + e)."""
+    return field_scale(d // 64, d % 32 // 8)
+
+
+def value_field_scale(t):
+    """4^-f of a value chunk's token t (:func:`value_words`: t = 32 o + 8 k + 2 j + e)."""
+    return field_scale(t // 32, t % 32 // 8)
 
 
 def _wgmma_index(idx, k):
@@ -323,61 +333,73 @@ def _lane_pick(ctx, acc, *, u, tile):
     return _row_array(picked)
 
 
-def _swap_halves(ctx, *cs):
-    """(inline) [64, 16] arrays c_i -> [64, 16 n]: column block i is c_i with its two 8-column
-    halves swapped (register moves). The key constant's accumulator start: column g then holds
-    q · m_g (Bk's column g + 8 sum), so the product adds the constant to the score column."""
+def _key_start(ctx, *cs, offset=False):
+    """(inline) [64, 16] arrays c_i (every row Bk_i's column sums: q · s_g | q · m_g) -> the key
+    accumulators' start [64, 16 n]: column g of block i holds q · m_g (c_i's column g + 8; with
+    offset, less 128 times its column g), so the product adds the key constant to the score
+    column. Register moves (offset: one FMA a number)."""
     del ctx
-    _, _, _, _, _, mgpu = _mlir()
+    ir, arith, _, _, vector, mgpu = _mlir()
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N * len(cs))), dtype=object)
+    pair = ir.VectorType.get((2,), ir.F32Type.get())
+    minus128 = vector.broadcast(pair, arith.constant(ir.F32Type.get(), -128.0))
     for i, c in enumerate(cs):
-        for t in range(2):
-            for h in range(2):
-                regs[_wgmma_reg(2 * i + t, h)] = c.registers[_wgmma_reg(1 - t, h)]
+        for h in range(2):
+            lo, hi = c.registers[_wgmma_reg(0, h)], c.registers[_wgmma_reg(1, h)]
+            regs[_wgmma_reg(2 * i, h)] = arith.addf(hi, arith.mulf(minus128, lo)) if offset else hi
+            regs[_wgmma_reg(2 * i + 1, h)] = lo  # (columns the pick never reads)
     return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
-def _value_operand(ctx, p, vt, mc2, *, u):
-    """(inline) chunk u's Bv [64, 16] bf16 and the running column sums mc2 + (p in columns 0-3,
-    y in 4-7 of chunk u's half; so Σ p is columns 0 and 8 together) from p [64] (row layout) and the value tile vt [64, 16] f32 (two
-    chunks' s | m, bf16): y = p vt in the 8 columns of chunk u % 2 (a static half: no selects over
-    columns), zeros in the other's."""
+def _value_operand(ctx, p, *rest, u, offset=False):
+    """(inline) chunk u's Bv [64, 16] bf16 and the running column sums mc2 + (columns 0-3 of
+    chunk u's half: p, or with offset bf16(y); 4-7: y) from p [64] (row layout), with offset
+    p 4^-f [64], the value tile vt [64, 16] bf16 (two chunks' s | m) and mc2 [64, 16] f32.
+    y = p s (offset: p 4^-f s) | p m in the 8 columns of chunk u % 2 (a static half: no selects
+    over columns), zeros in the other's. So Σ p is columns 0 and 8 of mc2 together (offset: the
+    caller sums p itself)."""
     del ctx
+    pf, vt, mc2 = rest if offset else (p, *rest)
     ir, arith, _, _, vector, mgpu = _mlir()
-    f32 = ir.F32Type.get()
-    pair = ir.VectorType.get((2,), f32)
+    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
     right = _thread_bit(2)  # lanes 2, 3 of a quad hold columns 4-7 (m) of a half
     y_regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
     mc_regs = mc2.registers.copy()
-    zero = arith.constant(ir.VectorType.get((2,), ir.BF16Type.get()),
-                          ir.DenseElementsAttr.get_splat(ir.VectorType.get((2,), ir.BF16Type.get()),
-                                                         ir.FloatAttr.get(ir.BF16Type.get(), 0.0)))
+    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
     t = u % 2
     for h in range(2):
-        pv = vector.broadcast(pair, vector.extract(p.registers[0, 0, h, 0, 0], [], [0]))
-        y = arith.mulf(pv, arith.extf(pair, vt.registers[_wgmma_reg(t, h)]))
-        y_regs[_wgmma_reg(t, h)] = arith.truncf(ir.VectorType.get((2,), ir.BF16Type.get()), y)
+        ph = vector.extract(p.registers[0, 0, h, 0, 0], [], [0])
+        ps = arith.select(right, ph, vector.extract(pf.registers[0, 0, h, 0, 0], [], [0])) if offset else ph
+        y = arith.mulf(vector.broadcast(pair, ps), arith.extf(pair, vt.registers[_wgmma_reg(t, h)]))
+        yb = arith.truncf(bf16_pair, y)
+        y_regs[_wgmma_reg(t, h)] = yb
         y_regs[_wgmma_reg(1 - t, h)] = zero
-        mc_regs[_wgmma_reg(t, h)] = arith.addf(mc_regs[_wgmma_reg(t, h)], arith.select(right, y, pv))
+        # offset: the s columns' sum as the tensor cores take them (it cancels 128 times its own)
+        add = arith.extf(pair, yb) if offset else vector.broadcast(pair, ph)
+        mc_regs[_wgmma_reg(t, h)] = arith.addf(mc_regs[_wgmma_reg(t, h)], arith.select(right, y, add))
     return (mgpu.FragmentedArray(_registers=y_regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None),
             mgpu.FragmentedArray(_registers=mc_regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None))
 
 
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
-           early_pick: bool | None = None, fused: bool | None = None, compute: bool = True,
-           smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, lean_pick: bool = False,
-           ones_constant: bool = False, lanes: bool = True, profile_dir: str = ""):
+           fused: bool | None = None, compute: bool = True,
+           smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
+           ones_constant: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
     online softmax; the codes' register operands are built once and shared by the G rows' wgmmas.
     The key products issue ``group`` chunks to a wgmma group (default 2 for one row, 1 for more:
-    their register A operands live until its wait); q_h · m (the key constant) is Bk_h's column
-    sum across the warpgroup. early_pick (default: for G > 1) picks each token's score column
-    right after its wgmma group, so the [64, 16] accumulators of the G rows do not all live
-    until the softmax (registers: at G = 4 they are 128 a thread). One max across the
-    warpgroup a step and row; then the value products likewise. fused (default: for G > 1; at
+    their register A operands live until its wait). Work goes by lane where the WGMMA layout
+    makes a column static (:func:`_lane_pick`; 0.413 vs 0.467 ms, GQA 4 0.406 vs 0.708,
+    results/mosaic-attention-run26): the key constant q_h · m_g (Bk_h's column sums across the
+    warpgroup) starts the key accumulators (:func:`_key_start`), a token's score is one select
+    and one shuffle from the lane holding it, picked after each wgmma group (no [64, 16] selects
+    and sums across lanes), Bv and the running sums are built on the chunk's own half only
+    (:func:`_value_operand`), and the value products accumulate into o itself (``ACC.init``).
+    One max across the warpgroup a step and row. fused (default: for G > 1; at
     GQA 4 0.85 vs 0.97 ms, results/mosaic-attention-run13): the G rows' Bk (and Bv) side by side
     in one operand, row h in columns 16h .. 16h + 15, so a chunk is one wgmma with N = 16 G
     instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
@@ -386,18 +408,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     A step's key and value codes are each copied as one [64, 256] int4 box (128-byte rows, as
     they lie in memory): the keys into a raw alias (a RefUnion) of the tiled, swizzled buffer
     the loads read, which is why the stores hold the keys' swizzled image (:func:`key_words`).
-    key_offset: the key operands hold 128 + 4^f c (:func:`_codes_operands` without its FMA); Bk's
-    s columns carry 4^-f (:func:`key_field_scale`) and the key constant -128 times their sums.
-    lean_pick: a token's score column and key constant in one select chain over [64, 16], and the
-    length mask on the picked [64] scores (2 numbers a thread) instead of on [64, 16] (8).
+    key_offset: the key operands hold 128 + 4^f c (:func:`_codes_operands` without its FMA); q's
+    s columns carry 4^-f (:func:`key_field_scale`; bulk_partials scales them) and the key
+    constant -128 times Bk's s column sums.
+    value_offset: likewise the value operands; Bv's s columns carry 4^-f of their token
+    (:func:`value_field_scale`), the running sums hold those columns as the tensor cores take
+    them (bf16) and o subtracts 128 times them at the end; Σ p is summed by row on its own.
     ones_constant (G = 1): the key constant from ones · Bk on the tensor cores (as at W > 1)
     instead of a reduction across the warpgroup's warps (shared memory and a barrier a step);
-    its mins then enter as bf16 products, like the scales.
-    lanes: work by lane where the WGMMA layout makes the column static (:func:`_lane_pick`): the
-    key constant starts the key accumulator (its column halves swapped, :func:`_swap_halves`), a
-    token's score is one select and one shuffle from the lane holding it (no [64, 16] selects
-    and sums across lanes), Bv and the running sums are built on the chunk's own half only
-    (:func:`_value_operand`), and the value products accumulate into o itself (``ACC.init``).
+    its mins then enter as bf16 products, like the scales (with the lanes, slower: 0.468 ms,
+    -run26).
     The tile stream alone runs at 0.22-0.23 ms this way against 0.32 with the 32- and 16-byte
     rows of the tiles' own shapes; the kernel 0.55 against 0.58 (results/mosaic-attention-run19;
     reading the keys unswizzled instead, 2-way bank conflicts, took 0.69: -run17).
@@ -429,7 +449,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     per_split = -(-tokens // KEY_BLOCK // splits)
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
-    early_pick = (heads > 1 or lanes) if early_pick is None else early_pick
     fused = heads > 1 if fused is None else fused and heads > 1
     hs = range(heads)
     nb, nbc = (1, N * heads) if fused else (heads, N)  # B operands / value accumulators, and their columns
@@ -446,7 +465,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     def iota(shape, dim):
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wg)
 
-    def inline(fn, args, out, layouts=None, **kw):  # a helper of the lanes option through inline_mgpu
+    def inline(fn, args, out, layouts=None, **kw):  # fn (Mosaic GPU, ctx first) on arrays, through inline_mgpu
         layouts = layouts or tuple(wg for _ in args)
         return plgpu.inline_mgpu(arg_types=layouts, return_type=out)(functools.partial(fn, **kw))(*args)
 
@@ -483,8 +502,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
-        if lean_pick or lanes:  # a chunk's rows, as picked
-            tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1))
+        tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1))  # a chunk's rows, as picked
+        if value_offset:  # Bv's s columns carry 4^-f of their token's field (the codes read 128 + 4^f c)
+            value_scale = value_field_scale(tok)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
         # the same over the fused operands' columns
         rowb, colb, vrowb, vcolb = ((iota((CHUNK, nbc), 0), iota((CHUNK, nbc), 1), iota((D, nbc), 0), iota((D, nbc), 1))
@@ -502,21 +522,24 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return carry
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
-                if key_offset:  # the codes read 128 + 4^f c: s 4^-f, and -128 Σ_d Bk[d, g] in the constant
-                    kt = kt * jnp.where(vcol < 8, key_field_scale(vrow), 1.0)
-                c = []  # column sums of Bk's m columns (q_h · m_g; and of its s columns: offset)
+                c = []  # Bk's column sums, every row (q_h · s_g | q_h · m_g)
                 for h in hs:
-                    x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt  # q_h ∘ s | q_h ∘ m [128, 16]
+                    # q_h ∘ s | q_h ∘ m [128, 16] (key_offset: q's s columns carry 4^-f, bulk_partials)
+                    x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt
                     xb = x.astype(bf16)
                     cols(bk_smem, h)[...] = xb
                     if key_offset:  # the s columns' sums from the operand as the tensor cores take it
-                        x = jnp.where(vcol < 8, -128.0 * xb.astype(f32), x)
+                        x = jnp.where(vcol < 8, xb.astype(f32), x)
                     if not ones_c:
                         c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
                 if ones_c:  # every row of ones · Bk holds Bk's column sums (no reduction across warps)
-                    sums = pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32))
-                    c.append(jnp.where(col < 8, -128.0 * sums, sums) if key_offset else sums)
+                    c.append(pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32)))
+                # each operand's key accumulators start at their rows' key constants: column g
+                # q · m_g (and -128 q' · s_g with key_offset)
+                start = functools.partial(_key_start, offset=key_offset)
+                starts = ([inline(start, c, mgpu_out((CHUNK, nbc), f32))] if fused else
+                          [inline(start, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
@@ -525,49 +548,17 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         plgpu.wgmma(accs[i * nb + b], a_lo, bk_smem.at[b, pl.ds(0, D // 2)])
                         plgpu.wgmma(accs[i * nb + b], a_hi, bk_smem.at[b, pl.ds(D // 2, D // 2)])
                 plgpu.wgmma_wait(0)
-                return [a[...] for a in accs]
 
-            acc = []  # accumulators [chunk * nb + b], or (early_pick) picked scores [chunk * heads + h]
-            if lanes:  # each operand's accumulators start at its rows' key constants (halves swapped)
-                starts = ([inline(_swap_halves, c, mgpu_out((CHUNK, nbc), f32))] if fused else
-                          [inline(_swap_halves, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
+            scores = []  # [chunk * heads + h]: chunk u's [64] scores of query row h
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
-                    if lanes:
-                        part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
-                    else:
-                        part = pl.run_scoped(functools.partial(keys, first), *[plgpu.ACC((CHUNK, nbc), f32)] * (group * nb))
-                    if early_pick:
-                        part = [pick(j, first + i, part[i * nb + blk(h)[0]], c[h], blk(h)[1])
-                                for i in range(group) for h in hs]
-                    acc += part
-            return softmax_and_values(j, acc, c, vn_ref, vt_ref, *carry)
+                    part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
+                    scores += [pick(j, first + i, part[i * nb + blk(h)[0]], blk(h)[1]) for i in range(group) for h in hs]
+            return softmax_and_values(j, scores, vn_ref, vt_ref, *carry)
 
-        def pick(j, u, acc, c, k=0):  # chunk u's [64] scores (column block k of acc) + the key constant c
-            g = 2 * u + row // GROUP  # the token's key group in the block
-            if lanes:  # the constant is in acc already
-                s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
-                return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, s)
-            if lean_pick:
-                m_col = jnp.where(col == g + 8, c, 0.0)  # q · m of the token's group (and -128 Σ Bk: at g)
-                if fused:
-                    const = jnp.where(col == g, c, m_col) if key_offset else m_col
-                    both = (jnp.sum(jnp.where(colb == N * k + 2 * u + rowb // GROUP, acc, 0.0), axis=1)
-                            + jnp.sum(const, axis=1))
-                else:
-                    both = jnp.sum(jnp.where(col == g, acc + c if key_offset else acc, m_col), axis=1)
-                return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, both)
-
-            def const():
-                return jnp.where((col == g + 8) | (col == g), c, 0.0) if key_offset else jnp.where(col == g + 8, c, 0.0)
-
-            def mask():
-                return jnp.where((col == 0) & (j * KEY_BLOCK + u * CHUNK + row >= n), -jnp.inf, 0.0)
-
-            if fused:
-                picked = jnp.sum(jnp.where(colb == N * k + 2 * u + rowb // GROUP, acc, 0.0), axis=1)
-                return picked + jnp.sum(const() + mask(), axis=1)
-            return jnp.sum(jnp.where(col == g, acc, 0.0) + const() + mask(), axis=1)
+        def pick(j, u, acc, k):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
+            s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
+            return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, s)
 
         def step_max(top):  # the max of a step's [64] scores
             if not multi:
@@ -577,13 +568,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             return jnp.max(plgpu.load(red_smem, (), layout=every))
 
         @jax.named_scope("softmax")
-        def softmax_and_values(j, acc, c, vn_ref, vt_ref, m, o1, mc2):
-            m, o1, mc2 = list(m), list(o1), list(mc2)  # each a tuple over the query rows
+        def softmax_and_values(j, scores, vn_ref, vt_ref, m, o1, mc2, ls):
+            m, o1, mc2, ls = list(m), list(o1), list(mc2), list(ls)  # each a tuple over the query rows
             alpha = []
             with jax.named_scope("bv"):
                 for h in hs:
-                    s = [acc[u * heads + h] if early_pick else pick(j, u, acc[u * nb + blk(h)[0]], c[h], blk(h)[1])
-                         for u in range(chunks)]
+                    s = [scores[u * heads + h] for u in range(chunks)]
                     top = s[0]
                     for su in s[1:]:
                         top = jnp.maximum(top, su)
@@ -591,29 +581,28 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     alpha.append(jnp.exp(m[h] - m_new))
                     m[h] = m_new
                     mc2[h] = mc2[h] * alpha[h]
+                    if value_offset:
+                        ls[h] = ls[h] * alpha[h]
                     for u in range(chunks):
-                        if lanes:
-                            vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg)
-                            y, mc2[h] = inline(_value_operand, [jnp.exp(s[u] - m_new), vt, mc2[h]],
-                                               (mgpu_out((CHUNK, N), bf16), mgpu_out((CHUNK, N), f32)),
-                                               layouts=(wg.reduce(1), wg, wg), u=u)
-                            cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y
-                            continue
-                        pb = lax.broadcast_in_dim(jnp.exp(s[u] - m_new), (CHUNK, N), (0,))
-                        vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg).astype(f32)  # two chunks' s | m
-                        y = jnp.where(col // 8 == u % 2, pb * vt, 0.0)
-                        cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y.astype(bf16)
-                        mc2[h] = mc2[h] + jnp.where(col % 8 < 4, pb, y)  # Σ p (s columns: free here) | Σ p m
+                        p = jnp.exp(s[u] - m_new)
+                        vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg)  # two chunks' s | m
+                        if value_offset:
+                            ls[h] = ls[h] + p
+                            args, layouts = [p, p * value_scale, vt, mc2[h]], (wg.reduce(1),) * 2 + (wg, wg)
+                        else:
+                            args, layouts = [p, vt, mc2[h]], (wg.reduce(1), wg, wg)
+                        y, mc2[h] = inline(functools.partial(_value_operand, offset=value_offset), args,
+                                           (mgpu_out((CHUNK, N), bf16), mgpu_out((CHUNK, N), f32)), layouts=layouts, u=u)
+                        cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y
                 plgpu.commit_smem()
 
             def values(first, *accs):
                 for u in range(first, first + group):
-                    a_lo, a_hi = _codes_operands(vn_ref.at[u])
+                    a_lo, a_hi = _codes_operands(vn_ref.at[u], offset=value_offset)
                     for b in range(nb):
                         plgpu.wgmma(accs[b], a_lo, bv_smem.at[b, pl.ds(u * CHUNK, half)])
                         plgpu.wgmma(accs[b], a_hi, bv_smem.at[b, pl.ds(u * CHUNK + half, half)])
                 plgpu.wgmma_wait(0)
-                return [a[...] for a in accs]
 
             if fused:  # column block h rescaled by alpha_h
                 scale = alpha[0]
@@ -624,12 +613,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 o1 = [o1[h] * alpha[h] for h in hs]
             with jax.named_scope("values"):
                 for first in range(0, chunks, group):
-                    if lanes:  # accumulate into o itself
-                        o1 = from_start(functools.partial(values, first), o1)
-                        continue
-                    part = pl.run_scoped(functools.partial(values, first), *[plgpu.ACC((D, nbc), f32)] * nb)
-                    o1 = [o1[b] + part[b] for b in range(nb)]
-            return tuple(m), tuple(o1), tuple(mc2)
+                    o1 = from_start(functools.partial(values, first), o1)  # the products accumulate into o
+            return tuple(m), tuple(o1), tuple(mc2), tuple(ls)
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
@@ -664,7 +649,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
         m0 = (n * 0).astype(f32) - 1e30
-        m, o1, mc2 = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads))
+        zeros_r = plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1))
+        m, o1, mc2, ls = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads,
+                                                        (zeros_r,) * heads))
         g = vrow // GROUP
         for h in hs:
             if multi:  # column sums row by row from shared memory (no reduction across warps)
@@ -673,20 +660,21 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 sums = lax.fori_loop(0, CHUNK, lambda i, a: a + plgpu.load(mc_smem.at[i], (), layout=every),
                                      plgpu.layout_cast(jnp.zeros((N,), f32), every))
                 mc = lax.broadcast_in_dim(sums, (D, N), (1,))
-                l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) % (8 if lanes else N) == 0,
-                                      sums, 0.0))
+                l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) % 8 == 0, sums, 0.0))
             else:
-                mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # Σ_t p_t m_t, by column
-                # Σ p: column 0 (lanes: and column 8, each holding its half's chunks)
-                l = jnp.sum(jnp.sum(jnp.where((col % 8 == 0) if lanes else (col == 0), mc2[h], 0.0), axis=1))
-            pick_mc = lambda: (vcol == g + 4) | (vcol == g + 12)  # noqa: E731 - Σ p m of g's two halves
+                mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # by column, over the tokens
+                # Σ p: columns 0 and 8 (each its half's chunks); value_offset: the row sums ls
+                l = jnp.sum(ls[h]) if value_offset else jnp.sum(jnp.sum(jnp.where(col % 8 == 0, mc2[h], 0.0), axis=1))
+            # Σ p m of g's two halves; value_offset: less 128 Σ p s 4^-f (the offset's product)
+            own_cols = (vcol == g) | (vcol == g + 8)
+            mc = jnp.where((vcol == g + 4) | (vcol == g + 12), mc, jnp.where(own_cols, -128.0 * mc, 0.0)
+                           if value_offset else 0.0)
             if fused:
                 gb = N * h + vrowb // GROUP  # row h's column block
                 o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
-                                     + jnp.sum(jnp.where(pick_mc(), mc, 0.0), axis=1))
+                                     + jnp.sum(mc, axis=1))
             else:
-                o_smem.at[h][...] = jnp.sum(jnp.where((vcol == g) | (vcol == g + 8), o1[h], 0.0)
-                                            + jnp.where(pick_mc(), mc, 0.0), axis=1)  # [128]
+                o_smem.at[h][...] = jnp.sum(jnp.where(own_cols, o1[h], 0.0) + mc, axis=1)  # [128]
             ml_smem.at[h, 0][...] = jnp.sum(jnp.where(vcol == 0, m[h], 0.0), axis=1)  # m down the row
             ml_smem.at[h, 1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
         plgpu.commit_smem()
@@ -696,6 +684,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
     multi = warpgroups > 1
     ones_c = multi or ones_constant
+    if value_offset and multi:
+        raise ValueError("value_offset needs the sums across a warpgroup's warps that warpgroups > 1 leaves out")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
@@ -770,6 +760,8 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     padded = -(-rows // wgs) * wgs  # rows a multiple of the warpgroups a CTA (padding rows: n = 0)
     qg = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
     qb = jnp.broadcast_to(qg[..., None], (padded, heads, D, N))
+    if options.get("key_offset"):  # Bk's s columns carry 4^-f of their channel's field (exact: powers of 2)
+        qb = qb * jnp.where(jnp.arange(N) < 8, key_field_scale(jnp.arange(D))[:, None], 1.0).astype(qb.dtype)
     n32 = (jnp.zeros((padded, 32), jnp.int32).at[:rows, 0].set(lengths.astype(jnp.int32))
            .at[:, 1].set(row_offset))
     kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)  # 128-byte rows (bitcasts)
@@ -786,12 +778,13 @@ def combine_splits(o, m, l):
     return jnp.sum(w[..., None] * o, axis=1), top, jnp.sum(w * l, axis=1)
 
 
-def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False):
+def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=False):
     """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
     step (chunk products, the column selection, the online softmax): tests check it against
     :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D]."""
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
-        return _per_query_row(functools.partial(kernel_model, key_offset=key_offset), q, lengths, kn, kt, vn, vt)
+        return _per_query_row(functools.partial(kernel_model, key_offset=key_offset, value_offset=value_offset),
+                              q, lengths, kn, kt, vn, vt)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel unpacks them: the codes, K columns in channel / token order
     kc = np.asarray(key_codes(words_of(kn)), np.float64)  # [R, T, D]
@@ -801,6 +794,10 @@ def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False):
     f = np.where(np.arange(N) < 8, np.asarray(key_field_scale(np.arange(D)))[:, None], 1.0)  # [128, 16]
     if key_offset:  # the operand 128 + 4^f c, Bk's s columns times 4^-f
         kc, kt = 128 + kc / f[None, None, :, 0], kt * f
+    fv = np.asarray(value_field_scale(np.arange(CHUNK)), np.float64)[:, None]  # [64, 1]
+    if value_offset:  # likewise, by token: the operand 128 + 4^f c, Bv's s columns times 4^-f
+        vc = 128 + vc / np.tile(fv[:, 0], tokens // CHUNK)[None, :, None]
+    s_cols = np.arange(N) % 8 < 4
     outs = []
     for r in range(rows):
         m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
@@ -815,11 +812,15 @@ def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False):
             alpha, p = np.exp(m - m_new), np.exp(s - m_new)
             l = l * alpha + p.sum()
             y = np.where(np.arange(N)[None] // 8 == j % 2, p[:, None] * vt[r, j // (VALUE_BLOCK // CHUNK)], 0)
+            if value_offset:
+                y = np.where(s_cols[None], y * fv, y)
             o1 = o1 * alpha + vc[r, j * CHUNK:(j + 1) * CHUNK].T @ y  # V̂ᵀ [128, 64] · Bv
             mc = mc * alpha + y.sum(0)[None]
             m = m_new
         g = np.arange(D) // GROUP
         o = o1[np.arange(D), g] + o1[np.arange(D), g + 8] + mc[np.arange(D), g + 4] + mc[np.arange(D), g + 12]
+        if value_offset:  # less the offset's product, 128 Σ_t y_t in the s columns
+            o = o - 128 * (mc[np.arange(D), g] + mc[np.arange(D), g + 8])
         outs.append((o, m, l))
     return tuple(np.stack(x) for x in zip(*outs))
 

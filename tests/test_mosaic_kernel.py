@@ -62,6 +62,9 @@ def test_key_field_scale_is_where_the_unpacking_leaves_each_code():
         bit = 8 * o + 2 * k  # km.code_bit(o, k, 0)
         assert bit == km.code_bit(o, k, 0)
         assert float(km.key_field_scale(jnp.int32(d))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
+    for t in range(km.CHUNK):  # a value chunk's tokens: t = 32 o + 8 k + 2 j + e (km.value_words)
+        bit = km.code_bit(t // 32, t % 32 // 8, 0)
+        assert float(km.value_field_scale(jnp.int32(t))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
 
 
 def test_register_unpacking_gives_the_codes():
@@ -96,15 +99,17 @@ def test_layout_round_trips():
     np.testing.assert_array_equal(np.asarray(km.words_of(kn)), np.asarray(km.key_words(codes)))
 
 
-@pytest.mark.parametrize("heads,key_offset", [(1, False), (4, False), (1, True), (2, True)])
-def test_kernel_arithmetic_matches_dequantize_then_attend(heads, key_offset):
+@pytest.mark.parametrize("heads,key_offset,value_offset", [(1, False, False), (4, False, False), (1, True, False),
+                                                          (2, True, False), (1, False, True), (4, True, True)])
+def test_kernel_arithmetic_matches_dequantize_then_attend(heads, key_offset, value_offset):
     """Every row length class: one token, inside a chunk, chunk and block edges, full; one
-    query row a KV head and four (GQA); the key codes as they are and offset (128 + 4^f c)."""
+    query row a KV head and four (GQA); the key and value codes as they are and offset
+    (128 + 4^f c, the offset's product taken out again)."""
     rows, t = 8, 512
     plain = _float32(random_inputs(rows, t, key=2))
     lengths = jnp.asarray([1, 33, 64, 255, 256, 300, 511, 512], jnp.int32)
     q = random_q(rows, heads)
-    err = errors(km.kernel_model(q, lengths, *km.repack(*plain), key_offset=key_offset),
+    err = errors(km.kernel_model(q, lengths, *km.repack(*plain), key_offset=key_offset, value_offset=value_offset),
                  km.reference(q, lengths, *plain))
     assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
 
@@ -154,15 +159,13 @@ def _abstract(rows, t, heads=1):
 
 
 @pytest.mark.parametrize("heads,options", [(1, {}), (1, {"splits": 3}), (1, {"group": 1, "stages": 3}),
-                                           (1, {"early_pick": True}), (2, {}), (4, {"splits": 2}),
-                                           (4, {"group": 2, "early_pick": False}), (4, {"fused": False}),
-                                           (2, {"early_pick": False}), (1, {"compute": False}),
-                                           (1, {"warpgroups": 3}), (1, {"warpgroups": 2, "smem_pad": 4096}),
-                                           (1, {"key_offset": True}), (4, {"key_offset": True}),
-                                           (1, {"warpgroups": 3, "key_offset": True}), (1, {"lean_pick": True}),
-                                           (4, {"lean_pick": True}), (2, {"lean_pick": True, "fused": False}),
-                                           (1, {"lean_pick": True, "key_offset": True}), (1, {"ones_constant": True}),
-                                           (1, {"ones_constant": True, "lean_pick": True, "key_offset": True})])
+                                           (2, {}), (4, {"splits": 2}), (4, {"group": 2}), (4, {"fused": False}),
+                                           (1, {"compute": False}), (1, {"warpgroups": 3}),
+                                           (1, {"warpgroups": 2, "smem_pad": 4096}),
+                                           (1, {"key_offset": True}), (4, {"key_offset": True, "value_offset": True}),
+                                           (1, {"warpgroups": 3, "key_offset": True}), (1, {"value_offset": True}),
+                                           (2, {"fused": False, "key_offset": True, "value_offset": True}),
+                                           (1, {"ones_constant": True}), (1, {"ones_constant": True, "key_offset": True})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -192,6 +195,8 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n[:1], kn, kt, vn, vt)
     with pytest.raises(ValueError, match=r"warpgroups=3 \(with G=2 query rows a KV head\); allowed: 1, 2 or 3"):
         km.bulk_partials(jnp.zeros((2, 2, D), jnp.bfloat16), n, kn, kt, vn, vt, warpgroups=3)
+    with pytest.raises(ValueError, match="value_offset needs the sums across a warpgroup's warps"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=2, value_offset=True)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
