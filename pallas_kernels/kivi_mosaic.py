@@ -502,8 +502,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
         row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
-        tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1))  # a chunk's rows, as picked
-        if value_offset:  # Bv's s columns carry 4^-f of their token's field (the codes read 128 + 4^f c)
+        # a chunk's rows, as picked (only if used: a value no op uses fails Mosaic's layout inference)
+        tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1)) if compute else None
+        if value_offset and compute:  # Bv's s columns carry 4^-f of their token's field (the codes read 128 + 4^f c)
             value_scale = value_field_scale(tok)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
         # the same over the fused operands' columns
@@ -649,9 +650,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
         # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
         m0 = (n * 0).astype(f32) - 1e30
-        zeros_r = plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1))
-        m, o1, mc2, ls = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads,
-                                                        (zeros_r,) * heads))
+        # Σ p by row (value_offset; a value no op uses fails Mosaic's layout inference)
+        ls0 = (plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1)),) * heads if value_offset else ()
+        m, o1, mc2, ls = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0))
         g = vrow // GROUP
         for h in hs:
             if multi:  # column sums row by row from shared memory (no reduction across warps)
