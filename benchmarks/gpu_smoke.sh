@@ -8,13 +8,11 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Then, as separate calls (each <= 10 min). Next session, first: python -m benchmarks.mosaic_attention
-# --kv-heads 32,8 --stages 2 (~5 min: its checks include lean_pick / ones_constant / their GQA and
-# key_offset combinations, never run on a GPU; its timings default, key_offset, lean_pick,
-# lean_pick_key_offset, ones_constant, lean_pick_ones_constant; GQA lean_pick); then the faster as
-# the default, and Nsight Compute on it (/opt/nvidia/nsight-compute/*/ncu --clock-control none
-# --kernel-name regex:body_mosaic --launch-count 1 --section WarpStateStats --metrics
-# regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio python -m
-# benchmarks.mosaic_attention --once --variant NAME; results/mosaic-attention-ncu-2026-12-01-run23.md).
+# --quick --kv-heads 32,8 --stages 2 (~3-4 min: checks and timings of key_offset, value_offset and both,
+# never run on a GPU; MHA and GQA), then the fastest as the default and Nsight Compute on it
+# (/opt/nvidia/nsight-compute/*/ncu --clock-control none --kernel-name regex:body_mosaic --launch-count 1
+# --section WarpStateStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
+# python -m benchmarks.mosaic_attention --once --variant NAME; results/mosaic-attention-ncu-2026-12-02-run27.md).
 # Small batches: mosaic_attention --sweep --kv-heads 32 --batches 1,8 --lengths 1024,4096,16384
 # --splits 2,4,8 (split counts next to the default; at B = 1 the kernel is 1.1-1.4x dense: run24).
 # The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
