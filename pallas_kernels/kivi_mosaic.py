@@ -501,15 +501,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         lo = sp * per_split  # this program's steps [lo, hi)
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
-        row, col = iota((CHUNK, N), 0), iota((CHUNK, N), 1)
+        col = iota((CHUNK, N), 1)
         # a chunk's rows, as picked (only if used: a value no op uses fails Mosaic's layout inference)
         tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1)) if compute else None
         if value_offset and compute:  # Bv's s columns carry 4^-f of their token's field (the codes read 128 + 4^f c)
             value_scale = value_field_scale(tok)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
-        # the same over the fused operands' columns
-        rowb, colb, vrowb, vcolb = ((iota((CHUNK, nbc), 0), iota((CHUNK, nbc), 1), iota((D, nbc), 0), iota((D, nbc), 1))
-                                    if fused else (row, col, vrow, vcol))
+        vrowb, vcolb = (iota((D, nbc), 0), iota((D, nbc), 1)) if fused else (vrow, vcol)  # over the fused columns
 
         def key_constant(acc):  # warpgroups > 1 or ones_constant: ones [64, 128] · Bk, every row Bk's column sums
             ones = plgpu.layout_cast(jnp.full((CHUNK, D // 2), 1.0, bf16), wg)
