@@ -304,6 +304,19 @@ def _wgmma_reg(t, h):
     return (0, t, 0, 0, h, 0, 0, 0, 0)
 
 
+def wgmma_position(warp, lane, t, h, e):
+    """(row, column) of element e of register :func:`_wgmma_reg` (t, h) that lane ``lane`` of warp
+    ``warp`` holds in a [64, 8 n] WGMMA-layout array (PTX's wgmma accumulator fragment)."""
+    return 16 * warp + 8 * h + lane // 4, 8 * t + 2 * (lane % 4) + e
+
+
+def score_source(u, row):
+    """Where chunk u's row ``row`` finds its score, column 2 u + row // 32 of its 16-column block:
+    (the lane of the row's quad, the element). The element is bit 6 of the thread index (the
+    warp's half of the chunk), which :func:`_lane_pick` selects on."""
+    return u % 4, row // 32 % 2
+
+
 def _row_array(values):
     """Two f32 scalars (row halves) -> a [64] array in the WGMMA row layout."""
     ir, _, _, _, vector, mgpu = _mlir()
@@ -321,13 +334,14 @@ def _lane_pick(ctx, acc, *, u, tile):
     ir, arith, _, llvm, vector, _ = _mlir()
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
     i32 = ir.IntegerType.get_signless(32)
-    upper = _thread_bit(64)  # rows 32-63 of the chunk: the block's key group 2u + 1
+    lane, _ = score_source(u, 0)
+    upper = _thread_bit(64)  # score_source's element: rows 32-63 of the chunk (key group 2u + 1)
     picked = []
     for h in range(2):
         reg = acc.registers[_wgmma_reg(tile, h)]
         v = arith.select(upper, vector.extract(reg, [], [1]), vector.extract(reg, [], [0]))
         x = llvm.inline_asm(i32, [mgpu_utils.bitcast(v, i32)],
-                            f"shfl.sync.idx.b32 $0, $1, {u % 4}, 0x1c1f, 0xffffffff;", "=r,r",
+                            f"shfl.sync.idx.b32 $0, $1, {lane}, 0x1c1f, 0xffffffff;", "=r,r",
                             has_side_effects=False)
         picked.append(mgpu_utils.bitcast(x, ir.F32Type.get()))
     return _row_array(picked)

@@ -91,6 +91,25 @@ def test_register_unpacking_gives_the_codes():
                     np.testing.assert_array_equal(x[:, 4 * s_ + j], 128 + codes[:, col + e] / f)
 
 
+def test_work_by_lane_reads_the_right_elements():
+    """The lanes helpers' index facts, against the wgmma accumulator fragment (PTX ISA: row
+    16 warp + 8 h + lane / 4, column 8 t + 2 (lane % 4) + e): the pick's shuffle source (same
+    quad, lane u; element = bit 6 of the thread index) holds column 16 k + 2 u + row // 32 of the
+    row, the token's key group in the 256-token block (kernel_model: 2 (j % 4) + t // 32); the
+    value operand's lanes with bit 1 set hold columns 4-7 of each half (the mins)."""
+    for u, k in np.ndindex(4, 4):
+        for w, lane, h in np.ndindex(4, 32, 2):
+            row = km.wgmma_position(w, lane, 0, h, 0)[0]
+            src, e = km.score_source(u, row)
+            assert e == (32 * w + lane) >> 6 & 1
+            got = km.wgmma_position(w, lane // 4 * 4 + src, 2 * k, h, e)  # shfl.sync.idx, segment mask 0x1c
+            assert got == (row, 16 * k + 2 * u + row // 32)
+    for w, lane, t, h, e in np.ndindex(4, 32, 2, 2, 2):
+        col = km.wgmma_position(w, lane, t, h, e)[1]
+        assert (col % 8 >= 4) == bool((32 * w + lane) & 2)
+        assert col // 8 == t  # _key_start and _value_operand move whole registers between halves
+
+
 def test_layout_round_trips():
     codes = jax.random.randint(jax.random.key(5), (3, 256, D), 0, 4)
     np.testing.assert_array_equal(np.asarray(km.key_codes(km.key_words(codes))), np.asarray(codes))
