@@ -739,8 +739,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
 def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
     """Sequence splits so that rows x splits fills the GPU (two programs on each of an H200's
-    132 streaming multiprocessors, twice over), at least one 256-token step a split."""
-    return max(1, min(tokens // KEY_BLOCK, -(-programs // rows)))
+    132 streaming multiprocessors, twice over), at least one 256-token step a split, and none
+    left empty at full length (4 steps in 3 splits of 2 would leave one: 2 splits then)."""
+    steps = tokens // KEY_BLOCK
+    want = max(1, min(steps, -(-programs // rows)))
+    return -(-steps // -(-steps // want))
 
 
 HEADS = (1, 2, 4)  # query rows a KV head the kernel takes (more: registers; use the Triton kernel)

@@ -154,6 +154,18 @@ def test_kernel_arithmetic_on_a_prefilled_cache():
     assert np.asarray(n).tolist() == [272, 272, 205, 205]
 
 
+@pytest.mark.parametrize("rows", [1, 8, 33, 256, 2048])
+@pytest.mark.parametrize("tokens", [256, 1024, 4096, 16384, 65536])
+def test_default_splits_fill_the_gpu_and_leave_no_split_empty(rows, tokens):
+    steps = tokens // km.KEY_BLOCK
+    s = km.default_splits(rows, tokens)
+    per = -(-steps // s)  # steps a split (_build's per_split)
+    assert 1 <= s <= steps and (s - 1) * per < steps  # the last split still has a step
+    want = min(steps, -(-528 // rows))  # as many as fill 528 programs, at most one a step
+    assert s <= want and -(-steps // per) == s
+    assert s * 2 > want or s == steps  # no fewer than half of what fills the GPU
+
+
 def test_combine_splits_equals_one_pass():
     rows, t, d = 3, 96, 8
     rng = np.random.default_rng(4)
