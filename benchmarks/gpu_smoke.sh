@@ -13,6 +13,10 @@
 # (/opt/nvidia/nsight-compute/*/ncu --clock-control none --kernel-name regex:body_mosaic --launch-count 1
 # --section WarpStateStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
 # python -m benchmarks.mosaic_attention --once --variant NAME; results/mosaic-attention-ncu-2026-12-02-run27.md).
+# Re-time B <= 8, T = 1k (run27: 0.087-0.113 ms vs run24's 0.060; default_splits no longer leaves a split
+# empty since 789f18f). End to end at 16384-token prompts with the Mosaic layout (never run: dense's max
+# batch is 8 there, kivi2m's cache fits 64): e2e --skip-paper --skip-hf --skip-compile-check
+# --sweep-prompts 16384 --sweep-caches kivi2m --sweep-start 64 --sweep-cap 64 --child-timeout 540 --budget-s 560.
 # Small batches: mosaic_attention --sweep --kv-heads 32 --batches 1,8 --lengths 1024,4096,16384
 # --splits 2,4,8 (split counts next to the default; at B = 1 the kernel is 1.1-1.4x dense: run24).
 # The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
