@@ -253,17 +253,18 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
                      "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm,
                      "ratio_to_dense": ms / dense_ms, **err})
         print(rows[-1], flush=True)
-    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)  # T/2 .. T: each row its own steps
-    if quick:
-        for name, opts in [(name, opts) for name, opts in variants if name != "stream_only"]:
-            ms = common.time_fn(jax.jit(lambda q, n, *x, o=opts: km.bulk_partials(q, n, *x, **o)), q, mixed, *packed)
-            rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}_mixed_lengths", "median_ms": ms,
-                         "ratio_to_dense": ms / dense_ms})
-            print(rows[-1], flush=True)
-    # the whole call on the same tokens as a MosaicKIVICache (kernel + window + combine), the
-    # window in plain JAX (the default) and in its Triton kernel (pallas_kernels/mosaic_window.py)
+    # rows of mixed lengths, T/2 .. T (each row runs its own number of steps): the default, or
+    # (quick) each variant but the stream alone
+    mixed = lengths - (jnp.arange(b * hkv, dtype=jnp.int32) * 37) % (t // 2)
+    for name, opts in [(n, o) for n, o in variants if n != "stream_only"] if quick else [("default", {})]:
+        ms = common.time_fn(jax.jit(lambda q, n, *x, o=opts: km.bulk_partials(q, n, *x, **o)), q, mixed, *packed)
+        rows.append({"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}_mixed_lengths", "median_ms": ms,
+                     "ratio_to_dense": ms / dense_ms})
+        print(rows[-1], flush=True)
     if quick:
         return rows
+    # the whole call on the same tokens as a MosaicKIVICache (kernel + window + combine), the
+    # window in plain JAX (the default) and in its Triton kernel (pallas_kernels/mosaic_window.py)
     mcache = kj.MosaicKIVICache.from_kivi(cache)
     want = kj.decode_attention(q4[:2], jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == b else x, cache),
                                impl="reference").astype(jnp.float32)
@@ -282,10 +283,6 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
                      "bytes": ring, "tbps": ring / ms / 1e9})
         print(rows[-1], flush=True)
     del mcache
-    ms = common.time_fn(jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *x)), q, mixed, *packed)
-    rows.append({"B": b, "T": t, "Hkv": hkv, "impl": "mosaic_bulk_default_mixed_lengths", "median_ms": ms,
-                 "ratio_to_dense": ms / dense_ms})
-    print(rows[-1], flush=True)
     return rows
 
 

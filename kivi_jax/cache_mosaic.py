@@ -45,8 +45,8 @@ def check_config(config: KIVIConfig, head_dim: int):
         raise ValueError(f"MosaicKIVICache takes head_dim={D}; got head_dim={head_dim}")
 
 
-def unfold(kt, vt, tc):
-    """Tiles -> plain (k_scale, k_min [..., Tc/32, D], v_scale, v_min [..., Tc, D/32]) in float32."""
+def untile(kt, vt, tc):
+    """Inverse of kivi_mosaic.key_tiles / value_tiles: the tiles -> plain (k_scale, k_min [..., Tc/32, D], v_scale, v_min [..., Tc, D/32]) in float32."""
     lead = kt.shape[:-2]
     tile = kt.reshape(lead + (tc // KEY_BLOCK, D, 16)).astype(jnp.float32)
     ks = jnp.swapaxes(tile[..., :8], -1, -2).reshape(lead + (tc // GROUP, D))
@@ -178,7 +178,7 @@ class MosaicKIVICache(cc.CacheShape):
         where quantized, full precision where not; positions >= lengths hold junk."""
         del rotated  # nothing is rotated in this layout
         tc, r = self.capacity, self.config.residual_length
-        ks, km, vs, vm = unfold(self.kt, self.vt, tc)
+        ks, km, vs, vm = untile(self.kt, self.vt, tc)
         kq = quant.dequantize_codes(key_codes(self.kn), jnp.repeat(ks, GROUP, axis=2), jnp.repeat(km, GROUP, axis=2),
                                     self.dtype)
         vq = quant.dequantize_codes(value_codes(self.vn), jnp.repeat(vs, GROUP, axis=3),

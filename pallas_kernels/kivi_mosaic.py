@@ -240,7 +240,7 @@ def _unpack_in_registers(ctx, a, offset=False):
                 x = llvm.inline_asm(i32, [shifted[base]], "{ .reg .b32 t, sc, bi; " + lop3 + (
                     " mov.b32 $0, t;" if offset else " " + fma) + " }", "=r,r")
                 regs[o][_wgmma_index(idx, k)] = mgpu_utils.bitcast(x, pair)
-    return tuple(mgpu.FragmentedArray(_registers=r, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None) for r in regs)
+    return tuple(_fragmented(r) for r in regs)
 
 
 # (4^-f, -128 4^-f) as bf16 pairs, f = 0, 1, 2: (128 + 4^f c) 4^-f - 128 4^-f = c
@@ -269,6 +269,12 @@ def key_field_scale(d):
 def value_field_scale(t):
     """4^-f of a value chunk's token t (:func:`value_words`: t = 32 o + 8 k + 2 j + e)."""
     return field_scale(t // 32, t % 32 // 8)
+
+
+def _fragmented(registers, layout=None):
+    """(inline) a register array -> a Mosaic GPU FragmentedArray (default: the WGMMA layout)."""
+    from jax.experimental.mosaic import gpu as mgpu
+    return mgpu.FragmentedArray(_registers=registers, _layout=layout or mgpu.WGMMA_LAYOUT, _is_signed=None)
 
 
 def _wgmma_index(idx, k):
@@ -319,12 +325,12 @@ def score_source(u, row):
 
 def _row_array(values):
     """Two f32 scalars (row halves) -> a [64] array in the WGMMA row layout."""
-    ir, _, _, _, vector, mgpu = _mlir()
+    ir, _, _, _, vector, _ = _mlir()
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     regs = np.empty(fa.WGMMA_ROW_LAYOUT.registers_shape((CHUNK,)), dtype=object)
     for h, v in enumerate(values):
         regs[0, 0, h, 0, 0] = vector.broadcast(ir.VectorType.get((1,), ir.F32Type.get()), v)
-    return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_ROW_LAYOUT, _is_signed=None)
+    return _fragmented(regs, fa.WGMMA_ROW_LAYOUT)
 
 
 def _lane_pick(ctx, acc, *, u, tile):
@@ -362,7 +368,7 @@ def _key_start(ctx, *cs, offset=False):
             lo, hi = c.registers[_wgmma_reg(0, h)], c.registers[_wgmma_reg(1, h)]
             regs[_wgmma_reg(2 * i, h)] = arith.addf(hi, arith.mulf(minus128, lo)) if offset else hi
             regs[_wgmma_reg(2 * i + 1, h)] = lo  # (columns the pick never reads)
-    return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+    return _fragmented(regs)
 
 
 def _value_operand(ctx, p, *rest, u, offset=False):
@@ -392,8 +398,7 @@ def _value_operand(ctx, p, *rest, u, offset=False):
         # offset: the s columns' sum as the tensor cores take them (it cancels 128 times its own)
         add = arith.extf(pair, yb) if offset else vector.broadcast(pair, ph)
         mc_regs[_wgmma_reg(t, h)] = arith.addf(mc_regs[_wgmma_reg(t, h)], arith.select(right, y, add))
-    return (mgpu.FragmentedArray(_registers=y_regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None),
-            mgpu.FragmentedArray(_registers=mc_regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None))
+    return _fragmented(y_regs), _fragmented(mc_regs)
 
 
 @functools.lru_cache(maxsize=None)
