@@ -590,6 +590,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             m, o1, mc2, ls = list(m), list(o1), list(mc2), list(ls)  # each a tuple over the query rows
             alpha = []
             with jax.named_scope("bv"):
+                vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
                 for h in hs:
                     s = [scores[u * heads + h] for u in range(chunks)]
                     top = s[0]
@@ -603,12 +604,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         ls[h] = ls[h] * alpha[h]
                     for u in range(chunks):
                         p = jnp.exp(s[u] - m_new)
-                        vt = plgpu.load(vt_ref.at[u // 2], (), layout=wg)  # two chunks' s | m
                         if value_offset:
                             ls[h] = ls[h] + p
-                            args, layouts = [p, p * value_scale, vt, mc2[h]], (wg.reduce(1),) * 2 + (wg, wg)
+                            args, layouts = [p, p * value_scale, vts[u // 2], mc2[h]], (wg.reduce(1),) * 2 + (wg, wg)
                         else:
-                            args, layouts = [p, vt, mc2[h]], (wg.reduce(1), wg, wg)
+                            args, layouts = [p, vts[u // 2], mc2[h]], (wg.reduce(1), wg, wg)
                         y, mc2[h] = inline(functools.partial(_value_operand, offset=value_offset), args,
                                            (mgpu_out((CHUNK, N), bf16), mgpu_out((CHUNK, N), f32)), layouts=layouts, u=u)
                         cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y
