@@ -209,7 +209,7 @@ def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), 
                 packed = random_packed(r, t)
                 nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
                 q = random_q(r, g)
-                default = km.default_splits(r, t)
+                default = km.default_splits(r, t, km.gpu_slots())
                 for s in [default] + [s for s in splits if s != default and s <= t // km.KEY_BLOCK]:
                     ms = common.time_fn(jax.jit(functools.partial(km.bulk_partials, splits=s)), q,
                                         jnp.full((r,), t, jnp.int32), *packed)

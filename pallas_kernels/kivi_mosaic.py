@@ -742,13 +742,29 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, **params))
 
 
-def default_splits(rows: int, tokens: int, programs: int = 528) -> int:
-    """Sequence splits so that rows x splits fills the GPU (two programs on each of an H200's
-    132 streaming multiprocessors, twice over), at least one 256-token step a split, and none
-    left empty at full length (4 steps in 3 splits of 2 would leave one: 2 splits then)."""
+def default_splits(rows: int, tokens: int, slots: int = 264) -> int:
+    """Sequence splits a row: about as many as fill the GPU twice over (rows x splits programs,
+    ``slots`` of them at once: two on each of an H200's 132 multiprocessors), at least one
+    256-token step a split and none left empty at full length. Between half that count and
+    that count, the one that takes the fewest waves x steps a program, ceil(rows s / slots)
+    ceil(steps / s) (ties: the larger). B=8, T=4k, 32 heads runs 2 splits (2 waves of 8 steps)
+    where it ran 3 (3 waves of 6): 0.077 vs 0.096 ms in -sweep-run29, 0.073 both in -sweep-run33
+    (at 0.1 ms a call varies that much between calls); GQA 4, B=32, T=4k 0.208 vs 0.223 ms,
+    T=16k 0.712 vs 0.691 (-run33)."""
     steps = tokens // KEY_BLOCK
-    want = max(1, min(steps, -(-programs // rows)))
-    return -(-steps // -(-steps // want))
+    want = max(1, min(steps, -(-2 * slots // rows)))
+
+    def cost(s):
+        per = -(-steps // s)
+        return (s - 1) * per >= steps, -(-rows * s // slots) * per, -s  # (an empty split, waves x steps, more)
+
+    return min(range(-(-want // 2), want + 1), key=cost)
+
+
+def gpu_slots(programs_an_sm: int = 2) -> int:
+    """Programs of the kernel that run at once on the default device (two a multiprocessor:
+    registers and shared memory); 264 (an H200) where the device does not say."""
+    return programs_an_sm * getattr(jax.devices()[0], "core_count", 132)
 
 
 HEADS = (1, 2, 4)  # query rows a KV head the kernel takes (more: registers; use the Triton kernel)
@@ -774,7 +790,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
         raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
     if lengths.shape != (rows,):
         raise ValueError(f"lengths must be [R={rows}]; got {lengths.shape}")
-    splits = default_splits(rows, tokens) if splits is None else splits
+    splits = default_splits(rows, tokens, gpu_slots()) if splits is None else splits
     if not 1 <= splits <= tokens // KEY_BLOCK:
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
     wgs = options.get("warpgroups", 1)
