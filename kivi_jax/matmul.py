@@ -18,6 +18,10 @@ from jax import lax
 from pallas_kernels.stacked_matmul import stacked_matmul
 
 MATMUL_IMPLS = ("xla", "pallas")
+# rows above which impl="pallas" runs XLA's GEMM: a program of the kernel holds all the rows
+# (made for decode's M <= 128; timed at M = 96 and, end to end, 256), and from here the GEMM
+# has enough rows to be bound by its arithmetic rather than by the weights' one read
+ROWS = 256
 
 
 def kernel_blocks(k: int, n: int) -> tuple[int, int] | None:
@@ -32,13 +36,13 @@ def layer_matmul(x, w, layer, *, impl: str = "xla"):
     """x [..., K] @ w[layer] with w [L, K, N] -> [..., N] in x's dtype.
 
     impl: "xla" (slice, then jnp.matmul) or "pallas" (the kernel reads the slice in place;
-    interpret mode off-GPU; shapes with no power-of-two tile of at least 16 dividing K and N
-    fall back to "xla").
+    interpret mode off-GPU; more than :data:`ROWS` rows, or shapes with no power-of-two tile
+    of at least 16 dividing K and N, fall back to "xla").
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {MATMUL_IMPLS}")
     blocks = kernel_blocks(*w.shape[1:])
-    if impl == "xla" or blocks is None:
+    if impl == "xla" or blocks is None or math.prod(x.shape[:-1]) > ROWS:
         return (x @ lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)).astype(x.dtype)
     lead = x.shape[:-1]
     y = stacked_matmul(x.reshape(-1, x.shape[-1]), w, layer, block_k=blocks[0], block_n=blocks[1],

@@ -14,7 +14,10 @@ float32 accumulation and writes a partial [M, block_n]; the wrapper sums the spl
 programs (N / block_n x splits) keep every SM streaming for the M <= 128 rows of decode.
 
 Shapes: x [M, K]; w [L, K, N]; layer () int32; out [M, N] in x's dtype. K and N must be
-multiples of block_k and block_n (powers of two); M is padded to a power of two >= 16. Any
+multiples of block_k and block_n (powers of two); M is padded to a power of two >= 16 and a
+program holds all of it (:data:`MAX_ROWS` at most: a decode step's rows). The pipeline keeps
+as many stages as fit a multiprocessor's shared memory (4 x (512 x 64 + 64 x 64) bf16 did
+not at M = 512: Mistral-7B shape, batch 512, e2e-2026-12-02-run34-mistral). Any
 size of w: the Triton lowering computes offsets in 64 bits once w exceeds 2**32 bytes (a 13B
 model's [40, 5120, 13824] stack; tests/test_stacked_matmul.py checks the lowered IR).
 """
@@ -48,8 +51,23 @@ def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, block
     o_ref[...] = lax.fori_loop(lo, hi, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
+SMEM_BYTES = 227 * 1024  # shared memory a CTA may take on Hopper (the H200 reports 232448)
+MAX_ROWS = 512  # padded rows a program holds: its float32 accumulator [M, block_n] lives in registers
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def pipeline_stages(rows: int, block_k: int, block_n: int, itemsize: int, num_stages: int) -> int:
+    """The stages (at most ``num_stages``) whose x [rows, block_k] and w [block_k, block_n] tiles
+    fit :data:`SMEM_BYTES`; Triton's pipeline keeps one of each a stage."""
+    per_stage = (rows + block_n) * block_k * itemsize
+    fit = SMEM_BYTES // per_stage
+    if fit < 1:
+        raise ValueError(f"stacked_matmul: M={rows} padded rows with block_k={block_k}, block_n={block_n} need "
+                         f"{per_stage} bytes of shared memory a stage; at most {SMEM_BYTES} fit")
+    return min(num_stages, fit)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages", "interpret"))
@@ -77,6 +95,10 @@ def stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 64, splits:
     per_split = -(-blocks // splits)
     splits = -(-blocks // per_split)  # no empty split
     mp = max(16, 1 << (m - 1).bit_length())
+    if mp > MAX_ROWS:
+        raise ValueError(f"stacked_matmul: x has M={m} rows ({mp} padded); at most {MAX_ROWS} (a decode step's "
+                         "batch): use x @ w[layer] (kivi_jax.matmul.layer_matmul does above its ROWS)")
+    num_stages = pipeline_stages(mp, block_k, block_n, jnp.dtype(w.dtype).itemsize, num_stages)
     xp = jnp.pad(x.astype(w.dtype), ((0, mp - m), (0, 0)))
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, block_k=block_k, block_n=block_n, blocks=blocks, per_split=per_split,

@@ -91,6 +91,26 @@ def test_e2e_keeps_what_a_killed_child_measured(tmp_path):
     runner.log.close()
 
 
+def test_e2e_only_mistral_runs_the_mistral_sections_alone(tmp_path, monkeypatch):
+    """--only-mistral: the paper setting and the sweep of the Mistral shape, nothing of Llama's."""
+    from benchmarks import e2e
+
+    runner = e2e.Runner(e2e.parse_args(["--dry-run", "--only-mistral", "--out", str(tmp_path)]))
+    calls = []
+    for name in ("paper", "hf", "compile", "profile", "sweep"):
+        monkeypatch.setattr(runner, f"section_{name}", lambda model, name=name: calls.append((name, model)))
+    runner.run()
+    assert calls == [("paper", "tiny-mistral"), ("sweep", "tiny-mistral")]
+    assert runner.payload["settings"]["only_mistral"] is True
+
+
+def test_e2e_a_kernel_too_big_for_shared_memory_is_no_oom():
+    from benchmarks import e2e
+
+    assert e2e._is_oom("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68.00GiB")
+    assert not e2e._is_oom("RESOURCE_EXHAUSTED: Shared memory size limit exceeded: requested 294912, available: 232448")
+
+
 def test_stacked_copy_count_skips_fusions_that_only_slice():
     """decode_step_ab's copy detector: a transpose inside a fusion whose root is a slice of it is
     computed for the slice alone (the flush branch's k_res read), while a fusion or a top-level

@@ -3,6 +3,8 @@ decode step with matmul_impl="pallas" against the XLA step."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,35 @@ def test_layer_matmul_falls_back_where_no_tile_fits():
     w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 100, 64)), jnp.float32)
     np.testing.assert_allclose(np.asarray(kj_matmul.layer_matmul(x, w, 1, impl="pallas")),
                                np.asarray(x) @ np.asarray(w[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_keeps_the_stages_that_fit_shared_memory():
+    """At M=512 (a Mistral-7B-shaped batch of 512) 4 stages of x [512, 64] and w [64, 64] bf16
+    asked for 294912 bytes where the H200 has 232448 (e2e-2026-12-02-run34-mistral): 3 fit."""
+    sm = importlib.import_module("pallas_kernels.stacked_matmul")  # (the package exports the function)
+
+    assert 4 * (512 + 64) * 64 * 2 == 294912 > sm.SMEM_BYTES >= 3 * (512 + 64) * 64 * 2
+    assert sm.pipeline_stages(512, 64, 64, 2, 4) == 3
+    assert sm.pipeline_stages(128, 64, 64, 2, 4) == 4  # the decode batches measured: unchanged
+    assert sm.pipeline_stages(512, 64, 64, 4, 4) == 1
+    with pytest.raises(ValueError, match="M=4096 padded rows with block_k=64, block_n=64 need 532480 bytes"):
+        sm.pipeline_stages(4096, 64, 64, 2, 4)
+    with pytest.raises(ValueError, match=r"x has M=600 rows \(1024 padded\); at most 512"):
+        stacked_matmul(jnp.ones((600, 128)), jnp.ones((2, 128, 64)), 0, interpret=True)
+
+
+def test_layer_matmul_leaves_many_rows_to_xla(monkeypatch):
+    """More than ROWS rows (a prefill, or a batch of 512) go to XLA's GEMM; up to ROWS to the kernel."""
+    calls = []
+    monkeypatch.setattr(kj_matmul, "stacked_matmul", lambda x, *a, **k: calls.append(x.shape) or x[:, :64] * 0)
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((2, 128, 64)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 100, 128)), jnp.float32)  # 300 rows
+    np.testing.assert_allclose(np.asarray(kj_matmul.layer_matmul(x, w, 1, impl="pallas")),
+                               np.asarray(x) @ np.asarray(w[1]), rtol=1e-5, atol=1e-5)
+    assert calls == []
+    kj_matmul.layer_matmul(x[:, :kj_matmul.ROWS // 3], w, 1, impl="pallas")
+    assert calls == [(3 * (kj_matmul.ROWS // 3), 128)]
 
 
 def _model():
