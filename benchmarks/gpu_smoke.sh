@@ -7,18 +7,15 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: python -m benchmarks.mosaic_attention
-# --quick --kv-heads 32,8 --stages 2 (~3-4 min: checks and timings of key_offset, value_offset and both,
-# never run on a GPU; MHA and GQA), then the fastest as the default and Nsight Compute on it
-# (/opt/nvidia/nsight-compute/*/ncu --clock-control none --kernel-name regex:body_mosaic --launch-count 1
-# --section WarpStateStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
-# python -m benchmarks.mosaic_attention --once --variant NAME; results/mosaic-attention-ncu-2026-12-02-run27.md).
-# Re-time B <= 8, T = 1k (run27: 0.087-0.113 ms vs run24's 0.060; default_splits no longer leaves a split
-# empty since 789f18f). End to end at 16384-token prompts with the Mosaic layout (never run: dense's max
-# batch is 8 there, kivi2m's cache fits 64): e2e --skip-paper --skip-hf --skip-compile-check
-# --sweep-prompts 16384 --sweep-caches kivi2m --sweep-start 64 --sweep-cap 64 --child-timeout 540 --budget-s 560.
-# Small batches: mosaic_attention --sweep --kv-heads 32 --batches 1,8 --lengths 1024,4096,16384
-# --splits 2,4,8 (split counts next to the default; at B = 1 the kernel is 1.1-1.4x dense: run24).
+# Then, as separate calls (each <= 10 min). Next session, first: the Mistral-7B shape's sweep past
+# batch 256 now that decode steps of more than 256 rows run XLA's GEMM (a95e194; batch 512 stopped
+# on the stacked matmul's shared memory in e2e-2026-12-02-run34-mistral): python -m benchmarks.e2e
+# --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-prompts 4096 --sweep-caches kivi2
+# --sweep-start 512 --sweep-cap 1024 --child-timeout 300 --budget-s 560; and the Llama shape's KIVI-2
+# (Triton layout) batch 256 at 4096 tokens, never timed (--sweep-caches kivi2 --sweep-start 256
+# --sweep-cap 256). The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run32; the offset
+# variants and 3 stages no faster, results/mosaic-attention-ncu-2026-12-02-run28.md: latency-bound,
+# not issue-bound); a kernel change needs its baseline in the same call (.devtree_base, as run32).
 # The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
 # first; tar it to $OUT): its ptxas report (body_0.ptxas) has the registers, and the triton wheel's
 # ptxas (after `sed s/^.version 9.0/.version 8.7/`) and cuobjdump give the SASS offline.
