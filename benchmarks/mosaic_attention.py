@@ -51,18 +51,21 @@ D = km.D
 # key_offset / value_offset: the key / value codes unpacked without their FMA (128 + 4^f c), the
 # offset folded into q's s columns and the key constant / Bv's s columns and o's epilogue
 # (before the lanes: key_offset 0.459 vs 0.463 with spills at 255 registers, -run23; now 193).
+# (measured: no faster, 0.400-0.418 vs 0.393-0.410 with both, -run28 / -run32).
+# prefetch_bk: the next step's Bk and key constant built while the value wgmmas run (not yet timed).
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
             ("key_offset", dict(key_offset=True)), ("value_offset", dict(value_offset=True)),
-            ("key_value_offset", dict(key_offset=True, value_offset=True))]
-QUICK = ("default", "key_offset", "value_offset", "key_value_offset")
+            ("key_value_offset", dict(key_offset=True, value_offset=True)),
+            ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3", dict(prefetch_bk=True, stages=3))]
+QUICK = ("default", "prefetch_bk", "prefetch_bk_stages3", "key_value_offset")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two;
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("key_value_offset", dict(key_offset=True, value_offset=True))]
-GQA_QUICK = ("default", "key_value_offset")
+                ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True))]
+GQA_QUICK = ("default", "prefetch_bk")
 
 
 def random_inputs(rows, tokens, key=0):
@@ -340,9 +343,13 @@ def main(argv=None):
               ("gqa4_key_value_offset", dict(heads=4, key_offset=True, value_offset=True)),
               ("gqa2_unfused_key_value_offset", dict(heads=2, fused=False, key_offset=True, value_offset=True)),
               ("warpgroups2_key_offset", dict(warpgroups=2, key_offset=True)),
-              ("splits1_key_value_offset", dict(splits=1, key_offset=True, value_offset=True))]
+              ("splits1_key_value_offset", dict(splits=1, key_offset=True, value_offset=True)),
+              ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3_splits1", dict(prefetch_bk=True, stages=3, splits=1)),
+              ("gqa4_prefetch_bk", dict(heads=4, prefetch_bk=True)),
+              ("gqa2_unfused_prefetch_bk", dict(heads=2, fused=False, prefetch_bk=True)),
+              ("key_value_offset_prefetch_bk", dict(key_offset=True, value_offset=True, prefetch_bk=True))]
     if a.quick:
-        checks = [(name, opts) for name, opts in checks if "offset" in name or name in ("default", "gqa4")]
+        checks = [(name, opts) for name, opts in checks if "prefetch" in name or name in ("default", "gqa4")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

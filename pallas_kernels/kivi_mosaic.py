@@ -405,7 +405,7 @@ def _value_operand(ctx, p, *rest, u, offset=False):
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
-           ones_constant: bool = False, profile_dir: str = ""):
+           ones_constant: bool = False, prefetch_bk: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -451,6 +451,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     the kernel makes none: the key constant comes from a wgmma of ones over Bk, the step's max
     from a per-warpgroup buffer read back in a layout every warp holds whole, and the epilogue's
     column sums row by row from another.
+    prefetch_bk (G rows by reduction, not ones_constant; not yet timed): the next step's Bk and
+    key constant are built while this step's last value wgmmas run (its tiles waited for there,
+    two Bk buffers, the key accumulators' start carried through the loop), so that work leaves
+    the step's chain of dependent phases.
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -488,11 +492,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         layouts = layouts or tuple(wg for _ in args)
         return plgpu.inline_mgpu(arg_types=layouts, return_type=out)(functools.partial(fn, **kw))(*args)
 
-    def from_start(fn, starts):  # fn(*accumulators) run with accumulators that start at `starts` -> their ends
+    def from_start(fn, starts, extra=()):  # fn(*accumulators, *extra refs) from `starts`, `extra` -> their ends
         def run(refs):
             fn(*refs)  # (its reads of the accumulators are dropped: run_state returns their ends)
 
-        return list(pl.run_state(run)(tuple(plgpu.ACC.init(x) for x in starts)))
+        return list(pl.run_state(run)(tuple(plgpu.ACC.init(x) for x in starts) + tuple(extra)))
 
     def mgpu_out(shape, dtype, layout=wg):
         return plgpu.ShapeDtypeStruct(shape, dtype, layout=layout)
@@ -535,9 +539,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             plgpu.wgmma_wait(0)
             return acc[...]
 
-        def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry):
-            if not compute:
-                return carry
+        def build_bk(kt_ref, bk_smem):  # Bk_h = q_h ∘ [s | m] into bk_smem -> the key accumulators' starts
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
                 c = []  # Bk's column sums, every row (q_h · s_g | q_h · m_g)
@@ -556,8 +558,15 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 # each operand's key accumulators start at their rows' key constants: column g
                 # q · m_g (and -128 q' · s_g with key_offset)
                 start = functools.partial(_key_start, offset=key_offset)
-                starts = ([inline(start, c, mgpu_out((CHUNK, nbc), f32))] if fused else
-                          [inline(start, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
+                return ([inline(start, c, mgpu_out((CHUNK, nbc), f32))] if fused else
+                        [inline(start, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
+
+        def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry, bk_smem=bk_smem, starts=None, prefetch=None):
+            # -> the carry (with prefetch: and the next step's starts, which prefetch() builds)
+            if not compute:
+                return carry
+            if starts is None:
+                starts = build_bk(kt_ref, bk_smem)
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
@@ -572,7 +581,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 for first in range(0, chunks, group):
                     part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
                     scores += [pick(j, first + i, part[i * nb + blk(h)[0]], blk(h)[1]) for i in range(group) for h in hs]
-            return softmax_and_values(j, scores, vn_ref, vt_ref, *carry)
+            return softmax_and_values(j, scores, vn_ref, vt_ref, *carry, prefetch=prefetch, starts=starts)
 
         def pick(j, u, acc, k):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
             s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
@@ -586,7 +595,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             return jnp.max(plgpu.load(red_smem, (), layout=every))
 
         @jax.named_scope("softmax")
-        def softmax_and_values(j, scores, vn_ref, vt_ref, m, o1, mc2, ls):
+        def softmax_and_values(j, scores, vn_ref, vt_ref, m, o1, mc2, ls, prefetch=None, starts=()):
             m, o1, mc2, ls = list(m), list(o1), list(mc2), list(ls)  # each a tuple over the query rows
             alpha = []
             with jax.named_scope("bv"):
@@ -614,12 +623,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y
                 plgpu.commit_smem()
 
-            def values(first, *accs):
+            def values(first, *refs, build_next=None):
+                accs = refs[:nb]
                 for u in range(first, first + group):
                     a_lo, a_hi = _codes_operands(vn_ref.at[u], offset=value_offset)
                     for b in range(nb):
                         plgpu.wgmma(accs[b], a_lo, bv_smem.at[b, pl.ds(u * CHUNK, half)])
                         plgpu.wgmma(accs[b], a_hi, bv_smem.at[b, pl.ds(u * CHUNK + half, half)])
+                if build_next is not None:  # while the tensor cores work: the next step's Bk and starts
+                    for ref, x in zip(refs[nb:], build_next()):
+                        ref[...] = x
                 plgpu.wgmma_wait(0)
 
             if fused:  # column block h rescaled by alpha_h
@@ -631,8 +644,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 o1 = [o1[h] * alpha[h] for h in hs]
             with jax.named_scope("values"):
                 for first in range(0, chunks, group):
-                    o1 = from_start(functools.partial(values, first), o1)  # the products accumulate into o
-            return tuple(m), tuple(o1), tuple(mc2), tuple(ls)
+                    if prefetch is not None and first + group == chunks:
+                        ends = from_start(functools.partial(values, first, build_next=prefetch), o1, starts)
+                        o1, starts = ends[:nb], ends[nb:]
+                    else:
+                        o1 = from_start(functools.partial(values, first), o1)  # the products accumulate into o
+            carry = tuple(m), tuple(o1), tuple(mc2), tuple(ls)
+            return carry if prefetch is None else (carry, tuple(starts))
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
         def fetch(i, slot):
@@ -650,9 +668,20 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         def loop(i, carry):  # i: the step within this split
             slot = lax.rem(i, stages)
-            with jax.named_scope("tma_wait"):
-                plgpu.barrier_wait(tile(slot))
-            carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
+            if prefetch_bk and compute:  # this step's tiles were waited for, its Bk and starts built, in the step before
+                carry, starts = carry
+                nxt = lax.rem(i + 1, stages)
+
+                def prefetch():  # (the last step builds from a slot no copy fills: unused)
+                    pl.when(i + 1 < steps)(lambda: plgpu.barrier_wait(tile(nxt)))
+                    return build_bk(kt_buf.at[nxt], bk_smem.at[lax.rem(i + 1, 2)])
+
+                carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry,
+                             bk_smem=bk_smem.at[lax.rem(i, 2)], starts=list(starts), prefetch=prefetch)
+            else:
+                with jax.named_scope("tma_wait"):
+                    plgpu.barrier_wait(tile(slot))
+                carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry)
             pl.when(i + stages < steps)(lambda: refill(lo + i + stages, slot))
             return carry
 
@@ -669,7 +698,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         m0 = (n * 0).astype(f32) - 1e30
         # Σ p by row (value_offset; a value no op uses fails Mosaic's layout inference)
         ls0 = (plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1)),) * heads if value_offset else ()
-        m, o1, mc2, ls = lax.fori_loop(0, steps, loop, ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0))
+        carry = ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0)
+        if prefetch_bk and compute:  # the first step's tiles and Bk (a split with no steps builds from nothing: unused)
+            pl.when(steps > 0)(lambda: plgpu.barrier_wait(tile(0)))
+            carry = carry, tuple(build_bk(kt_buf.at[0], bk_smem.at[0]))
+        carry = lax.fori_loop(0, steps, loop, carry)
+        m, o1, mc2, ls = carry[0] if prefetch_bk and compute else carry
         g = vrow // GROUP
         for h in hs:
             if multi:  # column sums row by row from shared memory (no reduction across warps)
@@ -704,6 +738,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     ones_c = multi or ones_constant
     if value_offset and multi:
         raise ValueError("value_offset needs the sums across a warpgroup's warps that warpgroups > 1 leaves out")
+    if prefetch_bk and ones_c:
+        raise ValueError("prefetch_bk builds the key constant by reduction; not with ones_constant or warpgroups > 1")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
@@ -725,7 +761,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
         scratch_types=[own((heads, D, N), bf16, b_op), own((32,), jnp.int32),
-                       own((nb, D, nbc), bf16, b_op),
+                       own(((2,) if prefetch_bk else ()) + (nb, D, nbc), bf16, b_op),
                        own((nb, KEY_BLOCK, nbc), bf16, b_op),
                        own((heads, D), f32), own((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1, num_barriers=warpgroups),

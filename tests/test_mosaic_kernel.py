@@ -209,7 +209,11 @@ def _abstract(rows, t, heads=1):
                                            (1, {"key_offset": True}), (4, {"key_offset": True, "value_offset": True}),
                                            (1, {"warpgroups": 3, "key_offset": True}), (1, {"value_offset": True}),
                                            (2, {"fused": False, "key_offset": True, "value_offset": True}),
-                                           (1, {"ones_constant": True}), (1, {"ones_constant": True, "key_offset": True})])
+                                           (1, {"ones_constant": True}), (1, {"ones_constant": True, "key_offset": True}),
+                                           (1, {"prefetch_bk": True}), (1, {"prefetch_bk": True, "stages": 3, "splits": 3}),
+                                           (4, {"prefetch_bk": True}), (2, {"prefetch_bk": True, "fused": False}),
+                                           (1, {"prefetch_bk": True, "key_offset": True, "value_offset": True}),
+                                           (1, {"prefetch_bk": True, "compute": False})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -241,6 +245,8 @@ def test_bad_arguments_are_named():
         km.bulk_partials(jnp.zeros((2, 2, D), jnp.bfloat16), n, kn, kt, vn, vt, warpgroups=3)
     with pytest.raises(ValueError, match="value_offset needs the sums across a warpgroup's warps"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=2, value_offset=True)
+    with pytest.raises(ValueError, match="prefetch_bk builds the key constant by reduction"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, prefetch_bk=True, ones_constant=True)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
