@@ -13,7 +13,9 @@
 # --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-prompts 4096 --sweep-caches kivi2
 # --sweep-start 512 --sweep-cap 1024 --child-timeout 300 --budget-s 560; and the Llama shape's KIVI-2
 # (Triton layout) batch 256 at 4096 tokens, never timed (--sweep-caches kivi2 --sweep-start 256
-# --sweep-cap 256). The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run32; the offset
+# --sweep-cap 256). Then python -m benchmarks.mosaic_attention --quick --kv-heads 32,8 --stages 2 (~4 min:
+# checks and timings of prefetch_bk, be52c70, never run on a GPU, next to the default in the same
+# call). The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run32; the offset
 # variants and 3 stages no faster, results/mosaic-attention-ncu-2026-12-02-run28.md: latency-bound,
 # not issue-bound); a kernel change needs its baseline in the same call (.devtree_base, as run32).
 # The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
