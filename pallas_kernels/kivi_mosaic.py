@@ -532,7 +532,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
         vrowb, vcolb = (iota((D, nbc), 0), iota((D, nbc), 1)) if fused else (vrow, vcol)  # over the fused columns
 
-        def key_constant(acc):  # warpgroups > 1 or ones_constant: ones [64, 128] · Bk, every row Bk's column sums
+        def key_constant(bk_smem, acc):  # warpgroups > 1 or ones_constant: ones [64, 128] · Bk, every row Bk's column sums
             ones = plgpu.layout_cast(jnp.full((CHUNK, D // 2), 1.0, bf16), wg)
             plgpu.wgmma(acc, ones, bk_smem.at[0, pl.ds(0, D // 2)])
             plgpu.wgmma(acc, ones, bk_smem.at[0, pl.ds(D // 2, D // 2)])
@@ -554,7 +554,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
                 plgpu.commit_smem()
                 if ones_c:  # every row of ones · Bk holds Bk's column sums (no reduction across warps)
-                    c.append(pl.run_scoped(key_constant, plgpu.ACC((CHUNK, N), f32)))
+                    c.append(pl.run_scoped(functools.partial(key_constant, bk_smem), plgpu.ACC((CHUNK, N), f32)))
                 # each operand's key accumulators start at their rows' key constants: column g
                 # q · m_g (and -128 q' · s_g with key_offset)
                 start = functools.partial(_key_start, offset=key_offset)
@@ -668,7 +668,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         def loop(i, carry):  # i: the step within this split
             slot = lax.rem(i, stages)
-            if prefetch_bk and compute:  # this step's tiles were waited for, its Bk and starts built, in the step before
+            if prefetching:  # this step's tiles were waited for, its Bk and starts built, in the step before
                 carry, starts = carry
                 nxt = lax.rem(i + 1, stages)
 
@@ -699,11 +699,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         # Σ p by row (value_offset; a value no op uses fails Mosaic's layout inference)
         ls0 = (plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1)),) * heads if value_offset else ()
         carry = ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0)
-        if prefetch_bk and compute:  # the first step's tiles and Bk (a split with no steps builds from nothing: unused)
+        if prefetching:  # the first step's tiles and Bk (a split with no steps builds from nothing: unused)
             pl.when(steps > 0)(lambda: plgpu.barrier_wait(tile(0)))
             carry = carry, tuple(build_bk(kt_buf.at[0], bk_smem.at[0]))
         carry = lax.fori_loop(0, steps, loop, carry)
-        m, o1, mc2, ls = carry[0] if prefetch_bk and compute else carry
+        m, o1, mc2, ls = carry[0] if prefetching else carry
         g = vrow // GROUP
         for h in hs:
             if multi:  # column sums row by row from shared memory (no reduction across warps)
@@ -736,6 +736,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
     multi = warpgroups > 1
     ones_c = multi or ones_constant
+    prefetching = prefetch_bk and compute  # (the stream alone builds nothing)
     if value_offset and multi:
         raise ValueError("value_offset needs the sums across a warpgroup's warps that warpgroups > 1 leaves out")
     if prefetch_bk and ones_c:
@@ -864,13 +865,13 @@ def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=Fals
     vc = np.asarray(value_codes(words_of(vn).reshape(vn.shape[:2] + (D * 4,))), np.float64)
     kt, vt = (np.asarray(x, np.float64) for x in (kt, vt))
     rows, tokens = kc.shape[:2]
-    f = np.where(np.arange(N) < 8, np.asarray(key_field_scale(np.arange(D)))[:, None], 1.0)  # [128, 16]
     if key_offset:  # the operand 128 + 4^f c, Bk's s columns times 4^-f
+        f = np.where(np.arange(N) < 8, np.asarray(key_field_scale(np.arange(D)))[:, None], 1.0)  # [128, 16]
         kc, kt = 128 + kc / f[None, None, :, 0], kt * f
-    fv = np.asarray(value_field_scale(np.arange(CHUNK)), np.float64)[:, None]  # [64, 1]
     if value_offset:  # likewise, by token: the operand 128 + 4^f c, Bv's s columns times 4^-f
+        fv = np.asarray(value_field_scale(np.arange(CHUNK)), np.float64)[:, None]  # [64, 1]
         vc = 128 + vc / np.tile(fv[:, 0], tokens // CHUNK)[None, :, None]
-    s_cols = np.arange(N) % 8 < 4
+        s_cols = np.arange(N) % 8 < 4
     outs = []
     for r in range(rows):
         m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
