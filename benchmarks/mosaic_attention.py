@@ -56,7 +56,8 @@ D = km.D
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
             ("key_offset", dict(key_offset=True)), ("value_offset", dict(value_offset=True)),
             ("key_value_offset", dict(key_offset=True, value_offset=True)),
-            ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3", dict(prefetch_bk=True, stages=3))]
+            ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3", dict(prefetch_bk=True, stages=3)),
+            ("group4", dict(group=4)), ("prefetch_bk_group4", dict(prefetch_bk=True, group=4))]
 QUICK = ("default", "prefetch_bk", "prefetch_bk_stages3", "key_value_offset")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
@@ -289,6 +290,29 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
     return rows
 
 
+def interleaved(names, hkv, rounds, b=64, t=4096, hq=32):
+    """Variants ``names`` of the target shape timed in turns, ``rounds`` times over (each turn a
+    median of 5 batches): a change of a few percent is within what one configuration moves
+    between calls, so A and B take turns on the same inputs -> rows, one a variant, with every
+    round's time and the median over rounds, and the ratio of each to the first's."""
+    variants = dict({32: VARIANTS, 8: GQA_VARIANTS}[hkv])
+    r, g = b * hkv, hq // hkv
+    packed, q = random_packed(r, t), random_q(r, g)
+    n = jnp.full((r,), t, jnp.int32)
+    fns = {name: jax.jit(functools.partial(km.bulk_partials, **variants[name])) for name in names}
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            times[name].append(common.time_fn(fns[name], q, n, *packed))
+    base = float(np.median(times[names[0]]))
+    rows = [{"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}", "median_ms": float(np.median(ms)),
+             "rounds_ms": [round(x, 4) for x in ms], "ratio_to_first": float(np.median(ms)) / base}
+            for name, ms in times.items()]
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="only the issue's B x T grid, Mosaic kernel next to dense")
@@ -307,7 +331,20 @@ def main(argv=None):
                          "for Nsight Compute: ncu --kernel-name regex:body_mosaic --launch-count 1 ...")
     ap.add_argument("--variant", default="default", choices=[name for name, _ in VARIANTS + MORE_VARIANTS],
                     help="--once's kernel (VARIANTS, MORE_VARIANTS)")
+    ap.add_argument("--ab", default="",
+                    help="only these variants (comma list, the first the baseline) of the target shape, timed in "
+                         "turns over --rounds rounds, for each of --kv-heads")
+    ap.add_argument("--rounds", type=int, default=7)
     a = ap.parse_args(argv)
+    if a.ab:
+        env = common.environment()
+        rows = [row for hkv in map(int, a.kv_heads.split(",")) for row in interleaved(a.ab.split(","), hkv, a.rounds)]
+        table = (f"Mosaic GPU bulk kernel, variants in turns ({a.rounds} rounds), {env['device']}, jax "
+                 f"{env['jax_version']}, commit {env['commit']}\n\n"
+                 + common.markdown(rows, ["B", "T", "Hkv", "impl", "median_ms", "ratio_to_first", "rounds_ms"]))
+        print(table)
+        common.write_results(a.name, {**env, "rows": rows}, table)
+        return
     if a.once:
         rows, t = 64 * 32, 4096
         q = random_q(rows)
