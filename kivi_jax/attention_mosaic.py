@@ -1,5 +1,5 @@
-"""Decode attention over a MosaicKIVICache: the Mosaic GPU kernel on the quantized tokens, plain
-JAX (or, with window_impl="pallas", a Triton kernel: pallas_kernels/mosaic_window.py) on the newest ones.
+"""Decode attention over a MosaicKIVICache: the Mosaic GPU kernel on the quantized tokens, a
+Triton kernel (on a GPU; pallas_kernels/mosaic_window.py) or plain JAX on the newest ones.
 
 Row b holds L tokens; values [0, m) are quantized (m = max(L - R, 0)), and so are their keys
 (keys [0, n) with n = L - L % R >= m). The kernel (:func:`pallas_kernels.kivi_mosaic.bulk_partials`)
@@ -90,8 +90,11 @@ def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None):
 
 
 WINDOW_IMPLS = {"jax": lambda qg, cache, stack: window_partials(qg, cache), "pallas": window_kernel_partials}
-#: decode_attention's window when none is passed; read at trace time (benchmarks A/B it)
-DEFAULT_WINDOW_IMPL = "jax"
+#: decode_attention's window when none is passed; read at trace time (benchmarks A/B it). None:
+#: "pallas" on a GPU (0.9 ms less GPU time in a paper-setting step at 330 tokens, its ring read at
+#: 3.3 TB/s: results/decode-step-ab-2026-12-02-run39/-run40), else "jax" (off the GPU the Triton
+#: kernel would run interpreted)
+DEFAULT_WINDOW_IMPL = None
 
 
 def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str | None = None):
@@ -100,10 +103,9 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
-    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`;
-    not the default: within noise of it, results/mosaic-attention-run15 and
-    decode-step-ab-2026-12-01-mosaic-window); None: DEFAULT_WINDOW_IMPL."""
-    window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
+    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`);
+    None: DEFAULT_WINDOW_IMPL."""
+    window_impl = window_impl or DEFAULT_WINDOW_IMPL or ("pallas" if jax.default_backend() == "gpu" else "jax")
     if window_impl not in WINDOW_IMPLS:
         raise ValueError(f"window_impl={window_impl!r}; allowed: {tuple(WINDOW_IMPLS)}")
     b, hq, _, d = q.shape

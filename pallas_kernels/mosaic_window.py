@@ -7,10 +7,10 @@ t_j = m + (j - m) mod R (m = max(L - R, 0)), its value in ``v_res[j]`` and its k
 ``k_res[j]`` when t_j >= n (n: the quantized keys), else already quantized (the block flushed
 last). Those keys' scores come in precomputed (``flushed`` [G, R], from their codes; a few KB
 a row: :func:`kivi_jax.attention_mosaic.flushed_scores`), so the kernel reads k_res and v_res
-once, ``chunk`` slots a step with an online softmax. Measured (opt-in, not the default): 0.103
-vs 0.114 ms for the plain-JAX window at B=64, T=4k (results/mosaic-attention-run15), 1.94 ms
-of a paper-setting step moving 6.4 GB, but the whole step 15.64 vs 15.83 ms: the flushed keys'
-scores, in XLA, cost 2.0 ms (decode-step-ab-2026-12-01-mosaic-window).
+once, ``chunk`` slots a step with an online softmax. The GPU default since run39/run40
+(results/decode-step-ab-2026-12-02-*): 1.92 ms of a paper-setting step at 330 tokens, moving
+6.4 GB at 3.3 TB/s, where the plain-JAX window's two reductions take 2.8 ms; 0.103 vs 0.114 ms
+at B=64, T=4k (mosaic-attention-run15). The flushed keys' scores, in XLA, cost 1.6 ms more.
 
 Inputs: q [B, Hkv, G, D] float32 (scaled), k_res, v_res [B, Hkv, R, D] (or [L, B, Hkv, R, D]
 with ``layer``), flushed [B, Hkv, G, R] float32, lengths, num_quantized_keys,
