@@ -7,17 +7,16 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the Mistral-7B shape's sweep past
-# batch 256 now that decode steps of more than 256 rows run XLA's GEMM (a95e194; batch 512 stopped
-# on the stacked matmul's shared memory in e2e-2026-12-02-run34-mistral): python -m benchmarks.e2e
-# --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-prompts 4096 --sweep-caches kivi2
-# --sweep-start 512 --sweep-cap 1024 --child-timeout 300 --budget-s 560; and the Llama shape's KIVI-2
-# (Triton layout) batch 256 at 4096 tokens, never timed (--sweep-caches kivi2 --sweep-start 256
-# --sweep-cap 256). Then python -m benchmarks.mosaic_attention --quick --kv-heads 32,8 --stages 2 (~4 min:
-# checks and timings of prefetch_bk, be52c70, never run on a GPU, next to the default in the same
-# call). The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run32; the offset
-# variants and 3 stages no faster, results/mosaic-attention-ncu-2026-12-02-run28.md: latency-bound,
-# not issue-bound); a kernel change needs its baseline in the same call (.devtree_base, as run32).
+# Then, as separate calls (each <= 10 min). Next session, first: the branch ring-keys (d924fd1: the
+# Mosaic cache's ring holds flushed keys dequantized, rewritten in a second conditional; its first
+# version transposed every layer's ring on the H200, results/decode-step-ab-2026-12-02-p330.md)
+# next to main in one call: XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_step_ab
+# --layers 32 --prompt 330 --max-length 512 --caches kivi2m --arms allpallas --trace (stacked_copies
+# must be 0); then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2,kivi2m.
+# decode_step_ab at 4096 tokens needs --batch <= 64 and no dense cache (B=128 ran out of memory).
+# The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run37; offsets, prefetch_bk, group4
+# and 3 stages no faster: mosaic_attention --ab times variants in turns); a kernel change needs its
+# baseline in the same call (.devtree_base, as run32).
 # The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
 # first; tar it to $OUT): its ptxas report (body_0.ptxas) has the registers, and the triton wheel's
 # ptxas (after `sed s/^.version 9.0/.version 8.7/`) and cuobjdump give the SASS offline.
