@@ -52,21 +52,25 @@ D = km.D
 # offset folded into q's s columns and the key constant / Bv's s columns and o's epilogue
 # (before the lanes: key_offset 0.459 vs 0.463 with spills at 255 registers, -run23; now 193).
 # (measured: no faster, 0.400-0.418 vs 0.393-0.410 with both, -run28 / -run32).
-# prefetch_bk: the next step's Bk and key constant built while the value wgmmas run (not yet timed).
+# prefetch_bk: the next step's Bk and key constant built while the value wgmmas run (correct; in
+# turns over five rounds 0.983x MHA, 1.015x GQA 4: mosaic-ab-run37-*); group4: all four chunks a
+# wgmma group (1.001x). rows2 / rows4: 2 or 4 rows a program, their steps one stream (not yet timed).
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
             ("key_offset", dict(key_offset=True)), ("value_offset", dict(value_offset=True)),
             ("key_value_offset", dict(key_offset=True, value_offset=True)),
             ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3", dict(prefetch_bk=True, stages=3)),
-            ("group4", dict(group=4)), ("prefetch_bk_group4", dict(prefetch_bk=True, group=4))]
-QUICK = ("default", "prefetch_bk", "prefetch_bk_stages3", "key_value_offset")
+            ("group4", dict(group=4)), ("prefetch_bk_group4", dict(prefetch_bk=True, group=4)),
+            ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4))]
+QUICK = ("default", "rows2", "rows4")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two;
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
-                ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True))]
-GQA_QUICK = ("default", "prefetch_bk")
+                ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
+                ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4))]
+GQA_QUICK = ("default", "rows2")
 
 
 def random_inputs(rows, tokens, key=0):
@@ -290,22 +294,23 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
     return rows
 
 
-def interleaved(names, hkv, rounds, b=64, t=4096, hq=32):
-    """Variants ``names`` of the target shape timed in turns, ``rounds`` times over (each turn a
-    median of 5 batches): a change of a few percent is within what one configuration moves
-    between calls, so A and B take turns on the same inputs -> rows, one a variant, with every
-    round's time and the median over rounds, and the ratio of each to the first's."""
+def interleaved(names, hkv, rounds, b=64, t=4096, hq=32, length=None):
+    """Variants ``names`` of one shape (default the target's) timed in turns, ``rounds`` times
+    over (each turn a median of 5 batches): a change of a few percent is within what one
+    configuration moves between calls, so A and B take turns on the same inputs -> rows, one a
+    variant, with every round's time and the median over rounds, and the ratio of each to the
+    first's. length: every row's quantized tokens (default t)."""
     variants = dict({32: VARIANTS, 8: GQA_VARIANTS}[hkv])
     r, g = b * hkv, hq // hkv
     packed, q = random_packed(r, t), random_q(r, g)
-    n = jnp.full((r,), t, jnp.int32)
+    n = jnp.full((r,), t if length is None else length, jnp.int32)
     fns = {name: jax.jit(functools.partial(km.bulk_partials, **variants[name])) for name in names}
     times = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
             times[name].append(common.time_fn(fns[name], q, n, *packed))
     base = float(np.median(times[names[0]]))
-    rows = [{"B": b, "T": t, "Hkv": hkv, "impl": f"mosaic_bulk_{name}", "median_ms": float(np.median(ms)),
+    rows = [{"B": b, "T": t, "length": int(n[0]), "Hkv": hkv, "impl": f"mosaic_bulk_{name}", "median_ms": float(np.median(ms)),
              "rounds_ms": [round(x, 4) for x in ms], "ratio_to_first": float(np.median(ms)) / base}
             for name, ms in times.items()]
     for row in rows:
@@ -332,16 +337,20 @@ def main(argv=None):
     ap.add_argument("--variant", default="default", choices=[name for name, _ in VARIANTS + MORE_VARIANTS],
                     help="--once's kernel (VARIANTS, MORE_VARIANTS)")
     ap.add_argument("--ab", default="",
-                    help="only these variants (comma list, the first the baseline) of the target shape, timed in "
-                         "turns over --rounds rounds, for each of --kv-heads")
+                    help="only these variants (comma list, the first the baseline) of one shape (--ab-shape), timed "
+                         "in turns over --rounds rounds, for each of --kv-heads")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--ab-shape", default="64,4096",
+                    help="--ab's B,T[,length] (e.g. 96,512,200: the paper's batch, one 256-token step a row)")
     a = ap.parse_args(argv)
     if a.ab:
         env = common.environment()
-        rows = [row for hkv in map(int, a.kv_heads.split(",")) for row in interleaved(a.ab.split(","), hkv, a.rounds)]
+        b, t, *length = map(int, a.ab_shape.split(","))
+        rows = [row for hkv in map(int, a.kv_heads.split(",")) for row in interleaved(
+            a.ab.split(","), hkv, a.rounds, b=b, t=t, length=length[0] if length else None)]
         table = (f"Mosaic GPU bulk kernel, variants in turns ({a.rounds} rounds), {env['device']}, jax "
                  f"{env['jax_version']}, commit {env['commit']}\n\n"
-                 + common.markdown(rows, ["B", "T", "Hkv", "impl", "median_ms", "ratio_to_first", "rounds_ms"]))
+                 + common.markdown(rows, ["B", "T", "length", "Hkv", "impl", "median_ms", "ratio_to_first", "rounds_ms"]))
         print(table)
         common.write_results(a.name, {**env, "rows": rows}, table)
         return
@@ -384,9 +393,13 @@ def main(argv=None):
               ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3_splits1", dict(prefetch_bk=True, stages=3, splits=1)),
               ("gqa4_prefetch_bk", dict(heads=4, prefetch_bk=True)),
               ("gqa2_unfused_prefetch_bk", dict(heads=2, fused=False, prefetch_bk=True)),
-              ("key_value_offset_prefetch_bk", dict(key_offset=True, value_offset=True, prefetch_bk=True))]
+              ("key_value_offset_prefetch_bk", dict(key_offset=True, value_offset=True, prefetch_bk=True)),
+              ("rows2", dict(rows_per_program=2)), ("rows4_splits3", dict(rows_per_program=4, splits=3)),
+              ("gqa4_rows3_stages3", dict(heads=4, rows_per_program=3, stages=3)),
+              ("gqa2_unfused_rows2_key_value_offset", dict(heads=2, fused=False, rows_per_program=2, key_offset=True,
+                                                           value_offset=True))]
     if a.quick:
-        checks = [(name, opts) for name, opts in checks if "prefetch" in name or name in ("default", "gqa4")]
+        checks = [(name, opts) for name, opts in checks if "rows" in name or name in ("default", "gqa4")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

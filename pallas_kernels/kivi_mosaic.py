@@ -405,7 +405,7 @@ def _value_operand(ctx, p, *rest, u, offset=False):
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
-           ones_constant: bool = False, prefetch_bk: bool = False, profile_dir: str = ""):
+           ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -455,6 +455,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     key constant are built while this step's last value wgmmas run (its tiles waited for there,
     two Bk buffers, the key accumulators' start carried through the loop), so that work leaves
     the step's chain of dependent phases.
+    rows_per_program (K, warpgroups = 1, not with prefetch_bk; not yet timed): each program
+    takes K consecutive rows one after another, their steps one stream through the pipeline's
+    slots, so the next row's first tiles load while this row's last steps compute and a row
+    pays no launch, q load or pipeline fill of its own: at the paper's setting (B=96, about 200
+    quantized tokens a row) every program runs a single step and the kernel takes 1.9 ms of a
+    step for 1.9 GB (results/decode-step-ab-2026-12-02-p330.md). A row with no steps in a split
+    runs one, all masked (its partial is the empty one).
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -515,12 +522,14 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             tile = lambda slot: tile_bar.at[w * stages + slot]  # noqa: E731
         else:
             tile = lambda slot: tile_bar.at[slot]  # noqa: E731
-        plgpu.copy_gmem_to_smem(q_gmem.at[r], q_smem, q_bar)
-        plgpu.copy_gmem_to_smem(n_gmem.at[r], n_smem, n_bar)  # [32] int32: Mosaic copies multiples of 128 bytes
+        rows_here = pl.ds(r * rows_per_program, rows_per_program) if persist else r
+        plgpu.copy_gmem_to_smem(q_gmem.at[rows_here], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(n_gmem.at[rows_here], n_smem, n_bar)  # [32] int32 a row: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(n_bar)
-        n = n_smem[0]
-        r_in = r + n_smem[1]  # this row's position in the (possibly layer-stacked) cache arrays
+        first = (0,) if persist else ()  # (rows_per_program: n and r_in below are the first row's)
+        n = n_smem[first + (0,)]
+        r_in = r + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
         lo = sp * per_split  # this program's steps [lo, hi)
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
@@ -539,13 +548,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             plgpu.wgmma_wait(0)
             return acc[...]
 
-        def build_bk(kt_ref, bk_smem):  # Bk_h = q_h ∘ [s | m] into bk_smem -> the key accumulators' starts
+        def build_bk(kt_ref, bk_smem, q_ref=q_smem):  # Bk_h = q_h ∘ [s | m] into bk_smem -> the key accumulators' starts
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
                 c = []  # Bk's column sums, every row (q_h · s_g | q_h · m_g)
                 for h in hs:
                     # q_h ∘ s | q_h ∘ m [128, 16] (key_offset: q's s columns carry 4^-f, bulk_partials)
-                    x = plgpu.load(q_smem.at[h], (), layout=wg).astype(f32) * kt
+                    x = plgpu.load(q_ref.at[h], (), layout=wg).astype(f32) * kt
                     xb = x.astype(bf16)
                     cols(bk_smem, h)[...] = xb
                     if key_offset:  # the s columns' sums from the operand as the tensor cores take it
@@ -561,12 +570,14 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return ([inline(start, c, mgpu_out((CHUNK, nbc), f32))] if fused else
                         [inline(start, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
 
-        def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry, bk_smem=bk_smem, starts=None, prefetch=None):
-            # -> the carry (with prefetch: and the next step's starts, which prefetch() builds)
+        def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry, bk_smem=bk_smem, starts=None, prefetch=None, n=n,
+                 q_ref=q_smem):
+            # -> the carry (with prefetch: and the next step's starts, which prefetch() builds);
+            # n, q_ref: the row's length and query rows
             if not compute:
                 return carry
             if starts is None:
-                starts = build_bk(kt_ref, bk_smem)
+                starts = build_bk(kt_ref, bk_smem, q_ref)
 
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
@@ -580,10 +591,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
                     part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
-                    scores += [pick(j, first + i, part[i * nb + blk(h)[0]], blk(h)[1]) for i in range(group) for h in hs]
+                    scores += [pick(j, first + i, part[i * nb + blk(h)[0]], blk(h)[1], n) for i in range(group) for h in hs]
             return softmax_and_values(j, scores, vn_ref, vt_ref, *carry, prefetch=prefetch, starts=starts)
 
-        def pick(j, u, acc, k):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
+        def pick(j, u, acc, k, n):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
             s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
             return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, s)
 
@@ -653,7 +664,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             return carry if prefetch is None else (carry, tuple(starts))
 
         # The pipeline by hand (a row's own trip count): slot i holds step i mod stages.
-        def fetch(i, slot):
+        def fetch(i, slot, r_in=r_in):
             bar = tile(slot)
             # the stores as [Tc / 4, 256] nibbles, a step 64 rows of each
             plgpu.copy_gmem_to_smem(kn_gmem.at[r_in, pl.ds(i * WIDE_ROWS, WIDE_ROWS)],
@@ -663,7 +674,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             plgpu.copy_gmem_to_smem(kt_gmem.at[r_in, i], kt_buf.at[slot], bar)
             plgpu.copy_gmem_to_smem(vt_gmem.at[r_in, pl.ds(i * 2, 2)], vt_buf.at[slot], bar)
 
-        for i in range(min(stages, per_split)):
+        for i in range(0 if persist else min(stages, per_split)):
             pl.when(i < steps)(functools.partial(fetch, lo + i, i))
 
         def loop(i, carry):  # i: the step within this split
@@ -685,12 +696,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             pl.when(i + stages < steps)(lambda: refill(lo + i + stages, slot))
             return carry
 
-        def refill(i, slot):
+        def refill(i, slot, r_in=r_in):
             # Every warp has read the slot (its wgmmas waited on took the codes from registers
             # loaded from it) before one thread's copies overwrite it: one barrier, where Pallas's
             # automatic ones put one before each of the four copies.
             plgpu.commit_smem()
-            fetch(i, slot)
+            fetch(i, slot, r_in)
 
         zeros = plgpu.layout_cast(jnp.zeros((D, nbc), f32), wg)
         zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
@@ -702,51 +713,120 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         if prefetching:  # the first step's tiles and Bk (a split with no steps builds from nothing: unused)
             pl.when(steps > 0)(lambda: plgpu.barrier_wait(tile(0)))
             carry = carry, tuple(build_bk(kt_buf.at[0], bk_smem.at[0]))
-        carry = lax.fori_loop(0, steps, loop, carry)
-        m, o1, mc2, ls = carry[0] if prefetching else carry
-        g = vrow // GROUP
-        for h in hs:
-            if multi:  # column sums row by row from shared memory (no reduction across warps)
-                mc_smem[...] = mc2[h]
-                plgpu.commit_smem()
-                sums = lax.fori_loop(0, CHUNK, lambda i, a: a + plgpu.load(mc_smem.at[i], (), layout=every),
-                                     plgpu.layout_cast(jnp.zeros((N,), f32), every))
-                mc = lax.broadcast_in_dim(sums, (D, N), (1,))
-                l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) % 8 == 0, sums, 0.0))
-            else:
-                mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # by column, over the tokens
-                # Σ p: columns 0 and 8 (each its half's chunks); value_offset: the row sums ls
-                l = jnp.sum(ls[h]) if value_offset else jnp.sum(jnp.sum(jnp.where(col % 8 == 0, mc2[h], 0.0), axis=1))
-            # Σ p m of g's two halves; value_offset: less 128 Σ p s 4^-f (the offset's product)
-            own_cols = (vcol == g) | (vcol == g + 8)
-            mc = jnp.where((vcol == g + 4) | (vcol == g + 12), mc, jnp.where(own_cols, -128.0 * mc, 0.0)
-                           if value_offset else 0.0)
-            if fused:
-                gb = N * h + vrowb // GROUP  # row h's column block
-                o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
-                                     + jnp.sum(mc, axis=1))
-            else:
-                o_smem.at[h][...] = jnp.sum(jnp.where(own_cols, o1[h], 0.0) + mc, axis=1)  # [128]
-            ml_smem.at[h, 0][...] = jnp.sum(jnp.where(vcol == 0, m[h], 0.0), axis=1)  # m down the row
-            ml_smem.at[h, 1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r, sp])
-        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r, sp])
+
+        def finish(m, o1, mc2, ls, r_out):  # a row's partials (o, m, l) -> its outputs [r_out, sp]
+            g = vrow // GROUP
+            for h in hs:
+                if multi:  # column sums row by row from shared memory (no reduction across warps)
+                    mc_smem[...] = mc2[h]
+                    plgpu.commit_smem()
+                    sums = lax.fori_loop(0, CHUNK, lambda i, a: a + plgpu.load(mc_smem.at[i], (), layout=every),
+                                         plgpu.layout_cast(jnp.zeros((N,), f32), every))
+                    mc = lax.broadcast_in_dim(sums, (D, N), (1,))
+                    l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) % 8 == 0, sums, 0.0))
+                else:
+                    mc = lax.broadcast_in_dim(jnp.sum(mc2[h], axis=0), (D, N), (1,))  # by column, over the tokens
+                    # Σ p: columns 0 and 8 (each its half's chunks); value_offset: the row sums ls
+                    l = jnp.sum(ls[h]) if value_offset else jnp.sum(jnp.sum(jnp.where(col % 8 == 0, mc2[h], 0.0), axis=1))
+                # Σ p m of g's two halves; value_offset: less 128 Σ p s 4^-f (the offset's product)
+                own_cols = (vcol == g) | (vcol == g + 8)
+                mc = jnp.where((vcol == g + 4) | (vcol == g + 12), mc, jnp.where(own_cols, -128.0 * mc, 0.0)
+                               if value_offset else 0.0)
+                if fused:
+                    gb = N * h + vrowb // GROUP  # row h's column block
+                    o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
+                                         + jnp.sum(mc, axis=1))
+                else:
+                    o_smem.at[h][...] = jnp.sum(jnp.where(own_cols, o1[h], 0.0) + mc, axis=1)  # [128]
+                ml_smem.at[h, 0][...] = jnp.sum(jnp.where(vcol == 0, m[h], 0.0), axis=1)  # m down the row
+                ml_smem.at[h, 1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r_out, sp])
+            plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r_out, sp])
+
+        def persistent():
+            # rows_per_program rows one after another, their steps one stream through the slots:
+            # the next row's first tiles are in flight while this row's last steps compute, and
+            # a row costs no launch, q load or pipeline fill of its own. Global step g belongs to
+            # row k = #{j >= 1: g >= start_j} at its step g - start_k; a row with no steps here
+            # runs one, all masked, whose partial is the empty one (m = -1e30, l = 0).
+            k_rows, r0, last_step = rows_per_program, r * rows_per_program, tokens // KEY_BLOCK - 1
+            offset = n_smem[0, 1]
+            ns = [n_smem[k, 0] for k in range(k_rows)]
+            counts = [jnp.maximum(jnp.minimum(jnp.minimum((nk + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK),
+                                              lo + per_split) - lo, 1) for nk in ns]
+            starts = [counts[0] * 0]
+            for c in counts[:-1]:
+                starts.append(starts[-1] + c)
+            total = starts[-1] + counts[-1]
+
+            def of_row(values, k):  # values[k] for a traced row k
+                out = values[0]
+                for j in range(1, k_rows):
+                    out = jnp.where(k == j, values[j], out)
+                return out
+
+            def place(g):  # global step g -> (its row, the row's step)
+                k = functools.reduce(lambda a, j: a + (g >= starts[j]).astype(jnp.int32), range(1, k_rows), g * 0)
+                return k, g - of_row(starts, k)
+
+            def fetch_global(g, slot):  # (a step past the stores, of a row with none here: the last one, masked)
+                k, i = place(g)
+                fetch(jnp.minimum(lo + i, last_step), slot, r0 + k + offset)
+
+            for g in range(stages):
+                pl.when(g < total)(functools.partial(fetch_global, g, g))
+
+            def loop_rows(g, carry):
+                slot = lax.rem(g, stages)
+                k, i = place(g)
+                fresh = i == 0  # a row's first step starts from the empty partial
+                keep = 1.0 - fresh.astype(f32)
+                m, o1, mc2, ls = carry
+                carry = (tuple(jnp.where(fresh, m0, x) for x in m), tuple(x * keep for x in o1),
+                         tuple(x * keep for x in mc2), tuple(x * keep for x in ls))
+                with jax.named_scope("tma_wait"):
+                    plgpu.barrier_wait(tile(slot))
+                carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry,
+                             n=of_row(ns, k), q_ref=q_smem.at[k])
+
+                @pl.when(g + stages < total)
+                def _():
+                    plgpu.commit_smem()  # as refill's
+                    fetch_global(g + stages, slot)
+
+                @pl.when(i == of_row(counts, k) - 1)
+                def _():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the row before's outputs have left o_smem
+                    finish(*carry, r0 + k)
+
+                return carry
+
+            lax.fori_loop(0, total, loop_rows, carry)
+
+        if persist:
+            persistent()
+        else:
+            carry = lax.fori_loop(0, steps, loop, carry)
+            finish(*(carry[0] if prefetching else carry), r)
         plgpu.wait_smem_to_gmem(0)
 
     multi = warpgroups > 1
+    persist = rows_per_program > 1
     ones_c = multi or ones_constant
     prefetching = prefetch_bk and compute  # (the stream alone builds nothing)
     if value_offset and multi:
         raise ValueError("value_offset needs the sums across a warpgroup's warps that warpgroups > 1 leaves out")
     if prefetch_bk and ones_c:
         raise ValueError("prefetch_bk builds the key constant by reduction; not with ones_constant or warpgroups > 1")
+    if rows_per_program < 1 or (persist and (multi or prefetch_bk)):
+        raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, or more with warpgroups=1 and no prefetch_bk")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
         raise ValueError(f"warpgroups={warpgroups} (with G={heads} query rows a KV head); allowed: 1, 2 or 3, "
                          "and more than 1 only with G = 1 (their scratch fills an SM's shared memory at 3)")
-    assert rows % warpgroups == 0, "bulk_partials pads the rows"
+    assert rows % (warpgroups * rows_per_program) == 0, "bulk_partials pads the rows"
 
     def own(shape, dtype, transforms=()):  # a scratch buffer, one a warpgroup
         return plgpu.SMEM(((warpgroups,) if multi else ()) + tuple(shape), dtype, transforms=transforms)
@@ -761,7 +841,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         body,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
-        scratch_types=[own((heads, D, N), bf16, b_op), own((32,), jnp.int32),
+        scratch_types=[own(((rows_per_program,) if persist else ()) + (heads, D, N), bf16, b_op),
+                       own(((rows_per_program,) if persist else ()) + (32,), jnp.int32),
                        own(((2,) if prefetch_bk else ()) + (nb, D, nbc), bf16, b_op),
                        own((nb, KEY_BLOCK, nbc), bf16, b_op),
                        own((heads, D), f32), own((heads, 2, D), f32),
@@ -774,7 +855,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                        plgpu.Barrier(num_arrivals=4, num_barriers=stages * warpgroups)]
                       + ([own((CHUNK,), f32), own((CHUNK, N), f32)] if multi else [])
                       + ([plgpu.SMEM((smem_pad,), jnp.int8)] if smem_pad else []),
-        grid=(rows // warpgroups, splits), grid_names=("r", "s"),
+        grid=(rows // (warpgroups * rows_per_program), splits), grid_names=("r", "s"),
         **({"num_threads": warpgroups, "thread_name": "wg"} if multi else {}),
         compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, **params))
 
@@ -830,8 +911,8 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     splits = default_splits(rows, tokens, gpu_slots()) if splits is None else splits
     if not 1 <= splits <= tokens // KEY_BLOCK:
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
-    wgs = options.get("warpgroups", 1)
-    padded = -(-rows // wgs) * wgs  # rows a multiple of the warpgroups a CTA (padding rows: n = 0)
+    unit = options.get("warpgroups", 1) * max(options.get("rows_per_program", 1), 1)  # (_build names a bad one)
+    padded = -(-rows // unit) * unit  # rows a multiple of the rows a CTA takes (padding rows: n = 0)
     qg = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
     qb = jnp.broadcast_to(qg[..., None], (padded, heads, D, N))
     if options.get("key_offset"):  # Bk's s columns carry 4^-f of their channel's field (exact: powers of 2)

@@ -213,7 +213,11 @@ def _abstract(rows, t, heads=1):
                                            (1, {"prefetch_bk": True}), (1, {"prefetch_bk": True, "stages": 3, "splits": 3}),
                                            (4, {"prefetch_bk": True}), (2, {"prefetch_bk": True, "fused": False}),
                                            (1, {"prefetch_bk": True, "key_offset": True, "value_offset": True}),
-                                           (1, {"prefetch_bk": True, "compute": False})])
+                                           (1, {"prefetch_bk": True, "compute": False}),
+                                           (1, {"rows_per_program": 2}), (1, {"rows_per_program": 4, "splits": 3}),
+                                           (4, {"rows_per_program": 3, "stages": 3}),
+                                           (2, {"rows_per_program": 2, "fused": False, "key_offset": True,
+                                                "value_offset": True})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -222,12 +226,14 @@ def test_kernel_lowers_for_cuda(heads, options):
     assert "mosaic_gpu" in lowered.as_text()
 
 
-def test_warpgroups_pad_the_rows():
-    """Rows not a multiple of the warpgroups a CTA are padded with empty rows (n = 0) and cut off."""
-    lowered = jax.jit(lambda *a: km.bulk_partials(*a, warpgroups=3)).trace(*_abstract(7, 512)).lower(
+@pytest.mark.parametrize("options", [{"warpgroups": 3}, {"rows_per_program": 4}])
+def test_rows_a_cta_pad_the_rows(options):
+    """Rows not a multiple of the rows a CTA takes (warpgroups, rows_per_program) are padded with
+    empty rows (n = 0) and cut off."""
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(7, 512)).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
-    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a, warpgroups=3), *_abstract(7, 512))
+    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a, **options), *_abstract(7, 512))
     assert [x.shape for x in outs] == [(7, D), (7,), (7,)]
 
 
@@ -247,6 +253,10 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=2, value_offset=True)
     with pytest.raises(ValueError, match="prefetch_bk builds the key constant by reduction"):
         km.bulk_partials(q, n, kn, kt, vn, vt, prefetch_bk=True, ones_constant=True)
+    with pytest.raises(ValueError, match="rows_per_program=2; allowed: 1, or more with warpgroups=1 and no prefetch_bk"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=2, warpgroups=2)
+    with pytest.raises(ValueError, match="rows_per_program=0; allowed"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=0)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
