@@ -14,6 +14,9 @@
 # --layers 32 --prompt 330 --max-length 512 --caches kivi2m --arms allpallas --trace (stacked_copies
 # must be 0); then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2,kivi2m.
 # decode_step_ab at 4096 tokens needs --batch <= 64 and no dense cache (B=128 ran out of memory).
+# Then the kernel's rows_per_program (cf1bab5, never run on a GPU): python -m benchmarks.mosaic_attention
+# --quick --kv-heads 32,8 --stages 2 (checks + timings, ~4 min), and --ab default,rows2,rows4 --kv-heads 32
+# with --ab-shape 96,512,200 (the paper's batch: one step a row) and --ab-shape 64,4096.
 # The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run37; offsets, prefetch_bk, group4
 # and 3 stages no faster: mosaic_attention --ab times variants in turns); a kernel change needs its
 # baseline in the same call (.devtree_base, as run32).
