@@ -40,8 +40,9 @@ def flushed_scores(qg, cache: MosaicKIVICache):
 
     The codes stay in their words: each of a word's 16 fields is shifted out and multiplied by
     the (q ∘ s) entry of its channel, reduced over [8 words, 16 fields], so XLA fuses the unpack
-    into the reduction instead of writing the R x D codes out first (which took 1.4 ms of a
-    paper-setting step at 330 tokens, results/decode-step-ab-run38-p330)."""
+    into the reduction instead of writing the R x D codes out first. Within noise of that on the
+    H200 (the reduction still takes 1.24-1.27 ms of a paper-setting step at 330 tokens, against
+    1.40 + 0.57: results/decode-step-ab-2026-12-02-p330.md)."""
     r = cache.config.residual_length
     b, h, g = qg.shape[:3]
     n0 = jnp.maximum(cache.num_quantized_keys - r, 0)  # the block's first token (a multiple of R)
@@ -105,7 +106,9 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
     tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`);
     None: DEFAULT_WINDOW_IMPL."""
-    window_impl = window_impl or DEFAULT_WINDOW_IMPL or ("pallas" if jax.default_backend() == "gpu" else "jax")
+    window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
+    if window_impl is None:
+        window_impl = "pallas" if jax.default_backend() == "gpu" else "jax"
     if window_impl not in WINDOW_IMPLS:
         raise ValueError(f"window_impl={window_impl!r}; allowed: {tuple(WINDOW_IMPLS)}")
     b, hq, _, d = q.shape

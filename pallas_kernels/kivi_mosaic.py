@@ -522,14 +522,15 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             tile = lambda slot: tile_bar.at[w * stages + slot]  # noqa: E731
         else:
             tile = lambda slot: tile_bar.at[slot]  # noqa: E731
-        rows_here = pl.ds(r * rows_per_program, rows_per_program) if persist else r
+        r0 = r * rows_per_program if persist else r  # this program's (first) row
+        rows_here = pl.ds(r0, rows_per_program) if persist else r
         plgpu.copy_gmem_to_smem(q_gmem.at[rows_here], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(n_gmem.at[rows_here], n_smem, n_bar)  # [32] int32 a row: Mosaic copies multiples of 128 bytes
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(n_bar)
         first = (0,) if persist else ()  # (rows_per_program: n and r_in below are the first row's)
         n = n_smem[first + (0,)]
-        r_in = r + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
+        r_in = r0 + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
         lo = sp * per_split  # this program's steps [lo, hi)
         hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
         steps = jnp.maximum(hi - lo, 0)
@@ -750,8 +751,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             # a row costs no launch, q load or pipeline fill of its own. Global step g belongs to
             # row k = #{j >= 1: g >= start_j} at its step g - start_k; a row with no steps here
             # runs one, all masked, whose partial is the empty one (m = -1e30, l = 0).
-            k_rows, r0, last_step = rows_per_program, r * rows_per_program, tokens // KEY_BLOCK - 1
-            offset = n_smem[0, 1]
+            k_rows, last_step = rows_per_program, tokens // KEY_BLOCK - 1
             ns = [n_smem[k, 0] for k in range(k_rows)]
             counts = [jnp.maximum(jnp.minimum(jnp.minimum((nk + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK),
                                               lo + per_split) - lo, 1) for nk in ns]
@@ -772,7 +772,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
             def fetch_global(g, slot):  # (a step past the stores, of a row with none here: the last one, masked)
                 k, i = place(g)
-                fetch(jnp.minimum(lo + i, last_step), slot, r0 + k + offset)
+                fetch(jnp.minimum(lo + i, last_step), slot, r_in + k)
 
             for g in range(stages):
                 pl.when(g < total)(functools.partial(fetch_global, g, g))
