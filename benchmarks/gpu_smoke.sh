@@ -7,7 +7,7 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the branch ring-keys (d924fd1: the
+# Then, as separate calls (each <= 10 min). Next session, first: the branch ring-keys (9617b4c: the
 # Mosaic cache's ring holds flushed keys dequantized, rewritten in a second conditional; its first
 # version transposed every layer's ring on the H200, results/decode-step-ab-2026-12-02-p330.md)
 # next to main in one call: XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_step_ab
