@@ -194,8 +194,7 @@ def nnx_state(model):
 
 # ---- tests -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def child():
+def _run_child():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -204,6 +203,22 @@ def child():
     assert r.returncode == 0, r.stderr[-4000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory, worker_id):
+    """The 8-device child's results, computed once per test run: under pytest-xdist the workers
+    share one run through a file (the child takes about a minute; each worker that ran a test of
+    this module ran it again)."""
+    if worker_id == "master":
+        return _run_child()
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "sharding-child.json"
+    with FileLock(str(shared) + ".lock"):
+        if not shared.is_file():
+            shared.write_text(json.dumps(_run_child()))
+        return json.loads(shared.read_text())
 
 
 def test_eight_devices(child):
