@@ -451,10 +451,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     the kernel makes none: the key constant comes from a wgmma of ones over Bk, the step's max
     from a per-warpgroup buffer read back in a layout every warp holds whole, and the epilogue's
     column sums row by row from another.
-    prefetch_bk (G rows by reduction, not ones_constant; not yet timed): the next step's Bk and
-    key constant are built while this step's last value wgmmas run (its tiles waited for there,
-    two Bk buffers, the key accumulators' start carried through the loop), so that work leaves
-    the step's chain of dependent phases.
+    prefetch_bk (G rows by reduction, not ones_constant): the next step's Bk and key constant are
+    built while this step's last value wgmmas run (its tiles waited for there, two Bk buffers,
+    the key accumulators' start carried through the loop), so that work leaves the step's chain
+    of dependent phases. Correct, but within noise of the default (0.983x MHA, 1.015x GQA 4 in
+    turns: results/mosaic-ab-run37-*).
     rows_per_program (K, warpgroups = 1, not with prefetch_bk; not yet timed): each program
     takes K consecutive rows one after another, their steps one stream through the pipeline's
     slots, so the next row's first tiles load while this row's last steps compute and a row
@@ -749,16 +750,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             # rows_per_program rows one after another, their steps one stream through the slots:
             # the next row's first tiles are in flight while this row's last steps compute, and
             # a row costs no launch, q load or pipeline fill of its own. Global step g belongs to
-            # row k = #{j >= 1: g >= start_j} at its step g - start_k; a row with no steps here
+            # row k = #{j >= 1: g >= first_j} at its step g - first_k; a row with no steps here
             # runs one, all masked, whose partial is the empty one (m = -1e30, l = 0).
             k_rows, last_step = rows_per_program, tokens // KEY_BLOCK - 1
             ns = [n_smem[k, 0] for k in range(k_rows)]
             counts = [jnp.maximum(jnp.minimum(jnp.minimum((nk + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK),
                                               lo + per_split) - lo, 1) for nk in ns]
-            starts = [counts[0] * 0]
+            firsts = [counts[0] * 0]  # each row's first global step
             for c in counts[:-1]:
-                starts.append(starts[-1] + c)
-            total = starts[-1] + counts[-1]
+                firsts.append(firsts[-1] + c)
+            total = firsts[-1] + counts[-1]
 
             def of_row(values, k):  # values[k] for a traced row k
                 out = values[0]
@@ -767,12 +768,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return out
 
             def place(g):  # global step g -> (its row, the row's step)
-                k = functools.reduce(lambda a, j: a + (g >= starts[j]).astype(jnp.int32), range(1, k_rows), g * 0)
-                return k, g - of_row(starts, k)
+                k = functools.reduce(lambda a, j: a + (g >= firsts[j]).astype(jnp.int32), range(1, k_rows), g * 0)
+                return k, g - of_row(firsts, k)
 
-            def fetch_global(g, slot):  # (a step past the stores, of a row with none here: the last one, masked)
+            def fetch_global(g, slot, copy=fetch):  # (a row with no steps here reads its last step, masked)
                 k, i = place(g)
-                fetch(jnp.minimum(lo + i, last_step), slot, r_in + k)
+                copy(jnp.minimum(lo + i, last_step), slot, r_in + k)
 
             for g in range(stages):
                 pl.when(g < total)(functools.partial(fetch_global, g, g))
@@ -790,10 +791,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 carry = step(lo + i, kn_buf.at[slot], kt_buf.at[slot], vn_buf.at[slot], vt_buf.at[slot], carry,
                              n=of_row(ns, k), q_ref=q_smem.at[k])
 
-                @pl.when(g + stages < total)
-                def _():
-                    plgpu.commit_smem()  # as refill's
-                    fetch_global(g + stages, slot)
+                pl.when(g + stages < total)(lambda: fetch_global(g + stages, slot, refill))
 
                 @pl.when(i == of_row(counts, k) - 1)
                 def _():
@@ -835,14 +833,14 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     if multi:  # no scratch for Mosaic's reductions across warps: one would now fail to lower
         params["reduction_scratch_bytes"] = 0
     kn_shape = (stages, KEY_BLOCK, D // 2)
+    per_row = (rows_per_program,) if persist else ()  # q and n of each row a program takes
     kn_smem = own(kn_shape, jnp.int4, codes_op)
 
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
-        scratch_types=[own(((rows_per_program,) if persist else ()) + (heads, D, N), bf16, b_op),
-                       own(((rows_per_program,) if persist else ()) + (32,), jnp.int32),
+        scratch_types=[own(per_row + (heads, D, N), bf16, b_op), own(per_row + (32,), jnp.int32),
                        own(((2,) if prefetch_bk else ()) + (nb, D, nbc), bf16, b_op),
                        own((nb, KEY_BLOCK, nbc), bf16, b_op),
                        own((heads, D), f32), own((heads, 2, D), f32),
