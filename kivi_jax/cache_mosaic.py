@@ -15,7 +15,11 @@ are :func:`pallas_kernels.kivi_mosaic.repack`'s layout, kept as uint32 words and
 * ``vt`` [B, Hkv, Tc/128 * 64, 16]: token t's 4 scales and 4 mins in row (t // 128) * 64 +
   t % 64, columns 8e .. 8e + 7 with e = (t % 128) // 64.
 
-The scales and mins are KIVICache's own, in the cache dtype. ``materialize`` and the reference
+The scales and mins are KIVICache's own, in the cache dtype. The ring ``k_res`` holds, in a slot
+whose token is already quantized (the block of R keys flushed last, tokens [n - R, n) while
+they are still in the window), that key dequantized, as ``materialize`` gives it: the window's
+attention then reads every key it needs from the ring, as dense attention reads its cache,
+instead of scoring the flushed keys from their codes each step. ``materialize`` and the reference
 attention read it like any cache; ``kivi_jax.decode_attention`` on a GPU runs the Mosaic kernel
 over the quantized tokens (kivi_jax.attention_mosaic).
 """
@@ -54,6 +58,20 @@ def untile(kt, vt, tc):
     per = jnp.swapaxes(vt.reshape(lead + (tc // VALUE_BLOCK, CHUNK, 2, 8)), -2, -3).reshape(lead + (tc, 8))
     per = per.astype(jnp.float32)
     return ks, km, per[..., :4], per[..., 4:]
+
+
+def dequantized_block(kn, kt, n0, r, dtype):
+    """Keys n0 .. n0 + r - 1 of each row (n0 [B], a multiple of r; r a multiple of 32 dividing
+    256) dequantized from the stores: kn [B, H, Tc, 8], kt [B, H, Tc/256 * D, 16] -> [B, H, r, D]."""
+    codes = key_codes(cc.take_row(kn, n0, r, 1))  # [B, H, r, D]
+    tile = cc.take_row(kt, (n0 // KEY_BLOCK) * D, D, 1)  # [B, H, D, 16]: s | m of the block's 8 groups
+    col = ((n0 % KEY_BLOCK) // GROUP)[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, r/32]
+
+    def per_token(off):  # [B, H, r, D]: column off + col of the tile, each group's 32 tokens
+        x = jnp.swapaxes(jnp.take_along_axis(tile, (col + off)[:, None, None, :], axis=3), 2, 3)
+        return jnp.repeat(x, GROUP, axis=2)
+
+    return quant.dequantize_codes(codes, per_token(0), per_token(8), dtype)
 
 
 @cc.pytree_dataclass
@@ -113,12 +131,18 @@ class MosaicKIVICache(cc.CacheShape):
         def pad(x, axis=2, per=1):
             return jnp.pad(x, [(0, 0)] * axis + [(0, (tc - tk) // per)] + [(0, 0)] * (x.ndim - axis - 1))
 
-        return MosaicKIVICache(
+        out = MosaicKIVICache(
             kn=key_words(pad(packing.unpack(c.k_codes, 2, 2, tk))),
             kt=key_tiles(pad(c.k_scale, per=GROUP), pad(c.k_min, per=GROUP)), k_res=c.k_res,
             vn=value_words(pad(packing.unpack(c.v_codes, 2, 2, tk))), vt=value_tiles(pad(c.v_scale), pad(c.v_min)),
             v_res=c.v_res,
             lengths=c.lengths, overflow=c.overflow, config=config, max_length=c.max_length)
+        # the window's flushed slots hold their keys dequantized (module doc): slot j holds token
+        # m + (j - m) mod R, from the block [n - R, n) when that is below n
+        r, n, mq = config.residual_length, out.num_quantized_keys, out.num_quantized_values
+        flushed = dequantized_block(out.kn, out.kt, jnp.maximum(n - r, 0), r, out.dtype)
+        t = mq[:, None] + (jnp.arange(r)[None, :] - mq[:, None]) % r  # [B, R]
+        return dataclasses.replace(out, k_res=jnp.where((t < n[:, None])[:, None, :, None], flushed, out.k_res))
 
     def append(self, k, v) -> "MosaicKIVICache":
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append)."""
@@ -128,7 +152,8 @@ class MosaicKIVICache(cc.CacheShape):
         """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
         the key at residual slot L % R; the value leaving the window quantized into its words
         (bits added) and its tile row (added: its columns are still zero); the new value in the
-        ring; a key flush (R keys: their rows of ``kn`` and their columns of one ``kt`` tile)."""
+        ring; a key flush (R keys: their rows of ``kn``, their columns of one ``kt`` tile, and
+        the ring's keys replaced by their dequantized values)."""
         cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads, head_dim=self.head_dim,
                     tokens=1)
         c = self.config
@@ -170,7 +195,16 @@ class MosaicKIVICache(cc.CacheShape):
             return (cc.RowWrite(key_words(codes), n0, "kn", 1, keep=flush),
                     cc.RowWrite(tile.astype(self.dtype), (n0 // KEY_BLOCK) * D, "kt", 1, add=True, keep=flush))
 
-        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
+        def ring_writes(view):  # view: the stores with the flushed block in them
+            # The ring keeps the block's keys dequantized while they stay in the window (module
+            # doc). A conditional of its own that reads only kn and kt: rewriting the ring in the
+            # branch that also read it (to quantize) made XLA:GPU lay the stacked k_res out
+            # slot-minor and transpose every layer's ring every layer (122-174 ms steps,
+            # results/decode-step-ab-2026-12-02-p330.md, run41).
+            k_hat = dequantized_block(view.kn, view.kt, n0, r, self.dtype)
+            return (cc.RowWrite(k_hat, jnp.zeros_like(n0), "k_res", 1, keep=flush),)
+
+        writes += [cc.WritesIf(jnp.any(flush), flush_writes), cc.WritesIf(jnp.any(flush), ring_writes)]
         return tuple(writes), L + live, self.overflow | full
 
     def materialize(self, rotated: bool = False):

@@ -4,17 +4,16 @@ once, in place in a layer-stacked cache.
 The Mosaic kernel (:mod:`pallas_kernels.kivi_mosaic`) attends the quantized tokens [0, m); this
 attends the window [m, L) of each (row, KV head), at most R tokens: ring slot j holds token
 t_j = m + (j - m) mod R (m = max(L - R, 0)), its value in ``v_res[j]`` and its key in
-``k_res[j]`` when t_j >= n (n: the quantized keys), else already quantized (the block flushed
-last). Those keys' scores come in precomputed (``flushed`` [G, R], from their codes; a few KB
-a row: :func:`kivi_jax.attention_mosaic.flushed_scores`), so the kernel reads k_res and v_res
-once, ``chunk`` slots a step with an online softmax. The GPU default since run39/run40
-(results/decode-step-ab-2026-12-02-*): 1.92 ms of a paper-setting step at 330 tokens, moving
-6.4 GB at 3.3 TB/s, where the plain-JAX window's two reductions take 2.8 ms; 0.103 vs 0.114 ms
-at B=64, T=4k (mosaic-attention-run15). The flushed keys' scores, in XLA, cost 1.6 ms more.
+``k_res[j]`` (dequantized there when the key's block was already flushed:
+:mod:`kivi_jax.cache_mosaic`), so the kernel reads k_res and v_res once, ``chunk`` slots a step
+with an online softmax, as dense decode attention reads its cache. Measured before the ring
+held the flushed keys: 1.92 ms of a paper-setting step at 330 tokens moving 6.4 GB (3.3 TB/s),
+next to 2.8 ms for the plain-JAX window's two reductions, but the flushed keys' scores from
+their codes in XLA cost 1.6 ms more (decode-step-ab-run39-p330, -run40-p330).
 
 Inputs: q [B, Hkv, G, D] float32 (scaled), k_res, v_res [B, Hkv, R, D] (or [L, B, Hkv, R, D]
-with ``layer``), flushed [B, Hkv, G, R] float32, lengths, num_quantized_keys,
-num_quantized_values [B] int32. Outputs: o [B, Hkv, G, D] (unnormalized), m, l [B, Hkv, G].
+with ``layer``), lengths, num_quantized_values [B] int32. Outputs: o [B, Hkv, G, D]
+(unnormalized), m, l [B, Hkv, G].
 """
 
 from __future__ import annotations
@@ -26,15 +25,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import NEG, online_softmax_step, partials_call, query_rows, repeat_rows, store_partials
+from pallas_kernels.flash import NEG, online_softmax_step, partials_call, query_rows, store_partials
 
 
-def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o_ref, m_ref, l_ref, *,
+def _kernel(layer_ref, q_ref, kr_ref, vr_ref, len_ref, nv_ref, o_ref, m_ref, l_ref, *,
             r, chunk, compute_dtype, precision, stacked):
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
     q = query_rows(q_ref, compute_dtype)  # [M, D]: G rows repeated to 16
     m_rows, d = q.shape
-    length, n, mq = len_ref[()], nk_ref[()], nv_ref[()]
+    length, mq = len_ref[()], nv_ref[()]
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
     carry = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
              jnp.zeros((m_rows, d), jnp.float32))
@@ -42,8 +41,7 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o
         slots = j0 + jnp.arange(chunk)
         t = mq + lax.rem(slots - lax.rem(mq, r) + r, r)  # the token in each slot (no floor-mod)
         k = kr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
-        fs = repeat_rows(fs_ref[:, pl.ds(j0, chunk)], m_rows)  # [M, chunk]: the rows as query_rows has them
-        s = jnp.where((t >= n)[None, :], dot(q, k.T), fs)
+        s = dot(q, k.T)
         v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)
         # mask_p: a row shorter than R has empty slots (and a row with L = 0 only those)
         carry = online_softmax_step(carry, s, t < length, lambda p, v=v: dot(p.astype(compute_dtype), v), mask_p=True)
@@ -52,7 +50,7 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, fs_ref, len_ref, nk_ref, nv_ref, o
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
-def window_partials(q, k_res, v_res, flushed, lengths, num_quantized_keys, num_quantized_values, *, layer=None,
+def window_partials(q, k_res, v_res, lengths, num_quantized_values, *, layer=None,
                     chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
     """Flash-decoding partials of each (row, KV head) over its window (module doc). layer: None,
     or a traced int32 scalar when k_res and v_res are layer-stacked: that layer is read in place.
@@ -63,16 +61,13 @@ def window_partials(q, k_res, v_res, flushed, lengths, num_quantized_keys, num_q
     if k_res.shape != v_res.shape or k_res.shape != lead + (r, d):
         raise ValueError(f"k_res and v_res must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, R, "
                          f"D={d}]; got {k_res.shape} and {v_res.shape}")
-    if flushed.shape != (b, hkv, g, r):
-        raise ValueError(f"flushed must be [B={b}, Hkv={hkv}, G={g}, R={r}]; got {flushed.shape}")
     chunk = min(chunk, r)
     if chunk < 16 or chunk & (chunk - 1) or r % chunk:
         raise ValueError(f"chunk={chunk} must be a power of two >= 16 dividing R={r}")
     precision = lax.Precision.HIGHEST if k_res.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, r=r, chunk=chunk, compute_dtype=k_res.dtype, precision=precision,
                                stacked=layer is not None)
-    o, m, l = partials_call(kernel, q.astype(jnp.float32), (k_res, v_res),
-                            (lengths, num_quantized_keys, num_quantized_values), blocked=(flushed.astype(jnp.float32),),
+    o, m, l = partials_call(kernel, q.astype(jnp.float32), (k_res, v_res), (lengths, num_quantized_values),
                             layer=layer, num_splits=1, interpret=interpret, num_warps=num_warps,
                             num_stages=num_stages, name="mosaic_window")
     return o[:, :, 0], m[:, :, 0], l[:, :, 0]

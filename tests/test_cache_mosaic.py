@@ -3,7 +3,8 @@
 Against KIVICache, the reference implementation of the same algorithm: the same dequantized
 numbers after prefill and appends (flushes, spills, ragged and full rows), the kernel's views
 equal to the layout the compiled kernel was checked on (kivi_mosaic.repack of the KIVICache),
-the attention glue (window + combine) against the reference, a model's logits, the stacked
+the ring holding the window's keys (dequantized once flushed), the attention glue (window +
+combine) against the reference, a model's logits, the stacked
 row writes through the Pallas kernel (interpreted), and the bad configurations.
 """
 
@@ -54,6 +55,16 @@ def _same_tokens(a, m):
         np.testing.assert_array_equal(np.asarray(vb[row, :, :n]), np.asarray(va[row, :, :n]))
 
 
+def _ring_holds_the_window(a, m):
+    """Every key of the window [max(L - R, 0), L) sits in ring slot t % R as the KIVICache's
+    materialize gives it: dequantized where its block was flushed (t < n), as given after."""
+    r = m.config.residual_length
+    ka = np.asarray(a.materialize()[0])
+    for row, n in enumerate(np.asarray(m.lengths)):
+        t = np.arange(max(n - r, 0), n)
+        np.testing.assert_array_equal(np.asarray(m.k_res[row][:, t % r]), ka[row][:, t])
+
+
 def _kernel_views_match(a, m):
     pad = m.capacity - a.capacity
     plain = from_cache(a)
@@ -68,19 +79,21 @@ def test_prefill_and_appends_hold_kivis_numbers():
     spill, and a row reaching max_length (then refused and flagged, like KIVICache)."""
     a, m, k, v = _pair([400, 255, 5, 127], 300, max_length=560)
     _same_tokens(a, m)
+    _ring_holds_the_window(a, m)
     _kernel_views_match(a, m)
     step = jax.jit(lambda c, k, v: c.append(k, v))
     for i in range(k.shape[2]):
         a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
         if i in (0, 127, 299):
             _same_tokens(a, m)
+            _ring_holds_the_window(a, m)
     assert np.asarray(m.lengths).tolist() == [560, 555, 305, 427] and np.asarray(m.overflow).tolist()[0]
     _kernel_views_match(a, m)
 
 
 def test_attention_glue_matches_the_reference():
-    """The Mosaic path's window (tokens [m, L): flushed keys scored from the last block's codes,
-    the residual, the ring) and combine, with a plain-JAX stand-in for the kernel's bulk
+    """The Mosaic path's window (tokens [m, L): keys and values from the ring, flushed keys held
+    there dequantized) and combine, with a plain-JAX stand-in for the kernel's bulk
     partials, against the reference over the KIVICache (MHA and 4 query heads a KV head)."""
     a, m, k, v = _pair([400, 333, 5], 140)
 
@@ -143,7 +156,7 @@ def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
     layers, b, h, r = 3, 4, 2, 128
     for g in (1, 4):
         args = (s((b, h, g, D), jnp.float32), s((layers, b, h, r, D), jnp.bfloat16),
-                s((layers, b, h, r, D), jnp.bfloat16), s((b, h, g, r), jnp.float32)) + (s((b,), jnp.int32),) * 3
+                s((layers, b, h, r, D), jnp.bfloat16)) + (s((b,), jnp.int32),) * 2
         ir = lower_to_ttir(lambda *a: mosaic_window.window_partials(*a, layer=jnp.int32(1)), *args)
         assert ir.count("tt.dot") == 4
 
