@@ -178,3 +178,20 @@ def test_decode_loop_gap_dry_run_drives_one_computation_two_ways(tmp_path, monke
     for r in rows:
         assert r["same_tokens"] and r["steps"] == r["new_tokens"] - 1, r
         assert min(r["loop_ms"], r["python_steps_ms"], r["model_steps_ms"]) > 0, r
+
+
+def test_e2e_summary_gives_each_kivi2_layouts_ratios_to_dense():
+    """The paper-setting ratios come for KIVI-2 in both layouts, each against the dense row."""
+    from benchmarks import e2e
+
+    def row(cache, tps, step, peak):
+        return {"model": "m", "section": "paper", "cache": cache, "tokens_per_s": tps, "step_ms": step,
+                "peak_bytes": peak, "batch": 96, "prompt_len": 160}
+
+    s = e2e.summarize({"rows": [row("dense", 800.0, 10.0, 30e9), row("kivi2", 700.0, 12.5, 20e9),
+                                row("kivi2m", 900.0, 9.0, 24e9)]})["m"]
+    assert abs(s["paper_step_ms_kivi2_over_dense"] - 1.25) < 1e-12
+    assert abs(s["paper_step_ms_kivi2m_over_dense"] - 0.9) < 1e-12
+    assert abs(s["paper_tps_kivi2m_over_dense"] - 1.125) < 1e-12
+    assert abs(s["paper_peak_dense_over_kivi2m"] - 1.25) < 1e-12
+    assert e2e.TARGETS["paper_step_ms_kivi2m_over_dense"] == 1.0
