@@ -60,8 +60,9 @@ VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", di
             ("key_value_offset", dict(key_offset=True, value_offset=True)),
             ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3", dict(prefetch_bk=True, stages=3)),
             ("group4", dict(group=4)), ("prefetch_bk_group4", dict(prefetch_bk=True, group=4)),
-            ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4))]
-QUICK = ("default", "rows2", "rows4")
+            ("rows1", dict(rows_per_program=1)), ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4)),
+            ("compact_q", dict(compact_q=True)), ("rows4_compact_q", dict(rows_per_program=4, compact_q=True))]
+QUICK = ("default", "compact_q")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two;
@@ -69,8 +70,8 @@ MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dic
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
                 ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
-                ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4))]
-GQA_QUICK = ("default", "rows2")
+                ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4)), ("compact_q", dict(compact_q=True))]
+GQA_QUICK = ("default", "compact_q")
 
 
 def random_inputs(rows, tokens, key=0):
@@ -103,8 +104,8 @@ def errors(got, want):
 
 def check(rows=64, tokens=1024, stages=2, heads=1, **options):
     plain = random_inputs(rows, tokens)
-    lengths = jnp.asarray(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1, tokens],
-                                    rows), jnp.int32)
+    lengths = jnp.asarray(np.minimum(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1,
+                                                tokens], rows), tokens), jnp.int32)
     q = random_q(rows, heads, key=9)
     got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, **options))(q, lengths, *plain)
     return errors(got, km.reference(q, lengths, *plain))
@@ -397,9 +398,17 @@ def main(argv=None):
               ("rows2", dict(rows_per_program=2)), ("rows4_splits3", dict(rows_per_program=4, splits=3)),
               ("gqa4_rows3_stages3", dict(heads=4, rows_per_program=3, stages=3)),
               ("gqa2_unfused_rows2_key_value_offset", dict(heads=2, fused=False, rows_per_program=2, key_offset=True,
-                                                           value_offset=True))]
+                                                           value_offset=True)),
+              ("compact_q", dict(compact_q=True)), ("gqa4_compact_q", dict(heads=4, compact_q=True)),
+              ("gqa2_unfused_compact_q_value_offset", dict(heads=2, fused=False, compact_q=True, value_offset=True)),
+              ("rows2_compact_q", dict(rows_per_program=2, compact_q=True)),
+              ("warpgroups2_compact_q", dict(warpgroups=2, compact_q=True)),
+              ("prefetch_bk_compact_q", dict(prefetch_bk=True, compact_q=True)),
+              # the paper's batch at 512 tokens: bulk_partials picks 4 rows a program itself
+              ("paper_rows_auto", dict(rows=96 * 32, tokens=512)),
+              ("paper_rows_auto_compact_q", dict(rows=96 * 32, tokens=512, compact_q=True))]
     if a.quick:
-        checks = [(name, opts) for name, opts in checks if "rows" in name or name in ("default", "gqa4")]
+        checks = [(name, opts) for name, opts in checks if "compact" in name or "auto" in name or name in ("default", "gqa4", "rows2")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

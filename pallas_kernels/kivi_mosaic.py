@@ -405,7 +405,8 @@ def _value_operand(ctx, p, *rest, u, offset=False):
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
-           ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, profile_dir: str = ""):
+           ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = False,
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -456,13 +457,18 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     the key accumulators' start carried through the loop), so that work leaves the step's chain
     of dependent phases. Correct, but within noise of the default (0.983x MHA, 1.015x GQA 4 in
     turns: results/mosaic-ab-run37-*).
-    rows_per_program (K, warpgroups = 1, not with prefetch_bk; not yet timed): each program
+    rows_per_program (K, warpgroups = 1, not with prefetch_bk; bulk_partials' default from
+    :func:`default_rows_per_program`): each program
     takes K consecutive rows one after another, their steps one stream through the pipeline's
     slots, so the next row's first tiles load while this row's last steps compute and a row
     pays no launch, q load or pipeline fill of its own: at the paper's setting (B=96, about 200
     quantized tokens a row) every program runs a single step and the kernel takes 1.9 ms of a
     step for 1.9 GB (results/decode-step-ab-2026-12-02-p330.md). A row with no steps in a split
     runs one, all masked (its partial is the empty one).
+    compact_q: q comes as [R, G, 128] and each step's Bk broadcasts it across its 16 columns
+    in registers, instead of bulk_partials writing q broadcast, [R, G, 128, 16] (12.6 MB a
+    layer at the paper's batch, 0.27 ms of a 32-layer step: decode-step-ab-2026-12-02-run43);
+    not with key_offset (which scales Bk's s columns of q).
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -550,13 +556,18 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             plgpu.wgmma_wait(0)
             return acc[...]
 
+        def q_tile(ref):  # q_h [128] -> [128, 16] float32, each channel's q across the row
+            if not compact_q:  # q came broadcast (key_offset: its s columns scaled; bulk_partials)
+                return plgpu.load(ref, (), layout=wg).astype(f32)
+            return lax.broadcast_in_dim(plgpu.load(ref, (), layout=wg.reduce(1)).astype(f32), (D, N), (0,))
+
         def build_bk(kt_ref, bk_smem, q_ref=q_smem):  # Bk_h = q_h ∘ [s | m] into bk_smem -> the key accumulators' starts
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
                 c = []  # Bk's column sums, every row (q_h · s_g | q_h · m_g)
                 for h in hs:
                     # q_h ∘ s | q_h ∘ m [128, 16] (key_offset: q's s columns carry 4^-f, bulk_partials)
-                    x = plgpu.load(q_ref.at[h], (), layout=wg).astype(f32) * kt
+                    x = q_tile(q_ref.at[h]) * kt
                     xb = x.astype(bf16)
                     cols(bk_smem, h)[...] = xb
                     if key_offset:  # the s columns' sums from the operand as the tensor cores take it
@@ -840,7 +851,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         body,
         out_type=(jax.ShapeDtypeStruct((rows, splits, heads, D), f32),
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
-        scratch_types=[own(per_row + (heads, D, N), bf16, b_op), own(per_row + (32,), jnp.int32),
+        scratch_types=[own(per_row + (heads, D), bf16) if compact_q else own(per_row + (heads, D, N), bf16, b_op),
+                       own(per_row + (32,), jnp.int32),
                        own(((2,) if prefetch_bk else ()) + (nb, D, nbc), bf16, b_op),
                        own((nb, KEY_BLOCK, nbc), bf16, b_op),
                        own((heads, D), f32), own((heads, 2, D), f32),
@@ -877,6 +889,18 @@ def default_splits(rows: int, tokens: int, slots: int = 264) -> int:
     return min(range(-(-want // 2), want + 1), key=cost)
 
 
+def default_rows_per_program(rows: int, tokens: int, splits: int, slots: int = 264, **options) -> int:
+    """4 where rows are short (at most two 256-token steps: the paper's setting) and many (4
+    rows a program still fill the GPU twice over), else 1: each row then pays no program launch,
+    q load or pipeline fill of its own. At B=96, 32 heads, ~200 quantized tokens a row: 0.075 vs
+    0.082 ms (0.92x, rows2 0.95x); at B=64, T=4k it is 1.04x and slower with mixed lengths
+    (0.38 vs 0.31 ms), where a program's rows take unequal time (results/mosaic-ab-run42-*,
+    mosaic-attention-run42)."""
+    if options.get("warpgroups", 1) > 1 or options.get("prefetch_bk"):
+        return 1
+    return 4 if tokens <= 2 * KEY_BLOCK and splits == 1 and rows >= 4 * 2 * slots else 1
+
+
 def gpu_slots(programs_an_sm: int = 2) -> int:
     """Programs of the kernel that run at once on the default device (two a multiprocessor:
     registers and shared memory); 264 (an H200) where the device does not say."""
@@ -894,6 +918,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     lengths [R] int32; kn, kt, vn, vt from :func:`repack`, with R rows or more: row r reads
     their row r + ``row_offset`` (an int or traced scalar: a layer of a stacked cache read in
     place). splits: sequence splits (programs a row; default :func:`default_splits`), combined here.
+    options: :func:`_build`'s; rows_per_program defaults to :func:`default_rows_per_program`.
     -> (o [R, (G,) D] float32 unnormalized, m [R, (G)], l [R, (G)]); a row with n = 0 gives l = 0."""
     rows, tokens = q.shape[0], kn.shape[1]
     if kn.shape[0] < rows:
@@ -909,14 +934,21 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     splits = default_splits(rows, tokens, gpu_slots()) if splits is None else splits
     if not 1 <= splits <= tokens // KEY_BLOCK:
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
-    unit = options.get("warpgroups", 1) * max(options.get("rows_per_program", 1), 1)  # (_build names a bad one)
+    if options.get("compact_q") and options.get("key_offset"):
+        raise ValueError("compact_q loads q as one column; key_offset scales Bk's s columns of it (q comes broadcast)")
+    if options.get("rows_per_program") is None:
+        options["rows_per_program"] = default_rows_per_program(rows, tokens, splits, gpu_slots(), **options)
+    unit = options.get("warpgroups", 1) * max(options["rows_per_program"], 1)  # (_build names a bad one)
     padded = -(-rows // unit) * unit  # rows a multiple of the rows a CTA takes (padding rows: n = 0)
-    qg = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
-    qb = jnp.broadcast_to(qg[..., None], (padded, heads, D, N))
+    qb = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
+    if not options.get("compact_q"):  # q broadcast over Bk's 16 columns (compact_q: the kernel does it)
+        qb = jnp.broadcast_to(qb[..., None], (padded, heads, D, N))
     if options.get("key_offset"):  # Bk's s columns carry 4^-f of their channel's field (exact: powers of 2)
         qb = qb * jnp.where(jnp.arange(N) < 8, key_field_scale(jnp.arange(D))[:, None], 1.0).astype(qb.dtype)
-    n32 = (jnp.zeros((padded, 32), jnp.int32).at[:rows, 0].set(lengths.astype(jnp.int32))
-           .at[:, 1].set(row_offset))
+    # a row's length and where it sits in the cache arrays, 128 bytes a row (Mosaic's copies)
+    n32 = jnp.concatenate([jnp.pad(lengths.astype(jnp.int32), (0, padded - rows))[:, None],
+                           jnp.broadcast_to(jnp.asarray(row_offset, jnp.int32), (padded, 1)),
+                           jnp.zeros((padded, 30), jnp.int32)], axis=1)
     kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)  # 128-byte rows (bitcasts)
     o, ml = _build(padded, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
     o, m, l = combine_splits(o[:rows], ml[:rows, ..., 0, 0], ml[:rows, ..., 1, 0])

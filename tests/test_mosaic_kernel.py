@@ -217,7 +217,12 @@ def _abstract(rows, t, heads=1):
                                            (1, {"rows_per_program": 2}), (1, {"rows_per_program": 4, "splits": 3}),
                                            (4, {"rows_per_program": 3, "stages": 3}),
                                            (2, {"rows_per_program": 2, "fused": False, "key_offset": True,
-                                                "value_offset": True})])
+                                                "value_offset": True}),
+                                           (1, {"compact_q": True}), (4, {"compact_q": True}),
+                                           (2, {"compact_q": True, "fused": False, "value_offset": True}),
+                                           (1, {"compact_q": True, "rows_per_program": 2}),
+                                           (1, {"compact_q": True, "warpgroups": 2}),
+                                           (1, {"compact_q": True, "prefetch_bk": True})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -235,6 +240,22 @@ def test_rows_a_cta_pad_the_rows(options):
     assert "mosaic_gpu" in lowered.as_text()
     outs = jax.eval_shape(lambda *a: km.bulk_partials(*a, **options), *_abstract(7, 512))
     assert [x.shape for x in outs] == [(7, D), (7,), (7,)]
+
+
+def test_default_rows_per_program_takes_four_short_rows_only_when_they_fill_the_gpu():
+    """4 rows a program for at most two 256-token steps a row and rows enough for 2 x slots
+    programs of 4; else 1 (long rows: unequal lengths leave a program's rows unbalanced)."""
+    assert km.default_rows_per_program(96 * 32, 512, 1, 264) == 4  # the paper's batch
+    assert km.default_rows_per_program(96 * 32, 768, 1, 264) == 1  # three steps a row
+    assert km.default_rows_per_program(64 * 32, 4096, 1, 264) == 1  # the kernel's target shape
+    assert km.default_rows_per_program(8 * 264 - 1, 256, 1, 264) == 1  # too few programs of 4
+    assert km.default_rows_per_program(8 * 264, 256, 1, 264) == 4
+    assert km.default_rows_per_program(96 * 32, 512, 2, 264) == 1  # split rows
+    assert km.default_rows_per_program(96 * 32, 512, 1, 264, warpgroups=2) == 1
+    assert km.default_rows_per_program(96 * 32, 512, 1, 264, prefetch_bk=True) == 1
+    # bulk_partials uses it: 3072 rows pad to a multiple of 4 and lower
+    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a), *_abstract(3070, 512))
+    assert [x.shape for x in outs] == [(3070, D), (3070,), (3070,)]
 
 
 def test_bad_arguments_are_named():
@@ -257,6 +278,8 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=2, warpgroups=2)
     with pytest.raises(ValueError, match="rows_per_program=0; allowed"):
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=0)
+    with pytest.raises(ValueError, match="compact_q loads q as one column; key_offset"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, compact_q=True, key_offset=True)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
