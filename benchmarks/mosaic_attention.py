@@ -61,8 +61,8 @@ VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", di
             ("prefetch_bk", dict(prefetch_bk=True)), ("prefetch_bk_stages3", dict(prefetch_bk=True, stages=3)),
             ("group4", dict(group=4)), ("prefetch_bk_group4", dict(prefetch_bk=True, group=4)),
             ("rows1", dict(rows_per_program=1)), ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4)),
-            ("compact_q", dict(compact_q=True)), ("rows4_compact_q", dict(rows_per_program=4, compact_q=True))]
-QUICK = ("default", "compact_q")
+            ("broadcast_q", dict(compact_q=False)), ("rows4_broadcast_q", dict(rows_per_program=4, compact_q=False))]
+QUICK = ("default", "broadcast_q")
 MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dict(warpgroups=2)),
                  ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two;
@@ -70,8 +70,8 @@ MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dic
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
                 ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
-                ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4)), ("compact_q", dict(compact_q=True))]
-GQA_QUICK = ("default", "compact_q")
+                ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False))]
+GQA_QUICK = ("default", "broadcast_q")
 
 
 def random_inputs(rows, tokens, key=0):
@@ -399,16 +399,11 @@ def main(argv=None):
               ("gqa4_rows3_stages3", dict(heads=4, rows_per_program=3, stages=3)),
               ("gqa2_unfused_rows2_key_value_offset", dict(heads=2, fused=False, rows_per_program=2, key_offset=True,
                                                            value_offset=True)),
-              ("compact_q", dict(compact_q=True)), ("gqa4_compact_q", dict(heads=4, compact_q=True)),
-              ("gqa2_unfused_compact_q_value_offset", dict(heads=2, fused=False, compact_q=True, value_offset=True)),
-              ("rows2_compact_q", dict(rows_per_program=2, compact_q=True)),
-              ("warpgroups2_compact_q", dict(warpgroups=2, compact_q=True)),
-              ("prefetch_bk_compact_q", dict(prefetch_bk=True, compact_q=True)),
+              ("broadcast_q", dict(compact_q=False)), ("gqa4_broadcast_q", dict(heads=4, compact_q=False)),
               # the paper's batch at 512 tokens: bulk_partials picks 4 rows a program itself
-              ("paper_rows_auto", dict(rows=96 * 32, tokens=512)),
-              ("paper_rows_auto_compact_q", dict(rows=96 * 32, tokens=512, compact_q=True))]
+              ("paper_rows_auto", dict(rows=96 * 32, tokens=512))]
     if a.quick:
-        checks = [(name, opts) for name, opts in checks if "compact" in name or "auto" in name or name in ("default", "gqa4", "rows2")]
+        checks = [(name, opts) for name, opts in checks if "broadcast" in name or "auto" in name or name in ("default", "gqa4", "rows2")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

@@ -405,7 +405,7 @@ def _value_operand(ctx, p, *rest, u, offset=False):
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
-           ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = False,
+           ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = True,
            profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
@@ -465,10 +465,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     quantized tokens a row) every program runs a single step and the kernel takes 1.9 ms of a
     step for 1.9 GB (results/decode-step-ab-2026-12-02-p330.md). A row with no steps in a split
     runs one, all masked (its partial is the empty one).
-    compact_q: q comes as [R, G, 128] and each step's Bk broadcasts it across its 16 columns
-    in registers, instead of bulk_partials writing q broadcast, [R, G, 128, 16] (12.6 MB a
-    layer at the paper's batch, 0.27 ms of a 32-layer step: decode-step-ab-2026-12-02-run43);
-    not with key_offset (which scales Bk's s columns of q).
+    compact_q (the default but with key_offset, which scales Bk's s columns of q): q comes as
+    [R, G, 128] and each step's Bk broadcasts it across its 16 columns in registers, instead of
+    bulk_partials writing q broadcast, [R, G, 128, 16] (12.6 MB a layer at the paper's batch,
+    0.27 ms of a 32-layer step: decode-step-ab-2026-12-02-run43). GQA 4 at B=64, T=4k: 0.267 vs
+    0.376 ms (0.71x; dense 0.295), MHA 0.381 vs 0.390, in turns (results/mosaic-ab-run45-4k): the
+    broadcast q tile was a [128, 16] shared-memory load per query row a step.
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -936,12 +938,13 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
     if options.get("compact_q") and options.get("key_offset"):
         raise ValueError("compact_q loads q as one column; key_offset scales Bk's s columns of it (q comes broadcast)")
+    options["compact_q"] = not options.get("key_offset") if options.get("compact_q") is None else options["compact_q"]
     if options.get("rows_per_program") is None:
         options["rows_per_program"] = default_rows_per_program(rows, tokens, splits, gpu_slots(), **options)
     unit = options.get("warpgroups", 1) * max(options["rows_per_program"], 1)  # (_build names a bad one)
     padded = -(-rows // unit) * unit  # rows a multiple of the rows a CTA takes (padding rows: n = 0)
     qb = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
-    if not options.get("compact_q"):  # q broadcast over Bk's 16 columns (compact_q: the kernel does it)
+    if not options["compact_q"]:  # q broadcast over Bk's 16 columns (compact_q: the kernel does it)
         qb = jnp.broadcast_to(qb[..., None], (padded, heads, D, N))
     if options.get("key_offset"):  # Bk's s columns carry 4^-f of their channel's field (exact: powers of 2)
         qb = qb * jnp.where(jnp.arange(N) < 8, key_field_scale(jnp.arange(D))[:, None], 1.0).astype(qb.dtype)

@@ -218,7 +218,7 @@ def _abstract(rows, t, heads=1):
                                            (4, {"rows_per_program": 3, "stages": 3}),
                                            (2, {"rows_per_program": 2, "fused": False, "key_offset": True,
                                                 "value_offset": True}),
-                                           (1, {"compact_q": True}), (4, {"compact_q": True}),
+                                           (1, {"compact_q": False}), (4, {"compact_q": False}),
                                            (2, {"compact_q": True, "fused": False, "value_offset": True}),
                                            (1, {"compact_q": True, "rows_per_program": 2}),
                                            (1, {"compact_q": True, "warpgroups": 2}),
