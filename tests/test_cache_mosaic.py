@@ -247,3 +247,22 @@ def test_layer_of_a_stack_is_read_in_place():
         other = kj.decode_attention(q, layers[1], impl="reference")
         assert float(jnp.abs(got - other).max()) > 1e-2
     assert seen == [(12, 0), (12, 8), (12, 8)]
+
+
+def test_a_window_no_row_can_exceed_runs_the_kernel_path(monkeypatch):
+    """Mistral's sliding window (4096) over a cache of at most 512 tokens masks nothing: the
+    Mosaic path takes it (the paper's setting on the Mistral shape); a shorter one is refused,
+    named, with what to use instead."""
+    from kivi_jax import attention
+
+    seen = []
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention_mosaic, "decode_attention", lambda q, cache, stack=None: seen.append(q) or q)
+    cache = MosaicKIVICache.init(MOSAIC, batch=1, num_kv_heads=1, head_dim=D, max_length=512)
+    q = jnp.ones((1, 1, 1, D))
+    assert kj.decode_attention(q, cache, impl="pallas", window=512) is q and len(seen) == 1
+    assert kj.decode_attention(q, cache, impl="auto", window=4096) is q and len(seen) == 2
+    with pytest.raises(ValueError, match=r"window=511 < the cache's max_length=512: the Mosaic kernel path has no "
+                                         r"sliding window yet; use KIVIConfig\(layout='tokens'\)"):
+        kj.decode_attention(q, cache, impl="pallas", window=511)
+    assert len(seen) == 2
