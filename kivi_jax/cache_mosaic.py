@@ -186,25 +186,22 @@ class MosaicKIVICache(cc.CacheShape):
         n0 = jnp.where(flush, L + 1 - r, 0)
 
         def flush_writes(view):  # view: this cache with the new key in its residual
-            codes, s, m = quant_keys(self.config, self.dtype, view.k_res)  # [B, H, R, D], [B, H, R/32, D]
+            # the ring read and rewritten in this one branch, its layout pinned: left free, XLA:GPU
+            # laid the stacked ring out slot-minor for the reductions and transposed every layer's
+            # ring every layer (122-174 ms steps, results/decode-step-ab-2026-12-02-p330.md, run41)
+            codes, s, m = quant_keys(self.config, self.dtype, cc.row_major(view.k_res))  # [B, H, R, D], [B, H, R/32, D]
             g0 = (n0 % KEY_BLOCK) // GROUP  # the flush's first group within its tile
             col = g0[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]
             onehot = (jnp.arange(8)[None, None, :] == col[:, :, None]).astype(jnp.float32)  # [B, R/32, 8]
             tile = jnp.concatenate([jnp.einsum("bgn,bhgd->bhdn", onehot, s.astype(jnp.float32)),
                                     jnp.einsum("bgn,bhgd->bhdn", onehot, m.astype(jnp.float32))], axis=-1)
+            # the ring keeps the block's keys dequantized while they stay in the window (module doc)
+            k_hat = quant.dequantize_codes(codes, jnp.repeat(s, GROUP, axis=2), jnp.repeat(m, GROUP, axis=2), self.dtype)
             return (cc.RowWrite(key_words(codes), n0, "kn", 1, keep=flush),
-                    cc.RowWrite(tile.astype(self.dtype), (n0 // KEY_BLOCK) * D, "kt", 1, add=True, keep=flush))
+                    cc.RowWrite(tile.astype(self.dtype), (n0 // KEY_BLOCK) * D, "kt", 1, add=True, keep=flush),
+                    cc.RowWrite(cc.row_major(k_hat), jnp.zeros_like(n0), "k_res", 1, keep=flush))
 
-        def ring_writes(view):  # view: the stores with the flushed block in them
-            # The ring keeps the block's keys dequantized while they stay in the window (module
-            # doc). A conditional of its own that reads only kn and kt: rewriting the ring in the
-            # branch that also read it (to quantize) made XLA:GPU lay the stacked k_res out
-            # slot-minor and transpose every layer's ring every layer (122-174 ms steps,
-            # results/decode-step-ab-2026-12-02-p330.md, run41).
-            k_hat = dequantized_block(view.kn, view.kt, n0, r, self.dtype)
-            return (cc.RowWrite(k_hat, jnp.zeros_like(n0), "k_res", 1, keep=flush),)
-
-        writes += [cc.WritesIf(jnp.any(flush), flush_writes), cc.WritesIf(jnp.any(flush), ring_writes)]
+        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return tuple(writes), L + live, self.overflow | full
 
     def materialize(self, rotated: bool = False):
