@@ -111,10 +111,11 @@ def test_kivi_decode_step_writes_only_slabs(kivi):
     """No op of the KIVI decode step writes or copies a whole cache buffer, stacked or one
     layer's: the stacked buffers are only scattered into (in place, key flush included).
     A float32 cache: XLA:CPU has no bfloat16 scatter and converts the whole buffer around one.
-    (A flush that rewrote the Mosaic cache's whole ring failed this on the CPU; on the H200 the
-    same change transposed every layer's ring each layer: decode-step-ab-run41-p330.) The Mosaic
-    cache's flush computes the block's keys dequantized, one layer's ring [B, Hkv, R, D] by
-    construction, in a conditional of its own: the per-layer check skips the branches there."""
+    (A flush that rewrote the Mosaic cache's whole ring with its layout left free failed this on
+    the CPU; on the H200 the same change transposed every layer's ring each layer:
+    decode-step-ab-run41-p330.) The Mosaic cache's flush computes the block's keys dequantized,
+    one layer's ring [B, Hkv, R, D] by construction, inside the flush's conditional: the
+    per-layer check skips the branches there."""
     mosaic = kivi.layout == "mosaic"
     compiled, cache = _compiled_step(max_length=512 if mosaic else 1024, kivi=kivi,
                                      cfg=dataclasses.replace(CFG, head_dim=128, hidden_size=256) if mosaic else CFG)
