@@ -7,17 +7,18 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the branch ring-keys (9617b4c: the
-# Mosaic cache's ring holds flushed keys dequantized, rewritten in a second conditional; its first
-# version transposed every layer's ring on the H200, results/decode-step-ab-2026-12-02-p330.md)
-# next to main in one call: XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_step_ab
-# --layers 32 --prompt 330 --max-length 512 --caches kivi2m --arms allpallas --trace (stacked_copies
-# must be 0); then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches dense,kivi2,kivi2m.
+# Then, as separate calls (each <= 10 min). Next session, first: the branch hoisted-flush (one
+# conditional a step for KIVI's flush instead of one a layer; see its last commit for whether the
+# CPU slab test passes) next to main: XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m
+# benchmarks.decode_step_ab --layers 32 --prompt 330 --max-length 512 --caches kivi2,kivi2m --arms
+# allpallas --trace (stacked_copies must be 0), then e2e --skip-hf --skip-sweep --skip-compile-check
+# --paper-caches dense,kivi2,kivi2m (main: kivi2m 10.89 ms vs dense 10.54, run48). Then the GQA
+# kernel with q broadcast in registers (0.27-0.28 ms at B=64 T=4k, below dense) over the grid:
+# mosaic_attention --sweep --kv-heads 8 (~3 min), and the Mistral shape at 4096 tokens with the
+# Mosaic layout: e2e --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-caches
+# kivi2,kivi2m --sweep-start 256 --sweep-cap 512 --child-timeout 540 --budget-s 560.
 # decode_step_ab at 4096 tokens needs --batch <= 64 and no dense cache (B=128 ran out of memory).
-# Then the kernel's rows_per_program (cf1bab5, never run on a GPU): python -m benchmarks.mosaic_attention
-# --quick --kv-heads 32,8 --stages 2 (checks + timings, ~4 min), and --ab default,rows2,rows4 --kv-heads 32
-# with --ab-shape 96,512,200 (the paper's batch: one step a row) and --ab-shape 64,4096.
-# The Mosaic kernel sits at 0.39-0.41 ms between calls (run26-run37; offsets, prefetch_bk, group4
+# The Mosaic kernel sits at 0.38-0.41 ms between calls (run26-run46; offsets, prefetch_bk, group4
 # and 3 stages no faster: mosaic_attention --ab times variants in turns); a kernel change needs its
 # baseline in the same call (.devtree_base, as run32).
 # The PTX comes with MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/d (mkdir
