@@ -6,7 +6,8 @@ Row b holds L tokens; values [0, m) are quantized (m = max(L - R, 0)), and so ar
 attends tokens [0, m) from the stores as they are. The window, tokens [m, L) (at most R), is
 attended here, slot by slot, keys and values both from the ring (slot t % R; a key in [m, n) is
 held there dequantized since its block was flushed, so no key is scored from its codes here).
-The two partials are combined.
+The Triton window kernel (the GPU default) goes on from the kernel's partials and normalizes;
+the plain-JAX window's partials are combined with them here.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
-    tokens in plain JAX (:func:`window_partials`) or "pallas" (:func:`window_kernel_partials`);
-    None: DEFAULT_WINDOW_IMPL."""
+    tokens in plain JAX (:func:`window_partials`, then combined with the bulk's partials) or
+    "pallas" (:func:`pallas_kernels.mosaic_window.window_attention`: the Triton kernel starts
+    from the bulk's partials and returns the attention, no combine after it); None:
+    DEFAULT_WINDOW_IMPL."""
     window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
     if window_impl is None:
         window_impl = "pallas" if jax.default_backend() == "gpu" else "jax"
@@ -84,6 +87,11 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
         arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
                   for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset))
+    if window_impl == "pallas":  # the window kernel goes on from the bulk's partials and normalizes
+        ring, layer = (cache, None) if stack is None else stack
+        out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
+                                             (ob, mb, lb), layer=layer, interpret=jax.default_backend() != "gpu")
+        return out.reshape(b, hq, 1, d).astype(q.dtype)
     ow, mw, lw = WINDOW_IMPLS[window_impl](qg, cache, stack)
     top = jnp.maximum(mb, mw)
     wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)

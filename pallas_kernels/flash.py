@@ -91,11 +91,13 @@ def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p:
     return m_next, l_next, acc * per_row(corr) + pv
 
 
-def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, num_warps, num_stages, name):
+def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, num_warps, num_stages, name,
+                  blocked=()):
     """pallas_call of a flash-decoding ``kernel`` over grid (B, Hkv, splits): q [B, Hkv, G, D];
     ``arrays`` [B, Hkv, ...] blocked per (b, h), or whole [L, B, Hkv, ...] refs read in place
-    when ``layer`` is given; ``scalars``: per-row [B] int32 arrays (lo, hi, start, end, ...). The kernel takes
-    (layer_ref, q_ref, *array_refs, *scalar_refs, o_ref, m_ref, l_ref) and the
+    when ``layer`` is given; ``blocked``: [B, Hkv, ...] arrays blocked per (b, h) either way;
+    ``scalars``: per-row [B] int32 arrays (lo, hi, start, end, ...). The kernel takes
+    (layer_ref, q_ref, *array_refs, *blocked_refs, *scalar_refs, o_ref, m_ref, l_ref) and the
     outputs are o [B, Hkv, S, G, D], m, l [B, Hkv, S, G] float32 (:func:`query_rows` and
     :func:`store_partials` inside)."""
     b, hkv, m_rows, d = q.shape
@@ -110,7 +112,7 @@ def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, n
     else:
         array_specs = [row(*x.shape[2:]) for x in arrays]
     in_specs = ([pl.BlockSpec((1,), lambda i, j, s: (0,)), row(m_rows, d)] + array_specs
-                + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * len(scalars))
+                + [row(*x.shape[2:]) for x in blocked] + [pl.BlockSpec((None,), lambda i, j, s: (i,))] * len(scalars))
     out_specs = [
         pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
         pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
@@ -124,5 +126,5 @@ def partials_call(kernel, q, arrays, scalars, *, layer, num_splits, interpret, n
     return pl.pallas_call(
         kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, interpret=interpret, name=name, **triton_params(interpret, num_warps, num_stages),
-    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays,
+    )(jnp.reshape(0 if layer is None else layer, (1,)).astype(jnp.int32), q, *arrays, *blocked,
       *(x.astype(jnp.int32) for x in scalars))

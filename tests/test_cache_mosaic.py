@@ -112,6 +112,9 @@ def test_attention_glue_matches_the_reference():
         bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))))
     ref = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))
     auto = jax.jit(lambda q, c: kj.decode_attention(q, c))
+    # the Triton window kernel (interpreted here) going on from the bulk's partials, as on a GPU
+    glue_kernel = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, window_impl="pallas", bulk=functools.partial(
+        bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))))
     step = jax.jit(lambda c, k, v: c.append(k, v))
     # rows at L % R == 0 (every window key flushed: n = L) and 1 after: i = 112, 113 (row 0) and
     # 123, 124 (row 2); the first and last appends
@@ -122,6 +125,8 @@ def test_attention_glue_matches_the_reference():
                 want = ref(q, a)
                 np.testing.assert_allclose(np.asarray(glue(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
                 np.testing.assert_allclose(np.asarray(auto(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                if i in (0, 112, 113, 140):
+                    np.testing.assert_allclose(np.asarray(glue_kernel(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
         if i < k.shape[2]:
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
@@ -158,6 +163,10 @@ def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
         args = (s((b, h, g, D), jnp.float32), s((layers, b, h, r, D), jnp.bfloat16),
                 s((layers, b, h, r, D), jnp.bfloat16)) + (s((b,), jnp.int32),) * 2
         ir = lower_to_ttir(lambda *a: mosaic_window.window_partials(*a, layer=jnp.int32(1)), *args)
+        assert ir.count("tt.dot") == 4
+        # going on from the bulk's partials (window_attention): the same dots, the partials loaded
+        parts = (s((b, h, g, D), jnp.float32), s((b, h, g), jnp.float32), s((b, h, g), jnp.float32))
+        ir = lower_to_ttir(lambda *a: mosaic_window.window_attention(*a[:5], a[5:], layer=jnp.int32(1)), *args, *parts)
         assert ir.count("tt.dot") == 4
 
 
@@ -220,6 +229,12 @@ def test_bad_configurations_are_named():
             kj.decode_attention(q, cache, impl="pallas")
     with pytest.raises(ValueError, match=r"takes \(1, 2, 4\) query heads a KV head; got Hq=8, Hkv=1"):
         attention_mosaic.decode_attention(jnp.zeros((1, 8, 1, D)), cache)
+    from pallas_kernels import mosaic_window
+    ring = jnp.zeros((1, 1, 128, D))
+    with pytest.raises(ValueError, match=r"partials must be o \[B=1, Hkv=1, G=1, D=128\], m and l \[B, Hkv, G\]"):
+        mosaic_window.window_attention(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
+                                       jnp.zeros((1,), jnp.int32), (jnp.zeros((1, 1, 1, D)),) + (jnp.zeros((1, 1)),) * 2,
+                                       interpret=True)
     with pytest.raises(ValueError, match=r"window_impl='triton'; allowed: \('jax', 'pallas'\)"):
         attention_mosaic.decode_attention(q, cache, window_impl="triton")
     assert dataclasses.replace(MOSAIC, layout="tokens") == TOKENS
