@@ -241,9 +241,28 @@ def _put_run(cache, writes, layer, impl):
     return dataclasses.replace(cache, **{w.field: x for w, x in zip(writes, out)})
 
 
-def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None):
+@jax.custom_batching.custom_vmap
+def any_in_batch(pred):
+    """pred (a bool scalar) as it is; under ``jax.vmap``, whether it holds for any request of
+    the batch, unbatched. A condition on it then stays a ``lax.cond`` under vmap (a batched
+    predicate turns a cond into a select that runs both branches)."""
+    return pred
+
+
+@any_in_batch.def_vmap
+def _any_in_batch_vmap(axis_size, in_batched, pred):
+    (batched,) = in_batched
+    return (jnp.any(pred) if batched else pred), False
+
+
+def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None, rare=None):
     """``cache`` with ``writes`` (RowWrite / WritesIf sequence) applied in order and
     lengths/overflow [B] replaced.
+
+    rare: None: each WritesIf in a ``lax.cond`` of its own. True / False: the caller has
+    decided every WritesIf's predicate (a model step decides once for all its layers:
+    ``models.StackedCache.rare_writes_due``): True applies their writes (rows that need none
+    keep their slabs through the writes' ``keep``), False leaves them out.
 
     layer=None: cache is a per-layer cache (this is what ``append`` does). Otherwise every leaf
     of cache has a leading layer axis and only layer ``layer`` changes: the slabs are
@@ -259,13 +278,13 @@ def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None):
             continue
         if run:
             cache, run = _put_run(cache, run, layer, impl), []
-        if isinstance(w, WritesIf):
+        if isinstance(w, WritesIf) and rare is not False:
             def write(c, make=w.make):
                 # the view is sliced inside the branch: a step that skips it reads nothing
                 view = c if layer is None else jax.tree.map(lambda x: x[layer], c)
                 return _put(c, make(view), layer)
 
-            cache = lax.cond(w.pred, write, lambda c: c, cache)
+            cache = write(cache) if rare else lax.cond(w.pred, write, lambda c: c, cache)
     new = {}
     if layer is None:
         new["lengths"], new["overflow"] = lengths, overflow

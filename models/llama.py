@@ -64,9 +64,10 @@ def apply_rope(x, cos, sin):
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool):
+def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None):
     """One decoder layer. p: this layer's weights; x [B, T, H]; cache: the StackedCache (or
-    None), of which this layer reads and writes layer ``i`` in place."""
+    None), of which this layer reads and writes layer ``i`` in place. rare: the step's
+    decision on the cache's rare writes (``StackedCache.append_layer``)."""
     b, t, _ = x.shape
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     window = config.sliding_window
@@ -81,7 +82,7 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
 
     if decode:
         with jax.named_scope("cache_append"):
-            cache = cache.append_layer(i, k, v)  # only the new token's slabs are written
+            cache = cache.append_layer(i, k, v, rare=rare)  # only the new token's slabs are written
         with jax.named_scope("attention"):
             # stack=: the kernel reads the quantized arrays in place (a sliced operand is a copy)
             o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window, stack=(cache.layers, i))
@@ -242,16 +243,25 @@ class Llama(nnx.Module):
         in_place = decode and matmul_impl == "pallas"
         scanned = {k: v for k, v in weights.items() if not in_place or k.endswith("norm")}
 
-        def body(carry, xs):
-            x, cache = carry
-            p, i = xs
-            if in_place:
-                p = {**p, **{k: kj_matmul.StackedMatrix(w, i, "pallas") for k, w in weights.items() if k not in p}}
-            x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
-                              decode=decode)
-            return (x, cache), None
+        def layers(carry, rare=None):
+            def body(carry, xs):
+                x, cache = carry
+                p, i = xs
+                if in_place:
+                    p = {**p, **{k: kj_matmul.StackedMatrix(w, i, "pallas") for k, w in weights.items() if k not in p}}
+                x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
+                                  decode=decode, rare=rare)
+                return (x, cache), None
 
-        (x, cache), _ = lax.scan(body, (x, cache), (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))
+            return lax.scan(body, carry, (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))[0]
+
+        due = cache.rare_writes_due() if decode else None
+        if due is None:
+            x, cache = layers((x, cache))
+        else:  # KIVI's key flush (one step in R): decided once for the step, not in a cond a layer
+            # (each conditional makes XLA:GPU read its predicate back to the host, draining the stream)
+            x, cache = lax.cond(due, functools.partial(layers, rare=True), functools.partial(layers, rare=False),
+                                (x, cache))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, H]
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
