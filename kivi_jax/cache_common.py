@@ -284,7 +284,8 @@ def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None, rare=N
                 view = c if layer is None else jax.tree.map(lambda x: x[layer], c)
                 return _put(c, make(view), layer)
 
-            cache = write(cache) if rare else lax.cond(w.pred, write, lambda c: c, cache)
+            with jax.named_scope("rare_writes"):  # (the HLO checks of tests/test_decode_step.py find them by it)
+                cache = write(cache) if rare else lax.cond(w.pred, write, lambda c: c, cache)
     new = {}
     if layer is None:
         new["lengths"], new["overflow"] = lengths, overflow

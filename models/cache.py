@@ -83,7 +83,7 @@ class StackedCache:
         """A bool scalar: whether the next token's appends make rare writes (KIVI's key flush)
         in any row, or None for a format that never does. Every layer appends each token, so
         their lengths move together and layer 0 answers for all: a model step decides once
-        (one ``lax.cond`` around its layers) instead of a conditional in every layer. Under
+        (conditionals around its layer loop, ``Llama.__call__``) instead of one in every layer. Under
         ``jax.vmap``: whether any request of the batch does (``cache_common.any_in_batch``)."""
         one = self.layer(0)
         if not hasattr(one, "append_writes"):

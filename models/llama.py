@@ -259,9 +259,16 @@ class Llama(nnx.Module):
         if due is None:
             x, cache = layers((x, cache))
         else:  # KIVI's key flush (one step in R): decided once for the step, not in a cond a layer
-            # (each conditional makes XLA:GPU read its predicate back to the host, draining the stream)
-            x, cache = lax.cond(due, functools.partial(layers, rare=True), functools.partial(layers, rare=False),
-                                (x, cache))
+            # (each conditional makes XLA:GPU read its predicate back to the host, draining the stream).
+            # Two conditionals, each with the identity as its false branch: XLA's copy insertion orders
+            # a conditional's branches, so a branch that updates the cache in place while a later one
+            # still reads it copies it (one cond picking between the two layer loops copied every
+            # written stacked buffer each step); an update in the last branch after an identity does not
+            def skip(carry):
+                return carry
+
+            x, cache = lax.cond(due, functools.partial(layers, rare=True), skip, (x, cache))
+            x, cache = lax.cond(jnp.logical_not(due), functools.partial(layers, rare=False), skip, (x, cache))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, H]
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
