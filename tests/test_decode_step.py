@@ -330,3 +330,50 @@ def test_vmap_over_requests_with_the_in_place_kernel(matmul_impl):
                                                matmul_impl=matmul_impl).tokens[0])(ids)
     want = kivi_jax.generate(m, ids, max_new_tokens=4, kivi=kv, attn_impl="pallas").tokens
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("kivi", [KIVIConfig(2, 2, group_size=32, residual_length=64),
+                                  KIVIConfig(layout="mosaic", residual_length=32)])
+def test_rare_writes_decided_once_a_step_equal_a_conditional_a_layer(kivi, monkeypatch):
+    """models.llama.RARE_WRITES "step" (the key flush decided once for the step, two
+    conditionals around the layer loop) gives the logits and cache of "layer" (a conditional in
+    every layer) bit for bit, over steps with and without flushes, on ragged rows; its compiled
+    step copies no stacked buffer (the slab check), and under jax.vmap its conditionals stay
+    conditionals (the predicate is whether any request flushes)."""
+    from models import llama
+
+    mosaic = kivi.layout == "mosaic"
+    cfg = dataclasses.replace(CFG, head_dim=128, hidden_size=256) if mosaic else CFG
+    model = models.init_random(cfg, dtype=jnp.float32)
+    apply, params = models.functional(model)
+    rng = np.random.default_rng(7)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 90)), jnp.int32)
+    lengths = jnp.asarray([90, 57], jnp.int32)
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (40, 2, 1)), jnp.int32)
+    runs = {}
+    for mode in ("layer", "step"):
+        monkeypatch.setattr(llama, "RARE_WRITES", mode)
+        step = jax.jit(lambda p, t, c: apply(p, t, c))  # traced anew for each mode
+        _, cache = jax.jit(lambda p, x, c: apply(p, x, c, lengths=lengths))(params, ids, model.init_cache(2, 256, kivi=kivi))
+        logits = []
+        for t in toks:  # rows cross R = 64 (or 32) boundaries at different steps
+            out, cache = step(params, t, cache)
+            logits.append(out)
+        runs[mode] = (np.stack(logits), cache)
+    np.testing.assert_array_equal(runs["step"][0], runs["layer"][0])
+    for a, b in zip(jax.tree_util.tree_leaves(runs["step"][1]), jax.tree_util.tree_leaves(runs["layer"][1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(llama, "RARE_WRITES", "step")
+    compiled, cache = _compiled_step(max_length=512 if mosaic else 1024, kivi=kivi, cfg=cfg)
+    big = [x for x in jax.tree_util.tree_leaves(cache.layers) if x.ndim == 5]
+    stacked = {_hlo_key(x, x.shape) for x in big}
+    ops = _buffer_ops(compiled.as_text())
+    assert {op for op, key in ops if key in stacked} <= {"parameter", "get-tuple-element", "bitcast", "scatter",
+                                                          "fusion:scatter"}
+    one = jax.tree.map(lambda x: x[:, :1], model.init_cache(2, 256, kivi=kivi))  # a one-request cache
+    batched = jax.tree.map(lambda x: jnp.stack([x, x]), one)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t, c: apply(params, t, c)))(toks[:2, :1], batched))
+    assert jaxpr.count("cond[") == 2  # a batched predicate would have made them selects
+    monkeypatch.setattr(llama, "RARE_WRITES", "both")
+    with pytest.raises(ValueError, match=r"models.llama.RARE_WRITES='both'; allowed: \('layer', 'step'\)"):
+        apply(params, toks[0], cache)
