@@ -7,11 +7,13 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the branch hoisted-flush (27ce477:
-# KIVI's flush decided once a step, two conditionals around the layer loop, each with the identity
-# as its false branch, instead of one a layer; no stacked copies in the CPU slab test) next to main: XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m
-# benchmarks.decode_step_ab --layers 32 --prompt 330 --max-length 512 --caches kivi2,kivi2m --arms
-# allpallas --trace (stacked_copies must be 0), then e2e --skip-hf --skip-sweep --skip-compile-check
+# Then, as separate calls (each <= 10 min). Next session, first: models.llama.RARE_WRITES "step"
+# (KIVI's flush decided once a step, two conditionals around the layer loop, each with the identity
+# as its false branch, instead of one a layer; off; no stacked copies in the CPU slab test) next to
+# "layer": XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_step_ab --layers 32
+# --prompt 330 --max-length 512 --caches kivi2,kivi2m --arms allpallas --trace --rare-writes layer,step
+# (stacked_copies must be 0), then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches
+# dense,kivi2,kivi2m with and without KIVI_RARE_WRITES=step
 # --paper-caches dense,kivi2,kivi2m (main: kivi2m 10.89 ms vs dense 10.54, run48); main's window kernel
 # now also goes on from the Mosaic kernel's partials (no combine fusion; never run on a GPU: check with
 # mosaic_attention --quick --kv-heads 32 --stages 2, whose mosaic_cache_check runs the whole call). Then the GQA
