@@ -108,6 +108,9 @@ def _jax_env() -> dict:
     env = common.environment()
     env.update(common.package_versions("jaxlib", "flax"))
     env["num_devices"] = jax.device_count()
+    from models import llama
+
+    env["rare_writes"] = llama.RARE_WRITES  # (KIVI_RARE_WRITES, which the children inherit)
     return env
 
 
@@ -630,6 +633,7 @@ class Runner:
                 if self.payload["device"] is None:
                     self.payload.update({k: obj[k] for k in ("device", "platform", "jax_version")})
                     self.payload["num_devices"] = obj.get("num_devices")
+                    self.payload["rare_writes"] = obj.get("rare_writes")
             elif tag == "HFENV":
                 self.payload["hf_env"] = obj
                 if self.payload["device"] is None:
@@ -881,6 +885,7 @@ def render_markdown(p: dict) -> str:
             f"commit `{p['commit']}`, {p['date']}, device {p['device']} ({p.get('platform')}), jax {p['jax_version']}, "
             f"flax {p.get('flax_version')}, torch {p.get('torch_version')}, "
             f"transformers {p.get('transformers_version')}, optimum-quanto {p.get('optimum_quanto_version')}"
+            f"{', KIVI flush decided once a step (RARE_WRITES=step)' if p.get('rare_writes') == 'step' else ''}"
             f"{', DRY RUN (tiny model, CPU)' if p['dry_run'] else ''}\n\n"
             "tokens/s = batch x new tokens / (prefill + decode) wall time; decode tok/s excludes the prefill; "
             "peak = allocator peak of the configuration's own process, weights included.\n\n")
