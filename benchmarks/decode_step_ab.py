@@ -39,7 +39,7 @@ import kivi_jax as kj
 import models
 from benchmarks import common
 from benchmarks.e2e import KIVI, model_config
-from kivi_jax import attention_mosaic, attention_pallas
+from kivi_jax import attention_mosaic, attention_pallas, cache_mosaic
 from kivi_jax import cache_common as cc
 from models import llama
 
@@ -168,6 +168,8 @@ def main(argv=None):
                     help="comma list of cache_common.WRITES_IMPLS to run each arm with (default: the default)")
     ap.add_argument("--mosaic-windows", default=None,
                     help="comma list of attention_mosaic.WINDOW_IMPLS to run each kivi2m arm with (default: the default)")
+    ap.add_argument("--mosaic-appends", default=None,
+                    help="comma list of cache_mosaic.APPEND_IMPLS to run each kivi2m arm with (default: the default)")
     ap.add_argument("--rare-writes", default=None,
                     help="comma list of models.llama.RARE_WRITES_MODES to run each KIVI arm with (default: the default)")
     a = ap.parse_args(argv)
@@ -185,6 +187,7 @@ def main(argv=None):
     rows = []
     default_ring, default_writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
     default_window, default_rare = attention_mosaic.DEFAULT_WINDOW_IMPL, llama.RARE_WRITES
+    default_append = cache_mosaic.APPEND_IMPL
     write_impls = a.writes.split(",") if a.writes else [default_writes]
     for name in a.caches.split(","):
         kivi = None if KIVI[name] is None else kj.KIVIConfig(**KIVI[name])
@@ -192,7 +195,10 @@ def main(argv=None):
         mosaic = kivi is not None and kivi.layout == "mosaic"
         windows = a.mosaic_windows.split(",") if mosaic and a.mosaic_windows else [default_window]
         rares = a.rare_writes.split(",") if kivi is not None and a.rare_writes else [default_rare]
-        for arm, ring, writes, window, rare in itertools.product(arms, rings, write_impls, windows, rares):
+        appends = a.mosaic_appends.split(",") if mosaic and a.mosaic_appends else [default_append]
+        for arm, ring, writes, window, rare, append in itertools.product(arms, rings, write_impls, windows, rares,
+                                                                         appends):
+            cache_mosaic.APPEND_IMPL = append
             attention_pallas.DEFAULT_RING_PROGRAM = ring  # read when the step is traced
             cc.DEFAULT_WRITES_IMPL = writes
             attention_mosaic.DEFAULT_WINDOW_IMPL = window
@@ -202,15 +208,16 @@ def main(argv=None):
             row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
             attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL = default_ring, default_writes
             attention_mosaic.DEFAULT_WINDOW_IMPL, llama.RARE_WRITES = default_window, default_rare
+            cache_mosaic.APPEND_IMPL = default_append
             row.update(cache=name, layers=a.layers, batch=a.batch, xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),
                        **({"ring_program": ring, "rare_writes": rare} if kivi is not None else {}),
-                       **({"mosaic_window": window} if mosaic else {}))
+                       **({"mosaic_window": window, "mosaic_append": append} if mosaic else {}))
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
             if "kernels" in row:
                 print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
-            suffix = (f"-{window}" if mosaic else "") + (f"-rare-{rare}" if kivi is not None else "")
+            suffix = (f"-{window}-append-{append}" if mosaic else "") + (f"-rare-{rare}" if kivi is not None else "")
             (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
     (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(

@@ -110,7 +110,10 @@ def _jax_env() -> dict:
     env["num_devices"] = jax.device_count()
     from models import llama
 
+    from kivi_jax import cache_mosaic
+
     env["rare_writes"] = llama.RARE_WRITES  # (KIVI_RARE_WRITES, which the children inherit)
+    env["mosaic_append"] = cache_mosaic.APPEND_IMPL  # (KIVI_MOSAIC_APPEND)
     return env
 
 
@@ -634,6 +637,7 @@ class Runner:
                     self.payload.update({k: obj[k] for k in ("device", "platform", "jax_version")})
                     self.payload["num_devices"] = obj.get("num_devices")
                     self.payload["rare_writes"] = obj.get("rare_writes")
+                    self.payload["mosaic_append"] = obj.get("mosaic_append")
             elif tag == "HFENV":
                 self.payload["hf_env"] = obj
                 if self.payload["device"] is None:
@@ -886,6 +890,7 @@ def render_markdown(p: dict) -> str:
             f"flax {p.get('flax_version')}, torch {p.get('torch_version')}, "
             f"transformers {p.get('transformers_version')}, optimum-quanto {p.get('optimum_quanto_version')}"
             f"{', KIVI flush decided once a step (RARE_WRITES=step)' if p.get('rare_writes') == 'step' else ''}"
+            f"{', Mosaic-layout appends in one kernel (APPEND_IMPL=pallas)' if p.get('mosaic_append') == 'pallas' else ''}"
             f"{', DRY RUN (tiny model, CPU)' if p['dry_run'] else ''}\n\n"
             "tokens/s = batch x new tokens / (prefill + decode) wall time; decode tok/s excludes the prefill; "
             "peak = allocator peak of the configuration's own process, weights included.\n\n")

@@ -27,6 +27,8 @@ over the quantized tokens (kivi_jax.attention_mosaic).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,26 @@ from kivi_jax.config import KIVIConfig
 
 from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays, key_codes,
                                         key_tiles, key_words, value_codes, value_tiles, value_words)
+
+
+APPEND_IMPLS = ("xla", "pallas")
+#: how a stacked cache's decode append is written, read at trace time: "xla" (``append_writes``'
+#: values computed in XLA, the row-writes kernel or scatters writing them) or "pallas" (one
+#: kernel, the leaving value quantized inside it: pallas_kernels/mosaic_append.py; interpreted
+#: off a GPU; not yet timed on one). e2e's children read KIVI_MOSAIC_APPEND.
+APPEND_IMPL = os.environ.get("KIVI_MOSAIC_APPEND", "xla")
+
+
+@functools.lru_cache(maxsize=None)
+def _token_quantizer(bits: int, dtype):
+    """x [G, 32] float32 (a token's values by channel group) -> (codes [G, 32] uint32, scale,
+    min [G, 1] in ``dtype``): ``quant_values``' numbers, for the append kernel (one function
+    object per (bits, dtype): the kernel's jit caches on it)."""
+    def quantize(x):
+        scale, mn = quant.group_params(x, bits, dtype, reduce_axis=1)
+        return quant.quantize_codes(x, scale, mn, bits), scale, mn
+
+    return quantize
 
 
 def check_config(config: KIVIConfig, head_dim: int):
@@ -203,6 +225,26 @@ class MosaicKIVICache(cc.CacheShape):
 
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return tuple(writes), L + live, self.overflow | full
+
+    def stacked_append(self, stacked: "MosaicKIVICache", layer, k, v, rare=None) -> "MosaicKIVICache":
+        """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer
+        ``layer`` in place (``cc.apply_writes``; rare: its). With APPEND_IMPL "pallas" the plain
+        writes are one kernel launch that also quantizes the leaving value
+        (:mod:`pallas_kernels.mosaic_append`); the key flush stays a conditional write."""
+        writes, lengths, overflow = self.append_writes(k, v)
+        if APPEND_IMPL not in APPEND_IMPLS:
+            raise ValueError(f"cache_mosaic.APPEND_IMPL={APPEND_IMPL!r}; allowed: {APPEND_IMPLS}")
+        if APPEND_IMPL == "pallas":
+            from pallas_kernels import mosaic_append
+
+            bufs = mosaic_append.append(
+                stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, jnp.asarray(k).astype(self.dtype),
+                jnp.asarray(v).astype(self.dtype), self.lengths, layer, max_length=self.max_length,
+                quantize=_token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)),
+                interpret=jax.default_backend() != "gpu")
+            stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))
+            writes = [w for w in writes if isinstance(w, cc.WritesIf)]
+        return cc.apply_writes(stacked, writes, lengths, overflow, layer=layer, rare=rare)
 
     def materialize(self, rotated: bool = False):
         """(K_hat, V_hat) [B, Hkv, Tc, D] in the cache dtype: position t is token t, dequantized

@@ -131,11 +131,35 @@ def _exact_madd(c, s, m):
     return (c * hi + m) + c * lo
 
 
+def next_after(x, toward):
+    """jnp.nextafter(x, toward) elementwise. 16-bit floats step their bit pattern (the next
+    representable number is one integer step away), decided on the bits so that subnormals are
+    stepped, not flushed (XLA:CPU's bfloat16 nextafter flushes them), and so that it lowers in
+    Pallas's Triton kernels, whose nextafter takes only float32 and float64."""
+    x = jnp.asarray(x)
+    toward = jnp.asarray(toward, x.dtype)
+    if x.dtype.itemsize != 2:
+        return jnp.nextafter(x, toward)
+    bits, tbits = (lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.int32) for a in (x, toward))
+
+    def order(b):  # the bit patterns in the numbers' order (-0 and +0 both 0x8000)
+        return jnp.where(b >= 0x8000, 0x10000 - b, 0x8000 + b)
+
+    up, same = order(tbits) > order(bits), order(tbits) == order(bits)
+    negative, zero = bits >= 0x8000, (bits & 0x7FFF) == 0
+    stepped = jnp.where(up != negative, bits + 1, bits - 1)  # (x != 0) the magnitude grows or shrinks
+    stepped = jnp.where(zero, jnp.where(up, 1, 0x8001), stepped)  # from zero: the smallest subnormal
+    out = lax.bitcast_convert_type(stepped.astype(jnp.uint16), x.dtype)
+    nan = (bits & 0x7FFF) > (0x7F80 if x.dtype == jnp.bfloat16 else 0x7C00)
+    nan = nan | ((tbits & 0x7FFF) > (0x7F80 if x.dtype == jnp.bfloat16 else 0x7C00))
+    return jnp.where(nan, x + toward, jnp.where(same, toward, out))
+
+
 def _round_outward(value_f32, dtype, direction):
     """Casts float32 ``value_f32`` to ``dtype``, stepping one ulp toward ``direction`` if rounding went the other way."""
     cast = value_f32.astype(dtype)
     fix = (cast.astype(jnp.float32) > value_f32) if direction < 0 else (cast.astype(jnp.float32) < value_f32)
-    stepped = jnp.nextafter(cast, jnp.full_like(cast, -jnp.inf if direction < 0 else jnp.inf))
+    stepped = next_after(cast, jnp.full_like(cast, -jnp.inf if direction < 0 else jnp.inf))
     return jnp.where(fix, stepped, cast)
 
 
@@ -166,8 +190,8 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     lv = jnp.float32(levels)
     for _ in range(2):  # the estimate is at most two ulps low
         low = finite & ~_ge_product(lv, scale_s.astype(jnp.float32), d_ok)
-        scale_s = jnp.where(low, jnp.nextafter(scale_s, jnp.full_like(scale_s, jnp.inf)), scale_s)
-    prev = jnp.nextafter(scale_s, jnp.zeros_like(scale_s))
+        scale_s = jnp.where(low, next_after(scale_s, jnp.full_like(scale_s, jnp.inf)), scale_s)
+    prev = next_after(scale_s, jnp.zeros_like(scale_s))
     high = finite & (scale_s > 0) & _ge_product(lv, prev.astype(jnp.float32), d_ok)
     scale_s = jnp.where(high, prev, scale_s)
     scale_s = jnp.minimum(scale_s.astype(jnp.float32), float(finfo.max)).astype(dtype)

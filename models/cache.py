@@ -77,6 +77,8 @@ class StackedCache:
         one = self.layer(i)
         if not hasattr(one, "append_writes"):  # a format without row writes: whole-layer write
             return self.set_layer(i, one.append(k, v))
+        if hasattr(one, "stacked_append"):  # a format that may write its appends its own way
+            return StackedCache(one.stacked_append(self.layers, i, k, v, rare=rare))
         return StackedCache(cc.apply_writes(self.layers, *one.append_writes(k, v), layer=i, rare=rare))
 
     def rare_writes_due(self):

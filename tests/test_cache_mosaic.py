@@ -281,3 +281,51 @@ def test_a_window_no_row_can_exceed_runs_the_kernel_path(monkeypatch):
                                          r"sliding window yet; use KIVIConfig\(layout='tokens'\)"):
         kj.decode_attention(q, cache, impl="pallas", window=511)
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_append_kernel_equals_the_xla_writes(dtype, monkeypatch):
+    """cache_mosaic.APPEND_IMPL "pallas": a layer-stacked MosaicKIVICache's append in one kernel
+    that quantizes the leaving value itself (pallas_kernels.mosaic_append, interpreted) leaves
+    every buffer as the XLA writes do, bit for bit: rows before R (no value leaves), spilling at
+    every position of a 64-token chunk and both halves of a 128-token tile, a row reaching
+    max_length (refused, flagged), across a key flush; layer 0 untouched."""
+    from kivi_jax import cache_mosaic
+
+    b, heads, max_length, steps = 4, 2, 320, 70
+    kw = dict(batch=b, num_kv_heads=heads, head_dim=D, max_length=max_length, dtype=dtype)
+    ks = jax.random.split(jax.random.key(3), 3)
+    k = jax.random.normal(ks[0], (b, heads, max_length, D)).astype(dtype)
+    v = (jax.random.normal(ks[1], (b, heads, max_length, D)) * 3).astype(dtype)
+    lens = jnp.asarray([5, 120, 250, 300], jnp.int32)  # row 3 reaches max_length and is refused
+    m = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))(MosaicKIVICache.init(MOSAIC, **kw), k, v, lens)
+    stacked = {impl: StackedCache.stack(m, 2).layers for impl in cache_mosaic.APPEND_IMPLS}
+    new = jax.random.normal(ks[2], (steps, b, heads, 1, D)).astype(dtype)
+    for impl in cache_mosaic.APPEND_IMPLS:
+        monkeypatch.setattr(cache_mosaic, "APPEND_IMPL", impl)
+        step = jax.jit(lambda st, k: jax.tree.map(lambda x: x[1], st).stacked_append(st, jnp.int32(1), k, k * 2))
+        for i in range(steps):
+            stacked[impl] = step(stacked[impl], new[i])
+    got, want = stacked["pallas"], stacked["xla"]
+    assert int(want.lengths[1, 0]) == 5 + steps and bool(want.overflow[1, 3])
+    for name in ("k_res", "v_res", "vn", "vt", "kn", "kt", "lengths", "overflow"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(got.vn[0]), np.asarray(m.vn))  # layer 0 untouched
+    np.testing.assert_array_equal(np.asarray(got.v_res[0]), np.asarray(m.v_res))
+
+
+def test_append_kernel_lowers_for_cuda():
+    """The append kernel (exact rounding included: quant.next_after steps 16-bit floats by their
+    bits, Triton's nextafter takes float32 only) lowers to Triton IR for a GPU."""
+    from kivi_jax import cache_mosaic
+    from pallas_kernels import mosaic_append
+    from pallas_kernels.triton_ir import lower_to_ttir
+
+    s = jax.ShapeDtypeStruct
+    lyr, b, h, r, tc = 3, 2, 2, 128, 512
+    args = (s((lyr, b, h, r, D), jnp.bfloat16), s((lyr, b, h, r, D), jnp.bfloat16), s((lyr, b, h, tc // 64, 4 * D), jnp.uint32),
+            s((lyr, b, h, tc // 2, 16), jnp.bfloat16), s((b, h, 1, D), jnp.bfloat16), s((b, h, 1, D), jnp.bfloat16),
+            s((b,), jnp.int32))
+    ir = lower_to_ttir(lambda *a: mosaic_append.append(
+        *a, jnp.int32(1), max_length=500, quantize=cache_mosaic._token_quantizer(2, jnp.dtype(jnp.bfloat16))), *args)
+    assert "tt.store" in ir

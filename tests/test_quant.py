@@ -412,3 +412,26 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_bfloat16_dtype_helper_is_ml_dtypes():
     assert ref.np_dtype(jnp.bfloat16) == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_next_after_steps_16_bit_floats_by_their_bits():
+    """quant.next_after on every bfloat16 and float16 bit pattern, toward -inf, +inf, +-0, a
+    normal and a subnormal number: the neighbour in the dtype's order (subnormals stepped, not
+    flushed), the target itself when equal; float32 goes to jnp.nextafter."""
+    from kivi_jax.quant import next_after
+
+    for dtype in (jnp.bfloat16, jnp.float16):
+        x = jax.lax.bitcast_convert_type(jnp.arange(65536, dtype=jnp.uint32).astype(jnp.uint16), dtype)
+        bits = np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint16)).astype(np.int64)
+        order = np.where(bits >= 0x8000, 0x10000 - bits, 0x8000 + bits)  # -0 and +0 both 0x8000
+        nan = np.isnan(np.asarray(x.astype(jnp.float32)))
+        for t in (-np.inf, np.inf, 0.0, -0.0, 1.0, -2.5, 1e-40):
+            tb = int(np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(t, dtype), jnp.uint16)))
+            t_order = 0x10000 - tb if tb >= 0x8000 else 0x8000 + tb
+            got = np.asarray(jax.lax.bitcast_convert_type(jax.jit(next_after)(x, jnp.full_like(x, t)), jnp.uint16))
+            got = got.astype(np.int64)
+            got_order = np.where(got >= 0x8000, 0x10000 - got, 0x8000 + got)
+            want = np.where(order < t_order, order + 1, np.where(order > t_order, order - 1, t_order))
+            assert np.array_equal(got_order[~nan], want[~nan]), (dtype, t)
+    y = jnp.asarray([1.0, -3.0, 0.0], jnp.float32)
+    np.testing.assert_array_equal(next_after(y, jnp.inf), jnp.nextafter(y, jnp.inf))
