@@ -12,8 +12,9 @@
 # as its false branch, instead of one a layer; off; no stacked copies in the CPU slab test) next to
 # "layer": XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_step_ab --layers 32
 # --prompt 330 --max-length 512 --caches kivi2,kivi2m --arms allpallas --trace --rare-writes layer,step
-# (stacked_copies must be 0), then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches
-# dense,kivi2,kivi2m with and without KIVI_RARE_WRITES=step (kivi2m 10.89 ms vs dense 10.54, run48); the window kernel
+# and again --caches kivi2m --mosaic-appends xla,pallas (the append kernel, cache_mosaic.APPEND_IMPL,
+# off; stacked_copies must be 0), then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches
+# dense,kivi2,kivi2m with and without KIVI_RARE_WRITES=step KIVI_MOSAIC_APPEND=pallas (kivi2m 10.89 ms vs dense 10.54, run48); the window kernel
 # now also goes on from the Mosaic kernel's partials (no combine fusion; never run on a GPU: check with
 # mosaic_attention --quick --kv-heads 32 --stages 2, whose mosaic_cache_check runs the whole call). Then the GQA
 # kernel with q broadcast in registers (0.27-0.28 ms at B=64 T=4k, below dense) over the grid:
