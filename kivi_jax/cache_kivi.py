@@ -353,9 +353,8 @@ def quant_keys(config: KIVIConfig, dtype, k):
     scale / min [B, H, T/Gk, D] in ``dtype``."""
     b, h, t, d = k.shape
     xg = k.astype(jnp.float32).reshape(b, h, t // config.key_group, config.key_group, d)
-    scale, mn = quant.group_params(xg, config.k_bits, dtype, reduce_axis=3)
-    codes = quant.quantize_codes(xg, scale, mn, config.k_bits).reshape(b, h, t, d)
-    return codes, scale[:, :, :, 0], mn[:, :, :, 0]
+    codes, scale, mn = quant.quantize_groups(xg, config.k_bits, dtype, reduce_axis=3)
+    return codes.reshape(b, h, t, d), scale[:, :, :, 0], mn[:, :, :, 0]
 
 
 def quant_values(config: KIVIConfig, dtype, v):
@@ -363,6 +362,5 @@ def quant_values(config: KIVIConfig, dtype, v):
     [B, H, T, D/G] in ``dtype``."""
     b, h, t, d = v.shape
     xg = v.astype(jnp.float32).reshape(b, h, t, d // config.group_size, config.group_size)
-    scale, mn = quant.group_params(xg, config.v_bits, dtype, reduce_axis=4)
-    codes = quant.quantize_codes(xg, scale, mn, config.v_bits).reshape(b, h, t, d)
-    return codes, scale[..., 0], mn[..., 0]
+    codes, scale, mn = quant.quantize_groups(xg, config.v_bits, dtype, reduce_axis=4)
+    return codes.reshape(b, h, t, d), scale[..., 0], mn[..., 0]

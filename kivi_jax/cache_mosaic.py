@@ -56,11 +56,7 @@ def _token_quantizer(bits: int, dtype):
     """x [G, 32] float32 (a token's values by channel group) -> (codes [G, 32] uint32, scale,
     min [G, 1] in ``dtype``): ``quant_values``' numbers, for the append kernel (one function
     object per (bits, dtype): the kernel's jit caches on it)."""
-    def quantize(x):
-        scale, mn = quant.group_params(x, bits, dtype, reduce_axis=1)
-        return quant.quantize_codes(x, scale, mn, bits), scale, mn
-
-    return quantize
+    return functools.partial(quant.quantize_groups, bits=bits, dtype=dtype, reduce_axis=1)
 
 
 def check_config(config: KIVIConfig, head_dim: int):

@@ -150,8 +150,7 @@ def next_after(x, toward):
     stepped = jnp.where(up != negative, bits + 1, bits - 1)  # (x != 0) the magnitude grows or shrinks
     stepped = jnp.where(zero, jnp.where(up, 1, 0x8001), stepped)  # from zero: the smallest subnormal
     out = lax.bitcast_convert_type(stepped.astype(jnp.uint16), x.dtype)
-    nan = (bits & 0x7FFF) > (0x7F80 if x.dtype == jnp.bfloat16 else 0x7C00)
-    nan = nan | ((tbits & 0x7FFF) > (0x7F80 if x.dtype == jnp.bfloat16 else 0x7C00))
+    nan = jnp.isnan(x.astype(jnp.float32)) | jnp.isnan(toward.astype(jnp.float32))
     return jnp.where(nan, x + toward, jnp.where(same, toward, out))
 
 
@@ -243,6 +242,13 @@ def dequantize_codes(codes, scale_s, mn_s, dtype) -> jax.Array:
     return jnp.clip(y, float(finfo.min), float(finfo.max)).astype(dtype)
 
 
+def quantize_groups(xg: jax.Array, bits: int, dtype, reduce_axis: int):
+    """float32 ``xg`` with its groups along ``reduce_axis`` -> (codes uint32 like xg, scale, min
+    in ``dtype`` with reduce_axis kept, size 1): :func:`group_params` then :func:`quantize_codes`."""
+    scale, mn = group_params(xg, bits, dtype, reduce_axis=reduce_axis)
+    return quantize_codes(xg, scale, mn, bits), scale, mn
+
+
 def quantize(x: jax.Array, *, bits: int, group_size: int, axis: int, pack_axis: int | None = None) -> QuantizedArray:
     """Quantizes ``x`` in groups of ``group_size`` consecutive elements along ``axis``.
 
@@ -263,9 +269,8 @@ def quantize(x: jax.Array, *, bits: int, group_size: int, axis: int, pack_axis: 
         raise ValueError(f"group_size={group_size} must divide the length {n} of axis {axis}")
     xf = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
     xg = xf.reshape(*xf.shape[:-1], n // group_size, group_size)
-    scale, mn = group_params(xg, bits, dtype, reduce_axis=-1)
-    codes = quantize_codes(xg, scale, mn, bits).reshape(xf.shape)
-    codes = jnp.moveaxis(codes, -1, axis)
+    codes, scale, mn = quantize_groups(xg, bits, dtype, reduce_axis=-1)
+    codes = jnp.moveaxis(codes.reshape(xf.shape), -1, axis)
     return QuantizedArray(
         codes=packing.pack(codes, bits, pack_axis),
         scale=jnp.moveaxis(scale[..., 0], -1, axis),

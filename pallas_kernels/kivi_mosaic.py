@@ -541,8 +541,11 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         n = n_smem[first + (0,)]
         r_in = r0 + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
         lo = sp * per_split  # this program's steps [lo, hi)
-        hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split)
-        steps = jnp.maximum(hi - lo, 0)
+
+        def split_steps(n):  # a row of length n's steps in this split, [lo, hi): hi - lo (negative: none)
+            return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split) - lo
+
+        steps = jnp.maximum(split_steps(n), 0)
         col = iota((CHUNK, N), 1)
         # a chunk's rows, as picked (only if used: a value no op uses fails Mosaic's layout inference)
         tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1)) if compute else None
@@ -767,8 +770,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             # runs one, all masked, whose partial is the empty one (m = -1e30, l = 0).
             k_rows, last_step = rows_per_program, tokens // KEY_BLOCK - 1
             ns = [n_smem[k, 0] for k in range(k_rows)]
-            counts = [jnp.maximum(jnp.minimum(jnp.minimum((nk + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK),
-                                              lo + per_split) - lo, 1) for nk in ns]
+            counts = [jnp.maximum(split_steps(nk), 1) for nk in ns]
             firsts = [counts[0] * 0]  # each row's first global step
             for c in counts[:-1]:
                 firsts.append(firsts[-1] + c)
@@ -938,7 +940,8 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
         raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
     if options.get("compact_q") and options.get("key_offset"):
         raise ValueError("compact_q loads q as one column; key_offset scales Bk's s columns of it (q comes broadcast)")
-    options["compact_q"] = not options.get("key_offset") if options.get("compact_q") is None else options["compact_q"]
+    if options.get("compact_q") is None:
+        options["compact_q"] = not options.get("key_offset")
     if options.get("rows_per_program") is None:
         options["rows_per_program"] = default_rows_per_program(rows, tokens, splits, gpu_slots(), **options)
     unit = options.get("warpgroups", 1) * max(options["rows_per_program"], 1)  # (_build names a bad one)
