@@ -54,7 +54,9 @@ D = km.D
 # (measured: no faster, 0.400-0.418 vs 0.393-0.410 with both, -run28 / -run32).
 # prefetch_bk: the next step's Bk and key constant built while the value wgmmas run (correct; in
 # turns over five rounds 0.983x MHA, 1.015x GQA 4: mosaic-ab-run37-*); group4: all four chunks a
-# wgmma group (1.001x). rows2 / rows4: 2 or 4 rows a program, their steps one stream (not yet timed).
+# wgmma group (1.001x). rows2 / rows4: 2 or 4 rows a program, their steps one stream (0.92x at
+# the paper's batch, 1.04x at the target: mosaic-ab-run42-*); broadcast_q: q written broadcast by
+# XLA, as before compact_q (GQA 4 0.376 vs 0.267 ms: mosaic-ab-run45-4k).
 VARIANTS = [("default", {}), ("stream_only", dict(compute=False)), ("group1", dict(group=1)),
             ("key_offset", dict(key_offset=True)), ("value_offset", dict(value_offset=True)),
             ("key_value_offset", dict(key_offset=True, value_offset=True)),
