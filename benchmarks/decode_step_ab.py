@@ -1,4 +1,4 @@
-"""One decode step of N Llama-2-7B-shaped layers: its time, and what the optimized HLO copies
+"""One decode step of N Llama-2-7B-shaped (or Mistral-7B-shaped) layers: its time, and what the optimized HLO copies
 (stacked cache buffers, per-layer weights), for a few ways of running the layers.
 
 Arms (``--arms``):
@@ -26,6 +26,7 @@ over the weights per step when nonzero). Run twice, with and without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -152,8 +153,23 @@ def _kernel_table(kernels, step_ms, top=25) -> str:
     return head + "\n" + common.markdown(kernels[:top], ["kernel", "ms_per_step", "launches_per_step", "source"])
 
 
+@contextlib.contextmanager
+def _switched(*settings):
+    """Each (module, name, value) with value not None set for the block, restored after it."""
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in settings]
+    try:
+        for mod, name, value in settings:
+            if value is not None:
+                setattr(mod, name, value)
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama2-7b", help="a benchmarks.e2e.MODELS shape (llama2-7b, mistral-7b)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=96)
     ap.add_argument("--prompt", type=int, default=160)
@@ -167,13 +183,13 @@ def main(argv=None):
     ap.add_argument("--writes", default=None,
                     help="comma list of cache_common.WRITES_IMPLS to run each arm with (default: the default)")
     ap.add_argument("--mosaic-windows", default=None,
-                    help="comma list of attention_mosaic.WINDOW_IMPLS to run each kivi2m arm with (default: the default)")
+                    help="comma list of attention_mosaic.WINDOW_IMPL_NAMES to run each kivi2m arm with (default: the default)")
     ap.add_argument("--mosaic-appends", default=None,
                     help="comma list of cache_mosaic.APPEND_IMPLS to run each kivi2m arm with (default: the default)")
     ap.add_argument("--rare-writes", default=None,
                     help="comma list of models.llama.RARE_WRITES_MODES to run each KIVI arm with (default: the default)")
     a = ap.parse_args(argv)
-    cfg = model_config("llama2-7b", num_layers=a.layers)
+    cfg = model_config(a.model, num_layers=a.layers)
     model = models.init_random(cfg, dtype=jnp.bfloat16)
     apply, params = models.functional(model)
     ids = jax.random.randint(jax.random.key(0), (a.batch, a.prompt), 0, cfg.vocab_size)
@@ -185,31 +201,28 @@ def main(argv=None):
     rest = {"embed": model.embed[...], "final_norm": model.final_norm[...],
             "lm_head": model.lm_head[...] if model.lm_head is not None else model.embed[...].T}
     rows = []
-    default_ring, default_writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
-    default_window, default_rare = attention_mosaic.DEFAULT_WINDOW_IMPL, llama.RARE_WRITES
-    default_append = cache_mosaic.APPEND_IMPL
-    write_impls = a.writes.split(",") if a.writes else [default_writes]
+    write_impls = a.writes.split(",") if a.writes else [None]
     for name in a.caches.split(","):
         kivi = None if KIVI[name] is None else kj.KIVIConfig(**KIVI[name])
-        rings = a.ring_programs.split(",") if kivi is not None and a.ring_programs else [default_ring]
         mosaic = kivi is not None and kivi.layout == "mosaic"
-        windows = a.mosaic_windows.split(",") if mosaic and a.mosaic_windows else [default_window]
-        rares = a.rare_writes.split(",") if kivi is not None and a.rare_writes else [default_rare]
-        appends = a.mosaic_appends.split(",") if mosaic and a.mosaic_appends else [default_append]
+        rings = a.ring_programs.split(",") if kivi is not None and a.ring_programs else [None]
+        windows = a.mosaic_windows.split(",") if mosaic and a.mosaic_windows else [None]
+        rares = a.rare_writes.split(",") if kivi is not None and a.rare_writes else [None]
+        appends = a.mosaic_appends.split(",") if mosaic and a.mosaic_appends else [None]
         for arm, ring, writes, window, rare, append in itertools.product(arms, rings, write_impls, windows, rares,
                                                                          appends):
-            cache_mosaic.APPEND_IMPL = append
-            attention_pallas.DEFAULT_RING_PROGRAM = ring  # read when the step is traced
-            cc.DEFAULT_WRITES_IMPL = writes
-            attention_mosaic.DEFAULT_WINDOW_IMPL = window
-            llama.RARE_WRITES = rare
-            cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
-            _, cache = jax.jit(apply)(params, ids, cache)
-            row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
-            attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL = default_ring, default_writes
-            attention_mosaic.DEFAULT_WINDOW_IMPL, llama.RARE_WRITES = default_window, default_rare
-            cache_mosaic.APPEND_IMPL = default_append
-            row.update(cache=name, layers=a.layers, batch=a.batch, xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
+            # the switches are read when the step is traced; None: the module's default
+            with _switched((attention_pallas, "DEFAULT_RING_PROGRAM", ring), (cc, "DEFAULT_WRITES_IMPL", writes),
+                           (attention_mosaic, "DEFAULT_WINDOW_IMPL", window), (llama, "RARE_WRITES", rare),
+                           (cache_mosaic, "APPEND_IMPL", append)):
+                cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
+                _, cache = jax.jit(apply)(params, ids, cache)
+                row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
+                ring, writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
+                rare, append = llama.rare_writes_mode(), cache_mosaic.append_impl()
+                window = attention_mosaic.DEFAULT_WINDOW_IMPL or ("pallas" if jax.default_backend() == "gpu" else "jax")
+            row.update(cache=name, model=a.model, layers=a.layers, batch=a.batch,
+                       xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),
                        **({"ring_program": ring, "rare_writes": rare} if kivi is not None else {}),
                        **({"mosaic_window": window, "mosaic_append": append} if mosaic else {}))

@@ -112,8 +112,8 @@ def _jax_env() -> dict:
 
     from kivi_jax import cache_mosaic
 
-    env["rare_writes"] = llama.RARE_WRITES  # (KIVI_RARE_WRITES, which the children inherit)
-    env["mosaic_append"] = cache_mosaic.APPEND_IMPL  # (KIVI_MOSAIC_APPEND)
+    env["rare_writes"] = llama.rare_writes_mode()  # (KIVI_RARE_WRITES, which the children inherit)
+    env["mosaic_append"] = cache_mosaic.append_impl()  # (KIVI_MOSAIC_APPEND)
     return env
 
 
@@ -884,13 +884,24 @@ def _fmt_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _switches(p: dict) -> str:
+    """The decode step's trace-time switches the run used, for the table's header."""
+    parts = []
+    if p.get("rare_writes"):
+        where = "once a step" if p["rare_writes"] == "step" else "in each layer"
+        parts.append(f"KIVI flush decided {where} (RARE_WRITES={p['rare_writes']})")
+    if p.get("mosaic_append"):
+        how = "in one kernel" if p["mosaic_append"] == "pallas" else "in XLA"
+        parts.append(f"Mosaic-layout appends {how} (APPEND_IMPL={p['mosaic_append']})")
+    return "".join(", " + x for x in parts)
+
+
 def render_markdown(p: dict) -> str:
     head = (f"# End-to-end decode: kivi_jax.generate vs HF transformers\n\n"
             f"commit `{p['commit']}`, {p['date']}, device {p['device']} ({p.get('platform')}), jax {p['jax_version']}, "
             f"flax {p.get('flax_version')}, torch {p.get('torch_version')}, "
             f"transformers {p.get('transformers_version')}, optimum-quanto {p.get('optimum_quanto_version')}"
-            f"{', KIVI flush decided once a step (RARE_WRITES=step)' if p.get('rare_writes') == 'step' else ''}"
-            f"{', Mosaic-layout appends in one kernel (APPEND_IMPL=pallas)' if p.get('mosaic_append') == 'pallas' else ''}"
+            f"{_switches(p)}"
             f"{', DRY RUN (tiny model, CPU)' if p['dry_run'] else ''}\n\n"
             "tokens/s = batch x new tokens / (prefill + decode) wall time; decode tok/s excludes the prefill; "
             "peak = allocator peak of the configuration's own process, weights included.\n\n")

@@ -279,7 +279,7 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
     mcache = kj.MosaicKIVICache.from_kivi(cache)
     want = kj.decode_attention(q4[:2], jax.tree.map(lambda x: x[:2] if x.ndim and x.shape[0] == b else x, cache),
                                impl="reference").astype(jnp.float32)
-    for window in attention_mosaic.WINDOW_IMPLS:
+    for window in attention_mosaic.WINDOW_IMPL_NAMES:
         call = jax.jit(lambda q, c, w=window: attention_mosaic.decode_attention(q, c, window_impl=w))
         ms = common.time_fn(call, q4, mcache)
         got = call(q4, mcache)[:2].astype(jnp.float32)

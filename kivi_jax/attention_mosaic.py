@@ -51,6 +51,12 @@ def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None):
 
 
 WINDOW_IMPLS = {"jax": lambda qg, cache, stack: window_partials(qg, cache), "pallas": window_kernel_partials}
+#: decode_attention's window_impl values: WINDOW_IMPLS' partials (combined with the bulk's in XLA)
+#: or "pallas_continued" (:func:`pallas_kernels.mosaic_window.window_attention`: the Triton kernel
+#: starts from the bulk's partials and normalizes, no combine after it; 0.2 ms slower a 32-layer
+#: step at the paper's setting on the H200: its kernel 1.98 vs 1.89 ms and three small fusions
+#: around it, results/decode-step-ab-2026-12-02-run49-p330-rare-append.json vs -run48-)
+WINDOW_IMPL_NAMES = (*WINDOW_IMPLS, "pallas_continued")
 #: decode_attention's window when none is passed; read at trace time (benchmarks A/B it). None:
 #: "pallas" on a GPU (the ring read as dense attention reads its cache), else "jax" (off the GPU
 #: the Triton kernel would run interpreted)
@@ -63,15 +69,14 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
     quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
-    tokens in plain JAX (:func:`window_partials`, then combined with the bulk's partials) or
-    "pallas" (:func:`pallas_kernels.mosaic_window.window_attention`: the Triton kernel starts
-    from the bulk's partials and returns the attention, no combine after it); None:
-    DEFAULT_WINDOW_IMPL."""
+    tokens' partials in plain JAX (:func:`window_partials`) or in one Triton launch ("pallas",
+    :func:`window_kernel_partials`), then combined with the bulk's; or "pallas_continued"
+    (WINDOW_IMPL_NAMES); None: DEFAULT_WINDOW_IMPL."""
     window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
     if window_impl is None:
         window_impl = "pallas" if jax.default_backend() == "gpu" else "jax"
-    if window_impl not in WINDOW_IMPLS:
-        raise ValueError(f"window_impl={window_impl!r}; allowed: {tuple(WINDOW_IMPLS)}")
+    if window_impl not in WINDOW_IMPL_NAMES:
+        raise ValueError(f"window_impl={window_impl!r}; allowed: {WINDOW_IMPL_NAMES}")
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
@@ -87,7 +92,7 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
         arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
                   for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset))
-    if window_impl == "pallas":  # the window kernel goes on from the bulk's partials and normalizes
+    if window_impl == "pallas_continued":  # the window kernel goes on from the bulk's partials and normalizes
         ring, layer = (cache, None) if stack is None else stack
         out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
                                              (ob, mb, lb), layer=layer, interpret=jax.default_backend() != "gpu")

@@ -67,12 +67,22 @@ def apply_rope(x, cos, sin):
 
 RARE_WRITES_MODES = ("layer", "step")
 #: where a decode step decides KIVI's rare writes (the key flush, one step in R), read at trace time:
-#: "layer": a lax.cond in every layer (the default, measured); "step": once for the step, two
-#: conditionals around the layer loop (StackedCache.rare_writes_due). XLA:GPU reads each
-#: conditional's predicate back to the host; one a layer of two cost 0.5 ms of a 12 ms step
-#: (results/decode-step-ab-2026-12-02-p330.md, run48). "step" has not run on a GPU yet
-#: (benchmarks.decode_step_ab --rare-writes step; e2e's children read KIVI_RARE_WRITES)
-RARE_WRITES = os.environ.get("KIVI_RARE_WRITES", "layer")
+#: "layer": a lax.cond in every layer; "step": once for the step, two conditionals around the
+#: layer loop (StackedCache.rare_writes_due); None (the default): "step" on a GPU, "layer"
+#: elsewhere (the same numbers bit for bit; "step" compiles the layer loop twice). XLA:GPU reads
+#: each conditional's predicate back to the host: on the H200 at the paper's setting "step" took
+#: a 32-layer KIVI-2 step from 12.87 to 11.52 ms wall (Mosaic layout; 14.13 -> 13.16 tokens
+#: layout; results/decode-step-ab-2026-12-02-run49-p330-rare-append.json). e2e's children read
+#: KIVI_RARE_WRITES
+RARE_WRITES = os.environ.get("KIVI_RARE_WRITES") or None
+
+
+def rare_writes_mode() -> str:
+    """RARE_WRITES resolved for this backend (named error when it is not a mode)."""
+    mode = RARE_WRITES or ("step" if jax.default_backend() == "gpu" else "layer")
+    if mode not in RARE_WRITES_MODES:
+        raise ValueError(f"models.llama.RARE_WRITES={mode!r}; allowed: {RARE_WRITES_MODES} or None")
+    return mode
 
 
 def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None):
@@ -219,8 +229,7 @@ class Llama(nnx.Module):
         ids = jnp.asarray(input_ids)
         if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer array [B, T]; got shape {ids.shape} dtype {ids.dtype}")
-        if RARE_WRITES not in RARE_WRITES_MODES:
-            raise ValueError(f"models.llama.RARE_WRITES={RARE_WRITES!r}; allowed: {RARE_WRITES_MODES}")
+        rare_mode = rare_writes_mode()
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={attn_impl!r}; allowed: {ATTN_IMPLS}")
         if matmul_impl not in kj_matmul.MATMUL_IMPLS:
@@ -268,7 +277,7 @@ class Llama(nnx.Module):
 
             return lax.scan(body, carry, (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))[0]
 
-        due = cache.rare_writes_due() if decode and RARE_WRITES == "step" else None
+        due = cache.rare_writes_due() if decode and rare_mode == "step" else None
         if due is None:  # (RARE_WRITES "layer": each layer's rare writes in a conditional of their own)
             x, cache = layers((x, cache))
         else:  # KIVI's key flush (one step in R): decided once for the step, not in a cond a layer

@@ -107,14 +107,17 @@ def test_attention_glue_matches_the_reference():
         out = jnp.einsum("rgt,rtd->rgd", p, vh), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
         return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
 
-    # jitted (eager compiles op by op); the stand-in reads the materialized cache's tokens
-    glue = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, bulk=functools.partial(
-        bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))))
+    def stand_in(c):  # the stand-in bulk reads the materialized cache's tokens
+        return functools.partial(bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))
+
+    # jitted (eager compiles op by op)
+    glue = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, bulk=stand_in(c)))
     ref = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))
     auto = jax.jit(lambda q, c: kj.decode_attention(q, c))
-    # the Triton window kernel (interpreted here) going on from the bulk's partials, as on a GPU
-    glue_kernel = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, window_impl="pallas", bulk=functools.partial(
-        bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))))
+    # the Triton window kernel (interpreted here): its partials combined in XLA (the GPU default),
+    # and going on from the bulk's partials
+    glue_kernels = [jax.jit(lambda q, c, w=w: attention_mosaic.decode_attention(q, c, window_impl=w, bulk=stand_in(c)))
+                    for w in ("pallas", "pallas_continued")]
     step = jax.jit(lambda c, k, v: c.append(k, v))
     # rows at L % R == 0 (every window key flushed: n = L) and 1 after: i = 112, 113 (row 0) and
     # 123, 124 (row 2); the first and last appends
@@ -126,7 +129,9 @@ def test_attention_glue_matches_the_reference():
                 np.testing.assert_allclose(np.asarray(glue(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
                 np.testing.assert_allclose(np.asarray(auto(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
                 if i in (0, 112, 113, 140):
-                    np.testing.assert_allclose(np.asarray(glue_kernel(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                    for glue_kernel in glue_kernels:
+                        np.testing.assert_allclose(np.asarray(glue_kernel(q, m)), np.asarray(want), rtol=1e-5,
+                                                   atol=1e-5)
         if i < k.shape[2]:
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
@@ -235,7 +240,7 @@ def test_bad_configurations_are_named():
         mosaic_window.window_attention(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
                                        jnp.zeros((1,), jnp.int32), (jnp.zeros((1, 1, 1, D)),) + (jnp.zeros((1, 1)),) * 2,
                                        interpret=True)
-    with pytest.raises(ValueError, match=r"window_impl='triton'; allowed: \('jax', 'pallas'\)"):
+    with pytest.raises(ValueError, match=r"window_impl='triton'; allowed: \('jax', 'pallas', 'pallas_continued'\)"):
         attention_mosaic.decode_attention(q, cache, window_impl="triton")
     assert dataclasses.replace(MOSAIC, layout="tokens") == TOKENS
 
@@ -254,14 +259,15 @@ def test_layer_of_a_stack_is_read_in_place():
         return tuple(jnp.asarray(x) for x in km.kernel_model(rows, lengths, *(jnp.asarray(x) for x in sl)))
 
     q = jax.random.normal(jax.random.key(7), (2, 2, 1, D))
-    for i, window in ((0, "jax"), (2, "jax"), (2, "pallas")):  # pallas: the ring kernel reads layer i in place too
+    # pallas*: the ring kernel reads layer i in place too
+    for i, window in ((0, "jax"), (2, "jax"), (2, "pallas"), (2, "pallas_continued")):
         view = jax.tree.map(lambda x: x[i], stacked)
         got = attention_mosaic.decode_attention(q, view, stack=(stacked, jnp.int32(i)), bulk=bulk, window_impl=window)
         want = kj.decode_attention(q, layers[i], impl="reference")
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         other = kj.decode_attention(q, layers[1], impl="reference")
         assert float(jnp.abs(got - other).max()) > 1e-2
-    assert seen == [(12, 0), (12, 8), (12, 8)]
+    assert seen == [(12, 0), (12, 8), (12, 8), (12, 8)]
 
 
 def test_a_window_no_row_can_exceed_runs_the_kernel_path(monkeypatch):
@@ -312,6 +318,14 @@ def test_append_kernel_equals_the_xla_writes(dtype, monkeypatch):
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)
     np.testing.assert_array_equal(np.asarray(got.vn[0]), np.asarray(m.vn))  # layer 0 untouched
     np.testing.assert_array_equal(np.asarray(got.v_res[0]), np.asarray(m.v_res))
+    # None (the default): the kernel on a GPU, where it was measured faster; XLA's writes elsewhere
+    monkeypatch.setattr(cache_mosaic, "APPEND_IMPL", None)
+    for backend, impl in (("cpu", "xla"), ("gpu", "pallas")):
+        monkeypatch.setattr(cache_mosaic.jax, "default_backend", lambda b=backend: b)
+        assert cache_mosaic.append_impl() == impl
+    monkeypatch.setattr(cache_mosaic, "APPEND_IMPL", "triton")
+    with pytest.raises(ValueError, match=r"cache_mosaic.APPEND_IMPL='triton'; allowed: \('xla', 'pallas'\) or None"):
+        cache_mosaic.append_impl()
 
 
 def test_append_kernel_lowers_for_cuda():

@@ -375,5 +375,10 @@ def test_rare_writes_decided_once_a_step_equal_a_conditional_a_layer(kivi, monke
     jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t, c: apply(params, t, c)))(toks[:2, :1], batched))
     assert jaxpr.count("cond[") == 2  # a batched predicate would have made them selects
     monkeypatch.setattr(llama, "RARE_WRITES", "both")
-    with pytest.raises(ValueError, match=r"models.llama.RARE_WRITES='both'; allowed: \('layer', 'step'\)"):
+    with pytest.raises(ValueError, match=r"models.llama.RARE_WRITES='both'; allowed: \('layer', 'step'\) or None"):
         apply(params, toks[0], cache)
+    # None (the default): "step" on a GPU, where it was measured faster; "layer" elsewhere
+    monkeypatch.setattr(llama, "RARE_WRITES", None)
+    for backend, mode in (("cpu", "layer"), ("gpu", "step")):
+        monkeypatch.setattr(llama.jax, "default_backend", lambda b=backend: b)
+        assert llama.rare_writes_mode() == mode
