@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 
 import jax
@@ -104,19 +105,25 @@ def errors(got, want):
             "l_rel_err": float(np.abs(l * np.exp(m - rm) - rl).max() / np.abs(rl).max())}
 
 
-def check(rows=64, tokens=1024, stages=2, heads=1, **options):
+def check(rows=64, tokens=1024, stages=2, heads=1, sliding=False, **options):
+    """The compiled kernel against the float64 reference on rows of every length class;
+    sliding: each row also starts at a token of every class below its length (starts)."""
     plain = random_inputs(rows, tokens)
     lengths = jnp.asarray(np.minimum(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1,
                                                 tokens], rows), tokens), jnp.int32)
+    starts = (jnp.minimum(jnp.asarray(np.resize([0, 1, 30, 64, 255, 256, 300, 513, 767], rows), jnp.int32), lengths - 1)
+              if sliding else None)
     q = random_q(rows, heads, key=9)
-    got = jax.jit(lambda q, n, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, **options))(q, lengths, *plain)
-    return errors(got, km.reference(q, lengths, *plain))
+    got = jax.jit(lambda q, n, s, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, starts=s, **options))(
+        q, lengths, starts, *plain)
+    return errors(got, km.reference(q, lengths, *plain, starts=starts))
 
 
-def check_cache(heads=(2, 8), kv_heads=2, key=11):
+def check_cache(heads=(2, 8), kv_heads=2, key=11, windows=(None,)):
     """The integrated path compiled: a MosaicKIVICache prefilled with ragged rows and appended
     to (flushes, spills), ``kivi_jax.decode_attention`` (the kernel on the quantized tokens, the
-    window in JAX) against the reference over the same cache, bf16, MHA and GQA 4."""
+    window kernel on the ring) against the reference over the same cache, bf16, MHA and GQA 4;
+    and with each sliding window of ``windows`` (None: none)."""
     cfg = kj.KIVIConfig(layout="mosaic")
     b, t, extra = 4, 700, 140
     ks = jax.random.split(jax.random.key(key), 3)
@@ -128,11 +135,12 @@ def check_cache(heads=(2, 8), kv_heads=2, key=11):
     out = {}
     for i in range(extra + 1):
         if i in (0, 70, extra):
-            for hq in heads:
+            for hq, w in itertools.product(heads, windows):
                 q = jax.random.normal(ks[2], (b, hq, 1, D), jnp.bfloat16)
-                got = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas"))(q, cache).astype(jnp.float32)
-                want = kj.decode_attention(q, cache, impl="reference").astype(jnp.float32)
-                out[f"after{i}_hq{hq}_rel_err"] = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+                got = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas", window=w))(q, cache)
+                want = kj.decode_attention(q, cache, impl="reference", window=w).astype(jnp.float32)
+                err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+                out[f"after{i}_hq{hq}{'' if w is None else f'_window{w}'}_rel_err"] = err
         if i < extra:
             cache = step(cache, k[:, :, t + i:t + i + 1], v[:, :, t + i:t + i + 1])
     return out
@@ -331,6 +339,7 @@ def main(argv=None):
                     help="KV heads (comma list of 32, 8): the target shape's, or with --sweep the grid's (each takes ~3-4 min)")
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
     ap.add_argument("--quick", action="store_true", help="only the QUICK variants' checks and timings")
+    ap.add_argument("--checks-only", action="store_true", help="the compiled checks, no timings")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
     ap.add_argument("--splits", default="", help="--sweep: also these sequence splits a row (comma list), e.g. 2,4,8")
@@ -403,15 +412,26 @@ def main(argv=None):
                                                            value_offset=True)),
               ("broadcast_q", dict(compact_q=False)), ("gqa4_broadcast_q", dict(heads=4, compact_q=False)),
               # the paper's batch at 512 tokens: bulk_partials picks 4 rows a program itself
-              ("paper_rows_auto", dict(rows=96 * 32, tokens=512))]
+              ("paper_rows_auto", dict(rows=96 * 32, tokens=512)),
+              # a sliding window (starts): one row a program
+              ("sliding", dict(sliding=True)), ("gqa4_sliding_splits3", dict(heads=4, sliding=True, splits=3)),
+              ("gqa2_unfused_sliding_stages3", dict(heads=2, fused=False, sliding=True, stages=3))]
     if a.quick:
-        checks = [(name, opts) for name, opts in checks if "broadcast" in name or "auto" in name or name in ("default", "gqa4", "rows2")]
+        checks = [(name, opts) for name, opts in checks
+                  if "broadcast" in name or "auto" in name or "sliding" in name or name in ("default", "gqa4", "rows2")]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
     if not a.skip_checks:
         rows.append({"impl": "mosaic_cache_check", **check_cache()})
         print(rows[-1], flush=True)
+        # sliding windows: inside the ring (100), across the quantized tokens (300, 600)
+        rows.append({"impl": "mosaic_cache_check_sliding", **check_cache(windows=(100, 300, 600))})
+        print(rows[-1], flush=True)
+    if a.checks_only:
+        common.write_results(a.name, {**env, "rows": rows}, common.markdown(rows, list(dict.fromkeys(
+            k for r in rows for k in r))))
+        return
     for hkv in map(int, a.kv_heads.split(",")):
         variants = {32: VARIANTS, 8: GQA_VARIANTS}[hkv]
         if a.quick:

@@ -154,9 +154,6 @@ def _mosaic(q, cache, impl, window, stack):
     if not _on_gpu():
         raise ValueError("impl='pallas' on a MosaicKIVICache runs the Mosaic GPU kernel, which needs a GPU (its "
                          "interpret mode does not run it); use impl='reference' or 'auto' here")
-    if window is not None and window < cache.max_length:  # (a window as long as a row can be masks nothing)
-        raise ValueError(f"window={window} < the cache's max_length={cache.max_length}: the Mosaic kernel path has no "
-                         "sliding window yet; use KIVIConfig(layout='tokens') or impl='reference'")
     from kivi_jax import sharding
 
     if sharding.active_mesh()[0] is not None:  # (None for one device)
@@ -164,7 +161,7 @@ def _mosaic(q, cache, impl, window, stack):
                          "KIVIConfig(layout='tokens') there (its kernels run per shard)")
     from kivi_jax import attention_mosaic
 
-    return attention_mosaic.decode_attention(q, cache, stack=stack)
+    return attention_mosaic.decode_attention(q, cache, stack=stack, window=window)
 
 
 PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer

@@ -23,9 +23,9 @@ from pallas_kernels.kivi_mosaic import kernel_arrays
 from pallas_kernels import kivi_mosaic, mosaic_window
 
 
-def window_partials(qg, cache: MosaicKIVICache):
+def window_partials(qg, cache: MosaicKIVICache, starts=None):
     """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
-    tokens [m, L) of each row, slot by slot: slot j holds token t_j = m + (j - m) mod R, its
+    tokens [m, L) of each row (and >= starts [B], a sliding window's first token), slot by slot: slot j holds token t_j = m + (j - m) mod R, its
     value in v_res and its key in k_res (dequantized there once its block was flushed: the
     cache's module doc). Products and sums over the R slots are elementwise reductions, not
     dots: a dot over the model's loop-carried v_res made XLA:GPU pick a slot-minor layout for it
@@ -34,7 +34,8 @@ def window_partials(qg, cache: MosaicKIVICache):
     L, mq = cache.lengths[:, None], cache.num_quantized_values[:, None]
     t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]
     s = jnp.sum(qg[:, :, :, None, :] * cache.k_res[:, :, None].astype(jnp.float32), axis=-1)  # [B, H, G, R]
-    s = jnp.where((t < L)[:, None, None, :], s, -jnp.inf)
+    valid = t < L if starts is None else (t < L) & (t >= starts[:, None])
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m_safe[..., None])  # 0 on invalid slots
@@ -42,15 +43,16 @@ def window_partials(qg, cache: MosaicKIVICache):
     return o, jnp.where(jnp.isfinite(m), m, -1e30), jnp.sum(p, axis=-1)
 
 
-def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None):
+def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None):
     """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`).
     stack: as :func:`decode_attention`'s, the ring then read in place. Interpreted off the GPU."""
     ring, layer = (cache, None) if stack is None else stack
     return mosaic_window.window_partials(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
-                                         layer=layer, interpret=jax.default_backend() != "gpu")
+                                         layer=layer, starts=starts, interpret=jax.default_backend() != "gpu")
 
 
-WINDOW_IMPLS = {"jax": lambda qg, cache, stack: window_partials(qg, cache), "pallas": window_kernel_partials}
+WINDOW_IMPLS = {"jax": lambda qg, cache, stack, starts=None: window_partials(qg, cache, starts),
+                "pallas": window_kernel_partials}
 #: decode_attention's window_impl values: WINDOW_IMPLS' partials (combined with the bulk's in XLA)
 #: or "pallas_continued" (:func:`pallas_kernels.mosaic_window.window_attention`: the Triton kernel
 #: starts from the bulk's partials and normalizes, no combine after it; 0.2 ms slower a 32-layer
@@ -63,7 +65,8 @@ WINDOW_IMPL_NAMES = (*WINDOW_IMPLS, "pallas_continued")
 DEFAULT_WINDOW_IMPL = None
 
 
-def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str | None = None):
+def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str | None = None,
+                     window: int | None = None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
     ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
@@ -71,7 +74,8 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
     tokens' partials in plain JAX (:func:`window_partials`) or in one Triton launch ("pallas",
     :func:`window_kernel_partials`), then combined with the bulk's; or "pallas_continued"
-    (WINDOW_IMPL_NAMES); None: DEFAULT_WINDOW_IMPL."""
+    (WINDOW_IMPL_NAMES); None: DEFAULT_WINDOW_IMPL. window: attend only a row's newest ``window``
+    tokens (Mistral's sliding window; the kernel skips the 256-token steps wholly before them)."""
     window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
     if window_impl is None:
         window_impl = "pallas" if jax.default_backend() == "gpu" else "jax"
@@ -85,19 +89,25 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, d) / math.sqrt(d)
     rows = qg.reshape(b * hkv, g, d) if g > 1 else qg.reshape(b * hkv, d)
     bulk = bulk or kivi_mosaic.bulk_partials
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1 or None")
+    # a row's first attended token (None: a window no row can exceed masks nothing)
+    starts = None if window is None or window >= cache.max_length else jnp.maximum(cache.lengths - window, 0)
+    sliding = {} if starts is None else {"starts": jnp.repeat(starts, hkv)}
     if stack is None:
         arrays, offset = cache.kernel_arrays(), 0
     else:
         stacked, layer = stack
         arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
-                  for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset))
+                  for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset, **sliding))
     if window_impl == "pallas_continued":  # the window kernel goes on from the bulk's partials and normalizes
         ring, layer = (cache, None) if stack is None else stack
         out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
-                                             (ob, mb, lb), layer=layer, interpret=jax.default_backend() != "gpu")
+                                             (ob, mb, lb), layer=layer, starts=starts,
+                                             interpret=jax.default_backend() != "gpu")
         return out.reshape(b, hq, 1, d).astype(q.dtype)
-    ow, mw, lw = WINDOW_IMPLS[window_impl](qg, cache, stack)
+    ow, mw, lw = WINDOW_IMPLS[window_impl](qg, cache, stack, starts=starts)
     top = jnp.maximum(mb, mw)
     wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)
     den = lb * wb + lw * ww

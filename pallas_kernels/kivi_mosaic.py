@@ -176,19 +176,23 @@ def repack(k_codes, k_scale, k_min, v_codes, v_scale, v_min):
                          value_tiles(v_scale, v_min))
 
 
-def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
+def reference(q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min, starts=None):
     """float64 NumPy: the partials the kernel returns, from the plain codes and scales (as
     :func:`repack` takes them) by dequantize-then-attend. q [R, (G,) D] (already scaled);
-    -> (o [R, (G,) D] unnormalized, m [R, (G)], l [R, (G)])."""
+    starts: each row's first attended token (default 0) -> (o [R, (G,) D] unnormalized,
+    m [R, (G)], l [R, (G)]; a row with no token: m = -1e30, l = 0)."""
     if np.ndim(q) == 3:
-        return _per_query_row(reference, q, lengths, k_codes, k_scale, k_min, v_codes, v_scale, v_min)
+        return _per_query_row(functools.partial(reference, starts=starts), q, lengths, k_codes, k_scale, k_min,
+                              v_codes, v_scale, v_min)
     q = np.asarray(q, np.float64)
     kc, vc = np.asarray(k_codes, np.float64), np.asarray(v_codes, np.float64)
     k = kc * np.repeat(np.asarray(k_scale, np.float64), GROUP, 1) + np.repeat(np.asarray(k_min, np.float64), GROUP, 1)
     v = vc * np.repeat(np.asarray(v_scale, np.float64), GROUP, 2) + np.repeat(np.asarray(v_min, np.float64), GROUP, 2)
     s = np.einsum("rd,rtd->rt", q, k)
-    s = np.where(np.arange(s.shape[1])[None] < np.asarray(lengths)[:, None], s, -np.inf)
-    m = s.max(1)
+    t = np.arange(s.shape[1])[None]
+    starts = np.zeros(np.shape(lengths), np.int64) if starts is None else np.asarray(starts)
+    s = np.where((t < np.asarray(lengths)[:, None]) & (t >= starts[:, None]), s, -np.inf)
+    m = np.maximum(s.max(1), -1e30)
     p = np.exp(s - m[:, None])
     return np.einsum("rt,rtd->rd", p, v), m, p.sum(1)
 
@@ -406,7 +410,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
            ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = True,
-           profile_dir: str = ""):
+           sliding: bool = False, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -471,6 +475,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     0.27 ms of a 32-layer step: decode-step-ab-2026-12-02-run43). GQA 4 at B=64, T=4k: 0.267 vs
     0.376 ms (0.71x; dense 0.295), MHA 0.381 vs 0.390, in turns (results/mosaic-ab-run45-4k): the
     broadcast q tile was a [128, 16] shared-memory load per query row a step.
+    sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
+    row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
+    first one's tokens below start are masked.
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -540,10 +547,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         first = (0,) if persist else ()  # (rows_per_program: n and r_in below are the first row's)
         n = n_smem[first + (0,)]
         r_in = r0 + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
-        lo = sp * per_split  # this program's steps [lo, hi)
+        lo0 = sp * per_split  # this split's steps [lo0, lo0 + per_split)
+        start = n_smem[first + (2,)] if sliding else None  # the row's first attended token
+        lo = jnp.maximum(lo0, start // KEY_BLOCK) if sliding else lo0  # this program's steps [lo, hi)
 
         def split_steps(n):  # a row of length n's steps in this split, [lo, hi): hi - lo (negative: none)
-            return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo + per_split) - lo
+            return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo0 + per_split) - lo
 
         steps = jnp.maximum(split_steps(n), 0)
         col = iota((CHUNK, N), 1)
@@ -614,7 +623,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         def pick(j, u, acc, k, n):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
             s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
-            return jnp.where(j * KEY_BLOCK + u * CHUNK + tok >= n, -jnp.inf, s)
+            t = j * KEY_BLOCK + u * CHUNK + tok
+            return jnp.where(((t >= n) | (t < start)) if sliding else t >= n, -jnp.inf, s)
 
         def step_max(top):  # the max of a step's [64] scores
             if not multi:
@@ -832,8 +842,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         raise ValueError("value_offset needs the sums across a warpgroup's warps that warpgroups > 1 leaves out")
     if prefetch_bk and ones_c:
         raise ValueError("prefetch_bk builds the key constant by reduction; not with ones_constant or warpgroups > 1")
-    if rows_per_program < 1 or (persist and (multi or prefetch_bk)):
-        raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, or more with warpgroups=1 and no prefetch_bk")
+    if rows_per_program < 1 or (persist and (multi or prefetch_bk or sliding)):
+        raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, or more with warpgroups=1, no prefetch_bk "
+                         "and no sliding window")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
@@ -915,8 +926,9 @@ HEADS = (1, 2, 4)  # query rows a KV head the kernel takes (more: registers; use
 
 
 def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, splits: int | None = None,
-                  **options):
-    """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n).
+                  starts=None, **options):
+    """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n)
+    (with ``starts`` [R] int32: [start, n), a sliding window; the steps before it are not run).
 
     q [R, D] or [R, G, D] (G query rows a KV head, G in :data:`HEADS`; softmax scale applied);
     lengths [R] int32; kn, kt, vn, vt from :func:`repack`, with R rows or more: row r reads
@@ -942,8 +954,13 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
         raise ValueError("compact_q loads q as one column; key_offset scales Bk's s columns of it (q comes broadcast)")
     if options.get("compact_q") is None:
         options["compact_q"] = not options.get("key_offset")
+    if starts is not None:
+        if starts.shape != (rows,):
+            raise ValueError(f"starts must be [R={rows}]; got {starts.shape}")
+        options["sliding"] = True
     if options.get("rows_per_program") is None:
-        options["rows_per_program"] = default_rows_per_program(rows, tokens, splits, gpu_slots(), **options)
+        options["rows_per_program"] = (1 if starts is not None else
+                                       default_rows_per_program(rows, tokens, splits, gpu_slots(), **options))
     unit = options.get("warpgroups", 1) * max(options["rows_per_program"], 1)  # (_build names a bad one)
     padded = -(-rows // unit) * unit  # rows a multiple of the rows a CTA takes (padding rows: n = 0)
     qb = jnp.pad(q.reshape(rows, heads, D).astype(jnp.bfloat16), ((0, padded - rows), (0, 0), (0, 0)))
@@ -951,10 +968,12 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
         qb = jnp.broadcast_to(qb[..., None], (padded, heads, D, N))
     if options.get("key_offset"):  # Bk's s columns carry 4^-f of their channel's field (exact: powers of 2)
         qb = qb * jnp.where(jnp.arange(N) < 8, key_field_scale(jnp.arange(D))[:, None], 1.0).astype(qb.dtype)
-    # a row's length and where it sits in the cache arrays, 128 bytes a row (Mosaic's copies)
+    # a row's length, where it sits in the cache arrays (and its first attended token), 128 bytes a
+    # row (Mosaic's copies)
     n32 = jnp.concatenate([jnp.pad(lengths.astype(jnp.int32), (0, padded - rows))[:, None],
-                           jnp.broadcast_to(jnp.asarray(row_offset, jnp.int32), (padded, 1)),
-                           jnp.zeros((padded, 30), jnp.int32)], axis=1)
+                           jnp.broadcast_to(jnp.asarray(row_offset, jnp.int32), (padded, 1))]
+                          + ([jnp.pad(starts.astype(jnp.int32), (0, padded - rows))[:, None]] if starts is not None else [])
+                          + [jnp.zeros((padded, 30 - (starts is not None)), jnp.int32)], axis=1)
     kn, vn = kn.reshape(kn.shape[0], -1, WIDE), vn.reshape(vn.shape[0], -1, WIDE)  # 128-byte rows (bitcasts)
     o, ml = _build(padded, tokens, stages, splits, heads, **options)(qb, n32, kn, kt, vn, vt)
     o, m, l = combine_splits(o[:rows], ml[:rows, ..., 0, 0], ml[:rows, ..., 1, 0])
@@ -969,13 +988,15 @@ def combine_splits(o, m, l):
     return jnp.sum(w[..., None] * o, axis=1), top, jnp.sum(w * l, axis=1)
 
 
-def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=False):
+def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=False, starts=None):
     """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
     step (chunk products, the column selection, the online softmax): tests check it against
-    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D]."""
+    :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D];
+    starts: as :func:`bulk_partials`' (the steps wholly before a row's start skipped)."""
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
-        return _per_query_row(functools.partial(kernel_model, key_offset=key_offset, value_offset=value_offset),
-                              q, lengths, kn, kt, vn, vt)
+        return _per_query_row(functools.partial(kernel_model, key_offset=key_offset, value_offset=value_offset,
+                                                starts=starts), q, lengths, kn, kt, vn, vt)
+    starts = np.zeros(np.shape(lengths), np.int64) if starts is None else np.asarray(starts)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel unpacks them: the codes, K columns in channel / token order
     kc = np.asarray(key_codes(words_of(kn)), np.float64)  # [R, T, D]
@@ -992,13 +1013,14 @@ def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=Fals
     outs = []
     for r in range(rows):
         m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
-        for j in range(tokens // CHUNK):
+        for j in range(starts[r] // KEY_BLOCK * (KEY_BLOCK // CHUNK), tokens // CHUNK):
             x = q[r][:, None] * kt[r, j // (KEY_BLOCK // CHUNK)]  # [128, 16]
             acc = kc[r, j * CHUNK:(j + 1) * CHUNK] @ x  # [64, 16]
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + np.arange(CHUNK) // GROUP
             const = x.sum(0)[g + 8] - (128 * x.sum(0)[g] if key_offset else 0)
             s = acc[np.arange(CHUNK), g] + const
-            s = np.where(j * CHUNK + np.arange(CHUNK) < lengths[r], s, -np.inf)
+            t = j * CHUNK + np.arange(CHUNK)
+            s = np.where((t < lengths[r]) & (t >= starts[r]), s, -np.inf)
             m_new = max(m, s.max())
             alpha, p = np.exp(m - m_new), np.exp(s - m_new)
             l = l * alpha + p.sum()

@@ -12,8 +12,8 @@ next to 2.8 ms for the plain-JAX window's two reductions, but the flushed keys' 
 their codes in XLA cost 1.6 ms more (decode-step-ab-run39-p330, -run40-p330).
 
 Inputs: q [B, Hkv, G, D] float32 (scaled), k_res, v_res [B, Hkv, R, D] (or [L, B, Hkv, R, D]
-with ``layer``), lengths, num_quantized_values [B] int32. Outputs: o [B, Hkv, G, D]
-(unnormalized), m, l [B, Hkv, G].
+with ``layer``), lengths, num_quantized_values [B] int32 (and starts [B] int32, each row's first
+attended token: a sliding window). Outputs: o [B, Hkv, G, D] (unnormalized), m, l [B, Hkv, G].
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ from jax.experimental import pallas as pl
 from pallas_kernels.flash import NEG, online_softmax_step, partials_call, query_rows, repeat_rows, store_partials
 
 
-def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, precision, stacked, combine):
-    # refs: (o0, m0, l0: the other tokens' partials, with combine), lengths, num_quantized_values, o, m, l
+def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, precision, stacked, combine, sliding):
+    # refs: (o0, m0, l0: the other tokens' partials, with combine), lengths, num_quantized_values,
+    # (starts, with sliding), o, m, l
     (o0_ref, m0_ref, l0_ref), refs = (refs[:3], refs[3:]) if combine else ((None,) * 3, refs)
-    len_ref, nv_ref, o_ref, m_ref, l_ref = refs
+    (len_ref, nv_ref), refs = refs[:2], refs[2:]
+    (start_ref,), refs = (refs[:1], refs[1:]) if sliding else ((None,), refs)
+    o_ref, m_ref, l_ref = refs
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
     q = query_rows(q_ref, compute_dtype)  # [M, D]: G rows repeated to 16
     m_rows, d = q.shape
@@ -49,7 +52,8 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, pr
         s = dot(q, k.T)
         v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)
         # mask_p: a row shorter than R has empty slots (and a row with L = 0 only those)
-        carry = online_softmax_step(carry, s, t < length, lambda p, v=v: dot(p.astype(compute_dtype), v), mask_p=True)
+        valid = (t < length) & (t >= start_ref[()]) if sliding else t < length
+        carry = online_softmax_step(carry, s, valid, lambda p, v=v: dot(p.astype(compute_dtype), v), mask_p=True)
     m_i, l_i, acc = carry
     if combine:  # the attention itself (a row with no token at all: zeros)
         acc = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
@@ -57,33 +61,38 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, pr
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
-def window_partials(q, k_res, v_res, lengths, num_quantized_values, *, layer=None,
+def window_partials(q, k_res, v_res, lengths, num_quantized_values, *, layer=None, starts=None,
                     chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
     """Flash-decoding partials of each (row, KV head) over its window (module doc). layer: None,
     or a traced int32 scalar when k_res and v_res are layer-stacked: that layer is read in place.
+    starts: None, or [B] int32: tokens below a row's start are masked (a sliding window).
     16-bit rings feed the dots in their dtype (float32 accumulation), float32 at HIGHEST."""
-    return _call(q, k_res, v_res, lengths, num_quantized_values, None, layer, chunk, interpret, num_warps, num_stages)
+    return _call(q, k_res, v_res, lengths, num_quantized_values, None, layer, starts, chunk, interpret, num_warps,
+                 num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
-def window_attention(q, k_res, v_res, lengths, num_quantized_values, partials, *, layer=None,
+def window_attention(q, k_res, v_res, lengths, num_quantized_values, partials, *, layer=None, starts=None,
                      chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
     """The attention over all of a row's tokens [B, Hkv, G, D] float32: the window's, continuing
     the online softmax from ``partials`` = (o [B, Hkv, G, D], m, l [B, Hkv, G]) over the other
     tokens (the Mosaic kernel's), normalized in the kernel: no combine of the two partials in XLA
     afterwards (a fusion and a launch a layer). Arguments as :func:`window_partials`'s."""
-    o, _, _ = _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, chunk, interpret, num_warps,
-                    num_stages)
+    o, _, _ = _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, starts, chunk, interpret,
+                    num_warps, num_stages)
     return o
 
 
-def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, chunk, interpret, num_warps, num_stages):
+def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, starts, chunk, interpret, num_warps,
+          num_stages):
     b, hkv, g, d = q.shape
     r = k_res.shape[-2]
     lead = (b, hkv) if layer is None else (k_res.shape[0], b, hkv)
     if k_res.shape != v_res.shape or k_res.shape != lead + (r, d):
         raise ValueError(f"k_res and v_res must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, R, "
                          f"D={d}]; got {k_res.shape} and {v_res.shape}")
+    if starts is not None and starts.shape != (b,):
+        raise ValueError(f"starts must be [B={b}]; got {starts.shape}")
     if partials is not None and [x.shape for x in partials] != [(b, hkv, g, d), (b, hkv, g), (b, hkv, g)]:
         raise ValueError(f"partials must be o [B={b}, Hkv={hkv}, G={g}, D={d}], m and l [B, Hkv, G]; got "
                          f"{[x.shape for x in partials]}")
@@ -92,8 +101,9 @@ def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, chunk
         raise ValueError(f"chunk={chunk} must be a power of two >= 16 dividing R={r}")
     precision = lax.Precision.HIGHEST if k_res.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, r=r, chunk=chunk, compute_dtype=k_res.dtype, precision=precision,
-                               stacked=layer is not None, combine=partials is not None)
-    o, m, l = partials_call(kernel, q.astype(jnp.float32), (k_res, v_res), (lengths, num_quantized_values),
+                               stacked=layer is not None, combine=partials is not None, sliding=starts is not None)
+    scalars = (lengths, num_quantized_values) + (() if starts is None else (starts,))
+    o, m, l = partials_call(kernel, q.astype(jnp.float32), (k_res, v_res), scalars,
                             layer=layer, num_splits=1, interpret=interpret, num_warps=num_warps,
                             num_stages=num_stages, name="mosaic_window",
                             blocked=() if partials is None else tuple(x.astype(jnp.float32) for x in partials))

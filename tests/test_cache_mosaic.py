@@ -91,32 +91,41 @@ def test_prefill_and_appends_hold_kivis_numbers():
     _kernel_views_match(a, m)
 
 
+def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None):
+    """A plain-JAX stand-in for the kernel's bulk partials: tokens [0, lengths) (and >= starts)
+    of each (row, KV head) of kh, vh [R, T, D]."""
+    q = rows if rows.ndim == 3 else rows[:, None]
+    s = jnp.einsum("rgd,rtd->rgt", q, kh)
+    t = jnp.arange(kh.shape[1])[None, None]
+    valid = t < lengths[:, None, None]
+    if starts is not None:
+        valid &= t >= starts[:, None, None]
+    s = jnp.where(valid, s, -jnp.inf)
+    top = s.max(-1)
+    safe = jnp.where(jnp.isfinite(top), top, 0.0)
+    p = jnp.exp(s - safe[..., None])
+    out = jnp.einsum("rgt,rtd->rgd", p, vh), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
+    return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
+
+
+def _stand_in(c):  # the stand-in bulk over the materialized cache's tokens
+    b, h = c.lengths.shape[0], c.num_kv_heads
+    return functools.partial(_bulk, **dict(zip(("kh", "vh"), (x.reshape(b * h, -1, D) for x in c.materialize()))))
+
+
 def test_attention_glue_matches_the_reference():
     """The Mosaic path's window (tokens [m, L): keys and values from the ring, flushed keys held
     there dequantized) and combine, with a plain-JAX stand-in for the kernel's bulk
     partials, against the reference over the KIVICache (MHA and 4 query heads a KV head)."""
     a, m, k, v = _pair([400, 333, 5], 140)
 
-    def bulk(rows, lengths, *arrays, row_offset=0, kh, vh):  # partials over tokens [0, lengths) of each (row, KV head)
-        q = rows if rows.ndim == 3 else rows[:, None]
-        s = jnp.einsum("rgd,rtd->rgt", q, kh)
-        s = jnp.where(jnp.arange(kh.shape[1])[None, None] < lengths[:, None, None], s, -jnp.inf)
-        top = s.max(-1)
-        safe = jnp.where(jnp.isfinite(top), top, 0.0)
-        p = jnp.exp(s - safe[..., None])
-        out = jnp.einsum("rgt,rtd->rgd", p, vh), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
-        return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
-
-    def stand_in(c):  # the stand-in bulk reads the materialized cache's tokens
-        return functools.partial(bulk, **dict(zip(("kh", "vh"), (x.reshape(6, -1, D) for x in c.materialize()))))
-
     # jitted (eager compiles op by op)
-    glue = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, bulk=stand_in(c)))
+    glue = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, bulk=_stand_in(c)))
     ref = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))
     auto = jax.jit(lambda q, c: kj.decode_attention(q, c))
     # the Triton window kernel (interpreted here): its partials combined in XLA (the GPU default),
     # and going on from the bulk's partials
-    glue_kernels = [jax.jit(lambda q, c, w=w: attention_mosaic.decode_attention(q, c, window_impl=w, bulk=stand_in(c)))
+    glue_kernels = [jax.jit(lambda q, c, w=w: attention_mosaic.decode_attention(q, c, window_impl=w, bulk=_stand_in(c)))
                     for w in ("pallas", "pallas_continued")]
     step = jax.jit(lambda c, k, v: c.append(k, v))
     # rows at L % R == 0 (every window key flushed: n = L) and 1 after: i = 112, 113 (row 0) and
@@ -172,6 +181,10 @@ def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
         # going on from the bulk's partials (window_attention): the same dots, the partials loaded
         parts = (s((b, h, g, D), jnp.float32), s((b, h, g), jnp.float32), s((b, h, g), jnp.float32))
         ir = lower_to_ttir(lambda *a: mosaic_window.window_attention(*a[:5], a[5:], layer=jnp.int32(1)), *args, *parts)
+        assert ir.count("tt.dot") == 4
+        # a sliding window: each row's start read too
+        ir = lower_to_ttir(lambda *a: mosaic_window.window_partials(*a[:5], starts=a[5], layer=jnp.int32(1)), *args,
+                           s((b,), jnp.int32))
         assert ir.count("tt.dot") == 4
 
 
@@ -270,23 +283,48 @@ def test_layer_of_a_stack_is_read_in_place():
     assert seen == [(12, 0), (12, 8), (12, 8), (12, 8)]
 
 
-def test_a_window_no_row_can_exceed_runs_the_kernel_path(monkeypatch):
-    """Mistral's sliding window (4096) over a cache of at most 512 tokens masks nothing: the
-    Mosaic path takes it (the paper's setting on the Mistral shape); a shorter one is refused,
-    named, with what to use instead."""
+def test_sliding_window_matches_the_reference(monkeypatch):
+    """A sliding window (Mistral's) on the Mosaic path: the bulk gets each (row, KV head)'s first
+    attended token max(L - W, 0), and the window's partials mask below it, so windows inside the
+    ring, at R, across the quantized tokens and none (W >= max_length) give the reference's
+    attention (MHA and 4 query heads a KV head; every window implementation; ragged rows across
+    flushes). kj.decode_attention routes a window to this path on a GPU."""
     from kivi_jax import attention
 
+    a, m, k, v = _pair([400, 333, 5], 12)
+    windows = (1, 50, 129, 300, 700)
+    calls = {(impl, w): jax.jit(lambda q, c, impl=impl, w=w: attention_mosaic.decode_attention(
+        q, c, window_impl=impl, bulk=_stand_in(c), window=w)) for impl in attention_mosaic.WINDOW_IMPL_NAMES
+        for w in windows}
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    for i in range(k.shape[2] + 1):
+        if i in (0, 12):  # (row 1 flushes at 333 + 11)
+            for window in windows:
+                for hq in (2, 8):
+                    q = jax.random.normal(jax.random.key(5 + i), (3, hq, 1, D))
+                    want = kj.decode_attention(q, a, impl="reference", window=window)
+                    for impl in attention_mosaic.WINDOW_IMPL_NAMES:
+                        np.testing.assert_allclose(np.asarray(calls[impl, window](q, m)), np.asarray(want), rtol=1e-5,
+                                                   atol=1e-5, err_msg=f"append {i}, window {window}, Hq {hq}, {impl}")
+        if i < k.shape[2]:
+            a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
+    # the bulk gets each row's first attended token, repeated over its 2 KV heads (none for W >= max_length)
+    for window in windows:
+        seen = []
+        attention_mosaic.decode_attention(q, m, window_impl="jax", window=window,
+                                          bulk=lambda *x, starts=None, **kw: seen.append(starts) or _stand_in(m)(
+                                              *x, starts=starts, **kw))
+        want = None if window >= 700 else np.repeat(np.maximum(np.asarray(m.lengths) - window, 0), 2).tolist()
+        assert (seen[0] if want is None else np.asarray(seen[0]).tolist()) == want, window
+    # kj.decode_attention takes a window to the kernel path on a GPU (here its stand-in)
     seen = []
     monkeypatch.setattr(attention, "_on_gpu", lambda: True)
-    monkeypatch.setattr(attention_mosaic, "decode_attention", lambda q, cache, stack=None: seen.append(q) or q)
-    cache = MosaicKIVICache.init(MOSAIC, batch=1, num_kv_heads=1, head_dim=D, max_length=512)
-    q = jnp.ones((1, 1, 1, D))
-    assert kj.decode_attention(q, cache, impl="pallas", window=512) is q and len(seen) == 1
-    assert kj.decode_attention(q, cache, impl="auto", window=4096) is q and len(seen) == 2
-    with pytest.raises(ValueError, match=r"window=511 < the cache's max_length=512: the Mosaic kernel path has no "
-                                         r"sliding window yet; use KIVIConfig\(layout='tokens'\)"):
-        kj.decode_attention(q, cache, impl="pallas", window=511)
-    assert len(seen) == 2
+    monkeypatch.setattr(attention_mosaic, "decode_attention",
+                        lambda q, cache, stack=None, window=None: seen.append(window) or q)
+    q = jnp.ones((3, 2, 1, D))
+    assert kj.decode_attention(q, m, impl="pallas", window=511) is q and seen == [511]
+    with pytest.raises(ValueError, match="window=0 must be >= 1 or None"):
+        kj.decode_attention(q, m, impl="pallas", window=0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

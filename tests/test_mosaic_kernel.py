@@ -133,6 +133,26 @@ def test_kernel_arithmetic_matches_dequantize_then_attend(heads, key_offset, val
     assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_sliding_window_arithmetic_matches_dequantize_then_attend(heads):
+    """starts (a sliding window's first token): the kernel's arithmetic, which skips the
+    256-token steps wholly before a row's start and masks the rest below it, against
+    dequantize-then-attend over tokens [start, n); starts at 0, inside a chunk, on chunk and
+    block edges, in the last step; a row whose start is past its length is the empty partial."""
+    rows, t = 9, 768
+    plain = _float32(random_inputs(rows, t, key=4))
+    lengths = jnp.asarray([33, 300, 300, 512, 700, 768, 768, 600, 40], jnp.int32)
+    starts = jnp.asarray([0, 1, 64, 256, 257, 511, 767, 599, 100], jnp.int32)
+    q = random_q(rows, heads)
+    got = km.kernel_model(q, lengths, *km.repack(*plain), starts=starts)
+    want = km.reference(q, lengths, *plain, starts=starts)
+    err = errors(tuple(x[:-1] for x in got), tuple(x[:-1] for x in want))
+    assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, err
+    assert np.all(got[2][-1] == 0) and np.all(want[2][-1] == 0) and np.all(got[1][-1] == -1e30)
+    # and not the same as without the window (the masking is exercised)
+    assert np.abs(km.kernel_model(q, lengths, *km.repack(*plain))[2] - got[2]).max() > 1e-3
+
+
 def test_kernel_arithmetic_on_a_prefilled_cache():
     """The kernel's arithmetic over a real KIVI-2 cache's quantized tokens equals attention over
     the cache's own dequantized keys and values (materialize), on a ragged batch."""
@@ -231,6 +251,17 @@ def test_kernel_lowers_for_cuda(heads, options):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("heads,options", [(1, {}), (4, {"splits": 3}), (2, {"fused": False, "stages": 3}),
+                                           (1, {"key_offset": True, "value_offset": True})])
+def test_sliding_window_kernel_lowers_for_cuda(heads, options):
+    """bulk_partials with starts (the row table's third column) lowers for CUDA, one row a
+    program."""
+    args = _abstract(6, 1024, heads) + (jax.ShapeDtypeStruct((6,), jnp.int32),)
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a[:6], starts=a[6], **options)).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.parametrize("options", [{"warpgroups": 3}, {"rows_per_program": 4}])
 def test_rows_a_cta_pad_the_rows(options):
     """Rows not a multiple of the rows a CTA takes (warpgroups, rows_per_program) are padded with
@@ -274,8 +305,13 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=2, value_offset=True)
     with pytest.raises(ValueError, match="prefetch_bk builds the key constant by reduction"):
         km.bulk_partials(q, n, kn, kt, vn, vt, prefetch_bk=True, ones_constant=True)
-    with pytest.raises(ValueError, match="rows_per_program=2; allowed: 1, or more with warpgroups=1 and no prefetch_bk"):
+    with pytest.raises(ValueError, match="rows_per_program=2; allowed: 1, or more with warpgroups=1, no prefetch_bk "
+                                         "and no sliding window"):
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=2, warpgroups=2)
+    with pytest.raises(ValueError, match="rows_per_program=2; allowed"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=2, starts=n)
+    with pytest.raises(ValueError, match=r"starts must be \[R=2\]; got \(1,\)"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, starts=n[:1])
     with pytest.raises(ValueError, match="rows_per_program=0; allowed"):
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=0)
     with pytest.raises(ValueError, match="compact_q loads q as one column; key_offset"):
