@@ -220,7 +220,7 @@ def main(argv=None):
                 row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
                 ring, writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
                 rare, append = llama.rare_writes_mode(), cache_mosaic.append_impl()
-                window = attention_mosaic.DEFAULT_WINDOW_IMPL or ("pallas" if jax.default_backend() == "gpu" else "jax")
+                window = attention_mosaic.window_impl_name()
             row.update(cache=name, model=a.model, layers=a.layers, batch=a.batch,
                        xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),

@@ -65,6 +65,15 @@ WINDOW_IMPL_NAMES = (*WINDOW_IMPLS, "pallas_continued")
 DEFAULT_WINDOW_IMPL = None
 
 
+def window_impl_name(window_impl: str | None = None) -> str:
+    """window_impl, else DEFAULT_WINDOW_IMPL, else this backend's default (named error when it is
+    not one of WINDOW_IMPL_NAMES)."""
+    window_impl = window_impl or DEFAULT_WINDOW_IMPL or ("pallas" if jax.default_backend() == "gpu" else "jax")
+    if window_impl not in WINDOW_IMPL_NAMES:
+        raise ValueError(f"window_impl={window_impl!r}; allowed: {WINDOW_IMPL_NAMES}")
+    return window_impl
+
+
 def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str | None = None,
                      window: int | None = None):
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
@@ -76,11 +85,7 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     :func:`window_kernel_partials`), then combined with the bulk's; or "pallas_continued"
     (WINDOW_IMPL_NAMES); None: DEFAULT_WINDOW_IMPL. window: attend only a row's newest ``window``
     tokens (Mistral's sliding window; the kernel skips the 256-token steps wholly before them)."""
-    window_impl = DEFAULT_WINDOW_IMPL if window_impl is None else window_impl
-    if window_impl is None:
-        window_impl = "pallas" if jax.default_backend() == "gpu" else "jax"
-    if window_impl not in WINDOW_IMPL_NAMES:
-        raise ValueError(f"window_impl={window_impl!r}; allowed: {WINDOW_IMPL_NAMES}")
+    window_impl = window_impl_name(window_impl)
     b, hq, _, d = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
