@@ -7,20 +7,18 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: models.llama.RARE_WRITES "step"
-# (KIVI's flush decided once a step, two conditionals around the layer loop, each with the identity
-# as its false branch, instead of one a layer; off; no stacked copies in the CPU slab test) next to
-# "layer": XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_step_ab --layers 32
-# --prompt 330 --max-length 512 --caches kivi2,kivi2m --arms allpallas --trace --rare-writes layer,step
-# and again --caches kivi2m --mosaic-appends xla,pallas (the append kernel, cache_mosaic.APPEND_IMPL,
-# off; stacked_copies must be 0), then e2e --skip-hf --skip-sweep --skip-compile-check --paper-caches
-# dense,kivi2,kivi2m with and without KIVI_RARE_WRITES=step KIVI_MOSAIC_APPEND=pallas (kivi2m 10.89 ms vs dense 10.54, run48); the window kernel
-# now also goes on from the Mosaic kernel's partials (no combine fusion; never run on a GPU: check with
-# mosaic_attention --quick --kv-heads 32 --stages 2, whose mosaic_cache_check runs the whole call). Then the GQA
-# kernel with q broadcast in registers (0.27-0.28 ms at B=64 T=4k, below dense) over the grid:
-# mosaic_attention --sweep --kv-heads 8 (~3 min), and the Mistral shape at 4096 tokens with the
-# Mosaic layout: e2e --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-caches
-# kivi2,kivi2m --sweep-start 256 --sweep-cap 512 --child-timeout 540 --budget-s 560.
+# Then, as separate calls (each <= 10 min). Next session, first: Mistral at 4096 tokens with the
+# Mosaic layout, which takes its sliding window since session 20 (checked compiled, never timed):
+# python -m benchmarks.e2e --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-caches
+# kivi2,kivi2m --sweep-start 256 --sweep-cap 512 --child-timeout 260 --budget-s 530 (kivi2: batch 256
+# 1686 tok/s, 45.8 ms steps, run52); then GQA at the paper's batch, fewer and longer programs:
+# python -m benchmarks.mosaic_attention --ab default,rows2,rows3,rows4 --ab-shape 96,512,200 --kv-heads 8
+# (768 one-step programs take 1.22 ms of a Mistral step vs dense attention's 1.50 + the window's 0.69,
+# decode-step-ab-2026-12-02-run53-mistral-p330); decode_step_ab --model mistral-7b --prompt 330
+# --max-length 512 --caches dense,kivi2,kivi2m --arms allpallas --trace to see it in the step. The
+# session-20 defaults on a GPU (RARE_WRITES "step", APPEND_IMPL "pallas"; the window kernel's
+# partials combined in XLA): kivi2m 10.30 ms vs dense 10.56 at the paper's setting (run53).
+# mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check).
 # decode_step_ab at 4096 tokens needs --batch <= 64 and no dense cache (B=128 ran out of memory).
 # The Mosaic kernel sits at 0.38-0.41 ms between calls (run26-run46; offsets, prefetch_bk, group4
 # and 3 stages no faster: mosaic_attention --ab times variants in turns); a kernel change needs its

@@ -73,7 +73,8 @@ MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dic
 # unfused: each row its own N = 16 operand
 GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
                 ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
-                ("rows2", dict(rows_per_program=2)), ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False))]
+                ("rows2", dict(rows_per_program=2)), ("rows3", dict(rows_per_program=3)),
+                ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False))]
 GQA_QUICK = ("default", "broadcast_q")
 
 
