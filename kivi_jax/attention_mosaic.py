@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
+from kivi_jax import switches
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.kivi_mosaic import kernel_arrays
 from pallas_kernels import kivi_mosaic, mosaic_window
@@ -68,10 +69,8 @@ DEFAULT_WINDOW_IMPL = None
 def window_impl_name(window_impl: str | None = None) -> str:
     """window_impl, else DEFAULT_WINDOW_IMPL, else this backend's default (named error when it is
     not one of WINDOW_IMPL_NAMES)."""
-    window_impl = window_impl or DEFAULT_WINDOW_IMPL or ("pallas" if jax.default_backend() == "gpu" else "jax")
-    if window_impl not in WINDOW_IMPL_NAMES:
-        raise ValueError(f"window_impl={window_impl!r}; allowed: {WINDOW_IMPL_NAMES}")
-    return window_impl
+    return switches.resolve("window_impl", window_impl or DEFAULT_WINDOW_IMPL, WINDOW_IMPL_NAMES, gpu="pallas",
+                            other="jax")
 
 
 def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window_impl: str | None = None,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from kivi_jax import cache_common as cc
 from kivi_jax import packing
 from kivi_jax import quant
+from kivi_jax import switches
 from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
@@ -56,10 +57,7 @@ APPEND_IMPL = os.environ.get("KIVI_MOSAIC_APPEND") or None
 
 def append_impl() -> str:
     """APPEND_IMPL resolved for this backend (named error when it is not one of APPEND_IMPLS)."""
-    impl = APPEND_IMPL or ("pallas" if jax.default_backend() == "gpu" else "xla")
-    if impl not in APPEND_IMPLS:
-        raise ValueError(f"cache_mosaic.APPEND_IMPL={impl!r}; allowed: {APPEND_IMPLS} or None")
-    return impl
+    return switches.resolve("cache_mosaic.APPEND_IMPL", APPEND_IMPL, APPEND_IMPLS, gpu="pallas", other="xla")
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,6 +35,7 @@ from jax import lax
 
 import kivi_jax
 from kivi_jax import matmul as kj_matmul
+from kivi_jax import switches
 from models.cache import StackedCache
 from models.config import ModelConfig
 
@@ -79,10 +80,7 @@ RARE_WRITES = os.environ.get("KIVI_RARE_WRITES") or None
 
 def rare_writes_mode() -> str:
     """RARE_WRITES resolved for this backend (named error when it is not a mode)."""
-    mode = RARE_WRITES or ("step" if jax.default_backend() == "gpu" else "layer")
-    if mode not in RARE_WRITES_MODES:
-        raise ValueError(f"models.llama.RARE_WRITES={mode!r}; allowed: {RARE_WRITES_MODES} or None")
-    return mode
+    return switches.resolve("models.llama.RARE_WRITES", RARE_WRITES, RARE_WRITES_MODES, gpu="step", other="layer")
 
 
 def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None):
