@@ -261,26 +261,29 @@ def test_bad_configurations_are_named():
 def test_layer_of_a_stack_is_read_in_place():
     """stack=(stacked, i): the kernel gets the whole stacked stores and row offset i x B x Hkv
     (here its float64 model, kivi_mosaic.kernel_model, reads exactly those rows) and gives layer
-    i's attention, not another layer's."""
+    i's attention, not another layer's; with a sliding window too (the kernel's starts)."""
     layers = [_pair([300, 70], 0, max_length=512, seed=s)[1] for s in (0, 10, 20)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     seen = []
 
-    def bulk(rows, lengths, *arrays, row_offset=0):
+    def bulk(rows, lengths, *arrays, row_offset=0, starts=None):
         seen.append((arrays[0].shape[0], int(row_offset)))
         sl = [np.asarray(a)[int(row_offset): int(row_offset) + rows.shape[0]] for a in arrays]
-        return tuple(jnp.asarray(x) for x in km.kernel_model(rows, lengths, *(jnp.asarray(x) for x in sl)))
+        return tuple(jnp.asarray(x) for x in km.kernel_model(rows, lengths, *(jnp.asarray(x) for x in sl),
+                                                             starts=None if starts is None else np.asarray(starts)))
 
     q = jax.random.normal(jax.random.key(7), (2, 2, 1, D))
     # pallas*: the ring kernel reads layer i in place too
-    for i, window in ((0, "jax"), (2, "jax"), (2, "pallas"), (2, "pallas_continued")):
+    for i, window, sliding in ((0, "jax", None), (2, "jax", None), (2, "pallas", None), (2, "pallas_continued", None),
+                               (2, "jax", 100), (2, "pallas", 200), (2, "pallas_continued", 60)):
         view = jax.tree.map(lambda x: x[i], stacked)
-        got = attention_mosaic.decode_attention(q, view, stack=(stacked, jnp.int32(i)), bulk=bulk, window_impl=window)
-        want = kj.decode_attention(q, layers[i], impl="reference")
+        got = attention_mosaic.decode_attention(q, view, stack=(stacked, jnp.int32(i)), bulk=bulk, window_impl=window,
+                                                window=sliding)
+        want = kj.decode_attention(q, layers[i], impl="reference", window=sliding)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         other = kj.decode_attention(q, layers[1], impl="reference")
         assert float(jnp.abs(got - other).max()) > 1e-2
-    assert seen == [(12, 0), (12, 8), (12, 8), (12, 8)]
+    assert seen == [(12, 0)] + [(12, 8)] * 6
 
 
 def test_sliding_window_matches_the_reference(monkeypatch):
