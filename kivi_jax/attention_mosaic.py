@@ -6,8 +6,9 @@ Row b holds L tokens; values [0, m) are quantized (m = max(L - R, 0)), and so ar
 attends tokens [0, m) from the stores as they are. The window, tokens [m, L) (at most R), is
 attended here, slot by slot, keys and values both from the ring (slot t % R; a key in [m, n) is
 held there dequantized since its block was flushed, so no key is scored from its codes here).
-The Triton window kernel (the GPU default) goes on from the kernel's partials and normalizes;
-the plain-JAX window's partials are combined with them here.
+The window's partials (the Triton window kernel on a GPU, plain JAX elsewhere) are combined with
+the kernel's here. A sliding window (Mistral's) gives each row a first attended token, max(L - W, 0):
+the kernel skips the steps before it and both windows mask below it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from pallas_kernels import kivi_mosaic, mosaic_window
 
 def window_partials(qg, cache: MosaicKIVICache, starts=None):
     """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
-    tokens [m, L) of each row (and >= starts [B], a sliding window's first token), slot by slot: slot j holds token t_j = m + (j - m) mod R, its
-    value in v_res and its key in k_res (dequantized there once its block was flushed: the
-    cache's module doc). Products and sums over the R slots are elementwise reductions, not
+    tokens [m, L) of each row (and >= starts [B], a sliding window's first token), slot by slot:
+    slot j holds token t_j = m + (j - m) mod R, its value in v_res and its key in k_res
+    (dequantized there once its block was flushed: the cache's module doc). Products and sums over the R slots are elementwise reductions, not
     dots: a dot over the model's loop-carried v_res made XLA:GPU pick a slot-minor layout for it
     and copy it whole every layer (see attention_pallas._window_partials)."""
     r = cache.config.residual_length
@@ -78,8 +79,9 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
     ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
-    quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` (default:
-    the Mosaic kernel, which needs a GPU; tests pass a plain-JAX one). window_impl: the newest
+    quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)``, with
+    ``starts=`` [R] too under a sliding window (default: the Mosaic kernel, which needs a GPU;
+    tests pass a plain-JAX one). window_impl: the newest
     tokens' partials in plain JAX (:func:`window_partials`) or in one Triton launch ("pallas",
     :func:`window_kernel_partials`), then combined with the bulk's; or "pallas_continued"
     (WINDOW_IMPL_NAMES); None: DEFAULT_WINDOW_IMPL. window: attend only a row's newest ``window``
