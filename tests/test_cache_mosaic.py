@@ -384,3 +384,28 @@ def test_append_kernel_lowers_for_cuda():
     ir = lower_to_ttir(lambda *a: mosaic_append.append(
         *a, jnp.int32(1), max_length=500, quantize=cache_mosaic._token_quantizer(2, jnp.dtype(jnp.bfloat16))), *args)
     assert "tt.store" in ir
+
+
+def test_append_kernel_under_vmap(monkeypatch):
+    """Batched experiments vmap the decode step: the append kernel (interpreted here) under
+    jax.vmap gives each member the writes it gets alone, across a value leaving the ring and a
+    key flush (member 1's rows start at other lengths)."""
+    from kivi_jax import cache_mosaic
+
+    monkeypatch.setattr(cache_mosaic, "APPEND_IMPL", "pallas")
+    members = [_pair(lens, 0, max_length=512, seed=s)[1] for lens, s in (([130, 60], 0), ([255, 127], 5))]
+    stacks = [StackedCache.stack(m, 2).layers for m in members]
+    new = jax.random.normal(jax.random.key(9), (2, 3, 2, 2, 1, D))  # [member, step, B, Hkv, 1, D]
+
+    def append(st, k):
+        return jax.tree.map(lambda x: x[1], st).stacked_append(st, jnp.int32(1), k, k * 3)
+
+    batched = jax.tree.map(lambda *xs: jnp.stack(xs), *stacks)
+    for i in range(3):
+        batched = jax.jit(jax.vmap(append))(batched, new[:, i])
+        stacks = [jax.jit(append)(st, new[j, i]) for j, st in enumerate(stacks)]
+    for j, st in enumerate(stacks):
+        for name in ("k_res", "v_res", "vn", "vt", "kn", "kt", "lengths"):
+            np.testing.assert_array_equal(np.asarray(getattr(batched, name)[j]), np.asarray(getattr(st, name)),
+                                          err_msg=f"member {j} {name}")
+    assert np.asarray(stacks[1].lengths[1]).tolist() == [258, 130]  # (member 1 row 1 flushed at 128)
