@@ -295,7 +295,7 @@ def test_sliding_window_matches_the_reference(monkeypatch):
     from kivi_jax import attention
 
     a, m, k, v = _pair([400, 333, 5], 12)
-    windows = (1, 50, 129, 300, 700)
+    windows = (1, 129, 300, 700)  # the current token only, just past the ring, across the quantized tokens, none
     calls = {(impl, w): jax.jit(lambda q, c, impl=impl, w=w: attention_mosaic.decode_attention(
         q, c, window_impl=impl, bulk=_stand_in(c), window=w)) for impl in attention_mosaic.WINDOW_IMPL_NAMES
         for w in windows}
