@@ -18,7 +18,9 @@
 # --max-length 512 --caches dense,kivi2,kivi2m --arms allpallas --trace to see it in the step. The
 # session-20 defaults on a GPU (RARE_WRITES "step", APPEND_IMPL "pallas"; the window kernel's
 # partials combined in XLA): kivi2m 10.30 ms vs dense 10.56 at the paper's setting (run53).
-# mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check).
+# mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check);
+# give it 300: since session 20 it also checks jax.vmap over requests compiled (check_vmap: the kernel
+# under vmap vs float64, the whole MosaicKIVICache call batched vs unbatched; lowers for CUDA, never run).
 # decode_step_ab at 4096 tokens needs --batch <= 64 and no dense cache (B=128 ran out of memory).
 # The Mosaic kernel sits at 0.38-0.41 ms between calls (run26-run46; offsets, prefetch_bk, group4
 # and 3 stages no faster: mosaic_attention --ab times variants in turns); a kernel change needs its
