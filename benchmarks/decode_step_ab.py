@@ -1,5 +1,6 @@
-"""One decode step of N Llama-2-7B-shaped (or Mistral-7B-shaped) layers: its time, and what the optimized HLO copies
-(stacked cache buffers, per-layer weights), for a few ways of running the layers.
+"""One decode step of N Llama-2-7B-shaped (or Mistral-7B-shaped: ``--model``) layers: its time,
+and what the optimized HLO copies (stacked cache buffers, per-layer weights), for a few ways of
+running the layers.
 
 Arms (``--arms``):
 - ``scan``: the library's step (``models.functional``: one ``lax.scan`` over stacked weights).

@@ -120,24 +120,31 @@ def check(rows=64, tokens=1024, stages=2, heads=1, sliding=False, **options):
     return errors(got, km.reference(q, lengths, *plain, starts=starts))
 
 
+def _prefilled_mosaic(lengths, prompt, tokens, kv_heads, key):
+    """A bf16 MosaicKIVICache of max_length ``tokens`` prefilled with rows of ``lengths`` from
+    the first ``prompt`` of random k, v [B, Hkv, tokens, D] -> (cache, k, v, a key for q)."""
+    b = len(lengths)
+    ks = jax.random.split(jax.random.key(key), 3)
+    k = jax.random.normal(ks[0], (b, kv_heads, tokens, D), jnp.bfloat16)
+    v = jax.random.normal(ks[1], (b, kv_heads, tokens, D), jnp.bfloat16)
+    cache = kj.MosaicKIVICache.init(kj.KIVIConfig(layout="mosaic"), batch=b, num_kv_heads=kv_heads, head_dim=D,
+                                    max_length=tokens)
+    return cache.prefill(k[:, :, :prompt], v[:, :, :prompt], jnp.asarray(lengths, jnp.int32)), k, v, ks[2]
+
+
 def check_cache(heads=(2, 8), kv_heads=2, key=11, windows=(None,)):
     """The integrated path compiled: a MosaicKIVICache prefilled with ragged rows and appended
     to (flushes, spills), ``kivi_jax.decode_attention`` (the kernel on the quantized tokens, the
     window kernel on the ring) against the reference over the same cache, bf16, MHA and GQA 4;
     and with each sliding window of ``windows`` (None: none)."""
-    cfg = kj.KIVIConfig(layout="mosaic")
     b, t, extra = 4, 700, 140
-    ks = jax.random.split(jax.random.key(key), 3)
-    k = jax.random.normal(ks[0], (b, kv_heads, t + extra, D), jnp.bfloat16)
-    v = jax.random.normal(ks[1], (b, kv_heads, t + extra, D), jnp.bfloat16)
-    cache = kj.MosaicKIVICache.init(cfg, batch=b, num_kv_heads=kv_heads, head_dim=D, max_length=t + extra)
-    cache = cache.prefill(k[:, :, :t], v[:, :, :t], jnp.asarray([700, 513, 129, 3], jnp.int32))
+    cache, k, v, q_key = _prefilled_mosaic([700, 513, 129, 3], t, t + extra, kv_heads, key)
     step = jax.jit(lambda c, k, v: c.append(k, v))
     out = {}
     for i in range(extra + 1):
         if i in (0, 70, extra):
             for hq, w in itertools.product(heads, windows):
-                q = jax.random.normal(ks[2], (b, hq, 1, D), jnp.bfloat16)
+                q = jax.random.normal(q_key, (b, hq, 1, D), jnp.bfloat16)
                 got = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas", window=w))(q, cache)
                 want = kj.decode_attention(q, cache, impl="reference", window=w).astype(jnp.float32)
                 err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
@@ -160,14 +167,9 @@ def check_vmap(members=3, rows=16, tokens=512, heads=1, kv_heads=2):
     errs = [errors(tuple(x[i] for x in got), km.reference(qs[i], lengths[i], *plain[i])) for i in range(members)]
     out = {f"kernel_{k}": max(e[k] for e in errs) for k in errs[0]}
     # the whole call: a 4-row cache as 2 members of 2 rows (every leaf has the batch axis first)
-    cfg = kj.KIVIConfig(layout="mosaic")
-    b, t = 4, 700
-    ks = jax.random.split(jax.random.key(12), 3)
-    k = jax.random.normal(ks[0], (b, kv_heads, t, D), jnp.bfloat16)
-    v = jax.random.normal(ks[1], (b, kv_heads, t, D), jnp.bfloat16)
-    cache = kj.MosaicKIVICache.init(cfg, batch=b, num_kv_heads=kv_heads, head_dim=D, max_length=t)
-    cache = cache.prefill(k, v, jnp.asarray([700, 513, 129, 300], jnp.int32))
-    q = jax.random.normal(ks[2], (b, kv_heads * heads, 1, D), jnp.bfloat16)
+    b = 4
+    cache, _, _, q_key = _prefilled_mosaic([700, 513, 129, 300], 700, 700, kv_heads, 12)
+    q = jax.random.normal(q_key, (b, kv_heads * heads, 1, D), jnp.bfloat16)
     split = jax.tree.map(lambda x: x.reshape((2, b // 2) + x.shape[1:]), cache)
     got = jax.jit(jax.vmap(lambda q, c: kj.decode_attention(q, c, impl="pallas")))(q.reshape(2, b // 2, *q.shape[1:]),
                                                                                    split)
@@ -453,15 +455,12 @@ def main(argv=None):
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)
-    if not a.skip_checks:
-        rows.append({"impl": "mosaic_cache_check", **check_cache()})
-        print(rows[-1], flush=True)
-        rows.append({"impl": "mosaic_vmap_check", **check_vmap()})
-        print(rows[-1], flush=True)
-        rows.append({"impl": "mosaic_vmap_check_gqa4", **check_vmap(heads=4)})
-        print(rows[-1], flush=True)
-        # sliding windows: inside the ring (100), across the quantized tokens (300, 600)
-        rows.append({"impl": "mosaic_cache_check_sliding", **check_cache(windows=(100, 300, 600))})
+    # the whole path and jax.vmap; sliding windows inside the ring (100), across the quantized tokens (300, 600)
+    whole = [("mosaic_cache_check", check_cache), ("mosaic_vmap_check", check_vmap),
+             ("mosaic_vmap_check_gqa4", functools.partial(check_vmap, heads=4)),
+             ("mosaic_cache_check_sliding", functools.partial(check_cache, windows=(100, 300, 600)))]
+    for name, fn in [] if a.skip_checks else whole:
+        rows.append({"impl": name, **fn()})
         print(rows[-1], flush=True)
     if a.checks_only:
         common.write_results(a.name, {**env, "rows": rows}, common.markdown(rows, list(dict.fromkeys(
