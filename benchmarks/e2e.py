@@ -65,7 +65,10 @@ MODELS = {
     "tiny-mistral": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5, sliding_window=200, model_type="mistral"),
 }
-KIVI = {"dense": None, "kivi2": dict(k_bits=2, v_bits=2), "kivi4": dict(k_bits=4, v_bits=4), "dense_xla": None,
+# kivi2 / kivi4: the tokens layout (KIVICache, the Triton kernel) pinned, whatever KIVIConfig's
+# default layout ("auto") would pick on this GPU
+KIVI = {"dense": None, "dense_xla": None,
+        "kivi2": dict(k_bits=2, v_bits=2, layout="tokens"), "kivi4": dict(k_bits=4, v_bits=4, layout="tokens"),
         # KIVI-2 stored in the Mosaic GPU kernel's layout (MosaicKIVICache; Llama MHA / GQA 2 or 4)
         "kivi2m": dict(k_bits=2, v_bits=2, layout="mosaic")}
 # caches run with non-default implementations: dense_xla is a dense cache with XLA's attention

@@ -61,7 +61,7 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=64, rms_norm_eps=1e-5)
 MESHES = {"1": None, "tp2": dict(data=1, model=2), "dp2": dict(data=2, model=1)}
-CACHES = {"kivi2": dict(k_bits=2, v_bits=2, group_size=32, residual_length=128), "dense": None}
+CACHES = {"kivi2": dict(k_bits=2, v_bits=2, group_size=32, residual_length=128, layout="tokens"), "dense": None}
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OutOfMemory")
 
 

@@ -3,7 +3,7 @@
 from kivi_jax.attention import decode_attention, prefill_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
-from kivi_jax.cache_mosaic import MosaicKIVICache
+from kivi_jax.cache_mosaic import MosaicKIVICache, resolve_layout
 from kivi_jax import sharding
 from kivi_jax.config import KIVIConfig, dense_bytes_per_token
 from kivi_jax.generate import GenerateOutput, StreamStep, generate, generate_stream
@@ -26,6 +26,7 @@ __all__ = [
     "generate_stream",
     "prefill_attention",
     "quantize",
+    "resolve_layout",
     "sample_logits",
     "sharding",
 ]

@@ -31,6 +31,8 @@ Extensions (``KIVIConfig``; all off by default, and then everything above holds 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -74,9 +76,10 @@ class KIVICache(cc.CacheShape):
              dtype=jnp.bfloat16) -> "KIVICache":
         cc.check_init(config, KIVIConfig, max_length, dtype)
         config.check_head_dim(head_dim)
-        if config.layout != "tokens":
+        if config.layout == "mosaic":
             raise ValueError(f"KIVICache stores layout='tokens'; got layout={config.layout!r} "
                              "(kivi_jax.MosaicKIVICache stores 'mosaic')")
+        config = dataclasses.replace(config, layout="tokens")  # "auto" resolved: this class stores tokens
         if config.sink_tokens >= max_length:
             raise ValueError(f"sink_tokens={config.sink_tokens} must be < max_length={max_length}")
         g, kg, tc = config.group_size, config.key_group, config.capacity(max_length)

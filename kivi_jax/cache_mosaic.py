@@ -40,8 +40,8 @@ from kivi_jax import switches
 from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
 from kivi_jax.config import KIVIConfig
 
-from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays, key_codes,
-                                        key_tiles, key_words, value_codes, value_tiles, value_words)
+from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, HEADS, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays,
+                                        key_codes, key_tiles, key_words, value_codes, value_tiles, value_words)
 
 
 APPEND_IMPLS = ("xla", "pallas")
@@ -68,12 +68,47 @@ def _token_quantizer(bits: int, dtype):
     return functools.partial(quant.quantize_groups, bits=bits, dtype=dtype, reduce_axis=1)
 
 
-def check_config(config: KIVIConfig, head_dim: int):
-    """The cases the layout holds (KIVIConfig(layout="mosaic") checks the rest): head_dim 128."""
-    if config.layout != "mosaic":
+def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
+    """The cases the layout holds -> config with layout "mosaic". layout "mosaic" or "auto"; plain
+    KIVI-2 (KIVIConfig(layout="mosaic") checks that itself, "auto" here); head_dim 128."""
+    if config.layout not in ("mosaic", "auto"):
         raise ValueError(f"MosaicKIVICache needs KIVIConfig(layout='mosaic'); got layout={config.layout!r}")
+    if config.mosaic_conflicts():
+        raise ValueError("MosaicKIVICache takes plain KIVI-2 only; got " + "; ".join(config.mosaic_conflicts()))
     if head_dim != D:
         raise ValueError(f"MosaicKIVICache takes head_dim={D}; got head_dim={head_dim}")
+    return dataclasses.replace(config, layout="mosaic")
+
+
+#: KIVIConfig(layout="auto") with grouped-query attention picks the Mosaic layout from this many
+#: tokens of capacity (max_length): on the H200 the Mistral-7B shape took 42.08 vs 45.92 ms steps
+#: at 4352 tokens, batch 256 (results/e2e-2026-12-02-run56-mistral4k), but 8.53 vs 8.03 ms at the
+#: paper's 498 tokens, batch 96 (-run51-mistral-paper): 4 query rows a KV head make the kernel
+#: compute-bound and its short rows' window and append dominate.
+AUTO_GQA_MIN_LENGTH = 4096
+
+
+def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_length: int,
+                   dtype=jnp.bfloat16, devices=None) -> KIVIConfig:
+    """config with layout "auto" resolved for one model's cache ("tokens" / "mosaic" returned as
+    they are): "mosaic" where the Mosaic GPU kernel runs and was measured faster end to end, else
+    "tokens". The Mosaic kernel runs on one Hopper GPU (compute capability 9.0: wgmma/TMA; not
+    under a mesh of several devices) over a bf16 cache of plain KIVI-2 with head_dim 128 and 1, 2
+    or 4 query heads a KV head. Faster: multi-head attention at every length measured (Llama-2-7B
+    shape on the H200: 10.30 vs 12.09 ms steps at the paper's setting, e2e-2026-12-02-run53; 55.6
+    vs 78.4 ms at 4096 tokens, batch 128, e2e-2026-12-01-run11); grouped-query attention from
+    AUTO_GQA_MIN_LENGTH tokens.
+    devices: the devices the cache will live on (default jax.devices())."""
+    if config.layout != "auto":
+        return config
+    devices = jax.devices() if devices is None else devices
+    one_hopper = (len(devices) == 1 and devices[0].platform == "gpu"
+                  and getattr(devices[0], "compute_capability", None) == "9.0")
+    g = num_heads // num_kv_heads if num_kv_heads and num_heads % num_kv_heads == 0 else 0
+    runs = (one_hopper and not config.mosaic_conflicts() and head_dim == D and jnp.dtype(dtype) == jnp.bfloat16
+            and g in HEADS)
+    faster = g == 1 or max_length >= AUTO_GQA_MIN_LENGTH
+    return dataclasses.replace(config, layout="mosaic" if runs and faster else "tokens")
 
 
 def untile(kt, vt, tc):
@@ -125,7 +160,7 @@ class MosaicKIVICache(cc.CacheShape):
     def init(cls, config: KIVIConfig, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
              dtype=jnp.bfloat16) -> "MosaicKIVICache":
         cc.check_init(config, KIVIConfig, max_length, dtype)
-        check_config(config, head_dim)
+        config = check_config(config, head_dim)
         tc = -(-max_length // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
         bh, r = (batch, num_kv_heads), config.residual_length
         return cls(kn=jnp.zeros(bh + (tc, 8), jnp.uint32), kt=jnp.zeros(bh + (tc // KEY_BLOCK * D, 16), dtype),
@@ -151,8 +186,7 @@ class MosaicKIVICache(cc.CacheShape):
     @classmethod
     def from_kivi(cls, c: KIVICache, config: KIVIConfig | None = None) -> "MosaicKIVICache":
         """The same cache state (a plain KIVI-2 KIVICache's) in this layout."""
-        config = config or dataclasses.replace(c.config, layout="mosaic")
-        check_config(config, c.head_dim)
+        config = check_config(config or dataclasses.replace(c.config, layout="mosaic"), c.head_dim)
         tc, tk = -(-c.max_length // KEY_BLOCK) * KEY_BLOCK, c.capacity  # KIVICache rounds to 32 tokens, this to 256
 
         def pad(x, axis=2, per=1):

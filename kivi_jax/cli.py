@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(g)
     _add_kivi_flags(g)
     g.add_argument("--dense", action="store_true", help="use a full-precision cache instead of KIVI")
-    g.add_argument("--layout", choices=("tokens", "mosaic"), default="tokens",
-                   help="how the KIVI cache is stored: tokens (every bit width; default) or mosaic (KIVI-2, "
-                        "head_dim 128, for the Mosaic GPU kernel on Hopper: faster for long-context MHA)")
+    g.add_argument("--layout", choices=("auto", "tokens", "mosaic"), default="auto",
+                   help="how the KIVI cache is stored: tokens (every bit width), mosaic (KIVI-2, head_dim 128, "
+                        "for the Mosaic GPU kernel on one Hopper GPU: faster there for MHA) or auto (default: "
+                        "mosaic where it runs and was measured faster, else tokens)")
     g.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, help="default 128")
     g.add_argument("--temperature", type=_float_in(0.0, 1e6), default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample from the k most likely tokens")
@@ -193,12 +194,12 @@ def _one_line(e: BaseException) -> str:
 def _kivi_config(args, k_bits: int = 2, v_bits: int = 2):
     from kivi_jax.config import KIVIConfig
 
-    layout = getattr(args, "layout", "tokens")
+    layout = getattr(args, "layout", "auto")
     try:
         return KIVIConfig(k_bits=k_bits, v_bits=v_bits, group_size=args.group_size,
                           residual_length=args.residual_length, layout=layout, **_extension_kwargs(args))
     except ValueError as e:
-        flags = "--layout" if layout != "tokens" and "layout" in str(e) else "--group-size/--residual-length"
+        flags = "--layout" if layout == "mosaic" and "layout" in str(e) else "--group-size/--residual-length"
         raise UsageError(f"{flags}: {_one_line(e)}") from None
 
 

@@ -10,7 +10,7 @@ from kivi_jax import packing
 from kivi_jax.rotation import ROTATE_CHOICES, check_head_dim as _check_rotation_dim
 
 
-LAYOUTS = ("tokens", "mosaic")
+LAYOUTS = ("auto", "tokens", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,12 @@ class KIVIConfig:
     key_group_size: tokens per key group (per channel); a power of two >= 16 dividing
       residual_length. None (default): group_size. Values keep groups of group_size channels.
     layout: how the quantized tokens are stored: "tokens" (KIVICache: codes packed along
-      tokens; every option above) or "mosaic" (MosaicKIVICache: the Mosaic GPU kernel's layout,
+      tokens; every option above), "mosaic" (MosaicKIVICache: the Mosaic GPU kernel's layout,
       kivi_jax.cache_mosaic; plain KIVI-2 only: 2 bits, groups of 32, R dividing 256, no sinks,
-      no rotation, head_dim 128).
+      no rotation, head_dim 128) or "auto" (the default): the model's ``init_cache`` picks
+      "mosaic" where it runs and was measured faster (one Hopper GPU, a bf16 cache; see
+      :func:`kivi_jax.cache_mosaic.resolve_layout`), "tokens" everywhere else. A cache's own
+      config always names the layout it stores.
     """
 
     k_bits: int = 2
@@ -46,7 +49,7 @@ class KIVIConfig:
     sink_tokens: int = 0
     rotate: str = "none"
     key_group_size: int | None = None
-    layout: str = "tokens"
+    layout: str = "auto"
 
     def __post_init__(self):
         packing.check_bits("k_bits", self.k_bits)
@@ -68,15 +71,19 @@ class KIVIConfig:
             raise ValueError(f"key_group_size={kg!r} must be a power of two >= 16 dividing residual_length={r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r}; allowed: {LAYOUTS}")
-        if self.layout == "mosaic":
-            bad = [f"{name}={got!r} (allowed: {want!r})" for name, got, want in (
-                ("k_bits", self.k_bits, 2), ("v_bits", self.v_bits, 2), ("group_size", g, 32),
-                ("key_group_size", self.key_group, 32), ("sink_tokens", s, 0), ("rotate", self.rotate, "none"))
-                if got != want]
-            if 256 % r:
-                bad.append(f"residual_length={r} (allowed: 32, 64, 128, 256)")
-            if bad:
-                raise ValueError("layout='mosaic' takes plain KIVI-2 only; got " + "; ".join(bad))
+        if self.layout == "mosaic" and self.mosaic_conflicts():
+            raise ValueError("layout='mosaic' takes plain KIVI-2 only; got " + "; ".join(self.mosaic_conflicts()))
+
+    def mosaic_conflicts(self) -> list[str]:
+        """The settings the Mosaic layout cannot hold, each as "name=value (allowed: ...)"; [] when
+        it can (plain KIVI-2: 2 bits, groups of 32, R dividing 256, no sinks, no rotation)."""
+        bad = [f"{name}={got!r} (allowed: {want!r})" for name, got, want in (
+            ("k_bits", self.k_bits, 2), ("v_bits", self.v_bits, 2), ("group_size", self.group_size, 32),
+            ("key_group_size", self.key_group, 32), ("sink_tokens", self.sink_tokens, 0),
+            ("rotate", self.rotate, "none")) if got != want]
+        if 256 % self.residual_length:
+            bad.append(f"residual_length={self.residual_length} (allowed: 32, 64, 128, 256)")
+        return bad
 
     @property
     def key_group(self) -> int:

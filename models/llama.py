@@ -188,8 +188,9 @@ class Llama(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, kivi: kivi_jax.KIVIConfig | None = None,
                    dtype=None) -> StackedCache:
         """An empty cache for all layers: a DenseCache (kivi=None) or a KIVICache (kivi a
-        KIVIConfig; a MosaicKIVICache with layout="mosaic"), stacked along a leading layer axis;
-        leaves are [L, B, Hkv, ...].
+        KIVIConfig; a MosaicKIVICache with layout="mosaic", or "auto" where
+        ``kivi_jax.cache_mosaic.resolve_layout`` picks it for this model), stacked along a leading
+        layer axis; leaves are [L, B, Hkv, ...].
         dtype: of the full-precision parts (default: the model's dtype)."""
         c = self.config
         if batch_size < 1:
@@ -199,6 +200,8 @@ class Llama(nnx.Module):
         if kivi is None:
             one = kivi_jax.DenseCache.init(**kw)
         elif isinstance(kivi, kivi_jax.KIVIConfig):  # its layout picks the cache class
+            kivi = kivi_jax.resolve_layout(kivi, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                                           head_dim=c.head_dim, max_length=max_length, dtype=dtype)
             one = (kivi_jax.MosaicKIVICache if kivi.layout == "mosaic" else kivi_jax.KIVICache).init(kivi, **kw)
         else:
             raise TypeError(f"kivi must be None or a KIVIConfig; got {type(kivi).__name__}")

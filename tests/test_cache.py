@@ -6,6 +6,8 @@ several key flushes (every R tokens) and value spills (every token once a row ho
 """
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -475,7 +477,8 @@ def test_cache_is_a_pytree_with_static_config():
     leaves, treedef = jax.tree_util.tree_flatten(cache)
     assert len(leaves) == 10
     back = jax.tree_util.tree_unflatten(treedef, leaves)
-    assert back.config == cfg and back.max_length == 64
+    # the config's default layout "auto" resolved: a KIVICache's config names the layout it stores
+    assert cfg.layout == "auto" and back.config == dataclasses.replace(cfg, layout="tokens") and back.max_length == 64
     other = KIVICache.init(KIVIConfig(k_bits=4, group_size=G, residual_length=R), batch=1, num_kv_heads=HKV,
                            head_dim=D, max_length=64, dtype=jnp.float32)
     assert jax.tree_util.tree_structure(other) != treedef

@@ -28,7 +28,7 @@ from pallas_kernels import kivi_mosaic as km
 
 D = 128
 MOSAIC = kj.KIVIConfig(layout="mosaic")
-TOKENS = kj.KIVIConfig()
+TOKENS = kj.KIVIConfig(layout="tokens")
 
 
 def _pair(lengths, extra, max_length=700, heads=2, seed=0):
@@ -226,12 +226,64 @@ def test_stacked_writes_through_the_row_writes_kernel():
     np.testing.assert_array_equal(np.asarray(stacked.kn[0]), np.asarray(m.kn))  # layer 0 untouched
 
 
+class _Device:
+    """What resolve_layout reads of a jax Device."""
+
+    def __init__(self, platform="gpu", compute_capability="9.0"):
+        self.platform, self.compute_capability = platform, compute_capability
+
+
+@pytest.mark.parametrize("case, want", [
+    (dict(), "mosaic"),  # Llama-2-7B's heads on one H100/H200
+    (dict(devices=[_Device("cpu", None)]), "tokens"),
+    (dict(devices=[_Device(), _Device()]), "tokens"),  # the kernel does not run under a mesh
+    (dict(devices=[_Device(compute_capability="8.0")]), "tokens"),  # no wgmma
+    (dict(devices=[_Device(compute_capability="10.0")]), "tokens"),
+    (dict(dtype=jnp.float32), "tokens"),
+    (dict(dtype=jnp.float16), "tokens"),
+    (dict(head_dim=64), "tokens"),
+    (dict(config=kj.KIVIConfig(k_bits=4)), "tokens"),
+    (dict(config=kj.KIVIConfig(sink_tokens=4)), "tokens"),
+    (dict(config=kj.KIVIConfig(rotate="k")), "tokens"),
+    (dict(config=kj.KIVIConfig(residual_length=96)), "tokens"),
+    (dict(num_kv_heads=8), "tokens"),  # GQA 4 at a short capacity: measured slower (run51)
+    (dict(num_kv_heads=8, max_length=4096), "mosaic"),  # measured faster at 4352 (run56)
+    (dict(num_kv_heads=4, max_length=8192), "tokens"),  # 8 query heads a KV head: not the kernel's
+    (dict(config=TOKENS), "tokens"),  # an explicit layout is kept
+    (dict(config=MOSAIC, devices=[_Device("cpu", None)]), "mosaic"),
+])
+def test_auto_layout_resolution(case, want):
+    """KIVIConfig(layout="auto") picks the Mosaic layout only where its kernel runs and was
+    measured faster; everything else of the config is kept."""
+    kw = dict(config=kj.KIVIConfig(), num_heads=32, num_kv_heads=32, head_dim=D, max_length=512,
+              dtype=jnp.bfloat16, devices=[_Device()])
+    kw.update(case)
+    config = kw.pop("config")
+    got = kj.resolve_layout(config, **kw)
+    assert got == dataclasses.replace(config, layout=want)
+
+
+def test_model_init_cache_resolves_auto(monkeypatch):
+    """model.init_cache with the default config: a KIVICache off the GPU, a MosaicKIVICache on one
+    Hopper GPU (jax.devices stood in), each cache's config naming its layout."""
+    cfg = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2,
+                      num_kv_heads=2, head_dim=128)
+    model = models.init_random(cfg, dtype=jnp.bfloat16)
+    cache = jax.eval_shape(lambda: model.init_cache(2, 300, kivi=kj.KIVIConfig()))
+    assert type(cache.layers) is kj.KIVICache and cache.layers.config == TOKENS
+    monkeypatch.setattr(jax, "devices", lambda *a: [_Device()])
+    cache = jax.eval_shape(lambda: model.init_cache(2, 300, kivi=kj.KIVIConfig()))
+    assert type(cache.layers) is MosaicKIVICache and cache.layers.config == MOSAIC
+    cache = jax.eval_shape(lambda: model.init_cache(2, 300, kivi=kj.KIVIConfig(), dtype=jnp.float32))
+    assert type(cache.layers) is kj.KIVICache
+
+
 def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match=r"layout='mosaic' takes plain KIVI-2 only; got k_bits=4 \(allowed: 2\)"):
         kj.KIVIConfig(layout="mosaic", k_bits=4)
     with pytest.raises(ValueError, match=r"residual_length=96 \(allowed: 32, 64, 128, 256\)"):
         kj.KIVIConfig(layout="mosaic", residual_length=96)
-    with pytest.raises(ValueError, match=r"layout='rows'; allowed: \('tokens', 'mosaic'\)"):
+    with pytest.raises(ValueError, match=r"layout='rows'; allowed: \('auto', 'tokens', 'mosaic'\)"):
         kj.KIVIConfig(layout="rows")
     kw = dict(batch=1, num_kv_heads=1, max_length=256)
     with pytest.raises(ValueError, match="MosaicKIVICache takes head_dim=128; got head_dim=64"):
@@ -240,6 +292,11 @@ def test_bad_configurations_are_named():
         MosaicKIVICache.init(TOKENS, head_dim=128, **kw)
     with pytest.raises(ValueError, match="KIVICache stores layout='tokens'; got layout='mosaic'"):
         kj.KIVICache.init(MOSAIC, head_dim=128, **kw)
+    # "auto" asked of the Mosaic class directly: its own checks, each setting named
+    with pytest.raises(ValueError, match=r"MosaicKIVICache takes plain KIVI-2 only; got k_bits=4 \(allowed: 2\); "
+                                         r"sink_tokens=4 \(allowed: 0\)"):
+        MosaicKIVICache.init(kj.KIVIConfig(k_bits=4, sink_tokens=4), head_dim=128, **kw)
+    assert MosaicKIVICache.init(kj.KIVIConfig(), head_dim=128, **kw).config == MOSAIC
     cache = MosaicKIVICache.init(MOSAIC, head_dim=128, **kw)
     q = jnp.zeros((1, 1, 1, D))
     if jax.default_backend() != "gpu":
