@@ -179,6 +179,32 @@ def check_vmap(members=3, rows=16, tokens=512, heads=1, kv_heads=2):
     return out
 
 
+def check_auto_layout(prompt=150, new_tokens=40):
+    """KIVIConfig()'s layout ("auto") as this machine resolves it for the benchmarked shapes, and
+    generate with it on a random 2-layer model (head_dim 128, bf16) against layout="mosaic" (the
+    same program: the same tokens) and "tokens" (other kernels: greedy picks may differ where two
+    logits are within rounding) -> dict."""
+    import models
+    from models.config import ModelConfig
+
+    out = {"compute_capability": getattr(jax.devices()[0], "compute_capability", None)}
+    shapes = {"llama2_7b_paper": (32, 32, 498), "mistral_7b_paper": (32, 8, 498), "mistral_7b_4k": (32, 8, 4352)}
+    for name, (hq, hkv, max_length) in shapes.items():
+        out[f"layout_{name}"] = kj.resolve_layout(kj.KIVIConfig(), num_heads=hq, num_kv_heads=hkv, head_dim=D,
+                                                  max_length=max_length).layout
+    cfg = ModelConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=4,
+                      num_kv_heads=4, head_dim=D)
+    model = models.init_random(cfg, dtype=jnp.bfloat16)
+    ids = jax.random.randint(jax.random.key(3), (4, prompt), 0, cfg.vocab_size)
+    lengths = jnp.array([prompt, prompt * 7 // 8, 7, prompt * 2 // 3])
+    runs = {layout: kj.generate(model, ids, lengths=lengths, max_new_tokens=new_tokens, kivi=kj.KIVIConfig(layout=layout))
+            for layout in ("auto", "mosaic", "tokens")}
+    out["auto_cache"] = type(runs["auto"].cache.layers).__name__
+    out["auto_tokens_equal_mosaic"] = bool((runs["auto"].tokens == runs["mosaic"].tokens).all())
+    out["mosaic_tokens_agree_with_tokens_layout"] = float((runs["mosaic"].tokens == runs["tokens"].tokens).mean())
+    return out
+
+
 def from_cache(cache):
     """A KIVI-2 cache's quantized tokens as [R, T, ...] codes and scales (R = B x Hkv)."""
     b, h = cache.k_scale.shape[:2]
@@ -373,6 +399,7 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
     ap.add_argument("--quick", action="store_true", help="only the QUICK variants' checks and timings")
     ap.add_argument("--checks-only", action="store_true", help="the compiled checks, no timings")
+    ap.add_argument("--auto-layout", action="store_true", help="only check_auto_layout (KIVIConfig()'s layout here)")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
     ap.add_argument("--splits", default="", help="--sweep: also these sequence splits a row (comma list), e.g. 2,4,8")
@@ -398,6 +425,11 @@ def main(argv=None):
                  + common.markdown(rows, ["B", "T", "length", "Hkv", "impl", "median_ms", "ratio_to_first", "rounds_ms"]))
         print(table)
         common.write_results(a.name, {**env, "rows": rows}, table)
+        return
+    if a.auto_layout:
+        row = {"impl": "auto_layout_check", **check_auto_layout()}
+        print(row, flush=True)
+        common.write_results(a.name, {**common.environment(), "rows": [row]}, common.markdown([row], list(row)))
         return
     if a.once:
         rows, t = 64 * 32, 4096
