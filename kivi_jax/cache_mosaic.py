@@ -203,7 +203,11 @@ class MosaicKIVICache(cc.CacheShape):
         r, n, mq = config.residual_length, out.num_quantized_keys, out.num_quantized_values
         flushed = dequantized_block(out.kn, out.kt, jnp.maximum(n - r, 0), r, out.dtype)
         t = mq[:, None] + (jnp.arange(r)[None, :] - mq[:, None]) % r  # [B, R]
-        return dataclasses.replace(out, k_res=jnp.where((t < n[:, None])[:, None, :, None], flushed, out.k_res))
+        # both rings' layout pinned: left free, XLA gave a stacked ring cuDNN's prompt layout [.., R, H, D]
+        # and transposed it at the prefill's end, an 8 GiB copy at batch 256 x 4352 tokens that ran a
+        # 4096-token batch out of memory (results/prefill-memory-run59-*: temp 9.45 vs 1.71 GiB)
+        k_res = cc.row_major(jnp.where((t < n[:, None])[:, None, :, None], flushed, out.k_res))
+        return dataclasses.replace(out, k_res=k_res, v_res=cc.row_major(out.v_res))
 
     def append(self, k, v) -> "MosaicKIVICache":
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append)."""
