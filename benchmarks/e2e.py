@@ -149,6 +149,19 @@ def _model(spec: dict):
     return cfg, model, time.perf_counter() - t
 
 
+def _short_rows(out) -> str:
+    """Why rows stopped short, from the final cache: which layers flagged an overflow (a refused
+    write), each layer's cache lengths, and whether the last tokens are junk."""
+    layers = getattr(out.cache, "layers", None)
+    if layers is None or not hasattr(layers, "overflow"):
+        return ""
+    overflow = np.asarray(layers.overflow).reshape(-1, out.tokens.shape[0])  # [L, B]
+    lengths = np.asarray(layers.lengths).reshape(overflow.shape)
+    return (f"; overflow in layers {np.flatnonzero(overflow.any(1)).tolist()} of {len(overflow)} (rows "
+            f"{int(overflow.any(0).sum())}); cache lengths {int(lengths.min())}..{int(lengths.max())}, per layer "
+            f"min {lengths.min(1).tolist()}")
+
+
 def child_generate(spec: dict) -> None:
     """One (model, cache, prompt, new tokens, batch) through kivi_jax.generate: one row."""
     import jax
@@ -205,9 +218,10 @@ def child_generate(spec: dict) -> None:
             out = gen(ids)
             times.append(time.perf_counter() - t0)
             got = np.asarray(out.lengths)
+            why = _short_rows(out) if int(got.min()) != n else ""
             del out
             if int(got.min()) != n:
-                raise RuntimeError(f"rows generated {int(got.min())}..{int(got.max())} tokens, expected {n}")
+                raise RuntimeError(f"rows generated {int(got.min())}..{int(got.max())} tokens, expected {n}{why}")
         total = min(times)
         row.update(total_s=total, times_s=times, tokens_per_s=b * n / total, compile_s=row["warmup_s"] - total,
                    retraced=dict(TRACE_COUNTS) != traces)
