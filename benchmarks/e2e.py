@@ -151,7 +151,9 @@ def _model(spec: dict):
 
 def _short_rows(out) -> str:
     """Why rows stopped short, from the final cache: which layers flagged an overflow (a refused
-    write), each layer's cache lengths, and whether the last tokens are junk."""
+    write) and each layer's cache lengths."""
+    import numpy as np
+
     layers = getattr(out.cache, "layers", None)
     if layers is None or not hasattr(layers, "overflow"):
         return ""
