@@ -372,8 +372,22 @@ def test_rare_writes_decided_once_a_step_equal_a_conditional_a_layer(kivi, monke
                                                           "fusion:scatter"}
     one = jax.tree.map(lambda x: x[:, :1], model.init_cache(2, 256, kivi=kivi))  # a one-request cache
     batched = jax.tree.map(lambda x: jnp.stack([x, x]), one)
-    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda t, c: apply(params, t, c)))(toks[:2, :1], batched))
-    assert jaxpr.count("cond[") == 2  # a batched predicate would have made them selects
+    closed = jax.make_jaxpr(jax.vmap(lambda t, c: apply(params, t, c)))(toks[:2, :1], batched)
+    assert str(closed).count("cond[") == 2  # a batched predicate would have made them selects
+    # the second conditional runs exactly when the first did not: its predicate is computed from
+    # the first's own output, never again from the cache the first has written (XLA:GPU's
+    # rematerialization recomputed not(due) after the flush loop and ran both, run60/run61)
+    conds = [e for e in jaxpr_walk.eqns(closed.jaxpr) if e.primitive.name == "cond"]
+    made = {v: e for e in jaxpr_walk.eqns(closed.jaxpr) for v in e.outvars}
+
+    def upstream(var):  # the equations var is computed from, back to the first conditional; None: an input
+        e = made.get(var)
+        if e is None or e is conds[0]:
+            return {e}
+        return {e}.union(*(upstream(v) for v in e.invars if type(v).__name__ != "Literal"))
+
+    ups = upstream(conds[1].invars[0])
+    assert conds[0] in ups and None not in ups
     monkeypatch.setattr(llama, "RARE_WRITES", "both")
     with pytest.raises(ValueError, match=r"models.llama.RARE_WRITES='both'; allowed: \('layer', 'step'\) or None"):
         apply(params, toks[0], cache)
