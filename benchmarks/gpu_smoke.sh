@@ -7,17 +7,14 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: Mistral at 4096 tokens with the
-# Mosaic layout, which takes its sliding window since session 20 (checked compiled, never timed):
-# python -m benchmarks.e2e --only-mistral --skip-paper --skip-hf --skip-compile-check --sweep-caches
-# kivi2,kivi2m --sweep-start 256 --sweep-cap 512 --child-timeout 260 --budget-s 530 (kivi2: batch 256
-# 1686 tok/s, 45.8 ms steps, run52); then GQA at the paper's batch, fewer and longer programs:
-# python -m benchmarks.mosaic_attention --ab default,rows2,rows3,rows4 --ab-shape 96,512,200 --kv-heads 8
-# (768 one-step programs take 1.22 ms of a Mistral step vs dense attention's 1.50 + the window's 0.69,
-# decode-step-ab-2026-12-02-run53-mistral-p330); decode_step_ab --model mistral-7b --prompt 330
-# --max-length 512 --caches dense,kivi2,kivi2m --arms allpallas --trace to see it in the step. The
-# session-20 defaults on a GPU (RARE_WRITES "step", APPEND_IMPL "pallas"; the window kernel's
-# partials combined in XLA): kivi2m 10.30 ms vs dense 10.56 at the paper's setting (run53).
+# Then, as separate calls (each <= 10 min). Next session, first: Llama-2-7B at 4096 tokens, batch 256,
+# Mosaic layout, the fix of the step flush's second predicate (d9a57b5; run60/61 stopped every row one
+# token short under rematerialization): python -m benchmarks.e2e --skip-paper --skip-hf
+# --skip-compile-check --sweep-prompts 4096 --sweep-caches kivi2m --sweep-start 256 --sweep-cap 256
+# --child-timeout 200 --budget-s 210 (~110 s; if still short, the same with KIVI_RARE_WRITES=layer);
+# then the paper setting with the defaults (e2e --skip-hf --skip-sweep --skip-compile-check
+# --paper-caches dense,kivi2,kivi2m) to confirm 10.30 ms (run53) still holds with the threaded predicate.
+# mosaic_attention --auto-layout: what KIVIConfig()'s "auto" resolves to on the machine (~40 s).
 # mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check);
 # give it 300: since session 20 it also checks jax.vmap over requests compiled (check_vmap: the kernel
 # under vmap vs float64, the whole MosaicKIVICache call batched vs unbatched; lowers for CUDA, never run).
