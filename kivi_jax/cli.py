@@ -378,8 +378,9 @@ def cmd_generate(args) -> int:
         per_tok = kivi.bytes_per_token(**kw)
         resid = kivi.residual_bytes(**kw)
         dense_same = dense_tok * cap
+        layout = cache.layers.config.layout  # what --layout (default auto) resolved to on this machine
         print(f"[cache: KIVI K{kivi.k_bits}/V{kivi.v_bits} bits, G={kivi.group_size}, R={kivi.residual_length}, "
-              f"{np.dtype(dtype).name} residual and scales; {held} tokens held, buffers {_fmt_bytes(cache.nbytes)} "
+              f"{layout} layout, {np.dtype(dtype).name} residual and scales; {held} tokens held, buffers {_fmt_bytes(cache.nbytes)} "
               f"for a capacity of {cap} tokens vs {_fmt_bytes(dense_same)} for a dense cache "
               f"({dense_same / cache.nbytes:.2f}x; the {kivi.residual_length}-token full-precision residual "
               f"dominates short runs)]", file=err)

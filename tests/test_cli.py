@@ -55,6 +55,8 @@ def test_generate_answers_paris(capsys, flags):
     assert out.strip() == "The capital of France is Paris."  # greedy, chat template; EOS not printed
     assert "tokens/s" in err
     assert ("KIVI K2/V2 bits, G=32, R=128" in err) == (not flags)
+    # --layout auto (the default) resolves to the tokens layout off a Hopper GPU (head_dim 64 here anyway)
+    assert ("tokens layout" in err) == (not flags)
     assert "cache:" in err and "MiB" in err
 
 
