@@ -29,9 +29,10 @@ def window_partials(qg, cache: MosaicKIVICache, starts=None):
     """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
     tokens [m, L) of each row (and >= starts [B], a sliding window's first token), slot by slot:
     slot j holds token t_j = m + (j - m) mod R, its value in v_res and its key in k_res
-    (dequantized there once its block was flushed: the cache's module doc). Products and sums over the R slots are elementwise reductions, not
-    dots: a dot over the model's loop-carried v_res made XLA:GPU pick a slot-minor layout for it
-    and copy it whole every layer (see attention_pallas._window_partials)."""
+    (dequantized there once its block was flushed: the cache's module doc). Products and sums
+    over the R slots are elementwise reductions, not dots: a dot over the model's loop-carried
+    v_res made XLA:GPU pick a slot-minor layout for it and copy it whole every layer (see
+    attention_pallas._window_partials)."""
     r = cache.config.residual_length
     L, mq = cache.lengths[:, None], cache.num_quantized_values[:, None]
     t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]

@@ -286,19 +286,21 @@ class Llama(nnx.Module):
             # Two conditionals, each with the identity as its false branch: XLA's copy insertion orders
             # a conditional's branches, so a branch that updates the cache in place while a later one
             # still reads it copies it (one cond picking between the two layer loops copied every
-            # written stacked buffer each step); an update in the last branch after an identity does not
-            # The second conditional's predicate is an output of the first, so it runs exactly when
-            # the first did not. It was not(due), which XLA:GPU's rematerialization (run under memory
-            # pressure: Llama-2-7B, batch 256 x 4352 tokens) could recompute from the lengths the
-            # flush loop had just advanced: at a flush step both loops ran, every layer appended the
-            # token twice, and every row stopped a token short on a full cache (e2e run60/run61).
+            # written stacked buffer each step); an update in the last branch after an identity does not.
+            # The second's predicate is the first's own output ("flushed"), so exactly one loop runs. It
+            # was not(due), which XLA:GPU's rematerialization (under memory pressure: Llama-2-7B, batch
+            # 256 x 4352 tokens) could recompute from the lengths the flush loop had just advanced: both
+            # loops ran, every layer appended the token twice and rows stopped a token short (run60/61).
             def skip(carry):
                 return carry
 
             def flush_loop(carry):
                 return (*layers(carry, rare=True), jnp.bool_(True))
 
-            x, cache, flushed = lax.cond(due, flush_loop, lambda carry: (*carry, jnp.bool_(False)), (x, cache))
+            def no_flush(carry):
+                return (*carry, jnp.bool_(False))
+
+            x, cache, flushed = lax.cond(due, flush_loop, no_flush, (x, cache))
             x, cache = lax.cond(jnp.logical_not(flushed), functools.partial(layers, rare=False), skip, (x, cache))
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, H]

@@ -29,6 +29,9 @@ from pallas_kernels import kivi_mosaic as km
 D = 128
 MOSAIC = kj.KIVIConfig(layout="mosaic")
 TOKENS = kj.KIVIConfig(layout="tokens")
+# a 2-layer Llama with the Mosaic layout's head_dim
+HD128 = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2, num_kv_heads=2,
+                    head_dim=128)
 
 
 def _pair(lengths, extra, max_length=700, heads=2, seed=0):
@@ -190,8 +193,7 @@ def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
 
 def test_model_logits_match_the_tokens_layout():
     """A Llama with head_dim 128: prompt and 6 decode steps, the two layouts' logits agree."""
-    cfg = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2,
-                      num_kv_heads=2, head_dim=128)
+    cfg = HD128
     model = models.init_random(cfg, dtype=jnp.float32)
     ids = jax.random.randint(jax.random.key(1), (2, 150), 0, cfg.vocab_size)
     lengths = jnp.array([150, 131])
@@ -266,8 +268,7 @@ def test_auto_layout_resolution(case, want):
 def test_model_init_cache_resolves_auto(monkeypatch):
     """model.init_cache with the default config: a KIVICache off the GPU, a MosaicKIVICache on one
     Hopper GPU (jax.devices stood in), each cache's config naming its layout."""
-    cfg = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_layers=2, num_heads=2,
-                      num_kv_heads=2, head_dim=128)
+    cfg = HD128
     model = models.init_random(cfg, dtype=jnp.bfloat16)
     cache = jax.eval_shape(lambda: model.init_cache(2, 300, kivi=kj.KIVIConfig()))
     assert type(cache.layers) is kj.KIVICache and cache.layers.config == TOKENS
