@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -98,17 +99,28 @@ def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, hea
     shape on the H200: 10.30 vs 12.09 ms steps at the paper's setting, e2e-2026-12-02-run53; 55.6
     vs 78.4 ms at 4096 tokens, batch 128, e2e-2026-12-01-run11); grouped-query attention from
     AUTO_GQA_MIN_LENGTH tokens.
-    devices: the devices the cache will live on (default jax.devices())."""
+    devices: the devices the cache will live on; default: where a new cache lands, i.e. a context
+    mesh's devices (``jax.set_mesh``; ``generate(mesh=...)`` traces under one) or else JAX's
+    default device (one GPU of a multi-GPU host)."""
     if config.layout != "auto":
         return config
-    devices = jax.devices() if devices is None else devices
-    one_hopper = (len(devices) == 1 and devices[0].platform == "gpu"
-                  and getattr(devices[0], "compute_capability", None) == "9.0")
     g = num_heads // num_kv_heads if num_kv_heads and num_heads % num_kv_heads == 0 else 0
-    runs = (one_hopper and not config.mosaic_conflicts() and head_dim == D and jnp.dtype(dtype) == jnp.bfloat16
-            and g in HEADS)
+    runs = (_one_hopper(devices) and not config.mosaic_conflicts() and head_dim == D
+            and jnp.dtype(dtype) == jnp.bfloat16 and g in HEADS)
     faster = g == 1 or max_length >= AUTO_GQA_MIN_LENGTH
     return dataclasses.replace(config, layout="mosaic" if runs and faster else "tokens")
+
+
+def _one_hopper(devices) -> bool:
+    """Whether a cache on ``devices`` (None: see resolve_layout) sits on one GPU of compute capability 9.0."""
+    if devices is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and math.prod(mesh.shape.values()) > 1:  # sharded over several devices
+            return False
+        default = jax.config.jax_default_device  # None, a Device, or a platform name
+        devices = [jax.devices(default)[0] if isinstance(default, str) else default or jax.devices()[0]]
+    return (len(devices) == 1 and devices[0].platform == "gpu"
+            and getattr(devices[0], "compute_capability", None) == "9.0")
 
 
 def untile(kt, vt, tc):

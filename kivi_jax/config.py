@@ -37,7 +37,7 @@ class KIVIConfig:
       tokens; every option above), "mosaic" (MosaicKIVICache: the Mosaic GPU kernel's layout,
       kivi_jax.cache_mosaic; plain KIVI-2 only: 2 bits, groups of 32, R dividing 256, no sinks,
       no rotation, head_dim 128) or "auto" (the default): the model's ``init_cache`` picks
-      "mosaic" where it runs and was measured faster (one Hopper GPU, a bf16 cache; see
+      "mosaic" where it runs and was measured faster (a cache on one Hopper GPU, bf16; see
       :func:`kivi_jax.cache_mosaic.resolve_layout`), "tokens" everywhere else. A cache's own
       config always names the layout it stores.
     """

@@ -8,6 +8,7 @@ combine) against the reference, a model's logits, the stacked
 row writes through the Pallas kernel (interpreted), and the bad configurations.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -238,7 +239,7 @@ class _Device:
 @pytest.mark.parametrize("case, want", [
     (dict(), "mosaic"),  # Llama-2-7B's heads on one H100/H200
     (dict(devices=[_Device("cpu", None)]), "tokens"),
-    (dict(devices=[_Device(), _Device()]), "tokens"),  # the kernel does not run under a mesh
+    (dict(devices=[_Device(), _Device()]), "tokens"),  # a cache over two devices: no kernel under a mesh
     (dict(devices=[_Device(compute_capability="8.0")]), "tokens"),  # no wgmma
     (dict(devices=[_Device(compute_capability="10.0")]), "tokens"),
     (dict(dtype=jnp.float32), "tokens"),
@@ -277,6 +278,30 @@ def test_model_init_cache_resolves_auto(monkeypatch):
     assert type(cache.layers) is MosaicKIVICache and cache.layers.config == MOSAIC
     cache = jax.eval_shape(lambda: model.init_cache(2, 300, kivi=kj.KIVIConfig(), dtype=jnp.float32))
     assert type(cache.layers) is kj.KIVICache
+
+
+class _Mesh:
+    """What resolve_layout reads of a context mesh (jax.sharding.get_abstract_mesh())."""
+
+    def __init__(self, **shape):
+        self.shape, self.empty = shape, not shape
+
+
+@pytest.mark.parametrize("hosts, mesh, default, want", [
+    ([_Device()] * 8, _Mesh(), None, "mosaic"),  # one H200 of eight: generate without a mesh uses one
+    ([_Device("cpu", None), _Device()], _Mesh(), None, "tokens"),  # jax.devices()[0] is the default
+    ([_Device("cpu", None), _Device()], _Mesh(), 1, "mosaic"),  # jax_default_device set to the GPU
+    ([_Device()] * 8, _Mesh(data=2, model=4), None, "tokens"),  # generate(mesh=...) shards the cache
+    ([_Device()] * 8, _Mesh(data=1, model=1), None, "mosaic"),
+])
+def test_auto_layout_default_devices(monkeypatch, hosts, mesh, default, want):
+    """resolve_layout's default devices are where a new cache lands: the context mesh's, else
+    JAX's default device, not all of jax.devices()."""
+    monkeypatch.setattr(jax, "devices", lambda *a: hosts)
+    monkeypatch.setattr(jax.sharding, "get_abstract_mesh", lambda: mesh)
+    with contextlib.nullcontext() if default is None else jax.default_device(hosts[default]):
+        got = kj.resolve_layout(kj.KIVIConfig(), num_heads=32, num_kv_heads=32, head_dim=D, max_length=512)
+    assert got.layout == want
 
 
 def test_bad_configurations_are_named():
