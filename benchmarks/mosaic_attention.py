@@ -106,17 +106,21 @@ def errors(got, want):
             "l_rel_err": float(np.abs(l * np.exp(m - rm) - rl).max() / np.abs(rl).max())}
 
 
-def check(rows=64, tokens=1024, stages=2, heads=1, sliding=False, **options):
+def check(rows=64, tokens=1024, stages=2, heads=1, sliding=False, window=None, **options):
     """The compiled kernel against the float64 reference on rows of every length class;
-    sliding: each row also starts at a token of every class below its length (starts)."""
+    sliding: each row also starts at a token of every class below its length (starts); with
+    window: at max(L - window, 0) for an L a little past its length (the splits then share
+    each row's window steps)."""
     plain = random_inputs(rows, tokens)
-    lengths = jnp.asarray(np.minimum(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, tokens - 1,
-                                                tokens], rows), tokens), jnp.int32)
+    lengths = jnp.asarray(np.minimum(np.resize([1, 2, 31, 33, 63, 64, 65, 127, 129, 255, 256, 257, 511, 700, 1500,
+                                                tokens - 1, tokens], rows), tokens), jnp.int32)
     starts = (jnp.minimum(jnp.asarray(np.resize([0, 1, 30, 64, 255, 256, 300, 513, 767], rows), jnp.int32), lengths - 1)
               if sliding else None)
+    if window is not None:
+        starts = jnp.maximum(lengths + jnp.asarray(np.resize([0, 1, 7, 100, 255], rows), jnp.int32) - window, 0)
     q = random_q(rows, heads, key=9)
-    got = jax.jit(lambda q, n, s, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, starts=s, **options))(
-        q, lengths, starts, *plain)
+    got = jax.jit(lambda q, n, s, *x: km.bulk_partials(q, n, *km.repack(*x), stages=stages, starts=s, window=window,
+                                                       **options))(q, lengths, starts, *plain)
     return errors(got, km.reference(q, lengths, *plain, starts=starts))
 
 
@@ -364,6 +368,52 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
     return rows
 
 
+SLIDING_CHECKS = [("sliding_window600_tokens2048_splits3", dict(tokens=2048, window=600, splits=3)),
+                  ("sliding_window600_tokens2048", dict(tokens=2048, window=600)),
+                  ("gqa4_sliding_window300_splits2", dict(heads=4, window=300, splits=2)),
+                  ("gqa2_unfused_sliding_window1000_tokens2048_stages3", dict(heads=2, fused=False, window=1000,
+                                                                              tokens=2048, stages=3))]
+
+
+def sliding_windows(hbm, rounds=5, window=4096, hq=32,
+                    shapes=((1, 16384, 8), (8, 16384, 8), (64, 16384, 8), (1, 32768, 32), (8, 16384, 32))):
+    """A sliding window at long context (Mistral's 4096 tokens; every row full, start = T - window):
+    the kernel's splits over each row's window steps (window=) vs over all T/256 steps (as before
+    it), in turns on the same inputs, next to dense bf16 attention over the window's tokens."""
+    rows = []
+    for b, t, hkv in shapes:
+        r, g = b * hkv, hq // hkv
+        packed, q = random_packed(r, t), random_q(r, g)
+        n = jnp.full((r,), t, jnp.int32)
+        starts = n - window
+        kd = jax.random.normal(jax.random.key(2), (b, hkv, window, D), jnp.bfloat16)
+        q4 = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+        dense_ms = common.time_fn(jax.jit(dense_attention), q4, kd, kd)
+        del kd
+        span = km.window_span(window, t)
+        arms = {"all_steps": (None, km.default_splits(r, t, km.gpu_slots())),
+                "window_steps": (window, km.default_splits(r, span * km.KEY_BLOCK, km.gpu_slots()))}
+        fns = {name: jax.jit(functools.partial(km.bulk_partials, starts=starts, window=w)) for name, (w, _) in arms.items()}
+        times = {name: [] for name in arms}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(common.time_fn(fn, q, n, *packed))
+        nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+        nbytes = nbytes * (span * km.KEY_BLOCK) // t  # the window's steps only are read
+        base = float(np.median(times["all_steps"]))
+        for name, (w, splits) in arms.items():
+            ms = float(np.median(times[name]))
+            rows.append({"B": b, "T": t, "window": window, "Hkv": hkv, "impl": f"mosaic_bulk_sliding_{name}",
+                         "splits": splits, "median_ms": ms, "rounds_ms": [round(x, 4) for x in times[name]],
+                         "ratio_to_all_steps": ms / base, "ratio_to_dense_window": ms / dense_ms,
+                         "tbps": nbytes / ms / 1e9, "frac_of_hbm_copy": nbytes / ms / 1e9 / hbm})
+            print(rows[-1], flush=True)
+        rows.append({"B": b, "T": t, "window": window, "Hkv": hkv, "impl": "dense_bf16_xla_window_tokens",
+                     "median_ms": dense_ms})
+        del packed
+    return rows
+
+
 def interleaved(names, hkv, rounds, b=64, t=4096, hq=32, length=None):
     """Variants ``names`` of one shape (default the target's) timed in turns, ``rounds`` times
     over (each turn a median of 5 batches): a change of a few percent is within what one
@@ -399,6 +449,8 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
     ap.add_argument("--quick", action="store_true", help="only the QUICK variants' checks and timings")
     ap.add_argument("--checks-only", action="store_true", help="the compiled checks, no timings")
+    ap.add_argument("--sliding", action="store_true",
+                    help="only the sliding-window checks and timings (splits over a row's window steps vs all)")
     ap.add_argument("--auto-layout", action="store_true", help="only check_auto_layout (KIVIConfig()'s layout here)")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
@@ -425,6 +477,22 @@ def main(argv=None):
                  + common.markdown(rows, ["B", "T", "length", "Hkv", "impl", "median_ms", "ratio_to_first", "rounds_ms"]))
         print(table)
         common.write_results(a.name, {**env, "rows": rows}, table)
+        return
+    if a.sliding:
+        env, hbm = common.environment(), common.hbm_copy_tbps()
+        rows = []
+        for name, opts in SLIDING_CHECKS:
+            rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
+            print(rows[-1], flush=True)
+        rows.append({"impl": "mosaic_cache_check_sliding", **check_cache(windows=(100, 300, 600))})
+        print(rows[-1], flush=True)
+        rows += sliding_windows(hbm, rounds=a.rounds)
+        cols = ["B", "T", "window", "Hkv", "impl", "splits", "median_ms", "ratio_to_all_steps", "ratio_to_dense_window",
+                "tbps", "frac_of_hbm_copy", "out_rel_err", "m_abs_err", "l_rel_err"]
+        table = (f"Mosaic GPU bulk kernel under a sliding window, {env['device']}, jax {env['jax_version']}, commit "
+                 f"{env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
+        print(table)
+        common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
         return
     if a.auto_layout:
         row = {"impl": "auto_layout_check", **check_auto_layout()}
@@ -480,7 +548,7 @@ def main(argv=None):
               ("paper_rows_auto", dict(rows=96 * 32, tokens=512)),
               # a sliding window (starts): one row a program
               ("sliding", dict(sliding=True)), ("gqa4_sliding_splits3", dict(heads=4, sliding=True, splits=3)),
-              ("gqa2_unfused_sliding_stages3", dict(heads=2, fused=False, sliding=True, stages=3))]
+              ("gqa2_unfused_sliding_stages3", dict(heads=2, fused=False, sliding=True, stages=3))] + SLIDING_CHECKS
     if a.quick:
         checks = [(name, opts) for name, opts in checks
                   if "broadcast" in name or "auto" in name or "sliding" in name or name in ("default", "gqa4", "rows2")]

@@ -100,7 +100,8 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
         raise ValueError(f"window={window} must be >= 1 or None")
     # a row's first attended token (None: a window no row can exceed masks nothing)
     starts = None if window is None or window >= cache.max_length else jnp.maximum(cache.lengths - window, 0)
-    sliding = {} if starts is None else {"starts": jnp.repeat(starts, hkv)}
+    # (window: the kernel's splits share each row's window steps, not all the capacity's)
+    sliding = {} if starts is None else {"starts": jnp.repeat(starts, hkv), "window": window}
     if stack is None:
         arrays, offset = cache.kernel_arrays(), 0
     else:

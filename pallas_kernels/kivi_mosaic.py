@@ -410,7 +410,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
            ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = True,
-           sliding: bool = False, profile_dir: str = ""):
+           sliding: bool = False, span: int = 0, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -477,7 +477,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     broadcast q tile was a [128, 16] shared-memory load per query row a step.
     sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
     row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
-    first one's tokens below start are masked.
+    first one's tokens below start are masked. span (sliding only): the splits partition each
+    row's ``span`` steps from its first one (:func:`split_range`) instead of all T/256 steps.
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -492,7 +493,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     every = wg.reduce(0)  # a vector each warp holds whole (WGMMA's column vector): no reduction across warps
     f32, bf16 = jnp.float32, jnp.bfloat16
     chunks = KEY_BLOCK // CHUNK  # 4 a step
-    per_split = -(-tokens // KEY_BLOCK // splits)
+    per_split = -(-(span or tokens // KEY_BLOCK) // splits)  # (as split_range's)
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
     fused = heads > 1 if fused is None else fused and heads > 1
@@ -547,12 +548,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         first = (0,) if persist else ()  # (rows_per_program: n and r_in below are the first row's)
         n = n_smem[first + (0,)]
         r_in = r0 + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
-        lo0 = sp * per_split  # this split's steps [lo0, lo0 + per_split)
-        start = n_smem[first + (2,)] if sliding else None  # the row's first attended token
-        lo = jnp.maximum(lo0, start // KEY_BLOCK) if sliding else lo0  # this program's steps [lo, hi)
+        start = n_smem[first + (2,)] if sliding else 0  # the row's first attended token
+        where = functools.partial(split_range, start=start, sp=sp, tokens=tokens, splits=splits, span=span)
+        lo = where(n)[0]  # this program's steps [lo, hi) (lo does not depend on the length)
 
-        def split_steps(n):  # a row of length n's steps in this split, [lo, hi): hi - lo (negative: none)
-            return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo0 + per_split) - lo
+        def split_steps(n):  # a row of length n's steps in this split: hi - lo (negative: none)
+            lo_n, hi_n = where(n)
+            return hi_n - lo_n
 
         steps = jnp.maximum(split_steps(n), 0)
         col = iota((CHUNK, N), 1)
@@ -842,6 +844,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         raise ValueError("value_offset needs the sums across a warpgroup's warps that warpgroups > 1 leaves out")
     if prefetch_bk and ones_c:
         raise ValueError("prefetch_bk builds the key constant by reduction; not with ones_constant or warpgroups > 1")
+    if span and not sliding:
+        raise ValueError(f"span={span} partitions a sliding window's steps; it needs sliding=True")
     if rows_per_program < 1 or (persist and (multi or prefetch_bk or sliding)):
         raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, or more with warpgroups=1, no prefetch_bk "
                          "and no sliding window")
@@ -885,6 +889,24 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=True, **params))
 
 
+def window_span(window: int, tokens: int) -> int:
+    """The most 256-token steps a row's attended tokens [start, n) touch when n - start <= window
+    (capped at the T/256 steps there are): a sliding window's span for :func:`split_range`."""
+    return min(tokens // KEY_BLOCK, -(-(window - 1) // KEY_BLOCK) + 1)
+
+
+def split_range(n, start, sp, *, tokens: int, splits: int, span: int = 0):
+    """Split ``sp``'s 256-token steps [lo, hi) of a row with n quantized tokens attended from
+    token ``start`` (hi <= lo: none). The splits partition steps [0, T/256) (span 0; steps before
+    start are skipped), or under a sliding window the ``span`` steps from the row's first,
+    start // 256 (:func:`window_span`): at 16k tokens with a 4k window all the splits then have
+    work, not the few that hold the window. Python ints, NumPy or traced scalars (the kernel's)."""
+    first, per = start // KEY_BLOCK, -(-(span or tokens // KEY_BLOCK) // splits)
+    lo0 = (first if span else 0) + sp * per
+    hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo0 + per)
+    return jnp.maximum(lo0, first), hi
+
+
 def default_splits(rows: int, tokens: int, slots: int = 264) -> int:
     """Sequence splits a row: about as many as fill the GPU twice over (rows x splits programs,
     ``slots`` of them at once: two on each of an H200's 132 multiprocessors), at least one
@@ -926,9 +948,12 @@ HEADS = (1, 2, 4)  # query rows a KV head the kernel takes (more: registers; use
 
 
 def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, splits: int | None = None,
-                  starts=None, **options):
+                  starts=None, window: int | None = None, **options):
     """Flash-decoding partials of R (row, KV head) pairs over their quantized tokens [0, n)
     (with ``starts`` [R] int32: [start, n), a sliding window; the steps before it are not run).
+    window (with starts; static): every row has n - start <= window (its caller's guarantee:
+    start = max(L - window, 0) and n <= L); the splits then partition each row's window steps
+    from its first (:func:`window_span`), not all T/256 steps.
 
     q [R, D] or [R, G, D] (G query rows a KV head, G in :data:`HEADS`; softmax scale applied);
     lengths [R] int32; kn, kt, vn, vt from :func:`repack`, with R rows or more: row r reads
@@ -947,9 +972,13 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
         raise ValueError(f"tokens={tokens} must be a multiple of {KEY_BLOCK}")
     if lengths.shape != (rows,):
         raise ValueError(f"lengths must be [R={rows}]; got {lengths.shape}")
-    splits = default_splits(rows, tokens, gpu_slots()) if splits is None else splits
-    if not 1 <= splits <= tokens // KEY_BLOCK:
-        raise ValueError(f"splits={splits}; allowed: 1 .. {tokens // KEY_BLOCK} (one 256-token step a split at least)")
+    if window is not None and (starts is None or not isinstance(window, (int, np.integer)) or window < 1):
+        raise ValueError(f"window={window!r} must be an int >= 1 given with starts (got starts={starts is not None})")
+    span = 0 if window is None else window_span(int(window), tokens)
+    splits = default_splits(rows, (span or tokens // KEY_BLOCK) * KEY_BLOCK, gpu_slots()) if splits is None else splits
+    if not 1 <= splits <= (span or tokens // KEY_BLOCK):
+        raise ValueError(f"splits={splits}; allowed: 1 .. {span or tokens // KEY_BLOCK} (one 256-token step a split "
+                         f"at least{'' if window is None else f' of the {span} a window={window} spans'})")
     if options.get("compact_q") and options.get("key_offset"):
         raise ValueError("compact_q loads q as one column; key_offset scales Bk's s columns of it (q comes broadcast)")
     if options.get("compact_q") is None:
@@ -957,7 +986,7 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     if starts is not None:
         if starts.shape != (rows,):
             raise ValueError(f"starts must be [R={rows}]; got {starts.shape}")
-        options["sliding"] = True
+        options["sliding"], options["span"] = True, span
     if options.get("rows_per_program") is None:
         options["rows_per_program"] = (1 if starts is not None else
                                        default_rows_per_program(rows, tokens, splits, gpu_slots(), **options))
@@ -988,14 +1017,16 @@ def combine_splits(o, m, l):
     return jnp.sum(w[..., None] * o, axis=1), top, jnp.sum(w * l, axis=1)
 
 
-def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=False, starts=None):
+def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=False, starts=None, splits=1,
+                 window=None):
     """float64 NumPy statement of what the kernel computes from :func:`repack`'s layout, step by
     step (chunk products, the column selection, the online softmax): tests check it against
     :func:`reference`, so a compiled mismatch is Mosaic's, not the arithmetic's. q [R, (G,) D];
-    starts: as :func:`bulk_partials`' (the steps wholly before a row's start skipped)."""
+    starts, window, splits: as :func:`bulk_partials`' (each split's steps from
+    :func:`split_range`, its partials combined as there)."""
     if np.ndim(q) == 3:  # every query row of a KV head runs the same steps with its own q
         return _per_query_row(functools.partial(kernel_model, key_offset=key_offset, value_offset=value_offset,
-                                                starts=starts), q, lengths, kn, kt, vn, vt)
+                                                starts=starts, splits=splits, window=window), q, lengths, kn, kt, vn, vt)
     starts = np.zeros(np.shape(lengths), np.int64) if starts is None else np.asarray(starts)
     q = np.asarray(q, np.float64)
     # the A operands as the kernel unpacks them: the codes, K columns in channel / token order
@@ -1010,10 +1041,13 @@ def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=Fals
         fv = np.asarray(value_field_scale(np.arange(CHUNK)), np.float64)[:, None]  # [64, 1]
         vc = 128 + vc / np.tile(fv[:, 0], tokens // CHUNK)[None, :, None]
         s_cols = np.arange(N) % 8 < 4
-    outs = []
-    for r in range(rows):
+    span = 0 if window is None else window_span(window, tokens)
+
+    def partial(r, sp):  # row r's partial over split sp's steps
+        lo, hi = (int(x) for x in split_range(int(lengths[r]), int(starts[r]), sp, tokens=tokens, splits=splits,
+                                              span=span))
         m, l, o1, mc = -1e30, 0.0, np.zeros((D, N)), np.zeros((D, N))
-        for j in range(starts[r] // KEY_BLOCK * (KEY_BLOCK // CHUNK), tokens // CHUNK):
+        for j in range(lo * (KEY_BLOCK // CHUNK), hi * (KEY_BLOCK // CHUNK)):
             x = q[r][:, None] * kt[r, j // (KEY_BLOCK // CHUNK)]  # [128, 16]
             acc = kc[r, j * CHUNK:(j + 1) * CHUNK] @ x  # [64, 16]
             g = 2 * (j % (KEY_BLOCK // CHUNK)) + np.arange(CHUNK) // GROUP
@@ -1034,8 +1068,12 @@ def kernel_model(q, lengths, kn, kt, vn, vt, key_offset=False, value_offset=Fals
         o = o1[np.arange(D), g] + o1[np.arange(D), g + 8] + mc[np.arange(D), g + 4] + mc[np.arange(D), g + 12]
         if value_offset:  # less the offset's product, 128 Σ_t y_t in the s columns
             o = o - 128 * (mc[np.arange(D), g] + mc[np.arange(D), g + 8])
-        outs.append((o, m, l))
-    return tuple(np.stack(x) for x in zip(*outs))
+        return o, m, l
+
+    o, m, l = (np.stack(x) for x in zip(*[partial(r, sp) for r in range(rows) for sp in range(splits)]))
+    top = m.reshape(rows, splits).max(1)
+    w = np.exp(m.reshape(rows, splits) - top[:, None])  # combine_splits
+    return (np.einsum("rs,rsd->rd", w, o.reshape(rows, splits, D)), top, (w * l.reshape(rows, splits)).sum(1))
 
 
 def _per_query_row(fn, q, *args):

@@ -95,7 +95,7 @@ def test_prefill_and_appends_hold_kivis_numbers():
     _kernel_views_match(a, m)
 
 
-def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None):
+def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None, window=None):
     """A plain-JAX stand-in for the kernel's bulk partials: tokens [0, lengths) (and >= starts)
     of each (row, KV head) of kh, vh [R, T, D]."""
     q = rows if rows.ndim == 3 else rows[:, None]
@@ -349,11 +349,12 @@ def test_layer_of_a_stack_is_read_in_place():
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     seen = []
 
-    def bulk(rows, lengths, *arrays, row_offset=0, starts=None):
+    def bulk(rows, lengths, *arrays, row_offset=0, starts=None, window=None):
         seen.append((arrays[0].shape[0], int(row_offset)))
         sl = [np.asarray(a)[int(row_offset): int(row_offset) + rows.shape[0]] for a in arrays]
         return tuple(jnp.asarray(x) for x in km.kernel_model(rows, lengths, *(jnp.asarray(x) for x in sl),
-                                                             starts=None if starts is None else np.asarray(starts)))
+                                                             starts=None if starts is None else np.asarray(starts),
+                                                             window=window, splits=2))  # (window: its 2 steps)
 
     q = jax.random.normal(jax.random.key(7), (2, 2, 1, D))
     # pallas*: the ring kernel reads layer i in place too

@@ -153,6 +153,55 @@ def test_sliding_window_arithmetic_matches_dequantize_then_attend(heads):
     assert np.abs(km.kernel_model(q, lengths, *km.repack(*plain))[2] - got[2]).max() > 1e-3
 
 
+def _covered(n, start, *, tokens, splits, span):
+    """The steps the splits of one row take, in order, and how many splits have any."""
+    ranges = [tuple(int(x) for x in km.split_range(n, start, sp, tokens=tokens, splits=splits, span=span))
+              for sp in range(splits)]
+    return [j for lo, hi in ranges for j in range(lo, hi)], sum(hi > lo for lo, hi in ranges)
+
+
+def test_split_range_partitions_each_rows_steps():
+    """The splits take each step a row needs (start // 256 .. ceil(n / 256) - 1) exactly once,
+    over all T/256 steps and, under a sliding window (span), over the window's; with the span
+    a long row's window is spread over the splits instead of the one or two that hold it."""
+    rng = np.random.default_rng(3)
+    kb = km.KEY_BLOCK
+    for tokens, window in ((1024, None), (4096, None), (4096, 300), (4096, 256), (4096, 257), (16384, 4096),
+                           (2048, 2048), (2048, 5000), (2048, 1)):
+        span = 0 if window is None else km.window_span(window, tokens)
+        for splits in range(1, (span or tokens // kb) + 1):
+            for _ in range(40):
+                n = int(rng.integers(0, tokens + 1))
+                start = (int(rng.integers(0, n + 1)) if window is None else
+                         max(n + int(rng.integers(0, 40)) - window, 0))  # L - window, with L >= n
+                steps, _ = _covered(n, start, tokens=tokens, splits=splits, span=span)
+                assert steps == list(range(start // kb, -(-n // kb))), (tokens, window, splits, n, start)
+    # 16k tokens, a 4k window, 8 splits, a full row: 6 splits share its 17 steps, where the
+    # partition of all 64 steps (8 a split) leaves them to 3
+    full = dict(n=16384, start=16384 - 4096 - 100, tokens=16384, splits=8)
+    assert _covered(**full, span=km.window_span(4096, 16384))[1] == 6
+    assert _covered(**full, span=0)[1] == 3
+    assert km.window_span(4096, 16384) == 17 and km.window_span(256, 4096) == 2 and km.window_span(1, 4096) == 1
+    assert km.window_span(5000, 2048) == 8
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_sliding_window_splits_arithmetic_matches_dequantize_then_attend(heads):
+    """window= (each split takes part of a row's window steps, from its first) and splits:
+    the kernel's arithmetic, split by split and combined, against dequantize-then-attend over
+    tokens [max(L - window, 0), n) of rows of every length class."""
+    rows, t, window = 8, 2048, 600
+    plain = _float32(random_inputs(rows, t, key=5))
+    lengths = jnp.asarray([2048, 2047, 1500, 700, 601, 600, 257, 30], jnp.int32)
+    starts = jnp.maximum(lengths + jnp.asarray([0, 1, 100, 5, 0, 0, 40, 0], jnp.int32) - window, 0)
+    q = random_q(rows, heads, key=6)
+    want = km.reference(q, lengths, *plain, starts=starts)
+    for splits in (1, 2, 4):
+        got = km.kernel_model(q, lengths, *km.repack(*plain), starts=starts, window=window, splits=splits)
+        err = errors(got, want)
+        assert err["out_rel_err"] < 1e-9 and err["m_abs_err"] < 1e-9 and err["l_rel_err"] < 1e-9, (splits, err)
+
+
 def test_kernel_arithmetic_on_a_prefilled_cache():
     """The kernel's arithmetic over a real KIVI-2 cache's quantized tokens equals attention over
     the cache's own dequantized keys and values (materialize), on a ragged batch."""
@@ -252,10 +301,11 @@ def test_kernel_lowers_for_cuda(heads, options):
 
 
 @pytest.mark.parametrize("heads,options", [(1, {}), (4, {"splits": 3}), (2, {"fused": False, "stages": 3}),
-                                           (1, {"key_offset": True, "value_offset": True})])
+                                           (1, {"key_offset": True, "value_offset": True}),
+                                           (1, {"window": 300}), (4, {"window": 600, "splits": 3})])
 def test_sliding_window_kernel_lowers_for_cuda(heads, options):
     """bulk_partials with starts (the row table's third column) lowers for CUDA, one row a
-    program."""
+    program; with window=, its splits over each row's window steps."""
     args = _abstract(6, 1024, heads) + (jax.ShapeDtypeStruct((6,), jnp.int32),)
     lowered = jax.jit(lambda *a: km.bulk_partials(*a[:6], starts=a[6], **options)).trace(*args).lower(
         lowering_platforms=("cuda",))
@@ -310,6 +360,15 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=2, warpgroups=2)
     with pytest.raises(ValueError, match="rows_per_program=2; allowed"):
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=2, starts=n)
+    with pytest.raises(ValueError, match=r"window=300 must be an int >= 1 given with starts \(got starts=False\)"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, window=300)
+    with pytest.raises(ValueError, match=r"window=0 must be an int >= 1"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, window=0, starts=n)
+    with pytest.raises(ValueError, match=r"splits=3; allowed: 1 .. 2 \(one 256-token step a split at least of the 2 a "
+                                         r"window=300 spans\)"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, window=300, starts=n, splits=3)
+    with pytest.raises(ValueError, match=r"span=2 partitions a sliding window's steps; it needs sliding=True"):
+        km._build(2, 512, 2, span=2)
     with pytest.raises(ValueError, match=r"starts must be \[R=2\]; got \(1,\)"):
         km.bulk_partials(q, n, kn, kt, vn, vt, starts=n[:1])
     with pytest.raises(ValueError, match="rows_per_program=0; allowed"):
