@@ -376,10 +376,11 @@ SLIDING_CHECKS = [("sliding_window600_tokens2048_splits3", dict(tokens=2048, win
 
 
 def sliding_windows(hbm, rounds=5, window=4096, hq=32,
-                    shapes=((1, 16384, 8), (8, 16384, 8), (64, 16384, 8), (1, 32768, 32), (8, 16384, 32))):
+                    shapes=((1, 16384, 8), (8, 16384, 8), (64, 16384, 8), (1, 32768, 32), (8, 16384, 32)), splits=()):
     """A sliding window at long context (Mistral's 4096 tokens; every row full, start = T - window):
     the kernel's splits over each row's window steps (window=) vs over all T/256 steps (as before
-    it), in turns on the same inputs, next to dense bf16 attention over the window's tokens."""
+    it), in turns on the same inputs, next to dense bf16 attention over the window's tokens; and
+    the window's partition with each of ``splits`` too."""
     rows = []
     for b, t, hkv in shapes:
         r, g = b * hkv, hq // hkv
@@ -393,7 +394,9 @@ def sliding_windows(hbm, rounds=5, window=4096, hq=32,
         span = km.window_span(window, t)
         arms = {"all_steps": (None, km.default_splits(r, t, km.gpu_slots())),
                 "window_steps": (window, km.default_splits(r, span * km.KEY_BLOCK, km.gpu_slots()))}
-        fns = {name: jax.jit(functools.partial(km.bulk_partials, starts=starts, window=w)) for name, (w, _) in arms.items()}
+        arms.update({f"window_steps_splits{x}": (window, x) for x in splits if x <= span})
+        fns = {name: jax.jit(functools.partial(km.bulk_partials, starts=starts, window=w, splits=x))
+               for name, (w, x) in arms.items()}
         times = {name: [] for name in arms}
         for _ in range(rounds):
             for name, fn in fns.items():
@@ -481,12 +484,13 @@ def main(argv=None):
     if a.sliding:
         env, hbm = common.environment(), common.hbm_copy_tbps()
         rows = []
-        for name, opts in SLIDING_CHECKS:
+        for name, opts in [] if a.skip_checks else SLIDING_CHECKS:
             rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
             print(rows[-1], flush=True)
-        rows.append({"impl": "mosaic_cache_check_sliding", **check_cache(windows=(100, 300, 600))})
-        print(rows[-1], flush=True)
-        rows += sliding_windows(hbm, rounds=a.rounds)
+        if not a.skip_checks:
+            rows.append({"impl": "mosaic_cache_check_sliding", **check_cache(windows=(100, 300, 600))})
+            print(rows[-1], flush=True)
+        rows += sliding_windows(hbm, rounds=a.rounds, splits=tuple(int(x) for x in a.splits.split(",") if x))
         cols = ["B", "T", "window", "Hkv", "impl", "splits", "median_ms", "ratio_to_all_steps", "ratio_to_dense_window",
                 "tbps", "frac_of_hbm_copy", "out_rel_err", "m_abs_err", "l_rel_err"]
         table = (f"Mosaic GPU bulk kernel under a sliding window, {env['device']}, jax {env['jax_version']}, commit "
