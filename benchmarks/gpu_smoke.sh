@@ -7,13 +7,13 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: Llama-2-7B at 4096 tokens, batch 256,
-# Mosaic layout, the fix of the step flush's second predicate (d9a57b5; run60/61 stopped every row one
-# token short under rematerialization): python -m benchmarks.e2e --skip-paper --skip-hf
-# --skip-compile-check --sweep-prompts 4096 --sweep-caches kivi2m --sweep-start 256 --sweep-cap 256
-# --child-timeout 200 --budget-s 210 (~110 s; if still short, the same with KIVI_RARE_WRITES=layer);
-# then the paper setting with the defaults (e2e --skip-hf --skip-sweep --skip-compile-check
-# --paper-caches dense,kivi2,kivi2m) to confirm 10.30 ms (run53) still holds with the threaded predicate.
+# Then, as separate calls (each <= 10 min). Next session, first: the sliding window's split counts as
+# the default (window_splits, timed only arm by arm in run67): python -m benchmarks.mosaic_attention
+# --sliding --rounds 5 --name mosaic-sliding (~3 min with its checks; --skip-checks ~1 min); then the
+# Mosaic layout at 16k tokens, batch 64 (cut by the call's time in run65): e2e --skip-paper --skip-hf
+# --skip-compile-check --sweep-prompts 16384 --sweep-caches kivi2m --sweep-start 64 --sweep-cap 64
+# --child-timeout 280 --budget-s 290 (--sweep-start applies to every cache: dense starts at 8 alone).
+# (Session 22 confirmed the step flush's threaded predicate at Llama 4k batch 256, run62.)
 # mosaic_attention --auto-layout: what KIVIConfig()'s "auto" resolves to on the machine (~40 s).
 # mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check);
 # give it 300: since session 20 it also checks jax.vmap over requests compiled (check_vmap: the kernel

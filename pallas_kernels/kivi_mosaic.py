@@ -926,6 +926,24 @@ def default_splits(rows: int, tokens: int, slots: int = 264) -> int:
     return min(range(-(-want // 2), want + 1), key=cost)
 
 
+#: A program's fixed cost (q load, pipeline fill, epilogue, its share of the combine) in 256-token
+#: steps, for :func:`window_splits`: fitted to results/mosaic-sliding-splits-run67 (splits 1-17 a
+#: row over a 4096-token window at 16k/32k tokens).
+WINDOW_FIXED_STEPS = 3
+
+
+def window_splits(rows: int, span: int, slots: int = 264) -> int:
+    """Sequence splits a row under a sliding window's partition (each row's ``span`` steps,
+    :func:`split_range`): the count that takes the fewest waves x (steps a program + a
+    program's fixed cost), ceil(rows s / slots) (ceil(span / s) + WINDOW_FIXED_STEPS); ties:
+    the fewer. Where many programs already fill the GPU it is 1 (their fixed cost is what more
+    splits add): at 16k tokens, a 4096-token window, 512 rows of GQA 4 (B=64) 1 split 0.263-0.272
+    vs 0.290 ms over all the steps; 256 MHA rows 1 (0.066 vs 0.074); 64 GQA rows 4 (0.067 vs
+    0.081); results/mosaic-sliding-splits-run67, where default_splits' counts (9-17 for few rows)
+    were up to 1.2x slower than all the steps' partition (-run66)."""
+    return min(range(1, span + 1), key=lambda s: (-(-rows * s // slots) * (-(-span // s) + WINDOW_FIXED_STEPS), s))
+
+
 def default_rows_per_program(rows: int, tokens: int, splits: int, slots: int = 264, **options) -> int:
     """4 where rows are short (at most two 256-token steps: the paper's setting) and many (4
     rows a program still fill the GPU twice over), else 1: each row then pays no program launch,
@@ -975,7 +993,8 @@ def bulk_partials(q, lengths, kn, kt, vn, vt, *, row_offset=0, stages: int = 2, 
     if window is not None and (starts is None or not isinstance(window, (int, np.integer)) or window < 1):
         raise ValueError(f"window={window!r} must be an int >= 1 given with starts (got starts={starts is not None})")
     span = 0 if window is None else window_span(int(window), tokens)
-    splits = default_splits(rows, (span or tokens // KEY_BLOCK) * KEY_BLOCK, gpu_slots()) if splits is None else splits
+    if splits is None:
+        splits = window_splits(rows, span, gpu_slots()) if span else default_splits(rows, tokens, gpu_slots())
     if not 1 <= splits <= (span or tokens // KEY_BLOCK):
         raise ValueError(f"splits={splits}; allowed: 1 .. {span or tokens // KEY_BLOCK} (one 256-token step a split "
                          f"at least{'' if window is None else f' of the {span} a window={window} spans'})")

@@ -185,6 +185,19 @@ def test_split_range_partitions_each_rows_steps():
     assert km.window_span(5000, 2048) == 8
 
 
+def test_window_splits_counts_a_programs_fixed_cost():
+    """A sliding window's split count: waves x (steps a program + WINDOW_FIXED_STEPS), ties the
+    fewer; the counts measured fastest in results/mosaic-sliding-splits-run67 (17 steps of a
+    4096-token window)."""
+    assert km.window_splits(512, 17, 264) == 1  # B=64, 8 KV heads: 1 wave of 17 steps + 3 vs 4 waves of 9 + 3
+    assert km.window_splits(256, 17, 264) == 1  # B=8, 32 KV heads
+    assert km.window_splits(64, 17, 264) == 4  # B=8, 8 KV heads: 256 programs, one wave of 5 steps
+    assert km.window_splits(8, 17, 264) == 17
+    assert km.window_splits(2048, 1, 264) == 1
+    # the cost it minimizes, by hand, for 64 rows: 1 wave x (17 + 3), (9 + 3), (6 + 3), (5 + 3), then 2 waves x (4 + 3)
+    assert [-(-64 * s // 264) * (-(-17 // s) + km.WINDOW_FIXED_STEPS) for s in range(1, 6)] == [20, 12, 9, 8, 14]
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 def test_sliding_window_splits_arithmetic_matches_dequantize_then_attend(heads):
     """window= (each split takes part of a row's window steps, from its first) and splits:
