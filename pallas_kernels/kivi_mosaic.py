@@ -478,7 +478,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
     row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
     first one's tokens below start are masked. span (sliding only): the splits partition each
-    row's ``span`` steps from its first one (:func:`split_range`) instead of all T/256 steps.
+    row's ``span`` steps from its first one (:func:`split_bounds`) instead of all T/256 steps.
     smem_pad (an ablation): that many more bytes of shared memory a CTA, unused; with 60 KiB
     more (about 130 KiB) one CTA fits a multiprocessor instead of two, which shows how the time
     scales with the warps an SM has (registers allow two).
@@ -549,12 +549,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         n = n_smem[first + (0,)]
         r_in = r0 + n_smem[first + (1,)]  # this row's position in the (possibly layer-stacked) cache arrays
         start = n_smem[first + (2,)] if sliding else 0  # the row's first attended token
-        where = functools.partial(split_range, start=start, sp=sp, tokens=tokens, splits=splits, span=span)
-        lo = where(n)[0]  # this program's steps [lo, hi) (lo does not depend on the length)
+        lo, end = split_bounds(start, sp, tokens=tokens, splits=splits, span=span)  # this program's steps [lo, hi)
 
-        def split_steps(n):  # a row of length n's steps in this split: hi - lo (negative: none)
-            lo_n, hi_n = where(n)
-            return hi_n - lo_n
+        def split_steps(n):  # a row of length n's steps in this split: hi - lo (negative: none; split_range's)
+            return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), end) - lo
 
         steps = jnp.maximum(split_steps(n), 0)
         col = iota((CHUNK, N), 1)
@@ -895,16 +893,24 @@ def window_span(window: int, tokens: int) -> int:
     return min(tokens // KEY_BLOCK, -(-(window - 1) // KEY_BLOCK) + 1)
 
 
-def split_range(n, start, sp, *, tokens: int, splits: int, span: int = 0):
-    """Split ``sp``'s 256-token steps [lo, hi) of a row with n quantized tokens attended from
-    token ``start`` (hi <= lo: none). The splits partition steps [0, T/256) (span 0; steps before
-    start are skipped), or under a sliding window the ``span`` steps from the row's first,
+def split_bounds(start, sp, *, tokens: int, splits: int, span: int = 0):
+    """Split ``sp``'s first 256-token step and the step its share ends before, (lo, end), for a
+    row attended from token ``start``: the splits partition steps [0, T/256) (span 0; steps
+    before start are skipped), or under a sliding window the ``span`` steps from the row's first,
     start // 256 (:func:`window_span`): at 16k tokens with a 4k window all the splits then have
     work, not the few that hold the window. Python ints, NumPy or traced scalars (the kernel's)."""
     first, per = start // KEY_BLOCK, -(-(span or tokens // KEY_BLOCK) // splits)
-    lo0 = (first if span else 0) + sp * per
-    hi = jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), lo0 + per)
-    return jnp.maximum(lo0, first), hi
+    lo0 = first + sp * per if span else sp * per
+    # (lo0 >= first with a span; no window (start 0): the kernel's module as before, no max)
+    no_max = span or (isinstance(start, int) and start == 0)
+    return (lo0 if no_max else jnp.maximum(lo0, first)), lo0 + per
+
+
+def split_range(n, start, sp, *, tokens: int, splits: int, span: int = 0):
+    """Split ``sp``'s steps [lo, hi) of a row with n quantized tokens (hi <= lo: none); see
+    :func:`split_bounds`."""
+    lo, end = split_bounds(start, sp, tokens=tokens, splits=splits, span=span)
+    return lo, jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), end)
 
 
 def default_splits(rows: int, tokens: int, slots: int = 264) -> int:

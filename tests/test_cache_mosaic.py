@@ -395,14 +395,16 @@ def test_sliding_window_matches_the_reference(monkeypatch):
                                                atol=1e-5, err_msg=f"append {i}, window {window}, Hq {hq}, {impl}")
         if i < k.shape[2]:
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
-    # the bulk gets each row's first attended token, repeated over its 2 KV heads (none for W >= max_length)
+    # the bulk gets each row's first attended token, repeated over its 2 KV heads, and the window
+    # its splits share (neither for W >= max_length)
     for window in windows:
         seen = []
         attention_mosaic.decode_attention(q, m, window_impl="jax", window=window,
-                                          bulk=lambda *x, starts=None, **kw: seen.append(starts) or _stand_in(m)(
-                                              *x, starts=starts, **kw))
+                                          bulk=lambda *x, starts=None, **kw: seen.append((starts, kw.get("window")))
+                                          or _stand_in(m)(*x, starts=starts, **kw))
         want = None if window >= 700 else np.repeat(np.maximum(np.asarray(m.lengths) - window, 0), 2).tolist()
-        assert (seen[0] if want is None else np.asarray(seen[0]).tolist()) == want, window
+        assert (seen[0][0] if want is None else np.asarray(seen[0][0]).tolist()) == want, window
+        assert seen[0][1] == (None if window >= 700 else window)
     # kj.decode_attention takes a window to the kernel path on a GPU (here its stand-in)
     seen = []
     monkeypatch.setattr(attention, "_on_gpu", lambda: True)
