@@ -10,12 +10,14 @@ Run on the device: python -m benchmarks.decode_attention [--quick]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kivi_jax as kj
 from kivi_jax import attention_pallas
@@ -182,12 +184,69 @@ def extensions(b=64, t=4096, hq=32, hkv=32):
     return rows
 
 
+def sliding(rounds=5, window=4096, hq=32,
+            shapes=((1, 16384, 8), (8, 16384, 8), (64, 16384, 8), (1, 32768, 32), (8, 16384, 32))):
+    """A sliding window at long context (Mistral's 4096 tokens, every row full) on the Triton
+    kernels: the splits over each row's window chunks (attention_pallas.RELATIVE_WINDOW_SPLITS,
+    the default) vs over all the cache's (before), KIVI-2 and dense bf16, in turns on the same
+    inputs; dense bf16 XLA attention over the window's tokens alone next to them."""
+    rows = []
+    for b, t, hkv in shapes:
+        q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+        kd = jax.random.normal(jax.random.key(2), (b, hkv, window, D), jnp.bfloat16)
+        base = common.time_fn(jax.jit(dense_attention), q, kd, kd)
+        del kd
+        caches = {"kivi2": random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)}
+        dense = kj.DenseCache.init(batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
+        kv = [jax.random.normal(jax.random.key(s), dense.k.shape, jnp.bfloat16) for s in (3, 4)]
+        caches["dense"] = dataclasses.replace(dense, k=kv[0], v=kv[1], lengths=jnp.full((b,), t, jnp.int32))
+        del kv
+        for name, cache in caches.items():
+            fns = {}
+            for relative in (False, True):  # traced (first call) with the switch as it then is
+                attention_pallas.RELATIVE_WINDOW_SPLITS = relative
+                fns[relative] = jax.jit(lambda q, c: attention_pallas.decode_attention(
+                    q, c, window=window, interpret=jax.default_backend() != "gpu"))  # (a CPU dry run: interpreted)
+                jax.block_until_ready(fns[relative](q, cache))
+            attention_pallas.RELATIVE_WINDOW_SPLITS = True
+            times = {r: [] for r in fns}
+            for _ in range(rounds):
+                for r, fn in fns.items():
+                    times[r].append(common.time_fn(fn, q, cache))
+            err = float(jnp.abs(fns[True](q, cache).astype(jnp.float32) - fns[False](q, cache).astype(jnp.float32)).max())
+            old = float(np.median(times[False]))
+            for r, ms in times.items():
+                med = float(np.median(ms))
+                rows.append({"B": b, "T": t, "window": window, "Hq": hq, "Hkv": hkv, "cache": name,
+                             "impl": "pallas_window_splits" if r else "pallas_all_splits", "median_ms": med,
+                             "rounds_ms": [round(x, 4) for x in ms], "ratio_to_all_splits": med / old,
+                             "ratio_to_dense_window": med / base, "max_abs_diff": err})
+                print(rows[-1], flush=True)
+        rows.append({"B": b, "T": t, "window": window, "Hq": hq, "Hkv": hkv, "impl": "dense_bf16_xla_window_tokens",
+                     "median_ms": base})
+        del caches
+        gc.collect()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the target shape plus tuning variants only")
     ap.add_argument("--name", default="decode-attention")
+    ap.add_argument("--sliding", action="store_true",
+                    help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     env = common.environment()
+    if args.sliding:
+        rows = sliding(rounds=args.rounds)
+        cols = ["B", "T", "window", "Hkv", "cache", "impl", "median_ms", "ratio_to_all_splits", "ratio_to_dense_window",
+                "max_abs_diff", "rounds_ms"]
+        table = (f"Triton decode kernels under a sliding window, {env['device']}, jax {env['jax_version']}, commit "
+                 f"{env['commit']}\n\n" + common.markdown(rows, cols))
+        print(table)
+        common.write_results(args.name, {**env, "rows": rows}, table)
+        return
     hbm = common.hbm_copy_tbps()
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
     if args.quick:

@@ -274,6 +274,18 @@ def _pad_rows(qg):
     return jnp.pad(qg, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else qg
 
 
+#: Under a sliding window the kernels' splits share each row's own chunks (True) or all the
+#: cache's, as before (False); read at trace time (benchmarks/decode_attention.py --sliding A/Bs it).
+RELATIVE_WINDOW_SPLITS = True
+
+
+def _window_span(window, chunk: int, n_chunks: int) -> int:
+    """0 without a window (or RELATIVE_WINDOW_SPLITS off), else the chunks a row's attended
+    tokens can touch (end - start <= window): the kernels' splits then share each row's own
+    chunks (flash.program_bounds)."""
+    return 0 if window is None or not RELATIVE_WINDOW_SPLITS else flash.window_chunks(window, chunk, n_chunks)
+
+
 def _window_start(lengths, window):
     """[B] first token a row attends to: 0, or a sliding window's start."""
     return jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
@@ -288,11 +300,12 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     qp = _pad_rows(_grouped_queries(q, hkv))
     end = cache.lengths
     start = _window_start(end, window)
-    splits = num_splits or default_splits(b, hkv, -(-cache.max_length // chunk), interpret)
+    span = _window_span(window, chunk, -(-cache.max_length // chunk))
+    splits = num_splits or default_splits(b, hkv, span or -(-cache.max_length // chunk), interpret)
     (k, v), layer = _in_place(stack, cache)
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
-        interpret=interpret, **knobs)
+        interpret=interpret, span_chunks=span, **knobs)
     out = _combine([(o, m, l)], gq)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
 
@@ -325,7 +338,8 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     start_b = start if sk == 0 else jnp.maximum(start - sk, 0)  # the window's start in body positions
     end = cache._body_quantized_values()  # [B] body tokens: the kernel covers [start, end)
     n_chunks = cache.capacity // chunk
-    splits = num_splits or default_splits(b, hkv, n_chunks, interpret)
+    span = _window_span(window, chunk, n_chunks)  # (body tokens [start_b, end) span at most the window too)
+    splits = num_splits or default_splits(b, hkv, span or n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
     ring, ring_len = _ring(cache, stack, layer, chunk)
     if ring_program == "auto":
@@ -333,7 +347,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     kernel = functools.partial(
         kivi_decode.kivi_decode_partials, qp, *arrays, layer=layer, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, variant=variant, interpret=interpret,
-        dot_dtype=dot_dtype, dequant=dequant, **knobs)
+        dot_dtype=dot_dtype, dequant=dequant, span_chunks=span, **knobs)
     with jax.named_scope("kivi_kernel"):  # the quantized bulk, and the residual ring when the kernel takes it
         if ring is not None and ring_program == "launch":
             bulk = kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits)

@@ -31,9 +31,9 @@ from pallas_kernels.flash import (NEG, in_range, online_softmax_step, partials_c
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *,
-            chunk, tokens, chunks_per_split, compute_dtype, precision, stacked):
+            chunk, tokens, chunks_per_split, compute_dtype, precision, stacked, relative=False):
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
-    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
+    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split, relative)
     q = query_rows(q_ref, compute_dtype)  # [M, D]
     m_rows, d = q.shape
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
@@ -57,10 +57,13 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, 
     store_partials(o_ref, m_ref, l_ref, acc, m_i, l_i)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages",
+                                             "span_chunks"))
 def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int = 64, num_splits: int = 1,
-                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2, span_chunks: int = 0):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
+    span_chunks: as :func:`pallas_kernels.kivi_decode.kivi_decode_partials`' (a sliding window's
+    splits over each row's own chunks).
 
     layer: None, or a traced int32 scalar when k and v are layer-stacked ([L, B, Hkv, T, D]):
     that layer is read in place. 16-bit caches feed the dots in their dtype (float32
@@ -76,8 +79,11 @@ def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int
     if tokens % chunk and plgpu is None:  # pragma: no cover
         raise ValueError(f"T={tokens} must be a multiple of chunk={chunk} without the Triton masked load")
     n_chunks = -(-tokens // chunk)
+    if not 0 <= span_chunks <= n_chunks:
+        raise ValueError(f"span_chunks={span_chunks}; allowed: 0 (all chunks) .. n_chunks={n_chunks}")
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else lax.Precision.DEFAULT
-    kernel = functools.partial(_kernel, chunk=chunk, tokens=tokens, chunks_per_split=-(-n_chunks // num_splits),
-                               compute_dtype=k.dtype, precision=precision, stacked=layer is not None)
+    kernel = functools.partial(_kernel, chunk=chunk, tokens=tokens,
+                               chunks_per_split=-(-(span_chunks or n_chunks) // num_splits), compute_dtype=k.dtype,
+                               precision=precision, stacked=layer is not None, relative=span_chunks > 0)
     return partials_call(kernel, q, (k, v), (lo, hi, start, end), layer=layer, num_splits=num_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name="dense_decode")

@@ -55,14 +55,26 @@ def store_partials(o_ref, m_ref, l_ref, o, m, l):
     l_ref[...] = l
 
 
-def program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split):
+def program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split, relative: bool = False):
     """This program's chunk range [lo, hi) (its split of the row's bulk) and the row's token
     range [start, end): tokens outside it (a sliding window's start, the last partial chunk's
-    end) are masked."""
+    end) are masked. The splits partition all the cache's chunks (split s: chunks s·c .. s·c +
+    c - 1, c = chunks_per_split), or with ``relative`` (a sliding window) the row's own range
+    from its first chunk (lo + s·c ..; the caller sizes c so the splits cover hi - lo): a 4k
+    window at 16k tokens then spreads over every split, not the quarter that holds it."""
     split = pl.program_id(2)
+    if relative:
+        lo = lo_ref[()] + split * chunks_per_split
+        return lo, jnp.maximum(lo, jnp.minimum(hi_ref[()], lo + chunks_per_split)), start_ref[()], end_ref[()]
     lo = jnp.maximum(lo_ref[()], split * chunks_per_split)
     hi = jnp.maximum(lo, jnp.minimum(hi_ref[()], (split + 1) * chunks_per_split))
     return lo, hi, start_ref[()], end_ref[()]
+
+
+def window_chunks(window: int, chunk: int, n_chunks: int) -> int:
+    """The most chunks a row's tokens [start, end) touch when end - start <= window (at most
+    the n_chunks there are): the span a sliding window's relative partition splits."""
+    return min(n_chunks, -(-(window - 1) // chunk) + 1)
 
 
 def in_range(t0, n: int, start, end):

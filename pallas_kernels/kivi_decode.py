@@ -155,7 +155,7 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=(), 
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
             compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0,
-            magic=False):
+            magic=False, relative=False):
     # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
     n_arrays = 8 if ring_len else 6
@@ -165,7 +165,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     # one indexer per load (the Triton lowering takes no ref views of views)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
-    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split)
+    lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split, relative)
     q = query_rows(q_ref, compute_dtype)  # [M, D]
     m_rows, d = q.shape
     n_vgroups = d // g
@@ -223,7 +223,8 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
 @functools.partial(
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
-                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split", "dequant"))
+                     "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split", "dequant",
+                     "span_chunks"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
@@ -232,9 +233,12 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                          num_warps: int = 4,
                          num_stages: int = 3,  # 1.24 / 0.33 / 0.64 ms vs 1.27 / 0.36 / 0.67 at 2 (kernel-tuning-2026-11-30-run3)
                          dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0,
-                         ring_split: str = "first", dequant: str = "auto"):
+                         ring_split: str = "first", dequant: str = "auto", span_chunks: int = 0):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
     with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
+    span_chunks: 0 (the splits partition all the cache's chunks), or a bound on every row's
+    hi - lo (a sliding window: :func:`pallas_kernels.flash.window_chunks`), which the splits
+    then partition from each row's lo (``flash.program_bounds(relative=True)``).
 
     ring: None, or (k_res, v_res, lengths, quantized): the residual ring [B, Hkv, R', D] (or
     [L, ...] with ``layer``; slots past R, e.g. sinks, are not read), the row's body tokens
@@ -289,7 +293,9 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     if dequant not in DEQUANTS:
         raise ValueError(f"dequant={dequant!r}; allowed: {DEQUANTS}")
     n_chunks = tc // chunk
-    per_split = -(-n_chunks // num_splits)
+    if not 0 <= span_chunks <= n_chunks:
+        raise ValueError(f"span_chunks={span_chunks}; allowed: 0 (all chunks) .. n_chunks={n_chunks}")
+    per_split = -(-(span_chunks or n_chunks) // num_splits)
     # dot operands: the cache's own 16-bit dtype (half the shared-memory traffic of float32
     # tiles; the reference dequantizes to that dtype too), IEEE float32 for float32 caches
     compute_dtype = jnp.dtype(dot_dtype) if dot_dtype else jnp.dtype(k_scale.dtype)
@@ -304,7 +310,8 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
         variant=variant, v_scales_t=v_scales_t, ring_len=ring_len,
-        ring_program=num_splits if ring_split == "own" else 0, magic=dequant != "convert" and magic_ok)
+        ring_program=num_splits if ring_split == "own" else 0, magic=dequant != "convert" and magic_ok,
+        relative=span_chunks > 0)
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:
         arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])

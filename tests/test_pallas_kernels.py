@@ -90,6 +90,41 @@ def test_kernel_rows_around_residual_boundaries(sinks, ring_program):
             assert _rel(out[i], ref[i]) <= 1e-5, (lengths[i], window)
 
 
+@pytest.mark.parametrize("splits", [None, 3, 4])
+def test_sliding_window_splits_share_each_rows_window(splits):
+    """Under a sliding window the splits partition each row's own chunks from its first
+    (span_chunks = flash.window_chunks), not all the cache's: rows far past the window, at it
+    and inside it, a sink, the ring in its own split, against the reference (KIVI and dense);
+    a span that does not cover a row's chunks loses tokens (the bound is what the partition
+    rests on)."""
+    from pallas_kernels import dense_decode, flash
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=32, sink_tokens=2)
+    lengths = [600, 451, 140, 90, 33]
+    cache = _cache(cfg, lengths, 2, 32, jnp.float32, seed=21, appends=1)
+    q = jax.random.normal(jax.random.key(8), (len(lengths), 4, 1, 32))
+    for window in (100, 130):
+        ref = kj.decode_attention(q, cache, impl="reference", window=window)
+        for ring_program in ("first", "own"):
+            out = attention_pallas.decode_attention(q, cache, interpret=True, window=window, num_splits=splits,
+                                                    ring_program=ring_program)
+            assert _rel(out, ref) <= 1e-5, (window, ring_program)
+    dense, qd = _dense([600, 451, 140, 90, 0], 4, 2, 600, 32, jnp.float32, 22)
+    want = kj.decode_attention(qd, dense, impl="reference", window=100)
+    got = attention_pallas.decode_attention(qd, dense, window=100, interpret=True, num_splits=splits)
+    assert _rel(got[:4], want[:4]) <= 1e-5
+    # 100 tokens touch at most 3 chunks of 64 (a window not aligned to them): 2 would drop some
+    assert flash.window_chunks(100, 64, 10) == 3 and flash.window_chunks(64, 64, 10) == 2
+    assert flash.window_chunks(1, 64, 10) == 1 and flash.window_chunks(5000, 64, 10) == 10
+    lo, hi = jnp.asarray([7, 0, 5, 1, 0], jnp.int32), jnp.asarray([10, 2, 8, 2, 0], jnp.int32)  # rows of 3, 2, 3, 1 chunks
+    start, end = lo * 64 + 3, jnp.minimum(hi * 64 - 1, jnp.asarray([600, 451, 140, 90, 0], jnp.int32))
+    qp = attention_pallas._pad_rows(attention_pallas._grouped_queries(qd, 2))
+    short = dense_decode.dense_decode_partials(qp, dense.k, dense.v, lo, hi, start, end, chunk=64,
+                                               num_splits=1, interpret=True, span_chunks=2)
+    full = dense_decode.dense_decode_partials(qp, dense.k, dense.v, lo, hi, start, end, chunk=64,
+                                              num_splits=1, interpret=True, span_chunks=3)
+    assert float(jnp.abs(short[2] - full[2]).max()) > 1e-3  # a row's third chunk went missing
+
+
 def test_kernel_one_bit_keys_with_half_word_flushes():
     """1-bit keys with R = 48: a flush covers 1.5 words of 32 codes (written as 16-code halves at
     bit 0 or 16) and the window reads the flushed keys from mid-word; 8-bit values (4 a word)."""
