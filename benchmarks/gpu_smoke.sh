@@ -13,6 +13,8 @@
 # Mosaic layout at 16k tokens, batch 64 (cut by the call's time in run65): e2e --skip-paper --skip-hf
 # --skip-compile-check --sweep-prompts 16384 --sweep-caches kivi2m --sweep-start 64 --sweep-cap 64
 # --child-timeout 280 --budget-s 290 (--sweep-start applies to every cache: dense starts at 8 alone).
+# The Triton kernels' window partition (78db7c2, never timed): python -m benchmarks.decode_attention
+# --sliding --name decode-attention-sliding (~2 min; KIVI-2 and dense, each row's window chunks vs all).
 # (Session 22 confirmed the step flush's threaded predicate at Llama 4k batch 256, run62.)
 # mosaic_attention --auto-layout: what KIVIConfig()'s "auto" resolves to on the machine (~40 s).
 # mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check);
