@@ -31,6 +31,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import flash
+
 try:  # jax 0.11 registers Mosaic GPU's lowering only once this is imported
     import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
 except ImportError:  # pragma: no cover
@@ -889,8 +891,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
 def window_span(window: int, tokens: int) -> int:
     """The most 256-token steps a row's attended tokens [start, n) touch when n - start <= window
-    (capped at the T/256 steps there are): a sliding window's span for :func:`split_range`."""
-    return min(tokens // KEY_BLOCK, -(-(window - 1) // KEY_BLOCK) + 1)
+    (capped at the T/256 steps there are): a sliding window's span for :func:`split_bounds`."""
+    return flash.window_chunks(window, KEY_BLOCK, tokens // KEY_BLOCK)
 
 
 def split_bounds(start, sp, *, tokens: int, splits: int, span: int = 0):
