@@ -267,6 +267,11 @@ def random_packed(rows, tokens, key=5):
             jax.random.uniform(ks[3], (rows, tokens // km.VALUE_BLOCK, km.CHUNK, km.N), jnp.bfloat16, 0.01, 0.3))
 
 
+def packed_bytes(packed) -> int:
+    """Bytes of the kernel's arrays (int4 codes at half a byte)."""
+    return int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+
+
 def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), heads=((32, 32), (32, 8)),
           dense_max_bytes=48 << 30, splits=()):
     """The issue's grid (2-bit; Hq = 32 with 32 and 8 KV heads): the Mosaic bulk kernel (default
@@ -289,7 +294,7 @@ def sweep(hbm, batches=(1, 8, 32, 64, 128), lengths=(1024, 4096, 16384, 32768), 
                                  "median_ms": dense_ms, "bytes": dense_bytes, "tbps": dense_bytes / dense_ms / 1e9,
                                  "frac_of_hbm_copy": dense_bytes / dense_ms / 1e9 / hbm, "ratio_to_dense": 1.0})
                 packed = random_packed(r, t)
-                nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+                nbytes = packed_bytes(packed)
                 q = random_q(r, g)
                 default = km.default_splits(r, t, km.gpu_slots())
                 for s in [default] + [s for s in splits if s != default and s <= t // km.KEY_BLOCK]:
@@ -320,7 +325,7 @@ def target(b, t, hq, hkv, variants, stages, hbm, quick=False):
     cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)
     plain = from_cache(cache)
     packed = jax.jit(km.repack)(*plain)
-    nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+    nbytes = packed_bytes(packed)
     lengths = jnp.repeat(cache.num_quantized_values, hkv)
     q = random_q(b * hkv, g)
     named = [(f"{name}_stages{s}", {**opts, "stages": s}) for name, opts in variants[:1]
@@ -401,7 +406,7 @@ def sliding_windows(hbm, rounds=5, window=4096, hq=32,
         for _ in range(rounds):
             for name, fn in fns.items():
                 times[name].append(common.time_fn(fn, q, n, *packed))
-        nbytes = int(sum(x.size * (0.5 if x.dtype == jnp.int4 else jnp.dtype(x.dtype).itemsize) for x in packed))
+        nbytes = packed_bytes(packed)
         nbytes = nbytes * (span * km.KEY_BLOCK) // t  # the window's steps only are read
         base = float(np.median(times["all_steps"]))
         for name, (_, s) in arms.items():

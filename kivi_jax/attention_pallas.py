@@ -300,8 +300,9 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     qp = _pad_rows(_grouped_queries(q, hkv))
     end = cache.lengths
     start = _window_start(end, window)
-    span = _window_span(window, chunk, -(-cache.max_length // chunk))
-    splits = num_splits or default_splits(b, hkv, span or -(-cache.max_length // chunk), interpret)
+    n_chunks = -(-cache.max_length // chunk)
+    span = _window_span(window, chunk, n_chunks)
+    splits = num_splits or default_splits(b, hkv, span or n_chunks, interpret)
     (k, v), layer = _in_place(stack, cache)
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,

@@ -554,7 +554,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         lo, end = split_bounds(start, sp, tokens=tokens, splits=splits, span=span)  # this program's steps [lo, hi)
 
         def split_steps(n):  # a row of length n's steps in this split: hi - lo (negative: none; split_range's)
-            return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), end) - lo
+            return split_end(n, end, tokens) - lo
 
         steps = jnp.maximum(split_steps(n), 0)
         col = iota((CHUNK, N), 1)
@@ -912,7 +912,13 @@ def split_range(n, start, sp, *, tokens: int, splits: int, span: int = 0):
     """Split ``sp``'s steps [lo, hi) of a row with n quantized tokens (hi <= lo: none); see
     :func:`split_bounds`."""
     lo, end = split_bounds(start, sp, tokens=tokens, splits=splits, span=span)
-    return lo, jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), end)
+    return lo, split_end(n, end, tokens)
+
+
+def split_end(n, end, tokens: int):
+    """The step a split's share of a row with n quantized tokens ends before: its bound ``end``
+    (:func:`split_bounds`), the row's last step + 1 or the T/256 steps there are, whichever is first."""
+    return jnp.minimum(jnp.minimum((n + KEY_BLOCK - 1) // KEY_BLOCK, tokens // KEY_BLOCK), end)
 
 
 def default_splits(rows: int, tokens: int, slots: int = 264) -> int:
