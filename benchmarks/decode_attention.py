@@ -55,8 +55,10 @@ def _checkpoint(rows):
 
 
 def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes, rows=None,
-        residues=False):
+        residues=False, deadline=math.inf):
     """Times every configuration; appends to (and returns) ``rows``, saved after each one.
+    deadline (time.monotonic()): shapes not begun by then are listed as skipped rows (a device
+    call's time limit then still leaves its results written).
     residues: the KIVI rows hold T - (37 b mod R) tokens rather than T, so that the ring's
     split between fresh and flushed keys (Lb mod R) takes every value across the batch, as in
     a real decode (T itself, a multiple of R, is the ring's easiest case)."""
@@ -64,6 +66,10 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
     for hq, hkv in heads:
         for t in lengths:
             for b in batches:
+                if time.monotonic() > deadline:
+                    rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "impl": "skipped_time_budget",
+                                 "median_ms": None})
+                    continue
                 dense_bytes = 2 * b * hkv * t * D * 2
                 q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
                 dense_ms = None
@@ -236,7 +242,15 @@ def main(argv=None):
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--kv-heads", default="32,8", help="the sweep's KV heads (Hq = 32), comma-separated")
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--lengths", default="1024,4096,16384,32768")
+    ap.add_argument("--bits-mha", default="2,4", help="bits swept with 32 KV heads (8 KV heads: 2)")
+    ap.add_argument("--no-breakdown", action="store_true", help="the sweep alone (no Triton breakdown / variants)")
+    ap.add_argument("--budget-s", type=float, default=math.inf,
+                    help="begin no shape after this many seconds; the rest are listed as skipped")
     args = ap.parse_args(argv)
+    deadline = time.monotonic() + args.budget_s
     env = common.environment()
     if args.sliding:
         rows = sliding(rounds=args.rounds)
@@ -267,19 +281,22 @@ def main(argv=None):
                    dense_max_bytes=80 << 30, rows=rows, residues=True)
         rows += breakdown()
     else:
-        rows = breakdown()
-        run([64], [4096], [(32, 32)], [2], ("pallas",),
-            [("pallas_dequant", dict(variant="dequant")),
-                    ("pallas_swap_f32dots", dict(variant="swap", dot_dtype="float32")),
-                    ("pallas_swap_c32", dict(variant="swap", chunk=32))],
-                   ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
-        for heads, bits in (((32, 32), [2, 4]), ((32, 8), [2])):
-            run([1, 8, 32, 64, 128], [1024, 4096, 16384, 32768], [heads], bits,
-                        ("pallas", "reference", "mosaic"), [("pallas", dict())], ref_max_bytes=1 << 30,
-                        dense_max_bytes=80 << 30, rows=rows)
+        rows = []
+        if not args.no_breakdown:
+            rows = breakdown()
+            run([64], [4096], [(32, 32)], [2], ("pallas",),
+                [("pallas_dequant", dict(variant="dequant")),
+                 ("pallas_swap_f32dots", dict(variant="swap", dot_dtype="float32")),
+                 ("pallas_swap_c32", dict(variant="swap", chunk=32))],
+                ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
+        ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+        for hkv in ints(args.kv_heads):
+            run(ints(args.batches), ints(args.lengths), [(32, hkv)], ints(args.bits_mha) if hkv == 32 else [2],
+                ("pallas", "reference", "mosaic"), [("pallas", dict())], ref_max_bytes=1 << 30,
+                dense_max_bytes=80 << 30, rows=rows, deadline=deadline)
     for r in rows:
         r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
-        r["oom_or_error"] = r.get("median_ms") is None
+        r["oom_or_error"] = r.get("median_ms") is None and r["impl"] != "skipped_time_budget"
     cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
     if any("ratio_to_plain_kivi" in r for r in rows):
         cols.append("ratio_to_plain_kivi")
