@@ -193,12 +193,19 @@ class MosaicKIVICache(cc.CacheShape):
 
     def prefill(self, k, v, lengths=None) -> "MosaicKIVICache":
         """As KIVICache.prefill (same quantized numbers), stored in this layout."""
-        return self.from_kivi(self._kivi().prefill(k, v, lengths), self.config)
+        # (the conversion traced in place, as the prefill-memory fix was measured: no nested jit)
+        return self._convert(self._kivi().prefill(k, v, lengths), self.config)
 
     @classmethod
     def from_kivi(cls, c: KIVICache, config: KIVIConfig | None = None) -> "MosaicKIVICache":
-        """The same cache state (a plain KIVI-2 KIVICache's) in this layout."""
-        config = check_config(config or dataclasses.replace(c.config, layout="mosaic"), c.head_dim)
+        """The same cache state (a plain KIVI-2 KIVICache's) in this layout. One jitted
+        computation: run op by op, the codes' unpacking materialized 4 bytes a code (a 32 GiB
+        transpose for 2^33 codes, out of memory on the H200: results/decode-attention-mha-run69),
+        which XLA fuses away inside a jit (as in the prefill)."""
+        return _from_kivi(c, check_config(config or dataclasses.replace(c.config, layout="mosaic"), c.head_dim))
+
+    @staticmethod
+    def _convert(c: KIVICache, config: KIVIConfig) -> "MosaicKIVICache":
         tc, tk = -(-c.max_length // KEY_BLOCK) * KEY_BLOCK, c.capacity  # KIVICache rounds to 32 tokens, this to 256
 
         def pad(x, axis=2, per=1):
@@ -318,3 +325,7 @@ class MosaicKIVICache(cc.CacheShape):
     def kernel_arrays(self):
         """The stores as the Mosaic kernel takes them, R = B x Hkv rows (see :func:`kernel_arrays`)."""
         return kernel_arrays(self.kn, self.kt, self.vn, self.vt)
+
+
+# jitted once; from_kivi checks the config outside the trace
+_from_kivi = jax.jit(MosaicKIVICache._convert, static_argnums=1)

@@ -95,6 +95,22 @@ def test_prefill_and_appends_hold_kivis_numbers():
     _kernel_views_match(a, m)
 
 
+def test_from_kivi_converts_in_one_computation_without_unpacked_codes():
+    """from_kivi outside a jit: the same state as the KIVICache (tokens, ring, kernel views), and
+    one compiled conversion whose temporaries stay far below the 4 bytes a code that its
+    op-by-op unpacking allocated (a 32 GiB transpose for 2^33 codes ran the H200 out of memory)."""
+    a, _, _, _ = _pair([700, 301, 44], 0, max_length=700, heads=4)
+    m = MosaicKIVICache.from_kivi(a)
+    _same_tokens(a, m)
+    _ring_holds_the_window(a, m)
+    _kernel_views_match(a, m)
+    from kivi_jax import cache_mosaic
+
+    unpacked = 2 * a.k_codes.size * 16 * 4  # keys' and values' codes as uint32, one a code
+    temp = cache_mosaic._from_kivi.lower(a, m.config).compile().memory_analysis().temp_size_in_bytes
+    assert temp < unpacked / 8, (temp, unpacked)
+
+
 def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None, window=None):
     """A plain-JAX stand-in for the kernel's bulk partials: tokens [0, lengths) (and >= starts)
     of each (row, KV head) of kh, vh [R, T, D]."""
