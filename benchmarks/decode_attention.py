@@ -235,6 +235,44 @@ def sliding(rounds=5, window=4096, hq=32,
     return rows
 
 
+def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 32), (64, 4096, 8)), calls=20,
+                hq=32):
+    """Where one whole decode_attention call's GPU time goes, kernel by kernel (a profiler trace
+    of ``calls`` calls back to back): dense bf16 XLA attention, the Triton kernel over a
+    KIVICache and the Mosaic path over the same tokens, with each call's wall time next to
+    them. At B = 1 every path sits near 0.05-0.09 ms whatever T is: this says which launches
+    make that floor."""
+    rows = []
+    for b, t, hkv in shapes:
+        q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+        cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D)
+        kd = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
+        arms = [("dense_bf16_xla", jax.jit(dense_attention), (q, kd, kd)),
+                ("pallas", jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), (q, cache)),
+                ("mosaic_cache", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas")),
+                 (q, jax.block_until_ready(kj.MosaicKIVICache.from_kivi(cache))))]
+        for name, fn, args in arms:
+            wall = common.time_fn(fn, *args)
+            hlo = fn.lower(*args).compile().as_text()
+
+            def run(fn=fn, args=args):
+                out = None
+                for _ in range(calls):
+                    out = fn(*args)
+                jax.block_until_ready(out)
+
+            kernels = common.trace_kernels(run, hlo, steps=calls)
+            gpu = sum(k["ms_per_step"] for k in kernels)
+            rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "impl": name, "median_ms": wall, "gpu_ms": gpu,
+                         "launches": sum(k["launches_per_step"] for k in kernels),
+                         "kernels": "; ".join(f"{k['kernel'][:40]} {k['ms_per_step'] * 1e3:.1f}us"
+                                              for k in kernels[:6])})
+            print(rows[-1], flush=True)
+        del cache, kd, arms
+        gc.collect()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the target shape plus tuning variants only")
@@ -242,6 +280,7 @@ def main(argv=None):
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--trace", action="store_true", help="only the kernels of whole calls, traced (trace_calls)")
     ap.add_argument("--kv-heads", default="32,8", help="the sweep's KV heads (Hq = 32), comma-separated")
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--lengths", default="1024,4096,16384,32768")
@@ -252,6 +291,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
     env = common.environment()
+    if args.trace:
+        rows = trace_calls()
+        cols = ["B", "T", "Hkv", "impl", "median_ms", "gpu_ms", "launches", "kernels"]
+        table = (f"Whole decode_attention calls kernel by kernel, {env['device']}, jax {env['jax_version']}, commit "
+                 f"{env['commit']} (median_ms: wall per call; gpu_ms: kernels' GPU time per call)\n\n"
+                 + common.markdown(rows, cols))
+        print(table)
+        common.write_results(args.name, {**env, "rows": rows}, table)
+        return
     if args.sliding:
         rows = sliding(rounds=args.rounds)
         cols = ["B", "T", "window", "Hkv", "cache", "impl", "median_ms", "ratio_to_all_splits", "ratio_to_dense_window",
