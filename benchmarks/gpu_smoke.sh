@@ -7,19 +7,19 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Then, as separate calls (each <= 10 min). Next session, first: the sliding window's split counts as
-# the default (window_splits, timed only arm by arm in run67): python -m benchmarks.mosaic_attention
-# --sliding --rounds 5 --name mosaic-sliding (~3 min with its checks; --skip-checks ~1 min); then the
-# Mosaic layout at 16k tokens, batch 64 (cut by the call's time in run65): e2e --skip-paper --skip-hf
-# --skip-compile-check --sweep-prompts 16384 --sweep-caches kivi2m --sweep-start 64 --sweep-cap 64
-# --child-timeout 280 --budget-s 290 (--sweep-start applies to every cache: dense starts at 8 alone).
-# The Triton kernels' window partition (78db7c2, never timed): python -m benchmarks.decode_attention
-# --sliding --name decode-attention-sliding (~2 min; KIVI-2 and dense, each row's window chunks vs all).
-# (Session 22 confirmed the step flush's threaded predicate at Llama 4k batch 256, run62.)
+# Then, as separate calls (each <= 10 min). Session 23 ran the issue's decode-attention grid with the
+# Mosaic path in three calls (python -m benchmarks.decode_attention --no-breakdown --kv-heads 32
+# --bits-mha 2 --budget-s 470; --kv-heads 8; --bits-mha 4 --budget-s 220: 4.5 / 6.3 / ~1.5 min) and a
+# whole call kernel by kernel (--trace, ~50 s; with XLA_FLAGS=--xla_gpu_enable_command_buffer= it
+# names the kernels). Long context end to end: e2e --skip-paper --skip-hf --skip-compile-check
+# --sweep-prompts 16384 --sweep-caches kivi2m --sweep-start 64 --sweep-cap 64 --child-timeout 280
+# --budget-s 290 (~2.5 min; --sweep-start applies to every cache: dense starts at 8 alone).
+# Sliding windows: mosaic_attention --sliding --rounds 5 (~3.5 min with its checks), decode_attention
+# --sliding (~1 min).
 # mosaic_attention --auto-layout: what KIVIConfig()'s "auto" resolves to on the machine (~40 s).
 # mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check);
 # give it 300: since session 20 it also checks jax.vmap over requests compiled (check_vmap: the kernel
-# under vmap vs float64, the whole MosaicKIVICache call batched vs unbatched; lowers for CUDA, never run).
+# under vmap vs float64, the whole MosaicKIVICache call batched vs unbatched; passed in run55).
 # decode_step_ab at 4096 tokens needs --batch <= 64 and no dense cache (B=128 ran out of memory).
 # The Mosaic kernel sits at 0.38-0.41 ms between calls (run26-run46; offsets, prefetch_bk, group4
 # and 3 stages no faster: mosaic_attention --ab times variants in turns); a kernel change needs its
