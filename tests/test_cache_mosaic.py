@@ -22,6 +22,7 @@ import models
 from benchmarks.mosaic_attention import from_cache
 from kivi_jax import attention_mosaic
 from kivi_jax import cache_common as cc
+from kivi_jax import cache_mosaic
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from models.cache import StackedCache
 from models.config import ModelConfig
@@ -104,8 +105,6 @@ def test_from_kivi_converts_in_one_computation_without_unpacked_codes():
     _same_tokens(a, m)
     _ring_holds_the_window(a, m)
     _kernel_views_match(a, m)
-    from kivi_jax import cache_mosaic
-
     unpacked = 2 * a.k_codes.size * 16 * 4  # keys' and values' codes as uint32, one a code
     temp = cache_mosaic._from_kivi.lower(a, m.config).compile().memory_analysis().temp_size_in_bytes
     assert temp < unpacked / 8, (temp, unpacked)
