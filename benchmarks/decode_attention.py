@@ -252,8 +252,9 @@ def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 
                 ("mosaic_cache", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas")),
                  (q, jax.block_until_ready(kj.MosaicKIVICache.from_kivi(cache))))]
         for name, fn, args in arms:
+            fn = fn.lower(*args).compile()  # one compile: timed, traced and its HLO read
             wall = common.time_fn(fn, *args)
-            hlo = fn.lower(*args).compile().as_text()
+            hlo = fn.as_text()
 
             def run(fn=fn, args=args):
                 out = None
@@ -271,6 +272,19 @@ def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 
         del cache, kd, arms
         gc.collect()
     return rows
+
+
+def _ints(text):  # "1,8,32" -> [1, 8, 32]
+    return [int(x) for x in text.split(",") if x]
+
+
+def _report(name, env, title, rows, cols, note="", **top):
+    """Prints the rows' markdown table under a header naming the device, versions and commit,
+    and writes it with the JSON (``env``, ``top`` and the rows) under ``name``."""
+    table = (f"{title}, {env['device']}, jax {env['jax_version']}, commit {env['commit']}{note}\n\n"
+             + common.markdown(rows, cols))
+    print(table)
+    common.write_results(name, {**env, **top, "rows": rows}, table)
 
 
 def main(argv=None):
@@ -294,20 +308,14 @@ def main(argv=None):
     if args.trace:
         rows = trace_calls()
         cols = ["B", "T", "Hkv", "impl", "median_ms", "gpu_ms", "launches", "kernels"]
-        table = (f"Whole decode_attention calls kernel by kernel, {env['device']}, jax {env['jax_version']}, commit "
-                 f"{env['commit']} (median_ms: wall per call; gpu_ms: kernels' GPU time per call)\n\n"
-                 + common.markdown(rows, cols))
-        print(table)
-        common.write_results(args.name, {**env, "rows": rows}, table)
+        _report(args.name, env, "Whole decode_attention calls kernel by kernel", rows, cols,
+                note=" (median_ms: wall per call; gpu_ms: kernels' GPU time per call)")
         return
     if args.sliding:
         rows = sliding(rounds=args.rounds)
         cols = ["B", "T", "window", "Hkv", "cache", "impl", "median_ms", "ratio_to_all_splits", "ratio_to_dense_window",
                 "max_abs_diff", "rounds_ms"]
-        table = (f"Triton decode kernels under a sliding window, {env['device']}, jax {env['jax_version']}, commit "
-                 f"{env['commit']}\n\n" + common.markdown(rows, cols))
-        print(table)
-        common.write_results(args.name, {**env, "rows": rows}, table)
+        _report(args.name, env, "Triton decode kernels under a sliding window", rows, cols)
         return
     hbm = common.hbm_copy_tbps()
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
@@ -337,9 +345,8 @@ def main(argv=None):
                  ("pallas_swap_f32dots", dict(variant="swap", dot_dtype="float32")),
                  ("pallas_swap_c32", dict(variant="swap", chunk=32))],
                 ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
-        ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-        for hkv in ints(args.kv_heads):
-            run(ints(args.batches), ints(args.lengths), [(32, hkv)], ints(args.bits_mha) if hkv == 32 else [2],
+        for hkv in _ints(args.kv_heads):
+            run(_ints(args.batches), _ints(args.lengths), [(32, hkv)], _ints(args.bits_mha) if hkv == 32 else [2],
                 ("pallas", "reference", "mosaic"), [("pallas", dict())], ref_max_bytes=1 << 30,
                 dense_max_bytes=80 << 30, rows=rows, deadline=deadline)
     for r in rows:
@@ -348,10 +355,8 @@ def main(argv=None):
     cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
     if any("ratio_to_plain_kivi" in r for r in rows):
         cols.append("ratio_to_plain_kivi")
-    table = (f"Decode attention, {env['device']}, jax {env['jax_version']}, commit {env['commit']}; "
-             f"HBM copy {hbm:.2f} TB/s (read+write)\n\n" + common.markdown(rows, cols))
-    print(table)
-    common.write_results(args.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
+    _report(args.name, env, "Decode attention", rows, cols, note=f"; HBM copy {hbm:.2f} TB/s (read+write)",
+            hbm_copy_tbps=hbm)
 
 
 if __name__ == "__main__":
