@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import math
 import time
 
@@ -236,12 +237,15 @@ def sliding(rounds=5, window=4096, hq=32,
 
 
 def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 32), (64, 4096, 8)), calls=20,
-                hq=32):
+                hq=32, option_sets=(("", {}),)):
     """Where one whole decode_attention call's GPU time goes, kernel by kernel (a profiler trace
     of ``calls`` calls back to back): dense bf16 XLA attention, the Triton kernel over a
     KIVICache and the Mosaic path over the same tokens, with each call's wall time next to
     them (run73/74: at B = 1 every path's 0.05-0.10 ms call is mostly dispatch, GPU 0.02-0.06
-    ms; at B=64, T=4k the Mosaic path is its kernel 0.351 + the ring's window 0.040 ms)."""
+    ms; at B=64, T=4k the Mosaic path is its kernel 0.351 + the ring's window 0.040 ms).
+    option_sets: (suffix, XLA compiler options) pairs; every arm is compiled with each (the
+    arm's name gets the suffix), e.g. ("+concurrent", {"xla_gpu_command_buffer_scheduling_mode":
+    "CONCURRENT"}) to let a command buffer run independent kernels side by side."""
     rows = []
     for b, t, hkv in shapes:
         q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
@@ -251,8 +255,9 @@ def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 
                 ("pallas", jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), (q, cache)),
                 ("mosaic_cache", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas")),
                  (q, jax.block_until_ready(kj.MosaicKIVICache.from_kivi(cache))))]
-        for name, fn, args in arms:
-            fn = fn.lower(*args).compile()  # one compile: timed, traced and its HLO read
+        for (name, jitted, args), (suffix, options) in itertools.product(arms, option_sets):
+            name += suffix
+            fn = jitted.lower(*args).compile(options or None)  # one compile: timed, traced, its HLO read
             wall = common.time_fn(fn, *args)
             hlo = fn.as_text()
 
@@ -278,6 +283,11 @@ def _ints(text):  # "1,8,32" -> [1, 8, 32]
     return [int(x) for x in text.split(",") if x]
 
 
+def _option_set(text):  # "+cc:a=1;b=X" -> ("+cc", {"a": "1", "b": "X"})
+    suffix, _, pairs = text.partition(":")
+    return suffix, dict(pair.split("=", 1) for pair in pairs.split(";") if pair)
+
+
 def _report(name, env, title, rows, cols, note="", **top):
     """Prints the rows' markdown table under a header naming the device, versions and commit,
     and writes it with the JSON (``env``, ``top`` and the rows) under ``name``."""
@@ -295,6 +305,10 @@ def main(argv=None):
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--trace", action="store_true", help="only the kernels of whole calls, traced (trace_calls)")
+    ap.add_argument("--trace-shapes", default="1x4096x32,1x16384x8,8x16384x8,64x4096x32,64x4096x8",
+                    help="--trace's shapes, BxTxHkv comma-separated")
+    ap.add_argument("--xla-options", action="append", default=[], metavar="SUFFIX:KEY=VALUE[;KEY=VALUE]",
+                    help="--trace: also compile every arm with these XLA options (repeatable), named with SUFFIX")
     ap.add_argument("--kv-heads", default="32,8", help="the sweep's KV heads (Hq = 32), comma-separated")
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--lengths", default="1024,4096,16384,32768")
@@ -306,7 +320,9 @@ def main(argv=None):
     deadline = time.monotonic() + args.budget_s
     env = common.environment()
     if args.trace:
-        rows = trace_calls()
+        shapes = [tuple(_ints(s.replace("x", ","))) for s in args.trace_shapes.split(",")]
+        option_sets = [("", {})] + [_option_set(text) for text in args.xla_options]
+        rows = trace_calls(shapes, option_sets=option_sets)
         cols = ["B", "T", "Hkv", "impl", "median_ms", "gpu_ms", "launches", "kernels"]
         _report(args.name, env, "Whole decode_attention calls kernel by kernel", rows, cols,
                 note=" (median_ms: wall per call; gpu_ms: kernels' GPU time per call)")
