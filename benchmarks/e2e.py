@@ -113,10 +113,11 @@ def _jax_env() -> dict:
     env["num_devices"] = jax.device_count()
     from models import llama
 
-    from kivi_jax import cache_mosaic
+    from kivi_jax import cache_kivi, cache_mosaic
 
     env["rare_writes"] = llama.rare_writes_mode()  # (KIVI_RARE_WRITES, which the children inherit)
     env["mosaic_append"] = cache_mosaic.append_impl()  # (KIVI_MOSAIC_APPEND)
+    env["kivi_append"] = cache_kivi.append_impl()  # (KIVI_APPEND)
     return env
 
 
@@ -657,6 +658,7 @@ class Runner:
                     self.payload["num_devices"] = obj.get("num_devices")
                     self.payload["rare_writes"] = obj.get("rare_writes")
                     self.payload["mosaic_append"] = obj.get("mosaic_append")
+                    self.payload["kivi_append"] = obj.get("kivi_append")
             elif tag == "HFENV":
                 self.payload["hf_env"] = obj
                 if self.payload["device"] is None:
@@ -909,9 +911,11 @@ def _switches(p: dict) -> str:
     if p.get("rare_writes"):
         where = "once a step" if p["rare_writes"] == "step" else "in each layer"
         parts.append(f"KIVI flush decided {where} (RARE_WRITES={p['rare_writes']})")
-    if p.get("mosaic_append"):
-        how = "in one kernel" if p["mosaic_append"] == "pallas" else "in XLA"
-        parts.append(f"Mosaic-layout appends {how} (APPEND_IMPL={p['mosaic_append']})")
+    for key, layout, switch in (("mosaic_append", "Mosaic-layout", "APPEND_IMPL"),
+                                ("kivi_append", "token-layout", "cache_kivi.APPEND_IMPL")):
+        if p.get(key):
+            how = "in one kernel" if p[key] == "pallas" else "in XLA"
+            parts.append(f"{layout} appends {how} ({switch}={p[key]})")
     return "".join(", " + x for x in parts)
 
 

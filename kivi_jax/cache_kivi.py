@@ -32,6 +32,8 @@ Extensions (``KIVIConfig``; all off by default, and then everything above holds 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,30 @@ from kivi_jax import cache_common as cc
 from kivi_jax import packing
 from kivi_jax import quant
 from kivi_jax import rotation
+from kivi_jax import switches
 from kivi_jax.config import KIVIConfig
+
+APPEND_IMPLS = ("xla", "pallas")
+#: how a layer-stacked KIVICache's decode append is written, read at trace time: "xla"
+#: (``append_writes``' values computed in XLA, the row-writes kernel or scatters writing them),
+#: "pallas" (one kernel that also quantizes the value leaving the window:
+#: pallas_kernels/kivi_append.py; shapes it does not take fall back to "xla") or None (the
+#: default: "pallas" on a GPU, "xla" elsewhere, where the kernel would run interpreted). e2e's
+#: children read KIVI_APPEND. (The Mosaic layout's switch is ``cache_mosaic.APPEND_IMPL``.)
+APPEND_IMPL = os.environ.get("KIVI_APPEND") or None
+
+
+def append_impl() -> str:
+    """APPEND_IMPL resolved for this backend (named error when it is not one of APPEND_IMPLS)."""
+    return switches.resolve("cache_kivi.APPEND_IMPL", APPEND_IMPL, APPEND_IMPLS, gpu="pallas", other="xla")
+
+
+@functools.lru_cache(maxsize=None)
+def token_quantizer(bits: int, dtype):
+    """x [D/G, G] float32 (a token's values by channel group) -> (codes [D/G, G] uint32, scale,
+    min [D/G, 1] in ``dtype``): ``quant_values``' numbers, for the append kernels (one function
+    object per (bits, dtype): the kernels' jit caches on it)."""
+    return functools.partial(quant.quantize_groups, bits=bits, dtype=dtype, reduce_axis=1)
 
 
 @cc.pytree_dataclass
@@ -315,6 +340,26 @@ class KIVICache(cc.CacheShape):
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return tuple(writes), L + live, self.overflow | full
 
+    def stacked_append(self, stacked: "KIVICache", layer, k, v, rare=None) -> "KIVICache":
+        """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer
+        ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" (and a
+        shape :mod:`pallas_kernels.kivi_append` takes) the plain writes are one kernel launch that
+        also quantizes the value leaving the window; the key flush stays a conditional write."""
+        writes, lengths, overflow = self.append_writes(k, v)
+        c = self.config
+        if append_impl() == "pallas" and kivi_append_supported(c, self.head_dim):
+            from pallas_kernels import kivi_append
+
+            fields = ("k_res", "v_res", "v_codes", "v_scale", "v_min")
+            bufs = kivi_append.append(
+                *(getattr(stacked, f) for f in fields), self._store(k, c.rotate_keys), self._store(v, c.rotate_values),
+                self.lengths, layer, residual=c.residual_length, group_size=c.group_size, bits=c.v_bits,
+                max_length=self.max_length, quantize=token_quantizer(c.v_bits, jnp.dtype(self.dtype)),
+                interpret=jax.default_backend() != "gpu")
+            stacked = dataclasses.replace(stacked, **dict(zip(fields, bufs)))
+            writes = [w for w in writes if isinstance(w, cc.WritesIf)]
+        return cc.apply_writes(stacked, writes, lengths, overflow, layer=layer, rare=rare)
+
     # ---- reading ------------------------------------------------------------------------------
     def materialize(self, rotated: bool = False):
         """(K_hat, V_hat) [B, Hkv, S + Tc, D] in the cache dtype: position t is token t (sinks,
@@ -349,6 +394,13 @@ class KIVICache(cc.CacheShape):
             if c.rotate_values:
                 v_hat = rotation.rotate(v_hat, transpose=True).astype(self.dtype)
         return k_hat, v_hat
+
+
+def kivi_append_supported(config: KIVIConfig, head_dim: int) -> bool:
+    """Whether pallas_kernels.kivi_append takes this cache (its tiles: G and D / G powers of two)."""
+    from pallas_kernels import kivi_append
+
+    return kivi_append.supported(head_dim, config.group_size)
 
 
 def quant_keys(config: KIVIConfig, dtype, k):

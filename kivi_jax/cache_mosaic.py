@@ -27,7 +27,6 @@ over the quantized tokens (kivi_jax.attention_mosaic).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 
@@ -38,7 +37,7 @@ from kivi_jax import cache_common as cc
 from kivi_jax import packing
 from kivi_jax import quant
 from kivi_jax import switches
-from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values
+from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values, token_quantizer
 from kivi_jax.config import KIVIConfig
 
 from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, HEADS, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays,
@@ -59,14 +58,6 @@ APPEND_IMPL = os.environ.get("KIVI_MOSAIC_APPEND") or None
 def append_impl() -> str:
     """APPEND_IMPL resolved for this backend (named error when it is not one of APPEND_IMPLS)."""
     return switches.resolve("cache_mosaic.APPEND_IMPL", APPEND_IMPL, APPEND_IMPLS, gpu="pallas", other="xla")
-
-
-@functools.lru_cache(maxsize=None)
-def _token_quantizer(bits: int, dtype):
-    """x [G, 32] float32 (a token's values by channel group) -> (codes [G, 32] uint32, scale,
-    min [G, 1] in ``dtype``): ``quant_values``' numbers, for the append kernel (one function
-    object per (bits, dtype): the kernel's jit caches on it)."""
-    return functools.partial(quant.quantize_groups, bits=bits, dtype=dtype, reduce_axis=1)
 
 
 def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
@@ -300,7 +291,7 @@ class MosaicKIVICache(cc.CacheShape):
             bufs = mosaic_append.append(
                 stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, jnp.asarray(k).astype(self.dtype),
                 jnp.asarray(v).astype(self.dtype), self.lengths, layer, max_length=self.max_length,
-                quantize=_token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)),
+                quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)),
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))
             writes = [w for w in writes if isinstance(w, cc.WritesIf)]

@@ -483,7 +483,7 @@ def test_append_kernel_lowers_for_cuda():
             s((lyr, b, h, tc // 2, 16), jnp.bfloat16), s((b, h, 1, D), jnp.bfloat16), s((b, h, 1, D), jnp.bfloat16),
             s((b,), jnp.int32))
     ir = lower_to_ttir(lambda *a: mosaic_append.append(
-        *a, jnp.int32(1), max_length=500, quantize=cache_mosaic._token_quantizer(2, jnp.dtype(jnp.bfloat16))), *args)
+        *a, jnp.int32(1), max_length=500, quantize=cache_mosaic.token_quantizer(2, jnp.dtype(jnp.bfloat16))), *args)
     assert "tt.store" in ir
 
 
