@@ -70,8 +70,8 @@ def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, bits,
         shift = (bits * (i // 2) + 16 * lax.rem(i, 2)).astype(jnp.uint32)
         row = at + (p // per_word, slice(None), slice(None))
         vc_ref[row] = vc_ref[row] + (codes << shift)
-        vs_ref[at + (p, slice(None), slice(None))] = scale.astype(vs_ref.dtype)
-        vm_ref[at + (p, slice(None), slice(None))] = mn.astype(vm_ref.dtype)
+        vs_ref[at + (p, slice(None))] = scale[:, 0].astype(vs_ref.dtype)
+        vm_ref[at + (p, slice(None))] = mn[:, 0].astype(vm_ref.dtype)
 
     @pl.when(live)
     def _():
@@ -100,7 +100,7 @@ def append(k_res, v_res, v_codes, v_scale, v_min, k, v, lengths, layer, *, resid
                          f"got {v_codes.shape}, {v_scale.shape}, {v_min.shape}")
     grouped = (d // g, g)
     bufs = (k_res.reshape(k_res.shape[:4] + grouped), v_res.reshape(v_res.shape[:4] + grouped),
-            v_codes.reshape(v_codes.shape[:4] + grouped), v_scale[..., None], v_min[..., None])
+            v_codes.reshape(v_codes.shape[:4] + grouped), v_scale, v_min)
     block = pl.BlockSpec((None, None) + grouped, lambda i, j: (i, j, 0, 0))
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_kernel, r=residual, sinks=rs - residual, max_length=max_length, bits=bits,
@@ -114,5 +114,4 @@ def append(k_res, v_res, v_codes, v_scale, v_min, k, v, lengths, layer, *, resid
         **triton_params(interpret, num_warps=1, num_stages=1),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), k.reshape((b, h) + grouped), v.reshape((b, h) + grouped),
       lengths.astype(jnp.int32), *bufs)
-    return (out[0].reshape(k_res.shape), out[1].reshape(v_res.shape), out[2].reshape(v_codes.shape),
-            out[3][..., 0], out[4][..., 0])
+    return out[0].reshape(k_res.shape), out[1].reshape(v_res.shape), out[2].reshape(v_codes.shape), out[3], out[4]
