@@ -236,6 +236,57 @@ def sliding(rounds=5, window=4096, hq=32,
     return rows
 
 
+SHORT_VARIANTS = {  # name -> attention_pallas.decode_attention's knobs
+    "default": {}, "ring_own": dict(ring_program="own"), "ring_launch": dict(ring_program="launch"),
+    "splits2": dict(num_splits=2), "splits2_ring_own": dict(num_splits=2, ring_program="own"),
+    "warps8": dict(num_warps=8), "warps2": dict(num_warps=2), "chunk32": dict(chunk=32), "chunk128": dict(chunk=128),
+    "stages2": dict(num_stages=2)}
+
+
+def short_rows(rounds=5, shapes=((96, 384, 8), (96, 384, 32)), hq=32, variants=None):
+    """The paper's setting (batch 96, rows of 257-384 tokens: most of a row in the ring) on the
+    Triton KIVI-2 kernel: its knobs (``variants``, SHORT_VARIANTS' names) timed in turns on the
+    same cache, next to the dense Pallas kernel over a dense cache of the same lengths (what the
+    model's dense decode runs) and dense bf16 XLA attention."""
+    rows = []
+    for b, t, hkv in shapes:
+        q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+        r = kj.KIVIConfig().residual_length
+        length = t - (37 * jnp.arange(b)) % r  # every split of a row between ring and quantized tokens
+        cache = random_cache(kj.KIVIConfig(), batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
+        dense = kj.DenseCache.init(batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
+        kd, vd = (jax.random.normal(jax.random.key(s), dense.k.shape, jnp.bfloat16) for s in (3, 4))
+        dense = dataclasses.replace(dense, k=kd, v=vd, lengths=length.astype(jnp.int32))
+        arms = {name: (jax.jit(lambda q, c, o=SHORT_VARIANTS[name]: attention_pallas.decode_attention(q, c, **o)), cache)
+                for name in variants or SHORT_VARIANTS}
+        arms["dense_pallas"] = (jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), dense)
+        arms["dense_bf16_xla"] = (jax.jit(lambda q, k, v: dense_attention(q, k, v)), (kd, vd))  # (all t tokens)
+        outs = {}
+        for name, (fn, arg) in list(arms.items()):
+            try:
+                outs[name] = jax.block_until_ready(fn(q, *arg) if isinstance(arg, tuple) else fn(q, arg))
+            except Exception as e:  # noqa: BLE001 - a knob this shape refuses: listed, not timed
+                print("failed", name, b, t, hkv, type(e).__name__, str(e)[:300], flush=True)
+                rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "impl": name, "median_ms": None,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                del arms[name]
+        times = {name: [] for name in arms}
+        for _ in range(rounds):
+            for name, (fn, arg) in arms.items():
+                times[name].append(common.time_fn(fn, q, *arg) if isinstance(arg, tuple) else common.time_fn(fn, q, arg))
+        base = float(np.median(times["dense_pallas"]))
+        for name, ms in times.items():
+            diff = None if name.startswith("dense") else float(
+                jnp.abs(outs[name].astype(jnp.float32) - outs["default"].astype(jnp.float32)).max())
+            rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "impl": name, "median_ms": float(np.median(ms)),
+                         "ratio_to_dense_pallas": float(np.median(ms)) / base, "max_abs_diff_to_default": diff,
+                         "rounds_ms": [round(x, 4) for x in ms]})
+            print(rows[-1], flush=True)
+        del cache, dense, kd, vd, arms, outs
+        gc.collect()
+    return rows
+
+
 def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 32), (64, 4096, 8)), calls=20,
                 hq=32, option_sets=(("", {}),)):
     """Where one whole decode_attention call's GPU time goes, kernel by kernel (a profiler trace
@@ -305,6 +356,8 @@ def main(argv=None):
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--trace", action="store_true", help="only the kernels of whole calls, traced (trace_calls)")
+    ap.add_argument("--short", action="store_true",
+                    help="only the Triton kernel's knobs on the paper setting's short rows, in turns (short_rows)")
     ap.add_argument("--trace-shapes", default="1x4096x32,1x16384x8,8x16384x8,64x4096x32,64x4096x8",
                     help="--trace's shapes, BxTxHkv comma-separated")
     ap.add_argument("--xla-options", action="append", default=[], metavar="SUFFIX:KEY=VALUE[;KEY=VALUE]",
@@ -326,6 +379,12 @@ def main(argv=None):
         cols = ["B", "T", "Hkv", "impl", "median_ms", "gpu_ms", "launches", "kernels"]
         _report(args.name, env, "Whole decode_attention calls kernel by kernel", rows, cols,
                 note=" (median_ms: wall per call; gpu_ms: kernels' GPU time per call)")
+        return
+    if args.short:
+        rows = short_rows(rounds=args.rounds)
+        cols = ["B", "T", "Hkv", "impl", "median_ms", "ratio_to_dense_pallas", "max_abs_diff_to_default", "rounds_ms"]
+        _report(args.name, env, "Triton KIVI-2 kernel's knobs on short rows (lengths T - 37 b mod 128), in turns",
+                rows, cols)
         return
     if args.sliding:
         rows = sliding(rounds=args.rounds)
