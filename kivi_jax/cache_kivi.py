@@ -44,6 +44,7 @@ from kivi_jax import quant
 from kivi_jax import rotation
 from kivi_jax import switches
 from kivi_jax.config import KIVIConfig
+from pallas_kernels import kivi_append
 
 APPEND_IMPLS = ("xla", "pallas")
 #: how a layer-stacked KIVICache's decode append is written, read at trace time: "xla"
@@ -347,9 +348,7 @@ class KIVICache(cc.CacheShape):
         also quantizes the value leaving the window; the key flush stays a conditional write."""
         writes, lengths, overflow = self.append_writes(k, v)
         c = self.config
-        if append_impl() == "pallas" and kivi_append_supported(c, self.head_dim):
-            from pallas_kernels import kivi_append
-
+        if append_impl() == "pallas" and kivi_append.supported(self.head_dim, c.group_size):
             fields = ("k_res", "v_res", "v_codes", "v_scale", "v_min")
             bufs = kivi_append.append(
                 *(getattr(stacked, f) for f in fields), self._store(k, c.rotate_keys), self._store(v, c.rotate_values),
@@ -394,13 +393,6 @@ class KIVICache(cc.CacheShape):
             if c.rotate_values:
                 v_hat = rotation.rotate(v_hat, transpose=True).astype(self.dtype)
         return k_hat, v_hat
-
-
-def kivi_append_supported(config: KIVIConfig, head_dim: int) -> bool:
-    """Whether pallas_kernels.kivi_append takes this cache (its tiles: G and D / G powers of two)."""
-    from pallas_kernels import kivi_append
-
-    return kivi_append.supported(head_dim, config.group_size)
 
 
 def quant_keys(config: KIVIConfig, dtype, k):

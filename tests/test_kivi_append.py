@@ -113,7 +113,7 @@ def test_append_impl_resolution_and_fallback(monkeypatch):
     monkeypatch.setattr(cache_kivi, "APPEND_IMPL", "triton")
     with pytest.raises(ValueError, match=r"cache_kivi.APPEND_IMPL='triton'; allowed: \('xla', 'pallas'\) or None"):
         cache_kivi.append_impl()
-    assert not cache_kivi.kivi_append_supported(KIVIConfig(), 96) and cache_kivi.kivi_append_supported(KIVIConfig(), 128)
+    assert not kivi_append.supported(96, 32) and kivi_append.supported(128, 32) and not kivi_append.supported(128, 24)
 
     monkeypatch.setattr(cache_kivi, "APPEND_IMPL", "pallas")
     cfg = KIVIConfig(residual_length=32)
