@@ -189,6 +189,9 @@ def main(argv=None):
                     help="comma list of cache_mosaic.APPEND_IMPLS to run each kivi2m arm with (default: the default)")
     ap.add_argument("--kivi-appends", default=None,
                     help="comma list of cache_kivi.APPEND_IMPLS to run each token-layout KIVI arm with (default: the default)")
+    ap.add_argument("--short-stages", default=None,
+                    help="comma list of attention_pallas.SHORT_NUM_STAGES values (0: the kernel's default) for "
+                         "token-layout KIVI arms (default: the default)")
     ap.add_argument("--rare-writes", default=None,
                     help="comma list of models.llama.RARE_WRITES_MODES to run each KIVI arm with (default: the default)")
     a = ap.parse_args(argv)
@@ -212,32 +215,35 @@ def main(argv=None):
         windows = a.mosaic_windows.split(",") if mosaic and a.mosaic_windows else [None]
         rares = a.rare_writes.split(",") if kivi is not None and a.rare_writes else [None]
         appends = a.mosaic_appends.split(",") if mosaic and a.mosaic_appends else [None]
-        token_appends = a.kivi_appends.split(",") if kivi is not None and not mosaic and a.kivi_appends else [None]
-        for arm, ring, writes, window, rare, append, token_append in itertools.product(
-                arms, rings, write_impls, windows, rares, appends, token_appends):
+        tokens = kivi is not None and not mosaic
+        token_appends = a.kivi_appends.split(",") if tokens and a.kivi_appends else [None]
+        stage_counts = [int(x) for x in a.short_stages.split(",")] if tokens and a.short_stages else [None]
+        for arm, ring, writes, window, rare, append, token_append, stages in itertools.product(
+                arms, rings, write_impls, windows, rares, appends, token_appends, stage_counts):
             # the switches are read when the step is traced; None: the module's default
             with _switched((attention_pallas, "DEFAULT_RING_PROGRAM", ring), (cc, "DEFAULT_WRITES_IMPL", writes),
                            (attention_mosaic, "DEFAULT_WINDOW_IMPL", window), (llama, "RARE_WRITES", rare),
-                           (cache_mosaic, "APPEND_IMPL", append), (cache_kivi, "APPEND_IMPL", token_append)):
+                           (cache_mosaic, "APPEND_IMPL", append), (cache_kivi, "APPEND_IMPL", token_append),
+                           (attention_pallas, "SHORT_NUM_STAGES", stages)):
                 cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
                 _, cache = jax.jit(apply)(params, ids, cache)
                 row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
                 ring, writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
                 rare, append = llama.rare_writes_mode(), cache_mosaic.append_impl()
-                token_append = cache_kivi.append_impl()
+                token_append, stages = cache_kivi.append_impl(), attention_pallas.SHORT_NUM_STAGES
                 window = attention_mosaic.window_impl_name()
             row.update(cache=name, model=a.model, layers=a.layers, batch=a.batch,
                        xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),
                        **({"ring_program": ring, "rare_writes": rare} if kivi is not None else {}),
                        **({"mosaic_window": window, "mosaic_append": append} if mosaic else {}),
-                       **({"kivi_append": token_append} if kivi is not None and not mosaic else {}))
+                       **({"kivi_append": token_append, "short_num_stages": stages} if tokens else {}))
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
             if "kernels" in row:
                 print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
             suffix = ((f"-{window}-append-{append}" if mosaic else "") + (f"-rare-{rare}" if kivi is not None else "")
-                      + (f"-append-{token_append}" if kivi is not None and not mosaic else ""))
+                      + (f"-append-{token_append}-stages-{stages}" if tokens else ""))
             (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
     (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(

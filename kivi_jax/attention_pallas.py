@@ -189,6 +189,11 @@ DEFAULT_VARIANT = "swap"
 RING_PROGRAMS = kivi_decode.RING_SPLITS + ("launch", "auto")
 DEFAULT_RING_PROGRAM = "auto"
 LAUNCH_RING_FROM = 4096
+# the KIVI kernel's pipeline stages below LAUNCH_RING_FROM tokens of capacity, where a row is a few
+# chunks and most of it the ring (None: the kernel's default, 3, measured at long context). On the
+# H200 at batch 96, rows of 257-384 tokens, in turns: 0.0631 vs 0.0655 ms (8 KV heads), 0.184 vs
+# 0.198 (32) (decode-attention-short-run78); at B=64, T=4096 3 stages were 2% faster (1.24 vs 1.27 ms).
+SHORT_NUM_STAGES = 2
 
 
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
@@ -203,8 +208,9 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
 
     A DenseCache goes to the dense flash-decoding kernel (:mod:`pallas_kernels.dense_decode`),
     which reads a layer-stacked cache in place too (``stack``; ``kivi_jax.decode_attention``'s
-    "auto" uses it on GPU). num_stages: None for each kernel's measured default (KIVI 3,
-    dense 2). ring_program: who attends a KIVI cache's residual ring (:data:`RING_PROGRAMS`;
+    "auto" uses it on GPU). num_stages: None for each kernel's measured default (KIVI 3, or
+    SHORT_NUM_STAGES below LAUNCH_RING_FROM tokens of capacity; dense 2). ring_program: who
+    attends a KIVI cache's residual ring (:data:`RING_PROGRAMS`;
     None: :data:`DEFAULT_RING_PROGRAM`). dequant: how the KIVI kernel turns codes into numbers
     (:data:`pallas_kernels.kivi_decode.DEQUANTS`; "auto": magic-number PTX where it applies).
 
@@ -345,6 +351,8 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     ring, ring_len = _ring(cache, stack, layer, chunk)
     if ring_program == "auto":
         ring_program = "launch" if cache.capacity >= LAUNCH_RING_FROM else "first"
+    if "num_stages" not in knobs and SHORT_NUM_STAGES and cache.capacity < LAUNCH_RING_FROM:
+        knobs = dict(knobs, num_stages=SHORT_NUM_STAGES)
     kernel = functools.partial(
         kivi_decode.kivi_decode_partials, qp, *arrays, layer=layer, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, variant=variant, interpret=interpret,

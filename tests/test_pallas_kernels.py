@@ -267,6 +267,23 @@ def test_auto_ring_program_by_capacity(monkeypatch, launch_from, launches):
     assert len(calls) == launches
 
 
+@pytest.mark.parametrize("launch_from,short,asked,stages", [(4096, 2, None, 2), (512, 2, None, 3), (4096, None, None, 3),
+                                                         (4096, 2, 4, 4)])
+def test_kernel_stages_by_capacity(monkeypatch, launch_from, short, asked, stages):
+    """The KIVI kernel runs SHORT_NUM_STAGES pipeline stages below LAUNCH_RING_FROM tokens of
+    capacity (rows of a few chunks: measured faster there), its own default (3) from there on or
+    when SHORT_NUM_STAGES is None, and any num_stages asked for (traced for a GPU: the Triton
+    compiler parameters of each launch)."""
+    monkeypatch.setattr(attention_pallas, "LAUNCH_RING_FROM", launch_from)
+    monkeypatch.setattr(attention_pallas, "SHORT_NUM_STAGES", short)
+    cache = _cache(kj.KIVIConfig(group_size=32, residual_length=32), [300, 77], 2, 64, jnp.float32, 25)
+    assert cache.capacity == 512
+    q = jnp.ones((2, 4, 1, 64), jnp.float32)
+    run = functools.partial(attention_pallas.decode_attention, num_stages=asked)
+    calls = [e for e in jaxpr_walk.eqns(jax.make_jaxpr(run)(q, cache).jaxpr) if e.primitive.name == "pallas_call"]
+    assert calls and all(e.params["compiler_params"].num_stages == stages for e in calls)
+
+
 def test_ring_in_the_kernel_only_where_supported():
     """The residual ring goes into the kernel when R is a power of two of whole chunks (else
     plain JAX: R = 48 with 1-bit keys, as in the half-word test above)."""
