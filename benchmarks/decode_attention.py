@@ -257,14 +257,14 @@ def short_rows(rounds=5, shapes=((96, 384, 8), (96, 384, 32)), hq=32, variants=N
         dense = kj.DenseCache.init(batch=b, num_kv_heads=hkv, head_dim=D, max_length=t, dtype=jnp.bfloat16)
         kd, vd = (jax.random.normal(jax.random.key(s), dense.k.shape, jnp.bfloat16) for s in (3, 4))
         dense = dataclasses.replace(dense, k=kd, v=vd, lengths=length.astype(jnp.int32))
-        arms = {name: (jax.jit(lambda q, c, o=SHORT_VARIANTS[name]: attention_pallas.decode_attention(q, c, **o)), cache)
-                for name in variants or SHORT_VARIANTS}
-        arms["dense_pallas"] = (jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), dense)
+        arms = {name: (jax.jit(lambda q, c, o=SHORT_VARIANTS[name]: attention_pallas.decode_attention(q, c, **o)),
+                       (cache,)) for name in variants or SHORT_VARIANTS}  # name -> (fn, its arguments after q)
+        arms["dense_pallas"] = (jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), (dense,))
         arms["dense_bf16_xla"] = (jax.jit(lambda q, k, v: dense_attention(q, k, v)), (kd, vd))  # (all t tokens)
         outs = {}
         for name, (fn, arg) in list(arms.items()):
             try:
-                outs[name] = jax.block_until_ready(fn(q, *arg) if isinstance(arg, tuple) else fn(q, arg))
+                outs[name] = jax.block_until_ready(fn(q, *arg))
             except Exception as e:  # noqa: BLE001 - a knob this shape refuses: listed, not timed
                 print("failed", name, b, t, hkv, type(e).__name__, str(e)[:300], flush=True)
                 rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "impl": name, "median_ms": None,
@@ -273,7 +273,7 @@ def short_rows(rounds=5, shapes=((96, 384, 8), (96, 384, 32)), hq=32, variants=N
         times = {name: [] for name in arms}
         for _ in range(rounds):
             for name, (fn, arg) in arms.items():
-                times[name].append(common.time_fn(fn, q, *arg) if isinstance(arg, tuple) else common.time_fn(fn, q, arg))
+                times[name].append(common.time_fn(fn, q, *arg))
         base = float(np.median(times["dense_pallas"]))
         for name, ms in times.items():
             diff = None if name.startswith("dense") else float(
