@@ -377,13 +377,13 @@ def _key_start(ctx, *cs, offset=False):
     return _fragmented(regs)
 
 
-def _value_operand(ctx, p, *rest, u, offset=False):
+def _value_operand(ctx, p, *rest, u, offset=False, sums_only=False):
     """(inline) chunk u's Bv [64, 16] bf16 and the running column sums mc2 + (columns 0-3 of
     chunk u's half: p, or with offset bf16(y); 4-7: y) from p [64] (row layout), with offset
     p 4^-f [64], the value tile vt [64, 16] bf16 (two chunks' s | m) and mc2 [64, 16] f32.
     y = p s (offset: p 4^-f s) | p m in the 8 columns of chunk u % 2 (a static half: no selects
     over columns), zeros in the other's. So Σ p is columns 0 and 8 of mc2 together (offset: the
-    caller sums p itself)."""
+    caller sums p itself). sums_only: only mc2 (narrow operands build Bv on their own)."""
     del ctx
     pf, vt, mc2 = rest if offset else (p, *rest)
     ir, arith, _, _, vector, mgpu = _mlir()
@@ -404,7 +404,123 @@ def _value_operand(ctx, p, *rest, u, offset=False):
         # offset: the s columns' sum as the tensor cores take them (it cancels 128 times its own)
         add = arith.extf(pair, yb) if offset else vector.broadcast(pair, ph)
         mc_regs[_wgmma_reg(t, h)] = arith.addf(mc_regs[_wgmma_reg(t, h)], arith.select(right, y, add))
-    return _fragmented(y_regs), _fragmented(mc_regs)
+    return _fragmented(mc_regs) if sums_only else (_fragmented(y_regs), _fragmented(mc_regs))
+
+
+# ---- narrow operands (G > 1): only the columns a chunk's products are read in -------------------
+# The fused operands hold each query row's 16 columns (N = 16 G): of a key chunk's 16 G product
+# columns the picks read 2 G (the chunk's two key groups a row), of a value chunk's 4 G. Narrow
+# operands hold only those, for every row at once in N = 16 (wgmma's least for a bf16 operand in
+# shared memory: swizzle 16, 8 columns, is not supported): key chunk u's Bk_u column
+# :func:`narrow_key_column` (h, e) = q_h ∘ s_{2u+e}, Bv column :func:`narrow_value_column` (h, g)
+# = p_h ∘ s_g, so at G = 4 a chunk's products are 4x narrower. Each thread builds the columns its
+# WGMMA fragment holds (:func:`wgmma_position`), its scales fetched from the quad's lane that
+# loaded them with one shuffle a register.
+
+def narrow_key_column(h, e):
+    """Key operand column of query row h, key group 2u + e of chunk u (lane h of a quad, element e)."""
+    return 2 * h + e
+
+
+def narrow_value_column(h, g):
+    """Value operand (and o accumulator) column of query row h, channel group g."""
+    return 4 * h + g
+
+
+def _lane():
+    """(inline) this thread's lane within its quad (lane % 4) as an i32."""
+    ir, arith, gpu, _, _, _ = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    return arith.andi(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), arith.constant(i32, 3))
+
+
+def _quad_shuffle(reg, src):
+    """(inline) a 32-bit register (a bf16 pair) from lane ``src`` (an int or an i32 value) of this quad."""
+    ir, _, _, llvm, _, _ = _mlir()
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    i32 = ir.IntegerType.get_signless(32)
+    word = mgpu_utils.bitcast(reg, i32)
+    if isinstance(src, int):
+        x = llvm.inline_asm(i32, [word], f"shfl.sync.idx.b32 $0, $1, {src}, 0x1c1f, 0xffffffff;", "=r,r",
+                            has_side_effects=False)
+    else:
+        x = llvm.inline_asm(i32, [word, src], "shfl.sync.idx.b32 $0, $1, $2, 0x1c1f, 0xffffffff;", "=r,r,r",
+                            has_side_effects=False)
+    return mgpu_utils.bitcast(x, reg.type)
+
+
+def _narrow_keys(ctx, kt, *qs):
+    """(inline) a step's narrow key operands from its key tile kt [128, 16] bf16 (s | m) and the
+    query rows q_h [128] f32 (row layout): Bk_u [128, 16] bf16 for its four chunks (column
+    :func:`narrow_key_column` (h, e) = q_h ∘ s_{2u+e}, columns 2G.. zero) and M [128, 32] f32,
+    column 8u + (h, e) = q_h ∘ m_{2u+e}, whose column sums are the chunks' key constants. A
+    thread holds Bk's columns 2 (lane % 4) + e: query row lane % 4 and the pair (s_{2u}, s_{2u+1}),
+    which lane u of its quad loaded (kt's columns 2u + e)."""
+    del ctx
+    ir, arith, _, _, vector, mgpu = _mlir()
+    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
+    i32 = ir.IntegerType.get_signless(32)
+    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
+    lane = _lane()
+    shape = mgpu.WGMMA_LAYOUT.registers_shape((D, N))
+    bks = [np.empty(shape, dtype=object) for _ in range(KEY_BLOCK // CHUNK)]
+    mk = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((D, 8 * len(bks))), dtype=object)
+    for rt, h in np.ndindex(2, 2):  # 64-row tile, row half
+        q = arith.constant(f32, 0.0)  # this lane's query row (none past G)
+        for g, qg in enumerate(qs):
+            q = arith.select(arith.cmpi(arith.CmpIPredicate.eq, lane, arith.constant(i32, g)),
+                             vector.extract(qg.registers[rt, 0, h, 0, 0], [], [0]), q)
+        q = vector.broadcast(pair, q)
+        s_reg, m_reg = (kt.registers[(rt, t) + _wgmma_reg(t, h)[2:]] for t in (0, 1))
+        for u, bk in enumerate(bks):
+            bk[(rt, 0) + _wgmma_reg(0, h)[2:]] = arith.truncf(bf16_pair, arith.mulf(q, arith.extf(pair, _quad_shuffle(
+                s_reg, u))))
+            bk[(rt, 1) + _wgmma_reg(1, h)[2:]] = zero
+            mk[(rt, u) + _wgmma_reg(u, h)[2:]] = arith.mulf(q, arith.extf(pair, _quad_shuffle(m_reg, u)))
+    return tuple(_fragmented(r) for r in bks) + (_fragmented(mk),)
+
+
+def _narrow_starts(ctx, c):
+    """(inline) the key constants c [64, 32] (every row M's column sums) -> each chunk u's key
+    accumulator start [64, 16]: its columns 8u.. moved to columns 0.. (register moves)."""
+    del ctx
+    _, _, _, _, _, mgpu = _mlir()
+    starts = []
+    for u in range(KEY_BLOCK // CHUNK):
+        regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
+        for t, h in np.ndindex(2, 2):
+            regs[_wgmma_reg(t, h)] = c.registers[_wgmma_reg(u, h)]  # (columns 8.. the pick never reads)
+        starts.append(_fragmented(regs))
+    return tuple(starts)
+
+
+def _narrow_value_operand(ctx, vt, *ps, u):
+    """(inline) chunk u's narrow Bv [64, 16] bf16 from the value tile vt [64, 16] bf16 (two
+    chunks' s | m) and the query rows' p_h [64] f32 (row layout): column
+    :func:`narrow_value_column` (h, g) = p_h ∘ s_g. A thread holds columns 8 t + 2 (lane % 4) + e:
+    query row 2t + (lane % 4) // 2, groups 2 (lane % 2) + e, whose scales lane lane % 2 of its
+    quad loaded (vt's columns 8 (u % 2) + 2 (lane % 2) + e)."""
+    del ctx
+    ir, arith, _, _, vector, mgpu = _mlir()
+    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
+    i32 = ir.IntegerType.get_signless(32)
+    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
+    right = _thread_bit(2)  # lanes 2, 3 of a quad: the odd query row of a column tile
+    src = arith.andi(_lane(), arith.constant(i32, 1))
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
+    assert len(ps) in (2, 4), "narrow operands take G = 2 or 4 query rows"
+    for h in range(2):
+        s = arith.extf(pair, _quad_shuffle(vt.registers[_wgmma_reg(u % 2, h)], src))
+        p = [vector.extract(x.registers[0, 0, h, 0, 0], [], [0]) for x in ps]
+        for t in range(2):
+            if 2 * t < len(p):
+                pt = vector.broadcast(pair, arith.select(right, p[2 * t + 1], p[2 * t]))
+                regs[_wgmma_reg(t, h)] = arith.truncf(bf16_pair, arith.mulf(pt, s))
+            else:  # (G = 2: columns 8.. hold no row)
+                regs[_wgmma_reg(t, h)] = zero
+    return _fragmented(regs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,7 +528,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
            ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = True,
-           sliding: bool = False, span: int = 0, profile_dir: str = ""):
+           sliding: bool = False, span: int = 0, narrow: bool | None = None, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -477,6 +593,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     0.27 ms of a 32-layer step: decode-step-ab-2026-12-02-run43). GQA 4 at B=64, T=4k: 0.267 vs
     0.376 ms (0.71x; dense 0.295), MHA 0.381 vs 0.390, in turns (results/mosaic-ab-run45-4k): the
     broadcast q tile was a [128, 16] shared-memory load per query row a step.
+    narrow (G > 1; default False): a key chunk's wgmma takes only the 2 G columns its picks read
+    and a value chunk's the 4 G it needs, all rows in one N = 16 operand (:func:`_narrow_keys`,
+    :func:`_narrow_value_operand`) instead of the fused 16 G: at G = 4 the products 4x narrower.
+    Not with key_offset, value_offset or prefetch_bk.
     sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
     row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
     first one's tokens below start are masked. span (sliding only): the splits partition each
@@ -499,8 +619,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
     fused = heads > 1 if fused is None else fused and heads > 1
+    narrow = bool(narrow)
     hs = range(heads)
-    nb, nbc = (1, N * heads) if fused else (heads, N)  # B operands / value accumulators, and their columns
+    nb, nbc = (1, N * heads) if fused and not narrow else (1 if narrow else heads, N)  # B operands / value accumulators, and their columns
 
     def blk(h):  # (operand, column block) of query row h
         return (0, h) if fused else (h, 0)
@@ -578,6 +699,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             return lax.broadcast_in_dim(plgpu.load(ref, (), layout=wg.reduce(1)).astype(f32), (D, N), (0,))
 
         def build_bk(kt_ref, bk_smem, q_ref=q_smem):  # Bk_h = q_h ∘ [s | m] into bk_smem -> the key accumulators' starts
+            if narrow:
+                return build_narrow_bk(kt_ref, bk_smem, q_ref)
             with jax.named_scope("bk"):
                 kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
                 c = []  # Bk's column sums, every row (q_h · s_g | q_h · m_g)
@@ -599,6 +722,18 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return ([inline(start, c, mgpu_out((CHUNK, nbc), f32))] if fused else
                         [inline(start, [c[h]], mgpu_out((CHUNK, N), f32)) for h in hs])
 
+        @jax.named_scope("bk")
+        def build_narrow_bk(kt_ref, bk_smem, q_ref):  # each chunk's Bk_u into bk_smem.at[u] -> its key accumulator's start
+            qs = [plgpu.load(q_ref.at[h], (), layout=wg.reduce(1)).astype(f32) for h in hs]
+            *bks, mk = inline(_narrow_keys, [plgpu.load(kt_ref, (), layout=wg), *qs],
+                              tuple(mgpu_out((D, N), bf16) for _ in range(chunks)) + (mgpu_out((D, 8 * chunks), f32),),
+                              layouts=(wg,) + (wg.reduce(1),) * heads)
+            for u, bk in enumerate(bks):
+                bk_smem.at[u][...] = bk
+            plgpu.commit_smem()
+            c = lax.broadcast_in_dim(jnp.sum(mk, axis=0), (CHUNK, 8 * chunks), (1,))  # the key constants, every row
+            return list(inline(_narrow_starts, [c], tuple(mgpu_out((CHUNK, N), f32) for _ in range(chunks))))
+
         def step(j, kn_ref, kt_ref, vn_ref, vt_ref, carry, bk_smem=bk_smem, starts=None, prefetch=None, n=n,
                  q_ref=q_smem):
             # -> the carry (with prefetch: and the next step's starts, which prefetch() builds);
@@ -611,6 +746,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             def keys(first, *accs):  # scoresᵀ [64, 16] of chunks first .. first + group, each row h
                 for i, u in enumerate(range(first, first + group)):
                     a_lo, a_hi = _codes_operands(kn_ref.at[pl.ds(u * CHUNK, CHUNK)], offset=key_offset)
+                    if narrow:  # chunk u's own operand
+                        plgpu.wgmma(accs[i], a_lo, bk_smem.at[u, pl.ds(0, D // 2)])
+                        plgpu.wgmma(accs[i], a_hi, bk_smem.at[u, pl.ds(D // 2, D // 2)])
+                        continue
                     for b in range(nb):
                         plgpu.wgmma(accs[i * nb + b], a_lo, bk_smem.at[b, pl.ds(0, D // 2)])
                         plgpu.wgmma(accs[i * nb + b], a_hi, bk_smem.at[b, pl.ds(D // 2, D // 2)])
@@ -619,12 +758,19 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             scores = []  # [chunk * heads + h]: chunk u's [64] scores of query row h
             with jax.named_scope("keys"):
                 for first in range(0, chunks, group):
+                    if narrow:  # row h's score of a token in column narrow_key_column(h, e): lane h
+                        part = from_start(functools.partial(keys, first), starts[first:first + group])
+                        scores += [pick(j, first + i, part[i], 0, n, lane=h) for i in range(group) for h in hs]
+                        continue
                     part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
                     scores += [pick(j, first + i, part[i * nb + blk(h)[0]], blk(h)[1], n) for i in range(group) for h in hs]
             return softmax_and_values(j, scores, vn_ref, vt_ref, *carry, prefetch=prefetch, starts=starts)
 
-        def pick(j, u, acc, k, n):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
-            s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u, tile=2 * k)
+        def pick(j, u, acc, k, n, lane=None):  # chunk u's [64] scores (column block k of acc; the constant is in), masked
+            # (narrow: the scores of row ``lane`` lie in acc's columns 2 lane + e as chunk ``lane``'s
+            # do in a wide block)
+            s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u if lane is None else lane,
+                       tile=2 * k)
             t = j * KEY_BLOCK + u * CHUNK + tok
             return jnp.where(((t >= n) | (t < start)) if sliding else t >= n, -jnp.inf, s)
 
@@ -638,7 +784,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         @jax.named_scope("softmax")
         def softmax_and_values(j, scores, vn_ref, vt_ref, m, o1, mc2, ls, prefetch=None, starts=()):
             m, o1, mc2, ls = list(m), list(o1), list(mc2), list(ls)  # each a tuple over the query rows
-            alpha = []
+            alpha, ps = [], {}  # (narrow: each chunk's p of every query row)
             with jax.named_scope("bv"):
                 vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
                 for h in hs:
@@ -659,9 +805,18 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                             args, layouts = [p, p * value_scale, vts[u // 2], mc2[h]], (wg.reduce(1),) * 2 + (wg, wg)
                         else:
                             args, layouts = [p, vts[u // 2], mc2[h]], (wg.reduce(1), wg, wg)
+                        if narrow:  # the running sums here, the rows' Bv below
+                            mc2[h] = inline(functools.partial(_value_operand, sums_only=True), args,
+                                            mgpu_out((CHUNK, N), f32), layouts=layouts, u=u)
+                            ps.setdefault(u, []).append(p)
+                            continue
                         y, mc2[h] = inline(functools.partial(_value_operand, offset=value_offset), args,
                                            (mgpu_out((CHUNK, N), bf16), mgpu_out((CHUNK, N), f32)), layouts=layouts, u=u)
                         cols(bv_smem, h, pl.ds(u * CHUNK, CHUNK))[...] = y
+                for u, pu in ps.items():
+                    bv_smem.at[0, pl.ds(u * CHUNK, CHUNK)][...] = inline(
+                        _narrow_value_operand, [vts[u // 2], *pu], mgpu_out((CHUNK, N), bf16),
+                        layouts=(wg,) + (wg.reduce(1),) * heads, u=u)
                 plgpu.commit_smem()
 
             def values(first, *refs, build_next=None):
@@ -676,7 +831,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         ref[...] = x
                 plgpu.wgmma_wait(0)
 
-            if fused:  # column block h rescaled by alpha_h
+            if narrow:  # row h's columns 4h.. rescaled by alpha_h
+                scale = alpha[0]
+                for h in hs[1:]:
+                    scale = jnp.where(vcol >= narrow_value_column(h, 0), alpha[h], scale)
+                o1 = [o1[0] * scale]
+            elif fused:  # column block h rescaled by alpha_h
                 scale = alpha[0]
                 for h in hs[1:]:
                     scale = jnp.where(vcolb >= N * h, alpha[h], scale)
@@ -762,7 +922,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 own_cols = (vcol == g) | (vcol == g + 8)
                 mc = jnp.where((vcol == g + 4) | (vcol == g + 12), mc, jnp.where(own_cols, -128.0 * mc, 0.0)
                                if value_offset else 0.0)
-                if fused:
+                if narrow:
+                    o_smem.at[h][...] = (jnp.sum(jnp.where(vcol == narrow_value_column(h, g), o1[0], 0.0), axis=1)
+                                         + jnp.sum(mc, axis=1))
+                elif fused:
                     gb = N * h + vrowb // GROUP  # row h's column block
                     o_smem.at[h][...] = (jnp.sum(jnp.where((vcolb == gb) | (vcolb == gb + 8), o1[0], 0.0), axis=1)
                                          + jnp.sum(mc, axis=1))
@@ -849,6 +1012,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     if rows_per_program < 1 or (persist and (multi or prefetch_bk or sliding)):
         raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, or more with warpgroups=1, no prefetch_bk "
                          "and no sliding window")
+    if narrow and (heads == 1 or key_offset or value_offset or prefetch_bk):
+        raise ValueError(f"narrow=True takes G = 2 or 4 query rows a KV head (got G={heads}) and no key_offset, "
+                         "value_offset or prefetch_bk")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
@@ -872,7 +1038,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                   jax.ShapeDtypeStruct((rows, splits, heads, 2, D), f32)),
         scratch_types=[own(per_row + (heads, D), bf16) if compact_q else own(per_row + (heads, D, N), bf16, b_op),
                        own(per_row + (32,), jnp.int32),
-                       own(((2,) if prefetch_bk else ()) + (nb, D, nbc), bf16, b_op),
+                       own(((2,) if prefetch_bk else ()) + ((chunks, D, N) if narrow else (nb, D, nbc)), bf16, b_op),
                        own((nb, KEY_BLOCK, nbc), bf16, b_op),
                        own((heads, D), f32), own((heads, 2, D), f32),
                        plgpu.Barrier(num_arrivals=1, num_barriers=warpgroups),

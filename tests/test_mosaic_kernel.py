@@ -110,6 +110,30 @@ def test_work_by_lane_reads_the_right_elements():
         assert col // 8 == t  # _key_start and _value_operand move whole registers between halves
 
 
+def test_narrow_operands_columns_are_where_each_thread_builds_them():
+    """Narrow operands (kivi_mosaic._narrow_keys / _narrow_value_operand), against the wgmma
+    fragment: a key operand's thread (any warp, lane, row half) holds in column tile 0 query row
+    lane % 4's two key groups (narrow_key_column (h, e)), which is where the pick of row h reads
+    them (score_source (h, row): lane h, element = the row's group in the chunk), and their scales sit
+    in kt's columns 2u + e of lane u of its quad; a value operand's thread holds query row
+    2t + bit 1 of its lane and groups 2 (lane % 2) + e, whose scales lane lane % 2 of its quad
+    holds in the value tile (columns 8 (u % 2) + g)."""
+    for w, lane, h, e in np.ndindex(4, 32, 2, 2):
+        row, col = km.wgmma_position(w, lane, 0, h, e)
+        assert col == km.narrow_key_column(lane % 4, e)
+        for u in range(4):  # u: a chunk, and the query row the pick (every thread) reads
+            src, el = km.score_source(u, row)
+            assert km.wgmma_position(w, lane // 4 * 4 + src, 0, h, el) == (row, km.narrow_key_column(u, row // 32))
+            assert km.wgmma_position(w, lane // 4 * 4 + u, 0, h, e)[1] == 2 * u + e  # kt's s_{2u+e}
+            assert km.wgmma_position(w, lane // 4 * 4 + u, 1, h, e)[1] == 8 + 2 * u + e  # kt's m_{2u+e}
+        for t, u in np.ndindex(2, 4):
+            col = km.wgmma_position(w, lane, t, h, e)[1]
+            qrow, g = 2 * t + (lane >> 1 & 1), 2 * (lane % 2) + e
+            assert col == km.narrow_value_column(qrow, g)
+            # the value tile's s_g of chunk u: columns 8 (u % 2) + g, in lane lane % 2 of the quad
+            assert km.wgmma_position(w, lane // 4 * 4 + lane % 2, u % 2, h, e)[1] == 8 * (u % 2) + g
+
+
 def test_layout_round_trips():
     codes = jax.random.randint(jax.random.key(5), (3, 256, D), 0, 4)
     np.testing.assert_array_equal(np.asarray(km.key_codes(km.key_words(codes))), np.asarray(codes))
@@ -304,7 +328,10 @@ def _abstract(rows, t, heads=1):
                                            (2, {"compact_q": True, "fused": False, "value_offset": True}),
                                            (1, {"compact_q": True, "rows_per_program": 2}),
                                            (1, {"compact_q": True, "warpgroups": 2}),
-                                           (1, {"compact_q": True, "prefetch_bk": True})])
+                                           (1, {"compact_q": True, "prefetch_bk": True}),
+                                           (4, {"narrow": True}), (2, {"narrow": True, "splits": 2}),
+                                           (4, {"narrow": True, "group": 2}),
+                                           (4, {"narrow": True, "rows_per_program": 3, "stages": 3})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -315,7 +342,8 @@ def test_kernel_lowers_for_cuda(heads, options):
 
 @pytest.mark.parametrize("heads,options", [(1, {}), (4, {"splits": 3}), (2, {"fused": False, "stages": 3}),
                                            (1, {"key_offset": True, "value_offset": True}),
-                                           (1, {"window": 300}), (4, {"window": 600, "splits": 3})])
+                                           (1, {"window": 300}), (4, {"window": 600, "splits": 3}),
+                                           (4, {"window": 600, "narrow": True}), (2, {"narrow": True})])
 def test_sliding_window_kernel_lowers_for_cuda(heads, options):
     """bulk_partials with starts (the row table's third column) lowers for CUDA, one row a
     program; with window=, its splits over each row's window steps."""
@@ -388,6 +416,10 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, rows_per_program=0)
     with pytest.raises(ValueError, match="compact_q loads q as one column; key_offset"):
         km.bulk_partials(q, n, kn, kt, vn, vt, compact_q=True, key_offset=True)
+    with pytest.raises(ValueError, match=r"narrow=True takes G = 2 or 4 query rows a KV head \(got G=1\)"):
+        km.bulk_partials(q, n, kn, kt, vn, vt, narrow=True)
+    with pytest.raises(ValueError, match=r"narrow=True takes .* \(got G=4\) and no key_offset"):
+        km.bulk_partials(jnp.zeros((2, 4, D), jnp.bfloat16), n, kn, kt, vn, vt, narrow=True, key_offset=True)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
