@@ -70,14 +70,14 @@ MORE_VARIANTS = [("one_cta_an_sm", dict(smem_pad=60 << 10)), ("warpgroups2", dic
                  ("warpgroups3", dict(warpgroups=3)), ("ones_constant", dict(ones_constant=True))]
 # GQA (4 query rows a KV head): one chunk a wgmma group (the default there) and two;
 # fused (the default since -run13, 0.85 vs 0.97 ms): the G rows in one wgmma operand (N = 16 G);
-# unfused: each row its own N = 16 operand; narrow: every row's needed columns in one N = 16
-# operand (a chunk's products 4x narrower at G = 4)
-GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)), ("group2", dict(group=2)),
+# unfused: each row its own N = 16 operand; the default since -run81 is narrow (every row's
+# needed columns in one N = 16 operand, a chunk's products 4x narrower at G = 4: 0.61-0.64x the
+# fused kernel at 4k-16k tokens); wide: the fused operand (N = 16 G) as before
+GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)),
                 ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
                 ("rows2", dict(rows_per_program=2)), ("rows3", dict(rows_per_program=3)),
                 ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False)),
-                ("narrow", dict(narrow=True)), ("narrow_group2", dict(narrow=True, group=2)),
-                ("narrow_rows4", dict(narrow=True, rows_per_program=4))]
+                ("wide", dict(narrow=False)), ("group2", dict(group=2))]
 GQA_QUICK = ("default", "broadcast_q")
 
 
@@ -561,7 +561,7 @@ def main(argv=None):
               # a sliding window (starts): one row a program
               ("sliding", dict(sliding=True)), ("gqa4_sliding_splits3", dict(heads=4, sliding=True, splits=3)),
               ("gqa2_unfused_sliding_stages3", dict(heads=2, fused=False, sliding=True, stages=3)),
-              ("gqa4_narrow", dict(heads=4, narrow=True)), ("gqa2_narrow", dict(heads=2, narrow=True)),
+              ("gqa4_wide", dict(heads=4, narrow=False)), ("gqa2_wide_rows2", dict(heads=2, narrow=False, rows_per_program=2)),
               ("gqa4_narrow_group2_splits1", dict(heads=4, narrow=True, group=2, splits=1)),
               ("gqa4_narrow_rows3_stages3", dict(heads=4, narrow=True, rows_per_program=3, stages=3)),
               ("gqa4_narrow_sliding_splits3", dict(heads=4, narrow=True, sliding=True, splits=3)),

@@ -541,8 +541,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     and one shuffle from the lane holding it, picked after each wgmma group (no [64, 16] selects
     and sums across lanes), Bv and the running sums are built on the chunk's own half only
     (:func:`_value_operand`), and the value products accumulate into o itself (``ACC.init``).
-    One max across the warpgroup a step and row. fused (default: for G > 1; at
-    GQA 4 0.85 vs 0.97 ms, results/mosaic-attention-run13): the G rows' Bk (and Bv) side by side
+    One max across the warpgroup a step and row. fused (G > 1 with narrow=False; the default
+    before narrow, at GQA 4 0.85 vs 0.97 ms, results/mosaic-attention-run13): the G rows' Bk (and Bv) side by side
     in one operand, row h in columns 16h .. 16h + 15, so a chunk is one wgmma with N = 16 G
     instead of G with N = 16, and one value accumulator [128, 16 G]. A row runs ceil(n / 256)
     steps, cut into ``splits`` ranges (programs) of ceil(T / 256 / splits) steps.
@@ -593,10 +593,13 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     0.27 ms of a 32-layer step: decode-step-ab-2026-12-02-run43). GQA 4 at B=64, T=4k: 0.267 vs
     0.376 ms (0.71x; dense 0.295), MHA 0.381 vs 0.390, in turns (results/mosaic-ab-run45-4k): the
     broadcast q tile was a [128, 16] shared-memory load per query row a step.
-    narrow (G > 1; default False): a key chunk's wgmma takes only the 2 G columns its picks read
-    and a value chunk's the 4 G it needs, all rows in one N = 16 operand (:func:`_narrow_keys`,
-    :func:`_narrow_value_operand`) instead of the fused 16 G: at G = 4 the products 4x narrower.
-    Not with key_offset, value_offset or prefetch_bk.
+    narrow (G > 1; the default there but with fused=False, compact_q=False, key_offset,
+    value_offset or prefetch_bk, which it does not take): a key chunk's wgmma takes only the 2 G columns its picks
+    read and a value chunk's the 4 G it needs, all rows in one N = 16 operand (:func:`_narrow_keys`,
+    :func:`_narrow_value_operand`) instead of the fused 16 G: at G = 4 the products are 4x
+    narrower, and the kernel 0.61-0.64x the fused one's time over 4k-16k tokens (B=64, T=4k:
+    0.166 vs 0.263 ms), the same numbers to the last bit against the reference
+    (results/mosaic-narrow-run81).
     sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
     row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
     first one's tokens below start are masked. span (sliding only): the splits partition each
@@ -618,8 +621,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     per_split = -(-(span or tokens // KEY_BLOCK) // splits)  # (as split_range's)
     half = CHUNK // 2
     group = group or (2 if heads == 1 else 1)
+    if narrow is None:
+        narrow = heads > 1 and fused is not False and compact_q and not (key_offset or value_offset or prefetch_bk)
     fused = heads > 1 if fused is None else fused and heads > 1
-    narrow = bool(narrow)
     hs = range(heads)
     nb, nbc = (1, N * heads) if fused and not narrow else (1 if narrow else heads, N)  # B operands / value accumulators, and their columns
 
@@ -1012,9 +1016,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     if rows_per_program < 1 or (persist and (multi or prefetch_bk or sliding)):
         raise ValueError(f"rows_per_program={rows_per_program}; allowed: 1, or more with warpgroups=1, no prefetch_bk "
                          "and no sliding window")
-    if narrow and (heads == 1 or key_offset or value_offset or prefetch_bk):
-        raise ValueError(f"narrow=True takes G = 2 or 4 query rows a KV head (got G={heads}) and no key_offset, "
-                         "value_offset or prefetch_bk")
+    if narrow and (heads == 1 or key_offset or value_offset or prefetch_bk or not compact_q):
+        raise ValueError(f"narrow=True takes G = 2 or 4 query rows a KV head (got G={heads}), compact_q and no "
+                         "key_offset, value_offset or prefetch_bk")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
