@@ -73,11 +73,13 @@ def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
 
 
 #: KIVIConfig(layout="auto") with grouped-query attention picks the Mosaic layout from this many
-#: tokens of capacity (max_length): on the H200 the Mistral-7B shape took 42.08 vs 45.92 ms steps
-#: at 4352 tokens, batch 256 (results/e2e-2026-12-02-run56-mistral4k), but 8.53 vs 8.03 ms at the
-#: paper's 498 tokens, batch 96 (-run51-mistral-paper): 4 query rows a KV head make the kernel
-#: compute-bound and its short rows' window and append dominate.
-AUTO_GQA_MIN_LENGTH = 4096
+#: tokens of capacity (max_length). On the H200, with the kernel's narrow GQA operands, the
+#: Mistral-7B shape's 32-layer step took 8.41 vs 9.06 ms (the token layout; dense 8.43) at 2048
+#: tokens, batch 64, but 7.87 vs 7.17 ms at the paper's 498 tokens, batch 96
+#: (results/decode-step-ab-2026-12-03-run82-*), where rows of one or two 256-token steps leave the
+#: Mosaic path's window and append the larger share; at 4352 tokens, batch 256, 42.08 vs 45.92 ms
+#: even before the narrow operands (e2e-2026-12-02-run56-mistral4k). Between 512 and 2048: not measured.
+AUTO_GQA_MIN_LENGTH = 2048
 
 
 def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_length: int,
