@@ -653,7 +653,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         narrow = heads > 1 and fused is not False and compact_q and not (key_offset or value_offset or prefetch_bk)
     fused = heads > 1 if fused is None else fused and heads > 1
     hs = range(heads)
-    nb, nbc = (1, N * heads) if fused and not narrow else (1 if narrow else heads, N)  # B operands / value accumulators, and their columns
+    # B operands / value accumulators, and their columns
+    nb, nbc = (1, N) if narrow else (1, N * heads) if fused else (heads, N)
 
     def blk(h):  # (operand, column block) of query row h
         return (0, h) if fused else (h, 0)
@@ -819,21 +820,15 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             alpha, ps = [], {}  # (narrow: each chunk's p of every query row)
             with jax.named_scope("bv"):
                 vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
-                tops = []
-                for h in hs:
-                    s = [scores[u * heads + h] for u in range(chunks)]
-                    top = s[0]
-                    for su in s[1:]:
-                        top = jnp.maximum(top, su)
-                    tops.append(top)
+                by_row = [[scores[u * heads + h] for u in range(chunks)] for h in hs]
+                tops = [functools.reduce(jnp.maximum, s) for s in by_row]
                 if stack_max:  # every row's max in one reduction across the warpgroup
                     x = inline(_stack_tops, tops, mgpu_out((CHUNK, 4 * heads), f32), layouts=(wg.reduce(1),) * heads)
                     maxima = inline(functools.partial(_row_maxima, rows=heads), [jnp.max(x, axis=0)],
                                     tuple(mgpu_out((), f32, plgpu.Layout.WG_SPLAT(())) for _ in hs), layouts=(every,))
                 else:
                     maxima = [step_max(top) for top in tops]  # one reduction across the warpgroup a row
-                for h in hs:
-                    s = [scores[u * heads + h] for u in range(chunks)]
+                for h, s in zip(hs, by_row):
                     m_new = jnp.maximum(m[h], maxima[h])
                     alpha.append(jnp.exp(m[h] - m_new))
                     m[h] = m_new
