@@ -77,7 +77,7 @@ GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)),
                 ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
                 ("rows2", dict(rows_per_program=2)), ("rows3", dict(rows_per_program=3)),
                 ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False)),
-                ("wide", dict(narrow=False)), ("group2", dict(group=2)), ("stack_max", dict(stack_max=True))]
+                ("wide", dict(narrow=False)), ("group2", dict(group=2))]
 GQA_QUICK = ("default", "broadcast_q")
 
 
@@ -561,7 +561,6 @@ def main(argv=None):
               # a sliding window (starts): one row a program
               ("sliding", dict(sliding=True)), ("gqa4_sliding_splits3", dict(heads=4, sliding=True, splits=3)),
               ("gqa2_unfused_sliding_stages3", dict(heads=2, fused=False, sliding=True, stages=3)),
-              ("gqa4_stack_max", dict(heads=4, stack_max=True)), ("gqa2_stack_max_rows2", dict(heads=2, stack_max=True, rows_per_program=2)),
               ("gqa4_wide", dict(heads=4, narrow=False)), ("gqa2_wide_rows2", dict(heads=2, narrow=False, rows_per_program=2)),
               ("gqa4_narrow_group2_splits1", dict(heads=4, narrow=True, group=2, splits=1)),
               ("gqa4_narrow_rows3_stages3", dict(heads=4, narrow=True, rows_per_program=3, stages=3)),

@@ -495,30 +495,6 @@ def _narrow_starts(ctx, c):
     return tuple(starts)
 
 
-def _stack_tops(ctx, *tops):
-    """(inline) G (2 or 4) query rows' step tops [64] (row layout) -> X [64, 4G] f32 with
-    X[r, 8t + 2j + e] = top_{2t+e}[r]: a column max of X is every row's
-    maximum in one reduction across the warpgroup (Mosaic reduces a thread's registers together:
-    one pair of barriers instead of one a row), and every thread then holds all of them."""
-    del ctx
-    ir, _, _, _, vector, mgpu = _mlir()
-    assert len(tops) in (2, 4), "stack_max takes G = 2 or 4 query rows"
-    pair = ir.VectorType.get((2,), ir.F32Type.get())
-    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, 4 * len(tops))), dtype=object)
-    for t, h in np.ndindex(len(tops) // 2, 2):
-        x = [vector.extract(tops[2 * t + e].registers[0, 0, h, 0, 0], [], [0]) for e in range(2)]
-        regs[_wgmma_reg(t, h)] = vector.from_elements(pair, x)
-    return _fragmented(regs)
-
-
-def _row_maxima(ctx, colmax, *, rows):
-    """(inline) X's column maxima [4G] (:func:`_stack_tops`) -> each row's maximum as a scalar."""
-    del ctx
-    _, _, _, _, vector, mgpu = _mlir()
-    return tuple(mgpu.FragmentedArray.splat(vector.extract(colmax.registers[h // 2, 0, 0], [], [h % 2]), ())
-                 for h in range(rows))
-
-
 def _narrow_value_operand(ctx, vt, *ps, u):
     """(inline) chunk u's narrow Bv [64, 16] bf16 from the value tile vt [64, 16] bf16 (two
     chunks' s | m) and the query rows' p_h [64] f32 (row layout): column
@@ -552,8 +528,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
            ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = True,
-           sliding: bool = False, span: int = 0, narrow: bool | None = None, stack_max: bool = False,
-           profile_dir: str = ""):
+           sliding: bool = False, span: int = 0, narrow: bool | None = None, profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -625,9 +600,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     narrower, and the kernel 0.61-0.64x the fused one's time over 4k-16k tokens (B=64, T=4k:
     0.166 vs 0.263 ms), the same numbers to the last bit against the reference
     (results/mosaic-narrow-run81).
-    stack_max (G > 1, one warpgroup): the G rows' step maxima in one reduction across the
-    warpgroup (:func:`_stack_tops`) instead of one each, and (narrow) shared memory enough for
-    Mosaic to sum the key constants' [128, 32] in one round (4 KiB of reduction scratch, not 2).
     sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
     row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
     first one's tokens below start are masked. span (sliding only): the splits partition each
@@ -822,12 +794,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
                 by_row = [[scores[u * heads + h] for u in range(chunks)] for h in hs]
                 tops = [functools.reduce(jnp.maximum, s) for s in by_row]
-                if stack_max:  # every row's max in one reduction across the warpgroup
-                    x = inline(_stack_tops, tops, mgpu_out((CHUNK, 4 * heads), f32), layouts=(wg.reduce(1),) * heads)
-                    maxima = inline(functools.partial(_row_maxima, rows=heads), [jnp.max(x, axis=0)],
-                                    tuple(mgpu_out((), f32, plgpu.Layout.WG_SPLAT(())) for _ in hs), layouts=(every,))
-                else:
-                    maxima = [step_max(top) for top in tops]  # one reduction across the warpgroup a row
+                # one reduction across the warpgroup a row (all G rows' in one reduction, git 6857c93
+                # stack_max, was 1.04x slower: results/mosaic-stack-max-run84)
+                maxima = [step_max(top) for top in tops]
                 for h, s in zip(hs, by_row):
                     m_new = jnp.maximum(m[h], maxima[h])
                     alpha.append(jnp.exp(m[h] - m_new))
@@ -1052,8 +1021,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     if narrow and (heads == 1 or key_offset or value_offset or prefetch_bk or not compact_q):
         raise ValueError(f"narrow=True takes G = 2 or 4 query rows a KV head (got G={heads}), compact_q and no "
                          "key_offset, value_offset or prefetch_bk")
-    if stack_max and (heads == 1 or multi):
-        raise ValueError(f"stack_max=True takes G = 2 or 4 query rows a KV head (got G={heads}) and one warpgroup")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):
@@ -1067,8 +1034,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     params = {"profile_space": 512, "profile_dir": profile_dir} if profile_dir else {}
     if multi:  # no scratch for Mosaic's reductions across warps: one would now fail to lower
         params["reduction_scratch_bytes"] = 0
-    elif stack_max and narrow:  # the key constants' four registers a thread in one round
-        params["reduction_scratch_bytes"] = 4096
     kn_shape = (stages, KEY_BLOCK, D // 2)
     per_row = (rows_per_program,) if persist else ()  # q and n of each row a program takes
     kn_smem = own(kn_shape, jnp.int4, codes_op)

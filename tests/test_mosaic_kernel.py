@@ -331,8 +331,7 @@ def _abstract(rows, t, heads=1):
                                            (1, {"compact_q": True, "prefetch_bk": True}),
                                            (4, {"narrow": False}), (2, {"narrow": False, "splits": 2}),
                                            (4, {"narrow": True, "group": 2}),
-                                           (4, {"narrow": True, "rows_per_program": 3, "stages": 3}),
-                                           (4, {"stack_max": True}), (2, {"stack_max": True, "narrow": False})])
+                                           (4, {"narrow": True, "rows_per_program": 3, "stages": 3})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -421,8 +420,6 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, narrow=True)
     with pytest.raises(ValueError, match=r"narrow=True takes .* \(got G=4\), compact_q and no key_offset"):
         km.bulk_partials(jnp.zeros((2, 4, D), jnp.bfloat16), n, kn, kt, vn, vt, narrow=True, key_offset=True)
-    with pytest.raises(ValueError, match=r"stack_max=True takes G = 2 or 4 query rows a KV head \(got G=1\)"):
-        km.bulk_partials(q, n, kn, kt, vn, vt, stack_max=True)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
