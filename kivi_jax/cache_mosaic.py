@@ -269,9 +269,13 @@ class MosaicKIVICache(cc.CacheShape):
             codes, s, m = quant_keys(self.config, self.dtype, cc.row_major(view.k_res))  # [B, H, R, D], [B, H, R/32, D]
             g0 = (n0 % KEY_BLOCK) // GROUP  # the flush's first group within its tile
             col = g0[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]
-            onehot = (jnp.arange(8)[None, None, :] == col[:, :, None]).astype(jnp.float32)  # [B, R/32, 8]
-            tile = jnp.concatenate([jnp.einsum("bgn,bhgd->bhdn", onehot, s.astype(jnp.float32)),
-                                    jnp.einsum("bgn,bhgd->bhdn", onehot, m.astype(jnp.float32))], axis=-1)
+            onehot = jnp.arange(8)[None, None, :] == col[:, :, None]  # [B, R/32, 8]: group g -> tile column n
+
+            def columns(x):  # [B, H, R/32, D] -> [B, H, D, 8], exactly: a select, not a one-hot dot (which
+                # XLA:GPU ran in TF32, rounding a float32 cache's scales to 10 bits of mantissa)
+                return jnp.sum(jnp.where(onehot[:, None, :, None, :], x[..., None], 0), axis=2)
+
+            tile = jnp.concatenate([columns(s), columns(m)], axis=-1)
             # the ring keeps the block's keys dequantized while they stay in the window (module doc)
             k_hat = quant.dequantize_codes(codes, jnp.repeat(s, GROUP, axis=2), jnp.repeat(m, GROUP, axis=2), self.dtype)
             return (cc.RowWrite(key_words(codes), n0, "kn", 1, keep=flush),
