@@ -302,6 +302,15 @@ def _mlir():
     return ir, arith, gpu, llvm, vector, mgpu
 
 
+def _pairs():
+    """(inline) the register types the operand builders use: (f32 pair, bf16 pair, i32, a bf16 pair of zeros)."""
+    ir, arith, _, _, _, _ = _mlir()
+    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
+    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
+    return pair, bf16_pair, ir.IntegerType.get_signless(32), zero
+
+
 def _thread_bit(bit):
     """(inline) bit ``bit`` of this thread's index as an i1 (64: the row's key group in a chunk; 2:
     lane % 4 >= 2)."""
@@ -386,13 +395,11 @@ def _value_operand(ctx, p, *rest, u, offset=False, sums_only=False):
     caller sums p itself). sums_only: only mc2 (narrow operands build Bv on their own)."""
     del ctx
     pf, vt, mc2 = rest if offset else (p, *rest)
-    ir, arith, _, _, vector, mgpu = _mlir()
-    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
-    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
+    _, arith, _, _, vector, mgpu = _mlir()
+    pair, bf16_pair, _, zero = _pairs()
     right = _thread_bit(2)  # lanes 2, 3 of a quad hold columns 4-7 (m) of a half
     y_regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
     mc_regs = mc2.registers.copy()
-    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
     t = u % 2
     for h in range(2):
         ph = vector.extract(p.registers[0, 0, h, 0, 0], [], [0])
@@ -458,10 +465,8 @@ def _narrow_keys(ctx, kt, *qs):
     which lane u of its quad loaded (kt's columns 2u + e)."""
     del ctx
     ir, arith, _, _, vector, mgpu = _mlir()
-    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
-    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
-    i32 = ir.IntegerType.get_signless(32)
-    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
+    pair, bf16_pair, i32, zero = _pairs()
+    f32 = ir.F32Type.get()
     lane = _lane()
     shape = mgpu.WGMMA_LAYOUT.registers_shape((D, N))
     bks = [np.empty(shape, dtype=object) for _ in range(KEY_BLOCK // CHUNK)]
@@ -502,11 +507,8 @@ def _narrow_value_operand(ctx, vt, *ps, u):
     query row 2t + (lane % 4) // 2, groups 2 (lane % 2) + e, whose scales lane lane % 2 of its
     quad loaded (vt's columns 8 (u % 2) + 2 (lane % 2) + e)."""
     del ctx
-    ir, arith, _, _, vector, mgpu = _mlir()
-    f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
-    pair, bf16_pair = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), bf16)
-    i32 = ir.IntegerType.get_signless(32)
-    zero = arith.constant(bf16_pair, ir.DenseElementsAttr.get_splat(bf16_pair, ir.FloatAttr.get(bf16, 0.0)))
+    _, arith, _, _, vector, mgpu = _mlir()
+    pair, bf16_pair, i32, zero = _pairs()
     right = _thread_bit(2)  # lanes 2, 3 of a quad: the odd query row of a column tile
     src = arith.andi(_lane(), arith.constant(i32, 1))
     regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
