@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpr_walk
 import kivi_jax as kj
 import models
 from benchmarks.mosaic_attention import from_cache
@@ -512,3 +513,21 @@ def test_append_kernel_under_vmap(monkeypatch):
             np.testing.assert_array_equal(np.asarray(getattr(batched, name)[j]), np.asarray(getattr(st, name)),
                                           err_msg=f"member {j} {name}")
     assert np.asarray(stacks[1].lengths[1]).tolist() == [257, 129]  # (member 1 row 1 flushed at 128)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "mosaic"])
+def test_cache_writes_hold_no_dot(layout):
+    """Prefill and append move a float32 cache's numbers with selects, adds and casts only: no
+    dot_general, which XLA:GPU runs in TF32 for float32 operands (a one-hot einsum in the Mosaic
+    key flush rounded a float32 cache's scales to 10 bits of mantissa on the H200, which the CPU
+    cannot show: its dots are exact)."""
+    cls = MosaicKIVICache if layout == "mosaic" else kj.KIVICache
+    config = MOSAIC if layout == "mosaic" else TOKENS
+    cache = cls.init(config, batch=2, num_kv_heads=2, head_dim=D, max_length=512, dtype=jnp.float32)
+    k = jax.ShapeDtypeStruct((2, 2, 300, D), jnp.float32)
+    one = jax.ShapeDtypeStruct((2, 2, 1, D), jnp.float32)
+    n = jax.ShapeDtypeStruct((2,), jnp.int32)
+    for fn, args in [(lambda c, k, v, n: c.prefill(k, v, n), (cache, k, k, n)),
+                     (lambda c, k, v: c.append(k, v), (cache, one, one))]:
+        prims = {e.primitive.name for e in jaxpr_walk.eqns(jax.make_jaxpr(fn)(*args).jaxpr)}
+        assert "dot_general" not in prims, (layout, sorted(prims))
