@@ -839,15 +839,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         ref[...] = x
                 plgpu.wgmma_wait(0)
 
-            if narrow:  # row h's columns 4h.. rescaled by alpha_h
+            if narrow or fused:  # one accumulator: row h's columns (from its first) rescaled by alpha_h
                 scale = alpha[0]
                 for h in hs[1:]:
-                    scale = jnp.where(vcol >= narrow_value_column(h, 0), alpha[h], scale)
-                o1 = [o1[0] * scale]
-            elif fused:  # column block h rescaled by alpha_h
-                scale = alpha[0]
-                for h in hs[1:]:
-                    scale = jnp.where(vcolb >= N * h, alpha[h], scale)
+                    scale = jnp.where(vcolb >= (narrow_value_column(h, 0) if narrow else N * h), alpha[h], scale)
                 o1 = [o1[0] * scale]
             else:
                 o1 = [o1[h] * alpha[h] for h in hs]
