@@ -146,14 +146,20 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
 
 
 def _mosaic(q, cache, impl, window, stack):
-    """A MosaicKIVICache: the Mosaic GPU kernel (impl "pallas", or "auto" on a GPU), else the reference."""
+    """A MosaicKIVICache: the Mosaic GPU kernel (impl "pallas", or "auto" on a GPU over a bf16
+    cache), else the reference. The kernel's operands are bf16 (wgmma), so a float32 or float16
+    cache (exact checks; resolve_layout never picks this layout for one) takes the reference."""
     if impl == "auto":
-        impl = "pallas" if _on_gpu() else "reference"
+        impl = "pallas" if _on_gpu() and cache.dtype == jnp.bfloat16 else "reference"
     if impl in ("reference", "xla"):
         return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
     if not _on_gpu():
         raise ValueError("impl='pallas' on a MosaicKIVICache runs the Mosaic GPU kernel, which needs a GPU (its "
                          "interpret mode does not run it); use impl='reference' or 'auto' here")
+    if cache.dtype != jnp.bfloat16:
+        raise ValueError(f"impl='pallas' on a MosaicKIVICache runs the Mosaic GPU kernel, which takes a bfloat16 "
+                         f"cache; this one's dtype is {jnp.dtype(cache.dtype).name}; use impl='reference' or "
+                         "'auto', or KIVIConfig(layout='tokens') for the Triton kernel in this dtype")
     from kivi_jax import sharding
 
     if sharding.active_mesh()[0] is not None:  # (None for one device)

@@ -115,7 +115,7 @@ def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None, window=None
     """A plain-JAX stand-in for the kernel's bulk partials: tokens [0, lengths) (and >= starts)
     of each (row, KV head) of kh, vh [R, T, D]."""
     q = rows if rows.ndim == 3 else rows[:, None]
-    s = jnp.einsum("rgd,rtd->rgt", q, kh)
+    s = jnp.einsum("rgd,rtd->rgt", q, kh, precision="highest")  # (not TF32 on a GPU)
     t = jnp.arange(kh.shape[1])[None, None]
     valid = t < lengths[:, None, None]
     if starts is not None:
@@ -124,7 +124,7 @@ def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None, window=None
     top = s.max(-1)
     safe = jnp.where(jnp.isfinite(top), top, 0.0)
     p = jnp.exp(s - safe[..., None])
-    out = jnp.einsum("rgt,rtd->rgd", p, vh), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
+    out = jnp.einsum("rgt,rtd->rgd", p, vh, precision="highest"), jnp.where(jnp.isfinite(top), top, -1e30), p.sum(-1)
     return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
 
 
@@ -289,6 +289,7 @@ def test_model_init_cache_resolves_auto(monkeypatch):
     Hopper GPU (jax.devices stood in), each cache's config naming its layout."""
     cfg = HD128
     model = models.init_random(cfg, dtype=jnp.bfloat16)
+    monkeypatch.setattr(jax, "devices", lambda *a: [_Device("cpu", None)])
     cache = jax.eval_shape(lambda: model.init_cache(2, 300, kivi=kj.KIVIConfig()))
     assert type(cache.layers) is kj.KIVICache and cache.layers.config == TOKENS
     monkeypatch.setattr(jax, "devices", lambda *a: [_Device()])
@@ -429,9 +430,26 @@ def test_sliding_window_matches_the_reference(monkeypatch):
     monkeypatch.setattr(attention_mosaic, "decode_attention",
                         lambda q, cache, stack=None, window=None: seen.append(window) or q)
     q = jnp.ones((3, 2, 1, D))
+    m = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, m)  # the kernel's dtype
     assert kj.decode_attention(q, m, impl="pallas", window=511) is q and seen == [511]
     with pytest.raises(ValueError, match="window=0 must be >= 1 or None"):
         kj.decode_attention(q, m, impl="pallas", window=0)
+
+
+def test_a_float32_cache_on_a_gpu_takes_the_reference(monkeypatch):
+    """The Mosaic kernel's operands are bf16: on a GPU (stood in) a float32 MosaicKIVICache's
+    "auto" attention is the reference's, and impl="pallas" is a named error, not a Mosaic
+    lowering failure (what the H200 raised before)."""
+    from kivi_jax import attention
+
+    a, m, _, _ = _pair([300, 140], 0)
+    q = jax.random.normal(jax.random.key(3), (2, 8, 1, D))
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention_mosaic, "decode_attention", lambda *a, **k: pytest.fail("the kernel path ran"))
+    np.testing.assert_allclose(np.asarray(kj.decode_attention(q, m)),
+                               np.asarray(kj.decode_attention(q, a, impl="reference")), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes a bfloat16 cache; this one's dtype is float32"):
+        kj.decode_attention(q, m, impl="pallas")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
