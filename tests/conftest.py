@@ -2,12 +2,27 @@
 
 jit compilation is the main cost of these tests, so property tests use modest example
 counts and no deadline (the first example of a new shape compiles). Set
-HYPOTHESIS_PROFILE=thorough for a longer local run.
+HYPOTHESIS_PROFILE=thorough for a longer local run. The suite also runs on a GPU (the kernels
+compiled; results/gpu-tests-*), where float32 dots are asked for at full precision.
 """
 
 import os
 
+# Most of the suite's time is XLA compiling small programs (interpreted kernels, tiny models):
+# LLVM at -O0 without its expensive passes halves it (tests/test_pallas_kernels.py's two slowest:
+# 52 -> 31 s on the 2-core CI machine) and runs what these tests run no slower. Before jax starts.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
+import jax  # noqa: E402
 from hypothesis import HealthCheck, settings
+
+if jax.default_backend() == "gpu":
+    # XLA:GPU runs float32 dots in TF32 (10 bits of mantissa) by default; the tests hold float32
+    # paths to float32 tolerances against float64 NumPy and PyTorch (the kernels ask for HIGHEST
+    # themselves). On the CPU, where CI runs, float32 dots are float32 already.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 settings.register_profile(
     "ci",

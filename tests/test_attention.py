@@ -193,17 +193,19 @@ def test_prefill_attention_bad_inputs():
 
 
 def test_prefill_attention_impls():
-    """auto is the blocked XLA path off the GPU; cudnn there (or for exact/float32) is a named
-    error; an unknown impl is named."""
+    """auto is the blocked XLA path off the GPU (cuDNN's on one: the same numbers to bf16's
+    rounding); cudnn off the GPU or for float32 is a named error; an unknown impl is named."""
     rng = np.random.default_rng(7)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 40, D)), jnp.bfloat16) for _ in range(3))
     lengths = jnp.asarray([40, 23])
-    np.testing.assert_array_equal(np.asarray(prefill_attention(q, k, v, lengths, impl="auto"), np.float32),
-                                  np.asarray(prefill_attention(q, k, v, lengths, impl="xla"), np.float32))
+    same = (functools.partial(np.testing.assert_allclose, rtol=2e-2, atol=2e-2) if jax.default_backend() == "gpu"
+            else np.testing.assert_array_equal)
+    same(np.asarray(prefill_attention(q, k, v, lengths, impl="auto"), np.float32),
+         np.asarray(prefill_attention(q, k, v, lengths, impl="xla"), np.float32))
     # a window as long as the prompt is plain causal attention
     np.testing.assert_array_equal(np.asarray(prefill_attention(q, k, v, lengths, window=40), np.float32),
                                   np.asarray(prefill_attention(q, k, v, lengths), np.float32))
     with pytest.raises(ValueError, match=r"impl='cudnn' needs a GPU and bf16/fp16"):
-        prefill_attention(q, k, v, impl="cudnn")
+        prefill_attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="cudnn")
     with pytest.raises(ValueError, match=r"impl='flash'; allowed: \('auto', 'xla', 'cudnn'\)"):
         prefill_attention(q, k, v, impl="flash")

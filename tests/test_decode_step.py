@@ -61,12 +61,13 @@ def test_dense_decode_step_writes_cache_in_place():
         assert mem.temp_size_in_bytes < full.nbytes, (mem.temp_size_in_bytes, full.nbytes)
 
 
-def _buffer_ops(hlo: str, skip_rare: bool = False):
+def _buffer_ops(hlo: str, skip: tuple = ()):
     """[(opcode, (dtype, dims))] of every instruction with an array result outside fused
     computations (those own their result buffer); dims without the 1s, so a [1, B, ...] slice
     is a [B, ...] one; a fusion is named ``fusion:<root opcode of its fused computation>``.
-    skip_rare: also leave out the rare writes' instructions (a flush's own values, named
-    ``rare_writes`` by ``cache_common.apply_writes``: the step's flush loop runs them directly)."""
+    skip: also leave out the instructions of these named scopes, e.g. the rare writes' (a
+    flush's own values, named ``rare_writes`` by ``cache_common.apply_writes``: the step's flush
+    loop runs them directly)."""
     comps, cur = {}, None
     for line in hlo.splitlines():
         head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
@@ -86,7 +87,7 @@ def _buffer_ops(hlo: str, skip_rare: bool = False):
             continue
         for ln in lines:
             m = instr.match(ln)
-            if m and not (skip_rare and "/rare_writes/" in ln):
+            if m and not any(f"/{scope}/" in ln for scope in skip):
                 op = m.group(4)
                 if op == "fusion":
                     op += ":" + root.get(re.search(r"calls=%?([\w.\-]+)", ln).group(1), "?")
@@ -125,7 +126,11 @@ def test_kivi_decode_step_writes_only_slabs(kivi):
     assert {op for op, key in ops if key in stacked} <= {"parameter", "get-tuple-element", "bitcast", "scatter",
                                                           "fusion:scatter"}
     # no buffer of one layer's size: neither a per-layer append's result nor a materialized slice
-    assert [(op, key) for op, key in _buffer_ops(compiled.as_text(), skip_rare=mosaic) if key in layer] == []
+    # (on a GPU a ring the Triton kernel does not take, R not a power of two, is attended in XLA:
+    # kivi_window.supported; its per-layer gather of the R + S slots is that fallback's)
+    ring_in_xla = jax.default_backend() == "gpu" and not mosaic and kivi.residual_length & (kivi.residual_length - 1)
+    skip = ("rare_writes",) if mosaic else ("kivi_window",) if ring_in_xla else ()
+    assert [(op, key) for op, key in _buffer_ops(compiled.as_text(), skip=skip) if key in layer] == []
 
 
 def test_put_row_layer_matches_per_layer():
@@ -311,8 +316,9 @@ def test_model_step_kernel_reads_the_stacked_cache_in_place(kivi):
     got, _ = m(tok, cache, attn_impl="pallas")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     jaxpr = jax.make_jaxpr(lambda c: m(tok, c, attn_impl="pallas"))(cache).jaxpr
-    call = next(e for e in jaxpr_walk.eqns(jaxpr) if e.primitive.name == "pallas_call")
-    shapes = [v.aval.shape for v in call.invars]
+    # (on a GPU the ring may take a launch of its own: every attention kernel launch counts)
+    calls = jaxpr_walk.pallas_calls(jaxpr, "dense_decode" if kivi is None else "kivi_decode")
+    shapes = [v.aval.shape for call in calls for v in call.invars]
     assert (cache.layers.k if kivi is None else cache.layers.k_codes).shape in shapes
     if kivi is not None:
         assert cache.layers.k_res.shape in shapes
@@ -373,11 +379,11 @@ def test_rare_writes_decided_once_a_step_equal_a_conditional_a_layer(kivi, monke
     one = jax.tree.map(lambda x: x[:, :1], model.init_cache(2, 256, kivi=kivi))  # a one-request cache
     batched = jax.tree.map(lambda x: jnp.stack([x, x]), one)
     closed = jax.make_jaxpr(jax.vmap(lambda t, c: apply(params, t, c)))(toks[:2, :1], batched)
-    assert str(closed).count("cond[") == 2  # a batched predicate would have made them selects
+    conds = [e for e in jaxpr_walk.eqns(closed.jaxpr, into_kernels=False) if e.primitive.name == "cond"]
+    assert len(conds) == 2  # a batched predicate would have made them selects
     # the second conditional runs exactly when the first did not: its predicate is computed from
     # the first's own output, never again from the cache the first has written (XLA:GPU's
     # rematerialization recomputed not(due) after the flush loop and ran both, run60/run61)
-    conds = [e for e in jaxpr_walk.eqns(closed.jaxpr) if e.primitive.name == "cond"]
     made = {v: e for e in jaxpr_walk.eqns(closed.jaxpr) for v in e.outvars}
 
     def upstream(var):  # the equations var is computed from, back to the first conditional; None: an input

@@ -535,7 +535,8 @@ def test_default_matmul_impl_policy(monkeypatch):
     """generate's matmul_impl=None: the in-place stacked matmul on one GPU only (both caches)."""
     m = _small_llama()
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    assert gen._default_matmul_impl(m, None) is None  # this machine has no GPU
+    monkeypatch.setattr(gen.jax, "default_backend", lambda: "cpu")
+    assert gen._default_matmul_impl(m, None) is None  # no GPU
     monkeypatch.setattr(gen.jax, "default_backend", lambda: "gpu")
     assert gen._default_matmul_impl(m, None) == "pallas"
     assert gen._default_matmul_impl(m, mesh) is None  # the kernel has no shard_map
