@@ -78,7 +78,8 @@ def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
 #: tokens, batch 64, but 7.87 vs 7.17 ms at the paper's 498 tokens, batch 96
 #: (results/decode-step-ab-2026-12-03-run82-*), where rows of one or two 256-token steps leave the
 #: Mosaic path's window and append the larger share; at 4352 tokens, batch 256, 42.08 vs 45.92 ms
-#: even before the narrow operands (e2e-2026-12-02-run56-mistral4k). Between 512 and 2048: not measured.
+#: even before the narrow operands (e2e-2026-12-02-run56-mistral4k). Between (batch 64): 7.70 vs
+#: 7.56 ms at 1024 tokens, 8.28 vs 8.32 at 1536 (a tie; -run87/-run88): the layouts cross near 1536.
 AUTO_GQA_MIN_LENGTH = 2048
 
 
