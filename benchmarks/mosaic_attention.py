@@ -79,6 +79,11 @@ GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)),
                 ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False)),
                 ("wide", dict(narrow=False)), ("group2", dict(group=2))]
 GQA_QUICK = ("default", "broadcast_q")
+# the softmax in the key accumulator's layout (lane_softmax): G = 4 and 2, rows a program, groups, sliding windows
+LANE_CHECKS = [("gqa4_lane", dict(heads=4, lane_softmax=True)), ("gqa2_lane", dict(heads=2, lane_softmax=True)),
+               ("gqa4_lane_rows3_stages3", dict(heads=4, lane_softmax=True, rows_per_program=3, stages=3)),
+               ("gqa4_lane_group2_sliding_splits3", dict(heads=4, lane_softmax=True, group=2, sliding=True, splits=3)),
+               ("gqa2_lane_window600_tokens2048", dict(heads=2, lane_softmax=True, window=600, tokens=2048))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -431,7 +436,7 @@ def interleaved(names, hkv, rounds, b=64, t=4096, hq=32, length=None):
     configuration moves between calls, so A and B take turns on the same inputs -> rows, one a
     variant, with every round's time and the median over rounds, and the ratio of each to the
     first's. length: every row's quantized tokens (default t)."""
-    variants = dict({32: VARIANTS, 8: GQA_VARIANTS}[hkv])
+    variants = dict({32: VARIANTS, 8: GQA_VARIANTS + [("lane_softmax", dict(lane_softmax=True))]}[hkv])
     r, g = b * hkv, hq // hkv
     packed, q = random_packed(r, t), random_q(r, g)
     n = jnp.full((r,), t if length is None else length, jnp.int32)
@@ -463,6 +468,9 @@ def main(argv=None):
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window checks and timings (splits over a row's window steps vs all)")
     ap.add_argument("--auto-layout", action="store_true", help="only check_auto_layout (KIVIConfig()'s layout here)")
+    ap.add_argument("--lane-softmax", action="store_true",
+                    help="only lane_softmax (GQA): its compiled checks (LANE_CHECKS), then timed in turns with the "
+                         "default at B=64 T=4k/16k and B=8 T=16k, --rounds rounds")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
     ap.add_argument("--splits", default="", help="--sweep: also these sequence splits a row (comma list), e.g. 2,4,8")
@@ -505,6 +513,16 @@ def main(argv=None):
                  f"{env['commit']}; HBM copy {hbm:.2f} TB/s\n\n" + common.markdown(rows, cols))
         print(table)
         common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
+        return
+    if a.lane_softmax:  # its own run until it has passed compiled (a failing lowering stops a run)
+        rows = []
+        for name, opts in [("gqa4", dict(heads=4))] + LANE_CHECKS:
+            rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
+            print(rows[-1], flush=True)
+        for b, t in ((64, 4096), (64, 16384), (8, 16384)):
+            rows += interleaved(["default", "lane_softmax"], 8, a.rounds, b=b, t=t)
+        common.write_results(a.name, {**common.environment(), "rows": rows},
+                             common.markdown(rows, list(dict.fromkeys(k for r in rows for k in r))))
         return
     if a.auto_layout:
         row = {"impl": "auto_layout_check", **check_auto_layout()}
@@ -565,7 +583,8 @@ def main(argv=None):
               ("gqa4_narrow_group2_splits1", dict(heads=4, narrow=True, group=2, splits=1)),
               ("gqa4_narrow_rows3_stages3", dict(heads=4, narrow=True, rows_per_program=3, stages=3)),
               ("gqa4_narrow_sliding_splits3", dict(heads=4, narrow=True, sliding=True, splits=3)),
-              ("gqa2_narrow_window600_tokens2048", dict(heads=2, narrow=True, window=600, tokens=2048))] + SLIDING_CHECKS
+              ("gqa2_narrow_window600_tokens2048", dict(heads=2, narrow=True, window=600, tokens=2048))
+              ] + SLIDING_CHECKS
     if a.quick:
         checks = [(name, opts) for name, opts in checks
                   if "broadcast" in name or "auto" in name or "sliding" in name or name in ("default", "gqa4", "rows2")]

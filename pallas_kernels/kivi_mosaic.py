@@ -525,12 +525,110 @@ def _narrow_value_operand(ctx, vt, *ps, u):
     return _fragmented(regs)
 
 
+# ---- the softmax in the key accumulator's layout (lane_softmax; narrow operands) ----------------
+# A thread of chunk u's narrow key accumulator [64, 16] already holds, in column tile 0, query row
+# lane % 4's score of its two tokens (the element: the token's key group, bit 6 of the thread
+# index). Kept there, as S [64, 8] (both elements the thread's own score; column 2j + e: row j),
+# every query row's mask, exp and running sums are one op a thread for all G rows, and one column
+# max across the warpgroup gives every lane its row's step max; only the operands that mix rows
+# fetch a quad lane's value: Bv's p_h, o's alpha_h and the value mins m_g.
+
+def lane_row_source(lane, t):
+    """The quad lane holding the p (and alpha) of the query row whose value columns a thread of
+    lane ``lane`` holds in column tile t (:func:`narrow_value_column`: row 2t + bit 1 of the lane)."""
+    return 2 * t + (lane % 4) // 2
+
+
+def lane_min_source(k):
+    """The quad lane holding a value tile's mins m_{2k}, m_{2k+1} (its columns 8 (u % 2) + 4 + 2k + e)."""
+    return 2 + k
+
+
+def _own_scores(ctx, acc):
+    """(inline) chunk u's narrow key accumulator [64, 16] -> S [64, 8]: this thread's own query
+    row's (lane % 4) score of each of its two tokens, in both elements (no shuffle)."""
+    del ctx
+    _, arith, _, _, vector, mgpu = _mlir()
+    pair = _pairs()[0]
+    upper = _thread_bit(64)  # the token's key group in the chunk (score_source's element)
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, 8)), dtype=object)
+    for h in range(2):
+        reg = acc.registers[_wgmma_reg(0, h)]
+        regs[_wgmma_reg(0, h)] = vector.broadcast(
+            pair, arith.select(upper, vector.extract(reg, [], [1]), vector.extract(reg, [], [0])))
+    return _fragmented(regs)
+
+
+def _lane_shift(t):
+    """(inline) :func:`lane_row_source` (this lane, t) as an i32."""
+    ir, arith, _, _, _, _ = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    return arith.addi(arith.shrui(_lane(), arith.constant(i32, 1)), arith.constant(i32, 2 * t))
+
+
+def _lane_value_operand(ctx, vt, p, *, u, heads):
+    """(inline) chunk u's narrow Bv [64, 16] bf16 (column :func:`narrow_value_column` (h, g) =
+    p_h ∘ s_g) from the value tile vt [64, 16] bf16 and p [64, 8] f32 in the lane layout: a thread
+    takes p of row 2t + bit 1 of its lane from that quad lane (:func:`lane_row_source`), s_g as
+    :func:`_narrow_value_operand` does."""
+    del ctx
+    ir, arith, _, _, vector, mgpu = _mlir()
+    pair, bf16_pair, i32, zero = _pairs()
+    src = arith.andi(_lane(), arith.constant(i32, 1))
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((CHUNK, N)), dtype=object)
+    for h in range(2):
+        s = arith.extf(pair, _quad_shuffle(vt.registers[_wgmma_reg(u % 2, h)], src))
+        own = vector.extract(p.registers[_wgmma_reg(0, h)], [], [0])
+        for t in range(2):
+            if 2 * t < heads:
+                pt = vector.broadcast(pair, _quad_shuffle(own, _lane_shift(t)))
+                regs[_wgmma_reg(t, h)] = arith.truncf(bf16_pair, arith.mulf(pt, s))
+            else:  # (G = 2: columns 8.. hold no row)
+                regs[_wgmma_reg(t, h)] = zero
+    return _fragmented(regs)
+
+
+def _lane_min_sums(ctx, p, vt, mm0, mm1, *, u):
+    """(inline) the running Σ p m_g of this thread's own query row: mm_k [64, 8] f32, element e
+    Σ p m_{2k+e} over its tokens, plus chunk u's p [64, 8] times the mins that quad lane
+    :func:`lane_min_source` (k) loaded with the value tile vt [64, 16] bf16."""
+    del ctx
+    _, arith, _, _, vector, _ = _mlir()
+    pair = _pairs()[0]
+    out = [mm0.registers.copy(), mm1.registers.copy()]
+    for h in range(2):
+        own = vector.broadcast(pair, vector.extract(p.registers[_wgmma_reg(0, h)], [], [0]))
+        reg = vt.registers[_wgmma_reg(u % 2, h)]
+        for k in range(2):
+            m = arith.extf(pair, _quad_shuffle(reg, lane_min_source(k)))
+            out[k][_wgmma_reg(0, h)] = arith.addf(out[k][_wgmma_reg(0, h)], arith.mulf(own, m))
+    return tuple(_fragmented(r) for r in out)
+
+
+def _lane_alpha_scale(ctx, alpha, *, heads):
+    """(inline) alpha [64, 8] f32 in the lane layout (every element of a thread its row's) -> the
+    o accumulator's rescale [128, 16]: column 4h + g takes alpha_h from quad lane
+    :func:`lane_row_source` (columns of no row: 1)."""
+    del ctx
+    ir, arith, _, _, vector, mgpu = _mlir()
+    pair = _pairs()[0]
+    a = vector.extract(alpha.registers[_wgmma_reg(0, 0)], [], [0])
+    one = vector.broadcast(pair, arith.constant(ir.F32Type.get(), 1.0))
+    regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((D, N)), dtype=object)
+    for t in range(2):
+        v = vector.broadcast(pair, _quad_shuffle(a, _lane_shift(t))) if 2 * t < heads else one
+        for rt, h in np.ndindex(2, 2):
+            regs[(rt, t) + _wgmma_reg(t, h)[2:]] = v
+    return _fragmented(regs)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1, group: int | None = None,
            fused: bool | None = None, compute: bool = True,
            smem_pad: int = 0, warpgroups: int = 1, key_offset: bool = False, value_offset: bool = False,
            ones_constant: bool = False, prefetch_bk: bool = False, rows_per_program: int = 1, compact_q: bool = True,
-           sliding: bool = False, span: int = 0, narrow: bool | None = None, profile_dir: str = ""):
+           sliding: bool = False, span: int = 0, narrow: bool | None = None, lane_softmax: bool = False,
+           profile_dir: str = ""):
     """The kernel for R rows of T tokens, ``heads`` query rows (G) a KV head: one CTA (one
     warpgroup) a row. A pipeline step is one key block (256 tokens, four 64-token chunks). Each
     query row h gets its own Bk_h = q_h ∘ [s | m] a step and its own Bv_h, accumulators and
@@ -602,6 +700,12 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     narrower, and the kernel 0.61-0.64x the fused one's time over 4k-16k tokens (B=64, T=4k:
     0.166 vs 0.263 ms), with the same errors against the float64 reference to every printed digit
     (results/mosaic-narrow-run81).
+    lane_softmax (narrow): the softmax in the key accumulator's own layout (see
+    :func:`_own_scores`): no picks; masks, exps, Σ p and Σ p m_g once a thread for all G rows in
+    [64, 8] arrays, one column max a step for every row's maximum; Bv's p_h, o's alpha_h and the
+    mins m_g by quad shuffles (:func:`_lane_value_operand`, :func:`_lane_alpha_scale`,
+    :func:`_lane_min_sums`). Opt-in: lowered for CUDA and modelled thread by thread in CI, but not
+    yet compiled on a GPU (``benchmarks.mosaic_attention --lane-softmax`` checks and times it).
     sliding (rows_per_program 1): each row attends its tokens [start, n) only, start from the
     row table (a sliding window: Mistral's); the steps wholly before start are not run, and the
     first one's tokens below start are masked. span (sliding only): the splits partition each
@@ -767,6 +871,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 for first in range(0, chunks, group):
                     if narrow:  # row h's score of a token in column narrow_key_column(h, e): lane h
                         part = from_start(functools.partial(keys, first), starts[first:first + group])
+                        if lane_softmax:  # each thread keeps its own row's (lane % 4)
+                            scores += [mask(j, first + i, inline(_own_scores, [part[i]], mgpu_out((CHUNK, 8), f32)),
+                                            n, iota((CHUNK, 8), 0)) for i in range(group)]
+                            continue
                         scores += [pick(j, first + i, part[i], 0, n, lane=h) for i in range(group) for h in hs]
                         continue
                     part = from_start(functools.partial(keys, first), [starts[b] for _ in range(group) for b in range(nb)])
@@ -778,7 +886,10 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             # do in a wide block)
             s = inline(_lane_pick, [acc], mgpu_out((CHUNK,), f32, wg.reduce(1)), u=u if lane is None else lane,
                        tile=2 * k)
-            t = j * KEY_BLOCK + u * CHUNK + tok
+            return mask(j, u, s, n, tok)
+
+        def mask(j, u, s, n, rows):  # chunk u's scores s with the tokens not attended at -inf (rows: s's token iota)
+            t = j * KEY_BLOCK + u * CHUNK + rows
             return jnp.where(((t >= n) | (t < start)) if sliding else t >= n, -jnp.inf, s)
 
         def step_max(top):  # the max of a step's [64] scores
@@ -788,8 +899,37 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             plgpu.commit_smem()  # (red_smem's last reads were before the previous step's Bv commit)
             return jnp.max(plgpu.load(red_smem, (), layout=every))
 
+        def lane_operands(scores, vt_ref, m, o1, sums):
+            # (lane_softmax) scores: the chunks' S [64, 8]; m [64, 8] and sums (Σ p, Σ p m_{0,1}
+            # | m_{2,3}) [64, 8] each a thread's own row's; Bv into bv_smem -> (m, o1 rescaled, sums)
+            (m,), (o1,), (l, mm0, mm1) = m, o1, sums
+            with jax.named_scope("bv"):
+                vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
+                top = lax.broadcast_in_dim(jnp.max(functools.reduce(jnp.maximum, scores), axis=0), (CHUNK, 8), (1,))
+                m_new = jnp.maximum(m, top)
+                alpha = jnp.exp(m - m_new)
+                l, mm0, mm1 = l * alpha, mm0 * alpha, mm1 * alpha
+                for u, s in enumerate(scores):
+                    p = jnp.exp(s - m_new)
+                    l = l + p
+                    mm0, mm1 = inline(functools.partial(_lane_min_sums, u=u), [p, vts[u // 2], mm0, mm1],
+                                      (mgpu_out((CHUNK, 8), f32),) * 2)
+                    bv_smem.at[0, pl.ds(u * CHUNK, CHUNK)][...] = inline(
+                        functools.partial(_lane_value_operand, u=u, heads=heads), [vts[u // 2], p],
+                        mgpu_out((CHUNK, N), bf16))
+                plgpu.commit_smem()
+            scale = inline(functools.partial(_lane_alpha_scale, heads=heads), [alpha], mgpu_out((D, N), f32))
+            return (m_new,), [o1 * scale], (l, mm0, mm1)
+
         @jax.named_scope("softmax")
         def softmax_and_values(j, scores, vn_ref, vt_ref, m, o1, mc2, ls, prefetch=None, starts=()):
+            if lane_softmax:
+                m, o1, mc2 = lane_operands(scores, vt_ref, m, o1, mc2)
+            else:
+                m, o1, mc2, ls = row_operands(scores, vt_ref, m, o1, mc2, ls)
+            return values_into(vn_ref, m, o1, mc2, ls, prefetch, starts)
+
+        def row_operands(scores, vt_ref, m, o1, mc2, ls):  # one query row at a time, each [64] score a row
             m, o1, mc2, ls = list(m), list(o1), list(mc2), list(ls)  # each a tuple over the query rows
             alpha, ps = [], {}  # (narrow: each chunk's p of every query row)
             with jax.named_scope("bv"):
@@ -826,7 +966,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         _narrow_value_operand, [vts[u // 2], *pu], mgpu_out((CHUNK, N), bf16),
                         layouts=(wg,) + (wg.reduce(1),) * heads, u=u)
                 plgpu.commit_smem()
+            if narrow or fused:  # one accumulator: row h's columns (from its first) rescaled by alpha_h
+                scale = alpha[0]
+                for h in hs[1:]:
+                    scale = jnp.where(vcolb >= (narrow_value_column(h, 0) if narrow else N * h), alpha[h], scale)
+                o1 = [o1[0] * scale]
+            else:
+                o1 = [o1[h] * alpha[h] for h in hs]
+            return m, o1, mc2, ls
 
+        def values_into(vn_ref, m, o1, mc2, ls, prefetch, starts):  # the value products into o -> the carry
             def values(first, *refs, build_next=None):
                 accs = refs[:nb]
                 for u in range(first, first + group):
@@ -839,13 +988,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                         ref[...] = x
                 plgpu.wgmma_wait(0)
 
-            if narrow or fused:  # one accumulator: row h's columns (from its first) rescaled by alpha_h
-                scale = alpha[0]
-                for h in hs[1:]:
-                    scale = jnp.where(vcolb >= (narrow_value_column(h, 0) if narrow else N * h), alpha[h], scale)
-                o1 = [o1[0] * scale]
-            else:
-                o1 = [o1[h] * alpha[h] for h in hs]
             with jax.named_scope("values"):
                 for first in range(0, chunks, group):
                     if prefetch is not None and first + group == chunks:
@@ -903,13 +1045,19 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
         # Σ p by row (value_offset; a value no op uses fails Mosaic's layout inference)
         ls0 = (plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1)),) * heads if value_offset else ()
         carry = ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0)
+        if lane_softmax:  # m and the sums [64, 8], a thread's own query row's (lane_operands)
+            zeros8 = plgpu.layout_cast(jnp.zeros((CHUNK, 8), f32), wg)
+            carry = ((zeros8 - 1e30,), (zeros,), (zeros8,) * 3, ())
+        empty = carry  # a row's partial before its first step
         if prefetching:  # the first step's tiles and Bk (a split with no steps builds from nothing: unused)
             pl.when(steps > 0)(lambda: plgpu.barrier_wait(tile(0)))
             carry = carry, tuple(build_bk(kt_buf.at[0], bk_smem.at[0]))
 
         def finish(m, o1, mc2, ls, r_out):  # a row's partials (o, m, l) -> its outputs [r_out, sp]
             g = vrow // GROUP
-            for h in hs:
+            if lane_softmax:
+                finish_lanes(m, o1, mc2)
+            for h in hs if not lane_softmax else ():
                 if multi:  # column sums row by row from shared memory (no reduction across warps)
                     mc_smem[...] = mc2[h]
                     plgpu.commit_smem()
@@ -939,6 +1087,21 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r_out, sp])
             plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r_out, sp])
+
+        def finish_lanes(m, o1, sums):  # (lane_softmax) column h of the [64, 8] carries' totals is row h's
+            col8, g8 = iota((D, 8), 1), iota((D, 8), 0) // GROUP
+
+            def totals(x, reduce):  # [64, 8] -> [D, 8], every row the column totals over the tokens
+                return lax.broadcast_in_dim(reduce(x, axis=0), (D, 8), (1,))
+
+            (m,), (o1,), (l, mm0, mm1) = m, o1, sums
+            mb, lb, mmb0, mmb1 = totals(m, jnp.max), totals(l, jnp.sum), totals(mm0, jnp.sum), totals(mm1, jnp.sum)
+            mins = jnp.where(g8 < 2, mmb0, mmb1)  # Σ p m_g: element g % 2 of mm_{g // 2}
+            for h in hs:
+                o_smem.at[h][...] = (jnp.sum(jnp.where(vcol == narrow_value_column(h, vrow // GROUP), o1, 0.0), axis=1)
+                                     + jnp.sum(jnp.where(col8 == 2 * h + g8 % 2, mins, 0.0), axis=1))
+                ml_smem.at[h, 0][...] = jnp.sum(jnp.where(col8 == 2 * h, mb, 0.0), axis=1)
+                ml_smem.at[h, 1][...] = jnp.sum(jnp.where(col8 == 2 * h, lb, 0.0), axis=1)
 
         def persistent():
             # rows_per_program rows one after another, their steps one stream through the slots:
@@ -977,7 +1140,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 fresh = i == 0  # a row's first step starts from the empty partial
                 keep = 1.0 - fresh.astype(f32)
                 m, o1, mc2, ls = carry
-                carry = (tuple(jnp.where(fresh, m0, x) for x in m), tuple(x * keep for x in o1),
+                carry = (tuple(jnp.where(fresh, a, x) for a, x in zip(empty[0], m)), tuple(x * keep for x in o1),
                          tuple(x * keep for x in mc2), tuple(x * keep for x in ls))
                 with jax.named_scope("tma_wait"):
                     plgpu.barrier_wait(tile(slot))
@@ -1018,6 +1181,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
     if narrow and (heads == 1 or key_offset or value_offset or prefetch_bk or not compact_q):
         raise ValueError(f"narrow=True takes G = 2 or 4 query rows a KV head (got G={heads}), compact_q and no "
                          "key_offset, value_offset or prefetch_bk")
+    if lane_softmax and not narrow:
+        raise ValueError("lane_softmax=True works in the narrow operands' layout; it needs narrow (G = 2 or 4, "
+                         "compact_q, no key_offset, value_offset or prefetch_bk)")
     if ones_constant and heads > 1:
         raise ValueError(f"ones_constant takes G = 1 query row a KV head; got G={heads}")
     if warpgroups not in (1, 2, 3) or (multi and heads > 1):

@@ -8,6 +8,8 @@ arguments, and that the kernel lowers for CUDA (Mosaic's layout inference runs a
 The compiled numbers: benchmarks/mosaic_attention.py on the GPU (results/mosaic-attention-*).
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,6 +134,83 @@ def test_narrow_operands_columns_are_where_each_thread_builds_them():
             assert col == km.narrow_value_column(qrow, g)
             # the value tile's s_g of chunk u: columns 8 (u % 2) + g, in lane lane % 2 of the quad
             assert km.wgmma_position(w, lane // 4 * 4 + lane % 2, u % 2, h, e)[1] == 8 * (u % 2) + g
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_lane_softmax_threads_compute_the_partials(heads):
+    """A thread-by-thread NumPy model of lane_softmax (kivi_mosaic._own_scores,
+    _lane_value_operand, _lane_min_sums, _lane_alpha_scale, finish_lanes) over two 256-token
+    steps: each of the 128 threads reads only the WGMMA fragment positions it holds
+    (wgmma_position) and the quad lanes the kernel shuffles from (lane_row_source,
+    lane_min_source); the partials (o, m, l) it assembles equal float64 attention over the same
+    scores, codes, scales and mins."""
+    rng = np.random.default_rng(heads)
+    threads = list(np.ndindex(4, 32))  # (warp, lane)
+
+    def at(w, lane, t, h, e):  # what thread (w, lane) holds of a [64, 8 n] WGMMA array: (row, column)
+        return km.wgmma_position(w, lane, t, h, e)
+
+    m = {(w, lane): -1e30 for w, lane in threads}  # a thread's own row's (lane % 4) running max
+    l = {k: 0.0 for k in threads}
+    mm = {k: np.zeros(4) for k in threads}  # Σ p m_g (mm_0's two elements, then mm_1's)
+    o = np.zeros((D, 16))  # the value accumulator [128 channels, 16 columns]
+    want_scores, want_codes, want_s, want_m = [], [], [], []
+    for step in range(2):
+        acc = rng.normal(size=(4, 64, 16)) * (1 + 3 * step)  # chunk u's key accumulator (scores + constant)
+        vts = rng.normal(size=(2, 64, 16))  # two chunks' value tile: s_g | m_g of each chunk, 8 columns each
+        codes = rng.integers(0, 4, (4, 64, D))  # chunk u's value codes [token, channel]
+        own = {(w, lane, u, h): acc[(u,) + at(w, lane, 0, h, int(w >= 2))] for w, lane in threads
+               for u, h in np.ndindex(4, 2)}  # _own_scores: element = bit 6 of the thread index
+        top = {j: max(own[w, lane, u, h] for w, lane in threads if lane % 4 == j for u, h in np.ndindex(4, 2))
+               for j in range(4)}  # the column max across the warpgroup
+        alpha = {}
+        for w, lane in threads:
+            m_new = max(m[w, lane], top[lane % 4])
+            alpha[w, lane] = np.exp(m[w, lane] - m_new)
+            l[w, lane] *= alpha[w, lane]
+            mm[w, lane] *= alpha[w, lane]
+            m[w, lane] = m_new
+        p = {(w, lane, u, h): np.exp(own[w, lane, u, h] - m[w, lane]) for w, lane, u, h in own}
+        # o rescaled: column tile t of thread (w, lane) by the alpha quad lane lane_row_source holds
+        scale = np.zeros((D, 16))
+        for (w, lane), rt, t, h, e in itertools.product(threads, range(2), range(2), range(2), range(2)):
+            row, col = at(w, lane, t, h, e)
+            src = lane // 4 * 4 + km.lane_row_source(lane, t)
+            scale[64 * rt + row, col] = alpha[w, src] if 2 * t < heads else 1.0
+        o *= scale
+        for u in range(4):
+            vt = vts[u // 2]
+            bv = np.zeros((64, 16))
+            for (w, lane), t, h, e in itertools.product(threads, range(2), range(2), range(2)):
+                row, col = at(w, lane, t, h, e)
+                s_g = vt[at(w, lane // 4 * 4 + lane % 2, u % 2, h, e)]  # _narrow_value_operand's scale
+                pt = p[w, lane // 4 * 4 + km.lane_row_source(lane, t), u, h]
+                bv[row, col] = pt * s_g if 2 * t < heads else 0.0
+            o += codes[u].T @ bv
+            for (w, lane), h in itertools.product(threads, range(2)):
+                l[w, lane] += p[w, lane, u, h]
+                for k, e in np.ndindex(2, 2):
+                    mm[w, lane][2 * k + e] += p[w, lane, u, h] * vt[at(w, lane // 4 * 4 + km.lane_min_source(k),
+                                                                     u % 2, h, e)]
+        # what it means: row j's scores, the tokens' scales and mins, in token order
+        want_scores.append(np.stack([np.concatenate([acc[u, np.arange(64), 2 * j + np.arange(64) // 32]
+                                                     for u in range(4)]) for j in range(4)]))  # [row, token]
+        want_codes.append(np.concatenate(list(codes)))
+        want_s.append(np.concatenate([vts[u // 2][:, 8 * (u % 2):8 * (u % 2) + 4] for u in range(4)]))
+        want_m.append(np.concatenate([vts[u // 2][:, 8 * (u % 2) + 4:8 * (u % 2) + 8] for u in range(4)]))
+    codes, s, mn = (np.concatenate(x) for x in (want_codes, want_s, want_m))  # [512 tokens, ...]
+    scores = np.concatenate(want_scores, axis=1)  # [4, 512]
+    g = np.arange(D) // 32
+    for h in range(heads):  # finish_lanes: column totals over the threads of lane % 4 == h
+        rows = [k for k in threads if k[1] % 4 == h]
+        got_m, got_l = m[rows[0]], sum(l[k] for k in rows)  # (32 threads, two token rows each)
+        got_mm = sum(mm[k] for k in rows)
+        got_o = o[np.arange(D), km.narrow_value_column(h, g)] + got_mm[g]
+        want_m_h = scores[h].max()
+        p_h = np.exp(scores[h] - want_m_h)
+        assert abs(got_m - want_m_h) < 1e-12
+        np.testing.assert_allclose(got_l, p_h.sum(), rtol=1e-12)
+        np.testing.assert_allclose(got_o, (p_h[:, None] * (s[:, g] * codes + mn[:, g])).sum(0), rtol=1e-10)
 
 
 def test_layout_round_trips():
@@ -331,7 +410,10 @@ def _abstract(rows, t, heads=1):
                                            (1, {"compact_q": True, "prefetch_bk": True}),
                                            (4, {"narrow": False}), (2, {"narrow": False, "splits": 2}),
                                            (4, {"narrow": True, "group": 2}),
-                                           (4, {"narrow": True, "rows_per_program": 3, "stages": 3})])
+                                           (4, {"narrow": True, "rows_per_program": 3, "stages": 3}),
+                                           (4, {"lane_softmax": True}), (2, {"lane_softmax": True, "splits": 2}),
+                                           (4, {"lane_softmax": True, "group": 2}),
+                                           (4, {"lane_softmax": True, "rows_per_program": 3, "stages": 3})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
@@ -343,7 +425,8 @@ def test_kernel_lowers_for_cuda(heads, options):
 @pytest.mark.parametrize("heads,options", [(1, {}), (4, {"splits": 3}), (2, {"fused": False, "stages": 3}),
                                            (1, {"key_offset": True, "value_offset": True}),
                                            (1, {"window": 300}), (4, {"window": 600, "splits": 3}),
-                                           (4, {"window": 600, "narrow": True}), (2, {"narrow": True})])
+                                           (4, {"window": 600, "narrow": True}), (2, {"narrow": True}),
+                                           (4, {"window": 600, "lane_softmax": True})])
 def test_sliding_window_kernel_lowers_for_cuda(heads, options):
     """bulk_partials with starts (the row table's third column) lowers for CUDA, one row a
     program; with window=, its splits over each row's window steps."""
@@ -420,6 +503,8 @@ def test_bad_arguments_are_named():
         km.bulk_partials(q, n, kn, kt, vn, vt, narrow=True)
     with pytest.raises(ValueError, match=r"narrow=True takes .* \(got G=4\), compact_q and no key_offset"):
         km.bulk_partials(jnp.zeros((2, 4, D), jnp.bfloat16), n, kn, kt, vn, vt, narrow=True, key_offset=True)
+    with pytest.raises(ValueError, match=r"lane_softmax=True works in the narrow operands' layout"):
+        km.bulk_partials(jnp.zeros((2, 4, D), jnp.bfloat16), n, kn, kt, vn, vt, lane_softmax=True, narrow=False)
     with pytest.raises(ValueError, match="warpgroups=4"):
         km.bulk_partials(q, n, kn, kt, vn, vt, warpgroups=4)
     with pytest.raises(ValueError, match="splits=3; allowed: 1 .. 2"):
