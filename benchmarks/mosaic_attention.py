@@ -46,7 +46,7 @@ D = km.D
 # warpgroups2/3: 2 or 3 rows' warpgroups a CTA (registers capped at 255 / 168: 8 or 12 warps an SM).
 # Both slower or no faster (run21, run22: one_cta_an_sm 0.62, warpgroups2 0.45, warpgroups3 0.54 vs
 # 0.43 ms), so they are no longer timed by default.
-# Since -run26 the kernel works by lane (kivi_mosaic._lane_pick): 0.413 vs 0.467 ms, GQA 4 0.406
+# Since -run26 the kernel works by lane (mosaic_lanes._lane_pick): 0.413 vs 0.467 ms, GQA 4 0.406
 # vs 0.708 (lean_pick, a leaner select chain, and the other pick variants of -run25 are gone:
 # 0.43-0.45 ms; ones_constant with lanes 0.468; warpgroups 2/3 with lanes 0.61/0.53 vs 0.418).
 # key_offset / value_offset: the key / value codes unpacked without their FMA (128 + 4^f c), the

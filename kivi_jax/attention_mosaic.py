@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from kivi_jax import cache_common as cc
 from kivi_jax import switches
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from pallas_kernels.kivi_mosaic import kernel_arrays
+from pallas_kernels.mosaic_layout import kernel_arrays
 from pallas_kernels import kivi_mosaic, mosaic_window
 
 

@@ -40,8 +40,9 @@ from kivi_jax import switches
 from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values, token_quantizer
 from kivi_jax.config import KIVIConfig
 
-from pallas_kernels.kivi_mosaic import (CHUNK, D, GROUP, HEADS, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays,
-                                        key_codes, key_tiles, key_words, value_codes, value_tiles, value_words)
+from pallas_kernels.kivi_mosaic import HEADS
+from pallas_kernels.mosaic_layout import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays, key_codes,
+                                          key_tiles, key_words, value_codes, value_tiles, value_words)
 
 
 APPEND_IMPLS = ("xla", "pallas")

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash import triton_params
-from pallas_kernels.kivi_mosaic import CHUNK, GROUP, VALUE_BLOCK, code_bit
+from pallas_kernels.mosaic_layout import CHUNK, GROUP, VALUE_BLOCK, code_bit
 
 
 def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, max_length, quantize):

@@ -18,6 +18,8 @@ import pytest
 import kivi_jax as kj
 from benchmarks.mosaic_attention import errors, from_cache, random_inputs, random_q
 from pallas_kernels import kivi_mosaic as km
+from pallas_kernels import mosaic_lanes as ml
+from pallas_kernels import mosaic_layout as mlay
 
 D = km.D
 
@@ -61,27 +63,27 @@ def test_key_field_scale_is_where_the_unpacking_leaves_each_code():
     """The LOP3 of field (o, k) keeps bits 2f, 2f + 1 of the word shifted by 6 (bit // 6)."""
     for d in range(D):
         o, k = d // 64, d % 32 // 8
-        bit = 8 * o + 2 * k  # km.code_bit(o, k, 0)
-        assert bit == km.code_bit(o, k, 0)
+        bit = 8 * o + 2 * k  # mlay.code_bit(o, k, 0)
+        assert bit == mlay.code_bit(o, k, 0)
         assert float(km.key_field_scale(jnp.int32(d))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
     for t in range(km.CHUNK):  # a value chunk's tokens: t = 32 o + 8 k + 2 j + e (km.value_words)
-        bit = km.code_bit(t // 32, t % 32 // 8, 0)
+        bit = mlay.code_bit(t // 32, t % 32 // 8, 0)
         assert float(km.value_field_scale(jnp.int32(t))) == 4.0 ** -((bit - 6 * (bit // 6)) // 2)
 
 
 def test_register_unpacking_gives_the_codes():
-    """The kernel's LOP3 + FMA on each word (:func:`km.unpack_constants`), emulated bit for bit in
+    """The kernel's LOP3 + FMA on each word (:func:`ml.unpack_constants`), emulated bit for bit in
     NumPy on words packed from random codes: the A operands' K columns hold the codes, and the
     LOP3 alone (key_offset) holds 128 + 4^f c."""
     import ml_dtypes
 
     codes = np.asarray(jax.random.randint(jax.random.key(6), (16, 128), 0, 4))
-    words = np.asarray(km._pack(jnp.asarray(codes))).astype(np.uint32)  # [16, 8]: row r's words 4 s + j
+    words = np.asarray(mlay._pack(jnp.asarray(codes))).astype(np.uint32)  # [16, 8]: row r's words 4 s + j
     as_bf16 = lambda x: x.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float64)  # noqa: E731
     for o in range(2):
         for k in range(4):
-            base, mask, scale, bias = km.unpack_constants(o, k)
-            t = ((words >> np.uint32(base)) & np.uint32(mask)) | np.uint32(km.MAGIC)
+            base, mask, scale, bias = ml.unpack_constants(o, k)
+            t = ((words >> np.uint32(base)) & np.uint32(mask)) | np.uint32(mlay.MAGIC)
             lo, hi = as_bf16(t & 0xFFFF), as_bf16(t >> 16)  # elements e = 0, 1 of the register
             s, b = as_bf16(np.uint32(scale & 0xFFFF)), as_bf16(np.uint32(bias & 0xFFFF))
             assert scale >> 16 == scale & 0xFFFF and bias >> 16 == bias & 0xFFFF
@@ -101,13 +103,13 @@ def test_work_by_lane_reads_the_right_elements():
     value operand's lanes with bit 1 set hold columns 4-7 of each half (the mins)."""
     for u, k in np.ndindex(4, 4):
         for w, lane, h in np.ndindex(4, 32, 2):
-            row = km.wgmma_position(w, lane, 0, h, 0)[0]
-            src, e = km.score_source(u, row)
+            row = ml.wgmma_position(w, lane, 0, h, 0)[0]
+            src, e = ml.score_source(u, row)
             assert e == (32 * w + lane) >> 6 & 1
-            got = km.wgmma_position(w, lane // 4 * 4 + src, 2 * k, h, e)  # shfl.sync.idx, segment mask 0x1c
+            got = ml.wgmma_position(w, lane // 4 * 4 + src, 2 * k, h, e)  # shfl.sync.idx, segment mask 0x1c
             assert got == (row, 16 * k + 2 * u + row // 32)
     for w, lane, t, h, e in np.ndindex(4, 32, 2, 2, 2):
-        col = km.wgmma_position(w, lane, t, h, e)[1]
+        col = ml.wgmma_position(w, lane, t, h, e)[1]
         assert (col % 8 >= 4) == bool((32 * w + lane) & 2)
         assert col // 8 == t  # _key_start and _value_operand move whole registers between halves
 
@@ -121,19 +123,19 @@ def test_narrow_operands_columns_are_where_each_thread_builds_them():
     2t + bit 1 of its lane and groups 2 (lane % 2) + e, whose scales lane lane % 2 of its quad
     holds in the value tile (columns 8 (u % 2) + g)."""
     for w, lane, h, e in np.ndindex(4, 32, 2, 2):
-        row, col = km.wgmma_position(w, lane, 0, h, e)
-        assert col == km.narrow_key_column(lane % 4, e)
+        row, col = ml.wgmma_position(w, lane, 0, h, e)
+        assert col == ml.narrow_key_column(lane % 4, e)
         for u in range(4):  # u: a chunk, and the query row the pick (every thread) reads
-            src, el = km.score_source(u, row)
-            assert km.wgmma_position(w, lane // 4 * 4 + src, 0, h, el) == (row, km.narrow_key_column(u, row // 32))
-            assert km.wgmma_position(w, lane // 4 * 4 + u, 0, h, e)[1] == 2 * u + e  # kt's s_{2u+e}
-            assert km.wgmma_position(w, lane // 4 * 4 + u, 1, h, e)[1] == 8 + 2 * u + e  # kt's m_{2u+e}
+            src, el = ml.score_source(u, row)
+            assert ml.wgmma_position(w, lane // 4 * 4 + src, 0, h, el) == (row, ml.narrow_key_column(u, row // 32))
+            assert ml.wgmma_position(w, lane // 4 * 4 + u, 0, h, e)[1] == 2 * u + e  # kt's s_{2u+e}
+            assert ml.wgmma_position(w, lane // 4 * 4 + u, 1, h, e)[1] == 8 + 2 * u + e  # kt's m_{2u+e}
         for t, u in np.ndindex(2, 4):
-            col = km.wgmma_position(w, lane, t, h, e)[1]
+            col = ml.wgmma_position(w, lane, t, h, e)[1]
             qrow, g = 2 * t + (lane >> 1 & 1), 2 * (lane % 2) + e
             assert col == km.narrow_value_column(qrow, g)
             # the value tile's s_g of chunk u: columns 8 (u % 2) + g, in lane lane % 2 of the quad
-            assert km.wgmma_position(w, lane // 4 * 4 + lane % 2, u % 2, h, e)[1] == 8 * (u % 2) + g
+            assert ml.wgmma_position(w, lane // 4 * 4 + lane % 2, u % 2, h, e)[1] == 8 * (u % 2) + g
 
 
 @pytest.mark.parametrize("heads", [2, 4])
@@ -148,7 +150,7 @@ def test_lane_softmax_threads_compute_the_partials(heads):
     threads = list(np.ndindex(4, 32))  # (warp, lane)
 
     def at(w, lane, t, h, e):  # what thread (w, lane) holds of a [64, 8 n] WGMMA array: (row, column)
-        return km.wgmma_position(w, lane, t, h, e)
+        return ml.wgmma_position(w, lane, t, h, e)
 
     m = {(w, lane): -1e30 for w, lane in threads}  # a thread's own row's (lane % 4) running max
     l = {k: 0.0 for k in threads}
@@ -175,7 +177,7 @@ def test_lane_softmax_threads_compute_the_partials(heads):
         scale = np.zeros((D, 16))
         for (w, lane), rt, t, h, e in itertools.product(threads, range(2), range(2), range(2), range(2)):
             row, col = at(w, lane, t, h, e)
-            src = lane // 4 * 4 + km.lane_row_source(lane, t)
+            src = lane // 4 * 4 + ml.lane_row_source(lane, t)
             scale[64 * rt + row, col] = alpha[w, src] if 2 * t < heads else 1.0
         o *= scale
         for u in range(4):
@@ -184,13 +186,13 @@ def test_lane_softmax_threads_compute_the_partials(heads):
             for (w, lane), t, h, e in itertools.product(threads, range(2), range(2), range(2)):
                 row, col = at(w, lane, t, h, e)
                 s_g = vt[at(w, lane // 4 * 4 + lane % 2, u % 2, h, e)]  # _narrow_value_operand's scale
-                pt = p[w, lane // 4 * 4 + km.lane_row_source(lane, t), u, h]
+                pt = p[w, lane // 4 * 4 + ml.lane_row_source(lane, t), u, h]
                 bv[row, col] = pt * s_g if 2 * t < heads else 0.0
             o += codes[u].T @ bv
             for (w, lane), h in itertools.product(threads, range(2)):
                 l[w, lane] += p[w, lane, u, h]
                 for k, e in np.ndindex(2, 2):
-                    mm[w, lane][2 * k + e] += p[w, lane, u, h] * vt[at(w, lane // 4 * 4 + km.lane_min_source(k),
+                    mm[w, lane][2 * k + e] += p[w, lane, u, h] * vt[at(w, lane // 4 * 4 + ml.lane_min_source(k),
                                                                      u % 2, h, e)]
         # what it means: row j's scores, the tokens' scales and mins, in token order
         want_scores.append(np.stack([np.concatenate([acc[u, np.arange(64), 2 * j + np.arange(64) // 32]
