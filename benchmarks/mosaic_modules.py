@@ -30,7 +30,7 @@ COUNTED = ("math.exp", "nvvm.shfl.sync", "llvm.inline_asm", "arith.mulf", "arith
            "vector.extract", "gpu.barrier")
 
 
-def abstract_inputs(rows: int, tokens: int, heads: int):
+def abstract_inputs(rows: int, tokens: int, heads: int = 1):
     """bulk_partials' arguments as ShapeDtypeStructs (q, lengths, kn, kt, vn, vt)."""
     s = jax.ShapeDtypeStruct
     return (s((rows,) + (heads,) * (heads > 1) + (D,), jnp.bfloat16), s((rows,), jnp.int32),

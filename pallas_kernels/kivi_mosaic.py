@@ -478,10 +478,17 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             carry = carry, tuple(build_bk(kt_buf.at[0], bk_smem.at[0]))
 
         def finish(m, o1, mc2, ls, r_out):  # a row's partials (o, m, l) -> its outputs [r_out, sp]
-            g = vrow // GROUP
             if lane_softmax:
                 finish_lanes(m, o1, mc2)
-            for h in hs if not lane_softmax else ():
+            else:
+                finish_rows(m, o1, mc2, ls)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r_out, sp])
+            plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r_out, sp])
+
+        def finish_rows(m, o1, mc2, ls):  # the partials into o_smem and ml_smem, a query row at a time
+            g = vrow // GROUP
+            for h in hs:
                 if multi:  # column sums row by row from shared memory (no reduction across warps)
                     mc_smem[...] = mc2[h]
                     plgpu.commit_smem()
@@ -508,9 +515,6 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     o_smem.at[h][...] = jnp.sum(jnp.where(own_cols, o1[h], 0.0) + mc, axis=1)  # [128]
                 ml_smem.at[h, 0][...] = jnp.sum(jnp.where(vcol == 0, m[h], 0.0), axis=1)  # m down the row
                 ml_smem.at[h, 1][...] = jnp.sum(jnp.where(vcol == 0, l, 0.0), axis=1)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[r_out, sp])
-            plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[r_out, sp])
 
         def finish_lanes(m, o1, sums):  # (lane_softmax) column h of the [64, 8] carries' totals is row h's
             col8, g8 = iota((D, 8), 1), iota((D, 8), 0) // GROUP

@@ -141,19 +141,14 @@ def _lane_pick(ctx, acc, *, u, tile):
     """(inline) chunk u's [64] scores (WGMMA row layout) from its accumulator [64, 16 n]: row r's
     column 8 tile + 2 u + r // 32, taken from lane u of its quad (a select and a shuffle a row half)."""
     del ctx
-    ir, arith, _, llvm, vector, _ = _mlir()
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    i32 = ir.IntegerType.get_signless(32)
+    _, arith, _, _, vector, _ = _mlir()
     lane, _ = score_source(u, 0)
     upper = _thread_bit(64)  # score_source's element: rows 32-63 of the chunk (key group 2u + 1)
     picked = []
     for h in range(2):
         reg = acc.registers[_wgmma_reg(tile, h)]
-        v = arith.select(upper, vector.extract(reg, [], [1]), vector.extract(reg, [], [0]))
-        x = llvm.inline_asm(i32, [mgpu_utils.bitcast(v, i32)],
-                            f"shfl.sync.idx.b32 $0, $1, {lane}, 0x1c1f, 0xffffffff;", "=r,r",
-                            has_side_effects=False)
-        picked.append(mgpu_utils.bitcast(x, ir.F32Type.get()))
+        picked.append(_quad_shuffle(arith.select(upper, vector.extract(reg, [], [1]), vector.extract(reg, [], [0])),
+                                    lane))
     return _row_array(picked)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import kivi_jax as kj
 from benchmarks.mosaic_attention import errors, from_cache, random_inputs, random_q
+from benchmarks.mosaic_modules import abstract_inputs
 from pallas_kernels import kivi_mosaic as km
 from pallas_kernels import mosaic_lanes as ml
 from pallas_kernels import mosaic_layout as mlay
@@ -382,13 +383,6 @@ def test_combine_splits_equals_one_pass():
                                np.einsum("rt,rtd->rd", p, v) / p.sum(1)[:, None], rtol=1e-5)
 
 
-def _abstract(rows, t, heads=1):
-    S = jax.ShapeDtypeStruct
-    return (S((rows,) + (heads,) * (heads > 1) + (D,), jnp.bfloat16), S((rows,), jnp.int32), S((rows, t, D // 2), jnp.int4),
-            S((rows, t // 256, D, 16), jnp.bfloat16), S((rows, t // 64, D, 32), jnp.int4),
-            S((rows, t // 128, 64, 16), jnp.bfloat16))
-
-
 @pytest.mark.parametrize("heads,options", [(1, {}), (1, {"splits": 3}), (1, {"group": 1, "stages": 3}),
                                            (2, {}), (4, {"splits": 2}), (4, {"group": 2}), (4, {"fused": False}),
                                            (1, {"compute": False}), (1, {"warpgroups": 3}),
@@ -419,7 +413,7 @@ def _abstract(rows, t, heads=1):
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
     operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
-    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(6, 1024, heads)).lower(
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*abstract_inputs(6, 1024, heads)).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
@@ -432,7 +426,7 @@ def test_kernel_lowers_for_cuda(heads, options):
 def test_sliding_window_kernel_lowers_for_cuda(heads, options):
     """bulk_partials with starts (the row table's third column) lowers for CUDA, one row a
     program; with window=, its splits over each row's window steps."""
-    args = _abstract(6, 1024, heads) + (jax.ShapeDtypeStruct((6,), jnp.int32),)
+    args = abstract_inputs(6, 1024, heads) + (jax.ShapeDtypeStruct((6,), jnp.int32),)
     lowered = jax.jit(lambda *a: km.bulk_partials(*a[:6], starts=a[6], **options)).trace(*args).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -442,10 +436,10 @@ def test_sliding_window_kernel_lowers_for_cuda(heads, options):
 def test_rows_a_cta_pad_the_rows(options):
     """Rows not a multiple of the rows a CTA takes (warpgroups, rows_per_program) are padded with
     empty rows (n = 0) and cut off."""
-    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*_abstract(7, 512)).lower(
+    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*abstract_inputs(7, 512)).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
-    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a, **options), *_abstract(7, 512))
+    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a, **options), *abstract_inputs(7, 512))
     assert [x.shape for x in outs] == [(7, D), (7,), (7,)]
 
 
@@ -461,12 +455,12 @@ def test_default_rows_per_program_takes_four_short_rows_only_when_they_fill_the_
     assert km.default_rows_per_program(96 * 32, 512, 1, 264, warpgroups=2) == 1
     assert km.default_rows_per_program(96 * 32, 512, 1, 264, prefetch_bk=True) == 1
     # bulk_partials uses it: 3072 rows pad to a multiple of 4 and lower
-    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a), *_abstract(3070, 512))
+    outs = jax.eval_shape(lambda *a: km.bulk_partials(*a), *abstract_inputs(3070, 512))
     assert [x.shape for x in outs] == [(3070, D), (3070,), (3070,)]
 
 
 def test_bad_arguments_are_named():
-    q, n, kn, kt, vn, vt = (jnp.zeros(x.shape, x.dtype) for x in _abstract(2, 512))
+    q, n, kn, kt, vn, vt = (jnp.zeros(x.shape, x.dtype) for x in abstract_inputs(2, 512))
     with pytest.raises(ValueError, match=r"q must be \[R, D=128\] or \[R, G, D=128\] with G in \(1, 2, 4\)"):
         km.bulk_partials(q[:, :64], n, kn, kt, vn, vt)
     with pytest.raises(ValueError, match=r"got \(2, 8, 128\)"):

@@ -239,7 +239,7 @@ def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program):
         assert _rel(got, want) <= 1e-5, i
         assert _rel(got, kj.decode_attention(q, layers[1], impl="reference")) > 1e-2  # not another layer's
     jaxpr = jax.make_jaxpr(run)(stacked, jnp.int32(1))
-    calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+    calls = jaxpr_walk.pallas_calls(jaxpr.jaxpr)
     shapes = [v.aval.shape for v in calls[0].invars]
     assert stacked.k_codes.shape in shapes and stacked.v_scale.shape in shapes, shapes
     # the residual ring is attended in the same kernel (or, "launch", in a second one of its
@@ -263,7 +263,7 @@ def test_auto_ring_program_by_capacity(monkeypatch, launch_from, launches):
     run = functools.partial(attention_pallas.decode_attention, interpret=True)
     assert attention_pallas.DEFAULT_RING_PROGRAM == "auto"
     assert _rel(run(q, cache), kj.decode_attention(q, cache, impl="reference")) <= 1e-5
-    calls = [e for e in jaxpr_walk.eqns(jax.make_jaxpr(run)(q, cache).jaxpr) if e.primitive.name == "pallas_call"]
+    calls = jaxpr_walk.pallas_calls(jax.make_jaxpr(run)(q, cache).jaxpr)
     assert len(calls) == launches
 
 
@@ -280,7 +280,7 @@ def test_kernel_stages_by_capacity(monkeypatch, launch_from, short, asked, stage
     assert cache.capacity == 512
     q = jnp.ones((2, 4, 1, 64), jnp.float32)
     run = functools.partial(attention_pallas.decode_attention, num_stages=asked)
-    calls = [e for e in jaxpr_walk.eqns(jax.make_jaxpr(run)(q, cache).jaxpr) if e.primitive.name == "pallas_call"]
+    calls = jaxpr_walk.pallas_calls(jax.make_jaxpr(run)(q, cache).jaxpr)
     assert calls and all(e.params["compiler_params"].num_stages == stages for e in calls)
 
 
@@ -293,7 +293,7 @@ def test_ring_in_the_kernel_only_where_supported():
         cache = _cache(cfg, [150, 60], 1, 32, jnp.float32, seed=0, appends=1)
         q = jnp.ones((2, 1, 1, 32))
         jaxpr = jax.make_jaxpr(lambda q, c: attention_pallas.decode_attention(q, c, interpret=True))(q, cache)
-        calls = [e for e in jaxpr_walk.eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+        calls = jaxpr_walk.pallas_calls(jaxpr.jaxpr)
         assert len(calls) == 1
         return cache, [v.aval.shape for v in calls[0].invars]
 
@@ -444,8 +444,7 @@ def test_dense_kernel_reads_a_layer_stacked_cache_in_place():
         got = jax.jit(run)(stacked, jnp.int32(i))
         assert _rel(got, kj.decode_attention(q, layers[i], impl="reference")) <= 1e-5, i
         assert _rel(got, kj.decode_attention(q, layers[1], impl="reference")) > 1e-2  # not another layer's
-    call = next(e for e in jaxpr_walk.eqns(jax.make_jaxpr(run)(stacked, jnp.int32(1)).jaxpr)
-                if e.primitive.name == "pallas_call")
+    call = jaxpr_walk.pallas_calls(jax.make_jaxpr(run)(stacked, jnp.int32(1)).jaxpr)[0]
     assert stacked.k.shape in [v.aval.shape for v in call.invars]
 
 

@@ -119,7 +119,7 @@ def test_a_decode_step_writes_with_one_launch():
 
     def calls(impl):
         jaxpr = jax.make_jaxpr(lambda l: step(l, impl))(layers).jaxpr
-        return [e for e in jaxpr_walk.eqns(jaxpr) if e.primitive.name == "pallas_call"]
+        return jaxpr_walk.pallas_calls(jaxpr)
 
     assert len(calls("pallas")) == 1
     assert calls("xla") == []
