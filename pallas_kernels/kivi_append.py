@@ -79,6 +79,25 @@ def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, bits,
         vr_ref[at + (dest, slice(None), slice(None))] = v_ref[...].astype(vr_ref.dtype)
 
 
+def launch(kernel, name, bufs, k, v, lengths, layer, grouped, interpret):
+    """One program per (row b, KV head h) of k, v [B, Hkv, 1, D]: ``kernel(layer_ref, k_ref, v_ref,
+    len_ref, *bufs (in, aliased), *bufs (out))`` with k and v as [grouped] blocks (D split into
+    channel groups), the buffers whole in place -> the buffers, updated."""
+    b, h = k.shape[:2]
+    block = pl.BlockSpec((None, None) + grouped, lambda i, j: (i, j, 0, 0))
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    w = len(bufs)
+    return pl.pallas_call(
+        kernel, grid=(b, h),
+        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), block, block, pl.BlockSpec((None,), lambda i, j: (i,))]
+        + [any_spec] * w,
+        out_specs=[any_spec] * w, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in bufs],
+        input_output_aliases={4 + i: i for i in range(w)}, interpret=interpret, name=name,
+        **triton_params(interpret, num_warps=1, num_stages=1),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), k.reshape((b, h) + grouped), v.reshape((b, h) + grouped),
+      lengths.astype(jnp.int32), *bufs)
+
+
 @functools.partial(jax.jit, static_argnames=("residual", "group_size", "bits", "max_length", "quantize", "interpret"))
 def append(k_res, v_res, v_codes, v_scale, v_min, k, v, lengths, layer, *, residual: int, group_size: int, bits: int,
            max_length: int, quantize, interpret: bool = False):
@@ -101,17 +120,7 @@ def append(k_res, v_res, v_codes, v_scale, v_min, k, v, lengths, layer, *, resid
     grouped = (d // g, g)
     bufs = (k_res.reshape(k_res.shape[:4] + grouped), v_res.reshape(v_res.shape[:4] + grouped),
             v_codes.reshape(v_codes.shape[:4] + grouped), v_scale, v_min)
-    block = pl.BlockSpec((None, None) + grouped, lambda i, j: (i, j, 0, 0))
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_kernel, r=residual, sinks=rs - residual, max_length=max_length, bits=bits,
                                quantize=quantize)
-    out = pl.pallas_call(
-        kernel, grid=(b, h),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), block, block, pl.BlockSpec((None,), lambda i, j: (i,))]
-        + [any_spec] * 5,
-        out_specs=[any_spec] * 5, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in bufs],
-        input_output_aliases={4 + i: i for i in range(5)}, interpret=interpret, name="kivi_append",
-        **triton_params(interpret, num_warps=1, num_stages=1),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), k.reshape((b, h) + grouped), v.reshape((b, h) + grouped),
-      lengths.astype(jnp.int32), *bufs)
+    out = launch(kernel, "kivi_append", bufs, k, v, lengths, layer, grouped, interpret)
     return out[0].reshape(k_res.shape), out[1].reshape(v_res.shape), out[2].reshape(v_codes.shape), out[3], out[4]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import triton_params
+from pallas_kernels.kivi_append import launch
 from pallas_kernels.mosaic_layout import CHUNK, GROUP, VALUE_BLOCK, code_bit
 
 
@@ -81,16 +81,6 @@ def append(k_res, v_res, vn, vt, k, v, lengths, layer, *, max_length: int, quant
     g = d // GROUP
     grouped = (lyr, b, h, r, g, GROUP)
     bufs = (k_res.reshape(grouped), v_res.reshape(grouped), vn.reshape(vn.shape[:4] + (g, GROUP, 4)), vt)
-    block = pl.BlockSpec((None, None, g, GROUP), lambda i, j: (i, j, 0, 0))
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_kernel, r=r, max_length=max_length, quantize=quantize)
-    out = pl.pallas_call(
-        kernel, grid=(b, h),
-        in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), block, block, pl.BlockSpec((None,), lambda i, j: (i,))]
-        + [any_spec] * 4,
-        out_specs=[any_spec] * 4, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in bufs],
-        input_output_aliases={4 + i: i for i in range(4)}, interpret=interpret, name="mosaic_append",
-        **triton_params(interpret, num_warps=1, num_stages=1),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), k.reshape(b, h, g, GROUP), v.reshape(b, h, g, GROUP),
-      lengths.astype(jnp.int32), *bufs)
+    out = launch(kernel, "mosaic_append", bufs, k, v, lengths, layer, (g, GROUP), interpret)
     return out[0].reshape(k_res.shape), out[1].reshape(v_res.shape), out[2].reshape(vn.shape), out[3]
