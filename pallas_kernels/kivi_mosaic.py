@@ -213,13 +213,18 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             return split_end(n, end, tokens) - lo
 
         steps = jnp.maximum(split_steps(n), 0)
-        col = iota((CHUNK, N), 1)
-        # a chunk's rows, as picked (only if used: a value no op uses fails Mosaic's layout inference)
-        tok = plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1)) if compute else None
+        # Only what is used: a value no op uses fails Mosaic's layout inference (jax 0.11.2's
+        # backtracks over every other unknown layout first: lane_softmax's lowering never ended).
+        # col: finish_rows' Σ p columns; tok: a chunk's rows, as picked
+        col = iota((CHUNK, N), 1) if not (lane_softmax or multi or value_offset) else None
+        tok = (plgpu.broadcasted_iota(jnp.int32, (CHUNK,), 0, layout=wg.reduce(1)) if compute and not lane_softmax
+               else None)
         if value_offset and compute:  # Bv's s columns carry 4^-f of their token's field (the codes read 128 + 4^f c)
             value_scale = value_field_scale(tok)
         vrow, vcol = iota((D, N), 0), iota((D, N), 1)
-        vrowb, vcolb = (iota((D, nbc), 0), iota((D, nbc), 1)) if fused else (vrow, vcol)  # over the fused columns
+        vrowb, vcolb = vrow, vcol  # over the fused columns (narrow: N of them, vcol's; fused only: nbc)
+        if fused and not narrow:
+            vrowb, vcolb = iota((D, nbc), 0), iota((D, nbc), 1)
 
         def key_constant(bk_smem, acc):  # warpgroups > 1 or ones_constant: ones [64, 128] · Bk, every row Bk's column sums
             ones = plgpu.layout_cast(jnp.full((CHUNK, D // 2), 1.0, bf16), wg)
@@ -244,7 +249,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     x = q_tile(q_ref.at[h]) * kt
                     xb = x.astype(bf16)
                     cols(bk_smem, h)[...] = xb
-                    if key_offset:  # the s columns' sums from the operand as the tensor cores take it
+                    if key_offset and not ones_c:  # the s columns' sums from the operand as the tensor cores take it
                         x = jnp.where(vcol < 8, xb.astype(f32), x)
                     if not ones_c:
                         c.append(lax.broadcast_in_dim(jnp.sum(x, axis=0), (CHUNK, N), (1,)))
@@ -463,15 +468,16 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             fetch(i, slot, r_in)
 
         zeros = plgpu.layout_cast(jnp.zeros((D, nbc), f32), wg)
-        zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
-        # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
-        m0 = (n * 0).astype(f32) - 1e30
-        # Σ p by row (value_offset; a value no op uses fails Mosaic's layout inference)
-        ls0 = (plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1)),) * heads if value_offset else ()
-        carry = ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0)
         if lane_softmax:  # m and the sums [64, 8], a thread's own query row's (lane_operands)
             zeros8 = plgpu.layout_cast(jnp.zeros((CHUNK, 8), f32), wg)
             carry = ((zeros8 - 1e30,), (zeros,), (zeros8,) * 3, ())
+        else:
+            zeros_c = plgpu.layout_cast(jnp.zeros((CHUNK, N), f32), wg)
+            # m starts as a traced value: jax 0.11.2's Mosaic takes no literal through the loop
+            m0 = (n * 0).astype(f32) - 1e30
+            # Σ p by row (value_offset)
+            ls0 = (plgpu.layout_cast(jnp.zeros((CHUNK,), f32), wg.reduce(1)),) * heads if value_offset else ()
+            carry = ((m0,) * heads, (zeros,) * nb, (zeros_c,) * heads, ls0)
         empty = carry  # a row's partial before its first step
         if prefetching:  # the first step's tiles and Bk (a split with no steps builds from nothing: unused)
             pl.when(steps > 0)(lambda: plgpu.barrier_wait(tile(0)))
@@ -501,7 +507,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                     # Σ p: columns 0 and 8 (each its half's chunks); value_offset: the row sums ls
                     l = jnp.sum(ls[h]) if value_offset else jnp.sum(jnp.sum(jnp.where(col % 8 == 0, mc2[h], 0.0), axis=1))
                 # Σ p m of g's two halves; value_offset: less 128 Σ p s 4^-f (the offset's product)
-                own_cols = (vcol == g) | (vcol == g + 8)
+                own_cols = (vcol == g) | (vcol == g + 8) if value_offset or not fused else None
                 mc = jnp.where((vcol == g + 4) | (vcol == g + 12), mc, jnp.where(own_cols, -128.0 * mc, 0.0)
                                if value_offset else 0.0)
                 if narrow:
@@ -568,7 +574,9 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 fresh = i == 0  # a row's first step starts from the empty partial
                 keep = 1.0 - fresh.astype(f32)
                 m, o1, mc2, ls = carry
-                carry = (tuple(jnp.where(fresh, a, x) for a, x in zip(empty[0], m)), tuple(x * keep for x in o1),
+                # (m: a scalar a row, or lane_softmax's [64, 8], which jax 0.11.2's Mosaic selects by no scalar)
+                carry = (tuple(jnp.where(fresh, a, x) if jnp.ndim(x) == 0 else x * keep + a * (1.0 - keep)
+                               for a, x in zip(empty[0], m)), tuple(x * keep for x in o1),
                          tuple(x * keep for x in mc2), tuple(x * keep for x in ls))
                 with jax.named_scope("tma_wait"):
                     plgpu.barrier_wait(tile(slot))

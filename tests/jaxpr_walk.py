@@ -28,3 +28,35 @@ def pallas_calls(jaxpr, prefix=""):
     """The pallas_call equations (nested too) whose kernel name starts with ``prefix``: on a
     GPU a step also launches the cache-write kernels, so a test names the one it means."""
     return [e for e in eqns(jaxpr) if e.primitive.name == "pallas_call" and kernel_name(e).startswith(prefix)]
+
+
+def kernel_bodies(jaxpr):
+    """The bodies of the Pallas kernels a jaxpr launches (pallas_call's, and Mosaic GPU's
+    plgpu.kernel's: an mpmd_map with one jaxpr a mesh)."""
+    out = []
+    for e in eqns(jaxpr):
+        if e.primitive.name == "pallas_call":
+            out.append(e.params["jaxpr"])
+        elif e.primitive.name == "mpmd_map":
+            out += list(e.params["jaxprs"])
+    return out
+
+
+def dead_arrays(jaxpr):
+    """The equations of a jaxpr (and of the jaxprs nested in it) that have no effects and whose
+    outputs are all arrays no later equation and no output reads. In a Mosaic GPU kernel body
+    such a value has a layout nothing constrains: jax 0.11.2's layout inference backtracks over
+    every other unknown layout before it gives up on it (a lowering that never ends)."""
+    def is_var(v):
+        return not hasattr(v, "val")  # (Literals carry val)
+
+    used = {v for e in jaxpr.eqns for v in e.invars if is_var(v)} | {v for v in jaxpr.outvars if is_var(v)}
+    out = [e for e in jaxpr.eqns if not e.effects and e.outvars
+           and all(getattr(v.aval, "ndim", 0) > 0 and v not in used for v in e.outvars)]
+    for e in jaxpr.eqns:
+        for p in e.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)  # (ClosedJaxpr)
+                if hasattr(inner, "eqns"):
+                    out += dead_arrays(inner)
+    return out

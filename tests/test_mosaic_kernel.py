@@ -18,6 +18,7 @@ import pytest
 import kivi_jax as kj
 from benchmarks.mosaic_attention import errors, from_cache, random_inputs, random_q
 from benchmarks.mosaic_modules import abstract_inputs
+from jaxpr_walk import dead_arrays, kernel_bodies
 from pallas_kernels import kivi_mosaic as km
 from pallas_kernels import mosaic_lanes as ml
 from pallas_kernels import mosaic_layout as mlay
@@ -412,10 +413,17 @@ def test_combine_splits_equals_one_pass():
                                            (4, {"lane_softmax": True, "rows_per_program": 3, "stages": 3})])
 def test_kernel_lowers_for_cuda(heads, options):
     """Mosaic GPU lowers the kernel for CUDA on this CPU machine (layouts, transforms, wgmma
-    operands are checked there): what the GPU then compiles (results/mosaic-attention-*)."""
-    lowered = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*abstract_inputs(6, 1024, heads)).lower(
-        lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+    operands are checked there): what the GPU then compiles (results/mosaic-attention-*); and its
+    body computes no array it then drops (jaxpr_walk.dead_arrays: jax 0.11.2's Mosaic never
+    finished lowering lane_softmax while two unused iotas were in it)."""
+    traced = jax.jit(lambda *a: km.bulk_partials(*a, **options)).trace(*abstract_inputs(6, 1024, heads))
+    _assert_no_dead_arrays(traced)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _assert_no_dead_arrays(traced):
+    [body] = kernel_bodies(traced.jaxpr.jaxpr)
+    assert [(e.primitive.name, e.outvars[0].aval.shape) for e in dead_arrays(body)] == []
 
 
 @pytest.mark.parametrize("heads,options", [(1, {}), (4, {"splits": 3}), (2, {"fused": False, "stages": 3}),
@@ -427,9 +435,9 @@ def test_sliding_window_kernel_lowers_for_cuda(heads, options):
     """bulk_partials with starts (the row table's third column) lowers for CUDA, one row a
     program; with window=, its splits over each row's window steps."""
     args = abstract_inputs(6, 1024, heads) + (jax.ShapeDtypeStruct((6,), jnp.int32),)
-    lowered = jax.jit(lambda *a: km.bulk_partials(*a[:6], starts=a[6], **options)).trace(*args).lower(
-        lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+    traced = jax.jit(lambda *a: km.bulk_partials(*a[:6], starts=a[6], **options)).trace(*args)
+    _assert_no_dead_arrays(traced)
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("options", [{"warpgroups": 3}, {"rows_per_program": 4}])
