@@ -6,9 +6,21 @@ jax lowers Pallas kernels to Triton IR for the "cuda" platform on CPU too; tests
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
+
+
+def _target_gpu():
+    """Off a GPU, an H200 as the lowering's target: jax 0.11 reads the compute capability from
+    the device (an abstract one where there is none) and else refuses to lower for CUDA."""
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    from jax._src import mesh as mesh_lib
+
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    return jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("gpu",), abstract_device=device))
 
 
 def lower_to_ttir(fn, *args) -> str:
@@ -27,7 +39,8 @@ def lower_to_ttir(fn, *args) -> str:
     reg.lowering.lower_jaxpr_to_triton_module = spy
     try:
         jax.clear_caches()
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        with _target_gpu():
+            jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = original
     return seen[-1]
