@@ -39,7 +39,7 @@ from pallas_kernels.mosaic_layout import (CHUNK, D, GROUP, KEY_BLOCK, N, VALUE_B
                                           value_words, words_of)
 from pallas_kernels.mosaic_lanes import (_codes_operands, _key_start, _lane_alpha_scale, _lane_min_sums, _lane_pick,
                                          _lane_value_operand, _narrow_keys, _narrow_starts, _narrow_value_operand,
-                                         _own_scores, _value_operand, narrow_value_column)
+                                         _own_scores, _value_operand, load, narrow_value_column)
 
 try:  # jax 0.11 registers Mosaic GPU's lowering only once this is imported
     import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
@@ -235,14 +235,14 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         def q_tile(ref):  # q_h [128] -> [128, 16] float32, each channel's q across the row
             if not compact_q:  # q came broadcast (key_offset: its s columns scaled; bulk_partials)
-                return plgpu.load(ref, (), layout=wg).astype(f32)
-            return lax.broadcast_in_dim(plgpu.load(ref, (), layout=wg.reduce(1)).astype(f32), (D, N), (0,))
+                return load(ref, wg).astype(f32)
+            return lax.broadcast_in_dim(load(ref, wg.reduce(1)).astype(f32), (D, N), (0,))
 
         def build_bk(kt_ref, bk_smem, q_ref=q_smem):  # Bk_h = q_h ∘ [s | m] into bk_smem -> the key accumulators' starts
             if narrow:
                 return build_narrow_bk(kt_ref, bk_smem, q_ref)
             with jax.named_scope("bk"):
-                kt = plgpu.load(kt_ref, (), layout=wg).astype(f32)  # s | m  [128, 16]
+                kt = load(kt_ref, wg).astype(f32)  # s | m  [128, 16]
                 c = []  # Bk's column sums, every row (q_h · s_g | q_h · m_g)
                 for h in hs:
                     # q_h ∘ s | q_h ∘ m [128, 16] (key_offset: q's s columns carry 4^-f, bulk_partials)
@@ -264,8 +264,8 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
 
         @jax.named_scope("bk")
         def build_narrow_bk(kt_ref, bk_smem, q_ref):  # each chunk's Bk_u into bk_smem.at[u] -> its key accumulator's start
-            qs = [plgpu.load(q_ref.at[h], (), layout=wg.reduce(1)).astype(f32) for h in hs]
-            *bks, mk = inline(_narrow_keys, [plgpu.load(kt_ref, (), layout=wg), *qs],
+            qs = [load(q_ref.at[h], wg.reduce(1)).astype(f32) for h in hs]
+            *bks, mk = inline(_narrow_keys, [load(kt_ref, wg), *qs],
                               tuple(mgpu_out((D, N), bf16) for _ in range(chunks)) + (mgpu_out((D, 8 * chunks), f32),),
                               layouts=(wg,) + (wg.reduce(1),) * heads)
             for u, bk in enumerate(bks):
@@ -326,14 +326,14 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 return jnp.max(top)
             red_smem[...] = top
             plgpu.commit_smem()  # (red_smem's last reads were before the previous step's Bv commit)
-            return jnp.max(plgpu.load(red_smem, (), layout=every))
+            return jnp.max(load(red_smem, every))
 
         def lane_operands(scores, vt_ref, m, o1, sums):
             # (lane_softmax) scores: the chunks' S [64, 8]; m [64, 8] and sums (Σ p, Σ p m_{0,1}
             # | m_{2,3}) [64, 8] each a thread's own row's; Bv into bv_smem -> (m, o1 rescaled, sums)
             (m,), (o1,), (l, mm0, mm1) = m, o1, sums
             with jax.named_scope("bv"):
-                vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
+                vts = [load(vt_ref.at[i], wg) for i in range(chunks // 2)]  # two chunks' s | m each
                 top = lax.broadcast_in_dim(jnp.max(functools.reduce(jnp.maximum, scores), axis=0), (CHUNK, 8), (1,))
                 m_new = jnp.maximum(m, top)
                 alpha = jnp.exp(m - m_new)
@@ -362,7 +362,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
             m, o1, mc2, ls = list(m), list(o1), list(mc2), list(ls)  # each a tuple over the query rows
             alpha, ps = [], {}  # (narrow: each chunk's p of every query row)
             with jax.named_scope("bv"):
-                vts = [plgpu.load(vt_ref.at[i], (), layout=wg) for i in range(chunks // 2)]  # two chunks' s | m each
+                vts = [load(vt_ref.at[i], wg) for i in range(chunks // 2)]  # two chunks' s | m each
                 by_row = [[scores[u * heads + h] for u in range(chunks)] for h in hs]
                 tops = [functools.reduce(jnp.maximum, s) for s in by_row]
                 # one reduction across the warpgroup a row (all G rows' in one reduction, git 6857c93
@@ -498,7 +498,7 @@ def _build(rows: int, tokens: int, stages: int, splits: int = 1, heads: int = 1,
                 if multi:  # column sums row by row from shared memory (no reduction across warps)
                     mc_smem[...] = mc2[h]
                     plgpu.commit_smem()
-                    sums = lax.fori_loop(0, CHUNK, lambda i, a: a + plgpu.load(mc_smem.at[i], (), layout=every),
+                    sums = lax.fori_loop(0, CHUNK, lambda i, a: a + load(mc_smem.at[i], every),
                                          plgpu.layout_cast(jnp.zeros((N,), f32), every))
                     mc = lax.broadcast_in_dim(sums, (D, N), (1,))
                     l = jnp.sum(jnp.where(plgpu.broadcasted_iota(jnp.int32, (N,), 0, layout=every) % 8 == 0, sums, 0.0))

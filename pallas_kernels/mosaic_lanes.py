@@ -10,6 +10,7 @@ N = 16 operand) and the softmax kept in the key accumulator's layout (lane_softm
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,16 @@ import numpy as np
 from pallas_kernels.mosaic_layout import CHUNK, D, KEY_BLOCK, MAGIC, N, unpack_constants
 
 # ---- kernel --------------------------------------------------------------------------------------
+
+def load(ref, layout):
+    """The whole of ``ref`` (shared memory) as an array in ``layout``. jax 0.10's plgpu.load takes
+    the index (here ()) as an argument; jax 0.11 deprecates it (the ref is indexed instead)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
 
 def _codes_operands(ref, offset=False):
     """[rows, 32 S] int4 nibbles in shared memory (:func:`_pack`'s words) -> the A operands of
@@ -33,7 +44,7 @@ def _codes_operands(ref, offset=False):
     gives the keys' 4^-f), which the caller folds into its other operand and constant."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    c = plgpu.load(ref, (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
+    c = load(ref, plgpu.Layout.WGMMA_UPCAST_4X)
     out = plgpu.ShapeDtypeStruct(c.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
     unpack = functools.partial(_unpack_in_registers, offset=offset)
     return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,), return_type=(out, out))(unpack)(c)
