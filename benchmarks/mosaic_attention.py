@@ -515,14 +515,19 @@ def main(argv=None):
         common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
         return
     if a.lane_softmax:  # its own run until it has passed compiled (a failing lowering stops a run)
-        rows = []
+        rows, env = [], common.environment()
+
+        def save():  # after every row: a call cut off by its time limit still returns what it measured
+            common.write_results(a.name, {**env, "rows": rows},
+                                 common.markdown(rows, list(dict.fromkeys(k for r in rows for k in r))))
+
         for name, opts in [("gqa4", dict(heads=4))] + LANE_CHECKS:
             rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
             print(rows[-1], flush=True)
+            save()
         for b, t in ((64, 4096), (64, 16384), (8, 16384)):
             rows += interleaved(["default", "lane_softmax"], 8, a.rounds, b=b, t=t)
-        common.write_results(a.name, {**common.environment(), "rows": rows},
-                             common.markdown(rows, list(dict.fromkeys(k for r in rows for k in r))))
+            save()
         return
     if a.auto_layout:
         row = {"impl": "auto_layout_check", **check_auto_layout()}
