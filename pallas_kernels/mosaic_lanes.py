@@ -19,14 +19,19 @@ from pallas_kernels.mosaic_layout import CHUNK, D, KEY_BLOCK, MAGIC, N, unpack_c
 
 # ---- kernel --------------------------------------------------------------------------------------
 
+@functools.cache
+def _load_takes_index() -> bool:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
 def load(ref, layout):
     """The whole of ``ref`` (shared memory) as an array in ``layout``. jax 0.10's plgpu.load takes
     the index (here ()) as an argument; jax 0.11 deprecates it (the ref is indexed instead)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
+    return plgpu.load(ref, (), layout=layout) if _load_takes_index() else plgpu.load(ref, layout=layout)
 
 
 def _codes_operands(ref, offset=False):

@@ -2,18 +2,23 @@
 (jit, scan, while, custom_jvp, ...), for tests that check what a traced step is made of."""
 
 
+def _inner_jaxprs(e):
+    """The jaxprs in an equation's params (jit, scan, while, cond branches, kernel bodies)."""
+    for v in e.params.values():
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
+            inner = getattr(sub, "jaxpr", sub)  # (a ClosedJaxpr holds its jaxpr)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
 def eqns(jaxpr, into_kernels=True):
     """into_kernels=False: not into pallas_call bodies (a kernel's pl.when is a cond too)."""
     for e in jaxpr.eqns:
         yield e
         if not into_kernels and e.primitive.name == "pallas_call":
             continue
-        for v in e.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):  # ClosedJaxpr
-                    yield from eqns(sub.jaxpr, into_kernels)
-                elif hasattr(sub, "eqns"):
-                    yield from eqns(sub, into_kernels)
+        for inner in _inner_jaxprs(e):
+            yield from eqns(inner, into_kernels)
 
 
 def kernel_name(e) -> str:
@@ -54,9 +59,6 @@ def dead_arrays(jaxpr):
     out = [e for e in jaxpr.eqns if not e.effects and e.outvars
            and all(getattr(v.aval, "ndim", 0) > 0 and v not in used for v in e.outvars)]
     for e in jaxpr.eqns:
-        for p in e.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)  # (ClosedJaxpr)
-                if hasattr(inner, "eqns"):
-                    out += dead_arrays(inner)
+        for inner in _inner_jaxprs(e):
+            out += dead_arrays(inner)
     return out
