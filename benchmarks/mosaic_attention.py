@@ -77,13 +77,16 @@ GQA_VARIANTS = [("default", {}), ("unfused", dict(fused=False)),
                 ("key_value_offset", dict(key_offset=True, value_offset=True)), ("prefetch_bk", dict(prefetch_bk=True)),
                 ("rows2", dict(rows_per_program=2)), ("rows3", dict(rows_per_program=3)),
                 ("rows4", dict(rows_per_program=4)), ("broadcast_q", dict(compact_q=False)),
-                ("wide", dict(narrow=False)), ("group2", dict(group=2))]
+                ("wide", dict(narrow=False)), ("group2", dict(group=2)), ("picks", dict(lane_softmax=False))]
 GQA_QUICK = ("default", "broadcast_q")
-# the softmax in the key accumulator's layout (lane_softmax): G = 4 and 2, rows a program, groups, sliding windows
-LANE_CHECKS = [("gqa4_lane", dict(heads=4, lane_softmax=True)), ("gqa2_lane", dict(heads=2, lane_softmax=True)),
-               ("gqa4_lane_rows3_stages3", dict(heads=4, lane_softmax=True, rows_per_program=3, stages=3)),
-               ("gqa4_lane_group2_sliding_splits3", dict(heads=4, lane_softmax=True, group=2, sliding=True, splits=3)),
-               ("gqa2_lane_window600_tokens2048", dict(heads=2, lane_softmax=True, window=600, tokens=2048))]
+# the default GQA softmax since -run90 is in the key accumulator's layout (lane_softmax: 0.87-0.91x
+# the picks' time); picks: each row's scores picked from the lanes holding them, as before. G = 4
+# and 2, rows a program, groups, sliding windows
+PICKS_CHECKS = [("gqa4_picks", dict(heads=4, lane_softmax=False)), ("gqa2_picks", dict(heads=2, lane_softmax=False)),
+                ("gqa4_picks_rows3_stages3", dict(heads=4, lane_softmax=False, rows_per_program=3, stages=3)),
+                ("gqa4_picks_group2_sliding_splits3",
+                 dict(heads=4, lane_softmax=False, group=2, sliding=True, splits=3)),
+                ("gqa2_picks_window600_tokens2048", dict(heads=2, lane_softmax=False, window=600, tokens=2048))]
 
 
 def random_inputs(rows, tokens, key=0):
@@ -436,7 +439,7 @@ def interleaved(names, hkv, rounds, b=64, t=4096, hq=32, length=None):
     configuration moves between calls, so A and B take turns on the same inputs -> rows, one a
     variant, with every round's time and the median over rounds, and the ratio of each to the
     first's. length: every row's quantized tokens (default t)."""
-    variants = dict({32: VARIANTS, 8: GQA_VARIANTS + [("lane_softmax", dict(lane_softmax=True))]}[hkv])
+    variants = dict({32: VARIANTS, 8: GQA_VARIANTS}[hkv])
     r, g = b * hkv, hq // hkv
     packed, q = random_packed(r, t), random_q(r, g)
     n = jnp.full((r,), t if length is None else length, jnp.int32)
@@ -468,9 +471,9 @@ def main(argv=None):
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window checks and timings (splits over a row's window steps vs all)")
     ap.add_argument("--auto-layout", action="store_true", help="only check_auto_layout (KIVIConfig()'s layout here)")
-    ap.add_argument("--lane-softmax", action="store_true",
-                    help="only lane_softmax (GQA): its compiled checks (LANE_CHECKS), then timed in turns with the "
-                         "default at B=64 T=4k/16k and B=8 T=16k, --rounds rounds")
+    ap.add_argument("--picks", action="store_true",
+                    help="only the GQA picks (lane_softmax=False): their compiled checks (PICKS_CHECKS), then timed "
+                         "in turns with the default (lane_softmax) at B=64 T=4k/16k and B=8 T=16k, --rounds rounds")
     ap.add_argument("--batches", default="1,8,32,64,128", help="--sweep's batch sizes (comma list)")
     ap.add_argument("--lengths", default="1024,4096,16384,32768", help="--sweep's sequence lengths (comma list)")
     ap.add_argument("--splits", default="", help="--sweep: also these sequence splits a row (comma list), e.g. 2,4,8")
@@ -514,19 +517,19 @@ def main(argv=None):
         print(table)
         common.write_results(a.name, {**env, "hbm_copy_tbps": hbm, "rows": rows}, table)
         return
-    if a.lane_softmax:  # its own run until it has passed compiled (a failing lowering stops a run)
+    if a.picks:  # the softmax's two layouts, checked and timed in turns
         rows, env = [], common.environment()
 
         def save():  # after every row: a call cut off by its time limit still returns what it measured
             common.write_results(a.name, {**env, "rows": rows},
                                  common.markdown(rows, list(dict.fromkeys(k for r in rows for k in r))))
 
-        for name, opts in [("gqa4", dict(heads=4))] + LANE_CHECKS:
+        for name, opts in [("gqa4", dict(heads=4))] + PICKS_CHECKS:
             rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
             print(rows[-1], flush=True)
             save()
         for b, t in ((64, 4096), (64, 16384), (8, 16384)):
-            rows += interleaved(["default", "lane_softmax"], 8, a.rounds, b=b, t=t)
+            rows += interleaved(["picks", "default"], 8, a.rounds, b=b, t=t)
             save()
         return
     if a.auto_layout:
