@@ -74,14 +74,15 @@ def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
 
 
 #: KIVIConfig(layout="auto") with grouped-query attention picks the Mosaic layout from this many
-#: tokens of capacity (max_length). On the H200, with the kernel's narrow GQA operands, the
-#: Mistral-7B shape's 32-layer step took 8.41 vs 9.06 ms (the token layout; dense 8.43) at 2048
-#: tokens, batch 64, but 7.87 vs 7.17 ms at the paper's 498 tokens, batch 96
-#: (results/decode-step-ab-2026-12-03-run82-*), where rows of one or two 256-token steps leave the
-#: Mosaic path's window and append the larger share; at 4352 tokens, batch 256, 42.08 vs 45.92 ms
-#: even before the narrow operands (e2e-2026-12-02-run56-mistral4k). Between (batch 64): 7.70 vs
-#: 7.56 ms at 1024 tokens, 8.28 vs 8.32 at 1536 (a tie; -run87/-run88): the layouts cross near 1536.
-AUTO_GQA_MIN_LENGTH = 2048
+#: tokens of capacity (max_length). On the H200, with the kernel's softmax in the key
+#: accumulator's layout (lane_softmax), the Mistral-7B shape's 32-layer step at batch 64 took
+#: 7.30 vs 7.54 ms (the token layout; dense 7.05) at 1024 tokens, 7.69 vs 8.26 at 1536 and 7.97
+#: vs 9.06 at 2048, but 6.88 vs 6.68 at 512 (results/decode-step-ab-2026-12-03-run93-*): rows
+#: of one or two 256-token steps leave the Mosaic path's window and append the larger share. The
+#: paper's 498 tokens, batch 96, stay with the token layout (7.87 vs 7.17 ms before lane_softmax,
+#: -run82); at 4352 tokens, batch 256, 42.08 vs 45.92 ms even before the narrow operands
+#: (e2e-2026-12-02-run56-mistral4k). Before lane_softmax the layouts crossed near 1536 (-run87/88).
+AUTO_GQA_MIN_LENGTH = 1024
 
 
 def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_length: int,

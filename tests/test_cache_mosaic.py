@@ -268,7 +268,8 @@ class _Device:
     (dict(num_kv_heads=8), "tokens"),  # GQA 4 at a short capacity: measured slower (run51)
     (dict(num_kv_heads=8, max_length=4096), "mosaic"),  # measured faster at 4352 (run56)
     (dict(num_kv_heads=8, max_length=2048), "mosaic"),  # and at 2048 (run82: narrow operands)
-    (dict(num_kv_heads=8, max_length=1024), "tokens"),  # not measured there
+    (dict(num_kv_heads=8, max_length=1024), "mosaic"),  # and at 1024 (run93: lane_softmax)
+    (dict(num_kv_heads=8, max_length=1023), "tokens"),  # slower at 512 (run93)
     (dict(num_kv_heads=4, max_length=8192), "tokens"),  # 8 query heads a KV head: not the kernel's
     (dict(config=TOKENS), "tokens"),  # an explicit layout is kept
     (dict(config=MOSAIC, devices=[_Device("cpu", None)]), "mosaic"),
