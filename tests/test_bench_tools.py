@@ -14,7 +14,8 @@ def test_trace_kernels_attributes_time_to_hlo_ops_and_sources():
             return jnp.sin(x) * 3.0
 
     f = jax.jit(g)
-    x = jax.random.normal(jax.random.key(0), (512, 512))
+    # on the CPU backend even where a GPU is the default device: the trace's CPU plane is read
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (512, 512)), jax.devices("cpu")[0])
     compiled = f.lower(x).compile()
     hlo = compiled.as_text()
     f(x).block_until_ready()
