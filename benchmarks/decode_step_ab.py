@@ -46,6 +46,26 @@ from kivi_jax import cache_common as cc
 from models import llama
 
 _IN_PLACE = attention_pallas._in_place
+#: XLA:GPU's command buffer (CUDA graph) kinds by default (xla/debug_options_flags.cc)
+DEFAULT_COMMAND_BUFFER = ("FUSION", "CUBLAS", "CUBLASLT", "CUSTOM_CALL", "CUDNN", "DYNAMIC_SLICE_FUSION")
+#: --command-buffers presets: the step jitted with compiler_options xla_gpu_enable_command_buffer set
+#: to these kinds (None: not set). XLA:GPU reads a conditional's predicate (and a while loop's) back
+#: to the host, draining the stream; inside a command buffer (CONDITIONAL, WHILE: CUDA graph
+#: conditional nodes) it stays on the device. KIVI's step has two conditionals (the rare writes)
+#: that dense's has not. "listed": the defaults spelled out, a control for the option itself.
+COMMAND_BUFFERS = {"default": None, "listed": DEFAULT_COMMAND_BUFFER,
+                   "conditional": DEFAULT_COMMAND_BUFFER + ("CONDITIONAL",),
+                   "conditional_while": DEFAULT_COMMAND_BUFFER + ("CONDITIONAL", "WHILE"), "off": ()}
+
+
+def compiler_options(command_buffer: str | None) -> dict:
+    """The jit compiler_options of a COMMAND_BUFFERS preset (named error for another name)."""
+    if command_buffer is None:
+        return {}
+    if command_buffer not in COMMAND_BUFFERS:
+        raise ValueError(f"command buffer preset {command_buffer!r}; allowed: {', '.join(COMMAND_BUFFERS)}")
+    kinds = COMMAND_BUFFERS[command_buffer]
+    return {} if kinds is None else {"xla_gpu_enable_command_buffer": ",".join(kinds)}
 
 
 def _unrolled_step(model, per_layer: bool):
@@ -83,18 +103,20 @@ def _count(hlo: str, shapes: set[str], ops=r"copy|transpose") -> list[str]:
     return found
 
 
-def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=False):
+def run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=False, command_buffer=None):
+    options = compiler_options(command_buffer)
     if arm in ("scan", "pallas", "sliced", "allpallas", "pallasattn"):
         apply, params = models.functional(model)
         impl = "pallas" if arm in ("pallas", "allpallas") else "xla"
         attn = "pallas" if arm in ("allpallas", "pallasattn") else "auto"
         if arm == "sliced":  # traced below, inside this arm only
             attention_pallas._in_place = lambda stack, cache: _IN_PLACE(None, cache)
-        step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl, attn_impl=attn), donate_argnums=(2,))
+        step = jax.jit(lambda p, t, c: apply(p, t, c, matmul_impl=impl, attn_impl=attn), donate_argnums=(2,),
+                       compiler_options=options)
         args = (params, tok)
     else:
         fn = _unrolled_step(model, per_layer=arm == "list")
-        step = jax.jit(lambda w, t, c: fn(w, rest, t, c), donate_argnums=(2,))
+        step = jax.jit(lambda w, t, c: fn(w, rest, t, c), donate_argnums=(2,), compiler_options=options)
         args = (layers_list if arm == "list" else layers_stacked, tok)
     t0 = time.perf_counter()
     try:
@@ -194,7 +216,13 @@ def main(argv=None):
                          "token-layout KIVI arms (default: the default)")
     ap.add_argument("--rare-writes", default=None,
                     help="comma list of models.llama.RARE_WRITES_MODES to run each KIVI arm with (default: the default)")
+    ap.add_argument("--command-buffers", default=None,
+                    help=f"comma list of COMMAND_BUFFERS presets ({', '.join(COMMAND_BUFFERS)}) to jit each arm's "
+                         "step with (default: XLA's own setting)")
     a = ap.parse_args(argv)
+    buffers = a.command_buffers.split(",") if a.command_buffers else [None]
+    for b in buffers:
+        compiler_options(b)  # a wrong name fails before any model is built
     cfg = model_config(a.model, num_layers=a.layers)
     model = models.init_random(cfg, dtype=jnp.bfloat16)
     apply, params = models.functional(model)
@@ -218,8 +246,8 @@ def main(argv=None):
         tokens = kivi is not None and not mosaic
         token_appends = a.kivi_appends.split(",") if tokens and a.kivi_appends else [None]
         stage_counts = [int(x) for x in a.short_stages.split(",")] if tokens and a.short_stages else [None]
-        for arm, ring, writes, window, rare, append, token_append, stages in itertools.product(
-                arms, rings, write_impls, windows, rares, appends, token_appends, stage_counts):
+        for arm, ring, writes, window, rare, append, token_append, stages, buffer in itertools.product(
+                arms, rings, write_impls, windows, rares, appends, token_appends, stage_counts, buffers):
             # the switches are read when the step is traced; None: the module's default
             with _switched((attention_pallas, "DEFAULT_RING_PROGRAM", ring), (cc, "DEFAULT_WRITES_IMPL", writes),
                            (attention_mosaic, "DEFAULT_WINDOW_IMPL", window), (llama, "RARE_WRITES", rare),
@@ -227,13 +255,14 @@ def main(argv=None):
                            (attention_pallas, "SHORT_NUM_STAGES", stages)):
                 cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
                 _, cache = jax.jit(apply)(params, ids, cache)
-                row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace)
+                row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace,
+                                          command_buffer=buffer)
                 ring, writes = attention_pallas.DEFAULT_RING_PROGRAM, cc.DEFAULT_WRITES_IMPL
                 rare, append = llama.rare_writes_mode(), cache_mosaic.append_impl()
                 token_append, stages = cache_kivi.append_impl(), attention_pallas.SHORT_NUM_STAGES
                 window = attention_mosaic.window_impl_name()
             row.update(cache=name, model=a.model, layers=a.layers, batch=a.batch,
-                       xla_flags=os.environ.get("XLA_FLAGS", ""), writes=writes,
+                       xla_flags=os.environ.get("XLA_FLAGS", ""), command_buffer=buffer or "default", writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),
                        **({"ring_program": ring, "rare_writes": rare} if kivi is not None else {}),
                        **({"mosaic_window": window, "mosaic_append": append} if mosaic else {}),
@@ -243,7 +272,7 @@ def main(argv=None):
                 print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
             suffix = ((f"-{window}-append-{append}" if mosaic else "") + (f"-rare-{rare}" if kivi is not None else "")
-                      + (f"-append-{token_append}-stages-{stages}" if tokens else ""))
+                      + (f"-append-{token_append}-stages-{stages}" if tokens else "") + (f"-cb-{buffer}" if buffer else ""))
             (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
     (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(

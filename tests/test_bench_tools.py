@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from benchmarks import common
 
@@ -209,3 +210,20 @@ def test_mosaic_modules_hash_a_kernel_without_its_locations():
     assert len(lane) == 1 and mm.digest(lane[0]) == mm.digest(again[0]) != mm.digest(picks[0])
     assert "loc(" not in lane[0]
     assert 0 < mm.op_counts(lane[0])["math.exp"] < mm.op_counts(picks[0])["math.exp"]
+
+
+def test_decode_step_ab_command_buffer_presets():
+    """decode_step_ab --command-buffers: a preset is the jit option XLA parses (XLA's defaults
+    plus the kinds named), "default" sets nothing, another name is a named error; the option
+    compiles (ignored off a GPU)."""
+    from benchmarks import decode_step_ab as ab
+
+    got = ab.compiler_options("conditional_while")["xla_gpu_enable_command_buffer"].split(",")
+    assert got[:len(ab.DEFAULT_COMMAND_BUFFER)] == list(ab.DEFAULT_COMMAND_BUFFER)
+    assert got[len(ab.DEFAULT_COMMAND_BUFFER):] == ["CONDITIONAL", "WHILE"]
+    assert ab.compiler_options("default") == ab.compiler_options(None) == {}
+    assert ab.compiler_options("off") == {"xla_gpu_enable_command_buffer": ""}
+    with pytest.raises(ValueError, match=r"command buffer preset 'cond'; allowed: default, listed"):
+        ab.compiler_options("cond")
+    f = jax.jit(lambda x: x * 2.0, compiler_options=ab.compiler_options("conditional_while"))
+    assert float(f(jnp.float32(1.5))) == 3.0
