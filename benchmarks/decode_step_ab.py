@@ -275,8 +275,27 @@ def main(argv=None):
                       + (f"-append-{token_append}-stages-{stages}" if tokens else "") + (f"-cb-{buffer}" if buffer else ""))
             (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
-    (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(
-        json.dumps({**common.environment(), "rows": rows}, indent=1))
+    env = common.environment()
+    (common.out_dir() / f"decode-step-ab{a.tag}.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
+    (common.out_dir() / f"decode-step-ab{a.tag}.md").write_text(summary(rows, env, a))
+
+
+def summary(rows, env, a) -> str:
+    """The rows as a markdown table, each step next to dense's with the same arm and command
+    buffers (ratio_to_dense), under a line naming the shape, device, jax version and commit."""
+    dense = {(r["arm"], r["command_buffer"]): r["step_ms"] for r in rows if r["cache"] == "dense"}
+    table = []
+    for r in rows:
+        base = dense.get((r["arm"], r["command_buffer"]))
+        switches = ", ".join(f"{k}={r[k]}" for k in ("ring_program", "rare_writes", "mosaic_window", "mosaic_append",
+                                                     "kivi_append", "short_num_stages") if k in r)
+        table.append({"cache": r["cache"], "arm": r["arm"], "command_buffer": r["command_buffer"],
+                      "step_ms": r["step_ms"], "ratio_to_dense": r["step_ms"] / base if base else None,
+                      "switches": switches or "-"})
+    head = (f"Decode step, {a.model} shape, {a.layers} layers, batch {a.batch}, prompt {a.prompt}, capacity "
+            f"{a.max_length}; {env['device']}, jax {env['jax_version']}, commit {env['commit']}"
+            + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else "") + "\n\n")
+    return head + common.markdown(table, ["cache", "arm", "command_buffer", "step_ms", "ratio_to_dense", "switches"])
 
 
 if __name__ == "__main__":

@@ -227,3 +227,25 @@ def test_decode_step_ab_command_buffer_presets():
         ab.compiler_options("cond")
     f = jax.jit(lambda x: x * 2.0, compiler_options=ab.compiler_options("conditional_while"))
     assert float(f(jnp.float32(1.5))) == 3.0
+
+
+def test_decode_step_ab_summary_pairs_each_step_with_dense():
+    """decode_step_ab.summary: each row's ratio is to dense's step with the same arm and command
+    buffers, not to another configuration's."""
+    import argparse
+
+    from benchmarks import decode_step_ab as ab
+
+    rows = [dict(cache="dense", arm="pallas", command_buffer="default", step_ms=8.0),
+            dict(cache="dense", arm="pallas", command_buffer="conditional", step_ms=7.0),
+            dict(cache="kivi2", arm="pallas", command_buffer="default", step_ms=8.4, rare_writes="step"),
+            dict(cache="kivi2", arm="pallas", command_buffer="conditional", step_ms=7.7, rare_writes="step"),
+            dict(cache="kivi2", arm="scan", command_buffer="default", step_ms=9.0)]
+    env = dict(device="NVIDIA H200", jax_version="0.11.2", commit="abc1234")
+    args = argparse.Namespace(model="mistral-7b", layers=32, batch=96, prompt=160, max_length=498)
+    lines = ab.summary(rows, env, args).splitlines()
+    assert lines[0].startswith("Decode step, mistral-7b shape, 32 layers, batch 96, prompt 160, capacity 498; "
+                               "NVIDIA H200, jax 0.11.2, commit abc1234")
+    body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[4:]]
+    assert [b[4] for b in body] == ["1", "1", "1.05", "1.1", "None"]  # 8.4 / 8, 7.7 / 7, no dense scan row
+    assert body[2][5] == "rare_writes=step" and body[0][5] == "-"
