@@ -16,6 +16,7 @@ from kivi_jax import rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
+from kivi_jax.eager import jit_when_eager
 
 IMPLS = ("auto", "pallas", "reference", "xla")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
@@ -110,6 +111,7 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+@jit_when_eager(static_argnames=("impl", "window"))
 def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None, stack=None):
     """Attention of one new query token per row over everything in ``cache``.
 

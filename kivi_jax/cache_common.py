@@ -93,6 +93,13 @@ def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
     return jnp.clip(lengths, 0, tokens), invalid
 
 
+def check_prefill(cache, k, v, lengths=None):
+    """A cache's prefill arguments, checked where they are concrete (eager.jit_when_eager's
+    validate: the jitted prefill sees lengths traced, which it would only flag)."""
+    t = check_kv("k", k, "v", v, batch=cache.batch_size, heads=cache.num_kv_heads, head_dim=cache.head_dim)
+    prompt_lengths(lengths, cache.batch_size, t, cache.max_length)
+
+
 def put_row(buf, x, index, axis, layer=None, add=False, keep=None):
     """Per batch row b: buf[b] with x[b] written at index[b] along ``axis`` (of the row).
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import cache_common as cc
+from kivi_jax.eager import jit_when_eager
 
 
 @cc.pytree_dataclass
@@ -38,6 +39,7 @@ class DenseCache(cc.CacheShape):
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,
                            head_dim=self.head_dim, tokens=tokens)
 
+    @jit_when_eager(validate=cc.check_prefill)
     def prefill(self, k, v, lengths=None) -> "DenseCache":
         """Stores a (padded) prompt k, v [B, Hkv, T, D]; row b keeps its first lengths[b] tokens."""
         t = self._check(k, v)
@@ -47,6 +49,7 @@ class DenseCache(cc.CacheShape):
         v_new = self.v.at[:, :, :t].set(cc.row_major(jnp.where(keep, v, 0).astype(self.dtype)))
         return DenseCache(k_new, v_new, lengths, invalid, self.max_length)
 
+    @jit_when_eager
     def append(self, k, v) -> "DenseCache":
         """Appends one token k, v [B, Hkv, 1, D] per row; a full row is left as is and flagged."""
         return cc.apply_writes(self, *self.append_writes(k, v))

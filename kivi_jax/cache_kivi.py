@@ -44,6 +44,7 @@ from kivi_jax import quant
 from kivi_jax import rotation
 from kivi_jax import switches
 from kivi_jax.config import KIVIConfig
+from kivi_jax.eager import jit_when_eager
 from pallas_kernels import kivi_append
 
 APPEND_IMPLS = ("xla", "pallas")
@@ -194,6 +195,7 @@ class KIVICache(cc.CacheShape):
                             row[:, j], "k_codes", 1, add=True) for j in range(r // 16)]
 
     # ---- Algorithm 1 ----------------------------------------------------------------------
+    @jit_when_eager(validate=cc.check_prefill)
     def prefill(self, k, v, lengths=None) -> "KIVICache":
         """Stores a (padded) prompt k, v [B, Hkv, T, D] into an empty cache.
 
@@ -267,6 +269,7 @@ class KIVICache(cc.CacheShape):
         got = jnp.take_along_axis(x, idx, axis=2)
         return jnp.where(ok[:, None, :, None], got, 0).astype(self.dtype)
 
+    @jit_when_eager
     def append(self, k, v) -> "KIVICache":
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, the paper's order).
 

@@ -39,6 +39,7 @@ from kivi_jax import quant
 from kivi_jax import switches
 from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values, token_quantizer
 from kivi_jax.config import KIVIConfig
+from kivi_jax.eager import jit_when_eager
 
 from pallas_kernels.kivi_mosaic import HEADS
 from pallas_kernels.mosaic_layout import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays, key_codes,
@@ -187,6 +188,7 @@ class MosaicKIVICache(cc.CacheShape):
         return KIVICache.init(dataclasses.replace(self.config, layout="tokens"), batch=self.batch_size, num_kv_heads=self.num_kv_heads,
                               head_dim=self.head_dim, max_length=self.max_length, dtype=self.dtype)
 
+    @jit_when_eager(validate=cc.check_prefill)
     def prefill(self, k, v, lengths=None) -> "MosaicKIVICache":
         """As KIVICache.prefill (same quantized numbers), stored in this layout."""
         # (the conversion traced in place, as the prefill-memory fix was measured: no nested jit)
@@ -224,6 +226,7 @@ class MosaicKIVICache(cc.CacheShape):
         k_res = cc.row_major(jnp.where((t < n[:, None])[:, None, :, None], flushed, out.k_res))
         return dataclasses.replace(out, k_res=k_res, v_res=cc.row_major(out.v_res))
 
+    @jit_when_eager
     def append(self, k, v) -> "MosaicKIVICache":
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append)."""
         return cc.apply_writes(self, *self.append_writes(k, v))

@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from kivi_jax import packing
+from kivi_jax.eager import jit_when_eager
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -249,6 +250,7 @@ def quantize_groups(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     return quantize_codes(xg, scale, mn, bits), scale, mn
 
 
+@jit_when_eager(static_argnames=("bits", "group_size", "axis", "pack_axis"))
 def quantize(x: jax.Array, *, bits: int, group_size: int, axis: int, pack_axis: int | None = None) -> QuantizedArray:
     """Quantizes ``x`` in groups of ``group_size`` consecutive elements along ``axis``.
 
@@ -289,6 +291,7 @@ def unpacked_codes(qa: QuantizedArray) -> jax.Array:
     return packing.unpack(qa.codes, qa.bits, qa.pack_axis, qa.shape[qa.pack_axis])
 
 
+@jit_when_eager
 def dequantize(qa: QuantizedArray) -> jax.Array:
     """x_hat = code * scale + min, in the original dtype and shape."""
     codes = unpacked_codes(qa)
@@ -313,6 +316,7 @@ def _fake_quantize_bwd(bits, group_size, axis, _, g):
 _fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
 
 
+@jit_when_eager(static_argnames=("bits", "group_size", "axis"))
 def fake_quantize(x: jax.Array, *, bits: int, group_size: int, axis: int) -> jax.Array:
     """dequantize(quantize(x)) with a straight-through gradient, for training-time simulation."""
     return _fake_quantize(bits, group_size, axis, x)

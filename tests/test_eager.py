@@ -1,0 +1,76 @@
+"""kivi_jax.eager: the array API called on plain arrays runs as one jitted computation (same
+result as the function traced), with its concrete-value checks kept; under a trace it runs as
+written, with no nested jit in the caller's program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax as kj
+from kivi_jax import eager
+
+CFG = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=32)
+
+
+def _inputs(t=70):
+    ks = jax.random.split(jax.random.key(3), 5)
+    n = lambda k, shape: jax.random.normal(k, shape, jnp.float32)  # noqa: E731
+    return n(ks[0], (2, 2, t, 64)), n(ks[1], (2, 2, t, 64)), n(ks[2], (2, 2, 1, 64)), n(ks[3], (2, 2, 1, 64)), \
+        n(ks[4], (2, 4, 1, 64))
+
+
+@pytest.mark.parametrize("cls", [kj.KIVICache, kj.DenseCache])
+def test_eager_calls_are_jitted_and_equal_the_traced_function(cls):
+    k, v, kt, vt, q = _inputs()
+    init = (dict(config=CFG) if cls is kj.KIVICache else {}) | dict(batch=2, num_kv_heads=2, head_dim=64,
+                                                                     max_length=128, dtype=jnp.float32)
+    cache = cls.init(**init)
+    lengths = jnp.array([70, 41])
+
+    def steps(cache):
+        cache = cache.prefill(k, v, lengths=lengths).append(kt, vt)
+        return kj.decode_attention(q, cache, impl="reference"), cache
+
+    before = cls.prefill.jitted._cache_size(), cls.append.jitted._cache_size()
+    eager_out, eager_cache = steps(cache)
+    assert (cls.prefill.jitted._cache_size(), cls.append.jitted._cache_size()) == (before[0] + 1, before[1] + 1)
+    traced_out, traced_cache = jax.jit(steps)(cache)
+    np.testing.assert_array_equal(eager_out, traced_out)
+    for a, b in zip(jax.tree_util.tree_leaves(eager_cache), jax.tree_util.tree_leaves(traced_cache)):
+        np.testing.assert_array_equal(a, b)
+    # and against float64: the output is softmax-weighted values of a real prefix
+    assert np.isfinite(np.asarray(eager_out)).all() and float(jnp.abs(eager_out).max()) > 0
+
+
+def test_concrete_checks_still_raise_where_the_jitted_prefill_would_only_flag():
+    k, v, *_ = _inputs()
+    cache = kj.KIVICache.init(CFG, batch=2, num_kv_heads=2, head_dim=64, max_length=128, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"lengths=\[71\] out of range: each must be in \[0, T=70\]"):
+        cache.prefill(k, v, lengths=jnp.array([70, 71]))
+    with pytest.raises(ValueError, match=r"k has shape \(2, 2, 70, 32\); the cache holds B=2, Hkv=2, D=64"):
+        cache.prefill(k[..., :32], v[..., :32])
+    # traced, a bad length is flagged, as before (the function as written)
+    flagged = jax.jit(lambda n: cache.prefill(k, v, lengths=n).overflow)(jnp.array([70, 71]))
+    assert flagged.tolist() == [False, True]
+
+
+def test_traced_calls_run_as_written_without_a_nested_jit():
+    k, v, kt, vt, q = _inputs()
+    cache = kj.KIVICache.init(CFG, batch=2, num_kv_heads=2, head_dim=64, max_length=128, dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda c: c.prefill(k, v).append(kt, vt))(cache)
+    names = {e.params.get("name") for e in jaxpr.jaxpr.eqns if e.primitive.name in ("pjit", "jit")}
+    assert not names & {"prefill", "append", "decode_attention"}, names
+
+
+def test_python_scalars_keep_the_function_as_written():
+    seen = []
+
+    @eager.jit_when_eager
+    def f(x, n):
+        seen.append(type(n))
+        return x * n
+
+    assert float(f(jnp.float32(2.0), 3)) == 6.0 and seen == [int]  # n stayed a Python int
+    assert float(f(jnp.float32(2.0), jnp.int32(3))) == 6.0 and seen[-1] is not int  # traced once, jitted
+    assert float(f(jnp.float32(2.0), np.int32(4))) == 8.0
