@@ -18,7 +18,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import cache_common as cc
 from kivi_jax import switches
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.mosaic_layout import kernel_arrays
