@@ -12,19 +12,48 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import jax
 import numpy as np
+
+PACKAGES = ("kivi_jax", "pallas_kernels", "models")
+
+
+def trace_settings() -> tuple:
+    """What a trace reads besides its arguments: the backend, and every module-level setting of
+    PACKAGES (strings, numbers, None; functions by identity). Their switches (``APPEND_IMPL``,
+    ``RARE_WRITES``, ...) are read when a function is traced: a compiled eager call is reused
+    only while they are as they were (a benchmark's switch or a test's monkeypatch retraces)."""
+    state = [jax.default_backend(), id(jax.default_backend), id(jax.devices)]
+    for name, module in list(sys.modules.items()):
+        if module is None or name.partition(".")[0] not in PACKAGES:
+            continue
+        for key, value in vars(module).items():
+            if isinstance(value, (str, int, float, bool, type(None))):
+                state.append((name, key, value))
+            elif inspect.isfunction(value) or inspect.isbuiltin(value):
+                state.append((name, key, id(value)))
+    return tuple(sorted(state[3:], key=lambda x: (x[0], x[1]))) + tuple(state[:3])
 
 
 def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=None):
     """``fn`` jitted (``static_argnames`` static) when every array argument is a concrete array;
     as written when one is traced or is a Python scalar (whose value the code may use).
     validate(*args, **kwargs): checks that need concrete values (a named error for bad input),
-    run before the jitted call, where the function itself would only see tracers."""
+    run before the jitted call, where the function itself would only see tracers. One jitted
+    function per :func:`trace_settings` state."""
     def wrap(fn):
-        jitted = jax.jit(fn, static_argnames=static_argnames)
         signature = inspect.signature(fn)
+        jits, traces = {}, [0]
+
+        def new_jit():  # a function object of its own: jax reuses a trace of the same one across jits
+            @functools.wraps(fn)
+            def traced(*args, **kwargs):  # runs when a jitted call traces (a compile on its cache miss)
+                traces[0] += 1
+                return fn(*args, **kwargs)
+
+            return jax.jit(traced, static_argnames=static_argnames)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -34,9 +63,12 @@ def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=N
                 return fn(*args, **kwargs)
             if validate is not None:
                 validate(*args, **kwargs)
-            return jitted(*args, **kwargs)
+            settings = trace_settings()
+            if settings not in jits:
+                jits[settings] = new_jit()
+            return jits[settings](*args, **kwargs)
 
-        call.jitted = jitted
+        call.traces = lambda: traces[0]  # how many times an eager call traced (and compiled) it
         return call
 
     return wrap if fn is None else wrap(fn)

@@ -32,9 +32,9 @@ def test_eager_calls_are_jitted_and_equal_the_traced_function(cls):
         cache = cache.prefill(k, v, lengths=lengths).append(kt, vt)
         return kj.decode_attention(q, cache, impl="reference"), cache
 
-    before = cls.prefill.jitted._cache_size(), cls.append.jitted._cache_size()
+    before = cls.prefill.traces(), cls.append.traces()
     eager_out, eager_cache = steps(cache)
-    assert (cls.prefill.jitted._cache_size(), cls.append.jitted._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert (cls.prefill.traces(), cls.append.traces()) == (before[0] + 1, before[1] + 1)
     traced_out, traced_cache = jax.jit(steps)(cache)
     np.testing.assert_array_equal(eager_out, traced_out)
     for a, b in zip(jax.tree_util.tree_leaves(eager_cache), jax.tree_util.tree_leaves(traced_cache)):
@@ -74,3 +74,36 @@ def test_python_scalars_keep_the_function_as_written():
     assert float(f(jnp.float32(2.0), 3)) == 6.0 and seen == [int]  # n stayed a Python int
     assert float(f(jnp.float32(2.0), jnp.int32(3))) == 6.0 and seen[-1] is not int  # traced once, jitted
     assert float(f(jnp.float32(2.0), np.int32(4))) == 8.0
+
+
+def test_a_changed_setting_retraces(monkeypatch):
+    """Module settings read at trace time are part of a compiled eager call's key (a benchmark's
+    switch, a test's monkeypatch): a changed one is not served the old trace."""
+    monkeypatch.setattr(eager, "SETTING_FOR_THIS_TEST", 2.0, raising=False)
+
+    @eager.jit_when_eager
+    def f(x):
+        return x * eager.SETTING_FOR_THIS_TEST
+
+    assert float(f(jnp.float32(1.5))) == 3.0
+    assert float(f(jnp.float32(2.5))) == 5.0 and f.traces() == 1
+    monkeypatch.setattr(eager, "SETTING_FOR_THIS_TEST", 3.0)
+    assert float(f(jnp.float32(1.5))) == 4.5 and f.traces() == 2
+
+
+def test_decode_attention_follows_a_patched_backend(monkeypatch):
+    """decode_attention(impl="auto") asks _on_gpu() when traced: a patched one (a new function,
+    here of the same answer) is traced again, not served the old trace."""
+    from kivi_jax import attention
+
+    k, v, kt, vt, q = _inputs()
+    cache = kj.KIVICache.init(CFG, batch=2, num_kv_heads=2, head_dim=64, max_length=128, dtype=jnp.float32)
+    cache = cache.prefill(k, v, lengths=jnp.array([70, 41]))
+    ref = kj.decode_attention(q, cache)
+    before = kj.decode_attention.traces()
+    assert np.array_equal(kj.decode_attention(q, cache), ref) and kj.decode_attention.traces() == before
+    asked = []
+    monkeypatch.setattr(attention, "_on_gpu", lambda: asked.append(1) or False)
+    got = kj.decode_attention(q, cache)
+    assert kj.decode_attention.traces() == before + 1 and asked
+    np.testing.assert_array_equal(got, ref)

@@ -313,11 +313,12 @@ def test_eager_equals_jit(dtype):
     x[1, :32, :4] = 3.25  # constant groups
     x = jnp.asarray(x, dtype)
     for bits, axis in ((1, 2), (2, 1), (4, 2), (8, 1)):
-        qa_e = quantize(x, bits=bits, group_size=32, axis=axis)
+        # (__wrapped__: the function as written, op by op; called on arrays it runs jitted, kivi_jax.eager)
+        qa_e = quantize.__wrapped__(x, bits=bits, group_size=32, axis=axis)
         qa_j, deq_j, codes_j = _quant_jit(x, bits=bits, group_size=32, axis=axis)
         for a, b in zip(jax.tree_util.tree_leaves(qa_e), jax.tree_util.tree_leaves(qa_j)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        np.testing.assert_array_equal(np.asarray(dequantize(qa_e)), np.asarray(deq_j))
+        np.testing.assert_array_equal(np.asarray(dequantize.__wrapped__(qa_e)), np.asarray(deq_j))
         check_quantized(np.asarray(x), qa_j, deq_j, codes_j, bits=bits, group_size=32, axis=axis)
 
 
