@@ -34,7 +34,7 @@ def trace_settings() -> tuple:
                 state.append((name, key, value))
             elif inspect.isfunction(value) or inspect.isbuiltin(value):
                 state.append((name, key, id(value)))
-    return tuple(sorted(state[3:], key=lambda x: (x[0], x[1]))) + tuple(state[:3])
+    return tuple(state)
 
 
 def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=None):
