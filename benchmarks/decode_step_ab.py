@@ -220,6 +220,9 @@ def main(argv=None):
                     help=f"comma list of COMMAND_BUFFERS presets ({', '.join(COMMAND_BUFFERS)}) to jit each arm's "
                          "step with (default: XLA's own setting)")
     a = ap.parse_args(argv)
+    if not re.fullmatch(r"[\w.-]*", a.tag, re.ASCII):
+        # the device tool returns no file whose name holds other characters (run96 lost its files to a comma)
+        ap.error(f"--tag {a.tag!r}: letters, digits, '.', '_' and '-' only (it ends the result files' names)")
     buffers = a.command_buffers.split(",") if a.command_buffers else [None]
     for b in buffers:
         compiler_options(b)  # a wrong name fails before any model is built

@@ -229,6 +229,15 @@ def test_decode_step_ab_command_buffer_presets():
     assert float(f(jnp.float32(1.5))) == 3.0
 
 
+def test_decode_step_ab_rejects_a_tag_no_file_name_can_hold(capsys):
+    """decode_step_ab --tag ends the result files' names: a comma (run96) is refused before any
+    model is built, with the value named."""
+    from benchmarks import decode_step_ab as ab
+    with pytest.raises(SystemExit):
+        ab.main(["--tag=-cb-default,conditional_while", "--layers", "1"])
+    assert "--tag '-cb-default,conditional_while'" in capsys.readouterr().err
+
+
 def test_decode_step_ab_summary_pairs_each_step_with_dense():
     """decode_step_ab.summary: each row's ratio is to dense's step with the same arm and command
     buffers, not to another configuration's."""
