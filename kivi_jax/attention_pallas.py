@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from kivi_jax import packing, rotation, sharding
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.eager import jit_when_eager
 from pallas_kernels import dense_decode, flash, kivi_decode, kivi_window
 
 TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs)
@@ -198,6 +199,8 @@ LAUNCH_RING_FROM = 4096
 SHORT_NUM_STAGES = 2
 
 
+@jit_when_eager(static_argnames=("window", "interpret", "variant", "chunk", "num_splits", "num_warps", "num_stages",
+                                 "dot_dtype", "mesh", "rules", "ring_program", "dequant"))
 def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", chunk=None,
                      num_splits=None, num_warps=4, num_stages=None, dot_dtype=None, mesh=None, rules=None,
                      stack=None, ring_program=None, dequant="auto"):

@@ -20,12 +20,18 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+# XLA's own optimization level for these programs: tests/conftest.py compiles at -O0 (the suite
+# is mostly compiling), but these run 30-layer steps dozens of times, which -O0 code ran 3.4x
+# slower on CPU (31 SmolLM2 decode steps: 8.2 s vs 2.4 s; the compile takes as long either way)
+RUN_OPTIONS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(model_id):
     apply = _APPLY[model_id]
-    prefill = jax.jit(lambda p, ids, c, n: apply(p, ids, c, lengths=n))
-    step = jax.jit(lambda p, ids, c: apply(p, ids, c), donate_argnums=2)
-    full = jax.jit(lambda p, ids: apply(p, ids)[0])
+    prefill = jax.jit(lambda p, ids, c, n: apply(p, ids, c, lengths=n), compiler_options=RUN_OPTIONS)
+    step = jax.jit(lambda p, ids, c: apply(p, ids, c), donate_argnums=2, compiler_options=RUN_OPTIONS)
+    full = jax.jit(lambda p, ids: apply(p, ids)[0], compiler_options=RUN_OPTIONS)
     return prefill, step, full
 
 
