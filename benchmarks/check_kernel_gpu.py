@@ -127,8 +127,11 @@ def main(argv=None):
         rows.append(check("G64 D64 gqa3", q, cache, variant))
         print(rows[-1], flush=True)
     # the KIVIConfig extensions on the kernel path (sinks and rotation live in the glue)
+    # and residual windows that are not a power of two (the ring in steps of 32 slots)
     for name, extra in (("sinks4 rotate=kv", dict(sink_tokens=4, rotate="kv")), ("key groups 16", dict(key_group_size=16)),
-                        ("sinks4 window=300", dict(sink_tokens=4))):
+                        ("sinks4 window=300", dict(sink_tokens=4)), ("R=96", dict(residual_length=96)),
+                        ("R=192 sinks4", dict(residual_length=192, sink_tokens=4)),
+                        ("R=96 G16 key groups 32", dict(residual_length=96, group_size=16, key_group_size=32))):
         if not wanted(name):
             continue
         cfg = kj.KIVIConfig(**extra)

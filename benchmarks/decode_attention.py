@@ -169,24 +169,41 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     return rows
 
 
-def extensions(b=64, t=4096, hq=32, hkv=32):
-    """Cost of the KIVIConfig extensions on the default kernel path, next to plain KIVI-2 in the
-    same run (issue: sinks and rotation within 5% of plain KIVI-2)."""
-    configs = [("plain", {}), ("sinks4", dict(sink_tokens=4)), ("rotate_kv", dict(rotate="kv")),
-               ("sinks4_rotate_kv", dict(sink_tokens=4, rotate="kv")), ("k4v2", dict(k_bits=4)),
-               ("key_group16", dict(key_group_size=16))]
-    q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
-    rows, base_ms = [], None
-    for name, extra in configs:
-        cfg = kj.KIVIConfig(**{"k_bits": 2, "v_bits": 2, **extra})
-        cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D)
-        ms = common.time_fn(jax.jit(lambda q, c: attention_pallas.decode_attention(q, c)), q, cache)
-        base_ms = base_ms or ms
-        rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "bits": cfg.k_bits, "impl": f"ext_{name}",
-                     "median_ms": ms, "bytes": None, "tbps": None, "ratio_to_dense": None,
-                     "ratio_to_plain_kivi": ms / base_ms})
-        print(rows[-1], flush=True)
-        del cache
+EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
+    ("plain", {}), ("sinks4", dict(sink_tokens=4)), ("rotate_kv", dict(rotate="kv")),
+    ("sinks4_rotate_kv", dict(sink_tokens=4, rotate="kv")), ("k4v2", dict(k_bits=4)),
+    ("key_group16", dict(key_group_size=16)), ("r32", dict(residual_length=32)), ("r64", dict(residual_length=64)),
+    ("r96", dict(residual_length=96)), ("r96_xla_window", dict(residual_length=96)),
+    ("r192", dict(residual_length=192)))
+
+
+def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 8)), rounds=5, hq=32):
+    """Cost of the KIVIConfig extensions and residual lengths on the default kernel path, next to
+    plain KIVI-2, in turns over ``rounds`` (shapes: B, capacity, tokens a row, Hkv; the paper's
+    short rows are mostly ring). r96_xla_window: R = 96 with its ring attended in plain JAX
+    (``ring_program="xla"``), as every R that is not a power of two was before."""
+    rows = []
+    for b, t, length, hkv in shapes:
+        q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
+        caches, fns = {}, {}
+        for name, extra in EXTENSIONS:
+            cfg = kj.KIVIConfig(**{"k_bits": 2, "v_bits": 2, **extra})
+            caches[name] = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
+            ring = "xla" if name.endswith("_xla_window") else None
+            fns[name] = jax.jit(lambda q, c, ring=ring: attention_pallas.decode_attention(
+                q, c, ring_program=ring, interpret=jax.default_backend() != "gpu"))  # (a CPU dry run: interpreted)
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(common.time_fn(fn, q, caches[name]))
+        plain = float(np.median(times["plain"]))
+        for name, ms in times.items():
+            med = float(np.median(ms))
+            rows.append({"B": b, "T": t, "length": length, "Hq": hq, "Hkv": hkv, "impl": f"ext_{name}",
+                         "residual_length": caches[name].config.residual_length, "median_ms": med,
+                         "ratio_to_plain_kivi": med / plain, "rounds_ms": [round(x, 4) for x in ms]})
+            print(rows[-1], flush=True)
+        del caches, fns
         gc.collect()
     return rows
 
@@ -355,6 +372,8 @@ def main(argv=None):
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--extensions", action="store_true",
+                    help="sinks, rotation, key groups and residual lengths next to plain KIVI-2 (extensions())")
     ap.add_argument("--trace", action="store_true", help="only the kernels of whole calls, traced (trace_calls)")
     ap.add_argument("--short", action="store_true",
                     help="only the Triton kernel's knobs on the paper setting's short rows, in turns (short_rows)")
@@ -384,6 +403,12 @@ def main(argv=None):
         rows = short_rows(rounds=args.rounds)
         cols = ["B", "T", "Hkv", "impl", "median_ms", "ratio_to_dense_pallas", "max_abs_diff_to_default", "rounds_ms"]
         _report(args.name, env, "Triton KIVI-2 kernel's knobs on short rows (lengths T - 37 b mod 128), in turns",
+                rows, cols)
+        return
+    if args.extensions:
+        rows = extensions(rounds=args.rounds)
+        cols = ["B", "T", "length", "Hkv", "impl", "residual_length", "median_ms", "ratio_to_plain_kivi", "rounds_ms"]
+        _report(args.name, env, "The KIVIConfig extensions and residual lengths on the default kernel path, in turns",
                 rows, cols)
         return
     if args.sliding:

@@ -187,7 +187,9 @@ DEFAULT_VARIANT = "swap"
 # 1.138 / 0.303 ms vs 1.279 / 0.340 (32 / 8 KV heads), mixed lengths 1.125 vs 1.247; at the
 # paper's setting (capacity 512) the 32-layer step 10.40 vs 10.20 ms and B=96 T=256 0.150 vs
 # 0.142 (its extra launch costs more than the registers save). Between 512 and 4096: untimed.
-RING_PROGRAMS = kivi_decode.RING_SPLITS + ("launch", "auto")
+# "xla": no program; the ring is attended in plain JAX next to the kernel (_window_partials), as
+# it is for the rings the kernel does not take (an A/B arm: benchmarks/decode_attention.py --extensions)
+RING_PROGRAMS = kivi_decode.RING_SPLITS + ("launch", "auto", "xla")
 DEFAULT_RING_PROGRAM = "auto"
 LAUNCH_RING_FROM = 4096
 # the KIVI kernel's pipeline stages below LAUNCH_RING_FROM tokens of capacity, where a row is a few
@@ -353,7 +355,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     span = _window_span(window, chunk, n_chunks)  # (body tokens [start_b, end) span at most the window too)
     splits = num_splits or default_splits(b, hkv, span or n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
-    ring, ring_len = _ring(cache, stack, layer, chunk)
+    ring, ring_len = (None, 0) if ring_program == "xla" else _ring(cache, stack, layer, chunk)
     if ring_program == "auto":
         ring_program = "launch" if cache.capacity >= LAUNCH_RING_FROM else "first"
     if "num_stages" not in knobs and SHORT_NUM_STAGES and cache.capacity < LAUNCH_RING_FROM:
@@ -369,7 +371,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
             kernel_parts = [bulk, kernel(none, none, start_b, end, num_splits=1, ring=ring, ring_len=ring_len)]
         else:
             kernel_parts = [kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits, ring=ring,
-                                   ring_len=ring_len, ring_split=ring_program)]
+                                   ring_len=ring_len, ring_split=ring_program if ring is not None else "first")]
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
         parts = _full_precision_parts(qg, cache, start, ring is not None)
     out = _combine(kernel_parts + parts, gq)

@@ -285,7 +285,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     if ring is not None:
         if not kivi_window.supported(ring_len, k_bits, kg, tc, chunk):
             raise ValueError(f"ring_len={ring_len} with chunk={chunk}, k_bits={k_bits}, key_group_size={kg} and "
-                             f"capacity={tc}: the ring must be a power of two of whole chunks and capacity >= it "
+                             f"capacity={tc}: the ring's steps (the largest power of two dividing it, at most chunk) must be >= 16 tokens of whole code words and key groups, and capacity >= it "
                              f"(see kivi_window.supported)")
         k_res, v_res = ring[:2]
         if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len or k_res.shape[-1] != d:

@@ -28,16 +28,19 @@ from pallas_kernels.flash import online_softmax_step
 
 
 def ring_chunk(r: int, chunk: int) -> int:
-    """Ring slots per step: the bulk kernel's chunk, or all R slots when R is smaller."""
-    return min(chunk, r)
+    """Ring slots per step: the largest power of two dividing R, at most the bulk kernel's chunk
+    (R = 128 with chunk 64: 64; R = 96: 32; R = 32: 32). Each step's tiles are then a power of
+    two (Triton's) and the steps cover the ring exactly."""
+    return min(chunk, r & -r)
 
 
 def supported(r: int, k_bits: int, key_group_size: int, capacity: int, chunk: int) -> bool:
-    """Whether the kernel takes this ring: R a power of two, its steps (:func:`ring_chunk`) at
-    least 16 slots (a tensor-core dot) of whole code words and key groups (or inside one
-    group), and a quantized store of at least R tokens (the flushed block exists)."""
+    """Whether the kernel takes this ring: its steps (:func:`ring_chunk`) at least 16 slots (a
+    tensor-core dot) of whole code words and key groups (or inside one group), and a quantized
+    store of at least R tokens (the flushed block exists). R need not be a power of two (96,
+    192: R / ring_chunk steps)."""
     per, rc = 32 // k_bits, ring_chunk(r, chunk)
-    return (not r & (r - 1) and rc >= 16 and r % rc == 0 and rc % per == 0
+    return (rc >= 16 and r % rc == 0 and rc % per == 0
             and (rc % key_group_size == 0 or key_group_size % rc == 0) and capacity >= r)
 
 

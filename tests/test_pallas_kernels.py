@@ -285,8 +285,9 @@ def test_kernel_stages_by_capacity(monkeypatch, launch_from, short, asked, stage
 
 
 def test_ring_in_the_kernel_only_where_supported():
-    """The residual ring goes into the kernel when R is a power of two of whole chunks (else
-    plain JAX: R = 48 with 1-bit keys, as in the half-word test above)."""
+    """The residual ring goes into the kernel when its steps (the largest power of two dividing
+    R, at most a chunk) are whole code words (else plain JAX: R = 48 with 1-bit keys, 16-slot
+    steps of half words, as in the half-word test above)."""
     from pallas_kernels import kivi_decode, kivi_window
 
     def kernel_inputs(cfg):
@@ -316,6 +317,50 @@ def test_ring_in_the_kernel_only_where_supported():
         kivi_decode.kivi_decode_partials(z, codes, sc, sc, codes, jnp.zeros((1, 1, 256, 2)), jnp.zeros((1, 1, 256, 2)),
                                          i, i, i, i, k_bits=1, v_bits=1, group_size=16, chunk=32, ring_len=32,
                                          interpret=True)
+
+
+@pytest.mark.parametrize("r,g,sinks,layers", [(96, 32, 0, 0), (48, 16, 3, 0), (96, 32, 0, 2)])
+def test_rings_not_a_power_of_two_in_the_kernel(r, g, sinks, layers):
+    """R = 96 or 48 (a multiple of the group, not a power of two) is walked by the kernel in
+    steps of 32 or 16 slots, rows around multiples of R against the reference, read in place
+    from a layer stack too; ring_program="xla" (the ring in plain JAX, how such rings ran
+    before) gives the same numbers with no ring in the kernel."""
+    from pallas_kernels import kivi_window
+
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=g, residual_length=r, sink_tokens=sinks)
+    assert kivi_window.ring_chunk(r, 64) == g and kivi_window.supported(r, 2, g, 4096, 64)
+    lengths = [l + sinks for l in (5, r - 1, r, r + 1, 2 * r - 1, 2 * r + 3, 3 * r + 7)]
+    caches = [_cache(cfg, lengths, 2, 32, jnp.float32, seed=31 + i, appends=1) for i in range(max(layers, 1))]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *caches) if layers else None
+    cache = caches[-1]
+    q = jax.random.normal(jax.random.key(32), (len(lengths), 4, 1, 32))
+
+    def run(q, cache, ring_program=None):
+        stack = (stacked, jnp.int32(layers - 1)) if layers else None
+        return attention_pallas.decode_attention(q, cache, interpret=True, stack=stack, ring_program=ring_program)
+
+    ref = kj.decode_attention(q, cache, impl="reference")
+    for ring_program in (None, "xla"):
+        out = run(q, cache, ring_program)
+        for i in range(len(lengths)):
+            assert _rel(out[i], ref[i]) <= 1e-5, (lengths[i], ring_program)
+        calls = jaxpr_walk.pallas_calls(jax.make_jaxpr(functools.partial(run, ring_program=ring_program))(q, cache).jaxpr)
+        ring = (stacked or cache).k_res
+        ring_shape = ring.shape if layers else ring[:, :, :r].shape
+        assert any(v.aval.shape == ring_shape for c in calls for v in c.invars) == (ring_program is None)
+
+
+def test_unsupported_ring_with_the_launch_program(monkeypatch):
+    """A ring the kernel does not take (1-bit keys, R = 48) in a cache past LAUNCH_RING_FROM
+    tokens (where "auto" means "launch"): the ring in plain JAX, the bulk in the kernel (the
+    ring program's name once reached the kernel as its ring split, which refused it)."""
+    monkeypatch.setattr(attention_pallas, "LAUNCH_RING_FROM", 64)
+    cfg = kj.KIVIConfig(k_bits=1, v_bits=2, group_size=16, residual_length=48)
+    cache = _cache(cfg, [150, 60], 1, 32, jnp.float32, seed=33, appends=1)
+    q = jax.random.normal(jax.random.key(34), (2, 2, 1, 32))
+    ref = kj.decode_attention(q, cache, impl="reference")
+    for ring_program in (None, "launch"):
+        assert _rel(attention_pallas.decode_attention(q, cache, interpret=True, ring_program=ring_program), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("ring_split", ["first", "own"])
