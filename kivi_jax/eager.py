@@ -13,11 +13,14 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 
 import jax
 import numpy as np
 
 PACKAGES = ("kivi_jax", "pallas_kernels", "models")
+_SETTINGS = (str, int, float, bool, type(None))
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 
 
 def trace_settings() -> tuple:
@@ -30,9 +33,9 @@ def trace_settings() -> tuple:
         if module is None or name.partition(".")[0] not in PACKAGES:
             continue
         for key, value in vars(module).items():
-            if isinstance(value, (str, int, float, bool, type(None))):
+            if isinstance(value, _SETTINGS):
                 state.append((name, key, value))
-            elif inspect.isfunction(value) or inspect.isbuiltin(value):
+            elif isinstance(value, _FUNCTIONS):  # (inspect.isfunction / isbuiltin, without two calls a value)
                 state.append((name, key, id(value)))
     return tuple(state)
 
