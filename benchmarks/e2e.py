@@ -70,7 +70,9 @@ MODELS = {
 KIVI = {"dense": None, "dense_xla": None,
         "kivi2": dict(k_bits=2, v_bits=2, layout="tokens"), "kivi4": dict(k_bits=4, v_bits=4, layout="tokens"),
         # KIVI-2 stored in the Mosaic GPU kernel's layout (MosaicKIVICache; Llama MHA / GQA 2 or 4)
-        "kivi2m": dict(k_bits=2, v_bits=2, layout="mosaic")}
+        "kivi2m": dict(k_bits=2, v_bits=2, layout="mosaic"),
+        # a residual window that is not a power of two (the kernel walks it in steps of 32)
+        "kivi2r96": dict(k_bits=2, v_bits=2, residual_length=96, layout="tokens")}
 # caches run with non-default implementations: dense_xla is a dense cache with XLA's attention
 # and matmuls (generate's dense default before 2026-11-30's in-place kernels: 22 ms steps at
 # the paper setting vs 9.2)

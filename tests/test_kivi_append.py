@@ -39,6 +39,7 @@ CASES = {
                       [2, 4, 35, 70], 110, 64, jnp.float32),
     "group64_keygroup64": (KIVIConfig(residual_length=64, group_size=64, key_group_size=64), [10, 63, 64, 130],
                            200, 128, jnp.bfloat16),
+    "r96_bf16": (KIVIConfig(residual_length=96), [5, 95, 96, 150], 200, 64, jnp.bfloat16),  # R not a power of two
 }
 
 
