@@ -174,7 +174,9 @@ EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
     ("sinks4_rotate_kv", dict(sink_tokens=4, rotate="kv")), ("k4v2", dict(k_bits=4)),
     ("key_group16", dict(key_group_size=16)), ("r32", dict(residual_length=32)), ("r64", dict(residual_length=64)),
     ("r96", dict(residual_length=96)), ("r96_xla_window", dict(residual_length=96)),
-    ("r192", dict(residual_length=192)))
+    ("r192", dict(residual_length=192)),
+    # the Mosaic layout (kivi_jax.decode_attention's kernel for it; a GPU only), with the rotation too
+    ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")))
 
 
 def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 8)), rounds=5, hq=32):
@@ -188,6 +190,14 @@ def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 
         caches, fns = {}, {}
         for name, extra in EXTENSIONS:
             cfg = kj.KIVIConfig(**{"k_bits": 2, "v_bits": 2, **extra})
+            if cfg.layout == "mosaic":  # random stores in the token layout, converted
+                if jax.default_backend() != "gpu":
+                    continue
+                caches[name] = kj.MosaicKIVICache.from_kivi(random_cache(
+                    dataclasses.replace(cfg, layout="tokens"), batch=b, kv_heads=hkv, tokens=t, head_dim=D,
+                    length=length), cfg)
+                fns[name] = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas"))
+                continue
             caches[name] = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
             ring = "xla" if name.endswith("_xla_window") else None
             fns[name] = jax.jit(lambda q, c, ring=ring: attention_pallas.decode_attention(

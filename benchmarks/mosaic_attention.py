@@ -135,25 +135,26 @@ def check(rows=64, tokens=1024, stages=2, heads=1, sliding=False, window=None, *
     return errors(got, km.reference(q, lengths, *plain, starts=starts))
 
 
-def _prefilled_mosaic(lengths, prompt, tokens, kv_heads, key):
-    """A bf16 MosaicKIVICache of max_length ``tokens`` prefilled with rows of ``lengths`` from
-    the first ``prompt`` of random k, v [B, Hkv, tokens, D] -> (cache, k, v, a key for q)."""
+def _prefilled_mosaic(lengths, prompt, tokens, kv_heads, key, rotate="none"):
+    """A bf16 MosaicKIVICache of max_length ``tokens`` (KIVIConfig ``rotate``) prefilled with rows
+    of ``lengths`` from the first ``prompt`` of random k, v [B, Hkv, tokens, D] -> (cache, k, v,
+    a key for q)."""
     b = len(lengths)
     ks = jax.random.split(jax.random.key(key), 3)
     k = jax.random.normal(ks[0], (b, kv_heads, tokens, D), jnp.bfloat16)
     v = jax.random.normal(ks[1], (b, kv_heads, tokens, D), jnp.bfloat16)
-    cache = kj.MosaicKIVICache.init(kj.KIVIConfig(layout="mosaic"), batch=b, num_kv_heads=kv_heads, head_dim=D,
-                                    max_length=tokens)
+    cache = kj.MosaicKIVICache.init(kj.KIVIConfig(layout="mosaic", rotate=rotate), batch=b, num_kv_heads=kv_heads,
+                                    head_dim=D, max_length=tokens)
     return cache.prefill(k[:, :, :prompt], v[:, :, :prompt], jnp.asarray(lengths, jnp.int32)), k, v, ks[2]
 
 
-def check_cache(heads=(2, 8), kv_heads=2, key=11, windows=(None,)):
+def check_cache(heads=(2, 8), kv_heads=2, key=11, windows=(None,), rotate="none"):
     """The integrated path compiled: a MosaicKIVICache prefilled with ragged rows and appended
     to (flushes, spills), ``kivi_jax.decode_attention`` (the kernel on the quantized tokens, the
     window kernel on the ring) against the reference over the same cache, bf16, MHA and GQA 4;
-    and with each sliding window of ``windows`` (None: none)."""
+    and with each sliding window of ``windows`` (None: none); ``rotate``: the cache's rotation."""
     b, t, extra = 4, 700, 140
-    cache, k, v, q_key = _prefilled_mosaic([700, 513, 129, 3], t, t + extra, kv_heads, key)
+    cache, k, v, q_key = _prefilled_mosaic([700, 513, 129, 3], t, t + extra, kv_heads, key, rotate=rotate)
     step = jax.jit(lambda c, k, v: c.append(k, v))
     out = {}
     for i in range(extra + 1):
@@ -468,6 +469,8 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true", help="only the timings")
     ap.add_argument("--quick", action="store_true", help="only the QUICK variants' checks and timings")
     ap.add_argument("--checks-only", action="store_true", help="the compiled checks, no timings")
+    ap.add_argument("--cache-checks", action="store_true",
+                    help="of the checks, only the whole path's (cache, vmap, sliding, rotation); with --checks-only")
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window checks and timings (splits over a row's window steps vs all)")
     ap.add_argument("--auto-layout", action="store_true", help="only check_auto_layout (KIVIConfig()'s layout here)")
@@ -596,13 +599,16 @@ def main(argv=None):
     if a.quick:
         checks = [(name, opts) for name, opts in checks
                   if "broadcast" in name or "auto" in name or "sliding" in name or name in ("default", "gqa4", "rows2")]
-    for name, opts in [] if a.skip_checks else checks:
-        rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
-        print(rows[-1], flush=True)
     # the whole path and jax.vmap; sliding windows inside the ring (100), across the quantized tokens (300, 600)
     whole = [("mosaic_cache_check", check_cache), ("mosaic_vmap_check", check_vmap),
              ("mosaic_vmap_check_gqa4", functools.partial(check_vmap, heads=4)),
-             ("mosaic_cache_check_sliding", functools.partial(check_cache, windows=(100, 300, 600)))]
+             ("mosaic_cache_check_sliding", functools.partial(check_cache, windows=(100, 300, 600))),
+             ("mosaic_cache_check_rotate_kv", functools.partial(check_cache, rotate="kv"))]
+    if a.cache_checks:
+        checks = []
+    for name, opts in [] if a.skip_checks else checks:
+        rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
+        print(rows[-1], flush=True)
     for name, fn in [] if a.skip_checks else whole:
         rows.append({"impl": name, **fn()})
         print(rows[-1], flush=True)

@@ -94,7 +94,7 @@ def reference_decode_attention(q, cache, *, window: int | None = None, exact: bo
     (p·(V·H))·H^T -- only q and the output are rotated, never the dequantized K or V.
     """
     rot_k = rot_v = False
-    if isinstance(cache, KIVICache):
+    if isinstance(cache, (KIVICache, MosaicKIVICache)):
         rot_k, rot_v = cache.config.rotate_keys, cache.config.rotate_values
     if not (rot_k or rot_v):
         k, v = cache.materialize()

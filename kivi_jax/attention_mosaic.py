@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import switches
+from kivi_jax import rotation, switches
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.mosaic_layout import kernel_arrays
 from pallas_kernels import kivi_mosaic, mosaic_window
@@ -93,6 +93,9 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     if g not in kivi_mosaic.HEADS:
         raise ValueError(f"the Mosaic kernel takes {kivi_mosaic.HEADS} query heads a KV head; got Hq={hq}, Hkv={hkv}")
     qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, d) / math.sqrt(d)
+    c = cache.config
+    if c.rotate_keys:  # scores in the stored basis: (q·H)·(K·H)^T
+        qg = rotation.rotate(qg)
     rows = qg.reshape(b * hkv, g, d) if g > 1 else qg.reshape(b * hkv, d)
     bulk = bulk or kivi_mosaic.bulk_partials
     if window is not None and window < 1:
@@ -113,10 +116,15 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
         out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
                                              (ob, mb, lb), layer=layer, starts=starts,
                                              interpret=jax.default_backend() != "gpu")
-        return out.reshape(b, hq, 1, d).astype(q.dtype)
+        return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
     ow, mw, lw = WINDOW_IMPLS[window_impl](qg, cache, stack, starts=starts)
     top = jnp.maximum(mb, mw)
     wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)
     den = lb * wb + lw * ww
     out = (ob * wb[..., None] + ow * ww[..., None]) / jnp.where(den > 0, den, 1.0)[..., None]
-    return out.reshape(b, hq, 1, d).astype(q.dtype)
+    return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
+
+
+def _unrotated(out, config):
+    """The attention output [B, Hkv, G, D] in the original basis: (p·(V·H))·H^T when values are stored rotated."""
+    return rotation.rotate(out, transpose=True) if config.rotate_values else out

@@ -166,9 +166,7 @@ class KIVICache(cc.CacheShape):
         return self.k_res[:, :, r:], self.v_res[:, :, r:]
 
     def _store(self, x, rotate: bool):
-        """Inputs as the cache stores them: in its dtype, then (rotate) x·H rounded into it."""
-        x = jnp.asarray(x).astype(self.dtype)
-        return rotation.rotate(x).astype(self.dtype) if rotate else x
+        return stored(x, self.dtype, rotate)
 
     def _check(self, k, v, tokens=None):
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,
@@ -396,6 +394,12 @@ class KIVICache(cc.CacheShape):
             if c.rotate_values:
                 v_hat = rotation.rotate(v_hat, transpose=True).astype(self.dtype)
         return k_hat, v_hat
+
+
+def stored(x, dtype, rotate: bool):
+    """Inputs as a cache stores them: in its dtype, then (rotate) x·H rounded into it."""
+    x = jnp.asarray(x).astype(dtype)
+    return rotation.rotate(x).astype(dtype) if rotate else x
 
 
 def quant_keys(config: KIVIConfig, dtype, k):

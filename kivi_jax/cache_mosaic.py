@@ -2,7 +2,8 @@
 
 The same algorithm and the same quantized numbers as :class:`~kivi_jax.cache_kivi.KIVICache`
 with 2-bit keys and values, groups of 32 and D = 128 (Algorithm 1: keys per channel, flushed R
-at a time; values per token, quantized as they leave the R-window), but the quantized stores
+at a time; values per token, quantized as they leave the R-window; with ``KIVIConfig.rotate``
+the keys and/or values stored as x·H, as KIVICache stores them), but the quantized stores
 are :func:`pallas_kernels.kivi_mosaic.repack`'s layout, kept as uint32 words and scale tiles:
 
 * ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, 16 a word
@@ -36,8 +37,9 @@ import jax.numpy as jnp
 from kivi_jax import cache_common as cc
 from kivi_jax import packing
 from kivi_jax import quant
+from kivi_jax import rotation
 from kivi_jax import switches
-from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values, token_quantizer
+from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values, stored, token_quantizer
 from kivi_jax.config import KIVIConfig
 from kivi_jax.eager import jit_when_eager
 
@@ -63,12 +65,12 @@ def append_impl() -> str:
 
 
 def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
-    """The cases the layout holds -> config with layout "mosaic". layout "mosaic" or "auto"; plain
-    KIVI-2 (KIVIConfig(layout="mosaic") checks that itself, "auto" here); head_dim 128."""
+    """The cases the layout holds -> config with layout "mosaic". layout "mosaic" or "auto"; KIVI-2
+    with no sinks (KIVIConfig(layout="mosaic") checks that itself, "auto" here); head_dim 128."""
     if config.layout not in ("mosaic", "auto"):
         raise ValueError(f"MosaicKIVICache needs KIVIConfig(layout='mosaic'); got layout={config.layout!r}")
     if config.mosaic_conflicts():
-        raise ValueError("MosaicKIVICache takes plain KIVI-2 only; got " + "; ".join(config.mosaic_conflicts()))
+        raise ValueError("MosaicKIVICache takes KIVI-2 with no sinks only; got " + "; ".join(config.mosaic_conflicts()))
     if head_dim != D:
         raise ValueError(f"MosaicKIVICache takes head_dim={D}; got head_dim={head_dim}")
     return dataclasses.replace(config, layout="mosaic")
@@ -241,7 +243,7 @@ class MosaicKIVICache(cc.CacheShape):
                     tokens=1)
         c = self.config
         r = c.residual_length
-        k, v = jnp.asarray(k).astype(self.dtype), jnp.asarray(v).astype(self.dtype)
+        k, v = stored(k, self.dtype, c.rotate_keys), stored(v, self.dtype, c.rotate_values)
         L = self.lengths
         full = L >= self.max_length
         live = ~full
@@ -300,9 +302,10 @@ class MosaicKIVICache(cc.CacheShape):
         if append_impl() == "pallas":
             from pallas_kernels import mosaic_append
 
+            c = self.config
             bufs = mosaic_append.append(
-                stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, jnp.asarray(k).astype(self.dtype),
-                jnp.asarray(v).astype(self.dtype), self.lengths, layer, max_length=self.max_length,
+                stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, stored(k, self.dtype, c.rotate_keys),
+                stored(v, self.dtype, c.rotate_values), self.lengths, layer, max_length=self.max_length,
                 quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)),
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))
@@ -311,8 +314,17 @@ class MosaicKIVICache(cc.CacheShape):
 
     def materialize(self, rotated: bool = False):
         """(K_hat, V_hat) [B, Hkv, Tc, D] in the cache dtype: position t is token t, dequantized
-        where quantized, full precision where not; positions >= lengths hold junk."""
-        del rotated  # nothing is rotated in this layout
+        where quantized, full precision where not; positions >= lengths hold junk. rotated: as
+        KIVICache.materialize's (the stored basis, or rotated back)."""
+        k_hat, v_hat = self._materialize()
+        c = self.config
+        if not rotated and c.rotate_keys:
+            k_hat = rotation.rotate(k_hat, transpose=True).astype(self.dtype)
+        if not rotated and c.rotate_values:
+            v_hat = rotation.rotate(v_hat, transpose=True).astype(self.dtype)
+        return k_hat, v_hat
+
+    def _materialize(self):  # the stored basis
         tc, r = self.capacity, self.config.residual_length
         ks, km, vs, vm = untile(self.kt, self.vt, tc)
         kq = quant.dequantize_codes(key_codes(self.kn), jnp.repeat(ks, GROUP, axis=2), jnp.repeat(km, GROUP, axis=2),

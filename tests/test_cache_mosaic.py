@@ -37,8 +37,9 @@ HD128 = ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_l
                     head_dim=128)
 
 
-def _pair(lengths, extra, max_length=700, heads=2, seed=0):
-    """A KIVICache and a MosaicKIVICache prefilled with the same prompt, and ``extra`` more tokens."""
+def _pair(lengths, extra, max_length=700, heads=2, seed=0, **config):
+    """A KIVICache and a MosaicKIVICache (KIVIConfig ``config`` besides the layout) prefilled with
+    the same prompt, and ``extra`` more tokens."""
     b, t = len(lengths), max(lengths)
     k = jax.random.normal(jax.random.key(seed), (b, heads, t + extra, D)) * (
         1 + 4 * jax.random.bernoulli(jax.random.key(seed + 1), 0.1, (D,)))
@@ -46,8 +47,8 @@ def _pair(lengths, extra, max_length=700, heads=2, seed=0):
     lens = jnp.asarray(lengths, jnp.int32)
     kw = dict(batch=b, num_kv_heads=heads, head_dim=D, max_length=max_length, dtype=jnp.float32)
     prefill = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))  # eager compiles op by op: slow on CI
-    a = prefill(kj.KIVICache.init(TOKENS, **kw), k[:, :, :t], v[:, :, :t], lens)
-    m = prefill(MosaicKIVICache.init(MOSAIC, **kw), k[:, :, :t], v[:, :, :t], lens)
+    a = prefill(kj.KIVICache.init(dataclasses.replace(TOKENS, **config), **kw), k[:, :, :t], v[:, :, :t], lens)
+    m = prefill(MosaicKIVICache.init(dataclasses.replace(MOSAIC, **config), **kw), k[:, :, :t], v[:, :, :t], lens)
     return a, m, k[:, :, t:], v[:, :, t:]
 
 
@@ -63,9 +64,10 @@ def _same_tokens(a, m):
 
 def _ring_holds_the_window(a, m):
     """Every key of the window [max(L - R, 0), L) sits in ring slot t % R as the KIVICache's
-    materialize gives it: dequantized where its block was flushed (t < n), as given after."""
+    materialize gives it (in the stored basis): dequantized where its block was flushed (t < n),
+    as given after."""
     r = m.config.residual_length
-    ka = np.asarray(a.materialize()[0])
+    ka = np.asarray(a.materialize(rotated=True)[0])
     for row, n in enumerate(np.asarray(m.lengths)):
         t = np.arange(max(n - r, 0), n)
         np.testing.assert_array_equal(np.asarray(m.k_res[row][:, t % r]), ka[row][:, t])
@@ -128,9 +130,10 @@ def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None, window=None
     return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
 
 
-def _stand_in(c):  # the stand-in bulk over the materialized cache's tokens
+def _stand_in(c):  # the stand-in bulk over the materialized cache's tokens (the stored basis, as the kernel reads)
     b, h = c.lengths.shape[0], c.num_kv_heads
-    return functools.partial(_bulk, **dict(zip(("kh", "vh"), (x.reshape(b * h, -1, D) for x in c.materialize()))))
+    return functools.partial(_bulk, **dict(zip(("kh", "vh"), (x.reshape(b * h, -1, D)
+                                                              for x in c.materialize(rotated=True)))))
 
 
 def test_attention_glue_matches_the_reference():
@@ -161,6 +164,40 @@ def test_attention_glue_matches_the_reference():
                     for glue_kernel in glue_kernels:
                         np.testing.assert_allclose(np.asarray(glue_kernel(q, m)), np.asarray(want), rtol=1e-5,
                                                    atol=1e-5)
+        if i < k.shape[2]:
+            a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
+
+
+@pytest.mark.parametrize("rotate", ["k", "v", "kv"])
+def test_rotation_in_the_mosaic_layout(rotate):
+    """KIVIConfig(rotate=...) in the Mosaic layout: the stores hold K·H and/or V·H as KIVICache's
+    do (the same numbers bit for bit in both bases, the kernel views equal to repack's of the
+    KIVICache, the ring's keys in the stored basis) through prefill and 140 appends, and the
+    attention glue (q rotated before the bulk and window, the output after; a plain-JAX stand-in
+    for the kernel) and the reference on the Mosaic cache match the reference on the KIVICache."""
+    a, m, k, v = _pair([400, 255, 5], 140, rotate=rotate)
+    assert m.config.rotate == rotate
+    glue = jax.jit(lambda q, c: attention_mosaic.decode_attention(q, c, bulk=_stand_in(c)))
+    ref = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference"))
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    for i in range(k.shape[2] + 1):
+        if i in (0, 113, 140):
+            _same_tokens(a, m)
+            (ka, va), (kb, vb) = a.materialize(rotated=True), m.materialize(rotated=True)
+            for row, n in enumerate(np.asarray(a.lengths)):
+                np.testing.assert_array_equal(np.asarray(kb[row, :, :n]), np.asarray(ka[row, :, :n]))
+                np.testing.assert_array_equal(np.asarray(vb[row, :, :n]), np.asarray(va[row, :, :n]))
+            _ring_holds_the_window(a, m)
+            _kernel_views_match(a, m)
+            for hq in (2, 8):
+                q = jax.random.normal(jax.random.key(6 + i), (3, hq, 1, D))
+                want = ref(q, a)
+                np.testing.assert_allclose(np.asarray(glue(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(np.asarray(ref(q, m)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                # not the unrotated arithmetic: the rotation matters to these numbers
+                plain = kj.decode_attention(q, dataclasses.replace(a, config=dataclasses.replace(a.config, rotate="none")),
+                                            impl="reference")
+                assert float(jnp.abs(plain - want).max()) > 1e-2
         if i < k.shape[2]:
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
@@ -263,7 +300,7 @@ class _Device:
     (dict(head_dim=64), "tokens"),
     (dict(config=kj.KIVIConfig(k_bits=4)), "tokens"),
     (dict(config=kj.KIVIConfig(sink_tokens=4)), "tokens"),
-    (dict(config=kj.KIVIConfig(rotate="k")), "tokens"),
+    (dict(config=kj.KIVIConfig(rotate="kv")), "mosaic"),  # the rotation lives in the glue, as for "tokens"
     (dict(config=kj.KIVIConfig(residual_length=96)), "tokens"),
     (dict(num_kv_heads=8), "tokens"),  # GQA 4 at a short capacity: measured slower (run51)
     (dict(num_kv_heads=8, max_length=4096), "mosaic"),  # measured faster at 4352 (run56)
@@ -325,7 +362,7 @@ def test_auto_layout_default_devices(monkeypatch, hosts, mesh, default, want):
 
 
 def test_bad_configurations_are_named():
-    with pytest.raises(ValueError, match=r"layout='mosaic' takes plain KIVI-2 only; got k_bits=4 \(allowed: 2\)"):
+    with pytest.raises(ValueError, match=r"layout='mosaic' takes KIVI-2 with no sinks only; got k_bits=4 \(allowed: 2\)"):
         kj.KIVIConfig(layout="mosaic", k_bits=4)
     with pytest.raises(ValueError, match=r"residual_length=96 \(allowed: 32, 64, 128, 256\)"):
         kj.KIVIConfig(layout="mosaic", residual_length=96)
@@ -339,7 +376,7 @@ def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="KIVICache stores layout='tokens'; got layout='mosaic'"):
         kj.KIVICache.init(MOSAIC, head_dim=128, **kw)
     # "auto" asked of the Mosaic class directly: its own checks, each setting named
-    with pytest.raises(ValueError, match=r"MosaicKIVICache takes plain KIVI-2 only; got k_bits=4 \(allowed: 2\); "
+    with pytest.raises(ValueError, match=r"MosaicKIVICache takes KIVI-2 with no sinks only; got k_bits=4 \(allowed: 2\); "
                                          r"sink_tokens=4 \(allowed: 0\)"):
         MosaicKIVICache.init(kj.KIVIConfig(k_bits=4, sink_tokens=4), head_dim=128, **kw)
     assert MosaicKIVICache.init(kj.KIVIConfig(), head_dim=128, **kw).config == MOSAIC
@@ -453,8 +490,8 @@ def test_a_float32_cache_on_a_gpu_takes_the_reference(monkeypatch):
         kj.decode_attention(q, m, impl="pallas")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_append_kernel_equals_the_xla_writes(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,rotate", [(jnp.float32, "none"), (jnp.bfloat16, "none"), (jnp.bfloat16, "kv")])
+def test_append_kernel_equals_the_xla_writes(dtype, rotate, monkeypatch):
     """cache_mosaic.APPEND_IMPL "pallas": a layer-stacked MosaicKIVICache's append in one kernel
     that quantizes the leaving value itself (pallas_kernels.mosaic_append, interpreted) leaves
     every buffer as the XLA writes do, bit for bit: rows before R (no value leaves), spilling at
@@ -468,7 +505,8 @@ def test_append_kernel_equals_the_xla_writes(dtype, monkeypatch):
     k = jax.random.normal(ks[0], (b, heads, max_length, D)).astype(dtype)
     v = (jax.random.normal(ks[1], (b, heads, max_length, D)) * 3).astype(dtype)
     lens = jnp.asarray([5, 120, 250, 300], jnp.int32)  # row 3 reaches max_length and is refused
-    m = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))(MosaicKIVICache.init(MOSAIC, **kw), k, v, lens)
+    config = dataclasses.replace(MOSAIC, rotate=rotate)
+    m = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))(MosaicKIVICache.init(config, **kw), k, v, lens)
     stacked = {impl: StackedCache.stack(m, 2).layers for impl in cache_mosaic.APPEND_IMPLS}
     new = jax.random.normal(ks[2], (steps, b, heads, 1, D)).astype(dtype)
     for impl in cache_mosaic.APPEND_IMPLS:
