@@ -72,7 +72,10 @@ KIVI = {"dense": None, "dense_xla": None,
         # KIVI-2 stored in the Mosaic GPU kernel's layout (MosaicKIVICache; Llama MHA / GQA 2 or 4)
         "kivi2m": dict(k_bits=2, v_bits=2, layout="mosaic"),
         # a residual window that is not a power of two (the kernel walks it in steps of 32)
-        "kivi2r96": dict(k_bits=2, v_bits=2, residual_length=96, layout="tokens")}
+        "kivi2r96": dict(k_bits=2, v_bits=2, residual_length=96, layout="tokens"),
+        # the Hadamard rotation of keys and values (KIVIConfig.rotate) in each layout
+        "kivi2rot": dict(k_bits=2, v_bits=2, rotate="kv", layout="tokens"),
+        "kivi2mrot": dict(k_bits=2, v_bits=2, rotate="kv", layout="mosaic")}
 # caches run with non-default implementations: dense_xla is a dense cache with XLA's attention
 # and matmuls (generate's dense default before 2026-11-30's in-place kernels: 22 ms steps at
 # the paper setting vs 9.2)
