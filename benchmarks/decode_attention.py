@@ -176,19 +176,23 @@ EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
     ("r96", dict(residual_length=96)), ("r96_xla_window", dict(residual_length=96)),
     ("r192", dict(residual_length=192)),
     # the Mosaic layout (kivi_jax.decode_attention's kernel for it; a GPU only), with the rotation too
-    ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")))
+    ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")),
+    ("mosaic_sinks4_rotate_kv", dict(layout="mosaic", sink_tokens=4, rotate="kv")))
 
 
-def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 8)), rounds=5, hq=32):
+def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 8)), rounds=5, hq=32, names=None):
     """Cost of the KIVIConfig extensions and residual lengths on the default kernel path, next to
     plain KIVI-2, in turns over ``rounds`` (shapes: B, capacity, tokens a row, Hkv; the paper's
     short rows are mostly ring). r96_xla_window: R = 96 with its ring attended in plain JAX
-    (``ring_program="xla"``), as every R that is not a power of two was before."""
+    (``ring_program="xla"``), as every R that is not a power of two was before. names: only
+    these of EXTENSIONS ("plain" always)."""
     rows = []
     for b, t, length, hkv in shapes:
         q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
         caches, fns = {}, {}
         for name, extra in EXTENSIONS:
+            if names and name not in names and name != "plain":
+                continue
             cfg = kj.KIVIConfig(**{"k_bits": 2, "v_bits": 2, **extra})
             if cfg.layout == "mosaic":  # random stores in the token layout, converted
                 if jax.default_backend() != "gpu":
@@ -384,6 +388,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--extensions", action="store_true",
                     help="sinks, rotation, key groups and residual lengths next to plain KIVI-2 (extensions())")
+    ap.add_argument("--only", default="", help="--extensions: only these EXTENSIONS names (comma list)")
+    ap.add_argument("--target-only", action="store_true", help="--extensions: only B=64, T=4096, 32 KV heads")
     ap.add_argument("--trace", action="store_true", help="only the kernels of whole calls, traced (trace_calls)")
     ap.add_argument("--short", action="store_true",
                     help="only the Triton kernel's knobs on the paper setting's short rows, in turns (short_rows)")
@@ -416,7 +422,8 @@ def main(argv=None):
                 rows, cols)
         return
     if args.extensions:
-        rows = extensions(rounds=args.rounds)
+        rows = extensions(rounds=args.rounds, names=args.only.split(",") if args.only else None,
+                          **({"shapes": ((64, 4096, 4096, 32),)} if args.target_only else {}))
         cols = ["B", "T", "length", "Hkv", "impl", "residual_length", "median_ms", "ratio_to_plain_kivi", "rounds_ms"]
         _report(args.name, env, "The KIVIConfig extensions and residual lengths on the default kernel path, in turns",
                 rows, cols)

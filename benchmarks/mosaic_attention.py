@@ -135,26 +135,26 @@ def check(rows=64, tokens=1024, stages=2, heads=1, sliding=False, window=None, *
     return errors(got, km.reference(q, lengths, *plain, starts=starts))
 
 
-def _prefilled_mosaic(lengths, prompt, tokens, kv_heads, key, rotate="none"):
-    """A bf16 MosaicKIVICache of max_length ``tokens`` (KIVIConfig ``rotate``) prefilled with rows
+def _prefilled_mosaic(lengths, prompt, tokens, kv_heads, key, rotate="none", sinks=0):
+    """A bf16 MosaicKIVICache of max_length ``tokens`` (KIVIConfig ``rotate``, ``sinks`` sink tokens) prefilled with rows
     of ``lengths`` from the first ``prompt`` of random k, v [B, Hkv, tokens, D] -> (cache, k, v,
     a key for q)."""
     b = len(lengths)
     ks = jax.random.split(jax.random.key(key), 3)
     k = jax.random.normal(ks[0], (b, kv_heads, tokens, D), jnp.bfloat16)
     v = jax.random.normal(ks[1], (b, kv_heads, tokens, D), jnp.bfloat16)
-    cache = kj.MosaicKIVICache.init(kj.KIVIConfig(layout="mosaic", rotate=rotate), batch=b, num_kv_heads=kv_heads,
-                                    head_dim=D, max_length=tokens)
+    cache = kj.MosaicKIVICache.init(kj.KIVIConfig(layout="mosaic", rotate=rotate, sink_tokens=sinks), batch=b,
+                                    num_kv_heads=kv_heads, head_dim=D, max_length=tokens)
     return cache.prefill(k[:, :, :prompt], v[:, :, :prompt], jnp.asarray(lengths, jnp.int32)), k, v, ks[2]
 
 
-def check_cache(heads=(2, 8), kv_heads=2, key=11, windows=(None,), rotate="none"):
+def check_cache(heads=(2, 8), kv_heads=2, key=11, windows=(None,), rotate="none", sinks=0):
     """The integrated path compiled: a MosaicKIVICache prefilled with ragged rows and appended
     to (flushes, spills), ``kivi_jax.decode_attention`` (the kernel on the quantized tokens, the
     window kernel on the ring) against the reference over the same cache, bf16, MHA and GQA 4;
-    and with each sliding window of ``windows`` (None: none); ``rotate``: the cache's rotation."""
+    and with each sliding window of ``windows`` (None: none); ``rotate``, ``sinks``: the cache's."""
     b, t, extra = 4, 700, 140
-    cache, k, v, q_key = _prefilled_mosaic([700, 513, 129, 3], t, t + extra, kv_heads, key, rotate=rotate)
+    cache, k, v, q_key = _prefilled_mosaic([700, 513, 129, 3], t, t + extra, kv_heads, key, rotate=rotate, sinks=sinks)
     step = jax.jit(lambda c, k, v: c.append(k, v))
     out = {}
     for i in range(extra + 1):
@@ -603,7 +603,9 @@ def main(argv=None):
     whole = [("mosaic_cache_check", check_cache), ("mosaic_vmap_check", check_vmap),
              ("mosaic_vmap_check_gqa4", functools.partial(check_vmap, heads=4)),
              ("mosaic_cache_check_sliding", functools.partial(check_cache, windows=(100, 300, 600))),
-             ("mosaic_cache_check_rotate_kv", functools.partial(check_cache, rotate="kv"))]
+             ("mosaic_cache_check_rotate_kv", functools.partial(check_cache, rotate="kv")),
+             ("mosaic_cache_check_sinks4_rotate_kv", functools.partial(check_cache, rotate="kv", sinks=4,
+                                                                       windows=(None, 100, 600)))]
     if a.cache_checks:
         checks = []
     for name, opts in [] if a.skip_checks else checks:

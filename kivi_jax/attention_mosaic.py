@@ -8,11 +8,14 @@ attended here, slot by slot, keys and values both from the ring (slot t % R; a k
 held there dequantized since its block was flushed, so no key is scored from its codes here).
 The window's partials (the Triton window kernel on a GPU, plain JAX elsewhere) are combined with
 the kernel's here. A sliding window (Mistral's) gives each row a first attended token, max(L - W, 0):
-the kernel skips the steps before it and both windows mask below it.
+the kernel skips the steps before it and both windows mask below it. With S sink tokens all of
+this is the body's (tokens S.., body position t - S), and the sinks' partials (plain JAX, S
+slots) join the combine.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -26,31 +29,55 @@ from pallas_kernels import kivi_mosaic, mosaic_window
 
 def window_partials(qg, cache: MosaicKIVICache, starts=None):
     """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
-    tokens [m, L) of each row (and >= starts [B], a sliding window's first token), slot by slot:
+    body tokens [m, L) of each row (and >= starts [B], a sliding window's first body token), slot by slot:
     slot j holds token t_j = m + (j - m) mod R, its value in v_res and its key in k_res
     (dequantized there once its block was flushed: the cache's module doc). Products and sums
     over the R slots are elementwise reductions, not dots: a dot over the model's loop-carried
     v_res made XLA:GPU pick a slot-minor layout for it and copy it whole every layer (see
     attention_pallas._window_partials)."""
     r = cache.config.residual_length
-    L, mq = cache.lengths[:, None], cache.num_quantized_values[:, None]
+    L, mq = cache.body_lengths[:, None], cache._body_quantized_values()[:, None]
     t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]
-    s = jnp.sum(qg[:, :, :, None, :] * cache.k_res[:, :, None].astype(jnp.float32), axis=-1)  # [B, H, G, R]
     valid = t < L if starts is None else (t < L) & (t >= starts[:, None])
+    return _slot_partials(qg, cache.k_res[:, :, :r], cache.v_res[:, :, :r], valid)
+
+
+def sink_partials(qg, cache: MosaicKIVICache, starts=None):
+    """Partials over each row's S sink tokens (0 .. S - 1, held: < L, and >= starts [B], the
+    absolute first attended token), plain JAX: a few slots."""
+    r, sk = cache.config.residual_length, cache.config.sink_tokens
+    s = jnp.arange(sk)[None, :]
+    valid = s < cache.lengths[:, None] if starts is None else (s < cache.lengths[:, None]) & (s >= starts[:, None])
+    return _slot_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid)
+
+
+def _slot_partials(qg, k, v, valid):
+    """Partials of qg [B, Hkv, G, D] over slots k, v [B, Hkv, N, D] where valid [B, N]."""
+    s = jnp.sum(qg[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)  # [B, H, G, N]
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m_safe[..., None])  # 0 on invalid slots
-    o = jnp.sum(p[..., None] * cache.v_res[:, :, None].astype(jnp.float32), axis=3)
+    o = jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
     return o, jnp.where(jnp.isfinite(m), m, -1e30), jnp.sum(p, axis=-1)
+
+
+def _merged(parts):
+    """One unnormalized partial (o, m, l) from several (flash-decoding's combine)."""
+    top = functools.reduce(jnp.maximum, [m for _, m, _ in parts])
+    w = [jnp.exp(m - top) for _, m, _ in parts]
+    return (sum(o * x[..., None] for (o, _, _), x in zip(parts, w)), top,
+            sum(l * x for (_, _, l), x in zip(parts, w)))
 
 
 def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None):
     """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`).
     stack: as :func:`decode_attention`'s, the ring then read in place. Interpreted off the GPU."""
     ring, layer = (cache, None) if stack is None else stack
-    return mosaic_window.window_partials(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
-                                         layer=layer, starts=starts, interpret=jax.default_backend() != "gpu")
+    return mosaic_window.window_partials(qg, ring.k_res, ring.v_res, cache.body_lengths,
+                                         cache._body_quantized_values(), layer=layer, starts=starts,
+                                         residual=cache.config.residual_length,
+                                         interpret=jax.default_backend() != "gpu")
 
 
 WINDOW_IMPLS = {"jax": lambda qg, cache, stack, starts=None: window_partials(qg, cache, starts),
@@ -100,28 +127,31 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     bulk = bulk or kivi_mosaic.bulk_partials
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 or None")
-    # a row's first attended token (None: a window no row can exceed masks nothing)
+    # a row's first attended token (None: a window no row can exceed masks nothing), and its
+    # first body token (past the S sinks)
+    sk = c.sink_tokens
     starts = None if window is None or window >= cache.max_length else jnp.maximum(cache.lengths - window, 0)
+    body_starts = None if starts is None else jnp.maximum(starts - sk, 0)
     # (window: the kernel's splits share each row's window steps, not all the capacity's)
-    sliding = {} if starts is None else {"starts": jnp.repeat(starts, hkv), "window": window}
+    sliding = {} if starts is None else {"starts": jnp.repeat(body_starts, hkv), "window": window}
     if stack is None:
         arrays, offset = cache.kernel_arrays(), 0
     else:
         stacked, layer = stack
         arrays, offset = kernel_arrays(stacked.kn, stacked.kt, stacked.vn, stacked.vt), layer * b * hkv
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
-                  for x in bulk(rows, jnp.repeat(cache.num_quantized_values, hkv), *arrays, row_offset=offset, **sliding))
-    if window_impl == "pallas_continued":  # the window kernel goes on from the bulk's partials and normalizes
+                  for x in bulk(rows, jnp.repeat(cache._body_quantized_values(), hkv), *arrays, row_offset=offset,
+                                **sliding))
+    parts = [(ob, mb, lb)] + ([sink_partials(qg, cache, starts)] if sk else [])
+    if window_impl == "pallas_continued":  # the window kernel goes on from the other partials and normalizes
         ring, layer = (cache, None) if stack is None else stack
-        out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.lengths, cache.num_quantized_values,
-                                             (ob, mb, lb), layer=layer, starts=starts,
+        out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.body_lengths,
+                                             cache._body_quantized_values(), _merged(parts), layer=layer,
+                                             starts=body_starts, residual=c.residual_length,
                                              interpret=jax.default_backend() != "gpu")
         return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
-    ow, mw, lw = WINDOW_IMPLS[window_impl](qg, cache, stack, starts=starts)
-    top = jnp.maximum(mb, mw)
-    wb, ww = jnp.exp(mb - top), jnp.exp(mw - top)
-    den = lb * wb + lw * ww
-    out = (ob * wb[..., None] + ow * ww[..., None]) / jnp.where(den > 0, den, 1.0)[..., None]
+    o, _, den = _merged(parts + [WINDOW_IMPLS[window_impl](qg, cache, stack, starts=body_starts)])
+    out = o / jnp.where(den > 0, den, 1.0)[..., None]
     return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
 
 

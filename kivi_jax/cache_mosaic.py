@@ -3,7 +3,9 @@
 The same algorithm and the same quantized numbers as :class:`~kivi_jax.cache_kivi.KIVICache`
 with 2-bit keys and values, groups of 32 and D = 128 (Algorithm 1: keys per channel, flushed R
 at a time; values per token, quantized as they leave the R-window; with ``KIVIConfig.rotate``
-the keys and/or values stored as x·H, as KIVICache stores them), but the quantized stores
+the keys and/or values stored as x·H, and with ``sink_tokens`` = S the first S tokens of a row
+in full precision in ring slots R .. R + S - 1, as KIVICache stores them; the stores and the
+ring's first R slots then hold the body, the tokens after the sinks), but the quantized stores
 are :func:`pallas_kernels.kivi_mosaic.repack`'s layout, kept as uint32 words and scale tiles:
 
 * ``kn`` [B, Hkv, Tc, 8] uint32: token t's key codes, 16 a word
@@ -66,11 +68,11 @@ def append_impl() -> str:
 
 def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
     """The cases the layout holds -> config with layout "mosaic". layout "mosaic" or "auto"; KIVI-2
-    with no sinks (KIVIConfig(layout="mosaic") checks that itself, "auto" here); head_dim 128."""
+    (KIVIConfig(layout="mosaic") checks that itself, "auto" here); head_dim 128."""
     if config.layout not in ("mosaic", "auto"):
         raise ValueError(f"MosaicKIVICache needs KIVIConfig(layout='mosaic'); got layout={config.layout!r}")
     if config.mosaic_conflicts():
-        raise ValueError("MosaicKIVICache takes KIVI-2 with no sinks only; got " + "; ".join(config.mosaic_conflicts()))
+        raise ValueError("MosaicKIVICache takes KIVI-2 only; got " + "; ".join(config.mosaic_conflicts()))
     if head_dim != D:
         raise ValueError(f"MosaicKIVICache takes head_dim={D}; got head_dim={head_dim}")
     return dataclasses.replace(config, layout="mosaic")
@@ -149,10 +151,11 @@ def dequantized_block(kn, kt, n0, r, dtype):
 
 @cc.pytree_dataclass
 class MosaicKIVICache(cc.CacheShape):
-    """Buffers (Tc = config.capacity(max_length), a multiple of 256; R = residual_length):
-    kn [B, Hkv, Tc, 8] uint32; kt [B, Hkv, Tc/256 * 128, 16]; k_res [B, Hkv, R, D];
-    vn [B, Hkv, Tc/64, 512] uint32; vt [B, Hkv, Tc/2, 16]; v_res [B, Hkv, R, D] (the ring);
-    lengths [B] int32; overflow [B] bool. See the module doc for the layout."""
+    """Buffers (Tc: the body's max_length - S tokens rounded up to 256; R = residual_length,
+    S = sink_tokens): kn [B, Hkv, Tc, 8] uint32; kt [B, Hkv, Tc/256 * 128, 16]; k_res [B, Hkv,
+    R + S, D]; vn [B, Hkv, Tc/64, 512] uint32; vt [B, Hkv, Tc/2, 16]; v_res [B, Hkv, R + S, D]
+    (the ring, then the sinks); lengths [B] int32 (all tokens, sinks included); overflow [B]
+    bool. See the module doc for the layout."""
 
     shape_field = "k_res"
 
@@ -172,18 +175,44 @@ class MosaicKIVICache(cc.CacheShape):
              dtype=jnp.bfloat16) -> "MosaicKIVICache":
         cc.check_init(config, KIVIConfig, max_length, dtype)
         config = check_config(config, head_dim)
-        tc = -(-max_length // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
-        bh, r = (batch, num_kv_heads), config.residual_length
+        if config.sink_tokens >= max_length:
+            raise ValueError(f"sink_tokens={config.sink_tokens} must be < max_length={max_length}")
+        body = max_length - config.sink_tokens
+        tc = -(-body // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
+        bh, r = (batch, num_kv_heads), config.residual_length + config.sink_tokens
         return cls(kn=jnp.zeros(bh + (tc, 8), jnp.uint32), kt=jnp.zeros(bh + (tc // KEY_BLOCK * D, 16), dtype),
                    k_res=jnp.zeros(bh + (r, head_dim), dtype), vn=jnp.zeros(bh + (tc // CHUNK, D * 4), jnp.uint32),
                    vt=jnp.zeros(bh + (tc // 2, 16), dtype), v_res=jnp.zeros(bh + (r, head_dim), dtype),
                    lengths=jnp.zeros((batch,), jnp.int32), overflow=jnp.zeros((batch,), bool),
                    config=config, max_length=max_length)
 
-    capacity = property(lambda self: self.kn.shape[2])
-    body_lengths = property(lambda self: self.lengths)
-    num_quantized_keys = property(lambda self: self.lengths - self.lengths % self.config.residual_length)
-    num_quantized_values = property(lambda self: jnp.maximum(self.lengths - self.config.residual_length, 0))
+    capacity = property(lambda self: self.kn.shape[2])  # body tokens the stores hold, Tc
+
+    @property
+    def body_lengths(self):
+        """Lb [B] = max(L - S, 0): tokens after the sinks (what the stores and ring slots index)."""
+        s = self.config.sink_tokens
+        return self.lengths if s == 0 else jnp.maximum(self.lengths - s, 0)
+
+    # as KIVICache's: all tokens, sinks included (sinks count as quantized: they are not in the window)
+    num_quantized_keys = property(lambda self: self._body_quantized_keys() + self._sinks_held())
+    num_quantized_values = property(lambda self: self._body_quantized_values() + self._sinks_held())
+
+    def _sinks_held(self):
+        return jnp.minimum(self.lengths, self.config.sink_tokens)
+
+    # body-relative counts: body positions [0, n_b) of the keys / [0, m_b) of the values are quantized
+    def _body_quantized_keys(self):
+        lb = self.body_lengths
+        return lb - lb % self.config.residual_length
+
+    def _body_quantized_values(self):
+        return jnp.maximum(self.body_lengths - self.config.residual_length, 0)
+
+    def sinks(self):
+        """(k_sink, v_sink) [B, Hkv, S, D] in the stored basis; slots >= lengths hold zeros."""
+        r = self.config.residual_length
+        return self.k_res[:, :, r:], self.v_res[:, :, r:]
 
     def _kivi(self) -> KIVICache:
         """An empty KIVICache of the same shape: its quantization helpers (the same numbers)."""
@@ -206,7 +235,8 @@ class MosaicKIVICache(cc.CacheShape):
 
     @staticmethod
     def _convert(c: KIVICache, config: KIVIConfig) -> "MosaicKIVICache":
-        tc, tk = -(-c.max_length // KEY_BLOCK) * KEY_BLOCK, c.capacity  # KIVICache rounds to 32 tokens, this to 256
+        # the body's capacity: KIVICache rounds it to 32 tokens, this layout to 256
+        tc, tk = -(-(c.max_length - config.sink_tokens) // KEY_BLOCK) * KEY_BLOCK, c.capacity
 
         def pad(x, axis=2, per=1):
             return jnp.pad(x, [(0, 0)] * axis + [(0, (tc - tk) // per)] + [(0, 0)] * (x.ndim - axis - 1))
@@ -219,13 +249,15 @@ class MosaicKIVICache(cc.CacheShape):
             lengths=c.lengths, overflow=c.overflow, config=config, max_length=c.max_length)
         # the window's flushed slots hold their keys dequantized (module doc): slot j holds token
         # m + (j - m) mod R, from the block [n - R, n) when that is below n
-        r, n, mq = config.residual_length, out.num_quantized_keys, out.num_quantized_values
+        r, n, mq = config.residual_length, out._body_quantized_keys(), out._body_quantized_values()
         flushed = dequantized_block(out.kn, out.kt, jnp.maximum(n - r, 0), r, out.dtype)
-        t = mq[:, None] + (jnp.arange(r)[None, :] - mq[:, None]) % r  # [B, R]
+        t = mq[:, None] + (jnp.arange(r)[None, :] - mq[:, None]) % r  # [B, R] body positions
         # both rings' layout pinned: left free, XLA gave a stacked ring cuDNN's prompt layout [.., R, H, D]
         # and transposed it at the prefill's end, an 8 GiB copy at batch 256 x 4352 tokens that ran a
         # 4096-token batch out of memory (results/prefill-memory-run59-*: temp 9.45 vs 1.71 GiB)
-        k_res = cc.row_major(jnp.where((t < n[:, None])[:, None, :, None], flushed, out.k_res))
+        k_ring = jnp.where((t < n[:, None])[:, None, :, None], flushed, out.k_res[:, :, :r])
+        k_res = cc.row_major(jnp.concatenate([k_ring, out.k_res[:, :, r:]], axis=2) if config.sink_tokens
+                             else k_ring)
         return dataclasses.replace(out, k_res=k_res, v_res=cc.row_major(out.v_res))
 
     @jit_when_eager
@@ -235,23 +267,27 @@ class MosaicKIVICache(cc.CacheShape):
 
     def append_writes(self, k, v):
         """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
-        the key at residual slot L % R; the value leaving the window quantized into its words
+        the key at residual slot Lb % R (Lb = L - S, the body; a row still filling its sinks:
+        sink slot R + L, and nothing else); the value leaving the window quantized into its words
         (bits added) and its tile row (added: its columns are still zero); the new value in the
         ring; a key flush (R keys: their rows of ``kn``, their columns of one ``kt`` tile, and
         the ring's keys replaced by their dequantized values)."""
         cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads, head_dim=self.head_dim,
                     tokens=1)
         c = self.config
-        r = c.residual_length
+        r, sk = c.residual_length, c.sink_tokens
         k, v = stored(k, self.dtype, c.rotate_keys), stored(v, self.dtype, c.rotate_values)
         L = self.lengths
         full = L >= self.max_length
         live = ~full
-        slot = jnp.minimum(L, self.max_length - 1) % r
-        writes = [cc.RowWrite(k, slot, "k_res", 1, keep=live)]
-        leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]: token L - R
-        spill = live & (L >= r)
-        p = jnp.where(spill, L - r, 0)
+        live_body, Lb = (live & (L >= sk), self.body_lengths) if sk else (live, L)
+        slot = jnp.minimum(Lb, self.max_length - sk - 1) % r  # (in range for a refused row)
+        # one k_res / v_res write a row: the ring slot, or sink slot R + L while the sinks fill
+        at = jnp.where(live & (L < sk), r + jnp.clip(L, 0, sk - 1), slot) if sk else slot
+        writes = [cc.RowWrite(k, at, "k_res", 1, keep=live)]
+        leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]: body token Lb - R
+        spill = live_body & (Lb >= r)
+        p = jnp.where(spill, Lb - r, 0)
         codes, scale, mn = quant_values(self.config, self.dtype, leaving)  # [B, H, 1, D], [B, H, 1, 4]
         u = p % CHUNK  # = 32 o + 8 k + 2 j + e: in the channel's word j
         shift = code_bit(u // 32, u % 32 // 8, u % 2).astype(jnp.uint32)
@@ -265,16 +301,16 @@ class MosaicKIVICache(cc.CacheShape):
             cc.RowWrite(bits.reshape(bits.shape[:2] + (1, D * 4)), p // CHUNK, "vn", 1, add=True, keep=spill),
             cc.RowWrite(tile_row[:, :, None].astype(self.dtype), (p // VALUE_BLOCK) * CHUNK + p % CHUNK, "vt", 1,
                         add=True, keep=spill),
-            cc.RowWrite(jnp.where(live[:, None, None, None], v, leaving), slot, "v_res", 1, keep=live),
+            cc.RowWrite(jnp.where(live[:, None, None, None], v, leaving), at, "v_res", 1, keep=live),
         ]
-        flush = live & ((L + 1) % r == 0)
-        n0 = jnp.where(flush, L + 1 - r, 0)
+        flush = live_body & ((Lb + 1) % r == 0)
+        n0 = jnp.where(flush, Lb + 1 - r, 0)
 
         def flush_writes(view):  # view: this cache with the new key in its residual
             # the ring read and rewritten in this one branch, its layout pinned: left free, XLA:GPU
             # laid the stacked ring out slot-minor for the reductions and transposed every layer's
             # ring every layer (122-174 ms steps, results/decode-step-ab-2026-12-02-p330.md, run41)
-            codes, s, m = quant_keys(self.config, self.dtype, cc.row_major(view.k_res))  # [B, H, R, D], [B, H, R/32, D]
+            codes, s, m = quant_keys(self.config, self.dtype, cc.row_major(view.k_res[:, :, :r]))  # [B, H, R, D], [B, H, R/32, D]
             g0 = (n0 % KEY_BLOCK) // GROUP  # the flush's first group within its tile
             col = g0[:, None] + jnp.arange(r // GROUP)[None, :]  # [B, R/32]
             onehot = jnp.arange(8)[None, None, :] == col[:, :, None]  # [B, R/32, 8]: group g -> tile column n
@@ -306,18 +342,22 @@ class MosaicKIVICache(cc.CacheShape):
             bufs = mosaic_append.append(
                 stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, stored(k, self.dtype, c.rotate_keys),
                 stored(v, self.dtype, c.rotate_values), self.lengths, layer, max_length=self.max_length,
-                quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)),
+                quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)), residual=c.residual_length,
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))
             writes = [w for w in writes if isinstance(w, cc.WritesIf)]
         return cc.apply_writes(stacked, writes, lengths, overflow, layer=layer, rare=rare)
 
     def materialize(self, rotated: bool = False):
-        """(K_hat, V_hat) [B, Hkv, Tc, D] in the cache dtype: position t is token t, dequantized
-        where quantized, full precision where not; positions >= lengths hold junk. rotated: as
-        KIVICache.materialize's (the stored basis, or rotated back)."""
+        """(K_hat, V_hat) [B, Hkv, S + Tc, D] in the cache dtype: position t is token t (the S
+        sinks, then the body), dequantized where quantized, full precision where not; positions
+        >= lengths hold junk. rotated: as KIVICache.materialize's (the stored basis, or rotated
+        back)."""
         k_hat, v_hat = self._materialize()
         c = self.config
+        if c.sink_tokens:
+            k_sink, v_sink = self.sinks()
+            k_hat, v_hat = jnp.concatenate([k_sink, k_hat], axis=2), jnp.concatenate([v_sink, v_hat], axis=2)
         if not rotated and c.rotate_keys:
             k_hat = rotation.rotate(k_hat, transpose=True).astype(self.dtype)
         if not rotated and c.rotate_values:
@@ -333,8 +373,8 @@ class MosaicKIVICache(cc.CacheShape):
                                     jnp.repeat(vm, GROUP, axis=3), self.dtype)
         t = jnp.arange(tc)
         k_r, v_r = jnp.take(self.k_res, t % r, axis=2), jnp.take(self.v_res, t % r, axis=2)
-        kq_mask = (t[None, :] < self.num_quantized_keys[:, None])[:, None, :, None]
-        vq_mask = (t[None, :] < self.num_quantized_values[:, None])[:, None, :, None]
+        kq_mask = (t[None, :] < self._body_quantized_keys()[:, None])[:, None, :, None]
+        vq_mask = (t[None, :] < self._body_quantized_values()[:, None])[:, None, :, None]
         return jnp.where(kq_mask, kq, k_r), jnp.where(vq_mask, vq, v_r)
 
     def kernel_arrays(self):

@@ -35,8 +35,8 @@ class KIVIConfig:
       residual_length. None (default): group_size. Values keep groups of group_size channels.
     layout: how the quantized tokens are stored: "tokens" (KIVICache: codes packed along
       tokens; every option above), "mosaic" (MosaicKIVICache: the Mosaic GPU kernel's layout,
-      kivi_jax.cache_mosaic; KIVI-2 only: 2 bits, groups of 32, R dividing 256, no sinks,
-      head_dim 128; rotation as in "tokens") or "auto" (the default): the model's ``init_cache`` picks
+      kivi_jax.cache_mosaic; KIVI-2 only: 2 bits, groups of 32, R dividing 256, head_dim 128;
+      sinks and rotation as in "tokens") or "auto" (the default): the model's ``init_cache`` picks
       "mosaic" where it runs and was measured faster (a cache on one Hopper GPU, bf16; see
       :func:`kivi_jax.cache_mosaic.resolve_layout`), "tokens" everywhere else. A cache's own
       config always names the layout it stores.
@@ -72,14 +72,14 @@ class KIVIConfig:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r}; allowed: {LAYOUTS}")
         if self.layout == "mosaic" and self.mosaic_conflicts():
-            raise ValueError("layout='mosaic' takes KIVI-2 with no sinks only; got " + "; ".join(self.mosaic_conflicts()))
+            raise ValueError("layout='mosaic' takes KIVI-2 only; got " + "; ".join(self.mosaic_conflicts()))
 
     def mosaic_conflicts(self) -> list[str]:
         """The settings the Mosaic layout cannot hold, each as "name=value (allowed: ...)"; [] when
-        it can (KIVI-2: 2 bits, groups of 32, R dividing 256, no sinks; any rotation)."""
+        it can (KIVI-2: 2 bits, groups of 32, R dividing 256; any sinks and rotation)."""
         bad = [f"{name}={got!r} (allowed: {want!r})" for name, got, want in (
             ("k_bits", self.k_bits, 2), ("v_bits", self.v_bits, 2), ("group_size", self.group_size, 32),
-            ("key_group_size", self.key_group, 32), ("sink_tokens", self.sink_tokens, 0)) if got != want]
+            ("key_group_size", self.key_group, 32)) if got != want]
         if 256 % self.residual_length:
             bad.append(f"residual_length={self.residual_length} (allowed: 32, 64, 128, 256)")
         return bad

@@ -7,9 +7,11 @@ kernel (the leaving value's slice, its group min/max, its codes, their bits in a
 scale/min tile row, the ring's select; 0.93 ms of a 32-layer B=96 step on the H200 against
 dense's 0.28, results/decode-step-ab-2026-12-02-p330.md). One program per (row b, KV head h):
 
-* k -> k_res[slot], v -> v_res[slot] (slot = L % R; a row at max_length writes nothing),
-* the value leaving the ring (token p = L - R, from v_res[slot] before v lands there), where
-  L >= R: quantized per token in groups of 32 channels by ``quantize`` (the caller's exact
+* k -> k_res[slot], v -> v_res[slot] (slot = Lb % R with Lb = L - S the row's body, after its
+  S sinks; a row still filling its sinks writes sink slot R + L instead, and nothing else; a row
+  at max_length writes nothing),
+* the value leaving the ring (body token p = Lb - R, from v_res[slot] before v lands there), where
+  Lb >= R: quantized per token in groups of 32 channels by ``quantize`` (the caller's exact
   rounding, the same function as XLA's path), its 2-bit codes added into the zero bits of row
   p // 64 of ``vn`` (channel c's word 4c + j, j = p % 8 // 2, at bit ``code_bit``), its 4 scales
   and 4 mins into the zero columns 8e .. 8e + 7 of ``vt``'s row (p // 128) * 64 + p % 64
@@ -17,7 +19,7 @@ dense's 0.28, results/decode-step-ab-2026-12-02-p330.md). One program per (row b
 
 The key flush (one step in R) stays with the cache (``cc.WritesIf``).
 
-Inputs: k_res, v_res [L, B, Hkv, R, D], vn [L, B, Hkv, Tc/64, 4 D] uint32, vt [L, B, Hkv, Tc/2,
+Inputs: k_res, v_res [L, B, Hkv, R + S, D], vn [L, B, Hkv, Tc/64, 4 D] uint32, vt [L, B, Hkv, Tc/2,
 16] (aliased to the outputs), k, v [B, Hkv, 1, D], lengths [B] int32 (before the append), layer
 (int32 scalar). D = 32 G.
 """
@@ -35,14 +37,19 @@ from pallas_kernels.kivi_append import launch
 from pallas_kernels.mosaic_layout import CHUNK, GROUP, VALUE_BLOCK, code_bit
 
 
-def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, max_length, quantize):
+def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, quantize):
     kr_ref, vr_ref, vn_ref, vt_ref = refs[4:]  # (refs[:4]: the same buffers as inputs, aliased)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1))
     length = len_ref[()]
     live = length < max_length
-    slot = lax.rem(jnp.minimum(length, max_length - 1), r)
-    spill = live & (length >= r)
-    p = jnp.where(spill, length - r, 0)  # the token leaving the ring
+    body = jnp.maximum(length - sinks, 0)  # Lb
+    slot = lax.rem(jnp.minimum(body, max_length - sinks - 1), r)  # (in range for a refused row)
+    if sinks:  # (as pallas_kernels.kivi_append's)
+        spill = live & (length >= sinks) & (body >= r)
+        dest = jnp.where(length < sinks, r + jnp.clip(length, 0, sinks - 1), slot)
+    else:
+        spill, dest = live & (body >= r), slot
+    p = jnp.where(spill, body - r, 0)  # the body token leaving the ring
 
     @pl.when(spill)
     def _():
@@ -63,24 +70,29 @@ def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, max_length, quantize):
 
     @pl.when(live)
     def _():
-        kr_ref[at + (slot, slice(None), slice(None))] = k_ref[...].astype(kr_ref.dtype)
-        vr_ref[at + (slot, slice(None), slice(None))] = v_ref[...].astype(vr_ref.dtype)
+        kr_ref[at + (dest, slice(None), slice(None))] = k_ref[...].astype(kr_ref.dtype)
+        vr_ref[at + (dest, slice(None), slice(None))] = v_ref[...].astype(vr_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("max_length", "quantize", "interpret"))
-def append(k_res, v_res, vn, vt, k, v, lengths, layer, *, max_length: int, quantize, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("max_length", "quantize", "residual", "interpret"))
+def append(k_res, v_res, vn, vt, k, v, lengths, layer, *, max_length: int, quantize, residual: int | None = None,
+           interpret: bool = False):
     """(k_res, v_res, vn, vt) with the token appended (module doc), written in place at layer
     ``layer``. quantize(x [G, 32] float32) -> (codes [G, 32] uint32, scale, min [G, 1] in the
-    cache dtype): a token's values in groups of 32 channels, exactly as the cache quantizes."""
-    lyr, b, h, r, d = k_res.shape
+    cache dtype): a token's values in groups of 32 channels, exactly as the cache quantizes.
+    residual: R (default: all of k_res's slots; the slots past R are the sinks)."""
+    lyr, b, h, rs, d = k_res.shape
+    r = residual or rs
+    if not 0 < r <= rs:
+        raise ValueError(f"append: residual={residual} must be in 1..{rs} (k_res's slots)")
     if d % GROUP or v_res.shape != k_res.shape or k.shape != (b, h, 1, d) or v.shape != k.shape:
         raise ValueError(f"append: k_res, v_res [L, B, Hkv, R, D] (D a multiple of {GROUP}) and k, v [B, Hkv, 1, D]; "
                          f"got {k_res.shape}, {v_res.shape}, {k.shape}, {v.shape}")
     if vn.shape[:3] != (lyr, b, h) or vn.shape[4] != 4 * d or vt.shape[:3] != (lyr, b, h) or vt.shape[4] != 16:
         raise ValueError(f"append: vn [L, B, Hkv, Tc/64, 4 D] and vt [L, B, Hkv, Tc/2, 16]; got {vn.shape}, {vt.shape}")
     g = d // GROUP
-    grouped = (lyr, b, h, r, g, GROUP)
+    grouped = (lyr, b, h, rs, g, GROUP)
     bufs = (k_res.reshape(grouped), v_res.reshape(grouped), vn.reshape(vn.shape[:4] + (g, GROUP, 4)), vt)
-    kernel = functools.partial(_kernel, r=r, max_length=max_length, quantize=quantize)
+    kernel = functools.partial(_kernel, r=r, sinks=rs - r, max_length=max_length, quantize=quantize)
     out = launch(kernel, "mosaic_append", bufs, k, v, lengths, layer, (g, GROUP), interpret)
     return out[0].reshape(k_res.shape), out[1].reshape(v_res.shape), out[2].reshape(vn.shape), out[3]

@@ -60,37 +60,41 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, pr
     store_partials(o_ref, m_ref, l_ref, acc, m_i, l_i)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages", "residual"))
 def window_partials(q, k_res, v_res, lengths, num_quantized_values, *, layer=None, starts=None,
-                    chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+                    chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
+                    residual: int | None = None):
     """Flash-decoding partials of each (row, KV head) over its window (module doc). layer: None,
     or a traced int32 scalar when k_res and v_res are layer-stacked: that layer is read in place.
     starts: None, or [B] int32: tokens below a row's start are masked (a sliding window).
-    16-bit rings feed the dots in their dtype (float32 accumulation), float32 at HIGHEST."""
+    residual: R, the ring's slots (default: all of k_res's; slots past R, the sinks, are not
+    read). 16-bit rings feed the dots in their dtype (float32 accumulation), float32 at HIGHEST."""
     return _call(q, k_res, v_res, lengths, num_quantized_values, None, layer, starts, chunk, interpret, num_warps,
-                 num_stages)
+                 num_stages, residual)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages", "residual"))
 def window_attention(q, k_res, v_res, lengths, num_quantized_values, partials, *, layer=None, starts=None,
-                     chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+                     chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
+                     residual: int | None = None):
     """The attention over all of a row's tokens [B, Hkv, G, D] float32: the window's, continuing
     the online softmax from ``partials`` = (o [B, Hkv, G, D], m, l [B, Hkv, G]) over the other
     tokens (the Mosaic kernel's), normalized in the kernel: no combine of the two partials in XLA
     afterwards (a fusion and a launch a layer). Arguments as :func:`window_partials`'s."""
     o, _, _ = _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, starts, chunk, interpret,
-                    num_warps, num_stages)
+                    num_warps, num_stages, residual)
     return o
 
 
 def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, starts, chunk, interpret, num_warps,
-          num_stages):
+          num_stages, residual=None):
     b, hkv, g, d = q.shape
-    r = k_res.shape[-2]
+    rs = k_res.shape[-2]
+    r = residual or rs
     lead = (b, hkv) if layer is None else (k_res.shape[0], b, hkv)
-    if k_res.shape != v_res.shape or k_res.shape != lead + (r, d):
-        raise ValueError(f"k_res and v_res must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, R, "
-                         f"D={d}]; got {k_res.shape} and {v_res.shape}")
+    if k_res.shape != v_res.shape or k_res.shape != lead + (rs, d) or not 0 < r <= rs:
+        raise ValueError(f"k_res and v_res must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, "
+                         f"R' >= R={r}, D={d}]; got {k_res.shape} and {v_res.shape}")
     if starts is not None and starts.shape != (b,):
         raise ValueError(f"starts must be [B={b}]; got {starts.shape}")
     if partials is not None and [x.shape for x in partials] != [(b, hkv, g, d), (b, hkv, g), (b, hkv, g)]:

@@ -66,11 +66,11 @@ def _ring_holds_the_window(a, m):
     """Every key of the window [max(L - R, 0), L) sits in ring slot t % R as the KIVICache's
     materialize gives it (in the stored basis): dequantized where its block was flushed (t < n),
     as given after."""
-    r = m.config.residual_length
+    r, sk = m.config.residual_length, m.config.sink_tokens
     ka = np.asarray(a.materialize(rotated=True)[0])
-    for row, n in enumerate(np.asarray(m.lengths)):
+    for row, n in enumerate(np.asarray(m.body_lengths)):  # body positions (after the sinks: token sk + t)
         t = np.arange(max(n - r, 0), n)
-        np.testing.assert_array_equal(np.asarray(m.k_res[row][:, t % r]), ka[row][:, t])
+        np.testing.assert_array_equal(np.asarray(m.k_res[row][:, t % r]), ka[row][:, sk + t])
 
 
 def _kernel_views_match(a, m):
@@ -130,9 +130,10 @@ def _bulk(rows, lengths, *arrays, row_offset=0, kh, vh, starts=None, window=None
     return out if rows.ndim == 3 else tuple(x[:, 0] for x in out)
 
 
-def _stand_in(c):  # the stand-in bulk over the materialized cache's tokens (the stored basis, as the kernel reads)
-    b, h = c.lengths.shape[0], c.num_kv_heads
-    return functools.partial(_bulk, **dict(zip(("kh", "vh"), (x.reshape(b * h, -1, D)
+def _stand_in(c):  # the stand-in bulk over the materialized cache's body (past the sinks; the stored basis, as
+    # the kernel reads the stores)
+    b, h, sk = c.lengths.shape[0], c.num_kv_heads, c.config.sink_tokens
+    return functools.partial(_bulk, **dict(zip(("kh", "vh"), (x[:, :, sk:].reshape(b * h, -1, D)
                                                               for x in c.materialize(rotated=True)))))
 
 
@@ -202,6 +203,41 @@ def test_rotation_in_the_mosaic_layout(rotate):
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
 
+@pytest.mark.parametrize("rotate", ["none", "kv"])
+def test_sinks_in_the_mosaic_layout(rotate):
+    """KIVIConfig(sink_tokens=4) in the Mosaic layout: the first 4 tokens of a row in full
+    precision in ring slots R .. R + 3 and the stores holding the body, the same numbers as
+    KIVICache's through prefill and 140 appends (rows shorter than, at and past the sinks; a row
+    filling its sinks by appends), the ring's window and the kernel views; the attention glue
+    (the sinks' partials combined with the bulk's and the window's; the plain-JAX window, the
+    Triton window kernel interpreted, and that kernel going on from the bulk's and sinks'
+    partials), with sliding windows that do and do not reach the sinks, against the reference
+    on the KIVICache; the reference on the Mosaic cache too."""
+    a, m, k, v = _pair([2, 4, 5, 400, 255], 140, rotate=rotate, sink_tokens=4)
+    assert m.k_res.shape[2] == 128 + 4 and m.config.sink_tokens == 4
+    ref = jax.jit(lambda q, c, w: kj.decode_attention(q, c, impl="reference", window=w), static_argnums=2)
+    glues = {w: jax.jit(lambda q, c, w=w, window=None: attention_mosaic.decode_attention(
+        q, c, bulk=_stand_in(c), window_impl=w, window=window), static_argnames="window")
+        for w in ("jax", "pallas", "pallas_continued")}
+    step = jax.jit(lambda c, k, v: c.append(k, v))
+    for i in range(k.shape[2] + 1):
+        if i in (0, 2, 113, 140):
+            _same_tokens(a, m)
+            _ring_holds_the_window(a, m)
+            _kernel_views_match(a, m)
+            for hq, window in ((2, None), (8, None), (2, 100), (8, 300)):
+                q = jax.random.normal(jax.random.key(7 + i), (5, hq, 1, D))
+                want = ref(q, a, window)
+                np.testing.assert_allclose(np.asarray(ref(q, m, window)), np.asarray(want), rtol=1e-5, atol=1e-5)
+                for name in ("jax",) if i in (2, 113) else glues:
+                    got = glues[name](q, m, window=window)
+                    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
+                                               err_msg=f"{name} after {i}, window {window}")
+        if i < k.shape[2]:
+            a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
+    assert np.asarray(m.lengths).tolist() == [142, 144, 145, 540, 395]
+
+
 def test_window_kernel_matches_the_jax_window():
     """attention_mosaic.window_kernel_partials (pallas_kernels.mosaic_window, interpreted) gives window_partials' partials, float32 and
     bf16 rings, MHA and 4 query heads a KV head, rows: every window key flushed (L % R == 0),
@@ -245,15 +281,17 @@ def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
         assert ir.count("tt.dot") == 4
 
 
-def test_model_logits_match_the_tokens_layout():
-    """A Llama with head_dim 128: prompt and 6 decode steps, the two layouts' logits agree."""
+@pytest.mark.parametrize("extra", [{}, dict(sink_tokens=4, rotate="kv")])
+def test_model_logits_match_the_tokens_layout(extra):
+    """A Llama with head_dim 128: prompt and 6 decode steps, the two layouts' logits agree (plain
+    KIVI-2, and with sinks and the rotation)."""
     cfg = HD128
     model = models.init_random(cfg, dtype=jnp.float32)
     ids = jax.random.randint(jax.random.key(1), (2, 150), 0, cfg.vocab_size)
     lengths = jnp.array([150, 131])
     outs = []
     prompt, step = jax.jit(lambda ids, c, n: model(ids, c, lengths=n)), jax.jit(lambda ids, c: model(ids, c))
-    for kivi in (TOKENS, MOSAIC):
+    for kivi in (dataclasses.replace(TOKENS, **extra), dataclasses.replace(MOSAIC, **extra)):
         cache = model.init_cache(2, 300, kivi=kivi)
         assert isinstance(cache.layers, MosaicKIVICache if kivi.layout == "mosaic" else kj.KIVICache)
         logits, cache = prompt(ids, cache, lengths)
@@ -299,7 +337,7 @@ class _Device:
     (dict(dtype=jnp.float16), "tokens"),
     (dict(head_dim=64), "tokens"),
     (dict(config=kj.KIVIConfig(k_bits=4)), "tokens"),
-    (dict(config=kj.KIVIConfig(sink_tokens=4)), "tokens"),
+    (dict(config=kj.KIVIConfig(sink_tokens=4)), "mosaic"),  # sinks in the glue, as for "tokens"
     (dict(config=kj.KIVIConfig(rotate="kv")), "mosaic"),  # the rotation lives in the glue, as for "tokens"
     (dict(config=kj.KIVIConfig(residual_length=96)), "tokens"),
     (dict(num_kv_heads=8), "tokens"),  # GQA 4 at a short capacity: measured slower (run51)
@@ -362,7 +400,7 @@ def test_auto_layout_default_devices(monkeypatch, hosts, mesh, default, want):
 
 
 def test_bad_configurations_are_named():
-    with pytest.raises(ValueError, match=r"layout='mosaic' takes KIVI-2 with no sinks only; got k_bits=4 \(allowed: 2\)"):
+    with pytest.raises(ValueError, match=r"layout='mosaic' takes KIVI-2 only; got k_bits=4 \(allowed: 2\)"):
         kj.KIVIConfig(layout="mosaic", k_bits=4)
     with pytest.raises(ValueError, match=r"residual_length=96 \(allowed: 32, 64, 128, 256\)"):
         kj.KIVIConfig(layout="mosaic", residual_length=96)
@@ -376,9 +414,11 @@ def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="KIVICache stores layout='tokens'; got layout='mosaic'"):
         kj.KIVICache.init(MOSAIC, head_dim=128, **kw)
     # "auto" asked of the Mosaic class directly: its own checks, each setting named
-    with pytest.raises(ValueError, match=r"MosaicKIVICache takes KIVI-2 with no sinks only; got k_bits=4 \(allowed: 2\); "
-                                         r"sink_tokens=4 \(allowed: 0\)"):
-        MosaicKIVICache.init(kj.KIVIConfig(k_bits=4, sink_tokens=4), head_dim=128, **kw)
+    with pytest.raises(ValueError, match=r"MosaicKIVICache takes KIVI-2 only; got k_bits=4 \(allowed: 2\); "
+                                         r"group_size=16 \(allowed: 32\)"):
+        MosaicKIVICache.init(kj.KIVIConfig(k_bits=4, group_size=16), head_dim=128, **kw)
+    with pytest.raises(ValueError, match=r"sink_tokens=256 must be < max_length=256"):
+        MosaicKIVICache.init(kj.KIVIConfig(sink_tokens=256, layout="mosaic"), head_dim=128, **kw)
     assert MosaicKIVICache.init(kj.KIVIConfig(), head_dim=128, **kw).config == MOSAIC
     cache = MosaicKIVICache.init(MOSAIC, head_dim=128, **kw)
     q = jnp.zeros((1, 1, 1, D))
@@ -490,8 +530,9 @@ def test_a_float32_cache_on_a_gpu_takes_the_reference(monkeypatch):
         kj.decode_attention(q, m, impl="pallas")
 
 
-@pytest.mark.parametrize("dtype,rotate", [(jnp.float32, "none"), (jnp.bfloat16, "none"), (jnp.bfloat16, "kv")])
-def test_append_kernel_equals_the_xla_writes(dtype, rotate, monkeypatch):
+@pytest.mark.parametrize("dtype,rotate,sinks", [(jnp.float32, "none", 0), (jnp.bfloat16, "none", 0),
+                                               (jnp.bfloat16, "kv", 0), (jnp.float32, "none", 3)])
+def test_append_kernel_equals_the_xla_writes(dtype, rotate, sinks, monkeypatch):
     """cache_mosaic.APPEND_IMPL "pallas": a layer-stacked MosaicKIVICache's append in one kernel
     that quantizes the leaving value itself (pallas_kernels.mosaic_append, interpreted) leaves
     every buffer as the XLA writes do, bit for bit: rows before R (no value leaves), spilling at
@@ -504,8 +545,9 @@ def test_append_kernel_equals_the_xla_writes(dtype, rotate, monkeypatch):
     ks = jax.random.split(jax.random.key(3), 3)
     k = jax.random.normal(ks[0], (b, heads, max_length, D)).astype(dtype)
     v = (jax.random.normal(ks[1], (b, heads, max_length, D)) * 3).astype(dtype)
-    lens = jnp.asarray([5, 120, 250, 300], jnp.int32)  # row 3 reaches max_length and is refused
-    config = dataclasses.replace(MOSAIC, rotate=rotate)
+    # row 3 reaches max_length and is refused; with sinks row 0 fills them by appends
+    lens = jnp.asarray([1 if sinks else 5, 120, 250, 300], jnp.int32)
+    config = dataclasses.replace(MOSAIC, rotate=rotate, sink_tokens=sinks)
     m = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))(MosaicKIVICache.init(config, **kw), k, v, lens)
     stacked = {impl: StackedCache.stack(m, 2).layers for impl in cache_mosaic.APPEND_IMPLS}
     new = jax.random.normal(ks[2], (steps, b, heads, 1, D)).astype(dtype)
@@ -515,7 +557,7 @@ def test_append_kernel_equals_the_xla_writes(dtype, rotate, monkeypatch):
         for i in range(steps):
             stacked[impl] = step(stacked[impl], new[i])
     got, want = stacked["pallas"], stacked["xla"]
-    assert int(want.lengths[1, 0]) == 5 + steps and bool(want.overflow[1, 3])
+    assert int(want.lengths[1, 0]) == int(lens[0]) + steps and bool(want.overflow[1, 3])
     for name in ("k_res", "v_res", "vn", "vt", "kn", "kt", "lengths", "overflow"):
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)
     np.testing.assert_array_equal(np.asarray(got.vn[0]), np.asarray(m.vn))  # layer 0 untouched
