@@ -94,7 +94,7 @@ def test_mosaic_layout_needs_head_dim_128(capsys):
     (["generate", "hi", "--top-p", "0"], "--top-p: 0 must be in (0.0, 1.0]"),
     (["generate", "hi", "--top-k", "0"], "--top-k"),
     (["generate", "hi", "--layout", "mosaic", "--k-bits", "4"],
-     "--layout: layout='mosaic' takes plain KIVI-2 only; got k_bits=4 (allowed: 2)"),
+     "--layout: layout='mosaic' takes KIVI-2 only; got k_bits=4 (allowed: 2)"),
     (["generate", "hi", "--layout", "rows"], "--layout: invalid choice: 'rows'"),
     (["generate", "hi", "--bogus"], "unrecognized arguments: --bogus"),
     (["generate"], "the following arguments are required: prompt"),
