@@ -22,6 +22,43 @@ def pytree_dataclass(cls):
     return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
 
 
+class SinksAndWindow:
+    """A KIVI cache's token counts (``lengths`` [B]; config's residual_length R and sink_tokens
+    S; the ring ``k_res`` / ``v_res`` [B, Hkv, R + S, D] with the sinks past R). Mixed into
+    KIVICache and MosaicKIVICache, which keep tokens the same way."""
+
+    @property
+    def body_lengths(self):
+        """Lb [B] = max(L - S, 0): tokens after the sinks (what the quantized stores and ring index)."""
+        s = self.config.sink_tokens
+        return self.lengths if s == 0 else jnp.maximum(self.lengths - s, 0)
+
+    @property
+    def num_quantized_keys(self):
+        """n [B]: keys [0, n) are sinks or quantized, keys [n, L) in the residual.
+        n = S + Lb - Lb % R (plain KIVI: L - L % R); n = L for a row shorter than S."""
+        return self._body_quantized_keys() + jnp.minimum(self.lengths, self.config.sink_tokens)
+
+    @property
+    def num_quantized_values(self):
+        """m [B]: values [0, m) are sinks or quantized, values [m, L) in the window.
+        m = S + max(Lb - R, 0) (plain KIVI: max(L - R, 0)); m = L for a row shorter than S."""
+        return self._body_quantized_values() + jnp.minimum(self.lengths, self.config.sink_tokens)
+
+    # body-relative counts: store positions [0, n_b) of the keys / [0, m_b) of the values are quantized
+    def _body_quantized_keys(self):
+        lb = self.body_lengths
+        return lb - lb % self.config.residual_length
+
+    def _body_quantized_values(self):
+        return jnp.maximum(self.body_lengths - self.config.residual_length, 0)
+
+    def sinks(self):
+        """(k_sink, v_sink) [B, Hkv, S, D] in the stored basis; slots >= lengths hold zeros."""
+        r = self.config.residual_length
+        return self.k_res[:, :, r:], self.v_res[:, :, r:]
+
+
 class CacheShape:
     """Shape facts of a cache whose field ``shape_field`` is a [B, Hkv, T, D] buffer, and the
     bytes of every buffer it holds. Mixed into the cache dataclasses."""

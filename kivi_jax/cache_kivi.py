@@ -71,7 +71,7 @@ def token_quantizer(bits: int, dtype):
 
 
 @cc.pytree_dataclass
-class KIVICache(cc.CacheShape):
+class KIVICache(cc.CacheShape, cc.SinksAndWindow):
     """Buffers (Tc = config.capacity(max_length), G = group_size, Gk = config.key_group,
     R = residual_length, S = sink_tokens):
 
@@ -130,40 +130,6 @@ class KIVICache(cc.CacheShape):
     #: tokens the quantized stores can hold (the body, after the sinks), Tc
     capacity = property(lambda self: self.k_scale.shape[2] * self.config.key_group)
 
-
-    @property
-    def body_lengths(self):
-        """Lb [B] = max(L - S, 0): tokens after the sinks (what the quantized stores index)."""
-        s = self.config.sink_tokens
-        return self.lengths if s == 0 else jnp.maximum(self.lengths - s, 0)
-
-    @property
-    def num_quantized_keys(self):
-        """n [B]: keys [0, n) are sinks or quantized, keys [n, L) in the residual.
-        n = S + Lb - Lb % R (plain KIVI: L - L % R); n = L for a row shorter than S."""
-        r, s = self.config.residual_length, self.config.sink_tokens
-        lb = self.body_lengths
-        return lb - lb % r + jnp.minimum(self.lengths, s)
-
-    @property
-    def num_quantized_values(self):
-        """m [B]: values [0, m) are sinks or quantized, values [m, L) in the window.
-        m = S + max(Lb - R, 0) (plain KIVI: max(L - R, 0)); m = L for a row shorter than S."""
-        s = self.config.sink_tokens
-        return jnp.maximum(self.body_lengths - self.config.residual_length, 0) + jnp.minimum(self.lengths, s)
-
-    # body-relative counts: store positions [0, n_b) of the keys / [0, m_b) of the values are quantized
-    def _body_quantized_keys(self):
-        lb = self.body_lengths
-        return lb - lb % self.config.residual_length
-
-    def _body_quantized_values(self):
-        return jnp.maximum(self.body_lengths - self.config.residual_length, 0)
-
-    def sinks(self):
-        """(k_sink, v_sink) [B, Hkv, S, D] in the stored basis; slots >= lengths hold zeros."""
-        r = self.config.residual_length
-        return self.k_res[:, :, r:], self.v_res[:, :, r:]
 
     def _store(self, x, rotate: bool):
         return stored(x, self.dtype, rotate)

@@ -150,7 +150,7 @@ def dequantized_block(kn, kt, n0, r, dtype):
 
 
 @cc.pytree_dataclass
-class MosaicKIVICache(cc.CacheShape):
+class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
     """Buffers (Tc: the body's max_length - S tokens rounded up to 256; R = residual_length,
     S = sink_tokens): kn [B, Hkv, Tc, 8] uint32; kt [B, Hkv, Tc/256 * 128, 16]; k_res [B, Hkv,
     R + S, D]; vn [B, Hkv, Tc/64, 512] uint32; vt [B, Hkv, Tc/2, 16]; v_res [B, Hkv, R + S, D]
@@ -188,31 +188,6 @@ class MosaicKIVICache(cc.CacheShape):
 
     capacity = property(lambda self: self.kn.shape[2])  # body tokens the stores hold, Tc
 
-    @property
-    def body_lengths(self):
-        """Lb [B] = max(L - S, 0): tokens after the sinks (what the stores and ring slots index)."""
-        s = self.config.sink_tokens
-        return self.lengths if s == 0 else jnp.maximum(self.lengths - s, 0)
-
-    # as KIVICache's: all tokens, sinks included (sinks count as quantized: they are not in the window)
-    num_quantized_keys = property(lambda self: self._body_quantized_keys() + self._sinks_held())
-    num_quantized_values = property(lambda self: self._body_quantized_values() + self._sinks_held())
-
-    def _sinks_held(self):
-        return jnp.minimum(self.lengths, self.config.sink_tokens)
-
-    # body-relative counts: body positions [0, n_b) of the keys / [0, m_b) of the values are quantized
-    def _body_quantized_keys(self):
-        lb = self.body_lengths
-        return lb - lb % self.config.residual_length
-
-    def _body_quantized_values(self):
-        return jnp.maximum(self.body_lengths - self.config.residual_length, 0)
-
-    def sinks(self):
-        """(k_sink, v_sink) [B, Hkv, S, D] in the stored basis; slots >= lengths hold zeros."""
-        r = self.config.residual_length
-        return self.k_res[:, :, r:], self.v_res[:, :, r:]
 
     def _kivi(self) -> KIVICache:
         """An empty KIVICache of the same shape: its quantization helpers (the same numbers)."""
