@@ -191,9 +191,10 @@ def main(argv=None):
             rows.append({"check": f"layer 7 of a stack, {stacked.k_codes.nbytes / 2**30:.1f} GiB of key codes",
                          "variant": variant, "dtype": "bfloat16", "rel_err": err, "tol": 1e-2, "ok": err <= 1e-2})
             print(rows[-1], flush=True)
-    table = common.markdown(rows, ["check", "variant", "dtype", "rel_err", "tol", "ok"])
-    print(table)
     env = common.environment()
+    table = (f"Compiled checks against the reference, {env['device']}, jax {env['jax_version']}, commit {env['commit']}\n\n"
+             + common.markdown(rows, ["check", "variant", "dtype", "rel_err", "tol", "ok"]))
+    print(table)
     common.write_results(args.name, {**env, "rows": rows}, table)
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")

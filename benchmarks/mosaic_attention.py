@@ -615,8 +615,9 @@ def main(argv=None):
         rows.append({"impl": name, **fn()})
         print(rows[-1], flush=True)
     if a.checks_only:
-        common.write_results(a.name, {**env, "rows": rows}, common.markdown(rows, list(dict.fromkeys(
-            k for r in rows for k in r))))
+        common.write_results(a.name, {**env, "rows": rows}, (
+            f"Compiled checks, {env['device']}, jax {env['jax_version']}, commit {env['commit']}\n\n"
+            + common.markdown(rows, list(dict.fromkeys(k for r in rows for k in r)))))
         return
     for hkv in map(int, a.kv_heads.split(",")):
         variants = {32: VARIANTS, 8: GQA_VARIANTS}[hkv]
