@@ -81,13 +81,17 @@ def static(**kw):
 
 
 def check_init(config, config_cls, max_length: int, dtype):
-    """A quantized cache's ``init`` arguments: the config's type, max_length >= 1, a float dtype."""
+    """A quantized cache's ``init`` arguments: the config's type, max_length >= 1 (and above its
+    sink tokens), a float dtype."""
     from kivi_jax import quant  # quant needs nothing from here; imported late to keep this module light
 
     if not isinstance(config, config_cls):
         raise TypeError(f"config must be a {config_cls.__name__}; got {type(config).__name__}")
     if max_length < 1:
         raise ValueError(f"max_length={max_length} must be >= 1")
+    sinks = getattr(config, "sink_tokens", 0)
+    if sinks >= max_length:
+        raise ValueError(f"sink_tokens={sinks} must be < max_length={max_length}")
     quant._check_float("cache", dtype)
 
 

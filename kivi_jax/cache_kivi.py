@@ -107,8 +107,6 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
             raise ValueError(f"KIVICache stores layout='tokens'; got layout={config.layout!r} "
                              "(kivi_jax.MosaicKIVICache stores 'mosaic')")
         config = dataclasses.replace(config, layout="tokens")  # "auto" resolved: this class stores tokens
-        if config.sink_tokens >= max_length:
-            raise ValueError(f"sink_tokens={config.sink_tokens} must be < max_length={max_length}")
         g, kg, tc = config.group_size, config.key_group, config.capacity(max_length)
         rs = config.residual_length + config.sink_tokens
         bh = (batch, num_kv_heads)
@@ -261,26 +259,16 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         r, kg, sk = c.residual_length, c.key_group, c.sink_tokens
         k, v = self._store(k, c.rotate_keys), self._store(v, c.rotate_values)
         L = self.lengths
-        full = L >= self.max_length
-        live = ~full
-        if sk:
-            live_body = live & (L >= sk)
-            Lb = jnp.maximum(L - sk, 0)
-        else:
-            live_body, Lb = live, L
-        Lc = jnp.minimum(Lb, self.max_length - sk - 1)  # in-range index for masked rows
-        # residual slots are [0, R) of k_res / v_res (sink slots [R, R + S) follow)
-        slot = Lc % r
-        # one k_res / v_res write per row: the residual slot, or the sink slot R + L of a row still
-        # filling its sinks (a second write would read the buffer after the first: XLA copies it)
-        at = jnp.where(live & (L < sk), r + jnp.clip(L, 0, sk - 1), slot) if sk else slot
+        # residual slots are [0, R) of k_res / v_res (sink slots [R, R + S) follow). One k_res /
+        # v_res write per row: the residual slot, or the sink slot R + L of a row still filling
+        # its sinks (a second write would read the buffer after the first: XLA copies it)
+        live, spill, slot, at, t_out = kivi_append.ring_slots(L, r=r, sinks=sk, max_length=self.max_length)
+        live_body, Lb = live & (L >= sk), self.body_lengths
 
         # keys: Kr += k (a full residual is quantized and emptied by the flush, last below)
         writes = [cc.RowWrite(k, at, "k_res", 1, keep=live)]
         # values: the token leaving the R-window (token L - R, ring slot L % R) is quantized
         leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]
-        spill = live_body & (Lb >= r)
-        t_out = jnp.where(spill, Lb - r, 0)
         codes, scale, mn = quant_values(self.config, self.dtype, leaving)
         row, shift = packing.word_row_and_shift(t_out, c.v_bits)
         writes += [
@@ -306,7 +294,7 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
                     cc.RowWrite(mn, n0 // kg, "k_min", 1, keep=flush))
 
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
-        return tuple(writes), L + live, self.overflow | full
+        return tuple(writes), L + live, self.overflow | ~live
 
     def stacked_append(self, stacked: "KIVICache", layer, k, v, rare=None) -> "KIVICache":
         """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer

@@ -45,6 +45,7 @@ from kivi_jax.cache_kivi import KIVICache, quant_keys, quant_values, stored, tok
 from kivi_jax.config import KIVIConfig
 from kivi_jax.eager import jit_when_eager
 
+from pallas_kernels import kivi_append
 from pallas_kernels.kivi_mosaic import HEADS
 from pallas_kernels.mosaic_layout import (CHUNK, D, GROUP, KEY_BLOCK, VALUE_BLOCK, code_bit, kernel_arrays, key_codes,
                                           key_tiles, key_words, value_codes, value_tiles, value_words)
@@ -175,8 +176,6 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
              dtype=jnp.bfloat16) -> "MosaicKIVICache":
         cc.check_init(config, KIVIConfig, max_length, dtype)
         config = check_config(config, head_dim)
-        if config.sink_tokens >= max_length:
-            raise ValueError(f"sink_tokens={config.sink_tokens} must be < max_length={max_length}")
         body = max_length - config.sink_tokens
         tc = -(-body // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
         bh, r = (batch, num_kv_heads), config.residual_length + config.sink_tokens
@@ -253,16 +252,11 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         r, sk = c.residual_length, c.sink_tokens
         k, v = stored(k, self.dtype, c.rotate_keys), stored(v, self.dtype, c.rotate_values)
         L = self.lengths
-        full = L >= self.max_length
-        live = ~full
-        live_body, Lb = (live & (L >= sk), self.body_lengths) if sk else (live, L)
-        slot = jnp.minimum(Lb, self.max_length - sk - 1) % r  # (in range for a refused row)
         # one k_res / v_res write a row: the ring slot, or sink slot R + L while the sinks fill
-        at = jnp.where(live & (L < sk), r + jnp.clip(L, 0, sk - 1), slot) if sk else slot
+        live, spill, slot, at, p = kivi_append.ring_slots(L, r=r, sinks=sk, max_length=self.max_length)
+        live_body, Lb = live & (L >= sk), self.body_lengths
         writes = [cc.RowWrite(k, at, "k_res", 1, keep=live)]
         leaving = cc.take_row(self.v_res, slot, 1, axis=1)  # [B, H, 1, D]: body token Lb - R
-        spill = live_body & (Lb >= r)
-        p = jnp.where(spill, Lb - r, 0)
         codes, scale, mn = quant_values(self.config, self.dtype, leaving)  # [B, H, 1, D], [B, H, 1, 4]
         u = p % CHUNK  # = 32 o + 8 k + 2 j + e: in the channel's word j
         shift = code_bit(u // 32, u % 32 // 8, u % 2).astype(jnp.uint32)
@@ -302,7 +296,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
                     cc.RowWrite(cc.row_major(k_hat), jnp.zeros_like(n0), "k_res", 1, keep=flush))
 
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
-        return tuple(writes), L + live, self.overflow | full
+        return tuple(writes), L + live, self.overflow | ~live
 
     def stacked_append(self, stacked: "MosaicKIVICache", layer, k, v, rare=None) -> "MosaicKIVICache":
         """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer

@@ -47,10 +47,11 @@ def supported(head_dim: int, group_size: int) -> bool:
     return head_dim % group_size == 0 and _pow2(group_size) and _pow2(head_dim // group_size)
 
 
-def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, bits, quantize):
-    kr_ref, vr_ref, vc_ref, vs_ref, vm_ref = refs[5:]  # (refs[:5]: the same buffers as inputs, aliased)
-    at = (layer_ref[0], pl.program_id(0), pl.program_id(1))
-    length = len_ref[()]
+def ring_slots(length, *, r, sinks, max_length):
+    """Where a row of ``length`` tokens (before the append) writes its new token: (live: it is
+    below max_length; spill: a body value leaves the R-slot ring; slot: the ring slot Lb % R,
+    Lb = L - S the body, whose value leaves; dest: the slot the new k and v go to, sink slot
+    R + L while the S sinks fill; p: the body token leaving). Both append kernels' arithmetic."""
     live = length < max_length
     body = jnp.maximum(length - sinks, 0)  # Lb
     slot = lax.rem(jnp.minimum(body, max_length - sinks - 1), r)  # (in range for a refused row)
@@ -59,7 +60,13 @@ def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, bits,
         dest = jnp.where(length < sinks, r + jnp.clip(length, 0, sinks - 1), slot)
     else:
         spill, dest = live & (body >= r), slot
-    p = jnp.where(spill, body - r, 0)  # the body token leaving the ring
+    return live, spill, slot, dest, jnp.where(spill, body - r, 0)
+
+
+def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, bits, quantize):
+    kr_ref, vr_ref, vc_ref, vs_ref, vm_ref = refs[5:]  # (refs[:5]: the same buffers as inputs, aliased)
+    at = (layer_ref[0], pl.program_id(0), pl.program_id(1))
+    live, spill, slot, dest, p = ring_slots(len_ref[()], r=r, sinks=sinks, max_length=max_length)
 
     @pl.when(spill)
     def _():

@@ -33,23 +33,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.kivi_append import launch
+from pallas_kernels.kivi_append import launch, ring_slots
 from pallas_kernels.mosaic_layout import CHUNK, GROUP, VALUE_BLOCK, code_bit
 
 
 def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, quantize):
     kr_ref, vr_ref, vn_ref, vt_ref = refs[4:]  # (refs[:4]: the same buffers as inputs, aliased)
     at = (layer_ref[0], pl.program_id(0), pl.program_id(1))
-    length = len_ref[()]
-    live = length < max_length
-    body = jnp.maximum(length - sinks, 0)  # Lb
-    slot = lax.rem(jnp.minimum(body, max_length - sinks - 1), r)  # (in range for a refused row)
-    if sinks:  # (as pallas_kernels.kivi_append's)
-        spill = live & (length >= sinks) & (body >= r)
-        dest = jnp.where(length < sinks, r + jnp.clip(length, 0, sinks - 1), slot)
-    else:
-        spill, dest = live & (body >= r), slot
-    p = jnp.where(spill, body - r, 0)  # the body token leaving the ring
+    live, spill, slot, dest, p = ring_slots(len_ref[()], r=r, sinks=sinks, max_length=max_length)
 
     @pl.when(spill)
     def _():

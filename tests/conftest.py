@@ -10,13 +10,14 @@ import os
 import shutil
 import tempfile
 
+from xla_levels import FAST_COMPILE
+
 # Most of the suite's time is XLA compiling small programs (interpreted kernels, tiny models):
 # LLVM at -O0 without its expensive passes cut the whole suite's pytest time by a third on the
 # 2-core CI machine (1114 -> 719 s; tests/test_pallas_kernels.py's two slowest 52 -> 31 s), the
 # tests that generate with SmolLM2 included (86 -> 74 s). Set before jax starts.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 # Many tests compile programs another test (or the other xdist worker) already compiled: a new
 # jax.jit of the same lambda, the same interpreted kernel at the same shapes. jax's persistent

@@ -28,6 +28,7 @@ from hypothesis.extra import numpy as hnp
 import kivi_jax
 from kivi_jax import QuantizedArray, dequantize, fake_quantize, packing, quantize
 from kivi_jax.quant import unpacked_codes
+from xla_levels import RUN_OPTIONS
 import reference_kivi as ref
 
 def examples(n):
@@ -425,8 +426,7 @@ def _stepped_bits(x_bits, toward_bits, dtype):
         f = [jax.lax.bitcast_convert_type(b, dtype) for b in (xb, tb)]
         return jax.lax.bitcast_convert_type(next_after(*f), jnp.uint16)
 
-    opts = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
-    return jax.jit(bits, compiler_options=opts)(x_bits, toward_bits)
+    return jax.jit(bits, compiler_options=RUN_OPTIONS)(x_bits, toward_bits)
 
 
 def test_next_after_steps_16_bit_floats_by_their_bits():

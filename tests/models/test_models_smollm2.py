@@ -10,6 +10,7 @@ import pytest
 
 import kivi_jax
 import models
+from xla_levels import RUN_OPTIONS
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +19,6 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-# XLA's own optimization level for these programs: tests/conftest.py compiles at -O0 (the suite
-# is mostly compiling), but these run 30-layer steps dozens of times, which -O0 code ran 3.4x
-# slower on CPU (31 SmolLM2 decode steps: 8.2 s vs 2.4 s; the compile takes as long either way)
-RUN_OPTIONS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
 @functools.lru_cache(maxsize=None)
