@@ -102,13 +102,34 @@ def test_hadamard_is_the_orthonormal_sylvester_matrix(d):
     np.testing.assert_array_equal(h, h.T)
 
 
-def test_rotation_is_invertible_to_float_rounding():
+@pytest.mark.parametrize("impl", rotation.ROTATE_IMPLS)
+def test_rotation_is_invertible_to_float_rounding(impl, monkeypatch):
+    monkeypatch.setattr(rotation, "ROTATE_IMPL", impl)
     x = np.random.default_rng(1).standard_normal((3, 5, 64)).astype(np.float32) * 10
     back = np.asarray(rotation.rotate(rotation.rotate(jnp.asarray(x)), transpose=True))
     err = np.abs(back - x) / np.abs(x).max()
     assert err.max() < 4 * np.finfo(np.float32).eps  # float32 rounding of two products, nothing more
     with pytest.raises(ValueError, match="head_dim=48"):
         rotation.hadamard_numpy(48)
+
+
+@pytest.mark.parametrize("impl", rotation.ROTATE_IMPLS)
+@pytest.mark.parametrize("d", [1, 2, 8, 128])
+def test_rotation_is_x_times_the_sylvester_matrix(impl, d, monkeypatch):
+    """Both implementations against x · H in float64 (H from the test's own Sylvester recursion)."""
+    monkeypatch.setattr(rotation, "ROTATE_IMPL", impl)
+    x = np.random.default_rng(d).standard_normal((2, 3, d)).astype(np.float32) * 3
+    want = x.astype(np.float64) @ ref.hadamard_reference(d)
+    got = np.asarray(jax.jit(rotation.rotate)(jnp.asarray(x)))
+    assert got.dtype == np.float32
+    # float32 sums of d terms of size ~|x|: a few ulps of |x| (log2 d roundings for the butterfly)
+    np.testing.assert_allclose(got, want, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(x).max() * max(1, np.log2(d)))
+
+
+def test_rotation_impl_is_checked(monkeypatch):
+    monkeypatch.setattr(rotation, "ROTATE_IMPL", "fft")
+    with pytest.raises(ValueError, match="ROTATE_IMPL='fft'.*matmul"):
+        rotation.rotate(jnp.ones((2, 8)))
 
 
 def test_rotation_flattens_an_outlier_channel():
