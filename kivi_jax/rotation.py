@@ -22,11 +22,15 @@ import numpy as np
 from kivi_jax import switches
 
 ROTATE_CHOICES = ("none", "k", "v", "kv")
-#: how :func:`rotate` multiplies, read at trace time: "matmul" (one float32 einsum with H at
-#: HIGHEST precision: a GEMM launch of its own on a GPU) or "butterfly" (the fast Walsh-Hadamard
-#: transform: log2 D add/subtract stages, elementwise, so XLA fuses it with its neighbours).
+#: how :func:`rotate` multiplies, read at trace time. "f32": a float32 einsum with H at HIGHEST
+#: precision (exact float32 products; on a GPU a float32 GEMM without tensor cores). "bf16x6" / "bf16x3": x times the +-1 Sylvester matrix S (exact
+#: in bf16) with XLA's bf16 tensor-core algorithms (x split into 3 / 2 bf16 parts), then the
+#: 1/sqrt(D): bf16 inputs are exact either way, float32 ones to ~2^-24 / ~2^-16 of |x|.
+#: ("butterfly", a fast Walsh-Hadamard transform in elementwise stages, was timed slower on the
+#: H200: XLA split its stages over ~40 more fusions a layer; results/decode-step-ab-rotimpl-run105.)
 #: None: the backend's pick (:func:`rotate_impl`); children read KIVI_ROTATE.
-ROTATE_IMPLS = ("matmul", "butterfly")
+ROTATE_IMPLS = ("f32", "bf16x6", "bf16x3")
+_ALGORITHMS = {"bf16x6": "BF16_BF16_F32_X6", "bf16x3": "BF16_BF16_F32_X3"}
 ROTATE_IMPL = os.environ.get("KIVI_ROTATE") or None
 
 
@@ -55,36 +59,25 @@ def hadamard(d: int, dtype=jnp.float32) -> jax.Array:
 
 
 def rotate_impl() -> str:
-    """ROTATE_IMPL resolved for this backend (named error when it is not one of ROTATE_IMPLS).
-    On the CPU the einsum compiles and runs cheaper than the stages."""
-    return switches.resolve("rotation.ROTATE_IMPL", ROTATE_IMPL, ROTATE_IMPLS, gpu="butterfly", other="matmul")
+    """ROTATE_IMPL resolved for this backend (named error when it is not one of ROTATE_IMPLS)."""
+    return switches.resolve("rotation.ROTATE_IMPL", ROTATE_IMPL, ROTATE_IMPLS, gpu="bf16x6", other="f32")
+
+
+@functools.lru_cache(maxsize=None)
+def signs_numpy(d: int) -> np.ndarray:
+    """[D, D] float32: the +-1 Sylvester matrix, sqrt(D) H."""
+    return np.round(hadamard_numpy(d) * np.sqrt(d)).astype(np.float32)
 
 
 def rotate(x, transpose: bool = False) -> jax.Array:
-    """x [..., D] -> x·H (or x·H^T: H is symmetric, kept for clarity) in float32.
-
-    Both implementations (:data:`ROTATE_IMPL`) are float32 math to a few roundings of the
-    exact product; they may differ in the last bits, so one trace uses one of them throughout."""
+    """x [..., D] -> x·H (or x·H^T: H is symmetric, kept for clarity) in float32, by
+    :data:`ROTATE_IMPL`'s arithmetic (one trace uses one: they may differ in the last bits)."""
     x = jnp.asarray(x).astype(jnp.float32)
-    if rotate_impl() == "butterfly":
-        return butterfly(x)
-    h = hadamard(x.shape[-1])
-    if transpose:
-        h = h.T
-    return jnp.einsum("...d,de->...e", x, h, precision=jax.lax.Precision.HIGHEST)
-
-
-def butterfly(x) -> jax.Array:
-    """x [..., D] float32 -> x·H by the fast Walsh-Hadamard transform: stage s pairs entries
-    i and i + 2^s of each block of 2^(s+1) into (a + b, a - b), which is Sylvester's recursion
-    H_2n = [[H_n, H_n], [H_n, -H_n]] applied from the inside out; then one scale by 1/sqrt(D).
-    D log2 D additions instead of D^2 products, and only elementwise ops and reshapes."""
+    impl = rotate_impl()
+    if impl == "f32":
+        h = hadamard(x.shape[-1])
+        return jnp.einsum("...d,de->...e", x, h.T if transpose else h, precision=jax.lax.Precision.HIGHEST)
     d = x.shape[-1]
     check_head_dim(d)
-    lead, h = x.shape[:-1], 1
-    while h < d:
-        y = x.reshape(lead + (d // (2 * h), 2, h))
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (d,))
-        h *= 2
-    return x * np.float32(1 / np.sqrt(d))
+    algorithm = getattr(jax.lax.DotAlgorithmPreset, _ALGORITHMS[impl])
+    return jnp.einsum("...d,de->...e", x, jnp.asarray(signs_numpy(d)), precision=algorithm) * np.float32(1 / np.sqrt(d))
