@@ -16,12 +16,12 @@ slots) join the combine.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from kivi_jax import rotation, switches
+from kivi_jax.attention_pallas import grouped_queries
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.mosaic_layout import kernel_arrays
 from pallas_kernels import kivi_mosaic, mosaic_window
@@ -119,10 +119,8 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     g = hq // hkv
     if g not in kivi_mosaic.HEADS:
         raise ValueError(f"the Mosaic kernel takes {kivi_mosaic.HEADS} query heads a KV head; got Hq={hq}, Hkv={hkv}")
-    qg = q[:, :, 0].astype(jnp.float32).reshape(b, hkv, g, d) / math.sqrt(d)
     c = cache.config
-    if c.rotate_keys:  # scores in the stored basis: (q·H)·(K·H)^T
-        qg = rotation.rotate(qg)
+    qg = grouped_queries(q, hkv, c.rotate_keys)
     rows = qg.reshape(b * hkv, g, d) if g > 1 else qg.reshape(b * hkv, d)
     bulk = bulk or kivi_mosaic.bulk_partials
     if window is not None and window < 1:

@@ -271,10 +271,13 @@ def _in_place(stack, cache):
 DENSE_CHUNK = 64  # tokens per step of the dense kernel's loop (untimed; KIVI's measured best)
 
 
-def _grouped_queries(q, hkv: int):
-    """q [B, Hq, 1, D] -> [B, Hkv, g, D] float32, scaled by 1/sqrt(D) (the kernels' q)."""
+def grouped_queries(q, hkv: int, rotate: bool = False):
+    """q [B, Hq, 1, D] -> [B, Hkv, g, D] float32, scaled by 1/sqrt(D) (the kernels' q); rotate:
+    q·H first (rotation.rotate, on q as it comes: a bf16 q's rotation is exact), the scores
+    then in the stored basis, (q·H)·(K·H)^T = q·K^T."""
     b, hq, _, d = q.shape
-    return q[:, :, 0].astype(jnp.float32).reshape(b, hkv, hq // hkv, d) / math.sqrt(d)
+    x = rotation.rotate(q[:, :, 0]) if rotate else q[:, :, 0].astype(jnp.float32)
+    return x.reshape(b, hkv, hq // hkv, d) / math.sqrt(d)
 
 
 def _pad_rows(qg):
@@ -310,7 +313,7 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     hkv = cache.num_kv_heads
     gq = hq // hkv
     chunk = chunk or DENSE_CHUNK
-    qp = _pad_rows(_grouped_queries(q, hkv))
+    qp = _pad_rows(grouped_queries(q, hkv))
     end = cache.lengths
     start = _window_start(end, window)
     n_chunks = -(-cache.max_length // chunk)
@@ -343,9 +346,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     gq = hq // hkv
     variant = DEFAULT_VARIANT if variant == "auto" else variant
     chunk = chunk or _default_chunk(c)
-    qg = _grouped_queries(q, hkv)
-    if c.rotate_keys:  # scores in the stored basis: (q·H)·(K·H)^T
-        qg = rotation.rotate(qg)
+    qg = grouped_queries(q, hkv, c.rotate_keys)
     qp = _pad_rows(qg)
     start = _window_start(cache.lengths, window)
     sk = c.sink_tokens

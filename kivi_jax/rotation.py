@@ -25,7 +25,7 @@ ROTATE_CHOICES = ("none", "k", "v", "kv")
 #: how :func:`rotate` multiplies, read at trace time. "f32": a float32 einsum with H at HIGHEST
 #: precision (exact float32 products; on a GPU a float32 GEMM without tensor cores). "bf16x6" / "bf16x3": x times the +-1 Sylvester matrix S (exact
 #: in bf16) with XLA's bf16 tensor-core algorithms (x split into 3 / 2 bf16 parts), then the
-#: 1/sqrt(D): bf16 inputs are exact either way, float32 ones to ~2^-24 / ~2^-16 of |x|.
+#: 1/sqrt(D): float32 inputs to ~2^-24 / ~2^-16 of |x|; a bf16 input takes one exact pass.
 #: ("butterfly", a fast Walsh-Hadamard transform in elementwise stages, was timed slower on the
 #: H200: XLA split its stages over ~40 more fusions a layer; results/decode-step-ab-rotimpl-run105.)
 #: None: the backend's pick (:func:`rotate_impl`); children read KIVI_ROTATE.
@@ -72,12 +72,17 @@ def signs_numpy(d: int) -> np.ndarray:
 def rotate(x, transpose: bool = False) -> jax.Array:
     """x [..., D] -> x·H (or x·H^T: H is symmetric, kept for clarity) in float32, by
     :data:`ROTATE_IMPL`'s arithmetic (one trace uses one: they may differ in the last bits)."""
-    x = jnp.asarray(x).astype(jnp.float32)
+    x = jnp.asarray(x)
+    bf16 = x.dtype == jnp.bfloat16
+    x = x.astype(jnp.float32)
     impl = rotate_impl()
     if impl == "f32":
         h = hadamard(x.shape[-1])
         return jnp.einsum("...d,de->...e", x, h.T if transpose else h, precision=jax.lax.Precision.HIGHEST)
     d = x.shape[-1]
     check_head_dim(d)
-    algorithm = getattr(jax.lax.DotAlgorithmPreset, _ALGORITHMS[impl])
-    return jnp.einsum("...d,de->...e", x, jnp.asarray(signs_numpy(d)), precision=algorithm) * np.float32(1 / np.sqrt(d))
+    # a bf16 x is one bf16 part: its products with +-1 are exact in one tensor-core pass
+    algorithm = "BF16_BF16_F32" if bf16 else _ALGORITHMS[impl]
+    s = jnp.asarray(signs_numpy(d))
+    y = jnp.einsum("...d,de->...e", x, s, precision=getattr(jax.lax.DotAlgorithmPreset, algorithm))
+    return y * np.float32(1 / np.sqrt(d))

@@ -116,7 +116,7 @@ def test_sliding_window_splits_share_each_rows_window():
     assert flash.window_chunks(1, 64, 10) == 1 and flash.window_chunks(5000, 64, 10) == 10
     lo, hi = jnp.asarray([7, 0, 5, 1, 0], jnp.int32), jnp.asarray([10, 2, 8, 2, 0], jnp.int32)  # rows of 3, 2, 3, 1 chunks
     start, end = lo * 64 + 3, jnp.minimum(hi * 64 - 1, jnp.asarray([600, 451, 140, 90, 0], jnp.int32))
-    qp = attention_pallas._pad_rows(attention_pallas._grouped_queries(qd, 2))
+    qp = attention_pallas._pad_rows(attention_pallas.grouped_queries(qd, 2))
     short = dense_decode.dense_decode_partials(qp, dense.k, dense.v, lo, hi, start, end, chunk=64,
                                                num_splits=1, interpret=True, span_chunks=2)
     full = dense_decode.dense_decode_partials(qp, dense.k, dense.v, lo, hi, start, end, chunk=64,
