@@ -131,7 +131,10 @@ def main(argv=None):
     for name, extra in (("sinks4 rotate=kv", dict(sink_tokens=4, rotate="kv")), ("key groups 16", dict(key_group_size=16)),
                         ("sinks4 window=300", dict(sink_tokens=4)), ("R=96", dict(residual_length=96)),
                         ("R=192 sinks4", dict(residual_length=192, sink_tokens=4)),
-                        ("R=96 G16 key groups 32", dict(residual_length=96, group_size=16, key_group_size=32))):
+                        ("R=96 G16 key groups 32", dict(residual_length=96, group_size=16, key_group_size=32)),
+                        # 16 sinks: attended by the ring's program (kivi_window.sink_step)
+                        ("sinks16 window=300", dict(sink_tokens=16)), ("sinks16 rotate=kv", dict(sink_tokens=16, rotate="kv")),
+                        ("recommended", dict(sink_tokens=16, rotate="kv", group_size=64, key_group_size=32))):
         if not wanted(name):
             continue
         cfg = kj.KIVIConfig(**extra)

@@ -149,7 +149,7 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
     splits = attention_pallas.default_splits(b, hkv, cache.capacity // chunk, False)
 
     def kernel(qp, cache, with_ring, dequant="auto"):
-        ring, ring_len = _ring(cache, None, None, chunk) if with_ring else (None, 0)
+        ring, ring_len, _ = _ring(cache, None, None, chunk, zero) if with_ring else (None, 0, 0)
         return kivi_decode.kivi_decode_partials(
             qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
             zero, -(-end // chunk), zero, end, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
@@ -175,6 +175,11 @@ EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
     ("key_group16", dict(key_group_size=16)), ("r32", dict(residual_length=32)), ("r64", dict(residual_length=64)),
     ("r96", dict(residual_length=96)), ("r96_xla_window", dict(residual_length=96)),
     ("r192", dict(residual_length=192)),
+    # 16 sinks: in the ring's program (kivi_window.sink_step) / in plain JAX, combined after (before)
+    ("sinks16", dict(sink_tokens=16)), ("sinks16_xla_sinks", dict(sink_tokens=16)),
+    # the README's recommended 2-bit setting (value groups of 64: the token layout)
+    ("recommended", dict(sink_tokens=16, rotate="kv", group_size=64, key_group_size=32)),
+    ("recommended_xla_sinks", dict(sink_tokens=16, rotate="kv", group_size=64, key_group_size=32)),
     # the Mosaic layout (kivi_jax.decode_attention's kernel for it; a GPU only), with the rotation too
     ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")),
     ("mosaic_sinks4_rotate_kv", dict(layout="mosaic", sink_tokens=4, rotate="kv")))
@@ -184,8 +189,9 @@ def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 
     """Cost of the KIVIConfig extensions and residual lengths on the default kernel path, next to
     plain KIVI-2, in turns over ``rounds`` (shapes: B, capacity, tokens a row, Hkv; the paper's
     short rows are mostly ring). r96_xla_window: R = 96 with its ring attended in plain JAX
-    (``ring_program="xla"``), as every R that is not a power of two was before. names: only
-    these of EXTENSIONS ("plain" always)."""
+    (``ring_program="xla"``), as every R that is not a power of two was before; *_xla_sinks: the
+    sinks' partials in plain JAX (``attention_pallas.KERNEL_SINKS`` off), as every S was before.
+    names: only these of EXTENSIONS ("plain" always)."""
     rows = []
     for b, t, length, hkv in shapes:
         q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
@@ -206,6 +212,9 @@ def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 
             ring = "xla" if name.endswith("_xla_window") else None
             fns[name] = jax.jit(lambda q, c, ring=ring: attention_pallas.decode_attention(
                 q, c, ring_program=ring, interpret=jax.default_backend() != "gpu"))  # (a CPU dry run: interpreted)
+            attention_pallas.KERNEL_SINKS = not name.endswith("_xla_sinks")  # read when traced: now
+            jax.block_until_ready(fns[name](q, caches[name]))
+            attention_pallas.KERNEL_SINKS = True
         times = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():

@@ -75,7 +75,9 @@ KIVI = {"dense": None, "dense_xla": None,
         "kivi2r96": dict(k_bits=2, v_bits=2, residual_length=96, layout="tokens"),
         # the Hadamard rotation of keys and values (KIVIConfig.rotate) in each layout
         "kivi2rot": dict(k_bits=2, v_bits=2, rotate="kv", layout="tokens"),
-        "kivi2mrot": dict(k_bits=2, v_bits=2, rotate="kv", layout="mosaic")}
+        "kivi2mrot": dict(k_bits=2, v_bits=2, rotate="kv", layout="mosaic"),
+        # the README's recommended 2-bit setting (value groups of 64: the token layout)
+        "kivi2rec": dict(k_bits=2, v_bits=2, sink_tokens=16, rotate="kv", group_size=64, key_group_size=32)}
 # caches run with non-default implementations: dense_xla is a dense cache with XLA's attention
 # and matmuls (generate's dense default before 2026-11-30's in-place kernels: 22 ms steps at
 # the paper setting vs 9.2)

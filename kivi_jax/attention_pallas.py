@@ -47,29 +47,36 @@ def _split_axis(o, m, l):
     return o[:, :, None], m[:, :, None], l[:, :, None]
 
 
-def _ring(cache: KIVICache, stack, layer, chunk):
-    """(ring, ring_len) for kivi_decode_partials: the residual ring (k_res, v_res, body lengths,
-    quantized keys), read in place from the stack when the bulk arrays are (``layer``), or
-    (None, 0) when the kernel does not take this config (kivi_window.supported)."""
+def _ring(cache: KIVICache, stack, layer, chunk, start):
+    """(ring, ring_len, sink_len) for kivi_decode_partials: the residual ring (k_res, v_res, body
+    lengths, quantized keys; and with sink_len = S the sinks' bounds, ``start`` [B] (a sliding
+    window's first token, absolute) and the lengths), read in place from the stack when the bulk
+    arrays are (``layer``), or (None, 0, 0) when the kernel does not take this config
+    (kivi_window.supported; the sinks: kivi_window.sinks_supported, else sink_len 0 and they
+    are attended in XLA)."""
     c = cache.config
-    r = c.residual_length
+    r, sk = c.residual_length, c.sink_tokens
     if not kivi_window.supported(r, c.k_bits, c.key_group, cache.capacity, chunk):
-        return None, 0
+        return None, 0, 0
     # whole buffers, the S sink slots past R included (the kernel reads slots [0, R) only): a
     # slice of the ring was a copy of it every call, the sinks' main cost (B=96, 330 tokens, 32
     # KV heads: 0.357 vs 0.197 ms without sinks, decode-attention-extensions-run99)
     k_res, v_res = (stack[0].k_res, stack[0].v_res) if layer is not None else (cache.k_res, cache.v_res)
-    return (k_res, v_res, cache.body_lengths, cache._body_quantized_keys()), r
+    ring = (k_res, v_res, cache.body_lengths, cache._body_quantized_keys())
+    if sk and KERNEL_SINKS and kivi_window.sinks_supported(sk, chunk):
+        return ring + (start, cache.lengths), r, sk
+    return ring, r, 0
 
 
-def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool):
+def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool, sinks_in_kernel: bool = False):
     """Partials (as a list for _combine) over the full-precision tokens the kernel left out:
-    the S sink tokens when it took the ring, else the ring and the sinks (_window_partials)."""
+    the S sink tokens when it took the ring (and not them), else the ring and the sinks
+    (_window_partials)."""
     if not ring_in_kernel:
         return [_split_axis(*_window_partials(qg, cache, start))]
     c = cache.config
     r, sk = c.residual_length, c.sink_tokens
-    if not sk:
+    if not sk or sinks_in_kernel:
         return []
     s = jnp.arange(sk)[None, :]
     valid = (s < cache.lengths[:, None]) & (s >= start[:, None])
@@ -199,6 +206,10 @@ LAUNCH_RING_FROM = 4096
 # 6.07 ms (Llama), 1.51 vs 1.70 (Mistral) (decode-step-ab-2026-12-03-run79-*). At B=64, T=4096 3
 # stages were 2% faster (1.24 vs 1.27 ms).
 SHORT_NUM_STAGES = 2
+#: whether the ring's program also attends the S sinks where kivi_window.sinks_supported (S a
+#: multiple of 16), read at trace time; False: their partials in plain JAX, combined after the
+#: kernel (as for every other S; the A/B arm of benchmarks/decode_attention.py --extensions)
+KERNEL_SINKS = True
 
 
 @jit_when_eager(static_argnames=("window", "interpret", "variant", "chunk", "num_splits", "num_warps", "num_stages",
@@ -356,7 +367,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     span = _window_span(window, chunk, n_chunks)  # (body tokens [start_b, end) span at most the window too)
     splits = num_splits or default_splits(b, hkv, span or n_chunks, interpret)
     arrays, layer = _in_place(stack, cache)
-    ring, ring_len = (None, 0) if ring_program == "xla" else _ring(cache, stack, layer, chunk)
+    ring, ring_len, sink_len = (None, 0, 0) if ring_program == "xla" else _ring(cache, stack, layer, chunk, start)
     if ring_program == "auto":
         ring_program = "launch" if cache.capacity >= LAUNCH_RING_FROM else "first"
     if "num_stages" not in knobs and SHORT_NUM_STAGES and cache.capacity < LAUNCH_RING_FROM:
@@ -369,12 +380,14 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
         if ring is not None and ring_program == "launch":
             bulk = kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits)
             none = jnp.zeros_like(end)  # the ring's launch: no bulk chunk
-            kernel_parts = [bulk, kernel(none, none, start_b, end, num_splits=1, ring=ring, ring_len=ring_len)]
+            kernel_parts = [bulk, kernel(none, none, start_b, end, num_splits=1, ring=ring, ring_len=ring_len,
+                                         sink_len=sink_len)]
         else:
             kernel_parts = [kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits, ring=ring,
-                                   ring_len=ring_len, ring_split=ring_program if ring is not None else "first")]
+                                   ring_len=ring_len, sink_len=sink_len,
+                                   ring_split=ring_program if ring is not None else "first")]
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
-        parts = _full_precision_parts(qg, cache, start, ring is not None)
+        parts = _full_precision_parts(qg, cache, start, ring is not None, sink_len > 0)
     out = _combine(kernel_parts + parts, gq)
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)

@@ -155,8 +155,9 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=(), 
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
             compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0,
-            magic=False, relative=False):
-    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized], o, m, l
+            sink_len=0, magic=False, relative=False):
+    # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized
+    # [, sink_lo, sink_hi]], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
     n_arrays = 8 if ring_len else 6
     ring_refs = refs[6:8]
@@ -214,8 +215,16 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
             key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at, magic))
         # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
         # literal operands i1 (scf.for then rejects bounds of mixed types)
-        n_ring = (pl.program_id(2) == ring_program).astype(jnp.int32) * (ring_len // rc)
-        carry = lax.fori_loop(0, n_ring, lambda c, carry: step(pl.multiple_of(c * rc, rc), carry), carry)
+        ring_here = (pl.program_id(2) == ring_program).astype(jnp.int32)
+        carry = lax.fori_loop(0, ring_here * (ring_len // rc), lambda c, carry: step(pl.multiple_of(c * rc, rc), carry),
+                              carry)
+        if sink_len:  # the S sinks, slots R .. R + S of the same buffers, by the same program
+            sc = kivi_window.sink_chunk(sink_len, chunk)
+            lo_s, hi_s = (x[()] for x in refs[n_arrays + 6:n_arrays + 8])
+            sink = functools.partial(kivi_window.sink_step, q=q_t if swap else q, refs=ring_refs, at=at, lo=lo_s,
+                                     hi=hi_s, r=ring_len, chunk=sc, dot=dot, compute_dtype=compute_dtype, swap=swap)
+            carry = lax.fori_loop(0, ring_here * (sink_len // sc),
+                                  lambda c, carry: sink(pl.multiple_of(c * sc, sc), carry), carry)
     m_i, l_i, acc = carry
     store_partials(o_ref, m_ref, l_ref, acc.T if swap else acc, m_i, l_i)
 
@@ -224,7 +233,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
                      "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split", "dequant",
-                     "span_chunks"))
+                     "span_chunks", "sink_len"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
@@ -233,7 +242,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                          num_warps: int = 4,
                          num_stages: int = 3,  # 1.24 / 0.33 / 0.64 ms vs 1.27 / 0.36 / 0.67 at 2 (kernel-tuning-2026-11-30-run3)
                          dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0,
-                         ring_split: str = "first", dequant: str = "auto", span_chunks: int = 0):
+                         ring_split: str = "first", dequant: str = "auto", span_chunks: int = 0, sink_len: int = 0):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
     with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
     span_chunks: 0 (the splits partition all the cache's chunks), or a bound on every row's
@@ -245,6 +254,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     Lb and quantized keys n [B] int32; then ``ring_len`` = R > 0 and one split of each
     (row, head) also attends the ring's R slots (``start`` masks them too): the first
     (``ring_split="first"``), or one more after the bulk's (``"own"``: S + 1 splits out).
+    sink_len: 0, or the S attention sinks in slots R .. R + S of k_res / v_res, attended by the
+    ring's program (:func:`kivi_window.sinks_supported`: S a multiple of 16); ring then ends in
+    (sink_lo, sink_hi) [B] int32: sink t is attended where sink_lo <= t < sink_hi (a sliding
+    window's first token and the row's length, both absolute).
 
     group_size: value channels per scale/min; key_group_size: key tokens per scale/min
     (default: group_size). dot_dtype: operand dtype of the dots (default: the cache dtype).
@@ -288,8 +301,15 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                              f"capacity={tc}: the ring's steps (the largest power of two dividing it, at most chunk) must be >= 16 tokens of whole code words and key groups, and capacity >= it "
                              f"(see kivi_window.supported)")
         k_res, v_res = ring[:2]
-        if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len or k_res.shape[-1] != d:
-            raise ValueError(f"k_res and v_res must be [..., R' >= {ring_len}, D={d}]; got {k_res.shape}, {v_res.shape}")
+        if k_res.shape != v_res.shape or k_res.shape[-2] < ring_len + sink_len or k_res.shape[-1] != d:
+            raise ValueError(f"k_res and v_res must be [..., R' >= {ring_len + sink_len}, D={d}] (ring_len + sink_len); "
+                             f"got {k_res.shape}, {v_res.shape}")
+        if len(ring) != (6 if sink_len else 4):
+            raise ValueError(f"ring must be (k_res, v_res, lengths, quantized{', sink_lo, sink_hi' if sink_len else ''}) "
+                             f"with sink_len={sink_len}; got {len(ring)} items")
+    if sink_len and (ring is None or not kivi_window.sinks_supported(sink_len, chunk)):
+        raise ValueError(f"sink_len={sink_len} needs a ring and a multiple of 16 (steps of >= 16 slots, at most "
+                         f"chunk={chunk}): see kivi_window.sinks_supported")
     if dequant not in DEQUANTS:
         raise ValueError(f"dequant={dequant!r}; allowed: {DEQUANTS}")
     n_chunks = tc // chunk
@@ -310,7 +330,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
         variant=variant, v_scales_t=v_scales_t, ring_len=ring_len,
-        ring_program=num_splits if ring_split == "own" else 0, magic=dequant != "convert" and magic_ok,
+        ring_program=num_splits if ring_split == "own" else 0, sink_len=sink_len, magic=dequant != "convert" and magic_ok,
         relative=span_chunks > 0)
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:

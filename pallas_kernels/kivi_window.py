@@ -12,6 +12,10 @@ Ring slot j holds token t_j = Lb - R + (j - Lb) mod R of the row (negative: an e
 key is k_res[j] when t_j >= n, else the flushed block's slot j. Tokens below ``start`` (a
 sliding window's first token) are masked.
 
+The S attention sinks (KIVIConfig.sink_tokens) sit in slots R .. R + S of the same buffers, in
+full precision; with S a multiple of 16 the ring's program attends them too (:func:`sink_step`),
+so no partial of theirs is computed and combined outside the kernel.
+
 History: plain JAX (gather + select + two batched dots) took 7.5 of a 15.7 ms Llama-2-7B KIVI-2
 step on the H200 at B=96 (decode-step-ab-2026-11-30-trace); a kernel of its own, 0.088 ms a
 layer at its best (window-tuning-2026-11-30, the same as the dense kernel over the same bytes)
@@ -44,6 +48,38 @@ def supported(r: int, k_bits: int, key_group_size: int, capacity: int, chunk: in
             and (rc % key_group_size == 0 or key_group_size % rc == 0) and capacity >= r)
 
 
+def sink_chunk(s: int, chunk: int) -> int:
+    """Sink slots per step: the largest power of two dividing S, at most the bulk kernel's chunk."""
+    return min(chunk, s & -s)
+
+
+def sinks_supported(s: int, chunk: int) -> bool:
+    """Whether the kernel takes the S sinks (slots R .. R + S of the ring buffers) with the ring:
+    steps of :func:`sink_chunk` >= 16 slots (a tensor-core dot), so S a multiple of 16. Other S
+    are attended in XLA and combined (kivi_jax.attention_pallas)."""
+    return s > 0 and sink_chunk(s, chunk) >= 16
+
+
+def sink_step(j0, carry, *, q, refs, at, lo, hi, r, chunk, dot, compute_dtype, swap):
+    """One online-softmax step over sink slots [R + j0, R + j0 + chunk): sink t = j0 + i, keys
+    and values in full precision, attended when lo <= t < hi (a sliding window's first token,
+    the row's length). Arguments as :func:`ring_step`'s."""
+    kr_ref, vr_ref = refs
+    t = j0 + jnp.arange(chunk)
+    k = kr_ref[at + (pl.ds(r + j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
+    v = vr_ref[at + (pl.ds(r + j0, chunk), slice(None))].astype(compute_dtype)
+    return _attend(carry, q, k, v, (t >= lo) & (t < hi), dot, compute_dtype, swap)
+
+
+def _attend(carry, q, k, v, valid, dot, compute_dtype, swap):
+    """The online-softmax update of carry by full-precision slots k, v [chunk, D] (valid [chunk])."""
+    # mask_p: a short row's program may see only empty slots (its bulk loop visits no chunk)
+    if swap:  # scoresᵀ [chunk, M]; (p·V)ᵀ = Vᵀ·pᵀ [D, M]
+        return online_softmax_step(carry, dot(k, q), valid, lambda p: dot(v.T, p.astype(compute_dtype)),
+                                   slots_axis=0, mask_p=True)
+    return online_softmax_step(carry, dot(q, k.T), valid, lambda p: dot(p.astype(compute_dtype), v), mask_p=True)
+
+
 def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, key_hat_t, dot, compute_dtype, swap):
     """One online-softmax step over ring slots [j0, j0 + chunk).
 
@@ -58,9 +94,4 @@ def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, ke
     k_flushed = key_hat_t(jnp.maximum(quantized - r, 0) + j0).T.astype(k_ring.dtype)  # rounded once, as stored
     k = jnp.where((t >= quantized)[:, None], k_ring, k_flushed).astype(compute_dtype)  # [chunk, D]
     v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
-    valid = (t >= 0) & (t >= start)
-    # mask_p: a short row's program may see only empty slots (its bulk loop visits no chunk)
-    if swap:  # scoresᵀ [chunk, M]; (p·V)ᵀ = Vᵀ·pᵀ [D, M]
-        return online_softmax_step(carry, dot(k, q), valid, lambda p: dot(v.T, p.astype(compute_dtype)),
-                                   slots_axis=0, mask_p=True)
-    return online_softmax_step(carry, dot(q, k.T), valid, lambda p: dot(p.astype(compute_dtype), v), mask_p=True)
+    return _attend(carry, q, k, v, (t >= 0) & (t >= start), dot, compute_dtype, swap)

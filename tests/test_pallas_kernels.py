@@ -73,14 +73,17 @@ def test_kernel_matches_reference(k_bits, v_bits, gqa, dtype, variant):
 
 
 @pytest.mark.parametrize("sinks,ring_program", [(0, "first"), (3, "first"), (0, "own"), (3, "own"), (0, "launch"),
-                                                (3, "launch")])
-def test_kernel_rows_around_residual_boundaries(sinks, ring_program):
+                                                (3, "launch"), (16, "first"), (16, "own"), (16, "launch")])
+def test_kernel_rows_around_residual_boundaries(sinks, ring_program, monkeypatch):
     """Rows whose lengths sit just below, at and above multiples of R and of the chunk (the
     kernel's masked last chunk, the ring's split between key residual and flushed keys), with
     and without a sliding window, the ring walked by the first split or a split of its own:
-    every row against the reference."""
+    every row against the reference. 16 sinks are the ring program's too (kivi_window.sink_step;
+    3 are attended in plain JAX): rows shorter than the sinks, windows starting inside them."""
+    if sinks == 16:  # nothing of the sinks may be attended outside the kernel
+        monkeypatch.setattr(attention_pallas, "_partials", None)
     cfg = kj.KIVIConfig(k_bits=2, v_bits=4, group_size=16, residual_length=32, sink_tokens=sinks)
-    lengths = [l + sinks for l in (5, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 130)]
+    lengths = [l + sinks for l in (5, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 130)] + ([3, 16] if sinks == 16 else [])
     cache = _cache(cfg, lengths, 2, 32, jnp.float32, seed=7, appends=1)
     q = jax.random.normal(jax.random.key(3), (len(lengths), 4, 1, 32))
     for window in (None, 40, 70):
@@ -219,14 +222,42 @@ def test_cuda_lowering_uses_magic_dequantization_where_it_applies():
     assert "lop3.b32" not in ttir(jnp.float32)
 
 
-@pytest.mark.parametrize("ring_program", ["first", "own", "launch"])
-def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program):
+@pytest.mark.parametrize("layer", [None, 1])
+def test_cuda_lowering_of_the_ring_with_sinks(layer):
+    """Compiled for a GPU, 16 sinks add one more pair of dots to the ring's program (the sink
+    step's scores and p·V), stacked or not; the buffers must hold R + S slots."""
+    from pallas_kernels import kivi_decode
+    from pallas_kernels.triton_ir import lower_to_ttir
+
+    s = jax.ShapeDtypeStruct
+    b, h, t, d, r = 2, 2, 256, 128, 128
+    lead = (b, h) if layer is None else (3, b, h)
+
+    def ttir(sink_len, slots=r + 16):
+        args = (s((b, h, 1, d), jnp.float32), s(lead + (t // 16, d), jnp.uint32), s(lead + (t // 32, d), jnp.bfloat16),
+                s(lead + (t // 32, d), jnp.bfloat16), s(lead + (t // 16, d), jnp.uint32),
+                s(lead + (t, d // 32), jnp.bfloat16), s(lead + (t, d // 32), jnp.bfloat16)) + (s((b,), jnp.int32),) * 4
+        ring = (s(lead + (slots, d), jnp.bfloat16),) * 2 + (s((b,), jnp.int32),) * (4 if sink_len else 2)
+        return lower_to_ttir(lambda *a: kivi_decode.kivi_decode_partials(
+            *a[:11], ring=a[11:], ring_len=r, sink_len=sink_len, k_bits=2, v_bits=2, group_size=32,
+            layer=None if layer is None else jnp.int32(layer)), *args, *ring)
+
+    assert ttir(16).count("tt.dot") == ttir(0).count("tt.dot") + 2
+    with pytest.raises(ValueError, match="R' >= 144"):
+        ttir(16, slots=r + 8)
+    with pytest.raises(ValueError, match="sink_len=8 needs"):
+        ttir(8)
+
+
+@pytest.mark.parametrize("ring_program,sinks", [("first", 0), ("own", 0), ("launch", 0), ("launch", 16)])
+def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program, sinks):
     """stack=(stacked, i): the kernel takes the whole [L, ...] arrays and layer i (no slice of
-    the stack reaches the pallas_call) and gives layer i's attention, the ring's too."""
-    cfg = kj.KIVIConfig(group_size=32, residual_length=32)
-    layers = [_cache(cfg, [300, 77, 190], 2, 64, jnp.float32, seed) for seed in (21, 22, 23)]
+    the stack reaches the pallas_call) and gives layer i's attention, the ring's (and 16
+    sinks') too."""
+    cfg = kj.KIVIConfig(group_size=32, residual_length=32, sink_tokens=sinks)
+    layers = [_cache(cfg, [300, 77, 190, 9], 2, 64, jnp.float32, seed) for seed in (21, 22, 23)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    q = jax.random.normal(jax.random.key(24), (3, 8, 1, 64), jnp.float32)
+    q = jax.random.normal(jax.random.key(24), (4, 8, 1, 64), jnp.float32)
 
     def run(stacked, i):
         view = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), stacked)
