@@ -76,6 +76,9 @@ KIVI = {"dense": None, "dense_xla": None,
         # the Hadamard rotation of keys and values (KIVIConfig.rotate) in each layout
         "kivi2rot": dict(k_bits=2, v_bits=2, rotate="kv", layout="tokens"),
         "kivi2mrot": dict(k_bits=2, v_bits=2, rotate="kv", layout="mosaic"),
+        # sinks with the rotation in the Mosaic layout (value groups of 32)
+        "kivi2ms4rot": dict(k_bits=2, v_bits=2, sink_tokens=4, rotate="kv", layout="mosaic"),
+        "kivi2ms16rot": dict(k_bits=2, v_bits=2, sink_tokens=16, rotate="kv", layout="mosaic"),
         # the README's recommended 2-bit setting (value groups of 64: the token layout)
         "kivi2rec": dict(k_bits=2, v_bits=2, sink_tokens=16, rotate="kv", group_size=64, key_group_size=32)}
 # caches run with non-default implementations: dense_xla is a dense cache with XLA's attention
