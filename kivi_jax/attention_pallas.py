@@ -10,7 +10,9 @@ take: see kivi_window.supported); the partial softmaxes are combined.
 Extensions (KIVIConfig): with ``sink_tokens=S`` the quantized stores index the tokens after
 the sinks (store position p = token S + p), so the kernels and the window work on that body
 exactly as on a plain cache (body lengths, a sliding window's start shifted by S), and the S
-sink tokens get a plain-JAX partial of their own. With ``rotate``, q is rotated (q·H) before the
+sink tokens (slots R .. R + S of the ring buffers) are attended by the ring's program too
+(kivi_window.sink_step; a plain-JAX partial of their own where the kernel does not take the ring
+or KERNEL_SINKS is off). With ``rotate``, q is rotated (q·H) before the
 kernel and the window, and the combined output is rotated back (o·H^T) after: one D x D
 product per query, none per cached token. ``key_group_size`` != ``group_size`` is a kernel
 parameter: the scales are passed as stored.
@@ -63,7 +65,7 @@ def _ring(cache: KIVICache, stack, layer, chunk, start):
     # KV heads: 0.357 vs 0.197 ms without sinks, decode-attention-extensions-run99)
     k_res, v_res = (stack[0].k_res, stack[0].v_res) if layer is not None else (cache.k_res, cache.v_res)
     ring = (k_res, v_res, cache.body_lengths, cache._body_quantized_keys())
-    if sk and KERNEL_SINKS and kivi_window.sinks_supported(sk, chunk):
+    if sk and KERNEL_SINKS and kivi_window.sinks_supported(sk, r):
         return ring + (start, cache.lengths), r, sk
     return ring, r, 0
 
@@ -206,9 +208,9 @@ LAUNCH_RING_FROM = 4096
 # 6.07 ms (Llama), 1.51 vs 1.70 (Mistral) (decode-step-ab-2026-12-03-run79-*). At B=64, T=4096 3
 # stages were 2% faster (1.24 vs 1.27 ms).
 SHORT_NUM_STAGES = 2
-#: whether the ring's program also attends the S sinks where kivi_window.sinks_supported (S a
-#: multiple of 16), read at trace time; False: their partials in plain JAX, combined after the
-#: kernel (as for every other S; the A/B arm of benchmarks/decode_attention.py --extensions)
+#: whether the ring's program also attends the S sinks (kivi_window.sink_step), read at trace
+#: time; False: their partials in plain JAX, combined after the kernel (as before; the A/B arm
+#: of benchmarks/decode_attention.py --extensions)
 KERNEL_SINKS = True
 
 

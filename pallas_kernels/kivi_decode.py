@@ -219,12 +219,11 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
         carry = lax.fori_loop(0, ring_here * (ring_len // rc), lambda c, carry: step(pl.multiple_of(c * rc, rc), carry),
                               carry)
         if sink_len:  # the S sinks, slots R .. R + S of the same buffers, by the same program
-            sc = kivi_window.sink_chunk(sink_len, chunk)
+            steps, first = kivi_window.sink_steps(sink_len)
             lo_s, hi_s = (x[()] for x in refs[n_arrays + 6:n_arrays + 8])
             sink = functools.partial(kivi_window.sink_step, q=q_t if swap else q, refs=ring_refs, at=at, lo=lo_s,
-                                     hi=hi_s, r=ring_len, chunk=sc, dot=dot, compute_dtype=compute_dtype, swap=swap)
-            carry = lax.fori_loop(0, ring_here * (sink_len // sc),
-                                  lambda c, carry: sink(pl.multiple_of(c * sc, sc), carry), carry)
+                                     hi=hi_s, r=ring_len, first=first, dot=dot, compute_dtype=compute_dtype, swap=swap)
+            carry = lax.fori_loop(0, ring_here * steps, sink, carry)
     m_i, l_i, acc = carry
     store_partials(o_ref, m_ref, l_ref, acc.T if swap else acc, m_i, l_i)
 
@@ -255,7 +254,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     (row, head) also attends the ring's R slots (``start`` masks them too): the first
     (``ring_split="first"``), or one more after the bulk's (``"own"``: S + 1 splits out).
     sink_len: 0, or the S attention sinks in slots R .. R + S of k_res / v_res, attended by the
-    ring's program (:func:`kivi_window.sinks_supported`: S a multiple of 16); ring then ends in
+    ring's program in steps of 16 slots (:func:`kivi_window.sink_steps`); ring then ends in
     (sink_lo, sink_hi) [B] int32: sink t is attended where sink_lo <= t < sink_hi (a sliding
     window's first token and the row's length, both absolute).
 
@@ -307,9 +306,10 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         if len(ring) != (6 if sink_len else 4):
             raise ValueError(f"ring must be (k_res, v_res, lengths, quantized{', sink_lo, sink_hi' if sink_len else ''}) "
                              f"with sink_len={sink_len}; got {len(ring)} items")
-    if sink_len and (ring is None or not kivi_window.sinks_supported(sink_len, chunk)):
-        raise ValueError(f"sink_len={sink_len} needs a ring and a multiple of 16 (steps of >= 16 slots, at most "
-                         f"chunk={chunk}): see kivi_window.sinks_supported")
+    if sink_len and (ring is None or not kivi_window.sinks_supported(sink_len, ring_len)):
+        raise ValueError(f"sink_len={sink_len} needs a ring of ring_len={ring_len} >= "
+                         f"{-kivi_window.sink_steps(sink_len)[1]} slots (its first step of "
+                         f"{kivi_window.SINK_STEP} reads the ring's last ones): see kivi_window.sinks_supported")
     if dequant not in DEQUANTS:
         raise ValueError(f"dequant={dequant!r}; allowed: {DEQUANTS}")
     n_chunks = tc // chunk

@@ -13,8 +13,8 @@ key is k_res[j] when t_j >= n, else the flushed block's slot j. Tokens below ``s
 sliding window's first token) are masked.
 
 The S attention sinks (KIVIConfig.sink_tokens) sit in slots R .. R + S of the same buffers, in
-full precision; with S a multiple of 16 the ring's program attends them too (:func:`sink_step`),
-so no partial of theirs is computed and combined outside the kernel.
+full precision; the ring's program attends them too (:func:`sink_step`, 16 slots a step), so no
+partial of theirs is computed and combined outside the kernel.
 
 History: plain JAX (gather + select + two batched dots) took 7.5 of a 15.7 ms Llama-2-7B KIVI-2
 step on the H200 at B=96 (decode-step-ab-2026-11-30-trace); a kernel of its own, 0.088 ms a
@@ -48,27 +48,35 @@ def supported(r: int, k_bits: int, key_group_size: int, capacity: int, chunk: in
             and (rc % key_group_size == 0 or key_group_size % rc == 0) and capacity >= r)
 
 
-def sink_chunk(s: int, chunk: int) -> int:
-    """Sink slots per step: the largest power of two dividing S, at most the bulk kernel's chunk."""
-    return min(chunk, s & -s)
+SINK_STEP = 16  # sink slots a step: a tensor-core dot's least
 
 
-def sinks_supported(s: int, chunk: int) -> bool:
-    """Whether the kernel takes the S sinks (slots R .. R + S of the ring buffers) with the ring:
-    steps of :func:`sink_chunk` >= 16 slots (a tensor-core dot), so S a multiple of 16. Other S
-    are attended in XLA and combined (kivi_jax.attention_pallas)."""
-    return s > 0 and sink_chunk(s, chunk) >= 16
+def sink_steps(s: int) -> tuple[int, int]:
+    """(steps, first): the S sinks in steps of SINK_STEP slots, the first step starting at sink
+    index ``first`` = S - SINK_STEP * steps <= 0, i.e. at slot R + first: when S is not a
+    multiple of SINK_STEP the first step also reads the ring's last -first slots, which it
+    masks (sink index < 0). No buffer past R + S is read."""
+    steps = -(-s // SINK_STEP)
+    return steps, s - SINK_STEP * steps
 
 
-def sink_step(j0, carry, *, q, refs, at, lo, hi, r, chunk, dot, compute_dtype, swap):
-    """One online-softmax step over sink slots [R + j0, R + j0 + chunk): sink t = j0 + i, keys
-    and values in full precision, attended when lo <= t < hi (a sliding window's first token,
-    the row's length). Arguments as :func:`ring_step`'s."""
+def sinks_supported(s: int, r: int) -> bool:
+    """Whether the kernel takes the S sinks (slots R .. R + S of the ring buffers) with a ring of
+    R slots: any S > 0 whose first step (:func:`sink_steps`) starts inside the buffers."""
+    return s > 0 and r + sink_steps(s)[1] >= 0
+
+
+def sink_step(c, carry, *, q, refs, at, lo, hi, r, first, dot, compute_dtype, swap):
+    """Step c of the sinks (:func:`sink_steps`): slots R + first + SINK_STEP c .., sink index
+    t = first + SINK_STEP c + i, keys and values in full precision, attended where t >= 0 and
+    lo <= t < hi (a sliding window's first token, the row's length). Arguments as
+    :func:`ring_step`'s."""
     kr_ref, vr_ref = refs
-    t = j0 + jnp.arange(chunk)
-    k = kr_ref[at + (pl.ds(r + j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
-    v = vr_ref[at + (pl.ds(r + j0, chunk), slice(None))].astype(compute_dtype)
-    return _attend(carry, q, k, v, (t >= lo) & (t < hi), dot, compute_dtype, swap)
+    j0 = first + SINK_STEP * c
+    t = j0 + jnp.arange(SINK_STEP)
+    k = kr_ref[at + (pl.ds(r + j0, SINK_STEP), slice(None))].astype(compute_dtype)  # [16, D]
+    v = vr_ref[at + (pl.ds(r + j0, SINK_STEP), slice(None))].astype(compute_dtype)
+    return _attend(carry, q, k, v, (t >= 0) & (t >= lo) & (t < hi), dot, compute_dtype, swap)
 
 
 def _attend(carry, q, k, v, valid, dot, compute_dtype, swap):

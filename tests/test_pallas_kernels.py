@@ -72,18 +72,21 @@ def test_kernel_matches_reference(k_bits, v_bits, gqa, dtype, variant):
     np.testing.assert_allclose(np.asarray(out1, np.float32), np.asarray(out[1:2], np.float32), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("sinks,ring_program", [(0, "first"), (3, "first"), (0, "own"), (3, "own"), (0, "launch"),
-                                                (3, "launch"), (16, "first"), (16, "own"), (16, "launch")])
-def test_kernel_rows_around_residual_boundaries(sinks, ring_program, monkeypatch):
+@pytest.mark.parametrize("sinks,ring_program,kernel_sinks", [
+    (0, "first", True), (3, "first", True), (0, "own", True), (3, "own", True), (0, "launch", True),
+    (3, "launch", True), (16, "first", True), (16, "own", True), (21, "launch", True), (3, "first", False)])
+def test_kernel_rows_around_residual_boundaries(sinks, ring_program, kernel_sinks, monkeypatch):
     """Rows whose lengths sit just below, at and above multiples of R and of the chunk (the
     kernel's masked last chunk, the ring's split between key residual and flushed keys), with
     and without a sliding window, the ring walked by the first split or a split of its own:
-    every row against the reference. 16 sinks are the ring program's too (kivi_window.sink_step;
-    3 are attended in plain JAX): rows shorter than the sinks, windows starting inside them."""
-    if sinks == 16:  # nothing of the sinks may be attended outside the kernel
+    every row against the reference. The sinks are the ring program's too (kivi_window.sink_step,
+    16 slots a step: 3 and 21 sinks also read ring slots, masked), or with KERNEL_SINKS off
+    plain-JAX partials: rows shorter than the sinks, windows starting inside them."""
+    monkeypatch.setattr(attention_pallas, "KERNEL_SINKS", kernel_sinks)
+    if sinks and kernel_sinks:  # nothing of the sinks may be attended outside the kernel
         monkeypatch.setattr(attention_pallas, "_partials", None)
     cfg = kj.KIVIConfig(k_bits=2, v_bits=4, group_size=16, residual_length=32, sink_tokens=sinks)
-    lengths = [l + sinks for l in (5, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 130)] + ([3, 16] if sinks == 16 else [])
+    lengths = [l + sinks for l in (5, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 130)] + ([2, sinks] if sinks else [])
     cache = _cache(cfg, lengths, 2, 32, jnp.float32, seed=7, appends=1)
     q = jax.random.normal(jax.random.key(3), (len(lengths), 4, 1, 32))
     for window in (None, 40, 70):
@@ -224,8 +227,8 @@ def test_cuda_lowering_uses_magic_dequantization_where_it_applies():
 
 @pytest.mark.parametrize("layer", [None, 1])
 def test_cuda_lowering_of_the_ring_with_sinks(layer):
-    """Compiled for a GPU, 16 sinks add one more pair of dots to the ring's program (the sink
-    step's scores and p·V), stacked or not; the buffers must hold R + S slots."""
+    """Compiled for a GPU, the sinks add a pair of dots to the ring's program (a sink step's
+    scores and p·V; 16 or 5 sinks: one step), stacked or not; the buffers must hold R + S slots."""
     from pallas_kernels import kivi_decode
     from pallas_kernels.triton_ir import lower_to_ttir
 
@@ -233,7 +236,8 @@ def test_cuda_lowering_of_the_ring_with_sinks(layer):
     b, h, t, d, r = 2, 2, 256, 128, 128
     lead = (b, h) if layer is None else (3, b, h)
 
-    def ttir(sink_len, slots=r + 16):
+    def ttir(sink_len, slots=None):
+        slots = slots or r + sink_len
         args = (s((b, h, 1, d), jnp.float32), s(lead + (t // 16, d), jnp.uint32), s(lead + (t // 32, d), jnp.bfloat16),
                 s(lead + (t // 32, d), jnp.bfloat16), s(lead + (t // 16, d), jnp.uint32),
                 s(lead + (t, d // 32), jnp.bfloat16), s(lead + (t, d // 32), jnp.bfloat16)) + (s((b,), jnp.int32),) * 4
@@ -242,11 +246,10 @@ def test_cuda_lowering_of_the_ring_with_sinks(layer):
             *a[:11], ring=a[11:], ring_len=r, sink_len=sink_len, k_bits=2, v_bits=2, group_size=32,
             layer=None if layer is None else jnp.int32(layer)), *args, *ring)
 
-    assert ttir(16).count("tt.dot") == ttir(0).count("tt.dot") + 2
+    plain = ttir(0).count("tt.dot")
+    assert ttir(16).count("tt.dot") == ttir(5).count("tt.dot") == plain + 2
     with pytest.raises(ValueError, match="R' >= 144"):
         ttir(16, slots=r + 8)
-    with pytest.raises(ValueError, match="sink_len=8 needs"):
-        ttir(8)
 
 
 @pytest.mark.parametrize("ring_program,sinks", [("first", 0), ("own", 0), ("launch", 0), ("launch", 16)])
