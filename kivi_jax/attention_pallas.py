@@ -60,9 +60,10 @@ def _ring(cache: KIVICache, stack, layer, chunk, start):
     r, sk = c.residual_length, c.sink_tokens
     if not kivi_window.supported(r, c.k_bits, c.key_group, cache.capacity, chunk):
         return None, 0, 0
-    # whole buffers, the S sink slots past R included (the kernel reads slots [0, R) only): a
-    # slice of the ring was a copy of it every call, the sinks' main cost (B=96, 330 tokens, 32
-    # KV heads: 0.357 vs 0.197 ms without sinks, decode-attention-extensions-run99)
+    # whole buffers, the S sink slots past R included (the kernel reads the ring's R slots and,
+    # with sink_len, the sinks'): a slice of the ring was a copy of it every call, the sinks'
+    # main cost (B=96, 330 tokens, 32 KV heads: 0.357 vs 0.197 ms without sinks,
+    # decode-attention-extensions-run99)
     k_res, v_res = (stack[0].k_res, stack[0].v_res) if layer is not None else (cache.k_res, cache.v_res)
     ring = (k_res, v_res, cache.body_lengths, cache._body_quantized_keys())
     if sk and KERNEL_SINKS and kivi_window.sinks_supported(sk, r):

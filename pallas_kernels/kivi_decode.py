@@ -249,8 +249,8 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     then partition from each row's lo (``flash.program_bounds(relative=True)``).
 
     ring: None, or (k_res, v_res, lengths, quantized): the residual ring [B, Hkv, R', D] (or
-    [L, ...] with ``layer``; slots past R, e.g. sinks, are not read), the row's body tokens
-    Lb and quantized keys n [B] int32; then ``ring_len`` = R > 0 and one split of each
+    [L, ...] with ``layer``; slots past R are read only as sinks, with ``sink_len``), the row's
+    body tokens Lb and quantized keys n [B] int32; then ``ring_len`` = R > 0 and one split of each
     (row, head) also attends the ring's R slots (``start`` masks them too): the first
     (``ring_split="first"``), or one more after the bulk's (``"own"``: S + 1 splits out).
     sink_len: 0, or the S attention sinks in slots R .. R + S of k_res / v_res, attended by the
