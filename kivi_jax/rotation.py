@@ -77,14 +77,15 @@ def rotate(x, transpose: bool = False) -> jax.Array:
     x = jnp.asarray(x)
     bf16 = x.dtype == jnp.bfloat16
     x = x.astype(jnp.float32)
-    impl = rotate_impl()
-    if impl == "f32":
-        h = hadamard(x.shape[-1])
-        return jnp.einsum("...d,de->...e", x, h.T if transpose else h, precision=jax.lax.Precision.HIGHEST)
     d = x.shape[-1]
+    # (head dims below 16, toy models only, keep the einsum: XLA lowers such tiny dots with its
+    # elemental emitter, which has no bf16 algorithms: "Algorithm not supported", CPU, d = 1)
+    if rotate_impl() == "f32" or d < 16:
+        h = hadamard(d)
+        return jnp.einsum("...d,de->...e", x, h.T if transpose else h, precision=jax.lax.Precision.HIGHEST)
     check_head_dim(d)
     # a bf16 x is one bf16 part: its products with +-1 are exact in one tensor-core pass
-    algorithm = "BF16_BF16_F32" if bf16 else _ALGORITHMS[impl]
+    algorithm = "BF16_BF16_F32" if bf16 else _ALGORITHMS[rotate_impl()]
     s = jnp.asarray(signs_numpy(d))
     y = jnp.einsum("...d,de->...e", x, s, precision=getattr(jax.lax.DotAlgorithmPreset, algorithm))
     return y * np.float32(1 / np.sqrt(d))

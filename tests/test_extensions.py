@@ -121,7 +121,7 @@ def test_rotation_is_x_times_the_sylvester_matrix(impl, d, monkeypatch):
     monkeypatch.setattr(rotation, "ROTATE_IMPL", impl)
     x = np.random.default_rng(d).standard_normal((2, 3, d)).astype(np.float32) * 3
     want = x.astype(np.float64) @ ref.hadamard_reference(d)
-    got = np.asarray(jax.jit(rotation.rotate)(jnp.asarray(x)))
+    got = np.asarray(jax.jit(lambda x: rotation.rotate(x))(jnp.asarray(x)))  # a fresh function: traced with impl
     assert got.dtype == np.float32
     # float32 sums of d terms of size ~|x|; on a GPU bf16x3 drops x's bits past its two bf16
     # parts (~2^-16 |x|); off a GPU the bf16 algorithms run in float32
@@ -136,7 +136,7 @@ def test_rotation_of_bf16_is_exact_to_float32_rounding(impl, monkeypatch):
     monkeypatch.setattr(rotation, "ROTATE_IMPL", impl)
     x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 6, 128)) * 5, jnp.bfloat16)
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    got = np.asarray(jax.jit(rotation.rotate)(x))
+    got = np.asarray(jax.jit(lambda x: rotation.rotate(x))(x))  # a fresh function: traced with impl
     want = x64 @ ref.hadamard_reference(128)
     np.testing.assert_allclose(got, want, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(x64).max() * np.sqrt(128))
 
