@@ -243,8 +243,11 @@ def test_sinks_stay_exact_and_groups_start_after_them():
     # key groups longer than value groups (the kernel takes both sizes)
     (KIVIConfig(group_size=G, key_group_size=2 * G, residual_length=R), 90),
 ])
-def test_pallas_with_extensions_equals_reference(cfg, window):
+@pytest.mark.parametrize("rotate_impl", ["f32", "bf16x6"])  # the CPU's and the GPU's default
+def test_pallas_with_extensions_equals_reference(cfg, window, rotate_impl, monkeypatch):
     from kivi_jax import attention_pallas
+
+    monkeypatch.setattr(rotation, "ROTATE_IMPL", rotate_impl)
 
     rng = np.random.default_rng(7)
     b, t = 4, 300
