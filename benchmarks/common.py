@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -158,3 +159,18 @@ def trace_kernels(run, hlo: str, steps: int, plane_prefix="/device:GPU", line_pr
     rows = [{"kernel": k[:80], "ms_per_step": ns / 1e6 / steps, "launches_per_step": n / steps,
              "source": src.get(k, src.get(k.split(".")[0], ""))[-120:]} for k, (ns, n) in tot.items()]
     return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+@contextlib.contextmanager
+def switched(*settings):
+    """Each (module, name, value) with value not None set for the block, restored after it
+    (the library's trace-time switches: a jit traced inside the block takes them)."""
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in settings]
+    try:
+        for mod, name, value in settings:
+            if value is not None:
+                setattr(mod, name, value)
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)

@@ -212,9 +212,8 @@ def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 
             ring = "xla" if name.endswith("_xla_window") else None
             fns[name] = jax.jit(lambda q, c, ring=ring: attention_pallas.decode_attention(
                 q, c, ring_program=ring, interpret=jax.default_backend() != "gpu"))  # (a CPU dry run: interpreted)
-            attention_pallas.KERNEL_SINKS = not name.endswith("_xla_sinks")  # read when traced: now
-            jax.block_until_ready(fns[name](q, caches[name]))
-            attention_pallas.KERNEL_SINKS = True
+            with common.switched((attention_pallas, "KERNEL_SINKS", not name.endswith("_xla_sinks"))):
+                jax.block_until_ready(fns[name](q, caches[name]))  # traced now, with the switch
         times = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():

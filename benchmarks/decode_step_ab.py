@@ -27,7 +27,6 @@ over the weights per step when nonzero). Run twice, with and without
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -176,20 +175,6 @@ def _kernel_table(kernels, step_ms, top=25) -> str:
     return head + "\n" + common.markdown(kernels[:top], ["kernel", "ms_per_step", "launches_per_step", "source"])
 
 
-@contextlib.contextmanager
-def _switched(*settings):
-    """Each (module, name, value) with value not None set for the block, restored after it."""
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in settings]
-    try:
-        for mod, name, value in settings:
-            if value is not None:
-                setattr(mod, name, value)
-        yield
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama2-7b", help="a benchmarks.e2e.MODELS shape (llama2-7b, mistral-7b)")
@@ -256,7 +241,7 @@ def main(argv=None):
         for arm, ring, writes, window, rare, append, token_append, stages, rot, buffer in itertools.product(
                 arms, rings, write_impls, windows, rares, appends, token_appends, stage_counts, rotations, buffers):
             # the switches are read when the step is traced; None: the module's default
-            with _switched((attention_pallas, "DEFAULT_RING_PROGRAM", ring), (cc, "DEFAULT_WRITES_IMPL", writes),
+            with common.switched((attention_pallas, "DEFAULT_RING_PROGRAM", ring), (cc, "DEFAULT_WRITES_IMPL", writes),
                            (attention_mosaic, "DEFAULT_WINDOW_IMPL", window), (llama, "RARE_WRITES", rare),
                            (cache_mosaic, "APPEND_IMPL", append), (cache_kivi, "APPEND_IMPL", token_append),
                            (attention_pallas, "SHORT_NUM_STAGES", stages), (rotation, "ROTATE_IMPL", rot)):
@@ -281,7 +266,8 @@ def main(argv=None):
                 print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
             suffix = ((f"-{window}-append-{append}" if mosaic else "") + (f"-rare-{rare}" if kivi is not None else "")
-                      + (f"-append-{token_append}-stages-{stages}" if tokens else "") + (f"-rot-{rot}" if rot else "") + (f"-cb-{buffer}" if buffer else ""))
+                      + (f"-append-{token_append}-stages-{stages}" if tokens else "") + (f"-rot-{rot}" if rot else "")
+                      + (f"-cb-{buffer}" if buffer else ""))
             (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
     env = common.environment()

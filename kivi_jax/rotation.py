@@ -46,13 +46,19 @@ def check_head_dim(head_dim: int, rotate: str = "kv") -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def hadamard_numpy(d: int) -> np.ndarray:
-    """[D, D] float64: Sylvester's construction H_{2n} = [[H, H], [H, -H]], divided by sqrt(D)."""
+def signs_numpy(d: int) -> np.ndarray:
+    """[D, D] float64 +-1: Sylvester's construction S_{2n} = [[S, S], [S, -S]] (S = sqrt(D) H)."""
     check_head_dim(d)
-    h = np.ones((1, 1))
-    while h.shape[0] < d:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(d)
+    s = np.ones((1, 1))
+    while s.shape[0] < d:
+        s = np.block([[s, s], [s, -s]])
+    return s
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_numpy(d: int) -> np.ndarray:
+    """[D, D] float64: the orthonormal H = S / sqrt(D) (:func:`signs_numpy`)."""
+    return signs_numpy(d) / np.sqrt(d)
 
 
 def hadamard(d: int, dtype=jnp.float32) -> jax.Array:
@@ -65,15 +71,11 @@ def rotate_impl() -> str:
     return switches.resolve("rotation.ROTATE_IMPL", ROTATE_IMPL, ROTATE_IMPLS, gpu="bf16x6", other="f32")
 
 
-@functools.lru_cache(maxsize=None)
-def signs_numpy(d: int) -> np.ndarray:
-    """[D, D] float32: the +-1 Sylvester matrix, sqrt(D) H."""
-    return np.round(hadamard_numpy(d) * np.sqrt(d)).astype(np.float32)
-
-
 def rotate(x, transpose: bool = False) -> jax.Array:
-    """x [..., D] -> x·H (or x·H^T: H is symmetric, kept for clarity) in float32, by
-    :data:`ROTATE_IMPL`'s arithmetic (one trace uses one: they may differ in the last bits)."""
+    """x [..., D] -> x·H (or x·H^T, which is the same: H is symmetric; the flag is kept so callers
+    say which they mean) in float32, by :data:`ROTATE_IMPL`'s arithmetic (one trace uses one:
+    they may differ in the last bits)."""
+    del transpose  # H^T = H
     x = jnp.asarray(x)
     bf16 = x.dtype == jnp.bfloat16
     x = x.astype(jnp.float32)
@@ -81,11 +83,10 @@ def rotate(x, transpose: bool = False) -> jax.Array:
     # (head dims below 16, toy models only, keep the einsum: XLA lowers such tiny dots with its
     # elemental emitter, which has no bf16 algorithms: "Algorithm not supported", CPU, d = 1)
     if rotate_impl() == "f32" or d < 16:
-        h = hadamard(d)
-        return jnp.einsum("...d,de->...e", x, h.T if transpose else h, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("...d,de->...e", x, hadamard(d), precision=jax.lax.Precision.HIGHEST)
     check_head_dim(d)
     # a bf16 x is one bf16 part: its products with +-1 are exact in one tensor-core pass
     algorithm = "BF16_BF16_F32" if bf16 else _ALGORITHMS[rotate_impl()]
-    s = jnp.asarray(signs_numpy(d))
+    s = jnp.asarray(signs_numpy(d), jnp.float32)
     y = jnp.einsum("...d,de->...e", x, s, precision=getattr(jax.lax.DotAlgorithmPreset, algorithm))
     return y * np.float32(1 / np.sqrt(d))
