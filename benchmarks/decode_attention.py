@@ -170,7 +170,8 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
 
 
 EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
-    ("plain", {}), ("sinks4", dict(sink_tokens=4)), ("rotate_kv", dict(rotate="kv")),
+    ("plain", {}), ("sinks4", dict(sink_tokens=4)), ("sinks4_xla_sinks", dict(sink_tokens=4)),
+    ("rotate_kv", dict(rotate="kv")),
     ("sinks4_rotate_kv", dict(sink_tokens=4, rotate="kv")), ("k4v2", dict(k_bits=4)),
     ("key_group16", dict(key_group_size=16)), ("r32", dict(residual_length=32)), ("r64", dict(residual_length=64)),
     ("r96", dict(residual_length=96)), ("r96_xla_window", dict(residual_length=96)),
@@ -182,6 +183,7 @@ EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
     ("recommended_xla_sinks", dict(sink_tokens=16, rotate="kv", group_size=64, key_group_size=32)),
     # the Mosaic layout (kivi_jax.decode_attention's kernel for it; a GPU only), with the rotation too
     ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")),
+    ("mosaic_sinks4", dict(layout="mosaic", sink_tokens=4)),
     ("mosaic_sinks4_rotate_kv", dict(layout="mosaic", sink_tokens=4, rotate="kv")))
 
 
