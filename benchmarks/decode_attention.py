@@ -184,6 +184,7 @@ EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
     # the Mosaic layout (kivi_jax.decode_attention's kernel for it; a GPU only), with the rotation too
     ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")),
     ("mosaic_sinks4", dict(layout="mosaic", sink_tokens=4)),
+    ("mosaic_sinks4_xla_sinks", dict(layout="mosaic", sink_tokens=4)),
     ("mosaic_sinks4_rotate_kv", dict(layout="mosaic", sink_tokens=4, rotate="kv")))
 
 

@@ -471,6 +471,8 @@ def main(argv=None):
     ap.add_argument("--checks-only", action="store_true", help="the compiled checks, no timings")
     ap.add_argument("--cache-checks", action="store_true",
                     help="of the checks, only the whole path's (cache, vmap, sliding, rotation); with --checks-only")
+    ap.add_argument("--cache-only", default="",
+                    help="with --cache-checks: only the whole-path checks whose names hold one of these (comma list)")
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window checks and timings (splits over a row's window steps vs all)")
     ap.add_argument("--auto-layout", action="store_true", help="only check_auto_layout (KIVIConfig()'s layout here)")
@@ -605,9 +607,13 @@ def main(argv=None):
              ("mosaic_cache_check_sliding", functools.partial(check_cache, windows=(100, 300, 600))),
              ("mosaic_cache_check_rotate_kv", functools.partial(check_cache, rotate="kv")),
              ("mosaic_cache_check_sinks4_rotate_kv", functools.partial(check_cache, rotate="kv", sinks=4,
-                                                                       windows=(None, 100, 600)))]
+                                                                       windows=(None, 100, 600))),
+             # sink counts past one 16-slot step of the window kernel's (the first reads the ring's last slots)
+             ("mosaic_cache_check_sinks21", functools.partial(check_cache, sinks=21, windows=(None, 300)))]
     if a.cache_checks:
         checks = []
+    if a.cache_only:
+        whole = [(name, fn) for name, fn in whole if any(w in name for w in a.cache_only.split(","))]
     for name, opts in [] if a.skip_checks else checks:
         rows.append({"impl": f"mosaic_check_{name}", **check(**opts)})
         print(rows[-1], flush=True)

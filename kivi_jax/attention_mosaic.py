@@ -9,8 +9,9 @@ held there dequantized since its block was flushed, so no key is scored from its
 The window's partials (the Triton window kernel on a GPU, plain JAX elsewhere) are combined with
 the kernel's here. A sliding window (Mistral's) gives each row a first attended token, max(L - W, 0):
 the kernel skips the steps before it and both windows mask below it. With S sink tokens all of
-this is the body's (tokens S.., body position t - S), and the sinks' partials (plain JAX, S
-slots) join the combine.
+this is the body's (tokens S.., body position t - S), and the sinks (slots R .. R + S of the
+ring buffers) are attended by the Triton window kernel's program after the ring (plain-JAX
+partials joining the combine off the GPU, or with ``attention_pallas.KERNEL_SINKS`` off).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import rotation, switches
+from kivi_jax import attention_pallas, rotation, switches
 from kivi_jax.attention_pallas import grouped_queries
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.mosaic_layout import kernel_arrays
-from pallas_kernels import kivi_mosaic, mosaic_window
+from pallas_kernels import kivi_mosaic, kivi_window, mosaic_window
 
 
 def window_partials(qg, cache: MosaicKIVICache, starts=None):
@@ -70,17 +71,20 @@ def _merged(parts):
             sum(l * x for (_, _, l), x in zip(parts, w)))
 
 
-def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None):
+def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None, sinks=None):
     """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`).
-    stack: as :func:`decode_attention`'s, the ring then read in place. Interpreted off the GPU."""
+    stack: as :func:`decode_attention`'s, the ring then read in place. sinks: None, or the sink
+    bounds (sink_lo, sink_hi) [B] (absolute tokens): the S sinks are attended in the same program
+    too. Interpreted off the GPU."""
     ring, layer = (cache, None) if stack is None else stack
     return mosaic_window.window_partials(qg, ring.k_res, ring.v_res, cache.body_lengths,
-                                         cache._body_quantized_values(), layer=layer, starts=starts,
+                                         cache._body_quantized_values(), layer=layer, starts=starts, sinks=sinks,
                                          residual=cache.config.residual_length,
+                                         sink_len=0 if sinks is None else cache.config.sink_tokens,
                                          interpret=jax.default_backend() != "gpu")
 
 
-WINDOW_IMPLS = {"jax": lambda qg, cache, stack, starts=None: window_partials(qg, cache, starts),
+WINDOW_IMPLS = {"jax": lambda qg, cache, stack, starts=None, sinks=None: window_partials(qg, cache, starts),
                 "pallas": window_kernel_partials}
 #: decode_attention's window_impl values: WINDOW_IMPLS' partials (combined with the bulk's in XLA)
 #: or "pallas_continued" (:func:`pallas_kernels.mosaic_window.window_attention`: the Triton kernel
@@ -140,15 +144,21 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     ob, mb, lb = (x.reshape(b, hkv, g, *x.shape[2 if g > 1 else 1:])
                   for x in bulk(rows, jnp.repeat(cache._body_quantized_values(), hkv), *arrays, row_offset=offset,
                                 **sliding))
-    parts = [(ob, mb, lb)] + ([sink_partials(qg, cache, starts)] if sk else [])
+    # the sinks in the window kernel's program (bounds in absolute tokens), else plain-JAX partials
+    sinks = None
+    if sk and window_impl != "jax" and attention_pallas.KERNEL_SINKS and kivi_window.sinks_supported(
+            sk, c.residual_length):
+        sinks = (jnp.zeros_like(cache.lengths) if starts is None else starts, cache.lengths)
+    parts = [(ob, mb, lb)] + ([sink_partials(qg, cache, starts)] if sk and sinks is None else [])
     if window_impl == "pallas_continued":  # the window kernel goes on from the other partials and normalizes
         ring, layer = (cache, None) if stack is None else stack
         out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.body_lengths,
                                              cache._body_quantized_values(), _merged(parts), layer=layer,
-                                             starts=body_starts, residual=c.residual_length,
+                                             starts=body_starts, sinks=sinks, residual=c.residual_length,
+                                             sink_len=0 if sinks is None else sk,
                                              interpret=jax.default_backend() != "gpu")
         return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
-    o, _, den = _merged(parts + [WINDOW_IMPLS[window_impl](qg, cache, stack, starts=body_starts)])
+    o, _, den = _merged(parts + [WINDOW_IMPLS[window_impl](qg, cache, stack, starts=body_starts, sinks=sinks)])
     out = o / jnp.where(den > 0, den, 1.0)[..., None]
     return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
 

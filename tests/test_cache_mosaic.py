@@ -28,6 +28,7 @@ from kivi_jax.cache_mosaic import MosaicKIVICache
 from models.cache import StackedCache
 from models.config import ModelConfig
 from pallas_kernels import kivi_mosaic as km
+from pallas_kernels import mosaic_window
 
 D = 128
 MOSAIC = kj.KIVIConfig(layout="mosaic")
@@ -203,16 +204,20 @@ def test_rotation_in_the_mosaic_layout(rotate):
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
 
-@pytest.mark.parametrize("rotate", ["none", "kv"])
-def test_sinks_in_the_mosaic_layout(rotate):
+@pytest.mark.parametrize("rotate,kernel_sinks", [("none", True), ("kv", True), ("kv", False)])
+def test_sinks_in_the_mosaic_layout(rotate, kernel_sinks, monkeypatch):
     """KIVIConfig(sink_tokens=4) in the Mosaic layout: the first 4 tokens of a row in full
     precision in ring slots R .. R + 3 and the stores holding the body, the same numbers as
     KIVICache's through prefill and 140 appends (rows shorter than, at and past the sinks; a row
     filling its sinks by appends), the ring's window and the kernel views; the attention glue
-    (the sinks' partials combined with the bulk's and the window's; the plain-JAX window, the
-    Triton window kernel interpreted, and that kernel going on from the bulk's and sinks'
-    partials), with sliding windows that do and do not reach the sinks, against the reference
-    on the KIVICache; the reference on the Mosaic cache too."""
+    (the plain-JAX window with the sinks' partials; the Triton window kernel interpreted,
+    attending the sinks in its program or, with KERNEL_SINKS off, next to their partials, and
+    that kernel going on from the bulk's partials), with sliding windows that do and do not
+    reach the sinks, against the reference on the KIVICache; the reference on the Mosaic cache
+    too."""
+    from kivi_jax import attention_pallas
+
+    monkeypatch.setattr(attention_pallas, "KERNEL_SINKS", kernel_sinks)  # read when the glue is traced below
     a, m, k, v = _pair([2, 4, 5, 400, 255], 140, rotate=rotate, sink_tokens=4)
     assert m.k_res.shape[2] == 128 + 4 and m.config.sink_tokens == 4
     ref = jax.jit(lambda q, c, w: kj.decode_attention(q, c, impl="reference", window=w), static_argnums=2)
@@ -258,10 +263,47 @@ def test_window_kernel_matches_the_jax_window():
             assert np.all(np.asarray(got[2])[4] == 0) and np.all(np.asarray(got[1])[4] <= -1e29)  # the empty row
 
 
+@pytest.mark.parametrize("sinks", [3, 5, 21])
+def test_window_kernel_attends_the_sinks(sinks):
+    """The window kernel's program attends the S sinks after the ring (mosaic_window's
+    sink_len, 16 slots a step, the first step reading and masking the ring's last slots when S
+    is not a multiple of 16): its partials equal the plain-JAX window's merged with the plain-JAX
+    sinks', float32, MHA and 4 query heads a KV head, rows shorter than, at and past the sinks
+    and past a flush, with and without a sliding window that drops some sinks, and read in place
+    as layer 1 of a stack."""
+    _, m, _, _ = _pair([2, sinks, sinks + 3, 300, 400], 0, heads=2, sink_tokens=sinks)
+    L = m.lengths
+    for g in (1, 4):
+        qg = jax.random.normal(jax.random.key(g + sinks), (5, 2, g, D)) / np.sqrt(D)
+        for window in (None, sinks + 1, 200):
+            starts = None if window is None else jnp.maximum(L - window, 0)  # absolute
+            body = None if starts is None else jnp.maximum(starts - sinks, 0)
+            want = attention_mosaic._merged([attention_mosaic.window_partials(qg, m, body),
+                                             attention_mosaic.sink_partials(qg, m, starts)])
+            bounds = (jnp.zeros_like(L) if starts is None else starts, L)
+            got = attention_mosaic.window_kernel_partials(qg, m, starts=body, sinks=bounds)  # interpreted here
+            if window == 200:  # layer 1 of a stack of two, read in place
+                stack = dataclasses.replace(m, k_res=jnp.stack([m.k_res + 1, m.k_res]),
+                                            v_res=jnp.stack([m.v_res - 1, m.v_res]))
+                got = attention_mosaic.window_kernel_partials(qg, m, stack=(stack, jnp.int32(1)), starts=body,
+                                                              sinks=bounds)
+            np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
+            o_got, o_want = (np.asarray(o) / np.asarray(l)[..., None] for o, _, l in (got, want))
+            np.testing.assert_allclose(o_got, o_want, rtol=1e-5, atol=1e-5, err_msg=f"G={g}, window {window}")
+            np.testing.assert_allclose(np.asarray(got[2]) / np.asarray(want[2]), 1.0, rtol=1e-5)
+    ring = jnp.zeros((1, 1, 128 + 4, D))
+    with pytest.raises(ValueError, match=r"sink_len=4 and sinks=None: pass the sinks' bounds"):
+        mosaic_window.window_partials(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
+                                      jnp.zeros((1,), jnp.int32), residual=128, sink_len=4, interpret=True)
+    with pytest.raises(ValueError, match=r"R' >= R \+ S = 128 \+ 8"):
+        mosaic_window.window_partials(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
+                                      jnp.zeros((1,), jnp.int32), sinks=(jnp.zeros((1,), jnp.int32),) * 2,
+                                      residual=128, sink_len=8, interpret=True)
+
+
 def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
     """Lowered for a GPU (Triton IR, no GPU needed), with the stacked ring read in place: per
     64-slot chunk one q·k and one p·v dot, 4 for R = 128, for 1 and 4 query heads a KV head."""
-    from pallas_kernels import mosaic_window
     from pallas_kernels.triton_ir import lower_to_ttir
 
     s = jax.ShapeDtypeStruct
@@ -279,6 +321,12 @@ def test_window_kernel_lowers_for_cuda_reading_the_stack_in_place():
         ir = lower_to_ttir(lambda *a: mosaic_window.window_partials(*a[:5], starts=a[5], layer=jnp.int32(1)), *args,
                            s((b,), jnp.int32))
         assert ir.count("tt.dot") == 4
+        # 5 sinks past the ring (slots R .. R + 5 of buffers of R + 5): one loop of two dots more
+        sunk = args[:1] + (s((layers, b, h, r + 5, D), jnp.bfloat16),) * 2 + args[3:]
+        ir = lower_to_ttir(lambda *a: mosaic_window.window_partials(*a[:5], sinks=a[5:], layer=jnp.int32(1),
+                                                                    residual=r, sink_len=5), *sunk,
+                           *(s((b,), jnp.int32),) * 2)
+        assert ir.count("tt.dot") == 6
 
 
 @pytest.mark.parametrize("extra", [{}, dict(sink_tokens=4, rotate="kv")])
@@ -427,7 +475,6 @@ def test_bad_configurations_are_named():
             kj.decode_attention(q, cache, impl="pallas")
     with pytest.raises(ValueError, match=r"takes \(1, 2, 4\) query heads a KV head; got Hq=8, Hkv=1"):
         attention_mosaic.decode_attention(jnp.zeros((1, 8, 1, D)), cache)
-    from pallas_kernels import mosaic_window
     ring = jnp.zeros((1, 1, 128, D))
     with pytest.raises(ValueError, match=r"partials must be o \[B=1, Hkv=1, G=1, D=128\], m and l \[B, Hkv, G\]"):
         mosaic_window.window_attention(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
