@@ -203,6 +203,9 @@ def main(argv=None):
                     help="comma list of models.llama.RARE_WRITES_MODES to run each KIVI arm with (default: the default)")
     ap.add_argument("--rotations", default=None,
                     help="comma list of rotation.ROTATE_IMPLS to run each rotating KIVI arm with (default: the default)")
+    ap.add_argument("--kernel-sinks", default=None,
+                    help="comma list of on/off: attention_pallas.KERNEL_SINKS for each KIVI arm with sinks (the ring's "
+                         "or window kernel's program attends them, or plain-JAX partials; default: the default)")
     ap.add_argument("--command-buffers", default=None,
                     help=f"comma list of COMMAND_BUFFERS presets ({', '.join(COMMAND_BUFFERS)}) to jit each arm's "
                          "step with (default: XLA's own setting)")
@@ -238,13 +241,17 @@ def main(argv=None):
         stage_counts = [int(x) for x in a.short_stages.split(",")] if tokens and a.short_stages else [None]
         rotating = kivi is not None and kivi.rotate != "none"
         rotations = a.rotations.split(",") if rotating and a.rotations else [None]
-        for arm, ring, writes, window, rare, append, token_append, stages, rot, buffer in itertools.product(
-                arms, rings, write_impls, windows, rares, appends, token_appends, stage_counts, rotations, buffers):
+        sinking = kivi is not None and kivi.sink_tokens > 0
+        kernel_sinks = [x == "on" for x in a.kernel_sinks.split(",")] if sinking and a.kernel_sinks else [None]
+        for arm, ring, writes, window, rare, append, token_append, stages, rot, ksinks, buffer in itertools.product(
+                arms, rings, write_impls, windows, rares, appends, token_appends, stage_counts, rotations,
+                kernel_sinks, buffers):
             # the switches are read when the step is traced; None: the module's default
             with common.switched((attention_pallas, "DEFAULT_RING_PROGRAM", ring), (cc, "DEFAULT_WRITES_IMPL", writes),
                            (attention_mosaic, "DEFAULT_WINDOW_IMPL", window), (llama, "RARE_WRITES", rare),
                            (cache_mosaic, "APPEND_IMPL", append), (cache_kivi, "APPEND_IMPL", token_append),
-                           (attention_pallas, "SHORT_NUM_STAGES", stages), (rotation, "ROTATE_IMPL", rot)):
+                           (attention_pallas, "SHORT_NUM_STAGES", stages), (rotation, "ROTATE_IMPL", rot),
+                           (attention_pallas, "KERNEL_SINKS", ksinks)):
                 cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
                 _, cache = jax.jit(apply)(params, ids, cache)
                 row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace,
@@ -254,20 +261,22 @@ def main(argv=None):
                 token_append, stages = cache_kivi.append_impl(), attention_pallas.SHORT_NUM_STAGES
                 window = attention_mosaic.window_impl_name()
                 rot = rotation.rotate_impl() if rotating else None
+                ksinks = attention_pallas.KERNEL_SINKS if sinking else None
             row.update(cache=name, model=a.model, layers=a.layers, batch=a.batch,
                        xla_flags=os.environ.get("XLA_FLAGS", ""), command_buffer=buffer or "default", writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),
                        **({"ring_program": ring, "rare_writes": rare} if kivi is not None else {}),
                        **({"mosaic_window": window, "mosaic_append": append} if mosaic else {}),
                        **({"kivi_append": token_append, "short_num_stages": stages} if tokens else {}),
-                       **({"rotate_impl": rot} if rotating else {}))
+                       **({"rotate_impl": rot} if rotating else {}),
+                       **({"kernel_sinks": ksinks} if sinking else {}))
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
             if "kernels" in row:
                 print(_kernel_table(row["kernels"], row["step_ms"]), flush=True)
             rows.append(row)
             suffix = ((f"-{window}-append-{append}" if mosaic else "") + (f"-rare-{rare}" if kivi is not None else "")
                       + (f"-append-{token_append}-stages-{stages}" if tokens else "") + (f"-rot-{rot}" if rot else "")
-                      + (f"-cb-{buffer}" if buffer else ""))
+                      + (f"-ksinks-{'on' if ksinks else 'off'}" if sinking else "") + (f"-cb-{buffer}" if buffer else ""))
             (common.out_dir() / f"decode-step-{name}-{arm}-{ring}-{writes}{suffix}{a.tag}.hlo.txt").write_text(hlo)
             del cache
     env = common.environment()
@@ -283,7 +292,8 @@ def summary(rows, env, a) -> str:
     for r in rows:
         base = dense.get((r["arm"], r["command_buffer"]))
         switches = ", ".join(f"{k}={r[k]}" for k in ("ring_program", "rare_writes", "mosaic_window", "mosaic_append",
-                                                     "kivi_append", "short_num_stages", "rotate_impl") if k in r)
+                                                     "kivi_append", "short_num_stages", "rotate_impl", "kernel_sinks")
+                             if k in r)
         table.append({"cache": r["cache"], "arm": r["arm"], "command_buffer": r["command_buffer"],
                       "step_ms": r["step_ms"], "ratio_to_dense": r["step_ms"] / base if base else None,
                       "switches": switches or "-"})
