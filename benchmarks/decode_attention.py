@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kivi_jax as kj
-from kivi_jax import attention_pallas
+from kivi_jax import attention_mosaic, attention_pallas
 from benchmarks import common
 from benchmarks.check_kernel_gpu import random_cache
 from pallas_kernels import kivi_mosaic
@@ -184,7 +184,7 @@ EXTENSIONS = (  # name -> KIVIConfig settings (over plain KIVI-2)
     # the Mosaic layout (kivi_jax.decode_attention's kernel for it; a GPU only), with the rotation too
     ("mosaic", dict(layout="mosaic")), ("mosaic_rotate_kv", dict(layout="mosaic", rotate="kv")),
     ("mosaic_sinks4", dict(layout="mosaic", sink_tokens=4)),
-    ("mosaic_sinks4_xla_sinks", dict(layout="mosaic", sink_tokens=4)),
+    ("mosaic_sinks4_kernel_sinks", dict(layout="mosaic", sink_tokens=4)),
     ("mosaic_sinks4_rotate_kv", dict(layout="mosaic", sink_tokens=4, rotate="kv")))
 
 
@@ -193,8 +193,9 @@ def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 
     plain KIVI-2, in turns over ``rounds`` (shapes: B, capacity, tokens a row, Hkv; the paper's
     short rows are mostly ring). r96_xla_window: R = 96 with its ring attended in plain JAX
     (``ring_program="xla"``), as every R that is not a power of two was before; *_xla_sinks: the
-    sinks' partials in plain JAX (``attention_pallas.KERNEL_SINKS`` off), as every S was before.
-    names: only these of EXTENSIONS ("plain" always)."""
+    sinks' partials in plain JAX (``attention_pallas.KERNEL_SINKS`` off), as every S was before;
+    *_kernel_sinks: the Mosaic layout's sinks in the window kernel (``attention_mosaic.KERNEL_SINKS``).
+    Each arm is traced under its switches. names: only these of EXTENSIONS ("plain" always)."""
     rows = []
     for b, t, length, hkv in shapes:
         q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
@@ -210,13 +211,14 @@ def extensions(shapes=((64, 4096, 4096, 32), (96, 512, 330, 32), (96, 512, 330, 
                     dataclasses.replace(cfg, layout="tokens"), batch=b, kv_heads=hkv, tokens=t, head_dim=D,
                     length=length), cfg)
                 fns[name] = jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas"))
-                continue
-            caches[name] = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
-            ring = "xla" if name.endswith("_xla_window") else None
-            fns[name] = jax.jit(lambda q, c, ring=ring: attention_pallas.decode_attention(
-                q, c, ring_program=ring, interpret=jax.default_backend() != "gpu"))  # (a CPU dry run: interpreted)
-            with common.switched((attention_pallas, "KERNEL_SINKS", not name.endswith("_xla_sinks"))):
-                jax.block_until_ready(fns[name](q, caches[name]))  # traced now, with the switch
+            else:
+                caches[name] = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
+                ring = "xla" if name.endswith("_xla_window") else None
+                fns[name] = jax.jit(lambda q, c, ring=ring: attention_pallas.decode_attention(
+                    q, c, ring_program=ring, interpret=jax.default_backend() != "gpu"))  # (a CPU dry run: interpreted)
+            with common.switched((attention_pallas, "KERNEL_SINKS", not name.endswith("_xla_sinks")),
+                                 (attention_mosaic, "KERNEL_SINKS", name.endswith("_kernel_sinks"))):
+                jax.block_until_ready(fns[name](q, caches[name]))  # traced now, with the switches
         times = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():

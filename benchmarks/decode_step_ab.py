@@ -204,8 +204,9 @@ def main(argv=None):
     ap.add_argument("--rotations", default=None,
                     help="comma list of rotation.ROTATE_IMPLS to run each rotating KIVI arm with (default: the default)")
     ap.add_argument("--kernel-sinks", default=None,
-                    help="comma list of on/off: attention_pallas.KERNEL_SINKS for each KIVI arm with sinks (the ring's "
-                         "or window kernel's program attends them, or plain-JAX partials; default: the default)")
+                    help="comma list of on/off: attention_pallas.KERNEL_SINKS and attention_mosaic.KERNEL_SINKS for "
+                         "each KIVI arm with sinks (the ring's or window kernel's program attends them, or plain-JAX "
+                         "partials; default: each layout's default)")
     ap.add_argument("--command-buffers", default=None,
                     help=f"comma list of COMMAND_BUFFERS presets ({', '.join(COMMAND_BUFFERS)}) to jit each arm's "
                          "step with (default: XLA's own setting)")
@@ -251,7 +252,7 @@ def main(argv=None):
                            (attention_mosaic, "DEFAULT_WINDOW_IMPL", window), (llama, "RARE_WRITES", rare),
                            (cache_mosaic, "APPEND_IMPL", append), (cache_kivi, "APPEND_IMPL", token_append),
                            (attention_pallas, "SHORT_NUM_STAGES", stages), (rotation, "ROTATE_IMPL", rot),
-                           (attention_pallas, "KERNEL_SINKS", ksinks)):
+                           (attention_pallas, "KERNEL_SINKS", ksinks), (attention_mosaic, "KERNEL_SINKS", ksinks)):
                 cache = model.init_cache(a.batch, a.max_length, kivi=kivi)
                 _, cache = jax.jit(apply)(params, ids, cache)
                 row, cache, hlo = run_arm(arm, model, cache, tok, layers_stacked, layers_list, rest, trace=a.trace,
@@ -261,7 +262,7 @@ def main(argv=None):
                 token_append, stages = cache_kivi.append_impl(), attention_pallas.SHORT_NUM_STAGES
                 window = attention_mosaic.window_impl_name()
                 rot = rotation.rotate_impl() if rotating else None
-                ksinks = attention_pallas.KERNEL_SINKS if sinking else None
+                ksinks = (attention_mosaic if mosaic else attention_pallas).KERNEL_SINKS if sinking else None
             row.update(cache=name, model=a.model, layers=a.layers, batch=a.batch,
                        xla_flags=os.environ.get("XLA_FLAGS", ""), command_buffer=buffer or "default", writes=writes,
                        cache_bytes=sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)),

@@ -10,8 +10,8 @@ The window's partials (the Triton window kernel on a GPU, plain JAX elsewhere) a
 the kernel's here. A sliding window (Mistral's) gives each row a first attended token, max(L - W, 0):
 the kernel skips the steps before it and both windows mask below it. With S sink tokens all of
 this is the body's (tokens S.., body position t - S), and the sinks (slots R .. R + S of the
-ring buffers) are attended by the Triton window kernel's program after the ring (plain-JAX
-partials joining the combine off the GPU, or with ``attention_pallas.KERNEL_SINKS`` off).
+ring buffers) join the combine as plain-JAX partials (or, with :data:`KERNEL_SINKS`, are
+attended by the Triton window kernel's program after the ring).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import attention_pallas, rotation, switches
+from kivi_jax import rotation, switches
 from kivi_jax.attention_pallas import grouped_queries
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.mosaic_layout import kernel_arrays
@@ -98,6 +98,17 @@ WINDOW_IMPL_NAMES = (*WINDOW_IMPLS, "pallas_continued")
 DEFAULT_WINDOW_IMPL = None
 
 
+#: whether the Triton window kernel's program also attends the S sinks after the ring
+#: (pallas_kernels.kivi_window.sink_step, as the token layout's ring program does), read at trace
+#: time; off: their partials in plain JAX, combined with the others'. Off by default: on the H200
+#: the paper-setting step (Llama-2-7B shape, batch 96, 32 layers, 4 sinks, rotation) took 10.70 ms
+#: with it on against 10.60 off (decode-step-ab-ksinks-masked-run113; 10.68 vs 10.57 in run112,
+#: before the sinks' masked loads), and the two were equal in isolation
+#: (decode-attention-extensions-sinks-masked-run113). The window kernel's programs each walk
+#: their (row, KV head)'s ring in two dependent steps; a third, for 4 slots, adds their latency.
+KERNEL_SINKS = False
+
+
 def window_impl_name(window_impl: str | None = None) -> str:
     """window_impl, else DEFAULT_WINDOW_IMPL, else this backend's default (named error when it is
     not one of WINDOW_IMPL_NAMES)."""
@@ -146,8 +157,7 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
                                 **sliding))
     # the sinks in the window kernel's program (bounds in absolute tokens), else plain-JAX partials
     sinks = None
-    if sk and window_impl != "jax" and attention_pallas.KERNEL_SINKS and kivi_window.sinks_supported(
-            sk, c.residual_length):
+    if sk and window_impl != "jax" and KERNEL_SINKS and kivi_window.sinks_supported(sk, c.residual_length):
         sinks = (jnp.zeros_like(cache.lengths) if starts is None else starts, cache.lengths)
     parts = [(ob, mb, lb)] + ([sink_partials(qg, cache, starts)] if sk and sinks is None else [])
     if window_impl == "pallas_continued":  # the window kernel goes on from the other partials and normalizes

@@ -209,10 +209,9 @@ LAUNCH_RING_FROM = 4096
 # 6.07 ms (Llama), 1.51 vs 1.70 (Mistral) (decode-step-ab-2026-12-03-run79-*). At B=64, T=4096 3
 # stages were 2% faster (1.24 vs 1.27 ms).
 SHORT_NUM_STAGES = 2
-#: whether the ring's program also attends the S sinks (kivi_window.sink_step; in the Mosaic
-#: layout the Triton window kernel's, attention_mosaic), read at trace time; False: their
-#: partials in plain JAX, combined after the kernel (as before; the A/B arm of
-#: benchmarks/decode_attention.py --extensions)
+#: whether the ring's program also attends the S sinks (kivi_window.sink_step), read at trace
+#: time; False: their partials in plain JAX, combined after the kernel (as before; the A/B arm
+#: of benchmarks/decode_attention.py --extensions). The Mosaic layout's: attention_mosaic.KERNEL_SINKS
 KERNEL_SINKS = True
 
 

@@ -204,20 +204,18 @@ def test_rotation_in_the_mosaic_layout(rotate):
             a, m = step(a, k[:, :, i:i + 1], v[:, :, i:i + 1]), step(m, k[:, :, i:i + 1], v[:, :, i:i + 1])
 
 
-@pytest.mark.parametrize("rotate,kernel_sinks", [("none", True), ("kv", True), ("kv", False)])
+@pytest.mark.parametrize("rotate,kernel_sinks", [("none", False), ("kv", False), ("kv", True)])
 def test_sinks_in_the_mosaic_layout(rotate, kernel_sinks, monkeypatch):
     """KIVIConfig(sink_tokens=4) in the Mosaic layout: the first 4 tokens of a row in full
     precision in ring slots R .. R + 3 and the stores holding the body, the same numbers as
     KIVICache's through prefill and 140 appends (rows shorter than, at and past the sinks; a row
     filling its sinks by appends), the ring's window and the kernel views; the attention glue
-    (the plain-JAX window with the sinks' partials; the Triton window kernel interpreted,
-    attending the sinks in its program or, with KERNEL_SINKS off, next to their partials, and
-    that kernel going on from the bulk's partials), with sliding windows that do and do not
-    reach the sinks, against the reference on the KIVICache; the reference on the Mosaic cache
-    too."""
-    from kivi_jax import attention_pallas
-
-    monkeypatch.setattr(attention_pallas, "KERNEL_SINKS", kernel_sinks)  # read when the glue is traced below
+    (the plain-JAX window with the sinks' partials; the Triton window kernel interpreted, next
+    to the sinks' partials or, with attention_mosaic.KERNEL_SINKS, attending them in its
+    program, and that kernel going on from the bulk's partials), with sliding windows that do
+    and do not reach the sinks, against the reference on the KIVICache; the reference on the
+    Mosaic cache too."""
+    monkeypatch.setattr(attention_mosaic, "KERNEL_SINKS", kernel_sinks)  # read when the glue is traced below
     a, m, k, v = _pair([2, 4, 5, 400, 255], 140, rotate=rotate, sink_tokens=4)
     assert m.k_res.shape[2] == 128 + 4 and m.config.sink_tokens == 4
     ref = jax.jit(lambda q, c, w: kj.decode_attention(q, c, impl="reference", window=w), static_argnums=2)
