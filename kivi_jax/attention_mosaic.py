@@ -103,9 +103,10 @@ DEFAULT_WINDOW_IMPL = None
 #: time; off: their partials in plain JAX, combined with the others'. Off by default: on the H200
 #: the paper-setting step (Llama-2-7B shape, batch 96, 32 layers, 4 sinks, rotation) took 10.70 ms
 #: with it on against 10.60 off (decode-step-ab-ksinks-masked-run113; 10.68 vs 10.57 in run112,
-#: before the sinks' masked loads), and the two were equal in isolation
-#: (decode-attention-extensions-sinks-masked-run113). The window kernel's programs each walk
-#: their (row, KV head)'s ring in two dependent steps; a third, for 4 slots, adds their latency.
+#: before the sinks' masked loads); a whole call on the paper's rows (batch 96, 330 tokens, 32
+#: KV heads) 0.1427 vs 0.1358 ms (decode-attention-extensions-mosaic-sinks-run114). The window
+#: kernel's programs each walk their (row, KV head)'s ring in two dependent steps; a third, for
+#: 4 slots, adds its latency to every program.
 KERNEL_SINKS = False
 
 

@@ -75,8 +75,7 @@ def sink_step(c, carry, *, q, refs, at, lo, hi, r, first, dot, compute_dtype, sw
     j0 = first + SINK_STEP * c
     t = j0 + jnp.arange(SINK_STEP)
     valid = (t >= 0) & (t >= lo) & (t < hi)
-    # masked loads: a slot not attended is not read (4 sinks: 4 of the step's 16 slots; read
-    # whole, the Mosaic layout's paper step was 0.11 ms slower than with plain-JAX sinks, run112)
+    # masked loads: a slot not attended is not read (4 sinks: 4 of the step's 16 slots)
     index = at + (pl.ds(r + j0, SINK_STEP), slice(None))
     k, v = (plgpu.load(x.at[index], mask=valid[:, None], other=0).astype(compute_dtype) for x in refs)  # [16, D]
     return _attend(carry, q, k, v, valid, dot, compute_dtype, swap)

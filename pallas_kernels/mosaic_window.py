@@ -13,7 +13,8 @@ their codes in XLA cost 1.6 ms more (decode-step-ab-run39-p330, -run40-p330).
 
 With ``sink_len`` = S the same program attends the S attention sinks, slots R .. R + S of the
 same buffers (:func:`pallas_kernels.kivi_window.sink_step`, as the token layout's ring program
-does), so no partial of theirs is computed in XLA and combined after.
+does), so no partial of theirs is computed in XLA and combined after (the glue's default keeps
+those partials: :data:`kivi_jax.attention_mosaic.KERNEL_SINKS`).
 
 Inputs: q [B, Hkv, G, D] float32 (scaled), k_res, v_res [B, Hkv, R', D] (R' >= R + S; or
 [L, B, Hkv, R', D] with ``layer``), lengths, num_quantized_values [B] int32 (the body's: tokens
