@@ -45,7 +45,8 @@ def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=N
     as written when one is traced or is a Python scalar (whose value the code may use).
     validate(*args, **kwargs): checks that need concrete values (a named error for bad input),
     run before the jitted call, where the function itself would only see tracers. One jitted
-    function per :func:`trace_settings` state."""
+    function per :func:`trace_settings` state (a state a trace only added modules to, by importing
+    them, maps to the same one)."""
     def wrap(fn):
         signature = inspect.signature(fn)
         jits, traces = {}, [0]
@@ -69,7 +70,14 @@ def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=N
             settings = trace_settings()
             if settings not in jits:
                 jits[settings] = new_jit()
-            return jits[settings](*args, **kwargs)
+            before = traces[0]
+            out = jits[settings](*args, **kwargs)
+            if traces[0] != before:  # traced now: a trace that imports modules (a kernel path imported
+                # lazily on a GPU) adds their settings, at the values it read: the same program's key too
+                after = trace_settings()
+                if set(settings) <= set(after):  # (only added, none changed)
+                    jits.setdefault(after, jits[settings])
+            return out
 
         call.traces = lambda: traces[0]  # how many times an eager call traced (and compiled) it
         return call

@@ -2,6 +2,8 @@
 result as the function traced), with its concrete-value checks kept; under a trace it runs as
 written, with no nested jit in the caller's program."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,33 @@ def test_a_changed_setting_retraces(monkeypatch):
     assert float(f(jnp.float32(2.5))) == 5.0 and f.traces() == 1
     monkeypatch.setattr(eager, "SETTING_FOR_THIS_TEST", 3.0)
     assert float(f(jnp.float32(1.5))) == 4.5 and f.traces() == 2
+
+
+def test_a_module_imported_by_the_trace_does_not_retrace_the_next_call():
+    """A first call whose trace imports a module of the packages (decode_attention's kernel path
+    on a GPU imports kivi_jax.attention_pallas) adds that module's settings: the next call, with
+    them as the trace read them, reuses the program (on the H200 it traced and compiled again,
+    gpu run at b1447de); a changed setting of that module still retraces."""
+    import types
+
+    name = "kivi_jax._imported_by_a_trace"
+    assert name not in sys.modules
+
+    @eager.jit_when_eager
+    def f(x):
+        if name not in sys.modules:  # the lazy import, at trace time
+            module = types.ModuleType(name)
+            module.SCALE = 2.0
+            sys.modules[name] = module
+        return x * sys.modules[name].SCALE
+
+    try:
+        assert float(f(jnp.float32(1.5))) == 3.0 and f.traces() == 1
+        assert float(f(jnp.float32(2.5))) == 5.0 and f.traces() == 1
+        sys.modules[name].SCALE = 3.0
+        assert float(f(jnp.float32(1.5))) == 4.5 and f.traces() == 2
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_decode_attention_follows_a_patched_backend(monkeypatch):
