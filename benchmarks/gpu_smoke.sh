@@ -17,6 +17,10 @@
 # Sliding windows: mosaic_attention --sliding --rounds 5 (~3.5 min with its checks), decode_attention
 # --sliding (~1 min).
 # mosaic_attention --auto-layout: what KIVIConfig()'s "auto" resolves to on the machine (~40 s).
+# The test suite on the GPU: python -m benchmarks.gpu_tests --name runNN --budget-s 540 (file groups,
+# kernel-side first, each its own pytest run; the summary survives the call's limit). Whole suite
+# ~10 min at -n 6-7 (run94: 200 + 193 s + tests/models): two calls, --groups kernels,attention then
+# --groups library,models,tools.
 # mosaic_attention --quick --checks-only --kv-heads 32 needs more than 130 s (its sliding cache check);
 # give it 300: since session 20 it also checks jax.vmap over requests compiled (check_vmap: the kernel
 # under vmap vs float64, the whole MosaicKIVICache call batched vs unbatched; passed in run55).

@@ -258,3 +258,36 @@ def test_decode_step_ab_summary_pairs_each_step_with_dense():
     body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[4:]]
     assert [b[4] for b in body] == ["1", "1", "1.05", "1.1", "None"]  # 8.4 / 8, 7.7 / 7, no dense scan row
     assert body[2][5] == "rare_writes=step" and body[0][5] == "-"
+
+
+def test_gpu_tests_reads_junit_and_progress_and_covers_every_test_file(tmp_path):
+    """benchmarks/gpu_tests: a JUnit file's counts and failures (a failure and an error, a skip),
+    the -q progress lines of a run cut before its summary, the table naming each failure, and
+    GROUPS holding every test file of tests/ (a new file is not left out of the GPU run)."""
+    import pathlib
+
+    from benchmarks import gpu_tests
+
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="5" '
+        'time="12.5"><testcase classname="tests.test_a" name="test_ok"/><testcase classname="tests.test_a" '
+        'name="test_ok2"/><testcase classname="tests.test_a" name="test_bad"><failure message="assert 2 == 1&#10;'
+        'more">tb</failure></testcase><testcase classname="tests.test_b" name="test_err"><error message="boom">tb'
+        '</error></testcase><testcase classname="tests.test_b" name="test_skip"><skipped message="no gguf"/>'
+        '</testcase></testsuite></testsuites>')
+    got = gpu_tests.junit_summary(str(xml))
+    assert {k: got[k] for k in ("tests", "passed", "failed", "errors", "skipped")} == dict(
+        tests=5, passed=2, failed=1, errors=1, skipped=1)
+    assert got["seconds"] == 12.5
+    assert got["failures"] == [{"test": "tests.test_a::test_bad", "message": "assert 2 == 1"},
+                               {"test": "tests.test_b::test_err", "message": "boom"}]
+    out = "bringing up nodes...\n" + "." * 72 + " [ 30%]\n" + "..F.s.E.x\nsome other line with . and F\n"
+    assert gpu_tests.progress_counts(out) == dict(passed=77, failed=1, errors=1, skipped=2)
+    env = {"device": "NVIDIA H200", "commit": "abc", "jax_version": "0.11.2"}
+    table = gpu_tests.summary_table([{"group": "g", "files": ["tests/test_a.py"], "status": "done", **got}], env)
+    assert "**2 passed, 1 failed, 1 errors, 1 skipped** of 5" in table
+    assert "- `tests.test_a::test_bad` (g): assert 2 == 1" in table
+    tests = pathlib.Path(common.ROOT) / "tests"
+    grouped = {f for files in gpu_tests.GROUPS.values() for f in files}
+    assert {f"tests/{p.name}" for p in tests.glob("test_*.py")} | {"tests/models"} == grouped
