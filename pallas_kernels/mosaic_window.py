@@ -117,7 +117,9 @@ def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, start
                          f"R' >= R + S = {r} + {sink_len}, D={d}]; got {k_res.shape} and {v_res.shape}")
     if starts is not None and starts.shape != (b,):
         raise ValueError(f"starts must be [B={b}]; got {starts.shape}")
-    if sink_len < 0 or (sinks is None) != (sink_len == 0):
+    if sink_len < 0:
+        raise ValueError(f"sink_len={sink_len} must be >= 0 (the sinks past the ring's R slots)")
+    if (sinks is None) != (sink_len == 0):
         raise ValueError(f"sink_len={sink_len} and sinks={'None' if sinks is None else 'given'}: pass the sinks' "
                          "bounds (sink_lo, sink_hi) exactly when sink_len > 0")
     if sink_len and not kivi_window.sinks_supported(sink_len, r):

@@ -293,6 +293,9 @@ def test_window_kernel_attends_the_sinks(sinks):
     with pytest.raises(ValueError, match=r"sink_len=4 and sinks=None: pass the sinks' bounds"):
         mosaic_window.window_partials(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
                                       jnp.zeros((1,), jnp.int32), residual=128, sink_len=4, interpret=True)
+    with pytest.raises(ValueError, match=r"sink_len=-1 must be >= 0"):
+        mosaic_window.window_partials(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
+                                      jnp.zeros((1,), jnp.int32), residual=128, sink_len=-1, interpret=True)
     with pytest.raises(ValueError, match=r"R' >= R \+ S = 128 \+ 8"):
         mosaic_window.window_partials(jnp.zeros((1, 1, 1, D)), ring, ring, jnp.ones((1,), jnp.int32),
                                       jnp.zeros((1,), jnp.int32), sinks=(jnp.zeros((1,), jnp.int32),) * 2,
