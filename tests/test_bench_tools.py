@@ -290,4 +290,5 @@ def test_gpu_tests_reads_junit_and_progress_and_covers_every_test_file(tmp_path)
     assert "- `tests.test_a::test_bad` (g): assert 2 == 1" in table
     tests = pathlib.Path(common.ROOT) / "tests"
     grouped = {f for files in gpu_tests.GROUPS.values() for f in files}
-    assert {f"tests/{p.name}" for p in tests.glob("test_*.py")} | {"tests/models"} == grouped
+    files = {f"tests/{p.name}" for p in tests.glob("test_*.py")} | {"tests/models"}
+    assert files == grouped, f"benchmarks/gpu_tests.GROUPS lacks {files - grouped} / names missing {grouped - files}"
