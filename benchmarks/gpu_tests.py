@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -94,17 +95,21 @@ def run_group(name: str, files: list[str], *, workers: int, seconds: float, per_
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
                XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / max(workers, 1):.3f}")
     t0 = time.monotonic()
+    # a session of its own: at the limit the xdist workers (pytest's children) are killed with it
+    proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=common.ROOT, env=env, timeout=seconds, capture_output=True, text=True)
-        status, output = "done", proc.stdout
-    except subprocess.TimeoutExpired as e:
-        status, output = "cut", e.stdout or ""
-        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        output, status = proc.communicate(timeout=seconds)[0], "done"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, status = proc.communicate()[0], "cut"
     print(output[-3000:], flush=True)
     row = {"group": name, "files": files, "status": status, "wall_s": round(time.monotonic() - t0, 1)}
     if status == "done" and os.path.exists(xml):
         row.update(junit_summary(xml))
-    elif status == "cut":  # no JUnit file: what the progress lines showed before the limit
+    elif status == "done":
+        row["status"] = f"exit {proc.returncode}, no JUnit file"
+    else:  # cut: no JUnit file; what the progress lines showed before the limit
         row.update(progress_counts(output))
         row["tests"] = sum(row[k] for k in ("passed", "failed", "errors", "skipped"))
     return row
