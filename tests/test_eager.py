@@ -120,6 +120,29 @@ def test_a_module_imported_by_the_trace_does_not_retrace_the_next_call():
         sys.modules.pop(name, None)
 
 
+def test_the_lazily_imported_kernel_path_is_compiled_once():
+    """The case the test above models, as it happened on the H200 (run115): in a fresh process
+    the first eager decode_attention(impl="pallas") imports the kernel path while it traces; the
+    second identical call reuses that program (here the kernel runs interpreted). Before the fix:
+    2 traces."""
+    import subprocess
+
+    code = (
+        "import sys, jax, jax.numpy as jnp, kivi_jax as kj\n"
+        "assert 'kivi_jax.attention_pallas' not in sys.modules\n"
+        "cfg = kj.KIVIConfig(residual_length=32)\n"
+        "k = jax.random.normal(jax.random.key(0), (1, 1, 40, 64))\n"
+        "c = kj.KIVICache.init(cfg, batch=1, num_kv_heads=1, head_dim=64, max_length=64, dtype=jnp.float32)\n"
+        "c = c.prefill(k, -k, lengths=jnp.array([40]))\n"
+        "q = jax.random.normal(jax.random.key(1), (1, 1, 1, 64))\n"
+        "a = kj.decode_attention(q, c, impl='pallas')\n"
+        "b = kj.decode_attention(q, c, impl='pallas')\n"
+        "print(kj.decode_attention.traces(), bool((a == b).all()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "True"]
+
+
 def test_decode_attention_follows_a_patched_backend(monkeypatch):
     """decode_attention(impl="auto") asks _on_gpu() when traced: a patched one (a new function,
     here of the same answer) is traced again, not served the old trace."""
