@@ -42,6 +42,23 @@ GROUPS = {
 }
 
 
+def failure_message(text: str, limit: int = 300) -> str:
+    """The first lines of a failure's message that say something, joined by " / " up to ``limit``
+    characters: numpy's assertions open with a bare "AssertionError: " line and put the
+    mismatch on the lines after it (run116's first summary named nothing else)."""
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    kept = []
+    for ln in lines:
+        if not ln or ln.rstrip(":") in ("AssertionError", "E   AssertionError"):
+            continue
+        if kept and len(" / ".join(kept + [ln])) > limit:
+            break
+        kept.append(ln)
+        if ln.startswith("Max relative difference") or len(kept) == 4:
+            break
+    return " / ".join(kept)[:limit]
+
+
 def junit_summary(path: str) -> dict:
     """Counts and failures of one pytest JUnit XML file: tests, passed, failed, errors, skipped,
     seconds, and ``failures`` [{test, message}] (message: the first line pytest gave)."""
@@ -56,9 +73,8 @@ def junit_summary(path: str) -> dict:
         out["seconds"] += float(suite.get("time", 0.0))
         for case in suite.iter("testcase"):
             for bad in [*case.findall("failure"), *case.findall("error")]:
-                message = (bad.get("message") or bad.text or "").strip().splitlines()
                 out["failures"].append({"test": f"{case.get('classname', '')}::{case.get('name', '')}",
-                                        "message": (message[0] if message else "")[:300]})
+                                        "message": failure_message(bad.get("message") or bad.text or "")})
     out["passed"] = out["tests"] - out["failed"] - out["errors"] - out["skipped"]
     return out
 

@@ -270,24 +270,28 @@ def test_gpu_tests_reads_junit_and_progress_and_covers_every_test_file(tmp_path)
 
     xml = tmp_path / "r.xml"
     xml.write_text(
-        '<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="5" '
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" errors="1" failures="2" skipped="1" tests="6" '
         'time="12.5"><testcase classname="tests.test_a" name="test_ok"/><testcase classname="tests.test_a" '
         'name="test_ok2"/><testcase classname="tests.test_a" name="test_bad"><failure message="assert 2 == 1&#10;'
-        'more">tb</failure></testcase><testcase classname="tests.test_b" name="test_err"><error message="boom">tb'
+        'more">tb</failure></testcase><testcase classname="tests.test_a" name="test_np"><failure message='
+        '"AssertionError: &#10;Arrays are not equal&#10;&#10;Mismatched elements: 3 / 8 (37.5%)&#10;x">tb</failure>'
+        '</testcase><testcase classname="tests.test_b" name="test_err"><error message="boom">tb'
         '</error></testcase><testcase classname="tests.test_b" name="test_skip"><skipped message="no gguf"/>'
         '</testcase></testsuite></testsuites>')
     got = gpu_tests.junit_summary(str(xml))
     assert {k: got[k] for k in ("tests", "passed", "failed", "errors", "skipped")} == dict(
-        tests=5, passed=2, failed=1, errors=1, skipped=1)
+        tests=6, passed=2, failed=2, errors=1, skipped=1)
     assert got["seconds"] == 12.5
-    assert got["failures"] == [{"test": "tests.test_a::test_bad", "message": "assert 2 == 1"},
-                               {"test": "tests.test_b::test_err", "message": "boom"}]
+    assert got["failures"] == [
+        {"test": "tests.test_a::test_bad", "message": "assert 2 == 1 / more"},
+        {"test": "tests.test_a::test_np", "message": "Arrays are not equal / Mismatched elements: 3 / 8 (37.5%) / x"},
+        {"test": "tests.test_b::test_err", "message": "boom"}]
     out = "bringing up nodes...\n" + "." * 72 + " [ 30%]\n" + "..F.s.E.x\nsome other line with . and F\n"
     assert gpu_tests.progress_counts(out) == dict(passed=77, failed=1, errors=1, skipped=2)
     env = {"device": "NVIDIA H200", "commit": "abc", "jax_version": "0.11.2"}
     table = gpu_tests.summary_table([{"group": "g", "files": ["tests/test_a.py"], "status": "done", **got}], env)
-    assert "**2 passed, 1 failed, 1 errors, 1 skipped** of 5" in table
-    assert "- `tests.test_a::test_bad` (g): assert 2 == 1" in table
+    assert "**2 passed, 2 failed, 1 errors, 1 skipped** of 6" in table
+    assert "- `tests.test_a::test_bad` (g): assert 2 == 1 / more" in table
     tests = pathlib.Path(common.ROOT) / "tests"
     grouped = {f for files in gpu_tests.GROUPS.values() for f in files}
     files = {f"tests/{p.name}" for p in tests.glob("test_*.py")} | {"tests/models"}
