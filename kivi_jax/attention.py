@@ -133,15 +133,20 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
         raise ValueError(f"window={window} must be >= 1 or None")
     if isinstance(cache, MosaicKIVICache):
         return _mosaic(q, cache, impl, window, stack)
+    kernel_cache = isinstance(cache, (KIVICache, DenseCache))
     if impl == "auto":
-        if _on_gpu():  # the kernels, dense too: they read a layer-stacked cache in place (XLA's
-            # attention in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at B=96 on
-            # the H200, decode-step-ab-2026-11-30-cb, arms pallasattn vs scan)
+        if _on_gpu() and kernel_cache:  # the kernels, dense too: they read a layer-stacked cache in
+            # place (XLA's attention in the model's layer scan: 15.6 vs 22.4 ms Llama-2-7B steps at
+            # B=96 on the H200, decode-step-ab-2026-11-30-cb, arms pallasattn vs scan). Any other
+            # cache (the eval's SimQuantCache ablations, a user's own) has no kernel: its reference.
             impl = "pallas"
         else:  # a dense cache has nothing to dequantize: XLA's attention in the cache dtype
             impl = "xla" if isinstance(cache, DenseCache) else "reference"
     if impl in ("reference", "xla"):
         return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
+    if not kernel_cache:
+        raise ValueError(f"impl='pallas' runs the kernels of a KIVICache, MosaicKIVICache or DenseCache; got a "
+                         f"{type(cache).__name__}; use impl='reference' (or 'auto', which picks it for this cache)")
     from kivi_jax import attention_pallas  # the kernel path is optional at import time
 
     return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)

@@ -135,6 +135,33 @@ def test_sim_cache_with_kivi_axes_equals_kivi_cache(bits):
     assert float(jnp.max(jnp.abs(sk[1, :, :64] - k[1, :, :64]))) > 1e-3
 
 
+def test_sim_cache_attends_through_its_reference_on_a_gpu(monkeypatch):
+    """On a GPU impl="auto" runs the kernels, which take KIVICache and DenseCache only: a
+    SimQuantCache (the eval's ablations) attends through the reference there (run117 raised a
+    TypeError inside the model's layer scan), equal to its dense attention over what it
+    materializes; impl="pallas" names the cache it cannot take."""
+    from kivi_jax import attention
+
+    cfg = kivi_jax.KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=32)
+    b, h, d, t = 2, 2, 32, 80
+    k, v = _kv(b, h, t, d, seed=11)
+    c = ablation.SimQuantCache.init(cfg, batch=b, num_kv_heads=h, head_dim=d, max_length=t, dtype=jnp.float32,
+                                    key_axis="token", value_axis="token").prefill(k, v, lengths=jnp.array([80, 45]))
+    q = jax.random.normal(jax.random.key(12), (b, 2 * h, 1, d), jnp.float32)
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    got = np.asarray(kivi_jax.decode_attention(q, c), np.float64)
+    # float64 NumPy attention over the materialized K, V, each row to its length, GQA 2
+    kk, vv = (np.asarray(x, np.float64) for x in c.materialize())
+    qq = np.asarray(q, np.float64)[:, :, 0]
+    for row, n in enumerate([80, 45]):
+        for head in range(2 * h):
+            s = kk[row, head // 2, :n] @ qq[row, head] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(got[row, head, 0], p @ vv[row, head // 2, :n] / p.sum(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="impl='pallas'.*SimQuantCache"):
+        kivi_jax.decode_attention(q, c, impl="pallas")
+
+
 def _distinct_per_group(x, axis, g):
     """Max number of distinct values in any group of g consecutive elements along axis."""
     x = np.moveaxis(np.asarray(x), axis, -1)
