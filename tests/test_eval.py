@@ -2,6 +2,7 @@
 cache vs KIVICache, the passkey prompt builder, and the result tables and plots (CPU, fast:
 a tiny random Llama with SmolLM2's vocabulary; the real tokenizer from the packaged GGUF)."""
 
+import dataclasses
 import pathlib
 import sys
 
@@ -218,6 +219,9 @@ def test_methods_parse():
     assert not m.simulated and m.label == "KIVI-K2/V4"
     a = methods.parse_method("kivi-2-ktoken")
     assert a.simulated and a.key_axis == "token" and a.label == "KIVI-2, K per-token"
+    assert methods.parse_method("kivi-2-sim").label == "KIVI-2 (sim)"
+    e = dataclasses.replace(m, kivi=dataclasses.replace(m.kivi, sink_tokens=4, rotate="kv", key_group_size=32))
+    assert e.label == "KIVI-K2/V4 (4 sinks, rotate kv, key groups 32)"  # run118's long-context rows all said KIVI-2
     assert [x.name for x in methods.parse_methods("dense, kivi-2,dense")] == ["dense", "kivi-2"]
     for bad in ("kivi", "kivi-3", "fp8"):
         with pytest.raises(ValueError):

@@ -40,7 +40,12 @@ class Method:
         bits = f"{c.k_bits}" if c.k_bits == c.v_bits else f"K{c.k_bits}/V{c.v_bits}"
         extra = {("token", "token"): ", K per-token", ("channel", "channel"): ", V per-channel",
                  ("token", "channel"): ", K per-token, V per-channel"}.get((self.key_axis, self.value_axis), "")
-        return f"KIVI-{bits}{extra}{' (sim)' if self.name.endswith('-sim') else ''}"
+        # the extensions beyond the paper, so that a table's rows say which cache they are
+        ext = [f"{c.sink_tokens} sinks"] if c.sink_tokens else []
+        ext += [f"rotate {c.rotate}"] if c.rotate != "none" else []
+        ext += [f"key groups {c.key_group}"] if c.key_group != c.group_size else []
+        ext += ["sim"] if self.name.endswith("-sim") else []
+        return f"KIVI-{bits}{extra}" + (f" ({', '.join(ext)})" if ext else "")
 
     def settings(self) -> dict:
         d = {"name": self.name, "label": self.label, "cache": "dense" if self.kivi is None else
