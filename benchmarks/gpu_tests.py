@@ -61,7 +61,7 @@ def failure_message(text: str, limit: int = 300) -> str:
 
 def junit_summary(path: str) -> dict:
     """Counts and failures of one pytest JUnit XML file: tests, passed, failed, errors, skipped,
-    seconds, and ``failures`` [{test, message}] (message: the first line pytest gave)."""
+    seconds, and ``failures`` [{test, message}] (message: :func:`failure_message` of what pytest gave)."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     out = {"tests": 0, "failed": 0, "errors": 0, "skipped": 0, "seconds": 0.0, "failures": []}
