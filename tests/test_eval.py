@@ -305,3 +305,18 @@ def test_passkey_and_ppl_runs_tables_and_plots(tiny, tokenizer, tmp_path):
     assert all(set(r) >= {"key", "answer", "correct", "depth"} for r in pk["records"])
     assert "| 160 |" in passkey.markdown(pk)
     assert plot.plot_passkey(pk, tmp_path / "pk.png").stat().st_size > 10_000
+
+
+def test_result_metadata_names_the_commit_that_ran(monkeypatch):
+    """report.metadata(): git's HEAD and whether tracked files differ from it; KIVI_COMMIT, where
+    set, names the tree instead (on the device the copy's .git is another commit's) and the dirty
+    flag is then unknown (None), not git's answer about the wrong commit."""
+    from kivi_jax.eval import report
+
+    monkeypatch.delenv("KIVI_COMMIT", raising=False)
+    head = report._git("rev-parse", "HEAD")
+    got = report.metadata()
+    assert got["commit"] == head and isinstance(got["dirty_tracked_files"], bool)
+    monkeypatch.setenv("KIVI_COMMIT", "abc1234")
+    got = report.metadata()
+    assert got["commit"] == "abc1234" and got["dirty_tracked_files"] is None

@@ -40,9 +40,12 @@ def metadata() -> dict:
     kind = getattr(dev, "device_kind", dev.platform)
     if dev.platform == "cpu":
         kind = f"{_cpu_name()} ({os.cpu_count()} cores)"
+    # KIVI_COMMIT names the tree that ran where git cannot: a copy of a working tree whose .git is
+    # another commit's (the device machine's; run118's files said the session's first commit)
+    given = os.environ.get("KIVI_COMMIT")
     return {
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty_tracked_files": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": given or _git("rev-parse", "HEAD"),
+        "dirty_tracked_files": None if given else bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{dev.platform}: {kind}",
         "jax_version": jax.__version__,
