@@ -7,6 +7,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
@@ -78,6 +79,15 @@ class CacheShape:
 
 def static(**kw):
     return dataclasses.field(metadata=dict(static=True), **kw)
+
+
+def check_sizes(**sizes) -> None:
+    """A cache's ``init`` sizes (batch, num_kv_heads, head_dim, max_length): each an integer >= 1,
+    checked before any buffer is shaped from them (a negative batch reached jnp.zeros as a
+    TypeError about broadcast_in_dim; head_dim=0 passed the group check and made empty buffers)."""
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"{name}={n!r} must be an integer >= 1")
 
 
 def check_init(config, config_cls, max_length: int, dtype):

@@ -22,8 +22,7 @@ class DenseCache(cc.CacheShape):
 
     @classmethod
     def init(cls, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int, dtype=jnp.bfloat16):
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
+        cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
         shape = (batch, num_kv_heads, max_length, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),

@@ -101,6 +101,7 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
     @classmethod
     def init(cls, config: KIVIConfig, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
              dtype=jnp.bfloat16) -> "KIVICache":
+        cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
         cc.check_init(config, KIVIConfig, max_length, dtype)
         config.check_head_dim(head_dim)
         if config.layout == "mosaic":

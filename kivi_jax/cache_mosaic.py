@@ -174,6 +174,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
     @classmethod
     def init(cls, config: KIVIConfig, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int,
              dtype=jnp.bfloat16) -> "MosaicKIVICache":
+        cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
         cc.check_init(config, KIVIConfig, max_length, dtype)
         config = check_config(config, head_dim)
         body = max_length - config.sink_tokens

@@ -7,6 +7,7 @@ several key flushes (every R tokens) and value spills (every token once a row ho
 
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -436,6 +437,18 @@ def test_init_validation():
         KIVICache.init(cfg, batch=1, num_kv_heads=1, head_dim=64, max_length=0)
     with pytest.raises(ValueError, match=r"max_length=0"):
         DenseCache.init(batch=1, num_kv_heads=1, head_dim=64, max_length=0)
+    # every size an integer >= 1, named, in every cache (batch=-1 was a TypeError from jnp.zeros;
+    # head_dim=0 passed the group check and made empty buffers)
+    from kivi_jax import MosaicKIVICache
+    from kivi_jax.eval.ablation import SimQuantCache
+
+    inits = [functools.partial(KIVICache.init, cfg), functools.partial(MosaicKIVICache.init, cfg), DenseCache.init,
+             functools.partial(SimQuantCache.init, cfg)]
+    for name, bad in (("batch", -1), ("num_kv_heads", 0), ("head_dim", 0), ("batch", 2.0), ("max_length", True)):
+        sizes = dict(batch=1, num_kv_heads=1, head_dim=128, max_length=256) | {name: bad}
+        for init in inits:
+            with pytest.raises(ValueError, match=rf"^{name}={bad!r} must be an integer >= 1$"):
+                init(**sizes)
     with pytest.raises(ValueError, match=r"dtype"):
         KIVICache.init(cfg, batch=1, num_kv_heads=1, head_dim=64, max_length=16, dtype=jnp.int8)
     with pytest.raises(TypeError, match=r"KIVIConfig"):

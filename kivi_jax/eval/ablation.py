@@ -67,9 +67,8 @@ class SimQuantCache(cc.CacheShape):
                   if getattr(config, k, off) != off}
         if extras:  # the simulation models plain KIVI only: refuse rather than ignore
             raise ValueError(f"SimQuantCache supports plain KIVI settings only; got {extras}")
+        cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
         config.check_head_dim(head_dim)
-        if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
         quant._check_float("cache", dtype)
         tc = max(max_length, config.residual_length)  # room for a whole R-token block
         shape = (batch, num_kv_heads, tc, head_dim)
