@@ -359,6 +359,33 @@ def _concrete(x):
         return None
 
 
+def _vocab_size(model) -> int | None:
+    """The model's vocabulary size where it says (``config.vocab_size``, ``vocab_size`` or
+    ``vocab``, as models/ and tests/toy_model.py do), else None (nothing to check against)."""
+    for v in (getattr(getattr(model, "config", None), "vocab_size", None), getattr(model, "vocab_size", None),
+              getattr(model, "vocab", None)):
+        if _is_int(v) and v > 0:
+            return int(v)
+    return None
+
+
+def _check_token_ids(model, input_ids, lengths, eos) -> None:
+    """Prompt tokens (each row's first lengths[b]; the padding after them is never read) and EOS
+    ids inside the model's vocabulary: an embedding lookup of an id outside it is clamped by
+    XLA's gather, a silent wrong answer. Skipped for traced ids or lengths, or an unknown vocab."""
+    vocab = _vocab_size(model)
+    ids, lens = _concrete(input_ids), _concrete(lengths)
+    if vocab is None:
+        return
+    if ids is not None and lens is not None:
+        bad = ids[(np.arange(ids.shape[1])[None, :] < lens[:, None]) & ((ids < 0) | (ids >= vocab))]
+        if bad.size:
+            raise ValueError(f"input_ids hold {bad.size} token id(s) outside the model's vocabulary [0, {vocab}) "
+                             f"within the prompts' lengths, e.g. {sorted({int(x) for x in bad})[:5]}")
+    if any(e >= vocab for e in eos):
+        raise ValueError(f"eos_id={[e for e in eos if e >= vocab]} outside the model's vocabulary [0, {vocab})")
+
+
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
              pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None,
              matmul_impl=None):
@@ -418,6 +445,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
             raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids") from None
     if not all(_is_int(e) and e >= 0 for e in eos):
         raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids (integers >= 0)")
+    _check_token_ids(model, input_ids, lengths, eos)
 
     keys = sampling.row_keys(key, b, required=not sampler.greedy)
     knobs = _Knobs(temperature=jnp.asarray(1.0 if sampler.greedy else float(temperature), jnp.float32),

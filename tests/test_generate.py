@@ -419,6 +419,19 @@ def test_bad_input_ids_raise(model):
         generate(model, np.zeros((9,), np.int32), max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids"):
         generate(model, np.zeros((2, 3), np.float32), max_new_tokens=2)
+    # ids outside the vocabulary within a prompt: XLA's gather would clamp them silently
+    ids = np.zeros((2, 5), np.int32)
+    ids[1, 2], ids[0, 4] = V, -2
+    with pytest.raises(ValueError, match=rf"2 token id\(s\) outside the model's vocabulary \[0, {V}\).*\[-2, {V}\]"):
+        generate(model, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"eos_id=\[{V + 3}\] outside the model's vocabulary"):
+        generate(model, np.zeros((2, 5), np.int32), max_new_tokens=2, eos_id=[1, V + 3])
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate_stream(model, ids, max_new_tokens=2)
+    # the padding after a row's length is never read: any value there is fine (here -2 and V)
+    out = generate(model, ids, lengths=[4, 2], max_new_tokens=2)
+    np.testing.assert_array_equal(out.tokens, generate(model, np.where(ids < 0, 0, ids % V), lengths=[4, 2],
+                                                       max_new_tokens=2).tokens)
 
 
 # ---- the real model --------------------------------------------------------------------------
