@@ -5,6 +5,7 @@ a tiny random Llama with SmolLM2's vocabulary; the real tokenizer from the packa
 import dataclasses
 import pathlib
 import sys
+import warnings
 
 _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # tests/models would otherwise shadow the models package (see tests/models/conftest.py)
@@ -298,6 +299,12 @@ def test_passkey_and_ppl_runs_tables_and_plots(tiny, tokenizer, tmp_path):
     table = ppl.markdown(res)
     assert "| KIVI-2, K per-token |" in table and "essays (2 x 48 tokens)" in table
     assert plot.plot_ppl(res, tmp_path / "ppl.png").stat().st_size > 10_000
+    # one KIVI setting alone (as run120/121 ran): its right panel says why it is empty, no warning
+    solo = dict(res, results=[r for r in res["results"] if r["method"] == "kivi-2"],
+                settings=dict(res["settings"], methods=[m for m in res["settings"]["methods"] if m["name"] == "kivi-2"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot.plot_ppl(solo, tmp_path / "solo.png").stat().st_size > 10_000
 
     pk = passkey.run(tiny, tokenizer, ms[:2], lengths=[160], depths=[0.3, 0.7], fillers=["synthetic"], trials=1,
                      progress=False, model_name="tiny")

@@ -53,7 +53,11 @@ def plot_ppl(result: dict, path) -> pathlib.Path:
     ax2.set_xlabel("token position")
     ax2.set_ylabel(f"mean NLL - dense NLL (nats, bins of {bin_size})")
     ax2.set_title("where the quantized cache costs (mean over texts and windows)")
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
+    else:  # (run120/121 ran one KIVI setting alone: an empty panel and matplotlib's legend warning)
+        ax2.text(0.5, 0.5, f"nothing to compare: {'dense alone' if dense else 'no dense run'} in this result",
+                 transform=ax2.transAxes, ha="center", va="center", fontsize=9, color="gray")
     return _save(plt, fig, path)
 
 
