@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kivi_jax import rotation
 from kivi_jax.cache_dense import DenseCache
@@ -21,6 +22,13 @@ from kivi_jax.eager import jit_when_eager
 IMPLS = ("auto", "pallas", "reference", "xla")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def check_window(window) -> None:
+    """A sliding window: None or an integer >= 1 (a float or a bool would silently become a
+    different mask)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an integer >= 1")
 
 
 def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):
@@ -129,8 +137,7 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {IMPLS}")
     _check_q(q, cache.num_kv_heads, cache.head_dim, cache.batch_size)
-    if window is not None and window < 1:
-        raise ValueError(f"window={window} must be >= 1 or None")
+    check_window(window)
     if isinstance(cache, MosaicKIVICache):
         return _mosaic(q, cache, impl, window, stack)
     kernel_cache = isinstance(cache, (KIVICache, DenseCache))
@@ -205,6 +212,7 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     if impl not in PREFILL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {PREFILL_IMPLS}")
     _check_prefill_args(q, k, v, lengths)
+    check_window(window)
     if window is not None and window >= q.shape[2]:
         window = None  # no query sees more than the window: plain causal
     cudnn_ok = (not exact and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype == v.dtype

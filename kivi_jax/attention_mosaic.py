@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import rotation, switches
+from kivi_jax.attention import check_window
 from kivi_jax.attention_pallas import grouped_queries
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from pallas_kernels.mosaic_layout import kernel_arrays
@@ -139,8 +140,7 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     qg = grouped_queries(q, hkv, c.rotate_keys)
     rows = qg.reshape(b * hkv, g, d) if g > 1 else qg.reshape(b * hkv, d)
     bulk = bulk or kivi_mosaic.bulk_partials
-    if window is not None and window < 1:
-        raise ValueError(f"window={window} must be >= 1 or None")
+    check_window(window)
     # a row's first attended token (None: a window no row can exceed masks nothing), and its
     # first body token (past the S sinks)
     sk = c.sink_tokens

@@ -138,8 +138,12 @@ def test_decode_bad_inputs():
         decode_attention(jnp.zeros((2, 4, 1, 64)), cache, impl="reference")
     with pytest.raises(ValueError, match=r"impl='fast'"):
         decode_attention(q, cache, impl="fast")
-    with pytest.raises(ValueError, match=r"window=0"):
-        decode_attention(q, cache, impl="reference", window=0)
+    # a window: None or an integer >= 1 (a float or a bool became another mask, silently)
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^window={bad!r} must be None or an integer >= 1"):
+            decode_attention(q, cache, impl="reference", window=bad)
+        with pytest.raises(ValueError, match=rf"^window={bad!r} must be None"):
+            prefill_attention(jnp.ones((2, 4, 3, D)), jnp.ones((2, 2, 3, D)), jnp.ones((2, 2, 3, D)), window=bad)
 
 
 # ---- prefill_attention -------------------------------------------------------------------

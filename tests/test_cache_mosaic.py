@@ -558,7 +558,7 @@ def test_sliding_window_matches_the_reference(monkeypatch):
     q = jnp.ones((3, 2, 1, D))
     m = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, m)  # the kernel's dtype
     assert np.array_equal(kj.decode_attention(q, m, impl="pallas", window=511), q) and seen == [511]
-    with pytest.raises(ValueError, match="window=0 must be >= 1 or None"):
+    with pytest.raises(ValueError, match="window=0 must be None or an integer >= 1"):
         kj.decode_attention(q, m, impl="pallas", window=0)
 
 
