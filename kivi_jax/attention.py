@@ -254,6 +254,10 @@ def _check_prefill_args(q, k, v, lengths):
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.shape} {lengths.dtype}")
+        if not isinstance(lengths, jax.core.Tracer):  # traced (the models' jitted prefill): the caller's
+            bad = [int(x) for x in jax.device_get(lengths) if not 0 <= int(x) <= t]
+            if bad:  # (6 > T masked nothing and -1 everything, silently)
+                raise ValueError(f"lengths={bad} out of range: each must be in [0, T={t}]")
 
 
 def _prefill_blocked(q, k, v, lengths, window, exact):

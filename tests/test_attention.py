@@ -194,6 +194,12 @@ def test_prefill_attention_bad_inputs():
         prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=jnp.asarray([4, 4]))
     with pytest.raises(ValueError, match=r"lengths must be an integer array"):
         prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=jnp.asarray([4.0]))
+    for bad in (5, -1):  # 5 > T masked nothing and -1 everything, silently
+        with pytest.raises(ValueError, match=rf"lengths=\[{bad}\] out of range: each must be in \[0, T=4\]"):
+            prefill_attention(z(2, 2, 4, D), z(2, 2, 4, D), z(2, 2, 4, D), lengths=jnp.asarray([4, bad]))
+    # traced lengths are the caller's (the models' jitted prefill): no check, no error
+    got = jax.jit(lambda n: prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=n))(jnp.array([3]))
+    assert got.shape == (1, 2, 4, D)
 
 
 def test_prefill_attention_impls():
