@@ -51,6 +51,8 @@ def _check_float(name: str, dtype) -> jnp.dtype:
 
 
 def _norm_axis(name: str, axis: int, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):  # (True was axis 1, 1.0 "out of range")
+        raise ValueError(f"{name}={axis!r} must be an integer axis in [-{ndim}, {ndim})")
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
     return axis % ndim

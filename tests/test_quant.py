@@ -401,6 +401,11 @@ def test_bad_inputs_raise_clear_errors():
     for axis in (4, -5):
         with pytest.raises(ValueError, match=r"axis="):
             quantize(x, bits=2, group_size=16, axis=axis)
+    for axis in (True, 2.0):  # True was taken as axis 1
+        with pytest.raises(ValueError, match=rf"^axis={axis!r} must be an integer axis in \[-4, 4\)"):
+            quantize(x, bits=2, group_size=16, axis=axis)
+    with pytest.raises(ValueError, match=r"^pack_axis=True must be an integer axis"):
+        quantize(x, bits=2, group_size=16, axis=2, pack_axis=True)
     with pytest.raises(ValueError, match=r"pack_axis="):
         quantize(x, bits=2, group_size=16, axis=2, pack_axis=7)
     for bad in (jnp.zeros((4, 32), jnp.int32), jnp.zeros((4, 32), jnp.uint8), np.zeros((4, 32), bool)):
