@@ -11,12 +11,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kivi_jax import rotation
+from kivi_jax import cache_common, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
+from kivi_jax.checks import is_int
 from kivi_jax.eager import jit_when_eager
 
 IMPLS = ("auto", "pallas", "reference", "xla")
@@ -27,7 +27,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def check_window(window) -> None:
     """A sliding window: None or an integer >= 1 (a float or a bool would silently become a
     different mask)."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1):
+    if window is not None and (not is_int(window) or window < 1):
         raise ValueError(f"window={window!r} must be None or an integer >= 1")
 
 
@@ -254,10 +254,8 @@ def _check_prefill_args(q, k, v, lengths):
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.shape} {lengths.dtype}")
-        if not isinstance(lengths, jax.core.Tracer):  # traced (the models' jitted prefill): the caller's
-            bad = [int(x) for x in jax.device_get(lengths) if not 0 <= int(x) <= t]
-            if bad:  # (6 > T masked nothing and -1 everything, silently)
-                raise ValueError(f"lengths={bad} out of range: each must be in [0, T={t}]")
+        # (a length past T masked nothing and a negative one everything, silently)
+        cache_common.check_lengths_range(lengths, t)
 
 
 def _prefill_blocked(q, k, v, lengths, window, exact):

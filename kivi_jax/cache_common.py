@@ -7,10 +7,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from kivi_jax.checks import is_int
 from pallas_kernels import row_writes
 
 
@@ -86,7 +86,7 @@ def check_sizes(**sizes) -> None:
     checked before any buffer is shaped from them (a negative batch reached jnp.zeros as a
     TypeError about broadcast_in_dim; head_dim=0 passed the group check and made empty buffers)."""
     for name, n in sizes.items():
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"{name}={n!r} must be an integer >= 1")
 
 
@@ -122,6 +122,14 @@ def check_kv(name_k: str, k, name_v: str, v, *, batch: int, heads: int, head_dim
     return k.shape[2]
 
 
+def check_lengths_range(lengths, tokens: int) -> None:
+    """Concrete per-row lengths each in [0, T]; traced ones are the caller's (it flags or masks them)."""
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = [int(x) for x in jax.device_get(lengths) if not 0 <= int(x) <= tokens]
+        if bad:
+            raise ValueError(f"lengths={bad} out of range: each must be in [0, T={tokens}]")
+
+
 def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
     """Validated per-row prompt lengths [B] int32 and a per-row 'invalid' flag.
 
@@ -135,10 +143,7 @@ def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
     lengths = jnp.asarray(lengths)
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be an integer array of shape ({batch},); got {lengths.shape} {lengths.dtype}")
-    if not isinstance(lengths, jax.core.Tracer):
-        bad = [int(x) for x in jax.device_get(lengths) if not 0 <= int(x) <= tokens]
-        if bad:
-            raise ValueError(f"lengths={bad} out of range: each must be in [0, T={tokens}]")
+    check_lengths_range(lengths, tokens)
     lengths = lengths.astype(jnp.int32)
     invalid = (lengths < 0) | (lengths > tokens)
     return jnp.clip(lengths, 0, tokens), invalid

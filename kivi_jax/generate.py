@@ -73,7 +73,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import numbers
 from typing import Any, Iterator, NamedTuple
 
 import jax
@@ -83,6 +82,7 @@ from flax import nnx
 from jax import lax
 
 from kivi_jax import sampling, sharding
+from kivi_jax.checks import is_int as _is_int
 from kivi_jax.config import KIVIConfig
 
 #: Default prefill slice: as many rows as fit in this many prompt tokens (activations of a
@@ -342,10 +342,6 @@ def _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg: _Config) -> _Carr
 
 # ---- argument checks ------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _eos_slots(n: int) -> int:
     """EOS ids are padded (with -1, never a token) to a power of two >= 8: one compiled shape."""
     return max(8, 1 << max(n - 1, 0).bit_length())
@@ -374,9 +370,9 @@ def _check_token_ids(model, input_ids, lengths, eos) -> None:
     ids inside the model's vocabulary: an embedding lookup of an id outside it is clamped by
     XLA's gather, a silent wrong answer. Skipped for traced ids or lengths, or an unknown vocab."""
     vocab = _vocab_size(model)
-    ids, lens = _concrete(input_ids), _concrete(lengths)
     if vocab is None:
         return
+    ids, lens = _concrete(input_ids), _concrete(lengths)
     if ids is not None and lens is not None:
         bad = ids[(np.arange(ids.shape[1])[None, :] < lens[:, None]) & ((ids < 0) | (ids >= vocab))]
         if bad.size:

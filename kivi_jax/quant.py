@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from kivi_jax import packing
+from kivi_jax.checks import is_int
 from kivi_jax.eager import jit_when_eager
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -51,7 +52,7 @@ def _check_float(name: str, dtype) -> jnp.dtype:
 
 
 def _norm_axis(name: str, axis: int, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):  # (True was axis 1, 1.0 "out of range")
+    if not is_int(axis):  # (True was axis 1, 1.0 "out of range")
         raise ValueError(f"{name}={axis!r} must be an integer axis in [-{ndim}, {ndim})")
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
