@@ -16,7 +16,7 @@ from kivi_jax import cache_common, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from kivi_jax.checks import is_int
+from kivi_jax.checks import check_float, is_int
 from kivi_jax.eager import jit_when_eager
 
 IMPLS = ("auto", "pallas", "reference", "xla")
@@ -34,6 +34,7 @@ def check_window(window) -> None:
 def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):
     if q.ndim != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be [B, Hq, 1, D]; got shape {q.shape}")
+    check_float("q", q.dtype)  # (an integer q was attended as if cast)
     b, hq, _, d = q.shape
     if b != batch or d != head_dim:
         raise ValueError(f"q shape {q.shape} does not match the cache (B={batch}, D={head_dim})")
@@ -250,6 +251,8 @@ def _check_prefill_args(q, k, v, lengths):
     b, hq, t, d = q.shape
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or hq % k.shape[1]:
         raise ValueError(f"q {q.shape} and k {k.shape} disagree (B, T, D equal; Hq a multiple of Hkv)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x.dtype)
     if lengths is not None:
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):

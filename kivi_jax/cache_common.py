@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from kivi_jax import checks
 from kivi_jax.checks import is_int
 from pallas_kernels import row_writes
 
@@ -93,8 +94,6 @@ def check_sizes(**sizes) -> None:
 def check_init(config, config_cls, max_length: int, dtype):
     """A quantized cache's ``init`` arguments: the config's type, max_length >= 1 (and above its
     sink tokens), a float dtype."""
-    from kivi_jax import quant  # quant needs nothing from here; imported late to keep this module light
-
     if not isinstance(config, config_cls):
         raise TypeError(f"config must be a {config_cls.__name__}; got {type(config).__name__}")
     if max_length < 1:
@@ -102,7 +101,7 @@ def check_init(config, config_cls, max_length: int, dtype):
     sinks = getattr(config, "sink_tokens", 0)
     if sinks >= max_length:
         raise ValueError(f"sink_tokens={sinks} must be < max_length={max_length}")
-    quant._check_float("cache", dtype)
+    checks.check_float("cache", dtype)
 
 
 def check_kv(name_k: str, k, name_v: str, v, *, batch: int, heads: int, head_dim: int, tokens: int | None = None):

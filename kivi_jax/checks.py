@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import numbers
 
+import jax.numpy as jnp
+
+FLOATS = ("float32", "bfloat16", "float16")  # what the caches store and the kernels take
+
 
 def is_int(x) -> bool:
     """An integer (Python or NumPy), not a bool: True and 1.0 are not sizes, axes or windows."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_float(name: str, dtype):
+    """dtype as a NumPy dtype if it is one of FLOATS, else a ValueError naming ``name``."""
+    dtype = jnp.dtype(dtype)
+    if dtype.name not in FLOATS:
+        raise ValueError(f"{name} dtype {dtype} is not supported; allowed: {', '.join(FLOATS)}")
+    return dtype

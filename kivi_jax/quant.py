@@ -38,18 +38,8 @@ import numpy as np
 from jax import lax
 
 from kivi_jax import packing
-from kivi_jax.checks import is_int
+from kivi_jax.checks import check_float, is_int
 from kivi_jax.eager import jit_when_eager
-
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _check_float(name: str, dtype) -> jnp.dtype:
-    dtype = jnp.dtype(dtype)
-    if dtype not in [jnp.dtype(d) for d in _FLOATS]:
-        raise ValueError(f"{name} dtype {dtype} is not supported; allowed: float32, bfloat16, float16")
-    return dtype
-
 
 def _norm_axis(name: str, axis: int, ndim: int) -> int:
     if not is_int(axis):  # (True was axis 1, 1.0 "out of range")
@@ -261,7 +251,7 @@ def quantize(x: jax.Array, *, bits: int, group_size: int, axis: int, pack_axis: 
     ``pack_axis`` (default: the token axis, ``ndim - 2``) is where codes are packed.
     """
     x = jnp.asarray(x)
-    dtype = _check_float("x", x.dtype)
+    dtype = check_float("x", x.dtype)
     packing.check_bits("bits", bits)
     if x.ndim == 0:
         raise ValueError("x must have at least one axis")

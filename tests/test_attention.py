@@ -138,6 +138,9 @@ def test_decode_bad_inputs():
         decode_attention(jnp.zeros((2, 4, 1, 64)), cache, impl="reference")
     with pytest.raises(ValueError, match=r"impl='fast'"):
         decode_attention(q, cache, impl="fast")
+    # an integer q was attended as if cast to float; the caches' dtypes are the ones allowed
+    with pytest.raises(ValueError, match=r"^q dtype int32 is not supported; allowed: float32, bfloat16, float16"):
+        decode_attention(jnp.ones((2, 4, 1, D), jnp.int32), cache, impl="reference")
     # a window: None or an integer >= 1 (a float or a bool became another mask, silently)
     for bad in (0, -3, 1.5, True):
         with pytest.raises(ValueError, match=rf"^window={bad!r} must be None or an integer >= 1"):
@@ -194,6 +197,11 @@ def test_prefill_attention_bad_inputs():
         prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=jnp.asarray([4, 4]))
     with pytest.raises(ValueError, match=r"lengths must be an integer array"):
         prefill_attention(z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D), lengths=jnp.asarray([4.0]))
+    for name, i in (("q", 0), ("k", 1), ("v", 2)):  # integers were attended as if cast
+        args = [z(1, 2, 4, D), z(1, 2, 4, D), z(1, 2, 4, D)]
+        args[i] = args[i].astype(jnp.int8)
+        with pytest.raises(ValueError, match=rf"^{name} dtype int8 is not supported; allowed: float32, bfloat16"):
+            prefill_attention(*args)
     for bad in (5, -1):  # 5 > T masked nothing and -1 everything, silently
         with pytest.raises(ValueError, match=rf"lengths=\[{bad}\] out of range: each must be in \[0, T=4\]"):
             prefill_attention(z(2, 2, 4, D), z(2, 2, 4, D), z(2, 2, 4, D), lengths=jnp.asarray([4, bad]))
