@@ -978,13 +978,27 @@ def render_markdown(p: dict) -> str:
 
 
 def render_plot(p: dict, path) -> None:
+    """tokens/s vs batch for the sweep (a line per cache) and the paper setting's bars; a run with
+    one section only (e.g. --skip-paper) gets that panel alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
     sweep = [r for r in p["rows"] if r["section"] == "sweep"]
+    paper = [r for r in p["rows"] if r["section"] in ("paper", "hf")]
+    panels = [f for f, rows in ((_plot_sweep, sweep), (_plot_paper, paper)) if rows] or [_plot_sweep, _plot_paper]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    for ax, draw in zip(axes[0], panels):
+        draw(ax, sweep if draw is _plot_sweep else paper)
+    fig.suptitle(f"kivi-jax e2e decode, {p.get('device')}, commit {p['commit']}"
+                 + (" (DRY RUN)" if p["dry_run"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_sweep(ax1, sweep: list) -> None:
     series = sorted({(r["model"], r["prompt_len"], r["cache"]) for r in sweep})
     for model, prompt, cache in series:
         rs = sorted((r for r in sweep if (r["model"], r["prompt_len"], r["cache"]) == (model, prompt, cache)),
@@ -1012,7 +1026,8 @@ def render_plot(p: dict, path) -> None:
     if ax1.get_legend_handles_labels()[0]:
         ax1.legend(fontsize=8)
 
-    paper = [r for r in p["rows"] if r["section"] in ("paper", "hf")]
+
+def _plot_paper(ax2, paper: list) -> None:
     names, tps, labels = [], [], []
     for r in paper:
         names.append(f"{r['cache']}\n{r['model']}" if len({x['model'] for x in paper}) > 1 else r["cache"])
@@ -1035,11 +1050,6 @@ def render_plot(p: dict, path) -> None:
         ax2.set_title("Paper setting: no data")
     ax2.set_ylabel("tokens/s")
     ax2.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"kivi-jax e2e decode, {p.get('device')}, commit {p['commit']}"
-                 + (" (DRY RUN)" if p["dry_run"] else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # =============================================================================================

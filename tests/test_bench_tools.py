@@ -199,6 +199,28 @@ def test_e2e_summary_gives_each_kivi2_layouts_ratios_to_dense():
     assert e2e.TARGETS["paper_step_ms_kivi2m_over_dense"] == 1.0
 
 
+def test_e2e_plot_draws_only_the_sections_a_run_has(tmp_path):
+    """A sweep-only run (--skip-paper) is one panel, not a second one saying "no data": the PNG
+    is one 7-inch panel wide at the plot's 110 dpi; with both sections it is two."""
+    import struct
+
+    from benchmarks import e2e
+
+    def row(section, cache, batch, tps):
+        return {"model": "m", "section": section, "cache": cache, "batch": batch, "tokens_per_s": tps,
+                "peak_bytes": 2**30, "prompt_len": 160, "new_tokens": 8, "status": "ok"}
+
+    def width(rows):
+        path = tmp_path / f"{len(rows)}.png"
+        e2e.render_plot({"rows": rows, "commit": "x", "device": "cpu", "dry_run": True}, path)
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]  # the IHDR chunk's width
+
+    sweep = [row("sweep", "dense", 8, 100.0), row("sweep", "kivi2", 8, 90.0), row("sweep", "kivi2", 16, 150.0)]
+    assert width(sweep) == 7 * 110
+    assert width(sweep + [row("paper", "dense", 96, 800.0)]) == 14 * 110
+    assert width([]) == 14 * 110  # nothing measured: both panels say so
+
+
 def test_mosaic_modules_hash_a_kernel_without_its_locations():
     """benchmarks.mosaic_modules: the same configuration lowers to the same printed module (no
     debug locations, so a refactor that moves code keeps it), another variant to another, and the
