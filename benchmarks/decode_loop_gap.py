@@ -86,7 +86,7 @@ def measure(model, ids, kivi, new_tokens: int, reps: int, trace: bool) -> dict:
     if trace:
         fresh()
         c = carry["c"]
-        hlo = _decode_loop.lower(graphdef, state, c._replace(step=None), c.step, keys, knobs, cfg=cfg).compile().as_text()
+        hlo = _run(_decode_loop, graphdef, state, c, keys, knobs, cfg, lower=True).compile().as_text()
         gpu = jax.default_backend() == "gpu"
         kernels = common.trace_kernels(loop, hlo, steps, **({} if gpu else dict(plane_prefix="/host:CPU",
                                                                                   line_prefix="tf_XLA")))

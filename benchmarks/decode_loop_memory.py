@@ -51,8 +51,7 @@ def one(model, cache_name, prompt, new, batch, keep_hlo=None):
         eos_id=None, key=None, pad_id=0, max_length=None, cache_dtype=None, attn_impl=None)
     carry = jax.eval_shape(lambda s, i, n, k, kn: gen._prefill(graphdef, s, i, n, k, kn, cfg=cfg),
                            state, ids, lens, keys, knobs)
-    compiled = gen._decode_loop.lower(graphdef, state, carry._replace(step=None), carry.step, keys, knobs,
-                                      cfg=cfg).compile()
+    compiled = gen._run(gen._decode_loop, graphdef, state, carry, keys, knobs, cfg, lower=True).compile()
     hlo = compiled.as_text()
     leaves = [x for x in jax.tree_util.tree_leaves(carry.cache) if len(x.shape) >= 4]
     shapes = {f"{jnp.dtype(x.dtype).name.replace('bfloat16', 'bf16').replace('uint32', 'u32').replace('float32', 'f32')}"

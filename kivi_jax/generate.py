@@ -306,28 +306,53 @@ def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
     return _emit(c, tok, ok, knobs, cfg)
 
 
-# The carry is donated except its scalar ``step``: under jax.vmap the loop's step comes out
-# batched, so a donated scalar step could not be reused (and jax warns about it).
+# The carry's buffers are donated (the cache is updated in place); its per-row counters are not.
+# Under jax.vmap a counter that is equal across the requests (every prompt of one length, the
+# scalar step) comes in unbatched and goes out batched, so its donated buffer could not be reused
+# and jax warned "Some donated buffers were not usable". The counters are a few ints a row.
+_COUNTERS = ("token", "num_new", "cache_len", "done", "step", "lengths", "overflow")
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",), donate_argnames=("carry",))
-def _decode_loop(graphdef, state, carry: _Carry, step, keys, knobs: _Knobs, *, cfg: _Config) -> _Carry:
+
+def _is_counter(path) -> bool:
+    """A carry leaf named by _COUNTERS: a _Carry field, or a cache's ``lengths`` / ``overflow``."""
+    return any(getattr(k, "name", None) in _COUNTERS for k in path)
+
+
+def _split_carry(carry: _Carry):
+    """carry -> (buffers, counters, treedef): two lists of the flat leaves, each None where the
+    other holds it (None is an empty pytree: jit passes it through)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(carry)
+    counters = [x if _is_counter(path) else None for path, x in flat]
+    buffers = [None if _is_counter(path) else x for path, x in flat]
+    return buffers, counters, treedef
+
+
+def _join_carry(buffers, counters, treedef) -> _Carry:
+    return jax.tree_util.tree_unflatten(treedef, [c if b is None else b for b, c in zip(buffers, counters)])
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
+def _decode_loop(graphdef, state, buffers, counters, keys, knobs: _Knobs, *, cfg: _Config, treedef) -> _Carry:
     """All remaining decode steps in one lax.while_loop."""
     TRACE_COUNTS["decode_loop"] += 1
     model = _merge(graphdef, state)
     return lax.while_loop(lambda c: (c.step < cfg.max_new_tokens) & ~jnp.all(c.done),
-                          lambda c: _decode_body(model, c, keys, knobs, cfg), carry._replace(step=step))
+                          lambda c: _decode_body(model, c, keys, knobs, cfg), _join_carry(buffers, counters, treedef))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",), donate_argnames=("carry",))
-def _decode_step(graphdef, state, carry: _Carry, step, keys, knobs: _Knobs, *, cfg: _Config) -> _Carry:
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
+def _decode_step(graphdef, state, buffers, counters, keys, knobs: _Knobs, *, cfg: _Config, treedef) -> _Carry:
     """One decode step (streaming)."""
     TRACE_COUNTS["decode_step"] += 1
-    return _decode_body(_merge(graphdef, state), carry._replace(step=step), keys, knobs, cfg)
+    return _decode_body(_merge(graphdef, state), _join_carry(buffers, counters, treedef), keys, knobs, cfg)
 
 
-def _run(fn, graphdef, state, carry: _Carry, keys, knobs, cfg):
+def _run(fn, graphdef, state, carry: _Carry, keys, knobs, cfg, *, lower: bool = False):
+    """fn (_decode_loop or _decode_step) on the carry; lower=True: its jax Lowered instead (the
+    program generate runs, for HLO checks and benchmarks)."""
+    buffers, counters, treedef = _split_carry(carry)
     with _on_mesh(cfg):
-        return fn(graphdef, state, carry._replace(step=None), carry.step, keys, knobs, cfg=cfg)
+        return (fn.lower if lower else fn)(graphdef, state, buffers, counters, keys, knobs, cfg=cfg, treedef=treedef)
 
 
 def _on_mesh(cfg: _Config):

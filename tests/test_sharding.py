@@ -151,8 +151,7 @@ def _child() -> dict:
         carry = gen._run_prefill(g, st, i, ln, keys, knobs, c)
         shapes = _cache_shapes(carry.cache, mesh.shape)
         with gen._on_mesh(c):  # the programs generate runs: the decode loop and the prefill
-            hlos = {"loop": gen._decode_loop.lower(g, st, carry._replace(step=None), carry.step, keys, knobs,
-                                                   cfg=c).compile().as_text(),
+            hlos = {"loop": gen._run(gen._decode_loop, g, st, carry, keys, knobs, c, lower=True).compile().as_text(),
                     "prefill": gen._prefill.lower(g, st, i, ln, keys, knobs, cfg=c).compile().as_text()}
         for part, hlo in hlos.items():
             res["hlo"][f"{name}/{part}"] = {"gathered": [[op, list(s)] for op, s in _gathered_cache(hlo, shapes)],
