@@ -41,6 +41,7 @@ from kivi_jax import packing
 from kivi_jax.checks import check_float, is_int
 from kivi_jax.eager import jit_when_eager
 
+
 def _norm_axis(name: str, axis: int, ndim: int) -> int:
     if not is_int(axis):  # (True was axis 1, 1.0 "out of range")
         raise ValueError(f"{name}={axis!r} must be an integer axis in [-{ndim}, {ndim})")
