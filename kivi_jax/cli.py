@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 import time
 
@@ -508,6 +509,10 @@ def cmd_eval_passkey(args) -> int:
 # ---- entry point ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
     """Runs the command; returns the exit code (0, or 2 for a user error, 130 on Ctrl-C)."""
+    # transformers (the tokenizer only) opens with an advisory "PyTorch was not found. Models won't
+    # be available" where torch is not installed, which the CLI never needs: advisories off, unless
+    # the user set the variable themselves (its warnings and errors stay on)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
