@@ -987,10 +987,11 @@ def render_plot(p: dict, path) -> None:
 
     sweep = [r for r in p["rows"] if r["section"] == "sweep"]
     paper = [r for r in p["rows"] if r["section"] in ("paper", "hf")]
-    panels = [f for f, rows in ((_plot_sweep, sweep), (_plot_paper, paper)) if rows] or [_plot_sweep, _plot_paper]
+    panels = [(_plot_sweep, sweep), (_plot_paper, paper)]
+    panels = [(draw, rows) for draw, rows in panels if rows] or panels  # nothing measured: both say so
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
-    for ax, draw in zip(axes[0], panels):
-        draw(ax, sweep if draw is _plot_sweep else paper)
+    for ax, (draw, rows) in zip(axes[0], panels):
+        draw(ax, rows)
     fig.suptitle(f"kivi-jax e2e decode, {p.get('device')}, commit {p['commit']}"
                  + (" (DRY RUN)" if p["dry_run"] else ""))
     fig.tight_layout()

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from kivi_jax import checks
-from kivi_jax.checks import is_int
+from kivi_jax.checks import check_float, is_int
 from pallas_kernels import row_writes
 
 
@@ -101,7 +100,7 @@ def check_init(config, config_cls, max_length: int, dtype):
     sinks = getattr(config, "sink_tokens", 0)
     if sinks >= max_length:
         raise ValueError(f"sink_tokens={sinks} must be < max_length={max_length}")
-    checks.check_float("cache", dtype)
+    check_float("cache", dtype)
 
 
 def check_kv(name_k: str, k, name_v: str, v, *, batch: int, heads: int, head_dim: int, tokens: int | None = None):

@@ -322,9 +322,8 @@ def _split_carry(carry: _Carry):
     """carry -> (buffers, counters, treedef): two lists of the flat leaves, each None where the
     other holds it (None is an empty pytree: jit passes it through)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(carry)
-    counters = [x if _is_counter(path) else None for path, x in flat]
-    buffers = [None if _is_counter(path) else x for path, x in flat]
-    return buffers, counters, treedef
+    leaves = [(x, _is_counter(path)) for path, x in flat]
+    return [None if c else x for x, c in leaves], [x if c else None for x, c in leaves], treedef
 
 
 def _join_carry(buffers, counters, treedef) -> _Carry:

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kivi_jax import cache_common as cc
-from kivi_jax import checks
 from kivi_jax import quant
+from kivi_jax.checks import check_float
 from kivi_jax.config import KIVIConfig
 
 AXES = ("channel", "token")
@@ -70,7 +70,7 @@ class SimQuantCache(cc.CacheShape):
             raise ValueError(f"SimQuantCache supports plain KIVI settings only; got {extras}")
         cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
         config.check_head_dim(head_dim)
-        checks.check_float("cache", dtype)
+        check_float("cache", dtype)
         tc = max(max_length, config.residual_length)  # room for a whole R-token block
         shape = (batch, num_kv_heads, tc, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32),
