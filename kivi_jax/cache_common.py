@@ -154,6 +154,27 @@ def check_prefill(cache, k, v, lengths=None):
     prompt_lengths(lengths, cache.batch_size, t, cache.max_length)
 
 
+def write_lengths(cache, active):
+    """The row lengths an append's writes see: ``cache.lengths``, with a row that is not
+    ``active`` shown full (max_length), so it writes nothing, exactly as a full row; its length
+    and overflow flag then stay as they were (:func:`appended`). active: None (every row
+    appends) or [B] bool. Both append kernels take these lengths as they are."""
+    if active is None:
+        return cache.lengths
+    active = jnp.asarray(active)
+    if active.shape != (cache.batch_size,) or active.dtype != jnp.bool_:
+        raise ValueError(f"active must be None or a bool array of shape ({cache.batch_size},) (the rows that "
+                         f"append); got {active.dtype} array of shape {active.shape}")
+    return jnp.where(active, cache.lengths, cache.max_length)
+
+
+def appended(cache, live, active):
+    """(lengths, overflow) [B] after an append in which the rows ``live`` wrote their token: an
+    active row that could not was full (its write refused and flagged)."""
+    refused = ~live if active is None else ~live & active
+    return cache.lengths + live, cache.overflow | refused
+
+
 def put_row(buf, x, index, axis, layer=None, add=False, keep=None):
     """Per batch row b: buf[b] with x[b] written at index[b] along ``axis`` (of the row).
 

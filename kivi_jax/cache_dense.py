@@ -49,19 +49,21 @@ class DenseCache(cc.CacheShape):
         return DenseCache(k_new, v_new, lengths, invalid, self.max_length)
 
     @jit_when_eager
-    def append(self, k, v) -> "DenseCache":
-        """Appends one token k, v [B, Hkv, 1, D] per row; a full row is left as is and flagged."""
-        return cc.apply_writes(self, *self.append_writes(k, v))
+    def append(self, k, v, active=None) -> "DenseCache":
+        """Appends one token k, v [B, Hkv, 1, D] per row; a full row is left as is and flagged.
+        active [B] bool (None: all): only these rows append; the others are left as they are."""
+        return cc.apply_writes(self, *self.append_writes(k, v, active))
 
-    def append_writes(self, k, v):
+    def append_writes(self, k, v, active=None):
         """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
-        the [B, Hkv, 1, D] token slab of k and of v (a full row rewrites its last slot as is)."""
+        the [B, Hkv, 1, D] token slab of k and of v (a row that does not write keeps its slot)."""
         self._check(k, v, tokens=1)
-        full = self.lengths >= self.max_length
-        at = jnp.minimum(self.lengths, self.max_length - 1)
-        writes = (cc.RowWrite(k.astype(self.dtype), at, "k", 1, keep=~full),
-                  cc.RowWrite(v.astype(self.dtype), at, "v", 1, keep=~full))
-        return writes, self.lengths + (~full), self.overflow | full
+        L = cc.write_lengths(self, active)
+        live = L < self.max_length
+        at = jnp.minimum(L, self.max_length - 1)
+        writes = (cc.RowWrite(k.astype(self.dtype), at, "k", 1, keep=live),
+                  cc.RowWrite(v.astype(self.dtype), at, "v", 1, keep=live))
+        return (writes, *cc.appended(self, live, active))
 
     def materialize(self):
         """(K, V) [B, Hkv, max_length, D] in the cache dtype; positions >= lengths are junk/zero."""

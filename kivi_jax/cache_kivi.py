@@ -233,15 +233,17 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         return jnp.where(ok[:, None, :, None], got, 0).astype(self.dtype)
 
     @jit_when_eager
-    def append(self, k, v) -> "KIVICache":
+    def append(self, k, v, active=None) -> "KIVICache":
         """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, the paper's order).
 
         A row already holding max_length tokens is left unchanged and flagged in ``overflow``.
         With sinks, a row holding L < S tokens writes the token into sink slot L instead.
+        active [B] bool (None: all rows): only these rows append; the others are left as they
+        are (a finished request in a batch that goes on decoding).
         """
-        return cc.apply_writes(self, *self.append_writes(k, v))
+        return cc.apply_writes(self, *self.append_writes(k, v, active))
 
-    def append_writes(self, k, v):
+    def append_writes(self, k, v, active=None):
         """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``.
 
         Slabs per row b (a row that writes nothing there is left out by the write's ``keep``):
@@ -259,7 +261,7 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         c = self.config
         r, kg, sk = c.residual_length, c.key_group, c.sink_tokens
         k, v = self._store(k, c.rotate_keys), self._store(v, c.rotate_values)
-        L = self.lengths
+        L = cc.write_lengths(self, active)  # (an inactive row shows as full: it writes nothing)
         # residual slots are [0, R) of k_res / v_res (sink slots [R, R + S) follow). One k_res /
         # v_res write per row: the residual slot, or the sink slot R + L of a row still filling
         # its sinks (a second write would read the buffer after the first: XLA copies it)
@@ -295,20 +297,20 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
                     cc.RowWrite(mn, n0 // kg, "k_min", 1, keep=flush))
 
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
-        return tuple(writes), L + live, self.overflow | ~live
+        return (tuple(writes), *cc.appended(self, live, active))
 
-    def stacked_append(self, stacked: "KIVICache", layer, k, v, rare=None) -> "KIVICache":
+    def stacked_append(self, stacked: "KIVICache", layer, k, v, rare=None, active=None) -> "KIVICache":
         """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer
         ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" (and a
         shape :mod:`pallas_kernels.kivi_append` takes) the plain writes are one kernel launch that
         also quantizes the value leaving the window; the key flush stays a conditional write."""
-        writes, lengths, overflow = self.append_writes(k, v)
+        writes, lengths, overflow = self.append_writes(k, v, active)
         c = self.config
         if append_impl() == "pallas" and kivi_append.supported(self.head_dim, c.group_size):
             fields = ("k_res", "v_res", "v_codes", "v_scale", "v_min")
             bufs = kivi_append.append(
                 *(getattr(stacked, f) for f in fields), self._store(k, c.rotate_keys), self._store(v, c.rotate_values),
-                self.lengths, layer, residual=c.residual_length, group_size=c.group_size, bits=c.v_bits,
+                cc.write_lengths(self, active), layer, residual=c.residual_length, group_size=c.group_size, bits=c.v_bits,
                 max_length=self.max_length, quantize=token_quantizer(c.v_bits, jnp.dtype(self.dtype)),
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(fields, bufs)))

@@ -236,11 +236,12 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         return dataclasses.replace(out, k_res=k_res, v_res=cc.row_major(out.v_res))
 
     @jit_when_eager
-    def append(self, k, v) -> "MosaicKIVICache":
-        """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append)."""
-        return cc.apply_writes(self, *self.append_writes(k, v))
+    def append(self, k, v, active=None) -> "MosaicKIVICache":
+        """Appends one token k, v [B, Hkv, 1, D] per row (Algorithm 1, as KIVICache.append;
+        active [B] bool: only these rows append)."""
+        return cc.apply_writes(self, *self.append_writes(k, v, active))
 
-    def append_writes(self, k, v):
+    def append_writes(self, k, v, active=None):
         """What :meth:`append` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
         the key at residual slot Lb % R (Lb = L - S, the body; a row still filling its sinks:
         sink slot R + L, and nothing else); the value leaving the window quantized into its words
@@ -252,7 +253,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         c = self.config
         r, sk = c.residual_length, c.sink_tokens
         k, v = stored(k, self.dtype, c.rotate_keys), stored(v, self.dtype, c.rotate_values)
-        L = self.lengths
+        L = cc.write_lengths(self, active)  # (an inactive row shows as full: it writes nothing)
         # one k_res / v_res write a row: the ring slot, or sink slot R + L while the sinks fill
         live, spill, slot, at, p = kivi_append.ring_slots(L, r=r, sinks=sk, max_length=self.max_length)
         live_body, Lb = live & (L >= sk), self.body_lengths
@@ -297,21 +298,21 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
                     cc.RowWrite(cc.row_major(k_hat), jnp.zeros_like(n0), "k_res", 1, keep=flush))
 
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
-        return tuple(writes), L + live, self.overflow | ~live
+        return (tuple(writes), *cc.appended(self, live, active))
 
-    def stacked_append(self, stacked: "MosaicKIVICache", layer, k, v, rare=None) -> "MosaicKIVICache":
+    def stacked_append(self, stacked: "MosaicKIVICache", layer, k, v, rare=None, active=None) -> "MosaicKIVICache":
         """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer
         ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" the plain
         writes are one kernel launch that also quantizes the leaving value
         (:mod:`pallas_kernels.mosaic_append`); the key flush stays a conditional write."""
-        writes, lengths, overflow = self.append_writes(k, v)
+        writes, lengths, overflow = self.append_writes(k, v, active)
         if append_impl() == "pallas":
             from pallas_kernels import mosaic_append
 
             c = self.config
             bufs = mosaic_append.append(
                 stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, stored(k, self.dtype, c.rotate_keys),
-                stored(v, self.dtype, c.rotate_values), self.lengths, layer, max_length=self.max_length,
+                stored(v, self.dtype, c.rotate_values), cc.write_lengths(self, active), layer, max_length=self.max_length,
                 quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)), residual=c.residual_length,
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))

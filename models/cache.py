@@ -69,19 +69,21 @@ class StackedCache:
         return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), i, 0),
                                          self.layers, one_layer))
 
-    def append_layer(self, i, k, v, rare=None) -> "StackedCache":
-        """``layer(i).append(k, v)`` stored back as layer ``i``, writing only the slabs the token
-        changes (the format's ``append_writes``) into the stacked buffers, in place. rare:
+    def append_layer(self, i, k, v, rare=None, active=None) -> "StackedCache":
+        """``layer(i).append(k, v, active)`` stored back as layer ``i``, writing only the slabs the
+        token changes (the format's ``append_writes``) into the stacked buffers, in place. rare:
         ``cache_common.apply_writes``'s (None: a conditional per rare write; True / False: the
-        value :meth:`rare_writes_due` had before this step's appends)."""
+        value :meth:`rare_writes_due` had before this step's appends). active [B] bool (None:
+        every row): the rows that append; the others are left as they are."""
         one = self.layer(i)
+        kw = {} if active is None else {"active": active}
         if not hasattr(one, "append_writes"):  # a format without row writes: whole-layer write
-            return self.set_layer(i, one.append(k, v))
+            return self.set_layer(i, one.append(k, v, **kw))
         if hasattr(one, "stacked_append"):  # a format that may write its appends its own way
-            return StackedCache(one.stacked_append(self.layers, i, k, v, rare=rare))
-        return StackedCache(cc.apply_writes(self.layers, *one.append_writes(k, v), layer=i, rare=rare))
+            return StackedCache(one.stacked_append(self.layers, i, k, v, rare=rare, **kw))
+        return StackedCache(cc.apply_writes(self.layers, *one.append_writes(k, v, **kw), layer=i, rare=rare))
 
-    def rare_writes_due(self):
+    def rare_writes_due(self, active=None):
         """A bool scalar: whether the next token's appends make rare writes (KIVI's key flush)
         in any row, or None for a format that never does. Every layer appends each token, so
         their lengths move together and layer 0 answers for all: a model step decides once
@@ -91,7 +93,8 @@ class StackedCache:
         if not hasattr(one, "append_writes"):
             return None
         token = jnp.zeros((one.batch_size, one.num_kv_heads, 1, one.head_dim), one.dtype)  # (only the predicates are used)
-        preds = [w.pred for w in one.append_writes(token, token)[0] if isinstance(w, cc.WritesIf)]
+        kw = {} if active is None else {"active": active}  # (rows that do not append make no rare write)
+        preds = [w.pred for w in one.append_writes(token, token, **kw)[0] if isinstance(w, cc.WritesIf)]
         return cc.any_in_batch(jnp.any(jnp.stack(preds))) if preds else None
 
     def write_rows(self, start, rows: "StackedCache") -> "StackedCache":

@@ -83,10 +83,11 @@ def rare_writes_mode() -> str:
     return switches.resolve("models.llama.RARE_WRITES", RARE_WRITES, RARE_WRITES_MODES, gpu="step", other="layer")
 
 
-def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None):
+def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None,
+           active=None):
     """One decoder layer. p: this layer's weights; x [B, T, H]; cache: the StackedCache (or
     None), of which this layer reads and writes layer ``i`` in place. rare: the step's
-    decision on the cache's rare writes (``StackedCache.append_layer``)."""
+    decision on the cache's rare writes, active: the rows that append (``StackedCache.append_layer``)."""
     b, t, _ = x.shape
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     window = config.sliding_window
@@ -101,7 +102,7 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
 
     if decode:
         with jax.named_scope("cache_append"):
-            cache = cache.append_layer(i, k, v, rare=rare)  # only the new token's slabs are written
+            cache = cache.append_layer(i, k, v, rare=rare, active=active)  # only the new token's slabs are written
         with jax.named_scope("attention"):
             # stack=: the kernel reads the quantized arrays in place (a sliced operand is a copy)
             o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window, stack=(cache.layers, i))
@@ -209,7 +210,7 @@ class Llama(nnx.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, input_ids, cache: StackedCache | None = None, *, lengths=None, attn_impl: str = "auto",
-                 logits_at=None, matmul_impl: str = "xla"):
+                 logits_at=None, matmul_impl: str = "xla", active=None):
         """input_ids [B, T] int -> (logits [B, T, V] float32, new cache).
 
         Prompt (T > 1, or any T when ``lengths`` is given): positions 0..T-1, replaces the
@@ -225,6 +226,10 @@ class Llama(nnx.Module):
         with the attention kernels: dense 9.2 vs 15.6 ms steps. Not with attn_impl="xla" on a
         dense cache: XLA then copies the whole stacked dense cache every layer (1.2 s steps;
         pallas_kernels/NOTES.md). ``kivi_jax.generate`` passes "pallas" on one GPU.
+        active [B] bool (decode steps only; None: every row): the rows whose token is appended
+        to the cache; the others' cache rows and lengths are left as they are (their logits
+        are computed and meaningless). ``kivi_jax.generate`` passes the rows still running, so
+        its final cache holds exactly each row's tokens, ready to be continued.
         """
         c = self.config
         ids = jnp.asarray(input_ids)
@@ -250,6 +255,9 @@ class Llama(nnx.Module):
                 raise ValueError(f"cache holds L={cache.num_layers}, B={cache.batch_size}; "
                                  f"the model has L={c.num_layers} and input_ids B={b}")
         decode = cache is not None and t == 1 and lengths is None
+        if active is not None and not decode:
+            raise ValueError("active= is for decode steps (T == 1 with a cache and no lengths); a prompt "
+                             "writes every row's first lengths[b] tokens")
         if decode:
             positions = cache.lengths[:, None]
         else:
@@ -273,12 +281,12 @@ class Llama(nnx.Module):
                 if in_place:
                     p = {**p, **{k: kj_matmul.StackedMatrix(w, i, "pallas") for k, w in weights.items() if k not in p}}
                 x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
-                                  decode=decode, rare=rare)
+                                  decode=decode, rare=rare, active=active)
                 return (x, cache), None
 
             return lax.scan(body, carry, (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))[0]
 
-        due = cache.rare_writes_due() if decode and rare_mode == "step" else None
+        due = cache.rare_writes_due(active) if decode and rare_mode == "step" else None
         if due is None:  # (RARE_WRITES "layer": each layer's rare writes in a conditional of their own)
             x, cache = layers((x, cache))
         else:  # KIVI's key flush (one step in R): decided once for the step, not in a cond a layer
@@ -387,12 +395,13 @@ def params_of(model: Llama) -> dict:
 
 
 def functional(model: Llama):
-    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", matmul_impl="xla")
-    -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
+    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", matmul_impl="xla",
+    active=None) -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
     graphdef, params = nnx.split(model)
 
-    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", matmul_impl: str = "xla"):
+    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", matmul_impl: str = "xla",
+              active=None):
         return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl,
-                                           matmul_impl=matmul_impl)
+                                           matmul_impl=matmul_impl, active=active)
 
     return apply, params

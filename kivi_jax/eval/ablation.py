@@ -126,15 +126,15 @@ class SimQuantCache(cc.CacheShape):
         v_buf = jnp.zeros_like(self.v).at[:, :, :t].set(jnp.where(keep, v, 0))
         return SimQuantCache(k_buf, v_buf, lengths, invalid, c, self.key_axis, self.value_axis, self.max_length)
 
-    def append(self, k, v) -> "SimQuantCache":
+    def append(self, k, v, active=None) -> "SimQuantCache":
         """Appends one token k, v [B, Hkv, 1, D] per row, then quantizes what KIVI would: a full
         R-block of keys (and of per-channel values), the value token leaving the R-window.
-        A row already holding max_length tokens is left unchanged and flagged in ``overflow``."""
+        A row already holding max_length tokens is left unchanged and flagged in ``overflow``;
+        active [B] bool (None: all rows): only these rows append."""
         cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads, head_dim=self.head_dim, tokens=1)
         r = self.config.residual_length
-        L = self.lengths
-        full = L >= self.max_length
-        live = ~full
+        L = cc.write_lengths(self, active)  # (an inactive row shows as full: it writes nothing)
+        live = L < self.max_length
         at = jnp.minimum(L, self.max_length - 1)
         live4 = live[:, None, None, None]
         k_buf = cc.put_row(self.k, jnp.where(live4, k.astype(self.dtype), cc.take_row(self.k, at, 1, axis=1)), at, axis=1)
@@ -163,7 +163,7 @@ class SimQuantCache(cc.CacheShape):
             tok = cc.take_row(v_buf, t_out, 1, axis=1)
             v_buf = cc.put_row(v_buf, jnp.where(spill[:, None, None, None], self._fake(tok, *self._v_args()), tok),
                                t_out, axis=1)
-        return SimQuantCache(k_buf, v_buf, L + live, self.overflow | full, self.config, self.key_axis,
+        return SimQuantCache(k_buf, v_buf, *cc.appended(self, live, active), self.config, self.key_axis,
                              self.value_axis, self.max_length)
 
     def materialize(self):
