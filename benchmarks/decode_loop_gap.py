@@ -36,7 +36,7 @@ import kivi_jax
 import models
 from benchmarks import common
 from benchmarks.e2e import KIVI, model_config
-from kivi_jax.generate import _decode_loop, _decode_step, _prepare, _run, _run_prefill
+from kivi_jax.generate import _decode_loop, _decode_step, _prepare, _run, _run_prompt
 
 
 def measure(model, ids, kivi, new_tokens: int, reps: int, trace: bool) -> dict:
@@ -45,7 +45,7 @@ def measure(model, ids, kivi, new_tokens: int, reps: int, trace: bool) -> dict:
         model, ids, max_new_tokens=new_tokens, kivi=kivi, lengths=None, temperature=0.0, top_k=None, top_p=None,
         eos_id=None, key=None, pad_id=0, max_length=None, cache_dtype=None, attn_impl=None)
     steps = new_tokens - 1
-    prefill = lambda: jax.block_until_ready(_run_prefill(graphdef, state, ids, lens, keys, knobs, cfg))  # noqa: E731
+    prefill = lambda: jax.block_until_ready(_run_prompt(graphdef, state, ids, lens, keys, knobs, cfg))  # noqa: E731
     carry, tokens = {}, {}
 
     def fresh():  # each timed run gets its own prefilled carry (the loop and the steps donate it)

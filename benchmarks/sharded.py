@@ -177,7 +177,7 @@ def child(spec: dict) -> None:
             tokens = None
             for _ in range(reps):
                 t0 = time.perf_counter()
-                carry = gen._run_prefill(g, st, i, ln, keys, knobs, c)
+                carry = gen._run_prompt(g, st, i, ln, keys, knobs, c)
                 jax.block_until_ready(carry)
                 t1 = time.perf_counter()
                 carry = gen._run(gen._decode_loop, g, st, carry, keys, knobs, c)

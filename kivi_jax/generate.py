@@ -4,7 +4,7 @@ Model protocol (``models/`` implements it; ``tests/toy_model.py`` is a small exa
 
     cache = model.init_cache(batch_size, max_length, kivi=None | KIVIConfig[, dtype=...])
     logits, cache = model(input_ids, cache, lengths=lengths[, attn_impl=...][, logits_at=...])  # prefill
-    logits, cache = model(token[:, None], cache[, attn_impl=...][, matmul_impl=...])  # decode
+    logits, cache = model(token[:, None], cache[, attn_impl=...][, matmul_impl=...][, active=...])  # decode
 
 Prefill: input_ids [B, T] right-padded, row b's prompt is its first ``lengths[b]`` tokens,
 the cache is empty; ``generate`` always passes ``lengths=`` here (also when T == 1).
@@ -13,7 +13,10 @@ are [B, T, vocab]. A model whose call takes ``logits_at`` ([B] positions -> logi
 [B, 1, vocab]) gets ``lengths - 1`` in the prefill: only each prompt's last position goes
 through the LM head (full-prompt logits are B x T x vocab float32, more than a 2-bit cache).
 ``dtype=``, ``attn_impl=`` and ``matmul_impl=`` are passed only when the caller sets them
-(``matmul_impl`` in decode steps only).
+(``matmul_impl`` in decode steps only). A model whose call takes ``active`` ([B] bool) gets
+it in every decode step: only those rows' tokens are appended to the cache (the rows still
+running; with ``cache=``, the rows whose input goes on), so the final cache holds exactly each
+row's tokens and can be continued.
 The cache is an opaque pytree (a tuple of per-layer caches, or a stacked one). A cache with
 ``write_rows(start, sub) -> cache`` (rows start.. replaced by the smaller cache ``sub``, as
 ``models.StackedCache`` has) gets its prefill in slices of ``prefill_rows`` rows.
@@ -47,9 +50,13 @@ Stopping, per row: after its EOS token (which is kept and counted), after
 ``max_new_tokens``, or when the cache is full (``max_length`` tokens held: the row keeps the
 token computed from a full cache but cannot append it). A row whose cache reports
 ``overflow`` (a write was refused) stops without emitting the token computed from it.
-Rows that stopped keep being fed token 0 while others run: their slots in the final cache
-then hold filler past their real tokens, and the cache never writes past its capacity
-(a full row's append is refused by the cache itself).
+Rows that stopped keep being fed token 0 while others run, and the cache never writes past its
+capacity (a full row's append is refused by the cache itself). A model that takes ``active``
+appends nothing for them; with one that does not, their slots in the final cache hold that
+filler past their real tokens.
+
+Multi-turn: ``generate(model, next_ids, cache=out.cache, ...)`` goes on from a returned cache
+(``_feed``: the new tokens through decode steps, then the same decode loop).
 
 Sampling: see :mod:`kivi_jax.sampling`. Row b's token at step s (s = 0 is the token after
 the prompt) is drawn with ``fold_in(row_key[b], s)``, with ``row_key[b] = fold_in(key, b)``
@@ -130,6 +137,7 @@ class _Config:
     rules: Any = None  # sharding.ShardingRules used with the mesh
     logits_at: bool = False  # the model's call takes logits_at= (prefill: last positions only)
     prefill_rows: int | None = None  # rows per prefill call (None: the whole batch at once)
+    active: bool = False  # the model's call takes active= (decode: only running rows append)
 
 
 class _Knobs(NamedTuple):
@@ -172,10 +180,12 @@ def _merge(graphdef, state):
     return nnx.merge(graphdef, state)
 
 
-def _call_model(model, ids, cache, cfg: _Config, lengths=None, logits_at=None):
+def _call_model(model, ids, cache, cfg: _Config, lengths=None, logits_at=None, active=None):
     kw = {} if cfg.attn_impl is None else {"attn_impl": cfg.attn_impl}
     if cfg.matmul_impl is not None and lengths is None:  # a decode step
         kw["matmul_impl"] = cfg.matmul_impl
+    if cfg.active and active is not None:  # (a decode step: the rows whose token the cache appends)
+        kw["active"] = active
     if lengths is not None:
         kw["lengths"] = lengths
     if logits_at is not None:
@@ -208,12 +218,27 @@ def _default_matmul_impl(model, mesh) -> str | None:
     return "pallas"
 
 
+def _cache_objects(cache):
+    """The cache objects in a cache pytree: anything with ``.overflow`` and ``.lengths``."""
+    return jax.tree_util.tree_leaves(cache, is_leaf=lambda x: hasattr(x, "overflow") and hasattr(x, "lengths"))
+
+
+def _cache_lengths(cache, batch: int):
+    """[B] int32: the tokens each row of the cache holds (its first cache object's lengths; a
+    stacked one's layer 0: every layer holds the same)."""
+    objs = [o for o in _cache_objects(cache) if hasattr(o, "lengths") and getattr(o.lengths, "ndim", 0) >= 1
+            and o.lengths.shape[-1] == batch]
+    if not objs:
+        raise ValueError(f"cache has no object with per-row lengths [..., B={batch}] (a cache made by "
+                         f"model.init_cache, or returned by generate, for a batch of {batch})")
+    return objs[0].lengths.reshape(-1, batch)[0].astype(jnp.int32)
+
+
 def _cache_overflow(cache, batch: int):
     """[B] bool: any cache object in the pytree (anything with ``.overflow`` and
     ``.lengths``) flagged a refused write for the row; None if no such object is found.
     ``overflow`` may carry leading axes (a stacked per-layer cache): batch is its last axis."""
-    objs = jax.tree_util.tree_leaves(cache, is_leaf=lambda x: hasattr(x, "overflow") and hasattr(x, "lengths"))
-    flags = [o.overflow for o in objs if hasattr(o, "overflow")]
+    flags = [o.overflow for o in _cache_objects(cache) if hasattr(o, "overflow")]
     flags = [f for f in flags if getattr(f, "ndim", 0) >= 1 and f.shape[-1] == batch]
     if not flags:
         return None
@@ -251,14 +276,46 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
         last, cache = _prefill_batch(model, input_ids, lengths, cfg)
     else:
         last, cache = _prefill_in_slices(model, input_ids, lengths, cfg.prefill_rows, cfg)
+    return _first_token(cache, last, lengths, keys, knobs, cfg)
+
+
+def _first_token(cache, last, cache_len, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
+    """The carry after a prompt: column 0 sampled from last [B, V], the logits of each row's
+    last prompt token; cache_len [B]: the rows' real tokens in the cache."""
+    b = cache_len.shape[0]
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
     c = _Carry(cache=cache, token=jnp.zeros((b,), jnp.int32),
                tokens=jnp.full((b, cfg.max_new_tokens), knobs.pad_id, jnp.int32),
-               num_new=jnp.zeros((b,), jnp.int32), cache_len=lengths, done=jnp.zeros((b,), bool),
+               num_new=jnp.zeros((b,), jnp.int32), cache_len=cache_len, done=jnp.zeros((b,), bool),
                step=jnp.zeros((), jnp.int32))
     return _emit(c, _sample(last, keys, c.step, knobs, cfg), ok, knobs, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
+def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _Config,
+          treedef) -> _Carry:
+    """A prompt that continues a cache (its buffers donated): row b's first lengths[b] tokens
+    go through decode steps one by one, appended at the row's position as any generated token
+    (Algorithm 1's streaming order; a row past its length appends nothing); then column 0 is
+    sampled from the logits of each row's last token."""
+    TRACE_COUNTS["feed"] += 1
+    model = _merge(graphdef, state)
+    cache = sharding.constrain_cache(_join_carry(buffers, counters, treedef), cfg.mesh, cfg.rules)
+    held = _cache_lengths(cache, input_ids.shape[0])
+
+    def step(i, state):
+        cache, last = state
+        logits, cache = _call_model(model, lax.dynamic_index_in_dim(input_ids, i, 1), cache, cfg,
+                                    active=i < lengths)
+        cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
+        return cache, jnp.where((i == lengths - 1)[:, None], logits[:, -1], last)
+
+    shape = jax.eval_shape(lambda c: _call_model(model, input_ids[:, :1], c, cfg, active=lengths > 0)[0], cache)
+    init = (cache, jnp.zeros((shape.shape[0], shape.shape[2]), shape.dtype))
+    cache, last = lax.fori_loop(0, jnp.max(lengths), step, init)
+    return _first_token(cache, last, held + lengths, keys, knobs, cfg)
 
 
 def _new_cache(model, b: int, cfg: _Config):
@@ -297,7 +354,8 @@ def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
     """One decode step for every row (stopped rows are fed token 0 and emit nothing)."""
     b = c.token.shape[0]
     active = ~c.done
-    logits, cache = _call_model(model, c.token[:, None], sharding.constrain_cache(c.cache, cfg.mesh, cfg.rules), cfg)
+    logits, cache = _call_model(model, c.token[:, None], sharding.constrain_cache(c.cache, cfg.mesh, cfg.rules), cfg,
+                                active=active)  # (a stopped row's filler token is not appended)
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)  # the loop carry keeps its sharding
     overflow = _cache_overflow(cache, b)
     ok = active if overflow is None else active & ~overflow
@@ -359,9 +417,13 @@ def _on_mesh(cfg: _Config):
     return contextlib.nullcontext() if cfg.mesh is None else sharding.use_mesh(cfg.mesh, cfg.rules)
 
 
-def _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg: _Config) -> _Carry:
+def _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg: _Config, cache=None) -> _Carry:
+    """The prompt's carry: a prefill into a new cache, or fed into ``cache`` (donated)."""
     with _on_mesh(cfg):
-        return _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
+        if cache is None:
+            return _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
+        buffers, counters, treedef = _split_carry(cache)
+        return _feed(graphdef, state, buffers, counters, ids, lens, keys, knobs, cfg=cfg, treedef=treedef)
 
 
 # ---- argument checks ------------------------------------------------------------------------
@@ -406,9 +468,42 @@ def _check_token_ids(model, input_ids, lengths, eos) -> None:
         raise ValueError(f"eos_id={[e for e in eos if e >= vocab]} outside the model's vocabulary [0, {vocab})")
 
 
+def _cache_max_length(cache) -> int:
+    """A continued cache's capacity: its (first) cache object's static ``max_length``."""
+    for o in _cache_objects(cache):
+        if _is_int(getattr(o, "max_length", None)):
+            return int(o.max_length)
+    raise ValueError("cache has no max_length: pass a cache made by model.init_cache or returned by generate")
+
+
+def _check_continuation(model, cache, input_ids, lengths, max_length, **unset):
+    """generate(cache=...): the model appends selected rows (active=), the cache fits the batch
+    and has room for each row's new tokens; settings that make a new cache are left unset."""
+    if not _takes(model, "active"):
+        raise ValueError("cache= needs a model whose decode call takes active= (the rows that append; the "
+                         "models in models/ do): without it, rows could not feed prompts of different lengths")
+    for name, value in unset.items():
+        if value is not None:
+            raise ValueError(f"{name}={value!r} must be None with cache=: the cache given decides it")
+    b = input_ids.shape[0]
+    held, cap = _concrete(_cache_lengths(cache, b)), _cache_max_length(cache)
+    if max_length is not None and max_length != cap:
+        raise ValueError(f"max_length={max_length!r} differs from the cache's capacity {cap}; leave it None")
+    overflow, lens = _concrete(_cache_overflow(cache, b)), _concrete(lengths)
+    if overflow is not None and overflow.any():
+        raise ValueError(f"cache rows {np.flatnonzero(overflow).tolist()} have overflow set (a write was refused: "
+                         f"their content is incomplete); continue from a cache whose rows all fit")
+    if held is not None and lens is not None and (held + lens > cap).any():
+        rows = np.flatnonzero(held + lens > cap).tolist()
+        raise ValueError(f"input_ids do not fit the cache: rows {rows} hold {held[rows].tolist()} of "
+                         f"max_length={cap} tokens and add {lens[rows].tolist()}; start a new cache with a larger "
+                         f"max_length")
+    return cap
+
+
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
              pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None,
-             matmul_impl=None):
+             matmul_impl=None, cache=None):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -432,11 +527,11 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
                          f"array of shape {input_ids.shape}")
     input_ids = input_ids.astype(jnp.int32)
     b, t = input_ids.shape
-    if max_length is None:
+    if cache is None and max_length is None:
         max_length = t + max_new_tokens
-    if not _is_int(max_length) or max_length < 1:
+    if max_length is not None and (not _is_int(max_length) or max_length < 1):
         raise ValueError(f"max_length={max_length!r} must be an integer >= 1")
-    if t > max_length:
+    if cache is None and t > max_length:
         raise ValueError(f"max_length={max_length} is shorter than the prompt: input_ids has T={t} tokens "
                          f"(max_length must be >= T)")
 
@@ -466,6 +561,9 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     if not all(_is_int(e) and e >= 0 for e in eos):
         raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids (integers >= 0)")
     _check_token_ids(model, input_ids, lengths, eos)
+    if cache is not None:
+        max_length = _check_continuation(model, cache, input_ids, lengths, max_length, kivi=kivi,
+                                         cache_dtype=cache_dtype, prefill_rows=prefill_rows)
 
     keys = sampling.row_keys(key, b, required=not sampler.greedy)
     knobs = _Knobs(temperature=jnp.asarray(1.0 if sampler.greedy else float(temperature), jnp.float32),
@@ -489,8 +587,9 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
                   cache_dtype=cache_dtype, attn_impl=attn_impl, matmul_impl=matmul_impl, sampler=sampler,
                   mesh=mesh, rules=rules,
-                  logits_at=_takes(model, "logits_at"))
-    cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
+                  logits_at=_takes(model, "logits_at"), active=_takes(model, "active"))
+    if cache is None:
+        cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
     if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)
         if state is not None:
@@ -532,7 +631,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
              cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
-             prefill_rows: int | None = None, matmul_impl: str | None = None) -> GenerateOutput:
+             prefill_rows: int | None = None, matmul_impl: str | None = None, cache=None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per row after a (ragged) batch of prompts.
 
     Args:
@@ -563,17 +662,28 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         rows; the cache is written slice by slice). None: as many as fit in
         ``PREFILL_TOKENS`` prompt tokens when T >= max_length / 2, else (and under a mesh, or for a cache
         without ``write_rows``) the whole batch. Same tokens for any value.
+      cache: None (a new cache for the prompts), or a cache to continue (multi-turn): one
+        returned by ``generate`` (``GenerateOutput.cache``) or a model call, for B rows. Row b's
+        input_ids then follow what it holds, at positions ``cache.lengths[b]`` on, fed through
+        decode steps one token at a time (the order of Algorithm 1, exactly as if they had been
+        generated; a long input costs one step a token). ``generate``'s cache holds each row's
+        prompt and new tokens except the last one (never fed back): start the next input_ids
+        with it. The cache decides the capacity and format, so ``kivi``, ``cache_dtype``,
+        ``max_length`` and ``prefill_rows`` stay None; every row must fit (held + lengths[b]
+        <= max_length). Its buffers are donated (reused in place: the array passed in is
+        deleted). Needs a model whose decode call takes ``active=`` (the models here).
 
     Returns:
       GenerateOutput(tokens [B, N] int32, lengths [B] int32, cache). Deterministic: greedy
-      always, sampling for a given key.
+      always, sampling for a given key. ``cache`` holds exactly each row's tokens (a row that
+      stopped appends nothing more), ready to be continued.
     """
     graphdef, state, ids, lens, keys, knobs, cfg = _prepare(
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
-        matmul_impl=matmul_impl)
-    carry = _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg)
+        matmul_impl=matmul_impl, cache=cache)
+    carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, cache)
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
     return GenerateOutput(tokens=carry.tokens, lengths=carry.num_new, cache=carry.cache)
@@ -583,7 +693,8 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
                     cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
-                    prefill_rows: int | None = None, matmul_impl: str | None = None) -> Iterator[StreamStep]:
+                    prefill_rows: int | None = None, matmul_impl: str | None = None,
+                    cache=None) -> Iterator[StreamStep]:
     """Like :func:`generate`, but yields a :class:`StreamStep` (host arrays [B]) per step.
 
     Runs the same jitted prefill and decode step as ``generate`` (the step is called from
@@ -596,12 +707,12 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
-        matmul_impl=matmul_impl)
-    return _stream(*prepared)
+        matmul_impl=matmul_impl, cache=cache)
+    return _stream(*prepared, cache)
 
 
-def _stream(graphdef, state, ids, lens, keys, knobs, cfg: _Config) -> Iterator[StreamStep]:
-    carry = _run_prefill(graphdef, state, ids, lens, keys, knobs, cfg)
+def _stream(graphdef, state, ids, lens, keys, knobs, cfg: _Config, cache=None) -> Iterator[StreamStep]:
+    carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, cache)
     for s in range(cfg.max_new_tokens):
         if s:
             carry = _run(_decode_step, graphdef, state, carry, keys, knobs, cfg)

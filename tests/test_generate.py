@@ -396,7 +396,7 @@ def test_decode_loop_donates_the_cache_buffers_and_keeps_the_counters(model, pro
     graphdef, state, ids_j, lens_j, keys, knobs, cfg = gen._prepare(
         model, ids, max_new_tokens=N, kivi=KIVI, lengths=lens, temperature=0.0, top_k=None, top_p=None,
         eos_id=None, key=None, pad_id=0, max_length=None, cache_dtype=jnp.float32, attn_impl="auto")
-    carry = gen._run_prefill(graphdef, state, ids_j, lens_j, keys, knobs, cfg)
+    carry = gen._run_prompt(graphdef, state, ids_j, lens_j, keys, knobs, cfg)
     leaves = jax.tree_util.tree_flatten_with_path(carry)[0]
     names = {jax.tree_util.keystr(path): x for path, x in leaves}
     gen._run(gen._decode_loop, graphdef, state, carry, keys, knobs, cfg)
@@ -413,6 +413,170 @@ def test_decode_loop_donates_the_cache_buffers_and_keeps_the_counters(model, pro
                                              **F32).tokens[0])(jnp.asarray(ids), jnp.asarray(same))
     np.testing.assert_array_equal(np.asarray(got), generate(model, ids, lengths=same, max_new_tokens=N, kivi=KIVI,
                                                             **F32).tokens)
+
+
+# ---- multi-turn: continuing a returned cache ------------------------------------------------
+
+def _turns(model, ids, lens, kivi, n1=N, n2=6, seed=1):
+    """Turn 1 (with an EOS, so rows stop at different steps) and turn 2's input: each row's last
+    new token (generate never feeds it back) then 4, 2 or 0 more tokens."""
+    free = rows(generate(model, ids, lengths=lens, max_new_tokens=n1, kivi=kivi, **F32))
+    eos = free[0][3]
+    out1 = generate(model, ids, lengths=lens, max_new_tokens=n1, kivi=kivi, eos_id=eos, max_length=48, **F32)
+    r1 = rows(out1)
+    nxt = np.random.default_rng(seed).integers(0, V, (3, 5)).astype(np.int32)
+    nxt[:, 0] = [r[-1] for r in r1]
+    nl = np.array([5, 3, 1], np.int32)
+    return out1, r1, nxt, nl
+
+
+@pytest.mark.parametrize("kivi", [None, KIVI])
+def test_final_cache_holds_exactly_each_rows_tokens(model, prompts, kivi):
+    """Rows that stopped early (EOS) append nothing more: the cache holds the prompt and every
+    new token but the last (never fed back), layer by layer."""
+    ids, lens = prompts
+    out1, r1, _, _ = _turns(model, ids, lens, kivi)
+    assert len({len(r) for r in r1}) > 1  # the rows stopped at different steps
+    for c in out1.cache:
+        np.testing.assert_array_equal(c.lengths, lens + np.asarray(out1.lengths) - 1)
+        assert not np.asarray(c.overflow).any()
+
+
+def test_continued_dense_cache_equals_the_full_forward(model, last, prompts):
+    """Two more turns on turn 1's cache give, row by row, the greedy tokens of the cache-free
+    forward over the whole conversation (prompt, turn 1's tokens, turn 2's input, ...)."""
+    ids, lens = prompts
+    out1, r1, nxt, nl = _turns(model, ids, lens, None)
+    out2 = generate(model, nxt, lengths=nl, max_new_tokens=6, cache=out1.cache)
+    r2 = rows(out2)
+    nxt3 = np.random.default_rng(2).integers(0, V, (3, 2)).astype(np.int32)
+    nxt3[:, 0] = [r[-1] for r in r2]
+    out3 = generate(model, nxt3, lengths=np.array([1, 2, 2], np.int32), max_new_tokens=3, cache=out2.cache)
+    for b in range(3):
+        seq = list(ids[b, :lens[b]]) + r1[b] + list(nxt[b, 1:nl[b]])
+        assert r2[b] == naive_greedy(last, seq, 6), f"row {b}"
+        seq += r2[b] + list(nxt3[b, 1:[1, 2, 2][b]])
+        assert rows(out3)[b] == naive_greedy(last, seq, 3), f"row {b}, turn 3"
+        assert int(out3.cache[0].lengths[b]) == len(seq) + 2
+
+
+def _eager_stream(model, prompt, fed, n, kivi):
+    """One row alone through the model's own calls (no generate): the prompt prefilled, each
+    token of ``fed`` a decode step, then n greedy steps. Returns the n tokens."""
+    prefill = jitted(lambda m, x, c, ln: m(x, c, lengths=ln), model)
+    decode = jitted(lambda m, x, c: m(x, c), model)
+    cache = model.init_cache(1, 48, kivi=kivi, dtype=jnp.float32)
+    logits, cache = prefill(jnp.asarray([prompt], jnp.int32), cache, jnp.asarray([len(prompt)], jnp.int32))
+    logits = logits[:, len(prompt) - 1:len(prompt)]
+    for t in fed:
+        logits, cache = decode(jnp.asarray([[t]], jnp.int32), cache)
+    out = []
+    for _ in range(n):
+        out.append(int(jnp.argmax(logits[0, -1])))
+        logits, cache = decode(jnp.asarray([[out[-1]]], jnp.int32), cache)
+    return out, int(gen._cache_lengths(cache, 1)[0]) - 1
+
+
+def test_continued_kivi_cache_equals_one_stream_per_row(model, prompts):
+    """KIVI (R=16: flushes and spills in both turns, while other rows have stopped): a continued
+    batch gives each row the tokens of that row alone streamed through the model's own decode
+    calls, every token after the prompt appended in order (Algorithm 1)."""
+    ids, lens = prompts
+    out1, r1, nxt, nl = _turns(model, ids, lens, KIVI)
+    out2 = generate(model, nxt, lengths=nl, max_new_tokens=6, cache=out1.cache)
+    for b in range(3):
+        want, held = _eager_stream(model, list(ids[b, :lens[b]]), r1[b][:-1] + list(nxt[b, :nl[b]]), 6, KIVI)
+        assert rows(out2)[b] == want, f"row {b}"
+        assert int(out2.cache[0].lengths[b]) == held
+
+
+@pytest.mark.parametrize("layout, rare", [("tokens", "layer"), ("tokens", "step"), ("mosaic", "step")])
+def test_models_llama_continues_like_one_stream_per_row(layout, rare, monkeypatch):
+    """The Llama of models/ (a layer-stacked cache; KIVI's key flush decided per layer or once a
+    step, both layouts): a continued batch, some rows stopped early, gives each row the tokens
+    of that row alone streamed through the model's decode calls."""
+    llama = pytest.importorskip("models.llama")
+    from models.config import ModelConfig
+
+    monkeypatch.setattr(llama, "RARE_WRITES", rare)
+    d = 128 if layout == "mosaic" else 16
+    cfg = ModelConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=d)
+    m = llama.init_random(cfg, jax.random.key(7), init_std=0.5)
+    kivi = kivi_jax.KIVIConfig(group_size=16 if d == 16 else 32, residual_length=32, layout=layout)
+    ids, lens = np.random.default_rng(3).integers(0, V, (3, 20)).astype(np.int32), np.array([20, 9, 2], np.int32)
+    free = rows(generate(m, ids, lengths=lens, max_new_tokens=N, kivi=kivi, **F32))
+    out1 = generate(m, ids, lengths=lens, max_new_tokens=N, kivi=kivi, eos_id=free[1][2], max_length=48, **F32)
+    r1 = rows(out1)
+    assert len({len(r) for r in r1}) > 1 and out1.cache.layers.config.layout == layout
+    nxt = np.random.default_rng(4).integers(0, V, (3, 6)).astype(np.int32)
+    nxt[:, 0] = [r[-1] for r in r1]
+    nl = np.array([2, 6, 4], np.int32)
+    out2 = generate(m, nxt, lengths=nl, max_new_tokens=5, cache=out1.cache)
+    for b in range(3):
+        want, held = _eager_stream(m, list(ids[b, :lens[b]]), r1[b][:-1] + list(nxt[b, :nl[b]]), 5, kivi)
+        assert rows(out2)[b] == want, f"row {b}"
+        assert int(out2.cache.lengths[b]) == held
+
+
+def test_stream_continues_like_generate(model, prompts):
+    ids, lens = prompts
+    outs = [_turns(model, ids, lens, KIVI) for _ in range(2)]  # (each continuation consumes its cache)
+    (a, _, nxt, nl), (b, *_) = outs
+    want = generate(model, nxt, lengths=nl, max_new_tokens=6, cache=a.cache)
+    got = yield_all(generate_stream(model, nxt, lengths=nl, max_new_tokens=6, cache=b.cache))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    for x, y in zip(jax.tree_util.tree_leaves(got.cache), jax.tree_util.tree_leaves(want.cache)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def yield_all(stream):
+    try:
+        while True:
+            next(stream)
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_continuing_donates_the_cache(model, prompts):
+    ids, lens = prompts
+    out1, _, nxt, nl = _turns(model, ids, lens, None)
+    generate(model, nxt, lengths=nl, max_new_tokens=2, cache=out1.cache)
+    assert out1.cache[0].k.is_deleted()
+
+
+class NoActiveLM(toy_model.ToyLM):
+    def __call__(self, input_ids, cache, lengths=None, attn_impl="reference"):
+        return super().__call__(input_ids, cache, lengths=lengths, attn_impl=attn_impl)
+
+
+def test_bad_continuations_raise(model, prompts):
+    ids, lens = prompts
+    out1, _, nxt, nl = _turns(model, ids, lens, KIVI)
+    cache = out1.cache
+    held = np.asarray(cache[0].lengths)
+    cases = [
+        (dict(kivi=KIVI), ["kivi=KIVIConfig", "must be None with cache="]),
+        (dict(cache_dtype=jnp.float32), ["cache_dtype=", "must be None with cache="]),
+        (dict(prefill_rows=1), ["prefill_rows=1", "must be None with cache="]),
+        (dict(max_length=64), ["max_length=64", "capacity 48"]),
+        (dict(lengths=np.array([5, 3, 48 - held[2] + 1], np.int32)),
+         [f"rows [2] hold [{held[2]}] of max_length=48 tokens and add [{48 - held[2] + 1}]"]),
+    ]
+    for kw, words in cases:
+        with pytest.raises(ValueError) as e:
+            generate(model, np.zeros((3, 48), np.int32), **{"lengths": nl, "max_new_tokens": 2, "cache": cache, **kw})
+        for w in words:
+            assert w in str(e.value), (kw, str(e.value))
+    with pytest.raises(ValueError, match=r"cache has no object with per-row lengths \[..., B=2\]"):
+        generate(model, nxt[:2], lengths=nl[:2], max_new_tokens=2, cache=cache)
+    with pytest.raises(ValueError, match="needs a model whose decode call takes active="):
+        generate(NoActiveLM(vocab=V, seed=0), nxt, lengths=nl, max_new_tokens=2, cache=cache)
+    flagged = tuple(c.__class__(**{**vars(c), "overflow": c.overflow.at[1].set(True)}) for c in cache)
+    with pytest.raises(ValueError, match=r"cache rows \[1\] have overflow set"):
+        generate(model, nxt, lengths=nl, max_new_tokens=2, cache=flagged)
+    # nothing was consumed by the refused calls: the cache still continues
+    assert rows(generate(model, nxt, lengths=nl, max_new_tokens=2, cache=cache))
 
 
 # ---- argument checks -----------------------------------------------------------------------

@@ -148,7 +148,7 @@ def _child() -> dict:
         g, st, i, ln, keys, knobs, c = gen._prepare(
             model, ids, kivi=kv, temperature=0.0, top_k=None, top_p=None, eos_id=None, key=None, pad_id=0,
             max_length=None, cache_dtype=None, attn_impl=impl, mesh=mesh, rules=None, **common)
-        carry = gen._run_prefill(g, st, i, ln, keys, knobs, c)
+        carry = gen._run_prompt(g, st, i, ln, keys, knobs, c)
         shapes = _cache_shapes(carry.cache, mesh.shape)
         with gen._on_mesh(c):  # the programs generate runs: the decode loop and the prefill
             hlos = {"loop": gen._run(gen._decode_loop, g, st, carry, keys, knobs, c, lower=True).compile().as_text(),

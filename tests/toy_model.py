@@ -5,7 +5,7 @@ RoPE, GQA attention, an MLP; an untied output head. Protocol (see kivi_jax.gener
 
     cache = model.init_cache(batch_size, max_length, kivi=None | KIVIConfig, dtype=float32)
     logits, cache = model(input_ids [B, T], cache, lengths=[B])   # prefill (lengths given or T > 1)
-    logits, cache = model(token [B, 1], cache)                    # decode at position cache.lengths
+    logits, cache = model(token [B, 1], cache[, active=[B]])      # decode at position cache.lengths
 
 The cache is a tuple of per-layer DenseCache / KIVICache. Prefill runs
 ``kivi_jax.prefill_attention`` on the prompt and stores it with ``cache.prefill``; decode does
@@ -93,7 +93,7 @@ class ToyLM(nnx.Module):
     def _logits(self, x):
         return rms_norm(x) @ self.head[...]
 
-    def __call__(self, input_ids, cache, lengths=None, attn_impl="reference"):
+    def __call__(self, input_ids, cache, lengths=None, attn_impl="reference", active=None):
         b, t = input_ids.shape
         x = self.embed[...][input_ids]
         new = []
@@ -110,7 +110,7 @@ class ToyLM(nnx.Module):
             pos = cache[0].lengths[:, None]
             for layer, c in zip(self.layers, cache):
                 q, k, v = layer.qkv(x, pos)
-                c = c.append(k, v)
+                c = c.append(k, v, active)  # (active [B] bool or None: the rows that append)
                 o = kivi_jax.decode_attention(q, c, impl=attn_impl)
                 new.append(c)
                 x = layer.out(x, o)
