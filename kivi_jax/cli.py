@@ -2,6 +2,7 @@
 
     kivi-jax generate "What is the capital of France?"          # SmolLM2-135M-Instruct, KIVI-2
     kivi-jax generate "Once upon a time" --dense --no-chat --max-new-tokens 64
+    kivi-jax chat                                                # multi-turn: each turn continues the cache
     kivi-jax eval ppl --out benchmarks/results                   # perplexity: dense vs KIVI-4/2, ablation
     kivi-jax eval passkey --lengths 512,1024,2048,4096 --out benchmarks/results
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import os
 import sys
@@ -112,10 +114,23 @@ def _add_kivi_flags(p, bits: bool = True):
                    help="tokens per key group, a power of two >= 16 dividing R (default: --group-size)")
 
 
+def _add_cache_and_sampling_flags(p):
+    p.add_argument("--dense", action="store_true", help="use a full-precision cache instead of KIVI")
+    p.add_argument("--layout", choices=("auto", "tokens", "mosaic"), default="auto",
+                   help="how the KIVI cache is stored: tokens (every bit width), mosaic (KIVI-2, head_dim 128, "
+                        "for the Mosaic GPU kernel on one Hopper GPU: faster there for MHA) or auto (default: "
+                        "mosaic where it runs and was measured faster, else tokens)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, help="default 128")
+    p.add_argument("--temperature", type=_float_in(0.0, 1e6), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None, help="nucleus mass in (0, 1]")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="PRNG seed for sampling (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kivi-jax", description="KIVI 2-bit KV-cache quantization in JAX: generate text, "
                                                   "evaluate the cache's quality.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{generate,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{generate,chat,eval}")
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams it)",
                        description="Generate text with a KIVI (default 2-bit) or dense KV cache, streamed; ends "
@@ -123,17 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt (the chat template is applied for instruct models)")
     _add_model_flags(g)
     _add_kivi_flags(g)
-    g.add_argument("--dense", action="store_true", help="use a full-precision cache instead of KIVI")
-    g.add_argument("--layout", choices=("auto", "tokens", "mosaic"), default="auto",
-                   help="how the KIVI cache is stored: tokens (every bit width), mosaic (KIVI-2, head_dim 128, "
-                        "for the Mosaic GPU kernel on one Hopper GPU: faster there for MHA) or auto (default: "
-                        "mosaic where it runs and was measured faster, else tokens)")
-    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, help="default 128")
-    g.add_argument("--temperature", type=_float_in(0.0, 1e6), default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None, help="nucleus mass in (0, 1]")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="PRNG seed for sampling (default 0)")
+    _add_cache_and_sampling_flags(g)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template (plain completion)")
+
+    c = sub.add_parser("chat", help="multi-turn chat: each turn continues the same cache",
+                       description="Chat with an instruct model, one message a line on stdin (an empty line or EOF "
+                                   "ends it). Each turn's tokens are appended to the cache the last turn left (KIVI's "
+                                   "streaming order): the conversation is never prefilled again.")
+    _add_model_flags(c)
+    _add_kivi_flags(c)
+    _add_cache_and_sampling_flags(c)
+    c.add_argument("--max-length", type=_int_at_least(1), default=2048,
+                   help="the cache's capacity in tokens, for the whole conversation (default 2048)")
+    c.add_argument("--system", default=None, help="a system message to open the conversation with")
 
     e = sub.add_parser("eval", help="quality evaluations: perplexity, passkey retrieval")
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser, metavar="{ppl,passkey}")
@@ -311,14 +328,8 @@ class _TextStream:
         return text
 
 
-def cmd_generate(args) -> int:
-    import jax
-    import numpy as np
-
-    import kivi_jax
-
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
+def _setup(args):
+    """(model, tokenizer, kivi) for generate and chat: the flags checked, the model loaded."""
     if args.top_k is not None and args.temperature == 0:
         print("kivi-jax: note: --top-k is ignored with --temperature 0 (greedy)", file=sys.stderr)
     kivi = None if args.dense else _kivi_config(args, args.k_bits, args.v_bits)
@@ -327,30 +338,27 @@ def cmd_generate(args) -> int:
         raise UsageError(f"model {args.model!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
     if kivi is not None:
         _check_head_dim(kivi, model)
-    c = model.config
-    ids = _prompt_ids(tokenizer, args.prompt, chat=not args.no_chat)
-    limit = c.max_position_embeddings
-    if len(ids) + args.max_new_tokens > limit:
-        room = limit - len(ids)
-        hint = f"lower --max-new-tokens to {room}" if room >= 1 else "shorten the prompt"
-        raise UsageError(f"the prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} it needs "
-                         f"{len(ids) + args.max_new_tokens} positions but the model's context is {limit}: {hint}")
+    return model, tokenizer, kivi
 
-    sample = args.temperature > 0
-    try:
-        stream = kivi_jax.generate_stream(
-            model, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens, kivi=kivi,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=_eos_ids(tokenizer, model),
-            key=jax.random.key(args.seed) if sample else None)
-    except ValueError as e:
-        raise UsageError(_one_line(e)) from None
 
+def _sampling(args, turn: int = 0) -> dict:
+    """generate's sampling arguments; a chat's turn t > 0 draws with the seed's key folded with t."""
+    import jax
+
+    key = None
+    if args.temperature > 0:
+        key = jax.random.key(args.seed)
+        key = jax.random.fold_in(key, turn) if turn else key
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, key=key)
+
+
+def _stream_reply(stream, tokenizer, eos):
+    """Prints the new tokens as they come (EOS not shown). Returns (GenerateOutput, tokens
+    emitted, t0, stamps: when each step's tokens arrived ([0] after the prompt), t_end)."""
     out = sys.stdout
     printer = _TextStream(tokenizer, out)
     t0 = time.perf_counter()
-    stamps = []  # time each token arrived: [0] after the prefill, [1] after the first decode step
-    n = 0
-    eos = set(_eos_ids(tokenizer, model))
+    stamps, n = [], 0
     try:
         while True:
             step = next(stream)
@@ -366,6 +374,38 @@ def cmd_generate(args) -> int:
     printer.finish()
     out.write("\n")
     out.flush()
+    return result, n, t0, stamps, t_end
+
+
+def _decode_rate(stamps) -> str:
+    # steady decoding: from the second decode step on (the first one compiles, on a first call)
+    return f"{(len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s decoding" if len(stamps) > 2 else \
+        "too few tokens to time decoding"
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    import kivi_jax
+
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    model, tokenizer, kivi = _setup(args)
+    c = model.config
+    ids = _prompt_ids(tokenizer, args.prompt, chat=not args.no_chat)
+    limit = c.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        room = limit - len(ids)
+        hint = f"lower --max-new-tokens to {room}" if room >= 1 else "shorten the prompt"
+        raise UsageError(f"the prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} it needs "
+                         f"{len(ids) + args.max_new_tokens} positions but the model's context is {limit}: {hint}")
+
+    try:
+        stream = kivi_jax.generate_stream(model, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
+                                          kivi=kivi, eos_id=_eos_ids(tokenizer, model), **_sampling(args))
+    except ValueError as e:
+        raise UsageError(_one_line(e)) from None
+    result, n, t0, stamps, t_end = _stream_reply(stream, tokenizer, set(_eos_ids(tokenizer, model)))
 
     cache = result.cache
     held = int(np.asarray(cache.lengths)[0])
@@ -373,10 +413,7 @@ def cmd_generate(args) -> int:
     dense_tok = kivi_jax.dense_bytes_per_token(num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype,
                                                num_layers=c.num_layers)
     err = sys.stderr
-    # steady decoding: from the second decode step on (the first one compiles, on a first call)
-    steady = f"{(len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s decoding" if len(stamps) > 2 else \
-        "too few tokens to time decoding"
-    print(f"[{n} tokens in {t_end - t0:.2f} s ({n / (t_end - t0):.1f} tokens/s overall), {steady}; prompt "
+    print(f"[{n} tokens in {t_end - t0:.2f} s ({n / (t_end - t0):.1f} tokens/s overall), {_decode_rate(stamps)}; prompt "
           f"{len(ids)} tokens, first token after {stamps[0] - t0:.2f} s (prefill; includes compilation)]", file=err)
     cap = cache.max_length
     if kivi is None:
@@ -399,6 +436,79 @@ def cmd_generate(args) -> int:
               f"at the full {full}-token context: KIVI {_fmt_bytes(kivi_full)} vs dense {_fmt_bytes(dense_tok * full)} "
               f"({dense_tok * full / kivi_full:.1f}x)]", file=err)
     return 0
+
+
+# ---- chat -------------------------------------------------------------------------------------
+def _read_message(interactive: bool) -> str | None:
+    """The user's next message (a line; blank lines skipped), or None at EOF or ``/exit``."""
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return None
+        if not interactive and not line:
+            return None
+        line = line.strip()
+        if line == "/exit":
+            return None
+        if line:
+            return line
+
+
+def cmd_chat(args) -> int:
+    """Each turn renders the conversation with the chat template. The cache holds every token so
+    far but the last reply's final one (generate never feeds it back); the text they stand for is
+    ``consumed``. When the new rendering extends it (templates that only append do), the turn
+    feeds that token and the new text's tokens into the cache; otherwise (a template that
+    re-renders earlier turns) the conversation is prefilled into a new cache."""
+    import numpy as np
+
+    import kivi_jax
+
+    model, tokenizer, kivi = _setup(args)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"model {args.model!r} has no chat template: chat needs an instruct model "
+                         f"(use generate --no-chat for plain completion)")
+    limit = model.config.max_position_embeddings
+    if args.max_length > limit:
+        raise UsageError(f"--max-length: {args.max_length} is longer than the model's context of {limit} tokens")
+    eos = _eos_ids(tokenizer, model)
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    cache, consumed, last = None, "", None
+    interactive = sys.stdin.isatty()
+    for turn in itertools.count():
+        message = _read_message(interactive)
+        if message is None:
+            return 0
+        messages.append({"role": "user", "content": message})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if cache is not None and text.startswith(consumed):
+            ids = [last] + list(tokenizer(text[len(consumed):], add_special_tokens=False)["input_ids"])
+        else:  # the first turn, or a template that re-renders the past: a new cache
+            cache, ids = None, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        held = 0 if cache is None else int(np.asarray(cache.lengths)[0])
+        room = args.max_length - held - len(ids)
+        if room < 0:
+            raise UsageError(f"the conversation needs {held + len(ids)} tokens, more than --max-length "
+                             f"{args.max_length}: start a new chat with a larger --max-length")
+        where = dict(kivi=kivi, max_length=args.max_length) if cache is None else dict(cache=cache)
+        # padded to a power of two: turns of similar length reuse one compiled program
+        padded = np.zeros((1, min(max(8, 1 << (len(ids) - 1).bit_length()), args.max_length)), np.int32)
+        padded[0, :len(ids)] = ids
+        stream = kivi_jax.generate_stream(model, padded, lengths=np.asarray([len(ids)], np.int32), eos_id=eos,
+                                          max_new_tokens=min(args.max_new_tokens, room + 1), **where,
+                                          **_sampling(args, turn))
+        result, n, t0, stamps, t_end = _stream_reply(stream, tokenizer, set(eos))
+        new = np.asarray(result.tokens[0, :int(result.lengths[0])]).tolist()
+        ended = new[-1] in eos
+        reply = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+        consumed = text + reply + (tokenizer.decode(new[-1:]) if ended else "")
+        cache, last = result.cache, new[-1]
+        how = "prefilled into a new cache" if "kivi" in where else "fed into the cache"
+        print(f"[turn {turn + 1}: {len(ids)} tokens {how}, {n} generated in {t_end - t0:.2f} s "
+              f"({_decode_rate(stamps)}); the cache holds {int(np.asarray(cache.lengths)[0])} of {args.max_length} "
+              f"tokens, buffers {_fmt_bytes(cache.nbytes)}]", file=sys.stderr)
 
 
 # ---- eval -----------------------------------------------------------------------------------------
@@ -517,6 +627,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "chat":
+            return cmd_chat(args)
         if args.eval_command == "ppl":
             return cmd_eval_ppl(args)
         return cmd_eval_passkey(args)

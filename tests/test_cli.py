@@ -60,6 +60,51 @@ def test_generate_answers_paris(capsys, flags):
     assert "cache:" in err and "MiB" in err
 
 
+def _chat(capsys, monkeypatch, lines, *flags):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    return _run(capsys, "chat", "--max-new-tokens", "16", *flags)
+
+
+@needs_model
+@pytest.mark.parametrize("flags", [(), ("--dense",)])
+def test_chat_turns_continue_the_cache(capsys, monkeypatch, flags):
+    """Turn 2 feeds only its own tokens into the cache turn 1 left (no prefill of the
+    conversation again), and answers as a prefill of the whole conversation into a new dense
+    cache does (kivi_jax.generate, the chat template rendered by transformers)."""
+    import numpy as np
+
+    import kivi_jax
+
+    code, out, err = _chat(capsys, monkeypatch, [QUESTION, "", "And of Germany?"], *flags)
+    assert code == 0, err
+    answers = out.strip().splitlines()
+    assert answers == ["The capital of France is Paris.", "The capital of Germany is Berlin."]
+    turns = [line for line in err.splitlines() if line.startswith("[turn")]
+    assert "turn 1: 37 tokens prefilled into a new cache" in turns[0]
+    # turn 2: <|im_end|> (the reply's last token, never fed back) + "\n<|im_start|>user\n..." (14 tokens)
+    assert "turn 2: 15 tokens fed into the cache" in turns[1], turns
+    assert "the cache holds 66 of 2048 tokens" in turns[1]
+
+    model, tokenizer = cli._load(cli.DEFAULT_MODEL)
+    convo = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answers[0]},
+             {"role": "user", "content": "And of Germany?"}]
+    ids = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
+    out2 = kivi_jax.generate(model, np.asarray([ids]), max_new_tokens=16, eos_id=cli._eos_ids(tokenizer, model))
+    assert len(ids) == 66 - 8 + 1  # the cache after turn 2: the conversation, and the reply but its last token
+    assert tokenizer.decode(out2.tokens[0, :int(out2.lengths[0])], skip_special_tokens=True) == answers[1]
+
+
+@needs_model
+def test_chat_errors(capsys, monkeypatch):
+    code, out, err = _chat(capsys, monkeypatch, [QUESTION, "And of Germany?"], "--max-length", "50")
+    assert code == 2 and out.strip() == "The capital of France is Paris."  # turn 1 answered, then the error
+    assert err.strip().splitlines()[-1] == ("kivi-jax: error: the conversation needs 59 tokens, more than "
+                                            "--max-length 50: start a new chat with a larger --max-length")
+    _one_line_error(*_chat(capsys, monkeypatch, [QUESTION], "--max-length", "9000"),
+                    "--max-length: 9000 is longer than the model's context of 8192 tokens")
+
+
 @needs_model
 def test_generate_plain_completion_and_kivi4(capsys):
     code, out, err = _run(capsys, "generate", "Once upon a time, there was a little girl who", "--no-chat",
