@@ -182,6 +182,17 @@ def _child() -> dict:
     res["dense_pallas_err"] = float(jnp.max(jnp.abs(out - reference_decode_attention(q, jax.device_get(dense0),
                                                                                      window=40))))
     res["dense_pallas_out_spec"] = list(out.sharding.spec)
+
+    # -- a continued cache (last: continuing donates the cache): the mesh gives one device's tokens --------
+    nxt = np.random.default_rng(1).integers(0, V, (B, 4)).astype(np.int32)
+    # (the caches hold lengths + N - 1 of T + N slots: row 0 has room for its 1 token, the others fill up too)
+    more = dict(lengths=np.asarray([1, 4, 3, 2, 4, 1], np.int32), max_new_tokens=N, attn_impl="reference")
+    cont_one = gen.generate(model, nxt, cache=one["kivi"].cache, **more)
+    cont = gen.generate(model, nxt, cache=sharded["kivi"].cache, mesh=mesh, **more)
+    res["continued"] = {"one": np.asarray(cont_one.tokens).tolist(), "sharded": np.asarray(cont.tokens).tolist(),
+                        "equivalent": all(a.sharding.is_equivalent_to(e, a.ndim) for a, e in zip(
+                            jax.tree.leaves(cont.cache), jax.tree.leaves(sharding.cache_shardings(cont.cache, mesh),
+                                                                         is_leaf=lambda x: isinstance(x, NamedSharding))))}
     return res
 
 
@@ -235,6 +246,11 @@ def test_sharded_tokens_equal_one_device(child, name):
 
 def test_sharded_stream_equals_generate(child):
     assert child["stream_tokens"] == child["tokens_one"]["dense"]
+
+
+def test_continued_cache_on_the_mesh_equals_one_device(child):
+    got = child["continued"]
+    assert got["sharded"] == got["one"] and got["equivalent"]
 
 
 def test_kivi_and_dense_differ(child):
