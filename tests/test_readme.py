@@ -38,6 +38,13 @@ def test_readme_examples_run():
     ptp = np.ptp(k.reshape(1, 8, 8, 32, 128), axis=3, keepdims=True)
     assert 0 < err.max() and (err.reshape(ptp.shape[:3] + (32, 128)) <= ptp / 6 * 1.01 + 1e-6).all()
     assert ns["out"].tokens.shape == (1, 4) and ns["cache"].overflow.tolist() == [False, False]
+    # the continuation: the cache holds both turns but out2's last token, and out2's tokens are
+    # the greedy tokens after the whole sequence prefilled into a new cache
+    ids, more, out, out2 = ns["ids"], ns["more"], ns["out"], ns["out2"]
+    seq = jnp.concatenate([ids, out.tokens[:, :int(out.lengths[0])], more[:, 1:]], axis=1)
+    assert int(out2.cache.lengths[0]) == seq.shape[1] + int(out2.lengths[0]) - 1
+    fresh = ns["kj"].generate(ns["model"], seq, max_new_tokens=8, kivi=ns["cfg"])
+    np.testing.assert_array_equal(out2.tokens, fresh.tokens)
 
     tokenizer = ns["tokenizer"]
     prompts = [tokenizer.encode("Once upon a time"), tokenizer.encode("The capital of France is")]
