@@ -1,6 +1,6 @@
 """kivi-jax: KIVI 2-bit asymmetric KV-cache quantization in JAX, with Pallas GPU kernels."""
 
-from kivi_jax.attention import decode_attention, prefill_attention
+from kivi_jax.attention import decode_attention, extend_attention, prefill_attention
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache, resolve_layout
@@ -19,6 +19,7 @@ __all__ = [
     "MosaicKIVICache",
     "QuantizedArray",
     "decode_attention",
+    "extend_attention",
     "dense_bytes_per_token",
     "dequantize",
     "fake_quantize",

@@ -226,6 +226,40 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     return _prefill_blocked(q, k, v, lengths, window, exact)
 
 
+def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None, exact: bool = False):
+    """Attention of T new tokens a row that continue ``cache`` (a chunked prefill): q [B, Hq, T, D],
+    k, v [B, Hkv, T, D] the new tokens' own; new token j of row b sits at position
+    ``cache.lengths[b] + j``. Each query sees the tokens the cache holds, as decode_attention
+    reads them (dequantized), and the new tokens up to itself in full precision, as a prompt's
+    attention does. lengths [B] (default T): new tokens past lengths[b] are masked. window: only
+    the ``window`` newest positions (itself included). The cache is read as it is, before the new
+    tokens are appended. Returns [B, Hq, T, D] in q's dtype. Precision as prefill_attention's
+    "xla" path (queries in blocks of PREFILL_BLOCK, against the whole cache and the new keys)."""
+    _check_prefill_args(q, k, v, lengths)
+    check_window(window)
+    b, _, t, d = q.shape
+    if (cache.batch_size, cache.num_kv_heads, cache.head_dim) != (b, k.shape[1], d):
+        raise ValueError(f"q {q.shape} and k {k.shape} do not match the cache (B={cache.batch_size}, "
+                         f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")
+    kc, vc = cache.materialize()  # [B, Hkv, C, D]: position t is token t (in the original basis)
+    held = cache.lengths[:, None]
+    new = jnp.arange(t)[None, :]
+    kpos = jnp.concatenate([jnp.broadcast_to(jnp.arange(kc.shape[2]), (b, kc.shape[2])), held + new], axis=1)
+    valid = jnp.concatenate([jnp.arange(kc.shape[2])[None, :] < held,
+                             jnp.broadcast_to(new < (t if lengths is None else jnp.asarray(lengths)[:, None]),
+                                              (b, t))], axis=1)
+    keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)
+    values = jnp.concatenate([vc, v.astype(vc.dtype)], axis=2)
+    outs = []
+    for q0 in range(0, t, PREFILL_BLOCK):
+        qpos = held + jnp.arange(q0, min(q0 + PREFILL_BLOCK, t))[None, :]  # [B, tq]
+        mask = valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+        if window is not None:
+            mask &= kpos[:, None, :] > qpos[:, :, None] - window
+        outs.append(attend_dense(q[:, :, q0:q0 + PREFILL_BLOCK], keys, values, mask[:, None], exact=exact))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+
 def _under_mesh() -> bool:
     """A mesh of several devices is active. auto keeps prefill in XLA there: cuDNN's path was
     checked on one GPU (results/prefill-attention-run13), not partitioned across several."""

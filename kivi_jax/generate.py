@@ -56,7 +56,8 @@ appends nothing for them; with one that does not, their slots in the final cache
 filler past their real tokens.
 
 Multi-turn: ``generate(model, next_ids, cache=out.cache, ...)`` goes on from a returned cache
-(``_feed``: the new tokens through decode steps, then the same decode loop).
+(``_feed``: the new tokens in one ``model(ids, cache, lengths=, extend=True)`` call where the
+model takes ``extend``, else through decode steps; then the same decode loop).
 
 Sampling: see :mod:`kivi_jax.sampling`. Row b's token at step s (s = 0 is the token after
 the prompt) is drawn with ``fold_in(row_key[b], s)``, with ``row_key[b] = fold_in(key, b)``
@@ -138,6 +139,7 @@ class _Config:
     logits_at: bool = False  # the model's call takes logits_at= (prefill: last positions only)
     prefill_rows: int | None = None  # rows per prefill call (None: the whole batch at once)
     active: bool = False  # the model's call takes active= (decode: only running rows append)
+    extend: bool = False  # the model's call takes extend= (a continued cache's input in one call)
 
 
 class _Knobs(NamedTuple):
@@ -180,12 +182,14 @@ def _merge(graphdef, state):
     return nnx.merge(graphdef, state)
 
 
-def _call_model(model, ids, cache, cfg: _Config, lengths=None, logits_at=None, active=None):
+def _call_model(model, ids, cache, cfg: _Config, lengths=None, logits_at=None, active=None, extend=False):
     kw = {} if cfg.attn_impl is None else {"attn_impl": cfg.attn_impl}
     if cfg.matmul_impl is not None and lengths is None:  # a decode step
         kw["matmul_impl"] = cfg.matmul_impl
     if cfg.active and active is not None:  # (a decode step: the rows whose token the cache appends)
         kw["active"] = active
+    if extend:  # (tokens that continue the cache: cfg.extend)
+        kw["extend"] = True
     if lengths is not None:
         kw["lengths"] = lengths
     if logits_at is not None:
@@ -296,14 +300,19 @@ def _first_token(cache, last, cache_len, keys, knobs: _Knobs, cfg: _Config) -> _
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
 def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _Config,
           treedef) -> _Carry:
-    """A prompt that continues a cache (its buffers donated): row b's first lengths[b] tokens
-    go through decode steps one by one, appended at the row's position as any generated token
-    (Algorithm 1's streaming order; a row past its length appends nothing); then column 0 is
-    sampled from the logits of each row's last token."""
+    """A prompt that continues a cache (its buffers donated), row b's first lengths[b] tokens at
+    its positions cache.lengths[b] on; then column 0 is sampled from the logits of each row's
+    last token. A model that takes ``extend`` gets them in one call (a chunked prefill: they
+    attend to the cache and to each other, then are appended in order); otherwise they go
+    through decode steps one by one (a row past its length appends nothing)."""
     TRACE_COUNTS["feed"] += 1
     model = _merge(graphdef, state)
     cache = sharding.constrain_cache(_join_carry(buffers, counters, treedef), cfg.mesh, cfg.rules)
     held = _cache_lengths(cache, input_ids.shape[0])
+    if cfg.extend:
+        logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=_logits_at(lengths, cfg),
+                                    extend=True)
+        return _first_token(cache, _last_logits(logits, lengths, cfg), held + lengths, keys, knobs, cfg)
 
     def step(i, state):
         cache, last = state
@@ -326,10 +335,18 @@ def _new_cache(model, b: int, cfg: _Config):
 def _prefill_batch(model, input_ids, lengths, cfg: _Config):
     """input_ids [b, T] -> (logits of each row's last prompt token [b, V], a new b-row cache)."""
     cache = sharding.constrain_cache(_new_cache(model, input_ids.shape[0], cfg), cfg.mesh, cfg.rules)
-    at = lengths - 1 if cfg.logits_at else None  # the model's LM head runs on these positions only
-    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=at)
-    last = logits[:, 0] if cfg.logits_at else jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=_logits_at(lengths, cfg))
+    return _last_logits(logits, lengths, cfg), cache
+
+
+def _logits_at(lengths, cfg: _Config):
+    """Each row's last prompt position, where the model's LM head can run on those only."""
+    return lengths - 1 if cfg.logits_at else None
+
+
+def _last_logits(logits, lengths, cfg: _Config):
+    """[B, V]: the logits of each row's last prompt token."""
+    return logits[:, 0] if cfg.logits_at else jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
 def _prefill_in_slices(model, input_ids, lengths, rows: int, cfg: _Config):
@@ -587,7 +604,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     cfg = _Config(max_new_tokens=int(max_new_tokens), max_length=int(max_length), kivi=kivi,
                   cache_dtype=cache_dtype, attn_impl=attn_impl, matmul_impl=matmul_impl, sampler=sampler,
                   mesh=mesh, rules=rules,
-                  logits_at=_takes(model, "logits_at"), active=_takes(model, "active"))
+                  logits_at=_takes(model, "logits_at"), active=_takes(model, "active"),
+                  extend=_takes(model, "extend"))
     if cache is None:
         cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
@@ -664,9 +682,11 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         without ``write_rows``) the whole batch. Same tokens for any value.
       cache: None (a new cache for the prompts), or a cache to continue (multi-turn): one
         returned by ``generate`` (``GenerateOutput.cache``) or a model call, for B rows. Row b's
-        input_ids then follow what it holds, at positions ``cache.lengths[b]`` on, fed through
-        decode steps one token at a time (the order of Algorithm 1, exactly as if they had been
-        generated; a long input costs one step a token). ``generate``'s cache holds each row's
+        input_ids then follow what it holds, at positions ``cache.lengths[b]`` on: in one call
+        where the model takes ``extend=`` (the models here: a chunked prefill, the new tokens
+        attending to the cache as decode steps read it and to each other in full precision,
+        then appended in Algorithm 1's order), else through decode steps one token at a time.
+        ``generate``'s cache holds each row's
         prompt and new tokens except the last one (never fed back): start the next input_ids
         with it. The cache decides the capacity and format, so ``kivi``, ``cache_dtype``,
         ``max_length`` and ``prefill_rows`` stay None; every row must fit (held + lengths[b]

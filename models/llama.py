@@ -12,6 +12,8 @@ D head_dim, I intermediate size, V vocab, L layers.
 * T == 1 without ``lengths`` is a decode step: the token sits at position
   ``cache.lengths[b]``; layer i does ``cache.append_layer(i, k, v)`` (= ``append`` on its
   cache, writing only the changed slabs in place) then ``decode_attention(q, cache.layer(i))``.
+* ``extend=True``: the T tokens continue the cache (a chunked prefill) at positions
+  ``cache.lengths[b]`` on: attention over the cache and themselves, then appended in order.
 * ``cache=None``: one full causal forward pass (training, scoring), returns ``(logits, None)``.
 
 The cache is a :class:`~models.cache.StackedCache` from :meth:`Llama.init_cache`: one
@@ -84,10 +86,11 @@ def rare_writes_mode() -> str:
 
 
 def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None,
-           active=None):
+           active=None, extend: bool = False):
     """One decoder layer. p: this layer's weights; x [B, T, H]; cache: the StackedCache (or
     None), of which this layer reads and writes layer ``i`` in place. rare: the step's
-    decision on the cache's rare writes, active: the rows that append (``StackedCache.append_layer``)."""
+    decision on the cache's rare writes, active: the rows that append (``StackedCache.append_layer``).
+    extend: the T tokens continue the cache (attention over it and them, then appended in order)."""
     b, t, _ = x.shape
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     window = config.sliding_window
@@ -106,6 +109,15 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
         with jax.named_scope("attention"):
             # stack=: the kernel reads the quantized arrays in place (a sliced operand is a copy)
             o = kivi_jax.decode_attention(q, cache.layer(i), impl=attn_impl, window=window, stack=(cache.layers, i))
+    elif extend:
+        with jax.named_scope("attention"):
+            o = kivi_jax.extend_attention(q, k, v, cache.layer(i), lengths, window=window)
+        with jax.named_scope("cache_append"):  # one token at a time, Algorithm 1's order (rows past lengths: none)
+            def put(j, cache):
+                kj, vj = (lax.dynamic_slice_in_dim(a, j, 1, axis=2) for a in (k, v))
+                return cache.append_layer(i, kj, vj, active=j < lengths)
+
+            cache = lax.fori_loop(0, jnp.max(lengths), put, cache)
     else:
         with jax.named_scope("attention"):
             o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
@@ -210,7 +222,7 @@ class Llama(nnx.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, input_ids, cache: StackedCache | None = None, *, lengths=None, attn_impl: str = "auto",
-                 logits_at=None, matmul_impl: str = "xla", active=None):
+                 logits_at=None, matmul_impl: str = "xla", active=None, extend: bool = False):
         """input_ids [B, T] int -> (logits [B, T, V] float32, new cache).
 
         Prompt (T > 1, or any T when ``lengths`` is given): positions 0..T-1, replaces the
@@ -230,6 +242,10 @@ class Llama(nnx.Module):
         to the cache; the others' cache rows and lengths are left as they are (their logits
         are computed and meaningless). ``kivi_jax.generate`` passes the rows still running, so
         its final cache holds exactly each row's tokens, ready to be continued.
+        extend=True: input_ids continue the cache (a chunked prefill; ``kivi_jax.generate(...,
+        cache=)`` passes it): row b's first lengths[b] tokens (default T) at positions
+        cache.lengths[b] on attend to the cache as decode steps read it and to each other in full
+        precision (``kivi_jax.extend_attention``), then are appended one by one, as if generated.
         """
         c = self.config
         ids = jnp.asarray(input_ids)
@@ -254,12 +270,20 @@ class Llama(nnx.Module):
             if cache.num_layers != c.num_layers or cache.batch_size != b:
                 raise ValueError(f"cache holds L={cache.num_layers}, B={cache.batch_size}; "
                                  f"the model has L={c.num_layers} and input_ids B={b}")
+        if extend:
+            if cache is None:
+                raise ValueError("extend=True continues a cache: pass the cache to continue")
+            lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+            if lengths.shape != (b,):
+                raise ValueError(f"lengths must be an integer array of shape ({b},); got shape {lengths.shape}")
         decode = cache is not None and t == 1 and lengths is None
         if active is not None and not decode:
             raise ValueError("active= is for decode steps (T == 1 with a cache and no lengths); a prompt "
                              "writes every row's first lengths[b] tokens")
         if decode:
             positions = cache.lengths[:, None]
+        elif extend:
+            positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         else:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(positions, c)
@@ -281,7 +305,7 @@ class Llama(nnx.Module):
                 if in_place:
                     p = {**p, **{k: kj_matmul.StackedMatrix(w, i, "pallas") for k, w in weights.items() if k not in p}}
                 x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
-                                  decode=decode, rare=rare, active=active)
+                                  decode=decode, rare=rare, active=active, extend=extend)
                 return (x, cache), None
 
             return lax.scan(body, carry, (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))[0]
@@ -396,12 +420,12 @@ def params_of(model: Llama) -> dict:
 
 def functional(model: Llama):
     """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", matmul_impl="xla",
-    active=None) -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
+    active=None, extend=False) -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
     graphdef, params = nnx.split(model)
 
     def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", matmul_impl: str = "xla",
-              active=None):
+              active=None, extend: bool = False):
         return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl,
-                                           matmul_impl=matmul_impl, active=active)
+                                           matmul_impl=matmul_impl, active=active, extend=extend)
 
     return apply, params

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import reference_kivi as ref
-from kivi_jax import DenseCache, KIVICache, KIVIConfig, decode_attention, prefill_attention
+from kivi_jax import DenseCache, KIVICache, KIVIConfig, decode_attention, extend_attention, prefill_attention
 
 D = 32
 
@@ -227,3 +227,48 @@ def test_prefill_attention_impls():
         prefill_attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="cudnn")
     with pytest.raises(ValueError, match=r"impl='flash'; allowed: \('auto', 'xla', 'cudnn'\)"):
         prefill_attention(q, k, v, impl="flash")
+
+
+@pytest.mark.parametrize("hq, window, block", [(4, None, 512), (2, None, 2), (4, 9, 512), (4, 40, 3)])
+def test_extend_attention_matches_float64(hq, window, block, monkeypatch):
+    """New tokens continuing a KIVI cache (R=32: rows with quantized keys and values, one still
+    all residual, one empty): each attends to the cache's dequantized tokens (the float64
+    Algorithm-1 model's) and to the new tokens up to itself, at positions cache.lengths[b] + j;
+    a sliding window counts both. Also with queries in blocks smaller than the chunk."""
+    from kivi_jax import attention
+
+    monkeypatch.setattr(attention, "PREFILL_BLOCK", block)
+    rng = np.random.default_rng(hq * 7 + block)
+    b, hkv, t, held = 4, 2, 5, [70, 33, 5, 0]
+    cfg = dict(k_bits=2, v_bits=2, group_size=32, residual_length=32)
+    k0, v0 = ref.keys_values(rng, b, hkv, max(held), D)
+    cache = KIVICache.init(KIVIConfig(**cfg), batch=b, num_kv_heads=hkv, head_dim=D, max_length=96,
+                           dtype=jnp.float32).prefill(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(held))
+    want_cache = ref.ReferenceKIVICache(**cfg, batch=b, num_kv_heads=hkv, head_dim=D, dtype=jnp.float32)
+    want_cache.prefill(k0, v0, held)
+    q = rng.standard_normal((b, hq, t, D))
+    k, v = ref.keys_values(rng, b, hkv, t, D)
+    lengths = np.array([5, 3, 1, 5])
+    out = jax.jit(lambda q, k, v, c, n: extend_attention(q, k, v, c, n, window=window))(
+        *(jnp.asarray(a, jnp.float32) for a in (q, k, v)), cache, jnp.asarray(lengths))
+    assert out.shape == (b, hq, t, D) and out.dtype == jnp.float32
+    assert want_cache.length(0) == 70 and want_cache.rows[0].kq and want_cache.rows[0].vq  # quantized parts
+    for r in range(b):
+        keys = np.concatenate([want_cache.keys(r), k[r]], axis=1)  # [Hkv, held + T, D]
+        values = np.concatenate([want_cache.values(r), v[r]], axis=1)
+        for j in range(lengths[r]):
+            end = held[r] + j + 1
+            lo = 0 if window is None else max(0, end - window)
+            want = ref.attend(q[r, :, j], keys[:, lo:end], values[:, lo:end])
+            np.testing.assert_allclose(np.asarray(out[r, :, j]), want, rtol=1e-5, atol=1e-6, err_msg=f"row {r} j {j}")
+
+
+def test_extend_attention_bad_inputs():
+    cache = KIVICache.init(KIVIConfig(), batch=2, num_kv_heads=2, head_dim=D, max_length=64)
+    x = jnp.zeros((2, 2, 3, D), jnp.bfloat16)
+    with pytest.raises(ValueError, match="do not match the cache"):
+        extend_attention(x, x[:, :1], x[:, :1], cache)
+    with pytest.raises(ValueError, match=r"lengths=\[4\] out of range"):
+        extend_attention(x, x, x, cache, jnp.asarray([3, 4]))
+    with pytest.raises(ValueError, match="window=0"):
+        extend_attention(x, x, x, cache, window=0)

@@ -460,9 +460,10 @@ def test_continued_dense_cache_equals_the_full_forward(model, last, prompts):
         assert int(out3.cache[0].lengths[b]) == len(seq) + 2
 
 
-def _eager_stream(model, prompt, fed, n, kivi):
+def _eager_stream(model, prompt, fed, n, kivi, chunk=()):
     """One row alone through the model's own calls (no generate): the prompt prefilled, each
-    token of ``fed`` a decode step, then n greedy steps. Returns the n tokens."""
+    token of ``fed`` a decode step, ``chunk`` (if any) in one extend=True call, then n greedy
+    steps. Returns the n tokens and the tokens the cache holds but the last one."""
     prefill = jitted(lambda m, x, c, ln: m(x, c, lengths=ln), model)
     decode = jitted(lambda m, x, c: m(x, c), model)
     cache = model.init_cache(1, 48, kivi=kivi, dtype=jnp.float32)
@@ -470,6 +471,8 @@ def _eager_stream(model, prompt, fed, n, kivi):
     logits = logits[:, len(prompt) - 1:len(prompt)]
     for t in fed:
         logits, cache = decode(jnp.asarray([[t]], jnp.int32), cache)
+    if len(chunk):
+        logits, cache = jitted(lambda m, x, c: m(x, c, extend=True), model)(jnp.asarray([chunk], jnp.int32), cache)
     out = []
     for _ in range(n):
         out.append(int(jnp.argmax(logits[0, -1])))
@@ -491,10 +494,11 @@ def test_continued_kivi_cache_equals_one_stream_per_row(model, prompts):
 
 
 @pytest.mark.parametrize("layout, rare", [("tokens", "layer"), ("tokens", "step"), ("mosaic", "step")])
-def test_models_llama_continues_like_one_stream_per_row(layout, rare, monkeypatch):
+def test_models_llama_continues_each_row_as_alone(layout, rare, monkeypatch):
     """The Llama of models/ (a layer-stacked cache; KIVI's key flush decided per layer or once a
-    step, both layouts): a continued batch, some rows stopped early, gives each row the tokens
-    of that row alone streamed through the model's decode calls."""
+    step, both layouts) takes a continuation in one extend=True call: a continued batch, some
+    rows stopped early, prompts of different lengths, gives each row the tokens of that row
+    alone through the model's own calls (prefill, decode steps, one extend call of its chunk)."""
     llama = pytest.importorskip("models.llama")
     from models.config import ModelConfig
 
@@ -514,9 +518,48 @@ def test_models_llama_continues_like_one_stream_per_row(layout, rare, monkeypatc
     nl = np.array([2, 6, 4], np.int32)
     out2 = generate(m, nxt, lengths=nl, max_new_tokens=5, cache=out1.cache)
     for b in range(3):
-        want, held = _eager_stream(m, list(ids[b, :lens[b]]), r1[b][:-1] + list(nxt[b, :nl[b]]), 5, kivi)
+        want, held = _eager_stream(m, list(ids[b, :lens[b]]), r1[b][:-1], 5, kivi, chunk=nxt[b, :nl[b]])
         assert rows(out2)[b] == want, f"row {b}"
         assert int(out2.cache.lengths[b]) == held
+
+
+@pytest.mark.parametrize("layout", ["tokens", "mosaic"])
+def test_models_llama_extend_attends_to_the_dequantized_cache(layout):
+    """extend=True on a KIVI cache (R=32, keys flushed, values spilled) gives the logits of the
+    same call on a dense cache holding the KIVI cache's dequantized tokens: the new tokens see
+    the cache as decode steps read it. And on that dense cache, the logits of a cache-free
+    forward over the whole sequence, each row's new tokens at their own positions."""
+    llama = pytest.importorskip("models.llama")
+    from models.cache import StackedCache
+    from models.config import ModelConfig
+
+    d = 128 if layout == "mosaic" else 32
+    cfg = ModelConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=d)
+    m = llama.init_random(cfg, jax.random.key(8), init_std=0.5)
+    kivi = kivi_jax.KIVIConfig(residual_length=32, layout=layout)
+    rng = np.random.default_rng(5)
+    ids, lens = rng.integers(0, V, (2, 70)).astype(np.int32), np.array([70, 40], np.int32)
+    chunk, nl = rng.integers(0, V, (2, 6)).astype(np.int32), np.array([6, 2], np.int32)
+    cache = m.init_cache(2, 96, kivi=kivi, dtype=jnp.float32)
+    _, cache = jitted(lambda mm, x, c, n: mm(x, c, lengths=n), m)(ids, cache, lens)
+    extend = jitted(lambda mm, x, c, n: mm(x, c, lengths=n, extend=True), m)
+    k_hat, v_hat = jax.vmap(lambda one: one.materialize())(cache.layers)  # [L, B, Hkv, C >= 96, D]
+    dense = StackedCache(kivi_jax.DenseCache(k_hat, v_hat, cache.layers.lengths, cache.layers.overflow,
+                                             k_hat.shape[3]))
+    got, after = extend(chunk, cache, nl)
+    want, _ = extend(chunk, dense, nl)
+    for b in range(2):
+        np.testing.assert_allclose(np.asarray(got[b, :nl[b]]), np.asarray(want[b, :nl[b]]), rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(np.asarray(after.lengths), lens + nl)
+    # the dense cache of the same prompt (not dequantized): extend == the full forward at those positions
+    plain = m.init_cache(2, 96, kivi=None, dtype=jnp.float32)
+    _, plain = jitted(lambda mm, x, c, n: mm(x, c, lengths=n), m)(ids, plain, lens)
+    ext, _ = extend(chunk, plain, nl)
+    for b in range(2):
+        seq = np.concatenate([ids[b, :lens[b]], chunk[b, :nl[b]]])[None]
+        full, _ = m(jnp.asarray(seq))
+        np.testing.assert_allclose(np.asarray(ext[b, :nl[b]]), np.asarray(full[0, lens[b]:]), rtol=2e-4, atol=2e-4)
 
 
 def test_stream_continues_like_generate(model, prompts):
