@@ -182,6 +182,39 @@ def test_decode_loop_gap_dry_run_drives_one_computation_two_ways(tmp_path, monke
         assert min(r["loop_ms"], r["python_steps_ms"], r["model_steps_ms"]) > 0, r
 
 
+def test_continuation_benchmark_runs_its_three_ways(monkeypatch):
+    """benchmarks.continuation on a tiny random Llama (dense, float32): the chunked prefill, the
+    decode-step feed and a fresh prefill of the whole sequence give the same first token; the
+    decode_steps way really runs the decode steps (the model is never called with extend=True)."""
+    import functools
+
+    import models
+    from benchmarks import continuation
+    from models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    model = models.init_random(cfg, jax.random.key(2), init_std=0.5)
+    extends, call = [], type(model).__call__
+
+    @functools.wraps(call)  # (generate reads the call's keywords from its signature)
+    def counted(self, *a, **kw):
+        extends.append(kw.get("extend", False))
+        return call(self, *a, **kw)
+
+    monkeypatch.setattr(type(model), "__call__", counted)
+    times, tokens = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1)
+    assert len(set(tokens.values())) == 1, tokens
+    assert all(t > 0 for t in times.values())
+    assert True in extends  # (the extend way's traces; the decode_steps way's below do not)
+    extends.clear()
+    with continuation.mock.patch.object(continuation.gen, "_takes", continuation._no_extend(continuation.gen._takes)):
+        continuation.gen.generate(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=1,
+                                  cache=continuation.gen.generate(model, jnp.zeros((1, 5), jnp.int32), max_new_tokens=1,
+                                                                  max_length=12).cache)
+    assert extends and not any(extends)
+
+
 def test_e2e_summary_gives_each_kivi2_layouts_ratios_to_dense():
     """The paper-setting ratios come for KIVI-2 in both layouts, each against the dense row."""
     from benchmarks import e2e
