@@ -395,9 +395,13 @@ def _is_counter(path) -> bool:
 
 def _split_carry(carry: _Carry):
     """carry -> (buffers, counters, treedef): two lists of the flat leaves, each None where the
-    other holds it (None is an empty pytree: jit passes it through)."""
+    other holds it (None is an empty pytree: jit passes it through). Under an eager
+    transformation (the leaves that depend on its inputs are tracers) a leaf that is a plain
+    array depends on none of them, e.g. KIVI's key stores after prompts shorter than R: under
+    jax.vmap it comes in unbatched and goes out batched, so it is passed, not donated."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(carry)
-    leaves = [(x, _is_counter(path)) for path, x in flat]
+    traced = any(isinstance(x, jax.core.Tracer) for _, x in flat)
+    leaves = [(x, _is_counter(path) or (traced and not isinstance(x, jax.core.Tracer))) for path, x in flat]
     return [None if c else x for x, c in leaves], [x if c else None for x, c in leaves], treedef
 
 

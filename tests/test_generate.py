@@ -413,6 +413,19 @@ def test_decode_loop_donates_the_cache_buffers_and_keeps_the_counters(model, pro
                                              **F32).tokens[0])(jnp.asarray(ids), jnp.asarray(same))
     np.testing.assert_array_equal(np.asarray(got), generate(model, ids, lengths=same, max_new_tokens=N, kivi=KIVI,
                                                             **F32).tokens)
+    # prompts shorter than R (no key group to quantize: the key stores stay the new cache's zeros,
+    # unbatched under vmap, until a flush writes them), then a continuation: still no warning
+    short, more = jnp.asarray(ids[:, :12]), jnp.asarray(ids[:, 12:15])
+
+    def one(x, y):
+        out = generate(model, x[None], max_new_tokens=N, kivi=KIVI, max_length=40, **F32)
+        return generate(model, y[None], max_new_tokens=4, cache=out.cache).tokens[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.vmap(one)(short, more)
+    first = generate(model, short, max_new_tokens=N, kivi=KIVI, max_length=40, **F32)
+    np.testing.assert_array_equal(np.asarray(got), generate(model, more, max_new_tokens=4, cache=first.cache).tokens)
 
 
 # ---- multi-turn: continuing a returned cache ------------------------------------------------
