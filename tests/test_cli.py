@@ -85,7 +85,7 @@ def test_chat_turns_continue_the_cache(capsys, monkeypatch, flags):
     assert "turn 2: 15 tokens fed into the cache" in turns[1], turns
     assert "the cache holds 66 of 2048 tokens" in turns[1]
 
-    model, tokenizer = cli._load(cli.DEFAULT_MODEL)
+    model, tokenizer = cli._load(cli.DEFAULT_MODEL, "float32")
     convo = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": answers[0]},
              {"role": "user", "content": "And of Germany?"}]
     ids = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
@@ -93,6 +93,28 @@ def test_chat_turns_continue_the_cache(capsys, monkeypatch, flags):
     out2 = kivi_jax.generate(model, np.asarray([ids]), max_new_tokens=16, eos_id=cli._eos_ids(tokenizer, model))
     assert len(ids) == 66 - 8 + 1  # the cache after turn 2: the conversation, and the reply but its last token
     assert tokenizer.decode(out2.tokens[0, :int(out2.lengths[0])], skip_special_tokens=True) == answers[1]
+
+
+@needs_model
+def test_chat_prefills_again_where_the_template_rewrites_the_past(capsys, monkeypatch):
+    """A chat template whose rendering of the conversation does not extend the last one (here: a
+    header that counts the messages) cannot be continued: turn 2 prefills the whole conversation
+    into a new cache, and says so."""
+    _, tokenizer = cli._load(cli.DEFAULT_MODEL, "float32")
+    render = tokenizer.apply_chat_template
+
+    def counted(messages, **kw):
+        return f"{len(messages)} messages\n" + render(messages, **kw)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", counted)
+    code, out, err = _chat(capsys, monkeypatch, [QUESTION, "And of Germany?"], "--dense")
+    assert code == 0, err
+    turns = [line for line in err.splitlines() if line.startswith("[turn")]
+    convo = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": out.splitlines()[0]},
+             {"role": "user", "content": "And of Germany?"}]
+    whole = tokenizer(counted(convo, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    assert "turn 1:" in turns[0] and "prefilled into a new cache" in turns[0]
+    assert f"turn 2: {len(whole['input_ids'])} tokens prefilled into a new cache" in turns[1], turns
 
 
 @needs_model
