@@ -310,7 +310,8 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
             fields = ("k_res", "v_res", "v_codes", "v_scale", "v_min")
             bufs = kivi_append.append(
                 *(getattr(stacked, f) for f in fields), self._store(k, c.rotate_keys), self._store(v, c.rotate_values),
-                cc.write_lengths(self, active), layer, residual=c.residual_length, group_size=c.group_size, bits=c.v_bits,
+                cc.write_lengths(self, active), layer, residual=c.residual_length, group_size=c.group_size,
+                bits=c.v_bits,
                 max_length=self.max_length, quantize=token_quantizer(c.v_bits, jnp.dtype(self.dtype)),
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(fields, bufs)))

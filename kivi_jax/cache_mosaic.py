@@ -312,7 +312,8 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
             c = self.config
             bufs = mosaic_append.append(
                 stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, stored(k, self.dtype, c.rotate_keys),
-                stored(v, self.dtype, c.rotate_values), cc.write_lengths(self, active), layer, max_length=self.max_length,
+                stored(v, self.dtype, c.rotate_values), cc.write_lengths(self, active), layer,
+                max_length=self.max_length,
                 quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)), residual=c.residual_length,
                 interpret=jax.default_backend() != "gpu")
             stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))

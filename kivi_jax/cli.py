@@ -413,8 +413,8 @@ def cmd_generate(args) -> int:
     dense_tok = kivi_jax.dense_bytes_per_token(num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype,
                                                num_layers=c.num_layers)
     err = sys.stderr
-    print(f"[{n} tokens in {t_end - t0:.2f} s ({n / (t_end - t0):.1f} tokens/s overall), {_decode_rate(stamps)}; prompt "
-          f"{len(ids)} tokens, first token after {stamps[0] - t0:.2f} s (prefill; includes compilation)]", file=err)
+    print(f"[{n} tokens in {t_end - t0:.2f} s ({n / (t_end - t0):.1f} tokens/s overall), {_decode_rate(stamps)}; "
+          f"prompt {len(ids)} tokens, first token after {stamps[0] - t0:.2f} s (prefill; includes compilation)]", file=err)
     cap = cache.max_length
     if kivi is None:
         print(f"[cache: dense {np.dtype(dtype).name}, {held} tokens held, buffers {_fmt_bytes(cache.nbytes)} "

@@ -420,7 +420,8 @@ def params_of(model: Llama) -> dict:
 
 def functional(model: Llama):
     """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", matmul_impl="xla",
-    active=None, extend=False) -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is an nnx.State."""
+    active=None, extend=False) -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is
+    an nnx.State."""
     graphdef, params = nnx.split(model)
 
     def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", matmul_impl: str = "xla",

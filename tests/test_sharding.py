@@ -189,10 +189,10 @@ def _child() -> dict:
     more = dict(lengths=np.asarray([1, 4, 3, 2, 4, 1], np.int32), max_new_tokens=N, attn_impl="reference")
     cont_one = gen.generate(model, nxt, cache=one["kivi"].cache, **more)
     cont = gen.generate(model, nxt, cache=sharded["kivi"].cache, mesh=mesh, **more)
+    expected = jax.tree.leaves(sharding.cache_shardings(cont.cache, mesh), is_leaf=lambda x: isinstance(x, NamedSharding))
     res["continued"] = {"one": np.asarray(cont_one.tokens).tolist(), "sharded": np.asarray(cont.tokens).tolist(),
-                        "equivalent": all(a.sharding.is_equivalent_to(e, a.ndim) for a, e in zip(
-                            jax.tree.leaves(cont.cache), jax.tree.leaves(sharding.cache_shardings(cont.cache, mesh),
-                                                                         is_leaf=lambda x: isinstance(x, NamedSharding))))}
+                        "equivalent": all(a.sharding.is_equivalent_to(e, a.ndim)
+                                          for a, e in zip(jax.tree.leaves(cont.cache), expected))}
     return res
 
 
