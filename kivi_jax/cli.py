@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template (plain completion)")
 
     c = sub.add_parser("chat", help="multi-turn chat: each turn continues the same cache",
-                       description="Chat with an instruct model, one message a line on stdin (an empty line or EOF "
-                                   "ends it). Each turn's tokens are appended to the cache the last turn left (KIVI's "
-                                   "streaming order): the conversation is never prefilled again.")
+                       description="Chat with an instruct model, one message a line on stdin (EOF or /exit ends "
+                                   "it; blank lines are skipped). Each turn's tokens continue the cache the last turn "
+                                   "left (one chunked prefill, appended in KIVI's streaming order): the conversation "
+                                   "is not prefilled again.")
     _add_model_flags(c)
     _add_kivi_flags(c)
     _add_cache_and_sampling_flags(c)
@@ -495,9 +496,12 @@ def cmd_chat(args) -> int:
         # padded to a power of two: turns of similar length reuse one compiled program
         padded = np.zeros((1, min(max(8, 1 << (len(ids) - 1).bit_length()), args.max_length)), np.int32)
         padded[0, :len(ids)] = ids
-        stream = kivi_jax.generate_stream(model, padded, lengths=np.asarray([len(ids)], np.int32), eos_id=eos,
-                                          max_new_tokens=min(args.max_new_tokens, room + 1), **where,
-                                          **_sampling(args, turn))
+        try:
+            stream = kivi_jax.generate_stream(model, padded, lengths=np.asarray([len(ids)], np.int32), eos_id=eos,
+                                              max_new_tokens=min(args.max_new_tokens, room + 1), **where,
+                                              **_sampling(args, turn))
+        except ValueError as e:
+            raise UsageError(_one_line(e)) from None
         result, n, t0, stamps, t_end = _stream_reply(stream, tokenizer, set(eos))
         new = np.asarray(result.tokens[0, :int(result.lengths[0])]).tolist()
         ended = new[-1] in eos

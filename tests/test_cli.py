@@ -75,7 +75,7 @@ def test_chat_turns_continue_the_cache(capsys, monkeypatch, flags):
 
     import kivi_jax
 
-    code, out, err = _chat(capsys, monkeypatch, [QUESTION, "", "And of Germany?"], *flags)
+    code, out, err = _chat(capsys, monkeypatch, [QUESTION, "", "And of Germany?", "/exit", "not read"], *flags)
     assert code == 0, err
     answers = out.strip().splitlines()
     assert answers == ["The capital of France is Paris.", "The capital of Germany is Berlin."]
