@@ -337,6 +337,19 @@ def _any_in_batch_vmap(axis_size, in_batched, pred):
     return (jnp.any(pred) if batched else pred), False
 
 
+@jax.custom_batching.custom_vmap
+def max_in_batch(x):
+    """x (an int scalar) as it is; under ``jax.vmap``, its largest value across the batch,
+    unbatched (a ``lax.switch`` on it then stays a switch instead of running every branch)."""
+    return x
+
+
+@max_in_batch.def_vmap
+def _max_in_batch_vmap(axis_size, in_batched, x):
+    (batched,) = in_batched
+    return (jnp.max(x) if batched else x), False
+
+
 def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None, rare=None):
     """``cache`` with ``writes`` (RowWrite / WritesIf sequence) applied in order and
     lengths/overflow [B] replaced.

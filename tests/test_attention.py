@@ -272,3 +272,27 @@ def test_extend_attention_bad_inputs():
         extend_attention(x, x, x, cache, jnp.asarray([3, 4]))
     with pytest.raises(ValueError, match="window=0"):
         extend_attention(x, x, x, cache, window=0)
+
+
+@pytest.mark.parametrize("extras", [{}, dict(sink_tokens=4, rotate="kv")])
+def test_auto_off_gpu_reads_only_the_stores_in_use(extras):
+    """impl="auto" off a GPU on a KIVICache: the reference's math on the shortest prefix of the
+    stores holding every row (256, 512, 1024 or all 1280 body slots here), equal to the reference
+    over the whole capacity for rows that need each prefix, a sliding window, and under jax.vmap
+    (one prefix for the batch: the longest request's)."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU impl='auto' runs the kernels")
+    rng = np.random.default_rng(5)
+    cfg = KIVIConfig(residual_length=128, **extras)
+    k, v = ref.keys_values(rng, 3, 2, 1100, D)
+    q = jnp.asarray(rng.standard_normal((3, 4, 1, D)), jnp.float32)
+    for lengths in ([5, 200, 140], [5, 300, 700], [1100, 3, 64]):
+        cache = KIVICache.init(cfg, batch=3, num_kv_heads=2, head_dim=D, max_length=1100 + cfg.sink_tokens,
+                               dtype=jnp.float32).prefill(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths))
+        assert cache.capacity == 1280  # (whole 256-token blocks)
+        for window in (None, 50):
+            want = np.asarray(_decode(q, cache, "reference", window))
+            np.testing.assert_allclose(np.asarray(_decode(q, cache, "auto", window)), want, rtol=1e-5, atol=1e-5)
+        per_row = jax.vmap(lambda qq, c: decode_attention(qq[None], c, impl="auto")[0])(
+            q, jax.tree.map(lambda x: x[:, None], cache))
+        np.testing.assert_allclose(np.asarray(per_row), np.asarray(_decode(q, cache, "reference")), rtol=1e-5, atol=1e-5)
