@@ -151,7 +151,7 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
             # cache (the eval's SimQuantCache ablations, a user's own) has no kernel: its reference.
             impl = "pallas"
         elif isinstance(cache, KIVICache):  # the reference, over the part of the stores in use
-            return _bounded_reference(q, cache, window)
+            return _bounded_reference(q, cache, window, stack)
         else:  # a dense cache has nothing to dequantize: XLA's attention in the cache dtype
             impl = "xla" if isinstance(cache, DenseCache) else "reference"
     if impl in ("reference", "xla"):
@@ -179,13 +179,15 @@ def _store_prefix(cache: KIVICache, tokens: int) -> KIVICache:
                                v_scale=cache.v_scale[:, :, :tokens], v_min=cache.v_min[:, :, :tokens])
 
 
-def _bounded_reference(q, cache: KIVICache, window):
+def _bounded_reference(q, cache: KIVICache, window, stack=None):
     """The serving reference off a GPU: the reference's math on the shortest of a few prefixes of
     the stores (BOUNDED_MIN_TOKENS doubling, up to the capacity) that holds every row's tokens,
     picked by a lax.switch on the longest row. The reference dequantizes all it reads, so a cache
     sized for a long chat cost its whole capacity every step: ``kivi-jax chat`` (SmolLM2, KIVI-2,
     2-core CPU, 86-151 tokens held) decoded 24.4 tokens/s at --max-length 2048 against 45.8 at
-    256; with the prefixes 38.5 at 2048 (44.2 at 256), same machine, back to back."""
+    256; with the prefixes 39.4 at 2048 (45.3 at 256), same machine, back to back. stack (stacked,
+    i), as decode_attention's: the switch takes the stack and each branch slices layer i's prefix
+    from it (given the layer's slices instead, XLA copies each layer's cache into the switch)."""
     tc, unit = cache.capacity, cache.config.capacity(1)
     sizes = []
     size = -(-BOUNDED_MIN_TOKENS // unit) * unit
@@ -195,10 +197,15 @@ def _bounded_reference(q, cache: KIVICache, window):
     sizes.append(tc)
     if len(sizes) == 1:
         return reference_decode_attention(q, cache, window=window)
-    branches = [functools.partial(lambda c, n: reference_decode_attention(q, _store_prefix(c, n), window=window),
-                                  n=n) for n in sizes]
+    stacked, layer = (cache, None) if stack is None else stack
+
+    def branch(operand, n):
+        c = operand if layer is None else jax.tree.map(lambda x: x[layer], operand)
+        return reference_decode_attention(q, _store_prefix(c, n), window=window)
+
     need = cache_common.max_in_batch(jnp.max(cache.body_lengths))  # (under vmap: the longest request's)
-    return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), need), branches, cache)
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), need),
+                          [functools.partial(branch, n=n) for n in sizes], stacked)
 
 
 def _mosaic(q, cache, impl, window, stack):
