@@ -188,7 +188,7 @@ def _bounded_reference(q, cache: KIVICache, window, stack=None):
     256; with the prefixes 39.4 at 2048 (45.3 at 256), same machine, back to back. stack (stacked,
     i), as decode_attention's: the switch takes the stack and each branch slices layer i's prefix
     from it (given the layer's slices instead, XLA copies each layer's cache into the switch)."""
-    tc, unit = cache.capacity, cache.config.capacity(1)
+    tc, unit = cache.capacity, cache.config.capacity(1)  # (capacity(1): one capacity unit)
     sizes = []
     size = -(-BOUNDED_MIN_TOKENS // unit) * unit
     while size < tc:
@@ -290,12 +290,10 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
         raise ValueError(f"q {q.shape} and k {k.shape} do not match the cache (B={cache.batch_size}, "
                          f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")
     kc, vc = cache.materialize()  # [B, Hkv, C, D]: position t is token t (in the original basis)
-    held = cache.lengths[:, None]
-    new = jnp.arange(t)[None, :]
-    kpos = jnp.concatenate([jnp.broadcast_to(jnp.arange(kc.shape[2]), (b, kc.shape[2])), held + new], axis=1)
-    valid = jnp.concatenate([jnp.arange(kc.shape[2])[None, :] < held,
-                             jnp.broadcast_to(new < (t if lengths is None else jnp.asarray(lengths)[:, None]),
-                                              (b, t))], axis=1)
+    lengths = jnp.full((b,), t) if lengths is None else jnp.asarray(lengths)
+    held, slot, new = cache.lengths[:, None], jnp.arange(kc.shape[2])[None, :], jnp.arange(t)[None, :]
+    kpos = jnp.concatenate([jnp.broadcast_to(slot, (b, kc.shape[2])), held + new], axis=1)  # [B, C + T]
+    valid = jnp.concatenate([slot < held, new < lengths[:, None]], axis=1)
     keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)
     values = jnp.concatenate([vc, v.astype(vc.dtype)], axis=2)
     outs = []

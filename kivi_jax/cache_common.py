@@ -323,31 +323,26 @@ def _put_run(cache, writes, layer, impl):
     return dataclasses.replace(cache, **{w.field: x for w, x in zip(writes, out)})
 
 
-@jax.custom_batching.custom_vmap
-def any_in_batch(pred):
-    """pred (a bool scalar) as it is; under ``jax.vmap``, whether it holds for any request of
-    the batch, unbatched. A condition on it then stays a ``lax.cond`` under vmap (a batched
-    predicate turns a cond into a select that runs both branches)."""
-    return pred
+def _across_batch(reduce):
+    """A function that returns its scalar argument as it is, and under ``jax.vmap`` returns
+    ``reduce`` of it across the batch, unbatched: a ``lax.cond`` / ``lax.switch`` on the result
+    then stays one (a batched predicate or index makes XLA run every branch)."""
+    @jax.custom_batching.custom_vmap
+    def f(x):
+        return x
+
+    @f.def_vmap
+    def _(axis_size, in_batched, x):
+        (batched,) = in_batched
+        return (reduce(x) if batched else x), False
+
+    return f
 
 
-@any_in_batch.def_vmap
-def _any_in_batch_vmap(axis_size, in_batched, pred):
-    (batched,) = in_batched
-    return (jnp.any(pred) if batched else pred), False
-
-
-@jax.custom_batching.custom_vmap
-def max_in_batch(x):
-    """x (an int scalar) as it is; under ``jax.vmap``, its largest value across the batch,
-    unbatched (a ``lax.switch`` on it then stays a switch instead of running every branch)."""
-    return x
-
-
-@max_in_batch.def_vmap
-def _max_in_batch_vmap(axis_size, in_batched, x):
-    (batched,) = in_batched
-    return (jnp.max(x) if batched else x), False
+#: pred (a bool scalar); under vmap, whether it holds for any request of the batch
+any_in_batch = _across_batch(jnp.any)
+#: x (an int scalar); under vmap, its largest value across the batch
+max_in_batch = _across_batch(jnp.max)
 
 
 def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None, rare=None):

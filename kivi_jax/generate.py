@@ -230,8 +230,7 @@ def _cache_objects(cache):
 def _cache_lengths(cache, batch: int):
     """[B] int32: the tokens each row of the cache holds (its first cache object's lengths; a
     stacked one's layer 0: every layer holds the same)."""
-    objs = [o for o in _cache_objects(cache) if hasattr(o, "lengths") and getattr(o.lengths, "ndim", 0) >= 1
-            and o.lengths.shape[-1] == batch]
+    objs = [o for o in _cache_objects(cache) if getattr(o.lengths, "ndim", 0) >= 1 and o.lengths.shape[-1] == batch]
     if not objs:
         raise ValueError(f"cache has no object with per-row lengths [..., B={batch}] (a cache made by "
                          f"model.init_cache, or returned by generate, for a batch of {batch})")
@@ -242,7 +241,7 @@ def _cache_overflow(cache, batch: int):
     """[B] bool: any cache object in the pytree (anything with ``.overflow`` and
     ``.lengths``) flagged a refused write for the row; None if no such object is found.
     ``overflow`` may carry leading axes (a stacked per-layer cache): batch is its last axis."""
-    flags = [o.overflow for o in _cache_objects(cache) if hasattr(o, "overflow")]
+    flags = [o.overflow for o in _cache_objects(cache)]
     flags = [f for f in flags if getattr(f, "ndim", 0) >= 1 and f.shape[-1] == batch]
     if not flags:
         return None
