@@ -154,6 +154,12 @@ def check_prefill(cache, k, v, lengths=None):
     prompt_lengths(lengths, cache.batch_size, t, cache.max_length)
 
 
+def check_extend(cache, k, v, lengths=None):
+    """A cache's extend arguments, checked where they are concrete (as :func:`check_prefill`)."""
+    t = check_kv("k", k, "v", v, batch=cache.batch_size, heads=cache.num_kv_heads, head_dim=cache.head_dim)
+    prompt_lengths(lengths, cache.batch_size, t, t)
+
+
 def write_lengths(cache, active):
     """The row lengths an append's writes see: ``cache.lengths``, with a row that is not
     ``active`` shown full (max_length), so it writes nothing, exactly as a full row; its length
@@ -173,6 +179,17 @@ def appended(cache, live, active):
     active row that could not was full (its write refused and flagged)."""
     refused = ~live if active is None else ~live & active
     return cache.lengths + live, cache.overflow | refused
+
+
+def extended(cache, lengths, tokens: int):
+    """An extend's per-row token counts: (written [B], overflow [B]). lengths [B] integers in
+    [0, T] (None: T every row), the input tokens each row appends in order; a row takes what
+    fits below max_length (``written``) and is flagged in ``overflow`` when that is fewer, as
+    that many appends would leave it. Concrete counts out of range raise; traced ones are
+    clamped and flagged."""
+    counts, invalid = prompt_lengths(lengths, cache.batch_size, tokens, tokens)
+    written = jnp.minimum(counts, jnp.maximum(cache.max_length - cache.lengths, 0))
+    return written, cache.overflow | invalid | (written < counts)
 
 
 def put_row(buf, x, index, axis, layer=None, add=False, keep=None):
@@ -273,11 +290,50 @@ class WritesIf:
     make: Callable
 
 
+@pytree_dataclass
+class RowsWrite:
+    """Row b of cache field ``field`` (a [B, Hkv, N, X] buffer) gets value[b, :, j] at row
+    rows[b, j] for every j (add=True: added to what the row holds; several j may then name one
+    row). value [B, Hkv, W, X], rows [B, W] int32; a row outside [0, N) (e.g. -1) is not written:
+    how an extend (many tokens a row, :func:`put_rows`) says which of its slabs land."""
+
+    value: jax.Array
+    rows: jax.Array
+    field: str = static()
+    add: bool = static(default=False)
+
+
+def put_rows(buf, x, rows, layer=None, add=False):
+    """buf [B, H, N, X] (with ``layer``: [L, B, H, N, X], only layer ``layer`` written) with
+    x [B, H, W, X] written (added) at rows [B, W] of axis 2; rows outside [0, N) are dropped.
+    One scatter whose batch and head axes are batching dims: GSPMD keeps it on each shard."""
+    b, h, w = x.shape[:3]
+    n = buf.shape[-2]
+    rows = jnp.asarray(rows, jnp.int32)
+    rows = jnp.broadcast_to(jnp.where((rows >= 0) & (rows < n), rows, n)[:, None, :], (b, h, w))
+    lead = 0 if layer is None else 1
+    idx = rows[..., None]
+    if layer is not None:
+        idx = jnp.concatenate([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (b, h, w, 1)), idx], axis=-1)
+    dnums = lax.ScatterDimensionNumbers(
+        update_window_dims=(3,),
+        inserted_window_dims=((0,) if layer is not None else ()) + (lead + 2,),
+        scatter_dims_to_operand_dims=((0,) if layer is not None else ()) + (lead + 2,),
+        operand_batching_dims=(lead, lead + 1),
+        scatter_indices_batching_dims=(0, 1),
+    )
+    scatter = lax.scatter_add if add else lax.scatter
+    return scatter(buf, idx, x.astype(buf.dtype), dnums, mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
 def _put(cache, writes, layer):
     new = {}
     for w in writes:
         buf = new.get(w.field, getattr(cache, w.field))
-        new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer, add=w.add, keep=w.keep)
+        if isinstance(w, RowsWrite):
+            new[w.field] = put_rows(buf, w.value, w.rows, layer=layer, add=w.add)
+        else:
+            new[w.field] = put_row(buf, w.value, w.index, w.axis, layer=layer, add=w.add, keep=w.keep)
     return dataclasses.replace(cache, **new)
 
 
@@ -346,7 +402,7 @@ max_in_batch = _across_batch(jnp.max)
 
 
 def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None, rare=None):
-    """``cache`` with ``writes`` (RowWrite / WritesIf sequence) applied in order and
+    """``cache`` with ``writes`` (RowWrite / RowsWrite / WritesIf sequence) applied in order and
     lengths/overflow [B] replaced.
 
     rare: None: each WritesIf in a ``lax.cond`` of its own. True / False: the caller has
@@ -368,6 +424,8 @@ def apply_writes(cache, writes, lengths, overflow, layer=None, impl=None, rare=N
             continue
         if run:
             cache, run = _put_run(cache, run, layer, impl), []
+        if isinstance(w, RowsWrite):
+            cache = _put(cache, [w], layer)
         if isinstance(w, WritesIf) and rare is not False:
             def write(c, make=w.make):
                 # the view is sliced inside the branch: a step that skips it reads nothing

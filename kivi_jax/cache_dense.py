@@ -65,6 +65,22 @@ class DenseCache(cc.CacheShape):
                   cc.RowWrite(v.astype(self.dtype), at, "v", 1, keep=live))
         return (writes, *cc.appended(self, live, active))
 
+    @jit_when_eager(validate=cc.check_extend)
+    def extend(self, k, v, lengths=None) -> "DenseCache":
+        """Appends k, v [B, Hkv, T, D]: row b its first lengths[b] tokens (None: all T), as that
+        many :meth:`append` calls would (a row that fills up takes what fits, flagged)."""
+        return cc.apply_writes(self, *self.extend_writes(k, v, lengths))
+
+    def extend_writes(self, k, v, lengths=None):
+        """What :meth:`extend` changes, as (writes, lengths, overflow): token j of row b at
+        position lengths[b] + j, for the tokens it takes."""
+        t = self._check(k, v)
+        written, overflow = cc.extended(self, lengths, t)
+        j = jnp.arange(t)[None, :]
+        rows = jnp.where(j < written[:, None], self.lengths[:, None] + j, -1)
+        writes = (cc.RowsWrite(k.astype(self.dtype), rows, "k"), cc.RowsWrite(v.astype(self.dtype), rows, "v"))
+        return writes, self.lengths + written, overflow
+
     def materialize(self):
         """(K, V) [B, Hkv, max_length, D] in the cache dtype; positions >= lengths are junk/zero."""
         return self.k, self.v

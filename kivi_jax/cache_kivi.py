@@ -299,6 +299,34 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return (tuple(writes), *cc.appended(self, live, active))
 
+    @jit_when_eager(validate=cc.check_extend)
+    def extend(self, k, v, lengths=None) -> "KIVICache":
+        """Appends k, v [B, Hkv, T, D]: row b its first lengths[b] tokens (None: all T), in
+        order, exactly as that many :meth:`append` calls would (a row that fills up takes what
+        fits and is flagged in ``overflow``), in a few writes (kivi_jax.cache_extend)."""
+        return cc.apply_writes(self, *self.extend_writes(k, v, lengths))
+
+    def extend_writes(self, k, v, lengths=None):
+        """What :meth:`extend` changes, as (writes, lengths, overflow) for ``cc.apply_writes``:
+        the rings' and sinks' new tokens; the values leaving the window, quantized per token,
+        their words (bits added) and scale/min rows; the filled key blocks, quantized per
+        channel, their words (added) and scale/min rows."""
+        from kivi_jax import cache_extend as ce  # (it imports this module)
+
+        e = ce.pending(self, k, v, lengths)
+        c = self.config
+        writes = [cc.RowsWrite(e.k, e.slot, "k_res"), cc.RowsWrite(e.v, e.slot, "v_res")]
+        for field, codes, start, bits in (("v_codes", e.v_codes, e.v_start, c.v_bits),
+                                          ("k_codes", e.k_codes, e.k_start, c.k_bits)):
+            x, first = ce.aligned(codes, start, packing.codes_per_word(bits))
+            words = packing.pack(x, bits, axis=2)
+            writes.append(cc.RowsWrite(words, ce.rows_from(first, words.shape[2]), field, add=True))
+        rows = ce.rows_from(e.v_start, e.v_ok.shape[1], e.v_ok)
+        writes += [cc.RowsWrite(e.v_scale, rows, "v_scale"), cc.RowsWrite(e.v_min, rows, "v_min")]
+        rows = ce.rows_from(e.k_start // c.key_group, e.k_ok.shape[1], e.k_ok)
+        writes += [cc.RowsWrite(e.k_scale, rows, "k_scale"), cc.RowsWrite(e.k_min, rows, "k_min")]
+        return writes, e.lengths, e.overflow
+
     def stacked_append(self, stacked: "KIVICache", layer, k, v, rare=None, active=None) -> "KIVICache":
         """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer
         ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" (and a

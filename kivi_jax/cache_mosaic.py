@@ -300,6 +300,42 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return (tuple(writes), *cc.appended(self, live, active))
 
+    @jit_when_eager(validate=cc.check_extend)
+    def extend(self, k, v, lengths=None) -> "MosaicKIVICache":
+        """Appends k, v [B, Hkv, T, D]: row b its first lengths[b] tokens (None: all T), in
+        order, exactly as that many :meth:`append` calls would, in a few writes (as
+        KIVICache.extend)."""
+        return cc.apply_writes(self, *self.extend_writes(k, v, lengths))
+
+    def extend_writes(self, k, v, lengths=None):
+        """What :meth:`extend` changes, as (writes, lengths, overflow): KIVICache.extend_writes'
+        numbers (kivi_jax.cache_extend.pending) in this layout. A row that fills a key block
+        also gets the ring's keys replaced by the last such block's keys dequantized (as its
+        flush leaves them), then only the input tokens after that block go into the ring."""
+        from kivi_jax import cache_extend as ce
+
+        e = ce.pending(self, k, v, lengths)
+        r, kg = self.config.residual_length, self.config.key_group
+        last = jnp.maximum(e.n_after - r - e.k_start, 0)  # the last filled block's first position in e.k_*
+        scale, mn = (jnp.repeat(cc.take_row(x, last // kg, r // kg, 1), kg, axis=2) for x in (e.k_scale, e.k_min))
+        k_hat = quant.dequantize_codes(cc.take_row(e.k_codes, last, r, 1), scale, mn, self.dtype)
+        flushed = jnp.broadcast_to(e.k_flushed[:, None], (self.batch_size, r))
+        k_slot = jnp.where((e.body < 0) | (e.body >= e.n_after[:, None]), e.slot, -1)
+        writes = [cc.RowsWrite(cc.row_major(k_hat), ce.rows_from(jnp.zeros_like(last), r, flushed), "k_res"),
+                  cc.RowsWrite(e.k, k_slot, "k_res"), cc.RowsWrite(e.v, e.slot, "v_res")]
+        key_ok = jnp.repeat(e.k_ok, kg, axis=1)
+        writes.append(cc.RowsWrite(key_words(e.k_codes), ce.rows_from(e.k_start, key_ok.shape[1], key_ok), "kn"))
+        (ks, km), first = zip(*(ce.aligned(x, e.k_start // GROUP, KEY_BLOCK // GROUP) for x in (e.k_scale, e.k_min)))
+        tiles = key_tiles(ks, km)
+        writes.append(cc.RowsWrite(tiles, ce.rows_from(first[0] * D, tiles.shape[2]), "kt", add=True))
+        words, first = ce.aligned(e.v_codes, e.v_start, CHUNK)
+        words = value_words(words)
+        writes.append(cc.RowsWrite(words, ce.rows_from(first, words.shape[2]), "vn", add=True))
+        (vs, vm), first = zip(*(ce.aligned(x, e.v_start, VALUE_BLOCK) for x in (e.v_scale, e.v_min)))
+        tiles = value_tiles(vs, vm)
+        writes.append(cc.RowsWrite(tiles, ce.rows_from(first[0] * CHUNK, tiles.shape[2]), "vt", add=True))
+        return writes, e.lengths, e.overflow
+
     def stacked_append(self, stacked: "MosaicKIVICache", layer, k, v, rare=None, active=None) -> "MosaicKIVICache":
         """``stacked`` (this cache's layers, leaves [L, ...]) with :meth:`append` applied to layer
         ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" the plain

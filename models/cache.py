@@ -83,6 +83,22 @@ class StackedCache:
             return StackedCache(one.stacked_append(self.layers, i, k, v, rare=rare, **kw))
         return StackedCache(cc.apply_writes(self.layers, *one.append_writes(k, v, **kw), layer=i, rare=rare))
 
+    def extend_layer(self, i, k, v, lengths=None) -> "StackedCache":
+        """``layer(i).extend(k, v, lengths)`` stored back as layer ``i``: k, v [B, Hkv, T, D], row b
+        appending its first lengths[b] tokens (None: all T), in place through the format's
+        ``extend_writes``. A format without it gets the tokens as appends, one at a time."""
+        one = self.layer(i)
+        if hasattr(one, "extend_writes"):
+            return StackedCache(cc.apply_writes(self.layers, *one.extend_writes(k, v, lengths), layer=i))
+        t = k.shape[2]
+        lengths = jnp.full((one.batch_size,), t, jnp.int32) if lengths is None else lengths
+
+        def put(j, cache):
+            kj, vj = (lax.dynamic_slice_in_dim(a, j, 1, axis=2) for a in (k, v))
+            return cache.append_layer(i, kj, vj, active=j < lengths)
+
+        return lax.fori_loop(0, jnp.max(lengths), put, self)
+
     def rare_writes_due(self, active=None):
         """A bool scalar: whether the next token's appends make rare writes (KIVI's key flush)
         in any row, or None for a format that never does. Every layer appends each token, so

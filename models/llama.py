@@ -112,12 +112,8 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
     elif extend:
         with jax.named_scope("attention"):
             o = kivi_jax.extend_attention(q, k, v, cache.layer(i), lengths, window=window)
-        with jax.named_scope("cache_append"):  # one token at a time, Algorithm 1's order (rows past lengths: none)
-            def put(j, cache):
-                kj, vj = (lax.dynamic_slice_in_dim(a, j, 1, axis=2) for a in (k, v))
-                return cache.append_layer(i, kj, vj, active=j < lengths)
-
-            cache = lax.fori_loop(0, jnp.max(lengths), put, cache)
+        with jax.named_scope("cache_append"):  # as if appended one at a time (rows past lengths: none)
+            cache = cache.extend_layer(i, k, v, lengths)
     else:
         with jax.named_scope("attention"):
             o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
@@ -245,7 +241,8 @@ class Llama(nnx.Module):
         extend=True: input_ids continue the cache (a chunked prefill; ``kivi_jax.generate(...,
         cache=)`` passes it): row b's first lengths[b] tokens (default T) at positions
         cache.lengths[b] on attend to the cache as decode steps read it and to each other in full
-        precision (``kivi_jax.extend_attention``), then are appended one by one, as if generated.
+        precision (``kivi_jax.extend_attention``), then are appended (``StackedCache.extend_layer``:
+        a few writes a layer, the state as many appends would leave).
         """
         c = self.config
         ids = jnp.asarray(input_ids)
