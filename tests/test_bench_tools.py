@@ -182,10 +182,11 @@ def test_decode_loop_gap_dry_run_drives_one_computation_two_ways(tmp_path, monke
         assert min(r["loop_ms"], r["python_steps_ms"], r["model_steps_ms"]) > 0, r
 
 
-def test_continuation_benchmark_runs_its_three_ways(monkeypatch):
-    """benchmarks.continuation on a tiny random Llama (dense, float32): the chunked prefill, the
-    decode-step feed and a fresh prefill of the whole sequence give the same first token; the
-    decode_steps way really runs the decode steps (the model is never called with extend=True)."""
+def test_continuation_benchmark_runs_its_four_ways(monkeypatch):
+    """benchmarks.continuation on a tiny random Llama (dense, float32): the chunked prefill (its
+    own writes, or appends), the decode-step feed and a fresh prefill of the whole sequence give
+    the same first token; the extend_appends way really appends (and only it); the decode_steps
+    way really runs the decode steps (the model is never called with extend=True)."""
     import functools
 
     import models
@@ -203,7 +204,22 @@ def test_continuation_benchmark_runs_its_three_ways(monkeypatch):
         return call(self, *a, **kw)
 
     monkeypatch.setattr(type(model), "__call__", counted)
-    times, tokens = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1)
+    each, append_each = [], continuation.StackedCache.append_each
+
+    def counted_each(self, *a, **kw):
+        each.append(1)
+        return append_each(self, *a, **kw)
+
+    monkeypatch.setattr(continuation.StackedCache, "append_each", counted_each)
+    times, tokens = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1, batch=2,
+                                         ways=("extend", "fresh_prefill"))
+    assert not each
+    times2, tokens2 = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1, batch=2,
+                                           ways=("extend_appends", "decode_steps"))
+    assert each  # (the extend_appends way's traces, one a layer: after the extend way's, not a cache hit)
+    times.update(times2)
+    tokens.update(tokens2)
+    assert set(times) == set(continuation.WAYS)
     assert len(set(tokens.values())) == 1, tokens
     assert all(t > 0 for t in times.values())
     assert True in extends  # (the extend way's traces; the decode_steps way's below do not)
