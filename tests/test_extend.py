@@ -53,6 +53,9 @@ def _setup(name, t, counts, seed=0):
     v = jax.random.normal(ks[2], (b, HEADS, max(lengths), d)) * 3
     new_k = jax.random.normal(ks[3], (b, HEADS, t, d)) * 2 + 0.5
     new_v = jax.random.normal(ks[4], (b, HEADS, t, d))
+    # multiples of 1/16: a rotation's products and sums are then exact in float32 whatever the
+    # shape (a GPU's bf16x6 Hadamard GEMM rounds a [.., 1, D] and a [.., T, D] input differently)
+    k, v, new_k, new_v = (jnp.round(x * 16) / 16 for x in (k, v, new_k, new_v))
     cache = init(batch=b, num_kv_heads=HEADS, head_dim=d, max_length=max_length, dtype=jnp.float32)
     cache = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))(cache, k, v, jnp.asarray(lengths, jnp.int32))
     return cache, new_k, new_v, jnp.asarray(counts, jnp.int32)
