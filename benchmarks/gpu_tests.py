@@ -32,7 +32,8 @@ from benchmarks import common
 # kernel-side files first: they compile the Triton and Mosaic kernels against float64
 GROUPS = {
     "kernels": ["tests/test_mosaic_kernel.py", "tests/test_cache_mosaic.py", "tests/test_pallas_kernels.py",
-                "tests/test_kivi_append.py", "tests/test_row_writes.py", "tests/test_active_append.py"],
+                "tests/test_kivi_append.py", "tests/test_row_writes.py", "tests/test_active_append.py",
+                "tests/test_extend.py"],
     "attention": ["tests/test_attention.py", "tests/test_extensions.py", "tests/test_decode_step.py"],
     "library": ["tests/test_generate.py", "tests/test_cache.py", "tests/test_quant.py", "tests/test_eager.py",
                 "tests/test_stacked_matmul.py", "tests/test_packing.py", "tests/test_prefill_blocks.py"],
