@@ -14,8 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kivi_jax as kj
+import reference_kivi as ref
+from reference_kivi import keys_values
+from test_cache import D, G, R, _materialize, check_stores
 from kivi_jax.eval.ablation import SimQuantCache
 from models.cache import StackedCache
 
@@ -157,3 +162,36 @@ def test_no_two_tokens_of_a_row_share_a_ring_slot(name):
         used = row[row >= 0]
         assert len(used) == len(set(used.tolist())), row
     assert (slot >= 0).sum() > 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(bits=st.sampled_from([(2, 2), (4, 1), (1, 4)]), prompt=st.lists(st.integers(0, 48), min_size=3, max_size=3),
+       chunks=st.lists(st.tuples(st.sampled_from([8, 40, 70]), st.lists(st.integers(0, 70), min_size=3, max_size=3)),
+                       min_size=1, max_size=3),
+       seed=st.integers(0, 2**31 - 1))
+def test_extends_against_the_float64_algorithm(bits, prompt, chunks, seed):
+    """Any prompt lengths, then extends of any per-row sizes: the stores hold exactly the codes,
+    scales and mins of the float64 model of Algorithm 1 fed the same tokens one at a time, and
+    materialize its keys and values (tests/reference_kivi.py, independent of the cache code)."""
+    rng = np.random.default_rng(seed)
+    cfg = kj.KIVIConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_length=R)
+    k, v = keys_values(rng, 3, HEADS, 48, D)
+    cache = kj.KIVICache.init(cfg, batch=3, num_kv_heads=HEADS, head_dim=D, max_length=48 + 70 * 3,
+                              dtype=jnp.bfloat16).prefill(jnp.asarray(k), jnp.asarray(v), jnp.asarray(prompt))
+    rf = ref.ReferenceKIVICache(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_length=R, batch=3,
+                                num_kv_heads=HEADS, head_dim=D, dtype=jnp.bfloat16).prefill(k, v, prompt)
+    ext = jax.jit(lambda c, k, v, n: c.extend(k, v, n))
+    for t, counts in chunks:
+        counts = [min(n, t) for n in counts]
+        kn, vn = keys_values(rng, 3, HEADS, t, D)
+        cache = ext(cache, jnp.asarray(kn), jnp.asarray(vn), jnp.asarray(counts, jnp.int32))
+        for r, row in enumerate(rf.rows):
+            for j in range(counts[r]):
+                rf._append_row(row, rf._stored(kn[r, :, j]), rf._stored(vn[r, :, j]))
+    check_stores(cache, rf)
+    kh, vh = (np.asarray(a.astype(jnp.float32), np.float64) for a in _materialize(cache))
+    for r in range(3):
+        n = rf.length(r)
+        assert int(cache.lengths[r]) == n
+        np.testing.assert_allclose(kh[r, :, :n], rf.keys(r), rtol=2.0**-7, atol=0)
+        np.testing.assert_allclose(vh[r, :, :n], rf.values(r), rtol=2.0**-7, atol=0)
