@@ -1,10 +1,13 @@
-"""Multi-turn: the cost of continuing a cache with F new tokens, four ways, in one run.
+"""Multi-turn: the cost of continuing a cache with F new tokens, five ways, in one run.
 
 * ``extend``: ``generate(model, ids, cache=..., max_new_tokens=1)`` as it runs by default on the
   models here: the F tokens in one ``extend=True`` call (a chunked prefill over the cache), each
   layer's cache written by its format's ``extend_writes`` (a few scatters a layer);
 * ``extend_appends``: the same call with each layer's cache written by one append a token
   (``StackedCache.append_each``: what the extend did before it had its own writes);
+* ``extend_xla``: the same call with the extend's attention in XLA (queries in blocks against the
+  materialized cache and the new keys, scores in memory) where ``extend`` runs cuDNN's flash
+  attention on a GPU (``kivi_jax.attention.DEFAULT_EXTEND_IMPL``; off a GPU both are XLA);
 * ``decode_steps``: the same call with the model's ``extend`` hidden from generate, so the F
   tokens go through decode steps one at a time (what a model without ``extend`` gets);
 * ``fresh_prefill``: the whole sequence (P + F tokens) prefilled into a new cache, what a user
@@ -21,7 +24,7 @@ llama2-7b`` / ``mistral-7b``: those shapes with random weights (benchmarks.e2e.M
     PYTHONPATH=. python benchmarks/continuation.py
     PYTHONPATH=. python benchmarks/continuation.py --new 16,128 --reps 2 --out /tmp/x
     python -m benchmarks.continuation --model llama2-7b --dtype bfloat16 --batch 8 --prompt 2048 \
-        --new 64,1024 --capacity 4096 --caches dense,kivi2,kivi2m --ways extend,extend_appends,fresh_prefill
+        --new 64,1024 --capacity 4096 --caches dense,kivi2,kivi2m --ways extend,extend_xla,fresh_prefill
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from benchmarks import common
 from models.cache import StackedCache
 
 gen = __import__("importlib").import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
-WAYS = ("extend", "extend_appends", "decode_steps", "fresh_prefill")
+WAYS = ("extend", "extend_appends", "extend_xla", "decode_steps", "fresh_prefill")
 
 
 def _no_extend(takes):
@@ -56,6 +59,8 @@ def _hidden(way):
         return mock.patch.object(gen, "_takes", _no_extend(gen._takes))
     if way == "extend_appends":
         return mock.patch.object(StackedCache, "extend_layer", StackedCache.append_each)
+    if way == "extend_xla":
+        return mock.patch.object(kivi_jax.attention, "DEFAULT_EXTEND_IMPL", "xla")
     return contextlib.nullcontext()
 
 

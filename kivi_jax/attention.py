@@ -274,15 +274,28 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     return _prefill_blocked(q, k, v, lengths, window, exact)
 
 
-def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None, exact: bool = False):
+#: extend_attention's impl when none is passed (the models pass none); read at trace time
+DEFAULT_EXTEND_IMPL = "auto"
+
+
+def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None, exact: bool = False,
+                     impl: str | None = None):
     """Attention of T new tokens a row that continue ``cache`` (a chunked prefill): q [B, Hq, T, D],
     k, v [B, Hkv, T, D] the new tokens' own; new token j of row b sits at position
     ``cache.lengths[b] + j``. Each query sees the tokens the cache holds, as decode_attention
     reads them (dequantized), and the new tokens up to itself in full precision, as a prompt's
     attention does. lengths [B] (default T): new tokens past lengths[b] are masked. window: only
     the ``window`` newest positions (itself included). The cache is read as it is, before the new
-    tokens are appended. Returns [B, Hq, T, D] in q's dtype. Precision as prefill_attention's
-    "xla" path (queries in blocks of PREFILL_BLOCK, against the whole cache and the new keys)."""
+    tokens are appended. Returns [B, Hq, T, D] in q's dtype.
+
+    impl="xla": queries in blocks of PREFILL_BLOCK against the whole cache and the new keys
+    (precision as prefill_attention's "xla" path). impl="cudnn": the new keys and values written
+    into the materialized cache at their positions, then cuDNN's flash attention with a [B, 1, T,
+    C] mask (GPU, bf16/fp16, D <= 128; no scores in memory). "auto": cudnn on one GPU where it
+    applies, else xla (as prefill_attention). None: DEFAULT_EXTEND_IMPL."""
+    impl = DEFAULT_EXTEND_IMPL if impl is None else impl
+    if impl not in PREFILL_IMPLS:
+        raise ValueError(f"impl={impl!r}; allowed: {PREFILL_IMPLS}")
     _check_prefill_args(q, k, v, lengths)
     check_window(window)
     b, _, t, d = q.shape
@@ -290,6 +303,15 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
         raise ValueError(f"q {q.shape} and k {k.shape} do not match the cache (B={cache.batch_size}, "
                          f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")
     kc, vc = cache.materialize()  # [B, Hkv, C, D]: position t is token t (in the original basis)
+    if impl == "cudnn" or (impl == "auto" and _on_gpu() and not _under_mesh()):
+        cudnn_ok = (not exact and q.dtype in (jnp.bfloat16, jnp.float16) and kc.dtype == q.dtype
+                    and d <= 128 and d % 8 == 0)
+        if impl == "cudnn" and not (_on_gpu() and cudnn_ok):
+            raise ValueError(f"impl='cudnn' needs a GPU, a bf16/fp16 cache and q with D <= 128 (a multiple of 8), "
+                             f"not exact; got backend {jax.default_backend()}, {q.dtype} q {q.shape}, "
+                             f"{kc.dtype} cache, exact={exact}")
+        if cudnn_ok:
+            return _extend_cudnn(q, k, v, kc, vc, cache.lengths, window)
     lengths = jnp.full((b,), t) if lengths is None else jnp.asarray(lengths)
     held, slot, new = cache.lengths[:, None], jnp.arange(kc.shape[2])[None, :], jnp.arange(t)[None, :]
     kpos = jnp.concatenate([jnp.broadcast_to(slot, (b, kc.shape[2])), held + new], axis=1)  # [B, C + T]
@@ -304,6 +326,26 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
             mask &= kpos[:, None, :] > qpos[:, :, None] - window
         outs.append(attend_dense(q[:, :, q0:q0 + PREFILL_BLOCK], keys, values, mask[:, None], exact=exact))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+
+def _extend_cudnn(q, k, v, kc, vc, held, window, implementation="cudnn"):
+    """extend_attention through cuDNN: new token j of row b written at position held[b] + j of
+    the materialized kc, vc [B, Hkv, C, D] (positions past C dropped: only tokens past a row's
+    length can land there, whose outputs are junk anyway), query j seeing positions <= held[b] + j
+    (and > held[b] + j - window). implementation: jax.nn.dot_product_attention's (the tests run
+    this on a CPU with "xla")."""
+    b, _, t, _ = q.shape
+    c = kc.shape[2]
+    rows = held[:, None] + jnp.arange(t)[None, :]
+    keys = cache_common.put_rows(kc, k.astype(kc.dtype), rows)
+    values = cache_common.put_rows(vc, v.astype(vc.dtype), rows)
+    pos = jnp.arange(c)[None, None, :]
+    mask = pos <= rows[:, :, None]  # [B, T, C]
+    if window is not None:
+        mask &= pos > rows[:, :, None] - window
+    o = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3),
+                                     values.transpose(0, 2, 1, 3), mask=mask[:, None], implementation=implementation)
+    return o.transpose(0, 2, 1, 3)
 
 
 def _under_mesh() -> bool:

@@ -263,6 +263,46 @@ def test_extend_attention_matches_float64(hq, window, block, monkeypatch):
             np.testing.assert_allclose(np.asarray(out[r, :, j]), want, rtol=1e-5, atol=1e-6, err_msg=f"row {r} j {j}")
 
 
+@pytest.mark.parametrize("window", [None, 9])
+def test_extend_attention_cudnn_path_matches_float64(window):
+    """The cudnn path (new tokens written into the materialized cache, a [B, 1, T, C] mask), bf16:
+    compiled through cuDNN on a GPU; off one, the same writes and mask through
+    jax.nn.dot_product_attention's XLA implementation. Against the float64 model, to bf16's
+    precision; rows past their length are not compared (their outputs are junk)."""
+    from kivi_jax import attention
+
+    rng = np.random.default_rng(5)
+    b, hkv, hq, t, held = 4, 2, 4, 6, [70, 33, 5, 0]
+    cfg = dict(k_bits=2, v_bits=2, group_size=32, residual_length=32)
+    k0, v0 = ref.keys_values(rng, b, hkv, max(held), D)
+    cache = KIVICache.init(KIVIConfig(**cfg), batch=b, num_kv_heads=hkv, head_dim=D, max_length=74,
+                           dtype=jnp.bfloat16).prefill(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(held))
+    want_cache = ref.ReferenceKIVICache(**cfg, batch=b, num_kv_heads=hkv, head_dim=D, dtype=jnp.bfloat16)
+    want_cache.prefill(k0, v0, held)
+    q = rng.standard_normal((b, hq, t, D))
+    k, v = ref.keys_values(rng, b, hkv, t, D)
+    lengths = np.array([4, 3, 1, 6])  # (row 0: tokens 74.. past the cache's 74 positions are dropped)
+    qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    if jax.default_backend() == "gpu":
+        fn = lambda q, k, v, c, n: extend_attention(q, k, v, c, n, window=window, impl="cudnn")  # noqa: E731
+    else:
+        def fn(q, k, v, c, n):
+            kc, vc = c.materialize()
+            return attention._extend_cudnn(q, k, v, kc, vc, c.lengths, window, implementation="xla")
+    out = np.asarray(jax.jit(fn)(qb, kb, vb, cache, jnp.asarray(lengths)).astype(jnp.float32))
+    assert out.shape == (b, hq, t, D)
+    kr, vr = (np.asarray(x.astype(jnp.float32), np.float64) for x in (kb, vb))
+    for r in range(b):
+        keys = np.concatenate([want_cache.keys(r), kr[r]], axis=1)
+        values = np.concatenate([want_cache.values(r), vr[r]], axis=1)
+        for j in range(lengths[r]):
+            end = held[r] + j + 1
+            lo = 0 if window is None else max(0, end - window)
+            want = ref.attend(np.asarray(qb[r, :, j].astype(jnp.float32), np.float64), keys[:, lo:end],
+                              values[:, lo:end])
+            np.testing.assert_allclose(out[r, :, j], want, rtol=2e-2, atol=2e-2, err_msg=f"row {r} j {j}")
+
+
 def test_extend_attention_bad_inputs():
     cache = KIVICache.init(KIVIConfig(), batch=2, num_kv_heads=2, head_dim=D, max_length=64)
     x = jnp.zeros((2, 2, 3, D), jnp.bfloat16)
@@ -272,6 +312,13 @@ def test_extend_attention_bad_inputs():
         extend_attention(x, x, x, cache, jnp.asarray([3, 4]))
     with pytest.raises(ValueError, match="window=0"):
         extend_attention(x, x, x, cache, window=0)
+    with pytest.raises(ValueError, match=r"impl='flash'; allowed: \('auto', 'xla', 'cudnn'\)"):
+        extend_attention(x, x, x, cache, impl="flash")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"impl='cudnn' needs a GPU"):
+            extend_attention(x, x, x, cache, impl="cudnn")
+    with pytest.raises(ValueError, match=r"impl='cudnn' needs a GPU, a bf16/fp16 cache"):  # (any backend)
+        extend_attention(x, x, x, cache, impl="cudnn", exact=True)
 
 
 @pytest.mark.parametrize("extras", [{}, dict(sink_tokens=4, rotate="kv")])
