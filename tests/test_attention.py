@@ -267,8 +267,10 @@ def test_extend_attention_matches_float64(hq, window, block, monkeypatch):
 def test_extend_attention_cudnn_path_matches_float64(window):
     """The cudnn path (new tokens written into the materialized cache, a [B, 1, T, C] mask), bf16:
     compiled through cuDNN on a GPU; off one, the same writes and mask through
-    jax.nn.dot_product_attention's XLA implementation. Against the float64 model, to bf16's
-    precision; rows past their length are not compared (their outputs are junk)."""
+    jax.nn.dot_product_attention's XLA implementation. Against float64 attention over what the
+    cache materializes and the new tokens, to bf16's precision (the cache's own fidelity is
+    test_cache's and test_extend_attention_matches_float64's); rows past their length are not
+    compared (their outputs are junk)."""
     from kivi_jax import attention
 
     rng = np.random.default_rng(5)
@@ -277,11 +279,9 @@ def test_extend_attention_cudnn_path_matches_float64(window):
     k0, v0 = ref.keys_values(rng, b, hkv, max(held), D)
     cache = KIVICache.init(KIVIConfig(**cfg), batch=b, num_kv_heads=hkv, head_dim=D, max_length=74,
                            dtype=jnp.bfloat16).prefill(jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(held))
-    want_cache = ref.ReferenceKIVICache(**cfg, batch=b, num_kv_heads=hkv, head_dim=D, dtype=jnp.bfloat16)
-    want_cache.prefill(k0, v0, held)
     q = rng.standard_normal((b, hq, t, D))
     k, v = ref.keys_values(rng, b, hkv, t, D)
-    lengths = np.array([4, 3, 1, 6])  # (row 0: tokens 74.. past the cache's 74 positions are dropped)
+    lengths = np.array([4, 3, 1, 6])
     qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
     if jax.default_backend() == "gpu":
         fn = lambda q, k, v, c, n: extend_attention(q, k, v, c, n, window=window, impl="cudnn")  # noqa: E731
@@ -291,15 +291,16 @@ def test_extend_attention_cudnn_path_matches_float64(window):
             return attention._extend_cudnn(q, k, v, kc, vc, c.lengths, window, implementation="xla")
     out = np.asarray(jax.jit(fn)(qb, kb, vb, cache, jnp.asarray(lengths)).astype(jnp.float32))
     assert out.shape == (b, hq, t, D)
-    kr, vr = (np.asarray(x.astype(jnp.float32), np.float64) for x in (kb, vb))
+    f64 = lambda x: np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)  # noqa: E731
+    kc, vc = (f64(x) for x in cache.materialize())
+    kr, vr, qr = f64(kb), f64(vb), f64(qb)
     for r in range(b):
-        keys = np.concatenate([want_cache.keys(r), kr[r]], axis=1)
-        values = np.concatenate([want_cache.values(r), vr[r]], axis=1)
+        keys = np.concatenate([kc[r, :, :held[r]], kr[r]], axis=1)
+        values = np.concatenate([vc[r, :, :held[r]], vr[r]], axis=1)
         for j in range(lengths[r]):
             end = held[r] + j + 1
             lo = 0 if window is None else max(0, end - window)
-            want = ref.attend(np.asarray(qb[r, :, j].astype(jnp.float32), np.float64), keys[:, lo:end],
-                              values[:, lo:end])
+            want = ref.attend(qr[r, :, j], keys[:, lo:end], values[:, lo:end])
             np.testing.assert_allclose(out[r, :, j], want, rtol=2e-2, atol=2e-2, err_msg=f"row {r} j {j}")
 
 
