@@ -10,6 +10,7 @@ written to ``gpu-tests-<name>-<date>.{json,md}`` (under $OUT on the device) afte
     python -m benchmarks.gpu_tests --name run116                       # every group, 540 s at most
     python -m benchmarks.gpu_tests --groups kernels --budget-s 300     # the kernel-side files only
     python -m benchmarks.gpu_tests --files tests/test_eager.py         # these files, one group
+    python -m benchmarks.gpu_tests --files tests/test_attention.py --select extend   # pytest -k
 
 Each pytest worker process gets XLA_PYTHON_CLIENT_PREALLOCATE=false and an equal share of the
 device memory (the workers share one GPU).
@@ -91,7 +92,8 @@ def progress_counts(output: str) -> dict:
 def summary_table(groups: list[dict], env: dict) -> str:
     """The groups' rows (one a pytest run) and every failure, as markdown."""
     cols = ["group", "status", "tests", "passed", "failed", "errors", "skipped", "wall_s", "files"]
-    rows = [{**g, "files": " ".join(g["files"])} for g in groups]
+    rows = [{**g, "files": " ".join(g["files"]) + (f" (-k {g['select']!r})" if g.get("select") else "")}
+            for g in groups]
     total = {k: sum(g.get(k, 0) for g in groups) for k in ("tests", "passed", "failed", "errors", "skipped")}
     head = (f"# The test suite on {env['device']} (commit {env['commit']}, jax {env['jax_version']})\n\n"
             f"**{total['passed']} passed, {total['failed']} failed, {total['errors']} errors, {total['skipped']} "
@@ -102,11 +104,14 @@ def summary_table(groups: list[dict], env: dict) -> str:
     return head + common.markdown(rows, cols) + ("\n" + "\n".join(failures) + "\n" if failures else "")
 
 
-def run_group(name: str, files: list[str], *, workers: int, seconds: float, per_test: int, xml: str) -> dict:
-    """One pytest run over ``files`` (``workers`` processes sharing the device) stopped after
-    ``seconds``: its JUnit summary and status "done", or status "cut" when the limit killed it."""
+def run_group(name: str, files: list[str], *, workers: int, seconds: float, per_test: int, xml: str,
+              select: str | None = None) -> dict:
+    """One pytest run over ``files`` (``workers`` processes sharing the device; ``select``: a
+    pytest -k expression) stopped after ``seconds``: its JUnit summary and status "done", or
+    status "cut" when the limit killed it."""
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--tb=line", f"--junitxml={xml}"]
     cmd += ["-n", str(workers)] if workers > 1 else []
+    cmd += ["-k", select] if select else []
     cmd += [f"--timeout={per_test}"] if per_test and importlib.util.find_spec("pytest_timeout") else []
     cmd += files
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
@@ -122,6 +127,8 @@ def run_group(name: str, files: list[str], *, workers: int, seconds: float, per_
         output, status = proc.communicate()[0], "cut"
     print(output[-3000:], flush=True)
     row = {"group": name, "files": files, "status": status, "wall_s": round(time.monotonic() - t0, 1)}
+    if select:
+        row["select"] = select
     if status == "done" and os.path.exists(xml):
         row.update(junit_summary(xml))
     elif status == "done":
@@ -137,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--name", default="gpu-tests", help="the result files' name (gpu-tests-<name>-<date>)")
     ap.add_argument("--groups", default=",".join(GROUPS), help=f"comma list of {', '.join(GROUPS)}")
     ap.add_argument("--files", default="", help="comma list of test files or folders: one group of them instead")
+    ap.add_argument("--select", default=None, help="a pytest -k expression applied to every group")
     ap.add_argument("--budget-s", type=float, default=540.0, help="all groups together (a device call has 600 s)")
     ap.add_argument("--workers", type=int, default=7, help="pytest-xdist processes (1: none)")
     ap.add_argument("--per-test-timeout", type=int, default=240, help="seconds a test (with pytest-timeout; 0: none)")
@@ -158,7 +166,7 @@ def main(argv=None):
             rows.append({"group": group, "files": files, "status": "not run (budget)"})
             continue
         rows.append(run_group(group, files, workers=a.workers, seconds=left, per_test=a.per_test_timeout,
-                              xml=str(out / f"{name}-{group}.xml")))
+                              xml=str(out / f"{name}-{group}.xml"), select=a.select))
         env = common.environment()
         common.write_results(name, {**env, "groups": rows}, summary_table(rows, env))
     env = common.environment()

@@ -331,6 +331,20 @@ def test_decode_step_ab_summary_pairs_each_step_with_dense():
     assert body[2][5] == "rare_writes=step" and body[0][5] == "-"
 
 
+def test_gpu_tests_select_runs_only_the_matching_tests(tmp_path):
+    """gpu_tests' --select reaches pytest as -k: of two tests in a group only the named one runs,
+    and the table says which expression picked them."""
+    from benchmarks import gpu_tests
+
+    f = tmp_path / "test_pick.py"
+    f.write_text("def test_alpha():\n    assert 1 + 1 == 2\n\n\ndef test_beta():\n    assert False\n")
+    row = gpu_tests.run_group("g", [str(f)], workers=1, seconds=120, per_test=0, xml=str(tmp_path / "r.xml"),
+                              select="alpha")
+    assert (row["status"], row["tests"], row["passed"], row["failed"], row["select"]) == ("done", 1, 1, 0, "alpha")
+    table = gpu_tests.summary_table([row], {"device": "cpu", "commit": "abc", "jax_version": "0"})
+    assert "(-k 'alpha')" in table and "**1 passed, 0 failed" in table
+
+
 def test_gpu_tests_reads_junit_and_progress_and_covers_every_test_file(tmp_path):
     """benchmarks/gpu_tests: a JUnit file's counts and failures (a failure and an error, a skip),
     the -q progress lines of a run cut before its summary, the table naming each failure, and
