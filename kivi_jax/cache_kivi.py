@@ -384,8 +384,21 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
 
 def stored(x, dtype, rotate: bool):
     """Inputs as a cache stores them: in its dtype, then (rotate) x·H rounded into it."""
-    x = jnp.asarray(x).astype(dtype)
-    return rotation.rotate(x).astype(dtype) if rotate else x
+    x = rounded(jnp.asarray(x), dtype)
+    return rounded(rotation.rotate(x), dtype) if rotate else x
+
+
+def rounded(x, dtype):
+    """x cast to ``dtype``, the rounding kept wherever the result is read. XLA:GPU removes a pair
+    convert(convert(x, bf16), f32) under its default xla_allow_excess_precision (openxla/xla
+    #41605), so quantizing a prompt's stored values (cast to float32 again inside the same
+    fusion) read their unrounded numbers on the H200: codes one step off the float64 model and
+    off what appends quantize (they read the rounded buffer). An optimization barrier after the
+    cast keeps it apart from later ones (lax.reduce_precision would too, but flushes float16
+    subnormals), also when x is already in ``dtype``: a bf16 model's k is the cast of a float32
+    RoPE, which XLA may pair with the quantization's cast back just the same."""
+    y = x.astype(dtype)
+    return jax.lax.optimization_barrier(y) if y.dtype.itemsize < 4 else y
 
 
 def quant_keys(config: KIVIConfig, dtype, k):

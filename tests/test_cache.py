@@ -501,8 +501,10 @@ def test_bf16_prefill_with_outlier_channels_materializes_the_float64_model():
     """A bf16 cache, one value group a token (G = D = 32), keys with outlier channels
     (keys_values), rows of 70 / 33 / 5 / 0 tokens: what materialize gives equals the float64
     model exactly. (On the H200 in session 36, a probe of exactly this prefill gave row 0's
-    values up to 1.55 away from the model while its keys matched: not yet localized, this is the
-    test that says when it is fixed.)"""
+    values up to 1.55 away from the model while its keys matched: XLA:GPU had removed the pair of
+    casts bf16 -> float32 around the values' quantization (the keys' went through a slice), so
+    it quantized unrounded numbers; cache_kivi.rounded keeps them apart since. This test, run on
+    a GPU, says whether that was all.)"""
     rng = np.random.default_rng(5)
     b, held = 4, [70, 33, 5, 0]
     cfg = dict(k_bits=2, v_bits=2, group_size=32, residual_length=32)
@@ -515,3 +517,21 @@ def test_bf16_prefill_with_outlier_channels_materializes_the_float64_model():
     for r in range(b):
         np.testing.assert_array_equal(kh[r, :, :held[r]], rf.keys(r), err_msg=f"keys of row {r}")
         np.testing.assert_array_equal(vh[r, :, :held[r]], rf.values(r), err_msg=f"values of row {r}")
+
+
+def test_stored_keeps_its_rounding_apart_from_later_casts():
+    """cache_kivi.stored casts into a 16-bit cache dtype behind an optimization barrier: XLA:GPU
+    removes convert(convert(x, bf16), f32) pairs (xla_allow_excess_precision), which let a
+    prompt's quantization read unrounded values there. The barrier is what the jaxpr carries for
+    16-bit dtypes (and its values are the plain cast's); float32 needs none."""
+    from kivi_jax.cache_kivi import stored
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5, 32)), jnp.float32)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for rotate in (False, True):
+            jaxpr = str(jax.make_jaxpr(lambda a: stored(a, dtype, rotate).astype(jnp.float32))(x))
+            assert jaxpr.count("optimization_barrier") == 1 + rotate, jaxpr
+        np.testing.assert_array_equal(np.asarray(stored(x, dtype, False)), np.asarray(x.astype(dtype)))
+    assert "optimization_barrier" not in str(jax.make_jaxpr(lambda a: stored(a, jnp.float32, True))(x))
+    xb = x.astype(jnp.bfloat16)  # already in the cache dtype (a bf16 model's RoPE output): still kept apart
+    assert "optimization_barrier" in str(jax.make_jaxpr(lambda a: stored(a, jnp.bfloat16, False))(xb))
