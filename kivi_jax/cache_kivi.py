@@ -391,9 +391,10 @@ def stored(x, dtype, rotate: bool):
 def rounded(x, dtype):
     """x cast to ``dtype``, the rounding kept wherever the result is read. XLA:GPU removes a pair
     convert(convert(x, bf16), f32) under its default xla_allow_excess_precision (openxla/xla
-    #41605), so quantizing a prompt's stored values (cast to float32 again inside the same
-    fusion) read their unrounded numbers on the H200: codes one step off the float64 model and
-    off what appends quantize (they read the rounded buffer). An optimization barrier after the
+    #41605), so quantizing a prompt's stored values (cast to float32 again) can read their
+    unrounded numbers there: codes one step off the float64 model and off what appends quantize
+    (they read the rounded buffer), as a bf16 prefill on the H200 showed (pallas_kernels/NOTES.md,
+    session 36; the fix is not yet timed or checked there). An optimization barrier after the
     cast keeps it apart from later ones (lax.reduce_precision would too, but flushes float16
     subnormals), also when x is already in ``dtype``: a bf16 model's k is the cast of a float32
     RoPE, which XLA may pair with the quantization's cast back just the same."""
