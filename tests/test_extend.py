@@ -195,3 +195,18 @@ def test_extends_against_the_float64_algorithm(bits, prompt, chunks, seed):
         assert int(cache.lengths[r]) == n
         np.testing.assert_allclose(kh[r, :, :n], rf.keys(r), rtol=2.0**-7, atol=0)
         np.testing.assert_allclose(vh[r, :, :n], rf.values(r), rtol=2.0**-7, atol=0)
+
+
+@pytest.mark.parametrize("name", ["dense", "kivi", "mosaic"])
+def test_an_extend_longer_than_the_cache(name):
+    """T far past max_length (its key blocks and value rows run past the stores: dropped, not
+    clamped onto other rows): the row fills up and is flagged, the other takes its few tokens,
+    exactly as the appends."""
+    init, d, _, max_length = FORMATS[name]
+    k = jax.random.normal(jax.random.key(3), (2, HEADS, 3 * max_length, d))
+    cache = init(batch=2, num_kv_heads=HEADS, head_dim=d, max_length=max_length, dtype=jnp.float32)
+    cache = cache.prefill(k[:, :, :10], k[:, :, :10] * 2)
+    n = jnp.asarray([3 * max_length, 3], jnp.int32)
+    got = jax.jit(lambda c, k, v, n: c.extend(k, v, n))(cache, k, k * 2, n)
+    _assert_same(got, _appended(cache, k, k * 2, n), name)
+    assert got.lengths.tolist() == [max_length, 13] and got.overflow.tolist() == [True, False]
