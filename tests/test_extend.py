@@ -210,3 +210,16 @@ def test_an_extend_longer_than_the_cache(name):
     got = jax.jit(lambda c, k, v, n: c.extend(k, v, n))(cache, k, k * 2, n)
     _assert_same(got, _appended(cache, k, k * 2, n), name)
     assert got.lengths.tolist() == [max_length, 13] and got.overflow.tolist() == [True, False]
+
+
+def test_extend_under_vmap_equals_each_request_alone():
+    """jax.vmap over requests (a leading axis on every cache leaf): each request's extend is the
+    one it gets alone (the scatters' batching rule, not a loop)."""
+    cache, _, _, _ = _setup("mosaic", 1, [1] * 6)
+    caches = jax.tree.map(lambda x: jnp.stack([x, x * (2 if x.dtype == jnp.float32 else 1)]), cache)
+    k = jax.random.normal(jax.random.key(4), (2,) + (6, HEADS, 140, 128))
+    n = jnp.asarray([[140, 0, 7, 5, 129, 140], [3, 140, 0, 1, 2, 64]], jnp.int32)
+    got = jax.jit(jax.vmap(lambda c, k, n: c.extend(k, -k, n)))(caches, k, n)
+    for i in range(2):
+        one = jax.tree.map(lambda x: x[i], caches).extend(k[i], -k[i], n[i])
+        _assert_same(jax.tree.map(lambda x: x[i], got), one, f"request {i}")
