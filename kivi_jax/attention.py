@@ -264,8 +264,7 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
     check_window(window)
     if window is not None and window >= q.shape[2]:
         window = None  # no query sees more than the window: plain causal
-    cudnn_ok = (not exact and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype == v.dtype
-                and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+    cudnn_ok = _cudnn_applies(q, k.dtype == q.dtype == v.dtype, exact)
     if impl == "cudnn" and not (_on_gpu() and cudnn_ok):
         raise ValueError(f"impl='cudnn' needs a GPU and bf16/fp16 q, k, v with D <= 128 (a multiple of 8), not "
                          f"exact; got backend {jax.default_backend()}, {q.dtype} q {q.shape}, exact={exact}")
@@ -304,8 +303,7 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
                          f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")
     kc, vc = cache.materialize()  # [B, Hkv, C, D]: position t is token t (in the original basis)
     if impl == "cudnn" or (impl == "auto" and _on_gpu() and not _under_mesh()):
-        cudnn_ok = (not exact and q.dtype in (jnp.bfloat16, jnp.float16) and kc.dtype == q.dtype
-                    and d <= 128 and d % 8 == 0)
+        cudnn_ok = _cudnn_applies(q, kc.dtype == q.dtype, exact)
         if impl == "cudnn" and not (_on_gpu() and cudnn_ok):
             raise ValueError(f"impl='cudnn' needs a GPU, a bf16/fp16 cache and q with D <= 128 (a multiple of 8), "
                              f"not exact; got backend {jax.default_backend()}, {q.dtype} q {q.shape}, "
@@ -326,6 +324,13 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
             mask &= kpos[:, None, :] > qpos[:, :, None] - window
         outs.append(attend_dense(q[:, :, q0:q0 + PREFILL_BLOCK], keys, values, mask[:, None], exact=exact))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+
+
+def _cudnn_applies(q, same_dtype: bool, exact: bool) -> bool:
+    """Whether cuDNN's flash attention takes these operands: bf16/fp16 q with keys and values in
+    its dtype (``same_dtype``), D <= 128 a multiple of 8, and not ``exact`` (float32 at HIGHEST)."""
+    d = q.shape[-1]
+    return not exact and q.dtype in (jnp.bfloat16, jnp.float16) and same_dtype and d <= 128 and d % 8 == 0
 
 
 def _extend_cudnn(q, k, v, kc, vc, held, window, implementation="cudnn"):

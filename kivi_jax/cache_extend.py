@@ -39,8 +39,8 @@ class Pending:
     [B, H, T, D/G] of positions m + i (zeros from m' on); v_ok [B, T]: position m + i is
     quantized here. k_start [B] = n; k_codes [B, H, P, D] of positions n + i, k_scale, k_min
     [B, H, P/Gk, D] of groups n / Gk + i (zeros from n' on); k_ok [B, P / Gk]: group i is
-    quantized here; k_flushed [B]: n' > n.
-    k, v: the input in the stored basis. n_after [B] = n'.
+    quantized here. n_after [B] = n' (a key block was filled where n' > n).
+    k, v: the input in the stored basis.
     """
 
     lengths: jax.Array
@@ -57,7 +57,6 @@ class Pending:
     k_scale: jax.Array
     k_min: jax.Array
     k_ok: jax.Array
-    k_flushed: jax.Array
     n_after: jax.Array
     k: jax.Array
     v: jax.Array
@@ -97,8 +96,8 @@ def pending(cache, k, v, lengths=None) -> Pending:
     k_codes = jnp.where((pk < n1[:, None])[:, None, :, None], k_codes, 0)
     k_ok = pk[:, ::kg] < n1[:, None]
     k_scale, k_min = (jnp.where(k_ok[:, None, :, None], x, 0) for x in (k_scale, k_min))
-    return Pending(L1, overflow, slot, p, m, v_codes, v_scale, v_min, v_ok, n, k_codes, k_scale, k_min, k_ok,
-                   n1 > n, n1, k, v)
+    return Pending(L1, overflow, slot, p, m, v_codes, v_scale, v_min, v_ok, n, k_codes, k_scale, k_min, k_ok, n1,
+                   k, v)
 
 
 def aligned(x, start, unit: int):

@@ -319,7 +319,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         last = jnp.maximum(e.n_after - r - e.k_start, 0)  # the last filled block's first position in e.k_*
         scale, mn = (jnp.repeat(cc.take_row(x, last // kg, r // kg, 1), kg, axis=2) for x in (e.k_scale, e.k_min))
         k_hat = quant.dequantize_codes(cc.take_row(e.k_codes, last, r, 1), scale, mn, self.dtype)
-        flushed = jnp.broadcast_to(e.k_flushed[:, None], (self.batch_size, r))
+        flushed = jnp.broadcast_to((e.n_after > e.k_start)[:, None], (self.batch_size, r))
         k_slot = jnp.where((e.body < 0) | (e.body >= e.n_after[:, None]), e.slot, -1)
         writes = [cc.RowsWrite(cc.row_major(k_hat), ce.rows_from(jnp.zeros_like(last), r, flushed), "k_res"),
                   cc.RowsWrite(e.k, k_slot, "k_res"), cc.RowsWrite(e.v, e.slot, "v_res")]
