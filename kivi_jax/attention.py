@@ -7,14 +7,13 @@ with Hq a multiple of Hkv (GQA), mask each row by its length, and do softmax in 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import cache_common, packing, rotation
+from kivi_jax import cache_common, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
@@ -150,10 +149,11 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
             # B=96 on the H200, decode-step-ab-2026-11-30-cb, arms pallasattn vs scan). Any other
             # cache (the eval's SimQuantCache ablations, a user's own) has no kernel: its reference.
             impl = "pallas"
-        elif isinstance(cache, KIVICache):  # the reference, over the part of the stores in use
-            return _bounded_reference(q, cache, window, stack)
-        else:  # a dense cache has nothing to dequantize: XLA's attention in the cache dtype
-            impl = "xla" if isinstance(cache, DenseCache) else "reference"
+        elif kernel_cache:  # over the part of the stores in use: the reference, or for a dense
+            # cache (nothing to dequantize) XLA's attention in the cache dtype
+            return _bounded_reference(q, cache, window, stack, exact=isinstance(cache, KIVICache))
+        else:
+            impl = "reference"
     if impl in ("reference", "xla"):
         return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
     if not kernel_cache:
@@ -164,48 +164,53 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)
 
 
-#: the smallest prefix of a KIVICache's stores _bounded_reference dequantizes (then doubling)
+#: the smallest prefix of a cache's stores the bounded paths read (then doubling)
 BOUNDED_MIN_TOKENS = 256
 
 
-def _store_prefix(cache: KIVICache, tokens: int) -> KIVICache:
-    """``cache`` with its quantized stores cut to their first ``tokens`` body tokens (a whole
-    number of capacity units): the same numbers for every row holding at most that many."""
-    c = cache.config
-    words_k, words_v = packing.packed_len(tokens, c.k_bits), packing.packed_len(tokens, c.v_bits)
-    groups = tokens // c.key_group
-    return dataclasses.replace(cache, k_codes=cache.k_codes[:, :, :words_k], k_scale=cache.k_scale[:, :, :groups],
-                               k_min=cache.k_min[:, :, :groups], v_codes=cache.v_codes[:, :, :words_v],
-                               v_scale=cache.v_scale[:, :, :tokens], v_min=cache.v_min[:, :, :tokens])
-
-
-def _bounded_reference(q, cache: KIVICache, window, stack=None):
-    """The serving reference off a GPU: the reference's math on the shortest of a few prefixes of
-    the stores (BOUNDED_MIN_TOKENS doubling, up to the capacity) that holds every row's tokens,
-    picked by a lax.switch on the longest row. The reference dequantizes all it reads, so a cache
-    sized for a long chat cost its whole capacity every step: ``kivi-jax chat`` (SmolLM2, KIVI-2,
-    2-core CPU, 86-151 tokens held) decoded 24.4 tokens/s at --max-length 2048 against 45.8 at
-    256; with the prefixes 39.4 at 2048 (45.3 at 256), same machine, back to back. stack (stacked,
-    i), as decode_attention's: the switch takes the stack and each branch slices layer i's prefix
-    from it (given the layer's slices instead, XLA copies each layer's cache into the switch)."""
-    tc, unit = cache.capacity, cache.config.capacity(1)  # (capacity(1): one capacity unit)
-    sizes = []
-    size = -(-BOUNDED_MIN_TOKENS // unit) * unit
+def prefix_sizes(cache) -> list[int]:
+    """Body-token counts of the prefixes ``over_prefix`` picks from: BOUNDED_MIN_TOKENS rounded up
+    to the format's ``prefix_unit``, doubling, then the whole capacity."""
+    tc, unit = cache.capacity, cache.prefix_unit
+    sizes, size = [], -(-BOUNDED_MIN_TOKENS // unit) * unit
     while size < tc:
         sizes.append(size)
         size *= 2
-    sizes.append(tc)
+    return sizes + [tc]
+
+
+def over_prefix(fn, cache, need, stack=None):
+    """fn(view) on the shortest prefix of ``cache``'s stores (``cache.prefix``, one of
+    prefix_sizes) holding ``need`` positions (an int scalar, sinks included), picked by a
+    lax.switch; fn(cache) for a format with no ``prefix`` (e.g. the eval's SimQuantCache). A
+    cache sized for a long chat otherwise costs its whole capacity at every read: ``kivi-jax
+    chat`` (SmolLM2, KIVI-2, 2-core CPU, 86-151 tokens held) decoded 24.4 tokens/s at
+    --max-length 2048 against 45.8 at 256; with the prefixes 39.4 at 2048 (45.3 at 256), same
+    machine, back to back. Under vmap ``need`` is the longest request's. stack (stacked, i), as
+    decode_attention's: the switch takes the stack and each branch slices layer i's prefix from
+    it (given the layer's slices instead, XLA copies each layer's cache into the switch)."""
+    if not hasattr(cache, "prefix"):
+        return fn(cache)
+    sizes = prefix_sizes(cache)
     if len(sizes) == 1:
-        return reference_decode_attention(q, cache, window=window)
+        return fn(cache)
     stacked, layer = (cache, None) if stack is None else stack
+    sinks = cache.config.sink_tokens if hasattr(cache, "config") else 0
 
     def branch(operand, n):
         c = operand if layer is None else jax.tree.map(lambda x: x[layer], operand)
-        return reference_decode_attention(q, _store_prefix(c, n), window=window)
+        return fn(c.prefix(n))
 
-    need = cache_common.max_in_batch(jnp.max(cache.body_lengths))  # (under vmap: the longest request's)
-    return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), need),
+    body = cache_common.max_in_batch(jnp.asarray(need) - sinks)
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), body),
                           [functools.partial(branch, n=n) for n in sizes], stacked)
+
+
+def _bounded_reference(q, cache, window, stack=None, exact=True):
+    """Decode off a GPU: the reference's math (exact=False: XLA's attention in the cache dtype) on
+    the shortest prefix of the stores holding every row's tokens (``over_prefix``)."""
+    return over_prefix(lambda c: reference_decode_attention(q, c, window=window, exact=exact), cache,
+                       jnp.max(cache.lengths), stack)
 
 
 def _mosaic(q, cache, impl, window, stack):
@@ -287,10 +292,12 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
     the ``window`` newest positions (itself included). The cache is read as it is, before the new
     tokens are appended. Returns [B, Hq, T, D] in q's dtype.
 
-    impl="xla": queries in blocks of PREFILL_BLOCK against the whole cache and the new keys
-    (precision as prefill_attention's "xla" path). impl="cudnn": the new keys and values written
-    into the materialized cache at their positions, then cuDNN's flash attention with a [B, 1, T,
-    C] mask (GPU, bf16/fp16, D <= 128; no scores in memory). "auto": cudnn on one GPU where it
+    The cache is materialized only as far as its longest row needs (``over_prefix``: a prefix of
+    its stores, doubling from BOUNDED_MIN_TOKENS), not over its whole capacity. impl="xla":
+    queries in blocks of PREFILL_BLOCK against that prefix and the new keys (precision as
+    prefill_attention's "xla" path). impl="cudnn": the new keys and values written into the
+    materialized prefix at their positions, then cuDNN's flash attention with a [B, 1, T, C]
+    mask (GPU, bf16/fp16, D <= 128; no scores in memory). "auto": cudnn on one GPU where it
     applies, else xla (as prefill_attention). None: DEFAULT_EXTEND_IMPL."""
     impl = DEFAULT_EXTEND_IMPL if impl is None else impl
     if impl not in PREFILL_IMPLS:
@@ -301,17 +308,31 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
     if (cache.batch_size, cache.num_kv_heads, cache.head_dim) != (b, k.shape[1], d):
         raise ValueError(f"q {q.shape} and k {k.shape} do not match the cache (B={cache.batch_size}, "
                          f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")
-    kc, vc = cache.materialize()  # [B, Hkv, C, D]: position t is token t (in the original basis)
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths)
+    cudnn = False
     if impl == "cudnn" or (impl == "auto" and _on_gpu() and not _under_mesh()):
-        cudnn_ok = _cudnn_applies(q, kc.dtype == q.dtype, exact)
-        if impl == "cudnn" and not (_on_gpu() and cudnn_ok):
+        cudnn = _cudnn_applies(q, cache.dtype == q.dtype, exact)
+        if impl == "cudnn" and not (_on_gpu() and cudnn):
             raise ValueError(f"impl='cudnn' needs a GPU, a bf16/fp16 cache and q with D <= 128 (a multiple of 8), "
                              f"not exact; got backend {jax.default_backend()}, {q.dtype} q {q.shape}, "
-                             f"{kc.dtype} cache, exact={exact}")
-        if cudnn_ok:
-            return _extend_cudnn(q, k, v, kc, vc, cache.lengths, window)
-    lengths = jnp.full((b,), t) if lengths is None else jnp.asarray(lengths)
-    held, slot, new = cache.lengths[:, None], jnp.arange(kc.shape[2])[None, :], jnp.arange(t)[None, :]
+                             f"{jnp.dtype(cache.dtype).name} cache, exact={exact}")
+
+    def attend(c):
+        kc, vc = c.materialize()  # [B, Hkv, C, D]: position t is token t (in the original basis)
+        if cudnn:
+            return _extend_cudnn(q, k, v, kc, vc, c.lengths, window)
+        return _extend_blocked(q, k, v, kc, vc, c.lengths, lengths, window, exact)
+
+    # cuDNN's path writes the new tokens into the prefix, so it must hold them too
+    need = jnp.max(cache.lengths + lengths) if cudnn else jnp.max(cache.lengths)
+    return over_prefix(attend, cache, need)
+
+
+def _extend_blocked(q, k, v, kc, vc, held, lengths, window, exact):
+    """extend_attention in XLA: queries in blocks of PREFILL_BLOCK against the materialized kc, vc
+    [B, Hkv, C, D] (slots < held[b] valid) and the new k, v (tokens < lengths[b] valid)."""
+    b, _, t, _ = q.shape
+    held, slot, new = held[:, None], jnp.arange(kc.shape[2])[None, :], jnp.arange(t)[None, :]
     kpos = jnp.concatenate([jnp.broadcast_to(slot, (b, kc.shape[2])), held + new], axis=1)  # [B, C + T]
     valid = jnp.concatenate([slot < held, new < lengths[:, None]], axis=1)
     keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)

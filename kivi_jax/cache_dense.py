@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +34,15 @@ class DenseCache(cc.CacheShape):
             max_length=max_length,
         )
 
+    capacity = property(lambda self: self.k.shape[2])  # tokens the buffers hold
+    prefix_unit = 1  # prefix(tokens) takes any count
 
+    def prefix(self, tokens: int) -> "DenseCache":
+        """A view for reading (materialize, attention) of positions [0, tokens): the same numbers
+        there for rows holding at most that many. Not for writing: its max_length is the full one."""
+        if not 0 < tokens <= self.capacity:
+            raise ValueError(f"tokens={tokens}: a prefix holds 1 to the capacity {self.capacity} tokens")
+        return dataclasses.replace(self, k=self.k[:, :, :tokens], v=self.v[:, :, :tokens])
 
     def _check(self, k, v, tokens=None):
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,

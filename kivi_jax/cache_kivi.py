@@ -129,6 +129,25 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
     #: tokens the quantized stores can hold (the body, after the sinks), Tc
     capacity = property(lambda self: self.k_scale.shape[2] * self.config.key_group)
 
+    @property
+    def prefix_unit(self) -> int:
+        """Body tokens a :meth:`prefix` counts in: whole packed words and key groups."""
+        return self.config.capacity(1)
+
+    def prefix(self, tokens: int) -> "KIVICache":
+        """A view for reading (materialize, attention) with the quantized stores cut to their first
+        ``tokens`` body tokens (a multiple of prefix_unit): the same numbers for every row holding at
+        most that many (sinks and ring are kept whole). Not for writing."""
+        c = self.config
+        if tokens % self.prefix_unit or not 0 < tokens <= self.capacity:
+            raise ValueError(f"tokens={tokens}: a prefix is a positive multiple of {self.prefix_unit} body tokens, "
+                             f"at most the capacity {self.capacity}")
+        words_k, words_v = packing.packed_len(tokens, c.k_bits), packing.packed_len(tokens, c.v_bits)
+        groups = tokens // c.key_group
+        return dataclasses.replace(self, k_codes=self.k_codes[:, :, :words_k], k_scale=self.k_scale[:, :, :groups],
+                                   k_min=self.k_min[:, :, :groups], v_codes=self.v_codes[:, :, :words_v],
+                                   v_scale=self.v_scale[:, :, :tokens], v_min=self.v_min[:, :, :tokens])
+
 
     def _store(self, x, rotate: bool):
         return stored(x, self.dtype, rotate)

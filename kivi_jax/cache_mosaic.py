@@ -187,6 +187,17 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
                    config=config, max_length=max_length)
 
     capacity = property(lambda self: self.kn.shape[2])  # body tokens the stores hold, Tc
+    prefix_unit = KEY_BLOCK  # a prefix is whole key blocks (the tiles' unit)
+
+    def prefix(self, tokens: int) -> "MosaicKIVICache":
+        """A view for reading (materialize, attention) with the stores cut to their first ``tokens``
+        body tokens (a multiple of KEY_BLOCK): the same numbers for every row holding at most that
+        many (sinks and ring kept whole). Not for writing."""
+        if tokens % KEY_BLOCK or not 0 < tokens <= self.capacity:
+            raise ValueError(f"tokens={tokens}: a prefix is a positive multiple of {KEY_BLOCK} body tokens, "
+                             f"at most the capacity {self.capacity}")
+        return dataclasses.replace(self, kn=self.kn[:, :, :tokens], kt=self.kt[:, :, :tokens // KEY_BLOCK * D],
+                                   vn=self.vn[:, :, :tokens // CHUNK], vt=self.vt[:, :, :tokens // 2])
 
 
     def _kivi(self) -> KIVICache:

@@ -1,5 +1,6 @@
 """decode_attention (reference impl) and prefill_attention against float64 NumPy attention."""
 
+import dataclasses
 import functools
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 import reference_kivi as ref
-from kivi_jax import DenseCache, KIVICache, KIVIConfig, decode_attention, extend_attention, prefill_attention
+from kivi_jax import (DenseCache, KIVICache, KIVIConfig, MosaicKIVICache, decode_attention, extend_attention,
+                      prefill_attention)
 
 D = 32
 
@@ -344,3 +346,96 @@ def test_auto_off_gpu_reads_only_the_stores_in_use(extras):
         per_row = jax.vmap(lambda qq, c: decode_attention(qq[None], c, impl="auto")[0])(
             q, jax.tree.map(lambda x: x[:, None], cache))
         np.testing.assert_allclose(np.asarray(per_row), np.asarray(_decode(q, cache, "reference")), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_off_gpu_reads_only_the_dense_positions_in_use():
+    """A DenseCache off a GPU: impl="auto" is XLA's attention over the shortest prefix (256, 512,
+    1024 or all 1100 positions) holding every row, as for a KIVICache: positions past 512 hold NaN
+    here, which attention over the whole capacity turns into NaN outputs. Equal to impl="xla" over
+    the clean cache, for a sliding window too and under jax.vmap."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU impl='auto' runs the kernels")
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((3, 4, 1, D)), jnp.float32)
+    for lengths in ([5, 200, 140], [5, 500, 30], [1100, 3, 64]):
+        cache, _, _ = dense_cache(rng, 3, 2, 1100, lengths)
+        poisoned = cache
+        if max(lengths) <= 512:
+            poisoned = dataclasses.replace(cache, k=cache.k.at[:, :, 512:].set(jnp.nan),
+                                           v=cache.v.at[:, :, 512:].set(jnp.nan))
+        for window in (None, 50):
+            want = np.asarray(_decode(q, cache, "xla", window))
+            np.testing.assert_allclose(np.asarray(_decode(q, poisoned, "auto", window)), want, rtol=1e-6, atol=1e-6)
+        per_row = jax.vmap(lambda qq, c: decode_attention(qq[None], c, impl="auto")[0])(
+            q, jax.tree.map(lambda x: x[:, None], poisoned))
+        np.testing.assert_allclose(np.asarray(per_row), np.asarray(_decode(q, cache, "xla")), rtol=1e-6, atol=1e-6)
+
+
+_PREFIX_FORMATS = {  # name: (init, head_dim); max_length 1100 (+ sinks): several prefixes to pick from
+    "dense": (DenseCache.init, D),
+    "kivi": (functools.partial(KIVICache.init, KIVIConfig()), D),
+    "kivi_sinks_rotated": (functools.partial(KIVICache.init, KIVIConfig(sink_tokens=4, rotate="kv")), D),
+    "mosaic": (functools.partial(MosaicKIVICache.init, KIVIConfig(layout="mosaic")), 128),
+}
+
+
+@pytest.mark.parametrize("path", ["xla", "cudnn"])
+@pytest.mark.parametrize("fmt", list(_PREFIX_FORMATS))
+def test_extend_attention_reads_only_the_prefix_it_needs(fmt, path, monkeypatch):
+    """A cache sized for a long chat: extend_attention materializes the shortest prefix of the
+    stores (256, 512, 1024 body tokens, or all) that holds the longest row's tokens, and, on the
+    cudnn path (which writes the new tokens into it), the new tokens too: held 250 + 10 new needs
+    512 there, 256 on the XLA path. Against float64 attention over the whole materialized cache;
+    dense positions past 512 hold NaN in the first case, which a read of the whole capacity would
+    turn into NaN outputs. Off a GPU the cudnn path runs with jax.nn.dot_product_attention's XLA
+    implementation; under jax.vmap (one prefix for all requests) each request's own result."""
+    from kivi_jax import attention
+
+    init, d = _PREFIX_FORMATS[fmt]
+    dtype = jnp.bfloat16 if path == "cudnn" or fmt == "mosaic" else jnp.float32
+    if path == "cudnn" and jax.default_backend() != "gpu":
+        monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+        monkeypatch.setattr(attention, "_extend_cudnn", functools.partial(attention._extend_cudnn, implementation="xla"))
+    elif path == "xla":
+        monkeypatch.setattr(attention, "DEFAULT_EXTEND_IMPL", "xla")
+    rng = np.random.default_rng(len(fmt) + 3 * len(path))
+    b, hkv, hq, t = 3, 2, 4, 10
+    sinks = 4 if "sinks" in fmt else 0
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    fn = jax.jit(lambda q, k, v, c, n: extend_attention(q, k, v, c, n))
+    f64 = lambda x: np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)  # noqa: E731
+    for held, lengths in (([250 + sinks, 3, 0], [10, 4, 7]), ([700, 20, 5], [10, 10, 1]),
+                          ([1090 + sinks, 0, 5], [10, 2, 10])):
+        k0, v0 = ref.keys_values(rng, b, hkv, max(held), d)
+        cache = init(batch=b, num_kv_heads=hkv, head_dim=d, max_length=1100 + sinks, dtype=dtype).prefill(
+            jnp.asarray(k0), jnp.asarray(v0), jnp.asarray(held))
+        assert attention.prefix_sizes(cache)[:3] == [256, 512, 1024]
+        read = cache
+        if fmt == "dense" and held[0] == 250:  # junk the read must not reach
+            read = dataclasses.replace(cache, k=cache.k.at[:, :, 512:].set(jnp.nan), v=cache.v.at[:, :, 512:].set(jnp.nan))
+        q = jnp.asarray(rng.standard_normal((b, hq, t, d)), dtype)
+        k, v = (jnp.asarray(x, dtype) for x in ref.keys_values(rng, b, hkv, t, d))
+        out = np.asarray(fn(q, k, v, read, jnp.asarray(lengths)).astype(jnp.float32))
+        kc, vc = (f64(x) for x in cache.materialize())
+        for r in range(b):
+            keys = np.concatenate([kc[r, :, :held[r]], f64(k[r])], axis=1)
+            values = np.concatenate([vc[r, :, :held[r]], f64(v[r])], axis=1)
+            for j in range(lengths[r]):
+                want = ref.attend(f64(q[r, :, j]), keys[:, :held[r] + j + 1], values[:, :held[r] + j + 1])
+                np.testing.assert_allclose(out[r, :, j], want, **tol, err_msg=f"held {held} row {r} j {j}")
+    per_request = jax.vmap(lambda q, k, v, c, n: extend_attention(q[None], k[None], v[None], c, n[None])[0])(
+        q, k, v, jax.tree.map(lambda x: x[:, None], cache), jnp.asarray(lengths))
+    for r in range(b):
+        np.testing.assert_allclose(np.asarray(per_request[r, :, :lengths[r]].astype(jnp.float32)),
+                                   out[r, :, :lengths[r]], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_views_are_checked():
+    """prefix(tokens) takes whole units of the format, within the capacity: a named error otherwise."""
+    kivi = KIVICache.init(KIVIConfig(), batch=1, num_kv_heads=1, head_dim=D, max_length=1024)
+    mosaic = MosaicKIVICache.init(KIVIConfig(layout="mosaic"), batch=1, num_kv_heads=1, head_dim=128, max_length=1024)
+    dense = DenseCache.init(batch=1, num_kv_heads=1, head_dim=D, max_length=100)
+    assert kivi.prefix(512).capacity == 512 and mosaic.prefix(256).capacity == 256 and dense.prefix(7).capacity == 7
+    for cache, bad in ((kivi, 100), (kivi, 2048), (mosaic, 128), (mosaic, 0), (dense, 101), (dense, 0)):
+        with pytest.raises(ValueError, match=rf"tokens={bad}: a prefix"):
+            cache.prefix(bad)
