@@ -1,4 +1,4 @@
-"""Multi-turn: the cost of continuing a cache with F new tokens, five ways, in one run.
+"""Multi-turn: the cost of continuing a cache with F new tokens, six ways, in one run.
 
 * ``extend``: ``generate(model, ids, cache=..., max_new_tokens=1)`` as it runs by default on the
   models here: the F tokens in one ``extend=True`` call (a chunked prefill over the cache), each
@@ -8,6 +8,8 @@
 * ``extend_xla``: the same call with the extend's attention in XLA (queries in blocks against the
   materialized cache and the new keys, scores in memory) where ``extend`` runs cuDNN's flash
   attention on a GPU (``kivi_jax.attention.DEFAULT_EXTEND_IMPL``; off a GPU both are XLA);
+* ``extend_whole``: the same call with the extend's attention over each layer's whole capacity
+  (what it read before ``kivi_jax.attention.over_prefix`` bounded it to the prefix in use);
 * ``decode_steps``: the same call with the model's ``extend`` hidden from generate, so the F
   tokens go through decode steps one at a time (what a model without ``extend`` gets);
 * ``fresh_prefill``: the whole sequence (P + F tokens) prefilled into a new cache, what a user
@@ -45,7 +47,7 @@ from benchmarks import common
 from models.cache import StackedCache
 
 gen = __import__("importlib").import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
-WAYS = ("extend", "extend_appends", "extend_xla", "decode_steps", "fresh_prefill")
+WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "decode_steps", "fresh_prefill")
 
 
 def _no_extend(takes):
@@ -61,6 +63,8 @@ def _hidden(way):
         return mock.patch.object(StackedCache, "extend_layer", StackedCache.append_each)
     if way == "extend_xla":
         return mock.patch.object(kivi_jax.attention, "DEFAULT_EXTEND_IMPL", "xla")
+    if way == "extend_whole":
+        return mock.patch.object(kivi_jax.attention, "over_prefix", lambda fn, cache, need, stack=None: fn(cache))
     return contextlib.nullcontext()
 
 
