@@ -369,9 +369,29 @@ def _extend_cudnn(q, k, v, kc, vc, held, window, implementation="cudnn"):
     mask = pos <= rows[:, :, None]  # [B, T, C]
     if window is not None:
         mask &= pos > rows[:, :, None] - window
-    o = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3),
-                                     values.transpose(0, 2, 1, 3), mask=mask[:, None], implementation=implementation)
+    o = _batch_folded_attention(implementation)(q.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3),
+                                                 values.transpose(0, 2, 1, 3), mask[:, None])
     return o.transpose(0, 2, 1, 3)
+
+
+@functools.cache
+def _batch_folded_attention(implementation):
+    """jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=...) over q [B, T, Hq, D],
+    k, v [B, C, Hkv, D], mask [B, 1, T, C], whose jax.vmap folds the mapped axis into B. jax
+    0.11.2's own batching of the cuDNN path with GQA failed: it reshaped the vmapped [V, B, 1, T, C]
+    mask to [V * B, Hq, T, C] (a TypeError on the H200, gpu-tests-run135)."""
+
+    @jax.custom_batching.custom_vmap
+    def attend(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+    @attend.def_vmap
+    def _(axis_size, in_batched, *args):
+        args = [x if b else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, b in zip(args, in_batched)]
+        out = attend(*(x.reshape(-1, *x.shape[2:]) for x in args))  # (attend: a vmap around this one folds too)
+        return out.reshape(axis_size, -1, *out.shape[1:]), True
+
+    return attend
 
 
 def _under_mesh() -> bool:

@@ -439,3 +439,26 @@ def test_prefix_views_are_checked():
     for cache, bad in ((kivi, 100), (kivi, 2048), (mosaic, 128), (mosaic, 0), (dense, 101), (dense, 0)):
         with pytest.raises(ValueError, match=rf"tokens={bad}: a prefix"):
             cache.prefix(bad)
+
+
+def test_cudnn_attention_under_nested_vmap_folds_into_the_batch():
+    """The extend's cuDNN attention under jax.vmap (twice, the mask mapped or shared) equals one
+    call over the flattened batch: jax's own batching of the cuDNN path with GQA and a [B, 1, T, C]
+    mask raised on the H200. cuDNN on a GPU (bf16), XLA's implementation elsewhere."""
+    from kivi_jax import attention
+
+    gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    attend = attention._batch_folded_attention("cudnn" if gpu else "xla")
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((2, 3, 1, 5, 4, 64), (2, 3, 1, 7, 2, 64),
+                                                                     (2, 3, 1, 7, 2, 64)))
+    mask = jnp.asarray(rng.random((2, 3, 1, 1, 5, 7)) < 0.7).at[..., 0].set(True)
+    flat = lambda x: x.reshape(6 * x.shape[2], *x.shape[3:])  # noqa: E731 (the two mapped axes and B=1)
+    want = np.asarray(jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=flat(mask)).astype(jnp.float32))
+    got = jax.jit(jax.vmap(jax.vmap(attend)))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(flat(got).astype(jnp.float32)), want, rtol=2e-2, atol=2e-2)
+    shared = jax.vmap(jax.vmap(attend, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))(q, k, v, mask[0, 0])
+    want = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=jnp.broadcast_to(mask[0, 0], (6, 1, 5, 7)))
+    np.testing.assert_allclose(np.asarray(flat(shared).astype(jnp.float32)), np.asarray(want.astype(jnp.float32)),
+                               rtol=2e-2, atol=2e-2)
