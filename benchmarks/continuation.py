@@ -1,4 +1,4 @@
-"""Multi-turn: the cost of continuing a cache with F new tokens, six ways, in one run.
+"""Multi-turn: the cost of continuing a cache with F new tokens, seven ways, in one run.
 
 * ``extend``: ``generate(model, ids, cache=..., max_new_tokens=1)`` as it runs by default on the
   models here: the F tokens in one ``extend=True`` call (a chunked prefill over the cache), each
@@ -10,6 +10,9 @@
   attention on a GPU (``kivi_jax.attention.DEFAULT_EXTEND_IMPL``; off a GPU both are XLA);
 * ``extend_whole``: the same call with the extend's attention over each layer's whole capacity
   (what it read before ``kivi_jax.attention.over_prefix`` bounded it to the prefix in use);
+* ``extend_in_loop``: the same call with each layer's writes inside the layer loop, after its
+  attention (what the models did before they wrote every layer after the loop,
+  ``StackedCache.extend_all``; XLA then copies the stacked buffers);
 * ``decode_steps``: the same call with the model's ``extend`` hidden from generate, so the F
   tokens go through decode steps one at a time (what a model without ``extend`` gets);
 * ``fresh_prefill``: the whole sequence (P + F tokens) prefilled into a new cache, what a user
@@ -47,11 +50,19 @@ from benchmarks import common
 from models.cache import StackedCache
 
 gen = __import__("importlib").import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
-WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "decode_steps", "fresh_prefill")
+WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "extend_in_loop", "decode_steps", "fresh_prefill")
 
 
 def _no_extend(takes):
     return lambda model, name: name != "extend" and takes(model, name)
+
+
+@contextlib.contextmanager
+def _patches(*patches):
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
 
 
 def _hidden(way):
@@ -59,8 +70,11 @@ def _hidden(way):
     extend_appends makes every layer's extend its appends."""
     if way == "decode_steps":
         return mock.patch.object(gen, "_takes", _no_extend(gen._takes))
-    if way == "extend_appends":
-        return mock.patch.object(StackedCache, "extend_layer", StackedCache.append_each)
+    if way == "extend_appends":  # (in the loop: a format without extend_all's writes)
+        return _patches(mock.patch.object(StackedCache, "extends_all", False),
+                        mock.patch.object(StackedCache, "extend_layer", StackedCache.append_each))
+    if way == "extend_in_loop":
+        return mock.patch.object(StackedCache, "extends_all", False)
     if way == "extend_xla":
         return mock.patch.object(kivi_jax.attention, "DEFAULT_EXTEND_IMPL", "xla")
     if way == "extend_whole":

@@ -92,6 +92,17 @@ class StackedCache:
             return StackedCache(cc.apply_writes(self.layers, *one.extend_writes(k, v, lengths), layer=i))
         return self.append_each(i, k, v, lengths)
 
+    @property
+    def extends_all(self) -> bool:
+        """Whether :meth:`extend_all` takes this cache's format (it has ``extend``)."""
+        return hasattr(self.layers, "extend")
+
+    def extend_all(self, ks, vs, lengths=None) -> "StackedCache":
+        """Every layer's ``extend``: ks, vs [L, B, Hkv, T, D], layer l appending ks[l], vs[l] (row b
+        its first lengths[b] tokens), all layers in one computation (jax.vmap over the layer axis)."""
+        extend = lambda one, k, v: one.extend(k, v, lengths)  # noqa: E731
+        return StackedCache(jax.vmap(extend)(self.layers, ks, vs))
+
     def append_each(self, i, k, v, lengths=None) -> "StackedCache":
         """What :meth:`extend_layer` does, as one ``append_layer`` a token (a loop of max(lengths)
         steps, row b active for its first lengths[b]): for formats without ``extend_writes``, and

@@ -86,11 +86,13 @@ def rare_writes_mode() -> str:
 
 
 def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None,
-           active=None, extend: bool = False):
+           active=None, extend: bool = False, defer: bool = False):
     """One decoder layer. p: this layer's weights; x [B, T, H]; cache: the StackedCache (or
     None), of which this layer reads and writes layer ``i`` in place. rare: the step's
     decision on the cache's rare writes, active: the rows that append (``StackedCache.append_layer``).
-    extend: the T tokens continue the cache (attention over it and them, then appended in order)."""
+    extend: the T tokens continue the cache (attention over it and them, then appended in order).
+    defer (with extend): the layer's k, v [B, Hkv, T, D] are returned in the cache's place, for the
+    caller to write (``StackedCache.extend_all``)."""
     b, t, _ = x.shape
     hq, hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
     window = config.sliding_window
@@ -112,8 +114,11 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
     elif extend:
         with jax.named_scope("attention"):
             o = kivi_jax.extend_attention(q, k, v, cache.layer(i), lengths, window=window)
-        with jax.named_scope("cache_append"):  # as if appended one at a time (rows past lengths: none)
-            cache = cache.extend_layer(i, k, v, lengths)
+        if defer:
+            cache = (k, v)
+        else:
+            with jax.named_scope("cache_append"):  # as if appended one at a time (rows past lengths: none)
+                cache = cache.extend_layer(i, k, v, lengths)
     else:
         with jax.named_scope("attention"):
             o = kivi_jax.prefill_attention(q, k, v, lengths, window=window)
@@ -295,7 +300,25 @@ class Llama(nnx.Module):
         in_place = decode and matmul_impl == "pallas"
         scanned = {k: v for k, v in weights.items() if not in_place or k.endswith("norm")}
 
+        # XLA copies a stacked buffer that a loop body reads before it writes it: the extend's attention
+        # reads layer i, then its writes land. On the CPU two copies of every stacked buffer a layer (a
+        # dense SmolLM2 cache of 8192 tokens: 1.2 s of a 16-token extend); on the H200 a dense Llama-2-7B
+        # shape's extend at 16384 tokens asked for another 32 GiB, its stacked k (session 37).
+        # So the layers' new k, v leave the loop as scan outputs and are written after it, every layer
+        # in one vmapped extend (StackedCache.extend_all): [L, B, Hkv, T, D] twice instead.
+        defer = extend and cache.extends_all
+
         def layers(carry, rare=None):
+            if defer:
+                def read_only(x, xs):
+                    p, i = xs
+                    return _layer(p, x, cos, sin, carry[1], i, config=c, lengths=lengths, attn_impl=attn_impl,
+                                  decode=False, extend=True, defer=True)
+
+                x, (ks, vs) = lax.scan(read_only, carry[0], (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))
+                with jax.named_scope("cache_append"):
+                    return x, carry[1].extend_all(ks, vs, lengths)
+
             def body(carry, xs):
                 x, cache = carry
                 p, i = xs

@@ -61,6 +61,26 @@ def test_dense_decode_step_writes_cache_in_place():
         assert mem.temp_size_in_bytes < full.nbytes, (mem.temp_size_in_bytes, full.nbytes)
 
 
+@pytest.mark.parametrize("kivi", [None, KIVIConfig(residual_length=32)])
+def test_model_extend_writes_the_stacked_cache_without_copies(kivi):
+    """The models' extend (a continuation's chunk, jitted, the cache donated as generate does) copies
+    no stacked cache buffer: with the writes inside the layer loop after the attention's reads,
+    XLA's CPU copy insertion copied every stacked buffer twice a layer (the writes now follow the
+    loop: StackedCache.extend_all). The stores sized by the capacity, that is: the ring
+    (R tokens), which the extend reads and then writes, may be copied."""
+    model = models.init_random(CFG, dtype=jnp.float32)
+    apply, params = models.functional(model)
+    cache = model.init_cache(2, 2048, kivi=kivi)  # (no store shaped like the ring)
+    ids = jnp.zeros((2, 8), jnp.int32)
+    step = jax.jit(lambda p, ids, c, n: apply(p, ids, c, lengths=n, extend=True), donate_argnums=(2,))
+    hlo = step.lower(params, ids, cache, jnp.asarray([8, 3], jnp.int32)).compile().as_text()
+    shapes = [re.escape(",".join(map(str, getattr(cache.layers, f.name).shape))) for f in dataclasses.fields(cache.layers)
+              if f.name not in ("k_res", "v_res", "lengths", "overflow") and not f.metadata.get("static")]
+    copies = [ln.strip()[:120] for ln in hlo.splitlines()
+              if re.search(r"= \w+\[(" + "|".join(shapes) + r")\]\{[\d,]*\} copy\(", ln)]
+    assert shapes and not copies, copies
+
+
 def _buffer_ops(hlo: str, skip: tuple = ()):
     """[(opcode, (dtype, dims))] of every instruction with an array result outside fused
     computations (those own their result buffer); dims without the 1s, so a [1, B, ...] slice

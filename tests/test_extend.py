@@ -108,6 +108,10 @@ def test_extend_equals_appends(name, t, counts):
     got = jax.jit(lambda s, k, v, n: s.extend_layer(1, k, v, n))(stacked, k, v, n)
     _assert_same(got.layer(1), want, f"{name} stacked")
     _assert_same(got.layer(0), cache, f"{name} stacked layer 0 untouched")
+    if stacked.extends_all:  # every layer at once (the models' extend off a GPU), each its own tokens
+        got = jax.jit(lambda s, ks, vs, n: s.extend_all(ks, vs, n))(stacked, jnp.stack([v, k]), jnp.stack([k, v]), n)
+        _assert_same(got.layer(1), want, f"{name} extend_all layer 1")
+        _assert_same(got.layer(0), _appended(cache, v, k, n), f"{name} extend_all layer 0")
     lengths = np.asarray(cache.lengths)
     np.testing.assert_array_equal(np.asarray(want.lengths), np.minimum(lengths + np.asarray(counts), cache.max_length))
     assert np.asarray(want.overflow).any() == any(lengths + np.asarray(counts) > cache.max_length)
