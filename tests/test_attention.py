@@ -340,12 +340,18 @@ def test_auto_off_gpu_reads_only_the_stores_in_use(extras):
         cache = KIVICache.init(cfg, batch=3, num_kv_heads=2, head_dim=D, max_length=1100 + cfg.sink_tokens,
                                dtype=jnp.float32).prefill(jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths))
         assert cache.capacity == 1280  # (whole 256-token blocks)
-        for window in (None, 50):
-            want = np.asarray(_decode(q, cache, "reference", window))
-            np.testing.assert_allclose(np.asarray(_decode(q, cache, "auto", window)), want, rtol=1e-5, atol=1e-5)
-        per_row = jax.vmap(lambda qq, c: decode_attention(qq[None], c, impl="auto")[0])(
-            q, jax.tree.map(lambda x: x[:, None], cache))
-        np.testing.assert_allclose(np.asarray(per_row), np.asarray(_decode(q, cache, "reference")), rtol=1e-5, atol=1e-5)
+        _assert_auto_equals(q, cache, cache, "reference", 1e-5)
+
+
+def _assert_auto_equals(q, read, cache, oracle, tol):
+    """decode_attention(impl="auto") over ``read`` equals impl=``oracle`` over ``cache``, with a
+    sliding window too, and for each request under jax.vmap."""
+    for window in (None, 50):
+        want = np.asarray(_decode(q, cache, oracle, window))
+        np.testing.assert_allclose(np.asarray(_decode(q, read, "auto", window)), want, rtol=tol, atol=tol)
+    per_row = jax.vmap(lambda qq, c: decode_attention(qq[None], c, impl="auto")[0])(
+        q, jax.tree.map(lambda x: x[:, None], read))
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(_decode(q, cache, oracle)), rtol=tol, atol=tol)
 
 
 def test_auto_off_gpu_reads_only_the_dense_positions_in_use():
@@ -363,12 +369,7 @@ def test_auto_off_gpu_reads_only_the_dense_positions_in_use():
         if max(lengths) <= 512:
             poisoned = dataclasses.replace(cache, k=cache.k.at[:, :, 512:].set(jnp.nan),
                                            v=cache.v.at[:, :, 512:].set(jnp.nan))
-        for window in (None, 50):
-            want = np.asarray(_decode(q, cache, "xla", window))
-            np.testing.assert_allclose(np.asarray(_decode(q, poisoned, "auto", window)), want, rtol=1e-6, atol=1e-6)
-        per_row = jax.vmap(lambda qq, c: decode_attention(qq[None], c, impl="auto")[0])(
-            q, jax.tree.map(lambda x: x[:, None], poisoned))
-        np.testing.assert_allclose(np.asarray(per_row), np.asarray(_decode(q, cache, "xla")), rtol=1e-6, atol=1e-6)
+        _assert_auto_equals(q, poisoned, cache, "xla", 1e-6)
 
 
 _PREFIX_FORMATS = {  # name: (init, head_dim); max_length 1100 (+ sinks): several prefixes to pick from
