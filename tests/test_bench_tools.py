@@ -233,7 +233,8 @@ def test_continuation_benchmark_runs_its_four_ways(monkeypatch):
 
 
 def test_e2e_summary_gives_each_kivi2_layouts_ratios_to_dense():
-    """The paper-setting ratios come for KIVI-2 in both layouts, each against the dense row."""
+    """The paper-setting ratios come for KIVI-2 in both layouts, each against the dense row and
+    HF's fastest."""
     from benchmarks import e2e
 
     def row(cache, tps, step, peak):
@@ -241,7 +242,10 @@ def test_e2e_summary_gives_each_kivi2_layouts_ratios_to_dense():
                 "peak_bytes": peak, "batch": 96, "prompt_len": 160}
 
     s = e2e.summarize({"rows": [row("dense", 800.0, 10.0, 30e9), row("kivi2", 700.0, 12.5, 20e9),
-                                row("kivi2m", 900.0, 9.0, 24e9)]})["m"]
+                                row("kivi2m", 900.0, 9.0, 24e9), row("hf_dense", 160.0, 60.0, 31e9),
+                                row("hf_quanto2", 150.0, 70.0, 21e9)]})["m"]
+    assert s["paper_hf_best"] == "hf_dense"
+    assert abs(s["paper_tps_kivi2_over_hf_best"] - 4.375) < 1e-12 and abs(s["paper_tps_kivi2m_over_hf_best"] - 5.625) < 1e-12
     assert abs(s["paper_step_ms_kivi2_over_dense"] - 1.25) < 1e-12
     assert abs(s["paper_step_ms_kivi2m_over_dense"] - 0.9) < 1e-12
     assert abs(s["paper_tps_kivi2m_over_dense"] - 1.125) < 1e-12
