@@ -1,4 +1,4 @@
-"""Multi-turn: the cost of continuing a cache with F new tokens, seven ways, in one run.
+"""Multi-turn: the cost of continuing a cache with F new tokens, eight ways, in one run.
 
 * ``extend``: ``generate(model, ids, cache=..., max_new_tokens=1)`` as it runs by default on the
   models here: the F tokens in one ``extend=True`` call (a chunked prefill over the cache), each
@@ -10,9 +10,9 @@
   attention on a GPU (``kivi_jax.attention.DEFAULT_EXTEND_IMPL``; off a GPU both are XLA);
 * ``extend_whole``: the same call with the extend's attention over each layer's whole capacity
   (what it read before ``kivi_jax.attention.over_prefix`` bounded it to the prefix in use);
-* ``extend_in_loop``: the same call with each layer's writes inside the layer loop, after its
-  attention (what the models did before they wrote every layer after the loop,
-  ``StackedCache.extend_all``; XLA then copies the stacked buffers);
+* ``extend_in_loop`` / ``extend_after``: the same call with each layer's writes inside the layer
+  loop, after its attention, or every layer's after the loop (``models.llama.EXTEND_WRITES``;
+  ``extend`` runs the backend's default: "after" off a GPU, "in_loop" on one);
 * ``decode_steps``: the same call with the model's ``extend`` hidden from generate, so the F
   tokens go through decode steps one at a time (what a model without ``extend`` gets);
 * ``fresh_prefill``: the whole sequence (P + F tokens) prefilled into a new cache, what a user
@@ -47,10 +47,12 @@ import numpy as np
 import kivi_jax
 import models
 from benchmarks import common
+from models import llama
 from models.cache import StackedCache
 
 gen = __import__("importlib").import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
-WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "extend_in_loop", "decode_steps", "fresh_prefill")
+WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "extend_in_loop", "extend_after", "decode_steps",
+        "fresh_prefill")
 
 
 def _no_extend(takes):
@@ -70,11 +72,11 @@ def _hidden(way):
     extend_appends makes every layer's extend its appends."""
     if way == "decode_steps":
         return mock.patch.object(gen, "_takes", _no_extend(gen._takes))
-    if way == "extend_appends":  # (in the loop: a format without extend_all's writes)
-        return _patches(mock.patch.object(StackedCache, "extends_all", False),
+    if way == "extend_appends":  # (in the loop, where extend_layer writes)
+        return _patches(mock.patch.object(llama, "EXTEND_WRITES", "in_loop"),
                         mock.patch.object(StackedCache, "extend_layer", StackedCache.append_each))
-    if way == "extend_in_loop":
-        return mock.patch.object(StackedCache, "extends_all", False)
+    if way in ("extend_in_loop", "extend_after"):
+        return mock.patch.object(llama, "EXTEND_WRITES", way.removeprefix("extend_"))
     if way == "extend_xla":
         return mock.patch.object(kivi_jax.attention, "DEFAULT_EXTEND_IMPL", "xla")
     if way == "extend_whole":

@@ -8,12 +8,12 @@
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
 # Pending since session 37 (no device was lent after its third call): a continuation's writes after
-# the layer loop (StackedCache.extend_all) have not run on a GPU. First call: python -m
+# the layer loop (models.llama.EXTEND_WRITES "after", the default off a GPU) have not run on a GPU. First call: python -m
 # benchmarks.gpu_tests --name runNN --files tests/test_decode_step.py,tests/test_extend.py,
 # tests/test_generate.py,tests/test_bench_tools.py --select "extend or continu or vmap or donates"
 # --budget-s 170, then for c in dense kivi2m: python -m benchmarks.continuation --model llama2-7b
 # --dtype bfloat16 --batch 8 --prompt 2048 --new 1024,64 --capacity 16384 --caches $c
-# --ways extend,extend_in_loop,fresh_prefill --reps 2 --out $OUT/$c (dense at 16384 ran out of
+# --ways extend_in_loop,extend_after,fresh_prefill --reps 2 --out $OUT/$c (dense at 16384 ran out of
 # memory with the writes in the loop, session 37).
 # Then, as separate calls (each <= 10 min). Session 23 ran the decode-attention grid with the
 # Mosaic path in three calls (python -m benchmarks.decode_attention --no-breakdown --kv-heads 32

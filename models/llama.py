@@ -85,6 +85,25 @@ def rare_writes_mode() -> str:
     return switches.resolve("models.llama.RARE_WRITES", RARE_WRITES, RARE_WRITES_MODES, gpu="step", other="layer")
 
 
+EXTEND_WRITES_MODES = ("after", "in_loop")
+#: where a continuation (extend=True) writes each layer's new tokens, read at trace time: "after"
+#: the layer loop, every layer's extend at once (StackedCache.extend_all; the loop only reads the
+#: cache), or "in_loop" after each layer's attention (StackedCache.extend_layer). XLA copies a
+#: stacked buffer that a loop body reads before writing it: on the CPU two copies of every stacked
+#: buffer a layer (a dense SmolLM2 cache of 8192 tokens: 1.2 s of a 16-token extend, 0.13 s
+#: "after"; results/continuation-cpu-writes-after-loop-2026-12-04). "after" holds the layers' new
+#: k, v ([L, B, Hkv, T, D] twice) until the writes. None (the default): "after" off a GPU; on a GPU
+#: "in_loop", as measured there (continuation-gpu-run135), until "after" is timed next to it (on the
+#: H200 a dense Llama-2-7B-shape extend at 16384 tokens asked for another 32 GiB in the loop).
+EXTEND_WRITES = os.environ.get("KIVI_EXTEND_WRITES") or None
+
+
+def extend_writes_mode() -> str:
+    """EXTEND_WRITES resolved for this backend (named error when it is not a mode)."""
+    return switches.resolve("models.llama.EXTEND_WRITES", EXTEND_WRITES, EXTEND_WRITES_MODES, gpu="in_loop",
+                            other="after")
+
+
 def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl: str, decode: bool, rare=None,
            active=None, extend: bool = False, defer: bool = False):
     """One decoder layer. p: this layer's weights; x [B, T, H]; cache: the StackedCache (or
@@ -300,13 +319,8 @@ class Llama(nnx.Module):
         in_place = decode and matmul_impl == "pallas"
         scanned = {k: v for k, v in weights.items() if not in_place or k.endswith("norm")}
 
-        # XLA copies a stacked buffer that a loop body reads before it writes it: the extend's attention
-        # reads layer i, then its writes land. On the CPU two copies of every stacked buffer a layer (a
-        # dense SmolLM2 cache of 8192 tokens: 1.2 s of a 16-token extend); on the H200 a dense Llama-2-7B
-        # shape's extend at 16384 tokens asked for another 32 GiB, its stacked k (session 37).
-        # So the layers' new k, v leave the loop as scan outputs and are written after it, every layer
-        # in one vmapped extend (StackedCache.extend_all): [L, B, Hkv, T, D] twice instead.
-        defer = extend and cache.extends_all
+        # (EXTEND_WRITES "after": the layers' new k, v leave the loop as scan outputs, written after it)
+        defer = extend and cache.extends_all and extend_writes_mode() == "after"
 
         def layers(carry, rare=None):
             if defer:

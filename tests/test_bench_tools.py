@@ -216,7 +216,7 @@ def test_continuation_benchmark_runs_its_four_ways(monkeypatch):
     assert not each
     times2, tokens2 = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1, batch=2,
                                            ways=("extend_appends", "extend_xla", "extend_whole", "extend_in_loop",
-                                                 "decode_steps"))
+                                                 "extend_after", "decode_steps"))
     assert each  # (the extend_appends way's traces, one a layer: after the extend way's, not a cache hit)
     times.update(times2)
     tokens.update(tokens2)

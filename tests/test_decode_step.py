@@ -62,12 +62,16 @@ def test_dense_decode_step_writes_cache_in_place():
 
 
 @pytest.mark.parametrize("kivi", [None, KIVIConfig(residual_length=32)])
-def test_model_extend_writes_the_stacked_cache_without_copies(kivi):
+def test_model_extend_writes_the_stacked_cache_without_copies(kivi, monkeypatch):
     """The models' extend (a continuation's chunk, jitted, the cache donated as generate does) copies
     no stacked cache buffer: with the writes inside the layer loop after the attention's reads,
-    XLA's CPU copy insertion copied every stacked buffer twice a layer (the writes now follow the
-    loop: StackedCache.extend_all). The stores sized by the capacity, that is: the ring
-    (R tokens), which the extend reads and then writes, may be copied."""
+    XLA's CPU copy insertion copied every stacked buffer twice a layer (the writes follow the loop:
+    models.llama.EXTEND_WRITES "after", the default off a GPU). The stores sized by the capacity,
+    that is: the ring (R tokens), which the extend reads and then writes, may be copied. Both modes
+    give the same logits and cache, bit for bit; a bad mode is a named error."""
+    from models import llama
+
+    monkeypatch.setattr(llama, "EXTEND_WRITES", "after")
     model = models.init_random(CFG, dtype=jnp.float32)
     apply, params = models.functional(model)
     cache = model.init_cache(2, 2048, kivi=kivi)  # (no store shaped like the ring)
@@ -79,6 +83,21 @@ def test_model_extend_writes_the_stacked_cache_without_copies(kivi):
     copies = [ln.strip()[:120] for ln in hlo.splitlines()
               if re.search(r"= \w+\[(" + "|".join(shapes) + r")\]\{[\d,]*\} copy\(", ln)]
     assert shapes and not copies, copies
+    if kivi is None:
+        return
+    outs = []
+    for mode in llama.EXTEND_WRITES_MODES:  # a prompt (two flushes' worth), then 40 tokens continuing it
+        monkeypatch.setattr(llama, "EXTEND_WRITES", mode)
+        ids = jax.random.randint(jax.random.key(1), (2, 70), 0, CFG.vocab_size)
+        more = jax.random.randint(jax.random.key(2), (2, 40), 0, CFG.vocab_size)
+        _, c = jax.jit(lambda p, ids, c: apply(p, ids, c, lengths=jnp.asarray([70, 33])))(
+            params, ids, model.init_cache(2, 2048, kivi=kivi))
+        outs.append(jax.jit(lambda p, ids, c: apply(p, ids, c, lengths=jnp.asarray([40, 17]), extend=True))(
+            params, more, c))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *outs)
+    monkeypatch.setattr(llama, "EXTEND_WRITES", "later")
+    with pytest.raises(ValueError, match=r"models.llama.EXTEND_WRITES='later'; allowed: \('after', 'in_loop'\)"):
+        llama.extend_writes_mode()
 
 
 def _buffer_ops(hlo: str, skip: tuple = ()):
