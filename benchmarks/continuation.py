@@ -68,8 +68,7 @@ def _patches(*patches):
 
 
 def _hidden(way):
-    """What a way changes for its calls: decode_steps hides the model's extend from generate,
-    extend_appends makes every layer's extend its appends."""
+    """What a way changes for its calls (each way is described in the module doc)."""
     if way == "decode_steps":
         return mock.patch.object(gen, "_takes", _no_extend(gen._takes))
     if way == "extend_appends":  # (in the loop, where extend_layer writes)

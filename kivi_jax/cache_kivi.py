@@ -413,7 +413,8 @@ def rounded(x, dtype):
     #41605), so quantizing a prompt's stored values (cast to float32 again) can read their
     unrounded numbers there: codes one step off the float64 model and off what appends quantize
     (they read the rounded buffer), as a bf16 prefill on the H200 showed (pallas_kernels/NOTES.md,
-    session 36; the fix is not yet timed or checked there). An optimization barrier after the
+    session 36; with this fix it matches there, gpu-tests-run134, at no visible step cost,
+    e2e-2026-12-04-run134-paper-barrier). An optimization barrier after the
     cast keeps it apart from later ones (lax.reduce_precision would too, but flushes float16
     subnormals), also when x is already in ``dtype``: a bf16 model's k is the cast of a float32
     RoPE, which XLA may pair with the quantization's cast back just the same."""

@@ -323,26 +323,20 @@ class Llama(nnx.Module):
         defer = extend and cache.extends_all and extend_writes_mode() == "after"
 
         def layers(carry, rare=None):
-            if defer:
-                def read_only(x, xs):
-                    p, i = xs
-                    return _layer(p, x, cos, sin, carry[1], i, config=c, lengths=lengths, attn_impl=attn_impl,
-                                  decode=False, extend=True, defer=True)
-
-                x, (ks, vs) = lax.scan(read_only, carry[0], (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))
-                with jax.named_scope("cache_append"):
-                    return x, carry[1].extend_all(ks, vs, lengths)
-
             def body(carry, xs):
                 x, cache = carry
                 p, i = xs
                 if in_place:
                     p = {**p, **{k: kj_matmul.StackedMatrix(w, i, "pallas") for k, w in weights.items() if k not in p}}
-                x, cache = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
-                                  decode=decode, rare=rare, active=active, extend=extend)
-                return (x, cache), None
+                x, out = _layer(p, x, cos, sin, cache, i, config=c, lengths=lengths, attn_impl=attn_impl,
+                                decode=decode, rare=rare, active=active, extend=extend, defer=defer)
+                return ((x, cache), out) if defer else ((x, out), None)  # (defer: out is the layer's k, v)
 
-            return lax.scan(body, carry, (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))[0]
+            (x, cache), kv = lax.scan(body, carry, (scanned, jnp.arange(c.num_layers, dtype=jnp.int32)))
+            if defer:
+                with jax.named_scope("cache_append"):
+                    cache = cache.extend_all(*kv, lengths)
+            return x, cache
 
         due = cache.rare_writes_due(active) if decode and rare_mode == "step" else None
         if due is None:  # (RARE_WRITES "layer": each layer's rare writes in a conditional of their own)
