@@ -140,6 +140,7 @@ class _Config:
     prefill_rows: int | None = None  # rows per prefill call (None: the whole batch at once)
     active: bool = False  # the model's call takes active= (decode: only running rows append)
     extend: bool = False  # the model's call takes extend= (a continued cache's input in one call)
+    prefill_chunk: int | None = None  # prompt tokens per model call (None: the whole prompt in one call)
 
 
 class _Knobs(NamedTuple):
@@ -297,21 +298,22 @@ def _first_token(cache, last, cache_len, keys, knobs: _Knobs, cfg: _Config) -> _
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
-def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _Config,
+def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _Knobs, last=None, *, cfg: _Config,
           treedef) -> _Carry:
     """A prompt that continues a cache (its buffers donated), row b's first lengths[b] tokens at
     its positions cache.lengths[b] on; then column 0 is sampled from the logits of each row's
     last token. A model that takes ``extend`` gets them in one call (a chunked prefill: they
     attend to the cache and to each other, then are appended in order); otherwise they go
-    through decode steps one by one (a row past its length appends nothing)."""
+    through decode steps one by one (a row past its length appends nothing). last [B, V]: the
+    last chunk of a prompt fed in chunks (:func:`_feed_chunks`): the logits of rows whose
+    tokens ended in an earlier chunk (lengths[b] == 0 here)."""
     TRACE_COUNTS["feed"] += 1
     model = _merge(graphdef, state)
     cache = sharding.constrain_cache(_join_carry(buffers, counters, treedef), cfg.mesh, cfg.rules)
     held = _cache_lengths(cache, input_ids.shape[0])
     if cfg.extend:
-        logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=_logits_at(lengths, cfg),
-                                    extend=True)
-        return _first_token(cache, _last_logits(logits, lengths, cfg), held + lengths, keys, knobs, cfg)
+        cache, last = _extend(model, cache, input_ids, lengths, last, cfg)
+        return _first_token(cache, last, held + lengths, keys, knobs, cfg)
 
     def step(i, state):
         cache, last = state
@@ -324,6 +326,49 @@ def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _
     init = (cache, jnp.zeros((shape.shape[0], shape.shape[2]), shape.dtype))
     cache, last = lax.fori_loop(0, jnp.max(lengths), step, init)
     return _first_token(cache, last, held + lengths, keys, knobs, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
+def _feed_chunk(graphdef, state, buffers, counters, input_ids, lengths, last=None, *, cfg: _Config, treedef):
+    """A chunk of a prompt fed in chunks, all but the last (:func:`_feed_chunks`): -> (the
+    cache, [B, V] logits of each row's last token so far)."""
+    TRACE_COUNTS["feed_chunk"] += 1
+    cache = sharding.constrain_cache(_join_carry(buffers, counters, treedef), cfg.mesh, cfg.rules)
+    cache, last = _extend(_merge(graphdef, state), cache, input_ids, lengths, last, cfg)
+    return sharding.constrain_cache(cache, cfg.mesh, cfg.rules), last
+
+
+def _extend(model, cache, input_ids, lengths, last, cfg: _Config):
+    """The model's extend call: (the cache, [B, V] logits of each row's last token; a row with
+    no tokens here, lengths[b] == 0, keeps last[b])."""
+    at = jnp.maximum(lengths, 1)  # (a row with no tokens: position 0's logits, not used)
+    logits, cache = _call_model(model, input_ids, cache, cfg, lengths=lengths, logits_at=_logits_at(at, cfg),
+                                extend=True)
+    out = _last_logits(logits, at, cfg)
+    return cache, out if last is None else jnp.where((lengths > 0)[:, None], out, last)
+
+
+def _feed_chunks(graphdef, state, cache, input_ids, lengths, keys, knobs, cfg: _Config) -> _Carry:
+    """A prompt fed ``cfg.prefill_chunk`` tokens a model call (a chunked prefill): chunk i is
+    columns [i c, (i + 1) c) of input_ids (the last padded), row b's part of it the first
+    clip(lengths[b] - i c, 0, c) tokens; each chunk attends to the cache as the chunks before
+    it left it. All chunks have one shape, so two programs serve any prompt length."""
+    c = cfg.prefill_chunk
+    n = -(-input_ids.shape[1] // c)
+    ids = jnp.pad(input_ids, ((0, 0), (0, n * c - input_ids.shape[1])))
+    last = None
+    for i in range(n):
+        chunk, lens = ids[:, i * c:(i + 1) * c], jnp.clip(lengths - i * c, 0, c)
+        buffers, counters, treedef = _split_carry(cache, input_ids)
+        if i == n - 1:
+            return _feed(graphdef, state, buffers, counters, chunk, lens, keys, knobs, last, cfg=cfg, treedef=treedef)
+        cache, last = _feed_chunk(graphdef, state, buffers, counters, chunk, lens, last, cfg=cfg, treedef=treedef)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("cfg",))
+def _empty_cache(graphdef, state, b: int, *, cfg: _Config):
+    """A new cache for b rows holding nothing (a chunked prefill's start)."""
+    return sharding.constrain_cache(_new_cache(_merge(graphdef, state), b, cfg), cfg.mesh, cfg.rules)
 
 
 def _new_cache(model, b: int, cfg: _Config):
@@ -392,14 +437,15 @@ def _is_counter(path) -> bool:
     return any(getattr(k, "name", None) in _COUNTERS for k in path)
 
 
-def _split_carry(carry: _Carry):
+def _split_carry(carry: _Carry, *inputs):
     """carry -> (buffers, counters, treedef): two lists of the flat leaves, each None where the
     other holds it (None is an empty pytree: jit passes it through). Under an eager
-    transformation (the leaves that depend on its inputs are tracers) a leaf that is a plain
-    array depends on none of them, e.g. KIVI's key stores after prompts shorter than R: under
-    jax.vmap it comes in unbatched and goes out batched, so it is passed, not donated."""
+    transformation (the leaves that depend on its inputs are tracers, or one of ``inputs`` is) a
+    leaf that is a plain array depends on none of them, e.g. KIVI's key stores after prompts
+    shorter than R, or a new empty cache: under jax.vmap it comes in unbatched and goes out
+    batched, so it is passed, not donated."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(carry)
-    traced = any(isinstance(x, jax.core.Tracer) for _, x in flat)
+    traced = any(isinstance(x, jax.core.Tracer) for x in [x for _, x in flat] + list(inputs))
     leaves = [(x, _is_counter(path) or (traced and not isinstance(x, jax.core.Tracer))) for path, x in flat]
     return [None if c else x for x, c in leaves], [x if c else None for x, c in leaves], treedef
 
@@ -438,8 +484,13 @@ def _on_mesh(cfg: _Config):
 
 
 def _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg: _Config, cache=None) -> _Carry:
-    """The prompt's carry: a prefill into a new cache, or fed into ``cache`` (donated)."""
+    """The prompt's carry: a prefill into a new cache, or fed into ``cache`` (donated); with
+    ``prefill_chunk`` shorter than the prompt, in chunks (into a new empty cache, or ``cache``)."""
     with _on_mesh(cfg):
+        if cfg.prefill_chunk is not None and cfg.prefill_chunk < ids.shape[1]:
+            if cache is None:
+                cache = _empty_cache(graphdef, state, ids.shape[0], cfg=cfg)
+            return _feed_chunks(graphdef, state, cache, ids, lens, keys, knobs, cfg)
         if cache is None:
             return _prefill(graphdef, state, ids, lens, keys, knobs, cfg=cfg)
         buffers, counters, treedef = _split_carry(cache)
@@ -523,7 +574,7 @@ def _check_continuation(model, cache, input_ids, lengths, max_length, **unset):
 
 def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, top_k, top_p, eos_id, key,
              pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None,
-             matmul_impl=None, cache=None):
+             matmul_impl=None, cache=None, prefill_chunk=None):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -609,7 +660,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
                   mesh=mesh, rules=rules,
                   logits_at=_takes(model, "logits_at"), active=_takes(model, "active"),
                   extend=_takes(model, "extend"))
-    if cache is None:
+    cfg = dataclasses.replace(cfg, prefill_chunk=_check_prefill_chunk(prefill_chunk, prefill_rows, t, cfg))
+    if cache is None and cfg.prefill_chunk is None:
         cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
     if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)
@@ -618,6 +670,23 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         input_ids = jax.device_put(input_ids, rules.sharding(mesh, ("batch",), input_ids.shape))
         lengths = jax.device_put(lengths, rules.sharding(mesh, ("batch",), lengths.shape))
     return graphdef, state, input_ids, lengths, keys, knobs, cfg
+
+
+def _check_prefill_chunk(prefill_chunk, prefill_rows, t: int, cfg: _Config) -> int | None:
+    """Prompt tokens per model call, or None for the whole prompt in one call (also when the
+    prompt fits one chunk)."""
+    if prefill_chunk is None:
+        return None
+    if not _is_int(prefill_chunk) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk!r} must be None (the whole prompt in one call) or an "
+                         f"integer >= 1")
+    if not cfg.extend:
+        raise ValueError(f"prefill_chunk={prefill_chunk} needs a model whose call takes extend= (each chunk "
+                         f"continues the cache; the models in models/ do)")
+    if prefill_rows is not None:
+        raise ValueError(f"prefill_rows={prefill_rows!r} must be None with prefill_chunk={prefill_chunk} (a chunk "
+                         f"takes every row); bound a prompt's activations with one or the other")
+    return int(prefill_chunk) if prefill_chunk < t else None
 
 
 def _resolve_prefill_rows(model, prefill_rows, b: int, t: int, cfg: _Config) -> int | None:
@@ -652,7 +721,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
              cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
-             prefill_rows: int | None = None, matmul_impl: str | None = None, cache=None) -> GenerateOutput:
+             prefill_rows: int | None = None, matmul_impl: str | None = None, cache=None,
+             prefill_chunk: int | None = None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per row after a (ragged) batch of prompts.
 
     Args:
@@ -695,6 +765,14 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         ``max_length`` and ``prefill_rows`` stay None; every row must fit (held + lengths[b]
         <= max_length). Its buffers are donated (reused in place: the array passed in is
         deleted). Needs a model whose decode call takes ``active=`` (the models here).
+      prefill_chunk: None (the prompt in one model call), or the most prompt tokens a call: a
+        longer prompt (new, or continuing ``cache``) goes in chunks of this many tokens, each
+        attending to the cache as the chunks before it left it (their tokens quantized once out
+        of the window, as decode steps read them) and to itself in full precision; peak
+        activations, and the new keys and values a model holds before writing them, are those
+        of one chunk. Needs a model that takes ``extend=`` (the models here). With a chunk the
+        tokens may differ slightly from one call's, which attends to the whole prompt in full
+        precision. Not with ``prefill_rows``.
 
     Returns:
       GenerateOutput(tokens [B, N] int32, lengths [B] int32, cache). Deterministic: greedy
@@ -705,7 +783,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
-        matmul_impl=matmul_impl, cache=cache)
+        matmul_impl=matmul_impl, cache=cache, prefill_chunk=prefill_chunk)
     carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, cache)
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
@@ -717,7 +795,7 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
                     eos_id=None, key=None, pad_id: int = 0, max_length: int | None = None,
                     cache_dtype=None, attn_impl: str | None = None, mesh=None, rules=None,
                     prefill_rows: int | None = None, matmul_impl: str | None = None,
-                    cache=None) -> Iterator[StreamStep]:
+                    cache=None, prefill_chunk: int | None = None) -> Iterator[StreamStep]:
     """Like :func:`generate`, but yields a :class:`StreamStep` (host arrays [B]) per step.
 
     Runs the same jitted prefill and decode step as ``generate`` (the step is called from
@@ -730,7 +808,7 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
         model, input_ids, max_new_tokens=max_new_tokens, kivi=kivi, lengths=lengths, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
-        matmul_impl=matmul_impl, cache=cache)
+        matmul_impl=matmul_impl, cache=cache, prefill_chunk=prefill_chunk)
     return _stream(*prepared, cache)
 
 
