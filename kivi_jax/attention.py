@@ -267,6 +267,8 @@ def prefill_attention(q, k, v, lengths=None, *, window: int | None = None, exact
         raise ValueError(f"impl={impl!r}; allowed: {PREFILL_IMPLS}")
     _check_prefill_args(q, k, v, lengths)
     check_window(window)
+    if q.shape[2] == 0:  # no queries: nothing to attend (a turn with no new tokens)
+        return jnp.zeros(q.shape, q.dtype)
     if window is not None and window >= q.shape[2]:
         window = None  # no query sees more than the window: plain causal
     cudnn_ok = _cudnn_applies(q, k.dtype == q.dtype == v.dtype, exact)
@@ -308,6 +310,8 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
     if (cache.batch_size, cache.num_kv_heads, cache.head_dim) != (b, k.shape[1], d):
         raise ValueError(f"q {q.shape} and k {k.shape} do not match the cache (B={cache.batch_size}, "
                          f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")
+    if t == 0:  # no queries: nothing to attend (a turn with no new tokens)
+        return jnp.zeros(q.shape, q.dtype)
     lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths)
     cudnn = False
     if impl == "cudnn" or (impl == "auto" and _on_gpu() and not _under_mesh()):

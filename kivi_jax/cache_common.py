@@ -104,8 +104,11 @@ def check_init(config, config_cls, max_length: int, dtype):
 
 
 def check_kv(name_k: str, k, name_v: str, v, *, batch: int, heads: int, head_dim: int, tokens: int | None = None):
-    """Shape checks at trace time for k, v [B, Hkv, T, D]; returns T."""
+    """Shape and dtype checks at trace time for k, v [B, Hkv, T, D] (floats: an integer array
+    would be cast into the cache silently); returns T."""
     for name, a in ((name_k, k), (name_v, v)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating array (float32, bfloat16, float16); got {a.dtype}")
         if a.ndim != 4:
             raise ValueError(f"{name} must be [B, Hkv, T, D]; got shape {a.shape}")
         b, h, t, d = a.shape

@@ -25,6 +25,7 @@ class DenseCache(cc.CacheShape):
     @classmethod
     def init(cls, *, batch: int, num_kv_heads: int, head_dim: int, max_length: int, dtype=jnp.bfloat16):
         cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
+        dtype = cc.check_float("cache", dtype)
         shape = (batch, num_kv_heads, max_length, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),

@@ -306,6 +306,16 @@ def test_extend_attention_cudnn_path_matches_float64(window):
             np.testing.assert_allclose(out[r, :, j], want, rtol=2e-2, atol=2e-2, err_msg=f"row {r} j {j}")
 
 
+def test_no_new_tokens_attend_to_nothing():
+    """A chunk of zero tokens (a turn with nothing new) gives an empty output, as cache.extend
+    takes it, instead of failing to concatenate no query blocks."""
+    cache = KIVICache.init(KIVIConfig(), batch=2, num_kv_heads=2, head_dim=D, max_length=64, dtype=jnp.float32)
+    q, k = jnp.ones((2, 4, 0, D), jnp.float32), jnp.ones((2, 2, 0, D), jnp.float32)
+    for out in (extend_attention(q, k, k, cache), prefill_attention(q, k, k, lengths=jnp.zeros((2,), jnp.int32))):
+        assert out.shape == (2, 4, 0, D) and out.dtype == jnp.float32
+    assert np.asarray(cache.extend(k, k).lengths).tolist() == [0, 0]
+
+
 def test_extend_attention_bad_inputs():
     cache = KIVICache.init(KIVIConfig(), batch=2, num_kv_heads=2, head_dim=D, max_length=64)
     x = jnp.zeros((2, 2, 3, D), jnp.bfloat16)

@@ -388,6 +388,17 @@ def test_capacity_errors_at_trace_time(kind):
         cache.append(jnp.zeros((2, HKV, D)), jnp.zeros((2, HKV, D)))
     with pytest.raises(ValueError, match=r"v has 2 tokens; expected 1|differs from"):
         cache.append(z(1), z(2))
+    # integer k / v would be cast into the cache silently (0.7 -> 0)
+    ints = jnp.ones((2, HKV, 3, D), jnp.int32)
+    with pytest.raises(ValueError, match=r"k must be a floating array .*; got int32"):
+        cache.prefill(ints, z(3))
+    with pytest.raises(ValueError, match=r"v must be a floating array .*; got int32"):
+        cache.append(z(1), ints[:, :, :1])
+    with pytest.raises(ValueError, match=r"k must be a floating array .*; got int32"):
+        cache.extend(ints, ints)
+    with pytest.raises(ValueError, match=r"cache dtype int32 is not supported; allowed: float32, bfloat16, float16"):
+        type(cache).init(*([cache.config] if kind == "kivi" else []), batch=2, num_kv_heads=HKV, head_dim=D,
+                         max_length=40, dtype=jnp.int32)
 
 
 # ---- config and init validation ------------------------------------------------------------
