@@ -21,6 +21,13 @@ jit and vmap give the same bits, and bfloat16/float16 results equal a float64 mo
 Limits: a group whose (max - min) / (2**bits - 1) exceeds the dtype's max gets the max as
 scale (codes and outputs stay finite; the scale / 2 bound cannot hold); XLA CPU flushes
 float32 subnormals, so a group whose scale would be below ~1e-38 is treated as constant.
+Non-finite inputs are not checked (that would need a host sync): a NaN makes its whole group
+NaN (G tokens of a key channel, G channels of a value token; nothing outside the group), and
+±inf is stored as ±the dtype's max with the group's other numbers collapsing to its min.
+
+Gradients: the codes are piecewise constant, so under ``jax.grad`` a group's gradient reaches
+its min and max elements through the stored scale and min (the one-ulp outward steps count as
+the identity); :func:`fake_quantize` is the straight-through alternative for training.
 
 Codes are packed along ``pack_axis`` by :mod:`kivi_jax.packing` (for [B, H, T, D] the
 token axis, for keys and values alike: the layout the Pallas kernel reads).
@@ -126,11 +133,14 @@ def _exact_madd(c, s, m):
     return (c * hi + m) + c * lo
 
 
+@jax.custom_jvp
 def next_after(x, toward):
     """jnp.nextafter(x, toward) elementwise. 16-bit floats step their bit pattern (the next
     representable number is one integer step away), decided on the bits so that subnormals are
     stepped, not flushed (XLA:CPU's bfloat16 nextafter flushes them), and so that it lowers in
-    Pallas's Triton kernels, whose nextafter takes only float32 and float64."""
+    Pallas's Triton kernels, whose nextafter takes only float32 and float64. Differentiable as
+    the identity in x (one ulp away; jax has no rule for nextafter), so gradients flow through a
+    group's stored scale and min."""
     x = jnp.asarray(x)
     toward = jnp.asarray(toward, x.dtype)
     if x.dtype.itemsize != 2:
@@ -147,6 +157,12 @@ def next_after(x, toward):
     out = lax.bitcast_convert_type(stepped.astype(jnp.uint16), x.dtype)
     nan = jnp.isnan(x.astype(jnp.float32)) | jnp.isnan(toward.astype(jnp.float32))
     return jnp.where(nan, x + toward, jnp.where(same, toward, out))
+
+
+@next_after.defjvp
+def _next_after_jvp(primals, tangents):
+    x, toward = primals
+    return next_after(x, toward), jnp.asarray(tangents[0], jnp.asarray(x).dtype)
 
 
 def _round_outward(value_f32, dtype, direction):
@@ -175,7 +191,7 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     diff = mx - mn_f
     back = diff - mx
     err = (mx - (diff - back)) + (-mn_f - back)
-    diff = jnp.where(err > 0, jnp.nextafter(diff, jnp.full_like(diff, jnp.inf)), diff)
+    diff = jnp.where(err > 0, next_after(diff, jnp.full_like(diff, jnp.inf)), diff)
     finite = jnp.isfinite(diff)
     # estimate (huge groups whose difference overflows: divide first), then settle exactly
     scale = jnp.where(finite, diff / levels, mx / levels - mn_f / levels)
