@@ -40,6 +40,14 @@ def trace_settings() -> tuple:
     return tuple(state)
 
 
+def _hashable(x) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
 def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=None):
     """``fn`` jitted (``static_argnames`` static) when every array argument is a concrete array;
     as written when one is traced or is a Python scalar (whose value the code may use).
@@ -65,6 +73,8 @@ def jit_when_eager(fn=None, *, static_argnames: tuple[str, ...] = (), validate=N
             leaves = jax.tree_util.tree_leaves([v for k, v in bound.arguments.items() if k not in static_argnames])
             if not all(isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) for x in leaves):
                 return fn(*args, **kwargs)
+            if not all(_hashable(v) for k, v in bound.arguments.items() if k in static_argnames):
+                return fn(*args, **kwargs)  # (a bad setting, e.g. axis=[2]: fn's own check names it)
             if validate is not None:
                 validate(*args, **kwargs)
             settings = trace_settings()

@@ -225,7 +225,8 @@ def _default_matmul_impl(model, mesh) -> str | None:
 
 def _cache_objects(cache):
     """The cache objects in a cache pytree: anything with ``.overflow`` and ``.lengths``."""
-    return jax.tree_util.tree_leaves(cache, is_leaf=lambda x: hasattr(x, "overflow") and hasattr(x, "lengths"))
+    is_cache = lambda x: hasattr(x, "overflow") and hasattr(x, "lengths")  # noqa: E731
+    return [x for x in jax.tree_util.tree_leaves(cache, is_leaf=is_cache) if is_cache(x)]
 
 
 def _cache_lengths(cache, batch: int):
@@ -522,6 +523,16 @@ def _vocab_size(model) -> int | None:
     return None
 
 
+def _check_int32(name: str, x) -> None:
+    """Concrete integers that fit int32 (what generate computes in): a NumPy int64 id or length
+    past it would wrap on conversion (2**32 + 5 -> 5) before any range check saw it."""
+    x = _concrete(x)
+    if x is not None and np.issubdtype(x.dtype, np.integer) and x.size:
+        bad = x[(x < -2**31) | (x >= 2**31)]
+        if bad.size:
+            raise ValueError(f"{name} hold {bad.size} value(s) outside int32, e.g. {bad[:3].tolist()}")
+
+
 def _check_token_ids(model, input_ids, lengths, eos) -> None:
     """Prompt tokens (each row's first lengths[b]; the padding after them is never read) and EOS
     ids inside the model's vocabulary: an embedding lookup of an id outside it is clamped by
@@ -550,6 +561,13 @@ def _cache_max_length(cache) -> int:
 def _check_continuation(model, cache, input_ids, lengths, max_length, **unset):
     """generate(cache=...): the model appends selected rows (active=), the cache fits the batch
     and has room for each row's new tokens; settings that make a new cache are left unset."""
+    if not _cache_objects(cache):
+        raise ValueError(f"cache={type(cache).__name__} object is not a cache: pass one made by model.init_cache "
+                         f"or returned by generate (GenerateOutput.cache)")
+    if any(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+           for x in jax.tree_util.tree_leaves(cache)):
+        raise ValueError("cache= holds deleted buffers: it was donated to an earlier generate call (which reused "
+                         "them in place); continue from that call's returned cache (its .cache)")
     if not _takes(model, "active"):
         raise ValueError("cache= needs a model whose decode call takes active= (the rows that append; the "
                          "models in models/ do): without it, rows could not feed prompts of different lengths")
@@ -592,6 +610,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         if not jnp.issubdtype(cache_dtype, jnp.floating):
             raise ValueError(f"cache_dtype={cache_dtype} must be a floating dtype (or None for the model's default)")
 
+    _check_int32("input_ids", input_ids)
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer) or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be an integer array [B, T] with T >= 1; got {input_ids.dtype} "
@@ -609,6 +628,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     if lengths is None:
         lengths = jnp.full((b,), t, jnp.int32)
     else:
+        _check_int32("lengths", lengths)
         lengths = jnp.asarray(lengths)
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.dtype} "
@@ -660,6 +680,8 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
                   mesh=mesh, rules=rules,
                   logits_at=_takes(model, "logits_at"), active=_takes(model, "active"),
                   extend=_takes(model, "extend"))
+    if cache is None:  # the cache's own checks (e.g. sink_tokens < max_length) now, not at the first step
+        jax.eval_shape(lambda: _new_cache(model, b, cfg))
     cfg = dataclasses.replace(cfg, prefill_chunk=_check_prefill_chunk(prefill_chunk, prefill_rows, t, cfg))
     if cache is None and cfg.prefill_chunk is None:
         cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))

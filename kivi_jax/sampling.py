@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -42,6 +43,8 @@ def check_sampling(temperature, top_k, top_p) -> SamplingConfig:
         raise ValueError(f"temperature={temperature!r} must be a real number >= 0 (0 = greedy)")
     if not math.isfinite(float(temperature)) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if temperature > 0 and np.float32(temperature) == 0:
+        raise ValueError(f"temperature={temperature!r} is 0 in float32 (below ~1.4e-45): pass 0 for greedy")
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
             raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
@@ -60,13 +63,15 @@ def _sample_row(logits, key, temperature, top_p, cfg: SamplingConfig):
         return jnp.argmax(logits).astype(jnp.int32)
     vocab = logits.shape[-1]
     if cfg.top_k is None and not cfg.use_top_p:
-        return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+        # (the best logit subtracted first: a tiny temperature leaves it at 0 and the rest at -inf
+        # instead of overflowing to inf - inf)
+        return jax.random.categorical(key, (logits - jnp.max(logits)) / temperature).astype(jnp.int32)
     if cfg.top_k is not None:
         vals, idx = lax.top_k(logits, min(cfg.top_k, vocab))  # descending; lower id first on ties
     else:
         idx = jnp.argsort(-logits, stable=True)  # descending; lower id first on ties
         vals = logits[idx]
-    vals = vals / temperature
+    vals = (vals - vals[0]) / temperature  # (vals[0] is the best: as above)
     if cfg.use_top_p:
         probs = jax.nn.softmax(vals)
         mass_before = jnp.cumsum(probs) - probs  # probability of the strictly better tokens

@@ -57,6 +57,16 @@ def test_concrete_checks_still_raise_where_the_jitted_prefill_would_only_flag():
     assert flagged.tolist() == [False, True]
 
 
+def test_an_unhashable_setting_gets_the_functions_own_error():
+    """A static setting jit cannot hash (axis=[2], group_size=np.array(32)) runs the function as
+    written, so its own check names the parameter, as under jit, instead of jax's hashing error."""
+    x = _inputs()[0]
+    with pytest.raises(ValueError, match=r"axis=\[2\] must be an integer axis in \[-4, 4\)"):
+        kj.quantize(x, bits=2, group_size=32, axis=[2])
+    with pytest.raises(ValueError, match=r"group_size=array\(32\) must be a positive integer"):
+        kj.quantize(x, bits=2, group_size=np.array(32), axis=2)
+
+
 def test_traced_calls_run_as_written_without_a_nested_jit():
     k, v, kt, vt, q = _inputs()
     cache = kj.KIVICache.init(CFG, batch=2, num_kv_heads=2, head_dim=64, max_length=128, dtype=jnp.float32)

@@ -306,6 +306,16 @@ def test_sampler_ties_are_deterministic():
     assert set(toks[0::2]) == {1, 2} and set(toks[1::2]) == {0, 1}
 
 
+@pytest.mark.parametrize("filters", [{}, dict(top_k=5), dict(top_p=0.9)])
+def test_sampler_tiny_temperature_is_greedy(filters):
+    """logits / 1e-38 overflows float32 (inf - inf in the softmax: garbage tokens before the best
+    logit was subtracted first); the limit T -> 0 is the argmax."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(8, 50)) * 4, jnp.float32)
+    for t in (1e-20, 1e-38, 1e-45):
+        np.testing.assert_array_equal(sample_logits(logits, jax.random.key(1), temperature=t, **filters),
+                                      np.argmax(np.asarray(logits), -1))
+
+
 def test_sampler_top_p_keeps_the_crossing_token():
     logits = jnp.log(jnp.asarray([0.5, 0.3, 0.2]))
     toks = np.asarray(sample_logits(jnp.broadcast_to(logits, (20000, 3)), jax.random.key(1),
@@ -628,11 +638,16 @@ def test_bad_continuations_raise(model, prompts):
         generate(model, nxt[:2], lengths=nl[:2], max_new_tokens=2, cache=cache)
     with pytest.raises(ValueError, match="needs a model whose decode call takes active="):
         generate(NoActiveLM(vocab=V, seed=0), nxt, lengths=nl, max_new_tokens=2, cache=cache)
+    with pytest.raises(ValueError, match=r"cache=str object is not a cache"):
+        generate(model, nxt, lengths=nl, max_new_tokens=2, cache="junk")
     flagged = tuple(c.__class__(**{**vars(c), "overflow": c.overflow.at[1].set(True)}) for c in cache)
     with pytest.raises(ValueError, match=r"cache rows \[1\] have overflow set"):
         generate(model, nxt, lengths=nl, max_new_tokens=2, cache=flagged)
     # nothing was consumed by the refused calls: the cache still continues
     assert rows(generate(model, nxt, lengths=nl, max_new_tokens=2, cache=cache))
+    # ... once: that call donated it
+    with pytest.raises(ValueError, match=r"cache= holds deleted buffers: it was donated to an earlier generate"):
+        generate(model, nxt, lengths=nl, max_new_tokens=2, cache=cache)
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -654,6 +669,10 @@ def test_bad_continuations_raise(model, prompts):
     (dict(pad_id=1.5), ["pad_id=1.5"]),
     (dict(kivi="2bit"), ["kivi='2bit'", "KIVIConfig"]),
     (dict(cache_dtype=jnp.int8), ["cache_dtype=int8", "floating"]),
+    (dict(temperature=1e-50, key=0), ["temperature=1e-50", "0 in float32"]),
+    (dict(lengths=np.array([9, 2**32 + 2])), ["lengths", "outside int32", "4294967298"]),
+    (dict(kivi=kivi_jax.KIVIConfig(group_size=16, residual_length=16, sink_tokens=20)),
+     ["sink_tokens=20", "max_length=13"]),  # (the cache's own check, made at the call)
 ])
 def test_bad_arguments_raise(model, kw, words):
     ids = np.zeros((2, 9), np.int32)
@@ -682,6 +701,9 @@ def test_bad_input_ids_raise(model):
         generate(model, np.zeros((2, 5), np.int32), max_new_tokens=2, eos_id=[1, V + 3])
     with pytest.raises(ValueError, match="vocabulary"):
         generate_stream(model, ids, max_new_tokens=2)
+    # NumPy int64 ids past int32 would wrap (2**32 + 5 -> 5) before the vocabulary check
+    with pytest.raises(ValueError, match=r"input_ids hold 1 value\(s\) outside int32, e\.g\. \[4294967301\]"):
+        generate(model, np.array([[1, 2**32 + 5]]), max_new_tokens=2)
     # the padding after a row's length is never read: any value there is fine (here -2 and V)
     out = generate(model, ids, lengths=[4, 2], max_new_tokens=2)
     np.testing.assert_array_equal(out.tokens, generate(model, np.where(ids < 0, 0, ids % V), lengths=[4, 2],
