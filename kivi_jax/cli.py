@@ -18,6 +18,7 @@ import functools
 import itertools
 import math
 import os
+import re
 import sys
 import time
 
@@ -77,6 +78,19 @@ def _list(item):
     return parse
 
 
+SEED_LIMIT = 2**32  # jax.random.key takes a uint32 seed without x64: 2**32 wrapped to 0, 2**63 overflowed
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 2**32) (a 32-bit PRNG seed)")
+    return v
+
+
 def _power_of_two(s: str) -> int:
     v = _int_at_least(16)(s)
     if v & (v - 1):
@@ -124,7 +138,7 @@ def _add_cache_and_sampling_flags(p):
     p.add_argument("--temperature", type=_float_in(0.0, 1e6), default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None, help="nucleus mass in (0, 1]")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="PRNG seed for sampling (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="PRNG seed for sampling, in [0, 2**32) (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,8 +240,34 @@ def _kivi_config(args, k_bits: int = 2, v_bits: int = 2):
         return KIVIConfig(k_bits=k_bits, v_bits=v_bits, group_size=args.group_size,
                           residual_length=args.residual_length, layout=layout, **_extension_kwargs(args))
     except ValueError as e:
-        flags = "--layout" if layout == "mosaic" and "layout" in str(e) else "--group-size/--residual-length"
-        raise UsageError(f"{flags}: {_one_line(e)}") from None
+        raise _config_error(e, args) from None
+
+
+# KIVIConfig's (and check_head_dim's) messages open with the parameter at fault, "name=value ..."
+_CONFIG_FLAGS = {"k_bits": "--k-bits", "v_bits": "--v-bits", "group_size": "--group-size",
+                 "residual_length": "--residual-length", "sink_tokens": "--sink-tokens", "rotate": "--rotate",
+                 "key_group_size": "--key-group-size", "layout": "--layout"}
+
+
+def _config_error(e: ValueError, args) -> UsageError:
+    """A KIVIConfig ValueError as a UsageError labelled with the flag(s) it is about: the parameter
+    its message opens with (and, for layout='mosaic', the settings it names as conflicting), each
+    only where this command has that flag and, for --key-group-size, where it was given; no label
+    when none is known (never a wrong one)."""
+    msg = _one_line(e)
+    m = re.match(r"(\w+)=", msg)
+    names = [m.group(1)] if m else []
+    if names == ["layout"]:
+        names += re.findall(r"\b(\w+)=", msg[m.end():])
+    flags = []
+    for name in names:
+        flag = _CONFIG_FLAGS.get(name)
+        if flag is None or not hasattr(args, name) or flag in flags:
+            continue
+        if name == "key_group_size" and getattr(args, name) is None:  # the default: --group-size's value
+            continue
+        flags.append(flag)
+    return UsageError(f"{'/'.join(flags)}: {msg}" if flags else msg)
 
 
 def _extension_kwargs(args) -> dict:
@@ -252,16 +292,16 @@ def _with_extensions(methods, args):
             try:
                 m = dataclasses.replace(m, kivi=dataclasses.replace(m.kivi, **ext))
             except ValueError as e:
-                raise UsageError(f"--sink-tokens/--rotate/--key-group-size: {_one_line(e)}") from None
+                raise _config_error(e, args) from None
         out.append(m)
     return out
 
 
-def _check_head_dim(cfg, model):
+def _check_head_dim(cfg, model, args):
     try:
         cfg.check_head_dim(model.config.head_dim)
-    except ValueError as e:
-        raise UsageError(f"--group-size: {_one_line(e)}") from None
+    except ValueError as e:  # group_size=... must divide head_dim, or rotate=... needs a power of two
+        raise _config_error(e, args) from None
     if cfg.layout == "mosaic":
         from kivi_jax.cache_mosaic import check_config
 
@@ -338,7 +378,7 @@ def _setup(args):
     if tokenizer is None:
         raise UsageError(f"model {args.model!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
     if kivi is not None:
-        _check_head_dim(kivi, model)
+        _check_head_dim(kivi, model, args)
     return model, tokenizer, kivi
 
 
@@ -400,6 +440,10 @@ def cmd_generate(args) -> int:
         hint = f"lower --max-new-tokens to {room}" if room >= 1 else "shorten the prompt"
         raise UsageError(f"the prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} it needs "
                          f"{len(ids) + args.max_new_tokens} positions but the model's context is {limit}: {hint}")
+    if kivi is not None and kivi.sink_tokens >= len(ids) + args.max_new_tokens:  # the cache's length
+        raise UsageError(f"--sink-tokens {kivi.sink_tokens} must be smaller than the cache's "
+                         f"{len(ids) + args.max_new_tokens} tokens (the prompt's {len(ids)} + --max-new-tokens "
+                         f"{args.max_new_tokens})")
 
     try:
         stream = kivi_jax.generate_stream(model, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
@@ -466,6 +510,9 @@ def cmd_chat(args) -> int:
 
     import kivi_jax
 
+    if not args.dense and args.sink_tokens >= args.max_length:  # before the model loads
+        raise UsageError(f"--sink-tokens {args.sink_tokens} must be smaller than --max-length {args.max_length} "
+                         f"(the cache's length)")
     model, tokenizer, kivi = _setup(args)
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"model {args.model!r} has no chat template: chat needs an instruct model "
@@ -519,6 +566,7 @@ def cmd_chat(args) -> int:
 def _methods(args):
     from kivi_jax.eval.methods import parse_methods
 
+    _kivi_config(args)  # --group-size, --residual-length and the extensions, named, before the methods use them
     try:
         methods = parse_methods(args.methods, group_size=args.group_size, residual_length=args.residual_length)
     except ValueError as e:
@@ -567,7 +615,7 @@ def cmd_eval_ppl(args) -> int:
             data.load_text(t)
     except data.DataError as e:
         raise UsageError(_one_line(e)) from None
-    model, tokenizer = _load_for_eval(args.model, methods, args.dtype)
+    model, tokenizer = _load_for_eval(args, methods)
     if args.tokens > model.config.max_position_embeddings:
         raise UsageError(f"--tokens {args.tokens} exceeds the model's context of "
                          f"{model.config.max_position_embeddings} positions")
@@ -580,14 +628,14 @@ def cmd_eval_ppl(args) -> int:
     return _finish(result, ppl.markdown, plot.plot_ppl, "ppl", args)
 
 
-def _load_for_eval(name, methods, dtype="float32"):
+def _load_for_eval(args, methods):
     """The model and its tokenizer, checked against every method's KIVI settings."""
-    model, tokenizer = _load(name, dtype)
+    model, tokenizer = _load(args.model, args.dtype)
     if tokenizer is None:
-        raise UsageError(f"model {name!r} has no tokenizer")
+        raise UsageError(f"model {args.model!r} has no tokenizer")
     for m in methods:
         if m.kivi is not None:
-            _check_head_dim(m.kivi, model)
+            _check_head_dim(m.kivi, model, args)
     return model, tokenizer
 
 
@@ -604,7 +652,7 @@ def cmd_eval_passkey(args) -> int:
             data.essays_text()
         except data.DataError as e:
             raise UsageError(_one_line(e)) from None
-    model, tokenizer = _load_for_eval(args.model, methods, args.dtype)
+    model, tokenizer = _load_for_eval(args, methods)
     limit = model.config.max_position_embeddings
     for n in args.lengths:
         if n + passkey.ANSWER_TOKENS > limit:

@@ -236,14 +236,15 @@ def test_main_job_runs_on_what_its_install_brings():
     (["generate", "hi", "--k-bits", "3"], "--k-bits: '3' is not one of 1, 2, 4, 8"),
     (["generate", "hi", "--v-bits", "two"], "--v-bits"),
     (["generate", "hi", "--group-size", "48"], "--group-size: 48 must be a power of two"),
-    (["generate", "hi", "--residual-length", "100"], "residual_length=100 must be a positive multiple of group_size=32"),
+    (["generate", "hi", "--residual-length", "100"],
+     "error: --residual-length: residual_length=100 must be a positive multiple of group_size=32"),
     (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: 0 must be >= 1"),
     (["generate", "hi", "--temperature", "-1"], "--temperature"),
     (["generate", "hi", "--temperature", "nan"], "--temperature"),
     (["generate", "hi", "--top-p", "0"], "--top-p: 0 must be in (0.0, 1.0]"),
     (["generate", "hi", "--top-k", "0"], "--top-k"),
     (["generate", "hi", "--layout", "mosaic", "--k-bits", "4"],
-     "--layout: layout='mosaic' takes KIVI-2 only; got k_bits=4 (allowed: 2)"),
+     "error: --layout/--k-bits: layout='mosaic' takes KIVI-2 only; got k_bits=4 (allowed: 2)"),
     (["generate", "hi", "--layout", "rows"], "--layout: invalid choice: 'rows'"),
     (["generate", "hi", "--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
     (["eval", "ppl", "--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
@@ -262,6 +263,152 @@ def test_main_job_runs_on_what_its_install_brings():
 ])
 def test_bad_flags_are_one_line_and_exit_2(capsys, argv, fragment):
     _one_line_error(*_run(capsys, *argv), fragment)
+
+
+# --seed: jax.random.key takes a uint32 without x64 (2**32 gave --seed 0's text, 2**63 an OverflowError)
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"]])
+@pytest.mark.parametrize("seed", ["4294967296", "9223372036854775808", "-1"])
+def test_seed_out_of_range(capsys, command, seed):
+    _one_line_error(*_run(capsys, *command, "--seed", seed),
+                    f"error: argument --seed: {seed} must be in [0, 2**32) (a 32-bit PRNG seed)")
+
+
+def test_seed_range_ends_are_accepted():
+    for seed in (0, 2**32 - 1):
+        assert cli.build_parser().parse_args(["generate", "hi", "--seed", str(seed)]).seed == seed
+
+
+# KIVIConfig's errors name the flag at fault (all were labelled --group-size/--residual-length); no model loads
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--key-group-size", "256"],
+     "--key-group-size: key_group_size=256 must be a power of two >= 16 dividing residual_length=128"),
+    (["generate", "hi", "--rotate", "kv", "--group-size", "64", "--residual-length", "64", "--key-group-size", "128"],
+     "--key-group-size: key_group_size=128 must be a power of two >= 16 dividing residual_length=64"),
+    (["chat", "--key-group-size", "256"],
+     "--key-group-size: key_group_size=256 must be a power of two >= 16 dividing residual_length=128"),
+    (["eval", "ppl", "--residual-length", "100"],  # before --methods is parsed with it (was labelled --methods)
+     "--residual-length: residual_length=100 must be a positive multiple of group_size=32"),
+    (["eval", "passkey", "--key-group-size", "256", "--residual-length", "64"],
+     "--key-group-size: key_group_size=256 must be a power of two >= 16 dividing residual_length=64"),
+    (["generate", "hi", "--layout", "mosaic", "--group-size", "64"],  # key_group_size=64 there is --group-size's
+     "--layout/--group-size: layout='mosaic' takes KIVI-2 only; got group_size=64 (allowed: 32); "
+     "key_group_size=64 (allowed: 32)"),
+    (["generate", "hi", "--layout", "mosaic", "--key-group-size", "64"],
+     "--layout/--key-group-size: layout='mosaic' takes KIVI-2 only; got key_group_size=64 (allowed: 32)"),
+])
+def test_config_errors_name_their_flag(capsys, argv, message):
+    code, out, err = _run(capsys, *argv)
+    _one_line_error(code, out, err)
+    assert err.strip() == f"kivi-jax: error: {message}"
+
+
+def test_head_dim_errors_name_their_flag():
+    """check_head_dim's two errors (after the model loads): --group-size, --rotate; an unknown
+    message gets no label rather than a wrong one."""
+    import types
+
+    from kivi_jax.config import KIVIConfig
+
+    args = cli.build_parser().parse_args(["generate", "hi"])
+    model = types.SimpleNamespace(config=types.SimpleNamespace(head_dim=96))
+    with pytest.raises(cli.UsageError) as e:
+        cli._check_head_dim(KIVIConfig(group_size=64), model, args)
+    assert str(e.value) == "--group-size: group_size=64 must divide head_dim=96"
+    with pytest.raises(cli.UsageError) as e:
+        cli._check_head_dim(KIVIConfig(rotate="kv"), model, args)
+    assert str(e.value).startswith("--rotate: rotate='kv' needs head_dim a power of two")
+    assert str(cli._config_error(ValueError("something\nelse"), args)) == "something else"
+    eval_args = cli.build_parser().parse_args(["eval", "ppl"])  # eval has no --k-bits: no label
+    assert str(cli._config_error(ValueError("k_bits=3 is not supported"), eval_args)) == "k_bits=3 is not supported"
+
+
+# --sink-tokens must be below the cache's length: named, before generating
+def test_chat_sink_tokens_longer_than_the_cache(capsys, monkeypatch):
+    _one_line_error(*_chat(capsys, monkeypatch, [QUESTION], "--sink-tokens", "4096"),
+                    "error: --sink-tokens 4096 must be smaller than --max-length 2048 (the cache's length)")
+    _one_line_error(*_chat(capsys, monkeypatch, [QUESTION], "--sink-tokens", "64", "--max-length", "64"),
+                    "error: --sink-tokens 64 must be smaller than --max-length 64")
+
+
+class _FakeTokenizer:
+    """A word per token (id 5 each), a chat template; no model needed."""
+    eos_token_id = 2
+    chat_template = "{{ messages }}"
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [5] * len(text.split())}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return " ".join(m["content"] for m in messages) + " assistant:"
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("x" for i in ids if i != 2)
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    """cli._load gives a stand-in model and tokenizer; kivi_jax.generate_stream is the test's to set."""
+    import types
+
+    config = types.SimpleNamespace(head_dim=64, max_position_embeddings=8192, eos_token_id=2, num_kv_heads=1,
+                                   num_layers=1)
+    model = types.SimpleNamespace(config=config, dtype="float32")
+    monkeypatch.setattr(cli, "_load", lambda source, dtype="float32": (model, _FakeTokenizer()))
+    return model
+
+
+def _fake_stream(monkeypatch, *, at_call=None, first=None):
+    """generate_stream raising at_call at the call, first at the first next()."""
+    import kivi_jax
+
+    def stream(*a, **kw):
+        if at_call is not None:
+            raise at_call
+
+        def steps():
+            raise first
+            yield
+
+        return steps()
+
+    monkeypatch.setattr(kivi_jax, "generate_stream", stream)
+
+
+def test_generate_sink_tokens_longer_than_the_cache(capsys, fake_model):
+    # "hi" is one token here: the cache is 1 + 2 tokens
+    _one_line_error(*_run(capsys, "generate", "hi", "--no-chat", "--sink-tokens", "3", "--max-new-tokens", "2"),
+                    "error: --sink-tokens 3 must be smaller than the cache's 3 tokens (the prompt's 1 + "
+                    "--max-new-tokens 2)")
+
+
+@needs_model
+def test_generate_sink_tokens_longer_than_the_cache_smollm2(capsys):
+    """The audit's case: a traceback ending `ValueError: sink_tokens=200 must be < max_length=33`."""
+    _one_line_error(*_run(capsys, "generate", "hi", "--sink-tokens", "200", "--max-new-tokens", "2"),
+                    "error: --sink-tokens 200 must be smaller than the cache's 33 tokens (the prompt's 31 + "
+                    "--max-new-tokens 2)")
+
+
+# a ValueError generate_stream raises for its arguments (it checks them at the call, the cache's
+# settings and the sampling knobs included) is one line, exit 2
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_library_value_error_is_one_line(capsys, monkeypatch, fake_model, command):
+    _fake_stream(monkeypatch, at_call=ValueError("temperature=1e-50 is 0\nin float32"))
+    argv = ["--temperature", "1e-50"]
+    if command == "generate":
+        result = _run(capsys, "generate", "hi", *argv)
+    else:
+        result = _chat(capsys, monkeypatch, [QUESTION], *argv)
+    _one_line_error(*result)
+    assert result[2].strip() == "kivi-jax: error: temperature=1e-50 is 0 in float32"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), ValueError("a bug")], ids=["other", "value-error"])
+def test_errors_while_generating_are_not_rewritten(capsys, monkeypatch, fake_model, error):
+    """Once generate_stream has accepted its arguments, an error is a bug: its traceback stays."""
+    _fake_stream(monkeypatch, first=error)
+    with pytest.raises(type(error), match="a bug"):
+        cli.main(["generate", "hi"])
 
 
 def test_missing_model_file(capsys, tmp_path):
