@@ -13,10 +13,16 @@
 * ``extend_in_loop`` / ``extend_after``: the same call with each layer's writes inside the layer
   loop, after its attention, or every layer's after the loop (``models.llama.EXTEND_WRITES``;
   ``extend`` runs the backend's default: "after" off a GPU, "in_loop" on one);
+* ``extend_chunked``: the same call with ``prefill_chunk=C`` (``--chunk``): the F tokens in
+  C-token extend calls, each attending to the cache as the chunks before it left it;
 * ``decode_steps``: the same call with the model's ``extend`` hidden from generate, so the F
   tokens go through decode steps one at a time (what a model without ``extend`` gets);
 * ``fresh_prefill``: the whole sequence (P + F tokens) prefilled into a new cache, what a user
-  without a continuation API would run.
+  without a continuation API would run; ``fresh_chunked``: the same with ``prefill_chunk=C``.
+
+Next to the times, ``extend_temp_bytes`` / ``chunk_temp_bytes``: XLA's compiled temporaries of one
+``extend=True`` model call of F tokens and of C tokens over the cache (``memory_analysis``, no
+allocation): what a chunk bounds.
 
 Each is timed from the call to its first new token (block_until_ready), after a warm-up call of
 the same shapes (compilation excluded); the continued cache is rebuilt (untimed) before every
@@ -51,8 +57,8 @@ from models import llama
 from models.cache import StackedCache
 
 gen = __import__("importlib").import_module("kivi_jax.generate")  # the module (kivi_jax.generate is the function)
-WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "extend_in_loop", "extend_after", "decode_steps",
-        "fresh_prefill")
+WAYS = ("extend", "extend_appends", "extend_xla", "extend_whole", "extend_in_loop", "extend_after", "extend_chunked",
+        "decode_steps", "fresh_prefill", "fresh_chunked")
 
 
 def _no_extend(takes):
@@ -84,18 +90,19 @@ def _hidden(way):
 
 
 def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, seed: int = 0, batch: int = 1,
-            ways=WAYS):
+            ways=WAYS, chunk: int = 256):
     """({way: median seconds to the first new token}, {way: row 0's token}) for each of ``ways``."""
     vocab = model.config.vocab_size
     rng = np.random.default_rng(seed)
     ids, more = (jnp.asarray(rng.integers(0, vocab, (batch, n)), jnp.int32) for n in (prompt, new))
 
     def call(way):  # (the untimed part first: continuing donates the cache, so each call gets a new one)
-        if way == "fresh_prefill":
+        kw = dict(prefill_chunk=chunk) if way.endswith("_chunked") else {}
+        if way.startswith("fresh_"):
             whole = jnp.concatenate([ids, more], axis=1)
-            return lambda: gen.generate(model, whole, max_new_tokens=1, kivi=kivi, max_length=capacity).tokens
+            return lambda: gen.generate(model, whole, max_new_tokens=1, kivi=kivi, max_length=capacity, **kw).tokens
         cache = jax.block_until_ready(gen.generate(model, ids, max_new_tokens=1, kivi=kivi, max_length=capacity).cache)
-        return lambda: gen.generate(model, more, max_new_tokens=1, cache=cache).tokens
+        return lambda: gen.generate(model, more, max_new_tokens=1, cache=cache, **kw).tokens
 
     times, tokens = {}, {}
     for way in ways:
@@ -110,6 +117,17 @@ def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, see
                     samples.append(time.perf_counter() - t)
         times[way], tokens[way] = statistics.median(samples), int(tok[0, 0])
     return times, tokens
+
+
+def extend_temp_bytes(model, *, batch: int, new: int, capacity: int, kivi) -> int:
+    """XLA's temporaries of one jitted ``model(ids [B, new], cache, lengths, extend=True)`` over a
+    cache of ``capacity`` (compiled from shapes: nothing allocated, the weights an argument)."""
+    apply, params = models.functional(model)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    cache = jax.eval_shape(lambda: model.init_cache(batch, capacity, kivi=kivi))
+    ids, lens = jax.ShapeDtypeStruct((batch, new), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step = jax.jit(lambda p, x, c, n: apply(p, x, c, lengths=n, extend=True), donate_argnums=2)
+    return int(step.lower(shapes(params), ids, cache, lens).compile().memory_analysis().temp_size_in_bytes)
 
 
 def _model(name: str, dtype):
@@ -132,6 +150,7 @@ def main(argv=None) -> int:
                     help="comma list of benchmarks.e2e.KIVI names (dense, kivi2, kivi2m, kivi4, ...)")
     ap.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=256, help="C, prefill_chunk of the *_chunked ways")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
     a = ap.parse_args(argv)
@@ -148,9 +167,15 @@ def main(argv=None) -> int:
         kivi = None if KIVI[cache] is None else kivi_jax.KIVIConfig(**KIVI[cache])
         for new in map(int, a.new.split(",")):
             t, tok = measure(model, prompt=a.prompt, new=new, capacity=a.capacity, kivi=kivi, reps=a.reps,
-                             batch=a.batch, ways=ways)
+                             batch=a.batch, ways=ways, chunk=a.chunk)
+            temp = {}
+            if any(w.endswith("_chunked") for w in ways):
+                temp = {f"{k}_temp_bytes": extend_temp_bytes(model, batch=a.batch, new=n,
+                                                             capacity=a.capacity, kivi=kivi)
+                        for k, n in (("extend", new), ("chunk", min(a.chunk, new)))}
             row = dict(model=a.model, cache=cache, batch=a.batch, prompt_len=a.prompt, new_tokens=new,
-                       capacity=a.capacity, **{f"{w}_s": t[w] for w in ways}, first_tokens=[tok[w] for w in ways],
+                       capacity=a.capacity, chunk=a.chunk, **{f"{w}_s": t[w] for w in ways}, **temp,
+                       first_tokens=[tok[w] for w in ways],
                        **{f"{w}_over_extend": t[w] / t["extend"] for w in ways if w != "extend" and "extend" in t})
             rows.append(row)
             print(row, flush=True)
@@ -161,8 +186,10 @@ def main(argv=None) -> int:
 
 def _write(a, ways, rows):
     payload = dict(common.environment(), dtype=a.dtype, reps=a.reps, ways=ways, rows=rows)
-    cols = (["cache", "batch", "prompt_len", "new_tokens"] + [f"{w}_s" for w in ways]
-            + [f"{w}_over_extend" for w in ways if w != "extend" and "extend" in ways] + ["first_tokens"])
+    chunked = any(w.endswith("_chunked") for w in ways)
+    cols = (["cache", "batch", "prompt_len", "new_tokens"] + (["chunk"] if chunked else []) + [f"{w}_s" for w in ways]
+            + [f"{w}_over_extend" for w in ways if w != "extend" and "extend" in ways]
+            + (["extend_temp_bytes", "chunk_temp_bytes"] if chunked else []) + ["first_tokens"])
     head = (f"# Continuing a cache ({a.model}, {a.dtype}, capacity {a.capacity}): seconds to the first new token\n\n"
             f"commit {payload['commit']}, {payload['device']} ({payload['platform']}), jax {payload['jax_version']}, "
             f"median of {a.reps} calls after a warm-up\n\n")

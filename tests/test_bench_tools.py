@@ -182,7 +182,7 @@ def test_decode_loop_gap_dry_run_drives_one_computation_two_ways(tmp_path, monke
         assert min(r["loop_ms"], r["python_steps_ms"], r["model_steps_ms"]) > 0, r
 
 
-def test_continuation_benchmark_runs_its_four_ways(monkeypatch):
+def test_continuation_benchmark_runs_its_ways(monkeypatch):
     """benchmarks.continuation on a tiny random Llama (dense, float32): the chunked prefill (its
     own writes, or appends), the decode-step feed and a fresh prefill of the whole sequence give
     the same first token; the extend_appends way really appends (and only it); the decode_steps
@@ -212,7 +212,7 @@ def test_continuation_benchmark_runs_its_four_ways(monkeypatch):
 
     monkeypatch.setattr(continuation.StackedCache, "append_each", counted_each)
     times, tokens = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1, batch=2,
-                                         ways=("extend", "fresh_prefill"))
+                                         ways=("extend", "fresh_prefill", "extend_chunked", "fresh_chunked"), chunk=4)
     assert not each
     times2, tokens2 = continuation.measure(model, prompt=20, new=9, capacity=40, kivi=None, reps=1, batch=2,
                                            ways=("extend_appends", "extend_xla", "extend_whole", "extend_in_loop",
@@ -230,6 +230,9 @@ def test_continuation_benchmark_runs_its_four_ways(monkeypatch):
                                   cache=continuation.gen.generate(model, jnp.zeros((1, 5), jnp.int32), max_new_tokens=1,
                                                                   max_length=12).cache)
     assert extends and not any(extends)
+    # a chunk's compiled temporaries are a fraction of the whole continuation's
+    temp = {n: continuation.extend_temp_bytes(model, batch=2, new=n, capacity=600, kivi=None) for n in (16, 512)}
+    assert 0 < temp[16] < temp[512] / 4, temp
 
 
 def test_e2e_summary_gives_each_kivi2_layouts_ratios_to_dense():
