@@ -14,7 +14,11 @@
 # --budget-s 170, then for c in dense kivi2m: python -m benchmarks.continuation --model llama2-7b
 # --dtype bfloat16 --batch 8 --prompt 2048 --new 1024,64 --capacity 16384 --caches $c
 # --ways extend_in_loop,extend_after,fresh_prefill --reps 2 --out $OUT/$c (dense at 16384 ran out of
-# memory with the writes in the loop, session 37).
+# memory with the writes in the loop, session 37). Pending since session 38 (no device lent): the
+# jax.grad rule of quant.next_after inside the Triton append kernels (lowered to TTIR on CPU only)
+# and generate(prefill_chunk=): add tests/test_prefill_chunk.py,tests/test_kivi_append.py,
+# tests/test_quant.py to the first call's --files (--select "... or chunk or append or grad or
+# differentiable"), and extend_chunked,fresh_chunked (--chunk 256) to the continuation ways.
 # Then, as separate calls (each <= 10 min). Session 23 ran the issue's decode-attention grid with the
 # Mosaic path in three calls (python -m benchmarks.decode_attention --no-breakdown --kv-heads 32
 # --bits-mha 2 --budget-s 470; --kv-heads 8; --bits-mha 4 --budget-s 220: 4.5 / 6.3 / ~1.5 min) and a
