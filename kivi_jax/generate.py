@@ -353,7 +353,8 @@ def _feed_chunks(graphdef, state, cache, input_ids, lengths, keys, knobs, cfg: _
     """A prompt fed ``cfg.prefill_chunk`` tokens a model call (a chunked prefill): chunk i is
     columns [i c, (i + 1) c) of input_ids (the last padded), row b's part of it the first
     clip(lengths[b] - i c, 0, c) tokens; each chunk attends to the cache as the chunks before
-    it left it. All chunks have one shape, so two programs serve any prompt length."""
+    it left it. All chunks have one shape, so the same three programs (first, middle, last
+    chunk) serve any prompt length."""
     c = cfg.prefill_chunk
     n = -(-input_ids.shape[1] // c)
     ids = jnp.pad(input_ids, ((0, 0), (0, n * c - input_ids.shape[1])))
