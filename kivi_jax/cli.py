@@ -619,6 +619,11 @@ def cmd_eval_ppl(args) -> int:
     if args.tokens > model.config.max_position_embeddings:
         raise UsageError(f"--tokens {args.tokens} exceeds the model's context of "
                          f"{model.config.max_position_embeddings} positions")
+    for t in args.texts:  # each text holds --windows x --tokens tokens (before the first method runs)
+        try:
+            data.token_chunks(tokenizer, data.load_text(t), num_chunks=args.windows, chunk_len=args.tokens)
+        except ValueError as e:
+            raise UsageError(f"--windows/--tokens: {t}: {_one_line(e)}") from None
     try:
         result = ppl.run(model, tokenizer, methods, texts=tuple(args.texts), num_chunks=args.windows,
                          chunk_len=args.tokens, prefill_len=args.prefill, progress=not args.no_progress,

@@ -666,6 +666,14 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         raise ValueError(f"mesh={mesh!r} must be None (one device) or a jax.sharding.Mesh")
     if rules is not None and not isinstance(rules, sharding.ShardingRules):
         raise ValueError(f"rules={rules!r} must be None (the default rules) or a kivi_jax.sharding.ShardingRules")
+    if rules is not None and mesh is None:
+        raise ValueError("rules= maps logical axes onto a mesh: pass mesh= too (or leave rules=None)")
+    if rules is not None:  # (the default rules drop axes a mesh lacks; given ones are meant: a typo is not)
+        named = {a for name in sharding.LOGICAL_AXES for a in rules.mesh_axes(name)}
+        missing = sorted(named - set(mesh.axis_names))
+        if missing:
+            raise ValueError(f"rules name mesh axes {missing} that mesh= lacks (its axes: {list(mesh.axis_names)}): "
+                             f"they would be replicated silently")
     if mesh is not None and matmul_impl not in (None, "xla"):
         raise ValueError(f"matmul_impl={matmul_impl!r} runs on one device (the kernel has no shard_map); "
                          f"with mesh= leave matmul_impl=None")

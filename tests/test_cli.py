@@ -425,6 +425,21 @@ def test_eval_out_must_be_a_directory(capsys, tmp_path):
     _one_line_error(*_run(capsys, "eval", "ppl", "--out", str(f)), "--out")
 
 
+@needs_model
+def test_eval_ppl_text_too_short_for_the_windows(capsys, tmp_path):
+    """200 windows of 1024 tokens need more than the essays hold: one line naming the flags
+    (it was a traceback from the data module)."""
+    from kivi_jax.eval import data
+
+    try:
+        data.essays_text()
+    except data.DataError as e:
+        pytest.skip(str(e))
+    _one_line_error(*_run(capsys, "eval", "ppl", "--texts", "essays", "--windows", "200", "--tokens", "1024",
+                          "--methods", "dense", "--out", str(tmp_path)),
+                    "--windows/--tokens: essays: the text has", "200 chunks of 1024 need 204800")
+
+
 def _subprocess(code: str):
     env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,

@@ -87,6 +87,42 @@ def test_teacher_forced_validation(tiny):
         ppl.teacher_forced_nll(tiny, _ids(8), prefill_len=8)
     with pytest.raises(ValueError, match="ids must be"):
         ppl.teacher_forced_nll(tiny, np.zeros((8,), np.int32))
+    # ids outside the vocabulary: NaN (>= V) or a wrapped id (< 0) from the jitted calls, unchecked
+    v = tiny.config.vocab_size
+    for bad in (v, -3):
+        ids = _ids(8).copy()
+        ids[1, 4] = bad
+        with pytest.raises(ValueError, match=rf"ids hold token id\(s\) outside \[0, vocab_size={v}\), e\.g\. "
+                                             rf"\[{bad}\]"):
+            ppl.teacher_forced_nll(tiny, ids)
+    # NumPy integers are integers
+    np.testing.assert_array_equal(ppl.teacher_forced_nll(tiny, _ids(8), prefill_len=np.int64(3)),
+                                  ppl.teacher_forced_nll(tiny, _ids(8), prefill_len=3))
+
+
+def test_ppl_table_quotes_the_reference_only_for_its_settings():
+    """The transformers reference column (G = 32, R = 128, float32, one prompt token) stays "-" for
+    a row run any other way: extensions under the same method name, other G / R, a prefill."""
+    def result(dtype="float32", prefill=1, **kivi):
+        kv = {**dict(k_bits=2, v_bits=2, group_size=32, residual_length=128, sink_tokens=0, rotate="none",
+                     key_group_size=None, layout="auto", key_axis="channel", value_axis="token"), **kivi}
+        ms = [dict(name="dense", label="dense", cache="dense"),
+              dict(name="kivi-2", label="KIVI-2", cache="KIVICache", **kv)]
+        res = [dict(method=m["name"], text="essays", ppl=30.0, ppl_first_window=30.0) for m in ms]
+        return dict(model="m", results=res, reference=ppl.REFERENCE,
+                    settings=dict(texts=["essays"], windows_per_text=1, chunk_len=1024, prefill_len=prefill,
+                                  dtype=dtype, methods=ms, group_size=32, residual_length=128))
+
+    def reference_cells(r):
+        rows = [line.split("|") for line in ppl.markdown(r).splitlines() if line.startswith("| dense")
+                or line.startswith("| KIVI-2")]
+        return [row[3].strip() for row in rows]
+
+    assert reference_cells(result()) == ["25.68", "30.70"]
+    for other in (result(sink_tokens=4, rotate="kv"), result(group_size=16), result(residual_length=64)):
+        assert reference_cells(other) == ["25.68", "-"]
+    assert reference_cells(result(prefill=900)) == ["-", "-"]
+    assert reference_cells(result(dtype="bfloat16")) == ["-", "-"]
 
 
 # ---- the ablation cache ----------------------------------------------------------------------------
@@ -306,8 +342,8 @@ def test_passkey_and_ppl_runs_tables_and_plots(tiny, tokenizer, tmp_path):
         warnings.simplefilter("error")
         assert plot.plot_ppl(solo, tmp_path / "solo.png").stat().st_size > 10_000
 
-    pk = passkey.run(tiny, tokenizer, ms[:2], lengths=[160], depths=[0.3, 0.7], fillers=["synthetic"], trials=1,
-                     progress=False, model_name="tiny")
+    pk = passkey.run(tiny, tokenizer, ms[:2], lengths=[np.int64(160)], depths=[0.3, 0.7], fillers=["synthetic"],
+                     trials=np.int64(1), progress=False, model_name="tiny")  # (NumPy integers are integers)
     assert len(pk["records"]) == 4 and {a["total"] for a in pk["accuracy"]} == {2}
     assert all(set(r) >= {"key", "answer", "correct", "depth"} for r in pk["records"])
     assert "| 160 |" in passkey.markdown(pk)

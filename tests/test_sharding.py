@@ -339,6 +339,24 @@ def test_rules_spec_divisibility_and_missing_axes():
         ShardingRules(batch=3)
 
 
+def test_given_rules_must_name_the_meshs_axes():
+    """Rules passed to generate are meant: a mesh axis they name that the mesh lacks (a typo)
+    would replicate that array silently, and rules without a mesh would be dropped."""
+    import numpy as np
+
+    from kivi_jax import generate
+    from kivi_jax.sharding import ShardingRules, make_mesh
+
+    model = lambda ids, cache, lengths=None: (None, cache)  # noqa: E731 (rejected before any call)
+    model.init_cache = lambda b, n, kivi=None: None
+    ids = np.zeros((1, 4), np.int32)
+    with pytest.raises(ValueError, match=r"rules name mesh axes \['modle'\] that mesh= lacks \(its axes: "
+                                         r"\['data', 'model'\]\)"):
+        generate(model, ids, max_new_tokens=2, mesh=make_mesh(1, 1), rules=ShardingRules(kv_heads="modle"))
+    with pytest.raises(ValueError, match=r"rules= maps logical axes onto a mesh: pass mesh= too"):
+        generate(model, ids, max_new_tokens=2, rules=ShardingRules())
+
+
 def test_query_heads_follow_kv_heads():
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from kivi_jax.checks import is_int
 from kivi_jax.eval import data
 from kivi_jax.eval.methods import Method, init_cache
 
@@ -265,7 +266,7 @@ def run(model, tokenizer, methods: Sequence[Method], *, lengths: Sequence[int], 
 
     limit = model.config.max_position_embeddings
     for n in lengths:
-        if not isinstance(n, int) or n < 1 or n + ANSWER_TOKENS > limit:
+        if not is_int(n) or n < 1 or n + ANSWER_TOKENS > limit:
             raise ValueError(f"length={n!r} must be an integer with length + {ANSWER_TOKENS} answer tokens "
                              f"<= the model's context of {limit} positions")
     for d in depths:
@@ -274,7 +275,7 @@ def run(model, tokenizer, methods: Sequence[Method], *, lengths: Sequence[int], 
     for f in fillers:
         if f not in FILLERS:
             raise ValueError(f"filler={f!r}; allowed: {FILLERS}")
-    if not isinstance(trials, int) or trials < 1:
+    if not is_int(trials) or trials < 1:
         raise ValueError(f"trials={trials!r} must be an integer >= 1")
     total = len(fillers) * len(lengths) * len(depths) * trials
     t0 = time.perf_counter()

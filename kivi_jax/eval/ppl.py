@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from kivi_jax.checks import is_int
 from kivi_jax.eval.methods import Method, init_cache
 
 
@@ -70,9 +71,13 @@ def teacher_forced_nll(model, ids, method: Method | None = None, *, prefill_len:
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"ids must be an integer array [B, N]; got {ids.dtype} array of shape {ids.shape}")
     b, n = ids.shape
-    if not isinstance(prefill_len, int) or not 1 <= prefill_len <= n - 1:
+    vocab = model.config.vocab_size
+    if ((ids < 0) | (ids >= vocab)).any():  # (the jitted calls would not see them: NaN or a wrapped id)
+        bad = np.unique(ids[(ids < 0) | (ids >= vocab)])
+        raise ValueError(f"ids hold token id(s) outside [0, vocab_size={vocab}), e.g. {bad[:5].tolist()}")
+    if not is_int(prefill_len) or not 1 <= prefill_len <= n - 1:
         raise ValueError(f"prefill_len={prefill_len!r} must be an integer in [1, N-1={n - 1}]")
-    if not isinstance(chunk, int) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be an integer >= 1")
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(ids, jnp.int32)
@@ -107,6 +112,18 @@ REFERENCE = {  # ../shared/EVAL-DATA.md: transformers float32, first 1024 essay 
     "source": "transformers float32 on CPU, first 1024 tokens of the essays, decoded one token at a time",
     "essays_first_1024": {"dense": 25.68, "kivi-2": 30.7, "kivi-4": 25.65},
 }
+# the settings the reference figures were taken with: a row is compared with them only if it has them
+REFERENCE_KIVI = dict(group_size=32, residual_length=128, sink_tokens=0, rotate="none", key_group_size=None,
+                      key_axis="channel", value_axis="token")
+
+
+def _has_reference_settings(method: dict, settings: dict) -> bool:
+    """Whether a method row of ``markdown`` ran as the REFERENCE figures did (float32, one prompt
+    token, and for KIVI G = 32, R = 128 and none of the extensions)."""
+    if settings["dtype"] != "float32" or settings["prefill_len"] != 1:
+        return False
+    return method["cache"] == "dense" or (method["cache"] == "KIVICache" and all(
+        method.get(k) == v for k, v in REFERENCE_KIVI.items()))
 
 
 def run(model, tokenizer, methods: list[Method], *, texts=("essays", "wiki"), num_chunks: int = 2,
@@ -119,9 +136,9 @@ def run(model, tokenizer, methods: list[Method], *, texts=("essays", "wiki"), nu
 
     from kivi_jax.eval import data
 
-    if not isinstance(num_chunks, int) or num_chunks < 1:
+    if not is_int(num_chunks) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r} must be an integer >= 1")
-    if not isinstance(chunk_len, int) or chunk_len < 2:
+    if not is_int(chunk_len) or chunk_len < 2:
         raise ValueError(f"chunk_len={chunk_len!r} must be an integer >= 2")
     limit = model.config.max_position_embeddings
     if chunk_len > limit:
@@ -170,6 +187,7 @@ def markdown(result: dict) -> str:
     res = result["results"]
     methods = [m["name"] for m in s["methods"]]
     labels = {m["name"]: m["label"] for m in s["methods"]}
+    comparable = {m["name"]: _has_reference_settings(m, s) for m in s["methods"]}
     texts = s["texts"]
     by = {(r["method"], r["text"]): r for r in res}
 
@@ -189,7 +207,8 @@ def markdown(result: dict) -> str:
     for m in methods:
         row = [labels[m]]
         if first:
-            row += [f"{by[(m, 'essays')]['ppl_first_window']:.2f}", f"{ref[m]:.2f}" if m in ref else "-"]
+            row += [f"{by[(m, 'essays')]['ppl_first_window']:.2f}",
+                    f"{ref[m]:.2f}" if m in ref and comparable[m] else "-"]
         row += [cell(by[(m, t)]) for t in texts]
         rows.append(row)
     g, r_ = s.get("group_size"), s.get("residual_length")
