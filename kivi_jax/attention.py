@@ -336,18 +336,22 @@ def _extend_blocked(q, k, v, kc, vc, held, lengths, window, exact):
     """extend_attention in XLA: queries in blocks of PREFILL_BLOCK against the materialized kc, vc
     [B, Hkv, C, D] (slots < held[b] valid) and the new k, v (tokens < lengths[b] valid)."""
     b, _, t, _ = q.shape
-    held, slot, new = held[:, None], jnp.arange(kc.shape[2])[None, :], jnp.arange(t)[None, :]
-    kpos = jnp.concatenate([jnp.broadcast_to(slot, (b, kc.shape[2])), held + new], axis=1)  # [B, C + T]
+    c = kc.shape[2]
+    held, slot, new = held[:, None], jnp.arange(c)[None, :], jnp.arange(t)[None, :]
+    kpos = jnp.concatenate([jnp.broadcast_to(slot, (b, c)), held + new], axis=1)  # [B, C + T]
     valid = jnp.concatenate([slot < held, new < lengths[:, None]], axis=1)
-    keys = jnp.concatenate([kc, k.astype(kc.dtype)], axis=2)
-    values = jnp.concatenate([vc, v.astype(vc.dtype)], axis=2)
+    k, v = k.astype(kc.dtype), v.astype(vc.dtype)
     outs = []
     for q0 in range(0, t, PREFILL_BLOCK):
-        qpos = held + jnp.arange(q0, min(q0 + PREFILL_BLOCK, t))[None, :]  # [B, tq]
-        mask = valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+        q1 = min(q0 + PREFILL_BLOCK, t)
+        # causal: the block's queries see the new tokens before q1 only (half the scores of a long chunk)
+        keys, values = (jnp.concatenate([x, y[:, :, :q1]], axis=2) for x, y in ((kc, k), (vc, v)))
+        qpos = held + jnp.arange(q0, q1)[None, :]  # [B, tq]
+        kp = kpos[:, :c + q1]
+        mask = valid[:, None, :c + q1] & (kp[:, None, :] <= qpos[:, :, None])
         if window is not None:
-            mask &= kpos[:, None, :] > qpos[:, :, None] - window
-        outs.append(attend_dense(q[:, :, q0:q0 + PREFILL_BLOCK], keys, values, mask[:, None], exact=exact))
+            mask &= kp[:, None, :] > qpos[:, :, None] - window
+        outs.append(attend_dense(q[:, :, q0:q1], keys, values, mask[:, None], exact=exact))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
