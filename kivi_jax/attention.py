@@ -17,19 +17,12 @@ from kivi_jax import cache_common, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from kivi_jax.checks import check_float, is_int
+from kivi_jax.checks import check_float, check_window  # noqa: F401 (check_window: also attention.check_window)
 from kivi_jax.eager import jit_when_eager
 
 IMPLS = ("auto", "pallas", "reference", "xla")
 # the reference must be exact float32 math: GPUs default float32 matmuls to TF32
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def check_window(window) -> None:
-    """A sliding window: None or an integer >= 1 (a float or a bool would silently become a
-    different mask)."""
-    if window is not None and (not is_int(window) or window < 1):
-        raise ValueError(f"window={window!r} must be None or an integer >= 1")
 
 
 def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):

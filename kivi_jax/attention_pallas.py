@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from kivi_jax import packing, rotation, sharding
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.checks import check_window, is_int
 from kivi_jax.eager import jit_when_eager
 from pallas_kernels import dense_decode, flash, kivi_decode, kivi_window
 
@@ -244,6 +245,9 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     if ring_program is not None and ring_program not in RING_PROGRAMS:
         raise ValueError(f"ring_program={ring_program!r}; allowed: {RING_PROGRAMS} (or None: "
                          f"{DEFAULT_RING_PROGRAM!r})")
+    check_window(window)
+    if num_splits is not None and (not is_int(num_splits) or num_splits < 1):
+        raise ValueError(f"num_splits={num_splits!r} must be None (the default for the shape) or an integer >= 1")
     # the kernel's own num_stages default unless one is given
     knobs = dict(num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if isinstance(cache, DenseCache):

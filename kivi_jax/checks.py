@@ -20,3 +20,10 @@ def check_float(name: str, dtype):
     if dtype.name not in FLOATS:
         raise ValueError(f"{name} dtype {dtype} is not supported; allowed: {', '.join(FLOATS)}")
     return dtype
+
+
+def check_window(window) -> None:
+    """A sliding window: None or an integer >= 1 (a float or a bool would silently become a
+    different mask)."""
+    if window is not None and (not is_int(window) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an integer >= 1")

@@ -41,6 +41,9 @@ def layer_matmul(x, w, layer, *, impl: str = "xla"):
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {MATMUL_IMPLS}")
+    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < w.shape[0]:
+        # (the slice would clamp it, and the kernel's unblocked read would leave the stack)
+        raise ValueError(f"layer={int(layer)} must be in [0, L={w.shape[0]})")
     blocks = kernel_blocks(*w.shape[1:])
     if impl == "xla" or blocks is None or math.prod(x.shape[:-1]) > ROWS:
         return (x @ lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)).astype(x.dtype)

@@ -132,7 +132,9 @@ class StackedCache:
     def write_rows(self, start, rows: "StackedCache") -> "StackedCache":
         """Batch rows start .. start + rows.batch_size replaced by ``rows`` (a StackedCache of
         the same format, layers and capacity), in place: how a prefill done a few rows at a
-        time fills the whole batch's cache. start: int or traced scalar."""
+        time fills the whole batch's cache. start: int or traced scalar; a concrete one must be in
+        [0, B - rows.batch_size] (dynamic_update_slice would clamp it silently, overwriting rows
+        that were meant to stay); a traced one is the caller's to keep in range."""
         if jax.tree_util.tree_structure(rows.layers) != jax.tree_util.tree_structure(self.layers):
             raise ValueError("rows must be a StackedCache of the same format and settings (cache type, KIVIConfig, "
                              "max_length) as this one")
@@ -140,6 +142,11 @@ class StackedCache:
             if s.shape[:1] + s.shape[2:] != x.shape[:1] + x.shape[2:] or x.shape[1] > s.shape[1]:
                 raise ValueError(f"rows holds a buffer of shape {x.shape}; this cache's is {s.shape} "
                                  f"(same layers and per-row shape, at most {s.shape[1]} rows)")
+        if not isinstance(start, jax.core.Tracer):
+            last = self.batch_size - rows.batch_size
+            if not 0 <= int(start) <= last:
+                raise ValueError(f"start={int(start)} must be in [0, {last}]: {rows.batch_size} rows written into a "
+                                 f"batch of {self.batch_size}")
         return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_slice_in_dim(s, x.astype(s.dtype), start, 1),
                                          self.layers, rows.layers))
 

@@ -874,3 +874,8 @@ def test_stacked_cache_write_rows_checks_its_rows():
         full.write_rows(0, m.init_cache(2, 128, kivi=kivi))
     with pytest.raises(ValueError, match="at most 4 rows"):
         full.write_rows(0, m.init_cache(5, 64, kivi=kivi))
+    for start in (3, 4, -1):  # dynamic_update_slice would clamp them onto rows 2-3, silently
+        with pytest.raises(ValueError, match=rf"start={start} must be in \[0, 2\]: 2 rows written into a batch of 4"):
+            full.write_rows(start, sub)
+    np.testing.assert_array_equal(  # a traced start is the caller's (generate's slices keep it in range)
+        np.asarray(jax.jit(lambda i: full.write_rows(i, sub).lengths)(2)), [0, 0, 20, 20])

@@ -526,6 +526,21 @@ def test_dense_kernel_reads_a_layer_stacked_cache_in_place():
     assert stacked.k.shape in [v.aval.shape for v in call.invars]
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_wrapper_checks_window_and_splits(dense):
+    """attention_pallas.decode_attention (tests and benchmarks call it directly): window=0 gave
+    all-zero outputs, num_splits=0 was taken as the default and -1 failed inside NumPy."""
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=32)
+    cache = _dense([40, 7], 4, 2, 64, 32, jnp.float32, 3)[0] if dense else _cache(cfg, [40, 7], 2, 32, jnp.float32, 3)
+    q = jnp.ones((2, 4, 1, 32))
+    for window in (0, -5, 2.0):
+        with pytest.raises(ValueError, match=rf"window={window!r} must be None or an integer >= 1"):
+            attention_pallas.decode_attention(q, cache, window=window, interpret=True)
+    for splits in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"num_splits={splits!r} must be None .* or an integer >= 1"):
+            attention_pallas.decode_attention(q, cache, num_splits=splits, interpret=True)
+
+
 def test_dense_kernel_bad_arguments():
     from pallas_kernels.dense_decode import dense_decode_partials
 

@@ -46,6 +46,10 @@ def test_kernel_bad_arguments():
         stacked_matmul(x, w, 0, splits=3, interpret=True)  # K=128, block_k=64
     with pytest.raises(ValueError, match="impl='cuda'"):
         kj_matmul.layer_matmul(x, w, 0, impl="cuda")
+    for impl in ("xla", "pallas"):  # a layer past the stack: the slice clamped it, the kernel read past it
+        for layer in (2, -1, np.int32(5)):
+            with pytest.raises(ValueError, match=rf"layer={int(layer)} must be in \[0, L=2\)"):
+                kj_matmul.layer_matmul(x, w, layer, impl=impl)
 
 
 def test_layer_matmul_falls_back_where_no_tile_fits():
