@@ -135,6 +135,9 @@ def _add_cache_and_sampling_flags(p):
                         "for the Mosaic GPU kernel on one Hopper GPU: faster there for MHA) or auto (default: "
                         "mosaic where it runs and was measured faster, else tokens)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, help="default 128")
+    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=None, metavar="N",
+                   help="feed a long prompt N tokens a model call (bounds its memory; with KIVI each chunk reads "
+                        "the ones before it as stored, so tokens may differ slightly); default: one call")
     p.add_argument("--temperature", type=_float_in(0.0, 1e6), default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None, help="nucleus mass in (0, 1]")
@@ -447,7 +450,8 @@ def cmd_generate(args) -> int:
 
     try:
         stream = kivi_jax.generate_stream(model, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
-                                          kivi=kivi, eos_id=_eos_ids(tokenizer, model), **_sampling(args))
+                                          kivi=kivi, eos_id=_eos_ids(tokenizer, model), prefill_chunk=args.prefill_chunk,
+                                          **_sampling(args))
     except ValueError as e:
         raise UsageError(_one_line(e)) from None
     result, n, t0, stamps, t_end = _stream_reply(stream, tokenizer, set(_eos_ids(tokenizer, model)))
@@ -546,7 +550,7 @@ def cmd_chat(args) -> int:
         try:
             stream = kivi_jax.generate_stream(model, padded, lengths=np.asarray([len(ids)], np.int32), eos_id=eos,
                                               max_new_tokens=min(args.max_new_tokens, room + 1), **where,
-                                              **_sampling(args, turn))
+                                              prefill_chunk=args.prefill_chunk, **_sampling(args, turn))
         except ValueError as e:
             raise UsageError(_one_line(e)) from None
         result, n, t0, stamps, t_end = _stream_reply(stream, tokenizer, set(eos))

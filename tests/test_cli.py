@@ -239,6 +239,7 @@ def test_main_job_runs_on_what_its_install_brings():
     (["generate", "hi", "--residual-length", "100"],
      "error: --residual-length: residual_length=100 must be a positive multiple of group_size=32"),
     (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: 0 must be >= 1"),
+    (["chat", "--prefill-chunk", "0"], "--prefill-chunk: 0 must be >= 1"),
     (["generate", "hi", "--temperature", "-1"], "--temperature"),
     (["generate", "hi", "--temperature", "nan"], "--temperature"),
     (["generate", "hi", "--top-p", "0"], "--top-p: 0 must be in (0.0, 1.0]"),
@@ -387,6 +388,24 @@ def test_generate_sink_tokens_longer_than_the_cache_smollm2(capsys):
     _one_line_error(*_run(capsys, "generate", "hi", "--sink-tokens", "200", "--max-new-tokens", "2"),
                     "error: --sink-tokens 200 must be smaller than the cache's 33 tokens (the prompt's 31 + "
                     "--max-new-tokens 2)")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_prefill_chunk_reaches_generate_stream(capsys, monkeypatch, fake_model, command):
+    """--prefill-chunk N is generate_stream's prefill_chunk (None without the flag)."""
+    seen = []
+    _fake_stream(monkeypatch, at_call=ValueError("stop here"))
+    import kivi_jax
+
+    stream = kivi_jax.generate_stream
+    monkeypatch.setattr(kivi_jax, "generate_stream", lambda *a, **kw: seen.append(kw.get("prefill_chunk")) or
+                        stream(*a, **kw))
+    for argv in ([], ["--prefill-chunk", "64"]):
+        if command == "generate":
+            _run(capsys, "generate", "hi", *argv)
+        else:
+            _chat(capsys, monkeypatch, [QUESTION], *argv)
+    assert seen == [None, 64]
 
 
 # a ValueError generate_stream raises for its arguments (it checks them at the call, the cache's
