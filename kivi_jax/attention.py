@@ -17,7 +17,7 @@ from kivi_jax import cache_common, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
-from kivi_jax.checks import check_float, check_window  # noqa: F401 (check_window: also attention.check_window)
+from kivi_jax.checks import check_float, check_window
 from kivi_jax.eager import jit_when_eager
 
 IMPLS = ("auto", "pallas", "reference", "xla")

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import rotation, switches
-from kivi_jax.attention import check_window
 from kivi_jax.attention_pallas import grouped_queries
 from kivi_jax.cache_mosaic import MosaicKIVICache
+from kivi_jax.checks import check_window
 from pallas_kernels.mosaic_layout import kernel_arrays
 from pallas_kernels import kivi_mosaic, kivi_window, mosaic_window
 

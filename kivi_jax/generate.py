@@ -689,11 +689,11 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
                   mesh=mesh, rules=rules,
                   logits_at=_takes(model, "logits_at"), active=_takes(model, "active"),
                   extend=_takes(model, "extend"))
-    if cache is None:  # the cache's own checks (e.g. sink_tokens < max_length) now, not at the first step
-        jax.eval_shape(lambda: _new_cache(model, b, cfg))
+    # the new cache's own checks (e.g. sink_tokens < max_length) now, not at the first step
+    new_cache = jax.eval_shape(lambda: _new_cache(model, b, cfg)) if cache is None else None
     cfg = dataclasses.replace(cfg, prefill_chunk=_check_prefill_chunk(prefill_chunk, prefill_rows, t, cfg))
     if cache is None and cfg.prefill_chunk is None:
-        cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(model, prefill_rows, b, t, cfg))
+        cfg = dataclasses.replace(cfg, prefill_rows=_resolve_prefill_rows(new_cache, prefill_rows, b, t, cfg))
     graphdef, state = _split(model)
     if mesh is not None:  # parameters and prompts onto the mesh (a no-op for ones already there)
         if state is not None:
@@ -720,8 +720,9 @@ def _check_prefill_chunk(prefill_chunk, prefill_rows, t: int, cfg: _Config) -> i
     return int(prefill_chunk) if prefill_chunk < t else None
 
 
-def _resolve_prefill_rows(model, prefill_rows, b: int, t: int, cfg: _Config) -> int | None:
-    """Rows per prefill call, or None for the whole batch in one call."""
+def _resolve_prefill_rows(new_cache, prefill_rows, b: int, t: int, cfg: _Config) -> int | None:
+    """Rows per prefill call, or None for the whole batch in one call; new_cache: the new cache's
+    shape (jax.eval_shape)."""
     if prefill_rows is not None and (not _is_int(prefill_rows) or prefill_rows < 1):
         raise ValueError(f"prefill_rows={prefill_rows!r} must be None (automatic) or an integer >= 1")
     if prefill_rows is None and 2 * t < cfg.max_length:
@@ -737,12 +738,11 @@ def _resolve_prefill_rows(model, prefill_rows, b: int, t: int, cfg: _Config) -> 
             return None
         raise ValueError(f"prefill_rows={prefill_rows} < B={b} is not supported with mesh= (the batch is sharded "
                          f"over the mesh); leave prefill_rows=None")
-    cache = jax.eval_shape(lambda: _new_cache(model, 1, cfg))
-    if not hasattr(cache, "write_rows"):
+    if not hasattr(new_cache, "write_rows"):
         if prefill_rows is None:
             return None
         raise ValueError(f"prefill_rows={prefill_rows} < B={b} needs a cache with write_rows(start, sub) "
-                         f"(models.StackedCache has it); this model's cache is a {type(cache).__name__}")
+                         f"(models.StackedCache has it); this model's cache is a {type(new_cache).__name__}")
     return rows
 
 
