@@ -108,13 +108,21 @@ def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, see
     for way in ways:
         samples = []
         jax.clear_caches()  # (extend_appends changes what a trace does, not the traced function: no cache hits)
-        with _hidden(way):
-            for i in range(reps + 1):  # the first call compiles
-                run = call(way)
-                t = time.perf_counter()
-                tok = jax.block_until_ready(run())
-                if i:
-                    samples.append(time.perf_counter() - t)
+        try:
+            with _hidden(way):
+                for i in range(reps + 1):  # the first call compiles
+                    run = call(way)
+                    t = time.perf_counter()
+                    tok = jax.block_until_ready(run())
+                    if i:
+                        samples.append(time.perf_counter() - t)
+        except jax.errors.JaxRuntimeError as e:  # one way out of device memory keeps the others' rows
+            from benchmarks.e2e import _is_oom
+
+            if not _is_oom(str(e)):
+                raise
+            times[way] = tokens[way] = None  # (OOM: the row's oom_ways names it)
+            continue
         times[way], tokens[way] = statistics.median(samples), int(tok[0, 0])
     return times, tokens
 
@@ -175,8 +183,9 @@ def main(argv=None) -> int:
                         for k, n in (("extend", new), ("chunk", min(a.chunk, new)))}
             row = dict(model=a.model, cache=cache, batch=a.batch, prompt_len=a.prompt, new_tokens=new,
                        capacity=a.capacity, chunk=a.chunk, **{f"{w}_s": t[w] for w in ways}, **temp,
-                       first_tokens=[tok[w] for w in ways],
-                       **{f"{w}_over_extend": t[w] / t["extend"] for w in ways if w != "extend" and "extend" in t})
+                       first_tokens=[tok[w] for w in ways], oom_ways=[w for w in ways if t[w] is None],
+                       **{f"{w}_over_extend": t[w] / t["extend"] for w in ways
+                          if w != "extend" and t.get("extend") is not None and t[w] is not None})
             rows.append(row)
             print(row, flush=True)
             path = _write(a, ways, rows)  # after every row: a device call cut short keeps what it measured
@@ -189,7 +198,7 @@ def _write(a, ways, rows):
     chunked = any(w.endswith("_chunked") for w in ways)
     cols = (["cache", "batch", "prompt_len", "new_tokens"] + (["chunk"] if chunked else []) + [f"{w}_s" for w in ways]
             + [f"{w}_over_extend" for w in ways if w != "extend" and "extend" in ways]
-            + (["extend_temp_bytes", "chunk_temp_bytes"] if chunked else []) + ["first_tokens"])
+            + (["extend_temp_bytes", "chunk_temp_bytes"] if chunked else []) + ["first_tokens", "oom_ways"])
     head = (f"# Continuing a cache ({a.model}, {a.dtype}, capacity {a.capacity}): seconds to the first new token\n\n"
             f"commit {payload['commit']}, {payload['device']} ({payload['platform']}), jax {payload['jax_version']}, "
             f"median of {a.reps} calls after a warm-up\n\n")

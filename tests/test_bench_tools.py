@@ -411,3 +411,33 @@ def test_gpu_tests_reads_junit_and_progress_and_covers_every_test_file(tmp_path)
     grouped = {f for files in gpu_tests.GROUPS.values() for f in files}
     files = {f"tests/{p.name}" for p in tests.glob("test_*.py")} | {"tests/models"}
     assert files == grouped, f"benchmarks/gpu_tests.GROUPS lacks {files - grouped} / names missing {grouped - files}"
+
+
+def test_continuation_way_out_of_memory_keeps_the_others(monkeypatch):
+    """A way that runs out of device memory is None in the row (its oom_ways), the other ways are
+    still timed; any other runtime error is raised."""
+    import models
+    from benchmarks import continuation
+    from models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=53, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16)
+    model = models.init_random(cfg, jax.random.key(3), init_std=0.5)
+    hidden = continuation._hidden
+
+    def failing(way, text):
+        def patched(w):
+            if w == way:
+                return continuation.mock.patch.object(continuation.gen, "generate",
+                                                      side_effect=jax.errors.JaxRuntimeError(text))
+            return hidden(w)
+        return patched
+
+    monkeypatch.setattr(continuation, "_hidden", failing("fresh_prefill", "RESOURCE_EXHAUSTED: Out of memory"))
+    times, tokens = continuation.measure(model, prompt=6, new=3, capacity=16, kivi=None, reps=1,
+                                         ways=("extend", "fresh_prefill"))
+    assert times["fresh_prefill"] is None and tokens["fresh_prefill"] is None
+    assert times["extend"] > 0 and 0 <= tokens["extend"] < 53
+    monkeypatch.setattr(continuation, "_hidden", failing("fresh_prefill", "INTERNAL: something else"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        continuation.measure(model, prompt=6, new=3, capacity=16, kivi=None, reps=1, ways=("extend", "fresh_prefill"))
