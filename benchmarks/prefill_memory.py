@@ -10,6 +10,14 @@ from the cache's own ({4,3,2,1,0}) is what forces one.
 
     PYTHONPATH=. python -m benchmarks.prefill_memory [--caches dense,kivi2m --batch 32 --prompt 4096]
     PYTHONPATH=. python -m benchmarks.prefill_memory --dry-run   # tiny shapes on CPU (XLA path only)
+
+``--extend-writes after,in_loop``: instead of the prefill, one continuation call (``extend=True``,
+``--new-tokens`` ids into a donated cache of ``--capacity`` holding ``--prompt`` tokens) for each
+``models.llama.EXTEND_WRITES`` mode: a dense Llama-2-7B-shape cache of 16384 tokens ran out of the
+H200's memory in both modes (continuation-gpu-run141) where the KIVI caches did not.
+
+    PYTHONPATH=. python -m benchmarks.prefill_memory --extend-writes after,in_loop --batch 8 --capacity 16384 \
+        --new-tokens 64
 """
 
 from __future__ import annotations
@@ -71,6 +79,23 @@ def compile_prefill(model, batch: int, prompt: int, new_tokens: int, kivi, impl:
     return compiled, cfg
 
 
+def compile_extend(model, batch: int, capacity: int, new_tokens: int, kivi, writes: str):
+    """One jitted ``model(ids [batch, new_tokens], cache, lengths, extend=True)`` over a donated
+    cache of ``capacity`` with EXTEND_WRITES = ``writes``, lowered and compiled (not run)."""
+    from models import llama
+
+    apply, params = models.functional(model)
+    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    cache = jax.eval_shape(lambda: model.init_cache(batch, capacity, kivi=kivi))
+    ids, lens = jax.ShapeDtypeStruct((batch, new_tokens), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step = jax.jit(lambda p, x, c, n: apply(p, x, c, lengths=n, extend=True), donate_argnums=2)
+    before, llama.EXTEND_WRITES = llama.EXTEND_WRITES, writes  # read while traced
+    try:
+        return step.lower(shapes(params), ids, cache, lens).compile()
+    finally:
+        llama.EXTEND_WRITES = before
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--caches", default="dense,kivi2m", help="comma list of benchmarks.e2e.KIVI names")
@@ -79,6 +104,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--extend-writes", default=None,
+                    help="comma list of EXTEND_WRITES modes: a continuation call's memory instead of the prefill's")
+    ap.add_argument("--capacity", type=int, default=None, help="the continued cache's capacity (--extend-writes; "
+                    "default prompt + new tokens)")
     ap.add_argument("--dry-run", action="store_true", help="2 small layers, tiny shapes (CPU)")
     ap.add_argument("--name", default="prefill-memory")
     a = ap.parse_args(argv)
@@ -92,13 +121,18 @@ def main(argv=None) -> None:
     rows, texts = [], {}
     for name in a.caches.split(","):
         kivi = None if KIVI[name] is None else kivi_jax.KIVIConfig(**KIVI[name])
-        shapes = jax.eval_shape(lambda: model.init_cache(a.batch, a.prompt + a.new_tokens, kivi=kivi))
-        for impl in a.impls.split(","):
+        capacity = a.capacity or a.prompt + a.new_tokens
+        shapes = jax.eval_shape(lambda: model.init_cache(a.batch, capacity, kivi=kivi))
+        for impl in (a.extend_writes or a.impls).split(","):
             row = dict(cache=name, prefill_impl=impl, batch=a.batch, prompt_len=a.prompt, new_tokens=a.new_tokens,
                        layers=cfg.num_layers,
                        cache_bytes=int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))))
             try:
-                compiled, gcfg = compile_prefill(model, a.batch, a.prompt, a.new_tokens, kivi, impl)
+                if a.extend_writes:
+                    row.update(program="extend", capacity=capacity)
+                    compiled, gcfg = compile_extend(model, a.batch, capacity, a.new_tokens, kivi, impl), None
+                else:
+                    compiled, gcfg = compile_prefill(model, a.batch, a.prompt, a.new_tokens, kivi, impl)
             except ValueError as e:  # impl="cudnn" off a GPU
                 row["error"] = str(e)[:300]
                 rows.append(row)
@@ -107,7 +141,7 @@ def main(argv=None) -> None:
             ma = compiled.memory_analysis()
             for f in ("argument", "output", "alias", "temp", "generated_code"):
                 row[f"{f}_bytes"] = int(getattr(ma, f"{f}_size_in_bytes"))
-            row["prefill_rows"] = gcfg.prefill_rows
+            row["prefill_rows"] = gcfg and gcfg.prefill_rows
             # what the program needs at once besides its (donated or not) inputs
             row["peak_estimate_bytes"] = row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
             text = compiled.as_text()
@@ -128,7 +162,7 @@ def main(argv=None) -> None:
 
 
 def render_markdown(rows: list[dict]) -> str:
-    lines = ["| cache | prefill impl | cache GiB | arguments | outputs | aliased | temp | estimate | largest copy |",
+    lines = ["| cache | prefill impl (extend: writes) | cache GiB | arguments | outputs | aliased | temp | estimate | largest copy |",
              "|---|---|---|---|---|---|---|---|---|"]
     g = lambda r, k: f"{r[k] / 2**30:.2f}" if k in r else ""  # noqa: E731
     for r in rows:

@@ -370,21 +370,23 @@ def _extend_cudnn(q, k, v, kc, vc, held, window, implementation="cudnn"):
     mask = pos <= rows[:, :, None]  # [B, T, C]
     if window is not None:
         mask &= pos > rows[:, :, None] - window
-    o = _batch_folded_attention(implementation)(q.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3),
-                                                 values.transpose(0, 2, 1, 3), mask[:, None])
-    return o.transpose(0, 2, 1, 3)
+    return _batch_folded_attention(implementation)(q, keys, values, mask[:, None])
 
 
 @functools.cache
 def _batch_folded_attention(implementation):
-    """jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=...) over q [B, T, Hq, D],
-    k, v [B, C, Hkv, D], mask [B, 1, T, C], whose jax.vmap folds the mapped axis into B. jax
-    0.11.2's own batching of the cuDNN path with GQA failed: it reshaped the vmapped [V, B, 1, T, C]
-    mask to [V * B, Hq, T, C] (a TypeError on the H200, gpu-tests-run135)."""
+    """Flash attention over q [B, Hq, T, D], k, v [B, Hkv, C, D] (the caches' own layout), mask
+    [B, 1, T, C] -> [B, Hq, T, D], whose jax.vmap folds the mapped axis into B. jax 0.11.2's own
+    batching of the cuDNN path with GQA failed: it reshaped the vmapped [V, B, 1, T, C] mask to
+    [V * B, Hq, T, C] (a TypeError on the H200, gpu-tests-run135). "cudnn": :func:`_cudnn_bnth`;
+    "xla": jax.nn.dot_product_attention's XLA path (the tests' stand-in off a GPU)."""
 
     @jax.custom_batching.custom_vmap
     def attend(q, k, v, mask):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        if implementation == "cudnn":
+            return _cudnn_bnth(q, k, v, mask)
+        t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  ([B, T, heads, D], jax.nn's layout)
+        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, implementation=implementation))
 
     @attend.def_vmap
     def _(axis_size, in_batched, *args):
@@ -393,6 +395,23 @@ def _batch_folded_attention(implementation):
         return out.reshape(axis_size, -1, *out.shape[1:]), True
 
     return attend
+
+
+def _cudnn_bnth(q, k, v, mask):
+    """cuDNN's flash attention on [B, heads, T, D] operands as they are (BNTH). jax.nn's takes
+    [B, T, heads, D] only, and its transposes of a stacked cache's layer let XLA's layout
+    assignment give the whole loop-carried stack cuDNN's layout: two transposed copies of every
+    layer, 64 GiB of temporaries for a dense Llama-2-7B-shape cache of 16384 tokens at batch 8,
+    which ran out of the H200's memory (results/extend-memory-run142). That function is private
+    in jax; where it is not found, jax.nn's path with its transposes."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+    except ImportError:  # (a jax that moved it)
+        cudnn_attention = None
+    if cudnn_attention is None:
+        t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, implementation="cudnn"))
+    return cudnn_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), qkv_layout="BNTH")
 
 
 def _under_mesh() -> bool:

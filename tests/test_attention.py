@@ -455,7 +455,8 @@ def test_prefix_views_are_checked():
 def test_cudnn_attention_under_nested_vmap_folds_into_the_batch():
     """The extend's cuDNN attention under jax.vmap (twice, the mask mapped or shared) equals one
     call over the flattened batch: jax's own batching of the cuDNN path with GQA and a [B, 1, T, C]
-    mask raised on the H200. cuDNN on a GPU (bf16), XLA's implementation elsewhere."""
+    mask raised on the H200. cuDNN on a GPU (bf16), XLA's implementation elsewhere. Its operands are
+    [B, heads, T, D] (the caches' layout); the reference, jax.nn's, takes [B, T, heads, D]."""
     from kivi_jax import attention
 
     gpu = jax.default_backend() == "gpu"
@@ -467,9 +468,11 @@ def test_cudnn_attention_under_nested_vmap_folds_into_the_batch():
     mask = jnp.asarray(rng.random((2, 3, 1, 1, 5, 7)) < 0.7).at[..., 0].set(True)
     flat = lambda x: x.reshape(6 * x.shape[2], *x.shape[3:])  # noqa: E731 (the two mapped axes and B=1)
     want = np.asarray(jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=flat(mask)).astype(jnp.float32))
-    got = jax.jit(jax.vmap(jax.vmap(attend)))(q, k, v, mask)
+    bnth = lambda x: jnp.swapaxes(x, -3, -2)  # noqa: E731 ([..., T, heads, D] <-> [..., heads, T, D])
+    got = bnth(jax.jit(jax.vmap(jax.vmap(attend)))(bnth(q), bnth(k), bnth(v), mask))
     np.testing.assert_allclose(np.asarray(flat(got).astype(jnp.float32)), want, rtol=2e-2, atol=2e-2)
-    shared = jax.vmap(jax.vmap(attend, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))(q, k, v, mask[0, 0])
+    shared = bnth(jax.vmap(jax.vmap(attend, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))(
+        bnth(q), bnth(k), bnth(v), mask[0, 0]))
     want = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=jnp.broadcast_to(mask[0, 0], (6, 1, 5, 7)))
     np.testing.assert_allclose(np.asarray(flat(shared).astype(jnp.float32)), np.asarray(want.astype(jnp.float32)),
                                rtol=2e-2, atol=2e-2)

@@ -227,3 +227,21 @@ def test_extend_under_vmap_equals_each_request_alone():
     for i in range(2):
         one = jax.tree.map(lambda x: x[i], caches).extend(k[i], -k[i], n[i])
         _assert_same(jax.tree.map(lambda x: x[i], got), one, f"request {i}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="XLA:GPU's layout assignment around cuDNN's attention")
+def test_dense_stacked_extend_does_not_copy_the_stack():
+    """A continuation over a dense stacked cache on a GPU (cuDNN's attention, both write modes)
+    needs temporaries of about a layer, not of the stack: when cuDNN took its operands as
+    [B, T, heads, D], XLA laid the whole loop-carried stack out that way, two transposed copies
+    of every layer (64 GiB at Llama-2-7B shape, 16384 tokens, batch 8: results/extend-memory-run142)."""
+    import models
+    from benchmarks.prefill_memory import compile_extend
+
+    cfg = models.ModelConfig(vocab_size=512, hidden_size=1024, intermediate_size=512, num_layers=6, num_heads=8,
+                             num_kv_heads=8, head_dim=128)
+    model = models.abstract_model(cfg, jnp.bfloat16)
+    stack = 2 * 6 * 2 * 8 * 8192 * 128 * 2  # k and v: [L, B, Hkv, C, D] bf16
+    for writes in ("after", "in_loop"):
+        temp = compile_extend(model, 2, 8192, 64, None, writes).memory_analysis().temp_size_in_bytes
+        assert temp < stack / 2, (writes, temp, stack)
