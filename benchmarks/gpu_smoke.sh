@@ -7,18 +7,14 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Pending since session 37 (no device was lent after its third call): a continuation's writes after
-# the layer loop (models.llama.EXTEND_WRITES "after", the default off a GPU) have not run on a GPU. First call: python -m
-# benchmarks.gpu_tests --name runNN --files tests/test_decode_step.py,tests/test_extend.py,
-# tests/test_generate.py,tests/test_bench_tools.py --select "extend or continu or vmap or donates"
-# --budget-s 170, then for c in dense kivi2m: python -m benchmarks.continuation --model llama2-7b
-# --dtype bfloat16 --batch 8 --prompt 2048 --new 1024,64 --capacity 16384 --caches $c
-# --ways extend_in_loop,extend_after,fresh_prefill --reps 2 --out $OUT/$c (dense at 16384 ran out of
-# memory with the writes in the loop, session 37). Pending since session 38 (no device lent): the
-# jax.grad rule of quant.next_after inside the Triton append kernels (lowered to TTIR on CPU only)
-# and generate(prefill_chunk=): add tests/test_prefill_chunk.py,tests/test_kivi_append.py,
-# tests/test_quant.py to the first call's --files (--select "... or chunk or append or grad or
-# differentiable"), and extend_chunked,fresh_chunked (--chunk 256) to the continuation ways.
+# Pending since session 39 (its device time ran out): extend's cuDNN attention on BNTH operands
+# (attention._cudnn_bnth) compiled only (extend-memory-run143). First call: python -m
+# benchmarks.gpu_tests --name runNN --files tests/test_attention.py,tests/test_extend.py,
+# tests/test_prefill_chunk.py --select "cudnn or extend or chunk or does_not_copy" --budget-s 200 (a bare
+# pytest -n 4 without XLA_PYTHON_CLIENT_PREALLOCATE=false fails most tests), then python -m
+# benchmarks.continuation --model llama2-7b --dtype bfloat16 --batch 8 --prompt 2048 --new 1024,64
+# --capacity 16384 --caches dense,kivi2m --ways extend_in_loop,extend_after,fresh_prefill --reps 2 --out $OUT
+# (dense ran out of memory in every continuation way before, continuation-gpu-run141-dense).
 # Then, as separate calls (each <= 10 min). Session 23 ran the issue's decode-attention grid with the
 # Mosaic path in three calls (python -m benchmarks.decode_attention --no-breakdown --kv-heads 32
 # --bits-mha 2 --budget-s 470; --kv-heads 8; --bits-mha 4 --budget-s 220: 4.5 / 6.3 / ~1.5 min) and a

@@ -118,8 +118,9 @@ EXTEND_WRITES_MODES = ("after", "in_loop")
 #: buffer a layer (a dense SmolLM2 cache of 8192 tokens: 1.2 s of a 16-token extend, 0.13 s
 #: "after"; results/continuation-cpu-writes-after-loop-2026-12-04). "after" holds the layers' new
 #: k, v ([L, B, Hkv, T, D] twice) until the writes. None (the default): "after" off a GPU; on a GPU
-#: "in_loop", as measured there (continuation-gpu-run135), until "after" is timed next to it (on the
-#: H200 a dense Llama-2-7B-shape extend at 16384 tokens asked for another 32 GiB in the loop).
+#: "in_loop": the two took the same time there (continuation-gpu-run140-kivi2m) and "in_loop" the
+#: fewer temporaries (3.2 vs 3.6 GiB for a dense Llama-2-7B-shape extend at 16384 tokens, batch 8,
+#: results/extend-memory-run143).
 EXTEND_WRITES = os.environ.get("KIVI_EXTEND_WRITES") or None
 
 
