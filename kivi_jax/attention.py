@@ -403,13 +403,15 @@ def _cudnn_bnth(q, k, v, mask):
     assignment give the whole loop-carried stack cuDNN's layout: two transposed copies of every
     layer, 64 GiB of temporaries for a dense Llama-2-7B-shape cache of 16384 tokens at batch 8,
     which ran out of the H200's memory (results/extend-memory-run142). That function is private
-    in jax; where it is not found, jax.nn's path with its transposes."""
+    in jax; where it is not found, jax.nn's path with its transposes, k and v pinned in the
+    cache's layout first (``cache_common.row_major``, as the prefill's writes are)."""
     try:
         from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
     except ImportError:  # (a jax that moved it)
         cudnn_attention = None
     if cudnn_attention is None:
         t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+        k, v = cache_common.row_major(k), cache_common.row_major(v)
         return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, implementation="cudnn"))
     return cudnn_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), qkv_layout="BNTH")
 
