@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Callable
 
 import jax
@@ -88,6 +89,43 @@ def check_sizes(**sizes) -> None:
     for name, n in sizes.items():
         if not is_int(n) or n < 1:
             raise ValueError(f"{name}={n!r} must be an integer >= 1")
+
+
+def concrete_int(name: str, value, allowed: str) -> int:
+    """``value`` as a Python int when it is a concrete integer (a Python or NumPy integer, or a
+    concrete integer jax scalar; not a bool, a float or a traced value), else a ValueError naming
+    ``name``, the value and ``allowed``."""
+    if not isinstance(value, (bool, jax.core.Tracer)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    shown = f"a traced {value.aval.str_short()}" if isinstance(value, jax.core.Tracer) else repr(value)
+    raise ValueError(f"{name}={shown} must be {allowed}")
+
+
+def check_prefix(cache, tokens) -> int:
+    """``cache.prefix(tokens)``'s argument as an int: a concrete positive multiple of the format's
+    ``prefix_unit``, at most its ``capacity`` (it sets array shapes: a traced count cannot; a bool
+    was taken as 1 token and a float failed inside a slice)."""
+    unit, cap = cache.prefix_unit, cache.capacity
+    allowed = (f"a static integer in [1, {cap}] (the capacity)" if unit == 1 else
+               f"a static integer, a positive multiple of {unit} body tokens, at most the capacity {cap}")
+    n = concrete_int("tokens", tokens, allowed)
+    if n % unit or not 0 < n <= cap:
+        raise ValueError(f"tokens={n}: a prefix is {allowed}")
+    return n
+
+
+def check_writable(cache, full: int) -> None:
+    """A cache about to be written holds stores of its whole capacity ``full``: a prefix view
+    (``cache.prefix``, shorter stores under the same max_length) is for reading only; writes into
+    one would land past its stores (dynamic_update_slice clamps them onto the last slots, the
+    scatters drop them) while its lengths counted them."""
+    if cache.capacity != full:
+        raise ValueError(f"this {type(cache).__name__} is a prefix view ({cache.capacity} of the {full} tokens its "
+                         f"max_length={cache.max_length} needs; cache.prefix): views are for reading; write to "
+                         "the cache it was taken from")
 
 
 def check_init(config, config_cls, max_length: int, dtype):

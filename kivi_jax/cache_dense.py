@@ -41,11 +41,11 @@ class DenseCache(cc.CacheShape):
     def prefix(self, tokens: int) -> "DenseCache":
         """A view for reading (materialize, attention) of positions [0, tokens): the same numbers
         there for rows holding at most that many. Not for writing: its max_length is the full one."""
-        if not 0 < tokens <= self.capacity:
-            raise ValueError(f"tokens={tokens}: a prefix holds 1 to the capacity {self.capacity} tokens")
+        tokens = cc.check_prefix(self, tokens)
         return dataclasses.replace(self, k=self.k[:, :, :tokens], v=self.v[:, :, :tokens])
 
     def _check(self, k, v, tokens=None):
+        cc.check_writable(self, self.max_length)  # (every write checks its inputs here first)
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,
                            head_dim=self.head_dim, tokens=tokens)
 

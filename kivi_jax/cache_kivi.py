@@ -139,20 +139,18 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         ``tokens`` body tokens (a multiple of prefix_unit): the same numbers for every row holding at
         most that many (sinks and ring are kept whole). Not for writing."""
         c = self.config
-        if tokens % self.prefix_unit or not 0 < tokens <= self.capacity:
-            raise ValueError(f"tokens={tokens}: a prefix is a positive multiple of {self.prefix_unit} body tokens, "
-                             f"at most the capacity {self.capacity}")
+        tokens = cc.check_prefix(self, tokens)
         words_k, words_v = packing.packed_len(tokens, c.k_bits), packing.packed_len(tokens, c.v_bits)
         groups = tokens // c.key_group
         return dataclasses.replace(self, k_codes=self.k_codes[:, :, :words_k], k_scale=self.k_scale[:, :, :groups],
                                    k_min=self.k_min[:, :, :groups], v_codes=self.v_codes[:, :, :words_v],
                                    v_scale=self.v_scale[:, :, :tokens], v_min=self.v_min[:, :, :tokens])
 
-
     def _store(self, x, rotate: bool):
         return stored(x, self.dtype, rotate)
 
     def _check(self, k, v, tokens=None):
+        cc.check_writable(self, self.config.capacity(self.max_length))  # (every write checks its inputs here)
         return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads,
                            head_dim=self.head_dim, tokens=tokens)
 
@@ -332,6 +330,7 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         channel, their words (added) and scale/min rows."""
         from kivi_jax import cache_extend as ce  # (it imports this module)
 
+        self._check(k, v)
         e = ce.pending(self, k, v, lengths)
         c = self.config
         writes = [cc.RowsWrite(e.k, e.slot, "k_res"), cc.RowsWrite(e.v, e.slot, "v_res")]

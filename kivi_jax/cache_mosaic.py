@@ -125,6 +125,12 @@ def _one_hopper(devices) -> bool:
             and getattr(devices[0], "compute_capability", None) == "9.0")
 
 
+def store_capacity(config: KIVIConfig, max_length: int) -> int:
+    """Tc: body tokens the stores of a cache of ``max_length`` tokens hold, the max_length - S
+    tokens after the sinks rounded up to whole key blocks (the kernel's pipeline steps)."""
+    return -(-(max_length - config.sink_tokens) // KEY_BLOCK) * KEY_BLOCK
+
+
 def untile(kt, vt, tc):
     """Inverse of kivi_mosaic.key_tiles / value_tiles: the tiles -> plain (k_scale, k_min [..., Tc/32, D], v_scale, v_min [..., Tc, D/32]) in float32."""
     lead = kt.shape[:-2]
@@ -177,8 +183,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         cc.check_sizes(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, max_length=max_length)
         cc.check_init(config, KIVIConfig, max_length, dtype)
         config = check_config(config, head_dim)
-        body = max_length - config.sink_tokens
-        tc = -(-body // KEY_BLOCK) * KEY_BLOCK  # whole key blocks (the kernel's pipeline steps)
+        tc = store_capacity(config, max_length)
         bh, r = (batch, num_kv_heads), config.residual_length + config.sink_tokens
         return cls(kn=jnp.zeros(bh + (tc, 8), jnp.uint32), kt=jnp.zeros(bh + (tc // KEY_BLOCK * D, 16), dtype),
                    k_res=jnp.zeros(bh + (r, head_dim), dtype), vn=jnp.zeros(bh + (tc // CHUNK, D * 4), jnp.uint32),
@@ -193,12 +198,14 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         """A view for reading (materialize, attention) with the stores cut to their first ``tokens``
         body tokens (a multiple of KEY_BLOCK): the same numbers for every row holding at most that
         many (sinks and ring kept whole). Not for writing."""
-        if tokens % KEY_BLOCK or not 0 < tokens <= self.capacity:
-            raise ValueError(f"tokens={tokens}: a prefix is a positive multiple of {KEY_BLOCK} body tokens, "
-                             f"at most the capacity {self.capacity}")
+        tokens = cc.check_prefix(self, tokens)
         return dataclasses.replace(self, kn=self.kn[:, :, :tokens], kt=self.kt[:, :, :tokens // KEY_BLOCK * D],
                                    vn=self.vn[:, :, :tokens // CHUNK], vt=self.vt[:, :, :tokens // 2])
 
+    def _check(self, k, v, tokens=None):
+        cc.check_writable(self, store_capacity(self.config, self.max_length))  # (every write checks here)
+        return cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads, head_dim=self.head_dim,
+                           tokens=tokens)
 
     def _kivi(self) -> KIVICache:
         """An empty KIVICache of the same shape: its quantization helpers (the same numbers)."""
@@ -221,8 +228,8 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
 
     @staticmethod
     def _convert(c: KIVICache, config: KIVIConfig) -> "MosaicKIVICache":
-        # the body's capacity: KIVICache rounds it to 32 tokens, this layout to 256
-        tc, tk = -(-(c.max_length - config.sink_tokens) // KEY_BLOCK) * KEY_BLOCK, c.capacity
+        # the body's capacity: KIVICache rounds it to its packed blocks, this layout to 256
+        tc, tk = store_capacity(config, c.max_length), c.capacity
 
         def pad(x, axis=2, per=1):
             return jnp.pad(x, [(0, 0)] * axis + [(0, (tc - tk) // per)] + [(0, 0)] * (x.ndim - axis - 1))
@@ -259,8 +266,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         (bits added) and its tile row (added: its columns are still zero); the new value in the
         ring; a key flush (R keys: their rows of ``kn``, their columns of one ``kt`` tile, and
         the ring's keys replaced by their dequantized values)."""
-        cc.check_kv("k", k, "v", v, batch=self.batch_size, heads=self.num_kv_heads, head_dim=self.head_dim,
-                    tokens=1)
+        self._check(k, v, tokens=1)
         c = self.config
         r, sk = c.residual_length, c.sink_tokens
         k, v = stored(k, self.dtype, c.rotate_keys), stored(v, self.dtype, c.rotate_values)
@@ -325,6 +331,7 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         flush leaves them), then only the input tokens after that block go into the ring."""
         from kivi_jax import cache_extend as ce
 
+        self._check(k, v)
         e = ce.pending(self, k, v, lengths)
         r, kg = self.config.residual_length, self.config.key_group
         last = jnp.maximum(e.n_after - r - e.k_start, 0)  # the last filled block's first position in e.k_*

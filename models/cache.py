@@ -29,8 +29,8 @@ class StackedCache:
     @classmethod
     def stack(cls, one_layer, num_layers: int) -> "StackedCache":
         """``num_layers`` copies of a freshly initialized per-layer cache."""
-        if num_layers < 1:
-            raise ValueError(f"num_layers={num_layers} must be >= 1")
+        if cc.concrete_int("num_layers", num_layers, "an integer >= 1") < 1:
+            raise ValueError(f"num_layers={num_layers} must be an integer >= 1")
         return cls(jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers,) + x.shape), one_layer))
 
     @property
@@ -59,13 +59,26 @@ class StackedCache:
     def nbytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self.layers)))
 
+    def _check_layer(self, i) -> None:
+        """A concrete layer index must be in [0, L): indexing clamped one past the end onto the last
+        layer (and -L - 1 onto the first), and the writes' dynamic_update_slice and scatters clamp
+        too, so append_layer(L, ...) wrote layer L - 1. A traced index is the caller's (the model's
+        layer loop)."""
+        if isinstance(i, jax.core.Tracer):
+            return
+        n = self.num_layers
+        if not 0 <= cc.concrete_int("i", i, f"a layer index in [0, {n})") < n:
+            raise ValueError(f"i={i!r} must be a layer index in [0, {n})")
+
     def layer(self, i):
-        """The per-layer cache of layer ``i`` (int or traced scalar): a DenseCache / KIVICache
-        without the layer axis."""
+        """The per-layer cache of layer ``i`` (int in [0, L) or traced scalar): a DenseCache /
+        KIVICache without the layer axis."""
+        self._check_layer(i)
         return jax.tree.map(lambda x: x[i], self.layers)
 
     def set_layer(self, i, one_layer) -> "StackedCache":
         """Layer ``i`` replaced by the per-layer cache ``one_layer`` (whole buffers written)."""
+        self._check_layer(i)
         return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), i, 0),
                                          self.layers, one_layer))
 
@@ -100,6 +113,10 @@ class StackedCache:
     def extend_all(self, ks, vs, lengths=None) -> "StackedCache":
         """Every layer's ``extend``: ks, vs [L, B, Hkv, T, D], layer l appending ks[l], vs[l] (row b
         its first lengths[b] tokens), all layers in one computation (jax.vmap over the layer axis)."""
+        n = self.num_layers
+        for name, x in (("ks", ks), ("vs", vs)):
+            if jnp.ndim(x) != 5 or jnp.shape(x)[0] != n:
+                raise ValueError(f"{name} has shape {jnp.shape(x)}; expected [L={n}, B, Hkv, T, D]: one slab per layer")
         extend = lambda one, k, v: one.extend(k, v, lengths)  # noqa: E731
         return StackedCache(jax.vmap(extend)(self.layers, ks, vs))
 
@@ -142,11 +159,13 @@ class StackedCache:
             if s.shape[:1] + s.shape[2:] != x.shape[:1] + x.shape[2:] or x.shape[1] > s.shape[1]:
                 raise ValueError(f"rows holds a buffer of shape {x.shape}; this cache's is {s.shape} "
                                  f"(same layers and per-row shape, at most {s.shape[1]} rows)")
+            if s.dtype != x.dtype:  # (a cast would round a float32 cache's scales into bf16 silently)
+                raise ValueError(f"rows holds a {x.dtype} buffer where this cache's is {s.dtype} (same dtype)")
         if not isinstance(start, jax.core.Tracer):
             last = self.batch_size - rows.batch_size
-            if not 0 <= int(start) <= last:
-                raise ValueError(f"start={int(start)} must be in [0, {last}]: {rows.batch_size} rows written into a "
-                                 f"batch of {self.batch_size}")
+            where = f"in [0, {last}]: {rows.batch_size} rows written into a batch of {self.batch_size}"
+            if not 0 <= cc.concrete_int("start", start, "an integer " + where) <= last:
+                raise ValueError(f"start={int(start)} must be {where}")
         return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_slice_in_dim(s, x.astype(s.dtype), start, 1),
                                          self.layers, rows.layers))
 
