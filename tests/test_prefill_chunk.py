@@ -1,8 +1,10 @@
 """generate(prefill_chunk=c): a prompt (new, or continuing a cache) fed c tokens a model call.
 
 The references are the model's own calls, row by row (no generate machinery): an empty cache,
-one ``extend=True`` call a chunk, then greedy decode steps; and, for a dense cache, the
-cache-free forward over the whole sequence (chunking a dense cache changes nothing but rounding).
+one ``extend=True`` call a chunk, then greedy decode steps; for a dense cache, the cache-free
+forward over the whole sequence (chunking a dense cache changes nothing but rounding); and the
+float64 NumPy model of DESIGN's algorithm (tests/test_chunk_audit.py, independent of the library):
+the same tokens, and a final cache holding each row's history as Algorithm 1 stores it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 
 import kivi_jax
 from kivi_jax.generate import generate, generate_stream
+from test_chunk_audit import Llama64, check_row_cache, materialized, reference_turn
 
 gen = importlib.import_module("kivi_jax.generate")  # (kivi_jax.generate is also the function)
 llama = pytest.importorskip("models.llama")
@@ -77,6 +80,24 @@ def _rows(out):
     return [list(map(int, t[:n])) for t, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))]
 
 
+def _float64_turns(m, kivi, out, turns):
+    """generate's tokens and final cache (``out``, after the turns) against the float64 model.
+    turns: per turn (per-row token lists, chunk, max_new_tokens, eos_id, the turn's output rows).
+    A row's history is what generate's cache holds: each turn's input, then its new tokens but
+    the last (never fed back). Stores: float32 through two layers, keys ~10 (observed <= 1e-4)."""
+    r64, km_vm = Llama64(m, kivi), materialized(out.cache)
+    for b in range(len(turns[0][0])):
+        like = [(km_vm[0][layer, b], km_vm[1][layer, b]) for layer in range(m.config.num_layers)]
+        row = r64.new_row()
+        for ids, chunk, max_new, eos, got in turns:
+            reference_turn(r64, row, ids[b], chunk, got[b], like)
+            # (it stopped for a reason: N tokens, EOS, or a full cache)
+            assert len(got[b]) == max_new or got[b][-1] == eos or row[0][0].shape[1] >= CAP, f"row {b}"
+        held = row[0][0].shape[1]
+        assert int(out.cache.lengths[b]) == held
+        check_row_cache(*km_vm, b, row, kivi, held, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def prompts():
     ids = np.random.default_rng(3).integers(0, V, (3, 70)).astype(np.int32)
@@ -92,6 +113,7 @@ def test_chunked_prompt_equals_each_row_fed_chunk_by_chunk(case, prompts):
         want, held = _row_alone(m, kivi, _split(ids[b, :lens[b]], 16), 5)
         assert _rows(out)[b] == want, f"row {b}"
         assert int(out.cache.lengths[b]) == held == lens[b] + 4
+    _float64_turns(m, kivi, out, [([ids[b, :lens[b]] for b in range(3)], 16, 5, None, _rows(out))])
     if kivi is None:  # a dense cache: each new token is the argmax of the cache-free forward before it
         for b in range(3):
             new = _rows(out)[b]
@@ -100,6 +122,10 @@ def test_chunked_prompt_equals_each_row_fed_chunk_by_chunk(case, prompts):
     else:  # chunks see the chunks before them quantized: not one call's tokens (R = 32 < 70)
         one = generate(m, ids, lengths=lens, max_new_tokens=5, kivi=kivi, max_length=CAP, **F32)
         assert _rows(one) != _rows(out)
+        # a chunk at least as long as the prompt (however large) is the prompt in one call
+        for c in (70, 2**70, np.int64(2**62)):
+            whole = generate(m, ids, lengths=lens, max_new_tokens=5, kivi=kivi, max_length=CAP, prefill_chunk=c, **F32)
+            assert _rows(whole) == _rows(one)
 
 
 @pytest.mark.parametrize("case", ["dense", "kivi-tokens"])
@@ -122,6 +148,8 @@ def test_chunked_continuation_equals_each_row_fed_chunk_by_chunk(case, prompts):
                                 width=4)
         assert _rows(out2)[b] == want, f"row {b}"
         assert int(out2.cache.lengths[b]) == held
+    _float64_turns(m, kivi, out2, [([ids[b, :lens[b]] for b in range(3)], 40, 6, free[1][2], r1),
+                                   ([nxt[b, :nl[b]] for b in range(3)], 4, 4, None, _rows(out2))])
 
 
 @pytest.mark.parametrize("case", ["kivi-tokens", "kivi-mosaic"])
@@ -177,9 +205,12 @@ def test_chunked_prompt_under_vmap_and_stream(prompts):
 
 def test_bad_prefill_chunk_raises(prompts):
     m, (ids, lens) = _model(32), prompts
-    for bad in (0, -3, 2.5, "16", True):
-        with pytest.raises(ValueError, match=r"prefill_chunk=.* must be None .* or an integer >= 1"):
-            generate(m, ids, lengths=lens, max_new_tokens=2, prefill_chunk=bad)
+    cache = m.init_cache(3, CAP)
+    for bad in (0, -3, 2.5, "16", True, False, np.True_, np.float32(16), np.int8(-1), jnp.asarray(16), [16]):
+        for call, kw in ((generate, {}), (generate_stream, {}), (generate, {"cache": cache})):
+            with pytest.raises(ValueError, match=r"prefill_chunk=.* must be None \(the whole prompt in one call\) or "
+                                                 r"an integer >= 1"):
+                call(m, ids, lengths=lens, max_new_tokens=2, prefill_chunk=bad, **kw)
     with pytest.raises(ValueError, match=r"prefill_rows=1 must be None with prefill_chunk=16"):
         generate(m, ids, lengths=lens, max_new_tokens=2, prefill_chunk=16, prefill_rows=1)
 
