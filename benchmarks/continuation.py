@@ -129,13 +129,10 @@ def measure(model, *, prompt: int, new: int, capacity: int, kivi, reps: int, see
 
 def extend_temp_bytes(model, *, batch: int, new: int, capacity: int, kivi) -> int:
     """XLA's temporaries of one jitted ``model(ids [B, new], cache, lengths, extend=True)`` over a
-    cache of ``capacity`` (compiled from shapes: nothing allocated, the weights an argument)."""
-    apply, params = models.functional(model)
-    shapes = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
-    cache = jax.eval_shape(lambda: model.init_cache(batch, capacity, kivi=kivi))
-    ids, lens = jax.ShapeDtypeStruct((batch, new), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
-    step = jax.jit(lambda p, x, c, n: apply(p, x, c, lengths=n, extend=True), donate_argnums=2)
-    return int(step.lower(shapes(params), ids, cache, lens).compile().memory_analysis().temp_size_in_bytes)
+    cache of ``capacity`` (``prefill_memory.compile_extend``: compiled from shapes, nothing allocated)."""
+    from benchmarks.prefill_memory import compile_extend
+
+    return int(compile_extend(model, batch, capacity, new, kivi).memory_analysis().temp_size_in_bytes)
 
 
 def _model(name: str, dtype):

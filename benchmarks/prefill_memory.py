@@ -79,9 +79,10 @@ def compile_prefill(model, batch: int, prompt: int, new_tokens: int, kivi, impl:
     return compiled, cfg
 
 
-def compile_extend(model, batch: int, capacity: int, new_tokens: int, kivi, writes: str):
+def compile_extend(model, batch: int, capacity: int, new_tokens: int, kivi, writes: str | None = None):
     """One jitted ``model(ids [batch, new_tokens], cache, lengths, extend=True)`` over a donated
-    cache of ``capacity`` with EXTEND_WRITES = ``writes``, lowered and compiled (not run)."""
+    cache of ``capacity`` with EXTEND_WRITES = ``writes`` (None: as it is set), lowered and compiled
+    from shapes (nothing allocated, the weights an argument)."""
     from models import llama
 
     apply, params = models.functional(model)
@@ -89,7 +90,8 @@ def compile_extend(model, batch: int, capacity: int, new_tokens: int, kivi, writ
     cache = jax.eval_shape(lambda: model.init_cache(batch, capacity, kivi=kivi))
     ids, lens = jax.ShapeDtypeStruct((batch, new_tokens), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
     step = jax.jit(lambda p, x, c, n: apply(p, x, c, lengths=n, extend=True), donate_argnums=2)
-    before, llama.EXTEND_WRITES = llama.EXTEND_WRITES, writes  # read while traced
+    before = llama.EXTEND_WRITES
+    llama.EXTEND_WRITES = before if writes is None else writes  # read while traced
     try:
         return step.lower(shapes(params), ids, cache, lens).compile()
     finally:

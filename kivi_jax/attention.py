@@ -385,8 +385,7 @@ def _batch_folded_attention(implementation):
     def attend(q, k, v, mask):
         if implementation == "cudnn":
             return _cudnn_bnth(q, k, v, mask)
-        t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  ([B, T, heads, D], jax.nn's layout)
-        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, implementation=implementation))
+        return _jax_nn_bnth(q, k, v, mask, implementation)
 
     @attend.def_vmap
     def _(axis_size, in_batched, *args):
@@ -410,10 +409,14 @@ def _cudnn_bnth(q, k, v, mask):
     except ImportError:  # (a jax that moved it)
         cudnn_attention = None
     if cudnn_attention is None:
-        t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
-        k, v = cache_common.row_major(k), cache_common.row_major(v)
-        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, implementation="cudnn"))
+        return _jax_nn_bnth(q, cache_common.row_major(k), cache_common.row_major(v), mask, "cudnn")
     return cudnn_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]), qkv_layout="BNTH")
+
+
+def _jax_nn_bnth(q, k, v, mask, implementation):
+    """jax.nn.dot_product_attention on [B, heads, T, D] operands, through its [B, T, heads, D]."""
+    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, implementation=implementation))
 
 
 def _under_mesh() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Callable
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from kivi_jax.checks import check_float, is_int
+from kivi_jax.checks import check_float, concrete_int, is_int
 from pallas_kernels import row_writes
 
 
@@ -89,19 +88,6 @@ def check_sizes(**sizes) -> None:
     for name, n in sizes.items():
         if not is_int(n) or n < 1:
             raise ValueError(f"{name}={n!r} must be an integer >= 1")
-
-
-def concrete_int(name: str, value, allowed: str) -> int:
-    """``value`` as a Python int when it is a concrete integer (a Python or NumPy integer, or a
-    concrete integer jax scalar; not a bool, a float or a traced value), else a ValueError naming
-    ``name``, the value and ``allowed``."""
-    if not isinstance(value, (bool, jax.core.Tracer)):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    shown = f"a traced {value.aval.str_short()}" if isinstance(value, jax.core.Tracer) else repr(value)
-    raise ValueError(f"{name}={shown} must be {allowed}")
 
 
 def check_prefix(cache, tokens) -> int:

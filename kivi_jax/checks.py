@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
+import operator
 
+import jax
 import jax.numpy as jnp
 
 FLOATS = ("float32", "bfloat16", "float16")  # what the caches store and the kernels take
@@ -27,3 +29,16 @@ def check_window(window) -> None:
     different mask)."""
     if window is not None and (not is_int(window) or window < 1):
         raise ValueError(f"window={window!r} must be None or an integer >= 1")
+
+
+def concrete_int(name: str, value, allowed: str) -> int:
+    """``value`` as a Python int when it is a concrete integer (a Python or NumPy integer, or a
+    concrete integer jax scalar; not a bool, a float or a traced value), else a ValueError naming
+    ``name``, the value and ``allowed``."""
+    if not isinstance(value, (bool, jax.core.Tracer)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    shown = f"a traced {value.aval.str_short()}" if isinstance(value, jax.core.Tracer) else repr(value)
+    raise ValueError(f"{name}={shown} must be {allowed}")

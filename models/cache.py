@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kivi_jax import cache_common as cc
+from kivi_jax.checks import concrete_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,7 @@ class StackedCache:
     @classmethod
     def stack(cls, one_layer, num_layers: int) -> "StackedCache":
         """``num_layers`` copies of a freshly initialized per-layer cache."""
-        if cc.concrete_int("num_layers", num_layers, "an integer >= 1") < 1:
+        if concrete_int("num_layers", num_layers, "an integer >= 1") < 1:
             raise ValueError(f"num_layers={num_layers} must be an integer >= 1")
         return cls(jax.tree.map(lambda x: jnp.broadcast_to(x, (num_layers,) + x.shape), one_layer))
 
@@ -67,7 +68,7 @@ class StackedCache:
         if isinstance(i, jax.core.Tracer):
             return
         n = self.num_layers
-        if not 0 <= cc.concrete_int("i", i, f"a layer index in [0, {n})") < n:
+        if not 0 <= concrete_int("i", i, f"a layer index in [0, {n})") < n:
             raise ValueError(f"i={i!r} must be a layer index in [0, {n})")
 
     def layer(self, i):
@@ -164,7 +165,7 @@ class StackedCache:
         if not isinstance(start, jax.core.Tracer):
             last = self.batch_size - rows.batch_size
             where = f"in [0, {last}]: {rows.batch_size} rows written into a batch of {self.batch_size}"
-            if not 0 <= cc.concrete_int("start", start, "an integer " + where) <= last:
+            if not 0 <= concrete_int("start", start, "an integer " + where) <= last:
                 raise ValueError(f"start={int(start)} must be {where}")
         return StackedCache(jax.tree.map(lambda s, x: lax.dynamic_update_slice_in_dim(s, x.astype(s.dtype), start, 1),
                                          self.layers, rows.layers))
