@@ -14,6 +14,9 @@ Inputs:
   values   W arrays [B, Hkv, 1, X_i]: the slab of write i for row b, head h
   indices  W arrays [B] int32: write i puts row b's slab at position indices[i][b] of N_i
   keeps    W arrays [B] bool: rows whose keep is False write nothing
+           (nor does a write whose index is outside [0, N_i) or a layer outside [0, L): dropped,
+           as XLA's FILL_OR_DROP scatter drops it; Triton's stores are not bounds-checked, so an
+           unmasked one would land in another row's or layer's memory)
   adds     W static bools: add the slab to what is there (packed code bits into zero bits)
 Outputs: the buffers, updated. X_i must be powers of two (Triton tiles); see :func:`supported`.
 """
@@ -38,11 +41,16 @@ def _kernel(layer_ref, *refs, n, adds, stacked):
     # refs: n buffers (inputs, unused: aliased), n values, n indices, n keeps, n buffers (outputs)
     values, indices, keeps, outs = refs[n:2 * n], refs[2 * n:3 * n], refs[3 * n:4 * n], refs[4 * n:]
     b, h = pl.program_id(0), pl.program_id(1)
-    at = (layer_ref[0], b, h) if stacked else (b, h)
+    layer = layer_ref[0]
+    at = (layer, b, h) if stacked else (b, h)
     for value_ref, index_ref, keep_ref, out_ref, add in zip(values, indices, keeps, outs, adds):
-        slab = at + (pl.ds(index_ref[()], 1), slice(None))
+        index = index_ref[()]
+        slab = at + (pl.ds(index, 1), slice(None))
+        inside = (index >= 0) & (index < out_ref.shape[-2])
+        if stacked:
+            inside &= (layer >= 0) & (layer < out_ref.shape[0])
 
-        @pl.when(keep_ref[()] != 0)
+        @pl.when((keep_ref[()] != 0) & inside)
         def _(value_ref=value_ref, out_ref=out_ref, slab=slab, add=add):
             x = value_ref[...].astype(out_ref.dtype)  # [1, X]
             out_ref[slab] = out_ref[slab] + x if add else x

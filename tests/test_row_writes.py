@@ -48,6 +48,29 @@ def test_row_writes_match_numpy(layer):
         assert not np.array_equal(want, np.asarray(args[0]))  # something was written
 
 
+@pytest.mark.parametrize("layer", [None, 2])
+def test_row_writes_out_of_range_write_nothing(layer):
+    """An index outside [0, N) or a layer outside [0, L) is dropped, as XLA's FILL_OR_DROP
+    scatter drops it: Triton stores are not bounds-checked (the interpreter would clamp the
+    slab onto the last slot or layer instead)."""
+    rng = np.random.default_rng(11)
+    b, h, n = 4, 2, 6
+    lead = (b, h) if layer is None else (3, b, h)
+    buf = jnp.asarray(rng.standard_normal(lead + (n, 16)), jnp.float32)
+    val = jnp.asarray(rng.standard_normal((b, h, 1, 16)), jnp.float32)
+    idx = jnp.asarray([n, -1, 2, n + 5], jnp.int32)  # only row 2 is in range
+    keep = jnp.ones(b, bool)
+    lay = None if layer is None else jnp.int32(layer)
+    out, = row_writes((buf,), (val,), (idx,), (keep,), adds=(False,), layer=lay, interpret=True)
+    want = _expected(buf, val, jnp.asarray([0, 0, 2, 0], jnp.int32), jnp.asarray([0, 0, 1, 0], bool), False, layer)
+    np.testing.assert_array_equal(np.asarray(out), want)
+    if layer is not None:  # a layer past the stack (or before it) writes nothing at all
+        for bad in (3, -1):
+            out, = row_writes((buf,), (val,), (jnp.zeros(b, jnp.int32),), (keep,), adds=(True,),
+                              layer=jnp.int32(bad), interpret=True)
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(buf))
+
+
 def test_row_writes_bad_arguments():
     buf = jnp.zeros((2, 3, 8, 16))
     val = jnp.ones((2, 3, 1, 16))
