@@ -42,7 +42,7 @@ GROUPS = {
                 "tests/test_prefill_chunk.py"],
     "models": ["tests/models"],
     "tools": ["tests/test_sharding.py", "tests/test_bench_tools.py", "tests/test_cli.py", "tests/test_eval.py",
-              "tests/test_readme.py"],
+              "tests/test_readme.py", "tests/test_checkpoint_cli_audit.py"],
 }
 
 
