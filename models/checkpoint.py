@@ -12,8 +12,12 @@ file is an error, never silently different weights.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import os
 import pathlib
+import shutil
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +39,56 @@ def _checkpointer():
 def save_checkpoint(model: Llama, path, *, overwrite: bool = False) -> pathlib.Path:
     """Writes the model's parameters and config to directory ``path`` (absolute path returned).
 
-    overwrite: replace an existing checkpoint at ``path`` (otherwise that is an error)."""
+    overwrite: replace an existing kivi-jax checkpoint at ``path`` (otherwise that is an error).
+    Anything else at ``path`` (a file, a directory that is not a checkpoint) is never replaced.
+    The new checkpoint is written beside ``path`` first and swapped in only once complete, so a
+    save that fails leaves the old checkpoint as it was."""
     if not isinstance(model, Llama):
         raise TypeError(f"model must be a models.Llama / models.Mistral; got {type(model).__name__}")
     path = pathlib.Path(path).expanduser().absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"checkpoint path={str(path)!r} exists; pass overwrite=True to replace it")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"checkpoint path={str(path)!r} exists; pass overwrite=True to replace it")
+        if path.is_symlink() or not is_checkpoint(path):
+            raise FileExistsError(f"checkpoint path={str(path)!r} exists and is not a kivi-jax model checkpoint "
+                                  f"(a {'symlink' if path.is_symlink() else 'file' if path.is_file() else 'directory'}"
+                                  f"); overwrite=True replaces only a directory written by models.save_checkpoint")
     ocp, ckptr = _checkpointer()
     params = params_of(model)
     meta = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
             "dtype": jnp.dtype(model.dtype).name, "config": model.config.to_dict(), "sha256": _digests(params)}
-    ckptr.save(path, ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                        meta=ocp.args.JsonSave(meta)), force=overwrite)
-    ckptr.wait_until_finished() if hasattr(ckptr, "wait_until_finished") else None
+    args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    if not path.exists():
+        _save(ckptr, path, args)  # orbax writes a temporary directory and renames it when complete
+        return path
+    # replacing a checkpoint: write the new one beside it, then swap (orbax's force=True would
+    # delete the old one first, and a failed save would lose both)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    new, old = path.with_name(f".{path.name}.new-{tag}"), path.with_name(f".{path.name}.old-{tag}")
+    try:
+        _save(ckptr, new, args)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _save(ckptr, path: pathlib.Path, args) -> None:
+    try:
+        ckptr.save(path, args)
+        ckptr.wait_until_finished() if hasattr(ckptr, "wait_until_finished") else None
+    except BaseException:  # orbax leaves its half-written temporary directory behind
+        for tmp in path.parent.glob(f"{glob.escape(path.name)}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_checkpoint(path) -> bool:
