@@ -147,7 +147,7 @@ class _Knobs(NamedTuple):
     """Traced settings: changing their values does not recompile."""
 
     temperature: jax.Array  # () float32
-    top_p: jax.Array  # () float32
+    top_p_rest: jax.Array  # () float32: 1 - top_p, taken in float64 (sampling.top_p_rest)
     eos_ids: jax.Array  # [E] int32, padded with -1 to a power of two >= 8 (one shape for all EOS lists)
     pad_id: jax.Array  # () int32
 
@@ -268,7 +268,7 @@ def _emit(c: _Carry, tok, ok, knobs: _Knobs, cfg: _Config) -> _Carry:
 
 def _sample(logits, keys, step, knobs: _Knobs, cfg: _Config):
     keys = keys if cfg.sampler.greedy else _step_keys(keys, step)
-    return sampling.sample(logits, keys, temperature=knobs.temperature, top_p=knobs.top_p, cfg=cfg.sampler)
+    return sampling.sample(logits, keys, temperature=knobs.temperature, rest=knobs.top_p_rest, cfg=cfg.sampler)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",))
@@ -659,7 +659,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
 
     keys = sampling.row_keys(key, b, required=not sampler.greedy)
     knobs = _Knobs(temperature=jnp.asarray(1.0 if sampler.greedy else float(temperature), jnp.float32),
-                   top_p=jnp.asarray(1.0 if top_p is None else float(top_p), jnp.float32),
+                   top_p_rest=sampling.top_p_rest(top_p),
                    eos_ids=jnp.asarray(eos + [-1] * (_eos_slots(len(eos)) - len(eos)), jnp.int32),
                    pad_id=jnp.asarray(pad_id, jnp.int32))
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
