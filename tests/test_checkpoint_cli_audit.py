@@ -2,13 +2,17 @@
 
 Checkpoints: a restored model continues decoding a cache (dense, KIVI in the tokens and the
 Mosaic layout, bf16 and float32) with bit-identical logits, the cache itself survives an orbax
-round trip, and nothing at the path is lost by an overwrite that is refused or fails.
-CLI: flag validation not covered by tests/test_cli.py, the errors for a checkpoint or corrupt
-model given as --model, exit codes, and the printed timing and memory figures recomputed from
-the clock readings and the cache's own arrays.
+round trip, and nothing at the path is lost by an overwrite that is refused or fails (the
+tokenizer's save included).
+CLI: flag validation not covered by tests/test_cli.py, the errors for a checkpoint without a
+tokenizer or a corrupt one given as --model, exit codes, and the printed timing and memory
+figures recomputed from the clock readings and the cache's own arrays; `convert`, and generate,
+chat and eval on a checkpoint give what they give on the model it was converted from.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -285,7 +289,7 @@ def test_every_supported_bit_width_parses():
 
 
 def test_no_command_and_help_exit_codes(capsys):
-    _one_line_error(_run(capsys), "the following arguments are required: {generate,chat,eval}")
+    _one_line_error(_run(capsys), "the following arguments are required: {generate,chat,eval,convert}")
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--help"])
     assert e.value.code == 0 and "--max-new-tokens" in capsys.readouterr().out
@@ -297,15 +301,18 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv", [["generate", "hi"], ["eval", "passkey", "--fillers", "synthetic", "--methods",
-                                                        "dense"]], ids=["generate", "eval"])
-def test_checkpoint_as_model_says_it_has_no_tokenizer(capsys, tmp_path, tiny_checkpoint, argv):
-    """A models.save_checkpoint directory loads (weights and config) but holds no tokenizer: the
-    error says that, not that a Hugging Face directory needs tokenizer.json."""
+                                                        "dense"], ["convert"]], ids=["generate", "eval", "convert"])
+def test_checkpoint_without_tokenizer_as_model_says_so(capsys, tmp_path, tiny_checkpoint, argv):
+    """A checkpoint saved without tokenizer= loads (weights and config) but holds no tokenizer:
+    the error says that and how to save one with it, not that a Hugging Face directory needs
+    tokenizer.json."""
     cli._load.cache_clear()
-    extra = ["--out", str(tmp_path)] if argv[0] == "eval" else []
+    extra = ["--out", str(tmp_path / "out")] if argv[0] in ("eval", "convert") else []
     _one_line_error(_run(capsys, *argv, "--model", str(tiny_checkpoint), *extra),
-                    f"model {str(tiny_checkpoint)!r} is a kivi-jax checkpoint, which holds weights and config "
-                    "but no tokenizer")
+                    f"model {str(tiny_checkpoint)!r} is a kivi-jax checkpoint saved without a tokenizer: save it "
+                    "with models.save_checkpoint(model, path, tokenizer=tokenizer) or `kivi-jax convert`")
+    if argv[0] == "convert":
+        assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_checkpoint_as_model_is_one_line(capsys, tmp_path, tiny_checkpoint):
@@ -429,3 +436,205 @@ def test_interrupt_and_broken_pipe_exit_codes(capsys, monkeypatch, error, code):
     assert cli.main(["generate", "hi", "--no-chat"]) == code
     err = capsys.readouterr().err
     assert ("interrupted" in err) == (code == 130)
+
+
+# ---- a checkpoint with its tokenizer: nothing lost on failure, usable from the command line ----------
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (byte-level BPE, a chat template) from the packaged GGUF."""
+    pytest.importorskip("gguf")
+    from models.config import read_gguf
+
+    try:
+        path = models.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return models.gguf_tokenizer(read_gguf(path))
+
+
+def _smol_cfg(**kw):
+    """A tiny random model of SmolLM2's vocabulary; head_dim 64 so KIVI's default G=32 applies."""
+    return models.ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2,
+                              num_kv_heads=1, head_dim=64, tie_word_embeddings=True, max_position_embeddings=512,
+                              bos_token_id=1, eos_token_id=2, **kw)
+
+
+def _ids(tok):
+    text = "Grüße, 東京 🚀 naïve café"
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return tok(text)["input_ids"], list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+
+
+def test_failed_save_with_a_tokenizer_keeps_the_old_checkpoint(tmp_path, smol_tokenizer, monkeypatch):
+    """The tokenizer's save_pretrained fails half way (its first file written), or orbax fails
+    after the tokenizer was written: the old checkpoint, tokenizer and all, still loads as it was,
+    and nothing is left beside it."""
+    import orbax.checkpoint as ocp
+
+    old = models.init_random(_smol_cfg(), jax.random.key(0))
+    new = models.init_random(_smol_cfg(), jax.random.key(1))
+    path = models.save_checkpoint(old, tmp_path / "ck", tokenizer=smol_tokenizer)
+    want_ids = _ids(smol_tokenizer)
+    real_save = type(smol_tokenizer).save_pretrained
+    calls = []
+
+    def half_save(directory, *a, **k):
+        calls.append(directory)
+        real_save(smol_tokenizer, directory, *a, **k)  # the files are there ...
+        assert sorted(os.listdir(directory)) == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+        raise OSError(28, "No space left on device")  # ... and then the disk is full
+
+    def fail(self, *a, **k):
+        raise OSError(28, "No space left on device (orbax)")
+
+    def unchanged():
+        assert sorted(os.listdir(tmp_path)) == ["ck"]
+        back, tok = models.load_model(path)
+        assert _bits(models.params_of(back)) == _bits(models.params_of(old))
+        assert tok is not None and _ids(tok) == want_ids
+
+    with monkeypatch.context() as m:
+        m.setattr(smol_tokenizer, "save_pretrained", half_save)
+        for target, overwrite in ((path, True), (tmp_path / "other", False)):
+            with pytest.raises(OSError, match="No space left on device$"):
+                models.save_checkpoint(new, target, tokenizer=smol_tokenizer, overwrite=overwrite)
+            unchanged()
+    assert len(calls) == 2 and all(os.path.dirname(c) == str(tmp_path) for c in calls)
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CompositeCheckpointHandler, "save", fail)
+        with pytest.raises(OSError, match="orbax"):
+            models.save_checkpoint(new, path, tokenizer=smol_tokenizer, overwrite=True)
+        unchanged()
+    # an overwrite that succeeds replaces the weights and the tokenizer: saved without one, it has none
+    models.save_checkpoint(new, path, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and not (path / "tokenizer").exists()
+    back, tok = models.load_model(path)
+    assert tok is None and _bits(models.params_of(back)) == _bits(models.params_of(new))
+
+
+def _hf_dir(model, tokenizer, path: pathlib.Path) -> pathlib.Path:
+    """``model`` as a Hugging Face directory (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.numpy import save_file
+
+    from models.loading import _HF_LAYER
+
+    p = jax.tree.map(np.asarray, models.params_of(model))
+    tensors = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
+    for ours, (theirs, transpose) in _HF_LAYER.items():
+        for i, w in enumerate(p["layers"][ours]):
+            tensors[f"model.layers.{i}.{theirs}"] = np.ascontiguousarray(w.T if transpose else w)
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_and_checkpoint(tmp_path_factory, smol_tokenizer):
+    """A tiny random model as a Hugging Face directory, and `kivi-jax convert` of it."""
+    d = tmp_path_factory.mktemp("cli-ck")
+    model = models.init_random(_smol_cfg(), jax.random.key(7))
+    hf = _hf_dir(model, smol_tokenizer, d / "hf")
+    cli._load.cache_clear()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(["convert", "--model", str(hf), "--out", str(d / "ck")]) == 0
+    return model, hf, d / "ck", err.getvalue()
+
+
+def _recording(monkeypatch):
+    """Wraps kivi_jax.generate_stream: the prompt ids and the emitted tokens of every call."""
+    import kivi_jax
+
+    real, calls = kivi_jax.generate_stream, []
+
+    def stream(model, ids, **kw):
+        call = dict(ids=np.asarray(ids).tolist(), tokens=[])
+        calls.append(call)
+        inner = real(model, ids, **kw)
+
+        def steps():
+            while True:
+                try:
+                    step = next(inner)
+                except StopIteration as stop:
+                    return stop.value
+                if step.emitted[0]:
+                    call["tokens"].append(int(step.tokens[0]))
+                yield step
+
+        return steps()
+
+    monkeypatch.setattr(kivi_jax, "generate_stream", stream)
+    return calls
+
+
+def test_convert_writes_the_model_and_its_tokenizer(capsys, tmp_path, hf_and_checkpoint, smol_tokenizer):
+    model, hf, ck, err = hf_and_checkpoint
+    assert f"wrote {ck} (float32 weights, config and tokenizer, " in err and f"pass it as --model {ck}" in err
+    back, tok = models.load_model(ck)
+    assert back.config == model.config and _bits(models.params_of(back)) == _bits(models.params_of(model))
+    assert _ids(tok) == _ids(smol_tokenizer)
+    # --out exists: refused without --overwrite; --overwrite replaces only a checkpoint
+    _one_line_error(_run(capsys, "convert", "--model", str(hf), "--out", str(ck)),
+                    f"--out: checkpoint path={str(ck)!r} exists; pass overwrite=True to replace it "
+                    "(--overwrite replaces a kivi-jax checkpoint)")
+    _one_line_error(_run(capsys, "convert", "--model", str(hf), "--out", str(hf), "--overwrite"),
+                    f"--out: checkpoint path={str(hf)!r} exists and is not a kivi-jax model checkpoint (a directory)")
+    assert (hf / "model.safetensors").is_file()
+    ck2 = shutil.copytree(ck, tmp_path / "ck2")
+    cli._load.cache_clear()
+    code, out, err = _run(capsys, "convert", "--model", str(ck2), "--out", str(ck2), "--overwrite", "--dtype",
+                          "bfloat16")  # in place, to bfloat16
+    assert code == 0 and out == "" and "(bfloat16 weights, config and tokenizer" in err, err
+    half, tok2 = models.load_checkpoint(ck2), models.checkpoint.load_tokenizer(ck2)
+    assert half.dtype == jnp.bfloat16 and _ids(tok2) == _ids(smol_tokenizer)
+    assert sorted(os.listdir(tmp_path)) == ["ck2"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--dense", "--no-chat"]], ids=["kivi2-chat-template", "dense-plain"])
+def test_generate_on_a_checkpoint_is_generate_on_its_source(capsys, monkeypatch, hf_and_checkpoint, smol_tokenizer,
+                                                           flags):
+    """Greedy: the same prompt ids (chat template applied by the restored tokenizer) and the same tokens."""
+    _, hf, ck, _ = hf_and_checkpoint
+    prompt = "Grüße aus Köln 🚀"
+    calls = _recording(monkeypatch)
+    outs = []
+    for source in (hf, ck):
+        cli._load.cache_clear()
+        code, out, err = _run(capsys, "generate", prompt, "--model", str(source), "--max-new-tokens",
+                              "6", *flags)
+        assert code == 0, err
+        outs.append(out)
+    (a, b) = calls
+    assert a == b and len(a["tokens"]) >= 1 and outs[0] == outs[1]
+    tok = smol_tokenizer
+    if flags:
+        assert a["ids"] == [tok(prompt)["input_ids"]]
+    else:  # the template's default system turn, the user's, the assistant's opening: 3 <|im_start|> (id 1)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert a["ids"] == [tok(text, add_special_tokens=False)["input_ids"]] and a["ids"][0].count(1) == 3
+
+
+def test_chat_and_eval_on_a_checkpoint_are_chat_and_eval_on_its_source(capsys, monkeypatch, tmp_path,
+                                                                       hf_and_checkpoint):
+    _, hf, ck, _ = hf_and_checkpoint
+    calls = _recording(monkeypatch)
+    chats, records = [], []
+    for i, source in enumerate((hf, ck)):
+        cli._load.cache_clear()
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Bonjour ✓\nEncore ?\n"))
+        code, out, err = _run(capsys, "chat", "--model", str(source), "--max-new-tokens", "4", "--max-length", "128",
+                              "--system", "Be brief.")
+        assert code == 0 and err.count("[turn ") == 2, err
+        chats.append(out)
+        code, out, err = _run(capsys, "eval", "passkey", "--model", str(source), "--fillers", "synthetic",
+                              "--methods", "kivi-2", "--lengths", "256", "--depths", "0.5", "--no-progress",
+                              "--out", str(tmp_path / str(i)))
+        assert code == 0, err
+        (result,) = (tmp_path / str(i)).glob("passkey-*.json")
+        records.append(json.loads(result.read_text())["records"])
+    assert len(calls) == 4 and calls[:2] == calls[2:] and chats[0] == chats[1]
+    assert records[0] == records[1] and len(records[0]) == 1

@@ -1,5 +1,7 @@
-"""Orbax checkpoints: bit-exact parameters and config, clear errors for missing / foreign / corrupt."""
+"""Orbax checkpoints: bit-exact parameters and config, the tokenizer kept with them, clear errors
+for missing / foreign / corrupt."""
 
+import dataclasses
 import json
 import shutil
 
@@ -94,3 +96,105 @@ def test_checksum_mismatch_is_an_error(tmp_path, saved):
     with pytest.raises(ValueError, match=r"\['layers/v_proj'\] do not match the SHA-256"):
         models.load_checkpoint(dst)
     assert models.load_checkpoint(dst, verify=False).config == CFG
+
+
+# ---- the tokenizer kept with the weights --------------------------------------------------------
+TEXTS = ["Once upon a time", "Grüße aus Köln: naïve café, 東京 🚀", "  two spaces\n\ttab <|im_end|> end",
+         "KIVI stores keys per-channel and values per-token."]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Qu'est-ce que KIVI ? ½ ü"},
+        {"role": "assistant", "content": "A 2-bit cache."}, {"role": "user", "content": "Merci 🙏"}]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (byte-level BPE and a chat template) from the packaged GGUF."""
+    pytest.importorskip("gguf")
+    from models.config import read_gguf
+
+    try:
+        path = models.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = models.gguf_tokenizer(read_gguf(path))
+    assert tok.chat_template and len(tok) == 49152
+    return tok
+
+
+def _chat_ids(tok, messages=CHAT):
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory, smol_tokenizer):
+    """A tiny random model of SmolLM2's vocabulary, saved with its tokenizer."""
+    cfg = models.ModelConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True)
+    model = models.init_random(cfg, jax.random.key(4), dtype=jnp.float32)
+    return model, models.save_checkpoint(model, tmp_path_factory.mktemp("tk") / "m", tokenizer=smol_tokenizer)
+
+
+def test_tokenizer_round_trip_gives_the_same_ids(with_tokenizer, smol_tokenizer):
+    model, path = with_tokenizer
+    assert sorted(p.name for p in (path / "tokenizer").iterdir()) == ["chat_template.jinja", "tokenizer.json",
+                                                                      "tokenizer_config.json"]
+    back, tok = models.load_model(path)
+    assert tok is not None and tok is not smol_tokenizer and back.config == model.config
+    assert _bits(models.params_of(back)) == _bits(models.params_of(model))
+    for text in TEXTS:
+        want = smol_tokenizer(text)["input_ids"]
+        assert tok(text)["input_ids"] == want and len(want) > 3, text
+        assert tok.decode(want) == smol_tokenizer.decode(want)
+    assert tok.chat_template == smol_tokenizer.chat_template
+    want = _chat_ids(smol_tokenizer)
+    assert _chat_ids(tok) == want and want.count(1) == 5  # <|im_start|> x 4 messages + the generation prompt
+    assert (tok.eos_token_id, tok.bos_token_id, tok.all_special_tokens) == (
+        smol_tokenizer.eos_token_id, smol_tokenizer.bos_token_id, smol_tokenizer.all_special_tokens)
+    assert models.checkpoint.load_tokenizer(path)(TEXTS[1])["input_ids"] == smol_tokenizer(TEXTS[1])["input_ids"]
+    assert isinstance(models.load_checkpoint(path), models.Llama)  # the model alone, as before
+
+
+def test_checkpoint_without_tokenizer_has_none(saved, tmp_path):
+    """A checkpoint saved without tokenizer=, and one written before the meta had the key."""
+    assert models.checkpoint.load_tokenizer(saved[1]) is None
+    dst = _copy(saved, tmp_path)
+    meta_file = dst / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["tokenizer"] is None
+    del meta["tokenizer"]
+    meta_file.write_text(json.dumps(meta))
+    assert models.load_model(dst)[1] is None
+
+
+def test_changed_or_missing_tokenizer_files_are_an_error(tmp_path, with_tokenizer):
+    src = with_tokenizer[1]
+    edited = tmp_path / "edited"
+    shutil.copytree(src, edited)
+    t = edited / "tokenizer" / "chat_template.jinja"
+    t.write_text(t.read_text().replace("<|im_start|>", "<|im_end|>"))
+    with pytest.raises(ValueError, match=r"tokenizer files \['chat_template.jinja'\] are missing, added or do not "
+                                         "match the SHA-256"):
+        models.load_model(edited)
+    tok = models.checkpoint.load_tokenizer(edited, verify=False)  # what verify guards against: other ids
+    assert "<|im_start|>" not in tok.chat_template
+    extra = tmp_path / "extra"
+    shutil.copytree(src, extra)
+    (extra / "tokenizer" / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tokenizer files \['special_tokens_map.json'\]"):
+        models.checkpoint.load_tokenizer(extra)
+    gone = tmp_path / "gone"
+    shutil.copytree(src, gone)
+    shutil.rmtree(gone / "tokenizer")
+    with pytest.raises(ValueError, match="saved with a tokenizer but its 'tokenizer' directory is missing"):
+        models.load_model(gone)
+    assert models.load_checkpoint(gone).config == with_tokenizer[0].config  # the weights still load alone
+
+
+def test_a_tokenizer_that_does_not_fit_is_refused(tmp_path, smol_tokenizer):
+    small = models.init_random(dataclasses.replace(CFG, vocab_size=len(smol_tokenizer) - 1), jax.random.key(0))
+    with pytest.raises(ValueError, match="tokenizer has 49152 tokens, more than the model's vocab_size=49151"):
+        models.save_checkpoint(small, tmp_path / "a", tokenizer=smol_tokenizer)
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer .*; got dict"):
+        models.save_checkpoint(small, tmp_path / "b", tokenizer={"hello": 1})
+    assert list(tmp_path.iterdir()) == []
+
