@@ -90,7 +90,7 @@ from flax import nnx
 from jax import lax
 
 from kivi_jax import sampling, sharding
-from kivi_jax.checks import is_int as _is_int
+from kivi_jax.checks import check_token_ids, is_int as _is_int
 from kivi_jax.config import KIVIConfig
 
 #: Default prefill slice: as many rows as fit in this many prompt tokens (activations of a
@@ -543,12 +543,9 @@ def _check_token_ids(model, input_ids, lengths, eos) -> None:
         return
     ids, lens = _concrete(input_ids), _concrete(lengths)
     if ids is not None and lens is not None:
-        bad = ids[(np.arange(ids.shape[1])[None, :] < lens[:, None]) & ((ids < 0) | (ids >= vocab))]
-        if bad.size:
-            raise ValueError(f"input_ids hold {bad.size} token id(s) outside the model's vocabulary [0, {vocab}) "
-                             f"within the prompts' lengths, e.g. {sorted({int(x) for x in bad})[:5]}")
+        check_token_ids("input_ids (within the prompts' lengths)", ids, vocab, lens)
     if any(e >= vocab for e in eos):
-        raise ValueError(f"eos_id={[e for e in eos if e >= vocab]} outside the model's vocabulary [0, {vocab})")
+        raise ValueError(f"eos_id={[e for e in eos if e >= vocab]} outside the model's vocabulary [0, vocab_size={vocab})")
 
 
 def _cache_max_length(cache) -> int:

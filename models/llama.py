@@ -32,13 +32,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
 import kivi_jax
 from kivi_jax import matmul as kj_matmul
 from kivi_jax import switches
+from kivi_jax.checks import check_token_ids
 from models.cache import StackedCache
 from models.config import ModelConfig
 
@@ -51,30 +51,6 @@ def rms_norm(x, weight, eps: float):
     xf = x.astype(jnp.float32)
     y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight * y.astype(x.dtype)
-
-
-def _check_token_ids(ids, vocab_size: int, lengths=None, active=None) -> None:
-    """Concrete input_ids [B, T] inside [0, vocab_size), or a ValueError naming the bad ids (an
-    id >= V makes the embedding gather return NaN rows, a negative one wraps around). Only the
-    tokens the call reads are checked: each row's first lengths[b] (when given), the active rows
-    (when given). Skipped under tracing (jit, vmap, grad): one host read of the ids otherwise."""
-    if any(isinstance(a, jax.core.Tracer) for a in (ids, lengths, active)):
-        return
-    host = np.asarray(ids)
-    if host.size == 0:
-        return
-    bad = (host < 0) | (host >= vocab_size)
-    if not bad.any():
-        return
-    b, t = host.shape
-    if lengths is not None and np.shape(lengths) == (b,):
-        bad &= np.arange(t)[None, :] < np.asarray(lengths)[:, None]
-    if active is not None and np.shape(active) == (b,):
-        bad &= np.asarray(active, bool)[:, None]
-    if bad.any():
-        values = np.unique(host[bad])
-        raise ValueError(f"input_ids hold {int(bad.sum())} token id(s) outside [0, vocab_size={vocab_size}), e.g. "
-                         f"{values[:5].tolist()}{' ...' if values.size > 5 else ''}")
 
 
 def rope_cos_sin(positions, config: ModelConfig):
@@ -327,7 +303,7 @@ class Llama(nnx.Module):
         if active is not None and not decode:
             raise ValueError("active= is for decode steps (T == 1 with a cache and no lengths); a prompt "
                              "writes every row's first lengths[b] tokens")
-        _check_token_ids(ids, c.vocab_size, lengths, active)
+        check_token_ids("input_ids", ids, c.vocab_size, lengths, active)
         if decode:
             positions = cache.lengths[:, None]
         elif extend:

@@ -92,7 +92,7 @@ def test_teacher_forced_validation(tiny):
     for bad in (v, -3):
         ids = _ids(8).copy()
         ids[1, 4] = bad
-        with pytest.raises(ValueError, match=rf"ids hold token id\(s\) outside \[0, vocab_size={v}\), e\.g\. "
+        with pytest.raises(ValueError, match=rf"ids hold 1 token id\(s\) outside \[0, vocab_size={v}\), e\.g\. "
                                              rf"\[{bad}\]"):
             ppl.teacher_forced_nll(tiny, ids)
     # NumPy integers are integers

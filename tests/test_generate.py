@@ -695,11 +695,11 @@ def test_bad_input_ids_raise(model):
     # ids outside the vocabulary within a prompt: XLA's gather would clamp them silently
     ids = np.zeros((2, 5), np.int32)
     ids[1, 2], ids[0, 4] = V, -2
-    with pytest.raises(ValueError, match=rf"2 token id\(s\) outside the model's vocabulary \[0, {V}\).*\[-2, {V}\]"):
+    with pytest.raises(ValueError, match=rf"2 token id\(s\) outside \[0, vocab_size={V}\), e\.g\. \[-2, {V}\]"):
         generate(model, ids, max_new_tokens=2)
     with pytest.raises(ValueError, match=rf"eos_id=\[{V + 3}\] outside the model's vocabulary"):
         generate(model, np.zeros((2, 5), np.int32), max_new_tokens=2, eos_id=[1, V + 3])
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ValueError, match=r"outside \[0, vocab_size="):
         generate_stream(model, ids, max_new_tokens=2)
     # NumPy int64 ids past int32 would wrap (2**32 + 5 -> 5) before the vocabulary check
     with pytest.raises(ValueError, match=r"input_ids hold 1 value\(s\) outside int32, e\.g\. \[4294967301\]"):

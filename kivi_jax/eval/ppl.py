@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from kivi_jax.checks import is_int
+from kivi_jax.checks import check_token_ids, is_int
 from kivi_jax.eval.methods import Method, init_cache
 
 
@@ -72,9 +72,7 @@ def teacher_forced_nll(model, ids, method: Method | None = None, *, prefill_len:
         raise ValueError(f"ids must be an integer array [B, N]; got {ids.dtype} array of shape {ids.shape}")
     b, n = ids.shape
     vocab = model.config.vocab_size
-    if ((ids < 0) | (ids >= vocab)).any():  # (the jitted calls would not see them: NaN or a wrapped id)
-        bad = np.unique(ids[(ids < 0) | (ids >= vocab)])
-        raise ValueError(f"ids hold token id(s) outside [0, vocab_size={vocab}), e.g. {bad[:5].tolist()}")
+    check_token_ids("ids", ids, vocab)  # (the jitted calls would not see them: NaN or a wrapped id)
     if not is_int(prefill_len) or not 1 <= prefill_len <= n - 1:
         raise ValueError(f"prefill_len={prefill_len!r} must be an integer in [1, N-1={n - 1}]")
     if not is_int(chunk) or chunk < 1:
