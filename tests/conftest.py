@@ -31,7 +31,8 @@ if _OWN_CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # (smaller ones: cheaper to compile)
 
 import jax  # noqa: E402
-from hypothesis import HealthCheck, settings
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 if jax.default_backend() == "gpu":
     # XLA:GPU runs float32 dots in TF32 (10 bits of mantissa) by default; the tests hold float32
@@ -50,6 +51,22 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (byte-level BPE and a chat template) from the packaged GGUF."""
+    pytest.importorskip("gguf")
+    import models
+    from models.config import read_gguf
+
+    try:
+        path = models.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = models.gguf_tokenizer(read_gguf(path))
+    assert tok.chat_template and len(tok) == 49152
+    return tok
 
 
 def pytest_unconfigure(config):

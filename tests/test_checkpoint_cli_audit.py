@@ -439,19 +439,6 @@ def test_interrupt_and_broken_pipe_exit_codes(capsys, monkeypatch, error, code):
 
 
 # ---- a checkpoint with its tokenizer: nothing lost on failure, usable from the command line ----------
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    """SmolLM2's tokenizer (byte-level BPE, a chat template) from the packaged GGUF."""
-    pytest.importorskip("gguf")
-    from models.config import read_gguf
-
-    try:
-        path = models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return models.gguf_tokenizer(read_gguf(path))
-
-
 def _smol_cfg(**kw):
     """A tiny random model of SmolLM2's vocabulary; head_dim 64 so KIVI's default G=32 applies."""
     return models.ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2,

@@ -105,21 +105,6 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "A 2-bit cache."}, {"role": "user", "content": "Merci 🙏"}]
 
 
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    """SmolLM2's tokenizer (byte-level BPE and a chat template) from the packaged GGUF."""
-    pytest.importorskip("gguf")
-    from models.config import read_gguf
-
-    try:
-        path = models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    tok = models.gguf_tokenizer(read_gguf(path))
-    assert tok.chat_template and len(tok) == 49152
-    return tok
-
-
 def _chat_ids(tok, messages=CHAT):
     out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
