@@ -10,7 +10,7 @@ models/checkpoint.py for the orbax layout.
 """
 
 from models.cache import StackedCache
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from models.config import ModelConfig
 from models.llama import (Llama, Mistral, abstract_model, from_params, functional, init_random, lm_loss, model_class,
                           param_shapes, params_of)
@@ -19,5 +19,5 @@ from models.loading import SMOLLM2, from_torch, gguf_tokenizer, load_gguf, load_
 __all__ = [
     "Llama", "Mistral", "ModelConfig", "SMOLLM2", "StackedCache", "abstract_model", "from_params", "from_torch",
     "functional", "gguf_tokenizer", "init_random", "lm_loss", "load_checkpoint", "load_gguf", "load_hf_dir",
-    "load_model", "model_class", "param_shapes", "params_of", "save_checkpoint", "smollm2_gguf_path",
+    "load_model", "load_tokenizer", "model_class", "param_shapes", "params_of", "save_checkpoint", "smollm2_gguf_path",
 ]

@@ -135,7 +135,7 @@ def test_tokenizer_round_trip_gives_the_same_ids(with_tokenizer, smol_tokenizer)
     assert _chat_ids(tok) == want and want.count(1) == 5  # <|im_start|> x 4 messages + the generation prompt
     assert (tok.eos_token_id, tok.bos_token_id, tok.all_special_tokens) == (
         smol_tokenizer.eos_token_id, smol_tokenizer.bos_token_id, smol_tokenizer.all_special_tokens)
-    assert models.checkpoint.load_tokenizer(path)(TEXTS[1])["input_ids"] == smol_tokenizer(TEXTS[1])["input_ids"]
+    assert models.load_tokenizer(path)(TEXTS[1])["input_ids"] == smol_tokenizer(TEXTS[1])["input_ids"]
     assert isinstance(models.load_checkpoint(path), models.Llama)  # the model alone, as before
 
 
