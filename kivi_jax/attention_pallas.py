@@ -298,6 +298,32 @@ def grouped_queries(q, hkv: int, rotate: bool = False):
     return x.reshape(b, hkv, hq // hkv, d) / math.sqrt(d)
 
 
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _pad_minor(x, n: int):
+    """x zero-padded along its last axis to n."""
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])]) if x.shape[-1] != n else x
+
+
+def _pad_head_dim(cache, dp: int):
+    """``cache`` with head_dim D zero-padded to ``dp`` (a power of two) in every array a kernel
+    reads: the Triton lowering takes only arrays of power-of-two sizes, and [chunk, D] tiles with
+    D = 80, 96, 100, ... raised in it ("all operations have array arguments ... whose size is a
+    power of 2"), so decode on a GPU failed for such a head_dim. A padded channel has q = 0, key
+    and value codes 0 with scale 0 and min 0 (a KIVI value group of its own: dp is a multiple of
+    G), so it adds nothing to a score and its output column is dropped. A copy of the layer's
+    arrays each call: correct, not fast (a kernel with masked D loads would read them in place)."""
+    if isinstance(cache, DenseCache):
+        return dataclasses.replace(cache, k=_pad_minor(cache.k, dp), v=_pad_minor(cache.v, dp))
+    groups = dp // cache.config.group_size
+    return dataclasses.replace(
+        cache, **{f: _pad_minor(getattr(cache, f), dp) for f in ("k_codes", "k_scale", "k_min", "k_res", "v_codes",
+                                                                  "v_res")},
+        **{f: _pad_minor(getattr(cache, f), groups) for f in ("v_scale", "v_min")})
+
+
 def _pad_rows(qg):
     """[B, Hkv, g, D] -> [B, Hkv, G, D] with G = g rounded up to a power of two (the kernels
     repeat the rows to the 16 a tensor-core dot needs themselves, in registers: padded here,
@@ -331,7 +357,10 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     hkv = cache.num_kv_heads
     gq = hq // hkv
     chunk = chunk or DENSE_CHUNK
-    qp = _pad_rows(grouped_queries(q, hkv))
+    dp = _pow2(d)
+    if dp != d:  # (the stack's arrays are not padded: the padded layer is read instead)
+        cache, stack = _pad_head_dim(cache, dp), None
+    qp = _pad_rows(_pad_minor(grouped_queries(q, hkv), dp))  # scaled by 1/sqrt(D), then padded
     end = cache.lengths
     start = _window_start(end, window)
     n_chunks = -(-cache.max_length // chunk)
@@ -341,7 +370,7 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
         interpret=interpret, span_chunks=span, **knobs)
-    out = _combine([(o, m, l)], gq)
+    out = _combine([(o, m, l)], gq)[..., :d]
     return out.reshape(b, hq, 1, d).astype(q.dtype)
 
 
@@ -364,7 +393,10 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     gq = hq // hkv
     variant = DEFAULT_VARIANT if variant == "auto" else variant
     chunk = chunk or _default_chunk(c)
-    qg = grouped_queries(q, hkv, c.rotate_keys)
+    dp = _pow2(d)  # (rotate needs a power-of-two head_dim: never padded)
+    if dp != d:  # (the stack's arrays are not padded: the padded layer is read instead)
+        cache, stack = _pad_head_dim(cache, dp), None
+    qg = _pad_minor(grouped_queries(q, hkv, c.rotate_keys), dp)  # scaled by 1/sqrt(D), then padded
     qp = _pad_rows(qg)
     start = _window_start(cache.lengths, window)
     sk = c.sink_tokens
@@ -395,7 +427,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
                                    ring_split=ring_program if ring is not None else "first")]
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
         parts = _full_precision_parts(qg, cache, start, ring is not None, sink_len > 0)
-    out = _combine(kernel_parts + parts, gq)
+    out = _combine(kernel_parts + parts, gq)[..., :d]
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)
     return out.reshape(b, hq, 1, d).astype(q.dtype)
