@@ -228,7 +228,7 @@ def test_kivi_kernel_when_capacity_is_below_the_residual():
 
 DTYPE_CASES = [  # (k_bits, v_bits, gqa, head_dim, dtype)
     (4, 2, 8, 64, jnp.bfloat16), (2, 2, 4, 128, jnp.float16), (2, 4, 3, 64, jnp.bfloat16),
-    (2, 2, 16, 64, jnp.float32), (4, 4, 1, 256, jnp.float32), (2, 8, 12, 32, jnp.float16),
+    (4, 4, 1, 256, jnp.float32), (2, 8, 12, 32, jnp.float16),
 ]
 
 
