@@ -19,7 +19,10 @@ def is_int(x) -> bool:
 
 def check_float(name: str, dtype):
     """dtype as a NumPy dtype if it is one of FLOATS, else a ValueError naming ``name``."""
-    dtype = jnp.dtype(dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:  # (numpy's own "data type 'foo' not understood" named no parameter)
+        raise ValueError(f"{name} dtype {dtype!r} is not a dtype; allowed: {', '.join(FLOATS)}") from None
     if dtype.name not in FLOATS:
         raise ValueError(f"{name} dtype {dtype} is not supported; allowed: {', '.join(FLOATS)}")
     return dtype

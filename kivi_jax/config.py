@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kivi_jax import packing
+from kivi_jax.checks import check_float, is_int
 from kivi_jax.rotation import ROTATE_CHOICES, check_head_dim as _check_rotation_dim
 
 
@@ -52,6 +53,13 @@ class KIVIConfig:
     layout: str = "auto"
 
     def __post_init__(self):
+        # NumPy integers (np.int64(32) from an array or a sweep) are integers: stored as int, so
+        # that the checks below and every isinstance(.., int) downstream take them (group_size,
+        # residual_length and key_group_size said "np.int64(32) must be a power of two >= 16")
+        for name in ("k_bits", "v_bits", "group_size", "residual_length", "sink_tokens", "key_group_size"):
+            value = getattr(self, name)
+            if is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
         packing.check_bits("k_bits", self.k_bits)
         packing.check_bits("v_bits", self.v_bits)
         g = self.group_size
@@ -105,6 +113,7 @@ class KIVIConfig:
     def capacity(self, max_length: int) -> int:
         """Token capacity of the quantized stores: the max_length - sink_tokens tokens after the
         sinks, rounded up to whole packed blocks and key groups."""
+        _check_sizes(max_length=max_length)
         unit = max(packing.block_len(self.k_bits), packing.block_len(self.v_bits), self.group_size, self.key_group)
         n = max(max_length - self.sink_tokens, 1)
         return -(-n // unit) * unit
@@ -116,18 +125,29 @@ class KIVIConfig:
         head) is :meth:`residual_bytes`; a cache of n tokens holds about
         ``n * bytes_per_token + residual_bytes``.
         """
+        _check_sizes(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers)
         self.check_head_dim(head_dim)
-        sb = jnp.dtype(dtype).itemsize
+        sb = check_float("cache", dtype).itemsize
         per_head = (head_dim * (self.k_bits + self.v_bits) / 8
                     + 2 * sb * head_dim / self.key_group + 2 * sb * head_dim / self.group_size)
         return per_head * num_kv_heads * num_layers
 
     def residual_bytes(self, *, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16, num_layers: int = 1) -> int:
         """Bytes of the full-precision buffers: R residual + S sink tokens, of K and of V."""
-        sb = jnp.dtype(dtype).itemsize
+        _check_sizes(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers)
+        sb = check_float("cache", dtype).itemsize
         return 2 * (self.residual_length + self.sink_tokens) * head_dim * sb * num_kv_heads * num_layers
 
 
 def dense_bytes_per_token(*, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16, num_layers: int = 1) -> int:
     """Bytes per token of a full-precision K/V cache."""
-    return 2 * head_dim * jnp.dtype(dtype).itemsize * num_kv_heads * num_layers
+    _check_sizes(num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers)
+    return 2 * head_dim * check_float("cache", dtype).itemsize * num_kv_heads * num_layers
+
+
+def _check_sizes(**sizes) -> None:
+    """Each size an integer >= 1, else a ValueError naming it (num_kv_heads=-1, head_dim=128.0 or
+    num_layers=0 gave a negative, fractional or zero byte count)."""
+    for name, value in sizes.items():
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")

@@ -17,13 +17,16 @@ codes are exactly round_half_even((x - mn) / scale) of the stored values (float3
 x - mn rounded to float32). Both are settled with exact comparisons, not taken from a
 division: XLA computes x / s for a broadcast s as x * (1 / s) (not correctly rounded, and
 0 once s >= 2**126 on CPU) and contracts a * b + c into an FMA under jit only. So eager,
-jit and vmap give the same bits, and bfloat16/float16 results equal a float64 model's.
+jit and vmap give the same bits, and bfloat16/float16 results equal an exact model's: codes
+from the exact x - mn (its float32 rounding error breaks the ties it decides), x_hat =
+code * scale + mn rounded once into the dtype. float32 x_hat is within one float32 ulp of that.
 Limits: a group whose (max - min) / (2**bits - 1) exceeds the dtype's max gets the max as
 scale (codes and outputs stay finite; the scale / 2 bound cannot hold); XLA CPU flushes
 float32 subnormals, so a group whose scale would be below ~1e-38 is treated as constant.
 Non-finite inputs are not checked (that would need a host sync): a NaN makes its whole group
 NaN (G tokens of a key channel, G channels of a value token; nothing outside the group), and
-±inf is stored as ±the dtype's max with the group's other numbers collapsing to its min.
+±inf counts as ±the dtype's max (a group of +inf alone stores min = max, scale 0; a group
+holding one has a range that wide, so its finite numbers fall to the level nearest them).
 
 Gradients: the codes are piecewise constant, so under ``jax.grad`` a group's gradient reaches
 its min and max elements through the stored scale and min (the one-ulp outward steps count as
@@ -114,17 +117,47 @@ def _split(s):
     return hi, s - hi
 
 
-def _ge_product(c, s, d):
+def _ge_product(c, s, d, d_err=None):
     """c * s >= d decided exactly, for float32 c with at most 10 significant bits (codes and
-    half-codes below 512, levels), s >= 0 and d finite."""
+    half-codes below 512, levels), s >= 0 and d finite. ``d_err``: d's rounding error (d stands
+    for d + d_err), for a c * s that is itself a float32 number (a 16-bit s): then c * s lies on
+    no side of the rounded d but the exact one's, and only c * s == d needs the error's sign."""
     hi, lo = _split(s)
     # c * hi and c * lo are exact; a rounded difference never changes sign
-    return c * hi - d >= -(c * lo)
+    t, r = c * hi - d, -(c * lo)
+    if d_err is None:
+        return t >= r
+    return (t > r) | ((t == r) & (d_err <= 0))
 
 
-def _le_product(c, s, d):
+def _le_product(c, s, d, d_err=None):
     """c * s <= d decided exactly (same conditions as :func:`_ge_product`)."""
-    return _ge_product(-c, s, -d)
+    return _ge_product(-c, s, -d, None if d_err is None else -d_err)
+
+
+def _two_sum_err(a, b, total):
+    """The rounding error of ``total = a + b`` (Knuth's TwoSum: exact, no multiplication)."""
+    bb = total - a
+    return (a - (total - bb)) + (b - bb)
+
+
+@jax.custom_jvp
+def _round_to_odd(y, err):
+    """float32 ``y = fl(v)`` and err = v - y exactly -> v rounded to odd in float32 (y when exact,
+    else whichever of y and its neighbour toward v has an odd last bit). A 16-bit float's
+    round-to-nearest-even of that is v's own, correctly rounded (float32 keeps more than two extra
+    bits), where rounding y itself would round twice (a tie in the dtype that v is not).
+    Differentiable as the identity in y (at most one ulp away; the bitcasts have no rule)."""
+    b = lax.bitcast_convert_type(y, jnp.uint32)
+    fix = jnp.isfinite(y) & (err != 0) & ((b & 1) == 0)  # (err != 0 implies y != 0)
+    grow = (err > 0) == (y > 0)  # the magnitude goes up toward v
+    stepped = jnp.where(grow, b + jnp.uint32(1), b - jnp.uint32(1))
+    return lax.bitcast_convert_type(jnp.where(fix, stepped, b), jnp.float32)
+
+
+@_round_to_odd.defjvp
+def _round_to_odd_jvp(primals, tangents):
+    return _round_to_odd(*primals), tangents[0]  # (err's derivative is 0: TwoSum's error is)
 
 
 def _exact_madd(c, s, m):
@@ -182,9 +215,12 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     """
     levels = float(2**bits - 1)
     finfo = jnp.finfo(dtype)
-    mn = jnp.min(xg, axis=reduce_axis, keepdims=True)
-    mx = jnp.max(xg, axis=reduce_axis, keepdims=True)
-    mn_s = _round_outward(jnp.maximum(mn, float(finfo.min)), dtype, -1)
+    # ±inf counts as ±the dtype's max (a group of +inf alone had min +inf and a NaN scale,
+    # one of -inf alone a scale of -inf: both dequantized to NaN)
+    lim = (float(finfo.min), float(finfo.max))
+    mn = jnp.clip(jnp.min(xg, axis=reduce_axis, keepdims=True), *lim)
+    mx = jnp.clip(jnp.max(xg, axis=reduce_axis, keepdims=True), *lim)
+    mn_s = _round_outward(mn, dtype, -1)
     mn_f = mn_s.astype(jnp.float32)
     # max - min as one subtraction (mx / levels - mn / levels loses everything when
     # |mn| >> max - min), rounded up: TwoSum gives the exact error of the subtraction.
@@ -227,12 +263,18 @@ def quantize_codes(xg: jax.Array, scale_s, mn_s, bits: int) -> jax.Array:
     m = mn_s.astype(jnp.float32)
     unit = jnp.where(s >= _HUGE, _HUGE_UNIT, 1.0)
     safe = jnp.where(s > 0, s * unit, 1.0)
-    d = xg * unit - m * unit  # >= 0; exact products, so no FMA question
+    xu, mu = xg * unit, m * unit  # exact products, so no FMA question
+    d = xu - mu  # >= 0
+    # 16-bit dtypes: x - mn need not fit float32 (bfloat16 1e-29 - (-1.53125)); its rounding
+    # error decides the comparisons where c * s equals the rounded d (a tie the exact quotient is
+    # not: round-half-even took the even code). float32 inputs: x - mn rounded, as documented.
+    d_err = _two_sum_err(xu, -mu, d) if jnp.dtype(scale_s.dtype).itemsize == 2 else None
     f = jnp.clip(jnp.floor(d / safe), -1.0, levels + 1.0)
     # settle f = floor(d / s), i.e. f * s <= d < (f + 1) * s (the estimate is off by at most one)
-    f = f + _le_product(f + 1.0, safe, d).astype(jnp.float32) - (~_le_product(f, safe, d)).astype(jnp.float32)
-    above = ~_ge_product(f + 0.5, safe, d)  # d > (f + 1/2) s
-    tie = _ge_product(f + 0.5, safe, d) & _le_product(f + 0.5, safe, d)
+    f = (f + _le_product(f + 1.0, safe, d, d_err).astype(jnp.float32)
+         - (~_le_product(f, safe, d, d_err)).astype(jnp.float32))
+    above = ~_ge_product(f + 0.5, safe, d, d_err)  # d > (f + 1/2) s
+    tie = _ge_product(f + 0.5, safe, d, d_err) & _le_product(f + 0.5, safe, d, d_err)
     odd = jnp.fmod(f, 2.0) != 0
     q = f + (above | (tie & odd)).astype(jnp.float32)
     q = jnp.where(s > 0, q, 0.0)
@@ -240,15 +282,26 @@ def quantize_codes(xg: jax.Array, scale_s, mn_s, bits: int) -> jax.Array:
 
 
 def dequantize_codes(codes, scale_s, mn_s, dtype) -> jax.Array:
-    """code * scale + min in float32, cast to ``dtype`` (saturating, never inf)."""
+    """code * scale + min in float32, cast to ``dtype`` (saturating, never inf): correctly rounded
+    for 16-bit dtypes, within one ulp for float32."""
     finfo = jnp.finfo(dtype)
     c = codes.astype(jnp.float32)
     s = scale_s.astype(jnp.float32)
     m = mn_s.astype(jnp.float32)
-    y = _exact_madd(c, s, m)
+    if jnp.dtype(dtype).itemsize == 2:
+        # code * scale is exact in float32 (8 + 11 bits), the sum rounded once, to odd: the
+        # cast below then rounds code * scale + min correctly into the dtype (rounded to nearest
+        # float32 first, bfloat16 3 * 8.67583e11 - 1.58e-7 sat on a tie and went one ulp up)
+        def madd(c, s, m):
+            p = c * s
+            y = p + m
+            return _round_to_odd(y, _two_sum_err(p, m, y))
+    else:
+        madd = _exact_madd
+    y = madd(c, s, m)
     # huge groups: code * scale alone may overflow although the sum does not
     # (code 0 is the min itself: m * _HUGE_UNIT could underflow)
-    y_huge = jnp.where(c == 0, m, _exact_madd(c, s * _HUGE_UNIT, m * _HUGE_UNIT) * _HUGE)
+    y_huge = jnp.where(c == 0, m, madd(c, s * _HUGE_UNIT, m * _HUGE_UNIT) * _HUGE)
     y = jnp.where(s >= _HUGE, y_huge, y)
     return jnp.clip(y, float(finfo.min), float(finfo.max)).astype(dtype)
 
@@ -301,29 +354,32 @@ def unpacked_codes(qa: QuantizedArray) -> jax.Array:
     return packing.unpack(qa.codes, qa.bits, qa.pack_axis, qa.shape[qa.pack_axis])
 
 
-@jit_when_eager
+def _check_quantized(qa) -> None:
+    if not isinstance(qa, QuantizedArray):  # (an array failed inside jit: "no attribute codes")
+        raise TypeError(f"dequantize takes the QuantizedArray that quantize returns; got {type(qa).__name__}")
+
+
+@jit_when_eager(validate=_check_quantized)
 def dequantize(qa: QuantizedArray) -> jax.Array:
     """x_hat = code * scale + min, in the original dtype and shape."""
+    _check_quantized(qa)
     codes = unpacked_codes(qa)
     scale = jnp.repeat(qa.scale, qa.group_size, axis=qa.axis)
     mn = jnp.repeat(qa.min, qa.group_size, axis=qa.axis)
     return dequantize_codes(codes, scale, mn, qa.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _fake_quantize(bits, group_size, axis, x):
     return dequantize(quantize(x, bits=bits, group_size=group_size, axis=axis))
 
 
-def _fake_quantize_fwd(bits, group_size, axis, x):
-    return _fake_quantize(bits, group_size, axis, x), None
-
-
-def _fake_quantize_bwd(bits, group_size, axis, _, g):
-    return (g,)  # straight-through: the rounding is treated as identity
-
-
-_fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
+@_fake_quantize.defjvp
+def _fake_quantize_jvp(bits, group_size, axis, primals, tangents):
+    # straight-through: the rounding is treated as identity. A JVP rule (a custom_vjp until
+    # 2026-12) serves forward mode too: jax.jvp / jacfwd raised on the custom_vjp.
+    (x,), (t,) = primals, tangents
+    return _fake_quantize(bits, group_size, axis, x), t
 
 
 @jit_when_eager(static_argnames=("bits", "group_size", "axis"))
