@@ -313,7 +313,8 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
                     cc.RowWrite(scale, n0 // kg, "k_scale", 1, keep=flush),
                     cc.RowWrite(mn, n0 // kg, "k_min", 1, keep=flush))
 
-        writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
+        if self.capacity >= r:  # (else no row ever holds R body tokens: the flush's R rows do not fit the stores)
+            writes.append(cc.WritesIf(jnp.any(flush), flush_writes))
         return (tuple(writes), *cc.appended(self, live, active))
 
     @jit_when_eager(validate=cc.check_extend)

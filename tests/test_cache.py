@@ -227,6 +227,30 @@ def test_prefill_equals_token_by_token_appends():
         np.testing.assert_array_equal(np.asarray(getattr(stepwise, name)), np.asarray(getattr(full, name)), err_msg=name)
 
 
+def test_appends_when_the_capacity_is_below_the_residual_length():
+    """A cache smaller than R (KIVI-4, R = 256, 128 tokens) never flushes a key block: appends
+    fill the residual exactly as prefill does (the flush's R/8 word rows used to be traced into a
+    16-row store and fail: 'Slice size ... out of range')."""
+    rng = np.random.default_rng(21)
+    cfg = KIVIConfig(k_bits=4, v_bits=4, group_size=G, residual_length=256)
+    b, t = 2, 128
+    init = KIVICache.init(cfg, batch=b, num_kv_heads=HKV, head_dim=D, max_length=t, dtype=jnp.float32)
+    assert init.capacity < cfg.residual_length
+    k, v = keys_values(rng, b, HKV, t, D)
+    full = _prefill(init, jnp.asarray(k), jnp.asarray(v), jnp.asarray([t, 100], jnp.int32))
+    steps = np.moveaxis(np.stack([k, v]), 3, 0)[:, :, :, :, None]  # [t, 2, B, H, 1, D]
+    stepwise = init
+    for i in range(t):
+        stepwise = stepwise.append(jnp.asarray(steps[i, 0]), jnp.asarray(steps[i, 1]), active=jnp.asarray([True, i < 100]))
+    np.testing.assert_array_equal(np.asarray(stepwise.lengths), [t, 100])
+    for name in ("k_codes", "k_scale", "k_min", "k_res", "v_codes", "v_scale", "v_min", "v_res"):
+        np.testing.assert_array_equal(np.asarray(getattr(stepwise, name)), np.asarray(getattr(full, name)), err_msg=name)
+    # every token still in the full-precision window: nothing flushed or spilled
+    kh, vh = (np.asarray(x) for x in stepwise.materialize())
+    np.testing.assert_array_equal(kh[0, :, :t], k[0])
+    np.testing.assert_array_equal(vh[1, :, :100], v[1, :, :100])
+
+
 def test_padding_never_enters_a_group():
     """Garbage (NaN, huge) after each row's length changes nothing in the cache or attention."""
     rng = np.random.default_rng(13)
