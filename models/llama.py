@@ -32,6 +32,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -158,11 +159,25 @@ def _layer(p, x, cos, sin, cache, i, *, config: ModelConfig, lengths, attn_impl:
 
 def lm_loss(logits, input_ids, mask=None):
     """Mean next-token cross-entropy. logits [B, T, V] predict input_ids[:, 1:] [B, T-1];
-    mask [B, T] (1 = real token) drops padded targets. Returns a float32 scalar."""
+    mask [B, T] (1 = real token) drops padded targets, whatever id they hold (a pad id >= V,
+    Hugging Face's -100). Returns a float32 scalar (0 when no target is unmasked)."""
+    logits, ids = jnp.asarray(logits), jnp.asarray(input_ids)
+    if logits.ndim != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and input_ids [B, T] of the same B, T; got logits "
+                         f"{logits.shape}, input_ids {ids.shape} (logits_at= logits [B, 1, V] have no next tokens)")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integer token ids; got dtype {ids.dtype}")
+    if mask is not None and jnp.shape(mask) != ids.shape:
+        raise ValueError(f"mask must have input_ids' shape {ids.shape} (1 = real token); got {jnp.shape(mask)}")
+    tgt = ids[:, 1:].astype(jnp.int32)
+    m = jnp.ones(tgt.shape, jnp.float32) if mask is None else jnp.asarray(mask)[:, 1:].astype(jnp.float32)
+    live = m != 0
+    # a masked target's id is never gathered: an id >= V gathers NaN, and NaN * 0 is NaN
+    tgt = jnp.where(live, tgt, 0)
+    check_token_ids("input_ids (the unmasked targets)", jnp.where(live, ids[:, 1:], 0), logits.shape[-1])
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    m = jnp.ones_like(nll) if mask is None else jnp.asarray(mask[:, 1:], jnp.float32)
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(live, nll * m, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 # ---- modules ---------------------------------------------------------------------------------
@@ -293,12 +308,19 @@ class Llama(nnx.Module):
             if cache.num_layers != c.num_layers or cache.batch_size != b:
                 raise ValueError(f"cache holds L={cache.num_layers}, B={cache.batch_size}; "
                                  f"the model has L={c.num_layers} and input_ids B={b}")
+        if lengths is not None:  # checked here: inside the layer scan the attention's own check sees a tracer
+            lengths = jnp.asarray(lengths)
+            if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+                raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.dtype} array of "
+                                 f"shape {lengths.shape}")
+            if not isinstance(lengths, jax.core.Tracer):  # (a length past T masked nothing, a negative one all)
+                bad = sorted({int(n) for n in np.asarray(lengths) if not 0 <= n <= t})
+                if bad:
+                    raise ValueError(f"lengths={bad} out of range: each row's length must be in [0, T={t}]")
         if extend:
             if cache is None:
                 raise ValueError("extend=True continues a cache: pass the cache to continue")
-            lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-            if lengths.shape != (b,):
-                raise ValueError(f"lengths must be an integer array of shape ({b},); got shape {lengths.shape}")
+            lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         decode = cache is not None and t == 1 and lengths is None
         if active is not None and not decode:
             raise ValueError("active= is for decode steps (T == 1 with a cache and no lengths); a prompt "
@@ -450,14 +472,14 @@ def params_of(model: Llama) -> dict:
 
 
 def functional(model: Llama):
-    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", matmul_impl="xla",
-    active=None, extend=False) -> (logits, cache) is a pure function, ready for jax.jit / jax.grad; params is
-    an nnx.State."""
+    """(apply, params): apply(params, input_ids, cache=None, *, lengths=None, attn_impl="auto", logits_at=None,
+    matmul_impl="xla", active=None, extend=False) -> (logits, cache) is a pure function, ready for jax.jit /
+    jax.grad; params is an nnx.State. The keywords are the model call's."""
     graphdef, params = nnx.split(model)
 
-    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", matmul_impl: str = "xla",
-              active=None, extend: bool = False):
-        return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl,
+    def apply(params, input_ids, cache=None, *, lengths=None, attn_impl: str = "auto", logits_at=None,
+              matmul_impl: str = "xla", active=None, extend: bool = False):
+        return nnx.merge(graphdef, params)(input_ids, cache, lengths=lengths, attn_impl=attn_impl, logits_at=logits_at,
                                            matmul_impl=matmul_impl, active=active, extend=extend)
 
     return apply, params
