@@ -211,7 +211,8 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
 
     Returns scale and min in ``dtype``, with ``reduce_axis`` kept (size 1). min is the group
     min rounded down into ``dtype``; scale is the smallest ``dtype`` number with
-    scale * (2**bits - 1) >= max - min (exactly, whenever max - min fits float32).
+    scale * (2**bits - 1) >= max - min (exactly, whenever max - min fits float32), except that a
+    16-bit scale steps down where min + scale * (2**bits - 1) would round to inf in the dtype.
     """
     levels = float(2**bits - 1)
     finfo = jnp.finfo(dtype)
@@ -241,6 +242,22 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     high = finite & (scale_s > 0) & _ge_product(lv, prev.astype(jnp.float32), d_ok)
     scale_s = jnp.where(high, prev, scale_s)
     scale_s = jnp.minimum(scale_s.astype(jnp.float32), float(finfo.max)).astype(dtype)
+    if jnp.dtype(dtype).itemsize == 2:
+        # the top code must dequantize finitely: min + levels * scale has to round below inf in
+        # the dtype, i.e. stay under max + half its ulp (the kernels compute it in the dtype,
+        # without the clip dequantize_codes applies: float16 [-65504, 65504] at 2 bits had scale
+        # 43680, 3 * 43680 - 65504 = 65536 -> inf). One ulp down keeps |x - x_hat| well inside
+        # scale / 2. Decided exactly: levels * scale is a float32 number and TwoSum gives the
+        # error of adding min (a bound taken from a constant instead was folded away by XLA:CPU
+        # under jit: (C - x) - C became -x). (float32 caches: values near 3.4e38, not checked.)
+        edge = float(finfo.max) + 2.0 ** (finfo.maxexp - 2) * float(finfo.eps)  # max + ulp / 2: rounds to inf
+        mn_f = mn_s.astype(jnp.float32)
+        for _ in range(2):
+            top = lv * scale_s.astype(jnp.float32)  # exact: 8 bits times 8 or 11
+            y = top + mn_f
+            err = _two_sum_err(top, mn_f, y)
+            over = finite & (scale_s > 0) & ((y > edge) | ((y == edge) & (err >= 0)))
+            scale_s = jnp.where(over, next_after(scale_s, jnp.zeros_like(scale_s)), scale_s)
     return scale_s, mn_s
 
 

@@ -322,6 +322,31 @@ def test_large_magnitudes_and_constant_groups():
         assert _rel(out, want) <= TOL[jnp.dtype(dtype).name]
 
 
+def test_float16_groups_spanning_the_whole_range_stay_finite():
+    """float16 keys and values whose groups span [-65504, 65504]: the top code's min + 3 * scale
+    must round below inf in the kernel's own float16 arithmetic (before, scale 43680 made it
+    65536 -> inf in the kernel, while the reference clipped it to 65504); the stored scale is one
+    ulp smaller now (quant.group_params)."""
+    cfg = kj.KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=32)
+    lengths = [120, 70]
+    top = 65504.0
+    rng = np.random.default_rng(9)
+    k = rng.standard_normal((2, 1, 120, 32))
+    v = rng.standard_normal((2, 1, 120, 32))
+    k[:, :, ::16, :] = top  # every key group (16 tokens of a channel) spans [-max, max]
+    k[:, :, 1::16, :] = -top
+    v[:, :, :, ::16] = top  # every value group (16 channels of a token) likewise
+    v[:, :, :, 1::16] = -top
+    k, v = jnp.asarray(k, jnp.float16), jnp.asarray(v, jnp.float16)
+    cache = _build(kj.KIVICache.init(cfg, batch=2, num_kv_heads=1, head_dim=32, max_length=128, dtype=jnp.float16),
+                   k, v, lengths, appends=2)
+    q = jnp.asarray(rng.standard_normal((2, 2, 1, 32)) * 1e-5, jnp.float16)  # scores stay moderate
+    _check_rows(ap.decode_attention(q, cache, interpret=True), kivi_model(q, cache, k, v, lengths),
+                lengths, jnp.float16, "float16 range")
+    scale = np.asarray(cache.v_scale, np.float64)[:, :, :80]
+    assert (np.asarray(cache.v_min, np.float64)[:, :, :80] + 3 * scale < top + 16).all()  # (16: half an ulp)
+
+
 # ---- jit and vmap ------------------------------------------------------------------------------
 
 def test_jit_and_vmap_agree_with_eager():
