@@ -154,7 +154,30 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
                          f"{type(cache).__name__}; use impl='reference' (or 'auto', which picks it for this cache)")
     from kivi_jax import attention_pallas  # the kernel path is optional at import time
 
-    return attention_pallas.decode_attention(q, cache, window=window, interpret=not _on_gpu(), stack=stack)
+    kernel = functools.partial(attention_pallas.decode_attention, window=window, interpret=not _on_gpu())
+    return _with_reference_derivative(kernel, q, cache, stack, window)
+
+
+def _with_reference_derivative(kernel, q, cache, stack, window):
+    """kernel(q, cache, stack=stack), differentiable: its value, and under jax.jvp / jax.grad the
+    derivative of :func:`reference_decode_attention` (the same function in float32, before rounding).
+    A pallas_call has no autodiff rule (jax.grad through the kernels raised a bare AssertionError),
+    and training code differentiates a model with a cache. The forward program is the kernel's
+    alone; the reference's dequantization is traced only where a derivative is taken. The
+    derivative reaches the stack through ``cache`` (its layer's slice), not through ``stack``."""
+
+    @jax.custom_jvp
+    def attend(q, cache, stack):
+        return kernel(q, cache, stack=stack)
+
+    @attend.defjvp
+    def _(primals, tangents):
+        (q, cache, _), (dq, dcache, _) = primals, tangents
+        _, dout = jax.jvp(lambda q, c: reference_decode_attention(q, c, window=window).astype(q.dtype),
+                          (q, cache), (dq, dcache))
+        return attend(*primals), dout
+
+    return attend(q, cache, stack)
 
 
 #: the smallest prefix of a cache's stores the bounded paths read (then doubling)
@@ -228,7 +251,8 @@ def _mosaic(q, cache, impl, window, stack):
                          "KIVIConfig(layout='tokens') there (its kernels run per shard)")
     from kivi_jax import attention_mosaic
 
-    return attention_mosaic.decode_attention(q, cache, stack=stack, window=window)
+    kernel = functools.partial(attention_mosaic.decode_attention, window=window)
+    return _with_reference_derivative(kernel, q, cache, stack, window)
 
 
 PREFILL_BLOCK = 512  # query rows per block: bounds the [B, H, block, T] score buffer

@@ -111,6 +111,50 @@ def test_decode_window():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_grad_through_the_kernels():
+    """jax.grad through decode_attention(impl="pallas") (a pallas_call has no autodiff rule: it
+    raised a bare AssertionError): a dense cache with a window against central differences of the
+    float64 model, a KIVI cache with sinks and the rotation against the reference's own gradient in
+    every float leaf; eager, and jit of vmap over requests."""
+    rng = np.random.default_rng(41)
+    lengths = [24, 5]
+    cache, k, v = dense_cache(rng, 2, 2, 24, lengths)
+    q = rng.standard_normal((2, 4, 1, D))
+    w = rng.standard_normal((2, 4, 1, D))
+    loss = lambda q, c: jnp.sum(decode_attention(q, c, impl="pallas", window=6) * w)  # noqa: E731
+    g = np.asarray(jax.grad(loss)(jnp.asarray(q, jnp.float32), cache), np.float64)
+    fd, h = np.zeros_like(q), 1e-5
+    for i in np.ndindex(q.shape):
+        e = np.zeros_like(q)
+        e[i] = h
+        fd[i] = np.sum((reference_decode(q + e, k, v, lengths, window=6) - reference_decode(q - e, k, v, lengths, window=6))
+                       * w) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-5)
+
+    cfg = KIVIConfig(k_bits=2, v_bits=2, group_size=16, residual_length=16, sink_tokens=2, rotate="kv")
+    kv = jnp.asarray(rng.standard_normal((2, 2, 2, 70, D)), jnp.float32)
+    kc = jax.jit(lambda c, k, v, n: c.prefill(k, v, n))(
+        KIVICache.init(cfg, batch=2, num_kv_heads=2, head_dim=D, max_length=80, dtype=jnp.float32), kv[0], kv[1],
+        jnp.asarray([70, 33], jnp.int32))
+    qj = jnp.asarray(q, jnp.float32)
+
+    def grads(impl, q, c):
+        return jax.grad(lambda q, c: jnp.sum(decode_attention(q, c, impl=impl) ** 2), argnums=(0, 1), allow_int=True)(q, c)
+
+    want, got = grads("reference", qj, kc), grads("pallas", qj, kc)
+    one = lambda q, c: grads("pallas", q[None], jax.tree.map(lambda x: x[None], c))  # noqa: E731 (a request alone)
+    rows = jax.tree.map(lambda *x: jnp.stack(x), *[jax.tree.map(lambda x: x[i], kc) for i in range(2)])
+    batched = jax.jit(jax.vmap(one))(qj, rows)
+    for name in ("k_res", "v_res", "k_scale", "k_min", "v_scale", "v_min"):  # (the sinks sit in k_res / v_res)
+        a, b = np.asarray(getattr(want[1], name)), np.asarray(getattr(got[1], name))
+        assert np.abs(a).max() > 0, name
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=name)
+        np.testing.assert_allclose(np.asarray(getattr(batched[1], name))[:, 0], a, rtol=1e-4,
+                                   atol=1e-5 * np.abs(a).max(), err_msg=name)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(batched[0])[:, 0], np.asarray(want[0]), rtol=1e-4, atol=1e-6)
+
+
 def test_decode_same_call_for_kivi_and_dense():
     """One call for both caches; at 8 bits with nothing quantized yet (T < R) they agree exactly."""
     rng = np.random.default_rng(4)

@@ -346,13 +346,15 @@ def _reference_logits(m, ids, t0, kivi):
     return rms(x, sd["model.norm.weight"].double()) @ sd["lm_head.weight"].double().T
 
 
-@pytest.mark.parametrize("kind", ["dense", "kivi2"])
+@pytest.mark.parametrize("kind", ["dense", "kivi2", "kivi2-pallas"])
 def test_grad_through_prefill_and_decode_steps_matches_reference(kind):
     """jax.grad w.r.t. every parameter of a loss on 3 decode steps' logits after a 30-token prefill
     into a DenseCache / KIVICache (G = R = 16: the steps cross a key flush at 32 tokens and quantize
     a value token each) equals autograd through the float64 reference above. Layer 0's k_proj has
     two zero columns (channel 0 and its RoPE partner 8 of KV head 0), so those key groups are
-    constant (scale 0): their gradient is split over the group's tied min, as jnp.min's is."""
+    constant (scale 0): their gradient is split over the group's tied min, as jnp.min's is.
+    "kivi2-pallas": the decode steps through the Pallas kernel (interpret mode here; a GPU's
+    default), which has no autodiff rule of its own: its derivative is the reference's."""
     hf = _hf(tie=False, hidden=64, heads=4, kv_heads=2, head_dim=D, seed=5)
     with torch.no_grad():
         hf.model.layers[0].self_attn.k_proj.weight[[0, 8]] = 0.0
@@ -364,7 +366,8 @@ def test_grad_through_prefill_and_decode_steps_matches_reference(kind):
     with torch.no_grad():  # the reference itself: transformers' logits where it is dense
         assert float((_reference_logits(hf, ids_t, t0, False).float() - hf(ids_t).logits).abs().max()) < 5e-5
 
-    kivi = kivi_jax.KIVIConfig(k_bits=2, v_bits=2, group_size=G, residual_length=R) if kind == "kivi2" else None
+    kivi = kivi_jax.KIVIConfig(k_bits=2, v_bits=2, group_size=G, residual_length=R) if kind != "dense" else None
+    attn = "pallas" if kind.endswith("pallas") else "auto"
     model = models.from_torch(hf)
     apply, params = models.functional(model)
 
@@ -372,7 +375,7 @@ def test_grad_through_prefill_and_decode_steps_matches_reference(kind):
         _, cache = apply(p, ids[:, :t0], model.init_cache(2, 64, kivi=kivi))
         out = []
         for s in range(steps):
-            lg, cache = apply(p, ids[:, t0 + s:t0 + s + 1], cache)
+            lg, cache = apply(p, ids[:, t0 + s:t0 + s + 1], cache, attn_impl=attn)
             out.append(lg)
         lg = jnp.concatenate(out, 1)
         return jnp.sum(lg * weights) + 0.1 * jnp.sum(lg * lg), lg
