@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import cache_common, rotation
+from kivi_jax import cache_common, derivatives, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
 from kivi_jax.cache_mosaic import MosaicKIVICache
@@ -159,25 +159,12 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
 
 
 def _with_reference_derivative(kernel, q, cache, stack, window):
-    """kernel(q, cache, stack=stack), differentiable: its value, and under jax.jvp / jax.grad the
-    derivative of :func:`reference_decode_attention` (the same function in float32, before rounding).
-    A pallas_call has no autodiff rule (jax.grad through the kernels raised a bare AssertionError),
-    and training code differentiates a model with a cache. The forward program is the kernel's
-    alone; the reference's dequantization is traced only where a derivative is taken. The
-    derivative reaches the stack through ``cache`` (its layer's slice), not through ``stack``."""
-
-    @jax.custom_jvp
-    def attend(q, cache, stack):
-        return kernel(q, cache, stack=stack)
-
-    @attend.defjvp
-    def _(primals, tangents):
-        (q, cache, _), (dq, dcache, _) = primals, tangents
-        _, dout = jax.jvp(lambda q, c: reference_decode_attention(q, c, window=window).astype(q.dtype),
-                          (q, cache), (dq, dcache))
-        return attend(*primals), dout
-
-    return attend(q, cache, stack)
+    """kernel(q, cache, stack=stack), differentiated as :func:`reference_decode_attention` (the
+    same function in float32, before rounding). The derivative reaches a layer-stacked cache
+    through ``cache`` (its layer's slice), not through ``stack``."""
+    return derivatives.with_reference_derivative(
+        lambda q, cache, stack: kernel(q, cache, stack=stack),
+        lambda q, cache, stack: reference_decode_attention(q, cache, window=window).astype(q.dtype), q, cache, stack)
 
 
 #: the smallest prefix of a cache's stores the bounded paths read (then doubling)

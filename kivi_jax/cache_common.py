@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from kivi_jax import derivatives
 from kivi_jax.checks import check_float, concrete_int, is_int
 from pallas_kernels import row_writes
 
@@ -395,15 +396,40 @@ def _kernel_writes(buffers, writes, layer, impl):
 
 
 def _put_run(cache, writes, layer, impl):
-    """A run of plain RowWrites: one kernel launch (:func:`_kernel_writes`), else a scatter each."""
+    """A run of plain RowWrites: one kernel launch (:func:`_kernel_writes`; differentiated as the
+    scatters), else a scatter each."""
     buffers = tuple(getattr(cache, w.field) for w in writes)
     if not _kernel_writes(buffers, writes, layer, impl):
         return _put(cache, writes, layer)
+    return derivatives.with_reference_derivative(_kernel_run, _put, cache, tuple(writes), layer)
+
+
+def _kernel_run(cache, writes, layer):
+    buffers = tuple(getattr(cache, w.field) for w in writes)
     keeps = [jnp.ones(w.index.shape, bool) if w.keep is None else w.keep for w in writes]
     out = row_writes.row_writes(buffers, tuple(w.value for w in writes),
                                 tuple(w.index for w in writes), tuple(keeps), adds=tuple(w.add for w in writes),
                                 layer=layer, interpret=jax.default_backend() != "gpu")
     return dataclasses.replace(cache, **{w.field: x for w, x in zip(writes, out)})
+
+
+def kernel_append(kernel, view, stacked, layer, k, v, active, rare):
+    """A layer-stacked cache's decode append whose plain writes one kernel makes:
+    ``kernel(view, stacked, layer, k, v, active)`` returns ``stacked`` with them written (view:
+    layer ``layer``'s cache, whose ``append_writes`` say what changes); the conditional writes
+    (KIVI's key flush) follow as :func:`apply_writes` does them (rare: its). Differentiated as
+    the same writes in XLA (the kernels alias their buffers, which a pallas_call's JVP refuses)."""
+
+    def run(view, stacked, layer, k, v, active):
+        writes, lengths, overflow = view.append_writes(k, v, active)
+        stacked = kernel(view, stacked, layer, k, v, active)
+        rest = [w for w in writes if isinstance(w, WritesIf)]
+        return apply_writes(stacked, rest, lengths, overflow, layer=layer, rare=rare)
+
+    def reference(view, stacked, layer, k, v, active):
+        return apply_writes(stacked, *view.append_writes(k, v, active), layer=layer, rare=rare, impl="xla")
+
+    return derivatives.with_reference_derivative(run, reference, view, stacked, layer, k, v, active)
 
 
 def _across_batch(reduce):

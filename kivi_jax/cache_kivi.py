@@ -351,19 +351,21 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
         ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" (and a
         shape :mod:`pallas_kernels.kivi_append` takes) the plain writes are one kernel launch that
         also quantizes the value leaving the window; the key flush stays a conditional write."""
-        writes, lengths, overflow = self.append_writes(k, v, active)
+        if append_impl() == "pallas" and kivi_append.supported(self.head_dim, self.config.group_size):
+            return cc.kernel_append(KIVICache._append_kernel, self, stacked, layer, k, v, active, rare)
+        return cc.apply_writes(stacked, *self.append_writes(k, v, active), layer=layer, rare=rare)
+
+    def _append_kernel(self, stacked, layer, k, v, active):
+        """``stacked`` with :meth:`append_writes`' plain writes made by pallas_kernels.kivi_append."""
         c = self.config
-        if append_impl() == "pallas" and kivi_append.supported(self.head_dim, c.group_size):
-            fields = ("k_res", "v_res", "v_codes", "v_scale", "v_min")
-            bufs = kivi_append.append(
-                *(getattr(stacked, f) for f in fields), self._store(k, c.rotate_keys), self._store(v, c.rotate_values),
-                cc.write_lengths(self, active), layer, residual=c.residual_length, group_size=c.group_size,
-                bits=c.v_bits,
-                max_length=self.max_length, quantize=token_quantizer(c.v_bits, jnp.dtype(self.dtype)),
-                interpret=jax.default_backend() != "gpu")
-            stacked = dataclasses.replace(stacked, **dict(zip(fields, bufs)))
-            writes = [w for w in writes if isinstance(w, cc.WritesIf)]
-        return cc.apply_writes(stacked, writes, lengths, overflow, layer=layer, rare=rare)
+        fields = ("k_res", "v_res", "v_codes", "v_scale", "v_min")
+        bufs = kivi_append.append(
+            *(getattr(stacked, f) for f in fields), self._store(k, c.rotate_keys), self._store(v, c.rotate_values),
+            cc.write_lengths(self, active), layer, residual=c.residual_length, group_size=c.group_size,
+            bits=c.v_bits,
+            max_length=self.max_length, quantize=token_quantizer(c.v_bits, jnp.dtype(self.dtype)),
+            interpret=jax.default_backend() != "gpu")
+        return dataclasses.replace(stacked, **dict(zip(fields, bufs)))
 
     # ---- reading ------------------------------------------------------------------------------
     def materialize(self, rotated: bool = False):

@@ -359,20 +359,22 @@ class MosaicKIVICache(cc.CacheShape, cc.SinksAndWindow):
         ``layer`` in place (``cc.apply_writes``; rare: its). With append_impl() "pallas" the plain
         writes are one kernel launch that also quantizes the leaving value
         (:mod:`pallas_kernels.mosaic_append`); the key flush stays a conditional write."""
-        writes, lengths, overflow = self.append_writes(k, v, active)
         if append_impl() == "pallas":
-            from pallas_kernels import mosaic_append
+            return cc.kernel_append(MosaicKIVICache._append_kernel, self, stacked, layer, k, v, active, rare)
+        return cc.apply_writes(stacked, *self.append_writes(k, v, active), layer=layer, rare=rare)
 
-            c = self.config
-            bufs = mosaic_append.append(
-                stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, stored(k, self.dtype, c.rotate_keys),
-                stored(v, self.dtype, c.rotate_values), cc.write_lengths(self, active), layer,
-                max_length=self.max_length,
-                quantize=token_quantizer(self.config.v_bits, jnp.dtype(self.dtype)), residual=c.residual_length,
-                interpret=jax.default_backend() != "gpu")
-            stacked = dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))
-            writes = [w for w in writes if isinstance(w, cc.WritesIf)]
-        return cc.apply_writes(stacked, writes, lengths, overflow, layer=layer, rare=rare)
+    def _append_kernel(self, stacked, layer, k, v, active):
+        """``stacked`` with :meth:`append_writes`' plain writes made by pallas_kernels.mosaic_append."""
+        from pallas_kernels import mosaic_append
+
+        c = self.config
+        bufs = mosaic_append.append(
+            stacked.k_res, stacked.v_res, stacked.vn, stacked.vt, stored(k, self.dtype, c.rotate_keys),
+            stored(v, self.dtype, c.rotate_values), cc.write_lengths(self, active), layer,
+            max_length=self.max_length,
+            quantize=token_quantizer(c.v_bits, jnp.dtype(self.dtype)), residual=c.residual_length,
+            interpret=jax.default_backend() != "gpu")
+        return dataclasses.replace(stacked, **dict(zip(("k_res", "v_res", "vn", "vt"), bufs)))
 
     def materialize(self, rotated: bool = False):
         """(K_hat, V_hat) [B, Hkv, S + Tc, D] in the cache dtype: position t is token t (the S

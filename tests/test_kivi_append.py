@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kivi_jax import KIVICache, KIVIConfig
-from kivi_jax import cache_kivi
+from kivi_jax import cache_common, cache_kivi
 from models.cache import StackedCache
 from pallas_kernels import kivi_append
 
@@ -84,6 +84,37 @@ def test_append_kernel_under_vmap(monkeypatch):
         for name in FIELDS:
             np.testing.assert_array_equal(np.asarray(getattr(batched, name)[j]), np.asarray(getattr(st, name)),
                                           err_msg=name)
+
+
+@pytest.mark.parametrize("append,writes", [("pallas", "xla"), ("xla", "pallas")])
+def test_grad_through_the_append_and_row_writes_kernels(append, writes, monkeypatch):
+    """jax.grad through decode appends made by the kernels (a pallas_call that aliases its buffers
+    has no JVP: "JVP with aliasing not supported") equals the gradient through the XLA writes, in
+    the new keys and values and in every float leaf of the stack, across a value leaving the
+    window and a key flush."""
+    cfg = KIVIConfig(residual_length=32, sink_tokens=2)
+    stacked = StackedCache.stack(_prefilled(cfg, [33, 31, 2], 96, d=32), 2).layers
+    new = jax.random.normal(jax.random.key(9), (2, 2, 3, 2, 1, 32))  # [k/v, step, B, Hkv, 1, D]
+    t = 2 + jax.tree.map(lambda x: x[1], stacked).capacity  # what materialize returns: the sinks, then the stores
+    w = jax.random.normal(jax.random.key(10), (2, 3, 2, t, 32))
+
+    def loss(new, stacked):
+        for i in range(2):
+            stacked = _step(stacked, new[0, i], new[1, i])
+        kh, vh = jax.tree.map(lambda x: x[1], stacked).materialize()
+        return jnp.sum(kh * w[0]) + jnp.sum(vh ** 2 * w[1])
+
+    grads = {}
+    for impls in ((append, writes), ("xla", "xla")):
+        monkeypatch.setattr(cache_kivi, "APPEND_IMPL", impls[0])
+        monkeypatch.setattr(cache_common, "DEFAULT_WRITES_IMPL", impls[1])
+        grads[impls] = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))(new, stacked)
+    got, want = grads[append, writes], grads["xla", "xla"]
+    assert float(jnp.abs(want[0]).max()) > 0
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    for name in ("k_res", "v_res", "k_scale", "k_min", "v_scale", "v_min"):
+        np.testing.assert_allclose(np.asarray(getattr(got[1], name)), np.asarray(getattr(want[1], name)), rtol=1e-6,
+                                   atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("bits,dtype", [(2, jnp.bfloat16), (4, jnp.float16)])
