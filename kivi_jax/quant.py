@@ -206,6 +206,29 @@ def _round_outward(value_f32, dtype, direction):
     return jnp.where(fix, stepped, cast)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _group_extreme(x, axis: int, reduce):
+    """reduce (jnp.min / jnp.max) of x along ``axis``, kept. Derivative: jnp.min's / max's (the
+    tangent shared evenly among the elements equal to the result), except where none compares
+    equal, when it goes to the arg-min / arg-max element: jax's own rule divides by that count of
+    0. In a model's jitted gradient at XLA:CPU -O0 (the test suite's level) it was 0 for some
+    groups (the operand as compared not bit-equal to the one reduced) and the inf that followed
+    made every gradient upstream NaN."""
+    return reduce(x, axis=axis, keepdims=True)
+
+
+@_group_extreme.defjvp
+def _group_extreme_jvp(axis, reduce, primals, tangents):
+    (x,), (t,) = primals, tangents
+    out = _group_extreme(x, axis, reduce)
+    hit = (x == out).astype(t.dtype)
+    count = jnp.sum(hit, axis=axis, keepdims=True)
+    arg = (jnp.argmax if reduce is jnp.max else jnp.argmin)(x, axis=axis, keepdims=True)
+    first = (lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim) == arg).astype(t.dtype)
+    share = jnp.where(count > 0, hit / jnp.maximum(count, 1), first)
+    return out, jnp.sum(share * t, axis=axis, keepdims=True)
+
+
 def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     """Stored (scale, min) of groups laid out along ``reduce_axis`` of float32 ``xg``.
 
@@ -219,8 +242,8 @@ def group_params(xg: jax.Array, bits: int, dtype, reduce_axis: int):
     # ±inf counts as ±the dtype's max (a group of +inf alone had min +inf and a NaN scale,
     # one of -inf alone a scale of -inf: both dequantized to NaN)
     lim = (float(finfo.min), float(finfo.max))
-    mn = jnp.clip(jnp.min(xg, axis=reduce_axis, keepdims=True), *lim)
-    mx = jnp.clip(jnp.max(xg, axis=reduce_axis, keepdims=True), *lim)
+    mn = jnp.clip(_group_extreme(xg, reduce_axis, jnp.min), *lim)
+    mx = jnp.clip(_group_extreme(xg, reduce_axis, jnp.max), *lim)
     mn_s = _round_outward(mn, dtype, -1)
     mn_f = mn_s.astype(jnp.float32)
     # max - min as one subtraction (mx / levels - mn / levels loses everything when
