@@ -27,4 +27,4 @@ timeout 150 python -m benchmarks.continuation --model llama2-7b --dtype bfloat16
     --new 1024,64 --capacity 16384 --caches dense --ways extend_in_loop,extend_after,fresh_prefill --reps 2 \
     --out "${OUT:-benchmarks/results}" 2>&1 | tail -12
 timeout 100 python -m benchmarks.decode_step_ab --layers 32 --caches dense,kivi2,kivi2m --arms allpallas \
-    --tag "-$NAME-mask" 2>&1 | tail -8
+    --tag="-$NAME-mask" 2>&1 | tail -8

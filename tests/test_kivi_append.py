@@ -111,10 +111,12 @@ def test_grad_through_the_append_and_row_writes_kernels(append, writes, monkeypa
         grads[impls] = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))(new, stacked)
     got, want = grads[append, writes], grads["xla", "xla"]
     assert float(jnp.abs(want[0]).max()) > 0
-    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+    # (float32 rounding apart: the two programs fuse differently; on an H100 v_res's differed by
+    # up to 3e-5 relative, gpu-tests-run144-paths; a wrong derivative is off by O(1))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-4, atol=1e-5)
     for name in ("k_res", "v_res", "k_scale", "k_min", "v_scale", "v_min"):
-        np.testing.assert_allclose(np.asarray(getattr(got[1], name)), np.asarray(getattr(want[1], name)), rtol=1e-6,
-                                   atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(np.asarray(getattr(got[1], name)), np.asarray(getattr(want[1], name)), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("bits,dtype", [(2, jnp.bfloat16), (4, jnp.float16)])
