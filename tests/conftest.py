@@ -54,17 +54,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer():
-    """SmolLM2's tokenizer (byte-level BPE and a chat template) from the packaged GGUF."""
+def smollm2_gguf():
+    """The packaged SmolLM2 GGUF's path; the test is skipped, saying how to get it, where it is missing."""
     pytest.importorskip("gguf")
+    import models
+
+    try:
+        return models.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer (byte-level BPE and a chat template) from the packaged GGUF."""
     import models
     from models.config import read_gguf
 
-    try:
-        path = models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    tok = models.gguf_tokenizer(read_gguf(path))
+    tok = models.gguf_tokenizer(read_gguf(smollm2_gguf))
     assert tok.chat_template and len(tok) == 49152
     return tok
 

@@ -35,16 +35,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    # (a hard dependency, but a --no-deps install, as on the device machine, lacks it)
-    gguf = pytest.importorskip("gguf", reason="pip install gguf (a kivi-jax dependency)")
-    import models
-
-    try:
-        path = models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return models.gguf_tokenizer(gguf.GGUFReader(str(path)))
+def tokenizer(smol_tokenizer):
+    return smol_tokenizer
 
 
 def _ids(n, b=2, seed=0):

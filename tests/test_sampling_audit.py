@@ -276,20 +276,15 @@ HF_LAYER = {"attn_norm": ("input_layernorm", False), "q_proj": ("self_attn.q_pro
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair():
+def smollm2_pair(smollm2_gguf):
     """(transformers' LlamaForCausalLM, float32, eager attention; our Flax model): the same
     weights, SmolLM2 read from the packaged GGUF by our loader and copied into transformers' model
     built from the config. (transformers' own GGUF loader takes 15 s of this file's budget; the
     slow tests in tests/models hold our loader to its logits.)"""
-    pytest.importorskip("gguf")
     import models
     from flax import nnx
 
-    try:
-        path = models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    ours, _ = models.load_gguf(path, tokenizer=False)
+    ours, _ = models.load_gguf(smollm2_gguf, tokenizer=False)
     params = nnx.to_pure_dict(models.functional(ours)[1])
     cfg = {k: v for k, v in ours.config.to_hf_dict().items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)

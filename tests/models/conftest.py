@@ -24,33 +24,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-def _smollm2_path():
-    import models
-
-    try:
-        return models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="session")
-def smollm2():
+def smollm2(smollm2_gguf):
     """(model float32, tokenizer) from the packaged GGUF."""
-    pytest.importorskip("gguf")
     import models
 
-    _smollm2_path()
     return models.load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2():
+def hf_smollm2(smollm2_gguf):
     """transformers' PyTorch LlamaForCausalLM loaded from the same GGUF, float32, eval mode."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
-    p = _smollm2_path()
+    p = smollm2_gguf
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
                                                  local_files_only=True)

@@ -14,13 +14,8 @@ TINY = models.ModelConfig(vocab_size=53, hidden_size=32, intermediate_size=48, n
                           num_kv_heads=2, head_dim=16)
 
 
-def test_smollm2_gguf_config_matches_the_published_shape():
-    pytest.importorskip("gguf")
-    try:
-        path = models.smollm2_gguf_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    c = models.ModelConfig.from_gguf(path)
+def test_smollm2_gguf_config_matches_the_published_shape(smollm2_gguf):
+    c = models.ModelConfig.from_gguf(smollm2_gguf)
     # EVAL-DATA.md: 30 layers, hidden 576, intermediate 1536, 9 heads, 3 KV heads, head_dim 64,
     # vocab 49152, rope_theta 100000, 8192 positions, eps 1e-5, tied, 134.5M parameters
     assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) == \
