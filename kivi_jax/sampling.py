@@ -78,10 +78,19 @@ def top_p_rest(top_p) -> jax.Array:
     return 1.0 - jnp.asarray(top_p, jnp.float32)
 
 
+def _first_argmax(logits, axis=-1):
+    """``jnp.argmax`` with NaN as the maximum, the first NaN, on every backend (torch.argmax's
+    pick). XLA:GPU's parallel reduction returns any one of several NaNs (index 50 of a row with NaN
+    at 5 and 50, H100 run145): NaN equals nothing, so the reducer's lower-index rule for ties never
+    applies to it. Over the boolean NaN mask the tie rule holds."""
+    nan = jnp.isnan(logits)
+    return jnp.where(nan.any(axis), jnp.argmax(nan, axis), jnp.argmax(logits, axis)).astype(jnp.int32)
+
+
 def _sample_row(logits, key, temperature, rest, cfg: SamplingConfig):
     """logits [V] float32, key a typed PRNG key, rest = 1 - top_p -> token id (int32 scalar)."""
     if cfg.greedy:
-        return jnp.argmax(logits).astype(jnp.int32)
+        return _first_argmax(logits)
     vocab = logits.shape[-1]
     if cfg.top_k is None and not cfg.use_top_p:
         # (the best logit subtracted first: a tiny temperature leaves it at 0 and the rest at -inf
@@ -118,7 +127,7 @@ def sample(logits, keys, *, temperature, cfg: SamplingConfig, top_p=None, rest=N
     temperature = jnp.asarray(temperature, jnp.float32)
     rest = top_p_rest(top_p) if rest is None else jnp.asarray(rest, jnp.float32)
     if cfg.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _first_argmax(logits)
     return jax.vmap(lambda lg, k: _sample_row(lg, k, temperature, rest, cfg))(logits, keys)
 
 
