@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
-# The first device call of the next session that gets one (about 9.5 min; the timeouts sum to
-# 580 s): what sessions 39-41 changed and could not compile, then the one timing still missing.
-#  1. the tests of those paths, compiled (gpu_tests sets XLA_PYTHON_CLIENT_PREALLOCATE=false: a bare
-#     pytest -n 4 failed most tests in session 39): extend's cuDNN attention on [B, heads, T, D]
-#     operands (attention._cudnn_bnth), the row-writes kernel's bounds mask (session 40), session
-#     41's kernel paths under jax.grad (kivi_jax.derivatives: the decode, append and row-writes
-#     kernels differentiated as their XLA references), the padded head_dim dispatch, the float16
-#     scale rule inside the append kernels (quant.group_params), and the audit files of sessions 40-41;
-#  2. a dense continuation at 16384 tokens (it ran out of memory in every way before the BNTH fix,
-#     continuation-gpu-run141-dense; the README says "not yet timed");
-#  3. a 32-layer decode step after the mask and the derivative wrappers, dense and KIVI-2 in both layouts
-#     (the row writes and appends are in every step; the forward program should be unchanged).
+# The first device call of the next session that gets one (about 8 min; the timeouts sum to 480 s):
+# what session 42 could not measure. Sessions 39-41's paths and audit files ran compiled in runs
+# 144-146 (an H100 80GB) and the paper setting's step was unchanged there (run147/148).
+#  1. the layouts' crossover for multi-head attention on this card: the 32-layer Llama-2-7B-shape
+#     step at batch 96 for capacities 498 to 4096, the token layout against the Mosaic one (each in
+#     its own process). KIVIConfig(layout="auto") picks the Mosaic layout for MHA at every length on
+#     any Hopper GPU, measured on the H200 (0.982x dense at the paper setting, run125); on the H100
+#     it was 1.087x dense there, the token layout 1.00x (run147/148). Where the token layout wins on
+#     a card, resolve_layout should pick it (cache_mosaic.AUTO_GQA_MIN_LENGTH is the GQA rule);
+#  2. (an H200 only: 64 GiB of dense cache) the dense continuation at 16384 tokens, which ran out of
+#     memory before the BNTH fix (continuation-gpu-run141-dense) and on the H100 (run144).
 #   KIVI_COMMIT=<sha> NAME=runNN bash benchmarks/gpu_pending.sh     (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}"
 NAME="${NAME:-pending}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 200 python -m benchmarks.gpu_tests --name "$NAME-paths" --budget-s 190 \
-    --files tests/test_attention.py,tests/test_extend.py,tests/test_prefill_chunk.py,tests/test_row_writes.py,tests/test_kivi_append.py,tests/test_cache_mosaic.py \
-    --select "cudnn or extend or chunk or does_not_copy or row_writes or writes or grad" 2>&1 | tail -15
-timeout 130 python -m benchmarks.gpu_tests --name "$NAME-audits" --budget-s 120 \
-    --files tests/test_sampling_audit.py,tests/test_checkpoint_cli_audit.py,tests/models/test_models_checkpoint.py,tests/test_kernel_audit.py,tests/test_quant_audit.py,tests/models/test_models_training_audit.py \
-    2>&1 | tail -15
-timeout 150 python -m benchmarks.continuation --model llama2-7b --dtype bfloat16 --batch 8 --prompt 2048 \
-    --new 1024,64 --capacity 16384 --caches dense --ways extend_in_loop,extend_after,fresh_prefill --reps 2 \
-    --out "${OUT:-benchmarks/results}" 2>&1 | tail -12
-timeout 100 python -m benchmarks.decode_step_ab --layers 32 --caches dense,kivi2,kivi2m --arms allpallas \
-    --tag="-$NAME-mask" 2>&1 | tail -8
+for L in 498 1024 2048 4096; do
+  for c in kivi2 kivi2m; do
+    timeout 75 python -m benchmarks.decode_step_ab --layers 32 --batch 96 --prompt $((L - 338)) --max-length "$L" \
+        --caches "$c" --arms allpallas --tag="-$NAME-$c-$L" 2>&1 | tail -1 | cut -c1-160
+  done
+done
+# one JSON of the 8 runs (8 files come back a call)
+python - "${OUT:-benchmarks/results}" "$NAME" <<'EOF'
+import json, pathlib, sys
+out, name = pathlib.Path(sys.argv[1]), sys.argv[2]
+files = sorted(out.glob(f"decode-step-ab-{name}-kivi2*.json"))
+env = {k: v for k, v in json.loads(files[0].read_text()).items() if k != "rows"} if files else {}
+rows = [dict(r, max_length=int(f.stem.rsplit("-", 1)[1])) for f in files for r in json.loads(f.read_text())["rows"]]
+for r in rows:
+    r.pop("examples", None)
+(out / f"decode-step-ab-{name}-layouts.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
+for f in files:
+    f.unlink(), f.with_suffix(".md").unlink(missing_ok=True)
+for f in out.glob(f"decode-step-*{name}*.hlo.txt"):
+    f.unlink()
+for r in sorted(rows, key=lambda r: (r["max_length"], r["cache"])):
+    print(r["max_length"], r["cache"], round(r["step_ms"], 3))
+EOF
+if nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | awk '{exit !($1 > 100000)}'; then
+  timeout 150 python -m benchmarks.continuation --model llama2-7b --dtype bfloat16 --batch 8 --prompt 2048 \
+      --new 1024,64 --capacity 16384 --caches dense --ways extend_in_loop,extend_after,fresh_prefill --reps 2 \
+      --out "${OUT:-benchmarks/results}" 2>&1 | tail -12
+fi
