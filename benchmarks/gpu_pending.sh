@@ -10,13 +10,13 @@
 #     a card, resolve_layout should pick it (cache_mosaic.AUTO_GQA_MIN_LENGTH is the GQA rule);
 #  2. (an H200 only: 64 GiB of dense cache) the dense continuation at 16384 tokens, which ran out of
 #     memory before the BNTH fix (continuation-gpu-run141-dense) and on the H100 (run144).
-#   KIVI_COMMIT=<sha> NAME=runNN bash benchmarks/gpu_pending.sh     (results under $OUT)
+#   KIVI_COMMIT=<sha> NAME=runNN [LENGTHS="498 1024"] bash benchmarks/gpu_pending.sh     (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}"
 NAME="${NAME:-pending}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for L in 498 1024 2048 4096; do
+for L in ${LENGTHS:-498 1024 2048 4096}; do
   for c in kivi2 kivi2m; do
     timeout 75 python -m benchmarks.decode_step_ab --layers 32 --batch 96 --prompt $((L - 338)) --max-length "$L" \
         --caches "$c" --arms allpallas --tag="-$NAME-$c-$L" 2>&1 | tail -1 | cut -c1-160
