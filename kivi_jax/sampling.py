@@ -79,12 +79,25 @@ def top_p_rest(top_p) -> jax.Array:
 
 
 def _first_argmax(logits, axis=-1):
-    """``jnp.argmax`` with NaN as the maximum, the first NaN, on every backend (torch.argmax's
-    pick). XLA:GPU's parallel reduction returns any one of several NaNs (index 50 of a row with NaN
-    at 5 and 50, H100 run145): NaN equals nothing, so the reducer's lower-index rule for ties never
-    applies to it. Over the boolean NaN mask the tie rule holds."""
-    nan = jnp.isnan(logits)
-    return jnp.where(nan.any(axis), jnp.argmax(nan, axis), jnp.argmax(logits, axis)).astype(jnp.int32)
+    """The index of the maximum along ``axis``, NaN above everything, the lowest index on ties
+    (NaNs tie with each other): torch.argmax's pick, on every backend. ``jnp.argmax``'s reducer
+    keeps whichever NaN it sees second, so XLA:GPU's tree reduction returned index 50 of a row
+    with NaN at 5 and 50 (H100, run145). This reducer orders (is NaN, value, -index) totally, so
+    the order of the reduction does not matter, and it stays one reduction (a vocabulary split
+    over devices costs the same collectives as jnp.argmax's)."""
+    axis = axis % logits.ndim
+    index = lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    init = (jnp.array(-jnp.inf, logits.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+    return lax.reduce((logits, index), init, _keep_first, (axis,))[1]
+
+
+def _keep_first(a, b):
+    """_first_argmax's reducer: of two (value, index) pairs the larger value, NaN the largest,
+    on a tie (NaN with NaN included) the lower index. Associative and commutative."""
+    (av, ai), (bv, bi) = a, b
+    an, bn = jnp.isnan(av), jnp.isnan(bv)
+    a_wins = (an & ~bn) | (av > bv) | (((av == bv) | (an & bn)) & (ai < bi))
+    return jnp.where(a_wins, av, bv), jnp.where(a_wins, ai, bi)
 
 
 def _sample_row(logits, key, temperature, rest, cfg: SamplingConfig):

@@ -219,6 +219,24 @@ def test_greedy_equals_torch_argmax_ties_included():
     np.testing.assert_array_equal(kivi_jax.sample_logits(xb, None), want_b)
 
 
+def test_greedy_pick_does_not_depend_on_the_reduction_order():
+    """A GPU folds a row's (value, index) pairs in another order than the CPU: jnp.argmax's
+    reducer keeps whichever of two NaNs it meets second, so an H100 picked the later NaN (run145).
+    Greedy's reducer, folded in every order and grouping over all rows of three values from NaN,
+    +-inf, +-0 and ties, gives torch.argmax's pick."""
+    import itertools
+
+    vals = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 2.0]
+    rows = np.array(list(itertools.product(vals, repeat=3)), np.float32)  # [343, 3]
+    want = torch.argmax(torch.tensor(rows), dim=-1).numpy()
+    pair = [(jnp.asarray(rows[:, i]), jnp.full(len(rows), i, jnp.int32)) for i in range(3)]
+    for a, b, c in itertools.permutations(range(3)):
+        left = sampling._keep_first(sampling._keep_first(pair[a], pair[b]), pair[c])
+        right = sampling._keep_first(pair[a], sampling._keep_first(pair[b], pair[c]))
+        np.testing.assert_array_equal(left[1], want, err_msg=f"(({a}, {b}), {c})")
+        np.testing.assert_array_equal(right[1], want, err_msg=f"({a}, ({b}, {c}))")
+
+
 # ---- ties: documented differences, held to HF's counts ------------------------------------
 
 def test_top_k_tie_keeps_exactly_k_lower_ids_where_hf_keeps_all_tied():
