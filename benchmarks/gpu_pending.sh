@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The first device call of the next session that gets one (about 8 min; the timeouts sum to 480 s):
-# what session 42 could not measure. Sessions 39-41's paths and audit files ran compiled in runs
+# The first device call of the next session that gets one (about 9 min; the timeouts sum to 540 s):
+# what session 42 could not measure or compile. Sessions 39-41's paths and audit files ran compiled in runs
 # 144-146 (an H100 80GB) and the paper setting's step was unchanged there (run147/148).
 #  1. the layouts' crossover for multi-head attention on this card: the 32-layer Llama-2-7B-shape
 #     step at batch 96 for capacities 498 to 4096, the token layout against the Mosaic one (each in
@@ -16,6 +16,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}"
 NAME="${NAME:-pending}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# greedy's total-order reducer (1f980d8), compiled: XLA:GPU's argmax kept the later NaN (run145)
+timeout 60 python -m benchmarks.gpu_tests --name "$NAME-greedy" --budget-s 50 --workers 1 \
+    --files tests/test_sampling_audit.py,tests/test_generate.py --select greedy 2>&1 | tail -2
 for L in ${LENGTHS:-498 1024 2048 4096}; do
   for c in kivi2 kivi2m; do
     timeout 75 python -m benchmarks.decode_step_ab --layers 32 --batch 96 --prompt $((L - 338)) --max-length "$L" \
