@@ -1,7 +1,8 @@
 """Next-token selection: greedy argmax, or temperature / top-k / top-p (nucleus) sampling.
 
 Everything runs on float32 logits. Ties are broken deterministically toward the lower
-token id: ``jnp.argmax`` returns the first maximum, ``lax.top_k`` puts the lower index
+token id: greedy takes the first maximum (NaN above all, as torch.argmax; one reduction whose
+order does not matter, see :func:`_first_argmax`), ``lax.top_k`` puts the lower index
 first among equal values, and the top-p sort is stable. The order of the filters is the
 usual one (as in Hugging Face's warpers): divide by the temperature, keep the ``top_k``
 largest, then keep the smallest prefix of the rest (sorted by probability, descending)
