@@ -90,6 +90,14 @@ def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
 #: (e2e-2026-12-02-run56-mistral4k). Before lane_softmax the layouts crossed near 1536 (-run87/88).
 AUTO_GQA_MIN_LENGTH = 1024
 
+#: ... and on an H100 (its name in the device's device_kind), multi-head attention too picks it from
+#: this many tokens. The Llama-2-7B shape's 32-layer step at batch 96 on an H100 80GB took 11.69 ms
+#: in the Mosaic layout vs 10.71 in the token layout at 498 tokens, 13.75 vs 17.07 at 1024
+#: (results/decode-step-ab-h100-run150-layouts; dense 10.70 at 498, run148), where the H200 had the
+#: Mosaic layout ahead at 498 already (10.44 vs 11.49 ms, e2e-2026-12-04-run125). The two lines
+#: through those points cross at about 620 tokens; no capacity in between has been measured.
+AUTO_MHA_MIN_LENGTH_H100 = 640
+
 
 def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_length: int,
                    dtype=jnp.bfloat16, devices=None) -> KIVIConfig:
@@ -97,32 +105,39 @@ def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, hea
     they are): "mosaic" where the Mosaic GPU kernel runs and was measured faster end to end, else
     "tokens". The Mosaic kernel runs on one Hopper GPU (compute capability 9.0: wgmma/TMA; not
     under a mesh of several devices) over a bf16 cache of plain KIVI-2 with head_dim 128 and 1, 2
-    or 4 query heads a KV head. Faster: multi-head attention at every length measured (Llama-2-7B
-    shape on the H200: 10.30 vs 12.09 ms steps at the paper's setting, e2e-2026-12-02-run53; 55.6
-    vs 78.4 ms at 4096 tokens, batch 128, e2e-2026-12-01-run11); grouped-query attention from
-    AUTO_GQA_MIN_LENGTH tokens.
+    or 4 query heads a KV head. Faster: multi-head attention at every length measured on the H200
+    (Llama-2-7B shape: 10.30 vs 12.09 ms steps at the paper's setting, e2e-2026-12-02-run53; 55.6
+    vs 78.4 ms at 4096 tokens, batch 128, e2e-2026-12-01-run11), from AUTO_MHA_MIN_LENGTH_H100
+    tokens on an H100; grouped-query attention from AUTO_GQA_MIN_LENGTH tokens.
     devices: the devices the cache will live on; default: where a new cache lands, i.e. a context
     mesh's devices (``jax.set_mesh``; ``generate(mesh=...)`` traces under one) or else JAX's
     default device (one GPU of a multi-GPU host)."""
     if config.layout != "auto":
         return config
     g = num_heads // num_kv_heads if num_kv_heads and num_heads % num_kv_heads == 0 else 0
-    runs = (_one_hopper(devices) and not config.mosaic_conflicts() and head_dim == D
+    hopper = _one_hopper(devices)
+    runs = (hopper is not None and not config.mosaic_conflicts() and head_dim == D
             and jnp.dtype(dtype) == jnp.bfloat16 and g in HEADS)
-    faster = g == 1 or max_length >= AUTO_GQA_MIN_LENGTH
+    if g == 1:
+        h100 = "H100" in str(getattr(hopper, "device_kind", ""))
+        faster = not h100 or max_length >= AUTO_MHA_MIN_LENGTH_H100
+    else:
+        faster = max_length >= AUTO_GQA_MIN_LENGTH
     return dataclasses.replace(config, layout="mosaic" if runs and faster else "tokens")
 
 
-def _one_hopper(devices) -> bool:
-    """Whether a cache on ``devices`` (None: see resolve_layout) sits on one GPU of compute capability 9.0."""
+def _one_hopper(devices):
+    """The GPU of compute capability 9.0 a cache on ``devices`` (None: see resolve_layout) sits
+    on, if it sits on one such GPU alone; else None."""
     if devices is None:
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty and math.prod(mesh.shape.values()) > 1:  # sharded over several devices
-            return False
+            return None
         default = jax.config.jax_default_device  # None, a Device, or a platform name
         devices = [jax.devices(default)[0] if isinstance(default, str) else default or jax.devices()[0]]
-    return (len(devices) == 1 and devices[0].platform == "gpu"
-            and getattr(devices[0], "compute_capability", None) == "9.0")
+    one = (len(devices) == 1 and devices[0].platform == "gpu"
+           and getattr(devices[0], "compute_capability", None) == "9.0")
+    return devices[0] if one else None
 
 
 def store_capacity(config: KIVIConfig, max_length: int) -> int:

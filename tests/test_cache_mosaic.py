@@ -372,8 +372,11 @@ def test_stacked_writes_through_the_row_writes_kernel():
 class _Device:
     """What resolve_layout reads of a jax Device."""
 
-    def __init__(self, platform="gpu", compute_capability="9.0"):
-        self.platform, self.compute_capability = platform, compute_capability
+    def __init__(self, platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200"):
+        self.platform, self.compute_capability, self.device_kind = platform, compute_capability, device_kind
+
+
+H100 = _Device(device_kind="NVIDIA H100 80GB HBM3")
 
 
 @pytest.mark.parametrize("case, want", [
@@ -395,6 +398,12 @@ class _Device:
     (dict(num_kv_heads=8, max_length=1024), "mosaic"),  # and at 1024 (run93: lane_softmax)
     (dict(num_kv_heads=8, max_length=1023), "tokens"),  # slower at 512 (run93)
     (dict(num_kv_heads=4, max_length=8192), "tokens"),  # 8 query heads a KV head: not the kernel's
+    (dict(devices=[H100]), "tokens"),  # the H100: MHA measured slower at 498 tokens (run150)
+    (dict(devices=[H100], max_length=1024), "mosaic"),  # and faster at 1024 (run150)
+    (dict(devices=[H100], max_length=639), "tokens"),
+    (dict(devices=[H100], max_length=640), "mosaic"),
+    (dict(devices=[H100], num_kv_heads=8, max_length=1023), "tokens"),  # GQA: the H200's rule
+    (dict(devices=[H100], num_kv_heads=8, max_length=1024), "mosaic"),
     (dict(config=TOKENS), "tokens"),  # an explicit layout is kept
     (dict(config=MOSAIC, devices=[_Device("cpu", None)]), "mosaic"),
 ])
