@@ -31,10 +31,8 @@ rows = [dict(r, max_length=int(f.stem.rsplit("-", 1)[1])) for f in files for r i
 for r in rows:
     r.pop("examples", None)
 (out / f"decode-step-ab-{name}-layouts.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
-for f in files:
-    f.unlink(), f.with_suffix(".md").unlink(missing_ok=True)
-for f in out.glob(f"decode-step-*{name}*.hlo.txt"):
-    f.unlink()
+for f in [*files, *(f.with_suffix(".md") for f in files), *out.glob(f"decode-step-*{name}*.hlo.txt")]:
+    f.unlink(missing_ok=True)
 for r in sorted(rows, key=lambda r: (r["max_length"], r["cache"])):
     print(r["max_length"], r["cache"], round(r["step_ms"], 3))
 EOF
