@@ -7,6 +7,7 @@ RoPE scaling is spelled out as fields instead of a nested dict.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any
@@ -321,6 +322,26 @@ class ModelConfig:
         )
 
 
+@functools.cache
+def _gguf_reader_class():
+    """``gguf.GGUFReader`` reading through a plain ndarray view of its np.memmap (the same mapped
+    bytes, no copy). The reader slices its buffer once or twice per metadata string, and a slice
+    of an np.memmap pays for the subclass's ``__getitem__`` and ``__array_finalize__``: SmolLM2's
+    98k vocabulary and merge strings took 2.2 s to parse that way, 0.7 s through the view."""
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._view
+
+        @data.setter
+        def data(self, mapped):  # GGUFReader.__init__ assigns its np.memmap here
+            self._view = np.asarray(mapped)  # its base keeps the mapping alive
+
+    return Reader
+
+
 def read_gguf(path):
     """``gguf.GGUFReader`` of ``path``; a corrupt or truncated file is a ValueError naming it.
 
@@ -328,13 +349,11 @@ def read_gguf(path):
     ("file appears to be version 0", NumPy reshape or dtype-view errors, "cannot mmap an empty
     file"); the original exception is kept as the cause.
     """
-    import gguf
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     try:
-        return gguf.GGUFReader(path)
+        return _gguf_reader_class()(path)
     except Exception as e:  # noqa: BLE001 -- gguf raises ValueError, IndexError, struct errors ... on bad bytes
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                          f"it is corrupt or truncated: re-download it") from e

@@ -155,3 +155,40 @@ def test_gguf_missing_shape_metadata_names_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"nometa.gguf: the GGUF metadata lacks the required key "
                                          r"'llama.attention.head_count'"):
         models.load_gguf(tmp_path / "nometa.gguf", tokenizer=False)
+
+
+def test_read_gguf_parses_what_gguf_parses_from_the_same_mapping(tmp_path):
+    """read_gguf reads through a plain view of gguf's np.memmap (3x faster on SmolLM2's vocabulary):
+    every field (strings, string arrays, numbers) and tensor equals gguf.GGUFReader's own, and the
+    tensors are read-only views of the mapped file, not copies."""
+    from models.config import read_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "llama")
+    rng = np.random.default_rng(1)
+    words = ["".join(rng.choice(list("abcĠéz 日本"), size=rng.integers(1, 9))) for _ in range(300)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(words)
+    w.add_token_types([int(t) for t in rng.integers(1, 5, size=300)])
+    w.add_token_merges([f"{a} {b}" for a, b in zip(words, words[1:])])
+    w.add_float32("test.eps", 9.5e-6)
+    w.add_array("test.ints", [int(i) for i in rng.integers(-2**31, 2**31, size=17)])
+    w.add_tensor("a.weight", rng.standard_normal((7, 32)).astype(np.float32))
+    w.add_tensor("b.weight", rng.standard_normal((3, 64)).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path = str(tmp_path / "meta.gguf")
+    ours, theirs = read_gguf(path), gguf.GGUFReader(path)
+    assert isinstance(ours, gguf.GGUFReader) and list(ours.fields) == list(theirs.fields)
+    for key, f in theirs.fields.items():
+        g = ours.fields[key]
+        assert (g.name, g.types, g.data, g.offset) == (f.name, f.types, f.data, f.offset), key
+        assert len(g.parts) == len(f.parts) and all(np.array_equal(a, b) for a, b in zip(g.parts, f.parts)), key
+        assert g.contents() == f.contents(), key
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == words
+    assert [t.name for t in ours.tensors] == ["a.weight", "b.weight"] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+        assert not a.data.flags.writeable and np.shares_memory(a.data, ours.data)
+    assert isinstance(ours.data.base, np.memmap)  # the file's mapping, not a copy of it
