@@ -90,13 +90,20 @@ def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
 #: (e2e-2026-12-02-run56-mistral4k). Before lane_softmax the layouts crossed near 1536 (-run87/88).
 AUTO_GQA_MIN_LENGTH = 1024
 
-#: ... and on an H100 (its name in the device's device_kind), multi-head attention too picks it from
-#: this many tokens. The Llama-2-7B shape's 32-layer step at batch 96 on an H100 80GB took 11.69 ms
-#: in the Mosaic layout vs 10.71 in the token layout at 498 tokens, 13.75 vs 17.07 at 1024
-#: (results/decode-step-ab-h100-run150-layouts; dense 10.70 at 498, run148), where the H200 had the
-#: Mosaic layout ahead at 498 already (10.44 vs 11.49 ms, e2e-2026-12-04-run125). The two lines
-#: through those points cross at about 620 tokens; no capacity in between has been measured.
+#: On an H100 (its name in the device's device_kind) both rules are their own. Multi-head attention
+#: picks the Mosaic layout from this many tokens: the Llama-2-7B shape's 32-layer step at batch 96
+#: on an H100 80GB took 11.93 ms in the Mosaic layout vs 11.49 in the token layout at 576 tokens,
+#: 12.01 vs 12.27 at 640, 12.86 vs 13.84 at 768 (results/decode-step-ab-h100-run151-mha-layouts;
+#: 11.69 vs 10.71 at 498 and 13.75 vs 17.07 at 1024 in -run150), where the H200 had the Mosaic
+#: layout ahead at 498 already (10.44 vs 11.49 ms, e2e-2026-12-04-run125).
 AUTO_MHA_MIN_LENGTH_H100 = 640
+
+#: ... and grouped-query attention from this many: the Mistral-7B shape's step at batch 64 (as
+#: -run93 on the H200) took 8.45 vs 8.27 ms at 512 tokens, 8.25 vs 8.38 at 576, 8.33 vs 8.60 at 640,
+#: 8.31 vs 8.67 at 768, 8.94 vs 9.15 at 1024 and 9.66 vs 10.58 at 2048
+#: (results/decode-step-ab-h100-run151-154-gqa-layouts). The H200's rule (1024) was set from 512
+#: and 1024 alone; its 576-768 are not measured.
+AUTO_GQA_MIN_LENGTH_H100 = 576
 
 
 def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_length: int,
@@ -108,7 +115,8 @@ def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, hea
     or 4 query heads a KV head. Faster: multi-head attention at every length measured on the H200
     (Llama-2-7B shape: 10.30 vs 12.09 ms steps at the paper's setting, e2e-2026-12-02-run53; 55.6
     vs 78.4 ms at 4096 tokens, batch 128, e2e-2026-12-01-run11), from AUTO_MHA_MIN_LENGTH_H100
-    tokens on an H100; grouped-query attention from AUTO_GQA_MIN_LENGTH tokens.
+    tokens on an H100; grouped-query attention from AUTO_GQA_MIN_LENGTH tokens
+    (AUTO_GQA_MIN_LENGTH_H100 on an H100).
     devices: the devices the cache will live on; default: where a new cache lands, i.e. a context
     mesh's devices (``jax.set_mesh``; ``generate(mesh=...)`` traces under one) or else JAX's
     default device (one GPU of a multi-GPU host)."""
@@ -118,11 +126,11 @@ def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, hea
     hopper = _one_hopper(devices)
     runs = (hopper is not None and not config.mosaic_conflicts() and head_dim == D
             and jnp.dtype(dtype) == jnp.bfloat16 and g in HEADS)
+    h100 = "H100" in str(getattr(hopper, "device_kind", ""))
     if g == 1:
-        h100 = "H100" in str(getattr(hopper, "device_kind", ""))
         faster = not h100 or max_length >= AUTO_MHA_MIN_LENGTH_H100
     else:
-        faster = max_length >= AUTO_GQA_MIN_LENGTH
+        faster = max_length >= (AUTO_GQA_MIN_LENGTH_H100 if h100 else AUTO_GQA_MIN_LENGTH)
     return dataclasses.replace(config, layout="mosaic" if runs and faster else "tokens")
 
 
