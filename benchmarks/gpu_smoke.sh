@@ -7,19 +7,9 @@
 #     512 tokens), whole calls next to dense; the breakdown (kernel only, magic and convert);
 #  2. one decode step, dense and KIVI-2, traced per kernel;
 #  3. the paper setting end to end (dense, KIVI-2).
-# Pending since session 39 (its device time ran out; session 40 was lent none): extend's cuDNN
-# attention on BNTH operands (attention._cudnn_bnth) compiled only (extend-memory-run143), and
-# session 40's row_writes bounds mask (lowered for CUDA on a CPU only). First call: python -m
-# benchmarks.gpu_tests --name runNN --files tests/test_attention.py,tests/test_extend.py,
-# tests/test_prefill_chunk.py,tests/test_row_writes.py --select "cudnn or extend or chunk or does_not_copy
-# or row_writes or writes" --budget-s 220 (a bare
-# pytest -n 4 without XLA_PYTHON_CLIENT_PREALLOCATE=false fails most tests), then python -m
-# benchmarks.continuation --model llama2-7b --dtype bfloat16 --batch 8 --prompt 2048 --new 1024,64
-# --capacity 16384 --caches dense,kivi2m --ways extend_in_loop,extend_after,fresh_prefill --reps 2 --out $OUT
-# (dense ran out of memory in every continuation way before, continuation-gpu-run141-dense).
-# Then session 40's new test files: gpu_tests --files tests/test_sampling_audit.py,
-# tests/test_checkpoint_cli_audit.py,tests/models/test_models_checkpoint.py (~2 min), and a
-# decode step after the row_writes mask: decode_step_ab --layers 32 --caches dense,kivi2 --arms allpallas.
+# What sessions 39-41 left pending ran in sessions 42-43: extend's cuDNN attention on BNTH operands,
+# the row_writes bounds mask and sessions 40-41's test files compiled (gpu-tests-run144-146, an H100),
+# the dense continuation at capacity 16384 (continuation-gpu-run155-156-dense, an H200).
 # Then, as separate calls (each <= 10 min). Session 23 ran the issue's decode-attention grid with the
 # Mosaic path in three calls (python -m benchmarks.decode_attention --no-breakdown --kv-heads 32
 # --bits-mha 2 --budget-s 470; --kv-heads 8; --bits-mha 4 --budget-s 220: 4.5 / 6.3 / ~1.5 min) and a

@@ -80,30 +80,24 @@ def check_config(config: KIVIConfig, head_dim: int) -> KIVIConfig:
 
 
 #: KIVIConfig(layout="auto") with grouped-query attention picks the Mosaic layout from this many
-#: tokens of capacity (max_length). On the H200, with the kernel's softmax in the key
-#: accumulator's layout (lane_softmax), the Mistral-7B shape's 32-layer step at batch 64 took
-#: 7.30 vs 7.54 ms (the token layout; dense 7.05) at 1024 tokens, 7.69 vs 8.26 at 1536 and 7.97
-#: vs 9.06 at 2048, but 6.88 vs 6.68 at 512 (results/decode-step-ab-2026-12-03-run93-*): rows
-#: of one or two 256-token steps leave the Mosaic path's window and append the larger share. The
-#: paper's 498 tokens, batch 96, stay with the token layout (7.87 vs 7.17 ms before lane_softmax,
-#: -run82); at 4352 tokens, batch 256, 42.08 vs 45.92 ms even before the narrow operands
-#: (e2e-2026-12-02-run56-mistral4k). Before lane_softmax the layouts crossed near 1536 (-run87/88).
-AUTO_GQA_MIN_LENGTH = 1024
+#: tokens of capacity (max_length): rows of one or two 256-token steps leave the Mosaic path's
+#: window and append the larger share. The Mistral-7B shape's 32-layer step at batch 64, Mosaic vs
+#: token layout (dense), on the H200: 6.89 vs 6.66 ms (6.35) at 512 tokens, 6.74 vs 6.85 (6.32) at
+#: 576, 6.74 vs 7.02 (6.67) at 768 (results/decode-step-ab-h200-run155-156-gqa-layouts; 7.30 vs 7.54
+#: at 1024 and 7.97 vs 9.06 at 2048 in -run93, which set this at 1024 from 512 and 1024 alone); on an
+#: H100 80GB 8.45 vs 8.27 (8.08) at 512, 8.25 vs 8.38 (8.12) at 576, 8.33 vs 8.60 at 640, 8.31 vs 8.67
+#: at 768, 9.66 vs 10.58 at 2048 (decode-step-ab-h100-run151-154-gqa-layouts). The paper's 498 tokens,
+#: batch 96, stay with the token layout; at 4352 tokens, batch 256, 42.08 vs 45.92 ms even before
+#: the narrow operands (e2e-2026-12-02-run56-mistral4k).
+AUTO_GQA_MIN_LENGTH = 576
 
-#: On an H100 (its name in the device's device_kind) both rules are their own. Multi-head attention
-#: picks the Mosaic layout from this many tokens: the Llama-2-7B shape's 32-layer step at batch 96
-#: on an H100 80GB took 11.93 ms in the Mosaic layout vs 11.49 in the token layout at 576 tokens,
-#: 12.01 vs 12.27 at 640, 12.86 vs 13.84 at 768 (results/decode-step-ab-h100-run151-mha-layouts;
-#: 11.69 vs 10.71 at 498 and 13.75 vs 17.07 at 1024 in -run150), where the H200 had the Mosaic
-#: layout ahead at 498 already (10.44 vs 11.49 ms, e2e-2026-12-04-run125).
+#: On an H100 (its name in the device's device_kind) multi-head attention too picks the Mosaic
+#: layout only from this many tokens: the Llama-2-7B shape's 32-layer step at batch 96 on an H100
+#: 80GB took 11.93 ms in the Mosaic layout vs 11.49 in the token layout at 576 tokens, 12.01 vs
+#: 12.27 at 640, 12.86 vs 13.84 at 768 (results/decode-step-ab-h100-run151-mha-layouts; 11.69 vs
+#: 10.71 at 498 and 13.75 vs 17.07 at 1024 in -run150), where the H200 had the Mosaic layout ahead
+#: at 498 already (10.44 vs 11.49 ms, e2e-2026-12-04-run125).
 AUTO_MHA_MIN_LENGTH_H100 = 640
-
-#: ... and grouped-query attention from this many: the Mistral-7B shape's step at batch 64 (as
-#: -run93 on the H200) took 8.45 vs 8.27 ms at 512 tokens, 8.25 vs 8.38 at 576, 8.33 vs 8.60 at 640,
-#: 8.31 vs 8.67 at 768, 8.94 vs 9.15 at 1024 and 9.66 vs 10.58 at 2048
-#: (results/decode-step-ab-h100-run151-154-gqa-layouts). The H200's rule (1024) was set from 512
-#: and 1024 alone; its 576-768 are not measured.
-AUTO_GQA_MIN_LENGTH_H100 = 576
 
 
 def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, head_dim: int, max_length: int,
@@ -115,8 +109,7 @@ def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, hea
     or 4 query heads a KV head. Faster: multi-head attention at every length measured on the H200
     (Llama-2-7B shape: 10.30 vs 12.09 ms steps at the paper's setting, e2e-2026-12-02-run53; 55.6
     vs 78.4 ms at 4096 tokens, batch 128, e2e-2026-12-01-run11), from AUTO_MHA_MIN_LENGTH_H100
-    tokens on an H100; grouped-query attention from AUTO_GQA_MIN_LENGTH tokens
-    (AUTO_GQA_MIN_LENGTH_H100 on an H100).
+    tokens on an H100; grouped-query attention from AUTO_GQA_MIN_LENGTH tokens.
     devices: the devices the cache will live on; default: where a new cache lands, i.e. a context
     mesh's devices (``jax.set_mesh``; ``generate(mesh=...)`` traces under one) or else JAX's
     default device (one GPU of a multi-GPU host)."""
@@ -126,11 +119,11 @@ def resolve_layout(config: KIVIConfig, *, num_heads: int, num_kv_heads: int, hea
     hopper = _one_hopper(devices)
     runs = (hopper is not None and not config.mosaic_conflicts() and head_dim == D
             and jnp.dtype(dtype) == jnp.bfloat16 and g in HEADS)
-    h100 = "H100" in str(getattr(hopper, "device_kind", ""))
     if g == 1:
+        h100 = "H100" in str(getattr(hopper, "device_kind", ""))
         faster = not h100 or max_length >= AUTO_MHA_MIN_LENGTH_H100
     else:
-        faster = max_length >= (AUTO_GQA_MIN_LENGTH_H100 if h100 else AUTO_GQA_MIN_LENGTH)
+        faster = max_length >= AUTO_GQA_MIN_LENGTH
     return dataclasses.replace(config, layout="mosaic" if runs and faster else "tokens")
 
 

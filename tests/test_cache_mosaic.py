@@ -396,17 +396,16 @@ H100 = _Device(device_kind="NVIDIA H100 80GB HBM3")
     (dict(num_kv_heads=8, max_length=4096), "mosaic"),  # measured faster at 4352 (run56)
     (dict(num_kv_heads=8, max_length=2048), "mosaic"),  # and at 2048 (run82: narrow operands)
     (dict(num_kv_heads=8, max_length=1024), "mosaic"),  # and at 1024 (run93: lane_softmax)
-    (dict(num_kv_heads=8, max_length=1023), "tokens"),  # slower at 512 (run93)
+    (dict(num_kv_heads=8, max_length=576), "mosaic"),  # and from 576 (run155)
+    (dict(num_kv_heads=8, max_length=575), "tokens"),  # slower at 512 (run93, run156)
     (dict(num_kv_heads=4, max_length=8192), "tokens"),  # 8 query heads a KV head: not the kernel's
     (dict(devices=[H100]), "tokens"),  # the H100: MHA measured slower at 498 tokens (run150)
     (dict(devices=[H100], max_length=1024), "mosaic"),  # and faster at 1024 (run150)
     (dict(devices=[H100], max_length=639), "tokens"),  # slower at 576 (run151)
     (dict(devices=[H100], max_length=640), "mosaic"),  # faster at 640 and 768 (run151)
-    (dict(devices=[H100], num_kv_heads=8), "tokens"),  # GQA on the H100: slower at 512 (run152)
+    (dict(devices=[H100], num_kv_heads=8), "tokens"),  # GQA on the H100 as on the H200: slower at 512 (run152)
     (dict(devices=[H100], num_kv_heads=8, max_length=575), "tokens"),
-    (dict(devices=[H100], num_kv_heads=8, max_length=576), "mosaic"),  # faster at 576 (run154)
-    (dict(num_kv_heads=8, max_length=576), "tokens"),  # (the H200's rule is its own)
-    (dict(devices=[H100], num_kv_heads=8, max_length=1024), "mosaic"),
+    (dict(devices=[H100], num_kv_heads=8, max_length=576), "mosaic"),  # faster from 576 (run154)
     (dict(config=TOKENS), "tokens"),  # an explicit layout is kept
     (dict(config=MOSAIC, devices=[_Device("cpu", None)]), "mosaic"),
 ])
