@@ -34,11 +34,6 @@ def tiny():
     return models.init_random(cfg, jax.random.key(1), init_std=0.3)  # a large init: peaky, input-dependent logits
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smol_tokenizer):
-    return smol_tokenizer
-
-
 def _ids(n, b=2, seed=0):
     return np.asarray(jax.random.randint(jax.random.key(seed), (b, n), 0, VOCAB), np.int32)
 
@@ -260,7 +255,7 @@ def test_methods_parse():
 # ---- passkey -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("filler", ["synthetic", "essays"])
 @pytest.mark.parametrize("length", [256, 1024])
-def test_passkey_prompt_puts_the_key_at_the_depth(tokenizer, filler, length):
+def test_passkey_prompt_puts_the_key_at_the_depth(smol_tokenizer, filler, length):
     if filler == "essays":
         from kivi_jax.eval import data
 
@@ -269,16 +264,16 @@ def test_passkey_prompt_puts_the_key_at_the_depth(tokenizer, filler, length):
         except data.DataError as e:
             pytest.skip(str(e))
     for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
-        p = passkey.build_prompt(tokenizer, length=length, depth=depth, key="48213", filler=filler)
+        p = passkey.build_prompt(smol_tokenizer, length=length, depth=depth, key="48213", filler=filler)
         assert p.length <= length
         assert p.length >= length - 60  # whole sentences only: a sentence or so short at most
-        needle = tokenizer.decode(p.context_ids[p.needle_start:p.needle_end].tolist())
+        needle = smol_tokenizer.decode(p.context_ids[p.needle_start:p.needle_end].tolist())
         assert needle == passkey.NEEDLE.format(key="48213")
-        assert "48213" not in tokenizer.decode(p.context_ids[:p.needle_start].tolist())
-        assert "48213" not in tokenizer.decode(p.context_ids[p.needle_end:].tolist())
+        assert "48213" not in smol_tokenizer.decode(p.context_ids[:p.needle_start].tolist())
+        assert "48213" not in smol_tokenizer.decode(p.context_ids[p.needle_end:].tolist())
         assert p.filler_len == len(p.context_ids) - p.filler_start - (p.needle_end - p.needle_start)
         assert abs(p.actual_depth - depth) <= 50 / p.filler_len, (depth, p.actual_depth)
-        full = tokenizer.decode(np.concatenate([p.context_ids, p.question_ids]).tolist())
+        full = smol_tokenizer.decode(np.concatenate([p.context_ids, p.question_ids]).tolist())
         assert full.startswith(passkey.HEADER) and full.endswith(passkey.QUESTION)
 
 
@@ -289,12 +284,12 @@ def test_passkey_answer_check():
     assert not passkey.answer_correct(" the pass key", "48213")
 
 
-def test_passkey_restored_cache_equals_the_models_own_prefill(tiny, tokenizer):
+def test_passkey_restored_cache_equals_the_models_own_prefill(tiny, smol_tokenizer):
     """The shared dense prefill, re-stored with the method's prefill, is the cache the model's own
     prefill builds."""
     from flax import nnx
 
-    p = [passkey.build_prompt(tokenizer, length=200, depth=d, key="31415") for d in (0.2, 0.8)]
+    p = [passkey.build_prompt(smol_tokenizer, length=200, depth=d, key="31415") for d in (0.2, 0.8)]
     n = max(len(x.context_ids) for x in p)
     ids = np.zeros((2, n), np.int32)
     for i, x in enumerate(p):
@@ -309,7 +304,7 @@ def test_passkey_restored_cache_equals_the_models_own_prefill(tiny, tokenizer):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-6)
 
 
-def test_passkey_and_ppl_runs_tables_and_plots(tiny, tokenizer, tmp_path):
+def test_passkey_and_ppl_runs_tables_and_plots(tiny, smol_tokenizer, tmp_path):
     from kivi_jax.eval import data
 
     try:
@@ -317,11 +312,11 @@ def test_passkey_and_ppl_runs_tables_and_plots(tiny, tokenizer, tmp_path):
     except data.DataError as e:
         pytest.skip(str(e))
     ms = methods.parse_methods("dense,kivi-2,kivi-2-ktoken", group_size=32, residual_length=32)
-    res = ppl.run(tiny, tokenizer, ms, texts=("essays",), num_chunks=2, chunk_len=48, prefill_len=1, bin_size=16,
+    res = ppl.run(tiny, smol_tokenizer, ms, texts=("essays",), num_chunks=2, chunk_len=48, prefill_len=1, bin_size=16,
                   progress=False, model_name="tiny")
     by = {r["method"]: r for r in res["results"]}
     assert by["dense"]["tokens_scored"] == 2 * 47 and by["dense"]["vs_dense"] == 0.0
-    ref = ppl.perplexity(ppl.full_forward_nll(tiny, data.token_chunks(tokenizer, data.essays_text(), num_chunks=2,
+    ref = ppl.perplexity(ppl.full_forward_nll(tiny, data.token_chunks(smol_tokenizer, data.essays_text(), num_chunks=2,
                                                                       chunk_len=48)))
     assert abs(by["dense"]["ppl"] / ref - 1) < 1e-5
     table = ppl.markdown(res)
@@ -334,7 +329,7 @@ def test_passkey_and_ppl_runs_tables_and_plots(tiny, tokenizer, tmp_path):
         warnings.simplefilter("error")
         assert plot.plot_ppl(solo, tmp_path / "solo.png").stat().st_size > 10_000
 
-    pk = passkey.run(tiny, tokenizer, ms[:2], lengths=[np.int64(160)], depths=[0.3, 0.7], fillers=["synthetic"],
+    pk = passkey.run(tiny, smol_tokenizer, ms[:2], lengths=[np.int64(160)], depths=[0.3, 0.7], fillers=["synthetic"],
                      trials=np.int64(1), progress=False, model_name="tiny")  # (NumPy integers are integers)
     assert len(pk["records"]) == 4 and {a["total"] for a in pk["accuracy"]} == {2}
     assert all(set(r) >= {"key", "answer", "correct", "depth"} for r in pk["records"])

@@ -39,10 +39,9 @@ def hf_smollm2(smollm2_gguf):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
-    p = smollm2_gguf
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32, local_files_only=True)
     return model.eval()
 
 
