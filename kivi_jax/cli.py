@@ -241,19 +241,23 @@ def _load(source: str, dtype: str = "float32"):
         raise UsageError(f"cannot load model {source!r}: no such file or directory")
     try:
         return models.load_model(source, dtype=jnp.dtype(dtype))
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"cannot load model {source!r}: {_one_line(e)}") from None
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # RuntimeError: a GGUF tokenizer
+        raise UsageError(f"cannot load model {source!r}: {_one_line(e)}") from None    # transformers could not build
 
 
 def _no_tokenizer(source: str) -> UsageError:
     """The error for a model loaded without a tokenizer, saying why: a kivi-jax checkpoint saved
-    without tokenizer= stores weights and config only; a Hugging Face directory needs tokenizer.json."""
+    without tokenizer= stores weights and config only; a Hugging Face directory needs tokenizer.json,
+    a GGUF file the tokenizer.ggml.* metadata."""
     from models.checkpoint import is_checkpoint
 
     if is_checkpoint(os.path.expanduser(source)):
         return UsageError(f"model {source!r} is a kivi-jax checkpoint saved without a tokenizer: save it with "
                           f"models.save_checkpoint(model, path, tokenizer=tokenizer) or `kivi-jax convert`, "
                           f"or pass the .gguf file or Hugging Face directory it came from")
+    if source.lower().endswith(".gguf"):  # load_gguf gives None where the file has no tokenizer.ggml.model
+        return UsageError(f"model {source!r} is a GGUF file without a tokenizer (no tokenizer.ggml.model in its "
+                          f"metadata): pass the Hugging Face directory it came from, or a checkpoint saved with one")
     return UsageError(f"model {source!r} has no tokenizer (a Hugging Face directory needs tokenizer.json)")
 
 

@@ -261,11 +261,24 @@ class ModelConfig:
             f = fields.get(key)
             return default if f is None else f.contents()
 
-        def required(key):
+        def number(key, default=None):
+            # llama.cpp reads the head counts (and may read others) with get_key_or_arr: a per-layer
+            # array is valid; int() of it was a bare TypeError. One value for all layers is accepted.
             v = get(key)
             if v is None:
-                raise ValueError(f"the GGUF metadata lacks the required key {key!r}")
+                return default
+            if isinstance(v, list):
+                if len({int(x) for x in v}) != 1:
+                    raise ValueError(f"{key}={v} in the GGUF differs between layers (or is empty); "
+                                     f"allowed: one value for all layers")
+                v = v[0]
             return int(v)
+
+        def required(key):
+            v = number(key)
+            if v is None:
+                raise ValueError(f"the GGUF metadata lacks the required key {key!r}")
+            return v
 
         arch = get("general.architecture")
         if arch not in ("llama", "mistral"):
@@ -291,12 +304,36 @@ class ModelConfig:
                 raise ValueError(f"the GGUF has no {arch}.vocab_size, tokenizer.ggml.tokens or token_embd.weight: "
                                  f"the vocabulary size is unknown")
             vocab = int(emb.shape[-1])
+        # RoPE scaling as llama.cpp's loader reads it (llama-model.cpp): an absent type means
+        # "linear", the factor is rope.scaling.factor else the older rope.scale_linear key, 0 or
+        # absent means 1, and type "none" never scales. Reading only an explicit type "linear" left a
+        # file carrying just the factor (or the old key, as the first converters wrote it) unscaled.
         scaling = get(f"{arch}.rope.scaling.type")
-        rope_type, factor = "default", 1.0
-        if scaling not in (None, "none"):
-            if scaling != "linear":
-                raise ValueError(f"{arch}.rope.scaling.type={scaling!r} in the GGUF; allowed: 'none', 'linear'")
-            rope_type, factor = "linear", float(get(f"{arch}.rope.scaling.factor", 1.0))
+        factor = get(f"{arch}.rope.scaling.factor")
+        if factor is None:
+            factor = get(f"{arch}.rope.scale_linear")
+        factor = float(factor) if factor else 1.0
+        rope_type = "default"
+        if scaling not in (None, "none", "linear"):
+            raise ValueError(f"{arch}.rope.scaling.type={scaling!r} in the GGUF; allowed: 'none', 'linear'")
+        if scaling == "linear" or (scaling is None and factor != 1.0):
+            rope_type = "linear"
+        if rope_type == "default":
+            factor = 1.0
+        # head_dim: attention.key_length, else rope.dimension_count (transformers' reading), else
+        # embedding_length / head_count (llama.cpp's). The model rotates the whole head with one
+        # head size for q, k and v: a rope.dimension_count (partial RoPE) or value_length that
+        # differs was ignored, a silently wrong model; llama.cpp refuses the former for llama too.
+        key_len = number(f"{arch}.attention.key_length")
+        rot = number(f"{arch}.rope.dimension_count")
+        head_dim = key_len if key_len is not None else rot if rot is not None else hidden // max(heads, 1)
+        for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.value_length"):
+            v = number(key)
+            if v is not None and v != head_dim:
+                src = (f"{arch}.attention.key_length" if key_len is not None else f"{arch}.rope.dimension_count"
+                       if rot is not None else f"{arch}.embedding_length / {arch}.attention.head_count")
+                raise ValueError(f"{key}={v} in the GGUF differs from the head size {head_dim} ({src}); allowed: "
+                                 f"equal (RoPE over the whole head, one head size for queries, keys and values)")
         sliding = get(f"{arch}.attention.sliding_window")
         eos = get("tokenizer.ggml.eos_token_id")
         bos = get("tokenizer.ggml.bos_token_id")
@@ -306,8 +343,8 @@ class ModelConfig:
             intermediate_size=required(f"{arch}.feed_forward_length"),
             num_layers=required(f"{arch}.block_count"),
             num_heads=heads,
-            num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
-            head_dim=int(get(f"{arch}.attention.key_length", hidden // max(heads, 1))),
+            num_kv_heads=number(f"{arch}.attention.head_count_kv", heads),
+            head_dim=head_dim,
             rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
             rope_type=rope_type,
             rope_factor=factor,

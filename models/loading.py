@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig, read_gguf
-from models.llama import Llama, from_params
+from models.llama import Llama, from_params, param_shapes
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,28 +125,42 @@ def _hub_snapshot(repo_id: str) -> pathlib.Path | None:
 
 
 # ---- Hugging Face state dicts ------------------------------------------------------------------
-def params_from_hf(config: ModelConfig, get: Callable[[str], np.ndarray], names, dtype) -> dict:
-    """Pure parameter dict from HF tensor names. get(name) -> array [out, in] (torch layout)."""
+def params_from_hf(config: ModelConfig, get: Callable[[str], np.ndarray], names, dtype,
+                   origin: Callable[[str], str] | None = None) -> dict:
+    """Pure parameter dict from HF tensor names. get(name) -> array [out, in] (torch layout).
+    origin(name), if given, says where the tensor is (a file), for the error messages."""
     names = set(names)
     prefix = "model." if "model.embed_tokens.weight" in names else ""
     np_dtype = jnp.dtype(dtype)
     used = set()
+    shapes = param_shapes(config)
+    dims = (f"hidden_size={config.hidden_size}, intermediate_size={config.intermediate_size}, num_attention_heads="
+            f"{config.num_heads}, num_key_value_heads={config.num_kv_heads}, head_dim={config.head_dim}, "
+            f"vocab_size={config.vocab_size}")
 
-    def take(name, transpose=False):
+    def take(name, ours, transpose=False, layer=False):
         if name not in names:
             raise ValueError(f"weight {name!r} is missing (model_type={config.model_type!r}, "
                              f"num_layers={config.num_layers}, tie_word_embeddings={config.tie_word_embeddings})")
         used.add(name)
         a = np.asarray(get(name))
+        # checked per tensor: a mismatch in one layer was NumPy's "all input arrays must have the
+        # same shape" (np.stack), naming neither the tensor nor the file
+        want = list(shapes[ours][1:] if layer else shapes[ours])
+        want = want[::-1] if transpose else want
+        if list(a.shape) != want:
+            where = f"{origin(name)}: " if origin else ""
+            raise ValueError(f"{where}weight {name!r} has shape {list(a.shape)}; the config expects {want} ({dims})")
         return (a.T if transpose else a).astype(np_dtype)
 
     layers = {}
     for ours, (theirs, transpose) in _HF_LAYER.items():
-        layers[ours] = np.stack([take(f"{prefix}layers.{i}.{theirs}", transpose) for i in range(config.num_layers)])
-    params = {"embed": take(f"{prefix}embed_tokens.weight"), "layers": layers,
-              "final_norm": take(f"{prefix}norm.weight")}
+        layers[ours] = np.stack([take(f"{prefix}layers.{i}.{theirs}", f"layers/{ours}", transpose, layer=True)
+                                 for i in range(config.num_layers)])
+    params = {"embed": take(f"{prefix}embed_tokens.weight", "embed"), "layers": layers,
+              "final_norm": take(f"{prefix}norm.weight", "final_norm")}
     if not config.tie_word_embeddings:
-        params["lm_head"] = take("lm_head.weight", transpose=True)
+        params["lm_head"] = take("lm_head.weight", "lm_head", transpose=True)
     else:
         used.add("lm_head.weight")  # a tied head may be listed; it is the embedding
     extra = sorted(n for n in names - used if not n.endswith(_HF_IGNORED_SUFFIXES))
@@ -212,7 +226,7 @@ def load_hf_dir(path, dtype=jnp.float32):
             handles[f] = h
             for k in keys:
                 where[k] = f
-        params = params_from_hf(config, get, where.keys(), dtype)
+        params = params_from_hf(config, get, where.keys(), dtype, origin=lambda name: str(path / where[name]))
     finally:
         handles.clear()
     return from_params(config, params, dtype), _hf_tokenizer(path)
@@ -289,16 +303,31 @@ def load_gguf(path, dtype=jnp.float32, *, tokenizer: bool = True):
                          f"({len(extra)} in all): the config (model_type={config.model_type!r}, num_layers="
                          f"{config.num_layers}, tie_word_embeddings={config.tie_word_embeddings}) does not use them")
     np_dtype = jnp.dtype(dtype)
+    shapes = _gguf_shapes(config)
 
     def get(name):
         if name not in tensors:
             raise ValueError(f"{path}: tensor {name!r} is missing")
         t = tensors[name]
+        # The shape the metadata asks for, checked per tensor before use: a mismatch used to
+        # surface as NumPy's "all input arrays must have the same shape" (np.stack of the layers)
+        # or from_params' summary, naming neither the file nor the GGUF tensor.
+        want, formula = shapes[name.split(".", 2)[-1] if name.startswith("blk.") else name]
+        found = [int(n) for n in t.shape]
+        while len(found) > len(want) and found[-1] == 1:  # trailing unit dims, as llama.cpp allows
+            found.pop()
+        if found != want:
+            raise ValueError(f"{path}: tensor {name!r} ({t.tensor_type.name}) has shape {found}; the metadata asks "
+                             f"for {want} = [{formula}] (ggml order, innermost first, as gguf-dump lists it)")
         try:
-            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        except Exception as e:  # noqa: BLE001 -- a tensor type gguf cannot dequantize, or bad bytes
-            raise ValueError(f"{path}: tensor {name!r} ({t.tensor_type.name}, shape {list(t.shape)}) could not be "
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {name!r} has type {t.tensor_type.name}, which the gguf package "
+                             f"cannot dequantize; allowed: {_gguf_readable_types()}") from e
+        except Exception as e:  # noqa: BLE001 -- bad bytes
+            raise ValueError(f"{path}: tensor {name!r} ({t.tensor_type.name}, shape {found}) could not be "
                              f"read ({type(e).__name__}: {e})") from e
+        return w.reshape(want[::-1])
 
     def layer(i, ours):
         w = get(f"blk.{i}.{_GGUF_LAYER[ours]}")
@@ -319,13 +348,40 @@ def load_gguf(path, dtype=jnp.float32, *, tokenizer: bool = True):
     return model, (gguf_tokenizer(reader, path) if tokenizer else None)
 
 
+def _gguf_shapes(c: ModelConfig) -> dict[str, tuple[list[int], str]]:
+    """GGUF tensor name (``blk.N.`` stripped) -> (shape in ggml order, how the metadata gives it)."""
+    H, V, I, D = c.hidden_size, c.vocab_size, c.intermediate_size, c.head_dim
+    h = f"embedding_length {H}"
+    q = f"head_count {c.num_heads} * head_dim {D}"
+    kv = f"head_count_kv {c.num_kv_heads} * head_dim {D}"
+    ff = f"feed_forward_length {I}"
+    voc = f"vocab_size {V}"
+    return {
+        "token_embd.weight": ([H, V], f"{h}, {voc}"), "output.weight": ([H, V], f"{h}, {voc}"),
+        "output_norm.weight": ([H], h), "attn_norm.weight": ([H], h), "ffn_norm.weight": ([H], h),
+        "attn_q.weight": ([H, c.num_heads * D], f"{h}, {q}"), "attn_k.weight": ([H, c.num_kv_heads * D], f"{h}, {kv}"),
+        "attn_v.weight": ([H, c.num_kv_heads * D], f"{h}, {kv}"),
+        "attn_output.weight": ([c.num_heads * D, H], f"{q}, {h}"),
+        "ffn_gate.weight": ([H, I], f"{h}, {ff}"), "ffn_up.weight": ([H, I], f"{h}, {ff}"),
+        "ffn_down.weight": ([I, H], f"{ff}, {h}"),
+    }
+
+
+def _gguf_readable_types() -> str:
+    import gguf
+
+    traits = getattr(gguf.quants, "_type_traits", {})
+    return ", ".join(t.name for t in gguf.GGMLQuantizationType if t.name in ("F32", "F16") or t in traits)
+
+
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
 def gguf_tokenizer(reader, path=None):
-    """A transformers fast tokenizer built from the GGUF's tokenizer metadata.
+    """A transformers fast tokenizer built from the GGUF's tokenizer metadata (None where the
+    file has no ``tokenizer.ggml.model``).
 
     Byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``, e.g. SmolLM2, Llama 3) are
     built here with the ``tokenizers`` library, the way transformers' GGUF converter does, so no
@@ -334,6 +390,11 @@ def gguf_tokenizer(reader, path=None):
     which needs torch installed. Nothing is downloaded.
     """
     kind = _field(reader, "tokenizer.ggml.model")
+    if kind is None:
+        # No tokenizer in the file (llama.cpp cannot build one without this key either): None, as
+        # for a directory without tokenizer files. This raised a RuntimeError, so load_model
+        # failed on a GGUF whose weights load.
+        return None
     if kind == "gpt2":
         return _byte_level_tokenizer(reader)
     if path is None:
@@ -344,8 +405,9 @@ def gguf_tokenizer(reader, path=None):
         path = pathlib.Path(path)
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as e:
-        raise RuntimeError(f"tokenizer.ggml.model={kind!r} is built by transformers' GGUF loader, which failed "
-                           f"({type(e).__name__}: {e}); it needs torch installed") from e
+        hint = "; it needs torch installed" if importlib.util.find_spec("torch") is None else ""
+        raise RuntimeError(f"{path}: tokenizer.ggml.model={kind!r} is built by transformers' GGUF loader, which "
+                           f"failed ({type(e).__name__}: {e}){hint}") from e
 
 
 # The split rule of the ``tokenizer.ggml.pre`` types whose vocabularies were learned on it (as
