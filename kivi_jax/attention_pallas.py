@@ -268,6 +268,8 @@ def decode_attention(q, cache, *, window=None, interpret=False, variant="auto", 
     q_spec = P(kv[0], kv[1])  # query heads follow their KV heads (Hq = g * Hkv, contiguous)
     if kv[0] is None and kv[1] is None:
         return local(q, cache)
+    # (an Explicit-axes mesh: shard_map takes only inputs already in its in_specs)
+    q, cache = sharding.to_in_specs((q, cache), (q_spec, specs), mesh)
     return sharding.shard_map(local, mesh=mesh, in_specs=(q_spec, specs), out_specs=q_spec)(q, cache)
 
 

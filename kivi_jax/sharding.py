@@ -73,6 +73,15 @@ class ShardingRules:
             ok = v is None or isinstance(v, str) or (isinstance(v, tuple) and all(isinstance(a, str) for a in v))
             if not ok:
                 raise ValueError(f"ShardingRules.{name}={v!r} must be None, a mesh axis name or a tuple of names")
+            # an empty name matches no mesh axis (replicated silently); a repeated one gave a
+            # PartitionSpec that NamedSharding refuses (DuplicateSpecError) only when placed
+            names = (v,) if isinstance(v, str) else v or ()
+            if "" in names or len(set(names)) != len(names):
+                raise ValueError(f"ShardingRules.{name}={v!r} must name each mesh axis once, by a non-empty name")
+
+    def named_mesh_axes(self) -> set[str]:
+        """Every mesh axis name the rules use."""
+        return {a for name in LOGICAL_AXES for a in self.mesh_axes(name)}
 
     def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
         """The mesh axes a logical axis maps to (empty: replicated). None -> replicated."""
@@ -115,6 +124,35 @@ class ShardingRules:
 DEFAULT_RULES = ShardingRules()
 
 
+def check_mesh(mesh, *, abstract: bool = False):
+    """``mesh`` if it is a jax.sharding.Mesh (``abstract``: or an AbstractMesh, e.g. jax's context
+    mesh inside jit), else a TypeError naming it (a string or a device list failed deep inside
+    with "'str' object has no attribute 'shape'")."""
+    kinds = (Mesh, jax.sharding.AbstractMesh) if abstract else (Mesh,)
+    if not isinstance(mesh, kinds):
+        allowed = "a jax.sharding.Mesh" + (" or AbstractMesh" if abstract else "")
+        raise TypeError(f"mesh={mesh!r} must be {allowed} (e.g. kivi_jax.sharding.make_mesh(data=2, model=4)); "
+                        f"got a {type(mesh).__name__}")
+    return mesh
+
+
+def check_rules(rules, mesh=None) -> ShardingRules:
+    """``rules`` resolved: None -> :data:`DEFAULT_RULES` (which drop the mesh axes a mesh lacks);
+    rules given must be a ShardingRules naming only axes ``mesh`` has: a typo ("modle") would
+    replicate its arrays silently (``generate`` refuses such rules too)."""
+    if rules is None:
+        return DEFAULT_RULES
+    if not isinstance(rules, ShardingRules):
+        raise TypeError(f"rules={rules!r} must be None (the default rules) or a kivi_jax.sharding.ShardingRules; "
+                        f"got a {type(rules).__name__}")
+    if mesh is not None and rules is not DEFAULT_RULES:
+        missing = sorted(rules.named_mesh_axes() - set(mesh.axis_names))
+        if missing:
+            raise ValueError(f"rules name mesh axes {missing} that mesh lacks (its axes: {list(mesh.axis_names)}): "
+                             f"they would be replicated silently")
+    return rules
+
+
 # ---- meshes --------------------------------------------------------------------------------
 
 def _auto_axis_types(n: int):
@@ -152,7 +190,7 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("kivi_jax_sharding", de
 def use_mesh(mesh: Mesh, rules: ShardingRules | None = None):
     """Context in which the kernels shard themselves over ``mesh`` with ``rules``; it also
     enters ``jax.set_mesh(mesh)``. Trace (first call of a jitted function) inside it."""
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = check_rules(rules, check_mesh(mesh))
     token = _ACTIVE.set((mesh, rules))
     try:
         with jax.set_mesh(mesh):
@@ -165,6 +203,11 @@ def active_mesh(mesh=None, rules: ShardingRules | None = None):
     """(mesh, rules) to shard a kernel over: ``mesh`` if given, else the one of
     :func:`use_mesh`, else jax's context mesh (``jax.set_mesh``) with the default rules;
     (None, rules) when there is none or it has a single device."""
+    given = rules
+    if mesh is not None:
+        check_mesh(mesh, abstract=True)
+    if rules is not None:
+        check_rules(rules)
     ctx = _ACTIVE.get()
     if mesh is None and ctx is not None:
         mesh, ctx_rules = ctx
@@ -174,9 +217,29 @@ def active_mesh(mesh=None, rules: ShardingRules | None = None):
         # inside a caller's shard_map (manual axes) the arrays are already per-shard
         mesh = None if am.empty or getattr(am, "manual_axes", ()) else am
     rules = rules or DEFAULT_RULES
+    if given is not None and mesh is not None:
+        check_rules(given, mesh)
     if mesh is None or math.prod(mesh.shape.values()) == 1:
         return None, rules
     return mesh, rules
+
+
+def has_explicit_axes(mesh) -> bool:
+    """Whether ``mesh`` (a Mesh or AbstractMesh) has an Explicit axis (``jax.make_mesh``'s default
+    in jax >= 0.10)."""
+    return any(t == jax.sharding.AxisType.Explicit for t in (getattr(mesh, "axis_types", None) or ()))
+
+
+def to_in_specs(tree, specs, mesh):
+    """``tree`` resharded to ``specs`` (a matching pytree of PartitionSpecs) on ``mesh`` when the
+    mesh has Explicit axes, else as it is. Over Auto axes shard_map reshards its inputs itself;
+    over Explicit ones it refuses any input whose sharding differs from its in_spec ("in_specs
+    passed to shard_map: P('data', 'model', None, None) does not match the specs of the input:
+    P(None, None, None, None)"), so the decode kernel under ``jax.set_mesh(jax.make_mesh(...))``
+    raised where the reference path ran."""
+    if not has_explicit_axes(mesh):
+        return tree
+    return jax.sharding.reshard(tree, _to_shardings(specs, mesh))
 
 
 # ---- shard_map across jax versions ----------------------------------------------------------------
@@ -215,7 +278,9 @@ def cache_specs(cache, mesh: Mesh | None = None, rules: ShardingRules | None = N
     specs). Works on a KIVICache / DenseCache, on one with leading axes on every leaf (the
     stacked per-layer cache of models/cache.py: "layers" in front), and on any pytree holding
     them (other leaves: replicated). Leaves may be arrays or ShapeDtypeStructs."""
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = check_rules(rules)
+    if mesh is not None:
+        check_mesh(mesh, abstract=True)
 
     def one(c):
         if not _is_cache(c):
@@ -245,6 +310,7 @@ def cache_shardings(cache, mesh: Mesh, rules: ShardingRules | None = None):
 
 def shard_cache(cache, mesh: Mesh, rules: ShardingRules | None = None):
     """``cache`` placed on ``mesh``: batch and kv_heads split, the rest replicated."""
+    rules = check_rules(rules, check_mesh(mesh))
     return jax.device_put(cache, cache_shardings(cache, auto_mesh(mesh), rules))
 
 
@@ -290,7 +356,9 @@ def param_specs(state, mesh: Mesh | None = None, rules: ShardingRules | None = N
     """PartitionSpecs for a parameter pytree (an ``nnx.State`` or a pure dict), by parameter
     name (:data:`PARAM_AXES`). config (a models.ModelConfig or anything with num_heads and
     num_kv_heads) makes head-dimension splits follow whole heads."""
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = check_rules(rules)
+    if mesh is not None:
+        check_mesh(mesh, abstract=True)
     units = {}
     if config is not None and mesh is not None:
         hq, hkv = config.num_heads, config.num_kv_heads
@@ -320,6 +388,7 @@ def param_shardings(state, mesh: Mesh, rules: ShardingRules | None = None, confi
 
 def shard_params(state, mesh: Mesh, rules: ShardingRules | None = None, config=None):
     """``jax.device_put`` of a parameter pytree with :func:`param_shardings`."""
+    rules = check_rules(rules, check_mesh(mesh))
     mesh = auto_mesh(mesh)
     return jax.device_put(state, param_shardings(state, mesh, rules, config))
 
