@@ -39,10 +39,11 @@ GROUPS = {
                   "tests/test_prefix_audit.py"],
     "library": ["tests/test_generate.py", "tests/test_cache.py", "tests/test_quant.py", "tests/test_eager.py",
                 "tests/test_stacked_matmul.py", "tests/test_packing.py", "tests/test_prefill_blocks.py",
-                "tests/test_prefill_chunk.py", "tests/test_sampling_audit.py", "tests/test_quant_audit.py"],
+                "tests/test_prefill_chunk.py", "tests/test_sampling_audit.py", "tests/test_quant_audit.py",
+                "tests/test_generate_audit.py"],
     "models": ["tests/models"],
-    "tools": ["tests/test_sharding.py", "tests/test_bench_tools.py", "tests/test_cli.py", "tests/test_eval.py",
-              "tests/test_readme.py", "tests/test_checkpoint_cli_audit.py"],
+    "tools": ["tests/test_sharding.py", "tests/test_sharding_audit.py", "tests/test_bench_tools.py", "tests/test_cli.py",
+              "tests/test_eval.py", "tests/test_readme.py", "tests/test_checkpoint_cli_audit.py"],
 }
 
 

@@ -427,6 +427,12 @@ def _decode_body(model, c: _Carry, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
     return _emit(c, tok, ok, knobs, cfg)
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg",))
+def _decode_probe(graphdef, state, token, cache, *, cfg: _Config):
+    """One decode step's logits on ``cache`` (token [B, 1]): only ever traced, see _prepare."""
+    return _call_model(_merge(graphdef, state), token, cache, cfg, active=jnp.ones(token.shape[:1], bool))[0]
+
+
 # The carry's buffers are donated (the cache is updated in place); its per-row counters are not.
 # Under jax.vmap a counter that is equal across the requests (every prompt of one length, the
 # scalar step) comes in unbatched and goes out batched, so its donated buffer could not be reused
@@ -534,6 +540,24 @@ def _check_int32(name: str, x) -> None:
             raise ValueError(f"{name} hold {bad.size} value(s) outside int32, e.g. {bad[:3].tolist()}")
 
 
+def _as_array(name: str, x, allowed: str):
+    """x (input_ids or lengths) as a jax array, its concrete integers checked to fit int32. What
+    is not an array of numbers (a ragged list, a None in a list, strings) is a ValueError naming
+    ``name`` and ``allowed``: NumPy's and jax's own errors there ("inhomogeneous shape", "None
+    is not a valid value for jnp.array") named no parameter."""
+    if not isinstance(x, (jax.Array, jax.core.Tracer)):
+        try:
+            x = np.asarray(x)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            pass  # (a list holding traced values, e.g. lengths=[n] under vmap: jnp.asarray stacks them)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be {allowed}; got a {type(x).__name__} that is not one ({e})") from None
+        if isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must be {allowed}; got {x.dtype} array of shape {x.shape}")
+    _check_int32(name, x)
+    return jnp.asarray(x)
+
+
 def _check_token_ids(model, input_ids, lengths, eos) -> None:
     """Prompt tokens (each row's first lengths[b]; the padding after them is never read) and EOS
     ids inside the model's vocabulary: an embedding lookup of an id outside it is clamped by
@@ -592,8 +616,9 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
              pad_id, max_length, cache_dtype, attn_impl, mesh=None, rules=None, prefill_rows=None,
              matmul_impl=None, cache=None, prefill_chunk=None):
     """Validates eagerly (ValueError naming parameter, value and what is allowed)."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    # (< 2**31: generate counts tokens in int32; a larger count failed deep in jit with an OverflowError)
+    if not _is_int(max_new_tokens) or not 1 <= max_new_tokens < 2**31:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1 (and < 2**31)")
     sampler = sampling.check_sampling(temperature, top_k, top_p)
     if kivi is not None and not isinstance(kivi, KIVIConfig):
         raise ValueError(f"kivi={kivi!r} must be None (dense cache) or a KIVIConfig")
@@ -608,17 +633,21 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         if not jnp.issubdtype(cache_dtype, jnp.floating):
             raise ValueError(f"cache_dtype={cache_dtype} must be a floating dtype (or None for the model's default)")
 
-    _check_int32("input_ids", input_ids)
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer) or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must be an integer array [B, T] with T >= 1; got {input_ids.dtype} "
+    input_ids = _as_array("input_ids", input_ids, "an integer array [B, T] with B, T >= 1")
+    # (B >= 1 here too: an empty batch was refused later as the cache's "batch=0", not as input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer) or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be an integer array [B, T] with B, T >= 1; got {input_ids.dtype} "
                          f"array of shape {input_ids.shape}")
     input_ids = input_ids.astype(jnp.int32)
     b, t = input_ids.shape
     if cache is None and max_length is None:
         max_length = t + max_new_tokens
-    if max_length is not None and (not _is_int(max_length) or max_length < 1):
-        raise ValueError(f"max_length={max_length!r} must be an integer >= 1")
+        if max_length >= 2**31:
+            raise ValueError(f"max_new_tokens={max_new_tokens} with T={t}: the default max_length=T + max_new_tokens "
+                             f"= {max_length} is past int32 (positions are int32); pass a smaller max_new_tokens")
+    # (< 2**31: cache positions are int32; a larger one failed deep in jit with an OverflowError)
+    if max_length is not None and (not _is_int(max_length) or not 1 <= max_length < 2**31):
+        raise ValueError(f"max_length={max_length!r} must be an integer >= 1 (and < 2**31)")
     if cache is None and t > max_length:
         raise ValueError(f"max_length={max_length} is shorter than the prompt: input_ids has T={t} tokens "
                          f"(max_length must be >= T)")
@@ -626,8 +655,7 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
     if lengths is None:
         lengths = jnp.full((b,), t, jnp.int32)
     else:
-        _check_int32("lengths", lengths)
-        lengths = jnp.asarray(lengths)
+        lengths = _as_array("lengths", lengths, f"an integer array of shape ({b},)")
         if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.dtype} "
                              f"array of shape {lengths.shape}")
@@ -647,8 +675,11 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
             eos = list(eos_id)
         except TypeError:
             raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids") from None
-    if not all(_is_int(e) and e >= 0 for e in eos):
-        raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids (integers >= 0)")
+    # (< 2**31: the ids are compared in int32; past it, with no vocab_size to check against, the
+    # int32 conversion raised an OverflowError naming no parameter)
+    if not all(_is_int(e) and 0 <= e < 2**31 for e in eos):
+        raise ValueError(f"eos_id={eos_id!r} must be None, a token id, or a sequence of token ids (integers in "
+                         f"[0, 2**31))")
     _check_token_ids(model, input_ids, lengths, eos)
     if cache is not None:
         max_length = _check_continuation(model, cache, input_ids, lengths, max_length, kivi=kivi,
@@ -697,7 +728,22 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
             state = sharding.shard_params(state, mesh, rules, getattr(model, "config", None))
         input_ids = jax.device_put(input_ids, rules.sharding(mesh, ("batch",), input_ids.shape))
         lengths = jax.device_put(lengths, rules.sharding(mesh, ("batch",), lengths.shape))
+    if cache is not None:
+        # The cache is donated to the prompt's call (_feed), and decode steps were first traced after
+        # it ran: a decode step the model refuses (matmul_impl="bogus": only decode steps get it)
+        # raised with the caller's cache already deleted. One decode step traced here (nothing
+        # runs; jit-cached per shape and settings) raises such an error first.
+        with _on_mesh(cfg):
+            _decode_probe.trace(graphdef, state, jnp.zeros((b, 1), jnp.int32), _placed(cache, cfg), cfg=cfg)
     return graphdef, state, input_ids, lengths, keys, knobs, cfg
+
+
+def _placed(cache, cfg: _Config):
+    """A continued cache on generate's mesh (batch and kv_heads split; no copy where it is already
+    there): one on other devices, e.g. another mesh's, made jit refuse the mix of devices."""
+    if cache is None or cfg.mesh is None:
+        return cache
+    return sharding.shard_cache(cache, cfg.mesh, cfg.rules)
 
 
 def _check_prefill_chunk(prefill_chunk, prefill_rows, t: int, cfg: _Config) -> int | None:
@@ -812,7 +858,7 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
         matmul_impl=matmul_impl, cache=cache, prefill_chunk=prefill_chunk)
-    carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, cache)
+    carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, _placed(cache, cfg))
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
     return GenerateOutput(tokens=carry.tokens, lengths=carry.num_new, cache=carry.cache)
@@ -837,7 +883,7 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
         matmul_impl=matmul_impl, cache=cache, prefill_chunk=prefill_chunk)
-    return _stream(*prepared, cache)
+    return _stream(*prepared, _placed(cache, prepared[-1]))
 
 
 def _stream(graphdef, state, ids, lens, keys, knobs, cfg: _Config, cache=None) -> Iterator[StreamStep]:

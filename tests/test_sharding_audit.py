@@ -85,6 +85,7 @@ def _child() -> dict:
     res["mosaic"] = compare(one, out)
     res["mosaic"]["type"] = type(out.cache.layers).__name__
     res["mosaic"]["specs"] = specs(out.cache, ("kn", "kt", "k_res", "vn", "vt", "v_res", "lengths"))
+    on_2x2 = out.cache
 
     # -- that one-device cache continued on a data-only mesh (4 x 1) vs on one device ---------------------
     nxt = rng.integers(0, V, (4, 2)).astype(np.int32)
@@ -94,6 +95,14 @@ def _child() -> dict:
     out = gen(mm, nxt, cache=copy, mesh=sharding.make_mesh(4, 1), **more)
     res["continued"] = compare(gen(mm, nxt, cache=one.cache, **more), out)
     res["continued"]["specs"] = specs(out.cache, ("kn", "vt", "lengths"))
+
+    # -- the 2 x 2 mesh's cache continued on another mesh (4 x 2, all 8 devices): generate places it there --
+    try:
+        out = gen(mm, nxt, cache=on_2x2, mesh=sharding.make_mesh(4, 2), **more)
+        res["moved"] = {"tokens": np.asarray(out.tokens).tolist(), "specs": specs(out.cache, ("kn", "lengths")),
+                        "devices": len(out.cache.layers.kn.sharding.device_set)}
+    except Exception as e:  # (reported, asserted on below)
+        res["moved"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
     # -- the decode kernel under jax.set_mesh of jax.make_mesh's default (Explicit) axes -------------------
     # (the dense kernel: the shard_map wrapper is the KIVI kernel's too, and it compiles faster)
@@ -168,6 +177,16 @@ def test_mosaic_cache_shardings(child):
 
 def test_continued_on_data_only_mesh_shardings(child):
     assert child["continued"]["specs"] == {"kn": [None, "data"], "vt": [None, "data"], "lengths": [None, "data"]}
+
+
+def test_cache_continued_on_another_mesh_is_placed_there(child):
+    """A cache living on a 2 x 2 mesh's four devices, continued with mesh= a 4 x 2 mesh of all eight:
+    generate puts it on the new mesh (jit refused "incompatible devices" before) and its first token
+    is one device's."""
+    moved = child["moved"]
+    assert "error" not in moved, moved
+    assert moved["tokens"] == child["continued"]["one"]
+    assert moved["devices"] == 8 and moved["specs"] == {"kn": [None, "data", "model"], "lengths": [None, "data"]}
 
 
 def test_kernel_under_explicit_axes_mesh(child):
