@@ -670,6 +670,9 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
         eos = []
     elif _is_int(eos_id):
         eos = [eos_id]
+    elif isinstance(eos_id, (np.ndarray, np.generic, jax.Array)) and not isinstance(eos_id, jax.core.Tracer) \
+            and np.ndim(eos_id) <= 1 and np.issubdtype(np.asarray(eos_id).dtype, np.integer):
+        eos = np.asarray(eos_id).reshape(-1).tolist()  # (a 0-d or jax array of ids: list() refused those)
     else:
         try:
             eos = list(eos_id)

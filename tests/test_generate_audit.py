@@ -145,6 +145,22 @@ def test_stopping_edges_equal_the_plain_loop(model, ids, free, max_length):
     assert [len(w) for w in want][:2] == ([1, 1] if max_length == T else [N, 1])
 
 
+def test_eos_ids_as_arrays_are_the_ids(model, ids, free):
+    """eos_id as a 0-d NumPy or jax integer array, or a 1-d jax array: the same ids as Python ints
+    (a 1-d NumPy array was taken, the others refused as "not a sequence of token ids")."""
+    eos = eos_ids(free)
+    kw = dict(lengths=LENS, max_new_tokens=N, pad_id=-1)
+    want = np.asarray(generate(model, ids, eos_id=eos, **kw).tokens)
+    assert not np.array_equal(want, np.asarray(generate(model, ids, eos_id=eos[:1], **kw).tokens))
+    for e in (jnp.asarray(eos), np.asarray(eos, np.int64)):
+        assert np.array_equal(np.asarray(generate(model, ids, eos_id=e, **kw).tokens), want)
+    one = np.asarray(generate(model, ids, eos_id=eos[0], **kw).tokens)
+    for e in (np.int32(eos[0]), np.asarray(eos[0]), jnp.asarray(eos[0])):
+        assert np.array_equal(np.asarray(generate(model, ids, eos_id=e, **kw).tokens), one)
+    with pytest.raises(ValueError, match="eos_id="):
+        generate(model, ids, eos_id=jnp.asarray([[eos[0]]]), **kw)
+
+
 def test_one_new_token(model, ids, free):
     """max_new_tokens=1: the prefill's token only (no decode loop); the cache holds the prompts."""
     for e in (None, free[2][0]):
