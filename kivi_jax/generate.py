@@ -284,13 +284,16 @@ def _prefill(graphdef, state, input_ids, lengths, keys, knobs: _Knobs, *, cfg: _
     return _first_token(cache, last, lengths, keys, knobs, cfg)
 
 
-def _first_token(cache, last, cache_len, keys, knobs: _Knobs, cfg: _Config) -> _Carry:
+def _first_token(cache, last, cache_len, keys, knobs: _Knobs, cfg: _Config, fed=None) -> _Carry:
     """The carry after a prompt: column 0 sampled from last [B, V], the logits of each row's
-    last prompt token; cache_len [B]: the rows' real tokens in the cache."""
+    last prompt token; cache_len [B]: the rows' real tokens in the cache. fed [B] bool (a
+    continuation): the rows that took tokens; the others emit nothing and are done."""
     b = cache_len.shape[0]
     cache = sharding.constrain_cache(cache, cfg.mesh, cfg.rules)
     overflow = _cache_overflow(cache, b)
     ok = jnp.ones((b,), bool) if overflow is None else ~overflow
+    if fed is not None:
+        ok = ok & fed
     c = _Carry(cache=cache, token=jnp.zeros((b,), jnp.int32),
                tokens=jnp.full((b, cfg.max_new_tokens), knobs.pad_id, jnp.int32),
                num_new=jnp.zeros((b,), jnp.int32), cache_len=cache_len, done=jnp.zeros((b,), bool),
@@ -299,22 +302,24 @@ def _first_token(cache, last, cache_len, keys, knobs: _Knobs, cfg: _Config) -> _
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
-def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _Knobs, last=None, *, cfg: _Config,
-          treedef) -> _Carry:
+def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _Knobs, last=None, fed=None, *,
+          cfg: _Config, treedef) -> _Carry:
     """A prompt that continues a cache (its buffers donated), row b's first lengths[b] tokens at
     its positions cache.lengths[b] on; then column 0 is sampled from the logits of each row's
     last token. A model that takes ``extend`` gets them in one call (a chunked prefill: they
     attend to the cache and to each other, then are appended in order); otherwise they go
     through decode steps one by one (a row past its length appends nothing). last [B, V]: the
     last chunk of a prompt fed in chunks (:func:`_feed_chunks`): the logits of rows whose
-    tokens ended in an earlier chunk (lengths[b] == 0 here)."""
+    tokens ended in an earlier chunk (lengths[b] == 0 here). fed [B] bool: the rows that took
+    any tokens (default lengths > 0); a row that took none sits the call out (emits nothing)."""
     TRACE_COUNTS["feed"] += 1
+    fed = lengths > 0 if fed is None else fed
     model = _merge(graphdef, state)
     cache = sharding.constrain_cache(_join_carry(buffers, counters, treedef), cfg.mesh, cfg.rules)
     held = _cache_lengths(cache, input_ids.shape[0])
     if cfg.extend:
         cache, last = _extend(model, cache, input_ids, lengths, last, cfg)
-        return _first_token(cache, last, held + lengths, keys, knobs, cfg)
+        return _first_token(cache, last, held + lengths, keys, knobs, cfg, fed)
 
     def step(i, state):
         cache, last = state
@@ -326,7 +331,7 @@ def _feed(graphdef, state, buffers, counters, input_ids, lengths, keys, knobs: _
     shape = jax.eval_shape(lambda c: _call_model(model, input_ids[:, :1], c, cfg, active=lengths > 0)[0], cache)
     init = (cache, jnp.zeros((shape.shape[0], shape.shape[2]), shape.dtype))
     cache, last = lax.fori_loop(0, jnp.max(lengths), step, init)
-    return _first_token(cache, last, held + lengths, keys, knobs, cfg)
+    return _first_token(cache, last, held + lengths, keys, knobs, cfg, fed)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cfg", "treedef"), donate_argnames=("buffers",))
@@ -363,7 +368,8 @@ def _feed_chunks(graphdef, state, cache, input_ids, lengths, keys, knobs, cfg: _
         chunk, lens = ids[:, i * c:(i + 1) * c], jnp.clip(lengths - i * c, 0, c)
         buffers, counters, treedef = _split_carry(cache, input_ids)
         if i == n - 1:
-            return _feed(graphdef, state, buffers, counters, chunk, lens, keys, knobs, last, cfg=cfg, treedef=treedef)
+            return _feed(graphdef, state, buffers, counters, chunk, lens, keys, knobs, last, lengths > 0, cfg=cfg,
+                         treedef=treedef)
         cache, last = _feed_chunk(graphdef, state, buffers, counters, chunk, lens, last, cfg=cfg, treedef=treedef)
 
 
@@ -660,10 +666,12 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
             raise ValueError(f"lengths must be an integer array of shape ({b},); got {lengths.dtype} "
                              f"array of shape {lengths.shape}")
         concrete = _concrete(lengths)
+        lo = 0 if cache is not None else 1  # (continuing a cache, a row may sit the call out: 0 tokens)
         if concrete is not None:  # traced lengths (under jit / vmap) are the caller's business
-            bad = [int(x) for x in concrete if not 1 <= int(x) <= t]
+            bad = [int(x) for x in concrete if not lo <= int(x) <= t]
             if bad:
-                raise ValueError(f"lengths={bad} out of range: each prompt length must be in [1, T={t}]")
+                raise ValueError(f"lengths={bad} out of range: each prompt length must be in [{lo}, T={t}]"
+                                 + (" (0: the row sits this continuation out)" if lo == 0 else ""))
         lengths = lengths.astype(jnp.int32)
 
     if eos_id is None:
@@ -807,7 +815,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       input_ids: [B, T] integer prompts, right-padded; row b uses its first lengths[b] tokens.
       max_new_tokens: N >= 1, the most tokens generated per row (and the width of ``tokens``).
       kivi: None for a full-precision cache, or a KIVIConfig for a KIVI cache.
-      lengths: [B] prompt lengths, each in [1, T] (default: all T).
+      lengths: [B] prompt lengths, each in [1, T] (default: all T); continuing ``cache``, 0 lets
+        a row sit the call out (it feeds and emits nothing: num_new 0, its cache unchanged).
       temperature: 0 = greedy argmax; > 0 samples from softmax(logits / temperature).
       top_k: keep the k most likely tokens (None = all). top_p: nucleus mass in (0, 1].
       eos_id: None, a token id, or several; a row stops after emitting one (EOS kept).

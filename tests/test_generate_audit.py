@@ -254,7 +254,7 @@ def test_continuation_of_stopped_rows_after_refused_calls(model, ids, free):
         (dict(max_new_tokens=-1), ["max_new_tokens=-1", ">= 1"]),
         (dict(max_new_tokens=2.5), ["max_new_tokens=2.5", "integer"]),
         (dict(max_new_tokens=2**31), ["max_new_tokens=2147483648", "< 2**31"]),
-        (dict(lengths=[1, 4, 2, 5]), ["lengths=[5]", "[1, T=4]"]),
+        (dict(lengths=[1, 4, 2, 5]), ["lengths=[5]", "[0, T=4]", "sits this continuation out"]),
         (dict(lengths=[1, 4, 2]), ["lengths", "shape (4,)", "shape (3,)"]),
         (dict(lengths=np.array([1.0, 4.0, 2.0, 3.0])), ["lengths", "shape (4,)", "float"]),
         (dict(lengths=[1, 4, None, 3]), ["lengths", "shape (4,)", "object"]),
@@ -363,3 +363,53 @@ def test_llama_row_slices_then_a_continuation_refused_then_run(ids):
         r2.append(p.greedy(3, eos, cap))
     assert len(r2[0]) == 1  # row 0's cache is full with its input
     check_output(out2, r2, LENS + np.array([len(r) for r in r1]) - 1 + nl, 3, -1, cap)
+
+
+# ---- rows that sit a continuation out ------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["toy-decode-steps", "llama-extend-chunks"])
+def test_rows_with_no_tokens_sit_a_continuation_out(model, ids, which):
+    """Continuing a cache with lengths[b] == 0: row b feeds and emits nothing (num_new 0, tokens
+    all pad_id, its cache length unchanged) while the other rows go on as their plain loops; in a
+    third turn the rows that sat out continue as plain loops that never saw turn 2, so turn 2
+    left their caches as they were. The toy model feeds through decode steps, the Llama through
+    extend calls, here in chunks of 2 (a row with no tokens in any chunk)."""
+    if which.startswith("llama"):
+        llama = pytest.importorskip("models.llama")
+        from models.config import ModelConfig
+
+        m = llama.init_random(ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                                          num_heads=2, num_kv_heads=1, head_dim=16), jax.random.key(5), init_std=0.5)
+        kw = dict(attn_impl="reference", prefill_chunk=2)
+        first = dict(cache_dtype=jnp.float32)
+    else:
+        m, kw, first = model, {}, {}
+    cap = 24
+    plain_rows = [PlainRow(m, ids[b, :LENS[b]]) for b in range(len(LENS))]
+    r1 = [p.greedy(3) for p in plain_rows]
+    out1 = generate(m, ids, lengths=LENS, max_new_tokens=3, max_length=cap, **first, **kw)
+    assert rows(out1) == r1
+    held = LENS + 2
+    rng = np.random.default_rng(9)
+    nxt = rng.integers(0, V, (4, 3)).astype(np.int32)
+    nxt[:, 0] = [r[-1] for r in r1]
+    nl = np.array([3, 0, 2, 0], np.int32)
+    out2 = generate(m, nxt, lengths=nl, max_new_tokens=3, pad_id=-1, cache=out1.cache, **kw)
+    want2 = {}
+    for b in (0, 2):
+        for tok in nxt[b, :nl[b]]:
+            plain_rows[b].feed(int(tok))
+        want2[b] = plain_rows[b].greedy(3)
+    assert rows(out2) == [want2[0], [], want2[2], []]
+    assert (np.asarray(out2.tokens)[[1, 3]] == -1).all()
+    np.testing.assert_array_equal(cache_objects(out2.cache)[0].lengths, held + nl + [2, 0, 2, 0])
+    nxt3 = rng.integers(0, V, (4, 2)).astype(np.int32)
+    nxt3[:, 0] = [want2[0][-1], r1[1][-1], want2[2][-1], r1[3][-1]]
+    nl3 = np.array([0, 2, 0, 1], np.int32)
+    out3 = generate(m, nxt3, lengths=nl3, max_new_tokens=2, pad_id=-1, cache=out2.cache, **kw)
+    want3 = {}
+    for b in (1, 3):
+        for tok in nxt3[b, :nl3[b]]:
+            plain_rows[b].feed(int(tok))
+        want3[b] = plain_rows[b].greedy(2)
+    assert rows(out3) == [[], want3[1], [], want3[3]]
