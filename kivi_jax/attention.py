@@ -219,9 +219,15 @@ def _bounded_reference(q, cache, window, stack=None, exact=True):
 def _mosaic(q, cache, impl, window, stack):
     """A MosaicKIVICache: the Mosaic GPU kernel (impl "pallas", or "auto" on a GPU over a bf16
     cache), else the reference. The kernel's operands are bf16 (wgmma), so a float32 or float16
-    cache (exact checks; resolve_layout never picks this layout for one) takes the reference."""
+    cache (exact checks; resolve_layout never picks this layout for one) takes the reference.
+    Under a mesh of several devices the kernel does not run yet: "auto" takes XLA's path there
+    (GSPMD partitions it; the cache's writes fall back to XLA the same way) where it raised."""
+    from kivi_jax import sharding
+
     if impl == "auto":
         impl = "pallas" if _on_gpu() and cache.dtype == jnp.bfloat16 else "reference"
+        if impl == "pallas" and sharding.active_mesh()[0] is not None:
+            impl = "xla"
     if impl in ("reference", "xla"):
         return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
     if not _on_gpu():
@@ -231,11 +237,10 @@ def _mosaic(q, cache, impl, window, stack):
         raise ValueError(f"impl='pallas' on a MosaicKIVICache runs the Mosaic GPU kernel, which takes a bfloat16 "
                          f"cache; this one's dtype is {jnp.dtype(cache.dtype).name}; use impl='reference' or "
                          "'auto', or KIVIConfig(layout='tokens') for the Triton kernel in this dtype")
-    from kivi_jax import sharding
-
     if sharding.active_mesh()[0] is not None:  # (None for one device)
-        raise ValueError("the Mosaic kernel path does not run under a mesh of several devices yet; use "
-                         "KIVIConfig(layout='tokens') there (its kernels run per shard)")
+        raise ValueError("impl='pallas' on a MosaicKIVICache: the Mosaic kernel does not run under a mesh of "
+                         "several devices yet; use impl='auto' (XLA's path there) or KIVIConfig(layout='tokens') "
+                         "(its kernels run per shard)")
     from kivi_jax import attention_mosaic
 
     kernel = functools.partial(attention_mosaic.decode_attention, window=window)

@@ -589,6 +589,25 @@ def test_a_float32_cache_on_a_gpu_takes_the_reference(monkeypatch):
         kj.decode_attention(q, m, impl="pallas")
 
 
+def test_auto_under_a_mesh_takes_xlas_path(monkeypatch):
+    """On a GPU (stood in) under a mesh of several devices (stood in) the Mosaic kernel does not
+    run: "auto" attention is XLA's reference path (it raised), impl="pallas" a named error."""
+    from kivi_jax import attention, sharding
+
+    a, m, _, _ = _pair([300, 140], 0)
+    m = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, m)
+    q = jax.random.normal(jax.random.key(4), (2, 8, 1, D), jnp.bfloat16)
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention_mosaic, "decode_attention", lambda *a, **k: pytest.fail("the kernel path ran"))
+    monkeypatch.setattr(sharding, "active_mesh", lambda *a, **k: ("a mesh of 2", sharding.DEFAULT_RULES))
+    want = kj.decode_attention(q, m, impl="xla")
+    np.testing.assert_array_equal(np.asarray(kj.decode_attention(q, m), np.float32), np.asarray(want, np.float32))
+    ref = kj.decode_attention(q.astype(jnp.float32), a, impl="reference")
+    np.testing.assert_allclose(np.asarray(want, np.float32), np.asarray(ref), rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="the Mosaic kernel does not run under a mesh of several devices yet"):
+        kj.decode_attention(q, m, impl="pallas")
+
+
 @pytest.mark.parametrize("dtype,rotate,sinks", [(jnp.float32, "none", 0), (jnp.bfloat16, "none", 0),
                                                (jnp.bfloat16, "kv", 0), (jnp.float32, "none", 3)])
 def test_append_kernel_equals_the_xla_writes(dtype, rotate, sinks, monkeypatch):
