@@ -9,6 +9,7 @@
 #     dense vs KIVI-2 (KIVIConfig()'s layout) vs KIVI-4, without the HF baselines (they need the quanto
 #     wheel carried: see benchmarks/e2e.py).
 # On an H100 the same figures are that card's, not the H200's of record: name the card in the results.
+# Session 44 ran it twice on H100s (results/*h100-run157*, *h100-run158*): the H200 re-take is still to do.
 # Done in session 43 (results/*run151*-*run156*): the layout thresholds on both cards (MHA on an H100
 # from 640 tokens confirmed; GQA from 576 on both) and the dense continuation at 16384 tokens.
 #   NAME=runNN KIVI_COMMIT=<sha> bash benchmarks/gpu_pending.sh     (results under $OUT)
