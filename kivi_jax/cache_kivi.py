@@ -132,7 +132,7 @@ class KIVICache(cc.CacheShape, cc.SinksAndWindow):
     @property
     def prefix_unit(self) -> int:
         """Body tokens a :meth:`prefix` counts in: whole packed words and key groups."""
-        return self.config.capacity(1)
+        return self.config.capacity_unit  # (capacity(1) raises for a config with sinks)
 
     def prefix(self, tokens: int) -> "KIVICache":
         """A view for reading (materialize, attention) with the quantized stores cut to their first

@@ -28,7 +28,9 @@ class KIVIConfig:
 
     sink_tokens: S >= 0, the first S tokens of every row stay in full precision forever
       (attention sinks); quantization groups, the key residual and the value window count
-      from token S. Must be < max_length (checked by KIVICache.init).
+      from token S. Must be < max_length (checked by KIVICache.init). A decode_attention
+      ``window`` counts the sinks as ordinary positions (Mistral's: the newest W tokens, sinks
+      before them not attended), not StreamingLLM's sinks-plus-window.
     rotate: "none" | "k" | "v" | "kv": store K·H and/or V·H (H the orthonormal Hadamard
       matrix, :mod:`kivi_jax.rotation`; head_dim a power of two, checked when the cache is
       built). Attention rotates q before the scores and the output back after p·V.
@@ -110,13 +112,20 @@ class KIVIConfig:
             raise ValueError(f"group_size={self.group_size} must divide head_dim={head_dim}")
         _check_rotation_dim(head_dim, self.rotate)
 
+    @property
+    def capacity_unit(self) -> int:
+        """The unit :meth:`capacity` rounds to: whole packed blocks and key groups."""
+        return max(packing.block_len(self.k_bits), packing.block_len(self.v_bits), self.group_size, self.key_group)
+
     def capacity(self, max_length: int) -> int:
         """Token capacity of the quantized stores: the max_length - sink_tokens tokens after the
-        sinks, rounded up to whole packed blocks and key groups."""
+        sinks, rounded up to whole packed blocks and key groups. max_length > sink_tokens (as
+        KIVICache.init requires: a smaller one returned a whole block for a cache with no body)."""
         _check_sizes(max_length=max_length)
-        unit = max(packing.block_len(self.k_bits), packing.block_len(self.v_bits), self.group_size, self.key_group)
-        n = max(max_length - self.sink_tokens, 1)
-        return -(-n // unit) * unit
+        if self.sink_tokens >= max_length:
+            raise ValueError(f"sink_tokens={self.sink_tokens} must be < max_length={max_length}")
+        unit = self.capacity_unit
+        return -(-(max_length - self.sink_tokens) // unit) * unit
 
     def bytes_per_token(self, *, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16, num_layers: int = 1) -> float:
         """Analytic bytes one more token costs in the quantized stores (codes + scales + mins).
