@@ -36,7 +36,7 @@ GROUPS = {
                 "tests/test_kivi_append.py", "tests/test_row_writes.py", "tests/test_active_append.py",
                 "tests/test_extend.py", "tests/test_kernel_audit.py"],
     "attention": ["tests/test_attention.py", "tests/test_extensions.py", "tests/test_decode_step.py",
-                  "tests/test_prefix_audit.py"],
+                  "tests/test_prefix_audit.py", "tests/test_extensions_audit.py"],
     "library": ["tests/test_generate.py", "tests/test_cache.py", "tests/test_quant.py", "tests/test_eager.py",
                 "tests/test_stacked_matmul.py", "tests/test_packing.py", "tests/test_prefill_blocks.py",
                 "tests/test_prefill_chunk.py", "tests/test_sampling_audit.py", "tests/test_quant_audit.py",
