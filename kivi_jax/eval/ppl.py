@@ -129,7 +129,11 @@ def run(model, tokenizer, methods: list[Method], *, texts=("essays", "wiki"), nu
         progress: bool = True, model_name: str = "model") -> dict:
     """Teacher-forced perplexity of each method on ``num_chunks`` windows of ``chunk_len`` tokens
     from the start of each text (window 0 of the essays is the reference figure's text).
-    All windows of all texts run as one batch per method."""
+    All windows of all texts run as one batch per method.
+
+    A row's ``ppl`` pools the text's windows: exp of the mean NLL over all their scored tokens
+    (tokens 1..chunk_len-1 of each window, the first prefill_len of them scored by the prefill's
+    full-precision logits), not a mean of per-window perplexities (``ppl_per_window``)."""
     from tqdm.auto import tqdm
 
     from kivi_jax.eval import data
@@ -141,8 +145,23 @@ def run(model, tokenizer, methods: list[Method], *, texts=("essays", "wiki"), nu
     limit = model.config.max_position_embeddings
     if chunk_len > limit:
         raise ValueError(f"chunk_len={chunk_len} exceeds the model's context of {limit} positions")
-    ids = np.concatenate([data.token_chunks(tokenizer, data.load_text(t), num_chunks=num_chunks, chunk_len=chunk_len)
-                          for t in texts])
+    # checked before any text is tokenized or any method runs (empty texts raised NumPy's "need at
+    # least one array to concatenate", bin_size=0 a ZeroDivisionError after every method had run)
+    if isinstance(texts, str) or len(texts) == 0:
+        raise ValueError(f"texts={texts!r} must be a non-empty sequence of names from {sorted(data.SOURCES)}")
+    if len(methods) == 0:
+        raise ValueError("methods=[] must name at least one method")
+    if not is_int(prefill_len) or not 1 <= prefill_len <= chunk_len - 1:
+        raise ValueError(f"prefill_len={prefill_len!r} must be an integer in [1, chunk_len-1={chunk_len - 1}]")
+    if not is_int(bin_size) or bin_size < 1:
+        raise ValueError(f"bin_size={bin_size!r} must be an integer >= 1")
+    chunks = []
+    for t in texts:
+        try:
+            chunks.append(data.token_chunks(tokenizer, data.load_text(t), num_chunks=num_chunks, chunk_len=chunk_len))
+        except ValueError as e:  # (too short: say which text)
+            raise ValueError(f"texts: {t!r}: {e}") from None
+    ids = np.concatenate(chunks)
     steps = chunk_len - 1 - prefill_len
     results = []
     with tqdm(total=steps * len(methods), desc="ppl", unit="tok", disable=not progress, dynamic_ncols=True) as bar:
@@ -210,6 +229,8 @@ def markdown(result: dict) -> str:
         row += [cell(by[(m, t)]) for t in texts]
         rows.append(row)
     g, r_ = s.get("group_size"), s.get("residual_length")
+    p = s["prefill_len"]  # (a longer prompt's tokens count too, scored from full-precision logits: say so)
+    prefill = "prefill 1 token" if p == 1 else f"prefill {p} tokens, whose next-token NLLs count too"
     note = (f"\n\n{result['model']}, {s['dtype']}; KIVI G={g}, R={r_}; perplexity teacher-forced one token at a "
-            f"time through the cache (prefill {s['prefill_len']} token); in parentheses: change vs dense.")
+            f"time through the cache ({prefill}); in parentheses: change vs dense.")
     return markdown_table(header, rows) + note

@@ -56,19 +56,27 @@ def metadata() -> dict:
 
 
 def model_tag(source: str) -> str:
-    """Short name for file names: 'smollm2' for the packaged model, else the path's stem."""
+    """Short name for file names: 'smollm2' for the packaged model, else the path's last part
+    (less a .gguf suffix), lower-cased, other characters than [a-z0-9_.-] as '-'."""
     s = str(source)
-    if s.lower().startswith("smollm2"):
+    # the name only, and the whole last part: any source starting "smollm2" (SmolLM2-360M.gguf) was
+    # tagged "smollm2", and Path.stem made Llama-3.1-8B and Llama-3.2-1B both "llama-3": one
+    # model's result files overwrote another's
+    if s.lower() == "smollm2-135m":
         return "smollm2"
-    stem = pathlib.Path(s.rstrip("/")).stem or "model"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower() or "model"
+    name = pathlib.Path(s.rstrip("/")).name
+    if name.lower().endswith(".gguf"):
+        name = name[:-len(".gguf")]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.").lower() or "model"
 
 
 def result_paths(out_dir, bench: str, source: str, date: str | None = None) -> dict[str, pathlib.Path]:
     """{json, md, png}: out_dir/<bench>-<model>-<YYYY-MM-DD>.<ext>."""
     date = date or datetime.date.today().isoformat()
-    base = pathlib.Path(out_dir) / f"{bench}-{model_tag(source)}-{date}"
-    return {ext: base.with_suffix(f".{ext}") for ext in ("json", "md", "png")}
+    base = f"{bench}-{model_tag(source)}-{date}"
+    # not with_suffix: it took a tag's dot for a suffix (ppl-smollm2-360m-instruct.q8_0-<date>
+    # became ppl-smollm2-360m-instruct.json, the date lost)
+    return {ext: pathlib.Path(out_dir) / f"{base}.{ext}" for ext in ("json", "md", "png")}
 
 
 def write_json(path, obj) -> None:
