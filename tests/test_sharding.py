@@ -20,12 +20,11 @@ an AbstractMesh, which needs no devices.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+import devices8
 
 MESH = dict(data=2, model=4)
 L, B, HKV, HQ, D, V, T, N = 3, 6, 4, 8, 16, 96, 100, 10
@@ -204,33 +203,12 @@ def nnx_state(model):
 
 # ---- tests -------------------------------------------------------------------------------------------
 
-def _run_child():
-    # (keeping conftest's fast-compile XLA_FLAGS: the child mostly compiles)
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
-
-
 @pytest.fixture(scope="module")
 def child(tmp_path_factory, worker_id):
     """The 8-device child's results, computed once per test run: under pytest-xdist the workers
     share one run through a file (the child takes about a minute; each worker that ran a test of
     this module ran it again)."""
-    if worker_id == "master":
-        return _run_child()
-    from filelock import FileLock
-
-    shared = tmp_path_factory.getbasetemp().parent / "sharding-child.json"
-    with FileLock(str(shared) + ".lock"):
-        if not shared.is_file():
-            shared.write_text(json.dumps(_run_child()))
-        return json.loads(shared.read_text())
+    return devices8.shared_child(__file__, "sharding-child", tmp_path_factory, worker_id)
 
 
 def test_eight_devices(child):
@@ -375,9 +353,4 @@ def test_query_heads_follow_kv_heads():
 
 
 if __name__ == "__main__" and "--child" in sys.argv:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    # run as a script, tests/ is sys.path[0] and tests/models would shadow the models package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-    print("RESULT " + json.dumps(_child()), flush=True)
+    devices8.child_main(__file__, _child)

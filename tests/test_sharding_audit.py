@@ -11,12 +11,11 @@ XLA:CPU; quantized code words all but the rare code a rounding moves across a le
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+import devices8
 
 V = 64
 
@@ -123,30 +122,10 @@ def _child() -> dict:
     return res
 
 
-def _run_child():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
-
-
 @pytest.fixture(scope="module")
 def child(tmp_path_factory, worker_id):
     """The child's results, once per run (under pytest-xdist shared through a file)."""
-    if worker_id == "master":
-        return _run_child()
-    from filelock import FileLock
-
-    shared = tmp_path_factory.getbasetemp().parent / "sharding-audit-child.json"
-    with FileLock(str(shared) + ".lock"):
-        if not shared.is_file():
-            shared.write_text(json.dumps(_run_child()))
-        return json.loads(shared.read_text())
+    return devices8.shared_child(__file__, "sharding-audit-child", tmp_path_factory, worker_id)
 
 
 def _nontrivial(tokens):
@@ -382,9 +361,4 @@ def test_decode_attention_refuses_bad_mesh_and_rules(one_mesh, small_cache):
 
 
 if __name__ == "__main__" and "--child" in sys.argv:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    # run as a script, tests/ is sys.path[0] and tests/models would shadow the models package
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-    print("RESULT " + json.dumps(_child()), flush=True)
+    devices8.child_main(__file__, _child)
