@@ -75,7 +75,10 @@ def _list(item):
         parts = [p.strip() for p in s.split(",") if p.strip()]
         if not parts:
             raise argparse.ArgumentTypeError("empty list")
-        return [item(p) for p in parts]
+        vals = [item(p) for p in parts]
+        if len(set(vals)) != len(vals):  # (passkey merged a repeated length into one row, its totals doubled)
+            raise argparse.ArgumentTypeError(f"{s!r} repeats a value; each must appear once")
+        return vals
 
     return parse
 

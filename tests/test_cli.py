@@ -261,6 +261,8 @@ def test_main_job_runs_on_what_its_install_brings():
     (["eval", "passkey", "--depths", "0.5,1.5"], "--depths: 1.5 must be in [0.0, 1.0]"),
     (["eval", "passkey", "--fillers", "lorem"], "--fillers: 'lorem' is not one of synthetic, essays"),
     (["eval", "passkey", "--lengths", "32"], "--lengths: 32 must be >= 64"),
+    (["eval", "passkey", "--lengths", "512,1024,512"], "--lengths: '512,1024,512' repeats a value"),
+    (["eval", "ppl", "--texts", "wiki,wiki"], "--texts: 'wiki,wiki' repeats a value"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(capsys, argv, fragment):
     _one_line_error(*_run(capsys, *argv), fragment)

@@ -529,6 +529,16 @@ def test_passkey_run_refuses_empty_lists(twin):
     for name in ("depths", "lengths", "fillers", "methods"):  # depths=[]: a ZeroDivisionError while batching
         with pytest.raises(ValueError, match=f"{name}=\\[\\] must be a non-empty sequence"):
             passkey.run(model, ByteTok(), **{**kw, name: []})
+    for name, rep in (("lengths", [300, 300]), ("depths", [0.5, 0.5]), ("fillers", ["synthetic"] * 2)):
+        with pytest.raises(ValueError, match="repeats a value; each must appear once"):  # (merged, totals doubled)
+            passkey.run(model, ByteTok(), **{**kw, name: rep})
+
+
+def test_perplexity_of_huge_nll_is_inf():
+    from kivi_jax.eval import ppl
+
+    assert ppl.perplexity([1.0, 3.0]) == pytest.approx(np.exp(2.0))
+    assert ppl.perplexity([800.0, 700.0]) == float("inf")  # (math.exp raised OverflowError)
 
 
 def test_result_file_names_tell_models_apart(tmp_path):

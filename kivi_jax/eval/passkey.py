@@ -286,6 +286,8 @@ def run(model, tokenizer, methods: Sequence[Method], *, lengths: Sequence[int], 
     for name, seq in (("lengths", lengths), ("depths", depths), ("fillers", fillers), ("methods", methods)):
         if isinstance(seq, str) or len(seq) == 0:
             raise ValueError(f"{name}={seq!r} must be a non-empty sequence")
+        if name != "methods" and len(set(seq)) != len(seq):  # (a repeat merged into one row, its totals doubled)
+            raise ValueError(f"{name}={list(seq)!r} repeats a value; each must appear once")
     for n in lengths:
         if not is_int(n) or n < 1 or n + ANSWER_TOKENS > limit:
             raise ValueError(f"length={n!r} must be an integer with length + {ANSWER_TOKENS} answer tokens "

@@ -102,7 +102,8 @@ def full_forward_nll(model, ids) -> np.ndarray:
 
 
 def perplexity(nll) -> float:
-    return float(math.exp(float(np.mean(nll))))
+    m = float(np.mean(nll))
+    return math.inf if m > 709.0 else math.exp(m)  # (math.exp raised OverflowError past e^709)
 
 
 # ---- the evaluation: methods x texts, a result dict, a markdown table ---------------------------
