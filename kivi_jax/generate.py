@@ -820,7 +820,9 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
       temperature: 0 = greedy argmax; > 0 samples from softmax(logits / temperature).
       top_k: keep the k most likely tokens (None = all). top_p: nucleus mass in (0, 1].
       eos_id: None, a token id, or several; a row stops after emitting one (EOS kept).
-      key: PRNG key (single, or one per row), required when temperature > 0.
+      key: PRNG key (single, or one per row), required when temperature > 0. Step s draws with
+        the key folded with s, from 0 in every call: continuing a cache, pass a new key (e.g.
+        ``jax.random.fold_in(key, turn)``, as ``kivi-jax chat`` does), or a turn repeats the draws.
       pad_id: fills ``tokens`` after a row stops (any int32, e.g. -1; never fed to the model).
       max_length: cache capacity in tokens (default T + max_new_tokens); T <= max_length.
       cache_dtype: dtype of the cache's full-precision parts (default: the model's).
