@@ -739,22 +739,23 @@ def _prepare(model, input_ids, *, max_new_tokens, kivi, lengths, temperature, to
             state = sharding.shard_params(state, mesh, rules, getattr(model, "config", None))
         input_ids = jax.device_put(input_ids, rules.sharding(mesh, ("batch",), input_ids.shape))
         lengths = jax.device_put(lengths, rules.sharding(mesh, ("batch",), lengths.shape))
-    if cache is not None:
-        # The cache is donated to the prompt's call (_feed), and decode steps were first traced after
-        # it ran: a decode step the model refuses (matmul_impl="bogus": only decode steps get it)
-        # raised with the caller's cache already deleted. One decode step traced here (nothing
-        # runs; jit-cached per shape and settings) raises such an error first.
-        with _on_mesh(cfg):
-            _decode_probe.trace(graphdef, state, jnp.zeros((b, 1), jnp.int32), _placed(cache, cfg), cfg=cfg)
     return graphdef, state, input_ids, lengths, keys, knobs, cfg
 
 
-def _placed(cache, cfg: _Config):
-    """A continued cache on generate's mesh (batch and kv_heads split; no copy where it is already
-    there): one on other devices, e.g. another mesh's, made jit refuse the mix of devices."""
-    if cache is None or cfg.mesh is None:
-        return cache
-    return sharding.shard_cache(cache, cfg.mesh, cfg.rules)
+def _continued(graphdef, state, cache, b: int, cfg: _Config):
+    """A cache to continue (None: none), ready for the prompt's call: on generate's mesh (batch and
+    kv_heads split; no copy where it is already there: one on other devices, e.g. another mesh's,
+    made jit refuse the mix), and one decode step on it traced (nothing runs; jit-cached per shape
+    and settings). The cache is donated to the prompt's call (_feed), and decode steps were first
+    traced after it ran: a decode step the model refuses (matmul_impl="bogus": only decode steps
+    get it) raised with the caller's cache already deleted; the trace raises such an error first."""
+    if cache is None:
+        return None
+    if cfg.mesh is not None:
+        cache = sharding.shard_cache(cache, cfg.mesh, cfg.rules)
+    with _on_mesh(cfg):
+        _decode_probe.trace(graphdef, state, jnp.zeros((b, 1), jnp.int32), cache, cfg=cfg)
+    return cache
 
 
 def _check_prefill_chunk(prefill_chunk, prefill_rows, t: int, cfg: _Config) -> int | None:
@@ -872,7 +873,8 @@ def generate(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig | None =
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
         matmul_impl=matmul_impl, cache=cache, prefill_chunk=prefill_chunk)
-    carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, _placed(cache, cfg))
+    cache = _continued(graphdef, state, cache, ids.shape[0], cfg)
+    carry = _run_prompt(graphdef, state, ids, lens, keys, knobs, cfg, cache)
     if cfg.max_new_tokens > 1:
         carry = _run(_decode_loop, graphdef, state, carry, keys, knobs, cfg)
     return GenerateOutput(tokens=carry.tokens, lengths=carry.num_new, cache=carry.cache)
@@ -897,7 +899,8 @@ def generate_stream(model, input_ids, *, max_new_tokens: int, kivi: KIVIConfig |
         top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, pad_id=pad_id, max_length=max_length,
         cache_dtype=cache_dtype, attn_impl=attn_impl, mesh=mesh, rules=rules, prefill_rows=prefill_rows,
         matmul_impl=matmul_impl, cache=cache, prefill_chunk=prefill_chunk)
-    return _stream(*prepared, _placed(cache, prepared[-1]))
+    graphdef, state, ids = prepared[:3]
+    return _stream(*prepared, _continued(graphdef, state, cache, ids.shape[0], prepared[-1]))
 
 
 def _stream(graphdef, state, ids, lens, keys, knobs, cfg: _Config, cache=None) -> Iterator[StreamStep]:

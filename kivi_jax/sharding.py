@@ -206,8 +206,6 @@ def active_mesh(mesh=None, rules: ShardingRules | None = None):
     given = rules
     if mesh is not None:
         check_mesh(mesh, abstract=True)
-    if rules is not None:
-        check_rules(rules)
     ctx = _ACTIVE.get()
     if mesh is None and ctx is not None:
         mesh, ctx_rules = ctx
@@ -216,9 +214,9 @@ def active_mesh(mesh=None, rules: ShardingRules | None = None):
         am = jax.sharding.get_abstract_mesh()
         # inside a caller's shard_map (manual axes) the arrays are already per-shard
         mesh = None if am.empty or getattr(am, "manual_axes", ()) else am
-    rules = rules or DEFAULT_RULES
-    if given is not None and mesh is not None:
+    if given is not None:  # (its type; with a mesh, also the axes it names)
         check_rules(given, mesh)
+    rules = rules or DEFAULT_RULES
     if mesh is None or math.prod(mesh.shape.values()) == 1:
         return None, rules
     return mesh, rules

@@ -75,6 +75,12 @@ class PlainRow:
         logits, self.cache = self.decode(jnp.asarray([[tok]], jnp.int32), self.cache)
         self.logits, self.held = np.asarray(logits[0, -1]), self.held + 1
 
+    def go_on(self, tokens, n, eos=(), max_length=10**9):
+        """A continuation: ``tokens`` fed one by one, then :meth:`greedy`."""
+        for tok in tokens:
+            self.feed(int(tok))
+        return self.greedy(n, eos, max_length)
+
     def greedy(self, n, eos=(), max_length=10**9):
         """The row's new tokens; the last one is not fed (as generate leaves it)."""
         out = []
@@ -274,11 +280,7 @@ def test_continuation_of_stopped_rows_after_refused_calls(model, ids, free):
             for w in words:
                 assert w in str(e.value), (kw, str(e.value))
     out2 = generate(model, nxt, lengths=nl, max_new_tokens=4, eos_id=eos, pad_id=-1, cache=out1.cache)
-    r2 = []
-    for b, p in enumerate(plain_rows):
-        for tok in nxt[b, :nl[b]]:
-            p.feed(int(tok))
-        r2.append(p.greedy(4, eos, CAP2))
+    r2 = [p.go_on(nxt[b, :nl[b]], 4, eos, CAP2) for b, p in enumerate(plain_rows)]
     assert len(r2[0]) == 3  # row 0's cache filled up
     check_output(out2, r2, held + nl, 4, -1, CAP2)
     assert out1.cache[0].k.is_deleted()  # the cache went to turn 2 (donated), and only there
@@ -356,11 +358,7 @@ def test_llama_row_slices_then_a_continuation_refused_then_run(ids):
         assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(out1.cache)), bad
     out2 = generate(m, nxt, lengths=nl, max_new_tokens=3, eos_id=eos, pad_id=-1, cache=out1.cache,
                     attn_impl="reference")
-    r2 = []
-    for b, p in enumerate(plain_rows):
-        for tok in nxt[b, :nl[b]]:
-            p.feed(int(tok))
-        r2.append(p.greedy(3, eos, cap))
+    r2 = [p.go_on(nxt[b, :nl[b]], 3, eos, cap) for b, p in enumerate(plain_rows)]
     assert len(r2[0]) == 1  # row 0's cache is full with its input
     check_output(out2, r2, LENS + np.array([len(r) for r in r1]) - 1 + nl, 3, -1, cap)
 
@@ -395,11 +393,7 @@ def test_rows_with_no_tokens_sit_a_continuation_out(model, ids, which):
     nxt[:, 0] = [r[-1] for r in r1]
     nl = np.array([3, 0, 2, 0], np.int32)
     out2 = generate(m, nxt, lengths=nl, max_new_tokens=3, pad_id=-1, cache=out1.cache, **kw)
-    want2 = {}
-    for b in (0, 2):
-        for tok in nxt[b, :nl[b]]:
-            plain_rows[b].feed(int(tok))
-        want2[b] = plain_rows[b].greedy(3)
+    want2 = {b: plain_rows[b].go_on(nxt[b, :nl[b]], 3) for b in (0, 2)}
     assert rows(out2) == [want2[0], [], want2[2], []]
     assert (np.asarray(out2.tokens)[[1, 3]] == -1).all()
     np.testing.assert_array_equal(cache_objects(out2.cache)[0].lengths, held + nl + [2, 0, 2, 0])
@@ -407,9 +401,5 @@ def test_rows_with_no_tokens_sit_a_continuation_out(model, ids, which):
     nxt3[:, 0] = [want2[0][-1], r1[1][-1], want2[2][-1], r1[3][-1]]
     nl3 = np.array([0, 2, 0, 1], np.int32)
     out3 = generate(m, nxt3, lengths=nl3, max_new_tokens=2, pad_id=-1, cache=out2.cache, **kw)
-    want3 = {}
-    for b in (1, 3):
-        for tok in nxt3[b, :nl3[b]]:
-            plain_rows[b].feed(int(tok))
-        want3[b] = plain_rows[b].greedy(2)
+    want3 = {b: plain_rows[b].go_on(nxt3[b, :nl3[b]], 2) for b in (1, 3)}
     assert rows(out3) == [[], want3[1], [], want3[3]]
