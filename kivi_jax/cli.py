@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = esub.add_parser("ppl", help="perplexity, teacher-forced token by token through the cache",
                         description="Perplexity of real English text (Paul Graham essays, Wikipedia leads), "
                                     "each token decoded through the cache. Prints a markdown table; writes "
-                                    "<out>/ppl-<model>-<date>.{json,md,png}.")
+                                    "<out>/ppl-<model>-<date>.{json,md,png} (ppl-<model>-bfloat16-<date> with --dtype bfloat16).")
     _add_model_flags(p)
     _add_kivi_flags(p, bits=False)
     p.add_argument("--methods", default="dense,kivi-4,kivi-2,kivi-2-ktoken",
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = esub.add_parser("passkey", help="passkey retrieval at several context lengths and depths",
                         description="A 5-digit key hidden in filler text, asked for at the end; accuracy per "
                                     "context length and cache. Prints markdown tables; writes "
-                                    "<out>/passkey-<model>-<date>.{json,md,png}.")
+                                    "<out>/passkey-<model>-<date>.{json,md,png} (passkey-<model>-bfloat16-<date> with --dtype bfloat16).")
     _add_model_flags(k)
     _add_kivi_flags(k, bits=False)
     k.add_argument("--methods", default="dense,kivi-2", help="comma-separated, as for ppl (default dense,kivi-2)")
@@ -627,7 +627,7 @@ def _finish(result: dict, table_fn, plot_fn, bench: str, args) -> int:
     from kivi_jax.eval import report
 
     result = {**report.metadata(), **result}
-    paths = report.result_paths(args.out, bench, args.model, result["date"][:10])
+    paths = report.result_paths(args.out, bench, args.model, result["date"][:10], args.dtype)
     report.write_json(paths["json"], result)  # first: the numbers survive a failing table or plot
     table = table_fn(result)
     paths["md"].write_text(table + "\n")

@@ -555,3 +555,8 @@ def test_result_file_names_tell_models_apart(tmp_path):
                     "ckpt dir/My Model.gguf": "my-model"}
     assert report.result_paths(tmp_path, "ppl", "/m/Llama-3.1-8B", "2026-01-02") == {
         ext: tmp_path / f"ppl-llama-3.1-8b-2026-01-02.{ext}" for ext in ("json", "md", "png")}
+    # a bfloat16 run of the same model and day gets its own files (it overwrote the float32 run's)
+    assert report.result_paths(tmp_path, "passkey", "smollm2-135m", "2026-01-02", "bfloat16")["json"] == \
+        tmp_path / "passkey-smollm2-bfloat16-2026-01-02.json"
+    assert report.result_paths(tmp_path, "passkey", "smollm2-135m", "2026-01-02", "float32")["json"] == \
+        tmp_path / "passkey-smollm2-2026-01-02.json"

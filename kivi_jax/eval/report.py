@@ -70,10 +70,13 @@ def model_tag(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.").lower() or "model"
 
 
-def result_paths(out_dir, bench: str, source: str, date: str | None = None) -> dict[str, pathlib.Path]:
-    """{json, md, png}: out_dir/<bench>-<model>-<YYYY-MM-DD>.<ext>."""
+def result_paths(out_dir, bench: str, source: str, date: str | None = None,
+                 dtype: str = "float32") -> dict[str, pathlib.Path]:
+    """{json, md, png}: out_dir/<bench>-<model>-<YYYY-MM-DD>.<ext>, or <bench>-<model>-<dtype>-<date>
+    for a dtype other than the default float32 (a bfloat16 run of the same day overwrote the
+    float32 one's files)."""
     date = date or datetime.date.today().isoformat()
-    base = f"{bench}-{model_tag(source)}-{date}"
+    base = f"{bench}-{model_tag(source)}{'' if dtype == 'float32' else '-' + dtype}-{date}"
     # not with_suffix: it took a tag's dot for a suffix (ppl-smollm2-360m-instruct.q8_0-<date>
     # became ppl-smollm2-360m-instruct.json, the date lost)
     return {ext: pathlib.Path(out_dir) / f"{base}.{ext}" for ext in ("json", "md", "png")}
