@@ -39,7 +39,7 @@ from jax import lax
 import kivi_jax
 from kivi_jax import matmul as kj_matmul
 from kivi_jax import switches
-from kivi_jax.checks import check_token_ids
+from kivi_jax.checks import check_token_ids, is_int
 from models.cache import StackedCache
 from models.config import ModelConfig
 
@@ -224,6 +224,8 @@ class Llama(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, init_std: float = 0.02):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig; got {type(config).__name__}")
+        if not isinstance(rngs, nnx.Rngs):  # (an int was "'int' object has no attribute 'params'")
+            raise TypeError(f"rngs must be an nnx.Rngs, e.g. nnx.Rngs(0); got {type(rngs).__name__} {rngs!r}")
         self.config = config
         self.dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(self.dtype, jnp.floating):
@@ -263,7 +265,8 @@ class Llama(nnx.Module):
         """input_ids [B, T] int -> (logits [B, T, V] float32, new cache).
 
         Prompt (T > 1, or any T when ``lengths`` is given): positions 0..T-1, replaces the
-        cache content; lengths [B] = real tokens of right-padded rows (default T). Decode
+        cache content; lengths [B] = real tokens of right-padded rows (default T); the padding
+        after them may hold any id (-100, a pad id >= V): it is never read. Decode
         (T == 1 with a cache and no lengths): one step at position cache.lengths.
         attn_impl goes to ``kivi_jax.decode_attention``.
         logits_at [B] int: only row b's position logits_at[b] goes through the LM head, and
@@ -334,6 +337,12 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(positions, c)
 
+        if lengths is not None:
+            # the padding past a row's lengths[b] is not read and may hold anything (-100, a pad id >= V):
+            # gathered, such an id was a NaN row whose keys and values reached the row's real tokens
+            # through 0 * NaN in the masked attention (NaN logits, loss and gradients). Read ids are
+            # gathered as given (a traced out-of-range one still shows as NaN)
+            ids = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], ids, jnp.zeros((), ids.dtype))
         x = jnp.take(self.embed[...], ids, axis=0)
 
         # the stacked cache is part of the carry, not a scanned input/output: each layer
@@ -419,8 +428,11 @@ def abstract_model(config: ModelConfig, dtype=jnp.float32) -> Llama:
 
 def init_random(config: ModelConfig, key=None, dtype=jnp.float32, *, init_std: float = 0.02) -> Llama:
     """A model with random weights (normal(0, init_std) matrices, unit norms), initialized in
-    one jitted call on the default device (a Llama-2-7B shape in bf16 for GPU benchmarks)."""
-    key = jax.random.key(0) if key is None else key
+    one jitted call on the default device (a Llama-2-7B shape in bf16 for GPU benchmarks).
+    key: a jax.random key, or an int seed (as nnx.Rngs takes); None: 0."""
+    key = 0 if key is None else key
+    if is_int(key):  # (traced into the jitted init, an int seed failed with "Invalid rng value: JitTracer")
+        key = jax.random.key(key)
     graphdef, _ = nnx.split(abstract_model(config, dtype))
     return nnx.merge(graphdef, _random_state(key, config, jnp.dtype(dtype), float(init_std)))
 
