@@ -15,6 +15,7 @@ import math
 import jax
 from jax import lax
 
+from pallas_kernels.flash import check_layer
 from pallas_kernels.stacked_matmul import stacked_matmul
 
 MATMUL_IMPLS = ("xla", "pallas")
@@ -36,16 +37,19 @@ def layer_matmul(x, w, layer, *, impl: str = "xla"):
     """x [..., K] @ w[layer] with w [L, K, N] -> [..., N] in x's dtype.
 
     impl: "xla" (slice, then jnp.matmul) or "pallas" (the kernel reads the slice in place;
-    interpret mode off-GPU; more than :data:`ROWS` rows, or shapes with no power-of-two tile
-    of at least 16 dividing K and N, fall back to "xla").
+    interpret mode off-GPU; more than :data:`ROWS` rows, shapes with no power-of-two tile
+    of at least 16 dividing K and N, or x and w of different dtypes fall back to "xla").
+    layer: an integer scalar; a concrete one must be in [0, L).
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {MATMUL_IMPLS}")
-    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < w.shape[0]:
-        # (the slice would clamp it, and the kernel's unblocked read would leave the stack)
-        raise ValueError(f"layer={int(layer)} must be in [0, L={w.shape[0]})")
+    # (the slice would clamp it, and the kernel's unblocked read would leave the stack; a float
+    # layer was truncated by int())
+    check_layer(layer, w.shape[0])
     blocks = kernel_blocks(*w.shape[1:])
-    if impl == "xla" or blocks is None or math.prod(x.shape[:-1]) > ROWS:
+    # x and w of two dtypes: jnp.matmul promotes (float32 x times bf16 w in float32), the kernel
+    # would round x to w's dtype, so the impls would not agree
+    if impl == "xla" or blocks is None or math.prod(x.shape[:-1]) > ROWS or x.dtype != w.dtype:
         return (x @ lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)).astype(x.dtype)
     lead = x.shape[:-1]
     y = stacked_matmul(x.reshape(-1, x.shape[-1]), w, layer, block_k=blocks[0], block_n=blocks[1],

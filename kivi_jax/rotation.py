@@ -52,13 +52,16 @@ def signs_numpy(d: int) -> np.ndarray:
     s = np.ones((1, 1))
     while s.shape[0] < d:
         s = np.block([[s, s], [s, -s]])
+    s.setflags(write=False)  # (cached and shared: a caller's in-place edit changed every later rotation)
     return s
 
 
 @functools.lru_cache(maxsize=None)
 def hadamard_numpy(d: int) -> np.ndarray:
-    """[D, D] float64: the orthonormal H = S / sqrt(D) (:func:`signs_numpy`)."""
-    return signs_numpy(d) / np.sqrt(d)
+    """[D, D] float64: the orthonormal H = S / sqrt(D) (:func:`signs_numpy`); read-only (cached)."""
+    h = signs_numpy(d) / np.sqrt(d)
+    h.setflags(write=False)
+    return h
 
 
 def hadamard(d: int, dtype=jnp.float32) -> jax.Array:
@@ -77,6 +80,8 @@ def rotate(x, transpose: bool = False) -> jax.Array:
     they may differ in the last bits)."""
     del transpose  # H^T = H
     x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise ValueError(f"x must be [..., D] (D the head_dim); got a scalar of dtype {x.dtype}")
     bf16 = x.dtype == jnp.bfloat16
     x = x.astype(jnp.float32)
     d = x.shape[-1]
@@ -88,5 +93,10 @@ def rotate(x, transpose: bool = False) -> jax.Array:
     # a bf16 x is one bf16 part: its products with +-1 are exact in one tensor-core pass
     algorithm = "BF16_BF16_F32" if bf16 else _ALGORITHMS[rotate_impl()]
     s = jnp.asarray(signs_numpy(d), jnp.float32)
-    y = jnp.einsum("...d,de->...e", x, s, precision=getattr(jax.lax.DotAlgorithmPreset, algorithm))
-    return y * np.float32(1 / np.sqrt(d))
+    # x·S reaches D·|x| where x·H is only sqrt(D)·|x|: scaled by 2^-e (exact; 2^e ~ sqrt(D)) first, it
+    # does not overflow where the result fits (|x| > 2.6e36 at D = 128 gave inf where "f32" did not);
+    # 2^e · fl(1/sqrt(D)) is exact too, so the numbers are the same bits as x·S·fl(1/sqrt(D))
+    e = (d.bit_length() - 1 + 1) // 2
+    y = jnp.einsum("...d,de->...e", x * np.float32(2.0 ** -e), s,
+                   precision=getattr(jax.lax.DotAlgorithmPreset, algorithm))
+    return y * (np.float32(2.0 ** e) * np.float32(1 / np.sqrt(d)))

@@ -12,9 +12,13 @@ scores of all query heads of KV head h (GQA; repeated to 16 rows in registers) a
 online softmax, and p·V. Tokens outside [start, end) are masked; the chunk past the cache's
 last token is loaded with a mask (no out-of-bounds read).
 
-Inputs: q [B, Hkv, G, D] float32, pre-scaled by 1/sqrt(D), G a power of two; k, v [B, Hkv, T, D] (or
-[L, B, Hkv, T, D] with ``layer``); lo, hi, start, end [B] int32.
-Outputs: o [B, Hkv, S, G, D] f32 (unnormalized), m, l [B, Hkv, S, G] f32.
+Inputs: q [B, Hkv, G, D] float32, pre-scaled by 1/sqrt(D), G and D powers of two; k, v [B, Hkv, T, D]
+(or [L, B, Hkv, T, D] with ``layer``), one dtype; lo, hi, start, end [B] integers with
+0 <= lo <= hi <= ceil(T / chunk) and start <= end <= T. Those are traced, so the kernel keeps to
+the cache whatever they hold: chunks outside [0, ceil(T / chunk)) are skipped and tokens at or past
+T are not attended (a GPU load there would read another row's memory).
+Outputs: o [B, Hkv, S, G, D] f32 (unnormalized), m, l [B, Hkv, S, G] f32; a split that sees no
+token has m = NEG, l = 0, o = 0.
 """
 
 from __future__ import annotations
@@ -23,17 +27,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import (NEG, in_range, online_softmax_step, partials_call, plgpu,
+from pallas_kernels.flash import (NEG, check_layer, clamp_layer, in_range, online_softmax_step, partials_call, plgpu,
                                   program_bounds, query_rows, store_partials)
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *,
             chunk, tokens, chunks_per_split, compute_dtype, precision, stacked, relative=False):
-    at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
+    at = (clamp_layer(layer_ref[0], k_ref.shape[0]), pl.program_id(0), pl.program_id(1)) if stacked else ()
     lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split, relative)
+    # never past the cache, whatever a caller's traced bounds say (see the module doc)
+    lo, hi, end = jnp.maximum(lo, 0), jnp.minimum(hi, -(-tokens // chunk)), jnp.minimum(end, tokens)
     q = query_rows(q_ref, compute_dtype)  # [M, D]
     m_rows, d = q.shape
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
@@ -57,24 +64,44 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, 
     store_partials(o_ref, m_ref, l_ref, acc, m_i, l_i)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages",
-                                             "span_chunks"))
-def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int = 64, num_splits: int = 1,
-                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2, span_chunks: int = 0):
+def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, **kw):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc).
     span_chunks: as :func:`pallas_kernels.kivi_decode.kivi_decode_partials`' (a sliding window's
     splits over each row's own chunks).
 
-    layer: None, or a traced int32 scalar when k and v are layer-stacked ([L, B, Hkv, T, D]):
-    that layer is read in place. 16-bit caches feed the dots in their dtype (float32
-    accumulation), float32 caches at full float32 precision."""
+    layer: None, or an integer scalar (traced or not) when k and v are layer-stacked
+    ([L, B, Hkv, T, D]): that layer is read in place (a concrete one must be in [0, L); a traced
+    one is read as lax.dynamic_index_in_dim would). 16-bit caches feed the dots in their dtype
+    (float32 accumulation), float32 caches at full float32 precision.
+    Keywords: chunk=64, num_splits=1, interpret=False, num_warps=4, num_stages=2, span_chunks=0."""
+    if layer is not None:  # (outside the jit: a concrete layer is checked, not clamped)
+        check_layer(layer, jnp.shape(k)[0])
+    return _partials(q, k, v, lo, hi, start, end, layer=layer, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages",
+                                             "span_chunks"))
+def _partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int = 64, num_splits: int = 1,
+              interpret: bool = False, num_warps: int = 4, num_stages: int = 2, span_chunks: int = 0):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, Hkv, G, D]; got shape {q.shape}")
     b, hkv, _, d = q.shape
     lead = (b, hkv) if layer is None else (k.shape[0], b, hkv)
     if k.shape != v.shape or k.shape[:len(lead)] != lead or k.ndim != len(lead) + 2 or k.shape[-1] != d:
         raise ValueError(f"k and v must both be {'[L, ' if layer is not None else '['}B={b}, Hkv={hkv}, T, D={d}]; "
                          f"got {k.shape} and {v.shape}")
+    if k.dtype != v.dtype:  # (v's tiles were cast to k's dtype: a float32 v lost its bits to a bf16 k)
+        raise ValueError(f"k and v must have one dtype; got k {k.dtype}, v {v.dtype}")
+    if d < 1 or d & (d - 1):  # (interpret mode ran it; the Triton lowering raised on the [G, D] tiles)
+        raise ValueError(f"D={d} must be a power of two (zero-pad q, k and v: attention_pallas does)")
+    for name, x in (("lo", lo), ("hi", hi), ("start", start), ("end", end)):
+        if jnp.shape(x) != (b,) or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{name} must be an integer array [B={b}]; got {jnp.result_type(x)} "
+                             f"of shape {jnp.shape(x)}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two >= 16")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)) or num_splits < 1:
+        raise ValueError(f"num_splits={num_splits!r} must be an integer >= 1")  # (0 divided by zero, -1 failed in MLIR)
     tokens = k.shape[-2]
     if tokens % chunk and plgpu is None:  # pragma: no cover
         raise ValueError(f"T={tokens} must be a multiple of chunk={chunk} without the Triton masked load")

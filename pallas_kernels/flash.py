@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 try:  # the Triton lowering's compiler params and masked loads (the GPU lowering in jax 0.10-0.12)
@@ -20,6 +21,29 @@ def triton_params(interpret: bool, num_warps: int, num_stages: int) -> dict:
     if interpret or plgpu is None:
         return {}
     return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+def check_layer(layer, n_layers: int) -> None:
+    """A kernel's ``layer`` into a stack of ``n_layers``: an integer scalar, in [0, L) where it is
+    concrete (a traced one is only clamped, :func:`clamp_layer`). Named errors: a float layer was
+    truncated and an out-of-range one read past the stack (interpret mode wrapped or clamped it)."""
+    dtype = getattr(layer, "dtype", None)
+    integer = (isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)) or (
+        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(layer) == 0)
+    if not integer:
+        got = f"{dtype} array of shape {jnp.shape(layer)}" if dtype is not None else repr(layer)
+        raise ValueError(f"layer must be an integer scalar in [0, L={n_layers}); got {got}")
+    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < n_layers:
+        raise ValueError(f"layer={int(layer)} must be in [0, L={n_layers})")
+
+
+def clamp_layer(layer, n_layers: int):
+    """A layer as lax.dynamic_index_in_dim reads it (negative from the end, then clamped into
+    [0, L)), for a kernel to apply to the layer it loads (scalar ops in the kernel, no XLA op
+    a call): a traced layer cannot be checked, and on a GPU a layer past the stack reads memory
+    outside it (another buffer's, or a fault)."""
+    layer = jnp.asarray(layer, jnp.int32)
+    return jnp.clip(jnp.where(layer < 0, layer + n_layers, layer), 0, n_layers - 1)
 
 
 NEG = -1e30  # finite "minus infinity": exp(NEG - x) == 0 and no inf - inf

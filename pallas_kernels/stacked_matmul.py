@@ -31,13 +31,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import triton_params
+from pallas_kernels.flash import check_layer, clamp_layer, triton_params
 
 
 def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, blocks: int, per_split: int,
             precision):
     n, s = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
+    layer = clamp_layer(layer_ref[0], w_ref.shape[0])  # (a traced layer is unchecked: never read past the stack)
     lo = s * per_split
     hi = jnp.minimum(lo + per_split, blocks)
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
@@ -70,14 +70,24 @@ def pipeline_stages(rows: int, block_k: int, block_n: int, itemsize: int, num_st
     return min(num_stages, fit)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages", "interpret"))
-def stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 64, splits: int | None = None,
-                   num_warps: int = 4, num_stages: int = 4, interpret: bool = False):
-    """x [M, K] @ w[layer] ([L, K, N]) -> [M, N] (x's dtype; float32 accumulation).
+def stacked_matmul(x, w, layer, **kw):
+    """x [M, K] @ w[layer] ([L, K, N]) -> [M, N] (x's dtype; float32 accumulation). x is rounded to
+    w's dtype first (the dot takes one dtype): a float32 x times bf16 w has bf16 products.
 
+    layer: an integer scalar; a concrete one must be in [0, L), a traced one is read as
+    lax.dynamic_index_in_dim would (negative from the end, then clamped), never past the stack.
     splits: K-ranges per output block (default: enough programs, N / block_n x splits, for
     about 256 in flight, at most K / block_k).
+    Keywords: block_n=64, block_k=64, splits=None, num_warps=4, num_stages=4, interpret=False.
     """
+    if jnp.ndim(w) == 3:  # (outside the jit: a concrete layer is checked, not clamped)
+        check_layer(layer, jnp.shape(w)[0])
+    return _stacked_matmul(x, w, layer, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages", "interpret"))
+def _stacked_matmul(x, w, layer, *, block_n: int = 64, block_k: int = 64, splits: int | None = None,
+                    num_warps: int = 4, num_stages: int = 4, interpret: bool = False):
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [M, K] and w [L, K, N] with the same K; got x {x.shape}, w {w.shape}")
     m, k = x.shape
