@@ -107,6 +107,19 @@ def magic_supported(bits: int, dtype) -> bool:
     return bits in MAGIC_BITS and jnp.dtype(dtype).name in _MAGIC
 
 
+# Compiled on an H100, tiles of at most 2 code words a channel ([D, 2] words: 32 tokens of 2-bit
+# keys, 16 of 4-bit) came out of _magic_fma wrong for head_dim 32 (flushed ring keys off by
+# 0.2-1.1; right at D = 64, at 4 words and with "convert"): elementwise_inline_asm's pack=2 pairs
+# each thread's elements in its layout's order, which for such small tiles need not be the
+# (word, repeated word) pairs _repeat_minor lays out. "auto" dequantizes those tiles by conversion.
+MAGIC_MIN_BITS = 4 * 32  # a tile's tokens x bits: at least 4 words a channel for "auto" to take magic
+
+
+def magic_tile(tokens: int, bits: int) -> bool:
+    """Whether "auto" dequantizes a tile of ``tokens`` codes of ``bits`` bits a channel by magic numbers."""
+    return tokens * bits >= MAGIC_MIN_BITS
+
+
 def _magic_fma(pairs, scale, mn, bits):
     """pairs [D, n] uint32 (codes 2j, 2j + 1 at bits 0 and 16: :func:`_unpack_pairs`), scale and
     min [D, 2n] in a 16-bit float dtype -> code * scale + min [D, 2n] in that dtype."""
@@ -155,7 +168,7 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=(), 
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
             compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0,
-            sink_len=0, magic=False, relative=False):
+            sink_len=0, magic=False, ring_magic=False, relative=False):
     # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized
     # [, sink_lo, sink_hi]], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
@@ -212,7 +225,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
         step = functools.partial(
             kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
             quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
-            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at, magic))
+            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at, ring_magic))
         # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
         # literal operands i1 (scf.for then rejects bounds of mixed types)
         ring_here = (pl.program_id(2) == ring_program).astype(jnp.int32)
@@ -266,7 +279,8 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     (tests/test_pallas_kernels.py checks the lowered IR).
     dequant: "convert" (codes to float32, code * scale + min in float32, rounded to the dot
     dtype), "magic" (16-bit caches with 1, 2 or 4 bits, compiled only: :func:`_magic_fma`,
-    inline PTX), or "auto": magic where it applies, else convert.
+    inline PTX, tiles of >= 4 code words a channel), or "auto": magic where it applies, tile by
+    tile (the bulk's chunk, the ring's step: :func:`magic_tile`), else convert.
     v_scales_t: v_scale and v_min come tokens-minor, [B, Hkv, D/G, Tc] (a candidate cache
     layout, untimed): a thread's 16 consecutive tokens of one group are then one 32-byte run,
     which offline SASS loads with 4 LDS.128 per chunk instead of 32 LDS.U16 (NOTES.md).
@@ -326,12 +340,20 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         raise ValueError(f"dequant='magic' needs bits in {MAGIC_BITS} (k_bits={k_bits}, v_bits={v_bits}), "
                          f"16-bit scales of the dot dtype (scales {k_scale.dtype}/{v_scale.dtype}, dots "
                          f"{compute_dtype}) and a compiled kernel (interpret={interpret}): inline PTX")
+    rc = kivi_window.ring_chunk(ring_len, chunk) if ring is not None else chunk
+    tiles = ((chunk, k_bits), (chunk, v_bits)) + (((rc, k_bits),) if ring is not None else ())
+    small = [f"{n} tokens x {bits} bits" for n, bits in tiles if not magic_tile(n, bits)]
+    if dequant == "magic" and small:  # (wrong numbers compiled: see MAGIC_MIN_BITS)
+        raise ValueError(f"dequant='magic' needs tiles of >= {MAGIC_MIN_BITS} bits a channel (4 code words); "
+                         f"chunk={chunk} and ring_len={ring_len} give {', '.join(small)}: use 'auto' or 'convert'")
+    bulk_magic = dequant != "convert" and magic_ok and magic_tile(chunk, k_bits) and magic_tile(chunk, v_bits)
+    ring_magic = dequant != "convert" and magic_ok and magic_tile(rc, k_bits)
     kernel = functools.partial(
         _kernel, k_bits=k_bits, v_bits=v_bits, group_size=group_size, key_group_size=kg, chunk=chunk,
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
         variant=variant, v_scales_t=v_scales_t, ring_len=ring_len,
-        ring_program=num_splits if ring_split == "own" else 0, sink_len=sink_len, magic=dequant != "convert" and magic_ok,
-        relative=span_chunks > 0)
+        ring_program=num_splits if ring_split == "own" else 0, sink_len=sink_len, magic=bulk_magic,
+        ring_magic=ring_magic, relative=span_chunks > 0)
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:
         arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])

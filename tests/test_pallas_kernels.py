@@ -225,6 +225,36 @@ def test_cuda_lowering_uses_magic_dequantization_where_it_applies():
     assert "lop3.b32" not in ttir(jnp.float32)
 
 
+@pytest.mark.parametrize("r,k_bits,ring_asm", [(128, 2, 1), (64, 2, 1), (32, 2, 0), (32, 4, 1), (16, 4, 0)])
+def test_cuda_lowering_takes_magic_only_for_tiles_of_four_words(r, k_bits, ring_asm):
+    """dequant="auto" dequantizes a tile by magic numbers only where it has >= 4 code words a
+    channel: compiled on an H100, the ring's flushed keys in steps of 2 words (R = 32 with 2-bit
+    keys) came out wrong by 0.2-1.1 at head_dim 32. The bulk's 64-token chunks (4 and 8 words)
+    keep theirs; an explicit "magic" over a small tile is a named error."""
+    from pallas_kernels import kivi_decode
+    from pallas_kernels.triton_ir import lower_to_ttir
+
+    s = jax.ShapeDtypeStruct
+    b, h, t, d = 2, 2, 256, 32
+    kw, vw = 32 // k_bits, 16  # codes a word (values 2-bit)
+
+    def ttir(dequant="auto"):
+        args = (s((b, h, 1, d), jnp.float32), s((b, h, t // kw, d), jnp.uint32), s((b, h, t // 32, d), jnp.bfloat16),
+                s((b, h, t // 32, d), jnp.bfloat16), s((b, h, t // vw, d), jnp.uint32),
+                s((b, h, t, d // 32), jnp.bfloat16), s((b, h, t, d // 32), jnp.bfloat16)) + (s((b,), jnp.int32),) * 4
+        ring = (s((b, h, r, d), jnp.bfloat16),) * 2 + (s((b,), jnp.int32),) * 2
+        return lower_to_ttir(lambda *a: kivi_decode.kivi_decode_partials(
+            *a[:11], ring=a[11:], ring_len=r, k_bits=k_bits, v_bits=2, group_size=32, chunk=64,
+            dequant=dequant), *args, *ring)
+
+    assert ttir().count("lop3.b32") == 2 + ring_asm  # bulk keys and values, then the ring's keys
+    assert "lop3.b32" not in ttir("convert")
+    if not ring_asm:
+        with pytest.raises(ValueError, match=r"dequant='magic' needs tiles of >= 128 bits.*32 tokens x 2 bits"
+                           if k_bits == 2 else r"16 tokens x 4 bits"):
+            ttir("magic")
+
+
 @pytest.mark.parametrize("layer", [None, 1])
 def test_cuda_lowering_of_the_ring_with_sinks(layer):
     """Compiled for a GPU, the sinks add a pair of dots to the ring's program (a sink step's
