@@ -12,11 +12,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kivi_jax import cache_common, derivatives, rotation
 from kivi_jax.cache_dense import DenseCache
 from kivi_jax.cache_kivi import KIVICache
-from kivi_jax.cache_mosaic import MosaicKIVICache
+from kivi_jax.cache_mosaic import HEADS as MOSAIC_HEADS, MosaicKIVICache
 from kivi_jax.checks import check_float, check_window
 from kivi_jax.eager import jit_when_eager
 
@@ -25,13 +26,41 @@ IMPLS = ("auto", "pallas", "reference", "xla")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _check_cache(cache):
+    """A cache decode_attention can read: a KIVICache, MosaicKIVICache or DenseCache (or another
+    format with their reading interface: ``materialize()``, ``lengths`` [B] and the shape
+    properties) of ONE layer. A StackedCache, None or an array failed with an AttributeError on
+    whatever was read first, and a layer-stacked cache (``StackedCache.layers``, leaves [L, ...])
+    with a broadcasting TypeError deep in the dequantization (its shape properties read L as B)."""
+    needed = ("materialize", "lengths", "num_kv_heads", "head_dim", "batch_size")
+    if isinstance(cache, (jax.Array, jax.core.Tracer)) or not all(hasattr(cache, a) for a in needed):
+        hint = "; pass one layer, stacked.layer(i)" if hasattr(cache, "layer") else ""
+        got = (f"an array of shape {cache.shape}" if isinstance(cache, (jax.Array, jax.core.Tracer))
+               else type(cache).__name__)
+        raise TypeError(f"cache must be a KIVICache, MosaicKIVICache or DenseCache (one layer); got {got}{hint}")
+    if jnp.ndim(cache.lengths) != 1:
+        raise ValueError(f"cache holds lengths of shape {jnp.shape(cache.lengths)}, not [B]: a cache with a leading "
+                         "axis (a layer-stacked cache's .layers?); pass one layer (StackedCache.layer(i)), or "
+                         "jax.vmap over that axis")
+
+
+def _no_window_past(window, limit):
+    """window, or None where it is at least ``limit`` (a window no row can exceed masks nothing:
+    one of 2**31 or more overflowed int32 in the mask with an error naming no parameter)."""
+    return None if window is not None and limit is not None and window >= limit else window
+
+
 def _check_q(q, num_kv_heads: int, head_dim: int, batch: int):
+    if not isinstance(q, (jax.Array, jax.core.Tracer, np.ndarray)):  # (a list: "no attribute ndim")
+        raise TypeError(f"q must be an array [B, Hq, 1, D]; got {type(q).__name__}")
     if q.ndim != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be [B, Hq, 1, D]; got shape {q.shape}")
     check_float("q", q.dtype)  # (an integer q was attended as if cast)
     b, hq, _, d = q.shape
     if b != batch or d != head_dim:
         raise ValueError(f"q shape {q.shape} does not match the cache (B={batch}, D={head_dim})")
+    if hq < 1:  # (Hq=0 passed the multiple check and attended nothing)
+        raise ValueError(f"q shape {q.shape}: query heads Hq={hq} must be >= 1")
     if hq % num_kv_heads:
         raise ValueError(f"query heads Hq={hq} must be a multiple of the cache's Hkv={num_kv_heads}")
 
@@ -131,8 +160,10 @@ def decode_attention(q, cache, *, impl: str = "auto", window: int | None = None,
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {IMPLS}")
+    _check_cache(cache)
     _check_q(q, cache.num_kv_heads, cache.head_dim, cache.batch_size)
     check_window(window)
+    window = _no_window_past(window, getattr(cache, "max_length", None))  # (a row holds at most max_length)
     if isinstance(cache, MosaicKIVICache):
         return _mosaic(q, cache, impl, window, stack)
     kernel_cache = isinstance(cache, (KIVICache, DenseCache))
@@ -226,7 +257,11 @@ def _mosaic(q, cache, impl, window, stack):
 
     if impl == "auto":
         impl = "pallas" if _on_gpu() and cache.dtype == jnp.bfloat16 else "reference"
-        if impl == "pallas" and sharding.active_mesh()[0] is not None:
+        # XLA's path where the kernel does not run: under a mesh of several devices, and for a
+        # GQA ratio it does not take (HEADS: 1, 2 or 4 query heads a KV head; 3 or 8 raised "the
+        # Mosaic kernel takes ..." from impl="auto" on a GPU, the call the models make)
+        if impl == "pallas" and (sharding.active_mesh()[0] is not None
+                                 or q.shape[1] // cache.num_kv_heads not in MOSAIC_HEADS):
             impl = "xla"
     if impl in ("reference", "xla"):
         return reference_decode_attention(q, cache, window=window, exact=impl == "reference")
@@ -316,6 +351,8 @@ def extend_attention(q, k, v, cache, lengths=None, *, window: int | None = None,
     _check_prefill_args(q, k, v, lengths)
     check_window(window)
     b, _, t, d = q.shape
+    # (no query sits past max_length + T - 1: a window that long masks nothing)
+    window = _no_window_past(window, None if getattr(cache, "max_length", None) is None else cache.max_length + t)
     if (cache.batch_size, cache.num_kv_heads, cache.head_dim) != (b, k.shape[1], d):
         raise ValueError(f"q {q.shape} and k {k.shape} do not match the cache (B={cache.batch_size}, "
                          f"Hkv={cache.num_kv_heads}, D={cache.head_dim})")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.layout import Layout, with_layout_constraint
 
@@ -61,6 +63,11 @@ class SinksAndWindow:
         return self.k_res[:, :, r:], self.v_res[:, :, r:]
 
 
+def leaf_bytes(tree) -> int:
+    """Bytes of a pytree's arrays, from shapes and dtypes (jax.ShapeDtypeStruct leaves have no nbytes)."""
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
 class CacheShape:
     """Shape facts of a cache whose field ``shape_field`` is a [B, Hkv, T, D] buffer, and the
     bytes of every buffer it holds. Mixed into the cache dataclasses."""
@@ -74,8 +81,9 @@ class CacheShape:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer the cache holds."""
-        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+        """Bytes of every buffer the cache holds (also of an abstract one, ``jax.eval_shape(init)``:
+        what it will take before it is allocated)."""
+        return leaf_bytes(self)
 
 
 def static(**kw):
@@ -166,11 +174,12 @@ def prompt_lengths(lengths, batch: int, tokens: int, max_length: int):
         raise ValueError(f"prompt of {tokens} tokens does not fit max_length={max_length}")
     if lengths is None:
         return jnp.full((batch,), tokens, jnp.int32), jnp.zeros((batch,), bool)
-    lengths = jnp.asarray(lengths)
+    if not isinstance(lengths, jax.core.Tracer):  # checked on the host before int32: 2**32 + 5 wrapped to 5
+        lengths = np.asarray(jax.device_get(lengths))
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be an integer array of shape ({batch},); got {lengths.shape} {lengths.dtype}")
     check_lengths_range(lengths, tokens)
-    lengths = lengths.astype(jnp.int32)
+    lengths = jnp.asarray(lengths).astype(jnp.int32)
     invalid = (lengths < 0) | (lengths > tokens)
     return jnp.clip(lengths, 0, tokens), invalid
 

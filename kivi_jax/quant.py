@@ -213,8 +213,17 @@ def _group_extreme(x, axis: int, reduce):
     equal, when it goes to the arg-min / arg-max element: jax's own rule divides by that count of
     0. In a model's jitted gradient at XLA:CPU -O0 (the test suite's level) it was 0 for some
     groups (the operand as compared not bit-equal to the one reduced) and the inf that followed
-    made every gradient upstream NaN."""
-    return reduce(x, axis=axis, keepdims=True)
+    made every gradient upstream NaN.
+
+    A NaN in the group gives NaN, on every backend: XLA:CPU's vectorized min/max reductions drop
+    NaN (it compiles them without NaN propagation, openxla/xla#21461), so over a non-minor axis of
+    a few thousand elements (a cache's keys [2, 2, 32, 32] in groups of 16 tokens) a NaN key
+    vanished and its group quantized as if it were not there: a finite, wrong x_hat where the
+    module promises NaN. The NaN test is a max over a 0/1 mask (no reduce_or: the Triton lowering
+    of the append kernels, which quantize with this function, has none)."""
+    out = reduce(x, axis=axis, keepdims=True)
+    nan = jnp.max(jnp.where(jnp.isnan(x), 1.0, 0.0), axis=axis, keepdims=True) > 0
+    return jnp.where(nan, jnp.asarray(jnp.nan, out.dtype), out)
 
 
 @_group_extreme.defjvp

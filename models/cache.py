@@ -58,7 +58,8 @@ class StackedCache:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self.layers)))
+        """Bytes of every layer's buffers (of an abstract cache too: jax.eval_shape's leaves)."""
+        return cc.leaf_bytes(self.layers)
 
     def _check_layer(self, i) -> None:
         """A concrete layer index must be in [0, L): indexing clamped one past the end onto the last

@@ -773,7 +773,9 @@ def test_prefill_runs_the_lm_head_on_last_positions_only():
         carry = gen._prefill(graphdef, state, ids_j, lens_j, keys, knobs, cfg=c)
         temps[on, "first"] = np.asarray(carry.tokens[:, 0]).tolist()
     assert temps[True, "first"] == temps[False, "first"]
-    assert temps[False] - temps[True] >= b * t * 8192 * 4 * 0.9, temps
+    # the logits' bytes are the difference, less XLA's buffer reuse and the other temps' (the
+    # quantizer's NaN mask moved it from 0.90002 to 0.89977 of them, on the CPU)
+    assert temps[False] - temps[True] >= b * t * 8192 * 4 * 0.85, temps
 
 
 # ---- prefill in row slices -------------------------------------------------------------------
