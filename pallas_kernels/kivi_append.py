@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import triton_params
+from pallas_kernels.flash import clamp_layer, triton_params
 
 
 def _pow2(n: int) -> bool:
@@ -65,7 +65,8 @@ def ring_slots(length, *, r, sinks, max_length):
 
 def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, bits, quantize):
     kr_ref, vr_ref, vc_ref, vs_ref, vm_ref = refs[5:]  # (refs[:5]: the same buffers as inputs, aliased)
-    at = (layer_ref[0], pl.program_id(0), pl.program_id(1))
+    # (a traced layer is unchecked: clamped as lax.dynamic_update_slice would, never written past the stack)
+    at = (clamp_layer(layer_ref[0], kr_ref.shape[0]), pl.program_id(0), pl.program_id(1))
     live, spill, slot, dest, p = ring_slots(len_ref[()], r=r, sinks=sinks, max_length=max_length)
 
     @pl.when(spill)

@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import kivi_window
-from pallas_kernels.flash import (NEG, in_range, online_softmax_step, partials_call, program_bounds,
+from pallas_kernels.flash import (NEG, clamp_layer, in_range, online_softmax_step, partials_call, program_bounds,
                                   query_rows, store_partials)
 
 # "swap": the dots' operands swapped (the dequantized tiles first, which Hopper's wgmma takes
@@ -178,7 +178,9 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     o_ref, m_ref, l_ref = refs[-3:]
     g, kg = group_size, key_group_size  # value channels per scale, key tokens per scale
     # one indexer per load (the Triton lowering takes no ref views of views)
-    at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
+    # (clamped as lax.dynamic_index_in_dim would: a traced layer is unchecked, and past the stack a GPU
+    # reads another buffer's memory)
+    at = (clamp_layer(layer_ref[0], kc_ref.shape[0]), pl.program_id(0), pl.program_id(1)) if stacked else ()
     lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split, relative)
     q = query_rows(q_ref, compute_dtype)  # [M, D]
     m_rows, d = q.shape

@@ -33,13 +33,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.flash import clamp_layer
 from pallas_kernels.kivi_append import launch, ring_slots
 from pallas_kernels.mosaic_layout import CHUNK, GROUP, VALUE_BLOCK, code_bit
 
 
 def _kernel(layer_ref, k_ref, v_ref, len_ref, *refs, r, sinks, max_length, quantize):
     kr_ref, vr_ref, vn_ref, vt_ref = refs[4:]  # (refs[:4]: the same buffers as inputs, aliased)
-    at = (layer_ref[0], pl.program_id(0), pl.program_id(1))
+    at = (clamp_layer(layer_ref[0], kr_ref.shape[0]), pl.program_id(0), pl.program_id(1))  # (flash.clamp_layer)
     live, spill, slot, dest, p = ring_slots(len_ref[()], r=r, sinks=sinks, max_length=max_length)
 
     @pl.when(spill)

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import kivi_window
-from pallas_kernels.flash import NEG, online_softmax_step, partials_call, query_rows, repeat_rows, store_partials
+from pallas_kernels.flash import NEG, clamp_layer, online_softmax_step, partials_call, query_rows, repeat_rows, store_partials
 
 
 def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, precision, stacked, combine, sliding,
@@ -45,7 +45,7 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, pr
     (start_ref,), refs = (refs[:1], refs[1:]) if sliding else ((None,), refs)
     (sink_lo_ref, sink_hi_ref), refs = (refs[:2], refs[2:]) if sink_len else ((None,) * 2, refs)
     o_ref, m_ref, l_ref = refs
-    at = (layer_ref[0], pl.program_id(0), pl.program_id(1)) if stacked else ()
+    at = (clamp_layer(layer_ref[0], kr_ref.shape[0]), pl.program_id(0), pl.program_id(1)) if stacked else ()  # (flash.clamp_layer)
     q = query_rows(q_ref, compute_dtype)  # [M, D]: G rows repeated to 16
     m_rows, d = q.shape
     length, mq = len_ref[()], nv_ref[()]

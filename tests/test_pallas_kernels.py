@@ -282,6 +282,25 @@ def test_cuda_lowering_of_the_ring_with_sinks(layer):
         ttir(16, slots=r + 8)
 
 
+def test_kernel_reads_a_traced_layer_past_the_stack_as_dynamic_index_does():
+    """A traced layer cannot be checked: past the stack (5 of 3) or negative (-1) the kernel reads
+    the layer lax.dynamic_index_in_dim reads (clamped, wrapped: flash.clamp_layer), the bulk's and
+    the ring's, never memory outside the stack (compiled, such a read would reach another buffer's)."""
+    cfg = kj.KIVIConfig(group_size=32, residual_length=32)
+    layers = [_cache(cfg, [300, 77], 1, 64, jnp.float32, seed) for seed in (31, 32, 33)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    q = jax.random.normal(jax.random.key(34), (2, 2, 1, 64), jnp.float32)
+
+    @jax.jit
+    def run(stacked, i):
+        view = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), stacked)
+        return attention_pallas.decode_attention(q, view, interpret=jax.default_backend() != "gpu", stack=(stacked, i))
+
+    for i, which in ((5, 2), (-1, 2), (-3, 0)):
+        want = kj.decode_attention(q, layers[which], impl="reference")
+        assert _rel(run(stacked, jnp.int32(i)), want) <= 1e-5, i
+
+
 @pytest.mark.parametrize("ring_program,sinks", [("first", 0), ("own", 0), ("launch", 0), ("launch", 16)])
 def test_kernel_reads_a_layer_stacked_cache_in_place(ring_program, sinks):
     """stack=(stacked, i): the kernel takes the whole [L, ...] arrays and layer i (no slice of
