@@ -15,6 +15,7 @@ from flax import nnx
 
 import kivi_jax
 import models
+from hf_params import hf_tree
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,11 +25,6 @@ V = 61
 IDS = np.random.default_rng(0).integers(0, V, size=(3, 16)).astype(np.int32)
 LENGTHS = np.array([16, 9, 0], np.int32)  # a full row, a padded one, one with no token at all
 MASK = (np.arange(16)[None] < LENGTHS[:, None]).astype(np.int32)
-_HF_NAMES = dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", q_proj="self_attn.q_proj",
-                 k_proj="self_attn.k_proj", v_proj="self_attn.v_proj", o_proj="self_attn.o_proj",
-                 gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", down_proj="mlp.down_proj")
-
-
 def _hf(kind="llama", *, tie=True, rope=None, window=None, hidden=32, heads=4, kv_heads=2, head_dim=None, seed=3):
     kw = dict(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
@@ -58,23 +54,7 @@ def _torch_loss_grads(m, ids=IDS, mask=MASK):
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), reduction="none")
     loss = (nll * w.reshape(-1)).sum() / w.sum()
     loss.backward()
-    return float(loss.detach()), _hf_tree(m, lambda p: p.grad.detach().double().numpy())
-
-
-def _hf_tree(m, get):
-    """A HF model's parameters (get(p) of each) laid out as models.params_of lays them out."""
-    sd = dict(m.named_parameters())
-    n = m.config.num_hidden_layers
-    out = {"embed": get(sd["model.embed_tokens.weight"]), "final_norm": get(sd["model.norm.weight"]),
-           "layers": {k: np.stack([_t(get(sd[f"model.layers.{i}.{hf}.weight"])) for i in range(n)])
-                      for k, hf in _HF_NAMES.items()}}
-    if not m.config.tie_word_embeddings:
-        out["lm_head"] = get(sd["lm_head.weight"]).T
-    return out
-
-
-def _t(a):
-    return a if a.ndim == 1 else a.T  # torch Linear is [out, in]; ours [in, out]
+    return float(loss.detach()), hf_tree(m, lambda p: p.grad.detach().double().numpy())
 
 
 def _max_rel_err(ours, ref):
@@ -390,7 +370,7 @@ def test_grad_through_prefill_and_decode_steps_matches_reference(kind):
     ref_logits = _reference_logits(hf, ids_t, t0, kivi is not None)[:, t0:]
     ref_loss = (ref_logits * torch.tensor(weights)).sum() + 0.1 * (ref_logits**2).sum()
     ref_loss.backward()
-    ref = _hf_tree(hf, lambda p: p.grad.detach().double().numpy())
+    ref = hf_tree(hf, lambda p: p.grad.detach().double().numpy())
     errs = _max_rel_err(nnx.to_pure_dict(grads), ref)
     worst = max(errs, key=errs.get)
     dense_logits = _reference_logits(hf, ids_t, t0, False)[:, t0:].detach().numpy()

@@ -15,17 +15,13 @@ from flax import nnx
 
 import kivi_jax
 import models
+from hf_params import hf_tree
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 optax = pytest.importorskip("optax")
 
 V = 61
-_HF_NAMES = dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", q_proj="self_attn.q_proj",
-                 k_proj="self_attn.k_proj", v_proj="self_attn.v_proj", o_proj="self_attn.o_proj",
-                 gate_proj="mlp.gate_proj", up_proj="mlp.up_proj", down_proj="mlp.down_proj")
-
-
 def _hf(kind="llama", *, tie=False, window=None, max_pos=128, rope=None, seed=0, randomize=True):
     """A 2-layer, hidden-64 transformers model (4 query heads, 2 KV heads: GQA), eager attention,
     weights drawn large enough that attention is peaked and norms away from 1."""
@@ -47,24 +43,8 @@ def _hf(kind="llama", *, tie=False, window=None, max_pos=128, rope=None, seed=0,
     return m
 
 
-def _hf_tree(m, get):
-    """A transformers model's parameters (get(p) of each) laid out as models.params_of lays them out."""
-    sd = dict(m.named_parameters())
-    n = m.config.num_hidden_layers
-    out = {"embed": get(sd["model.embed_tokens.weight"]), "final_norm": get(sd["model.norm.weight"]),
-           "layers": {k: np.stack([_t(get(sd[f"model.layers.{i}.{hf}.weight"])) for i in range(n)])
-                      for k, hf in _HF_NAMES.items()}}
-    if not m.config.tie_word_embeddings:
-        out["lm_head"] = get(sd["lm_head.weight"]).T
-    return out
-
-
-def _t(a):
-    return a if a.ndim == 1 else a.T  # torch Linear is [out, in]; ours [in, out]
-
-
 def _grads(m):
-    return _hf_tree(m, lambda p: p.grad.detach().double().numpy())
+    return hf_tree(m, lambda p: p.grad.detach().double().numpy())
 
 
 def _rel_errs(ours, ref):
@@ -334,14 +314,14 @@ def test_random_init_follows_transformers_init_and_takes_int_seeds():
     unit norms); an int seed is the key of that seed (it failed inside the jitted init with
     "Invalid rng value: JitTracer"); rngs that are not nnx.Rngs are named."""
     hf = _hf(tie=False, randomize=False)  # transformers' own init (initializer_range 0.02)
-    hf_tree = _hf_tree(hf, lambda p: p.detach().double().numpy())
+    hf_params = hf_tree(hf, lambda p: p.detach().double().numpy())
     cfg = models.ModelConfig.from_hf_dict(hf.config.to_dict())
     direct = models.params_of(models.Llama(cfg, rngs=nnx.Rngs(0)))
     seeded = models.params_of(models.init_random(cfg, 5))
     keyed = models.params_of(models.init_random(cfg, jax.random.key(5)))
     for tree in (direct, seeded):
         ours = {k: np.asarray(v, np.float64) for k, v in models.llama._flatten(tree).items()}
-        ref = models.llama._flatten(hf_tree)
+        ref = models.llama._flatten(hf_params)
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
         for k in ref:
             if k.endswith("norm"):
