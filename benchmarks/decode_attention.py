@@ -3,7 +3,9 @@ vs dense bf16 XLA attention, all timed in the same run; for 2-bit caches also th
 as a MosaicKIVICache (impl ``mosaic_cache``: the Mosaic GPU kernel, Hopper).
 
 Rows: B x T x (Hq, Hkv) x bits x impl with median ms, bytes moved, achieved TB/s and the
-ratio to dense bf16 at the same shape; the measured HBM copy bandwidth sits at the top.
+ratio to dense bf16 at the same shape; the measured HBM copy bandwidth sits at the top. Bytes:
+the buffers the call reads (KIVI: codes, scales, mins and the whole ring; dense: K and V) plus q
+and the output. A configuration that raises is a row with its error (``oom`` when memory ran out).
 Run on the device: python -m benchmarks.decode_attention [--quick]
 """
 
@@ -40,19 +42,51 @@ def dense_attention(q, k, v):
     return o.reshape(b, hq, 1, d).astype(q.dtype)
 
 
-def kivi_bytes(cfg, b, hkv, t, dtype=jnp.bfloat16):
+def qo_bytes(b, hq, dtype=jnp.bfloat16):
+    """The query read and the output written: [B, Hq, 1, D] each (every impl moves them too)."""
+    return 2 * b * hq * D * jnp.dtype(dtype).itemsize
+
+
+def dense_bytes_moved(b, hq, hkv, t, dtype=jnp.bfloat16):
+    """Dense decode attention's bytes: K and V [B, Hkv, T, D], plus q and the output."""
+    return 2 * b * hkv * t * D * jnp.dtype(dtype).itemsize + qo_bytes(b, hq, dtype)
+
+
+def kivi_bytes(cfg, b, hkv, t, dtype=jnp.bfloat16, hq=None):
+    """The cache's buffers a KIVI call reads (codes, scales, mins of the capacity, the whole
+    residual ring) plus q and the output when ``hq`` is given (bytes_per_token and
+    residual_bytes cover the cache alone; the q/o term was missing from the rows' bytes)."""
     per_tok = cfg.bytes_per_token(num_kv_heads=hkv, head_dim=D, dtype=dtype)
-    return int(b * (t * per_tok + cfg.residual_bytes(num_kv_heads=hkv, head_dim=D, dtype=dtype)))
+    cache = b * (cfg.capacity(t) * per_tok + cfg.residual_bytes(num_kv_heads=hkv, head_dim=D, dtype=dtype))
+    return int(cache) + (qo_bytes(b, hq, dtype) if hq else 0)
+
+
+#: top-level fields of the results file (environment, hbm_copy_tbps), set by main() before the
+#: sweep, so that the checkpoint is a results file of the same schema, not a bare list of rows
+PARTIAL_TOP: dict = {}
 
 
 def _checkpoint(rows):
-    """Keep every measured row on disk as we go: a run cut short still leaves its numbers."""
+    """Keep every measured row on disk as we go: a run cut short still leaves its numbers, as
+    an object with the results file's top-level fields (commit, device, jax_version,
+    hbm_copy_tbps) and ``partial: true`` (a bare list of rows had none of them)."""
     import json
     import os
 
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "partial-rows.json"), "w") as f:
-            json.dump(rows, f)
+        path = os.path.join(os.environ["OUT"], "partial-rows.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({**PARTIAL_TOP, "partial": True, "rows": rows}, f)
+        os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous checkpoint whole
+
+
+def _failed_row(base, bits, impl, nbytes, e):
+    """A configuration that raised: a row (median_ms None, its error, oom when the device ran
+    out of memory) instead of nothing, so the table shows it was tried."""
+    text = f"{type(e).__name__}: {e}"
+    return {**base, "bits": bits, "impl": impl, "median_ms": None, "bytes": nbytes, "tbps": None,
+            "ratio_to_dense": None, "oom": any(m in text for m in ("RESOURCE_EXHAUSTED", "out of memory",
+                                                                 "Out of memory")), "error": text[:300]}
 
 
 def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes, dense_max_bytes, rows=None,
@@ -67,26 +101,37 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
     for hq, hkv in heads:
         for t in lengths:
             for b in batches:
-                if time.monotonic() > deadline:
-                    rows.append({"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D, "impl": "skipped_time_budget",
-                                 "median_ms": None})
+                base = {"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D}
+                if time.monotonic() > deadline:  # every required field, None: still a valid row
+                    rows.append({**base, "bits": None, "impl": "skipped_time_budget", "median_ms": None,
+                                 "bytes": None, "tbps": None, "ratio_to_dense": None})
+                    _checkpoint(rows)
                     continue
-                dense_bytes = 2 * b * hkv * t * D * 2
+                # K/V bytes decide whether dense runs (as before); the row's bytes add q and o
+                kv_bytes = 2 * b * hkv * t * D * 2
+                dense_bytes = dense_bytes_moved(b, hq, hkv, t)
                 q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
                 dense_ms = None
-                if dense_bytes <= dense_max_bytes:
+                dense_row = {**base, "bits": 16, "impl": "dense_bf16_xla", "median_ms": None, "bytes": dense_bytes,
+                             "tbps": None, "ratio_to_dense": None}
+                if kv_bytes <= dense_max_bytes:
+                    k = v = None
                     try:
                         k = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
                         v = jax.random.normal(jax.random.key(3), (b, hkv, t, D), jnp.bfloat16)
                         dense_ms = common.time_fn(jax.jit(dense_attention), q, k, v)
-                        del k, v
                     except Exception as e:  # noqa: BLE001 - report OOM and carry on
                         print("dense failed", b, t, hkv, type(e).__name__, str(e)[:200])
+                        dense_row = _failed_row(base, 16, "dense_bf16_xla", dense_bytes, e)
+                    finally:  # (a failed call kept K/V alive into the KIVI timings of this shape)
+                        k = v = None
                     gc.collect()
-                base = {"B": b, "T": t, "Hq": hq, "Hkv": hkv, "D": D}
-                rows.append({**base, "bits": 16, "impl": "dense_bf16_xla", "median_ms": dense_ms,
-                             "bytes": dense_bytes, "tbps": dense_bytes / dense_ms / 1e9 if dense_ms else None,
-                             "ratio_to_dense": 1.0 if dense_ms else None})
+                else:  # not attempted by design: no error, no OOM
+                    dense_row["skipped"] = f"K/V {kv_bytes} bytes > dense_max_bytes {dense_max_bytes}"
+                if dense_ms:
+                    dense_row.update(median_ms=dense_ms, tbps=dense_bytes / dense_ms / 1e9, ratio_to_dense=1.0)
+                rows.append(dense_row)
+                _checkpoint(rows)
                 for bits in bits_list:
                     cfg = kj.KIVIConfig(k_bits=bits, v_bits=bits)
                     try:
@@ -95,14 +140,16 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                         cache = random_cache(cfg, batch=b, kv_heads=hkv, tokens=t, head_dim=D, length=length)
                     except Exception as e:  # noqa: BLE001
                         print("cache alloc failed", b, t, hkv, bits, type(e).__name__)
+                        rows.append(_failed_row(base, bits, "cache_alloc", None, e))
+                        _checkpoint(rows)
                         continue
-                    nbytes = kivi_bytes(cfg, b, hkv, t)
+                    nbytes = kivi_bytes(cfg, b, hkv, t, hq=hq)
                     todo = []  # (name, fn, the KIVICache -> what fn takes)
                     if "pallas" in impls:
                         for name, opts in variants_opts:
                             todo.append((name, jax.jit(lambda q, c, o=opts: attention_pallas.decode_attention(q, c, **o)),
                                          None))
-                    if "reference" in impls and dense_bytes <= ref_max_bytes:
+                    if "reference" in impls and kv_bytes <= ref_max_bytes:  # (K/V alone, as before)
                         todo.append(("reference_xla", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference")),
                                      None))
                     if "mosaic" in impls and bits == 2 and hq // hkv in kivi_mosaic.HEADS:
@@ -111,16 +158,20 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                         todo.append(("mosaic_cache", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="pallas")),
                                      kj.MosaicKIVICache.from_kivi))
                     for name, fn, make in todo:
+                        arg = None
                         try:
                             arg = cache if make is None else jax.block_until_ready(make(cache))
                             t_c = time.perf_counter()
                             jax.block_until_ready(fn(q, arg))
                             print(f"  {name}: first call (compile) {time.perf_counter() - t_c:.1f} s", flush=True)
                             ms = common.time_fn(fn, q, arg)
-                            del arg
                         except Exception as e:  # noqa: BLE001
                             print("failed", name, b, t, hkv, bits, type(e).__name__, str(e)[:300])
+                            rows.append(_failed_row(base, bits, name, nbytes, e))  # (was dropped silently)
+                            _checkpoint(rows)
                             continue
+                        finally:  # (a failed conversion kept its converted cache alive)
+                            arg = None
                         row = {**base, "bits": bits, "impl": name, "median_ms": ms, "bytes": nbytes,
                                "tbps": nbytes / ms / 1e9, "ratio_to_dense": ms / dense_ms if dense_ms else None}
                         rows.append(row)
@@ -378,9 +429,49 @@ def _ints(text):  # "1,8,32" -> [1, 8, 32]
     return [int(x) for x in text.split(",") if x]
 
 
+def _int_list(allowed="positive integers", ok=lambda n: n >= 1):
+    """An argparse type: a non-empty comma list of integers each passing ``ok``; otherwise the
+    error (argparse prefixes the flag) names the value and what is allowed (a bad --bits-mha
+    used to fail every cache silently, a bad --batches to raise a bare ValueError mid-run)."""
+    def parse(text):
+        try:
+            out = _ints(text)
+        except ValueError:
+            out = None
+        if not out or not all(ok(n) for n in out):
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {allowed}")
+        return out
+    return parse
+
+
+def _trace_shapes(text):  # "1x4096x32,8x16384x8" -> [(1, 4096, 32), (8, 16384, 8)]
+    try:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
+    except ValueError:
+        shapes = None
+    if not shapes or any(len(s) != 3 or min(s) < 1 or 32 % s[2] for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated BxTxHkv, positive integers, Hkv dividing 32")
+    return shapes
+
+
 def _option_set(text):  # "+cc:a=1;b=X" -> ("+cc", {"a": "1", "b": "X"})
     suffix, _, pairs = text.partition(":")
-    return suffix, dict(pair.split("=", 1) for pair in pairs.split(";") if pair)
+    items = [pair for pair in pairs.split(";") if pair]
+    if not items or any("=" not in pair for pair in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: SUFFIX:KEY=VALUE[;KEY=VALUE]")
+    return suffix, dict(pair.split("=", 1) for pair in items)
+
+
+def _at_least(lo, kind=int):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"{text!r}: a number >= {lo}")
+        return v
+    return parse
 
 
 def _report(name, env, title, rows, cols, note="", **top):
@@ -392,13 +483,24 @@ def _report(name, env, title, rows, cols, note="", **top):
     common.write_results(name, {**env, **top, "rows": rows}, table)
 
 
+def finish_rows(rows, hbm):
+    """Each row's fraction of the measured HBM copy bandwidth and its oom / oom_or_error flags."""
+    for r in rows:
+        r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
+        # not run by design (the time budget, a dense K/V over dense_max_bytes) is no error
+        r["oom_or_error"] = (r.get("median_ms") is None and r["impl"] != "skipped_time_budget"
+                             and not r.get("skipped"))
+        r.setdefault("oom", False)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the target shape plus tuning variants only")
     ap.add_argument("--name", default="decode-attention")
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=_at_least(1), default=5)
     ap.add_argument("--extensions", action="store_true",
                     help="sinks, rotation, key groups and residual lengths next to plain KIVI-2 (extensions())")
     ap.add_argument("--only", default="", help="--extensions: only these EXTENSIONS names (comma list)")
@@ -406,23 +508,28 @@ def main(argv=None):
     ap.add_argument("--trace", action="store_true", help="only the kernels of whole calls, traced (trace_calls)")
     ap.add_argument("--short", action="store_true",
                     help="only the Triton kernel's knobs on the paper setting's short rows, in turns (short_rows)")
-    ap.add_argument("--trace-shapes", default="1x4096x32,1x16384x8,8x16384x8,64x4096x32,64x4096x8",
+    ap.add_argument("--trace-shapes", type=_trace_shapes,
+                    default="1x4096x32,1x16384x8,8x16384x8,64x4096x32,64x4096x8",
                     help="--trace's shapes, BxTxHkv comma-separated")
-    ap.add_argument("--xla-options", action="append", default=[], metavar="SUFFIX:KEY=VALUE[;KEY=VALUE]",
+    ap.add_argument("--xla-options", action="append", default=[], type=_option_set,
+                    metavar="SUFFIX:KEY=VALUE[;KEY=VALUE]",
                     help="--trace: also compile every arm with these XLA options (repeatable), named with SUFFIX")
-    ap.add_argument("--kv-heads", default="32,8", help="the sweep's KV heads (Hq = 32), comma-separated")
-    ap.add_argument("--batches", default="1,8,32,64,128")
-    ap.add_argument("--lengths", default="1024,4096,16384,32768")
-    ap.add_argument("--bits-mha", default="2,4", help="bits swept with 32 KV heads (8 KV heads: 2)")
+    ap.add_argument("--kv-heads", default="32,8",
+                    type=_int_list("divisors of Hq = 32", lambda n: n >= 1 and 32 % n == 0),
+                    help="the sweep's KV heads (Hq = 32), comma-separated")
+    ap.add_argument("--batches", default="1,8,32,64,128", type=_int_list())
+    ap.add_argument("--lengths", default="1024,4096,16384,32768", type=_int_list())
+    ap.add_argument("--bits-mha", default="2,4", type=_int_list("bits in {2, 4}", lambda n: n in (2, 4)),
+                    help="bits swept with 32 KV heads (8 KV heads: 2)")
     ap.add_argument("--no-breakdown", action="store_true", help="the sweep alone (no Triton breakdown / variants)")
-    ap.add_argument("--budget-s", type=float, default=math.inf,
+    ap.add_argument("--budget-s", type=_at_least(0, float), default=math.inf,
                     help="begin no shape after this many seconds; the rest are listed as skipped")
     args = ap.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
     env = common.environment()
     if args.trace:
-        shapes = [tuple(_ints(s.replace("x", ","))) for s in args.trace_shapes.split(",")]
-        option_sets = [("", {})] + [_option_set(text) for text in args.xla_options]
+        shapes = args.trace_shapes
+        option_sets = [("", {})] + list(args.xla_options)
         rows = trace_calls(shapes, option_sets=option_sets)
         cols = ["B", "T", "Hkv", "impl", "median_ms", "gpu_ms", "launches", "kernels"]
         _report(args.name, env, "Whole decode_attention calls kernel by kernel", rows, cols,
@@ -449,6 +556,8 @@ def main(argv=None):
         return
     hbm = common.hbm_copy_tbps()
     print(f"HBM copy: {hbm:.3f} TB/s", flush=True)
+    PARTIAL_TOP.clear()
+    PARTIAL_TOP.update(env, hbm_copy_tbps=hbm)
     if args.quick:
         # the target shape, then rows of mixed lengths (every split of the ring between fresh
         # and flushed keys) at the target shape and at short contexts (the paper's setting:
@@ -475,14 +584,13 @@ def main(argv=None):
                  ("pallas_swap_f32dots", dict(variant="swap", dot_dtype="float32")),
                  ("pallas_swap_c32", dict(variant="swap", chunk=32))],
                 ref_max_bytes=0, dense_max_bytes=80 << 30, rows=rows)
-        for hkv in _ints(args.kv_heads):
-            run(_ints(args.batches), _ints(args.lengths), [(32, hkv)], _ints(args.bits_mha) if hkv == 32 else [2],
+        for hkv in args.kv_heads:
+            run(args.batches, args.lengths, [(32, hkv)], args.bits_mha if hkv == 32 else [2],
                 ("pallas", "reference", "mosaic"), [("pallas", dict())], ref_max_bytes=1 << 30,
                 dense_max_bytes=80 << 30, rows=rows, deadline=deadline)
-    for r in rows:
-        r["frac_of_hbm_copy"] = r["tbps"] / hbm if r.get("tbps") else None
-        r["oom_or_error"] = r.get("median_ms") is None and r["impl"] != "skipped_time_budget"
-    cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense"]
+    finish_rows(rows, hbm)
+    cols = ["B", "T", "Hq", "Hkv", "bits", "impl", "median_ms", "bytes", "tbps", "frac_of_hbm_copy", "ratio_to_dense",
+            "oom_or_error"]
     if any("ratio_to_plain_kivi" in r for r in rows):
         cols.append("ratio_to_plain_kivi")
     _report(args.name, env, "Decode attention", rows, cols, note=f"; HBM copy {hbm:.2f} TB/s (read+write)",

@@ -44,7 +44,7 @@ GROUPS = {
     "models": ["tests/models"],
     "tools": ["tests/test_sharding.py", "tests/test_sharding_audit.py", "tests/test_bench_tools.py", "tests/test_cli.py",
               "tests/test_eval.py", "tests/test_readme.py", "tests/test_checkpoint_cli_audit.py",
-              "tests/test_eval_audit.py"],
+              "tests/test_eval_audit.py", "tests/test_bench_audit.py"],
 }
 
 
