@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -16,6 +17,35 @@ import jax
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def int_list(allowed: str = "positive integers", ok=lambda n: n >= 1):
+    """An argparse type: a non-empty comma list of integers each passing ``ok``; otherwise the
+    error (argparse prefixes the flag) names the value and what is allowed (a bad --bits-mha used
+    to fail every cache silently, a bad --batches to raise a bare ValueError mid-run)."""
+    def parse(text: str) -> list[int]:
+        try:
+            out = [int(x) for x in text.split(",") if x]
+        except ValueError:
+            out = None
+        if not out or not all(ok(n) for n in out):
+            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {allowed}")
+        return out
+    return parse
+
+
+def at_least(lo, kind=int):
+    """An argparse type: a ``kind`` number >= lo; otherwise an error naming the value and the bound
+    (0 or a negative batch, token or rep count failed later, inside a run)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            raise argparse.ArgumentTypeError(f"{text!r}: a number >= {lo}")
+        return v
+    return parse
 
 
 def commit() -> str:

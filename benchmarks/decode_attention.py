@@ -47,9 +47,14 @@ def qo_bytes(b, hq, dtype=jnp.bfloat16):
     return 2 * b * hq * D * jnp.dtype(dtype).itemsize
 
 
+def kv_bytes(b, hkv, t, dtype=jnp.bfloat16):
+    """A dense cache's K and V [B, Hkv, T, D]."""
+    return 2 * b * hkv * t * D * jnp.dtype(dtype).itemsize
+
+
 def dense_bytes_moved(b, hq, hkv, t, dtype=jnp.bfloat16):
-    """Dense decode attention's bytes: K and V [B, Hkv, T, D], plus q and the output."""
-    return 2 * b * hkv * t * D * jnp.dtype(dtype).itemsize + qo_bytes(b, hq, dtype)
+    """Dense decode attention's bytes: K and V, plus q and the output."""
+    return kv_bytes(b, hkv, t, dtype) + qo_bytes(b, hq, dtype)
 
 
 def kivi_bytes(cfg, b, hkv, t, dtype=jnp.bfloat16, hq=None):
@@ -108,13 +113,13 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                     _checkpoint(rows)
                     continue
                 # K/V bytes decide whether dense runs (as before); the row's bytes add q and o
-                kv_bytes = 2 * b * hkv * t * D * 2
+                kv = kv_bytes(b, hkv, t)
                 dense_bytes = dense_bytes_moved(b, hq, hkv, t)
                 q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
                 dense_ms = None
                 dense_row = {**base, "bits": 16, "impl": "dense_bf16_xla", "median_ms": None, "bytes": dense_bytes,
                              "tbps": None, "ratio_to_dense": None}
-                if kv_bytes <= dense_max_bytes:
+                if kv <= dense_max_bytes:
                     k = v = None
                     try:
                         k = jax.random.normal(jax.random.key(2), (b, hkv, t, D), jnp.bfloat16)
@@ -127,7 +132,7 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                         k = v = None
                     gc.collect()
                 else:  # not attempted by design: no error, no OOM
-                    dense_row["skipped"] = f"K/V {kv_bytes} bytes > dense_max_bytes {dense_max_bytes}"
+                    dense_row["skipped"] = f"K/V {kv} bytes > dense_max_bytes {dense_max_bytes}"
                 if dense_ms:
                     dense_row.update(median_ms=dense_ms, tbps=dense_bytes / dense_ms / 1e9, ratio_to_dense=1.0)
                 rows.append(dense_row)
@@ -149,7 +154,7 @@ def run(batches, lengths, heads, bits_list, impls, variants_opts, ref_max_bytes,
                         for name, opts in variants_opts:
                             todo.append((name, jax.jit(lambda q, c, o=opts: attention_pallas.decode_attention(q, c, **o)),
                                          None))
-                    if "reference" in impls and kv_bytes <= ref_max_bytes:  # (K/V alone, as before)
+                    if "reference" in impls and kv <= ref_max_bytes:  # (K/V alone, as before)
                         todo.append(("reference_xla", jax.jit(lambda q, c: kj.decode_attention(q, c, impl="reference")),
                                      None))
                     if "mosaic" in impls and bits == 2 and hq // hkv in kivi_mosaic.HEADS:
@@ -425,25 +430,6 @@ def trace_calls(shapes=((1, 4096, 32), (1, 16384, 8), (8, 16384, 8), (64, 4096, 
     return rows
 
 
-def _ints(text):  # "1,8,32" -> [1, 8, 32]
-    return [int(x) for x in text.split(",") if x]
-
-
-def _int_list(allowed="positive integers", ok=lambda n: n >= 1):
-    """An argparse type: a non-empty comma list of integers each passing ``ok``; otherwise the
-    error (argparse prefixes the flag) names the value and what is allowed (a bad --bits-mha
-    used to fail every cache silently, a bad --batches to raise a bare ValueError mid-run)."""
-    def parse(text):
-        try:
-            out = _ints(text)
-        except ValueError:
-            out = None
-        if not out or not all(ok(n) for n in out):
-            raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {allowed}")
-        return out
-    return parse
-
-
 def _trace_shapes(text):  # "1x4096x32,8x16384x8" -> [(1, 4096, 32), (8, 16384, 8)]
     try:
         shapes = [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
@@ -460,18 +446,6 @@ def _option_set(text):  # "+cc:a=1;b=X" -> ("+cc", {"a": "1", "b": "X"})
     if not items or any("=" not in pair for pair in items):
         raise argparse.ArgumentTypeError(f"{text!r}: SUFFIX:KEY=VALUE[;KEY=VALUE]")
     return suffix, dict(pair.split("=", 1) for pair in items)
-
-
-def _at_least(lo, kind=int):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            v = None
-        if v is None or v < lo:
-            raise argparse.ArgumentTypeError(f"{text!r}: a number >= {lo}")
-        return v
-    return parse
 
 
 def _report(name, env, title, rows, cols, note="", **top):
@@ -500,7 +474,7 @@ def main(argv=None):
     ap.add_argument("--name", default="decode-attention")
     ap.add_argument("--sliding", action="store_true",
                     help="only the sliding-window split partitions (each row's window chunks vs all), timed in turns")
-    ap.add_argument("--rounds", type=_at_least(1), default=5)
+    ap.add_argument("--rounds", type=common.at_least(1), default=5)
     ap.add_argument("--extensions", action="store_true",
                     help="sinks, rotation, key groups and residual lengths next to plain KIVI-2 (extensions())")
     ap.add_argument("--only", default="", help="--extensions: only these EXTENSIONS names (comma list)")
@@ -515,14 +489,14 @@ def main(argv=None):
                     metavar="SUFFIX:KEY=VALUE[;KEY=VALUE]",
                     help="--trace: also compile every arm with these XLA options (repeatable), named with SUFFIX")
     ap.add_argument("--kv-heads", default="32,8",
-                    type=_int_list("divisors of Hq = 32", lambda n: n >= 1 and 32 % n == 0),
+                    type=common.int_list("divisors of Hq = 32", lambda n: n >= 1 and 32 % n == 0),
                     help="the sweep's KV heads (Hq = 32), comma-separated")
-    ap.add_argument("--batches", default="1,8,32,64,128", type=_int_list())
-    ap.add_argument("--lengths", default="1024,4096,16384,32768", type=_int_list())
-    ap.add_argument("--bits-mha", default="2,4", type=_int_list("bits in {2, 4}", lambda n: n in (2, 4)),
+    ap.add_argument("--batches", default="1,8,32,64,128", type=common.int_list())
+    ap.add_argument("--lengths", default="1024,4096,16384,32768", type=common.int_list())
+    ap.add_argument("--bits-mha", default="2,4", type=common.int_list("bits in {2, 4}", lambda n: n in (2, 4)),
                     help="bits swept with 32 KV heads (8 KV heads: 2)")
     ap.add_argument("--no-breakdown", action="store_true", help="the sweep alone (no Triton breakdown / variants)")
-    ap.add_argument("--budget-s", type=_at_least(0, float), default=math.inf,
+    ap.add_argument("--budget-s", type=common.at_least(0, float), default=math.inf,
                     help="begin no shape after this many seconds; the rest are listed as skipped")
     args = ap.parse_args(argv)
     deadline = time.monotonic() + args.budget_s

@@ -1063,29 +1063,6 @@ def _plot_paper(ax2, paper: list) -> None:
 
 # =============================================================================================
 
-def _ints(s: str) -> list[int]:
-    """A non-empty comma list of positive integers; else an error naming the value and what is
-    allowed (argparse prefixes the flag; "invalid _ints value" said neither what nor why)."""
-    try:
-        out = [int(x) for x in s.split(",") if x]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"{s!r}: a comma list of positive integers, e.g. 4096,16384")
-    return out
-
-
-def _positive(s: str) -> int:
-    """An integer >= 1 (batch, tokens, reps: 0 or a negative one failed inside a child as an error row)."""
-    try:
-        n = int(s)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{s!r}: an integer >= 1")
-    return n
-
-
 def _caches(s: str) -> list[str]:
     out = [x for x in s.split(",") if x]
     bad = [x for x in out if x not in KIVI]
@@ -1101,16 +1078,16 @@ def parse_args(argv=None):
     ap.add_argument("--compile-check", action="store_true",
                     help="only time lower+compile of one 32-layer decode step (KIVI-2, dense) and print it")
     ap.add_argument("--profile-step", action="store_true", help="also profile one decode step (dense, kivi2)")
-    ap.add_argument("--profile-batch", type=_positive, default=None,
+    ap.add_argument("--profile-batch", type=common.at_least(1), default=None,
                     help="batch of --profile-step (default: paper batch)")
-    ap.add_argument("--paper-prompt", type=_positive, default=160)
-    ap.add_argument("--paper-new-tokens", type=_positive, default=338)
-    ap.add_argument("--paper-batch", type=_positive, default=96)
+    ap.add_argument("--paper-prompt", type=common.at_least(1), default=160)
+    ap.add_argument("--paper-new-tokens", type=common.at_least(1), default=338)
+    ap.add_argument("--paper-batch", type=common.at_least(1), default=96)
     ap.add_argument("--paper-caches", type=_caches, default=["dense", "kivi2", "kivi4"])
-    ap.add_argument("--sweep-prompts", type=_ints, default=[4096], help="comma list, e.g. 4096,16384")
-    ap.add_argument("--sweep-new-tokens", type=_positive, default=256)
-    ap.add_argument("--sweep-start", type=_positive, default=8)
-    ap.add_argument("--sweep-cap", type=_positive, default=512)
+    ap.add_argument("--sweep-prompts", type=common.int_list(), default=[4096], help="comma list, e.g. 4096,16384")
+    ap.add_argument("--sweep-new-tokens", type=common.at_least(1), default=256)
+    ap.add_argument("--sweep-start", type=common.at_least(1), default=8)
+    ap.add_argument("--sweep-cap", type=common.at_least(1), default=512)
     ap.add_argument("--sweep-caches", type=_caches, default=["dense", "kivi2"])
     ap.add_argument("--matmul-impl", choices=["xla", "pallas"], default=None,
                     help="kivi-jax decode steps' matmuls (default: generate's: pallas for KIVI caches on a GPU, "
@@ -1122,7 +1099,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-compile-check", action="store_true")
-    ap.add_argument("--reps", type=_positive, default=1, help="timed generate calls per configuration (best is kept)")
+    ap.add_argument("--reps", type=common.at_least(1), default=1, help="timed generate calls per configuration (best is kept)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget of the whole run in seconds (default 470; 900 with --dry-run): "
                          "configurations that would start later are skipped, a running one is killed at the end")
@@ -1131,7 +1108,7 @@ def parse_args(argv=None):
     ap.add_argument("--child-timeout", type=float, default=300.0, help="kill one configuration after this long")
     ap.add_argument("--mem-fraction", type=float, default=0.95,
                     help="XLA_PYTHON_CLIENT_MEM_FRACTION for the JAX children (unless already set)")
-    ap.add_argument("--simulate-oom-batch", type=_positive, default=None,
+    ap.add_argument("--simulate-oom-batch", type=common.at_least(1), default=None,
                     help="testing: dense sweep rows at batch >= this raise a fake OOM (set by --dry-run)")
     ap.add_argument("--out", default=None, help="output folder (default $OUT, else benchmarks/results)")
     ap.add_argument("--verbose", action="store_true", help="echo absl log lines of the children too")

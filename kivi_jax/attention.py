@@ -33,10 +33,10 @@ def _check_cache(cache):
     whatever was read first, and a layer-stacked cache (``StackedCache.layers``, leaves [L, ...])
     with a broadcasting TypeError deep in the dequantization (its shape properties read L as B)."""
     needed = ("materialize", "lengths", "num_kv_heads", "head_dim", "batch_size")
-    if isinstance(cache, (jax.Array, jax.core.Tracer)) or not all(hasattr(cache, a) for a in needed):
+    array = isinstance(cache, (jax.Array, jax.core.Tracer))
+    if array or not all(hasattr(cache, a) for a in needed):
         hint = "; pass one layer, stacked.layer(i)" if hasattr(cache, "layer") else ""
-        got = (f"an array of shape {cache.shape}" if isinstance(cache, (jax.Array, jax.core.Tracer))
-               else type(cache).__name__)
+        got = f"an array of shape {cache.shape}" if array else type(cache).__name__
         raise TypeError(f"cache must be a KIVICache, MosaicKIVICache or DenseCache (one layer); got {got}{hint}")
     if jnp.ndim(cache.lengths) != 1:
         raise ValueError(f"cache holds lengths of shape {jnp.shape(cache.lengths)}, not [B]: a cache with a leading "
