@@ -105,6 +105,8 @@ def attend_dense(q, k, v, mask, scale=None, *, exact: bool = True):
     mx = jnp.max(s, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # a row with nothing to attend gives 0, not NaN
     p = jnp.exp(s - mx)
+    if not exact:  # the weights p·V gets (its dtype), summed as they are: a convex combination of the values
+        p = p.astype(v.dtype).astype(jnp.float32)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     o = _gqa_values(p, v, exact) / jnp.where(denom > 0, denom, 1.0)
     return o.astype(q.dtype)

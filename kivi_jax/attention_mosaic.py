@@ -22,15 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import rotation, switches
-from kivi_jax.attention_pallas import grouped_queries
+from kivi_jax.attention_pallas import grouped_queries, score_scale
 from kivi_jax.cache_mosaic import MosaicKIVICache
 from kivi_jax.checks import check_window
 from pallas_kernels.mosaic_layout import kernel_arrays
 from pallas_kernels import kivi_mosaic, kivi_window, mosaic_window
 
 
-def window_partials(qg, cache: MosaicKIVICache, starts=None):
-    """qg [B, Hkv, G, D] float32 (scaled) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
+def window_partials(qg, cache: MosaicKIVICache, starts=None, scale: float = 1.0):
+    """qg [B, Hkv, G, D] float32 (the scores are (q·k)·scale) -> partials (o [B, Hkv, G, D], m, l [B, Hkv, G]) over
     body tokens [m, L) of each row (and >= starts [B], a sliding window's first body token), slot by slot:
     slot j holds token t_j = m + (j - m) mod R, its value in v_res and its key in k_res
     (dequantized there once its block was flushed: the cache's module doc). Products and sums
@@ -41,21 +41,21 @@ def window_partials(qg, cache: MosaicKIVICache, starts=None):
     L, mq = cache.body_lengths[:, None], cache._body_quantized_values()[:, None]
     t = mq + (jnp.arange(r)[None, :] - mq) % r  # [B, R]
     valid = t < L if starts is None else (t < L) & (t >= starts[:, None])
-    return _slot_partials(qg, cache.k_res[:, :, :r], cache.v_res[:, :, :r], valid)
+    return _slot_partials(qg, cache.k_res[:, :, :r], cache.v_res[:, :, :r], valid, scale)
 
 
-def sink_partials(qg, cache: MosaicKIVICache, starts=None):
+def sink_partials(qg, cache: MosaicKIVICache, starts=None, scale: float = 1.0):
     """Partials over each row's S sink tokens (0 .. S - 1, held: < L, and >= starts [B], the
     absolute first attended token), plain JAX: a few slots."""
     r, sk = cache.config.residual_length, cache.config.sink_tokens
     s = jnp.arange(sk)[None, :]
     valid = s < cache.lengths[:, None] if starts is None else (s < cache.lengths[:, None]) & (s >= starts[:, None])
-    return _slot_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid)
+    return _slot_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid, scale)
 
 
-def _slot_partials(qg, k, v, valid):
-    """Partials of qg [B, Hkv, G, D] over slots k, v [B, Hkv, N, D] where valid [B, N]."""
-    s = jnp.sum(qg[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)  # [B, H, G, N]
+def _slot_partials(qg, k, v, valid, scale: float = 1.0):
+    """Partials of qg [B, Hkv, G, D] over slots k, v [B, Hkv, N, D] where valid [B, N] (scores (q·k)·scale)."""
+    s = jnp.sum(qg[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1) * scale  # [B, H, G, N]
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -72,7 +72,7 @@ def _merged(parts):
             sum(l * x for (_, _, l), x in zip(parts, w)))
 
 
-def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None, sinks=None):
+def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None, sinks=None, scale: float = 1.0):
     """:func:`window_partials` in one Triton launch (:mod:`pallas_kernels.mosaic_window`).
     stack: as :func:`decode_attention`'s, the ring then read in place. sinks: None, or the sink
     bounds (sink_lo, sink_hi) [B] (absolute tokens): the S sinks are attended in the same program
@@ -81,11 +81,12 @@ def window_kernel_partials(qg, cache: MosaicKIVICache, stack=None, starts=None, 
     return mosaic_window.window_partials(qg, ring.k_res, ring.v_res, cache.body_lengths,
                                          cache._body_quantized_values(), layer=layer, starts=starts, sinks=sinks,
                                          residual=cache.config.residual_length,
-                                         sink_len=0 if sinks is None else cache.config.sink_tokens,
+                                         sink_len=0 if sinks is None else cache.config.sink_tokens, scale=scale,
                                          interpret=jax.default_backend() != "gpu")
 
 
-WINDOW_IMPLS = {"jax": lambda qg, cache, stack, starts=None, sinks=None: window_partials(qg, cache, starts),
+WINDOW_IMPLS = {"jax": lambda qg, cache, stack, starts=None, sinks=None, scale=1.0: window_partials(qg, cache, starts,
+                                                                                                    scale),
                 "pallas": window_kernel_partials}
 #: decode_attention's window_impl values: WINDOW_IMPLS' partials (combined with the bulk's in XLA)
 #: or "pallas_continued" (:func:`pallas_kernels.mosaic_window.window_attention`: the Triton kernel
@@ -137,8 +138,9 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     if g not in kivi_mosaic.HEADS:
         raise ValueError(f"the Mosaic kernel takes {kivi_mosaic.HEADS} query heads a KV head; got Hq={hq}, Hkv={hkv}")
     c = cache.config
-    qg = grouped_queries(q, hkv, c.rotate_keys)
-    rows = qg.reshape(b * hkv, g, d) if g > 1 else qg.reshape(b * hkv, d)
+    qg, scale = grouped_queries(q, hkv, c.rotate_keys), score_scale(d)
+    # the bulk kernel takes q scaled (it rounds q·s, the key scales folded in, to bf16 once either way)
+    rows = (qg * scale).reshape(b * hkv, g, d) if g > 1 else (qg * scale).reshape(b * hkv, d)
     bulk = bulk or kivi_mosaic.bulk_partials
     check_window(window)
     # a row's first attended token (None: a window no row can exceed masks nothing), and its
@@ -160,16 +162,17 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     sinks = None
     if sk and window_impl != "jax" and KERNEL_SINKS and kivi_window.sinks_supported(sk, c.residual_length):
         sinks = (jnp.zeros_like(cache.lengths) if starts is None else starts, cache.lengths)
-    parts = [(ob, mb, lb)] + ([sink_partials(qg, cache, starts)] if sk and sinks is None else [])
+    parts = [(ob, mb, lb)] + ([sink_partials(qg, cache, starts, scale)] if sk and sinks is None else [])
     if window_impl == "pallas_continued":  # the window kernel goes on from the other partials and normalizes
         ring, layer = (cache, None) if stack is None else stack
         out = mosaic_window.window_attention(qg, ring.k_res, ring.v_res, cache.body_lengths,
                                              cache._body_quantized_values(), _merged(parts), layer=layer,
                                              starts=body_starts, sinks=sinks, residual=c.residual_length,
-                                             sink_len=0 if sinks is None else sk,
+                                             sink_len=0 if sinks is None else sk, scale=scale,
                                              interpret=jax.default_backend() != "gpu")
         return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
-    o, _, den = _merged(parts + [WINDOW_IMPLS[window_impl](qg, cache, stack, starts=body_starts, sinks=sinks)])
+    o, _, den = _merged(parts + [WINDOW_IMPLS[window_impl](qg, cache, stack, starts=body_starts, sinks=sinks,
+                                                           scale=scale)])
     out = o / jnp.where(den > 0, den, 1.0)[..., None]
     return _unrotated(out, c).reshape(b, hq, 1, d).astype(q.dtype)
 

@@ -72,22 +72,23 @@ def _ring(cache: KIVICache, stack, layer, chunk, start):
     return ring, r, 0
 
 
-def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool, sinks_in_kernel: bool = False):
+def _full_precision_parts(qg, cache: KIVICache, start, ring_in_kernel: bool, sinks_in_kernel: bool = False,
+                          scale: float = 1.0):
     """Partials (as a list for _combine) over the full-precision tokens the kernel left out:
     the S sink tokens when it took the ring (and not them), else the ring and the sinks
     (_window_partials)."""
     if not ring_in_kernel:
-        return [_split_axis(*_window_partials(qg, cache, start))]
+        return [_split_axis(*_window_partials(qg, cache, start, scale))]
     c = cache.config
     r, sk = c.residual_length, c.sink_tokens
     if not sk or sinks_in_kernel:
         return []
     s = jnp.arange(sk)[None, :]
     valid = (s < cache.lengths[:, None]) & (s >= start[:, None])
-    return [_split_axis(*_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid))]
+    return [_split_axis(*_partials(qg, cache.k_res[:, :, r:], cache.v_res[:, :, r:], valid, scale))]
 
 
-def _window_partials(qg, cache: KIVICache, start):
+def _window_partials(qg, cache: KIVICache, start, scale: float = 1.0):
     """Softmax partials over every full-precision token, in plain JAX: the R slots of the
     residual ring — body tokens [max(Lb - R, 0), Lb), whose values are in full precision
     (everything the kernel leaves out) — and the S sink tokens.
@@ -101,8 +102,8 @@ def _window_partials(qg, cache: KIVICache, start):
     model's layer-stacked, loop-carried v_res got the slot-minor layout of the p·v reduction on
     XLA:GPU and was copied whole every layer (H200, Llama-2-7B, B=96: 166 of a 179 ms step);
     the gather-then-dot shape is the one measured without that copy (a256a3d: 39.5 ms steps).
-    qg [B, Hkv, g, D] float32 (pre-scaled, in the keys' stored basis); start [B]: a sliding
-    window's first token (absolute), 0 without one.
+    qg [B, Hkv, g, D] float32 (in the keys' stored basis; the scores are (q·k)·scale); start [B]:
+    a sliding window's first token (absolute), 0 without one.
     Returns o [B, Hkv, g, D], m, l [B, Hkv, g].
     """
     c = cache.config
@@ -125,7 +126,7 @@ def _window_partials(qg, cache: KIVICache, start):
     def gather(x):  # [B, H, R + S, D] in slot order -> [B, H, R + S, D] in gathered order
         return jnp.take_along_axis(x, order[:, None, :, None], axis=2)
 
-    return _partials(qg, gather(k), gather(cache.v_res), valid)
+    return _partials(qg, gather(k), gather(cache.v_res), valid, scale)
 
 
 def _rows(x, start, size):
@@ -157,9 +158,9 @@ def _flushed_keys(cache: KIVICache):
     return (codes.astype(jnp.float32) * scale + mn).astype(cache.dtype)
 
 
-def _partials(qg, k, v, valid):
+def _partials(qg, k, v, valid, scale: float = 1.0):
     """qg [B, Hkv, g, D] float32, k, v [B, Hkv, W, D] (cache dtype), valid [B, W]
-    -> o [B, Hkv, g, D], m, l [B, Hkv, g] float32.
+    -> o [B, Hkv, g, D], m, l [B, Hkv, g] float32 of the scores (q·k)·scale.
 
     Like the kernel: 16-bit caches multiply in their dtype with float32 accumulation,
     float32 caches in full float32 (HIGHEST: no TF32), and the query rows padded to 16 (a
@@ -170,12 +171,12 @@ def _partials(qg, k, v, valid):
         dt, prec = jnp.float32, jax.lax.Precision.HIGHEST
     else:
         dt, prec = k.dtype, jax.lax.Precision.DEFAULT
-    s = jnp.einsum("bhgd,bhwd->bhgw", qg.astype(dt), k, precision=prec, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bhgd,bhwd->bhgw", qg.astype(dt), k, precision=prec, preferred_element_type=jnp.float32) * scale
     s = jnp.where(valid[:, None, None, :], s, flash.NEG)
     m = jnp.max(s, axis=-1)
-    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
-    o = jnp.einsum("bhgw,bhwd->bhgd", p.astype(dt), v, precision=prec, preferred_element_type=jnp.float32)
-    return o[:, :, :g], m[:, :, :g], jnp.sum(p, axis=-1)[:, :, :g]
+    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0).astype(dt)  # l sums the weights o gets
+    o = jnp.einsum("bhgw,bhwd->bhgd", p, v, precision=prec, preferred_element_type=jnp.float32)
+    return o[:, :, :g], m[:, :, :g], jnp.sum(p.astype(jnp.float32), axis=-1)[:, :, :g]
 
 
 def _default_chunk(config) -> int:
@@ -292,12 +293,19 @@ DENSE_CHUNK = 64  # tokens per step of the dense kernel's loop (untimed; KIVI's 
 
 
 def grouped_queries(q, hkv: int, rotate: bool = False):
-    """q [B, Hq, 1, D] -> [B, Hkv, g, D] float32, scaled by 1/sqrt(D) (the kernels' q); rotate:
-    q·H first (rotation.rotate, on q as it comes: a bf16 q's rotation is exact), the scores
-    then in the stored basis, (q·H)·(K·H)^T = q·K^T."""
+    """q [B, Hq, 1, D] -> [B, Hkv, g, D] float32, unscaled (the kernels' q: they scale the float32
+    products by :func:`score_scale`, so a 16-bit q enters their 16-bit dots exactly; q/sqrt(D)
+    rounded to bf16 cost up to 3x the output's own rounding with outlier channels,
+    flash.online_softmax_step); rotate: q·H first (rotation.rotate, on q as it comes: a bf16 q's
+    rotation is exact), the scores then in the stored basis, (q·H)·(K·H)^T = q·K^T."""
     b, hq, _, d = q.shape
     x = rotation.rotate(q[:, :, 0]) if rotate else q[:, :, 0].astype(jnp.float32)
-    return x.reshape(b, hkv, hq // hkv, d) / math.sqrt(d)
+    return x.reshape(b, hkv, hq // hkv, d)
+
+
+def score_scale(head_dim: int) -> float:
+    """1/sqrt(D): attention's scale of the q·k products (of the unpadded head_dim)."""
+    return 1.0 / math.sqrt(head_dim)
 
 
 def _pow2(n: int) -> int:
@@ -362,7 +370,7 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     dp = _pow2(d)
     if dp != d:  # (the stack's arrays are not padded: the padded layer is read instead)
         cache, stack = _pad_head_dim(cache, dp), None
-    qp = _pad_rows(_pad_minor(grouped_queries(q, hkv), dp))  # scaled by 1/sqrt(D), then padded
+    qp = _pad_rows(_pad_minor(grouped_queries(q, hkv), dp))  # padded; the kernel scales the products
     end = cache.lengths
     start = _window_start(end, window)
     n_chunks = -(-cache.max_length // chunk)
@@ -371,7 +379,7 @@ def _dense_local(q, cache: DenseCache, *, window, interpret, chunk, num_splits, 
     (k, v), layer = _in_place(stack, cache)
     o, m, l = dense_decode.dense_decode_partials(
         qp, k, v, start // chunk, -(-end // chunk), start, end, layer=layer, chunk=chunk, num_splits=splits,
-        interpret=interpret, span_chunks=span, **knobs)
+        interpret=interpret, span_chunks=span, scale=score_scale(d), **knobs)
     out = _combine([(o, m, l)], gq)[..., :d]
     return out.reshape(b, hq, 1, d).astype(q.dtype)
 
@@ -398,7 +406,8 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     dp = _pow2(d)  # (rotate needs a power-of-two head_dim: never padded)
     if dp != d:  # (the stack's arrays are not padded: the padded layer is read instead)
         cache, stack = _pad_head_dim(cache, dp), None
-    qg = _pad_minor(grouped_queries(q, hkv, c.rotate_keys), dp)  # scaled by 1/sqrt(D), then padded
+    qg = _pad_minor(grouped_queries(q, hkv, c.rotate_keys), dp)  # padded; the products scaled by `scale`
+    scale = score_scale(d)
     qp = _pad_rows(qg)
     start = _window_start(cache.lengths, window)
     sk = c.sink_tokens
@@ -416,7 +425,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
     kernel = functools.partial(
         kivi_decode.kivi_decode_partials, qp, *arrays, layer=layer, k_bits=c.k_bits, v_bits=c.v_bits,
         group_size=c.group_size, key_group_size=c.key_group, chunk=chunk, variant=variant, interpret=interpret,
-        dot_dtype=dot_dtype, dequant=dequant, span_chunks=span, **knobs)
+        dot_dtype=dot_dtype, dequant=dequant, span_chunks=span, scale=scale, **knobs)
     with jax.named_scope("kivi_kernel"):  # the quantized bulk, and the residual ring when the kernel takes it
         if ring is not None and ring_program == "launch":
             bulk = kernel(start_b // chunk, -(-end // chunk), start_b, end, num_splits=splits)
@@ -428,7 +437,7 @@ def _decode_attention_local(q, cache, *, window, interpret, variant, chunk, num_
                                    ring_len=ring_len, sink_len=sink_len,
                                    ring_split=ring_program if ring is not None else "first")]
     with jax.named_scope("kivi_window"):  # the full-precision tokens the kernel left out
-        parts = _full_precision_parts(qg, cache, start, ring is not None, sink_len > 0)
+        parts = _full_precision_parts(qg, cache, start, ring is not None, sink_len > 0, scale)
     out = _combine(kernel_parts + parts, gq)[..., :d]
     if c.rotate_values:  # (p·(V·H))·H^T
         out = rotation.rotate(out, transpose=True)

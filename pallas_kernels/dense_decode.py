@@ -12,7 +12,8 @@ scores of all query heads of KV head h (GQA; repeated to 16 rows in registers) a
 online softmax, and p·V. Tokens outside [start, end) are masked; the chunk past the cache's
 last token is loaded with a mask (no out-of-bounds read).
 
-Inputs: q [B, Hkv, G, D] float32, pre-scaled by 1/sqrt(D), G and D powers of two; k, v [B, Hkv, T, D]
+Inputs: q [B, Hkv, G, D] float32, the scores (q·k)·``scale`` (the glue passes q unscaled and
+scale = 1/sqrt(D): see flash.online_softmax_step), G and D powers of two; k, v [B, Hkv, T, D]
 (or [L, B, Hkv, T, D] with ``layer``), one dtype; lo, hi, start, end [B] integers with
 0 <= lo <= hi <= ceil(T / chunk) and start <= end <= T. Those are traced, so the kernel keeps to
 the cache whatever they hold: chunks outside [0, ceil(T / chunk)) are skipped and tokens at or past
@@ -36,7 +37,7 @@ from pallas_kernels.flash import (NEG, check_layer, clamp_layer, in_range, onlin
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, o_ref, m_ref, l_ref, *,
-            chunk, tokens, chunks_per_split, compute_dtype, precision, stacked, relative=False):
+            chunk, tokens, chunks_per_split, compute_dtype, precision, stacked, relative=False, scale=1.0):
     at = (clamp_layer(layer_ref[0], k_ref.shape[0]), pl.program_id(0), pl.program_id(1)) if stacked else ()
     lo, hi, start, end = program_bounds(lo_ref, hi_ref, start_ref, end_ref, chunks_per_split, relative)
     # never past the cache, whatever a caller's traced bounds say (see the module doc)
@@ -56,7 +57,8 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, start_ref, end_ref, 
         t0 = c * chunk
         s = dot(q, tile(k_ref, t0).T)  # [M, chunk]
         return online_softmax_step(carry, s, in_range(t0, chunk, start, end),
-                                   lambda p: dot(p.astype(compute_dtype), tile(v_ref, t0)))
+                                   lambda p: dot(p, tile(v_ref, t0)), scale=scale,
+                                   p_dtype=compute_dtype)
 
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((m_rows, d), jnp.float32))
@@ -73,16 +75,18 @@ def dense_decode_partials(q, k, v, lo, hi, start, end, *, layer=None, **kw):
     ([L, B, Hkv, T, D]): that layer is read in place (a concrete one must be in [0, L); a traced
     one is read as lax.dynamic_index_in_dim would). 16-bit caches feed the dots in their dtype
     (float32 accumulation), float32 caches at full float32 precision.
-    Keywords: chunk=64, num_splits=1, interpret=False, num_warps=4, num_stages=2, span_chunks=0."""
+    Keywords: chunk=64, num_splits=1, interpret=False, num_warps=4, num_stages=2, span_chunks=0,
+    scale=1.0 (the scores are (q·k)·scale)."""
     if layer is not None:  # (outside the jit: a concrete layer is checked, not clamped)
         check_layer(layer, jnp.shape(k)[0])
     return _partials(q, k, v, lo, hi, start, end, layer=layer, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "num_splits", "interpret", "num_warps", "num_stages",
-                                             "span_chunks"))
+                                             "span_chunks", "scale"))
 def _partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int = 64, num_splits: int = 1,
-              interpret: bool = False, num_warps: int = 4, num_stages: int = 2, span_chunks: int = 0):
+              interpret: bool = False, num_warps: int = 4, num_stages: int = 2, span_chunks: int = 0,
+              scale: float = 1.0):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, Hkv, G, D]; got shape {q.shape}")
     b, hkv, _, d = q.shape
@@ -111,6 +115,7 @@ def _partials(q, k, v, lo, hi, start, end, *, layer=None, chunk: int = 64, num_s
     precision = lax.Precision.HIGHEST if k.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, chunk=chunk, tokens=tokens,
                                chunks_per_split=-(-(span_chunks or n_chunks) // num_splits), compute_dtype=k.dtype,
-                               precision=precision, stacked=layer is not None, relative=span_chunks > 0)
+                               precision=precision, stacked=layer is not None, relative=span_chunks > 0,
+                               scale=float(scale))
     return partials_call(kernel, q, (k, v), (lo, hi, start, end), layer=layer, num_splits=num_splits,
                          interpret=interpret, num_warps=num_warps, num_stages=num_stages, name="dense_decode")

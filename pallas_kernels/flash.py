@@ -107,13 +107,24 @@ def in_range(t0, n: int, start, end):
     return (tok >= start) & (tok < end)
 
 
-def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p: bool = False):
-    """One chunk of flash-decoding. carry (m [M], l [M], acc) float32; s: the chunk's scores,
+def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p: bool = False,
+                        scale: float = 1.0, p_dtype=jnp.float32):
+    """One chunk of flash-decoding. carry (m [M], l [M], acc) float32; s: the chunk's q·k products,
     [M, chunk] with acc [M, D] (``slots_axis=1``) or transposed, [chunk, M] with acc [D, M]
-    (``slots_axis=0``); keep [chunk] bool: masked slots score NEG; p_dot_v(p) -> acc's shape.
+    (``slots_axis=0``), the scores s·scale; keep [chunk] bool: masked slots score NEG;
+    p_dot_v(p) -> acc's shape.
     mask_p: also zero the masked slots' p, for a program that may see no valid slot at all
-    (else exp(NEG - NEG) = 1 would count them; the bulk loops only visit chunks in range)."""
+    (else exp(NEG - NEG) = 1 would count them; the bulk loops only visit chunks in range).
+    scale: a static float, applied to the float32 products: the kernels take q unscaled with
+    scale = 1/sqrt(D), because q/sqrt(D) rounded to a 16-bit dot operand moved bf16 outputs by up
+    to 0.09 against float64 where outlier channels make q·k large, 3x the output's own rounding
+    (pallas_kernels/NOTES.md, session 46); a 16-bit q itself is exact in its dtype.
+    p_dtype: the p·V operand's dtype (the compute dtype): l sums p rounded to it, the weights p·V
+    gets, so the output is a convex combination of the values; with p rounded in the numerator
+    only, float16 values at the dtype's max came out past it, as inf."""
     m_prev, l_prev, acc = carry
+    if scale != 1.0:
+        s = s * scale
     lift = (lambda x: x[None, :]) if slots_axis == 1 else (lambda x: x[:, None])  # a [chunk] vector
     per_row = (lambda x: x[:, None]) if slots_axis == 1 else (lambda x: x[None, :])  # an [M] vector
     s = jnp.where(lift(keep), s, NEG)
@@ -122,8 +133,11 @@ def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p:
     p = jnp.exp(s - per_row(m_next))
     if mask_p:
         p = jnp.where(lift(keep), p, 0.0)
+    p_op = p.astype(p_dtype)
+    if p_op.dtype != jnp.float32:
+        p = p_op.astype(jnp.float32)
     l_next = l_prev * corr + jnp.sum(p, axis=slots_axis)
-    pv = p_dot_v(p)
+    pv = p_dot_v(p_op)
     return m_next, l_next, acc * per_row(corr) + pv
 
 

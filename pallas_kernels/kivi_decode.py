@@ -25,8 +25,9 @@ on the H200 and live in git history, with their numbers in ``pallas_kernels/NOTE
 Inputs (one row b and head h are selected by the BlockSpecs; with ``layer`` given, the six
 cache arrays carry a leading [L] axis and the kernel reads layer ``layer``'s row b, head h in
 place: a per-layer slice of a layer-stacked cache would be copied by XLA before the call):
-  q        [B, Hkv, G, D] float32, pre-scaled by 1/sqrt(D); G a power of two (the query heads of
-           KV head h, padded; repeated in registers to the 16 rows a dot needs)
+  q        [B, Hkv, G, D] float32: the scores are (q·k̂)·``scale`` (the glue passes q unscaled and
+           scale = 1/sqrt(D): flash.online_softmax_step says why); G a power of two (the query
+           heads of KV head h, padded; repeated in registers to the 16 rows a dot needs)
   k_codes  [B, Hkv, Tc*k_bits/32, D] uint32;  k_scale, k_min [B, Hkv, Tc/Gk, D]  (Gk: key_group_size)
   v_codes  [B, Hkv, Tc*v_bits/32, D] uint32;  v_scale, v_min [B, Hkv, Tc, D/G]   (G: group_size;
            [B, Hkv, D/G, Tc] with v_scales_t=True)
@@ -168,7 +169,7 @@ def key_hat_t(kc_ref, ks_ref, km_ref, t0, chunk, k_bits, key_group_size, at=(), 
 
 def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size, chunk, chunks_per_split,
             compute_dtype, precision, stacked, variant="dequant", v_scales_t=False, ring_len=0, ring_program=0,
-            sink_len=0, magic=False, ring_magic=False, relative=False):
+            sink_len=0, magic=False, ring_magic=False, relative=False, scale=1.0):
     # refs: the six cache arrays [, k_res, v_res], lo, hi, start, end [, lengths, quantized
     # [, sink_lo, sink_hi]], o, m, l
     kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref = refs[:6]
@@ -212,11 +213,12 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
         keep = in_range(t0, chunk, start, end)
         if swap:  # scoresᵀ [chunk, M]; (p·V̂)ᵀ [D, M]
             s_t = dot(k_hat_t(t0).astype(compute_dtype).T, q_t)
-            return online_softmax_step(carry, s_t, keep, lambda p_t: dot(value_hat_t(t0).astype(compute_dtype),
-                                                                         p_t.astype(compute_dtype)), slots_axis=0)
+            return online_softmax_step(carry, s_t, keep, lambda p_t: dot(value_hat_t(t0).astype(compute_dtype), p_t),
+                                       slots_axis=0, scale=scale, p_dtype=compute_dtype)
         s = dot(q, k_hat_t(t0).astype(compute_dtype))  # [M, chunk]
         return online_softmax_step(carry, s, keep,
-                                   lambda p: dot(p.astype(compute_dtype), value_hat_t(t0).astype(compute_dtype).T))
+                                   lambda p: dot(p, value_hat_t(t0).astype(compute_dtype).T), scale=scale,
+                                   p_dtype=compute_dtype)
 
     init = (jnp.full((m_rows,), NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((d, m_rows) if swap else (m_rows, d), jnp.float32))
@@ -227,7 +229,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
         step = functools.partial(
             kivi_window.ring_step, q=q_t if swap else q, refs=ring_refs, at=at, lengths=len_ref[()],
             quantized=n_ref[()], start=start, r=ring_len, chunk=rc, dot=dot, compute_dtype=compute_dtype, swap=swap,
-            key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at, ring_magic))
+            scale=scale, key_hat_t=lambda t0: key_hat_t(kc_ref, ks_ref, km_ref, t0, rc, k_bits, kg, at, ring_magic))
         # a product, not jnp.where(first, n, 0): the Triton lowering typed that select's
         # literal operands i1 (scf.for then rejects bounds of mixed types)
         ring_here = (pl.program_id(2) == ring_program).astype(jnp.int32)
@@ -237,7 +239,8 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
             steps, first = kivi_window.sink_steps(sink_len)
             lo_s, hi_s = (x[()] for x in refs[n_arrays + 6:n_arrays + 8])
             sink = functools.partial(kivi_window.sink_step, q=q_t if swap else q, refs=ring_refs, at=at, lo=lo_s,
-                                     hi=hi_s, r=ring_len, first=first, dot=dot, compute_dtype=compute_dtype, swap=swap)
+                                     hi=hi_s, r=ring_len, first=first, dot=dot, compute_dtype=compute_dtype, swap=swap,
+                                     scale=scale)
             carry = lax.fori_loop(0, ring_here * steps, sink, carry)
     m_i, l_i, acc = carry
     store_partials(o_ref, m_ref, l_ref, acc.T if swap else acc, m_i, l_i)
@@ -247,7 +250,7 @@ def _kernel(layer_ref, q_ref, *refs, k_bits, v_bits, group_size, key_group_size,
     jax.jit,
     static_argnames=("k_bits", "v_bits", "group_size", "key_group_size", "chunk", "num_splits", "variant",
                      "interpret", "num_warps", "num_stages", "dot_dtype", "v_scales_t", "ring_len", "ring_split", "dequant",
-                     "span_chunks", "sink_len"))
+                     "span_chunks", "sink_len", "scale"))
 def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo, hi, start, end, *,
                          k_bits: int, v_bits: int, group_size: int, key_group_size: int | None = None,
                          layer=None,
@@ -256,7 +259,8 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
                          num_warps: int = 4,
                          num_stages: int = 3,  # 1.24 / 0.33 / 0.64 ms vs 1.27 / 0.36 / 0.67 at 2 (kernel-tuning-2026-11-30-run3)
                          dot_dtype: str | None = None, v_scales_t: bool = False, ring=None, ring_len: int = 0,
-                         ring_split: str = "first", dequant: str = "auto", span_chunks: int = 0, sink_len: int = 0):
+                         ring_split: str = "first", dequant: str = "auto", span_chunks: int = 0, sink_len: int = 0,
+                         scale: float = 1.0):
     """Flash-decoding partials over chunks [lo[b], hi[b]) of each row (see module doc), and
     with ``ring`` over the residual ring too (:mod:`pallas_kernels.kivi_window`).
     span_chunks: 0 (the splits partition all the cache's chunks), or a bound on every row's
@@ -279,6 +283,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
     ([L, B, Hkv, ...]): they are then read in place at that layer. Any size: the Triton
     lowering computes a ref's element offsets in 64 bits once the array exceeds 2**32 bytes
     (tests/test_pallas_kernels.py checks the lowered IR).
+    scale: the scores are (q·k̂)·scale (a static float; module doc).
     dequant: "convert" (codes to float32, code * scale + min in float32, rounded to the dot
     dtype), "magic" (16-bit caches with 1, 2 or 4 bits, compiled only: :func:`_magic_fma`,
     inline PTX, tiles of >= 4 code words a channel), or "auto": magic where it applies, tile by
@@ -355,7 +360,7 @@ def kivi_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lo
         chunks_per_split=per_split, compute_dtype=compute_dtype, precision=precision, stacked=stacked,
         variant=variant, v_scales_t=v_scales_t, ring_len=ring_len,
         ring_program=num_splits if ring_split == "own" else 0, sink_len=sink_len, magic=bulk_magic,
-        ring_magic=ring_magic, relative=span_chunks > 0)
+        ring_magic=ring_magic, relative=span_chunks > 0, scale=float(scale))
     arrays, scalars = cache_arrays, (lo, hi, start, end)
     if ring is not None:
         arrays, scalars = arrays + tuple(ring[:2]), scalars + tuple(ring[2:])

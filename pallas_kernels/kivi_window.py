@@ -67,7 +67,7 @@ def sinks_supported(s: int, r: int) -> bool:
     return s > 0 and r + sink_steps(s)[1] >= 0
 
 
-def sink_step(c, carry, *, q, refs, at, lo, hi, r, first, dot, compute_dtype, swap):
+def sink_step(c, carry, *, q, refs, at, lo, hi, r, first, dot, compute_dtype, swap, scale=1.0):
     """Step c of the sinks (:func:`sink_steps`): slots R + first + SINK_STEP c .., sink index
     t = first + SINK_STEP c + i, keys and values in full precision, attended where t >= 0 and
     lo <= t < hi (a sliding window's first token, the row's length). Arguments as
@@ -78,25 +78,27 @@ def sink_step(c, carry, *, q, refs, at, lo, hi, r, first, dot, compute_dtype, sw
     # masked loads: a slot not attended is not read (4 sinks: 4 of the step's 16 slots)
     index = at + (pl.ds(r + j0, SINK_STEP), slice(None))
     k, v = (plgpu.load(x.at[index], mask=valid[:, None], other=0).astype(compute_dtype) for x in refs)  # [16, D]
-    return _attend(carry, q, k, v, valid, dot, compute_dtype, swap)
+    return _attend(carry, q, k, v, valid, dot, compute_dtype, swap, scale)
 
 
-def _attend(carry, q, k, v, valid, dot, compute_dtype, swap):
+def _attend(carry, q, k, v, valid, dot, compute_dtype, swap, scale):
     """The online-softmax update of carry by full-precision slots k, v [chunk, D] (valid [chunk])."""
     # mask_p: a short row's program may see only empty slots (its bulk loop visits no chunk)
     if swap:  # scoresᵀ [chunk, M]; (p·V)ᵀ = Vᵀ·pᵀ [D, M]
-        return online_softmax_step(carry, dot(k, q), valid, lambda p: dot(v.T, p.astype(compute_dtype)),
-                                   slots_axis=0, mask_p=True)
-    return online_softmax_step(carry, dot(q, k.T), valid, lambda p: dot(p.astype(compute_dtype), v), mask_p=True)
+        return online_softmax_step(carry, dot(k, q), valid, lambda p: dot(v.T, p), slots_axis=0, mask_p=True,
+                                   scale=scale, p_dtype=compute_dtype)
+    return online_softmax_step(carry, dot(q, k.T), valid, lambda p: dot(p, v), mask_p=True, scale=scale,
+                               p_dtype=compute_dtype)
 
 
-def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, key_hat_t, dot, compute_dtype, swap):
+def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, key_hat_t, dot, compute_dtype, swap,
+              scale=1.0):
     """One online-softmax step over ring slots [j0, j0 + chunk).
 
     q: [M, D] (or qᵀ [D, M] with ``swap``) in the compute dtype; refs: (k_res, v_res) refs
     indexed at ``at`` + (slots, D); key_hat_t(t0) -> the flushed keys [D, chunk] float32 of
     tokens t0..; carry (m [M], l [M], acc [M, D] or [D, M] with swap) float32. chunk: the
-    ring's step (:func:`ring_chunk`)."""
+    ring's step (:func:`ring_chunk`). scale: the scores are (q·k)·scale (flash.online_softmax_step)."""
     kr_ref, vr_ref = refs
     t = lengths - r + lax.rem(j0 + jnp.arange(chunk) - lax.rem(lengths, r) + r, r)  # token per slot (no floor-mod)
     k_ring = kr_ref[at + (pl.ds(j0, chunk), slice(None))]  # [chunk, D]
@@ -104,4 +106,4 @@ def ring_step(j0, carry, *, q, refs, at, lengths, quantized, start, r, chunk, ke
     k_flushed = key_hat_t(jnp.maximum(quantized - r, 0) + j0).T.astype(k_ring.dtype)  # rounded once, as stored
     k = jnp.where((t >= quantized)[:, None], k_ring, k_flushed).astype(compute_dtype)  # [chunk, D]
     v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)  # [chunk, D]
-    return _attend(carry, q, k, v, (t >= 0) & (t >= start), dot, compute_dtype, swap)
+    return _attend(carry, q, k, v, (t >= 0) & (t >= start), dot, compute_dtype, swap, scale)

@@ -16,7 +16,7 @@ same buffers (:func:`pallas_kernels.kivi_window.sink_step`, as the token layout'
 does), so no partial of theirs is computed in XLA and combined after (the glue's default keeps
 those partials: :data:`kivi_jax.attention_mosaic.KERNEL_SINKS`).
 
-Inputs: q [B, Hkv, G, D] float32 (scaled), k_res, v_res [B, Hkv, R', D] (R' >= R + S; or
+Inputs: q [B, Hkv, G, D] float32 (the scores are (q·k)·``scale``), k_res, v_res [B, Hkv, R', D] (R' >= R + S; or
 [L, B, Hkv, R', D] with ``layer``), lengths, num_quantized_values [B] int32 (the body's: tokens
 past the sinks), starts [B] int32 (each row's first attended body token: a sliding window), and
 with sinks (sink_lo, sink_hi) [B] int32 (sink t is attended where sink_lo <= t < sink_hi).
@@ -37,7 +37,7 @@ from pallas_kernels.flash import NEG, clamp_layer, online_softmax_step, partials
 
 
 def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, precision, stacked, combine, sliding,
-            sink_len=0):
+            sink_len=0, scale=1.0):
     # refs: (o0, m0, l0: the other tokens' partials, with combine), lengths, num_quantized_values,
     # (starts, with sliding), (sink_lo, sink_hi, with sink_len), o, m, l
     (o0_ref, m0_ref, l0_ref), refs = (refs[:3], refs[3:]) if combine else ((None,) * 3, refs)
@@ -63,11 +63,13 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, pr
         v = vr_ref[at + (pl.ds(j0, chunk), slice(None))].astype(compute_dtype)
         # mask_p: a row shorter than R has empty slots (and a row with L = 0 only those)
         valid = (t < length) & (t >= start_ref[()]) if sliding else t < length
-        carry = online_softmax_step(carry, s, valid, lambda p, v=v: dot(p.astype(compute_dtype), v), mask_p=True)
+        carry = online_softmax_step(carry, s, valid, lambda p, v=v: dot(p, v), mask_p=True, scale=scale,
+                                    p_dtype=compute_dtype)
     if sink_len:  # the S sinks, slots R .. R + S of the same buffers, 16 a step
         steps, first = kivi_window.sink_steps(sink_len)
         sink = functools.partial(kivi_window.sink_step, q=q, refs=(kr_ref, vr_ref), at=at, lo=sink_lo_ref[()],
-                                 hi=sink_hi_ref[()], r=r, first=first, dot=dot, compute_dtype=compute_dtype, swap=False)
+                                 hi=sink_hi_ref[()], r=r, first=first, dot=dot, compute_dtype=compute_dtype, swap=False,
+                                 scale=scale)
         carry = lax.fori_loop(0, steps, sink, carry)
     m_i, l_i, acc = carry
     if combine:  # the attention itself (a row with no token at all: zeros)
@@ -75,39 +77,40 @@ def _kernel(layer_ref, q_ref, kr_ref, vr_ref, *refs, r, chunk, compute_dtype, pr
     store_partials(o_ref, m_ref, l_ref, acc, m_i, l_i)
 
 
-_STATIC = ("chunk", "interpret", "num_warps", "num_stages", "residual", "sink_len")
+_STATIC = ("chunk", "interpret", "num_warps", "num_stages", "residual", "sink_len", "scale")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def window_partials(q, k_res, v_res, lengths, num_quantized_values, *, layer=None, starts=None, sinks=None,
                     chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                    residual: int | None = None, sink_len: int = 0):
+                    residual: int | None = None, sink_len: int = 0, scale: float = 1.0):
     """Flash-decoding partials of each (row, KV head) over its window (module doc). layer: None,
     or a traced int32 scalar when k_res and v_res are layer-stacked: that layer is read in place.
     starts: None, or [B] int32: tokens below a row's start are masked (a sliding window).
     residual: R, the ring's slots (default: all of k_res's but the sinks'). sink_len: S, the
     sinks in slots R .. R + S, attended too with ``sinks`` = (sink_lo, sink_hi) [B] int32 (0: slots
     past R are not read). 16-bit rings feed the dots in their dtype (float32 accumulation),
-    float32 at HIGHEST."""
+    float32 at HIGHEST. scale: the scores are (q·k)·scale (q unscaled with scale = 1/sqrt(D): a
+    16-bit q is then exact in the dots, flash.online_softmax_step)."""
     return _call(q, k_res, v_res, lengths, num_quantized_values, None, layer, starts, chunk, interpret, num_warps,
-                 num_stages, residual, sinks, sink_len)
+                 num_stages, residual, sinks, sink_len, scale)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def window_attention(q, k_res, v_res, lengths, num_quantized_values, partials, *, layer=None, starts=None,
                      sinks=None, chunk: int = 64, interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                     residual: int | None = None, sink_len: int = 0):
+                     residual: int | None = None, sink_len: int = 0, scale: float = 1.0):
     """The attention over all of a row's tokens [B, Hkv, G, D] float32: the window's, continuing
     the online softmax from ``partials`` = (o [B, Hkv, G, D], m, l [B, Hkv, G]) over the other
     tokens (the Mosaic kernel's), normalized in the kernel: no combine of the two partials in XLA
     afterwards (a fusion and a launch a layer). Arguments as :func:`window_partials`'s."""
     o, _, _ = _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, starts, chunk, interpret,
-                    num_warps, num_stages, residual, sinks, sink_len)
+                    num_warps, num_stages, residual, sinks, sink_len, scale)
     return o
 
 
 def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, starts, chunk, interpret, num_warps,
-          num_stages, residual=None, sinks=None, sink_len=0):
+          num_stages, residual=None, sinks=None, sink_len=0, scale=1.0):
     b, hkv, g, d = q.shape
     rs = k_res.shape[-2]
     r = residual or rs - sink_len
@@ -136,7 +139,7 @@ def _call(q, k_res, v_res, lengths, num_quantized_values, partials, layer, start
     precision = lax.Precision.HIGHEST if k_res.dtype == jnp.float32 else lax.Precision.DEFAULT
     kernel = functools.partial(_kernel, r=r, chunk=chunk, compute_dtype=k_res.dtype, precision=precision,
                                stacked=layer is not None, combine=partials is not None, sliding=starts is not None,
-                               sink_len=sink_len)
+                               sink_len=sink_len, scale=float(scale))
     scalars = (lengths, num_quantized_values) + (() if starts is None else (starts,)) + tuple(sinks or ())
     o, m, l = partials_call(kernel, q.astype(jnp.float32), (k_res, v_res), scalars,
                             layer=layer, num_splits=1, interpret=interpret, num_warps=num_warps,

@@ -250,9 +250,9 @@ def test_window_kernel_matches_the_jax_window():
     for dtype in (jnp.float32, jnp.bfloat16):
         c = dataclasses.replace(m, k_res=m.k_res.astype(dtype), v_res=m.v_res.astype(dtype))
         for g in (1, 4):
-            qg = jax.random.normal(jax.random.key(g), (5, 2, g, D)) / np.sqrt(D)
-            want = attention_mosaic.window_partials(qg, c)
-            got = attention_mosaic.window_kernel_partials(qg, c)  # interpreted here
+            qg = jax.random.normal(jax.random.key(g), (5, 2, g, D))  # unscaled: the scores are (q·k)/sqrt(D)
+            want = attention_mosaic.window_partials(qg, c, scale=1 / np.sqrt(D))
+            got = attention_mosaic.window_kernel_partials(qg, c, scale=1 / np.sqrt(D))  # interpreted here
             tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: q rounded for the dot, p for p·V
             np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=tol, atol=tol)
             o_got, o_want = (np.asarray(o) / np.maximum(np.asarray(l), 1e-30)[..., None] for o, _, l in (got, want))
@@ -272,19 +272,20 @@ def test_window_kernel_attends_the_sinks(sinks):
     _, m, _, _ = _pair([2, sinks, sinks + 3, 300, 400], 0, heads=2, sink_tokens=sinks)
     L = m.lengths
     for g in (1, 4):
-        qg = jax.random.normal(jax.random.key(g + sinks), (5, 2, g, D)) / np.sqrt(D)
+        qg = jax.random.normal(jax.random.key(g + sinks), (5, 2, g, D))  # unscaled: scores (q·k)·sc
+        sc = 1 / np.sqrt(D)
         for window in (None, sinks + 1, 200):
             starts = None if window is None else jnp.maximum(L - window, 0)  # absolute
             body = None if starts is None else jnp.maximum(starts - sinks, 0)
-            want = attention_mosaic._merged([attention_mosaic.window_partials(qg, m, body),
-                                             attention_mosaic.sink_partials(qg, m, starts)])
+            want = attention_mosaic._merged([attention_mosaic.window_partials(qg, m, body, sc),
+                                             attention_mosaic.sink_partials(qg, m, starts, sc)])
             bounds = (jnp.zeros_like(L) if starts is None else starts, L)
-            got = attention_mosaic.window_kernel_partials(qg, m, starts=body, sinks=bounds)  # interpreted here
+            got = attention_mosaic.window_kernel_partials(qg, m, starts=body, sinks=bounds, scale=sc)  # interpreted
             if window == 200:  # layer 1 of a stack of two, read in place
                 stack = dataclasses.replace(m, k_res=jnp.stack([m.k_res + 1, m.k_res]),
                                             v_res=jnp.stack([m.v_res - 1, m.v_res]))
                 got = attention_mosaic.window_kernel_partials(qg, m, stack=(stack, jnp.int32(1)), starts=body,
-                                                              sinks=bounds)
+                                                              sinks=bounds, scale=sc)
             np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
             o_got, o_want = (np.asarray(o) / np.asarray(l)[..., None] for o, _, l in (got, want))
             np.testing.assert_allclose(o_got, o_want, rtol=1e-5, atol=1e-5, err_msg=f"G={g}, window {window}")

@@ -347,6 +347,38 @@ def test_float16_groups_spanning_the_whole_range_stay_finite():
     assert (np.asarray(cache.v_min, np.float64)[:, :, :80] + 3 * scale < top + 16).all()  # (16: half an ulp)
 
 
+@pytest.mark.parametrize("kind", ["dense", "kivi"])
+def test_16_bit_outputs_are_convex_combinations_of_the_values(kind):
+    """A value channel at float16's max (+-65504) in every token attends to exactly +-65504 through
+    the kernels (interpreted; KIVI: rows within the full-precision window) and XLA's 16-bit path:
+    l sums p as rounded for p·V. With l summed from the unrounded p, keys of +-65504 every 16th
+    token and queries of 1e-5 (scores of about +-1, float16 q exact) put 6 outputs past the max,
+    which float16 rounds to inf (the float16-range test above as well)."""
+    rng = np.random.default_rng(2)
+    b, h, t, d = 3, 2, 120, 32
+    k = rng.standard_normal((b, h, t, d))
+    v = rng.standard_normal((b, h, t, d))
+    k[:, :, ::16, :], k[:, :, 1::16, :] = 65504.0, -65504.0
+    v[..., 0], v[..., 1] = 65504.0, -65504.0
+    k, v = jnp.asarray(k, jnp.float16), jnp.asarray(v, jnp.float16)
+    lengths = jnp.asarray([120, 77, 1], jnp.int32)
+    if kind == "dense":
+        cache = kj.DenseCache.init(batch=b, num_kv_heads=h, head_dim=d, max_length=t, dtype=jnp.float16)
+    else:  # R = 128: nothing quantized, the kernel's ring program and its XLA fallback
+        cache = kj.KIVICache.init(kj.KIVIConfig(), batch=b, num_kv_heads=h, head_dim=d, max_length=t,
+                                  dtype=jnp.float16)
+    cache = cache.prefill(k, v, lengths=lengths)
+    for size in (1e-5, 1e-3, 1.0):
+        q = jnp.asarray(rng.standard_normal((b, 2 * h, 1, d)) * size, jnp.float16)
+        outs = {"xla": kj.decode_attention(q, cache, impl="xla"),
+                "pallas": ap.decode_attention(q, cache, interpret=True)}
+        if kind == "kivi":
+            outs["pallas, ring in XLA"] = ap.decode_attention(q, cache, interpret=True, ring_program="xla")
+        for name, out in outs.items():
+            out = np.asarray(out, np.float64)
+            assert (out[..., 0] == 65504.0).all() and (out[..., 1] == -65504.0).all(), (name, size, out[..., :2])
+
+
 # ---- jit and vmap ------------------------------------------------------------------------------
 
 def test_jit_and_vmap_agree_with_eager():
