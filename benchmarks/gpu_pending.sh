@@ -13,8 +13,10 @@
 # Done in session 43 (results/*run151*-*run156*): the layout thresholds on both cards (MHA on an H100
 # from 640 tokens confirmed; GQA from 576 on both) and the dense continuation at 16384 tokens.
 #   NAME=runNN KIVI_COMMIT=<sha> bash benchmarks/gpu_pending.sh     (results under $OUT)
-# Also pending on any GPU (session 45, not yet compiled): the magic-number tile rule and the in-kernel
-# layer clamps:  python -m benchmarks.gpu_tests --name runNN-s45 --files tests/test_api_audit.py,\
+# Also pending on any GPU (sessions 45-46, not yet compiled): the magic-number tile rule, the in-kernel
+# layer clamps, the Triton kernels' unscaled q with the scale on the products and l from the rounded p
+# (session 46; its timing at the target shape is this script's first line, against run157/158):
+#   python -m benchmarks.gpu_tests --name runNN-s46 --files tests/test_api_audit.py,tests/test_kernel_audit.py,\
 #   tests/test_pallas_kernels.py,tests/test_dense_kernels_audit.py,tests/test_kivi_append.py,tests/test_cache_mosaic.py
 set -uo pipefail
 cd "$(dirname "$0")/.."

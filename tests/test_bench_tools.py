@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import common
@@ -441,3 +442,31 @@ def test_continuation_way_out_of_memory_keeps_the_others(monkeypatch):
     monkeypatch.setattr(continuation, "_hidden", failing("fresh_prefill", "INTERNAL: something else"))
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
         continuation.measure(model, prompt=6, new=3, capacity=16, kivi=None, reps=1, ways=("extend", "fresh_prefill"))
+
+
+def test_generate_cpu_times_the_decode_steps_alone(monkeypatch):
+    """benchmarks.generate_cpu on a tiny random Llama: each cache's row has the prompt, N and
+    decode_tokens_per_s = N / (t_{1+N} - t_1) from the timed calls (here a stand-in clock: each
+    generate call takes 0.5 s plus 0.1 s a new token); an unknown cache is a usage error."""
+    import models
+    from benchmarks import generate_cpu
+    from models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=32)  # (KIVI's groups of 32 channels)
+    model = models.init_random(cfg, 3)
+    clock, generate = [0.0], generate_cpu.kj.generate
+
+    def timed(*a, max_new_tokens, **kw):
+        clock[0] += 0.5 + 0.1 * max_new_tokens
+        return generate(*a, max_new_tokens=max_new_tokens, **kw)
+
+    monkeypatch.setattr(generate_cpu.kj, "generate", timed)
+    monkeypatch.setattr(generate_cpu, "_now", lambda: clock[0])
+    rows = generate_cpu.measure(model, jnp.asarray([[5, 7, 11]], jnp.int32), ["dense", "kivi2"], new_tokens=4, reps=2)
+    assert [r["cache"] for r in rows] == ["dense", "kivi2"]
+    for r in rows:
+        assert (r["prompt_len"], r["new_tokens"]) == (3, 4)
+        np.testing.assert_allclose([r["prefill_s"], r["total_s"], r["decode_tokens_per_s"]], [0.6, 1.0, 10.0])
+    with pytest.raises(SystemExit):
+        generate_cpu.main(["--caches", "dense,kivi3"])
