@@ -210,7 +210,7 @@ def breakdown(b=64, t=4096, hq=32, hkv=32, bits=2):
             qp, cache.k_codes, cache.k_scale, cache.k_min, cache.v_codes, cache.v_scale, cache.v_min,
             zero, -(-end // chunk), zero, end, k_bits=bits, v_bits=bits, group_size=cfg.group_size,
             chunk=chunk, num_splits=splits, variant=attention_pallas.DEFAULT_VARIANT, ring=ring, ring_len=ring_len,
-            dequant=dequant)
+            dequant=dequant, scale=attention_pallas.score_scale(D))  # (q unscaled, as the glue passes it)
 
     q = jax.random.normal(jax.random.key(1), (b, hq, 1, D)).astype(jnp.bfloat16)
     rows = []

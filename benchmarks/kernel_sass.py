@@ -68,6 +68,9 @@ def shapes(b=2, h=2, t=4096, d=128, g=32, m=16, k_bits=2, v_bits=2, dtype=jnp.bf
             s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32), s((b,), jnp.int32))
 
 
+SCALE = 128 ** -0.5  # the glue's scale on the products for head_dim 128 (the shapes' D)
+
+
 def dense_shapes(b=2, h=2, t=4096, d=128, m=16, dtype=jnp.bfloat16):
     s = jax.ShapeDtypeStruct
     return (s((b, h, m, d), jnp.float32), s((b, h, t, d), dtype), s((b, h, t, d), dtype)) + (s((b,), jnp.int32),) * 4
@@ -82,11 +85,12 @@ def probe(opts: dict, triton_python: str, workdir: pathlib.Path) -> str:
     name = re.sub(r"\W+", "_", json.dumps(opts))[:80]
     if opts.pop("kernel", "kivi") == "dense":
         args = dense_shapes(t=opts.pop("tokens", 4096))
-        fn = functools.partial(dense_decode.dense_decode_partials, **opts)
+        fn = functools.partial(dense_decode.dense_decode_partials, scale=SCALE, **opts)
     else:
         k_bits, v_bits = opts.pop("k_bits", 2), opts.pop("v_bits", 2)
         args = shapes(k_bits=k_bits, v_bits=v_bits, v_scales_t=opts.get("v_scales_t", False))
-        fn = functools.partial(kivi_decode.kivi_decode_partials, k_bits=k_bits, v_bits=v_bits, group_size=32, **opts)
+        fn = functools.partial(kivi_decode.kivi_decode_partials, k_bits=k_bits, v_bits=v_bits, group_size=32,
+                               scale=SCALE, **opts)
     ttir = workdir / (name + ".ttir")
     ttir.write_text(lower_to_ttir(fn, *args))
     out = subprocess.run([triton_python, "-c", _COMPILE, str(ttir), str(opts.get("num_warps", 4)),

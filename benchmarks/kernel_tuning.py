@@ -85,7 +85,8 @@ def main(argv=None):
             splits = opts.pop("num_splits", None) or default_splits(b, hkv, t // chunk, interpret)
             fn = jax.jit(lambda *a, o=tuple(opts.items()), s=splits: kivi_decode.kivi_decode_partials(
                 *a, zeros, zeros + t // dict(o)["chunk"], zeros, zeros + t, k_bits=CFG.k_bits, v_bits=CFG.v_bits,
-                group_size=CFG.group_size, num_splits=s, interpret=interpret, **dict(o)))
+                group_size=CFG.group_size, num_splits=s, interpret=interpret, scale=attention_pallas.score_scale(d),
+                **dict(o)))  # (q unscaled with the scale on the products, as the glue calls it)
             # the whole call with the same knobs: the residual ring walked in the kernel too
             call_kw = {k: opts[k] for k in ("variant", "chunk", "num_warps", "num_stages") if k in opts}
             call_kw["num_splits"] = splits

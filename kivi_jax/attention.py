@@ -16,7 +16,7 @@ import numpy as np
 
 from kivi_jax import cache_common, derivatives, rotation
 from kivi_jax.cache_dense import DenseCache
-from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.cache_kivi import KIVICache, rounded
 from kivi_jax.cache_mosaic import HEADS as MOSAIC_HEADS, MosaicKIVICache
 from kivi_jax.checks import check_float, check_window
 from kivi_jax.eager import jit_when_eager
@@ -106,7 +106,7 @@ def attend_dense(q, k, v, mask, scale=None, *, exact: bool = True):
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # a row with nothing to attend gives 0, not NaN
     p = jnp.exp(s - mx)
     if not exact:  # the weights p·V gets (its dtype), summed as they are: a convex combination of the values
-        p = p.astype(v.dtype).astype(jnp.float32)
+        p = rounded(p, v.dtype).astype(jnp.float32)  # (the barrier: XLA:GPU folds a cast pair away)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     o = _gqa_values(p, v, exact) / jnp.where(denom > 0, denom, 1.0)
     return o.astype(q.dtype)

@@ -124,7 +124,8 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     """q [B, Hq, 1, D] -> [B, Hq, 1, D] in q's dtype. stack: None, or (stacked, i) when
     ``cache`` is layer i of ``stacked`` (leaves [L, B, Hkv, ...]): the kernel then reads the
     stores in place (a slice handed to a custom call is a copy). bulk: the partials over the
-    quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)``, with
+    quantized tokens, ``bulk(qrows [R, (G,) D], lengths [R], *arrays, row_offset=)`` with qrows
+    already scaled by 1/sqrt(D) (the Mosaic kernel's contract), with
     ``starts=`` [R] too under a sliding window (default: the Mosaic kernel, which needs a GPU;
     tests pass a plain-JAX one). window_impl: the newest
     tokens' partials in plain JAX (:func:`window_partials`) or in one Triton launch ("pallas",

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from kivi_jax import packing, rotation, sharding
 from kivi_jax.cache_dense import DenseCache
-from kivi_jax.cache_kivi import KIVICache
+from kivi_jax.cache_kivi import KIVICache, rounded
 from kivi_jax.checks import check_window, is_int
 from kivi_jax.eager import jit_when_eager
 from pallas_kernels import dense_decode, flash, kivi_decode, kivi_window
@@ -174,7 +174,8 @@ def _partials(qg, k, v, valid, scale: float = 1.0):
     s = jnp.einsum("bhgd,bhwd->bhgw", qg.astype(dt), k, precision=prec, preferred_element_type=jnp.float32) * scale
     s = jnp.where(valid[:, None, None, :], s, flash.NEG)
     m = jnp.max(s, axis=-1)
-    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0).astype(dt)  # l sums the weights o gets
+    # l sums the weights o gets (behind a barrier: XLA:GPU would fold the casts back, cache_kivi.rounded)
+    p = rounded(jnp.where(valid[:, None, None, :], jnp.exp(s - m[..., None]), 0.0), dt)
     o = jnp.einsum("bhgw,bhwd->bhgd", p, v, precision=prec, preferred_element_type=jnp.float32)
     return o[:, :, :g], m[:, :, :g], jnp.sum(p.astype(jnp.float32), axis=-1)[:, :, :g]
 

@@ -112,7 +112,7 @@ def online_softmax_step(carry, s, keep, p_dot_v, *, slots_axis: int = 1, mask_p:
     """One chunk of flash-decoding. carry (m [M], l [M], acc) float32; s: the chunk's q·k products,
     [M, chunk] with acc [M, D] (``slots_axis=1``) or transposed, [chunk, M] with acc [D, M]
     (``slots_axis=0``), the scores s·scale; keep [chunk] bool: masked slots score NEG;
-    p_dot_v(p) -> acc's shape.
+    p_dot_v(p) -> acc's shape, with p in ``p_dtype``.
     mask_p: also zero the masked slots' p, for a program that may see no valid slot at all
     (else exp(NEG - NEG) = 1 would count them; the bulk loops only visit chunks in range).
     scale: a static float, applied to the float32 products: the kernels take q unscaled with

@@ -118,7 +118,7 @@ def check_partials(got, want, tol, what):
 
 
 def _kv_inputs(rng, b, h, g, t, d, dtype, *, q_scale=1.0, kv_scale=1.0):
-    q = rng.standard_normal((b, h, g, d)) * q_scale / np.sqrt(d)  # the kernel's q: pre-scaled
+    q = rng.standard_normal((b, h, g, d)) * q_scale / np.sqrt(d)  # pre-scaled, with the kernel's default scale=1
     k = np.clip(rng.standard_normal((b, h, t, d)), -2, 2) * kv_scale  # (float16: |x| <= 6e4 < 65504)
     v = np.clip(rng.standard_normal((b, h, t, d)), -2, 2) * kv_scale
     q, k, v = jnp.asarray(q, jnp.float32), jnp.asarray(k, dtype), jnp.asarray(v, dtype)
@@ -336,6 +336,49 @@ def test_online_softmax_step_streams_to_the_softmax(slots_axis):
     np.testing.assert_allclose(m, wm, rtol=1e-6)
     np.testing.assert_allclose(np.log(l) + m, np.log(p.sum(-1)) + wm, rtol=0, atol=1e-3)
     np.testing.assert_allclose(acc / l[:, None], (p @ vv) / p.sum(-1)[:, None], rtol=1e-4, atol=1e-5)
+
+
+def test_online_softmax_step_scales_the_products_and_sums_the_rounded_p():
+    """scale multiplies the products before everything (m in scaled units); with p_dtype=bfloat16,
+    p_dot_v gets p in bfloat16 and l sums exactly those weights (float64 replay of the stream with
+    the same rounding), so acc / l is a convex combination of the values."""
+    rng = np.random.default_rng(46)
+    rows, chunk, d, n, scale = 4, 16, 3, 3, 128 ** -0.5
+    x = rng.standard_normal((n, rows, chunk)) * 40.0  # q·k products; the scores are x·scale
+    v = rng.standard_normal((n, chunk, d))
+    bf16 = np.dtype(jnp.bfloat16)
+    carry = (jnp.full((rows,), flash.NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, d), jnp.float32))
+    seen = []
+
+    def pv(p, vc):
+        seen.append(p.dtype)
+        return jnp.dot(p, vc.astype(p.dtype), preferred_element_type=jnp.float32)
+
+    m_w, l_w, acc_w = np.full(rows, -np.inf), np.zeros(rows), np.zeros((rows, d))
+    for c in range(n):
+        carry = flash.online_softmax_step(carry, jnp.asarray(x[c], jnp.float32), jnp.ones(chunk, bool),
+                                          lambda p, vc=jnp.asarray(v[c]): pv(p, vc), scale=scale, p_dtype=jnp.bfloat16)
+        s = x[c].astype(np.float32) * np.float32(scale)
+        m_new = np.maximum(m_w, s.max(-1))
+        p = np.exp(s - m_new[:, None]).astype(bf16).astype(np.float64)
+        corr = np.exp(m_w - m_new)
+        m_w, l_w = m_new, l_w * corr + p.sum(-1)
+        acc_w = acc_w * corr[:, None] + p @ v[c].astype(bf16).astype(np.float64)
+    assert seen == [jnp.bfloat16] * n
+    m, l, acc = (np.asarray(t, np.float64) for t in carry)
+    np.testing.assert_allclose(m, m_w, rtol=1e-6)
+    np.testing.assert_allclose(l, l_w, rtol=1e-6)  # (l from the unrounded p: 6.6e-4 off here)
+    np.testing.assert_allclose(acc / l[:, None], acc_w / l_w[:, None], rtol=1e-2, atol=1e-2)
+    # float32 p: the softmax of the scaled products itself
+    ref = np.exp(x.transpose(1, 0, 2).reshape(rows, -1) * scale)
+    carry32 = (jnp.full((rows,), flash.NEG, jnp.float32), jnp.zeros((rows,), jnp.float32),
+               jnp.zeros((rows, d), jnp.float32))
+    for c in range(n):
+        carry32 = flash.online_softmax_step(carry32, jnp.asarray(x[c], jnp.float32), jnp.ones(chunk, bool),
+                                            lambda p, vc=jnp.asarray(v[c], jnp.float32): p @ vc, scale=scale)
+    want = (ref / ref.sum(-1, keepdims=True)) @ v.reshape(-1, d)
+    np.testing.assert_allclose(np.asarray(carry32[2]) / np.asarray(carry32[1])[:, None], want, rtol=1e-5, atol=1e-5)
 
 
 # ---- stacked_matmul / layer_matmul -------------------------------------------------------------

@@ -370,10 +370,12 @@ def test_16_bit_outputs_are_convex_combinations_of_the_values(kind):
     cache = cache.prefill(k, v, lengths=lengths)
     for size in (1e-5, 1e-3, 1.0):
         q = jnp.asarray(rng.standard_normal((b, 2 * h, 1, d)) * size, jnp.float16)
+        # (compiled on a GPU: interpreted there, XLA:GPU may fold the kernel's p cast pair away)
+        interpret = jax.default_backend() != "gpu"
         outs = {"xla": kj.decode_attention(q, cache, impl="xla"),
-                "pallas": ap.decode_attention(q, cache, interpret=True)}
+                "pallas": ap.decode_attention(q, cache, interpret=interpret)}
         if kind == "kivi":
-            outs["pallas, ring in XLA"] = ap.decode_attention(q, cache, interpret=True, ring_program="xla")
+            outs["pallas, ring in XLA"] = ap.decode_attention(q, cache, interpret=interpret, ring_program="xla")
         for name, out in outs.items():
             out = np.asarray(out, np.float64)
             assert (out[..., 0] == 65504.0).all() and (out[..., 1] == -65504.0).all(), (name, size, out[..., :2])
