@@ -76,7 +76,7 @@ def _gqa_scores(q, k, exact: bool):
 
 
 def _gqa_values(p, v, exact: bool):
-    """p [B, Hq, Tq, Tk] float32, v [B, Hkv, Tk, D] -> [B, Hq, Tq, D] float32."""
+    """p [B, Hq, Tq, Tk] (float32, or v's dtype when not exact), v [B, Hkv, Tk, D] -> [B, Hq, Tq, D] float32."""
     b, hq, tq, tk = p.shape
     hkv = v.shape[1]
     pg = p.reshape(b, hkv, hq // hkv, tq, tk)
@@ -106,8 +106,8 @@ def attend_dense(q, k, v, mask, scale=None, *, exact: bool = True):
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # a row with nothing to attend gives 0, not NaN
     p = jnp.exp(s - mx)
     if not exact:  # the weights p·V gets (its dtype), summed as they are: a convex combination of the values
-        p = rounded(p, v.dtype).astype(jnp.float32)  # (the barrier: XLA:GPU folds a cast pair away)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
+        p = rounded(p, v.dtype)  # (the barrier: XLA:GPU folds a cast pair away)
+    denom = jnp.sum(p.astype(jnp.float32), axis=-1, keepdims=True)
     o = _gqa_values(p, v, exact) / jnp.where(denom > 0, denom, 1.0)
     return o.astype(q.dtype)
 

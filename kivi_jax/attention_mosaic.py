@@ -141,7 +141,7 @@ def decode_attention(q, cache: MosaicKIVICache, *, stack=None, bulk=None, window
     c = cache.config
     qg, scale = grouped_queries(q, hkv, c.rotate_keys), score_scale(d)
     # the bulk kernel takes q scaled (it rounds q·s, the key scales folded in, to bf16 once either way)
-    rows = (qg * scale).reshape(b * hkv, g, d) if g > 1 else (qg * scale).reshape(b * hkv, d)
+    rows = (qg * scale).reshape((b * hkv, g, d) if g > 1 else (b * hkv, d))
     bulk = bulk or kivi_mosaic.bulk_partials
     check_window(window)
     # a row's first attended token (None: a window no row can exceed masks nothing), and its
